@@ -1,0 +1,44 @@
+"""The `mmdist` command: one entry point, one subcommand per job.
+
+Subcommands are thin: each parses its own arguments and calls a library
+function, imported only when that subcommand runs (so `mmdist config --explain`
+does not pay for importing DeepSpeed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Sequence
+
+# subcommand -> ("module:function", one-line help). Each function takes argv (list[str]) and returns an exit code.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "config": ("mmdist.config.cli:main", "validate a config, print the resolved config, or explain every setting"),
+    "train": ("mmdist.training.trainer:cli_main", "train one stage (align or fuse) from a config"),
+    "shard": ("mmdist.data.shards:cli_main", "write WebDataset shards (LLaVA JSON, image folder + captions, or the demo digits)"),
+    "cache": ("mmdist.data.cache:cli_main", "precompute frozen-encoder features into new shards"),
+    "demo": ("mmdist.demo:cli_main", "build the digits shards, train both stages on CPU, evaluate, write a report"),
+    "generate": ("mmdist.generate:cli_main", "answer a prompt about an image with an exported stage-2 model"),
+    "plan": ("mmdist.plan:cli_main", "predict per-GPU memory for each ZeRO stage before submitting a job"),
+}
+
+
+def _resolve(target: str) -> Callable[[list[str]], int]:
+    module_name, func_name = target.split(":")
+    return getattr(importlib.import_module(module_name), func_name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="mmdist", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=sorted(SUBCOMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in SUBCOMMANDS.items()))
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    args = parser.parse_args(argv[:1])
+    return int(_resolve(SUBCOMMANDS[args.command][0])(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The run config: every component's settings composed into one tree, loaded from YAML + overrides.
+
+Order of precedence: dataclass defaults, then the YAML file, then dotted CLI
+overrides (``model.llm.dtype=bf16``). ``load_config`` reports every problem at
+once, naming the key and the file, before any model is loaded. The resolved
+config is what ``dump_config`` writes into the run directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import yaml
+
+from mmdist.config.schema import ConfigError, Problem, SettingsBase, from_dict, setting, to_dict
+from mmdist.data.settings import DataConfig
+from mmdist.models.connectors import ConnectorConfig
+from mmdist.models.llm import LLMConfig
+from mmdist.models.text import TextConfig
+from mmdist.models.vision import VisionConfig
+from mmdist.training.settings import CheckpointConfig, EngineConfig, LogConfig, TrainConfig
+
+
+@dataclass
+class ModelConfig(SettingsBase):
+    """The backbones and the trainable connectors between them."""
+
+    llm: LLMConfig = setting(doc="the frozen causal LM (stage 2)", factory=LLMConfig)
+    vision: VisionConfig = setting(doc="the frozen image encoder (both stages)", factory=VisionConfig)
+    text: TextConfig = setting(doc="the BERT-style text encoder (stage 1)", factory=TextConfig)
+    connector: ConnectorConfig = setting(doc="stage-1 module and stage-2 projector", factory=ConnectorConfig)
+
+
+@dataclass
+class RunConfig(SettingsBase):
+    """One training run of one stage."""
+
+    stage: Literal["align", "fuse"] = setting("fuse", "'align' (stage 1: image encoder vs text encoder) or 'fuse' (stage 2: into the LLM)")
+    name: str = setting("run", "run name used in logs")
+    run_dir: str = setting("runs/run", "folder for the resolved config, logs, checkpoints and exports")
+    model: ModelConfig = setting(doc="backbones and connectors", factory=ModelConfig)
+    data: DataConfig = setting(doc="data pipeline", factory=DataConfig)
+    train: TrainConfig = setting(doc="optimisation", factory=TrainConfig)
+    engine: EngineConfig = setting(doc="DeepSpeed engine", factory=EngineConfig)
+    checkpoint: CheckpointConfig = setting(doc="checkpoints and export", factory=CheckpointConfig)
+    log: LogConfig = setting(doc="metrics and console output", factory=LogConfig)
+
+    def check(self) -> list[tuple[str, str]]:
+        out = []
+        llm, text = self.model.llm, self.model.text
+        if self.stage == "fuse" and not llm.name_or_path and not llm.init_config:
+            out.append(("model.llm.name_or_path", "stage fuse needs an LLM: a hub id / local path, or init_config"))
+        if self.stage == "align" and not text.name_or_path and not text.init_config:
+            out.append(("model.text.name_or_path", "stage align needs a text encoder: a hub id / local path ('minilm' for the packaged one), or init_config"))
+        if self.stage == "align":
+            if self.model.connector.type == "qformer" and self.model.text.freeze:
+                out.append(("model.text.freeze", "a Q-Former trains with its text side: set model.text.freeze=false (or use connector.type=linear/mlp)"))
+            if self.model.connector.type != "qformer" and not self.model.text.freeze:
+                out.append(("model.connector.type", "a trainable text encoder is aligned through a Q-Former: set model.connector.type=qformer (or model.text.freeze=true)"))
+        if self.stage == "fuse" and self.model.connector.stage1_weights is None and self.model.connector.type == "qformer":
+            out.append(("model.connector.stage1_weights", "a Q-Former must be trained in stage 1 first; give the stage-1 export folder"))
+        if not self.data.train:
+            out.append(("data.train", "needs at least one source (shards)"))
+        return out
+
+
+# ---------------------------------------------------------------------------
+# loading
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
+    """Parse ``a.b.c=value`` strings; values are read as YAML (numbers, bools, lists)."""
+    parsed = []
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(Problem(item, "override must look like key.path=value", "command line"))
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip().split("."), value))
+    if problems:
+        raise ConfigError(problems)
+    return parsed
+
+
+def _apply(tree: dict, path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[path[-1]] = value
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([Problem("", f"config file not found: {path}", str(path))])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([Problem("", f"not valid YAML: {exc}", str(path))]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([Problem("", "top level must be a mapping", str(path))])
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> RunConfig:
+    """Defaults, then the YAML at ``path`` (or ``base``), then dotted ``overrides``; validated."""
+    data = copy.deepcopy(base) if base is not None else (read_yaml(path) if path else {})
+    source = str(path) if path else "defaults"
+    for keys, value in parse_overrides(overrides):
+        _apply(data, keys, value)
+    if overrides:
+        source += " + command line"
+    return from_dict(RunConfig, data, source=source)
+
+
+def config_to_dict(cfg: RunConfig) -> dict:
+    """The resolved config as a plain dict."""
+    return to_dict(cfg)
+
+
+def dump_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+    return path

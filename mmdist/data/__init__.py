@@ -1,0 +1,1 @@
+"""Streaming data: WebDataset reader, safe decoding, shard tools, preprocessing, collation/packing, feature cache."""

@@ -1,0 +1,68 @@
+"""Settings of the data pipeline (`DataConfig`, `SourceConfig`), shared by the pipeline's steps.
+
+They sit in their own small file because every step of mmdist/data reads them
+(reader, decoder, preprocessing, collation, cache) and none of those steps
+should import another just for its settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from mmdist.config.schema import SettingsBase, setting
+
+
+@dataclass
+class SourceConfig(SettingsBase):
+    """One source of WebDataset shards; several are mixed by weight."""
+
+    shards: list[str] = setting(doc="brace patterns ('data/train-{000000..000099}.tar'), tar paths, or a .txt file listing them", factory=list)
+    weight: float = setting(1.0, "relative sampling weight when several sources are mixed")
+    name: str = setting("", "label used in logs and bad-sample counts (default: first shard pattern)")
+
+    def check(self) -> list[tuple[str, str]]:
+        out = []
+        if not self.shards:
+            out.append(("shards", "needs at least one shard pattern or path"))
+        if self.weight <= 0:
+            out.append(("weight", "must be positive"))
+        return out
+
+
+@dataclass
+class DataConfig(SettingsBase):
+    """Where image-text pairs come from and how they become batches."""
+
+    train: list[SourceConfig] = setting(doc="training sources (each: shards, weight)", factory=list)
+    eval: list[SourceConfig] = setting(doc="held-out sources for periodic evaluation (never trained on)", factory=list)
+    mode: Literal["epoch", "resampled"] = setting("epoch", "'epoch': every sample once per epoch across ranks; 'resampled': draw shards with replacement")
+    samples_per_epoch: Optional[int] = setting(None, "resampled mode: samples per (virtual) epoch across all ranks")
+    format: Literal["auto", "caption", "conversation"] = setting("auto", "sample format: jpg+txt captions, jpg+json LLaVA conversations, or detect per sample")
+    template: str = setting("auto", "chat template: 'auto' (the tokenizer's own if it has one), 'plain' (captioning / short answers)")
+    caption_prompt: str = setting("", "plain template: prompt text placed after the image for caption samples")
+    max_len: int = setting(512, "longest token sequence (image tokens included); longer samples are truncated, never inside an image")
+    packing: bool = setting(False, "pack several samples into one sequence of max_len (attention kept inside each sample)")
+    group_by_length: bool = setting(False, "pad-to-longest batches built from samples of similar length")
+    shuffle_buffer: int = setting(1000, "samples held in the shuffle buffer (0 disables sample shuffling)")
+    num_workers: int = setting(2, "DataLoader worker processes per rank")
+    persistent_workers: bool = setting(True, "keep workers alive between epochs")
+    seed: int = setting(0, "seed of the shard shuffle (seed + epoch, identical on every rank) and the sample shuffle")
+    max_bad_fraction: float = setting(0.01, "abort when more than this fraction of samples is bad (after 100 samples)")
+    max_image_pixels: int = setting(89_478_485, "images with more pixels are skipped as decompression bombs")
+    max_caption_chars: int = setting(20_000, "captions/conversations longer than this are skipped as bad")
+    feature_cache: Optional[str] = setting(None, "folder of a frozen-feature cache (mmdist cache); the run reads features instead of pixels")
+
+    def check(self) -> list[tuple[str, str]]:
+        out = []
+        if self.mode == "resampled" and not self.samples_per_epoch:
+            out.append(("samples_per_epoch", "resampled mode needs samples_per_epoch"))
+        if self.max_len < 8:
+            out.append(("max_len", "must be at least 8"))
+        if self.num_workers < 0:
+            out.append(("num_workers", "must be >= 0"))
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            out.append(("max_bad_fraction", "must be in [0, 1]"))
+        if self.template not in ("auto", "plain", "chat"):
+            out.append(("template", f"{self.template!r} is not one of 'auto', 'plain', 'chat'"))
+        return out

@@ -1,0 +1,1 @@
+"""Training engine: distributed environment, DeepSpeed engine, the one trainer loop, checkpoints, metrics."""
