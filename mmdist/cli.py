@@ -37,7 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0 if argv else 2
     args = parser.parse_args(argv[:1])
-    return int(_resolve(SUBCOMMANDS[args.command][0])(argv[1:]) or 0)
+    try:
+        return int(_resolve(SUBCOMMANDS[args.command][0])(argv[1:]) or 0)
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
