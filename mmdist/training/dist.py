@@ -36,8 +36,9 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 DEFAULT_PORT = 29500
 DEFAULT_TIMEOUT_S = 600.0

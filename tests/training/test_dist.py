@@ -13,7 +13,6 @@ import pytest
 from mmdist.training import dist
 from mmdist.training.dist import DistEnv, DistError, discover, expand_hostlist, hostnames, tasks_per_node
 
-
 # --- torchrun / deepspeed -----------------------------------------------------
 
 
