@@ -1,0 +1,264 @@
+"""A real single-node Slurm cluster for the tests: installed, configured and started on this machine.
+
+The `slurm` tests submit the shipped batch scripts (slurm/stage*.sh) with
+``sbatch`` and wait for them, so they need slurmctld, slurmd and munge running.
+:func:`start_cluster` makes that so, as root, without touching /etc/slurm:
+
+1. installs Debian's ``slurmd slurmctld slurm-client munge`` with apt-get when a
+   binary is missing (``apt-get update`` first; set ``MMDIST_SLURM_INSTALL=0`` to
+   forbid installing);
+2. creates the munge key if there is none and starts ``munged`` as the munge user;
+3. writes ``slurm.conf`` for this host (one node, CPUs=2, ``select/cons_tres``,
+   ``proctrack/linuxproc``, ``task/none``: no cgroups, which containers lack) into
+   a private folder and points every client at it through ``SLURM_CONF``;
+4. starts slurmctld and slurmd (or reuses ones this module started before that
+   still answer) and waits until ``sinfo`` shows the node idle.
+
+Anything that makes this impossible (not root, no apt-get, the install failing)
+raises :class:`SlurmUnavailable` with the reason, which the fixture turns into a
+skip that prints it. Daemons started here are stopped again by :meth:`SlurmCluster.stop`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGES = ["slurmd", "slurmctld", "slurm-client", "munge"]
+BINARIES = ["slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "srun", "munged", "munge"]
+DEFAULT_HOME = Path(os.environ.get("MMDIST_SLURM_HOME", "/var/tmp/mmdist-slurm"))
+CPUS = 2
+CTLD_PORT, SLURMD_PORT = 6817, 6818
+
+
+class SlurmUnavailable(RuntimeError):
+    """Slurm cannot be installed or started here; the message says why."""
+
+
+@dataclass
+class SlurmCluster:
+    home: Path
+    node: str
+    started: list[str] = field(default_factory=list)
+
+    @property
+    def conf(self) -> Path:
+        return self.home / "slurm.conf"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Variables that point the Slurm clients (sbatch, sinfo, srun inside jobs) at this cluster."""
+        return {"SLURM_CONF": str(self.conf)}
+
+    def run(self, *cmd: str, timeout: float = 60, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {}), **self.env})
+
+    def sbatch(self, script: str | Path, *args: str, env: dict | None = None, cwd: str | Path | None = None) -> str:
+        """Submit a batch script; returns the job id."""
+        out = subprocess.run(["sbatch", "--parsable", *args, str(script)], capture_output=True, text=True,
+                             timeout=60, cwd=cwd, env={**os.environ, **(env or {}), **self.env})
+        if out.returncode != 0:
+            raise RuntimeError(f"sbatch {script} failed ({out.returncode}): {out.stderr.strip()}")
+        return out.stdout.strip().split(";")[0]
+
+    def job_info(self, job_id: str) -> dict[str, str]:
+        out = self.run("scontrol", "show", "job", "-o", job_id)
+        if out.returncode != 0:
+            return {}
+        return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+    def wait(self, job_id: str, timeout: float) -> dict[str, str]:
+        """Poll until the job ends (or ``timeout`` s pass, then cancel it); returns its final scontrol record."""
+        deadline = time.monotonic() + timeout
+        info: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            info = self.job_info(job_id)
+            if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+                                        "PREEMPTED", "BOOT_FAIL", "DEADLINE"):
+                return info
+            time.sleep(2)
+        self.run("scancel", job_id)
+        raise TimeoutError(f"Slurm job {job_id} did not end within {timeout:.0f} s (last state "
+                           f"{info.get('JobState')!r}, reason {info.get('Reason')!r}); cancelled it")
+
+    def stop(self) -> None:
+        """Stop the daemons this object started (munged is left running: it is cheap and shared)."""
+        for name in reversed(self.started):
+            pid = _read_pid(self.home / f"{name}.pid")
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        self.started.clear()
+
+
+def start_cluster(home: Path = DEFAULT_HOME, install_timeout: float = 900, start_timeout: float = 60) -> SlurmCluster:
+    """Install if needed, configure and start a one-node cluster; return it once the node is idle."""
+    if os.geteuid() != 0:
+        raise SlurmUnavailable("the Slurm daemons must be started as root and these tests do not run as root")
+    _install_if_missing(install_timeout)
+    _start_munge()
+    cluster = SlurmCluster(home=home, node=socket.gethostname().split(".")[0])
+    home.mkdir(parents=True, exist_ok=True)
+    for sub in ("state", "spool", "log"):
+        (home / sub).mkdir(exist_ok=True)
+    conf = _slurm_conf(cluster)
+    if cluster.conf.exists() and cluster.conf.read_text() == conf and _node_idle(cluster):
+        return cluster  # started by an earlier test session and still healthy
+    _stop_stale(cluster)
+    cluster.conf.write_text(conf)
+    for daemon in ("slurmctld", "slurmd"):
+        out = cluster.run(daemon, "-f", str(cluster.conf), timeout=30)
+        if out.returncode != 0:
+            log = _tail(home / "log" / f"{daemon}.log")
+            raise SlurmUnavailable(f"{daemon} did not start ({out.returncode}): {out.stderr.strip()} {log}")
+        cluster.started.append(daemon)
+    deadline = time.monotonic() + start_timeout
+    while time.monotonic() < deadline:
+        if _node_idle(cluster):
+            return cluster
+        time.sleep(1)
+    state = cluster.run("sinfo", "-h", "-N", "-o", "%T %E").stdout.strip()
+    cluster.stop()
+    raise SlurmUnavailable(f"node {cluster.node} not idle after {start_timeout:.0f} s (sinfo: {state!r}); "
+                           f"logs in {home / 'log'}: {_tail(home / 'log' / 'slurmd.log')}")
+
+
+def _install_if_missing(timeout: float) -> None:
+    missing = [b for b in BINARIES if shutil.which(b) is None and not Path("/usr/sbin", b).exists()]
+    if not missing:
+        return
+    if os.environ.get("MMDIST_SLURM_INSTALL", "1") == "0":
+        raise SlurmUnavailable(f"{', '.join(missing)} not installed and MMDIST_SLURM_INSTALL=0 forbids installing")
+    if shutil.which("apt-get") is None:
+        raise SlurmUnavailable(f"{', '.join(missing)} not installed and there is no apt-get to install "
+                               f"{' '.join(PACKAGES)}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise SlurmUnavailable(f"`{' '.join(cmd)}` took longer than {timeout:.0f} s") from None
+        if out.returncode != 0:
+            raise SlurmUnavailable(f"`{' '.join(cmd)}` failed ({out.returncode}): {out.stderr.strip()[-800:]}")
+
+
+def _munge_works() -> bool:
+    try:
+        cred = subprocess.run(["munge", "-n"], capture_output=True, timeout=10)
+        if cred.returncode != 0:
+            return False
+        return subprocess.run(["unmunge"], input=cred.stdout, capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _start_munge() -> None:
+    if _munge_works():
+        return
+    key = Path("/etc/munge/munge.key")
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        key.write_bytes(os.urandom(128))
+    for folder in (key.parent, Path("/run/munge"), Path("/var/lib/munge"), Path("/var/log/munge")):
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.chown(folder, "munge", "munge")
+    shutil.chown(key, "munge", "munge")
+    key.chmod(0o400)
+    subprocess.run(["runuser", "-u", "munge", "--", _sbin("munged")], capture_output=True, timeout=30)
+    for _ in range(20):
+        if _munge_works():
+            return
+        time.sleep(0.5)
+    raise SlurmUnavailable("munged did not start (see /var/log/munge/munged.log); Slurm needs it to authenticate")
+
+
+def _slurm_conf(cluster: SlurmCluster) -> str:
+    h = cluster.home
+    return f"""# Written by tests/slurm_cluster.py: a one-node test cluster, no cgroups, no accounting.
+ClusterName=mmdist-test
+SlurmctldHost={cluster.node}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+SlurmctldPort={CTLD_PORT}
+SlurmdPort={SLURMD_PORT}
+StateSaveLocation={h}/state
+SlurmdSpoolDir={h}/spool
+SlurmctldPidFile={h}/slurmctld.pid
+SlurmdPidFile={h}/slurmd.pid
+SlurmctldLogFile={h}/log/slurmctld.log
+SlurmdLogFile={h}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+ReturnToService=2
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MinJobAge=600
+KillWait=5
+NodeName={cluster.node} NodeAddr=127.0.0.1 CPUs={CPUS} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _node_idle(cluster: SlurmCluster) -> bool:
+    try:
+        out = cluster.run("sinfo", "-h", "-N", "-o", "%N %T", timeout=15)
+    except subprocess.TimeoutExpired:
+        return False
+    return out.returncode == 0 and f"{cluster.node} idle" in out.stdout
+
+
+def _stop_stale(cluster: SlurmCluster) -> None:
+    """Stop daemons an earlier session left behind under this home (never others')."""
+    for name in ("slurmd", "slurmctld"):
+        pid = _read_pid(cluster.home / f"{name}.pid")
+        if pid and _is_process(pid, name):
+            os.kill(pid, signal.SIGTERM)
+            for _ in range(50):
+                if not _is_process(pid, name):
+                    break
+                time.sleep(0.1)
+
+
+def _is_process(pid: int, name: str) -> bool:
+    try:
+        return name in Path(f"/proc/{pid}/comm").read_text() and "Z" not in _proc_state(pid)
+    except OSError:
+        return False
+
+
+def _proc_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _sbin(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+def _tail(path: Path, n: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text().splitlines()[-n:])
+    except OSError:
+        return ""
