@@ -52,6 +52,10 @@ class DataConfig(SettingsBase):
     max_image_pixels: int = setting(89_478_485, "images with more pixels are skipped as decompression bombs")
     max_caption_chars: int = setting(20_000, "captions/conversations longer than this are skipped as bad")
     feature_cache: Optional[str] = setting(None, "folder of a frozen-feature cache (mmdist cache); the run reads features instead of pixels")
+    length_group_batches: int = setting(16, "group_by_length: batches' worth of samples sorted together by length")
+    self_check_samples: int = setting(4, "samples rendered at start-up to check masking and image tokens (0 disables)")
+    log_bad_samples: int = setting(20, "bad samples logged one by one per reason and worker (later ones are only counted)")
+    prefetch_factor: int = setting(2, "batches prefetched per worker")
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -63,6 +67,8 @@ class DataConfig(SettingsBase):
             out.append(("num_workers", "must be >= 0"))
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             out.append(("max_bad_fraction", "must be in [0, 1]"))
+        if self.length_group_batches < 1:
+            out.append(("length_group_batches", "must be at least 1"))
         if self.template not in ("auto", "plain", "chat"):
             out.append(("template", f"{self.template!r} is not one of 'auto', 'plain', 'chat'"))
         return out

@@ -1,0 +1,501 @@
+"""The streaming loader: ``build_loader(cfg, processors, split, rank, world_size)``.
+
+Stages, in the order data flows (each a named function in mmdist/data):
+
+    list_shards -> shuffle_shards (seed + epoch, same on every rank) -> split_by_node
+    -> split_by_worker -> read_tar -> shuffle_samples (raw bytes) -> decode_sample
+    -> Preprocessor (template, image tokens, truncation) -> collate_fuse / collate_align
+
+Equal batches on every rank: an epoch has a fixed per-rank budget of
+``ceil(total samples / (world_size x micro_batch))`` batches (from sizes.json
+counts), split across a rank's workers in proportion to their samples. A worker
+that runs out wraps around to its own shards again (a new sample order); one with
+more samples than its budget stops early. So no rank waits forever on a
+collective, and with evenly sized shards every sample is seen exactly once.
+Resampled mode draws shards with replacement (weighted by source) for a budget
+of ``samples_per_epoch``.
+
+Resume: each batch carries its worker's position (raw samples drawn, batches
+emitted, the start of the current length-grouping pool, bad-sample counts); the
+loader keeps the position of the last batch *handed out* (not prefetched ones).
+Every random choice is seeded by (seed, epoch, rank, worker, pass), so a
+restored worker replays its raw stream without decoding up to the saved
+position and continues exactly where it stopped; workers are re-mapped so the
+DataLoader's round-robin continues in the same order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmdist.data.collate import collate_align, collate_fuse, group_by_length, pad_id_of
+from mmdist.data.preprocess import IGNORE_INDEX, Preprocessor, make_preprocessor
+from mmdist.data.reader import (
+    BadSample,
+    BadSampleCounter,
+    Shard,
+    check_bad_fraction,
+    decode_sample,
+    list_shards,
+    read_tar,
+    shuffle_samples,
+    shuffle_shards,
+    split_by_node,
+    split_by_worker,
+)
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+
+
+@dataclass
+class WorkerPlan:
+    """What one worker of one rank reads in one epoch."""
+
+    shards: list[Shard]
+    budget: int  # batches this worker yields
+
+
+def _proportional_split(total: int, weights: list[int]) -> list[int]:
+    """Split ``total`` into integer parts proportional to ``weights`` (largest remainder; ties to lower index)."""
+    wsum = sum(weights)
+    if wsum == 0:
+        return [0] * len(weights)
+    exact = [total * w / wsum for w in weights]
+    parts = [int(math.floor(x)) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - parts[i]), i))
+    for i in order[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
+
+
+def plan_epoch(shards: list[Shard], seed: int, epoch: int, rank: int, world_size: int, num_workers: int,
+               batch_size: int, shuffle: bool) -> tuple[list[WorkerPlan], int]:
+    """The shards and batch budget of every worker of ``rank`` for ``epoch``; also the per-rank budget."""
+    total = sum(s.size or 0 for s in shards)
+    budget = math.ceil(total / (world_size * batch_size))
+    order = shuffle_shards(shards, seed, epoch, shuffle)
+    mine = split_by_node(order, rank, world_size)
+    workers = max(1, num_workers)
+    per_worker = [split_by_worker(mine, w, workers) for w in range(workers)]
+    sizes = [sum(s.size or 0 for s in ws) for ws in per_worker]
+    if sum(sizes) == 0:
+        raise ValueError(f"rank {rank} got shards with no samples ({[s.url for s in mine]}); check sizes.json")
+    budgets = _proportional_split(budget, sizes)
+    return [WorkerPlan(ws, b) for ws, b in zip(per_worker, budgets)], budget
+
+
+class _CounterProxy:
+    """Lets read_tar report into whichever counter is current (a throwaway one while replaying for resume)."""
+
+    def __init__(self, counter: BadSampleCounter):
+        self.counter = counter
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        self.counter.add(*args, **kwargs)
+
+
+class ShardStream(IterableDataset):
+    """One rank's stream of batches; each DataLoader worker produces its own share (see module docstring)."""
+
+    def __init__(self, *, sources: list[tuple[list[Shard], float]], preprocess: Preprocessor, rank: int, world_size: int,
+                 num_workers: int, batch_size: int, mode: str, shuffle: bool, seed: int, shuffle_buffer: int,
+                 samples_per_epoch: Optional[int], pack: bool, group: bool, group_batches: int, max_len: int,
+                 pad_token_id: int, max_bad_fraction: float, log_bad: int, max_image_pixels: int, max_text_chars: int):
+        super().__init__()
+        self.sources = sources
+        self.shards = [s for shards, _ in sources for s in shards]
+        self.preprocess = preprocess
+        self.rank, self.world_size = rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.batch_size = batch_size
+        self.mode = mode
+        self.shuffle = shuffle
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer if shuffle else 0
+        self.samples_per_epoch = samples_per_epoch
+        self.pack, self.group, self.group_batches = pack, group and shuffle, group_batches
+        self.max_len, self.pad_token_id = max_len, pad_token_id
+        self.max_bad_fraction, self.log_bad = max_bad_fraction, log_bad
+        self.max_image_pixels, self.max_text_chars = max_image_pixels, max_text_chars
+        # set by the loader before an iteration (and copied into workers)
+        self.start_epoch = 0
+        self.resume: dict[int, dict] = {}
+        self.worker_map: list[int] = list(range(self.num_workers))
+        self._iterations = 0
+
+    # ------------------------------------------------------------------ plan
+    def batches_per_rank(self, epoch: int) -> int:
+        if self.mode == "resampled":
+            return max(1, self.samples_per_epoch // (self.world_size * self.batch_size))
+        return plan_epoch(self.shards, self.seed, epoch, self.rank, self.world_size, self.num_workers, self.batch_size, self.shuffle)[1]
+
+    def worker_budget(self, epoch: int, worker: int) -> tuple[list[Shard], int]:
+        if self.mode == "resampled":
+            total = self.batches_per_rank(epoch)
+            return [], total // self.num_workers + (1 if worker < total % self.num_workers else 0)
+        plans, _ = plan_epoch(self.shards, self.seed, epoch, self.rank, self.world_size, self.num_workers, self.batch_size, self.shuffle)
+        return plans[worker].shards, plans[worker].budget
+
+    # ------------------------------------------------------------------ raw stream
+    def _rng(self, *parts: Any) -> random.Random:
+        return random.Random("-".join(str(p) for p in (self.seed, self.rank) + parts))
+
+    def raw_samples(self, epoch: int, worker: int, shards: list[Shard], counter: _CounterProxy) -> Iterator[dict]:
+        """Endless stream of raw samples for one worker (wraps around its shards; resampled: draws shards)."""
+        if self.mode == "resampled":
+            yield from self._resampled_raw(epoch, worker, counter)
+            return
+        for pass_ in itertools.count():
+            rng = self._rng("samples", epoch, worker, pass_)
+            order = list(shards)
+            if pass_ > 0 and self.shuffle:
+                rng.shuffle(order)
+            produced = 0
+            chained = (sample for shard in order for sample in read_tar(shard.url, counter))
+            for sample in shuffle_samples(chained, self.shuffle_buffer, rng):
+                produced += 1
+                yield sample
+            if produced == 0:
+                raise RuntimeError(f"rank {self.rank} worker {worker}: no readable samples in shards {[s.url for s in order]}")
+
+    def _resampled_raw(self, epoch: int, worker: int, counter: _CounterProxy) -> Iterator[dict]:
+        rng = self._rng("resampled", epoch, worker)
+        weights = [w for _, w in self.sources]
+
+        def source_stream(index: int) -> Iterator[dict]:
+            shards = self.sources[index][0]
+            srng = self._rng("resampled-shards", epoch, worker, index)
+            while True:  # webdataset's ResampledShards, seeded per worker and source
+                yield from read_tar(srng.choice(shards).url, counter)
+
+        streams = [shuffle_samples(source_stream(i), self.shuffle_buffer, self._rng("buffer", epoch, worker, i)) for i in range(len(self.sources))]
+        while True:
+            index = rng.choices(range(len(streams)), weights=weights)[0] if len(streams) > 1 else 0
+            yield next(streams[index])
+
+    # ------------------------------------------------------------------ batches
+    def _collate(self, samples: list[dict]) -> dict:
+        if self.preprocess.stage == "align":
+            return collate_align(samples, self.pad_token_id)
+        return collate_fuse(samples, self.pad_token_id, pack=self.pack, max_len=self.max_len)
+
+    def process(self, raw: dict, counter: BadSampleCounter) -> Optional[dict]:
+        """decode -> preprocess one raw sample; a bad one is counted (by reason, with shard and key) and gives None."""
+        try:
+            sample = decode_sample(raw, self.max_image_pixels, self.max_text_chars)
+            if sample["unsafe_members"]:
+                log.debug("ignored pickle-like members %s of %s (never unpickled)", sample["unsafe_members"], sample["key"])
+            out = self.preprocess(sample)
+        except BadSample as exc:
+            counter.add(exc.reason, raw.get("__url__", "?"), raw.get("__key__", "?"), exc.detail)
+            return None
+        counter.good()
+        return out
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        first = self._iterations == 0
+        epoch = self.start_epoch + self._iterations
+        self._iterations += 1
+        worker = self.worker_map[physical] if first else physical
+        resume = self.resume.get(worker) if first else None
+        yield from self.worker_batches(epoch, worker, resume)
+
+    def worker_batches(self, epoch: int, worker: int, resume: Optional[dict] = None) -> Iterator[dict]:
+        shards, budget = self.worker_budget(epoch, worker)
+        where = f"rank {self.rank} worker {worker} epoch {epoch}"
+        counter = BadSampleCounter(self.max_bad_fraction, self.log_bad, where=where)
+        if budget == 0:
+            return
+        resume = resume or {}
+        pool_start = int(resume.get("pool_start", 0))
+        emitted = int(resume.get("pool_emitted_start", 0))
+        skip_in_pool = int(resume.get("emitted", emitted)) - emitted
+        counter.seen = int(resume.get("pool_seen", 0))
+        counter.bad.update(resume.get("pool_bad", {}))
+        proxy = _CounterProxy(BadSampleCounter(1.0, 0) if pool_start else counter)
+        raw_iter = self.raw_samples(epoch, worker, shards, proxy)
+        for _ in range(pool_start):  # replay without decoding
+            next(raw_iter)
+        proxy.counter = counter
+        raw_pos = pool_start
+        pool_size = self.group_batches if self.group else 1
+        while emitted < budget:
+            pool_emitted_start, pool_seen, pool_bad = emitted, counter.seen, dict(counter.bad)
+            start = raw_pos
+            n_batches = min(pool_size, budget - emitted)
+            good: list[dict] = []
+            while len(good) < n_batches * self.batch_size:
+                raw = next(raw_iter)
+                raw_pos += 1
+                out = self.process(raw, counter)
+                if out is not None:
+                    good.append(out)
+            if self.group:
+                batches = group_by_length(good, self.batch_size, self._rng("group", epoch, worker, start))
+            else:
+                batches = [good[i : i + self.batch_size] for i in range(0, len(good), self.batch_size)]
+            for j, samples in enumerate(batches):
+                emitted_now = pool_emitted_start + j + 1
+                if j < skip_in_pool:
+                    continue
+                batch = self._collate(samples)
+                last = j == len(batches) - 1
+                state = {
+                    "pool_start": raw_pos if last else start,
+                    "pool_emitted_start": emitted_now if last else pool_emitted_start,
+                    "emitted": emitted_now,
+                    "pool_seen": counter.seen if last else pool_seen,
+                    "pool_bad": dict(counter.bad) if last else pool_bad,
+                }
+                batch["_meta"] = {"worker": worker, "epoch": epoch, "state": state, "seen": counter.seen, "bad": dict(counter.bad),
+                                  "keys": [s["key"] for s in samples]}
+                yield batch
+            skip_in_pool = 0
+            emitted = pool_emitted_start + len(batches)
+
+
+def _identity(batch: Any) -> Any:
+    return batch
+
+
+class StreamingLoader:
+    """Iterable over one epoch of batches per ``iter()``, with ``len()``, ``state_dict()`` and ``load_state_dict()``."""
+
+    def __init__(self, dataset: ShardStream, num_workers: int, persistent_workers: bool, prefetch_factor: int,
+                 max_bad_fraction: float, split: str):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.persistent = persistent_workers and num_workers > 0
+        self.prefetch_factor = prefetch_factor
+        self.max_bad_fraction = max_bad_fraction
+        self.split = split
+        self.epoch = 0
+        self.batches_done = 0
+        self.worker_state: dict[int, dict] = {}
+        self.worker_counts: dict[int, tuple[int, dict]] = {}
+        self.last_keys: list[str] = []
+        self._loader: Optional[DataLoader] = None
+        self._resume_pending = False
+        self._in_epoch = False
+
+    # -------------------------------------------------------------- sizes
+    def __len__(self) -> int:
+        return self.dataset.batches_per_rank(self.epoch)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self)
+
+    # -------------------------------------------------------------- iteration
+    def _make_loader(self) -> DataLoader:
+        kwargs: dict = {}
+        if self.num_workers > 0:
+            kwargs = {"persistent_workers": self.persistent, "prefetch_factor": self.prefetch_factor}
+        return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity, **kwargs)
+
+    def _prepare_epoch(self) -> None:
+        if self._in_epoch and not self._resume_pending:
+            self.epoch += 1  # the previous iteration was abandoned part-way: that epoch is over
+        resuming = self._resume_pending
+        if not resuming:
+            self.batches_done = 0
+            self.worker_state = {}
+            self.worker_counts = {}
+        self._in_epoch = True
+        workers = max(1, self.num_workers)
+        if resuming and self.worker_state:
+            # continue the round-robin where it stopped: next worker first (fewest batches, then lowest id)
+            emitted = {w: self.worker_state.get(w, {}).get("emitted", 0) for w in range(workers)}
+            worker_map = sorted(range(workers), key=lambda w: (emitted[w], w))
+        else:
+            worker_map = list(range(workers))
+        if self.persistent and self._loader is not None and not resuming:
+            return  # persistent workers count epochs themselves, in lockstep with this loader
+        self.dataset.start_epoch = self.epoch
+        self.dataset._iterations = 0
+        self.dataset.resume = dict(self.worker_state) if resuming else {}
+        self.dataset.worker_map = worker_map
+        self._loader = self._make_loader()
+        self._resume_pending = False
+
+    def __iter__(self) -> Iterator[dict]:
+        self._prepare_epoch()
+        for batch in self._loader:
+            meta = batch.pop("_meta")
+            self.worker_state[meta["worker"]] = meta["state"]
+            self.worker_counts[meta["worker"]] = (meta["seen"], meta["bad"])
+            self.last_keys = meta["keys"]
+            self.batches_done += 1
+            self._check_bad()
+            yield batch
+        self.epoch += 1
+        self._in_epoch = False
+        self.batches_done = 0
+        self.worker_state = {}
+        self.worker_counts = {}
+
+    def _check_bad(self) -> None:
+        seen = sum(c[0] for c in self.worker_counts.values())
+        bad: Counter = Counter()
+        for _, b in self.worker_counts.values():
+            bad.update(b)
+        check_bad_fraction(bad, seen, self.max_bad_fraction, where=f"{self.split} split, rank {self.dataset.rank}")
+
+    def bad_counts(self) -> dict[str, int]:
+        """Bad samples skipped so far this epoch on this rank, by reason."""
+        bad: Counter = Counter()
+        for _, b in self.worker_counts.values():
+            bad.update(b)
+        return {k: v for k, v in bad.items() if v}
+
+    # -------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        d = self.dataset
+        return {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "rank": d.rank,
+            "world_size": d.world_size,
+            "num_workers": d.num_workers,
+            "seed": d.seed,
+            "mode": d.mode,
+            "workers": {str(w): dict(s) for w, s in self.worker_state.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        d = self.dataset
+        for key, mine in (("world_size", d.world_size), ("num_workers", d.num_workers), ("seed", d.seed), ("mode", d.mode)):
+            if state.get(key) != mine:
+                raise ValueError(
+                    f"data loader state was saved with {key}={state.get(key)!r} but this run has {key}={mine!r}; the data "
+                    f"split would change. Resume with the same setting, or start the data from a new epoch (drop the loader state)."
+                )
+        self.epoch = int(state["epoch"])
+        self.batches_done = int(state.get("batches_done", 0))
+        self.worker_state = {int(w): dict(s) for w, s in state.get("workers", {}).items()}
+        self.worker_counts = {}
+        self._resume_pending = True
+        self._in_epoch = False
+
+
+# ---------------------------------------------------------------------------
+# building
+
+
+def _sources(cfg: Any, split: str, mode: str) -> list[tuple[list[Shard], float]]:
+    source_cfgs = cfg.data.train if split == "train" else cfg.data.eval
+    if not source_cfgs:
+        raise ValueError(f"data.{split} has no sources; give shard patterns under data.{split}")
+    out = []
+    for src in source_cfgs:
+        name = src.name or src.shards[0]
+        out.append((list_shards(src.shards, source=name, need_sizes=mode == "epoch"), float(src.weight)))
+    if mode == "epoch" and len({w for _, w in out}) > 1:
+        log.warning("data.%s: source weights are ignored in epoch mode (every sample once); use data.mode=resampled to mix by weight", split)
+    return out
+
+
+def self_check(dataset: ShardStream, processors: Any, num_samples: int) -> list[dict]:
+    """Render the first samples of this rank; stop with a clear error if the supervision or image tokens are wrong."""
+    if num_samples <= 0:
+        return []
+    pre = dataset.preprocess
+    counter = BadSampleCounter(1.0, dataset.log_bad, where="self-check")
+    rendered: list[dict] = []
+    for shard in dataset.shards[: max(1, num_samples)]:
+        for raw in read_tar(shard.url, counter):
+            out = dataset.process(raw, counter)
+            if out is not None:
+                rendered.append(out)
+            if len(rendered) >= num_samples:
+                break
+        if len(rendered) >= num_samples:
+            break
+    if not rendered:
+        raise RuntimeError(f"self-check: none of the first samples of {dataset.shards[0].url} could be used (bad samples: {dict(counter.bad)})")
+    if pre.stage == "align":
+        return rendered
+    if not any(any(t != IGNORE_INDEX for t in s["labels"]) for s in rendered):
+        raise RuntimeError(
+            f"self-check: masking leaves no supervised tokens in {len(rendered)} rendered samples (template={pre.template!r}); "
+            "check data.template / data.format and that the samples have assistant answers"
+        )
+    image_id, n_tok = processors.image_token_id, processors.num_image_tokens
+    probe = pre._encode(pre.image_token)
+    if probe != [image_id]:
+        raise RuntimeError(
+            f"self-check: the tokenizer turns the image placeholder {pre.image_token!r} into {probe}, not the single id "
+            f"image_token_id={image_id}; the placeholder token must be added to the tokenizer"
+        )
+    for s in rendered:
+        count = sum(1 for t in s["input_ids"] if t == image_id)
+        n_img = s["num_images"]
+        images = len(s.get("pixel_values", [])) if "pixel_values" in s else int(s["image_features"].shape[0])
+        if count != n_img * n_tok or images != n_img:
+            raise RuntimeError(
+                f"self-check: sample {s['key']} has {count} image tokens for {images} image(s); expected "
+                f"{n_img} x num_image_tokens={n_tok}. The image token count does not match the encoder's"
+            )
+        if "image_features" in s and n_img and int(s["image_features"].shape[1]) != n_tok and getattr(processors, "features_are_tokens", True):
+            log.info("self-check: cached features have %d tokens per image, the LLM gets %d (the connector pools)", s["image_features"].shape[1], n_tok)
+    return rendered
+
+
+def build_loader(cfg: Any, processors: Any, split: str = "train", rank: int = 0, world_size: int = 1) -> StreamingLoader:
+    """The loader of ``split`` ('train' or 'eval') for one rank (see the module docstring)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    data = cfg.data
+    mode = data.mode if split == "train" else "epoch"
+    use_features = bool(data.feature_cache)
+    if use_features:
+        from mmdist.data.cache import cache_sources
+
+        sources = cache_sources(cfg, processors, split)
+    else:
+        sources = _sources(cfg, split, mode)
+    preprocess = make_preprocessor(cfg, processors, use_features=use_features)
+    tokenizer = processors.tokenizer if cfg.stage == "fuse" else processors.text_tokenizer
+    if tokenizer is None:
+        raise ValueError(f"stage {cfg.stage} needs processors.{'tokenizer' if cfg.stage == 'fuse' else 'text_tokenizer'}")
+    train = split == "train"
+    dataset = ShardStream(
+        sources=sources, preprocess=preprocess, rank=rank, world_size=world_size, num_workers=data.num_workers,
+        batch_size=cfg.train.micro_batch_size, mode=mode, shuffle=train, seed=data.seed, shuffle_buffer=data.shuffle_buffer,
+        samples_per_epoch=data.samples_per_epoch, pack=data.packing and cfg.stage == "fuse", group=data.group_by_length,
+        group_batches=data.length_group_batches, max_len=data.max_len, pad_token_id=pad_id_of(tokenizer),
+        max_bad_fraction=data.max_bad_fraction, log_bad=data.log_bad_samples, max_image_pixels=data.max_image_pixels,
+        max_text_chars=data.max_caption_chars,
+    )
+    if mode == "epoch":
+        dataset.batches_per_rank(0)  # fails early (fewer shards than ranks, empty shards)
+    self_check(dataset, processors, data.self_check_samples)
+    return StreamingLoader(dataset, data.num_workers, data.persistent_workers, data.prefetch_factor, data.max_bad_fraction, split)
+
+
+def loader_summary(loader: StreamingLoader) -> dict:
+    """A small dict for logs: batches per epoch, shards, mode."""
+    d = loader.dataset
+    return {"split": loader.split, "mode": d.mode, "shards": len(d.shards), "batches_per_epoch": len(loader),
+            "micro_batch": d.batch_size, "workers": loader.num_workers, "packing": d.pack}
+
+
+__all__ = ["build_loader", "StreamingLoader", "ShardStream", "plan_epoch", "self_check", "loader_summary"]

@@ -1,0 +1,124 @@
+"""build_loader: every sample once across ranks x workers, equal batch counts, resampled mode, batch layout."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from data_fixtures import make_config, make_processors, write_caption_shards
+
+from mmdist.data.loader import build_loader
+
+
+def _epoch_keys(cfg, processors, rank, world):
+    loader = build_loader(cfg, processors, "train", rank, world)
+    keys, batches = [], 0
+    for batch in loader:
+        assert batch["input_ids"].shape[0] == cfg.train.micro_batch_size
+        keys.extend(loader.last_keys)
+        batches += 1
+    return loader, keys, batches
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_ranks_and_workers_see_each_sample_exactly_once(tmp_path, processors, num_workers):
+    pattern = write_caption_shards(tmp_path, [12, 12, 12, 12])
+    cfg = make_config(pattern, num_workers=num_workers, shuffle_buffer=5, micro_batch_size=3, persistent_workers=False)
+    seen: Counter = Counter()
+    counts = []
+    for rank in range(2):
+        loader, keys, batches = _epoch_keys(cfg, processors, rank, 2)
+        assert batches == len(loader) == 8
+        counts.append(batches)
+        seen.update(keys)
+    assert len(seen) == 48 and set(seen.values()) == {1}, "every sample exactly once across 2 ranks x workers"
+
+
+def test_epochs_reshuffle_but_keep_coverage(tmp_path, processors):
+    pattern = write_caption_shards(tmp_path, [6, 6, 6, 6])
+    cfg = make_config(pattern, shuffle_buffer=4)
+    loader = build_loader(cfg, processors, "train", 0, 1)
+    epochs = []
+    for _ in range(2):
+        keys = []
+        for _batch in loader:
+            keys.extend(loader.last_keys)
+        epochs.append(keys)
+    assert sorted(epochs[0]) == sorted(epochs[1]) and len(set(epochs[0])) == 24
+    assert epochs[0] != epochs[1], "epoch 1 must use another shard/sample order (seed + epoch)"
+
+
+def test_equal_batch_counts_across_ranks_with_uneven_shards(tmp_path, processors):
+    pattern = write_caption_shards(tmp_path, [5, 17, 3, 9, 30, 1, 2])
+    cfg = make_config(pattern, num_workers=2, micro_batch_size=4, persistent_workers=False)
+    counts, lens = [], []
+    seen: Counter = Counter()
+    for rank in range(3):
+        loader, keys, batches = _epoch_keys(cfg, processors, rank, 3)
+        counts.append(batches)
+        lens.append(len(loader))
+        seen.update(keys)
+    assert counts == lens and len(set(counts)) == 1, f"batches per rank differ: {counts}"
+    assert counts[0] == -(-67 // (3 * 4))
+    assert len(seen) >= 60, "wrap-around/drop must only touch a few samples"
+
+
+def test_fewer_shards_than_ranks_is_a_clear_error(tmp_path, processors):
+    pattern = write_caption_shards(tmp_path, [4, 4])
+    cfg = make_config(pattern)
+    with pytest.raises(ValueError, match="at least one shard per rank"):
+        build_loader(cfg, processors, "train", 0, 3)
+
+
+def test_resampled_mode_budget_and_mixing(tmp_path, processors):
+    a = write_caption_shards(tmp_path / "a", [4, 4], prefix="a")
+    b = write_caption_shards(tmp_path / "b", [4], prefix="b")
+    cfg = make_config(a, mode="resampled", samples_per_epoch=40, micro_batch_size=2)
+    cfg.data.train.append(type(cfg.data.train[0])(shards=[b], weight=3.0, name="b"))
+    for rank in range(2):
+        loader = build_loader(cfg, processors, "train", rank, 2)
+        n = sum(1 for _ in loader)
+        assert n == len(loader) == 10
+
+
+def test_eval_split_is_ordered_and_separate(tmp_path, processors):
+    train = write_caption_shards(tmp_path / "train", [4, 4], prefix="train")
+    held = write_caption_shards(tmp_path / "eval", [4], prefix="eval")
+    cfg = make_config(train, eval_shards=[held], shuffle_buffer=100)
+    loader = build_loader(cfg, processors, "eval", 0, 1)
+    keys = []
+    for _ in range(2):
+        epoch = []
+        for _b in loader:
+            epoch.extend(loader.last_keys)
+        keys.append(epoch)
+    assert keys[0] == keys[1] == [f"s{i:06d}" for i in range(4)]
+
+
+def test_batch_layout_pad_to_longest(tmp_path, processors):
+    pattern = write_caption_shards(tmp_path, [8])
+    cfg = make_config(pattern, micro_batch_size=4)
+    batch = next(iter(build_loader(cfg, processors, "train", 0, 1)))
+    ids, mask, labels, pos = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["position_ids"]
+    assert ids.dtype == torch.long and ids.shape == mask.shape == labels.shape == pos.shape
+    pad = processors.tokenizer.pad_token_id
+    assert ((mask == 0) == (ids == pad)).all()
+    assert (labels[mask == 0] == -100).all()
+    assert (labels[ids == processors.image_token_id] == -100).all()
+    assert ((ids == processors.image_token_id).sum(1) == processors.num_image_tokens).all()
+    assert batch["pixel_values"].shape == (4, 3, 8, 8)
+    for row in range(4):
+        n = int(mask[row].sum())
+        assert torch.equal(pos[row, :n], torch.arange(n))
+    assert "sequence_ids" not in batch
+
+
+def test_align_batches(tmp_path):
+    processors = make_processors()
+    pattern = write_caption_shards(tmp_path, [6])
+    cfg = make_config(pattern, stage="align", micro_batch_size=3)
+    batch = next(iter(build_loader(cfg, processors, "train", 0, 1)))
+    assert batch["pixel_values"].shape == (3, 3, 8, 8)
+    assert batch["text_input_ids"].shape == batch["text_attention_mask"].shape
+    assert batch["caption_group"].tolist() == [0, 1, 2]
