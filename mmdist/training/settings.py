@@ -102,4 +102,5 @@ class LogConfig(SettingsBase):
     tensorboard: bool = setting(True, "also write TensorBoard event files (if tensorboard is installed)")
     wandb: bool = setting(False, "also log to Weights & Biases (if installed and logged in)")
     param_table: bool = setting(True, "print the table of modules with parameter counts, trainable counts and dtypes")
-    peak_flops: Optional[float] = setting(None, "device peak FLOP/s for MFU; default: measured (CPU) or looked up (GPU)")
+    peak_flops: Optional[float] = setting(None, "peak FLOP/s of one device for MFU; default: a short matmul measured at start")
+    data_fingerprint: bool = setting(False, "log a hash of every optimizer step's batches (checks that a resumed run sees the same data; costs a copy to CPU)")

@@ -1,0 +1,262 @@
+"""Checkpoints that survive a crash mid-save, resume that continues the same run, and the stage export.
+
+A checkpoint is a DeepSpeed checkpoint of the *trainable* side only
+(``exclude_frozen_parameters=True``: the frozen LLM and vision encoder are
+never rewritten; they come back from their own weights on restart) plus, per
+rank, a ``client_state_rank{N}.pt`` with what DeepSpeed does not know: the step,
+the samples seen, the RNG states, the data loader's position.
+
+Atomicity: every rank writes into ``checkpoints/.tmp-step_000010/``; after a
+barrier rank 0 renames it to ``step_000010/`` and only then replaces the
+``latest`` file (write + ``os.replace``). A crash at any point leaves ``latest``
+naming the previous complete checkpoint; stale ``.tmp-*`` folders are removed
+at the next start. Older checkpoints are deleted only after a newer one is
+complete (``checkpoint.keep_last``). The checkpoint folder must be on a file
+system every rank sees (as on any cluster's shared storage).
+
+The export (``RUN_DIR/export/model.safetensors`` + ``manifest.json``) holds the
+trainable weights only, gathered under ZeRO-3; it is what stage 2 loads with
+``model.connector.stage1_weights``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "capture_rng",
+    "export_trainable",
+    "restore_rng",
+]
+
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read back."""
+
+
+def _barrier() -> None:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+
+
+def _rank() -> int:
+    import torch.distributed as tdist
+
+    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------
+# RNG
+
+
+def capture_rng() -> dict:
+    """Python, NumPy, torch CPU (and CUDA) generator states of this process."""
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------
+# checkpoints
+
+
+class CheckpointManager:
+    """Saves, prunes and finds checkpoints under ``RUN_DIR/checkpoints``.
+
+    ``fail_after_engine_save`` is a test hook: a callable run after DeepSpeed has
+    written its files and before the rename, to simulate a crash mid-save.
+    """
+
+    def __init__(self, root: str | os.PathLike, keep_last: int = 2):
+        self.root = Path(root)
+        self.keep_last = keep_last
+        self.fail_after_engine_save: Optional[Callable[[], None]] = None
+
+    @staticmethod
+    def tag(step: int) -> str:
+        return f"step_{step:06d}"
+
+    # -- reading ----------------------------------------------------------
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Optional[Path]:
+        """The checkpoint ``latest`` names (None if there is none); a dangling pointer is an error."""
+        pointer = self.root / LATEST
+        if not pointer.is_file():
+            return None
+        name = pointer.read_text().strip()
+        path = self.root / name
+        if not path.is_dir():
+            raise CheckpointError(
+                f"{pointer} names {name!r} but {path} does not exist; delete {pointer} to start over or "
+                f"write the name of a complete checkpoint ({', '.join(p.name for p in self.complete()) or 'none'}) into it"
+            )
+        return path
+
+    def clean_stale(self) -> list[Path]:
+        """Remove ``.tmp-*`` folders left by a save that crashed (rank 0 only; call before any save)."""
+        removed = []
+        if _rank() == 0 and self.root.is_dir():
+            for p in self.root.iterdir():
+                if p.name.startswith(TMP_PREFIX):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p)
+        _barrier()
+        return removed
+
+    # -- writing ----------------------------------------------------------
+
+    def save(self, engine: Any, step: int, client_state: dict) -> Path:
+        """Write checkpoint ``step`` on every rank (collective); returns its final path."""
+        name = self.tag(step)
+        tmp_name = TMP_PREFIX + name
+        rank = _rank()
+        if rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.root / tmp_name, ignore_errors=True)
+        _barrier()
+        engine.save_checkpoint(str(self.root), tag=tmp_name, save_latest=False, exclude_frozen_parameters=True)
+        import torch
+
+        state = dict(client_state, step=step)
+        target = self.root / tmp_name / f"client_state_rank{rank:05d}.pt"
+        torch.save(state, str(target) + ".part")
+        os.replace(str(target) + ".part", target)
+        if self.fail_after_engine_save is not None:
+            self.fail_after_engine_save()
+        _barrier()
+        final = self.root / name
+        if rank == 0:
+            if final.exists():  # re-saving the same step (after a resume): the old copy goes only now
+                shutil.rmtree(final)
+            os.rename(self.root / tmp_name, final)
+            _atomic_write_text(self.root / LATEST, name + "\n")
+            self._prune(keep=final)
+        _barrier()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        complete = self.complete()
+        for old in complete[: max(0, len(complete) - self.keep_last)]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    # -- resuming ---------------------------------------------------------
+
+    def resolve_resume(self, resume: str) -> Optional[Path]:
+        """The checkpoint to resume from for ``checkpoint.resume`` = 'auto' | 'never' | a path."""
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint.resume={resume!r}: no such checkpoint folder")
+        return path
+
+    def load(self, engine: Any, path: Path) -> dict:
+        """Load the DeepSpeed state and this rank's client state from ``path`` (collective)."""
+        import torch
+
+        rank = _rank()
+        client_file = path / f"client_state_rank{rank:05d}.pt"
+        if not client_file.is_file():
+            present = sorted(p.name for p in path.glob("client_state_rank*.pt"))
+            raise CheckpointError(
+                f"{client_file} is missing ({len(present)} rank file(s) present): the checkpoint was written by a "
+                "different number of ranks; resume with the same world size or set checkpoint.resume=never"
+            )
+        loaded, _ = engine.load_checkpoint(
+            str(path.parent),
+            tag=path.name,
+            load_module_strict=False,  # frozen weights are not in the checkpoint by design
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
+        # weights_only=False: the file holds RNG states (numpy tuples) that we wrote ourselves.
+        return torch.load(client_file, map_location="cpu", weights_only=False)
+
+
+# ---------------------------------------------------------------------------
+# export
+
+
+def export_trainable(model: Any, read_gather: Callable[[list], Any], out_dir: str | os.PathLike) -> Optional[Path]:
+    """Write ``model.export_state_dict()`` (gathered) as safetensors plus ``manifest.json`` (collective).
+
+    Every rank takes part in the gather; rank 0 writes ``out_dir`` atomically
+    (a ``.tmp`` folder renamed over the old export). Returns the folder on rank 0.
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    manifest = model.manifest()
+    named = dict(model.named_parameters())
+    # First pass names the tensors the export needs; gather exactly those (plus every trainable one).
+    names = set(model.export_state_dict().keys())
+    params = [p for n, p in named.items() if n in names or p.requires_grad]
+    with read_gather(params):
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.export_state_dict().items()}
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise CheckpointError(f"export: {len(empty)} tensor(s) are empty after gathering (e.g. {empty[:3]}); a ZeRO-3 parameter was not gathered")
+    if _rank() != 0:
+        _barrier()
+        return None
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    _barrier()
+    return out_dir

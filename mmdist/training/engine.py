@@ -1,0 +1,405 @@
+"""The DeepSpeed engine around an mmdist model: its JSON config, the optimizer, the schedule, ZeRO-3 loading.
+
+Three things live here and nowhere else:
+
+* :func:`deepspeed_config` turns the typed settings into DeepSpeed's JSON. It is
+  the one place where ``micro x accumulation x world = global batch`` is
+  computed; raw ``engine.deepspeed`` keys are merged in, and a raw key that
+  contradicts a typed setting is an error naming both keys (two sources of
+  truth for the batch size or the ZeRO stage is how runs silently diverge).
+* :func:`build_engine` builds the model so that, under ZeRO-3, no rank ever holds
+  the whole frozen LLM: an ``HfDeepSpeedConfig`` is kept alive while the model
+  is built (transformers then wraps ``from_pretrained``/``from_config`` in
+  ``deepspeed.zero.Init``), our own modules are built inside ``zero.Init`` too,
+  and the model receives a ``gather`` callable so stage-1 weights are written
+  into gathered (not empty ``torch.Size([0])``) parameters.
+* The optimizer: AdamW over ``model.trainable_groups()`` only (frozen weights get
+  no optimizer state), one learning rate per group (``train.lr_multipliers``),
+  no weight decay on biases and norms, a ``transformers.get_scheduler`` warmup
+  schedule.
+
+DeepSpeed is imported inside functions only, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from mmdist.config.schema import ConfigError, Problem
+
+__all__ = [
+    "EngineBundle",
+    "batch_layout",
+    "build_engine",
+    "build_optimizer_groups",
+    "deepspeed_config",
+    "enable_frozen_gradient_checkpointing",
+    "gather_for",
+    "total_steps",
+]
+
+
+# ---------------------------------------------------------------------------
+# the DeepSpeed JSON
+
+
+def batch_layout(cfg: Any, world_size: int) -> tuple[int, int, int]:
+    """(global batch, micro batch, gradient accumulation steps) for ``world_size`` ranks; errors name the keys."""
+    global_batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    per_step = micro * world_size
+    if world_size < 1:
+        raise ConfigError([Problem("engine", f"world size must be >= 1, got {world_size}")])
+    if global_batch % per_step:
+        lower = max(per_step, global_batch - global_batch % per_step)
+        raise ConfigError([Problem(
+            "train.global_batch_size",
+            f"{global_batch} is not divisible by train.micro_batch_size={micro} x world size={world_size} "
+            f"(= {per_step} samples per forward pass across ranks); use a multiple of {per_step} "
+            f"(e.g. {lower} or {lower + per_step}) or change train.micro_batch_size",
+        )])
+    return global_batch, micro, global_batch // per_step
+
+
+def _typed_config(cfg: Any, world_size: int) -> tuple[dict, dict[tuple[str, ...], str]]:
+    """The DeepSpeed JSON from the typed settings, and which typed key produced each leaf."""
+    global_batch, micro, accumulation = batch_layout(cfg, world_size)
+    eng, train = cfg.engine, cfg.train
+    source: dict[tuple[str, ...], str] = {}
+    ds: dict[str, Any] = {}
+
+    def put(path: tuple[str, ...], value: Any, key: str) -> None:
+        node = ds
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+        source[path] = key
+
+    put(("train_batch_size",), global_batch, "train.global_batch_size")
+    put(("train_micro_batch_size_per_gpu",), micro, "train.micro_batch_size")
+    put(("gradient_accumulation_steps",), accumulation, "train.global_batch_size")
+    put(("gradient_clipping",), float(train.grad_clip), "train.grad_clip")
+    put(("zero_optimization", "stage"), int(eng.zero_stage), "engine.zero_stage")
+    if eng.offload_optimizer:
+        put(("zero_optimization", "offload_optimizer", "device"), "cpu", "engine.offload_optimizer")
+        put(("zero_optimization", "offload_optimizer", "pin_memory"), True, "engine.offload_optimizer")
+    if eng.offload_params:
+        put(("zero_optimization", "offload_param", "device"), "cpu", "engine.offload_params")
+        put(("zero_optimization", "offload_param", "pin_memory"), True, "engine.offload_params")
+    if eng.zero_stage == 3:
+        # Checkpoints hold the fp32 partitions; the export gathers the trainable weights itself.
+        put(("zero_optimization", "stage3_gather_16bit_weights_on_model_save"), False, "engine.zero_stage")
+    put(("bf16", "enabled"), eng.precision == "bf16", "engine.precision")
+    put(("fp16", "enabled"), eng.precision == "fp16", "engine.precision")
+    if eng.precision == "fp16":
+        # Dynamic loss scaling (loss_scale 0) starting at 2**N; overflowing steps are skipped by DeepSpeed.
+        put(("fp16", "loss_scale"), 0, "engine.precision")
+        put(("fp16", "initial_scale_power"), int(eng.fp16_initial_scale_power), "engine.fp16_initial_scale_power")
+        put(("fp16", "loss_scale_window"), 1000, "engine.precision")
+        put(("fp16", "hysteresis"), 2, "engine.precision")
+        put(("fp16", "min_loss_scale"), 1, "engine.precision")
+    if eng.torch_adam:
+        # A client torch optimizer under ZeRO: DeepSpeed calls it "untested" but it is plain AdamW.
+        put(("zero_allow_untested_optimizer",), True, "engine.torch_adam")
+    else:
+        put(("optimizer", "type"), "AdamW", "engine.torch_adam")
+        put(("optimizer", "params", "lr"), float(train.lr), "train.lr")
+        put(("optimizer", "params", "betas"), [float(b) for b in train.betas], "train.betas")
+        put(("optimizer", "params", "weight_decay"), float(train.weight_decay), "train.weight_decay")
+        put(("optimizer", "params", "eps"), 1e-8, "train.lr")
+    # Our own tqdm bar and metrics file report progress; DeepSpeed's prints would duplicate them.
+    ds["steps_per_print"] = 2**31 - 1
+    ds["wall_clock_breakdown"] = False
+    return ds, source
+
+
+def _leaves(tree: dict, prefix: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for key, value in tree.items():
+        path = prefix + (str(key),)
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, path)
+        else:
+            yield path, value
+
+
+def _merge_into(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge_into(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def deepspeed_config(cfg: Any, world_size: int) -> dict:
+    """DeepSpeed's JSON config for ``cfg`` on ``world_size`` ranks.
+
+    Raw ``engine.deepspeed`` keys are merged over the generated ones. A raw key
+    that sets a different value where a typed setting already decided (the batch
+    size, the ZeRO stage, the precision, ...) is a :class:`ConfigError` naming
+    both keys; the same value is accepted. ``"auto"`` values are not supported:
+    every value here is concrete.
+    """
+    ds, source = _typed_config(cfg, world_size)
+    raw = cfg.engine.deepspeed or {}
+    problems = []
+    typed_leaves = dict(_leaves(ds))
+    for path, value in _leaves(raw):
+        raw_key = "engine.deepspeed." + ".".join(path)
+        # the raw path is a typed leaf, lies below one, or is a prefix of some typed leaves
+        clashes = []
+        for typed_path, typed_value in typed_leaves.items():
+            if typed_path not in source:
+                continue
+            if typed_path == path:
+                if value != typed_value:
+                    clashes.append((typed_path, typed_value))
+            elif path[: len(typed_path)] == typed_path or typed_path[: len(path)] == path:
+                clashes.append((typed_path, typed_value))
+        for typed_path, typed_value in clashes:
+            problems.append(Problem(
+                raw_key,
+                f"{value!r} conflicts with the typed setting {source[typed_path]} "
+                f"(which gives {'.'.join(typed_path)}={typed_value!r}); set {source[typed_path]} instead "
+                f"and drop {raw_key}",
+            ))
+    if problems:
+        raise ConfigError(problems)
+    return _merge_into(ds, raw)
+
+
+def total_steps(cfg: Any) -> int:
+    """Optimizer steps of the run: ``train.max_steps``, or ``train.max_samples`` rounded up to whole steps."""
+    steps = []
+    if cfg.train.max_steps:
+        steps.append(int(cfg.train.max_steps))
+    if cfg.train.max_samples:
+        steps.append(math.ceil(cfg.train.max_samples / cfg.train.global_batch_size))
+    if not steps:
+        raise ConfigError([Problem("train.max_steps", "set train.max_steps or train.max_samples")])
+    return min(steps)
+
+
+# ---------------------------------------------------------------------------
+# optimizer groups
+
+
+_NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm", "embeddings.position", "temperature", "logit_scale")
+
+
+def _no_decay(name: str, param: Any) -> bool:
+    lowered = name.lower()
+    return param.ndim < 2 or any(marker in lowered for marker in _NO_DECAY_MARKERS)
+
+
+def build_optimizer_groups(model: Any, train_cfg: Any) -> list[dict]:
+    """AdamW parameter groups from ``model.trainable_groups()``.
+
+    One group per (module group, decay or not): the learning rate is
+    ``train.lr * train.lr_multipliers[group]`` (default factor 1), biases, norms
+    and 1-D tensors get no weight decay. Only trainable parameters appear;
+    a trainable parameter in no group, a frozen one in a group, or a multiplier
+    for an unknown group is an error (each would silently change what trains).
+    """
+    named = {id(p): n for n, p in model.named_parameters()}
+    groups = model.trainable_groups()
+    problems = []
+    for key in train_cfg.lr_multipliers:
+        if key not in groups:
+            problems.append(Problem(f"train.lr_multipliers.{key}", f"no such parameter group; this model has: {', '.join(sorted(groups)) or 'none'}"))
+    seen: set[int] = set()
+    out = []
+    for group_name, params in groups.items():
+        factor = float(train_cfg.lr_multipliers.get(group_name, 1.0))
+        decay, no_decay = [], []
+        for p in params:
+            name = named.get(id(p), f"{group_name}.<unnamed>")
+            if not p.requires_grad:
+                problems.append(Problem("model", f"trainable_groups()['{group_name}'] holds the frozen parameter {name}"))
+                continue
+            if id(p) in seen:
+                problems.append(Problem("model", f"parameter {name} is in two trainable groups"))
+                continue
+            seen.add(id(p))
+            (no_decay if _no_decay(name, p) else decay).append(p)
+        for params_, wd, suffix in ((decay, train_cfg.weight_decay, ""), (no_decay, 0.0, ".no_decay")):
+            if params_:
+                out.append({
+                    "params": params_,
+                    "lr": train_cfg.lr * factor,
+                    "weight_decay": wd,
+                    "name": group_name + suffix,
+                })
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if missing:
+        problems.append(Problem("model", f"{len(missing)} trainable parameter(s) are in no trainable group (e.g. {missing[:3]}); they would never be updated"))
+    if not out and not problems:
+        problems.append(Problem("model", "the model has no trainable parameters: nothing to train"))
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# gradient checkpointing of the frozen LLM
+
+
+def enable_frozen_gradient_checkpointing(model: Any) -> int:
+    """Recompute the activations of every transformers decoder layer in backward; returns the layer count.
+
+    transformers only checkpoints a layer whose ``training`` flag is set, and the
+    frozen LLM stays in ``eval()`` (dropout off). So each layer's ``forward`` is
+    wrapped in non-reentrant ``torch.utils.checkpoint`` directly: gradients still
+    reach ``inputs_embeds`` (the projector) whether or not the inputs require
+    grad, and ZeRO-3's gather hooks run again during the recompute.
+    """
+    import torch
+    import torch.utils.checkpoint as tcp
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, GradientCheckpointingLayer) or getattr(module, "_mmdist_checkpointed", False):
+            continue
+        inner = module.forward
+
+        def forward(*args: Any, __inner: Callable = inner, **kwargs: Any) -> Any:
+            if torch.is_grad_enabled():
+                if kwargs.get("use_cache"):
+                    kwargs["use_cache"] = False
+                return tcp.checkpoint(__inner, *args, use_reentrant=False, **kwargs)
+            return __inner(*args, **kwargs)
+
+        module.forward = forward
+        module._mmdist_checkpointed = True
+        count += 1
+    return count
+
+
+# ---------------------------------------------------------------------------
+# building the engine
+
+
+def gather_for(zero_stage: int) -> Callable[[list], Any]:
+    """The ``gather`` callable given to the model: a no-op below ZeRO-3, ``GatheredParameters`` at 3."""
+    if zero_stage != 3:
+        return lambda params: contextlib.nullcontext()
+    import deepspeed
+
+    return lambda params: deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
+
+
+def read_gather_for(zero_stage: int) -> Callable[[list], Any]:
+    """Like :func:`gather_for` but read-only (no rank writes back): for exports and hashing."""
+    if zero_stage != 3:
+        return lambda params: contextlib.nullcontext()
+    import deepspeed
+
+    return lambda params: deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+
+@dataclass
+class EngineBundle:
+    """What :func:`build_engine` returns; ``hf_ds_config`` must stay referenced for ZeRO-3 (transformers keeps a weakref)."""
+
+    engine: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    ds_config: dict
+    world_size: int
+    total_steps: int
+    gather: Callable[[list], Any]
+    read_gather: Callable[[list], Any]
+    hf_ds_config: Any = None
+    info: dict = field(default_factory=dict)
+
+
+def _ensure_cpu_accelerator() -> None:
+    """DeepSpeed picks its accelerator at import; without a usable GPU it must be told 'cpu'."""
+    if "DS_ACCELERATOR" in os.environ:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def default_model_builder(cfg: Any, gather: Callable[[list], Any]) -> Any:
+    from mmdist.models import build_model
+
+    return build_model(cfg, gather=gather)
+
+
+def build_engine(
+    cfg: Any,
+    *,
+    world_size: Optional[int] = None,
+    model_builder: Optional[Callable[[Any, Callable], Any]] = None,
+) -> EngineBundle:
+    """Build the model and wrap it in a DeepSpeed engine (the process group must exist).
+
+    ``model_builder(cfg, gather)`` defaults to ``mmdist.models.build_model``;
+    tests pass their own. Under ZeRO-3 the model is built with an
+    ``HfDeepSpeedConfig`` alive and inside ``deepspeed.zero.Init``, so every
+    parameter is partitioned as it is created or loaded.
+    """
+    _ensure_cpu_accelerator()
+    import deepspeed
+    import torch
+    import torch.distributed as tdist
+    from transformers import get_scheduler
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if world_size is None:
+        world_size = tdist.get_world_size() if tdist.is_initialized() else 1
+    ds_config = deepspeed_config(cfg, world_size)
+    steps = total_steps(cfg)
+    zero3 = cfg.engine.zero_stage == 3
+    gather = gather_for(cfg.engine.zero_stage)
+    read_gather = read_gather_for(cfg.engine.zero_stage)
+    builder = model_builder or default_model_builder
+
+    torch.manual_seed(cfg.train.seed)
+    hf_ds_config = None
+    if zero3:
+        # transformers reads this through a weakref: it must outlive from_pretrained (kept in the bundle).
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            model = builder(cfg, gather)
+    else:
+        model = builder(cfg, gather)
+
+    if cfg.stage == "fuse" and cfg.model.llm.gradient_checkpointing:
+        enable_frozen_gradient_checkpointing(model)
+
+    groups = build_optimizer_groups(model, cfg.train)
+    warmup = math.ceil(cfg.train.warmup_ratio * steps)
+
+    def make_scheduler(optimizer: Any) -> Any:
+        return get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+
+    optimizer = None
+    if cfg.engine.torch_adam:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
+    engine, ds_optimizer, _, scheduler = deepspeed.initialize(
+        model=model,
+        model_parameters=groups,
+        optimizer=optimizer,
+        lr_scheduler=make_scheduler,
+        config=ds_config,
+        dist_init_required=False,
+    )
+    info = {
+        "world_size": world_size,
+        "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
+        "warmup_steps": warmup,
+        "optimizer_groups": [(g["name"], sum(p.numel() for p in g["params"]), g["lr"]) for g in groups],
+    }
+    return EngineBundle(engine, model, ds_optimizer, scheduler, ds_config, world_size, steps, gather, read_gather, hf_ds_config, info)

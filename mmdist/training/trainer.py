@@ -1,0 +1,376 @@
+"""The one training loop, for both stages, and the ``mmdist train`` command.
+
+A stage changes the config (which model is built, what trains, which data is
+read, what is loaded), never the loop. :func:`train` reads like the job:
+
+1. join the process group (``mmdist.training.dist``), write the resolved config;
+2. build the engine (model partitioned on load under ZeRO-3) and the loaders;
+3. resume from the run directory's latest checkpoint, if any;
+4. step until the budget (``train.max_steps`` / ``train.max_samples``) is spent:
+   forward, skip non-finite losses, backward, step; log, evaluate, checkpoint;
+5. save the last checkpoint, export the trainable weights, leave the group.
+
+A micro-batch whose loss is NaN/inf on any rank is dropped on every rank before
+the backward pass: it adds no gradient and causes no optimizer update, and the
+step is filled by the next batch. After ``train.max_nonfinite_steps`` of them in
+a row the run stops with :class:`NonFiniteLossError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+__all__ = ["NonFiniteLossError", "cli_main", "train"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many NaN/inf losses in a row: the run cannot continue meaningfully."""
+
+
+def default_loader_builder(cfg: Any, processors: Any, split: str, rank: int, world_size: int) -> Iterable:
+    from mmdist.data import build_loader
+
+    return build_loader(cfg, processors, split, rank, world_size)
+
+
+# ---------------------------------------------------------------------------
+# small helpers
+
+
+def _to_device(batch: dict, device: Any, float_dtype: Any) -> dict:
+    import torch
+
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.is_floating_point() and float_dtype is not None:
+                value = value.to(float_dtype)
+        out[key] = value
+    return out
+
+
+def _batch_size(batch: dict) -> int:
+    for key in ("input_ids", "text_input_ids", "pixel_values", "image_features"):
+        value = batch.get(key)
+        if value is not None and hasattr(value, "shape"):
+            return int(value.shape[0])
+    return 0
+
+
+def _batch_tokens(batch: dict, out: dict) -> int:
+    if "num_tokens" in out:
+        return int(out["num_tokens"])
+    for key in ("attention_mask", "text_attention_mask"):
+        if batch.get(key) is not None:
+            return int(batch[key].sum())
+    return _batch_size(batch)
+
+
+def _fingerprint(batch: dict) -> str:
+    digest = hashlib.sha1()
+    for key in sorted(batch):
+        value = batch[key]
+        if hasattr(value, "detach"):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _all_reduce(values: list[float], device: Any, op: str = "sum") -> list[float]:
+    import torch
+    import torch.distributed as tdist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(tensor, op={"sum": tdist.ReduceOp.SUM, "min": tdist.ReduceOp.MIN, "max": tdist.ReduceOp.MAX}[op])
+    return tensor.tolist()
+
+
+def _seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _Batches:
+    """Endless iteration over a loader: a finished pass starts the next epoch (the loader tracks which)."""
+
+    def __init__(self, loader: Iterable):
+        self.loader = loader
+        self.iterator = None
+
+    def next(self) -> dict:
+        for _ in range(2):
+            if self.iterator is None:
+                self.iterator = iter(self.loader)
+            try:
+                return next(self.iterator)
+            except StopIteration:
+                self.iterator = None
+        raise RuntimeError("the training loader yields no batches: check data.train (every shard empty or filtered out?)")
+
+
+# ---------------------------------------------------------------------------
+# the loop
+
+
+def train(
+    cfg: Any,
+    *,
+    model_builder: Optional[Callable] = None,
+    loader_builder: Optional[Callable] = None,
+    stop_after: Optional[int] = None,
+) -> dict:
+    """Train one stage as ``cfg`` says; returns a summary (steps, losses, paths).
+
+    ``model_builder(cfg, gather)`` and ``loader_builder(cfg, processors, split,
+    rank, world_size)`` default to ``mmdist.models.build_model`` and
+    ``mmdist.data.build_loader``; tests pass small ones. ``stop_after`` ends the
+    run after that many optimizer steps of the configured schedule (with a
+    checkpoint), as a job hitting its time limit would.
+    """
+    from mmdist.training import dist
+
+    env = dist.init(backend=cfg.engine.backend)
+    try:
+        return _train(cfg, env, model_builder, loader_builder or default_loader_builder, stop_after)
+    finally:
+        dist.shutdown()
+
+
+def _train(cfg: Any, env: Any, model_builder: Optional[Callable], loader_builder: Callable, stop_after: Optional[int]) -> dict:
+    import torch
+
+    from mmdist.config import dump_config
+    from mmdist.training.checkpoint import CheckpointManager, capture_rng, export_trainable, restore_rng
+    from mmdist.training.engine import build_engine
+    from mmdist.training.metrics import MetricsLogger, Throughput, flops_per_token, format_parameter_table, measure_peak_flops
+
+    rank, world = env.rank, env.world_size
+    run_dir = Path(cfg.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, run_dir / "config.yaml")
+
+    # 2. engine and data
+    bundle = build_engine(cfg, world_size=world, model_builder=model_builder)
+    engine, model = bundle.engine, bundle.model
+    steps_total = bundle.total_steps
+    accumulation = bundle.ds_config["gradient_accumulation_steps"]
+    float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision)
+    processors = getattr(model, "processors", None)
+    loader = loader_builder(cfg, processors, "train", rank, world)
+    eval_loader = None
+
+    # 3. resume
+    checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+    checkpoints.clean_stale()
+    step, samples_seen, nonfinite_total = 0, 0, 0
+    _seed_everything(cfg.train.seed + rank)
+    resume_from = checkpoints.resolve_resume(cfg.checkpoint.resume)
+    if resume_from is not None:
+        state = checkpoints.load(engine, resume_from)
+        step, samples_seen = int(state["step"]), int(state.get("samples", 0))
+        nonfinite_total = int(state.get("nonfinite_total", 0))
+        if state.get("loader") is not None and hasattr(loader, "load_state_dict"):
+            loader.load_state_dict(state["loader"])
+        restore_rng(state["rng"])
+
+    logger = MetricsLogger(run_dir, cfg.log, enabled=rank == 0, total_steps=steps_total, initial_step=step, run_name=cfg.name)
+    if resume_from is not None:
+        logger.print(f"[mmdist] resumed from {resume_from} at step {step} ({samples_seen} samples seen)")
+    if cfg.log.param_table:
+        logger.print(format_parameter_table(model))
+    logger.print(
+        f"[mmdist] stage={cfg.stage} world={world} steps={steps_total} global_batch={cfg.train.global_batch_size} "
+        f"micro={cfg.train.micro_batch_size} accumulation={accumulation} zero={cfg.engine.zero_stage} precision={cfg.engine.precision}"
+    )
+    peak = cfg.log.peak_flops or (measure_peak_flops(cfg.engine.precision) if rank == 0 else 0.0)
+    throughput = Throughput(flops_per_token(model, cfg.stage), peak * world, steps_total, start_step=step)
+
+    def evaluate() -> Optional[dict]:
+        nonlocal eval_loader
+        if not cfg.data.eval:
+            return None
+        if eval_loader is None:
+            eval_loader = loader_builder(cfg, processors, "eval", rank, world)
+        engine.eval()
+        total, count, batches = 0.0, 0.0, 0
+        with torch.no_grad():
+            for batch in eval_loader:
+                if batches >= cfg.train.eval_batches:
+                    break
+                out = engine(_to_device(batch, engine.device, float_dtype))
+                loss = out["loss"].float()
+                if torch.isfinite(loss):
+                    total, count = total + float(loss), count + 1
+                batches += 1
+        engine.train()
+        total, count = _all_reduce([total, count], engine.device)
+        return {"loss": total / count if count else float("nan"), "batches": batches}
+
+    def save() -> Path:
+        client = {
+            "samples": samples_seen,
+            "nonfinite_total": nonfinite_total,
+            "world_size": world,
+            "rng": capture_rng(),
+            "loader": loader.state_dict() if hasattr(loader, "state_dict") else None,
+        }
+        path = checkpoints.save(engine, step, client)
+        logger.print(f"[mmdist] checkpoint {path}")
+        return path
+
+    # 4. the loop
+    engine.train()
+    batches = _Batches(loader)
+    nonfinite_in_row = 0
+    micro, loss_sum, loss_count, step_samples, step_tokens = 0, 0.0, 0, 0, 0
+    metric_sums: dict[str, float] = {}
+    fingerprints: list[str] = []
+    history: list[dict] = []
+    last_eval: Optional[dict] = None
+    last_checkpoint: Optional[Path] = None
+    end_step = steps_total if stop_after is None else min(steps_total, stop_after)
+    started = time.perf_counter()
+    while step < end_step:
+        batch = batches.next()
+        if cfg.log.data_fingerprint:
+            fingerprints.append(_fingerprint(batch))
+        batch = _to_device(batch, engine.device, float_dtype)
+        out = engine(batch)
+        loss = out["loss"]
+        finite = _all_reduce([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0], engine.device, op="min")[0] > 0
+        if not finite:
+            nonfinite_in_row += 1
+            nonfinite_total += 1
+            logger.print(f"[mmdist] step {step + 1}: non-finite loss ({float(loss)}) on some rank; batch skipped ({nonfinite_in_row} in a row)")
+            logger.log(step, {"nonfinite_loss": 1, "nonfinite_in_row": nonfinite_in_row, "nonfinite_total": nonfinite_total})
+            if nonfinite_in_row >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{nonfinite_in_row} non-finite losses in a row at step {step + 1} (train.max_nonfinite_steps="
+                    f"{cfg.train.max_nonfinite_steps}): lower train.lr, check the data (empty answers, bad images) or use "
+                    "engine.precision=bf16/fp32; the last checkpoint is in " + str(checkpoints.root)
+                )
+            continue
+        engine.backward(loss)
+        engine.step()
+        micro += 1
+        loss_sum += float(loss.detach())
+        loss_count += 1
+        step_samples += _batch_size(batch)
+        step_tokens += _batch_tokens(batch, out)
+        for key, value in (out.get("metrics") or {}).items():
+            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
+        if micro % accumulation:
+            continue
+
+        # an optimizer step happened
+        step += 1
+        nonfinite_in_row = 0
+        reduced = _all_reduce([loss_sum, loss_count, step_samples, step_tokens] + [metric_sums[k] for k in sorted(metric_sums)], engine.device)
+        mean_loss = reduced[0] / max(reduced[1], 1)
+        samples_seen += int(reduced[2])
+        lrs = bundle.scheduler.get_last_lr() if bundle.scheduler is not None else [cfg.train.lr]
+        record = {"loss": mean_loss, "lr": lrs[0], "samples": samples_seen, "nonfinite_total": nonfinite_total}
+        record.update({k: v / max(reduced[1], 1) for k, v in zip(sorted(metric_sums), reduced[4:])})
+        grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        record.update(throughput.update(step, int(reduced[2]), int(reduced[3])))
+        if cfg.log.data_fingerprint:
+            record["data"] = _gathered_fingerprint(fingerprints, engine.device)
+        history.append({"step": step, "loss": mean_loss, "lr": lrs[0], **({"data": record["data"]} if "data" in record else {})})
+        logger.progress(step, record)
+        if step % max(cfg.log.log_every, 1) == 0 or step == end_step or cfg.log.data_fingerprint:
+            logger.log(step, record)
+        micro, loss_sum, loss_count, step_samples, step_tokens = 0, 0.0, 0, 0, 0
+        metric_sums, fingerprints = {}, []
+
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps_total:
+            last_eval = evaluate()
+            if last_eval is not None:
+                logger.log(step, last_eval, prefix="eval")
+                logger.print(f"[mmdist] step {step}: eval loss {last_eval['loss']:.4f}")
+        if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
+            last_checkpoint = save()
+
+    # 5. the end: a final checkpoint, the last evaluation, the export
+    finished = step >= steps_total
+    if step > 0 and (last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}")):
+        last_checkpoint = save()
+    export_dir = None
+    if finished:
+        last_eval = evaluate() or last_eval
+        if last_eval is not None:
+            logger.log(step, last_eval, prefix="eval")
+        if cfg.checkpoint.export:
+            export_dir = export_trainable(model, bundle.read_gather, run_dir / "export")
+            if export_dir is not None:
+                logger.print(f"[mmdist] exported trainable weights to {export_dir}")
+    elapsed = time.perf_counter() - started
+    logger.close()
+    return {
+        "step": step,
+        "finished": finished,
+        "samples": samples_seen,
+        "nonfinite_total": nonfinite_total,
+        "history": history,
+        "eval": last_eval,
+        "checkpoint": str(last_checkpoint) if last_checkpoint else None,
+        "export": str(run_dir / "export") if finished and cfg.checkpoint.export else None,
+        "run_dir": str(run_dir),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "seconds": elapsed,
+    }
+
+
+def _gathered_fingerprint(fingerprints: list[str], device: Any) -> str:
+    """One hash of the step's batches on every rank (rank order), identical on all ranks."""
+    import torch.distributed as tdist
+
+    local = "|".join(fingerprints)
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        gathered: list[Any] = [None] * tdist.get_world_size()
+        tdist.all_gather_object(gathered, local)
+        local = "/".join(gathered)
+    return hashlib.sha1(local.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------
+# mmdist train
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """``mmdist train --config FILE [key.path=value ...]`` (a trailing ``--local_rank=N`` is accepted)."""
+    from mmdist.config import ConfigError, load_config
+    from mmdist.training.dist import strip_local_rank
+
+    argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    parser = argparse.ArgumentParser(prog="mmdist train", description="Train one stage (align or fuse) from a config.")
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/fuse.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 engine.zero_stage=3")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    summary = train(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        loss = summary["history"][-1]["loss"] if summary["history"] else math.nan
+        print(f"[mmdist] done: step {summary['step']}, last loss {loss:.4f}, run dir {summary['run_dir']}")
+    return 0

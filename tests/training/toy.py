@@ -1,0 +1,163 @@
+"""A toy model and loader that follow mmdist's model and loader contracts, for fast engine/trainer tests.
+
+The model has a frozen "backbone" (two Linear layers, as the frozen LLM would be)
+and a trainable "head" in two groups, so freezing, optimizer groups, ZeRO-3
+partitioning, checkpoints without frozen weights and exports can be checked
+in seconds. The loader cuts one global stream of samples into per-rank
+micro-batches such that every optimizer step sees the same global batch for
+any world size, and is checkpointable (state_dict / load_state_dict).
+
+Also a worker entry point: ``python tests/training/toy.py CONFIG_JSON OUT_JSON``
+(run under torchrun) trains with the toy parts and rank 0 writes the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+IN_DIM, HIDDEN, OUT_DIM = 8, 16, 4
+NUM_SAMPLES = 64
+FROZEN_MARK = 0.5  # the frozen backbone's weights are filled with recognisable values
+
+
+class ToyModel(nn.Module):
+    """backbone (frozen) -> head (trainable: 'projector' Linear + 'stage1' LayerNorm/scale)."""
+
+    def __init__(self, gather: Callable = None):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN))
+        self.norm = nn.LayerNorm(HIDDEN)
+        self.projector = nn.Linear(HIDDEN, OUT_DIM)
+        self.processors = None
+        gather = gather or (lambda ps: torch.no_grad())
+        params = list(self.backbone.parameters())
+        with gather(params):
+            with torch.no_grad():
+                for i, p in enumerate(params):
+                    if p.numel():
+                        g = torch.Generator().manual_seed(100 + i)
+                        p.copy_(torch.randn(p.shape, generator=g) * FROZEN_MARK)
+        for p in self.backbone.parameters():
+            p.requires_grad_(False)
+        self.backbone.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()  # frozen modules stay in eval
+        return self
+
+    def forward(self, batch: dict) -> dict:
+        hidden = self.backbone(batch["x"])
+        pred = self.projector(self.norm(hidden))
+        loss = ((pred - batch["y"]) ** 2).mean()
+        if "poison" in batch and bool(batch["poison"].any()):
+            loss = loss * float("nan")
+        return {"loss": loss, "metrics": {"mse": loss.detach()}, "num_tokens": torch.tensor(batch["x"].shape[0])}
+
+    def trainable_groups(self) -> dict:
+        return {"projector": list(self.projector.parameters()), "stage1": list(self.norm.parameters())}
+
+    def export_state_dict(self) -> dict:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def manifest(self) -> dict:
+        return {"stage": "toy", "connector": {"type": "toy", "shapes": {"projector.weight": [OUT_DIM, HIDDEN]}}}
+
+
+def toy_model_builder(cfg: Any, gather: Callable) -> ToyModel:
+    return ToyModel(gather)
+
+
+def sample(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(index % NUM_SAMPLES)
+    x = torch.randn(IN_DIM, generator=g)
+    w = torch.linspace(-1, 1, IN_DIM * OUT_DIM).reshape(IN_DIM, OUT_DIM)
+    return x, torch.tanh(x @ w)
+
+
+class ToyLoader:
+    """Per-rank micro-batches of one global sample stream; ``poison_batches`` marks global batch indices to NaN."""
+
+    def __init__(self, cfg: Any, rank: int, world_size: int, poison_batches: tuple = ()):
+        self.micro = cfg.train.micro_batch_size
+        self.global_batch = cfg.train.global_batch_size
+        self.accumulation = self.global_batch // (self.micro * world_size)
+        self.rank, self.world = rank, world_size
+        self.position = 0  # micro-batches consumed by this rank
+        self.batches_per_epoch = 10**9
+        self.poison = set(poison_batches)
+
+    def __iter__(self):
+        while True:
+            b = self.position
+            step, m = divmod(b, self.accumulation)
+            start = step * self.global_batch + (m * self.world + self.rank) * self.micro
+            xs, ys = zip(*(sample(start + i) for i in range(self.micro)))
+            self.position += 1
+            batch = {"x": torch.stack(xs), "y": torch.stack(ys), "index": torch.arange(start, start + self.micro)}
+            if b in self.poison:
+                batch["poison"] = torch.ones(1)
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+def toy_loader_builder(poison_batches: tuple = ()) -> Callable:
+    def build(cfg: Any, processors: Any, split: str, rank: int, world_size: int) -> ToyLoader:
+        return ToyLoader(cfg, rank, world_size, poison_batches)
+
+    return build
+
+
+def toy_config(run_dir: str, **train_overrides: Any) -> dict:
+    """A RunConfig dict for the toy parts (the model sections are placeholders the toy builder ignores)."""
+    train = {"max_steps": 6, "global_batch_size": 4, "micro_batch_size": 2, "lr": 0.05, "warmup_ratio": 0.0,
+             "lr_scheduler": "constant", "grad_clip": 0.0, "seed": 0}
+    train.update(train_overrides.pop("train", {}))
+    cfg = {
+        "stage": "align",
+        "name": "toy",
+        "run_dir": run_dir,
+        "model": {"text": {"init_config": {"model_type": "bert"}, "tokenizer": "mmdist:tiny-wordpiece"}, "vision": {"init_config": {"model_type": "vit"}}},
+        "data": {"train": [{"shards": ["unused.tar"]}], "num_workers": 0},
+        "train": train,
+        "engine": {"zero_stage": 3, "precision": "fp32", "torch_adam": True, "backend": "gloo"},
+        "checkpoint": {"save_every": 0, "keep_last": 2, "resume": "auto", "export": True},
+        "log": {"log_every": 1, "progress_bar": False, "tensorboard": False, "param_table": False, "peak_flops": 1e9, "data_fingerprint": True},
+    }
+    for key, value in train_overrides.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    from mmdist.config import load_config
+    from mmdist.training.trainer import train
+
+    spec = json.loads(open(argv[0]).read())
+    cfg = load_config(base=spec["config"])
+    summary = train(cfg, model_builder=toy_model_builder, loader_builder=toy_loader_builder(tuple(spec.get("poison", ()))),
+                    stop_after=spec.get("stop_after"))
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(argv[1], "w") as fh:
+            json.dump(summary, fh)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
