@@ -344,8 +344,7 @@ class StreamingLoader:
         self.epoch += 1
         self._in_epoch = False
         self.batches_done = 0
-        self.worker_state = {}
-        self.worker_counts = {}
+        self.worker_state = {}  # bad-sample counts stay readable until the next epoch starts
 
     def _check_bad(self) -> None:
         seen = sum(c[0] for c in self.worker_counts.values())
@@ -427,7 +426,14 @@ def self_check(dataset: ShardStream, processors: Any, num_samples: int) -> list[
         if len(rendered) >= num_samples:
             break
     if not rendered:
-        raise RuntimeError(f"self-check: none of the first samples of {dataset.shards[0].url} could be used (bad samples: {dict(counter.bad)})")
+        reasons = dict(counter.bad)
+        if reasons.get("no_supervised_tokens"):
+            raise RuntimeError(
+                f"self-check: masking leaves no supervised tokens in the first samples of {dataset.shards[0].url} "
+                f"(template={pre.template!r}, max_len={pre.max_len}, bad samples: {reasons}); check data.template, "
+                "data.format, data.max_len and that the samples have assistant answers"
+            )
+        raise RuntimeError(f"self-check: none of the first samples of {dataset.shards[0].url} could be used (bad samples: {reasons})")
     if pre.stage == "align":
         return rendered
     if not any(any(t != IGNORE_INDEX for t in s["labels"]) for s in rendered):

@@ -260,12 +260,17 @@ def read_tar(url: str, counter: Optional[BadSampleCounter] = None) -> Iterator[d
             errors.append(exc)
 
     last_key = "?"
+    pending = None  # held back one step: after a read error the last grouped sample may be incomplete
     try:
         for sample in group_by_keys(members(), handler=handler):
-            last_key = sample["__key__"]
-            yield sample
+            if pending is not None:
+                last_key = pending["__key__"]
+                yield pending
+            pending = sample
     except Exception as exc:  # group_by_keys re-raises tar errors from below
         errors.append(exc)
+    if pending is not None and not errors:
+        yield pending
     if errors and counter is not None:
         counter.add("truncated_tar", url, f"after {last_key}", str(errors[0])[:200], count_as_seen=True)
     elif errors:
