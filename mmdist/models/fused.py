@@ -1,0 +1,244 @@
+"""Stage 2: the fused vision-language model (frozen vision encoder -> stage-1 module -> projector -> frozen LLM).
+
+The LLM is fed ``inputs_embeds``: the embeddings of ``input_ids`` (through
+``llm.get_input_embeddings()``) with the projected image tokens written at
+exactly the positions holding ``image_token_id``. Images fill those positions in
+order of appearance, row by row, so ``pixel_values[i]`` belongs to the i-th image
+placeholder run of the batch. Gradients flow through the frozen LLM into the
+projector (and the stage-1 module when it trains).
+
+The placeholder id is usually added to the tokenizer after the LLM was trained,
+so it may lie beyond the embedding matrix; a frozen LLM is not resized: the
+lookup uses an existing id there, since those rows are overwritten anyway.
+
+Packed rows (``sequence_ids`` in the batch) get a 4-D block-diagonal causal mask
+(additive float, accepted as-is by transformers' eager and sdpa attention) and
+per-sample ``position_ids``, so attention and loss stay inside each sample.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmdist.models.connectors import Projector, pool_tokens
+from mmdist.models.freeze import FrozenAwareModule, Part
+
+
+def block_causal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, T] sample index per token (-1 = padding) -> additive mask [B, 1, T, T] (0 allowed, dtype min blocked).
+
+    A token sees earlier tokens of its own sample. Padding tokens see only
+    themselves, so no attention row is empty (an empty row gives NaN in sdpa).
+    """
+    b, t = sequence_ids.shape
+    same = sequence_ids[:, :, None] == sequence_ids[:, None, :]
+    causal = torch.ones(t, t, dtype=torch.bool, device=sequence_ids.device).tril()
+    allowed = same & causal & (sequence_ids[:, None, :] >= 0)
+    allowed |= torch.eye(t, dtype=torch.bool, device=sequence_ids.device)
+    mask = torch.zeros(b, 1, t, t, dtype=dtype, device=sequence_ids.device)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+
+
+class FusedVLM(FrozenAwareModule):
+    """Stage-2 model. ``forward(batch) -> {loss, metrics, num_tokens}``; ``generate(...)`` for inference."""
+
+    def __init__(self, cfg: Any, processors: Any, vision: nn.Module, llm: nn.Module, stage1: Optional[nn.Module] = None):
+        super().__init__()
+        conn = cfg.model.connector
+        self.cfg = cfg
+        self.processors = processors
+        self.vision = vision
+        self.stage1 = stage1
+        llm_dim = int(llm.get_input_embeddings().weight.shape[1])
+        in_dim = stage1.out_dim if stage1 is not None else vision.hidden_size
+        self.projector = Projector(in_dim, llm_dim, conn.projector_layers)
+        self.llm = llm
+        self.num_image_tokens = stage1.num_tokens if stage1 is not None else (conn.image_tokens or vision.num_tokens)
+        self.image_token_id = int(processors.image_token_id)
+        rows = int(llm.get_input_embeddings().weight.shape[0])
+        pad = getattr(processors.tokenizer, "pad_token_id", None)
+        fallback = pad if pad is not None and pad < rows else 0
+        # The id used for the embedding lookup at placeholder positions (overwritten afterwards).
+        self.lookup_id = self.image_token_id if self.image_token_id < rows else int(fallback)
+        self.apply_policy()
+        if cfg.model.llm.gradient_checkpointing:
+            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(llm, "enable_input_require_grads"):
+                pass  # inputs_embeds already carry the projector's grad
+
+    def parts(self) -> list[Part]:
+        m = self.cfg.model
+        return [
+            Part("vision", trainable=not m.vision.freeze, dtype=m.vision.dtype),
+            Part("stage1", trainable=m.connector.train_stage1_module, dtype="fp32"),
+            Part("projector", trainable=True, dtype="fp32"),
+            Part("llm", trainable=not m.llm.freeze, dtype=m.llm.dtype),
+        ]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # HF only recomputes activations in train mode: a frozen LLM with gradient
+        # checkpointing follows the wrapper's mode with its dropout layers kept off.
+        if self.cfg.model.llm.gradient_checkpointing and self.cfg.model.llm.freeze:
+            self.llm.train(mode)
+            for module in self.llm.modules():
+                if isinstance(module, nn.Dropout):
+                    module.eval()
+        return self
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        groups: dict[str, list[nn.Parameter]] = {"projector": [p for p in self.projector.parameters() if p.requires_grad]}
+        if self.stage1 is not None:
+            groups["stage1"] = [p for p in self.stage1.parameters() if p.requires_grad]
+        lora = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" in n]
+        if lora:
+            groups["lora"] = lora
+        if not self.cfg.model.llm.freeze:
+            groups["llm"] = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" not in n]
+        if not self.cfg.model.vision.freeze:
+            groups["vision"] = [p for p in self.vision.parameters() if p.requires_grad]
+        return {k: v for k, v in groups.items() if v}
+
+    # -- images -----------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Frozen vision features [N, tokens, D] (what the feature cache stores)."""
+        return self.vision(pixel_values)
+
+    def image_embeddings(self, pixel_values: Optional[torch.Tensor] = None,
+                         image_features: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Images -> [N, num_image_tokens, llm_dim] in the projector's dtype, or None without images."""
+        if image_features is None:
+            if pixel_values is None or pixel_values.shape[0] == 0:
+                return None
+            if self.cfg.model.vision.freeze:
+                with torch.no_grad():
+                    image_features = self.vision(pixel_values)
+            else:
+                image_features = self.vision(pixel_values)
+        elif image_features.shape[0] == 0:
+            return None
+        if self.stage1 is not None:
+            tokens = self.stage1.image_tokens_of(image_features)
+        else:
+            tokens = pool_tokens(image_features, self.cfg.model.connector.image_tokens)
+        return self.projector(tokens)
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor]) -> torch.Tensor:
+        """inputs_embeds [B, T, H]: token embeddings with image tokens written at the placeholder positions."""
+        embedding = self.llm.get_input_embeddings()
+        is_image = input_ids == self.image_token_id
+        embeds = embedding(input_ids.masked_fill(is_image, self.lookup_id))
+        found = int(is_image.sum())
+        images = 0 if image_embeds is None else image_embeds.shape[0]
+        expected = images * self.num_image_tokens
+        if found != expected:
+            raise ValueError(
+                f"the batch has {found} image placeholder tokens (id {self.image_token_id}) but {images} image(s) x "
+                f"{self.num_image_tokens} tokens = {expected}; each image must expand to exactly num_image_tokens "
+                f"placeholders and pixel_values/image_features must hold one entry per image, in order"
+            )
+        if images:
+            if image_embeds.shape[1] != self.num_image_tokens:
+                raise ValueError(f"image embeddings have {image_embeds.shape[1]} tokens, expected {self.num_image_tokens}")
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+        return embeds
+
+    # -- training ---------------------------------------------------------
+
+    def _llm_inputs(self, batch: dict) -> dict:
+        input_ids = batch["input_ids"]
+        image_embeds = self.image_embeddings(batch.get("pixel_values"), batch.get("image_features"))
+        embeds = self.embed(input_ids, image_embeds)
+        inputs: dict[str, Any] = {"inputs_embeds": embeds, "use_cache": False}
+        if batch.get("sequence_ids") is not None:
+            inputs["attention_mask"] = block_causal_mask(batch["sequence_ids"], embeds.dtype)
+        elif batch.get("attention_mask") is not None:
+            inputs["attention_mask"] = batch["attention_mask"]
+        if batch.get("position_ids") is not None:
+            inputs["position_ids"] = batch["position_ids"]
+        return inputs
+
+    def token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-target-token loss [B, T-1] with 0 where not supervised, supervised mask [B, T-1])."""
+        logits = self.llm(**self._llm_inputs(batch)).logits
+        labels = batch["labels"][:, 1:]
+        supervised = labels != -100
+        if batch.get("sequence_ids") is not None:  # never predict across a packed-sample boundary
+            seq = batch["sequence_ids"]
+            supervised &= seq[:, 1:] == seq[:, :-1]
+        logits = logits[:, :-1].float()
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.masked_fill(~supervised, 0).reshape(-1),
+                                 reduction="none").view_as(labels)
+        return losses * supervised, supervised
+
+    @staticmethod
+    def _has_images(batch: dict) -> bool:
+        for key in ("image_features", "pixel_values"):
+            if batch.get(key) is not None and batch[key].shape[0] > 0:
+                return True
+        return False
+
+    def forward(self, batch: dict) -> dict:
+        losses, supervised = self.token_losses(batch)
+        num_tokens = supervised.sum()
+        loss = losses.sum() / num_tokens.clamp(min=1)
+        if not self._has_images(batch):
+            # A text-only batch: tie the loss to every trainable parameter with weight 0,
+            # so backward works and every rank produces (zero) gradients for the same tensors.
+            loss = loss + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
+        return {"loss": loss, "num_tokens": num_tokens, "metrics": {"lm": loss.detach(), "tokens": num_tokens.detach().float()}}
+
+    @torch.no_grad()
+    def sample_losses(self, batch: dict) -> list[float]:
+        """Mean loss of every sample (packed samples separated by sequence_ids), row by row."""
+        losses, supervised = self.token_losses(batch)
+        seq = batch.get("sequence_ids")
+        out = []
+        for row in range(losses.shape[0]):
+            ids = seq[row, 1:] if seq is not None else torch.zeros_like(losses[row], dtype=torch.long)
+            for sample in torch.unique(ids[supervised[row]]).tolist():
+                sel = supervised[row] & (ids == sample)
+                out.append(float(losses[row][sel].sum() / sel.sum()))
+        return out
+
+    # -- inference --------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                 pixel_values: Optional[torch.Tensor] = None, image_features: Optional[torch.Tensor] = None,
+                 max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
+        """Greedy (unless kwargs say otherwise) generation from inputs_embeds; returns only the new token ids.
+
+        Batched prompts must be left-padded (attention_mask 0 on the left).
+        """
+        embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        tok = self.processors.tokenizer
+        kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        if kwargs["do_sample"] is False:
+            kwargs.setdefault("temperature", None)
+            kwargs.setdefault("top_p", None)
+            kwargs.setdefault("top_k", None)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+
+    # -- export -----------------------------------------------------------
+
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """Trainable weights by name (projector, stage-1 module when it trains, merged LoRA deltas are handled by build)."""
+        out = {f"projector.{k}": v.detach().cpu() for k, v in self.projector.state_dict().items()}
+        if self.stage1 is not None:
+            out.update({f"stage1.{k}": v.detach().cpu() for k, v in self.stage1.state_dict().items()})
+        return out
+
+    def manifest(self) -> dict:
+        from mmdist.models.manifest import build_manifest
+
+        return build_manifest(self.cfg, self)

@@ -1,0 +1,180 @@
+"""Tiny models and tokenizers built entirely in code, for tests, CPU smoke runs and benchmarks.
+
+Nothing here downloads anything. The tokenizers are named by the special
+values ``mmdist:tiny-bytes`` (a byte-level BPE with no merges, for the tiny LLM)
+and ``mmdist:tiny-wordpiece`` (a character WordPiece, for the tiny BERT text
+encoder), so a config file can point at them and every process (data workers,
+other ranks) rebuilds the identical tokenizer without shared files.
+
+Other helpers import the factories: ``tiny_llm_config()``, ``tiny_vision_config()``,
+``tiny_text_config()`` (settings dicts) and ``tiny_run_config(stage)`` (a whole
+RunConfig dict for stage ``align`` or ``fuse``).
+"""
+
+from __future__ import annotations
+
+import copy
+import string
+from typing import Any, Optional
+
+TINY_BYTES = "mmdist:tiny-bytes"
+TINY_WORDPIECE = "mmdist:tiny-wordpiece"
+
+# ChatML, as SmolLM2/Qwen use, so chat-template code paths run on the tiny tokenizer too.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_byte_tokenizer():
+    """Byte-level tokenizer: 256 byte tokens + <|im_start|>, <|im_end|>, <|pad|> (259 ids)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|pad|>"
+    )
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
+
+
+def tiny_wordpiece_tokenizer():
+    """Character WordPiece tokenizer with BERT's special tokens (lower-cased ASCII text)."""
+    from transformers import BertTokenizer
+
+    chars = string.ascii_lowercase + string.digits
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(chars + ".,!?'-:;()") + ["##" + c for c in chars]
+    return BertTokenizer(vocab={t: i for i, t in enumerate(vocab)})
+
+
+def builtin_tokenizer(name: str):
+    """The tokenizer for a ``mmdist:`` name, or None if ``name`` is not one."""
+    if name == TINY_BYTES:
+        return tiny_byte_tokenizer()
+    if name == TINY_WORDPIECE:
+        return tiny_wordpiece_tokenizer()
+    if name.startswith("mmdist:"):
+        raise ValueError(f"unknown built-in tokenizer {name!r}; known: {TINY_BYTES}, {TINY_WORDPIECE}")
+    return None
+
+
+# ---------------------------------------------------------------------------
+# settings dicts
+
+
+def tiny_llm_config(**overrides: Any) -> dict:
+    """model.llm settings for a 2-layer llama-type LLM (hidden 64), fp32, with the byte tokenizer.
+
+    vocab_size equals the tokenizer's 259 ids, so the added image placeholder is
+    *outside* the embedding matrix: this exercises the no-resize path.
+    """
+    cfg = {
+        "init_config": {
+            "model_type": "llama",
+            "vocab_size": 259,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": True,
+            "bos_token_id": 257,
+            "eos_token_id": 258,
+            "pad_token_id": 256,
+        },
+        "tokenizer": TINY_BYTES,
+        "dtype": "fp32",
+        "attn_implementation": "sdpa",
+    }
+    return _merge(cfg, overrides)
+
+
+def tiny_vision_config(**overrides: Any) -> dict:
+    """model.vision settings for a 2-layer HF ViT (hidden 32, 16x16 images, 4x4 patches = 16 patch tokens)."""
+    cfg = {
+        "source": "hf",
+        "init_config": {
+            "model_type": "vit",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 16,
+            "patch_size": 4,
+            "num_channels": 3,
+        },
+        "init_seed": 0,
+        "select_layer": -1,
+        "select_tokens": "patch",
+        "dtype": "fp32",
+    }
+    return _merge(cfg, overrides)
+
+
+def tiny_text_config(**overrides: Any) -> dict:
+    """model.text settings for a 2-layer BERT (hidden 32) with the character WordPiece tokenizer."""
+    vocab_size = len(tiny_wordpiece_tokenizer())
+    cfg = {
+        "init_config": {
+            "model_type": "bert",
+            "vocab_size": vocab_size,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 64,
+        },
+        "tokenizer": TINY_WORDPIECE,
+        "max_length": 32,
+        "dtype": "fp32",
+    }
+    return _merge(cfg, overrides)
+
+
+def tiny_run_config(stage: str = "fuse", connector: str = "mlp", **overrides: Any) -> dict:
+    """A whole RunConfig dict with tiny models for ``stage`` ('align' or 'fuse').
+
+    ``connector`` is 'linear', 'mlp' or 'qformer' (qformer in align trains the text
+    encoder). The data source points at a placeholder shard pattern; data tests
+    override ``data.train``. ``overrides`` are merged in as a nested dict.
+    """
+    text = tiny_text_config(freeze=connector != "qformer")
+    cfg: dict = {
+        "stage": stage,
+        "name": f"tiny-{stage}",
+        "run_dir": "runs/tiny",
+        "model": {
+            "vision": tiny_vision_config(),
+            "text": text,
+            "connector": {
+                "type": connector,
+                "align_dim": 32,
+                "projector_layers": 2,
+                "qformer": {"num_queries": 4, "num_layers": 2, "hidden_size": 32, "num_heads": 4, "cross_attention_every": 1},
+            },
+        },
+        "data": {"train": [{"shards": ["data/tiny-{000000..000001}.tar"]}], "max_len": 128, "num_workers": 0},
+        "train": {"max_steps": 2, "global_batch_size": 4, "micro_batch_size": 2, "lr": 1e-3},
+        "engine": {"zero_stage": 0, "precision": "fp32", "torch_adam": True, "backend": "gloo"},
+    }
+    if stage == "fuse":
+        cfg["model"]["llm"] = tiny_llm_config()
+    return _merge(cfg, overrides)
+
+
+def _merge(base: dict, overrides: Optional[dict]) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

@@ -1,0 +1,59 @@
+"""Freeze policy: only trainable modules get gradients; frozen weights stay bit-identical through AdamW steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import align_batch, fuse_batch, make_model
+
+from mmdist.models.freeze import param_table
+
+
+@pytest.mark.parametrize("stage", ["align", "fuse"])
+def test_only_trainable_modules_get_grads_and_frozen_weights_stay_identical(stage):
+    model = make_model(stage)
+    model.train()
+    batch = align_batch(model) if stage == "align" else fuse_batch(model)
+    trainable = {id(p) for ps in model.trainable_groups().values() for p in ps}
+    assert trainable, "no trainable parameters"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW([p for ps in model.trainable_groups().values() for p in ps], lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        out = model(batch)
+        out["loss"].backward()
+        for name, p in model.named_parameters():
+            if id(p) in trainable:
+                assert p.requires_grad
+            else:
+                assert not p.requires_grad and p.grad is None, f"frozen {name} got a gradient"
+        optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    for name, p in model.named_parameters():
+        if id(p) in trainable:
+            assert name in changed or name.endswith("logit_scale"), f"trainable {name} did not change"
+        else:
+            assert name not in changed, f"frozen {name} changed"
+    # Frozen parts stay in eval mode although the wrapper is in train mode.
+    assert model.training and not model.vision.training
+    if stage == "fuse":
+        assert not model.llm.training and model.projector.training
+    else:
+        assert not model.text.training and model.stage1.training
+
+
+def test_frozen_parts_take_the_configured_dtype_trainable_stay_fp32():
+    model = make_model("fuse", model={"llm": {"dtype": "bf16"}, "vision": {"dtype": "bf16"}})
+    assert all(p.dtype == torch.bfloat16 for p in model.llm.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in model.vision.parameters())
+    assert all(p.dtype == torch.float32 for p in model.projector.parameters())
+    out = model(fuse_batch(model))
+    out["loss"].backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.projector.parameters())
+    table = param_table(model)
+    lines = {line.split()[0]: line.split() for line in table.splitlines() if line and not line.startswith("-")}
+    assert lines["llm"][2] == "0" and lines["llm"][3] == "bf16" and lines["llm"][4] == "eval"
+    n_proj = sum(p.numel() for p in model.projector.parameters())
+    assert lines["projector"][1] == lines["projector"][2] == f"{n_proj:,}" and lines["projector"][3] == "fp32"
+    total = sum(p.numel() for p in model.parameters())
+    assert lines["total"][1] == f"{total:,}"
