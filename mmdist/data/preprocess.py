@@ -213,7 +213,7 @@ class Preprocessor:
     def _align(self, sample: dict, n_images: int) -> dict:
         if n_images != 1:
             raise BadSample("align_needs_one_image", f"stage align needs exactly one image, sample has {n_images}")
-        if sample["text"] is not None and not (isinstance(sample["json"], dict) and "conversations" in sample["json"]):
+        if sample["text"] is not None:  # a caption wins over a conversation's answers
             caption = sample["text"].replace(self.image_token, "").strip()
         elif isinstance(sample["json"], dict) and "conversations" in sample["json"]:
             turns = sample["json"]["conversations"]

@@ -16,13 +16,15 @@ metadata (mtime 0, uid 0), so the same input gives byte-identical shards.
 
 from __future__ import annotations
 
+import argparse
+import csv
 import io
 import json
 import logging
 import os
 import tarfile
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -181,3 +183,193 @@ def png_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", optimize=False)
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------
+# sources
+
+
+def _safe_key(raw: str, index: int) -> str:
+    key = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(raw))
+    return key or f"sample{index:09d}"
+
+
+def _image_member(path: Path) -> tuple[str, bytes]:
+    """(extension, bytes) of an image file; formats other than jpg/png/webp are re-encoded as PNG."""
+    ext = path.suffix.lower().lstrip(".")
+    data = path.read_bytes()
+    if ext == "jpeg":
+        ext = "jpg"
+    if ext in IMAGE_EXTS:
+        return ext, data
+    with Image.open(io.BytesIO(data)) as img:
+        return "png", png_bytes(img.convert("RGB"))
+
+
+def llava_samples(json_path: str | os.PathLike, image_root: str | os.PathLike) -> Iterator[dict]:
+    """Samples from a LLaVA JSON list ({id, image (path or list), conversations}); images read from image_root."""
+    try:
+        records = json.loads(Path(json_path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read LLaVA JSON {json_path}: {exc}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{json_path}: expected a JSON list of samples, got {type(records).__name__}")
+    used: set[str] = set()
+    for i, rec in enumerate(records):
+        key = _safe_key(rec.get("id", i) if isinstance(rec, dict) else i, i)
+        if key in used:
+            key = f"{key}_{i}"
+        used.add(key)
+        if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+            yield {"__skip__": "missing_keys", "__key__": key, "__detail__": "no 'conversations' list"}
+            continue
+        images = rec.get("image") or []
+        images = [images] if isinstance(images, str) else list(images)
+        sample: dict = {"__key__": key, "json": {"conversations": rec["conversations"]}}
+        try:
+            for j, name in enumerate(images):
+                ext, data = _image_member(Path(image_root) / name)
+                sample[f"{j}.{ext}" if len(images) > 1 else ext] = data
+        except FileNotFoundError as exc:
+            yield {"__skip__": "missing_image", "__key__": key, "__detail__": str(exc)}
+            continue
+        except Exception as exc:
+            yield {"__skip__": "corrupt_image", "__key__": key, "__detail__": str(exc)[:200]}
+            continue
+        yield sample
+
+
+def _read_captions(path: Path) -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    image_keys, text_keys = ("image", "file", "filename", "path"), ("caption", "text", "txt")
+
+    def pick(row: dict, keys: Sequence[str], what: str, where: str) -> str:
+        for k in keys:
+            if k in row and row[k] not in (None, ""):
+                return str(row[k])
+        raise ValueError(f"{where}: no {what} column (one of {', '.join(keys)})")
+
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="", encoding="utf-8") as fh:
+            for n, row in enumerate(csv.DictReader(fh), start=2):
+                rows.append((pick(row, image_keys, "image", f"{path}:{n}"), pick(row, text_keys, "caption", f"{path}:{n}")))
+    else:
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if line.strip():
+                row = json.loads(line)
+                rows.append((pick(row, image_keys, "image", f"{path}:{n}"), pick(row, text_keys, "caption", f"{path}:{n}")))
+    return rows
+
+
+def folder_samples(image_dir: str | os.PathLike, captions: str | os.PathLike) -> Iterator[dict]:
+    """Caption samples from an image folder and a CSV (columns image/file + caption/text) or JSONL file."""
+    for i, (name, caption) in enumerate(_read_captions(Path(captions))):
+        key = _safe_key(Path(name).stem, i)
+        try:
+            ext, data = _image_member(Path(image_dir) / name)
+        except FileNotFoundError as exc:
+            yield {"__skip__": "missing_image", "__key__": key, "__detail__": str(exc)}
+            continue
+        except Exception as exc:
+            yield {"__skip__": "corrupt_image", "__key__": key, "__detail__": str(exc)[:200]}
+            continue
+        yield {"__key__": f"{key}_{i:06d}", ext: data, "txt": caption}
+
+
+def demo_split(n: int) -> tuple[list[int], list[int]]:
+    """The fixed demo split by index: every DEMO_EVAL_EVERY-th digit is held out (train, eval index lists)."""
+    eval_idx = [i for i in range(n) if i % DEMO_EVAL_EVERY == 0]
+    train_idx = [i for i in range(n) if i % DEMO_EVAL_EVERY != 0]
+    return train_idx, eval_idx
+
+
+def demo_samples(indices: Sequence[int], image_size: int = 28) -> Iterator[dict]:
+    """Digits as PNG (grey on black, upscaled), a caption, and a question/answer conversation."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in indices:
+        pixels = (digits.images[i] / 16.0 * 255.0).clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels, mode="L").resize((image_size, image_size), Image.BICUBIC).convert("RGB")
+        name = DIGIT_NAMES[int(digits.target[i])]
+        yield {
+            "__key__": f"digit{i:05d}",
+            "png": png_bytes(image),
+            "txt": f"a handwritten digit {name}",
+            "json": {"conversations": [{"from": "human", "value": "<image>\nWhat digit is this?"}, {"from": "gpt", "value": name}],
+                     "label": int(digits.target[i]), "index": int(i)},
+        }
+
+
+def write_demo_shards(out_dir: str | os.PathLike, image_size: int = 28, samples_per_shard: int = 200, overwrite: bool = False,
+                      limit: Optional[int] = None) -> dict[str, WriteSummary]:
+    """Write the demo digits as ``out_dir/train`` and ``out_dir/eval`` shards (the eval split is never trained on).
+
+    Returns {"train": summary, "eval": summary}; shard patterns are ``train/train-*.tar`` and ``eval/eval-*.tar``.
+    """
+    from sklearn.datasets import load_digits
+
+    n = len(load_digits().target)
+    train_idx, eval_idx = demo_split(n)
+    if limit is not None:
+        train_idx, eval_idx = train_idx[:limit], eval_idx[: max(1, limit // 4)]
+    out = Path(out_dir)
+    result = {}
+    for split, idx in (("train", train_idx), ("eval", eval_idx)):
+        result[split] = write_shards(demo_samples(idx, image_size), out / split, prefix=split, samples_per_shard=samples_per_shard,
+                                     overwrite=overwrite)
+    return result
+
+
+def shard_pattern(summary: WriteSummary) -> str:
+    """A brace pattern covering the shards a writer produced."""
+    if not summary.shards:
+        raise ValueError(f"no shards were written under {summary.out_dir}")
+    first = Path(summary.shards[0])
+    prefix = first.name.rsplit("-", 1)[0]
+    return str(first.parent / f"{prefix}-{{000000..{len(summary.shards) - 1:06d}}}.tar")
+
+
+# ---------------------------------------------------------------------------
+# CLI
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """``mmdist shard {demo,llava,folder} --out DIR ...``: write shards, print a summary; exit 2 if shards exist."""
+    parser = argparse.ArgumentParser(prog="mmdist shard", description="Write WebDataset shards with sizes.json.")
+    sub = parser.add_subparsers(dest="source", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="output folder")
+    common.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar file")
+    common.add_argument("--overwrite", action="store_true", help="replace existing shards in the output folder")
+    common.add_argument("--prefix", default="shard", help="shard file prefix (demo: train/eval)")
+    demo = sub.add_parser("demo", parents=[common], help="scikit-learn digits: train/ and held-out eval/ shards")
+    demo.add_argument("--image-size", type=int, default=28, help="side of the upscaled PNG digits")
+    demo.set_defaults(samples_per_shard=200)
+    demo.add_argument("--limit", type=int, default=None, help="only the first N training digits (quick runs)")
+    llava = sub.add_parser("llava", parents=[common], help="a LLaVA JSON list + an image root")
+    llava.add_argument("--json", required=True, help="LLaVA JSON file (list of {id, image, conversations})")
+    llava.add_argument("--images", required=True, help="folder the 'image' paths are relative to")
+    folder = sub.add_parser("folder", parents=[common], help="an image folder + CSV/JSONL captions")
+    folder.add_argument("--images", required=True, help="image folder")
+    folder.add_argument("--captions", required=True, help="CSV (image,caption columns) or JSONL ({image, caption})")
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        if args.source == "demo":
+            summaries = write_demo_shards(args.out, args.image_size, args.samples_per_shard, args.overwrite, args.limit)
+            for split, summary in summaries.items():
+                print(f"{split}: {summary}")
+            return 0
+        samples = llava_samples(args.json, args.images) if args.source == "llava" else folder_samples(args.images, args.captions)
+        summary = write_shards(samples, args.out, args.prefix, args.samples_per_shard, args.overwrite)
+    except ShardsExist as exc:
+        print(f"error: {exc}")
+        return 2
+    except ValueError as exc:
+        print(f"error: {exc}")
+        return 1
+    print(summary)
+    print(f"shards: {shard_pattern(summary)}" if summary.shards else "no shards written")
+    return 0
