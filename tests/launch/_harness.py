@@ -1,0 +1,97 @@
+"""Shared pieces of the launcher tests: the training command, its environment, and checks of a run folder.
+
+Every launcher runs the same thing: ``launch/train.py --config configs/tiny_fuse.yaml``
+with ZeRO-3, two CPU ranks over gloo, a few steps, one checkpoint. Only the
+command in front differs. ``MMDIST_TEST_TRAIN_SCRIPT`` / ``MMDIST_TEST_TRAIN_CONFIG``
+point the tests at another entry point (used while developing the launch side
+before the trainer existed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_SCRIPT = Path(os.environ.get("MMDIST_TEST_TRAIN_SCRIPT", REPO / "launch" / "train.py"))
+TRAIN_CONFIG = Path(os.environ.get("MMDIST_TEST_TRAIN_CONFIG", REPO / "configs" / "tiny_fuse.yaml"))
+# Variables of an enclosing launch that must not leak into the one under test.
+_LAUNCH_VARS = re.compile(r"^(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|LOCAL_SIZE|MASTER_ADDR|MASTER_PORT|CROSS_\w+|"
+                          r"TORCHELASTIC_\w+|GROUP_RANK|OMPI_\w+|PMI_\w+|PMIX_\w+|MPI_LOCAL\w+|HYDRA_\w+|SLURM_\w+)$")
+
+
+def require_entry() -> None:
+    missing = [str(p) for p in (TRAIN_SCRIPT, TRAIN_CONFIG) if not p.exists()]
+    if missing:
+        pytest.skip(f"training entry point not present: {', '.join(missing)}")
+
+
+def train_args(run_dir: Path, steps: int, save_every: int, *extra: str) -> list[str]:
+    """Arguments after the script: the tiny recipe, ZeRO-3, metrics for every step, checkpoints every N."""
+    return ["--config", str(TRAIN_CONFIG), f"run_dir={run_dir}", f"train.max_steps={steps}", "engine.zero_stage=3",
+            f"checkpoint.save_every={save_every}", "checkpoint.keep_last=2", "log.log_every=1", "log.progress_bar=false",
+            "log.tensorboard=false", "log.param_table=false", *extra]
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not _LAUNCH_VARS.match(k)}
+    env.update({
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])),
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MMDIST_DIST_TIMEOUT": "120",
+    })
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], timeout: float, **env: str) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, cwd=REPO, env=environment(**env), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        pytest.fail(f"{' '.join(cmd[:4])} ... hung: no exit within {timeout:.0f} s. Output tail:\n{out[-3000:]}")
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    assert path.exists(), f"no {path}"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("split") == "train" and "loss" in r]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.exists():
+        return None
+    return run_dir / "checkpoints" / pointer.read_text().strip()
+
+
+def check_run(run_dir: Path, steps: int, output: str, world_size: int = 2) -> list[float]:
+    """Assert a finished run: every step logged with a finite loss, loss went down, a checkpoint and export."""
+    assert f"world={world_size}" in output, f"the run did not report world={world_size}:\n{output[-3000:]}"
+    records = train_records(run_dir)
+    by_step = {r["step"]: r["loss"] for r in records}
+    assert sorted(by_step) == list(range(1, steps + 1)), f"logged steps {sorted(by_step)}"
+    losses = [by_step[s] for s in range(1, steps + 1)]
+    assert all(math.isfinite(x) for x in losses), losses
+    half = max(len(losses) // 2, 1)
+    assert sum(losses[-half:]) / half < sum(losses[:half]) / half, f"loss did not decrease: {losses}"
+    ckpt = latest_checkpoint(run_dir)
+    assert ckpt is not None and ckpt.is_dir(), f"no complete checkpoint under {run_dir / 'checkpoints'}"
+    assert ckpt.name.endswith(f"{steps:06d}"), f"latest checkpoint {ckpt.name} is not the final step {steps}"
+    assert any(f.stat().st_size > 0 for f in ckpt.rglob("*") if f.is_file()), f"{ckpt} holds no data"
+    assert (run_dir / "config.yaml").exists()
+    return losses
+
+
+def python() -> str:
+    return sys.executable
