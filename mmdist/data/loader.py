@@ -451,19 +451,26 @@ def self_check(dataset: ShardStream, processors: Any, num_samples: int) -> list[
     for s in rendered:
         count = sum(1 for t in s["input_ids"] if t == image_id)
         n_img = s["num_images"]
-        images = len(s.get("pixel_values", [])) if "pixel_values" in s else int(s["image_features"].shape[0])
+        if "pixel_values" in s:
+            images = len(s["pixel_values"])
+        else:
+            images = int(s["image_features"].shape[0]) if "image_features" in s else 0
         if count != n_img * n_tok or images != n_img:
             raise RuntimeError(
                 f"self-check: sample {s['key']} has {count} image tokens for {images} image(s); expected "
                 f"{n_img} x num_image_tokens={n_tok}. The image token count does not match the encoder's"
             )
-        if "image_features" in s and n_img and int(s["image_features"].shape[1]) != n_tok and getattr(processors, "features_are_tokens", True):
-            log.info("self-check: cached features have %d tokens per image, the LLM gets %d (the connector pools)", s["image_features"].shape[1], n_tok)
     return rendered
 
 
-def build_loader(cfg: Any, processors: Any, split: str = "train", rank: int = 0, world_size: int = 1) -> StreamingLoader:
-    """The loader of ``split`` ('train' or 'eval') for one rank (see the module docstring)."""
+def build_loader(cfg: Any, processors: Any, split: str = "train", rank: int = 0, world_size: int = 1, *,
+                 feature_key: Optional[dict] = None) -> StreamingLoader:
+    """The loader of ``split`` ('train' or 'eval') for one rank (see the module docstring).
+
+    With ``data.feature_cache`` set, batches carry ``image_features`` read from the
+    cache instead of ``pixel_values``; the cache's key must match this run's
+    (``feature_key`` overrides the encoder part, default ``processors.identity``).
+    """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', not {split!r}")
     if not 0 <= rank < world_size:
@@ -475,7 +482,7 @@ def build_loader(cfg: Any, processors: Any, split: str = "train", rank: int = 0,
     if use_features:
         from mmdist.data.cache import cache_sources
 
-        sources = cache_sources(cfg, processors, split)
+        sources = cache_sources(cfg, processors, split, feature_key)
     else:
         sources = _sources(cfg, split, mode)
     preprocess = make_preprocessor(cfg, processors, use_features=use_features)

@@ -187,7 +187,7 @@ class Preprocessor:
 
     # ----------------------------------------------------------------- entry
     def __call__(self, sample: dict) -> dict:
-        n_images = len(sample["image_bytes"]) if sample["features"] is None else _feature_count(sample["features"])
+        n_images = _feature_count(sample["features"]) if self.use_features else len(sample["image_bytes"])
         if self.stage == "align":
             return self._align(sample, n_images)
         messages = self.conversation_of(sample, n_images)
@@ -202,9 +202,8 @@ class Preprocessor:
             raise BadSample("no_supervised_tokens", f"nothing left to learn after masking/truncation to max_len={self.max_len}")
         out = {"input_ids": ids, "labels": labels, "num_images": kept, "key": sample["key"]}
         if self.use_features:
-            if sample["features"] is None:
-                raise BadSample("missing_keys", "feature cache sample without features")
-            out["image_features"] = _feature_tensor(sample["features"])[:kept]
+            if kept:
+                out["image_features"] = _feature_tensor(sample["features"])[:kept]
         else:
             images = decode_images(sample, self.max_image_pixels)[:kept]
             out["pixel_values"] = [self.processors.image_transform(img) for img in images]
@@ -235,6 +234,8 @@ class Preprocessor:
 
 
 def _feature_count(features: Any) -> int:
+    if features is None:  # text-only sample in a feature cache
+        return 0
     arr = features["image_features"] if isinstance(features, dict) else features
     return int(arr.shape[0]) if arr.ndim == 3 else 1
 
@@ -247,7 +248,7 @@ def _feature_tensor(features: Any):
     arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = arr[None]
-    return torch.from_numpy(arr.copy())
+    return torch.from_numpy(arr.astype(np.float32))  # stored fp16; the trainable connector takes fp32 like pixels
 
 
 def make_preprocessor(cfg: Any, processors: Any, use_features: bool = False) -> Preprocessor:
