@@ -102,14 +102,16 @@ def restore_rng(state: dict) -> None:
 class CheckpointManager:
     """Saves, prunes and finds checkpoints under ``RUN_DIR/checkpoints``.
 
-    ``fail_after_engine_save`` is a test hook: a callable run after DeepSpeed has
-    written its files and before the rename, to simulate a crash mid-save.
+    ``fail_after_engine_save`` is a test hook: a callable ``(step)`` run after
+    DeepSpeed has written its files and before the rename, to simulate a crash
+    mid-save (tests set it on the class).
     """
+
+    fail_after_engine_save: Optional[Callable[[int], None]] = None
 
     def __init__(self, root: str | os.PathLike, keep_last: int = 2):
         self.root = Path(root)
         self.keep_last = keep_last
-        self.fail_after_engine_save: Optional[Callable[[], None]] = None
 
     @staticmethod
     def tag(step: int) -> str:
@@ -168,7 +170,7 @@ class CheckpointManager:
         torch.save(state, str(target) + ".part")
         os.replace(str(target) + ".part", target)
         if self.fail_after_engine_save is not None:
-            self.fail_after_engine_save()
+            type(self).fail_after_engine_save(step)
         _barrier()
         final = self.root / name
         if rank == 0:

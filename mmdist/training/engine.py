@@ -359,6 +359,9 @@ def build_engine(
 
     if world_size is None:
         world_size = tdist.get_world_size() if tdist.is_initialized() else 1
+    if tdist.is_initialized():
+        # DeepSpeed's own comm layer must wrap the existing group before zero.Init reads the world size.
+        deepspeed.init_distributed(dist_backend=tdist.get_backend(), dist_init_required=False)
     ds_config = deepspeed_config(cfg, world_size)
     steps = total_steps(cfg)
     zero3 = cfg.engine.zero_stage == 3

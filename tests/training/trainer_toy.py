@@ -7,7 +7,7 @@ in seconds. The loader cuts one global stream of samples into per-rank
 micro-batches such that every optimizer step sees the same global batch for
 any world size, and is checkpointable (state_dict / load_state_dict).
 
-Also a worker entry point: ``python tests/training/toy.py CONFIG_JSON OUT_JSON``
+Also a worker entry point: ``python tests/training/trainer_toy.py CONFIG_JSON OUT_JSON``
 (run under torchrun) trains with the toy parts and rank 0 writes the summary.
 """
 
@@ -84,12 +84,12 @@ def sample(index: int) -> tuple[torch.Tensor, torch.Tensor]:
 class ToyLoader:
     """Per-rank micro-batches of one global sample stream; ``poison_batches`` marks global batch indices to NaN."""
 
-    def __init__(self, cfg: Any, rank: int, world_size: int, poison_batches: tuple = ()):
+    def __init__(self, cfg: Any, rank: int, world_size: int, poison_batches: tuple = (), start: int = 0):
         self.micro = cfg.train.micro_batch_size
         self.global_batch = cfg.train.global_batch_size
         self.accumulation = self.global_batch // (self.micro * world_size)
         self.rank, self.world = rank, world_size
-        self.position = 0  # micro-batches consumed by this rank
+        self.position = start  # micro-batches consumed by this rank
         self.batches_per_epoch = 10**9
         self.poison = set(poison_batches)
 
@@ -112,9 +112,9 @@ class ToyLoader:
         self.position = int(state["position"])
 
 
-def toy_loader_builder(poison_batches: tuple = ()) -> Callable:
+def toy_loader_builder(poison_batches: tuple = (), start: int = 0) -> Callable:
     def build(cfg: Any, processors: Any, split: str, rank: int, world_size: int) -> ToyLoader:
-        return ToyLoader(cfg, rank, world_size, poison_batches)
+        return ToyLoader(cfg, rank, world_size, poison_batches, start)
 
     return build
 
@@ -143,12 +143,75 @@ def toy_config(run_dir: str, **train_overrides: Any) -> dict:
     return cfg
 
 
+def frozen_reference() -> list[torch.Tensor]:
+    """The values ToyModel writes into its frozen backbone (what a gathered read must return)."""
+    model = ToyModel()
+    return [p.detach().clone() for p in model.backbone.parameters()]
+
+
+def tiny_llm_with_head_builder(cfg: Any, gather: Callable) -> nn.Module:
+    """A frozen tiny llama built by transformers' from_config (partitioned on construction under ZeRO-3) + a head."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    class Wrapped(ToyModel):
+        def __init__(self):
+            super().__init__(gather)
+            config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+            self.llm = AutoModelForCausalLM.from_config(config)
+            self.llm.requires_grad_(False)
+
+    return Wrapped()
+
+
+def probe(cfg: Any) -> dict:
+    """Build the engine under ZeRO-3 and report, per rank, how much of each model this rank holds."""
+    import torch.distributed as tdist
+
+    from mmdist.training import dist
+    from mmdist.training.engine import build_engine
+
+    env = dist.init(backend="gloo")
+    try:
+        bundle = build_engine(cfg, world_size=env.world_size, model_builder=tiny_llm_with_head_builder)
+        model = bundle.model
+        llm = list(model.llm.parameters())
+        names = {id(p): n for n, p in model.named_parameters()}
+        report = {
+            "rank": env.rank,
+            "llm_full": sum(int(p.ds_numel) for p in llm),
+            "llm_local": sum(int(p.ds_tensor.numel()) for p in llm),
+            "llm_visible": sum(p.numel() for p in llm),
+            "optimizer_params": sum(len(g) for g in bundle.engine.optimizer.fp16_groups),
+            "optimizer_names": sorted(names[id(p)] for g in bundle.engine.optimizer.fp16_groups for p in g),
+            "trainable_params": sum(1 for p in model.parameters() if p.requires_grad),
+        }
+        with bundle.read_gather(list(model.backbone.parameters())):
+            got = [p.detach().clone() for p in model.backbone.parameters()]
+        ref = frozen_reference()
+        report["gathered_shapes_ok"] = all(g.shape == r.shape for g, r in zip(got, ref))
+        report["gathered_max_err"] = max(float((g - r).abs().max()) for g, r in zip(got, ref)) if report["gathered_shapes_ok"] else None
+        reports: list = [None] * env.world_size
+        tdist.all_gather_object(reports, report)
+        return {"ranks": reports}
+    finally:
+        dist.shutdown()
+
+
 def main(argv: list[str]) -> int:
     from mmdist.config import load_config
     from mmdist.training.trainer import train
 
     spec = json.loads(open(argv[0]).read())
     cfg = load_config(base=spec["config"])
+    if spec.get("mode") == "probe":
+        summary = probe(cfg)
+        import os
+
+        if int(os.environ.get("RANK", "0")) == 0:
+            with open(argv[1], "w") as fh:
+                json.dump(summary, fh)
+        return 0
     summary = train(cfg, model_builder=toy_model_builder, loader_builder=toy_loader_builder(tuple(spec.get("poison", ()))),
                     stop_after=spec.get("stop_after"))
     import os
@@ -161,3 +224,27 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def launch(workdir: Any, spec: dict, nproc: int = 2, timeout: float = 240) -> dict:
+    """Run this file's ``main`` under ``torchrun --nproc_per_node nproc``; returns rank 0's summary."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from mmdist.training.dist import free_port
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_file, out_file = workdir / f"spec-{os.getpid()}-{id(spec)}.json", workdir / f"out-{id(spec)}.json"
+    spec_file.write_text(json.dumps(spec))
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
+           str(Path(__file__).resolve()), str(spec_file), str(out_file)]
+    proc = subprocess.run(cmd, env=env, cwd=str(repo), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return json.loads(out_file.read_text())

@@ -1,0 +1,180 @@
+"""The DeepSpeed config (batch arithmetic, precision, offload, raw keys), optimizer groups,
+gradient checkpointing of a frozen LLM, and ZeRO-3 partition-on-load with 2 ranks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmdist.config import ConfigError, load_config
+from mmdist.training.engine import (
+    build_optimizer_groups,
+    deepspeed_config,
+    enable_frozen_gradient_checkpointing,
+    total_steps,
+)
+from trainer_toy import ToyModel, launch, toy_config
+
+
+def _cfg(tmp_path, **sections):
+    return load_config(base=toy_config(str(tmp_path / "run"), **sections))
+
+
+# ---------------------------------------------------------------------------
+# deepspeed_config
+
+
+@pytest.mark.parametrize("world,micro,global_batch,accumulation", [(1, 2, 4, 2), (2, 2, 4, 1), (8, 4, 256, 8), (3, 1, 6, 2)])
+def test_accumulation_is_global_over_micro_times_world(tmp_path, world, micro, global_batch, accumulation):
+    cfg = _cfg(tmp_path, train={"micro_batch_size": micro, "global_batch_size": global_batch})
+    ds = deepspeed_config(cfg, world)
+    assert ds["gradient_accumulation_steps"] == accumulation
+    assert ds["train_micro_batch_size_per_gpu"] == micro
+    assert ds["train_batch_size"] == global_batch == micro * accumulation * world
+
+
+def test_indivisible_global_batch_names_keys_and_world(tmp_path):
+    cfg = _cfg(tmp_path, train={"micro_batch_size": 4, "global_batch_size": 12})
+    with pytest.raises(ConfigError) as err:
+        deepspeed_config(cfg, 2)
+    text = str(err.value)
+    assert "train.global_batch_size" in text and "train.micro_batch_size=4" in text and "world size=2" in text
+    assert "16" in text or "8" in text  # a suggested multiple of 8
+
+
+def test_zero_stage_offload_precision_and_clipping(tmp_path):
+    cfg = _cfg(tmp_path, engine={"zero_stage": 3, "offload_optimizer": True, "offload_params": True, "precision": "fp16",
+                                 "fp16_initial_scale_power": 12, "torch_adam": False}, train={"grad_clip": 0.5})
+    ds = deepspeed_config(cfg, 2)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["offload_optimizer"]["device"] == "cpu" and zero["offload_param"]["device"] == "cpu"
+    assert ds["fp16"]["enabled"] is True and ds["bf16"]["enabled"] is False
+    assert ds["fp16"]["loss_scale"] == 0 and ds["fp16"]["initial_scale_power"] == 12  # dynamic scaling from 2**12
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == cfg.train.lr
+
+    bf16 = deepspeed_config(_cfg(tmp_path, engine={"zero_stage": 1, "precision": "bf16"}), 1)
+    assert bf16["bf16"]["enabled"] is True and bf16["fp16"]["enabled"] is False
+    assert "offload_optimizer" not in bf16["zero_optimization"] and "optimizer" not in bf16  # torch_adam: client optimizer
+    assert bf16["zero_allow_untested_optimizer"] is True
+
+
+def test_raw_keys_are_merged(tmp_path):
+    cfg = _cfg(tmp_path, engine={"deepspeed": {"zero_optimization": {"reduce_bucket_size": 12345}, "comms_logger": {"enabled": False}}})
+    ds = deepspeed_config(cfg, 2)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 12345
+    assert ds["zero_optimization"]["stage"] == 3  # typed value kept next to the raw one
+    assert ds["comms_logger"] == {"enabled": False}
+
+
+def test_raw_key_equal_to_typed_value_is_accepted(tmp_path):
+    cfg = _cfg(tmp_path, engine={"deepspeed": {"train_batch_size": 4, "zero_optimization": {"stage": 3}}})
+    assert deepspeed_config(cfg, 2)["train_batch_size"] == 4
+
+
+@pytest.mark.parametrize("raw,raw_key,typed_key", [
+    ({"train_batch_size": 64}, "engine.deepspeed.train_batch_size", "train.global_batch_size"),
+    ({"zero_optimization": {"stage": 2}}, "engine.deepspeed.zero_optimization.stage", "engine.zero_stage"),
+    ({"bf16": {"enabled": True}}, "engine.deepspeed.bf16.enabled", "engine.precision"),
+    ({"gradient_clipping": 5.0}, "engine.deepspeed.gradient_clipping", "train.grad_clip"),
+])
+def test_raw_key_conflicting_with_typed_setting_names_both(tmp_path, raw, raw_key, typed_key):
+    cfg = _cfg(tmp_path, engine={"deepspeed": raw})
+    with pytest.raises(ConfigError) as err:
+        deepspeed_config(cfg, 2)
+    assert raw_key in str(err.value) and typed_key in str(err.value)
+
+
+def test_total_steps_from_steps_or_samples(tmp_path):
+    assert total_steps(_cfg(tmp_path, train={"max_steps": 7})) == 7
+    assert total_steps(_cfg(tmp_path, train={"max_steps": None, "max_samples": 10, "global_batch_size": 4})) == 3
+    assert total_steps(_cfg(tmp_path, train={"max_steps": 2, "max_samples": 100})) == 2  # the smaller budget wins
+
+
+# ---------------------------------------------------------------------------
+# optimizer groups
+
+
+def test_optimizer_groups_only_trainable_with_multipliers_and_no_decay(tmp_path):
+    cfg = _cfg(tmp_path, train={"lr": 0.1, "weight_decay": 0.01, "lr_multipliers": {"stage1": 0.5}})
+    model = ToyModel()
+    groups = {g["name"]: g for g in build_optimizer_groups(model, cfg.train)}
+    assert set(groups) == {"projector", "projector.no_decay", "stage1.no_decay"}
+    assert groups["projector"]["params"] == [model.projector.weight] and groups["projector"]["weight_decay"] == 0.01
+    assert groups["projector.no_decay"]["params"] == [model.projector.bias] and groups["projector.no_decay"]["weight_decay"] == 0.0
+    assert groups["stage1.no_decay"]["lr"] == pytest.approx(0.05) and groups["projector"]["lr"] == pytest.approx(0.1)
+    in_groups = {id(p) for g in groups.values() for p in g["params"]}
+    assert not any(id(p) in in_groups for p in model.backbone.parameters())  # frozen: no optimizer state
+
+
+def test_optimizer_groups_reject_unknown_group_and_stray_trainable(tmp_path):
+    model = ToyModel()
+    with pytest.raises(ConfigError, match=r"train\.lr_multipliers\.projecter.*projector"):
+        build_optimizer_groups(model, _cfg(tmp_path, train={"lr_multipliers": {"projecter": 1.0}}).train)
+    model.backbone[0].weight.requires_grad_(True)  # trainable but in no group: it would never be updated
+    with pytest.raises(ConfigError, match="in no trainable group"):
+        build_optimizer_groups(model, _cfg(tmp_path).train)
+
+
+# ---------------------------------------------------------------------------
+# gradient checkpointing of the frozen LLM
+
+
+def _tiny_llama():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config).float()
+    model.requires_grad_(False)
+    return model.eval()  # frozen: eval, dropout off
+
+
+def test_frozen_llm_checkpointing_keeps_gradients_to_inputs_embeds():
+    llm = _tiny_llama()
+    embeds = torch.randn(2, 6, 32)
+    labels = torch.randint(0, 64, (2, 6))
+
+    def grad_of_inputs() -> torch.Tensor:
+        x = embeds.clone().requires_grad_(True)
+        llm(inputs_embeds=x, labels=labels, use_cache=False).loss.backward()
+        return x.grad
+
+    reference = grad_of_inputs()
+    layer = llm.model.layers[0]
+    calls = []
+    hook = layer.self_attn.register_forward_hook(lambda *a: calls.append(1))
+    assert enable_frozen_gradient_checkpointing(llm) == 2
+    assert not llm.training  # the frozen LLM stays in eval mode
+    checkpointed = grad_of_inputs()
+    hook.remove()
+    assert torch.allclose(checkpointed, reference, atol=1e-6)
+    assert len(calls) == 2  # forward + recompute in backward: activations were not kept
+    assert all(p.grad is None for p in llm.parameters())  # frozen weights get no gradient
+    with torch.no_grad():  # no recompute without grad
+        calls.clear()
+        hook = layer.self_attn.register_forward_hook(lambda *a: calls.append(1))
+        llm(inputs_embeds=embeds)
+        hook.remove()
+    assert len(calls) == 1
+
+
+# ---------------------------------------------------------------------------
+# ZeRO-3 partition-on-load (2 ranks)
+
+
+@pytest.mark.multiproc
+def test_zero3_partitions_frozen_llm_and_gathers_written_weights(tmp_path):
+    """Each of 2 ranks holds half of a from_config LLM; the optimizer holds only trainable params;
+    weights written through the model's `gather` read back equal on both ranks."""
+    result = launch(tmp_path, {"config": toy_config(str(tmp_path / "run")), "mode": "probe"}, nproc=2)
+    ranks = result["ranks"]
+    assert len(ranks) == 2
+    for r in ranks:
+        assert r["llm_full"] > 20000
+        assert r["llm_local"] == r["llm_full"] // 2  # no rank holds the whole frozen LLM
+        assert r["llm_visible"] == 0  # partitioned: empty outside a gather
+        assert r["optimizer_names"] == ["norm.bias", "norm.weight", "projector.bias", "projector.weight"]
+        assert r["gathered_shapes_ok"] and r["gathered_max_err"] == 0.0
