@@ -9,6 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+# Load the config package first: its run config imports the settings classes of
+# this package, so importing e.g. mmdist.models.llm first would otherwise cycle.
+import mmdist.config  # noqa: F401
+
 _EXPORTS = {
     "build_model": "mmdist.models.build",
     "load_stage1": "mmdist.models.build",

@@ -178,3 +178,38 @@ def _merge(base: dict, overrides: Optional[dict]) -> dict:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+# ---------------------------------------------------------------------------
+# a custom vision encoder (the `source: custom` path), small enough for tests
+
+try:
+    import torch as _torch
+
+    class TinyCNN(_torch.nn.Module):
+        """A user-style encoder: patchify conv + GELU + 1x1 conv; returns a feature map [N, width, H/p, W/p]."""
+
+        def __init__(self, width: int = 24, patch: int = 4, image_size: int = 16):
+            super().__init__()
+            self.image_size = image_size
+            self.stem = _torch.nn.Conv2d(3, width, kernel_size=patch, stride=patch)
+            self.act = _torch.nn.GELU()
+            self.mix = _torch.nn.Conv2d(width, width, kernel_size=1)
+            self.norm = _torch.nn.BatchNorm2d(width)
+
+        def forward(self, x):
+            return self.norm(self.mix(self.act(self.stem(x))))
+except ImportError:  # torch is a hard dependency of the model code; settings alone do not need it
+    pass
+
+
+def tiny_custom_vision_config(checkpoint: Optional[str] = None, **overrides: Any) -> dict:
+    """model.vision settings for :class:`TinyCNN` (16 tokens of width 24 from 16x16 images)."""
+    cfg = {
+        "source": "custom",
+        "custom_class": "mmdist.models.testing:TinyCNN",
+        "custom_kwargs": {"width": 24, "patch": 4, "image_size": 16},
+        "checkpoint": checkpoint,
+        "dtype": "fp32",
+    }
+    return _merge(cfg, overrides)

@@ -259,8 +259,12 @@ class VisionTower(torch.nn.Module):
                                                     allow_partial=cfg.allow_partial_load)
         else:
             self.load_report = {}
+        # Probe in eval mode: a train-mode probe would update BatchNorm statistics.
+        was_training = self.model.training
+        self.model.eval()
         with torch.no_grad():
             probe = self.forward(torch.zeros(1, 3, self.image_size, self.image_size))
+        self.model.train(was_training)
         self.num_tokens = int(probe.shape[1])
         self.hidden_size = int(cfg.hidden_size or probe.shape[-1])
         if probe.shape[-1] != self.hidden_size:
