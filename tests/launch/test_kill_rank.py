@@ -15,7 +15,18 @@ import time
 from pathlib import Path
 
 import pytest
-from _harness import REPO, TRAIN_SCRIPT, check_run, environment, latest_checkpoint, python, require_entry, run, train_args
+from _harness import (
+    REPO,
+    TRAIN_CONFIG,
+    TRAIN_SCRIPT,
+    check_run,
+    environment,
+    latest_checkpoint,
+    python,
+    require_entry,
+    run,
+    train_args,
+)
 
 from mmdist.training.dist import free_port
 
@@ -24,8 +35,8 @@ STEPS, SAVE_EVERY = 12, 2
 EXIT_BOUND_S = 120  # the launcher must have exited this long after the kill
 
 
-def rank_pids(marker: str, rank: int) -> list[int]:
-    """Processes whose command line contains ``marker`` and whose environment says RANK=rank (the workers)."""
+def rank_pids(marker: str, rank: int, variable: str = "RANK") -> list[int]:
+    """Processes whose command line contains ``marker`` and whose environment says ``variable=rank`` (the workers)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -37,7 +48,7 @@ def rank_pids(marker: str, rank: int) -> list[int]:
             environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"RANK={rank}".encode() in environ:
+        if f"{variable}={rank}".encode() in environ:
             found.append(int(entry.name))
     return found
 
@@ -86,3 +97,39 @@ def test_sigkill_one_rank_ends_the_job_and_restart_resumes(tmp_path):
     assert again.returncode == 0, output[-4000:]
     assert re.search(rf"resumed from \S*{re.escape(saved.name)} at step {saved_step}\b", output), output[-4000:]
     check_run(run_dir, STEPS, output)
+
+
+@pytest.mark.slurm
+def test_sigkill_one_srun_task_fails_the_step_and_resubmission_resumes(slurm_cluster, tmp_path):
+    require_entry()
+    run_dir = tmp_path / "run"
+    env = environment(CONFIG=str(TRAIN_CONFIG), RUN_DIR=str(run_dir), STAGE1_EXPORT="", MMDIST_REPO=str(REPO),
+                      TRAIN_SCRIPT=str(TRAIN_SCRIPT), PYTHON=python(),
+                      OVERRIDES=" ".join(train_args(run_dir, STEPS, SAVE_EVERY)[2:]))
+    args = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:15:00",
+            f"--output={tmp_path}/slurm-%j.out"]
+    job = slurm_cluster.sbatch(REPO / "slurm" / "stage2.sh", *args, env=env, cwd=tmp_path)
+    deadline = time.monotonic() + 600
+    while latest_checkpoint(run_dir) is None:
+        state = slurm_cluster.job_info(job).get("JobState")
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"job {job} is {state} before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 600 s"
+        time.sleep(0.05)
+    victims = rank_pids(str(run_dir), rank=1, variable="SLURM_PROCID")
+    assert len(victims) == 1, f"expected one task with SLURM_PROCID=1, found {victims}"
+    os.kill(victims[0], signal.SIGKILL)
+    killed_at = time.monotonic()
+    info = slurm_cluster.wait(job, timeout=EXIT_BOUND_S)  # raises (and cancels) if the step hangs
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", f"{info.get('JobState')} {info.get('ExitCode')}\n{log[-3000:]}"
+    print(f"job {job} {info['JobState']} ({info['ExitCode']}) {time.monotonic() - killed_at:.1f} s after SIGKILL of task 1")
+    saved = latest_checkpoint(run_dir)
+    saved_step = int(re.search(r"(\d+)$", saved.name).group(1))
+    assert 0 < saved_step < STEPS
+
+    again = slurm_cluster.sbatch(REPO / "slurm" / "stage2.sh", *args, env=env, cwd=tmp_path)
+    info = slurm_cluster.wait(again, timeout=600)
+    log = (tmp_path / f"slurm-{again}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert re.search(rf"resumed from \S*{re.escape(saved.name)} at step {saved_step}\b", log), log[-4000:]
+    check_run(run_dir, STEPS, log)
