@@ -130,13 +130,19 @@ def _hf_config(section: str, name_or_path: str, init_config: Optional[dict], ggu
 
 
 def _meta_model(hf_config: Any, causal_lm: bool) -> Any:
-    """Build the model on the meta device: exact parameter counts, no memory, no weights."""
+    """Build the model on the meta device: exact parameter counts, no memory, no weights.
+
+    BERT-style text encoders are built without their pooler, as mmdist/models/text.py does.
+    """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
-    cls = AutoModelForCausalLM if causal_lm else AutoModel
     with torch.device("meta"):
-        return cls.from_config(hf_config)
+        if causal_lm:
+            return AutoModelForCausalLM.from_config(hf_config)
+        if hf_config.model_type == "bert":
+            return AutoModel.from_config(hf_config, add_pooling_layer=False)
+        return AutoModel.from_config(hf_config)
 
 
 def count_parameters(module: Any) -> tuple[int, int]:
@@ -179,14 +185,15 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
         vconf = getattr(vconf, "vision_config", None) or vconf
         params, largest = count_parameters(_meta_model(vconf, causal_lm=False))
         grid = (vconf.image_size // vconf.patch_size) ** 2
-        tokens = {"patch": grid, "cls": 1, "all": grid + 1}[vis.select_tokens]
+        has_cls = not vconf.model_type.startswith("siglip")
+        tokens = {"patch": grid, "cls": 1, "all": grid + int(has_cls)}[vis.select_tokens]
         vdims = dict(hidden=vconf.hidden_size, layers=vconf.num_hidden_layers, intermediate=vconf.intermediate_size,
                      heads=vconf.num_attention_heads, tokens=tokens, seq=grid + 1)
         out.append(ModuleShape("vision_encoder", params, not vis.freeze, vis.dtype, largest, vdims))
 
     conn = cfg.model.connector
     vision_dim = vdims["hidden"]
-    image_tokens = conn.image_tokens or vdims["tokens"]
+    image_tokens = vdims["tokens"]
     text_dim = 0
     if cfg.stage == "align" or conn.type == "qformer":
         text = cfg.model.text
@@ -214,6 +221,7 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
         proj_in = stage1_out
     else:
         proj_in = vision_dim
+        image_tokens = conn.image_tokens or vdims["tokens"]
     proj = _mlp_params(proj_in, ldims["hidden"], ldims["hidden"], conn.projector_layers)
     out.append(ModuleShape("projector", proj, True, "fp32", _mlp_largest(proj_in, ldims["hidden"], conn.projector_layers),
                            {"tokens": image_tokens, "in": proj_in}))
@@ -242,8 +250,25 @@ def _mlp_largest(d_in: int, d_out: int, layers: int) -> int:
 
 
 def _stage1_module(cfg: RunConfig, vision_dim: int, text_dim: int, image_tokens: int) -> tuple[int, int, int]:
-    """(parameters, output width, image tokens) of the stage-1 module (heads or Q-Former)."""
+    """(parameters, output width, image tokens) of the stage-1 module (heads or Q-Former).
+
+    Built on the meta device from mmdist's own connector code when it can be
+    (exact); otherwise counted from the settings. Stage 2 keeps only the image
+    side of linear/mlp heads; stage 1 adds the text head and the temperature.
+    """
     conn = cfg.model.connector
+    text_for_module = text_dim if (cfg.stage == "align" or conn.type == "qformer") else None
+    try:
+        import torch
+
+        from mmdist.models.connectors import build_stage1_module
+
+        with torch.device("meta"):
+            module = build_stage1_module(conn, vision_dim, image_tokens, text_for_module or None)
+        params = count_parameters(module)[0] + (1 if cfg.stage == "align" else 0)
+        return params, int(module.out_dim), int(module.num_tokens)
+    except Exception:  # noqa: BLE001 - connector code missing or needs a real text encoder: count from settings
+        pass
     if conn.type == "qformer":
         q = conn.qformer
         h = text_dim if q.init_from_text and text_dim else q.hidden_size
@@ -254,9 +279,10 @@ def _stage1_module(cfg: RunConfig, vision_dim: int, text_dim: int, image_tokens:
         params += h * conn.align_dim + conn.align_dim + (text_dim or h) * conn.align_dim + conn.align_dim + 1
         return params, h, q.num_queries
     layers = 1 if conn.type == "linear" else 2
-    image_head = _mlp_params(vision_dim, conn.align_dim, conn.align_dim, layers)
-    text_head = _mlp_params(text_dim, conn.align_dim, conn.align_dim, layers) if text_dim else 0
-    return image_head + text_head + 1, conn.align_dim, image_tokens
+    params = _mlp_params(vision_dim, conn.align_dim, conn.align_dim, layers)
+    if cfg.stage == "align":
+        params += _mlp_params(text_dim, conn.align_dim, conn.align_dim, layers) + 1
+    return params, conn.align_dim, conn.image_tokens or image_tokens
 
 
 # ---------------------------------------------------------------------------
