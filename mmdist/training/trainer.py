@@ -64,6 +64,9 @@ def _batch_size(batch: dict) -> int:
         value = batch.get(key)
         if value is not None and hasattr(value, "shape"):
             return int(value.shape[0])
+    for value in batch.values():  # any other batch layout: the leading dimension of its first tensor
+        if hasattr(value, "shape") and len(value.shape) > 0:
+            return int(value.shape[0])
     return 0
 
 
@@ -148,7 +151,23 @@ def train(
     try:
         return _train(cfg, env, model_builder, loader_builder or default_loader_builder, stop_after)
     finally:
+        _release_deepspeed_groups()
         dist.shutdown()
+
+
+def _release_deepspeed_groups() -> None:
+    """Destroy the group through DeepSpeed so it also drops its cached sub-groups (a later run in
+    the same process, e.g. stage 2 after stage 1, would otherwise use groups of a dead process group)."""
+    comm = sys.modules.get("deepspeed.comm")
+    if comm is None:
+        return
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        try:
+            comm.destroy_process_group()
+        except Exception as exc:  # teardown after a dead peer may fail; dist.shutdown() still runs
+            print(f"[mmdist] releasing DeepSpeed's process groups failed: {exc}", file=sys.stderr)
 
 
 def _train(cfg: Any, env: Any, model_builder: Optional[Callable], loader_builder: Callable, stop_after: Optional[int]) -> dict:
@@ -257,7 +276,7 @@ def _train(cfg: Any, env: Any, model_builder: Optional[Callable], loader_builder
         if not finite:
             nonfinite_in_row += 1
             nonfinite_total += 1
-            logger.print(f"[mmdist] step {step + 1}: non-finite loss ({float(loss)}) on some rank; batch skipped ({nonfinite_in_row} in a row)")
+            logger.print(f"[mmdist] step {step + 1}: non-finite loss ({float(loss.detach())}) on some rank; batch skipped ({nonfinite_in_row} in a row)")
             logger.log(step, {"nonfinite_loss": 1, "nonfinite_in_row": nonfinite_in_row, "nonfinite_total": nonfinite_total})
             if nonfinite_in_row >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteLossError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from trainer_toy import ToyModel, launch, toy_config
 
 from mmdist.config import ConfigError, load_config
 from mmdist.training.engine import (
@@ -13,7 +14,6 @@ from mmdist.training.engine import (
     enable_frozen_gradient_checkpointing,
     total_steps,
 )
-from trainer_toy import ToyModel, launch, toy_config
 
 
 def _cfg(tmp_path, **sections):

@@ -1,0 +1,143 @@
+"""The one training loop: ZeRO-3 steps with falling loss and the run directory's files, NaN/inf skipping,
+2-rank vs single-process equivalence, and resume equal to an uninterrupted run (data included)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from trainer_toy import launch, toy_config, toy_loader_builder, toy_model_builder
+
+from mmdist.config import load_config
+from mmdist.training.trainer import NonFiniteLossError, cli_main, train
+
+
+def _train(cfg_dict: dict, **kwargs) -> dict:
+    return train(load_config(base=cfg_dict), model_builder=toy_model_builder,
+                 loader_builder=kwargs.pop("loader", toy_loader_builder()), **kwargs)
+
+
+def _export(run_dir) -> dict:
+    return load_file(str(run_dir / "export" / "model.safetensors"))
+
+
+def _metrics(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_zero3_single_process_trains_and_writes_run_dir(tmp_path):
+    import torch.distributed as tdist
+
+    run = tmp_path / "run"
+    summary = _train(toy_config(str(run), train={"max_steps": 8}, checkpoint={"save_every": 4}))
+    losses = [h["loss"] for h in summary["history"]]
+    assert summary["step"] == 8 and len(losses) == 8
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3  # the loss falls
+    assert not tdist.is_initialized()  # the process group is gone after the run
+    # run directory: resolved config, metrics, checkpoints, export
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 8
+    records = [r for r in _metrics(run) if r["split"] == "train"]
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for key in ("loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "eta_s", "grad_norm", "mse"):
+        assert key in records[-1], key
+    assert records[-1]["samples"] == 8 * 4 and records[-1]["mfu"] > 0
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000008"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000004", "step_000008"]
+    weights = _export(run)
+    assert set(weights) == {"norm.weight", "norm.bias", "projector.weight", "projector.bias"}
+    manifest = json.loads((run / "export" / "manifest.json").read_text())
+    assert manifest["connector"]["type"] == "toy"
+
+
+def test_lr_schedule_warms_up_and_decays(tmp_path):
+    summary = _train(toy_config(str(tmp_path / "run"), train={"max_steps": 8, "lr": 0.1, "lr_scheduler": "cosine", "warmup_ratio": 0.25}))
+    lrs = [h["lr"] for h in summary["history"]]
+    # transformers' cosine schedule: 2 warmup steps (0.05, 0.1), then down towards 0
+    assert lrs[0] == pytest.approx(0.05) and lrs[1] == pytest.approx(0.1)
+    assert all(a > b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 0.01
+
+
+def test_nonfinite_batches_are_skipped_without_update(tmp_path):
+    """Two NaN micro-batches are dropped: the result equals a clean run that starts after them."""
+    poisoned = _train(toy_config(str(tmp_path / "nan"), train={"max_steps": 3}), loader=toy_loader_builder(poison_batches=(0, 1)))
+    clean = _train(toy_config(str(tmp_path / "clean"), train={"max_steps": 3}), loader=toy_loader_builder(start=2))
+    assert poisoned["nonfinite_total"] == 2 and clean["nonfinite_total"] == 0
+    assert [h["loss"] for h in poisoned["history"]] == pytest.approx([h["loss"] for h in clean["history"]], abs=1e-6)
+    a, b = _export(tmp_path / "nan"), _export(tmp_path / "clean")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    skipped = [r for r in _metrics(tmp_path / "nan") if r.get("nonfinite_loss")]
+    assert [r["nonfinite_in_row"] for r in skipped] == [1, 2]
+
+
+def test_too_many_nonfinite_losses_in_a_row_stop_the_run(tmp_path):
+    import torch.distributed as tdist
+
+    cfg = toy_config(str(tmp_path / "run"), train={"max_steps": 3, "max_nonfinite_steps": 3})
+    with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row.*train\.max_nonfinite_steps=3"):
+        _train(cfg, loader=toy_loader_builder(poison_batches=(2, 3, 4)))
+    assert not tdist.is_initialized()  # destroyed on the error path too
+
+
+def test_cli_tolerates_local_rank_and_applies_overrides(tmp_path, monkeypatch):
+    """`mmdist train --config FILE overrides --local_rank=0` parses; a bad override is reported, exit code 2."""
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(toy_config(str(tmp_path / "run"))))
+    seen = {}
+    monkeypatch.setattr("mmdist.training.trainer.train", lambda cfg: seen.setdefault("cfg", cfg) and {"history": [], "step": 0, "run_dir": cfg.run_dir})
+    assert cli_main(["--config", str(path), "train.max_steps=3", "--local_rank=0"]) == 0
+    assert seen["cfg"].train.max_steps == 3
+    assert cli_main(["--config", str(path), "train.max_stepz=3"]) == 2
+
+
+# ---------------------------------------------------------------------------
+# 2 ranks (torchrun)
+
+
+def _long_config(run_dir, **extra):
+    return toy_config(str(run_dir), train={"max_steps": 12, "lr_scheduler": "cosine", "warmup_ratio": 0.25},
+                      checkpoint={"save_every": 6}, **extra)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory):
+    """An uninterrupted 2-rank ZeRO-3 run of 12 steps (shared by the equivalence and resume tests)."""
+    work = tmp_path_factory.mktemp("two_rank")
+    summary = launch(work, {"config": _long_config(work / "run")}, nproc=2)
+    return work / "run", summary
+
+
+@pytest.mark.multiproc
+def test_two_rank_zero3_equals_single_process(two_rank_run, tmp_path):
+    run2, summary2 = two_rank_run
+    summary1 = _train(_long_config(tmp_path / "run1"))  # 1 rank, micro 2 x accumulation 2 = the same global batch
+    assert [h["loss"] for h in summary2["history"]] == pytest.approx([h["loss"] for h in summary1["history"]], abs=1e-5)
+    w1, w2 = _export(tmp_path / "run1"), _export(run2)
+    assert set(w1) == set(w2)
+    for name in w1:
+        assert torch.allclose(w1[name], w2[name], atol=1e-5), name
+    assert summary2["history"][-1]["loss"] < summary2["history"][0]["loss"]
+
+
+@pytest.mark.multiproc
+def test_resume_at_step_6_equals_uninterrupted_run(two_rank_run, tmp_path):
+    full_dir, full = two_rank_run
+    run = tmp_path / "run"
+    first = launch(tmp_path, {"config": _long_config(run), "stop_after": 6}, nproc=2)
+    assert first["step"] == 6 and not first["finished"] and (run / "checkpoints" / "latest").read_text().strip() == "step_000006"
+    second = launch(tmp_path, {"config": _long_config(run)}, nproc=2)
+    assert second["resumed_from"].endswith("step_000006") and second["step"] == 12
+    history = first["history"] + second["history"]
+    assert [h["step"] for h in history] == list(range(1, 13))
+    # the same batches in the same order on every rank (data position restored), same lr schedule, same losses
+    assert [h["data"] for h in history] == [h["data"] for h in full["history"]]
+    assert [h["lr"] for h in history] == pytest.approx([h["lr"] for h in full["history"]], rel=1e-9)
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in full["history"]], abs=1e-6)
+    a, b = _export(run), _export(full_dir)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    assert not math.isnan(second["history"][-1]["loss"])
