@@ -24,12 +24,56 @@ import torch
 from mmdist.data.preprocess import IGNORE_INDEX
 
 
+def _assign(lengths: Sequence[int], order: list[int], k: int, max_len: int) -> Optional[list[list[int]]]:
+    """Longest first, each to the least-filled row with room (LPT); None if some sample does not fit."""
+    rows: list[list[int]] = [[] for _ in range(k)]
+    fill = [0] * k
+    for i in order:
+        candidates = [r for r in range(k) if fill[r] + lengths[i] <= max_len]
+        if not candidates:
+            return None
+        r = min(candidates, key=lambda r: (fill[r], r))
+        rows[r].append(i)
+        fill[r] += lengths[i]
+    return rows
+
+
+def _rebalance(rows: list[list[int]], lengths: Sequence[int], max_len: int, rounds: int = 200) -> list[list[int]]:
+    """Lower the fullest row by moving or swapping one sample with the emptiest row while that helps."""
+    for _ in range(rounds):
+        fill = [sum(lengths[i] for i in row) for row in rows]
+        hi = max(range(len(rows)), key=lambda r: (fill[r], -r))
+        lo = min(range(len(rows)), key=lambda r: (fill[r], r))
+        gap = fill[hi] - fill[lo]
+        best = None  # (new max of the two rows, item from hi, item from lo or None)
+        for a in rows[hi]:
+            if 0 < lengths[a] < gap and fill[lo] + lengths[a] <= max_len:
+                cand = (max(fill[hi] - lengths[a], fill[lo] + lengths[a]), a, None)
+                best = min(best, cand, key=lambda c: c[0]) if best else cand
+            for b in rows[lo]:
+                d = lengths[a] - lengths[b]
+                if 0 < d < gap:
+                    cand = (max(fill[hi] - d, fill[lo] + d), a, b)
+                    best = min(best, cand, key=lambda c: c[0]) if best else cand
+        if best is None or best[0] >= fill[hi]:
+            break
+        _, a, b = best
+        rows[hi].remove(a)
+        rows[lo].append(a)
+        if b is not None:
+            rows[lo].remove(b)
+            rows[hi].append(b)
+    return rows
+
+
 def pack_rows(lengths: Sequence[int], max_len: int) -> list[list[int]]:
     """Assign samples (by length) to rows of at most ``max_len`` tokens; returns sample indices per row.
 
-    Uses the fewest rows k = ceil(total / max_len) when longest-first assignment to the
-    least-filled row fits, else k + 1, ... : rows come out nearly equal, so padding to
-    the longest row wastes little. Within a row, samples keep their original order.
+    The padded width of a packed batch is its fullest row, so rows should be both
+    few and even: for k = ceil(total / max_len) and the next two row counts, samples
+    go longest first to the least-filled row (LPT), then single moves/swaps level the
+    rows; the layout with the fewest padded positions wins. Within a row, samples
+    keep their original order.
     """
     if not lengths:
         return []
@@ -37,22 +81,20 @@ def pack_rows(lengths: Sequence[int], max_len: int) -> list[list[int]]:
         raise ValueError(f"a sample of {max(lengths)} tokens does not fit max_len={max_len} (truncate first)")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     k = max(1, -(-sum(lengths) // max_len))
-    while True:
-        rows: list[list[int]] = [[] for _ in range(k)]
-        fill = [0] * k
-        ok = True
-        for i in order:
-            # least-filled row that still has room (balances rows, LPT style)
-            candidates = [r for r in range(k) if fill[r] + lengths[i] <= max_len]
-            if not candidates:
-                ok = False
-                break
-            r = min(candidates, key=lambda r: (fill[r], r))
-            rows[r].append(i)
-            fill[r] += lengths[i]
-        if ok:
-            return [sorted(row) for row in rows if row]
+    best: Optional[tuple[int, list[list[int]]]] = None
+    tried = 0
+    while tried < 3 and k <= len(lengths):
+        rows = _assign(lengths, order, k, max_len)
+        if rows is not None:
+            rows = _rebalance([row for row in rows if row], lengths, max_len)
+            cost = len(rows) * max(sum(lengths[i] for i in row) for row in rows)
+            if best is None or cost < best[0]:
+                best = (cost, rows)
+            tried += 1
         k += 1
+    if best is None:  # cannot happen: one sample per row always fits
+        best = (0, [[i] for i in range(len(lengths))])
+    return [sorted(row) for row in best[1]]
 
 
 def collate_fuse(samples: Sequence[dict], pad_token_id: int, pack: bool = False, max_len: int = 0) -> dict:
