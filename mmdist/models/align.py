@@ -56,14 +56,22 @@ def itc_targets(batch_size: int, caption_group: Optional[torch.Tensor], world: i
     return same / same.sum(1, keepdim=True)
 
 
+def contrastive_logits(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities [Bi, Bt]; image embeddings [B, Q, D] (Q-Former queries) use the max over queries."""
+    if image_emb.dim() == 3:
+        return torch.einsum("iqd,jd->ijq", image_emb, text_emb).amax(-1)
+    return image_emb @ text_emb.t()
+
+
 def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
              caption_group: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric contrastive loss over all ranks' pairs; returns (loss, image->text accuracy).
 
-    ``image_emb``, ``text_emb``: [B, D] (not yet normalised). ``logit_scale``: log of 1/temperature.
-    ``caption_group`` [B]: equal values on one rank mark identical captions, all of
-    which count as positives (multi-positive soft targets). Groups are compared
-    within a rank only, so a batch-local index and a caption hash both work.
+    ``image_emb``: [B, D] or [B, Q, D] (max over queries, BLIP-2); ``text_emb``: [B, D]
+    (not yet normalised). ``logit_scale``: log of 1/temperature. ``caption_group``
+    [B]: equal values on one rank mark identical captions, all of which count as
+    positives (multi-positive soft targets). Groups are compared within a rank
+    only, so a batch-local index and a caption hash both work.
     """
     image_emb = F.normalize(image_emb.float(), dim=-1)
     text_emb = F.normalize(text_emb.float(), dim=-1)
@@ -76,7 +84,7 @@ def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
     if caption_group is not None:
         groups = gather_with_local_grad(caption_group.to(image_emb.device).long())
     scale = logit_scale.float().clamp(max=4.6052).exp()  # temperature >= 0.01, as CLIP
-    logits = scale * all_images @ all_texts.t()
+    logits = scale * contrastive_logits(all_images, all_texts)
     targets = itc_targets(b, groups, world, rank_ids)
     loss_i2t = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
     loss_t2i = torch.sum(-targets.t() * F.log_softmax(logits.t(), dim=1), dim=1).mean()

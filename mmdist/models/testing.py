@@ -127,7 +127,7 @@ def tiny_text_config(**overrides: Any) -> dict:
             "model_type": "bert",
             "vocab_size": vocab_size,
             "hidden_size": 32,
-            "intermediate_size": 64,
+            "intermediate_size": 128,  # 4 x hidden, as the Q-Former's FFN, so init_from_text copies it
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "max_position_embeddings": 64,
