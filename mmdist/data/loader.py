@@ -64,6 +64,7 @@ class WorkerPlan:
 
     shards: list[Shard]
     budget: int  # batches this worker yields
+    stride: Optional[tuple[int, int]] = None  # (modulus, slot): keep raw sample j when j % modulus == slot
 
 
 def _proportional_split(total: int, weights: list[int]) -> list[int]:
@@ -85,8 +86,16 @@ def plan_epoch(shards: list[Shard], seed: int, epoch: int, rank: int, world_size
     total = sum(s.size or 0 for s in shards)
     budget = math.ceil(total / (world_size * batch_size))
     order = shuffle_shards(shards, seed, epoch, shuffle)
-    mine = split_by_node(order, rank, world_size)
     workers = max(1, num_workers)
+    if len(order) < world_size:
+        # Too few shards to give each rank its own: every worker of every rank reads all shards and keeps
+        # every (world x workers)-th sample. Costs extra reading, so meant for small (eval) sets.
+        slots = world_size * workers
+        strides = [(slots, rank * workers + w) for w in range(workers)]
+        sizes = [total // slots + (1 if slot < total % slots else 0) for _, slot in strides]
+        budgets = _proportional_split(budget, sizes)
+        return [WorkerPlan(list(order), b, st) for b, st in zip(budgets, strides)], budget
+    mine = split_by_node(order, rank, world_size)
     per_worker = [split_by_worker(mine, w, workers) for w in range(workers)]
     sizes = [sum(s.size or 0 for s in ws) for ws in per_worker]
     if sum(sizes) == 0:
@@ -140,29 +149,32 @@ class ShardStream(IterableDataset):
             return max(1, self.samples_per_epoch // (self.world_size * self.batch_size))
         return plan_epoch(self.shards, self.seed, epoch, self.rank, self.world_size, self.num_workers, self.batch_size, self.shuffle)[1]
 
-    def worker_budget(self, epoch: int, worker: int) -> tuple[list[Shard], int]:
+    def worker_plan(self, epoch: int, worker: int) -> WorkerPlan:
         if self.mode == "resampled":
             total = self.batches_per_rank(epoch)
-            return [], total // self.num_workers + (1 if worker < total % self.num_workers else 0)
+            return WorkerPlan([], total // self.num_workers + (1 if worker < total % self.num_workers else 0))
         plans, _ = plan_epoch(self.shards, self.seed, epoch, self.rank, self.world_size, self.num_workers, self.batch_size, self.shuffle)
-        return plans[worker].shards, plans[worker].budget
+        return plans[worker]
 
     # ------------------------------------------------------------------ raw stream
     def _rng(self, *parts: Any) -> random.Random:
         return random.Random("-".join(str(p) for p in (self.seed, self.rank) + parts))
 
-    def raw_samples(self, epoch: int, worker: int, shards: list[Shard], counter: _CounterProxy) -> Iterator[dict]:
+    def raw_samples(self, epoch: int, worker: int, plan: WorkerPlan, counter: _CounterProxy) -> Iterator[dict]:
         """Endless stream of raw samples for one worker (wraps around its shards; resampled: draws shards)."""
         if self.mode == "resampled":
             yield from self._resampled_raw(epoch, worker, counter)
             return
         for pass_ in itertools.count():
             rng = self._rng("samples", epoch, worker, pass_)
-            order = list(shards)
+            order = list(plan.shards)
             if pass_ > 0 and self.shuffle:
                 rng.shuffle(order)
             produced = 0
             chained = (sample for shard in order for sample in read_tar(shard.url, counter))
+            if plan.stride is not None:
+                modulus, slot = plan.stride
+                chained = (sample for j, sample in enumerate(chained) if j % modulus == slot)
             for sample in shuffle_samples(chained, self.shuffle_buffer, rng):
                 produced += 1
                 yield sample
@@ -214,7 +226,8 @@ class ShardStream(IterableDataset):
         yield from self.worker_batches(epoch, worker, resume)
 
     def worker_batches(self, epoch: int, worker: int, resume: Optional[dict] = None) -> Iterator[dict]:
-        shards, budget = self.worker_budget(epoch, worker)
+        plan = self.worker_plan(epoch, worker)
+        budget = plan.budget
         where = f"rank {self.rank} worker {worker} epoch {epoch}"
         counter = BadSampleCounter(self.max_bad_fraction, self.log_bad, where=where)
         if budget == 0:
@@ -226,7 +239,7 @@ class ShardStream(IterableDataset):
         counter.seen = int(resume.get("pool_seen", 0))
         counter.bad.update(resume.get("pool_bad", {}))
         proxy = _CounterProxy(BadSampleCounter(1.0, 0) if pool_start else counter)
-        raw_iter = self.raw_samples(epoch, worker, shards, proxy)
+        raw_iter = self.raw_samples(epoch, worker, plan, proxy)
         for _ in range(pool_start):  # replay without decoding
             next(raw_iter)
         proxy.counter = counter

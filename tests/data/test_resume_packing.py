@@ -43,6 +43,20 @@ def test_resume_after_40_batches_gives_the_same_next_8(tmp_path, num_workers, gr
     assert not all(_same(a, b) for a, b in zip(expected, fresh))
 
 
+def test_resume_in_resampled_mode(tmp_path):
+    processors = make_processors()
+    pattern = write_caption_shards(tmp_path, [7, 9, 11])
+    cfg = make_config(pattern, mode="resampled", samples_per_epoch=200, num_workers=2, shuffle_buffer=8, persistent_workers=False)
+    reference = build_loader(cfg, processors, "train", 0, 2)
+    it = iter(reference)
+    _take(it, 21)
+    state = reference.state_dict()
+    expected = _take(it, 8)
+    resumed = build_loader(cfg, processors, "train", 0, 2)
+    resumed.load_state_dict(state)
+    assert all(_same(a, b) for a, b in zip(expected, _take(iter(resumed), 8)))
+
+
 def test_resume_across_epoch_boundary(tmp_path):
     processors = make_processors()
     pattern = write_caption_shards(tmp_path, [10, 10])
