@@ -129,3 +129,50 @@ def load_stage1(model: FusedVLM, state_or_path: Any, gather: Gather = null_gathe
     if ignored:
         log.info("stage-1 export: %d key(s) not used in stage 2: %s", len(ignored), ", ".join(ignored[:10]))
     return {"loaded": list(own), "ignored": ignored}
+
+
+def load_from_export(path: str, gather: Gather = null_gather, overrides: Optional[list[str]] = None) -> FusedVLM:
+    """A ready FusedVLM from a stage-2 export (or run) folder, for inference (`mmdist generate`).
+
+    The manifest carries the resolved config and the stage-1 manifest, so nothing
+    but the export folder is needed. ``overrides`` (dotted ``key=value``) adjust the
+    stored config, e.g. ``model.llm.dtype=fp32`` on a CPU.
+    """
+    from mmdist.config.run import RunConfig, parse_overrides
+    from mmdist.config.schema import from_dict
+
+    folder = resolve_export_dir(path)
+    state, manifest = read_export(folder)
+    if manifest.get("stage") != "fuse":
+        raise ValueError(f"{folder}: this is a stage-{manifest.get('stage')!r} export; inference needs a stage 'fuse' export")
+    data = manifest["config"]
+    data["model"]["connector"]["stage1_weights"] = None
+    merged_lora = bool(data["model"]["llm"]["lora"]["enabled"])
+    data["model"]["llm"]["lora"]["enabled"] = False  # the export holds the merged weights
+    for keys, value in parse_overrides(overrides or []):
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    cfg = from_dict(RunConfig, data, source=f"{folder}/manifest.json")
+    model = build_model(cfg, gather, stage1_manifest=manifest.get("stage1"))
+    load_trained_weights(model, state, gather, source=folder, allow_llm=merged_lora)
+    model.eval()
+    return model
+
+
+def load_trained_weights(model: FusedVLM, state: dict[str, torch.Tensor], gather: Gather = null_gather, *,
+                         source: str = "", allow_llm: bool = False) -> None:
+    """Copy a stage-2 export (projector, stage-1 module, merged LoRA weights) into ``model``; every key must fit."""
+    own = model.state_dict()
+    problems = [k for k in state if k not in own or own[k].shape != state[k].shape]
+    if not allow_llm:
+        problems += [k for k in state if k.startswith("llm.")]
+    needed = [k for k in own if k.startswith(("projector.", "stage1.")) and k not in state]
+    if problems or needed:
+        raise ValueError(f"the export {source} does not fit this model: unknown or mis-shaped keys {problems[:20]}, missing {needed[:20]}")
+    params = [p for n, p in model.named_parameters() if n in state]
+    with gather(params):
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v.to(own[k].dtype))

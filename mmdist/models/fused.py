@@ -229,6 +229,13 @@ class FusedVLM(FrozenAwareModule):
             kwargs.setdefault("top_k", None)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs)
 
+    @classmethod
+    def from_export(cls, path: str, gather: Any = None, overrides: Optional[list[str]] = None) -> FusedVLM:
+        """The trained model of a stage-2 export or run folder (see mmdist.models.build.load_from_export)."""
+        from mmdist.models.build import load_from_export, null_gather
+
+        return load_from_export(path, gather or null_gather, overrides)
+
     # -- export -----------------------------------------------------------
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
