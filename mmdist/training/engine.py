@@ -388,6 +388,14 @@ def build_engine(
     def make_scheduler(optimizer: Any) -> Any:
         return get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
+    scalars = [p for p in model.parameters() if p.dim() == 0 and not hasattr(p, "ds_id")]
+    for p in scalars:
+        # DeepSpeed 0.19 broadcasts parameters as byte views, which fails for 0-dim tensors (a learnable
+        # temperature): we broadcast those ourselves and mark them so DeepSpeed's broadcast skips them
+        # (`ds_optim_param` only matters to OptimizedLinear offload, which we do not use).
+        if tdist.is_initialized() and world_size > 1:
+            tdist.broadcast(p.data, src=0)
+        p.ds_optim_param = True
     optimizer = None
     if cfg.engine.torch_adam:
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
@@ -399,6 +407,8 @@ def build_engine(
         config=ds_config,
         dist_init_required=False,
     )
+    for p in scalars:
+        del p.ds_optim_param
     info = {
         "world_size": world_size,
         "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],

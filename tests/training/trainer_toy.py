@@ -34,6 +34,7 @@ class ToyModel(nn.Module):
         self.backbone = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN))
         self.norm = nn.LayerNorm(HIDDEN)
         self.projector = nn.Linear(HIDDEN, OUT_DIM)
+        self.log_scale = nn.Parameter(torch.tensor(0.0))  # a 0-dim parameter, like a learnable temperature
         self.processors = None
         gather = gather or (lambda ps: torch.no_grad())
         params = list(self.backbone.parameters())
@@ -54,14 +55,14 @@ class ToyModel(nn.Module):
 
     def forward(self, batch: dict) -> dict:
         hidden = self.backbone(batch["x"])
-        pred = self.projector(self.norm(hidden))
+        pred = self.projector(self.norm(hidden)) * self.log_scale.exp()
         loss = ((pred - batch["y"]) ** 2).mean()
         if "poison" in batch and bool(batch["poison"].any()):
             loss = loss * float("nan")
         return {"loss": loss, "metrics": {"mse": loss.detach()}, "num_tokens": torch.tensor(batch["x"].shape[0])}
 
     def trainable_groups(self) -> dict:
-        return {"projector": list(self.projector.parameters()), "stage1": list(self.norm.parameters())}
+        return {"projector": list(self.projector.parameters()), "stage1": list(self.norm.parameters()), "temperature": [self.log_scale]}
 
     def export_state_dict(self) -> dict:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}

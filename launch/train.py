@@ -1,0 +1,16 @@
+"""Entry point for launchers: `deepspeed launch/train.py --config configs/fuse.yaml [key=value ...]`.
+
+Thin on purpose: the same as `mmdist train`, usable with deepspeed, torchrun, srun and mpiexec
+(the deepspeed launcher's trailing `--local_rank=N` is accepted and ignored; ranks come from
+mmdist.training.dist).
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without install
+
+from mmdist.training.trainer import cli_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(cli_main(sys.argv[1:]))
