@@ -157,7 +157,8 @@ def _from_torch_vars(env: dict, arg_local_rank: Optional[int]) -> DistEnv:
         local_rank = arg_local_rank
     else:
         local_rank = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
-    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
+    # Each launcher's own variable first: a stale one inherited from the parent shell must not win.
+    for key in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE") if is_deepspeed else ("LOCAL_WORLD_SIZE", "LOCAL_SIZE"):
         if key in env:
             local_world = _int(env, key)
             break
@@ -373,6 +374,7 @@ def _expand_range_list(body: str) -> list[str]:
 
 
 _atexit_registered = False
+_saved_environ: dict[str, Optional[str]] = {}  # what init() overwrote, put back by shutdown()
 
 
 def init(env: Optional[DistEnv] = None, backend: str = "auto", timeout_s: Optional[float] = None) -> DistEnv:
@@ -389,7 +391,10 @@ def init(env: Optional[DistEnv] = None, backend: str = "auto", timeout_s: Option
 
     global _atexit_registered
     env = env or discover()
-    os.environ.update(env.as_environ())
+    exported = env.as_environ()
+    if not _saved_environ:
+        _saved_environ.update({key: os.environ.get(key) for key in exported})
+    os.environ.update(exported)
     if timeout_s is None:
         timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
     backend = resolve_backend(backend)
@@ -436,7 +441,12 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 def shutdown() -> None:
-    """Destroy the default process group if there is one. Safe to call any number of times."""
+    """Destroy the default process group if there is one and put back the variables init() overwrote.
+
+    Safe to call any number of times. Restoring the environment keeps a second
+    run in the same process (tests, notebooks) from inheriting this run's rank
+    variables and taking them for a torchrun launch.
+    """
     try:
         import torch.distributed as tdist
     except ImportError:  # pragma: no cover
@@ -446,6 +456,12 @@ def shutdown() -> None:
             tdist.destroy_process_group()
         except Exception as exc:  # a dead peer can make teardown fail; exiting matters more
             print(f"[mmdist.dist] destroying the process group failed: {exc}", file=sys.stderr)
+    for key, value in _saved_environ.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _saved_environ.clear()
 
 
 def is_initialized() -> bool:

@@ -35,6 +35,12 @@ def test_deepspeed_launcher_local_rank_argument_wins():
     assert discover(argv=["--local_rank", "0"], environ={**env, "RANK": "2"}).local_rank == 0
 
 
+def test_deepspeed_launcher_ignores_a_stale_inherited_local_world_size():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_SIZE": "2", "CROSS_RANK": "0",
+           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert discover(argv=["--local_rank=1"], environ=env).local_world_size == 2
+
+
 def test_deepspeed_no_local_rank_flag_still_detected_by_its_variables():
     env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_SIZE": "2", "CROSS_RANK": "0",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
@@ -222,7 +228,7 @@ def test_mpi_rank_from_communicator_when_variables_lack_it():
 
 
 def test_init_and_shutdown_single_process_gloo(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
     import torch
     import torch.distributed as tdist
@@ -238,6 +244,9 @@ def test_init_and_shutdown_single_process_gloo(monkeypatch):
     finally:
         dist.shutdown()
     assert not tdist.is_initialized()
+    # The variables init() exported are gone again: a later run in this process is not taken for torchrun.
+    assert "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ
+    assert discover(argv=[]).launcher == "single"
     dist.shutdown()  # idempotent
 
 
@@ -279,3 +288,56 @@ def test_uncaught_exception_still_destroys_the_group(tmp_path):
         assert f"rank{rank} group_alive_at_exit=False" in out, out
         assert "terminate called" not in out and "Aborted" not in out, out
     assert "RuntimeError: boom" in outs[1]
+
+
+_PROBE = textwrap.dedent("""
+    import json, sys, torch, torch.distributed as tdist
+    from mmdist.training import dist
+    env = dist.init(dist.discover(), timeout_s=60)
+    t = torch.tensor([float(env.rank + 1)])
+    tdist.all_reduce(t)
+    print("PROBE " + json.dumps({**env.__dict__, "sum": t.item(), "args": sys.argv[1:]}), flush=True)
+""")
+
+
+def _launch_probe(tmp_path, launcher_cmd):
+    script = tmp_path / "probe.py"
+    script.write_text(_PROBE)
+    launch_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launch_vars}
+    env.update({"PYTHONPATH": os.getcwd(), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    out = subprocess.run([*launcher_cmd, str(script), "--flag"], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    import json
+
+    probes = [json.loads(line[6:]) for line in out.stdout.splitlines() if line.startswith("PROBE ")]
+    assert sorted(p["rank"] for p in probes) == [0, 1], out.stdout
+    assert {(p["world_size"], p["sum"]) for p in probes} == {(2, 3.0)}  # both joined one group: 1 + 2
+    assert len({(p["master_addr"], p["master_port"]) for p in probes}) == 1
+    assert all(p["args"][-1] == "--flag" for p in probes)
+    return probes
+
+
+@pytest.mark.multiproc
+@pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not found (pip install mpich)")
+def test_mpiexec_ranks_and_broadcast_master(tmp_path):
+    # MPICH's Hydra sets PMI_RANK/PMI_SIZE and no MASTER_*: rank 0's address and free port travel over mpi4py.
+    probes = _launch_probe(tmp_path, [shutil.which("mpiexec"), "-n", "2", sys.executable])
+    assert {p["launcher"] for p in probes} == {"mpi"}
+    assert sorted(p["local_rank"] for p in probes) == [0, 1]
+
+
+@pytest.mark.multiproc
+def test_torchrun_ranks(tmp_path):
+    probes = _launch_probe(tmp_path, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                      "--master_port", str(dist.free_port())])
+    assert {p["launcher"] for p in probes} == {"torchrun"}
+
+
+@pytest.mark.multiproc
+@pytest.mark.skipif(shutil.which("deepspeed") is None, reason="deepspeed launcher not on PATH")
+def test_deepspeed_launcher_ranks(tmp_path):
+    probes = _launch_probe(tmp_path, [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(dist.free_port())])
+    assert {p["launcher"] for p in probes} == {"deepspeed"}
+    # The launcher puts --local_rank=N in front of the script's own arguments.
+    assert sorted(p["args"][0] for p in probes) == ["--local_rank=0", "--local_rank=1"]
