@@ -39,7 +39,7 @@ from typing import Any, Optional
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmdist.data.collate import collate_align, collate_fuse, group_by_length, pad_id_of
-from mmdist.data.preprocess import IGNORE_INDEX, Preprocessor, make_preprocessor
+from mmdist.data.preprocess import Preprocessor, make_preprocessor
 from mmdist.data.reader import (
     BadSample,
     BadSampleCounter,
@@ -53,6 +53,7 @@ from mmdist.data.reader import (
     split_by_node,
     split_by_worker,
 )
+from mmdist.data.selfcheck import self_check
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -420,60 +421,6 @@ def _sources(cfg: Any, split: str, mode: str) -> list[tuple[list[Shard], float]]
     if mode == "epoch" and len({w for _, w in out}) > 1:
         log.warning("data.%s: source weights are ignored in epoch mode (every sample once); use data.mode=resampled to mix by weight", split)
     return out
-
-
-def self_check(dataset: ShardStream, processors: Any, num_samples: int) -> list[dict]:
-    """Render the first samples of this rank; stop with a clear error if the supervision or image tokens are wrong."""
-    if num_samples <= 0:
-        return []
-    pre = dataset.preprocess
-    counter = BadSampleCounter(1.0, dataset.log_bad, where="self-check")
-    rendered: list[dict] = []
-    for shard in dataset.shards[: max(1, num_samples)]:
-        for raw in read_tar(shard.url, counter):
-            out = dataset.process(raw, counter)
-            if out is not None:
-                rendered.append(out)
-            if len(rendered) >= num_samples:
-                break
-        if len(rendered) >= num_samples:
-            break
-    if not rendered:
-        reasons = dict(counter.bad)
-        if reasons.get("no_supervised_tokens"):
-            raise RuntimeError(
-                f"self-check: masking leaves no supervised tokens in the first samples of {dataset.shards[0].url} "
-                f"(template={pre.template!r}, max_len={pre.max_len}, bad samples: {reasons}); check data.template, "
-                "data.format, data.max_len and that the samples have assistant answers"
-            )
-        raise RuntimeError(f"self-check: none of the first samples of {dataset.shards[0].url} could be used (bad samples: {reasons})")
-    if pre.stage == "align":
-        return rendered
-    if not any(any(t != IGNORE_INDEX for t in s["labels"]) for s in rendered):
-        raise RuntimeError(
-            f"self-check: masking leaves no supervised tokens in {len(rendered)} rendered samples (template={pre.template!r}); "
-            "check data.template / data.format and that the samples have assistant answers"
-        )
-    image_id, n_tok = processors.image_token_id, processors.num_image_tokens
-    probe = pre._encode(pre.image_token)
-    if probe != [image_id]:
-        raise RuntimeError(
-            f"self-check: the tokenizer turns the image placeholder {pre.image_token!r} into {probe}, not the single id "
-            f"image_token_id={image_id}; the placeholder token must be added to the tokenizer"
-        )
-    for s in rendered:
-        count = sum(1 for t in s["input_ids"] if t == image_id)
-        n_img = s["num_images"]
-        if "pixel_values" in s:
-            images = len(s["pixel_values"])
-        else:
-            images = int(s["image_features"].shape[0]) if "image_features" in s else 0
-        if count != n_img * n_tok or images != n_img:
-            raise RuntimeError(
-                f"self-check: sample {s['key']} has {count} image tokens for {images} image(s); expected "
-                f"{n_img} x num_image_tokens={n_tok}. The image token count does not match the encoder's"
-            )
-    return rendered
 
 
 def build_loader(cfg: Any, processors: Any, split: str = "train", rank: int = 0, world_size: int = 1, *,

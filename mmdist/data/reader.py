@@ -142,7 +142,7 @@ def count_samples(url: str) -> int:
 
     keys = set()
     try:
-        with tarfile.open(url, "r|*") as tar:
+        with _open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
                 if info.isreg():
                     key, _ = base_plus_ext(info.name)
@@ -179,7 +179,7 @@ def list_shards(patterns: Sequence[str], source: str = "", need_sizes: bool = Tr
     folder_cache: dict = {}
     shards = []
     for url in urls:
-        if "://" not in url and not os.path.isfile(url):
+        if not _is_remote(url) and not os.path.isfile(url):
             raise FileNotFoundError(f"shard {url} (source {source or patterns[0]}) does not exist; check data.train/data.eval shards")
         size = None
         if need_sizes:
@@ -236,6 +236,19 @@ def split_by_worker(shards: Sequence[Shard], worker: int, num_workers: int) -> l
 # 5. read tar files
 
 
+def _is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def _open_shard(url: str):
+    """A local file, or webdataset's gopen for URLs (http(s)://, s3:// via pipe:, ...)."""
+    if _is_remote(url):
+        from webdataset.gopen import gopen
+
+        return gopen(url, "rb")
+    return open(url, "rb")
+
+
 def read_tar(url: str, counter: Optional[BadSampleCounter] = None) -> Iterator[dict]:
     """Raw samples of one shard, grouped by key (webdataset's rules, so img2dataset shards read as is).
 
@@ -252,7 +265,7 @@ def read_tar(url: str, counter: Optional[BadSampleCounter] = None) -> Iterator[d
 
     def members() -> Iterator[dict]:
         try:
-            with open(url, "rb") as stream:
+            with _open_shard(url) as stream:
                 for item in tar_file_iterator(stream, handler=handler):
                     item["__url__"] = url
                     yield item
