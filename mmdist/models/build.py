@@ -39,7 +39,7 @@ def build_model(cfg: Any, gather: Gather = null_gather, *, stage1_manifest: Opti
     ``stage1_manifest`` (inference from a stage-2 export) rebuilds the stage-1 module
     from a manifest instead of reading ``model.connector.stage1_weights``.
     """
-    vision = VisionTower(cfg.model.vision)
+    vision = VisionTower(cfg.model.vision, gather)
     transform = image_transform_for(cfg, vision)
     if cfg.stage == "align":
         return _build_align(cfg, vision, transform)
@@ -69,7 +69,7 @@ def _build_fused(cfg: Any, vision: VisionTower, transform: ImageTransform, gathe
     tokenizer = load_tokenizer(llm_cfg)
     image_token_id = add_image_token(tokenizer, llm_cfg.image_token)
     llm = load_llm(llm_cfg)
-    rows = llm.get_input_embeddings().weight.shape[0]
+    rows = llm.get_input_embeddings().num_embeddings  # not weight.shape: empty under ZeRO-3 partitioning
     if not llm_cfg.freeze and len(tokenizer) > rows:
         # A trainable LLM may learn the new row; a frozen one never looks it up (see fused.py).
         llm.resize_token_embeddings(len(tokenizer))

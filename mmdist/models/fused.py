@@ -53,13 +53,14 @@ class FusedVLM(FrozenAwareModule):
         self.processors = processors
         self.vision = vision
         self.stage1 = stage1
-        llm_dim = int(llm.get_input_embeddings().weight.shape[1])
+        embedding = llm.get_input_embeddings()
+        llm_dim = int(embedding.embedding_dim)  # module attributes, not weight.shape (empty under ZeRO-3)
         in_dim = stage1.out_dim if stage1 is not None else vision.hidden_size
         self.projector = Projector(in_dim, llm_dim, conn.projector_layers)
         self.llm = llm
         self.num_image_tokens = stage1.num_tokens if stage1 is not None else (conn.image_tokens or vision.num_tokens)
         self.image_token_id = int(processors.image_token_id)
-        rows = int(llm.get_input_embeddings().weight.shape[0])
+        rows = int(embedding.num_embeddings)
         pad = getattr(processors.tokenizer, "pad_token_id", None)
         fallback = pad if pad is not None and pad < rows else 0
         # The id used for the embedding lookup at placeholder positions (overwritten afterwards).
@@ -81,12 +82,14 @@ class FusedVLM(FrozenAwareModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        # HF only recomputes activations in train mode: a frozen LLM with gradient
-        # checkpointing follows the wrapper's mode with its dropout layers kept off.
-        if self.cfg.model.llm.gradient_checkpointing and self.cfg.model.llm.freeze:
+        # HF only recomputes activations in train mode, and LoRA dropout only acts in
+        # train mode: then a frozen LLM follows the wrapper's mode, with its own
+        # dropout layers kept off (the LoRA dropout stays on).
+        llm = self.cfg.model.llm
+        if llm.freeze and (llm.gradient_checkpointing or llm.lora.enabled):
             self.llm.train(mode)
-            for module in self.llm.modules():
-                if isinstance(module, nn.Dropout):
+            for name, module in self.llm.named_modules():
+                if isinstance(module, nn.Dropout) and "lora_dropout" not in name:
                     module.eval()
         return self
 
@@ -239,10 +242,14 @@ class FusedVLM(FrozenAwareModule):
     # -- export -----------------------------------------------------------
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
-        """Trainable weights by name (projector, stage-1 module when it trains, merged LoRA deltas are handled by build)."""
+        """Trained weights by name: projector, stage-1 module, and with LoRA the merged LLM weights (W + BA)."""
         out = {f"projector.{k}": v.detach().cpu() for k, v in self.projector.state_dict().items()}
         if self.stage1 is not None:
             out.update({f"stage1.{k}": v.detach().cpu() for k, v in self.stage1.state_dict().items()})
+        if self.cfg.model.llm.lora.enabled:
+            from mmdist.models.lora import merged_lora_weights
+
+            out.update(merged_lora_weights(self.llm))
         return out
 
     def manifest(self) -> dict:

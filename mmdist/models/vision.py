@@ -64,7 +64,9 @@ class VisionConfig(SettingsBase):
 # the encoder
 
 HF_HAS_CLS = {"vit": True, "clip_vision_model": True, "clip": True, "siglip_vision_model": False, "siglip": False,
-              "siglip2_vision_model": False, "siglip2": False, "dinov2": True, "deit": True}
+              "siglip2_vision_model": False, "siglip2": False, "dinov2": True}
+# Towers whose token count is (image_size / patch_size)^2 (+ class token): no probe forward needed.
+CONFIG_SHAPED = {"vit", "clip_vision_model", "siglip_vision_model"}
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
@@ -223,10 +225,11 @@ class VisionTower(torch.nn.Module):
     ``image_size``, ``image_mean``, ``image_std``, ``has_cls``.
     """
 
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, gather: Any = None):
         super().__init__()
-        import torch
+        from mmdist.models.align import null_gather
 
+        gather = gather or null_gather
         self.cfg = cfg
         if cfg.source == "custom":
             cls = import_object(cfg.custom_class, "model.vision.custom_class")
@@ -254,21 +257,41 @@ class VisionTower(torch.nn.Module):
             self.image_mean = self.image_mean * 3
         if len(self.image_std) == 1:
             self.image_std = self.image_std * 3
+        params = list(self.model.parameters())
         if cfg.checkpoint:
-            self.load_report = load_checkpoint_into(self.model, cfg.checkpoint, key=cfg.checkpoint_key,
-                                                    allow_partial=cfg.allow_partial_load)
+            with gather(params):
+                self.load_report = load_checkpoint_into(self.model, cfg.checkpoint, key=cfg.checkpoint_key,
+                                                        allow_partial=cfg.allow_partial_load)
         else:
             self.load_report = {}
-        # Probe in eval mode: a train-mode probe would update BatchNorm statistics.
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            probe = self.forward(torch.zeros(1, 3, self.image_size, self.image_size))
-        self.model.train(was_training)
-        self.num_tokens = int(probe.shape[1])
-        self.hidden_size = int(cfg.hidden_size or probe.shape[-1])
-        if probe.shape[-1] != self.hidden_size:
-            raise ValueError(f"model.vision.hidden_size={cfg.hidden_size} but the encoder returns width {probe.shape[-1]}")
+        known = self._shape_from_config() if cfg.source == "hf" else None
+        if known is not None:
+            self.num_tokens, width = known
+        else:
+            # Probe in eval mode (a train-mode probe would update BatchNorm statistics),
+            # with the parameters gathered (under ZeRO-3 they are partitioned here).
+            was_training = self.model.training
+            self.model.eval()
+            with gather(params), torch.no_grad():
+                probe = self.forward(torch.zeros(1, 3, self.image_size, self.image_size))
+            self.model.train(was_training)
+            self.num_tokens, width = int(probe.shape[1]), int(probe.shape[-1])
+        self.hidden_size = int(cfg.hidden_size or width)
+        if width != self.hidden_size:
+            raise ValueError(f"model.vision.hidden_size={cfg.hidden_size} but the encoder returns width {width}")
+
+    def _shape_from_config(self) -> Optional[tuple[int, int]]:
+        """(tokens, width) of a ViT-like HF tower from its config; None when it cannot be read (then probe)."""
+        config = self.model.config
+        patch, size, width = getattr(config, "patch_size", None), getattr(config, "image_size", None), getattr(config, "hidden_size", None)
+        if not (isinstance(patch, int) and isinstance(size, int) and width) or size != self.image_size or config.model_type not in CONFIG_SHAPED:
+            return None
+        patches = (size // patch) ** 2
+        if self.cfg.select_tokens == "cls":
+            return 1, int(width)
+        if self.cfg.select_tokens == "all" and self.has_cls:
+            return patches + 1, int(width)
+        return patches, int(width)
 
     @property
     def dtype(self):

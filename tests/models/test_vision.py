@@ -30,6 +30,9 @@ def test_hf_vit_token_and_layer_selection():
         torch.testing.assert_close(cls(pixels), hidden[-1][:, :1])
         torch.testing.assert_close(penult(pixels), hidden[-2])
     assert patch.image_size == 16 and patch.image_mean == [0.5, 0.5, 0.5]
+    # Token counts read from the config agree with what a forward returns.
+    for t in (patch, cls, every):
+        assert t(pixels).shape[1:] == (t.num_tokens, t.hidden_size)
 
 
 def test_seeded_init_is_repeatable_and_seed_dependent():
