@@ -126,3 +126,20 @@ def test_self_check_stops_on_image_token_mismatch(tmp_path):
     path = _shard(tmp_path, [{"__key__": f"k{i}", "png": png(i), "txt": "a digit"} for i in range(4)])
     with pytest.raises(RuntimeError, match="image placeholder"):
         build_loader(make_config(path), processors, "train", 0, 1)
+
+
+def test_webp_and_jpeg_members_and_forced_caption_format():
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    processors, pre = _pre("plain", fmt="caption")
+    buf = io.BytesIO()
+    Image.fromarray(np.full((5, 7, 3), 99, dtype=np.uint8)).save(buf, format="WEBP")
+    conv = {"conversations": [{"from": "human", "value": "<image> what is this ?"}, {"from": "gpt", "value": "seven"}]}
+    out = pre(_decoded({"webp": buf.getvalue(), "txt": "a digit seven", "json": conv}))
+    assert _supervised(processors, out) == ["a", "digit", "seven", "</s>"]  # format=caption ignores the conversation
+    assert out["pixel_values"][0].shape == (3, 8, 8)
+    out = pre(_decoded({"jpeg": png(5), "txt": "a cat"}))
+    assert out["num_images"] == 1
