@@ -97,14 +97,14 @@ def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
 class AlignModel(FrozenAwareModule):
     """Stage-1 model: frozen vision encoder, text encoder, stage-1 module, learnable temperature."""
 
-    def __init__(self, cfg: Any, processors: Any, vision: VisionTower, text: TextEncoder):
+    def __init__(self, cfg: Any, processors: Any, vision: VisionTower, text: TextEncoder, gather: Any = null_gather):
         super().__init__()
         conn = cfg.model.connector
         self.cfg = cfg
         self.processors = processors
         self.vision = vision
         self.text = text
-        self.stage1 = build_stage1_module(conn, vision.hidden_size, vision.num_tokens, text.hidden_size, text_encoder=text)
+        self.stage1 = build_stage1_module(conn, vision.hidden_size, vision.num_tokens, text.hidden_size, text_encoder=text, gather=gather)
         self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1.0 / conn.temperature)))))
         self.apply_policy()
 

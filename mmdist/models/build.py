@@ -42,16 +42,16 @@ def build_model(cfg: Any, gather: Gather = null_gather, *, stage1_manifest: Opti
     vision = VisionTower(cfg.model.vision, gather)
     transform = image_transform_for(cfg, vision)
     if cfg.stage == "align":
-        return _build_align(cfg, vision, transform)
+        return _build_align(cfg, vision, transform, gather)
     return _build_fused(cfg, vision, transform, gather, stage1_manifest)
 
 
-def _build_align(cfg: Any, vision: VisionTower, transform: ImageTransform) -> AlignModel:
+def _build_align(cfg: Any, vision: VisionTower, transform: ImageTransform, gather: Gather) -> AlignModel:
     text = TextEncoder(cfg.model.text)
     processors = Processors(image_transform=transform, num_image_tokens=0, text_tokenizer=load_text_tokenizer(cfg.model.text),
                             template=cfg.data.template, text_max_length=cfg.model.text.max_length,
                             identity=_identity(cfg))
-    model = AlignModel(cfg, processors, vision, text)
+    model = AlignModel(cfg, processors, vision, text, gather)
     processors.num_image_tokens = model.stage1.num_tokens
     return model
 
@@ -89,6 +89,7 @@ def _build_fused(cfg: Any, vision: VisionTower, transform: ImageTransform, gathe
                             template=cfg.data.template, identity=_identity(cfg))
     model = FusedVLM(cfg, processors, vision, llm, stage1)
     model.stage1_manifest = stage1_manifest
+    model.gather = gather  # for reads outside forward (merged LoRA export)
     processors.num_image_tokens = model.num_image_tokens
     if stage1_state is not None:
         load_stage1(model, stage1_state, gather, source=source)

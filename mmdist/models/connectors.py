@@ -148,17 +148,17 @@ class Projector(nn.Module):
         return self.net(tokens.to(next(self.net.parameters()).dtype))
 
 
-def _build_heads(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None) -> nn.Module:
+def _build_heads(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None, gather=None) -> nn.Module:
     return AlignHeads(cfg, vision_dim, vision_tokens, text_dim)
 
 
-def _build_qformer(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None) -> nn.Module:
+def _build_qformer(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None, gather=None) -> nn.Module:
     from mmdist.models.qformer import QFormer
 
-    return QFormer(cfg, vision_dim, text_dim, text_encoder=text_encoder)
+    return QFormer(cfg, vision_dim, text_dim, text_encoder=text_encoder, gather=gather)
 
 
-# type -> builder(cfg, vision_dim, vision_tokens, text_dim, text_encoder) -> module with
+# type -> builder(cfg, vision_dim, vision_tokens, text_dim, text_encoder, gather) -> module with
 # image_tokens_of(features), num_tokens, out_dim, shapes()
 STAGE1_MODULES: dict[str, Callable[..., nn.Module]] = {
     "linear": _build_heads,
@@ -168,10 +168,10 @@ STAGE1_MODULES: dict[str, Callable[..., nn.Module]] = {
 
 
 def build_stage1_module(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int] = None,
-                        text_encoder=None) -> nn.Module:
+                        text_encoder=None, gather=None) -> nn.Module:
     """The stage-1 module of ``cfg.type`` (see STAGE1_MODULES)."""
     try:
         builder = STAGE1_MODULES[cfg.type]
     except KeyError:
         raise ValueError(f"model.connector.type={cfg.type!r} is not one of {', '.join(STAGE1_MODULES)}") from None
-    return builder(cfg, vision_dim, vision_tokens, text_dim, text_encoder)
+    return builder(cfg, vision_dim, vision_tokens, text_dim, text_encoder, gather)

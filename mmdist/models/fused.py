@@ -247,9 +247,14 @@ class FusedVLM(FrozenAwareModule):
         if self.stage1 is not None:
             out.update({f"stage1.{k}": v.detach().cpu() for k, v in self.stage1.state_dict().items()})
         if self.cfg.model.llm.lora.enabled:
-            from mmdist.models.lora import merged_lora_weights
+            from mmdist.models.lora import lora_layers, merged_lora_weights
 
-            out.update(merged_lora_weights(self.llm))
+            gather = getattr(self, "gather", None)
+            if gather is None:
+                out.update(merged_lora_weights(self.llm))
+            else:
+                with gather([p for _, m in lora_layers(self.llm) for p in m.parameters()]):
+                    out.update(merged_lora_weights(self.llm))
         return out
 
     def manifest(self) -> dict:

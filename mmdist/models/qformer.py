@@ -114,7 +114,7 @@ class QFormer(nn.Module):
     text parts (ITC text projection, ITM and LM heads) and initialises the layers.
     """
 
-    def __init__(self, cfg: Any, vision_dim: int, text_dim: Optional[int], text_encoder: Any = None):
+    def __init__(self, cfg: Any, vision_dim: int, text_dim: Optional[int], text_encoder: Any = None, gather: Any = None):
         super().__init__()
         q = cfg.qformer
         self.cfg = cfg
@@ -137,7 +137,10 @@ class QFormer(nn.Module):
             self.itm_head = nn.Linear(dim, 2)
             self.lm_head = nn.Linear(dim, vocab)
             if q.init_from_text:
-                self.init_from_text(text_encoder)
+                from mmdist.models.align import null_gather
+
+                with (gather or null_gather)(list(self.parameters()) + list(text_encoder.parameters())):
+                    self.init_from_text(text_encoder)
 
     # -- initialisation ---------------------------------------------------
 
@@ -170,9 +173,13 @@ class QFormer(nn.Module):
 
     # -- forward pieces ---------------------------------------------------
 
-    def run(self, image_features: torch.Tensor, text_states: Optional[torch.Tensor] = None,
-            allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Queries (+ text states) through the layers; returns [N, Q (+ L), dim]."""
+    def forward(self, image_features: torch.Tensor, text_states: Optional[torch.Tensor] = None,
+                allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Queries (+ text states) through the layers; returns [N, Q (+ L), dim].
+
+        Always reached through ``self(...)``: under ZeRO-3 the module call is what
+        gathers ``self.queries``.
+        """
         image = self.image_norm(image_features.to(self.queries.dtype))
         x = self.queries.expand(image.shape[0], -1, -1)
         if text_states is not None:
@@ -183,7 +190,7 @@ class QFormer(nn.Module):
 
     def image_tokens_of(self, features: torch.Tensor) -> torch.Tensor:
         """Vision features [N, n, Dv] -> query outputs [N, num_queries, dim] (what stage 2 projects)."""
-        return self.run(features)
+        return self(features)
 
     def _masks(self, text_mask: torch.Tensor, kind: str) -> torch.Tensor:
         """Boolean [B, Q+L, Q+L] (True = may attend) for 'itm' (bidirectional) or 'itg' (multimodal causal)."""
@@ -217,7 +224,7 @@ class QFormer(nn.Module):
 
     def itm_logits(self, features: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Match logits [N, 2] for image/text pairs (queries and text attend to each other)."""
-        out = self.run(features, text_states, self._masks(text_mask, "itm"))
+        out = self(features, text_states, self._masks(text_mask, "itm"))
         return self.itm_head(out[:, : self.num_tokens]).mean(1)
 
     def itm_loss(self, features, text_states, text_mask, image_emb, text_emb, caption_group) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +246,7 @@ class QFormer(nn.Module):
 
     def itg_loss(self, features: torch.Tensor, text_states: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Image-grounded generation: next caption token from queries + earlier tokens (pad ignored)."""
-        out = self.run(features, text_states, self._masks(text_mask, "itg"))
+        out = self(features, text_states, self._masks(text_mask, "itg"))
         logits = self.lm_head(out[:, self.num_tokens :])[:, :-1]
         targets = ids[:, 1:].masked_fill(text_mask[:, 1:] == 0, -100)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)

@@ -46,10 +46,10 @@ def test_itg_mask_is_multimodal_causal():
     changed = states.clone()
     changed[:, 3] += 1.0  # change the 4th caption token
     with torch.no_grad():
-        a = qf.run(feats, states, qf._masks(mask, "itg"))
-        b = qf.run(feats, changed, qf._masks(mask, "itg"))
-        c = qf.run(feats, states, qf._masks(mask, "itm"))
-        d = qf.run(feats, changed, qf._masks(mask, "itm"))
+        a = qf(feats, states, qf._masks(mask, "itg"))
+        b = qf(feats, changed, qf._masks(mask, "itg"))
+        c = qf(feats, states, qf._masks(mask, "itm"))
+        d = qf(feats, changed, qf._masks(mask, "itm"))
     q = qf.num_tokens
     torch.testing.assert_close(a[:, :q], b[:, :q])  # queries never see the text
     torch.testing.assert_close(a[:, q : q + 3], b[:, q : q + 3])  # earlier text does not see later text
@@ -98,7 +98,7 @@ def test_losses_itg_by_hand_and_training_reduces_them():
     feats = model.encode_images(batch["pixel_values"])
     with torch.no_grad():
         states = model.text.model.embeddings(input_ids=ids)
-        logits = qf.lm_head(qf.run(feats, states, qf._masks(mask, "itg"))[:, qf.num_tokens :])
+        logits = qf.lm_head(qf(feats, states, qf._masks(mask, "itg"))[:, qf.num_tokens :])
         keep = mask[:, 1:].bool()
         expected = F.cross_entropy(logits[:, :-1][keep], ids[:, 1:][keep])
         torch.testing.assert_close(qf.itg_loss(feats, states, ids, mask), expected)
