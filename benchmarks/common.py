@@ -1,0 +1,137 @@
+"""Shared pieces of the side-by-side benchmarks: the benchmark shapes, synthetic variable-length data,
+the FLOP accounting, the dense-matmul peak and table printing.
+
+Both contenders of a benchmark take their shapes, data and FLOP accounting from
+here, so "the same step" means the same thing on both sides.
+
+FLOP accounting (issue 6): per real (non-padding) token 4 x the LLM's matmul
+parameters (forward, plus the input-gradient backward through frozen weights;
+6 x if the LLM trains), plus 2 x that again when the LLM recomputes activations
+(gradient checkpointing); per image 2 x the vision encoder's parameters per
+vision token (frozen forward); per image token 6 x the connector's parameters
+(it trains: forward, input and weight gradients). Attention-score FLOPs are not
+counted, as in the usual 6N/4N accounting.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# SmolLM2-135M's shape (random weights from config): the LLM of benchmarks 1 and 2.
+SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
+                    rms_norm_eps=1e-5, rope_theta=100000.0)
+# A small CLIP vision tower giving 8 x 8 = 64 patch tokens (the CLS token dropped, layer -2, as LLaVA does).
+SMALL_CLIP = dict(model_type="clip_vision_model", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                  num_attention_heads=4, image_size=128, patch_size=16, num_channels=3, projection_dim=256)
+IMAGE_TOKENS = 64
+
+
+@dataclass
+class Sample:
+    """One synthetic stage-2 sample: prompt, image, question, answer (token ids; image positions marked -1)."""
+
+    ids: list[int]
+    labels: list[int]
+    pixel_values: torch.Tensor
+
+
+@dataclass
+class BenchShape:
+    """Everything both contenders share."""
+
+    llm: dict = field(default_factory=lambda: dict(SMOLLM2_135M))
+    vision: dict = field(default_factory=lambda: dict(SMALL_CLIP))
+    image_tokens: int = IMAGE_TOKENS
+    answer_range: tuple[int, int] = (8, 160)
+    prompt_range: tuple[int, int] = (4, 24)
+    question_range: tuple[int, int] = (6, 20)
+    dtype: torch.dtype = torch.float32
+
+
+def make_samples(n: int, shape: BenchShape, seed: int = 0) -> list[Sample]:
+    """``n`` samples with uniformly drawn answer lengths in ``shape.answer_range`` (reproducible)."""
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    vocab = shape.llm["vocab_size"] - 8
+    size = shape.vision["image_size"]
+    out = []
+    for _ in range(n):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(*shape.prompt_range))]
+        question = [rng.randrange(vocab) for _ in range(rng.randint(*shape.question_range))]
+        answer = [rng.randrange(vocab) for _ in range(rng.randint(*shape.answer_range))]
+        ids = prompt + [-1] * shape.image_tokens + question + answer
+        labels = [-100] * (len(ids) - len(answer)) + answer
+        out.append(Sample(ids, labels, torch.randn(3, size, size, generator=gen)))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# FLOPs
+
+
+def llm_matmul_params(model: torch.nn.Module) -> int:
+    """Parameters that take part in matmuls per token: all, minus an input embedding not tied to the output."""
+    total = sum({id(p): p.numel() for p in model.parameters()}.values())
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight is emb
+    return total if tied else total - emb.numel()
+
+
+def step_flops(real_tokens: int, images: int, llm_params: int, vision_params: int, vision_seq: int,
+               connector_params: int, image_tokens: int, checkpointing: bool = False,
+               llm_trains: bool = False) -> float:
+    """FLOPs of one training step by the issue's accounting (see the module docstring)."""
+    per_token = (6 if llm_trains else 4) * llm_params + (2 * llm_params if checkpointing else 0)
+    return (per_token * real_tokens + 2 * vision_params * vision_seq * images
+            + 6 * connector_params * image_tokens * images)
+
+
+def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 3.0) -> float:
+    """FLOP/s of a large dense square matmul with the current thread count and ``dtype`` (best of repeated runs)."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    c = torch.empty(n, n, dtype=dtype)
+    torch.mm(a, b, out=c)
+    best = float("inf")
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        torch.mm(a, b, out=c)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def set_threads(threads: int | None) -> int:
+    """Use ``threads`` intra-op threads (default: every core this process may use); returns the count."""
+    threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ---------------------------------------------------------------------------
+# output
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table with a header (also valid Markdown)."""
+
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    body = [[cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) if body else len(c) for i, c in enumerate(columns)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |",
+             "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    lines += ["| " + " | ".join(b[i].ljust(w) for i, w in enumerate(widths)) + " |" for b in body]
+    return "\n".join(lines)

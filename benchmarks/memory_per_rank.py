@@ -1,0 +1,297 @@
+"""Benchmark 3: what a rank actually holds under DeepSpeed, for 1 and 2 ranks and ZeRO 0, 2, 3,
+beside what ``mmdist plan`` predicts.
+
+Each setting runs in fresh processes (``torchrun``, gloo, ``DS_ACCELERATOR=cpu``):
+build the run's model through ``mmdist.training.engine.build_engine``, one
+forward and backward (gradients measured here, before the step frees them), one
+optimizer step (parameters and optimizer state measured after it), then peak RSS.
+
+What is counted, per rank, as bytes of distinct memory (overlapping views counted once):
+
+* parameters: every module parameter's data plus, under ZeRO-3, its ``ds_tensor``
+  partition; split into frozen (by dtype) and trainable;
+* gradients: ``p.grad`` of the module's parameters and the ZeRO optimizer's
+  gradient partitions (``averaged_gradients``, the fp32 partitions' ``.grad``,
+  ZeRO-3's ``grad_partitions_flat_buffer``);
+* optimizer: the base optimizer's state (Adam m, v) and the fp32 master
+  partitions (``single_partition_of_fp32_groups``, ``fp32_partitioned_groups_flat``)
+  when they are not the module's own parameters;
+* frozen parameters holding a gradient, and frozen parameters inside the
+  optimizer: both must be 0.
+
+Run: ``python benchmarks/memory_per_rank.py`` (the tiny fuse config), or
+``--config configs/tiny_align.yaml``; ``--json FILE`` keeps the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_CONFIG = ROOT / "configs" / "tiny_fuse.yaml"
+# Small buckets (the defaults are 5e8 elements) and no ZeRO-3 persistence threshold, so a tiny
+# model is partitioned like a big one (parameters under the threshold would stay whole on every rank).
+BENCH_OVERRIDES = [
+    "engine.deepspeed={zero_optimization: {reduce_bucket_size: 500000, allgather_bucket_size: 500000, "
+    "stage3_prefetch_bucket_size: 500000, stage3_param_persistence_threshold: 0}}",
+    "model.llm.gradient_checkpointing=false", "train.lr_multipliers={}",
+    "log.progress_bar=false", "log.tensorboard=false", "log.param_table=false",
+]
+
+
+# ---------------------------------------------------------------------------
+# counting (inside a rank)
+
+
+def _tensors(obj: Any, depth: int = 0) -> Iterable[Any]:
+    import torch
+
+    if depth > 4 or obj is None:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v, depth + 1)
+
+
+def union_bytes(tensors: Iterable[Any], exclude: Iterable[Any] = ()) -> int:
+    """Bytes covered by ``tensors`` (overlapping views counted once), minus ranges covered by ``exclude``."""
+
+    def intervals(ts: Iterable[Any]) -> list[tuple[int, int]]:
+        out = []
+        for t in ts:
+            n = t.numel() * t.element_size()
+            if n and t.device.type != "meta":
+                out.append((t.data_ptr(), t.data_ptr() + n))
+        out.sort()
+        merged: list[list[int]] = []
+        for a, b in out:
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        return [(a, b) for a, b in merged]
+
+    keep = intervals(tensors)
+    drop = intervals(exclude)
+    total = 0
+    for a, b in keep:
+        size = b - a
+        for c, d in drop:
+            lo, hi = max(a, c), min(b, d)
+            if lo < hi:
+                size -= hi - lo
+        total += max(0, size)
+    return total
+
+
+def _param_tensors(p: Any) -> list[Any]:
+    out = [p.data]
+    if hasattr(p, "ds_tensor") and p.ds_tensor is not None:
+        out.append(p.ds_tensor)
+    return out
+
+
+def count_params(model: Any) -> dict:
+    frozen: dict[str, int] = {}
+    trainable: list[Any] = []
+    for p in {id(p): p for p in model.parameters()}.values():
+        if p.requires_grad:
+            trainable += _param_tensors(p)
+        else:
+            name = str(p.dtype).replace("torch.", "").replace("float32", "fp32").replace("bfloat16", "bf16").replace("float16", "fp16")
+            frozen[name] = frozen.get(name, 0) + union_bytes(_param_tensors(p))
+    return {"frozen": frozen, "trainable": union_bytes(trainable)}
+
+
+def count_grads(model: Any, optimizer: Any) -> int:
+    tensors = [p.grad for p in model.parameters() if p.grad is not None]
+    for name in ("averaged_gradients", "grad_partitions_flat_buffer"):
+        tensors += list(_tensors(getattr(optimizer, name, None)))
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+        tensors += [t.grad for t in _tensors(getattr(optimizer, name, None)) if t.grad is not None]
+    return union_bytes(tensors)
+
+
+def count_optimizer(model: Any, optimizer: Any) -> int:
+    base = getattr(optimizer, "optimizer", optimizer)
+    tensors = list(_tensors(list(base.state.values())))
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
+                 "fp32_groups_flat"):
+        tensors += list(_tensors(getattr(optimizer, name, None)))
+    own = [t for p in model.parameters() for t in _param_tensors(p)]
+    return union_bytes(tensors, exclude=own)
+
+
+def frozen_in_optimizer(model: Any, optimizer: Any) -> int:
+    """Frozen parameters that the optimizer (or ZeRO's low-precision groups) holds."""
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    held = set()
+    for name in ("bit16_groups", "fp16_groups", "bf16_groups"):
+        held |= {id(t) for t in _tensors(getattr(optimizer, name, None))}
+    base = getattr(optimizer, "optimizer", optimizer)
+    held |= {id(p) for g in base.param_groups for p in g["params"]}
+    held |= {id(p) for p in base.state}
+    return len(frozen & held)
+
+
+def _batch(model: Any, samples: int, seed: int = 0) -> dict:
+    """A fuse-stage micro-batch of ``samples`` image-question-answer samples (mmdist's collate, padded)."""
+    import random
+
+    import torch
+
+    from mmdist.data.collate import collate_fuse
+
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    size = model.vision.image_size
+    vocab = 200
+    out = []
+    for _ in range(samples):
+        prompt = [rng.randrange(vocab) for _ in range(4)]
+        answer = [rng.randrange(vocab) for _ in range(rng.randint(4, 16))]
+        ids = prompt + [model.image_token_id] * model.num_image_tokens + answer
+        labels = [-100] * (len(ids) - len(answer)) + answer
+        out.append({"input_ids": ids, "labels": labels, "pixel_values": [torch.randn(3, size, size, generator=gen)]})
+    return collate_fuse(out, pad_token_id=0)
+
+
+def worker(config: str, overrides: list[str], out_dir: str) -> None:
+    """One rank: build, one optimizer step (grads counted before it; params and optimizer after it), write JSON."""
+    from mmdist.config.run import load_config
+    from mmdist.training import dist
+    from mmdist.training.engine import build_engine
+
+    env = dist.init(backend="gloo")
+    try:
+        cfg = load_config(config, overrides)
+        bundle = build_engine(cfg)
+        engine, model = bundle.engine, bundle.model
+        if cfg.stage != "fuse":
+            raise SystemExit("memory_per_rank measures the fuse stage (stage 2); give a fuse config")
+        engine.train()
+        accumulation = bundle.ds_config["gradient_accumulation_steps"]
+        for micro in range(accumulation):  # one whole optimizer step, so the optimizer state exists
+            batch = _batch(model, cfg.train.micro_batch_size, seed=env.rank * 100 + micro)
+            out = engine(batch)
+            engine.backward(out["loss"])
+            if micro == accumulation - 1:  # gradients are complete here and freed by the step
+                grads = count_grads(model, engine.optimizer)
+                frozen_with_grad = sum(1 for p in model.parameters() if not p.requires_grad and p.grad is not None)
+            engine.step()
+        params = count_params(model)
+        result = {
+            "rank": env.rank, "world_size": env.world_size, "zero_stage": cfg.engine.zero_stage,
+            "precision": cfg.engine.precision, "frozen": params["frozen"], "trainable": params["trainable"],
+            "gradients": grads, "optimizer": count_optimizer(model, engine.optimizer),
+            "frozen_with_grad": frozen_with_grad, "frozen_in_optimizer": frozen_in_optimizer(model, engine.optimizer),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "loss": float(out["loss"]),
+        }
+        Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(result))
+    finally:
+        from mmdist.training.trainer import _release_deepspeed_groups
+
+        _release_deepspeed_groups()
+        dist.shutdown()
+
+
+# ---------------------------------------------------------------------------
+# driver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure(config: str, ranks: int, zero_stage: int, extra: list[str] = (), timeout: int = 600) -> list[dict]:
+    """Launch ``ranks`` processes with torchrun for one setting; the per-rank figures."""
+    overrides = BENCH_OVERRIDES + [f"engine.zero_stage={zero_stage}"] + list(extra)
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides.append(f"run_dir={tmp}/run")
+        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", str(Path(__file__).resolve()), "--worker", "--config", config,
+               "--out", tmp, *overrides]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        results = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
+        if proc.returncode or len(results) != ranks:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return results
+
+
+def predicted(config: str, ranks: int, zero_stage: int, extra: list[str] = ()) -> dict:
+    """What ``mmdist plan`` predicts for the same config and setting (per rank)."""
+    from mmdist import plan
+    from mmdist.config.run import load_config
+
+    cfg = load_config(config, BENCH_OVERRIDES + [f"engine.zero_stage={zero_stage}"] + list(extra))
+    shapes = plan.model_shapes(cfg)
+    return plan.model_state_bytes(shapes, plan.Setting(zero_stage), ranks, cfg.engine.precision,
+                                  plan.deepspeed_bucket_settings(cfg))
+
+
+def run(config: str = str(DEFAULT_CONFIG), settings: Iterable[tuple[int, int]] = ((1, 0), (2, 0), (1, 2), (2, 2), (1, 3), (2, 3)),
+        extra: list[str] = ()) -> list[dict]:
+    rows = []
+    for ranks, stage in settings:
+        measured = measure(config, ranks, stage, list(extra))
+        pred = predicted(config, ranks, stage, list(extra))
+        m = max(measured, key=lambda r: sum(r["frozen"].values()))
+        rows.append({
+            "ranks": ranks, "zero": stage,
+            "frozen B": sum(m["frozen"].values()), "pred frozen B": sum(pred["frozen"].values()),
+            "trainable B": m["trainable"], "pred trainable B": pred["trainable"],
+            "grads B": m["gradients"], "pred grads B": pred["gradients"],
+            "optim B": m["optimizer"], "pred optim B": pred["optimizer"],
+            "frozen w/ grad": max(r["frozen_with_grad"] for r in measured),
+            "frozen in optim": max(r["frozen_in_optimizer"] for r in measured),
+            "peak RSS MiB": max(r["peak_rss"] for r in measured) / 2**20,
+        })
+    return rows
+
+
+COLUMNS = ["ranks", "zero", "frozen B", "pred frozen B", "trainable B", "pred trainable B", "grads B", "pred grads B",
+           "optim B", "pred optim B", "frozen w/ grad", "frozen in optim", "peak RSS MiB"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("overrides", nargs="*")
+    args, unknown = parser.parse_known_args()
+    overrides = [a for a in args.overrides + unknown if not a.startswith("--local_rank")]
+    if args.worker:
+        worker(args.config, overrides, args.out)
+        return
+    from common import format_table
+
+    rows = run(args.config, extra=overrides)
+    print(format_table(rows, COLUMNS))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The usual choice, as a baseline: transformers' own LlavaForConditionalGeneration, trained the way
+LLaVA-style trainers train the projector.
+
+Frozen vision tower and frozen language model (requires_grad=False), a trainable
+2-layer GELU projector (LLaVA-1.5's), plain ``torch.optim.AdamW``, pad-to-longest
+micro-batches with gradient accumulation to the global batch. Same shapes, data
+and FLOP accounting as the mmdist side (benchmarks/common.py).
+
+Run alone: ``python benchmarks/reference_llava.py --steps 3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from common import BenchShape, Sample, make_samples, matmul_peak, set_threads, step_flops
+
+
+def build_reference(shape: BenchShape) -> torch.nn.Module:
+    """LlavaForConditionalGeneration with the benchmark shapes; backbones frozen, projector trainable."""
+    from transformers import AutoConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    llm = dict(shape.llm)
+    vision = dict(shape.vision)
+    config = LlavaConfig(
+        vision_config=AutoConfig.for_model(vision.pop("model_type"), **vision),
+        text_config=AutoConfig.for_model(llm.pop("model_type"), **llm),
+        image_token_index=shape.llm["vocab_size"] - 1,
+        image_seq_length=shape.image_tokens,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    config.text_config._attn_implementation = "sdpa"
+    config.vision_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).to(shape.dtype)
+    for name, p in model.named_parameters():
+        p.requires_grad_("multi_modal_projector" in name)
+    model.model.multi_modal_projector.float()
+    model.train()
+    model.model.vision_tower.eval()
+    model.model.language_model.eval()
+    return model
+
+
+def pad_to_longest(samples: list[Sample], image_token_id: int, pad_id: int = 0) -> dict:
+    """One LLaVA-style micro-batch: right-padded to the longest sample."""
+    longest = max(len(s.ids) for s in samples)
+    ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), longest), -100, dtype=torch.long)
+    mask = torch.zeros((len(samples), longest), dtype=torch.long)
+    for row, s in enumerate(samples):
+        n = len(s.ids)
+        ids[row, :n] = torch.tensor([image_token_id if t < 0 else t for t in s.ids])
+        labels[row, :n] = torch.tensor(s.labels)
+        mask[row, :n] = 1
+    return dict(input_ids=ids, attention_mask=mask, labels=labels,
+                pixel_values=torch.stack([s.pixel_values for s in samples]))
+
+
+def run_reference(shape: BenchShape, samples: list[Sample], global_batch: int, micro_batch: int, steps: int,
+                  warmup: int = 1) -> dict:
+    """Train ``warmup + steps`` optimizer steps; report real tokens/s and FLOP/s of the timed steps."""
+    model = build_reference(shape)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    image_token_id = model.config.image_token_index
+    per_step = [samples[i * global_batch:(i + 1) * global_batch] for i in range(warmup + steps)]
+    if any(len(s) < global_batch for s in per_step):
+        raise ValueError(f"need {(warmup + steps) * global_batch} samples, got {len(samples)}")
+    real = padded = 0
+    elapsed = 0.0
+    for step, group in enumerate(per_step):
+        micro = [pad_to_longest(group[i:i + micro_batch], image_token_id) for i in range(0, global_batch, micro_batch)]
+        t = time.perf_counter()
+        for batch in micro:
+            out = model(**{k: v.to(shape.dtype) if v.is_floating_point() else v for k, v in batch.items()})
+            (out.loss / len(micro)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            elapsed += time.perf_counter() - t
+            real += sum(int(b["attention_mask"].sum()) for b in micro)
+            padded += sum(b["attention_mask"].numel() for b in micro)
+    vision = model.model.vision_tower
+    vision_params = sum(p.numel() for p in vision.parameters())
+    vision_seq = (shape.vision["image_size"] // shape.vision["patch_size"]) ** 2 + 1
+    connector = sum(p.numel() for p in trainable)
+    flops = step_flops(real, steps * global_batch, _llm_params(model),
+                       vision_params, vision_seq, connector, shape.image_tokens)
+    return dict(name="reference (LlavaForConditionalGeneration, pad-to-longest, AdamW)", seconds=elapsed,
+                real_tokens=real, padded_tokens=padded, tokens_per_s=real / elapsed, flops=flops,
+                flops_per_s=flops / elapsed, real_fraction=real / padded)
+
+
+def _llm_params(model: torch.nn.Module) -> int:
+    """Matmul parameters of LLaVA's language model plus its lm_head (tied embeddings counted once)."""
+    lm = model.model.language_model
+    total = sum({id(p): p.numel() for p in list(lm.parameters()) + list(model.lm_head.parameters())}.values())
+    tied = model.lm_head.weight is lm.get_input_embeddings().weight
+    return total if tied else total - lm.get_input_embeddings().weight.numel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--global-batch", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    set_threads(args.threads)
+    shape = BenchShape()
+    samples = make_samples((args.steps + 1) * args.global_batch, shape)
+    peak = matmul_peak(shape.dtype)
+    res = run_reference(shape, samples, args.global_batch, args.micro_batch, args.steps)
+    print(f"{res['name']}: {res['tokens_per_s']:.1f} real tokens/s, {res['flops_per_s'] / 1e9:.1f} GFLOP/s "
+          f"= {res['flops_per_s'] / peak:.2f} of the matmul peak ({peak / 1e9:.1f} GFLOP/s); "
+          f"real-token fraction {res['real_fraction']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
