@@ -381,8 +381,17 @@ def build_engine(
     if zero3:
         # transformers reads this through a weakref: it must outlive from_pretrained (kept in the bundle).
         hf_ds_config = HfDeepSpeedConfig(ds_config)
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
-            model = builder(cfg, gather)
+        try:
+            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+                model = builder(cfg, gather)
+        except RuntimeError as exc:
+            if "cannot be 0 to view" not in str(exc):
+                raise
+            raise RuntimeError(
+                "a 0-dim parameter (e.g. a learnable temperature) was created under ZeRO-3: DeepSpeed 0.19 broadcasts "
+                "parameters as byte views, which fails for 0-dim tensors. Make it shape [1] in the model "
+                "(see docs/design.md), or use engine.zero_stage <= 2"
+            ) from exc
     else:
         model = builder(cfg, gather)
 

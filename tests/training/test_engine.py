@@ -100,7 +100,7 @@ def test_optimizer_groups_only_trainable_with_multipliers_and_no_decay(tmp_path)
     cfg = _cfg(tmp_path, train={"lr": 0.1, "weight_decay": 0.01, "lr_multipliers": {"stage1": 0.5}})
     model = ToyModel()
     groups = {g["name"]: g for g in build_optimizer_groups(model, cfg.train)}
-    assert set(groups) == {"projector", "projector.no_decay", "stage1.no_decay"}
+    assert set(groups) == {"projector", "projector.no_decay", "stage1.no_decay", "temperature.no_decay"}
     assert groups["projector"]["params"] == [model.projector.weight] and groups["projector"]["weight_decay"] == 0.01
     assert groups["projector.no_decay"]["params"] == [model.projector.bias] and groups["projector.no_decay"]["weight_decay"] == 0.0
     assert groups["stage1.no_decay"]["lr"] == pytest.approx(0.05) and groups["projector"]["lr"] == pytest.approx(0.1)
@@ -176,5 +176,23 @@ def test_zero3_partitions_frozen_llm_and_gathers_written_weights(tmp_path):
         assert r["llm_full"] > 20000
         assert r["llm_local"] == r["llm_full"] // 2  # no rank holds the whole frozen LLM
         assert r["llm_visible"] == 0  # partitioned: empty outside a gather
-        assert r["optimizer_names"] == ["norm.bias", "norm.weight", "projector.bias", "projector.weight"]
+        assert r["optimizer_names"] == ["log_scale", "norm.bias", "norm.weight", "projector.bias", "projector.weight"]
         assert r["gathered_shapes_ok"] and r["gathered_max_err"] == 0.0
+
+
+def test_zero_dim_parameter_trains_under_zero2(tmp_path):
+    """DeepSpeed 0.19 cannot broadcast 0-dim parameters; the engine handles them at ZeRO stages 0-2."""
+    from trainer_toy import ToyModel, toy_loader_builder
+
+    from mmdist.training.trainer import train
+
+    def builder(cfg, gather):
+        return ToyModel(gather, scalar_dim0=True)
+
+    cfg = _cfg(tmp_path, train={"max_steps": 2}, engine={"zero_stage": 2})
+    summary = train(cfg, model_builder=builder, loader_builder=toy_loader_builder())
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "run" / "export" / "model.safetensors"))
+    assert weights["log_scale"].shape == () and float(weights["log_scale"]) != 0.0  # still a scalar, and it trained
+    assert summary["step"] == 2

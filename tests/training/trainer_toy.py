@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,12 +30,14 @@ FROZEN_MARK = 0.5  # the frozen backbone's weights are filled with recognisable 
 class ToyModel(nn.Module):
     """backbone (frozen) -> head (trainable: 'projector' Linear + 'stage1' LayerNorm/scale)."""
 
-    def __init__(self, gather: Callable = None):
+    def __init__(self, gather: Callable = None, scalar_dim0: bool = False):
         super().__init__()
         self.backbone = nn.Sequential(nn.Linear(IN_DIM, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, HIDDEN))
         self.norm = nn.LayerNorm(HIDDEN)
         self.projector = nn.Linear(HIDDEN, OUT_DIM)
-        self.log_scale = nn.Parameter(torch.tensor(0.0))  # a 0-dim parameter, like a learnable temperature
+        # A learnable scalar, like a temperature. Shape [1], not []: DeepSpeed 0.19's ZeRO-3 cannot hold
+        # 0-dim parameters (see docs/design.md); scalar_dim0 makes one for the stage 0-2 workaround test.
+        self.log_scale = nn.Parameter(torch.zeros(()) if scalar_dim0 else torch.zeros(1))
         self.processors = None
         gather = gather or (lambda ps: torch.no_grad())
         params = list(self.backbone.parameters())
@@ -199,22 +202,52 @@ def probe(cfg: Any) -> dict:
         dist.shutdown()
 
 
+def stage1_probe(cfg: Any) -> dict:
+    """Build the real fused model under the engine (stage-1 weights loaded); report per rank whether the
+    gathered stage-1 parameters equal the export file."""
+    import torch.distributed as tdist
+    from safetensors.torch import load_file
+
+    from mmdist.models.manifest import resolve_export_dir
+    from mmdist.training import dist
+    from mmdist.training.engine import build_engine
+
+    env = dist.init(backend="gloo")
+    try:
+        bundle = build_engine(cfg, world_size=env.world_size)
+        stage1 = bundle.model.stage1
+        saved = load_file(str(Path(resolve_export_dir(cfg.model.connector.stage1_weights)) / "model.safetensors"))
+        with bundle.read_gather(list(stage1.parameters())):
+            own = {k: v.detach().clone() for k, v in stage1.state_dict().items()}
+        diffs = [float((own[k].float() - saved["stage1." + k].float()).abs().max()) for k in own if own[k].numel()]
+        report = {"rank": env.rank, "stage1_names": sorted(own), "empty": sorted(k for k, v in own.items() if v.numel() == 0),
+                  "max_abs_diff": max(diffs) if diffs else None}
+        reports: list = [None] * env.world_size
+        tdist.all_gather_object(reports, report)
+        return {"ranks": reports}
+    finally:
+        dist.shutdown()
+
+
 def main(argv: list[str]) -> int:
     from mmdist.config import load_config
     from mmdist.training.trainer import train
 
     spec = json.loads(open(argv[0]).read())
     cfg = load_config(base=spec["config"])
-    if spec.get("mode") == "probe":
-        summary = probe(cfg)
+    if spec.get("mode") in ("probe", "stage1_probe"):
+        summary = probe(cfg) if spec["mode"] == "probe" else stage1_probe(cfg)
         import os
 
         if int(os.environ.get("RANK", "0")) == 0:
             with open(argv[1], "w") as fh:
                 json.dump(summary, fh)
         return 0
-    summary = train(cfg, model_builder=toy_model_builder, loader_builder=toy_loader_builder(tuple(spec.get("poison", ()))),
-                    stop_after=spec.get("stop_after"))
+    if spec.get("mode") == "real":  # the real models and data pipeline
+        summary = train(cfg, stop_after=spec.get("stop_after"))
+    else:
+        summary = train(cfg, model_builder=toy_model_builder, loader_builder=toy_loader_builder(tuple(spec.get("poison", ()))),
+                        stop_after=spec.get("stop_after"))
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
