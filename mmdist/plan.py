@@ -404,18 +404,35 @@ def model_state_bytes(shapes: list[ModuleShape], setting: Setting, world: int, p
     return dict(frozen=frozen, trainable=trainable, gradients=grads, optimizer=optim, comm=comm, cpu=cpu, p_train=p_train)
 
 
-def activation_bytes_per_sample(shapes: list[ModuleShape], cfg: RunConfig, checkpointing: bool) -> int:
-    """Activation bytes one sample (one row of max_len tokens) keeps for backward, plus its transient peaks.
+def llm_activation_bytes(dims: dict, seq: int, e: int, trains: bool = False, eager: bool = False,
+                         checkpointing: bool = False) -> int:
+    """Bytes the LLM's decoder layers keep for backward for one row of ``seq`` tokens (``e`` bytes per element).
 
-    Frozen LLM, input-gradient backward: per layer and token autograd keeps the
-    two norm inputs (upcast to fp32), q, k and v (repeated to every head) and
-    the attention output (4h; SDPA keeps no score matrix, eager adds heads*T),
-    the MLP's gate, up and activation outputs (3i); weight-gradient-only inputs
-    of frozen Linear layers are not kept (checked with saved-tensor hooks on a
-    tiny llama: within 10%, tests/test_plan.py). A trainable LLM adds the Linear inputs (3h + i). With
-    checkpointing only each layer's input (h) is kept, plus one layer recomputed.
-    The loss reads fp32 logits: the logits, their fp32 copy and log-softmax
-    (e + 8 bytes per vocabulary entry per token).
+    Per layer and token: the two norm inputs upcast to fp32 (2 x h x 4 bytes), q, k
+    and v repeated to every head and the attention output (4h), the MLP's gate, up
+    and activation outputs (3i); eager attention adds its probabilities (heads x T,
+    twice); a training LLM adds the inputs of its Linear layers (3h + i). With
+    checkpointing: each layer's input (h), plus one layer recomputed in backward.
+    """
+    h, i, layers = dims["hidden"], dims["intermediate"], dims["layers"]
+    per_token_layer = 2 * h * 4 + (4 * h + 3 * i) * e
+    if eager:
+        per_token_layer += 2 * dims["heads"] * seq * e
+    if trains:
+        per_token_layer += (3 * h + i) * e
+    if checkpointing:
+        return seq * (layers * h * e + per_token_layer)
+    return seq * layers * per_token_layer
+
+
+def activation_bytes_per_sample(shapes: list[ModuleShape], cfg: RunConfig, checkpointing: bool) -> int:
+    """Activation bytes of one sample, counted as a full row of ``data.max_len`` tokens (an upper bound:
+    padded rows are at most that long, packed rows hold several samples in that length).
+
+    The LLM part is :func:`llm_activation_bytes`; the loss adds the logits, their
+    fp32 copy and log-softmax (e + 8 bytes per vocabulary entry per token); the
+    connector keeps its inputs and outputs in fp32; the frozen vision encoder runs
+    without grad (one layer's working set); a text encoder (stage 1) keeps its own.
     """
     by_name = {s.name: s for s in shapes}
     e = DTYPE_BYTES[cfg.engine.precision]
@@ -424,17 +441,9 @@ def activation_bytes_per_sample(shapes: list[ModuleShape], cfg: RunConfig, check
     llm = by_name.get("llm")
     if llm is not None:
         d = llm.dims
-        h, i, layers = d["hidden"], d["intermediate"], d["layers"]
-        # norms upcast to fp32 (2 x h x 4 bytes); q, k, v (repeated to every head), attention output; 3 MLP tensors
-        per_token_layer = 2 * h * 4 + (4 * h + 3 * i) * e
-        if cfg.model.llm.attn_implementation == "eager":
-            per_token_layer += 2 * d["heads"] * seq * e
-        if llm.trainable or cfg.model.llm.lora.enabled:
-            per_token_layer += (3 * h + i) * e
-        if checkpointing:
-            kept = seq * (layers * h * e + per_token_layer)
-        else:
-            kept = seq * layers * per_token_layer
+        kept = llm_activation_bytes(d, seq, e, trains=llm.trainable or cfg.model.llm.lora.enabled,
+                                    eager=cfg.model.llm.attn_implementation == "eager", checkpointing=checkpointing)
+        h = d["hidden"]
         total += kept + seq * d["vocab"] * (e + 8) + seq * h * e * 2  # + inputs_embeds and its grad
     proj = by_name.get("projector") or by_name.get("stage1")
     vision = by_name["vision_encoder"]
