@@ -67,9 +67,11 @@ class FusedVLM(FrozenAwareModule):
         self.lookup_id = self.image_token_id if self.image_token_id < rows else int(fallback)
         self.apply_policy()
         if cfg.model.llm.gradient_checkpointing:
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if hasattr(llm, "enable_input_require_grads"):
-                pass  # inputs_embeds already carry the projector's grad
+            # Non-reentrant checkpointing: gradients reach inputs_embeds through frozen weights.
+            if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.2x
+                llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def parts(self) -> list[Part]:
         m = self.cfg.model
