@@ -63,8 +63,6 @@ class LLMConfig(SettingsBase):
             out.append(("init_config", "needs a 'model_type' key (e.g. 'llama', 'qwen2')"))
         if self.gguf_file and not self.gguf_file.endswith(".gguf"):
             out.append(("gguf_file", f"{self.gguf_file!r} does not end in .gguf"))
-        if self.init_config is not None and not self.tokenizer:
-            out.append(("tokenizer", "an LLM built from init_config needs a tokenizer (hub id, folder, or 'mmdist:tiny-bytes')"))
         if self.lora.enabled and not self.freeze:
             out.append(("lora.enabled", "LoRA needs a frozen base LLM (set model.llm.freeze=true)"))
         return out
@@ -152,7 +150,7 @@ def load_tokenizer(cfg: LLMConfig) -> Any:
         source, gguf = cfg.tokenizer, None
     else:
         if cfg.init_config:
-            raise ValueError("model.llm.tokenizer: an LLM built from init_config needs a tokenizer")
+            raise ValueError("model.llm.tokenizer: an LLM built from init_config needs a tokenizer (hub id, folder, or 'mmdist:tiny-bytes')")
         source, gguf = resolve_source(cfg)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:

@@ -35,8 +35,6 @@ class TextConfig(SettingsBase):
         out = []
         if self.name_or_path and self.init_config:
             out.append(("init_config", "give either name_or_path or init_config, not both"))
-        if self.init_config is not None and not self.tokenizer:
-            out.append(("tokenizer", "an encoder built from init_config needs a tokenizer (hub id, folder, or 'mmdist:tiny-wordpiece')"))
         if self.init_config is not None and "model_type" not in self.init_config:
             out.append(("init_config", "needs a 'model_type' key (e.g. 'bert')"))
         if self.max_length < 4:
@@ -68,7 +66,7 @@ def load_text_tokenizer(cfg: TextConfig) -> Any:
 
     name = cfg.tokenizer or cfg.name_or_path
     if not name:
-        raise ValueError("model.text.tokenizer: an encoder built from init_config needs a tokenizer")
+        raise ValueError("model.text.tokenizer: an encoder built from init_config needs a tokenizer (hub id, folder, or 'mmdist:tiny-wordpiece')")
     builtin = builtin_tokenizer(name)
     if builtin is not None:
         return builtin
