@@ -318,7 +318,11 @@ class StreamingLoader:
         kwargs: dict = {}
         if self.num_workers > 0:
             kwargs = {"persistent_workers": self.persistent, "prefetch_factor": self.prefetch_factor}
-        return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity, **kwargs)
+        import torch
+
+        # pinned host memory makes the trainer's non_blocking copies to the GPU asynchronous
+        return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                          pin_memory=torch.cuda.is_available(), **kwargs)
 
     def _prepare_epoch(self) -> None:
         if self._in_epoch and not self._resume_pending:
