@@ -57,8 +57,9 @@ export TOKENIZERS_PARALLELISM=false
 
 ARGS=(--config "$CONFIG" "run_dir=$RUN_DIR")
 if declare -p STAGE_ARGS >/dev/null 2>&1; then ARGS+=("${STAGE_ARGS[@]}"); fi
-# shellcheck disable=SC2206  # OVERRIDES is a space-separated list by design
-if [[ -n "$OVERRIDES" ]]; then ARGS+=($OVERRIDES); fi
+# OVERRIDES is split on whitespace only (no glob expansion: values like [a,b] stay as written).
+read -r -a EXTRA_OVERRIDES <<< "$OVERRIDES"
+ARGS+=("${EXTRA_OVERRIDES[@]}")
 
 echo "[mmdist] job $SLURM_JOB_ID on ${SLURM_JOB_NUM_NODES:-1} node(s) ($SLURM_JOB_NODELIST), tasks ${SLURM_NTASKS:-?}," \
      "mode $LAUNCH_MODE, master $MASTER_ADDR:$MASTER_PORT, OMP_NUM_THREADS=$OMP_NUM_THREADS, DS_ACCELERATOR=${DS_ACCELERATOR:-}"

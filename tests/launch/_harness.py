@@ -1,10 +1,9 @@
 """Shared pieces of the launcher tests: the training command, its environment, and checks of a run folder.
 
-Every launcher runs the same thing: ``launch/train.py --config configs/tiny_fuse.yaml``
-with ZeRO-3, two CPU ranks over gloo, a few steps, one checkpoint. Only the
-command in front differs. ``MMDIST_TEST_TRAIN_SCRIPT`` / ``MMDIST_TEST_TRAIN_CONFIG``
-point the tests at another entry point (used while developing the launch side
-before the trainer existed).
+Every launcher runs the same thing: ``launch/train.py`` with the tiny stage-2
+recipe ``configs/tiny_fuse.yaml`` (its data paths pointed at demo shards written
+into a temporary folder), ZeRO-3, two CPU ranks over gloo, a few steps, a
+checkpoint. Only the command in front differs.
 """
 
 from __future__ import annotations
@@ -18,26 +17,44 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-TRAIN_SCRIPT = Path(os.environ.get("MMDIST_TEST_TRAIN_SCRIPT", REPO / "launch" / "train.py"))
-TRAIN_CONFIG = Path(os.environ.get("MMDIST_TEST_TRAIN_CONFIG", REPO / "configs" / "tiny_fuse.yaml"))
+TRAIN_SCRIPT = REPO / "launch" / "train.py"
+TINY_FUSE = REPO / "configs" / "tiny_fuse.yaml"
 # Variables of an enclosing launch that must not leak into the one under test.
 _LAUNCH_VARS = re.compile(r"^(RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|LOCAL_SIZE|MASTER_ADDR|MASTER_PORT|CROSS_\w+|"
                           r"TORCHELASTIC_\w+|GROUP_RANK|OMPI_\w+|PMI_\w+|PMIX_\w+|MPI_LOCAL\w+|HYDRA_\w+|SLURM_\w+)$")
 
 
 def require_entry() -> None:
-    missing = [str(p) for p in (TRAIN_SCRIPT, TRAIN_CONFIG) if not p.exists()]
+    missing = [str(p) for p in (TRAIN_SCRIPT, TINY_FUSE) if not p.exists()]
     if missing:
         pytest.skip(f"training entry point not present: {', '.join(missing)}")
 
 
-def train_args(run_dir: Path, steps: int, save_every: int, *extra: str) -> list[str]:
-    """Arguments after the script: the tiny recipe, ZeRO-3, metrics for every step, checkpoints every N."""
-    return ["--config", str(TRAIN_CONFIG), f"run_dir={run_dir}", f"train.max_steps={steps}", "engine.zero_stage=3",
-            f"checkpoint.save_every={save_every}", "checkpoint.keep_last=2", "log.log_every=1", "log.progress_bar=false",
-            "log.tensorboard=false", "log.param_table=false", *extra]
+def write_recipe(folder: Path) -> Path:
+    """configs/tiny_fuse.yaml with its data read from demo shards written under ``folder``."""
+    from mmdist.data.shards import shard_pattern, write_demo_shards
+
+    written = write_demo_shards(folder / "demo", limit=400, samples_per_shard=50, overwrite=True)
+    recipe = yaml.safe_load(TINY_FUSE.read_text())
+    recipe["data"]["train"] = [{"shards": [shard_pattern(written["train"])]}]
+    recipe["data"]["eval"] = [{"shards": [shard_pattern(written["eval"])]}]
+    path = folder / "tiny_fuse.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def train_args(config: Path, run_dir: Path, steps: int, save_every: int, *extra: str) -> list[str]:
+    """Arguments after the script: the tiny recipe, ZeRO-3, metrics for every step, checkpoints every N.
+
+    The learning rate is raised from the recipe's so that a handful of steps lowers the loss clearly.
+    """
+    return ["--config", str(config), f"run_dir={run_dir}", f"train.max_steps={steps}", "engine.zero_stage=3",
+            "train.lr=0.005", "train.warmup_ratio=0.0", "train.eval_every=0", f"checkpoint.save_every={save_every}",
+            "checkpoint.keep_last=2", "log.log_every=1", "log.progress_bar=false", "log.tensorboard=false",
+            "log.param_table=false", *extra]
 
 
 def environment(**extra: str) -> dict[str, str]:

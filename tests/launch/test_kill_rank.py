@@ -17,13 +17,11 @@ from pathlib import Path
 import pytest
 from _harness import (
     REPO,
-    TRAIN_CONFIG,
     TRAIN_SCRIPT,
     check_run,
     environment,
     latest_checkpoint,
     python,
-    require_entry,
     run,
     train_args,
 )
@@ -31,7 +29,7 @@ from _harness import (
 from mmdist.training.dist import free_port
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
-STEPS, SAVE_EVERY = 12, 2
+STEPS, SAVE_EVERY = 40, 2  # a step takes ~0.1 s: enough steps that the kill lands mid-run
 EXIT_BOUND_S = 120  # the launcher must have exited this long after the kill
 
 
@@ -53,11 +51,10 @@ def rank_pids(marker: str, rank: int, variable: str = "RANK") -> list[int]:
     return found
 
 
-def test_sigkill_one_rank_ends_the_job_and_restart_resumes(tmp_path):
-    require_entry()
+def test_sigkill_one_rank_ends_the_job_and_restart_resumes(tiny_recipe, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "--max-restarts", "0", str(TRAIN_SCRIPT), *train_args(run_dir, STEPS, SAVE_EVERY)]
+           "--max-restarts", "0", str(TRAIN_SCRIPT), *train_args(tiny_recipe, run_dir, STEPS, SAVE_EVERY)]
     log_path = tmp_path / "first.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=environment(), stdout=log, stderr=subprocess.STDOUT)
@@ -100,12 +97,11 @@ def test_sigkill_one_rank_ends_the_job_and_restart_resumes(tmp_path):
 
 
 @pytest.mark.slurm
-def test_sigkill_one_srun_task_fails_the_step_and_resubmission_resumes(slurm_cluster, tmp_path):
-    require_entry()
+def test_sigkill_one_srun_task_fails_the_step_and_resubmission_resumes(slurm_cluster, tiny_recipe, tmp_path):
     run_dir = tmp_path / "run"
-    env = environment(CONFIG=str(TRAIN_CONFIG), RUN_DIR=str(run_dir), STAGE1_EXPORT="", MMDIST_REPO=str(REPO),
+    env = environment(CONFIG=str(tiny_recipe), RUN_DIR=str(run_dir), STAGE1_EXPORT="", MMDIST_REPO=str(REPO),
                       TRAIN_SCRIPT=str(TRAIN_SCRIPT), PYTHON=python(),
-                      OVERRIDES=" ".join(train_args(run_dir, STEPS, SAVE_EVERY)[2:]))
+                      OVERRIDES=" ".join(train_args(tiny_recipe, run_dir, STEPS, SAVE_EVERY)[2:]))
     args = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:15:00",
             f"--output={tmp_path}/slurm-%j.out"]
     job = slurm_cluster.sbatch(REPO / "slurm" / "stage2.sh", *args, env=env, cwd=tmp_path)

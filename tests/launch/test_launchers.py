@@ -11,55 +11,49 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from _harness import REPO, TRAIN_CONFIG, TRAIN_SCRIPT, check_run, environment, python, require_entry, run, train_args
+from _harness import REPO, TRAIN_SCRIPT, check_run, environment, python, run, train_args
 
 from mmdist.training.dist import free_port
 
-pytestmark = pytest.mark.multiproc
-STEPS, SAVE_EVERY = 6, 3
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]  # end-to-end runs, 30-60 s each
+STEPS, SAVE_EVERY = 8, 4
 TIMEOUT = 420
 
 
-@pytest.fixture(autouse=True)
-def _entry():
-    require_entry()
-
-
-def test_deepspeed_launcher(tmp_path):
+def test_deepspeed_launcher(tiny_recipe, tmp_path):
     run_dir = tmp_path / "run"
     # With DS_ACCELERATOR=cpu the launcher counts CPU "accelerators" as NUMA nodes; --num_gpus sets the ranks.
     cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(TRAIN_SCRIPT), *train_args(run_dir, STEPS, SAVE_EVERY)]
+           str(TRAIN_SCRIPT), *train_args(tiny_recipe, run_dir, STEPS, SAVE_EVERY)]
     out = run(cmd, TIMEOUT)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     check_run(run_dir, STEPS, out.stdout + out.stderr)
 
 
-def test_torchrun(tmp_path):
+def test_torchrun(tiny_recipe, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(TRAIN_SCRIPT), *train_args(run_dir, STEPS, SAVE_EVERY)]
+           str(TRAIN_SCRIPT), *train_args(tiny_recipe, run_dir, STEPS, SAVE_EVERY)]
     out = run(cmd, TIMEOUT)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     check_run(run_dir, STEPS, out.stdout + out.stderr)
 
 
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not found (pip install mpich)")
-def test_mpiexec(tmp_path):
+def test_mpiexec(tiny_recipe, tmp_path):
     run_dir = tmp_path / "run"
     # No MASTER_ADDR/PORT: rank 0 picks them and broadcasts them over mpi4py.
-    cmd = [shutil.which("mpiexec"), "-n", "2", python(), str(TRAIN_SCRIPT), *train_args(run_dir, STEPS, SAVE_EVERY)]
+    cmd = [shutil.which("mpiexec"), "-n", "2", python(), str(TRAIN_SCRIPT), *train_args(tiny_recipe, run_dir, STEPS, SAVE_EVERY)]
     out = run(cmd, TIMEOUT)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     check_run(run_dir, STEPS, out.stdout + out.stderr)
 
 
 @pytest.mark.slurm
-@pytest.mark.slow
-def test_sbatch_stage2(slurm_cluster, tmp_path):
+def test_sbatch_stage2(slurm_cluster, tiny_recipe, tmp_path):
     run_dir = tmp_path / "run"
-    overrides = " ".join(train_args(run_dir, STEPS, SAVE_EVERY)[2:])
-    env = environment(CONFIG=str(TRAIN_CONFIG), RUN_DIR=str(run_dir), OVERRIDES=overrides, STAGE1_EXPORT="",
+    overrides = " ".join(train_args(tiny_recipe, run_dir, STEPS, SAVE_EVERY)[2:])
+    env = environment(CONFIG=str(tiny_recipe), RUN_DIR=str(run_dir), OVERRIDES=overrides, STAGE1_EXPORT="",
                       MMDIST_REPO=str(REPO), TRAIN_SCRIPT=str(TRAIN_SCRIPT), PYTHON=python())
     job = slurm_cluster.sbatch(REPO / "slurm" / "stage2.sh", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
                                "--cpus-per-task=1", "--time=00:15:00", f"--output={tmp_path}/slurm-%j.out",
