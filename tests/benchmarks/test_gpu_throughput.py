@@ -1,0 +1,65 @@
+"""benchmarks/gpu_throughput.py at its tiny CPU shape, and the shared benchmark accounting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+FIELDS = ["device", "tokens_per_s", "mfu_4n", "hfu", "peak_memory_gib", "step_s", "llm_params", "frozen_params_with_grad"]
+
+
+def test_tiny_cpu_mode_runs_and_prints_its_fields(tmp_path):
+    out_json = tmp_path / "gpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_throughput.py"), "--tiny", "--steps", "2", "--warmup", "1",
+         "--json", str(out_json)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = {line.split()[0] for line in proc.stdout.splitlines() if line.strip()}
+    for field in FIELDS:
+        assert field in printed, f"{field} missing from:\n{proc.stdout}"
+    res = json.loads(out_json.read_text())
+    assert res["device"] == "cpu" and res["steps"] == 2
+    assert res["tokens_per_s"] > 0 and res["peak_memory_gib"] > 0
+    assert 0 < res["mfu_4n"] < res["hfu"] < 1.5  # recompute adds FLOPs; a CPU cannot beat its own matmul by much
+    assert res["frozen_params_with_grad"] == 0
+    assert res["tokens_per_s"] == pytest.approx(res["micro_batch"] * res["seq_len"] / res["step_s"], rel=1e-6)
+
+
+def test_peak_table_matches_device_names():
+    import gpu_throughput
+
+    table = dict(gpu_throughput.PEAK_BF16)
+    assert table["H100"] == table["H200"] == 989e12
+    names = [k for k, _ in gpu_throughput.PEAK_BF16]
+    # longer names first where one contains another, so an L40S is not read as an L40
+    assert names.index("L40S") < names.index("L40")
+
+
+def test_step_flops_accounting():
+    from common import step_flops
+
+    base = step_flops(real_tokens=100, images=2, llm_params=1000, vision_params=50, vision_seq=5, connector_params=7,
+                      image_tokens=4)
+    assert base == 4 * 1000 * 100 + 2 * 50 * 5 * 2 + 6 * 7 * 4 * 2
+    ckpt = step_flops(100, 2, 1000, 50, 5, 7, 4, checkpointing=True)
+    assert ckpt - base == 2 * 1000 * 100
+
+
+def test_union_bytes_counts_overlapping_views_once():
+    import torch
+    from memory_per_rank import union_bytes
+
+    flat = torch.zeros(100)
+    a, b = flat[:60], flat[40:]
+    other = torch.zeros(10)
+    assert union_bytes([a, b, other]) == (100 + 10) * 4
+    assert union_bytes([flat], exclude=[b]) == 40 * 4
