@@ -145,8 +145,12 @@ def train(
     run after that many optimizer steps of the configured schedule (with a
     checkpoint), as a job hitting its time limit would.
     """
+    import warnings
+
     from mmdist.training import dist
 
+    # DeepSpeed 0.19 calls collectives torch 2.13 has renamed; one warning per call would flood the log.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
     env = dist.init(backend=cfg.engine.backend)
     try:
         return _train(cfg, env, model_builder, loader_builder or default_loader_builder, stop_after)
