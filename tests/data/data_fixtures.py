@@ -129,10 +129,10 @@ def caption_sample(i: int, ext: str = "png") -> dict:
     return {"__key__": f"s{i:06d}", ext: png(i) if ext == "png" else jpg(i), "txt": f"{words} {WORDS[3 + i % 10]}"}
 
 
-def write_caption_shards(folder: Path, counts: list[int], prefix: str = "train", sizes: bool = True) -> str:
-    """Shards of caption samples with globally unique keys; returns a brace pattern."""
+def write_caption_shards(folder: Path, counts: list[int], prefix: str = "train", sizes: bool = True, start: int = 0) -> str:
+    """Shards of caption samples with keys s{start}, s{start+1}, ...; returns a brace pattern."""
     folder.mkdir(parents=True, exist_ok=True)
-    index = 0
+    index = start
     size_map = {}
     for s, count in enumerate(counts):
         write_tar(folder / f"{prefix}-{s:06d}.tar", [caption_sample(index + i) for i in range(count)])

@@ -116,13 +116,19 @@ def test_shard_list_file_and_img2dataset_stats(tmp_path, processors):
 
 def test_resampled_mode_budget_and_mixing(tmp_path, processors):
     a = write_caption_shards(tmp_path / "a", [4, 4], prefix="a")
-    b = write_caption_shards(tmp_path / "b", [4], prefix="b")
-    cfg = make_config(a, mode="resampled", samples_per_epoch=40, micro_batch_size=2)
+    b = write_caption_shards(tmp_path / "b", [4], prefix="b", start=1000)
+    cfg = make_config(a, mode="resampled", samples_per_epoch=400, micro_batch_size=2)
     cfg.data.train.append(type(cfg.data.train[0])(shards=[b], weight=3.0, name="b"))
+    from_b = total = 0
     for rank in range(2):
         loader = build_loader(cfg, processors, "train", rank, 2)
-        n = sum(1 for _ in loader)
-        assert n == len(loader) == 10
+        n = 0
+        for _batch in loader:
+            n += 1
+            from_b += sum(1 for k in loader.last_keys if int(k[1:]) >= 1000)
+            total += len(loader.last_keys)
+        assert n == len(loader) == 100
+    assert 0.65 < from_b / total < 0.85, f"weight 3:1 should give ~75% from source b, got {from_b / total:.2f}"
 
 
 def test_eval_split_is_ordered_and_separate(tmp_path, processors):
