@@ -246,6 +246,10 @@ class ShardStream(IterableDataset):
         proxy.counter = counter
         raw_pos = pool_start
         pool_size = self.group_batches if self.group else 1
+        # with data.max_bad_fraction=1 nothing else stops a worker whose samples are all bad from looping forever
+        planned = sum(s.size or 0 for s in plan.shards) if plan.shards else 0
+        patience = 2 * planned + 100 if self.mode == "epoch" else 10_000
+        since_good = 0
         while emitted < budget:
             pool_emitted_start, pool_seen, pool_bad = emitted, counter.seen, dict(counter.bad)
             start = raw_pos
@@ -257,6 +261,14 @@ class ShardStream(IterableDataset):
                 out = self.process(raw, counter)
                 if out is not None:
                     good.append(out)
+                    since_good = 0
+                else:
+                    since_good += 1
+                    if since_good > patience:
+                        raise RuntimeError(
+                            f"rank {self.rank} worker {worker}: none of the last {since_good} samples could be used "
+                            f"(bad: {dict(counter.bad)}; shards {[s.url for s in plan.shards][:5]}); check the shards"
+                        )
             if self.group:
                 batches = group_by_length(good, self.batch_size, self._rng("group", epoch, worker, start))
             else:

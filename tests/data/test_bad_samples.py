@@ -133,3 +133,13 @@ def test_decompression_bomb_header_is_refused_before_decoding(tmp_path, processo
         decode_image(big, max_pixels=1_000_000)
     assert info.value.reason == "decompression_bomb"
     assert np.asarray(decode_image(big, max_pixels=20_000_000)).shape == (4000, 4000, 3)
+
+
+def test_all_bad_shard_stops_instead_of_looping(tmp_path, processors):
+    write_tar(tmp_path / "z-000000.tar", [{"__key__": f"b{i}", "png": b"", "txt": "a"} for i in range(5)])
+    write_tar(tmp_path / "z-000001.tar", [_good(i) for i in range(5)])
+    cfg = make_config(str(tmp_path / "z-{000000..000001}.tar"), max_bad_fraction=1.0, self_check_samples=0, num_workers=2,
+                      persistent_workers=False)
+    with pytest.raises(RuntimeError, match="none of the last"):
+        for _ in build_loader(cfg, processors, "train", 0, 1):
+            pass
