@@ -171,3 +171,24 @@ def test_align_batches(tmp_path):
     assert batch["pixel_values"].shape == (3, 3, 8, 8)
     assert batch["text_input_ids"].shape == batch["text_attention_mask"].shape
     assert batch["caption_group"].tolist() == [0, 1, 2]
+
+
+def test_abandoned_epochs_with_persistent_workers(tmp_path, processors):
+    pattern = write_caption_shards(tmp_path, [8, 8, 8, 8])
+    cfg = make_config(pattern, eval_shards=[pattern], num_workers=2, persistent_workers=True, micro_batch_size=2)
+    loader = build_loader(cfg, processors, "eval", 0, 1)
+    firsts = []
+    for _ in range(3):  # like periodic evaluation: a few batches, then break
+        keys = []
+        for i, _batch in enumerate(loader):
+            keys.extend(loader.last_keys)
+            if i == 2:
+                break
+        firsts.append(keys)
+    assert firsts[0] == firsts[1] == firsts[2] and len(firsts[0]) == 6
+    train = build_loader(cfg, processors, "train", 0, 1)
+    it = iter(train)
+    next(it)
+    assert train.epoch == 0
+    full = list(train)  # a new iteration after an abandoned one is the next epoch, complete
+    assert train.epoch == 2 and len(full) == len(train) == 16
