@@ -230,11 +230,14 @@ class CheckpointManager:
 # export
 
 
-def export_trainable(model: Any, read_gather: Callable[[list], Any], out_dir: str | os.PathLike) -> Optional[Path]:
+def export_trainable(model: Any, read_gather: Callable[[list], Any], out_dir: str | os.PathLike, *, fp32_master: bool = False) -> Optional[Path]:
     """Write ``model.export_state_dict()`` (gathered) as safetensors plus ``manifest.json`` (collective).
 
     Every rank takes part in the gather; rank 0 writes ``out_dir`` atomically
-    (a ``.tmp`` folder renamed over the old export). Returns the folder on rank 0.
+    (a ``.tmp`` folder renamed over the old export). With ``fp32_master`` (bf16/fp16
+    training) each exported trainable parameter is replaced by DeepSpeed's fp32
+    master copy, so the export is the optimizer's full-precision result rather
+    than its rounded compute copy. Returns the folder on rank 0.
     """
     from safetensors.torch import save_file
 
@@ -246,6 +249,15 @@ def export_trainable(model: Any, read_gather: Callable[[list], Any], out_dir: st
     params = [p for n, p in named.items() if n in names or p.requires_grad]
     with read_gather(params):
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.export_state_dict().items()}
+    if fp32_master:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        for name in sorted(state):  # the same order on every rank: under ZeRO-3 each call is a collective
+            param = named.get(name)
+            if param is not None and param.requires_grad:
+                full = safe_get_full_fp32_param(param)
+                if full is not None:
+                    state[name] = full.detach().float().cpu().clone().reshape(state[name].shape)
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
         raise CheckpointError(f"export: {len(empty)} tensor(s) are empty after gathering (e.g. {empty[:3]}); a ZeRO-3 parameter was not gathered")

@@ -341,7 +341,7 @@ def _train(cfg: Any, env: Any, model_builder: Optional[Callable], loader_builder
         if last_eval is not None:
             logger.log(step, last_eval, prefix="eval")
         if cfg.checkpoint.export:
-            export_dir = export_trainable(model, bundle.read_gather, run_dir / "export")
+            export_dir = export_trainable(model, bundle.read_gather, run_dir / "export", fp32_master=cfg.engine.precision != "fp32")
             if export_dir is not None:
                 logger.print(f"[mmdist] exported trainable weights to {export_dir}")
     elapsed = time.perf_counter() - started

@@ -141,3 +141,39 @@ def test_resume_at_step_6_equals_uninterrupted_run(two_rank_run, tmp_path):
     for name in a:
         assert torch.allclose(a[name], b[name], atol=1e-6), name
     assert not math.isnan(second["history"][-1]["loss"])
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_bf16_training_exports_fp32_master_weights(tmp_path, zero_stage):
+    """bf16 compute (DeepSpeed's CPU accelerator supports it) follows the fp32 run; the export holds fp32 masters."""
+    fp32 = _train(toy_config(str(tmp_path / "fp32"), train={"max_steps": 4}, engine={"zero_stage": zero_stage}))
+    bf16 = _train(toy_config(str(tmp_path / "bf16"), train={"max_steps": 4}, engine={"zero_stage": zero_stage, "precision": "bf16"}))
+    assert [h["loss"] for h in bf16["history"]] == pytest.approx([h["loss"] for h in fp32["history"]], abs=0.05)
+    w16, w32 = _export(tmp_path / "bf16"), _export(tmp_path / "fp32")
+    for name in w32:
+        assert w16[name].dtype == torch.float32, name
+        # Adam's normalised steps can flip on a near-zero bf16 gradient, so compare on average
+        assert float((w16[name] - w32[name]).abs().mean()) < 0.02, name
+    # fp32 masters are not bf16-rounded: some value is not representable in bf16
+    weight = w16["projector.weight"]
+    assert not torch.equal(weight, weight.to(torch.bfloat16).float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16)")
+def test_fp16_with_loss_scaling_on_gpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
+    summary = _train(toy_config(str(tmp_path / "run"), train={"max_steps": 6}, engine={"zero_stage": 2, "precision": "fp16", "backend": "nccl"}))
+    losses = [h["loss"] for h in summary["history"]]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_periodic_evaluation_on_held_out_data(tmp_path):
+    run = tmp_path / "run"
+    cfg = toy_config(str(run), train={"max_steps": 4, "eval_every": 2, "eval_batches": 3},
+                     data={"train": [{"shards": ["unused.tar"]}], "eval": [{"shards": ["held_out.tar"]}], "num_workers": 0})
+    summary = _train(cfg)
+    evals = [r for r in _metrics(run) if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [2, 4]  # every 2 steps, the last one at the end
+    assert all(r["batches"] == 3 and math.isfinite(r["loss"]) for r in evals)
+    assert summary["eval"]["loss"] == pytest.approx(evals[-1]["loss"])
