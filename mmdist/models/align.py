@@ -13,6 +13,7 @@ gets the exact gradient for its own features.
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from typing import Any, Optional
 
@@ -83,7 +84,7 @@ def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
     groups = None
     if caption_group is not None:
         groups = gather_with_local_grad(caption_group.to(image_emb.device).long())
-    scale = logit_scale.float().clamp(max=4.6052).exp()  # temperature >= 0.01, as CLIP
+    scale = logit_scale.float().reshape(()).clamp(max=4.6052).exp()  # temperature >= 0.01, as CLIP
     logits = scale * contrastive_logits(all_images, all_texts)
     targets = itc_targets(b, groups, world, rank_ids)
     loss_i2t = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
@@ -105,7 +106,8 @@ class AlignModel(FrozenAwareModule):
         self.vision = vision
         self.text = text
         self.stage1 = build_stage1_module(conn, vision.hidden_size, vision.num_tokens, text.hidden_size, text_encoder=text, gather=gather)
-        self.logit_scale = nn.Parameter(torch.tensor(float(torch.log(torch.tensor(1.0 / conn.temperature)))))
+        # Shape [1], not []: DeepSpeed 0.19's ZeRO-3 cannot broadcast 0-dim parameters.
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / conn.temperature)]))
         self.apply_policy()
 
     def parts(self) -> list[Part]:
@@ -152,7 +154,7 @@ class AlignModel(FrozenAwareModule):
         image_emb = self.stage1.image_embedding(features)
         text_emb = self.stage1.text_embedding(pooled)
         loss, acc = itc_loss(image_emb, text_emb, self.logit_scale, group)
-        metrics = {"itc": loss.detach(), "acc": acc, "temperature": (1.0 / self.logit_scale.detach().exp())}
+        metrics = {"itc": loss.detach(), "acc": acc, "temperature": (1.0 / self.logit_scale.detach().exp()).reshape(())}
         return {"loss": loss, "metrics": metrics}
 
     # -- export -----------------------------------------------------------

@@ -20,7 +20,7 @@ from mmdist.models.align import AlignModel, null_gather
 from mmdist.models.connectors import build_stage1_module
 from mmdist.models.fused import FusedVLM
 from mmdist.models.llm import add_image_token, load_llm, load_tokenizer
-from mmdist.models.manifest import compare_stage1, read_export, resolve_export_dir
+from mmdist.models.manifest import compare_stage1, module_shapes, read_export, resolve_export_dir
 from mmdist.models.processors import ImageTransform, Processors
 from mmdist.models.text import TextEncoder, load_text_tokenizer
 from mmdist.models.vision import VisionTower
@@ -117,19 +117,20 @@ def load_stage1(model: FusedVLM, state_or_path: Any, gather: Gather = null_gathe
     if model.stage1 is None:
         raise ValueError("this model has no stage-1 module (model.connector.stage1_weights was not set when it was built)")
     theirs = {k[len("stage1."):]: v for k, v in state.items() if k.startswith("stage1.")}
-    own = model.stage1.state_dict()
-    missing = [k for k in own if k not in theirs]
-    mismatched = [f"{k}: export {tuple(theirs[k].shape)} vs model {tuple(own[k].shape)}" for k in own if k in theirs and theirs[k].shape != own[k].shape]
-    ignored = [k for k in theirs if k not in own]
+    own_shapes = module_shapes(model.stage1)  # full shapes even when ZeRO-3 has partitioned the parameters
+    missing = [k for k in own_shapes if k not in theirs]
+    mismatched = [f"{k}: export {tuple(theirs[k].shape)} vs model {tuple(own_shapes[k])}"
+                  for k in own_shapes if k in theirs and list(theirs[k].shape) != own_shapes[k]]
+    ignored = [k for k in theirs if k not in own_shapes]
     if missing or mismatched:
         raise ValueError(f"stage-1 export {source or ''} does not fit the stage-2 module: missing {missing[:20]}, shape mismatch {mismatched[:20]}")
     with gather(list(model.stage1.parameters())):
         with torch.no_grad():
-            for k, v in model.stage1.state_dict().items():
-                v.copy_(theirs[k].to(v.dtype))
+            for k, v in model.stage1.state_dict(keep_vars=True).items():
+                v.data.copy_(theirs[k].to(v.dtype))
     if ignored:
         log.info("stage-1 export: %d key(s) not used in stage 2: %s", len(ignored), ", ".join(ignored[:10]))
-    return {"loaded": list(own), "ignored": ignored}
+    return {"loaded": list(own_shapes), "ignored": ignored}
 
 
 def load_from_export(path: str, gather: Gather = null_gather, overrides: Optional[list[str]] = None) -> FusedVLM:
@@ -165,15 +166,16 @@ def load_from_export(path: str, gather: Gather = null_gather, overrides: Optiona
 def load_trained_weights(model: FusedVLM, state: dict[str, torch.Tensor], gather: Gather = null_gather, *,
                          source: str = "", allow_llm: bool = False) -> None:
     """Copy a stage-2 export (projector, stage-1 module, merged LoRA weights) into ``model``; every key must fit."""
-    own = model.state_dict()
-    problems = [k for k in state if k not in own or own[k].shape != state[k].shape]
+    shapes = module_shapes(model)  # full shapes even when ZeRO-3 has partitioned the parameters
+    problems = [k for k in state if k not in shapes or shapes[k] != list(state[k].shape)]
     if not allow_llm:
         problems += [k for k in state if k.startswith("llm.")]
-    needed = [k for k in own if k.startswith(("projector.", "stage1.")) and k not in state]
+    needed = [k for k in shapes if k.startswith(("projector.", "stage1.")) and k not in state]
     if problems or needed:
         raise ValueError(f"the export {source} does not fit this model: unknown or mis-shaped keys {problems[:20]}, missing {needed[:20]}")
     params = [p for n, p in model.named_parameters() if n in state]
     with gather(params):
+        own = model.state_dict(keep_vars=True)
         with torch.no_grad():
             for k, v in state.items():
-                own[k].copy_(v.to(own[k].dtype))
+                own[k].data.copy_(v.to(own[k].dtype))

@@ -196,7 +196,9 @@ class FusedVLM(FrozenAwareModule):
         if not self._has_images(batch):
             # A text-only batch: tie the loss to every trainable parameter with weight 0,
             # so backward works and every rank produces (zero) gradients for the same tensors.
-            loss = loss + 0.0 * sum(p.sum() for p in self.parameters() if p.requires_grad)
+            # The dummy goes through the modules' own calls, so ZeRO-3 gathers their weights.
+            dummy = torch.zeros(1, self.vision.num_tokens, self.vision.hidden_size, device=loss.device)
+            loss = loss + 0.0 * self.image_embeddings(image_features=dummy).float().sum()
         return {"loss": loss, "num_tokens": num_tokens, "metrics": {"lm": loss.detach(), "tokens": num_tokens.detach().float()}}
 
     @torch.no_grad()

@@ -36,6 +36,13 @@ def vision_section(cfg: Any, vision: Any) -> dict:
     }
 
 
+def module_shapes(module: torch.nn.Module) -> dict[str, list[int]]:
+    """Parameter and buffer shapes by name; under ZeRO-3 the full shape (``ds_shape``), not the empty partition."""
+    shapes = {name: list(getattr(p, "ds_shape", p.shape)) for name, p in module.named_parameters()}
+    shapes.update({name: list(b.shape) for name, b in module.named_buffers()})
+    return shapes
+
+
 def connector_section(cfg: Any, stage1: Optional[torch.nn.Module]) -> dict:
     c = cfg.model.connector
     out = {"type": c.type, "align_dim": c.align_dim, "image_tokens": c.image_tokens,
@@ -43,7 +50,7 @@ def connector_section(cfg: Any, stage1: Optional[torch.nn.Module]) -> dict:
     if stage1 is not None:
         out["num_tokens"] = stage1.num_tokens
         out["out_dim"] = stage1.out_dim
-        out["shapes"] = {k: list(v.shape) for k, v in stage1.state_dict().items()}
+        out["shapes"] = module_shapes(stage1)
     return out
 
 

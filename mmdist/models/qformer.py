@@ -219,7 +219,7 @@ class QFormer(nn.Module):
         itg = self.itg_loss(features, text_states, ids, mask)
         loss = itc + q.itm_weight * itm + q.itg_weight * itg
         metrics = {"itc": itc.detach(), "itm": itm.detach(), "itg": itg.detach(), "acc": acc, "itm_acc": itm_acc,
-                   "temperature": 1.0 / logit_scale.detach().exp()}
+                   "temperature": (1.0 / logit_scale.detach().exp()).reshape(())}
         return {"loss": loss, "metrics": metrics}
 
     def itm_logits(self, features: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:

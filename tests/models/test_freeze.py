@@ -57,3 +57,22 @@ def test_frozen_parts_take_the_configured_dtype_trainable_stay_fp32():
     assert lines["projector"][1] == lines["projector"][2] == f"{n_proj:,}" and lines["projector"][3] == "fp32"
     total = sum(p.numel() for p in model.parameters())
     assert lines["total"][1] == f"{total:,}"
+
+
+@pytest.mark.parametrize("stage,connector,overrides,expected", [
+    ("align", "linear", {}, {"stage1", "temperature"}),
+    ("align", "qformer", {}, {"stage1", "text", "temperature"}),
+    ("align", "mlp", {"model": {"vision": {"freeze": False}}}, {"stage1", "temperature", "vision"}),
+    ("fuse", "mlp", {}, {"projector"}),
+    ("fuse", "mlp", {"model": {"llm": {"lora": {"enabled": True, "r": 2}}}}, {"projector", "lora"}),
+    ("fuse", "mlp", {"model": {"llm": {"freeze": False}}}, {"projector", "llm"}),
+])
+def test_groups_cover_every_trainable_parameter_exactly_once(stage, connector, overrides, expected):
+    model = make_model(stage, connector, **overrides)
+    groups = model.trainable_groups()
+    assert set(groups) == expected
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids)), "a parameter is in two groups"
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert set(ids) == trainable
+    assert all(p.dtype == torch.float32 for ps in groups.values() for p in ps)
