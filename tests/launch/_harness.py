@@ -33,17 +33,19 @@ def require_entry() -> None:
         pytest.skip(f"training entry point not present: {', '.join(missing)}")
 
 
-def write_recipe(folder: Path) -> Path:
-    """configs/tiny_fuse.yaml with its data read from demo shards written under ``folder``."""
+def write_recipes(folder: Path) -> dict[str, Path]:
+    """configs/tiny_align.yaml and tiny_fuse.yaml reading demo shards written under ``folder``: {stage: path}."""
     from mmdist.data.shards import shard_pattern, write_demo_shards
 
     written = write_demo_shards(folder / "demo", limit=400, samples_per_shard=50, overwrite=True)
-    recipe = yaml.safe_load(TINY_FUSE.read_text())
-    recipe["data"]["train"] = [{"shards": [shard_pattern(written["train"])]}]
-    recipe["data"]["eval"] = [{"shards": [shard_pattern(written["eval"])]}]
-    path = folder / "tiny_fuse.yaml"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
+    paths = {}
+    for stage, name in (("align", "tiny_align.yaml"), ("fuse", "tiny_fuse.yaml")):
+        recipe = yaml.safe_load((REPO / "configs" / name).read_text())
+        recipe["data"]["train"] = [{"shards": [shard_pattern(written["train"])]}]
+        recipe["data"]["eval"] = [{"shards": [shard_pattern(written["eval"])]}]
+        paths[stage] = folder / name
+        paths[stage].write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return paths
 
 
 def train_args(config: Path, run_dir: Path, steps: int, save_every: int, *extra: str) -> list[str]:
@@ -52,9 +54,13 @@ def train_args(config: Path, run_dir: Path, steps: int, save_every: int, *extra:
     The learning rate is raised from the recipe's so that a handful of steps lowers the loss clearly.
     """
     return ["--config", str(config), f"run_dir={run_dir}", f"train.max_steps={steps}", "engine.zero_stage=3",
-            "train.lr=0.005", "train.warmup_ratio=0.0", "train.eval_every=0", f"checkpoint.save_every={save_every}",
+            *common_overrides(save_every), *extra]
+
+
+def common_overrides(save_every: int) -> list[str]:
+    return ["train.lr=0.005", "train.warmup_ratio=0.0", "train.eval_every=0", f"checkpoint.save_every={save_every}",
             "checkpoint.keep_last=2", "log.log_every=1", "log.progress_bar=false", "log.tensorboard=false",
-            "log.param_table=false", *extra]
+            "log.param_table=false"]
 
 
 def environment(**extra: str) -> dict[str, str]:

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from _harness import require_entry, write_recipe
+from _harness import require_entry, write_recipes
 
 
 @pytest.fixture(scope="session")
-def tiny_recipe(tmp_path_factory):
-    """Path of a copy of configs/tiny_fuse.yaml that reads demo shards from a temporary folder."""
+def tiny_recipes(tmp_path_factory):
+    """{"align": path, "fuse": path}: copies of configs/tiny_*.yaml that read demo shards from a temporary folder."""
     require_entry()
-    return write_recipe(tmp_path_factory.mktemp("tiny_fuse"))
+    return write_recipes(tmp_path_factory.mktemp("tiny_recipes"))
+
+
+@pytest.fixture
+def tiny_recipe(tiny_recipes):
+    """The stage-2 (fuse) tiny recipe, the one every launcher test runs."""
+    return tiny_recipes["fuse"]

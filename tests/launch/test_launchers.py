@@ -11,7 +11,8 @@ from __future__ import annotations
 import shutil
 
 import pytest
-from _harness import REPO, TRAIN_SCRIPT, check_run, environment, python, run, train_args
+import yaml
+from _harness import REPO, TRAIN_SCRIPT, check_run, common_overrides, environment, python, run, train_args
 
 from mmdist.training.dist import free_port
 
@@ -63,3 +64,33 @@ def test_sbatch_stage2(slurm_cluster, tiny_recipe, tmp_path):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"job {job}: {info.get('JobState')}\n{log[-4000:]}"
     assert f"master {slurm_cluster.node}:" in log  # the script found the master from the node list
     check_run(run_dir, STEPS, log)
+
+
+@pytest.mark.slurm
+def test_stage1_then_stage2_chained_with_afterok(slurm_cluster, tiny_recipes, tmp_path):
+    """The documented chain: JOB1=$(sbatch --parsable slurm/stage1.sh); sbatch --dependency=afterok:$JOB1 slurm/stage2.sh."""
+    align_dir, fuse_dir = tmp_path / "align", tmp_path / "fuse"
+    sbatch_args = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:15:00",
+                   f"--output={tmp_path}/slurm-%j.out"]
+    common = dict(MMDIST_REPO=str(REPO), TRAIN_SCRIPT=str(TRAIN_SCRIPT), PYTHON=python())
+    job1 = slurm_cluster.sbatch(REPO / "slurm" / "stage1.sh", *sbatch_args, cwd=tmp_path, env=environment(
+        CONFIG=str(tiny_recipes["align"]), RUN_DIR=str(align_dir), OVERRIDES=" ".join(["train.max_steps=4", *common_overrides(4)]),
+        **common))
+    # Submitted at once: the export does not exist yet; stage2.sh checks it when the job starts.
+    job2 = slurm_cluster.sbatch(REPO / "slurm" / "stage2.sh", f"--dependency=afterok:{job1}", *sbatch_args, cwd=tmp_path,
+                                env=environment(CONFIG=str(tiny_recipes["fuse"]), RUN_DIR=str(fuse_dir),
+                                                STAGE1_EXPORT=str(align_dir / "export"),
+                                                OVERRIDES=" ".join(train_args(tiny_recipes["fuse"], fuse_dir, STEPS, SAVE_EVERY)[2:]),
+                                                **common))
+    waiting = slurm_cluster.job_info(job2)
+    assert waiting.get("JobState") == "PENDING", waiting
+    info1 = slurm_cluster.wait(job1, timeout=TIMEOUT)
+    info2 = slurm_cluster.wait(job2, timeout=TIMEOUT)
+    log1, log2 = ((tmp_path / f"slurm-{j}.out").read_text() for j in (job1, job2))
+    assert info1["JobState"] == "COMPLETED", log1[-4000:]
+    assert info2["JobState"] == "COMPLETED", log2[-4000:]
+    assert info2["StartTime"] >= info1["EndTime"], (info1["EndTime"], info2["StartTime"])  # ISO times sort as text
+    assert (align_dir / "export" / "manifest.json").exists() and (align_dir / "export" / "model.safetensors").exists()
+    assert f"model.connector.stage1_weights={align_dir / 'export'}" in log2
+    assert yaml.safe_load((fuse_dir / "config.yaml").read_text())["model"]["connector"]["stage1_weights"] == str(align_dir / "export")
+    check_run(fuse_dir, STEPS, log2)
