@@ -39,7 +39,8 @@ def build_reference(shape: BenchShape) -> torch.nn.Module:
     model = LlavaForConditionalGeneration(config).to(shape.dtype)
     for name, p in model.named_parameters():
         p.requires_grad_("multi_modal_projector" in name)
-    model.model.multi_modal_projector.float()
+    # The projector stays in the model's dtype: LlavaForConditionalGeneration does not cast between them
+    # (LLaVA's bf16 runs put the whole model in bf16 and let DeepSpeed keep fp32 master weights).
     model.train()
     model.model.vision_tower.eval()
     model.model.language_model.eval()
