@@ -154,6 +154,17 @@ def test_expand_hostlist_agrees_with_scontrol(nodelist, tmp_path):
     assert expand_hostlist(nodelist) == out.stdout.split()
 
 
+def test_hostnames_falls_back_to_scontrol(tmp_path, monkeypatch):
+    # A form our parser does not know goes to `scontrol show hostnames` (here a stand-in on PATH).
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames odd[1-2" ] && printf "odd1\\nodd2\\n"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert hostnames("odd[1-2") == ["odd1", "odd2"]
+    with pytest.raises(DistError, match="cannot expand"):
+        hostnames("other[1-2")  # scontrol fails too: the error names the node list
+
+
 def test_tasks_per_node():
     assert tasks_per_node("2(x3),1") == [2, 2, 2, 1]
     assert tasks_per_node("8") == [8]
