@@ -71,11 +71,12 @@ def _batch_size(batch: dict) -> int:
 
 
 def _batch_tokens(batch: dict, out: dict) -> int:
-    if "num_tokens" in out:
-        return int(out["num_tokens"])
+    """Tokens the model processed (prompt, image and answer tokens: what the FLOPs are spent on)."""
     for key in ("attention_mask", "text_attention_mask"):
         if batch.get(key) is not None:
             return int(batch[key].sum())
+    if "num_tokens" in out:
+        return int(out["num_tokens"])
     return _batch_size(batch)
 
 
@@ -333,8 +334,11 @@ def _train(cfg: Any, env: Any, model_builder: Optional[Callable], loader_builder
 
     # 5. the end: a final checkpoint, the last evaluation, the export
     finished = step >= steps_total
-    if step > 0 and (last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}")):
+    resumed_step = int(resume_from.name.split("_")[-1]) if resume_from is not None and resume_from.name.startswith("step_") else None
+    if step > 0 and step != resumed_step and (last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}")):
         last_checkpoint = save()
+    elif last_checkpoint is None and resume_from is not None:
+        last_checkpoint = resume_from  # nothing new since the resume: the loaded checkpoint is the last one
     export_dir = None
     if finished:
         last_eval = evaluate() or last_eval

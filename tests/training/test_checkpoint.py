@@ -182,3 +182,15 @@ def test_stage1_export_loads_into_stage2_under_zero3(tmp_path, demo_shards):
     fuse_bad = _tiny("fuse", tmp_path / "fuse_bad", demo_shards, **{"engine.zero_stage": 3, "model.connector.stage1_weights": str(bad)})
     with pytest.raises(AssertionError, match=r"vision\.select_layer: stage-1 export has -7"):
         launch(tmp_path, {"config": fuse_bad, "mode": "stage1_probe"}, nproc=2, timeout=400)
+
+
+def test_restarting_a_finished_run_does_not_rewrite_its_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    cfg = toy_config(str(run), train={"max_steps": 2})
+    _train(cfg)
+    ckpt = run / "checkpoints" / "step_000002"
+    before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
+    again = _train(cfg)
+    assert again["resumed_from"].endswith("step_000002") and again["history"] == [] and again["finished"]
+    assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
+    assert again["checkpoint"] == str(ckpt)

@@ -196,3 +196,17 @@ def test_zero_dim_parameter_trains_under_zero2(tmp_path):
     weights = load_file(str(tmp_path / "run" / "export" / "model.safetensors"))
     assert weights["log_scale"].shape == () and float(weights["log_scale"]) != 0.0  # still a scalar, and it trained
     assert summary["step"] == 2
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_gives_a_deepspeed_config(path):
+    """The reference recipes on their 8 GPUs, the tiny twins on 2 CPU ranks (and 1)."""
+    cfg = load_config(path)
+    worlds = (1, 2) if path.name.startswith("tiny_") else (8,)
+    for world in worlds:
+        ds = deepspeed_config(cfg, world)
+        assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+    if not path.name.startswith("tiny_"):
+        assert cfg.engine.zero_stage == 3 and cfg.engine.precision == "bf16"
+    else:
+        assert cfg.engine.precision == "fp32" and cfg.engine.torch_adam

@@ -48,7 +48,7 @@ def test_zero3_single_process_trains_and_writes_run_dir(tmp_path):
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000008"
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_000004", "step_000008"]
     weights = _export(run)
-    assert set(weights) == {"norm.weight", "norm.bias", "projector.weight", "projector.bias"}
+    assert set(weights) == {"norm.weight", "norm.bias", "projector.weight", "projector.bias", "log_scale"}
     manifest = json.loads((run / "export" / "manifest.json").read_text())
     assert manifest["connector"]["type"] == "toy"
 
