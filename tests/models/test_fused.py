@@ -137,3 +137,19 @@ def test_generate_from_inputs_embeds_is_greedy_and_matches_a_manual_loop(fused_m
             logits = model.llm(inputs_embeds=model.embed(running, image_embeds)).logits
         running = torch.cat([running, logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, running[:, input_ids.shape[1]:])
+
+
+def test_left_padded_batch_generation_matches_single_prompts(fused_model):
+    model = fused_model
+    n, iid = model.num_image_tokens, model.image_token_id
+    a, b = [iid] * n + [10, 11, 12, 13, 14], [20, 21]
+    ids = torch.tensor([a, [256] * (len(a) - len(b)) + b])
+    mask = (ids != 256).long()
+    pixels = torch.randn(1, 3, 16, 16)
+    kw = {"max_new_tokens": 3, "return_dict_in_generate": True, "output_scores": True}
+    batch = model.generate(ids, mask, pixel_values=pixels, **kw)
+    one = model.generate(torch.tensor([a]), pixel_values=pixels, **kw)
+    two = model.generate(torch.tensor([b]), **kw)
+    for step in range(3):
+        torch.testing.assert_close(batch.scores[step][0], one.scores[step][0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(batch.scores[step][1], two.scores[step][0], rtol=1e-4, atol=1e-5)
