@@ -90,6 +90,10 @@ def _dtype_name(dtypes: set) -> str:
     return "/".join(sorted(names.get(d, str(d).replace("torch.", "")) for d in dtypes)) or "-"
 
 
+def _numel(p: torch.Tensor) -> int:
+    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3: the full count, not the local partition
+
+
 def param_table(model: nn.Module) -> str:
     """A table of the model's top-level modules: parameters, trainable parameters, dtype(s), mode.
 
@@ -105,8 +109,8 @@ def param_table(model: nn.Module) -> str:
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            n += p.numel()
-            t += p.numel() if p.requires_grad else 0
+            n += _numel(p)
+            t += _numel(p) if p.requires_grad else 0
             dtypes.add(p.dtype)
         total += n
         trainable_total += t
@@ -115,10 +119,10 @@ def param_table(model: nn.Module) -> str:
         if id(p) in seen:
             continue
         seen.add(id(p))
-        total += p.numel()
-        t = p.numel() if p.requires_grad else 0
+        total += _numel(p)
+        t = _numel(p) if p.requires_grad else 0
         trainable_total += t
-        rows.append((name, f"{p.numel():,}", f"{t:,}", _dtype_name({p.dtype}), "-"))
+        rows.append((name, f"{_numel(p):,}", f"{t:,}", _dtype_name({p.dtype}), "-"))
     rows.append(("total", f"{total:,}", f"{trainable_total:,}", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = []
