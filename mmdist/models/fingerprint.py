@@ -3,8 +3,8 @@
 Hashing whole multi-GB weight files at start-up would cost minutes, so a
 file-based fingerprint covers each weight file's name, size, first and last
 MiB. A model built from ``init_config`` is identified by the config and seed.
-A hub id that is not a local folder is identified by its id (and the snapshot
-folder in the local cache when one is found).
+A hub id is fingerprinted through its snapshot in the local Hugging Face cache
+when there is one (no download), else by the id alone (prefix ``hub:``).
 """
 
 from __future__ import annotations
@@ -40,8 +40,24 @@ def path_fingerprint(path: str, only: str | None = None) -> str:
         if not names:
             h.update(f"dir:{os.path.abspath(path)}".encode())
     else:
+        snapshot = _cached_snapshot(path)
+        if snapshot is not None:
+            return path_fingerprint(snapshot, only)
         h.update(f"hub:{path}".encode())
+        return "hub:" + h.hexdigest()[:32]
     return "sha256:" + h.hexdigest()[:32]
+
+
+def _cached_snapshot(repo_id: str) -> str | None:
+    """The local snapshot folder of a hub id already in the Hugging Face cache (no download), or None."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:  # not cached, offline, or not a repo id: fall back to the id itself
+        return None
 
 
 def config_fingerprint(config: dict, seed: int) -> str:

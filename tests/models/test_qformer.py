@@ -113,3 +113,20 @@ def test_losses_itg_by_hand_and_training_reduces_them():
         optimizer.step()
     assert float(out["metrics"]["itg"]) < first * 0.8
     assert float(out["metrics"]["itc"]) < 1.2 * math.log(4)
+
+
+def test_qformer_of_its_own_width_without_bert_init(tmp_path):
+    from mmdist.models import save_export
+
+    q = {"hidden_size": 16, "num_heads": 2, "init_from_text": False, "num_queries": 3}
+    model = make_model("align", "qformer", model={"connector": {"qformer": q}})
+    qf = model.stage1
+    assert not hasattr(qf, "layers_initialised_from_text")
+    assert isinstance(qf.text_in, torch.nn.Linear) and qf.text_in.in_features == 32 and qf.text_in.out_features == 16
+    torch.manual_seed(0)
+    out = model(align_batch(model))
+    assert all(torch.isfinite(out["metrics"][k]) for k in ("itc", "itm", "itg"))
+    save_export(model, str(tmp_path / "s1"))
+    fused = make_model("fuse", "qformer", model={"connector": {"qformer": q, "stage1_weights": str(tmp_path / "s1")}})
+    assert fused.num_image_tokens == 3 and fused.projector.in_dim == 16
+    assert torch.equal(fused.stage1.queries, qf.queries)
