@@ -167,9 +167,16 @@ def test_frozen_llm_checkpointing_keeps_gradients_to_inputs_embeds():
 
 @pytest.mark.multiproc
 def test_zero3_partitions_frozen_llm_and_gathers_written_weights(tmp_path):
-    """Each of 2 ranks holds half of a from_config LLM; the optimizer holds only trainable params;
-    weights written through the model's `gather` read back equal on both ranks."""
-    result = launch(tmp_path, {"config": toy_config(str(tmp_path / "run")), "mode": "probe"}, nproc=2)
+    """Each of 2 ranks holds half of an LLM loaded with from_pretrained (HfDeepSpeedConfig alive), and the
+    gathered weights equal the file; the optimizer holds only trainable params; weights written through the
+    model's `gather` read back equal on both ranks."""
+    from trainer_toy import tiny_llama_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    pretrained = tmp_path / "tiny_llama"
+    AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(pretrained)
+    result = launch(tmp_path, {"config": toy_config(str(tmp_path / "run")), "mode": "probe", "pretrained_dir": str(pretrained)}, nproc=2)
     ranks = result["ranks"]
     assert len(ranks) == 2
     for r in ranks:
@@ -178,6 +185,8 @@ def test_zero3_partitions_frozen_llm_and_gathers_written_weights(tmp_path):
         assert r["llm_visible"] == 0  # partitioned: empty outside a gather
         assert r["optimizer_names"] == ["log_scale", "norm.bias", "norm.weight", "projector.bias", "projector.weight"]
         assert r["gathered_shapes_ok"] and r["gathered_max_err"] == 0.0
+        assert r["hf_saw_zero3"]  # transformers knew about ZeRO-3 while loading
+        assert r["pretrained_compared"] >= 10 and r["pretrained_max_err"] == 0.0
 
 
 def test_zero_dim_parameter_trains_under_zero2(tmp_path):

@@ -153,22 +153,39 @@ def frozen_reference() -> list[torch.Tensor]:
     return [p.detach().clone() for p in model.backbone.parameters()]
 
 
-def tiny_llm_with_head_builder(cfg: Any, gather: Callable) -> nn.Module:
-    """A frozen tiny llama built by transformers' from_config (partitioned on construction under ZeRO-3) + a head."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def tiny_llama_config():
+    from transformers import LlamaConfig
 
-    class Wrapped(ToyModel):
-        def __init__(self):
-            super().__init__(gather)
-            config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-            self.llm = AutoModelForCausalLM.from_config(config)
-            self.llm.requires_grad_(False)
-
-    return Wrapped()
+    return LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
 
-def probe(cfg: Any) -> dict:
+def tiny_llm_with_head_builder(pretrained_dir: str | None = None) -> Callable:
+    """A frozen tiny llama (transformers' from_pretrained of ``pretrained_dir``, else from_config) + the toy head.
+
+    Records whether transformers saw ZeRO-3 enabled (the engine's HfDeepSpeedConfig) while it was built.
+    """
+
+    def build(cfg: Any, gather: Callable) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        class Wrapped(ToyModel):
+            def __init__(self):
+                super().__init__(gather)
+                self.hf_saw_zero3 = is_deepspeed_zero3_enabled()
+                if pretrained_dir:
+                    self.llm = AutoModelForCausalLM.from_pretrained(pretrained_dir, dtype=torch.float32)
+                else:
+                    self.llm = AutoModelForCausalLM.from_config(tiny_llama_config())
+                self.llm.requires_grad_(False)
+
+        return Wrapped()
+
+    return build
+
+
+def probe(cfg: Any, pretrained_dir: str | None = None) -> dict:
     """Build the engine under ZeRO-3 and report, per rank, how much of each model this rank holds."""
     import torch.distributed as tdist
 
@@ -177,7 +194,7 @@ def probe(cfg: Any) -> dict:
 
     env = dist.init(backend="gloo")
     try:
-        bundle = build_engine(cfg, world_size=env.world_size, model_builder=tiny_llm_with_head_builder)
+        bundle = build_engine(cfg, world_size=env.world_size, model_builder=tiny_llm_with_head_builder(pretrained_dir))
         model = bundle.model
         llm = list(model.llm.parameters())
         names = {id(p): n for n, p in model.named_parameters()}
@@ -195,6 +212,16 @@ def probe(cfg: Any) -> dict:
         ref = frozen_reference()
         report["gathered_shapes_ok"] = all(g.shape == r.shape for g, r in zip(got, ref))
         report["gathered_max_err"] = max(float((g - r).abs().max()) for g, r in zip(got, ref)) if report["gathered_shapes_ok"] else None
+        report["hf_saw_zero3"] = bool(model.hf_saw_zero3)
+        if pretrained_dir:
+            from safetensors.torch import load_file
+
+            saved = load_file(str(Path(pretrained_dir) / "model.safetensors"))
+            named = dict(model.llm.named_parameters())
+            with bundle.read_gather(list(named.values())):
+                diffs = {k: float((named[k].detach().float() - v.float()).abs().max()) for k, v in saved.items() if k in named}
+            report["pretrained_compared"] = len(diffs)
+            report["pretrained_max_err"] = max(diffs.values()) if diffs else None
         reports: list = [None] * env.world_size
         tdist.all_gather_object(reports, report)
         return {"ranks": reports}
@@ -236,7 +263,7 @@ def main(argv: list[str]) -> int:
     spec = json.loads(open(argv[0]).read())
     cfg = load_config(base=spec["config"])
     if spec.get("mode") in ("probe", "stage1_probe"):
-        summary = probe(cfg) if spec["mode"] == "probe" else stage1_probe(cfg)
+        summary = probe(cfg, spec.get("pretrained_dir")) if spec["mode"] == "probe" else stage1_probe(cfg)
         import os
 
         if int(os.environ.get("RANK", "0")) == 0:
