@@ -177,3 +177,35 @@ def test_periodic_evaluation_on_held_out_data(tmp_path):
     assert [r["step"] for r in evals] == [2, 4]  # every 2 steps, the last one at the end
     assert all(r["batches"] == 3 and math.isfinite(r["loss"]) for r in evals)
     assert summary["eval"]["loss"] == pytest.approx(evals[-1]["loss"])
+
+
+# ---------------------------------------------------------------------------
+# metrics helpers
+
+
+def test_flop_estimate_parameter_table_and_throughput(monkeypatch):
+    from trainer_toy import ToyModel
+
+    from mmdist.training import metrics
+
+    model = ToyModel()
+    counts = metrics.count_parameters(model)
+    frozen = sum(p.numel() for p in model.backbone.parameters())
+    assert counts["frozen"] == frozen and counts["trainable"] == counts["total"] - frozen
+    assert metrics.flops_per_token(model, "fuse") == 6 * counts["trainable"] + 4 * frozen  # gradient flows through the frozen LLM
+    assert metrics.flops_per_token(model, "align") == 6 * counts["trainable"] + 2 * frozen  # frozen encoders: forward only
+    table = metrics.format_parameter_table(model)
+    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:]}
+    assert rows["backbone"][:2] == [f"{frozen:,}", "0"] and rows["projector"][0] == rows["projector"][1] == "68"
+    assert rows["total"][:2] == [f"{counts['total']:,}", f"{counts['trainable']:,}"]
+
+    clock = iter([0.0, 2.0, 4.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    tp = metrics.Throughput(flops_per_token=100.0, peak_flops_total=1000.0, total_steps=10)
+    tp.update(step=1, samples=8, tokens=40)
+    out = tp.update(step=2, samples=8, tokens=40)
+    assert out["samples_per_s"] == pytest.approx(4.0) and out["tokens_per_s"] == pytest.approx(20.0)
+    assert out["mfu"] == pytest.approx(20.0 * 100.0 / 1000.0)
+    assert out["eta_s"] == pytest.approx(8 * 2.0)  # 8 steps left at 2 s per step
+    monkeypatch.undo()
+    assert metrics.measure_peak_flops(size=128, repeats=1) > 1e6
