@@ -302,12 +302,14 @@ def test_uncaught_exception_still_destroys_the_group(tmp_path):
 
 
 _PROBE = textwrap.dedent("""
-    import json, sys, torch, torch.distributed as tdist
+    import json, os, sys, torch, torch.distributed as tdist
     from mmdist.training import dist
     env = dist.init(dist.discover(), timeout_s=60)
     t = torch.tensor([float(env.rank + 1)])
     tdist.all_reduce(t)
-    print("PROBE " + json.dumps({**env.__dict__, "sum": t.item(), "args": sys.argv[1:]}), flush=True)
+    # One file per rank: lines printed by two ranks into one pipe can interleave.
+    with open(os.path.join(os.path.dirname(__file__), f"probe-{env.rank}.json"), "w") as fh:
+        json.dump({**env.__dict__, "sum": t.item(), "args": sys.argv[1:]}, fh)
 """)
 
 
@@ -321,7 +323,7 @@ def _launch_probe(tmp_path, launcher_cmd):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     import json
 
-    probes = [json.loads(line[6:]) for line in out.stdout.splitlines() if line.startswith("PROBE ")]
+    probes = [json.loads(path.read_text()) for path in sorted(tmp_path.glob("probe-*.json"))]
     assert sorted(p["rank"] for p in probes) == [0, 1], out.stdout
     assert {(p["world_size"], p["sum"]) for p in probes} == {(2, 3.0)}  # both joined one group: 1 + 2
     assert len({(p["master_addr"], p["master_port"]) for p in probes}) == 1
