@@ -264,7 +264,9 @@ def enable_frozen_gradient_checkpointing(model: Any) -> int:
     frozen LLM stays in ``eval()`` (dropout off). So each layer's ``forward`` is
     wrapped in non-reentrant ``torch.utils.checkpoint`` directly: gradients still
     reach ``inputs_embeds`` (the projector) whether or not the inputs require
-    grad, and ZeRO-3's gather hooks run again during the recompute.
+    grad, and ZeRO-3's gather hooks run again during the recompute. A layer whose
+    transformers checkpointing is already active (enabled and in train mode) is
+    left to it, so activations are never recomputed twice.
     """
     import torch
     import torch.utils.checkpoint as tcp
@@ -276,8 +278,10 @@ def enable_frozen_gradient_checkpointing(model: Any) -> int:
             continue
         inner = module.forward
 
-        def forward(*args: Any, __inner: Callable = inner, **kwargs: Any) -> Any:
-            if torch.is_grad_enabled():
+        def forward(*args: Any, __inner: Callable = inner, __layer: Any = module, **kwargs: Any) -> Any:
+            # When transformers' own checkpointing is on and active (layer in train mode), let it do the work.
+            hf_active = getattr(__layer, "gradient_checkpointing", False) and __layer.training
+            if torch.is_grad_enabled() and not hf_active:
                 if kwargs.get("use_cache"):
                     kwargs["use_cache"] = False
                 return tcp.checkpoint(__inner, *args, use_reentrant=False, **kwargs)
