@@ -117,7 +117,8 @@ def start_cluster(home: Path = DEFAULT_HOME, install_timeout: float = 900, start
     _stop_stale(cluster)
     cluster.conf.write_text(conf)
     for daemon in ("slurmctld", "slurmd"):
-        out = cluster.run(daemon, "-f", str(cluster.conf), timeout=30)
+        # -c: forget jobs of an earlier, killed session, so the node does not come back busy or drained.
+        out = cluster.run(daemon, "-c", "-f", str(cluster.conf), timeout=30)
         if out.returncode != 0:
             log = _tail(home / "log" / f"{daemon}.log")
             raise SlurmUnavailable(f"{daemon} did not start ({out.returncode}): {out.stderr.strip()} {log}")
