@@ -159,10 +159,10 @@ def _tiny(stage: str, run_dir, shards, **overrides) -> dict:
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_stage1_export_loads_into_stage2_under_zero3(tmp_path, demo_shards):
-    """Stage 1 (align, 2 ranks, ZeRO-2) exports; stage 2 (fuse, 2 ranks, ZeRO-3) loads it: the gathered
+    """Stage 1 (align, 2 ranks, ZeRO-3) exports; stage 2 (fuse, 2 ranks, ZeRO-3) loads it: the gathered
     stage-1 weights equal the file on both ranks; a manifest that differs is refused naming the field."""
     align_dir = tmp_path / "align"
-    launch(tmp_path, {"config": _tiny("align", align_dir, demo_shards, **{"engine.zero_stage": 2}), "mode": "real"}, nproc=2, timeout=400)
+    launch(tmp_path, {"config": _tiny("align", align_dir, demo_shards, **{"engine.zero_stage": 3}), "mode": "real"}, nproc=2, timeout=400)
     export = align_dir / "export"
     assert (export / "model.safetensors").is_file() and (export / "manifest.json").is_file()
     fuse = _tiny("fuse", tmp_path / "fuse", demo_shards, **{"engine.zero_stage": 3, "model.connector.stage1_weights": str(export)})
