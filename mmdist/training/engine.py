@@ -73,12 +73,14 @@ def _typed_config(cfg: Any, world_size: int) -> tuple[dict, dict[tuple[str, ...]
     source: dict[tuple[str, ...], str] = {}
     ds: dict[str, Any] = {}
 
-    def put(path: tuple[str, ...], value: Any, key: str) -> None:
+    def put(path: tuple[str, ...], value: Any, key: Optional[str]) -> None:
+        """Set a leaf; ``key`` names the typed setting that decides it (None: a default raw keys may override)."""
         node = ds
         for part in path[:-1]:
             node = node.setdefault(part, {})
         node[path[-1]] = value
-        source[path] = key
+        if key is not None:
+            source[path] = key
 
     put(("train_batch_size",), global_batch, "train.global_batch_size")
     put(("train_micro_batch_size_per_gpu",), micro, "train.micro_batch_size")
@@ -93,16 +95,16 @@ def _typed_config(cfg: Any, world_size: int) -> tuple[dict, dict[tuple[str, ...]
         put(("zero_optimization", "offload_param", "pin_memory"), True, "engine.offload_params")
     if eng.zero_stage == 3:
         # Checkpoints hold the fp32 partitions; the export gathers the trainable weights itself.
-        put(("zero_optimization", "stage3_gather_16bit_weights_on_model_save"), False, "engine.zero_stage")
+        put(("zero_optimization", "stage3_gather_16bit_weights_on_model_save"), False, None)
     put(("bf16", "enabled"), eng.precision == "bf16", "engine.precision")
     put(("fp16", "enabled"), eng.precision == "fp16", "engine.precision")
     if eng.precision == "fp16":
         # Dynamic loss scaling (loss_scale 0) starting at 2**N; overflowing steps are skipped by DeepSpeed.
-        put(("fp16", "loss_scale"), 0, "engine.precision")
+        put(("fp16", "loss_scale"), 0, None)
         put(("fp16", "initial_scale_power"), int(eng.fp16_initial_scale_power), "engine.fp16_initial_scale_power")
-        put(("fp16", "loss_scale_window"), 1000, "engine.precision")
-        put(("fp16", "hysteresis"), 2, "engine.precision")
-        put(("fp16", "min_loss_scale"), 1, "engine.precision")
+        put(("fp16", "loss_scale_window"), 1000, None)
+        put(("fp16", "hysteresis"), 2, None)
+        put(("fp16", "min_loss_scale"), 1, None)
     if eng.torch_adam:
         # A client torch optimizer under ZeRO: DeepSpeed calls it "untested" but it is plain AdamW.
         put(("zero_allow_untested_optimizer",), True, "engine.torch_adam")
@@ -111,7 +113,7 @@ def _typed_config(cfg: Any, world_size: int) -> tuple[dict, dict[tuple[str, ...]
         put(("optimizer", "params", "lr"), float(train.lr), "train.lr")
         put(("optimizer", "params", "betas"), [float(b) for b in train.betas], "train.betas")
         put(("optimizer", "params", "weight_decay"), float(train.weight_decay), "train.weight_decay")
-        put(("optimizer", "params", "eps"), 1e-8, "train.lr")
+        put(("optimizer", "params", "eps"), 1e-8, None)
     # Our own tqdm bar and metrics file report progress; DeepSpeed's prints would duplicate them.
     ds["steps_per_print"] = 2**31 - 1
     ds["wall_clock_breakdown"] = False

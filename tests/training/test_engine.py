@@ -235,3 +235,17 @@ def test_frozen_checkpointing_defers_to_active_transformers_checkpointing():
     llm(inputs_embeds=x, labels=torch.randint(0, 64, (1, 5)), use_cache=False).loss.backward()
     hook.remove()
     assert len(calls) == 2 and x.grad is not None  # one forward + one recompute, not three
+
+
+def test_raw_keys_may_tune_defaults_that_no_typed_setting_decides(tmp_path):
+    cfg = _cfg(tmp_path, engine={"precision": "fp16", "zero_stage": 3, "torch_adam": False,
+                                 "deepspeed": {"fp16": {"loss_scale_window": 200, "hysteresis": 4},
+                                               "optimizer": {"params": {"eps": 1e-6}},
+                                               "zero_optimization": {"stage3_gather_16bit_weights_on_model_save": True}}})
+    ds = deepspeed_config(cfg, 2)
+    assert ds["fp16"]["loss_scale_window"] == 200 and ds["fp16"]["hysteresis"] == 4 and ds["fp16"]["enabled"] is True
+    assert ds["optimizer"]["params"]["eps"] == 1e-6 and ds["optimizer"]["params"]["lr"] == cfg.train.lr
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    # a whole typed section replaced by a raw one still clashes with the typed leaves inside it
+    with pytest.raises(ConfigError, match=r"engine\.deepspeed\.fp16.*engine\.(precision|fp16_initial_scale_power)"):
+        deepspeed_config(_cfg(tmp_path, engine={"precision": "fp16", "deepspeed": {"fp16": "off"}}), 2)
