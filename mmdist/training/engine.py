@@ -435,6 +435,6 @@ def build_engine(
         "world_size": world_size,
         "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
         "warmup_steps": warmup,
-        "optimizer_groups": [(g["name"], sum(p.numel() for p in g["params"]), g["lr"]) for g in groups],
+        "optimizer_groups": [(g["name"], sum(int(getattr(p, "ds_numel", p.numel())) for p in g["params"]), g["lr"]) for g in groups],
     }
     return EngineBundle(engine, model, ds_optimizer, scheduler, ds_config, world_size, steps, gather, read_gather, hf_ds_config, info)

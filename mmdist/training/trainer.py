@@ -163,6 +163,10 @@ def train(
 def _release_deepspeed_groups() -> None:
     """Destroy the group through DeepSpeed so it also drops its cached sub-groups (a later run in
     the same process, e.g. stage 2 after stage 1, would otherwise use groups of a dead process group)."""
+    hf_deepspeed = sys.modules.get("transformers.integrations.deepspeed")
+    if hf_deepspeed is not None:
+        # The run's HfDeepSpeedConfig must not make a later from_pretrained in this process think ZeRO-3 is on.
+        hf_deepspeed.unset_hf_deepspeed_config()
     comm = sys.modules.get("deepspeed.comm")
     if comm is None:
         return
@@ -222,6 +226,8 @@ def _train(cfg: Any, env: Any, model_builder: Optional[Callable], loader_builder
         f"[mmdist] stage={cfg.stage} world={world} steps={steps_total} global_batch={cfg.train.global_batch_size} "
         f"micro={cfg.train.micro_batch_size} accumulation={accumulation} zero={cfg.engine.zero_stage} precision={cfg.engine.precision}"
     )
+    for name, numel, lr in bundle.info["optimizer_groups"]:
+        logger.print(f"[mmdist] optimizer group {name}: {numel:,} parameters, lr {lr:.3g}")
     peak = cfg.log.peak_flops or (measure_peak_flops(cfg.engine.precision) if rank == 0 else 0.0)
     throughput = Throughput(flops_per_token(model, cfg.stage), peak * world, steps_total, start_step=step)
 

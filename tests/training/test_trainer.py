@@ -241,3 +241,10 @@ def test_real_tiny_fuse_zero3_resume_equals_uninterrupted(tmp_path):
     a, b = _export(tmp_path / "split"), _export(tmp_path / "straight")
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert all(v.numel() > 0 for v in a.values())  # gathered under ZeRO-3
+
+
+def test_zero3_setting_does_not_outlive_the_run(tmp_path):
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    _train(toy_config(str(tmp_path / "run"), train={"max_steps": 1}))
+    assert not is_deepspeed_zero3_enabled()  # a later from_pretrained in this process is not partitioned
