@@ -159,7 +159,8 @@ def test_tiny_demo_writes_every_file(tiny_demo):
     assert {"shards", "cache_align", "align", "fuse", "fuse_eval", "report", "total"} <= set(metrics["timings_s"])
     report = (run / "report.md").read_text()
     images = sorted((run / "images").glob("heldout_*.png"))
-    assert len(images) == 10  # one per digit
+    heldout_digits = {label for _, label in _keys_and_labels(run / "data" / "shards" / "eval")}
+    assert len(images) == len(heldout_digits) >= 5  # one per digit present in the (quick) held-out slice
     for image in images:
         assert f"images/{image.name}" in report
     assert f"{metrics['fuse']['heldout_answer_accuracy']:.1%}" in report
