@@ -104,8 +104,8 @@ def run_fingerprint(align_path: Path, fuse_path: Path, quick: bool) -> dict:
     def digest(path: Path) -> str:
         return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
-    return {"demo_version": DEMO_VERSION, "quick": quick, "align_config": digest(align_path), "fuse_config": digest(fuse_path),
-            "align_config_path": str(align_path), "fuse_config_path": str(fuse_path)}
+    # The recipes' content, not their paths: the same recipe from another checkout is the same run.
+    return {"demo_version": DEMO_VERSION, "quick": quick, "align_config": digest(align_path), "fuse_config": digest(fuse_path)}
 
 
 class DemoState:
@@ -172,7 +172,7 @@ class DemoState:
 # the steps
 
 
-def _shard_overrides(shards: dict, quick: bool) -> list[str]:
+def _shard_overrides(shards: dict) -> list[str]:
     return [f"data.train=[{{shards: [{json.dumps(shards['train'])}]}}]", f"data.eval=[{{shards: [{json.dumps(shards['eval'])}]}}]"]
 
 
@@ -436,7 +436,7 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
     wall_start = time.perf_counter()
 
     shards = state.run("shards", "1/6 writing the digit shards (mmdist shard demo)", lambda: make_shards(run_dir, quick))
-    data = _shard_overrides(shards, quick)
+    data = _shard_overrides(shards)
     align_over = [f"run_dir={run_dir / 'align'}", *data, f"data.feature_cache={run_dir / 'data' / 'cache_align'}",
                   *(QUICK["align"] if quick else []), *extra_align]
     fuse_over = [f"run_dir={run_dir / 'fuse'}", *data, f"model.connector.stage1_weights={run_dir / 'align' / 'export'}",
