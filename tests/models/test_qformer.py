@@ -104,9 +104,9 @@ def test_losses_itg_by_hand_and_training_reduces_them():
         torch.testing.assert_close(qf.itg_loss(feats, states, ids, mask), expected)
     total = out["loss"]
     torch.testing.assert_close(total.detach(), out["metrics"]["itc"] + out["metrics"]["itm"] + out["metrics"]["itg"])
-    optimizer = torch.optim.AdamW([p for ps in model.trainable_groups().values() for p in ps], lr=3e-3)
+    optimizer = torch.optim.AdamW([p for ps in model.trainable_groups().values() for p in ps], lr=5e-3)
     first = float(out["metrics"]["itg"])
-    for _ in range(15):
+    for _ in range(8):
         optimizer.zero_grad()
         out = model(batch)
         out["loss"].backward()
