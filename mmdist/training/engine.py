@@ -108,6 +108,9 @@ def _typed_config(cfg: Any, world_size: int) -> tuple[dict, dict[tuple[str, ...]
     if eng.torch_adam:
         # A client torch optimizer under ZeRO: DeepSpeed calls it "untested" but it is plain AdamW.
         put(("zero_allow_untested_optimizer",), True, "engine.torch_adam")
+        if eng.offload_optimizer:
+            # torch AdamW stepping the offloaded fp32 states on the CPU (slower than DeepSpeedCPUAdam, no JIT build).
+            put(("zero_force_ds_cpu_optimizer",), False, "engine.torch_adam")
     else:
         put(("optimizer", "type"), "AdamW", "engine.torch_adam")
         put(("optimizer", "params", "lr"), float(train.lr), "train.lr")

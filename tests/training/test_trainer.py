@@ -248,3 +248,13 @@ def test_zero3_setting_does_not_outlive_the_run(tmp_path):
 
     _train(toy_config(str(tmp_path / "run"), train={"max_steps": 1}))
     assert not is_deepspeed_zero3_enabled()  # a later from_pretrained in this process is not partitioned
+
+
+@pytest.mark.parametrize("engine", [{"zero_stage": 2, "offload_optimizer": True},
+                                    {"zero_stage": 3, "offload_optimizer": True, "offload_params": True}], ids=["zero2-offload", "zero3-offload"])
+def test_cpu_offload_matches_no_offload(tmp_path, engine):
+    plain = _train(toy_config(str(tmp_path / "plain"), train={"max_steps": 4}, engine={"zero_stage": engine["zero_stage"]}))
+    offloaded = _train(toy_config(str(tmp_path / "offload"), train={"max_steps": 4}, engine=engine))
+    assert [h["loss"] for h in offloaded["history"]] == pytest.approx([h["loss"] for h in plain["history"]], abs=1e-5)
+    a, b = _export(tmp_path / "offload"), _export(tmp_path / "plain")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
