@@ -161,7 +161,14 @@ class FusedVLM(FrozenAwareModule):
         image_embeds = self.image_embeddings(batch.get("pixel_values"), batch.get("image_features"))
         embeds = self.embed(input_ids, image_embeds)
         inputs: dict[str, Any] = {"inputs_embeds": embeds, "use_cache": False}
-        if batch.get("sequence_ids") is not None:
+        if batch.get("sequence_ids") is not None and self.cfg.model.llm.attn_implementation == "flash_attention_2":
+            # FlashAttention takes no 4-D mask: transformers derives the packed sequences
+            # from position_ids restarting at 0 when no attention_mask is given.
+            # (Not exercised by the CPU tests.)
+            if batch.get("position_ids") is None:
+                raise ValueError("packed batches for flash_attention_2 need position_ids (restarting at 0 per sample)")
+            inputs["attention_mask"] = None
+        elif batch.get("sequence_ids") is not None:
             inputs["attention_mask"] = block_causal_mask(batch["sequence_ids"], embeds.dtype)
         elif batch.get("attention_mask") is not None:
             inputs["attention_mask"] = batch["attention_mask"]
