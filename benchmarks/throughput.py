@@ -85,7 +85,7 @@ def supervised_only_token_losses(self: Any, batch: dict) -> tuple[torch.Tensor, 
 
 
 def run_mmdist(shape: BenchShape, samples: list[Sample], global_batch: int, micro_batch: int, steps: int,
-               max_len: int = 1024, warmup: int = 1, checkpointing: bool = False, proposed: bool = False) -> dict:
+               max_len: int = 512, warmup: int = 1, checkpointing: bool = False, proposed: bool = False) -> dict:
     """mmdist's FusedVLM + packing + DeepSpeed engine, the trainer's step calls; real tokens/s and FLOP/s.
 
     ``proposed``: with :func:`supervised_only_token_losses` patched in (a change proposed to the model code).
@@ -148,7 +148,7 @@ def run_mmdist(shape: BenchShape, samples: list[Sample], global_batch: int, micr
                 flops_per_s=flops / elapsed, real_fraction=real / padded, frozen_params_with_grad=frozen_grads)
 
 
-def run(steps: int = 2, global_batch: int = 16, micro_batch: int = 8, max_len: int = 1024, threads: int | None = None,
+def run(steps: int = 2, global_batch: int = 16, micro_batch: int = 8, max_len: int = 512, threads: int | None = None,
         peak_seconds: float = 3.0, proposed: bool = False, dtype: str = "fp32") -> tuple[list[dict], dict]:
     """Both contenders and the matmul peak; rows for the table and a summary."""
     threads = set_threads(threads)
@@ -181,7 +181,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per contender (one more warms up)")
     parser.add_argument("--global-batch", type=int, default=16)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--max-len", type=int, default=1024, help="mmdist's packed row length")
+    parser.add_argument("--max-len", type=int, default=512,
+                        help="mmdist's packed row length (2-3 samples: SDPA computes the whole row x row block-diagonal mask)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for everything (default: all allowed cores)")
     parser.add_argument("--json", help="also write the rows and summary here")
     parser.add_argument("--proposed", action="store_true", help="also run mmdist with supervised-only logits (a proposed model change)")
