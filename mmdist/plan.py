@@ -205,7 +205,7 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
 
     stage1_params, stage1_out, image_tokens = _stage1_module(cfg, vision_dim, text_dim, image_tokens)
     if cfg.stage == "align":
-        out.append(ModuleShape("stage1", stage1_params, True, "fp32", stage1_params, {"tokens": image_tokens}))
+        out.append(ModuleShape("stage1", stage1_params, True, "fp32", stage1_params, {"tokens": image_tokens, "width": stage1_out}))
         return out
 
     llm = cfg.model.llm
@@ -217,7 +217,8 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     if llm.lora.enabled:
         out.append(ModuleShape("lora", _lora_params(lmodel, cfg), True, "fp32"))
     if cfg.model.connector.stage1_weights is not None:
-        out.append(ModuleShape("stage1", stage1_params, conn.train_stage1_module, "fp32", stage1_params, {"tokens": image_tokens}))
+        out.append(ModuleShape("stage1", stage1_params, conn.train_stage1_module, "fp32", stage1_params,
+                               {"tokens": image_tokens, "width": stage1_out}))
         proj_in = stage1_out
     else:
         proj_in = vision_dim
@@ -451,6 +452,14 @@ def activation_bytes_per_sample(shapes: list[ModuleShape], cfg: RunConfig, check
     if proj is not None:
         tokens = proj.dims.get("tokens", v["tokens"])
         total += tokens * (proj.dims.get("in", v["hidden"]) + 2 * (llm.dims["hidden"] if llm else 256)) * 4
+    stage1 = by_name.get("stage1")
+    if stage1 is not None and stage1.trainable and cfg.model.connector.type == "qformer":
+        # a training Q-Former keeps, per layer, its queries' attention/FFN tensors and (in cross-attention
+        # layers) the keys and values of every vision token, in fp32
+        q = cfg.model.connector.qformer
+        h = stage1.dims.get("width", q.hidden_size)
+        cross = math.ceil(q.num_layers / max(1, q.cross_attention_every))
+        total += (q.num_layers * q.num_queries * 16 * h + cross * v["tokens"] * (v["hidden"] + 2 * h)) * 4
     # frozen vision forward runs without grad: one layer's transient working set per image
     vseq = v.get("seq", v["tokens"])
     total += vseq * (4 * v["hidden"] + v["intermediate"]) * e
@@ -567,9 +576,10 @@ def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estim
         lines.append(f"recommended: {best.setting.label}, gradient_checkpointing={'true' if ckpt else 'false'}; "
                      f"largest micro-batch that fits: {best.max_micro_batch(budget, ckpt)} "
                      f"(configured {cfg.train.micro_batch_size}; {_g(best.total(ckpt))} GiB of {_g(budget)} GiB)")
+        ckpt_override = f" model.llm.gradient_checkpointing={str(ckpt).lower()}" if cfg.stage == "fuse" else ""
         lines.append(f"  overrides: engine.zero_stage={best.setting.zero_stage} engine.offload_optimizer="
-                     f"{str(best.setting.offload_optimizer).lower()} engine.offload_params={str(best.setting.offload_params).lower()} "
-                     f"model.llm.gradient_checkpointing={str(ckpt).lower()}")
+                     f"{str(best.setting.offload_optimizer).lower()} engine.offload_params={str(best.setting.offload_params).lower()}"
+                     + ckpt_override)
     else:
         lines.append(f"nothing fits micro-batch {cfg.train.micro_batch_size}: closest is {best.setting.label} with "
                      f"checkpointing at {_g(best.total(True))} GiB; lower train.micro_batch_size or data.max_len, or add GPUs")
