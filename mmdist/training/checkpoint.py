@@ -244,9 +244,14 @@ def export_trainable(model: Any, read_gather: Callable[[list], Any], out_dir: st
     out_dir = Path(out_dir)
     manifest = model.manifest()
     named = dict(model.named_parameters())
-    # First pass names the tensors the export needs; gather exactly those (plus every trainable one).
-    names = set(model.export_state_dict().keys())
-    params = [p for n, p in named.items() if n in names or p.requires_grad]
+    # A first pass names the tensors the export needs (under ZeRO-3 it may fail on partitioned data: then
+    # the trainable parameters are what we gather). LoRA layers are left out: the model gathers those
+    # itself to merge them, and DeepSpeed forbids nested gathers of the same parameter.
+    try:
+        names = set(model.export_state_dict().keys())
+    except RuntimeError:
+        names = set()
+    params = [p for n, p in named.items() if (n in names or p.requires_grad) and "lora_" not in n]
     with read_gather(params):
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.export_state_dict().items()}
     if fp32_master:

@@ -413,6 +413,13 @@ def build_engine(
     def make_scheduler(optimizer: Any) -> Any:
         return get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
 
+    # Described before initialize: DeepSpeed flattens the groups' params and the schedule rewrites their lr.
+    info = {
+        "world_size": world_size,
+        "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
+        "warmup_steps": warmup,
+        "optimizer_groups": [(g["name"], sum(int(getattr(p, "ds_numel", p.numel())) for p in g["params"]), g["lr"]) for g in groups],
+    }
     scalars = [p for p in model.parameters() if p.dim() == 0 and not hasattr(p, "ds_id")]
     for p in scalars:
         # DeepSpeed 0.19 broadcasts parameters as byte views, which fails for 0-dim tensors (a learnable
@@ -434,10 +441,4 @@ def build_engine(
     )
     for p in scalars:
         del p.ds_optim_param
-    info = {
-        "world_size": world_size,
-        "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
-        "warmup_steps": warmup,
-        "optimizer_groups": [(g["name"], sum(int(getattr(p, "ds_numel", p.numel())) for p in g["params"]), g["lr"]) for g in groups],
-    }
     return EngineBundle(engine, model, ds_optimizer, scheduler, ds_config, world_size, steps, gather, read_gather, hf_ds_config, info)

@@ -135,7 +135,9 @@ def toy_config(run_dir: str, **train_overrides: Any) -> dict:
         "model": {"text": {"init_config": {"model_type": "bert"}, "tokenizer": "mmdist:tiny-wordpiece"}, "vision": {"init_config": {"model_type": "vit"}}},
         "data": {"train": [{"shards": ["unused.tar"]}], "num_workers": 0},
         "train": train,
-        "engine": {"zero_stage": 3, "precision": "fp32", "torch_adam": True, "backend": "gloo"},
+        # Persistence threshold 0: even these tiny parameters stay partitioned under ZeRO-3, as a 14B model's would.
+        "engine": {"zero_stage": 3, "precision": "fp32", "torch_adam": True, "backend": "gloo",
+                   "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
         "checkpoint": {"save_every": 0, "keep_last": 2, "resume": "auto", "export": True},
         "log": {"log_every": 1, "progress_bar": False, "tensorboard": False, "param_table": False, "peak_flops": 1e9, "data_fingerprint": True},
     }
