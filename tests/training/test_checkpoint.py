@@ -147,6 +147,8 @@ def _tiny(stage: str, run_dir, shards, **overrides) -> dict:
     cfg["train"].update({"max_steps": 2, "eval_every": 0, "eval_batches": 1})
     cfg["checkpoint"]["save_every"] = 0
     cfg["log"].update({"progress_bar": False, "tensorboard": False, "param_table": False, "peak_flops": 1e9})
+    # even the tiny parameters stay partitioned under ZeRO-3, as a 14B model's would
+    cfg["engine"]["deepspeed"] = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
     for key, value in overrides.items():
         node = cfg
         *parents, last = key.split(".")
