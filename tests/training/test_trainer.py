@@ -258,3 +258,24 @@ def test_cpu_offload_matches_no_offload(tmp_path, engine):
     assert [h["loss"] for h in offloaded["history"]] == pytest.approx([h["loss"] for h in plain["history"]], abs=1e-5)
     a, b = _export(tmp_path / "offload"), _export(tmp_path / "plain")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in b)
+
+
+@pytest.mark.slow
+def test_real_tiny_fuse_with_lora_under_zero3_exports_merged_weights(tmp_path):
+    pytest.importorskip("sklearn")
+    from mmdist.data.shards import shard_pattern, write_demo_shards
+
+    shards = write_demo_shards(tmp_path / "demo", image_size=16, samples_per_shard=50, limit=100)
+    recipe = yaml.safe_load(open(__import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "tiny_fuse.yaml"))
+    recipe["run_dir"] = str(tmp_path / "run")
+    recipe["data"].update({"train": [{"shards": [shard_pattern(shards["train"])]}], "eval": [], "num_workers": 0})
+    recipe["train"].update({"max_steps": 2, "eval_every": 0})
+    recipe["model"]["llm"]["lora"] = {"enabled": True, "r": 4, "alpha": 8}
+    recipe["log"].update({"progress_bar": False, "tensorboard": False, "param_table": False, "peak_flops": 1e9})
+    summary = train(load_config(base=recipe))
+    assert summary["step"] == 2
+    weights = _export(tmp_path / "run")
+    merged = [k for k in weights if k.startswith("llm.")]
+    assert merged and not any("lora_" in k for k in weights)  # LoRA merged into plain LLM weights (W + BA)
+    assert all(weights[k].ndim == 2 and weights[k].numel() > 0 for k in merged)  # gathered, not ZeRO-3 partitions
+    assert any(k.startswith("projector.") for k in weights)
