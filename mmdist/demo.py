@@ -89,6 +89,21 @@ def missing_packages(needed: Sequence[str]) -> list[str]:
     return out
 
 
+def default_threads() -> int:
+    """One torch thread per core on an idle machine, one thread on a busy one.
+
+    Measured on the 2-core demo machine shared with other jobs: a 2-thread stage-2
+    step took 5-10x longer than a 1-thread step (each OpenMP region waits for its
+    slowest thread to be scheduled), while on an idle machine 2 threads are faster.
+    """
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0] >= 1.0
+    except OSError:  # no load average on this platform
+        busy = False
+    return 1 if busy else cores
+
+
 def packages_for(align_cfg: Any, fuse_cfg: Any) -> list[str]:
     """The optional packages these two configs need (the packaged models only when they use them)."""
     needed = ["sklearn", "matplotlib"]
@@ -421,8 +436,9 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
     import torch
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if threads:
-        torch.set_num_threads(threads)
+    threads = threads or default_threads()
+    torch.set_num_threads(threads)
+    print(f"[demo] torch threads: {threads} (--threads to change)")
     run_dir = Path(run_dir).resolve()
     align_path, fuse_path = Path(align_config).resolve(), Path(fuse_config).resolve()
     # Validate both recipes before anything is written (paths are filled in below).
@@ -500,7 +516,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-dir", default="runs/demo", help="folder for shards, both stages, metrics and the report")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage on a slice of the digits (a smoke run)")
     parser.add_argument("--overwrite", action="store_true", help="delete the run folder first and start over")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, one per core)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core, or 1 when the machine is already busy)")
     parser.add_argument("--align-config", default=str(DEFAULT_ALIGN_CONFIG), help="stage-1 recipe")
     parser.add_argument("--fuse-config", default=str(DEFAULT_FUSE_CONFIG), help="stage-2 recipe")
     parser.add_argument("--align-set", action="append", default=[], metavar="KEY=VALUE", help="override in the stage-1 recipe (repeatable)")
