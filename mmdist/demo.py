@@ -134,12 +134,13 @@ class DemoState:
     def open(cls, run_dir: Path, fingerprint: dict, overwrite: bool) -> DemoState:
         """Start, continue or refuse: a folder of another recipe (or not a demo folder) is never reused silently."""
         state = cls(run_dir, fingerprint)
+        if run_dir.exists() and any(run_dir.iterdir()) and not state.path.is_file():
+            # Never delete or write into a folder the demo did not make, even with --overwrite.
+            raise DemoError(f"{run_dir} is not empty and holds no {STATE_FILE}, so it is not a demo run folder; "
+                            "choose another --run-dir (or empty this one yourself)")
         if overwrite and run_dir.exists():
             shutil.rmtree(run_dir)
         if run_dir.exists() and any(run_dir.iterdir()):
-            if not state.path.is_file():
-                raise DemoError(f"{run_dir} is not empty and holds no {STATE_FILE}, so it is not a demo run folder; "
-                                "choose another --run-dir, or pass --overwrite to delete it and start over")
             stored = json.loads(state.path.read_text())
             theirs = stored.get("fingerprint", {})
             differ = [k for k in sorted(set(theirs) | set(fingerprint)) if theirs.get(k) != fingerprint.get(k)]

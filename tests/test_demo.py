@@ -75,9 +75,10 @@ def test_run_folder_of_another_recipe_is_refused(tmp_path):
 
 def test_a_folder_that_is_not_a_demo_run_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(demo.DemoError, match="not a demo run folder"):
-        demo.DemoState.open(tmp_path, _fingerprint(), overwrite=False)
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    for overwrite in (False, True):  # --overwrite never deletes a folder the demo did not make
+        with pytest.raises(demo.DemoError, match="not a demo run folder"):
+            demo.DemoState.open(tmp_path, _fingerprint(), overwrite=overwrite)
+        assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize("module, command", [
