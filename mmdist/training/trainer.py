@@ -109,6 +109,62 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class _StepStats:
+    """What the micro-batches of one optimizer step add up to; summed over ranks when the step ends."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.micro, self.loss, self.samples, self.tokens = 0, 0.0, 0, 0
+        self.metrics: dict[str, float] = {}
+        self.fingerprints: list[str] = []
+
+    def add(self, loss: Any, batch: dict, out: dict) -> None:
+        self.micro += 1
+        self.loss += float(loss.detach())
+        self.samples += _batch_size(batch)
+        self.tokens += _batch_tokens(batch, out)
+        for key, value in (out.get("metrics") or {}).items():
+            self.metrics[key] = self.metrics.get(key, 0.0) + float(value)
+
+    def reduce(self, device: Any) -> dict:
+        """Mean loss and model metrics over every rank's micro-batches, global samples and tokens."""
+        keys = sorted(self.metrics)  # the same model on every rank reports the same keys
+        total = _all_reduce([self.loss, self.micro, self.samples, self.tokens] + [self.metrics[k] for k in keys], device)
+        count = max(total[1], 1)
+        out = {"loss": total[0] / count, "step_samples": int(total[2]), "step_tokens": int(total[3])}
+        out.update({k: v / count for k, v in zip(keys, total[4:])})
+        return out
+
+
+def _finite_everywhere(loss: Any, device: Any) -> bool:
+    """True when the loss is finite on every rank (all ranks must skip the same batch, or ZeRO would hang)."""
+    import torch
+
+    local = 1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0
+    return _all_reduce([local], device, op="min")[0] > 0
+
+
+def _evaluate(engine: Any, loader: Iterable, max_batches: int, float_dtype: Any) -> dict:
+    """Mean loss over the first ``max_batches`` held-out batches of every rank."""
+    import torch
+
+    engine.eval()
+    total, count, batches = 0.0, 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            if batches >= max_batches:
+                break
+            loss = engine(_to_device(batch, engine.device, float_dtype))["loss"].float()
+            if torch.isfinite(loss):
+                total, count = total + float(loss), count + 1
+            batches += 1
+    engine.train()
+    total, count = _all_reduce([total, count], engine.device)
+    return {"loss": total / count if count else float("nan"), "batches": batches}
+
+
 class _Batches:
     """Endless iteration over a loader: a finished pass starts the next epoch (the loader tracks which)."""
 
@@ -237,20 +293,7 @@ def _train(cfg: Any, env: Any, model_builder: Optional[Callable], loader_builder
             return None
         if eval_loader is None:
             eval_loader = loader_builder(cfg, processors, "eval", rank, world)
-        engine.eval()
-        total, count, batches = 0.0, 0.0, 0
-        with torch.no_grad():
-            for batch in eval_loader:
-                if batches >= cfg.train.eval_batches:
-                    break
-                out = engine(_to_device(batch, engine.device, float_dtype))
-                loss = out["loss"].float()
-                if torch.isfinite(loss):
-                    total, count = total + float(loss), count + 1
-                batches += 1
-        engine.train()
-        total, count = _all_reduce([total, count], engine.device)
-        return {"loss": total / count if count else float("nan"), "batches": batches}
+        return _evaluate(engine, eval_loader, cfg.train.eval_batches, float_dtype)
 
     def save() -> Path:
         client = {
@@ -264,98 +307,89 @@ def _train(cfg: Any, env: Any, model_builder: Optional[Callable], loader_builder
         logger.print(f"[mmdist] checkpoint {path}")
         return path
 
-    # 4. the loop
-    engine.train()
-    batches = _Batches(loader)
-    nonfinite_in_row = 0
-    micro, loss_sum, loss_count, step_samples, step_tokens = 0, 0.0, 0, 0, 0
-    metric_sums: dict[str, float] = {}
-    fingerprints: list[str] = []
-    history: list[dict] = []
-    last_eval: Optional[dict] = None
-    last_checkpoint: Optional[Path] = None
-    end_step = steps_total if stop_after is None else min(steps_total, stop_after)
-    started = time.perf_counter()
-    while step < end_step:
-        batch = batches.next()
-        if cfg.log.data_fingerprint:
-            fingerprints.append(_fingerprint(batch))
-        batch = _to_device(batch, engine.device, float_dtype)
-        out = engine(batch)
-        loss = out["loss"]
-        finite = _all_reduce([1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0], engine.device, op="min")[0] > 0
-        if not finite:
-            nonfinite_in_row += 1
-            nonfinite_total += 1
-            logger.print(f"[mmdist] step {step + 1}: non-finite loss ({float(loss.detach())}) on some rank; batch skipped ({nonfinite_in_row} in a row)")
-            logger.log(step, {"nonfinite_loss": 1, "nonfinite_in_row": nonfinite_in_row, "nonfinite_total": nonfinite_total})
-            if nonfinite_in_row >= cfg.train.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{nonfinite_in_row} non-finite losses in a row at step {step + 1} (train.max_nonfinite_steps="
-                    f"{cfg.train.max_nonfinite_steps}): lower train.lr, check the data (empty answers, bad images) or use "
-                    "engine.precision=bf16/fp32; the last checkpoint is in " + str(checkpoints.root)
-                )
-            continue
-        engine.backward(loss)
-        engine.step()
-        micro += 1
-        loss_sum += float(loss.detach())
-        loss_count += 1
-        step_samples += _batch_size(batch)
-        step_tokens += _batch_tokens(batch, out)
-        for key, value in (out.get("metrics") or {}).items():
-            metric_sums[key] = metric_sums.get(key, 0.0) + float(value)
-        if micro % accumulation:
-            continue
-
-        # an optimizer step happened
-        step += 1
+    try:
+        # 4. the loop
+        engine.train()
+        batches = _Batches(loader)
+        stats = _StepStats()
         nonfinite_in_row = 0
-        reduced = _all_reduce([loss_sum, loss_count, step_samples, step_tokens] + [metric_sums[k] for k in sorted(metric_sums)], engine.device)
-        mean_loss = reduced[0] / max(reduced[1], 1)
-        samples_seen += int(reduced[2])
-        lrs = bundle.scheduler.get_last_lr() if bundle.scheduler is not None else [cfg.train.lr]
-        record = {"loss": mean_loss, "lr": lrs[0], "samples": samples_seen, "nonfinite_total": nonfinite_total}
-        record.update({k: v / max(reduced[1], 1) for k, v in zip(sorted(metric_sums), reduced[4:])})
-        grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        record.update(throughput.update(step, int(reduced[2]), int(reduced[3])))
-        if cfg.log.data_fingerprint:
-            record["data"] = _gathered_fingerprint(fingerprints, engine.device)
-        history.append({"step": step, "loss": mean_loss, "lr": lrs[0], **({"data": record["data"]} if "data" in record else {})})
-        logger.progress(step, record)
-        if step % max(cfg.log.log_every, 1) == 0 or step == end_step or cfg.log.data_fingerprint:
-            logger.log(step, record)
-        micro, loss_sum, loss_count, step_samples, step_tokens = 0, 0.0, 0, 0, 0
-        metric_sums, fingerprints = {}, []
+        history: list[dict] = []
+        last_eval: Optional[dict] = None
+        last_checkpoint: Optional[Path] = None
+        end_step = steps_total if stop_after is None else min(steps_total, stop_after)
+        started = time.perf_counter()
+        while step < end_step:
+            batch = batches.next()
+            if cfg.log.data_fingerprint:
+                stats.fingerprints.append(_fingerprint(batch))
+            batch = _to_device(batch, engine.device, float_dtype)
+            out = engine(batch)
+            loss = out["loss"]
+            if not _finite_everywhere(loss, engine.device):
+                # dropped before backward on every rank: no gradient, no optimizer update
+                nonfinite_in_row += 1
+                nonfinite_total += 1
+                logger.print(f"[mmdist] step {step + 1}: non-finite loss ({float(loss.detach())}) on some rank; batch skipped ({nonfinite_in_row} in a row)")
+                logger.log(step, {"nonfinite_loss": 1, "nonfinite_in_row": nonfinite_in_row, "nonfinite_total": nonfinite_total})
+                if nonfinite_in_row >= cfg.train.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{nonfinite_in_row} non-finite losses in a row at step {step + 1} (train.max_nonfinite_steps="
+                        f"{cfg.train.max_nonfinite_steps}): lower train.lr, check the data (empty answers, bad images) or use "
+                        "engine.precision=bf16/fp32; the last checkpoint is in " + str(checkpoints.root)
+                    )
+                continue
+            engine.backward(loss)
+            engine.step()
+            stats.add(loss, batch, out)
+            if stats.micro % accumulation:
+                continue
 
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps_total:
-            last_eval = evaluate()
+            # an optimizer step happened
+            step += 1
+            nonfinite_in_row = 0
+            record = stats.reduce(engine.device)
+            samples_seen += record["step_samples"]
+            lr = bundle.scheduler.get_last_lr()[0] if bundle.scheduler is not None else cfg.train.lr
+            record.update(lr=lr, samples=samples_seen, nonfinite_total=nonfinite_total)
+            grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
+            record.update(throughput.update(step, record.pop("step_samples"), record.pop("step_tokens")))
+            if cfg.log.data_fingerprint:
+                record["data"] = _gathered_fingerprint(stats.fingerprints, engine.device)
+            history.append({"step": step, "loss": record["loss"], "lr": lr, **({"data": record["data"]} if "data" in record else {})})
+            logger.progress(step, record)
+            if step % max(cfg.log.log_every, 1) == 0 or step == end_step or cfg.log.data_fingerprint:
+                logger.log(step, record)
+            stats.reset()
+
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps_total:
+                last_eval = evaluate()
+                if last_eval is not None:
+                    logger.log(step, last_eval, prefix="eval")
+                    logger.print(f"[mmdist] step {step}: eval loss {last_eval['loss']:.4f}")
+            if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
+                last_checkpoint = save()
+
+        # 5. the end: a final checkpoint, the last evaluation, the export
+        finished = step >= steps_total
+        resumed_step = int(resume_from.name.split("_")[-1]) if resume_from is not None and resume_from.name.startswith("step_") else None
+        if step > 0 and step != resumed_step and (last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}")):
+            last_checkpoint = save()
+        elif last_checkpoint is None and resume_from is not None:
+            last_checkpoint = resume_from  # nothing new since the resume: the loaded checkpoint is the last one
+        export_dir = None
+        if finished:
+            last_eval = evaluate() or last_eval
             if last_eval is not None:
                 logger.log(step, last_eval, prefix="eval")
-                logger.print(f"[mmdist] step {step}: eval loss {last_eval['loss']:.4f}")
-        if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
-            last_checkpoint = save()
-
-    # 5. the end: a final checkpoint, the last evaluation, the export
-    finished = step >= steps_total
-    resumed_step = int(resume_from.name.split("_")[-1]) if resume_from is not None and resume_from.name.startswith("step_") else None
-    if step > 0 and step != resumed_step and (last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}")):
-        last_checkpoint = save()
-    elif last_checkpoint is None and resume_from is not None:
-        last_checkpoint = resume_from  # nothing new since the resume: the loaded checkpoint is the last one
-    export_dir = None
-    if finished:
-        last_eval = evaluate() or last_eval
-        if last_eval is not None:
-            logger.log(step, last_eval, prefix="eval")
-        if cfg.checkpoint.export:
-            export_dir = export_trainable(model, bundle.read_gather, run_dir / "export", fp32_master=cfg.engine.precision != "fp32")
-            if export_dir is not None:
-                logger.print(f"[mmdist] exported trainable weights to {export_dir}")
+            if cfg.checkpoint.export:
+                export_dir = export_trainable(model, bundle.read_gather, run_dir / "export", fp32_master=cfg.engine.precision != "fp32")
+                if export_dir is not None:
+                    logger.print(f"[mmdist] exported trainable weights to {export_dir}")
+    finally:
+        logger.close()  # also on an error: the bar and the metrics file are closed
     elapsed = time.perf_counter() - started
-    logger.close()
     return {
         "step": step,
         "finished": finished,
