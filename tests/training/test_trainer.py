@@ -279,3 +279,19 @@ def test_real_tiny_fuse_with_lora_under_zero3_exports_merged_weights(tmp_path):
     assert merged and not any("lora_" in k for k in weights)  # LoRA merged into plain LLM weights (W + BA)
     assert all(weights[k].ndim == 2 and weights[k].numel() > 0 for k in merged)  # gathered, not ZeRO-3 partitions
     assert any(k.startswith("projector.") for k in weights)
+
+
+def test_tensorboard_events_and_sample_budget(tmp_path):
+    """train.max_samples sets the budget (10 samples / 4 per step -> 3 steps); TensorBoard gets the same scalars."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    cfg = toy_config(str(run), train={"max_steps": None, "max_samples": 10}, log={"tensorboard": True})
+    summary = _train(cfg)
+    assert summary["step"] == 3 and summary["samples"] == 12
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([h["loss"] for h in summary["history"]], rel=1e-5)
+    assert "train/mfu" in events.Tags()["scalars"]
