@@ -62,39 +62,53 @@ def pad_to_longest(samples: list[Sample], image_token_id: int, pad_id: int = 0) 
                 pixel_values=torch.stack([s.pixel_values for s in samples]))
 
 
+class ReferenceLoop:
+    """The reference trainer, one optimizer step at a time (so benchmarks can interleave contenders)."""
+
+    name = "reference (LlavaForConditionalGeneration, pad-to-longest, AdamW)"
+
+    def __init__(self, shape: BenchShape, global_batch: int, micro_batch: int):
+        self.shape, self.global_batch, self.micro_batch = shape, global_batch, micro_batch
+        self.model = build_reference(shape)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4)
+
+    def step(self, group: list[Sample]) -> dict:
+        """One optimizer step over ``group`` (the global batch); seconds, real and padded tokens, FLOPs."""
+        image_token_id = self.model.config.image_token_index
+        micro = [pad_to_longest(group[i:i + self.micro_batch], image_token_id)
+                 for i in range(0, self.global_batch, self.micro_batch)]
+        t = time.perf_counter()
+        for batch in micro:
+            out = self.model(**{k: v.to(self.shape.dtype) if v.is_floating_point() else v for k, v in batch.items()})
+            (out.loss / len(micro)).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        seconds = time.perf_counter() - t
+        real = sum(int(b["attention_mask"].sum()) for b in micro)
+        padded = sum(b["attention_mask"].numel() for b in micro)
+        return dict(seconds=seconds, real=real, padded=padded, flops=self.flops(real, len(group)))
+
+    def flops(self, real_tokens: int, images: int) -> float:
+        vision_params = sum(p.numel() for p in self.model.model.vision_tower.parameters())
+        vision_seq = (self.shape.vision["image_size"] // self.shape.vision["patch_size"]) ** 2 + 1
+        return step_flops(real_tokens, images, _llm_params(self.model), vision_params, vision_seq,
+                          sum(p.numel() for p in self.trainable), self.shape.image_tokens)
+
+
 def run_reference(shape: BenchShape, samples: list[Sample], global_batch: int, micro_batch: int, steps: int,
                   warmup: int = 1) -> dict:
     """Train ``warmup + steps`` optimizer steps; report real tokens/s and FLOP/s of the timed steps."""
-    model = build_reference(shape)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    image_token_id = model.config.image_token_index
-    per_step = [samples[i * global_batch:(i + 1) * global_batch] for i in range(warmup + steps)]
-    if any(len(s) < global_batch for s in per_step):
+    loop = ReferenceLoop(shape, global_batch, micro_batch)
+    if len(samples) < (warmup + steps) * global_batch:
         raise ValueError(f"need {(warmup + steps) * global_batch} samples, got {len(samples)}")
-    real = padded = 0
-    elapsed = 0.0
-    for step, group in enumerate(per_step):
-        micro = [pad_to_longest(group[i:i + micro_batch], image_token_id) for i in range(0, global_batch, micro_batch)]
-        t = time.perf_counter()
-        for batch in micro:
-            out = model(**{k: v.to(shape.dtype) if v.is_floating_point() else v for k, v in batch.items()})
-            (out.loss / len(micro)).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step >= warmup:
-            elapsed += time.perf_counter() - t
-            real += sum(int(b["attention_mask"].sum()) for b in micro)
-            padded += sum(b["attention_mask"].numel() for b in micro)
-    vision = model.model.vision_tower
-    vision_params = sum(p.numel() for p in vision.parameters())
-    vision_seq = (shape.vision["image_size"] // shape.vision["patch_size"]) ** 2 + 1
-    connector = sum(p.numel() for p in trainable)
-    flops = step_flops(real, steps * global_batch, _llm_params(model),
-                       vision_params, vision_seq, connector, shape.image_tokens)
-    return dict(name="reference (LlavaForConditionalGeneration, pad-to-longest, AdamW)", seconds=elapsed,
-                real_tokens=real, padded_tokens=padded, tokens_per_s=real / elapsed, flops=flops,
-                flops_per_s=flops / elapsed, real_fraction=real / padded)
+    records = [loop.step(samples[i * global_batch:(i + 1) * global_batch]) for i in range(warmup + steps)][warmup:]
+    seconds = sum(r["seconds"] for r in records)
+    real = sum(r["real"] for r in records)
+    padded = sum(r["padded"] for r in records)
+    flops = sum(r["flops"] for r in records)
+    return dict(name=loop.name, seconds=seconds, real_tokens=real, padded_tokens=padded, tokens_per_s=real / seconds,
+                flops=flops, flops_per_s=flops / seconds, real_fraction=real / padded)
 
 
 def _llm_params(model: torch.nn.Module) -> int:

@@ -113,7 +113,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         if "throughput" not in args.skip:
-            cmd = ["benchmarks/throughput.py", "--steps", "1" if args.quick else "2"]
+            cmd = ["benchmarks/throughput.py", "--steps", "1" if args.quick else "5"]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             cmd += ["--dtype", args.dtype] + (["--proposed"] if args.proposed else [])

@@ -24,13 +24,14 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from common import BenchShape, Sample, format_table, llm_matmul_params, make_samples, matmul_peak, set_threads, step_flops
-from reference_llava import run_reference
+from reference_llava import ReferenceLoop
 
 
 def mmdist_config(shape: BenchShape, global_batch: int, micro_batch: int, max_len: int, checkpointing: bool = False) -> Any:
@@ -84,102 +85,148 @@ def supervised_only_token_losses(self: Any, batch: dict) -> tuple[torch.Tensor, 
     return losses, supervised
 
 
-def run_mmdist(shape: BenchShape, samples: list[Sample], global_batch: int, micro_batch: int, steps: int,
-               max_len: int = 512, warmup: int = 1, checkpointing: bool = False, proposed: bool = False) -> dict:
-    """mmdist's FusedVLM + packing + DeepSpeed engine, the trainer's step calls; real tokens/s and FLOP/s.
+class MmdistLoop:
+    """mmdist's FusedVLM + packing + DeepSpeed engine (the trainer's step calls), one optimizer step at a time.
 
-    ``proposed``: with :func:`supervised_only_token_losses` patched in (a change proposed to the model code).
+    ``step(group, proposed=True)`` runs the same engine with :func:`supervised_only_token_losses`
+    patched in for that step only. ``close()`` releases DeepSpeed's groups and the process group.
     """
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    from mmdist.data.collate import collate_fuse
-    from mmdist.models.fused import FusedVLM
-    from mmdist.training import dist
-    from mmdist.training.engine import build_engine
 
-    cfg = mmdist_config(shape, global_batch, micro_batch, max_len, checkpointing)
-    original = FusedVLM.token_losses
-    if proposed:
-        FusedVLM.token_losses = supervised_only_token_losses
-    dist.init(backend="gloo")
-    try:
-        bundle = build_engine(cfg, world_size=1)
-        engine, model = bundle.engine, bundle.model
-        image_id = model.image_token_id
-        accumulation = bundle.ds_config["gradient_accumulation_steps"]
+    def __init__(self, shape: BenchShape, global_batch: int, micro_batch: int, max_len: int = 512,
+                 checkpointing: bool = False):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        from mmdist.training import dist
+        from mmdist.training.engine import build_engine
 
-        def as_dict(s: Sample) -> dict:
-            return {"input_ids": [image_id if t < 0 else t for t in s.ids], "labels": s.labels, "pixel_values": [s.pixel_values]}
+        self.shape, self.global_batch, self.micro_batch, self.max_len = shape, global_batch, micro_batch, max_len
+        self.checkpointing = checkpointing
+        self.name = f"mmdist (FusedVLM, packing to {max_len}, DeepSpeed ZeRO-0{', ckpt' if checkpointing else ''})"
+        cfg = mmdist_config(shape, global_batch, micro_batch, max_len, checkpointing)
+        dist.init(backend="gloo")
+        self.bundle = build_engine(cfg, world_size=1)
+        self.engine, self.model = self.bundle.engine, self.bundle.model
+        self.accumulation = self.bundle.ds_config["gradient_accumulation_steps"]
+        self.engine.train()
 
-        engine.train()
-        real = padded = 0
-        elapsed = 0.0
-        for step in range(warmup + steps):
-            group = samples[step * global_batch:(step + 1) * global_batch]
-            micro = [collate_fuse([as_dict(s) for s in group[i:i + micro_batch]], pad_token_id=0, pack=True, max_len=max_len)
-                     for i in range(0, global_batch, micro_batch)]
-            assert len(micro) == accumulation, (len(micro), accumulation)
+    def step(self, group: list[Sample], proposed: bool = False) -> dict:
+        from mmdist.data.collate import collate_fuse
+        from mmdist.models.fused import FusedVLM
+
+        image_id = self.model.image_token_id
+        rows = [{"input_ids": [image_id if t < 0 else t for t in s.ids], "labels": s.labels, "pixel_values": [s.pixel_values]}
+                for s in group]
+        micro = [collate_fuse(rows[i:i + self.micro_batch], pad_token_id=0, pack=True, max_len=self.max_len)
+                 for i in range(0, self.global_batch, self.micro_batch)]
+        assert len(micro) == self.accumulation, (len(micro), self.accumulation)
+        original = FusedVLM.token_losses
+        if proposed:
+            FusedVLM.token_losses = supervised_only_token_losses
+        try:
             t = time.perf_counter()
             for batch in micro:
-                out = engine(batch)
-                engine.backward(out["loss"])
-                engine.step()
-            if step >= warmup:
-                elapsed += time.perf_counter() - t
-                real += sum(int(b["attention_mask"].sum()) for b in micro)
-                padded += sum(b["attention_mask"].numel() for b in micro)
-        frozen_grads = sum(1 for p in model.parameters() if not p.requires_grad and p.grad is not None)
-        vision_params = sum(p.numel() for p in model.vision.parameters())
-        vision_seq = (shape.vision["image_size"] // shape.vision["patch_size"]) ** 2 + 1
-        connector = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        flops = step_flops(real, steps * global_batch, llm_matmul_params(model.llm), vision_params, vision_seq, connector,
-                           shape.image_tokens, checkpointing=checkpointing)
-    finally:
+                out = self.engine(batch)
+                self.engine.backward(out["loss"])
+                self.engine.step()
+            seconds = time.perf_counter() - t
+        finally:
+            FusedVLM.token_losses = original
+        real = sum(int(b["attention_mask"].sum()) for b in micro)
+        padded = sum(b["attention_mask"].numel() for b in micro)
+        return dict(seconds=seconds, real=real, padded=padded, flops=self.flops(real, len(group)))
+
+    def flops(self, real_tokens: int, images: int) -> float:
+        vision_params = sum(p.numel() for p in self.model.vision.parameters())
+        vision_seq = (self.shape.vision["image_size"] // self.shape.vision["patch_size"]) ** 2 + 1
+        connector = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return step_flops(real_tokens, images, llm_matmul_params(self.model.llm), vision_params, vision_seq, connector,
+                          self.shape.image_tokens, checkpointing=self.checkpointing)
+
+    def frozen_params_with_grad(self) -> int:
+        return sum(1 for p in self.model.parameters() if not p.requires_grad and p.grad is not None)
+
+    def close(self) -> None:
+        from mmdist.training import dist
         from mmdist.training.trainer import _release_deepspeed_groups
 
         _release_deepspeed_groups()
         dist.shutdown()
-        FusedVLM.token_losses = original
-    label = f"mmdist (FusedVLM, packing to {max_len}, DeepSpeed ZeRO-0{', ckpt' if checkpointing else ''})"
-    if proposed:
-        label = f"mmdist + supervised-only logits (proposed), packing to {max_len}"
-    return dict(name=label,
-                seconds=elapsed, real_tokens=real, padded_tokens=padded, tokens_per_s=real / elapsed, flops=flops,
-                flops_per_s=flops / elapsed, real_fraction=real / padded, frozen_params_with_grad=frozen_grads)
 
 
-def run(steps: int = 2, global_batch: int = 16, micro_batch: int = 8, max_len: int = 512, threads: int | None = None,
-        peak_seconds: float = 3.0, proposed: bool = False, dtype: str = "fp32") -> tuple[list[dict], dict]:
-    """Both contenders and the matmul peak; rows for the table and a summary."""
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def run(steps: int = 5, global_batch: int = 8, micro_batch: int = 8, max_len: int = 512, threads: int | None = None,
+        peak_seconds: float = 1.0, proposed: bool = False, dtype: str = "fp32") -> tuple[list[dict], dict]:
+    """The contenders interleaved step by step, a matmul peak measured between every two steps.
+
+    A shared machine's load changes by the minute, so each step is compared with the
+    peak measured just before and after it, and the contenders take turns (the order
+    rotates every round). Round 0 warms up and is not counted. Reported: total real
+    tokens / total seconds, and the median over rounds of each step's fraction of its
+    adjacent peak and of the per-round tokens/s ratio.
+    """
     threads = set_threads(threads)
     shape = BenchShape(dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
     samples = make_samples((steps + 1) * global_batch, shape, seed=0)
-    peak_before = matmul_peak(shape.dtype, seconds=peak_seconds)
-    mm = run_mmdist(shape, samples, global_batch, micro_batch, steps, max_len=max_len)
-    extra = [run_mmdist(shape, samples, global_batch, micro_batch, steps, max_len=max_len, proposed=True)] if proposed else []
-    ref = run_reference(shape, samples, global_batch, micro_batch, steps)
-    peak_after = matmul_peak(shape.dtype, seconds=peak_seconds)
-    peak = (peak_before + peak_after) / 2
-    rows = []
-    for res in (mm, *extra, ref):
-        rows.append({"contender": res["name"], "real tokens/s": res["tokens_per_s"], "real-token fraction": res["real_fraction"],
-                     "GFLOP/s": res["flops_per_s"] / 1e9, "of matmul peak": res["flops_per_s"] / peak,
-                     "s/step": res["seconds"] / steps})
-    summary = dict(ratio=mm["tokens_per_s"] / ref["tokens_per_s"], mmdist_fraction_of_peak=mm["flops_per_s"] / peak,
-                   reference_fraction_of_peak=ref["flops_per_s"] / peak, peak_gflops=peak / 1e9,
-                   peak_before_gflops=peak_before / 1e9, peak_after_gflops=peak_after / 1e9, threads=threads,
-                   frozen_params_with_grad=mm["frozen_params_with_grad"], mmdist=mm, reference=ref, dtype=dtype,
-                   proposed=extra[0] if extra else None)
-    if extra:
-        summary["proposed_ratio"] = extra[0]["tokens_per_s"] / ref["tokens_per_s"]
-        summary["proposed_fraction_of_peak"] = extra[0]["flops_per_s"] / peak
+    mm = MmdistLoop(shape, global_batch, micro_batch, max_len)
+    try:
+        ref = ReferenceLoop(shape, global_batch, micro_batch)
+        contenders = [("mmdist", mm.name, lambda g: mm.step(g))]
+        if proposed:
+            contenders.append(("proposed", f"mmdist + supervised-only logits (proposed), packing to {max_len}",
+                               lambda g: mm.step(g, proposed=True)))
+        contenders.append(("reference", ref.name, ref.step))
+        records: dict[str, list[dict]] = {key: [] for key, _, _ in contenders}
+        peaks = []
+        for rnd in range(steps + 1):
+            group = samples[rnd * global_batch:(rnd + 1) * global_batch]
+            order = contenders[rnd % len(contenders):] + contenders[:rnd % len(contenders)]
+            before = matmul_peak(shape.dtype, seconds=peak_seconds)
+            for key, _, step in order:
+                rec = step(group)
+                after = matmul_peak(shape.dtype, seconds=peak_seconds)
+                rec["peak"] = (before + after) / 2
+                peaks.append(after)
+                before = after
+                if rnd > 0:
+                    records[key].append(rec)
+        frozen_with_grad = mm.frozen_params_with_grad()
+    finally:
+        mm.close()
+    results = {}
+    for key, name, _ in contenders:
+        recs = records[key]
+        seconds = sum(r["seconds"] for r in recs)
+        results[key] = dict(name=name, seconds=seconds, tokens_per_s=sum(r["real"] for r in recs) / seconds,
+                            real_fraction=sum(r["real"] for r in recs) / sum(r["padded"] for r in recs),
+                            flops_per_s=sum(r["flops"] for r in recs) / seconds,
+                            fraction_of_peak=_median([r["flops"] / r["seconds"] / r["peak"] for r in recs]),
+                            steps=[{k: v for k, v in r.items()} for r in recs])
+
+    def round_ratio(key: str) -> float:
+        return _median([(a["real"] / a["seconds"]) / (b["real"] / b["seconds"])
+                        for a, b in zip(records[key], records["reference"])])
+
+    rows = [{"contender": r["name"], "real tokens/s": r["tokens_per_s"], "real-token fraction": r["real_fraction"],
+             "GFLOP/s": r["flops_per_s"] / 1e9, "of matmul peak (median)": r["fraction_of_peak"],
+             "s/step": r["seconds"] / steps} for r in results.values()]
+    summary = dict(ratio=round_ratio("mmdist"), mmdist_fraction_of_peak=results["mmdist"]["fraction_of_peak"],
+                   reference_fraction_of_peak=results["reference"]["fraction_of_peak"],
+                   peak_gflops=_median(peaks) / 1e9, peak_min_gflops=min(peaks) / 1e9, peak_max_gflops=max(peaks) / 1e9,
+                   threads=threads, dtype=dtype, frozen_params_with_grad=frozen_with_grad,
+                   mmdist=results["mmdist"], reference=results["reference"], proposed=results.get("proposed"))
+    if proposed:
+        summary["proposed_ratio"] = round_ratio("proposed")
+        summary["proposed_fraction_of_peak"] = results["proposed"]["fraction_of_peak"]
     return rows, summary
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per contender (one more warms up)")
-    parser.add_argument("--global-batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per contender (one more warms up)")
+    parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--max-len", type=int, default=512,
                         help="mmdist's packed row length (2-3 samples: SDPA computes the whole row x row block-diagonal mask)")
@@ -190,9 +237,10 @@ def main() -> None:
     args = parser.parse_args()
     rows, s = run(args.steps, args.global_batch, args.micro_batch, args.max_len, args.threads, proposed=args.proposed,
                   dtype=args.dtype)
-    print(format_table(rows, ["contender", "real tokens/s", "real-token fraction", "GFLOP/s", "of matmul peak", "s/step"]))
-    print(f"mmdist / reference tokens/s: {s['ratio']:.2f}x; matmul peak {s['peak_gflops']:.1f} GFLOP/s {s['dtype']} "
-          f"(before {s['peak_before_gflops']:.1f}, after {s['peak_after_gflops']:.1f}), {s['threads']} thread(s); "
+    print(format_table(rows, ["contender", "real tokens/s", "real-token fraction", "GFLOP/s", "of matmul peak (median)",
+                              "s/step"]))
+    print(f"mmdist / reference tokens/s (median per round): {s['ratio']:.2f}x; matmul peak median {s['peak_gflops']:.1f} "
+          f"GFLOP/s {s['dtype']} (min {s['peak_min_gflops']:.1f}, max {s['peak_max_gflops']:.1f}), {s['threads']} thread(s); "
           f"frozen parameters holding a gradient: {s['frozen_params_with_grad']}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "summary": s}, indent=1, default=str))
