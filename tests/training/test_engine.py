@@ -236,3 +236,19 @@ def test_raw_keys_may_tune_defaults_that_no_typed_setting_decides(tmp_path):
     # a whole typed section replaced by a raw one still clashes with the typed leaves inside it
     with pytest.raises(ConfigError, match=r"engine\.deepspeed\.fp16.*engine\.(precision|fp16_initial_scale_power)"):
         deepspeed_config(_cfg(tmp_path, engine={"precision": "fp16", "deepspeed": {"fp16": "off"}}), 2)
+
+
+def test_frozen_checkpointing_defers_to_active_transformers_checkpointing():
+    llm = _tiny_llama()
+    llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_frozen_gradient_checkpointing(llm)
+    llm.train()  # transformers' checkpointing is now active: ours must not add a second recompute
+    for module in llm.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    calls = []
+    hook = llm.model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(1, 5, 32, requires_grad=True)
+    llm(inputs_embeds=x, labels=torch.randint(0, 64, (1, 5)), use_cache=False).loss.backward()
+    hook.remove()
+    assert len(calls) == 2 and x.grad is not None  # one forward + one recompute, not three
