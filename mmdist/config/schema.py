@@ -22,7 +22,8 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Iterator, Literal, Union, get_args, get_origin
+from collections.abc import Iterator
+from typing import Any, Literal, Union, get_args, get_origin
 
 __all__ = [
     "ConfigError",
@@ -39,7 +40,7 @@ __all__ = [
 class ConfigError(ValueError):
     """A config could not be used; the message lists every problem found."""
 
-    def __init__(self, problems: list["Problem"]):
+    def __init__(self, problems: list[Problem]):
         self.problems = problems
         lines = [f"{len(problems)} problem(s) in the configuration:"]
         lines += [f"  - {p}" for p in problems]
