@@ -27,7 +27,6 @@ __all__ = [
     "Throughput",
     "count_parameters",
     "flops_per_token",
-    "format_parameter_table",
     "measure_peak_flops",
 ]
 
@@ -45,23 +44,6 @@ def count_parameters(model: Any) -> dict[str, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return {"total": total, "trainable": trainable, "frozen": total - trainable}
-
-
-def format_parameter_table(model: Any) -> str:
-    """One row per top-level module: parameters, trainable parameters, dtypes."""
-    rows = [("module", "params", "trainable", "dtype")]
-    for name, child in model.named_children():
-        params = list(child.parameters())
-        if not params:
-            continue
-        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params})
-        rows.append((name, f"{sum(_numel(p) for p in params):,}", f"{sum(_numel(p) for p in params if p.requires_grad):,}", ",".join(dtypes)))
-    counts = count_parameters(model)
-    rows.append(("total", f"{counts['total']:,}", f"{counts['trainable']:,}", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def flops_per_token(model: Any, stage: str) -> float:

@@ -239,9 +239,10 @@ def _train(cfg: Any, env: Any, model_builder: Optional[Callable], loader_builder
     import torch
 
     from mmdist.config import dump_config
+    from mmdist.models.freeze import param_table
     from mmdist.training.checkpoint import CheckpointManager, capture_rng, export_trainable, restore_rng
     from mmdist.training.engine import build_engine
-    from mmdist.training.metrics import MetricsLogger, Throughput, flops_per_token, format_parameter_table, measure_peak_flops
+    from mmdist.training.metrics import MetricsLogger, Throughput, flops_per_token, measure_peak_flops
 
     rank, world = env.rank, env.world_size
     run_dir = Path(cfg.run_dir)
@@ -277,7 +278,7 @@ def _train(cfg: Any, env: Any, model_builder: Optional[Callable], loader_builder
     if resume_from is not None:
         logger.print(f"[mmdist] resumed from {resume_from} at step {step} ({samples_seen} samples seen)")
     if cfg.log.param_table:
-        logger.print(format_parameter_table(model))
+        logger.print(param_table(model))
     logger.print(
         f"[mmdist] stage={cfg.stage} world={world} steps={steps_total} global_batch={cfg.train.global_batch_size} "
         f"micro={cfg.train.micro_batch_size} accumulation={accumulation} zero={cfg.engine.zero_stage} precision={cfg.engine.precision}"

@@ -186,6 +186,7 @@ def test_periodic_evaluation_on_held_out_data(tmp_path):
 def test_flop_estimate_parameter_table_and_throughput(monkeypatch):
     from trainer_toy import ToyModel
 
+    from mmdist.models.freeze import param_table
     from mmdist.training import metrics
 
     model = ToyModel()
@@ -194,7 +195,7 @@ def test_flop_estimate_parameter_table_and_throughput(monkeypatch):
     assert counts["frozen"] == frozen and counts["trainable"] == counts["total"] - frozen
     assert metrics.flops_per_token(model, "fuse") == 6 * counts["trainable"] + 4 * frozen  # gradient flows through the frozen LLM
     assert metrics.flops_per_token(model, "align") == 6 * counts["trainable"] + 2 * frozen  # frozen encoders: forward only
-    table = metrics.format_parameter_table(model)
+    table = param_table(model)  # the table the trainer prints
     rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:]}
     assert rows["backbone"][:2] == [f"{frozen:,}", "0"] and rows["projector"][0] == rows["projector"][1] == "68"
     assert rows["total"][:2] == [f"{counts['total']:,}", f"{counts['trainable']:,}"]
