@@ -14,7 +14,7 @@ What is counted, per rank, as bytes of distinct memory (overlapping views counte
   gradient partitions (``averaged_gradients``, the fp32 partitions' ``.grad``,
   ZeRO-3's ``grad_partitions_flat_buffer``);
 * optimizer: the base optimizer's state (Adam m, v) and the fp32 master
-  partitions (``single_partition_of_fp32_groups``, ``fp32_partitioned_groups_flat``)
+  copies (``single_partition_of_fp32_groups``, ``fp32_partitioned_groups_flat``, ZeRO-0 bf16's ``fp32_groups``)
   when they are not the module's own parameters;
 * frozen parameters holding a gradient, and frozen parameters inside the
   optimizer: both must be 0.
@@ -132,7 +132,7 @@ def count_optimizer(model: Any, optimizer: Any) -> int:
     base = getattr(optimizer, "optimizer", optimizer)
     tensors = list(_tensors(list(base.state.values())))
     for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
-                 "fp32_groups_flat"):
+                 "fp32_groups_flat", "fp32_groups"):
         tensors += list(_tensors(getattr(optimizer, name, None)))
     own = [t for p in model.parameters() for t in _param_tensors(p)]
     return union_bytes(tensors, exclude=own)

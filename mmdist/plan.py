@@ -354,10 +354,13 @@ def model_state_bytes(shapes: list[ModuleShape], setting: Setting, world: int, p
     """Per-rank bytes of frozen weights (by dtype), trainable weights, gradients, optimizer state, comm buffers, CPU.
 
     Trainable parameters: weights in the compute dtype (ZeRO-3: 1/N), gradients
-    (ZeRO-0/1: full, in the reduction dtype; ZeRO-2/3: the rank's 1/N partition in
-    fp32), Adam m and v in fp32 plus an fp32 master copy (ZeRO >= 1 always keeps
-    one, flat and partitioned; ZeRO-0 only when the compute dtype is not fp32).
-    Frozen parameters: weights only.
+    as held between the last backward and the step (ZeRO-0: full, compute dtype;
+    ZeRO-1: full plus an fp32 partition; ZeRO-2/3: the rank's 1/N partition in the
+    compute dtype, made fp32 only inside the step), Adam m and v in fp32 plus an
+    fp32 master copy (ZeRO >= 1 always keeps one, flat and partitioned; ZeRO-0
+    only when the compute dtype is not fp32). Frozen parameters: weights only.
+    Measured against DeepSpeed 0.19.8 engines for fp32 and bf16 at ZeRO 0, 2, 3
+    (benchmarks/memory_per_rank.py); ZeRO-1 follows the same code but is not measured.
     """
     z, n = setting.zero_stage, max(1, world)
     bucket = bucket or {}
@@ -382,7 +385,7 @@ def model_state_bytes(shapes: list[ModuleShape], setting: Setting, world: int, p
         grads = p_train * e + p_train * 4 // n
         optim = p_train * 12 // n
     else:
-        grads = p_train * 4 // n
+        grads = p_train * e // n
         optim = p_train * 12 // n
     if setting.offload_optimizer:
         cpu += optim + (p_train * 4 // n)

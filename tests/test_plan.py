@@ -168,12 +168,14 @@ def test_llm_activation_estimate_matches_saved_tensors(dtype):
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_prediction_matches_measured_engines_within_10_percent():
-    """benchmarks/memory_per_rank.py: 1 and 2 ranks, ZeRO 0, 2, 3, tiny fuse config, real DeepSpeed engines."""
+    """benchmarks/memory_per_rank.py: 1 and 2 ranks, ZeRO 0, 2, 3, fp32 and bf16, tiny fuse config, real DeepSpeed engines."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import memory_per_rank
 
     rows = memory_per_rank.run(settings=[(1, 0), (2, 2), (1, 3), (2, 3)])
-    for row in rows:
+    bf16 = memory_per_rank.run(settings=[(1, 0), (2, 2), (2, 3)],
+                               extra=["engine.precision=bf16", "model.llm.dtype=bf16", "model.vision.dtype=bf16"])
+    for row in rows + bf16:
         for kind in ("frozen", "trainable", "grads", "optim"):
             measured, predicted = row[f"{kind} B"], row[f"pred {kind} B"]
             assert measured == pytest.approx(predicted, rel=0.10), (row["ranks"], row["zero"], kind, measured, predicted)
