@@ -90,18 +90,19 @@ def missing_packages(needed: Sequence[str]) -> list[str]:
 
 
 def default_threads() -> int:
-    """One torch thread per core on an idle machine, one thread on a busy one.
+    """One torch thread per core, unless the machine is heavily oversubscribed already (then one).
 
-    Measured on the 2-core demo machine shared with other jobs: a 2-thread stage-2
-    step took 5-10x longer than a 1-thread step (each OpenMP region waits for its
-    slowest thread to be scheduled), while on an idle machine 2 threads are faster.
+    Measured on the 2-core demo machine shared with other jobs: at a load average
+    of ~8, a 2-thread stage-2 step took 5-10x longer than a 1-thread one (each
+    OpenMP region waits for its slowest thread to be scheduled); at ~3, 2 threads
+    were still ~1.7x faster (the whole demo: 5.7 min with 2 threads, 6.9 with 1).
     """
     cores = os.cpu_count() or 1
     try:
-        busy = os.getloadavg()[0] >= 1.0
+        oversubscribed = os.getloadavg()[0] >= 2 * cores
     except OSError:  # no load average on this platform
-        busy = False
-    return 1 if busy else cores
+        oversubscribed = False
+    return 1 if oversubscribed else cores
 
 
 def packages_for(align_cfg: Any, fuse_cfg: Any) -> list[str]:
@@ -517,7 +518,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-dir", default="runs/demo", help="folder for shards, both stages, metrics and the report")
     parser.add_argument("--quick", action="store_true", help="a few steps per stage on a slice of the digits (a smoke run)")
     parser.add_argument("--overwrite", action="store_true", help="delete the run folder first and start over")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core, or 1 when the machine is already busy)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core, or 1 when the load average is already over 2 per core)")
     parser.add_argument("--align-config", default=str(DEFAULT_ALIGN_CONFIG), help="stage-1 recipe")
     parser.add_argument("--fuse-config", default=str(DEFAULT_FUSE_CONFIG), help="stage-2 recipe")
     parser.add_argument("--align-set", action="append", default=[], metavar="KEY=VALUE", help="override in the stage-1 recipe (repeatable)")
