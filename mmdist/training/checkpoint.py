@@ -21,12 +21,14 @@ trainable weights only, gathered under ZeRO-3; it is what stage 2 loads with
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -99,6 +101,33 @@ def restore_rng(state: dict) -> None:
 # checkpoints
 
 
+@contextlib.contextmanager
+def _frozen_aliases_excluded(engine: Any) -> Iterator[None]:
+    """Make DeepSpeed's ``exclude_frozen_parameters`` also drop tied aliases of frozen weights.
+
+    DeepSpeed 0.19 filters the state dict with ``named_parameters()``, which lists a
+    tied weight once (``embed_tokens.weight``) while ``state_dict()`` holds it under
+    every name: a frozen LLM's tied ``lm_head.weight`` (the whole vocabulary
+    embedding) was written into every checkpoint. We filter with
+    ``remove_duplicate=False`` for the duration of the save.
+    """
+    original = engine.module_state_dict
+
+    def module_state_dict(*args: Any, exclude_frozen_parameters: bool = False, **kwargs: Any) -> dict:
+        state = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            for name, param in engine.module.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    state.pop(name, None)
+        return state
+
+    engine.module_state_dict = module_state_dict
+    try:
+        yield
+    finally:
+        del engine.module_state_dict  # back to the class's method
+
+
 class CheckpointManager:
     """Saves, prunes and finds checkpoints under ``RUN_DIR/checkpoints``.
 
@@ -162,7 +191,8 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.root / tmp_name, ignore_errors=True)
         _barrier()
-        engine.save_checkpoint(str(self.root), tag=tmp_name, save_latest=False, exclude_frozen_parameters=True)
+        with _frozen_aliases_excluded(engine):
+            engine.save_checkpoint(str(self.root), tag=tmp_name, save_latest=False, exclude_frozen_parameters=True)
         import torch
 
         state = dict(client_state, step=step)

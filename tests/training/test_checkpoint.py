@@ -196,3 +196,36 @@ def test_restarting_a_finished_run_does_not_rewrite_its_checkpoint(tmp_path):
     assert again["resumed_from"].endswith("step_000002") and again["history"] == [] and again["finished"]
     assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
     assert again["checkpoint"] == str(ckpt)
+
+
+def test_tied_alias_of_a_frozen_weight_is_not_saved():
+    """DeepSpeed's own filter misses a frozen weight's tied alias (lm_head.weight = embed_tokens.weight)."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from mmdist.training.checkpoint import _frozen_aliases_excluded
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(50, 8)
+            self.head = torch.nn.Linear(8, 50, bias=False)
+            self.head.weight = self.embed.weight  # tied, as in SmolLM2 / tie_word_embeddings
+            self.embed.weight.requires_grad_(False)
+            self.projector = torch.nn.Linear(8, 8)
+
+    class Engine:  # just what DeepSpeedEngine.module_state_dict reads
+        def __init__(self):
+            self.module = Tied()
+
+        def random_ltd_enabled(self):
+            return False
+
+        module_state_dict = DeepSpeedEngine.module_state_dict
+
+    engine = Engine()
+    plain = engine.module_state_dict(exclude_frozen_parameters=True)
+    assert "head.weight" in plain  # the DeepSpeed behaviour this guards against
+    with _frozen_aliases_excluded(engine):
+        filtered = engine.module_state_dict(exclude_frozen_parameters=True)
+    assert set(filtered) == {"projector.weight", "projector.bias"}
+    assert "head.weight" in engine.module_state_dict(exclude_frozen_parameters=True)  # restored afterwards
