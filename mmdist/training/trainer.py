@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 __all__ = ["NonFiniteLossError", "cli_main", "train"]
 
@@ -59,7 +59,27 @@ def _to_device(batch: dict, device: Any, float_dtype: Any) -> dict:
     return out
 
 
+if TYPE_CHECKING:
+    from mmdist.config.run import RunConfig
+
+
+def compute_dtype(cfg: RunConfig) -> str:
+    """The dtype most of a step's FLOPs run in (the peak MFU is measured against).
+
+    A bf16/fp16 engine casts everything; an fp32 engine leaves the frozen backbones in
+    their own dtype, and they carry almost all the FLOPs (the LLM in stage 2, the
+    vision encoder in stage 1).
+    """
+    if cfg.engine.precision != "fp32":
+        return cfg.engine.precision
+    return cfg.model.llm.dtype if cfg.stage == "fuse" else cfg.model.vision.dtype
+
+
 def _batch_size(batch: dict) -> int:
+    """Samples in a batch; a packed row holds several (sequence_ids count them)."""
+    seq = batch.get("sequence_ids")
+    if seq is not None and hasattr(seq, "amax") and seq.numel():
+        return int((seq.amax(dim=1) + 1).clamp(min=0).sum())
     for key in ("input_ids", "text_input_ids", "pixel_values", "image_features"):
         value = batch.get(key)
         if value is not None and hasattr(value, "shape"):
@@ -285,7 +305,7 @@ def _train(cfg: Any, env: Any, model_builder: Optional[Callable], loader_builder
     )
     for name, numel, lr in bundle.info["optimizer_groups"]:
         logger.print(f"[mmdist] optimizer group {name}: {numel:,} parameters, lr {lr:.3g}")
-    peak = cfg.log.peak_flops or (measure_peak_flops(cfg.engine.precision) if rank == 0 else 0.0)
+    peak = cfg.log.peak_flops or (measure_peak_flops(compute_dtype(cfg)) if rank == 0 else 0.0)
     throughput = Throughput(flops_per_token(model, cfg.stage), peak * world, steps_total, start_step=step)
 
     def evaluate() -> Optional[dict]:

@@ -296,3 +296,18 @@ def test_tensorboard_events_and_sample_budget(tmp_path):
     losses = [e.value for e in events.Scalars("train/loss")]
     assert losses == pytest.approx([h["loss"] for h in summary["history"]], rel=1e-5)
     assert "train/mfu" in events.Tags()["scalars"]
+
+
+def test_packed_rows_count_their_samples_and_mfu_uses_the_compute_dtype():
+    from mmdist.config.run import load_config
+    from mmdist.models.testing import tiny_run_config
+    from mmdist.training.trainer import _batch_size, compute_dtype
+
+    packed = {"input_ids": torch.zeros(2, 6, dtype=torch.long),
+              "sequence_ids": torch.tensor([[0, 0, 1, 1, 2, -1], [0, 0, 0, 1, -1, -1]])}
+    assert _batch_size(packed) == 5  # 3 samples in row 0, 2 in row 1
+    assert _batch_size({"input_ids": torch.zeros(4, 6, dtype=torch.long)}) == 4
+    cfg = load_config(base=tiny_run_config("fuse"), overrides=["engine.precision=fp32", "model.llm.dtype=bf16"])
+    assert compute_dtype(cfg) == "bf16"  # fp32 engine, bf16 frozen LLM: the LLM's FLOPs dominate
+    cfg = load_config(base=tiny_run_config("fuse"), overrides=["engine.precision=bf16", "model.llm.dtype=fp32"])
+    assert compute_dtype(cfg) == "bf16"
