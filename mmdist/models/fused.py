@@ -177,17 +177,32 @@ class FusedVLM(FrozenAwareModule):
         return inputs
 
     def token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(per-target-token loss [B, T-1] with 0 where not supervised, supervised mask [B, T-1])."""
-        logits = self.llm(**self._llm_inputs(batch)).logits
+        """(per-target-token loss [B, T-1] with 0 where not supervised, supervised mask [B, T-1]).
+
+        The vocabulary projection and the fp32 log-softmax run only at supervised
+        positions (answer tokens), not on prompt, image and padding positions: the LM
+        head is a large share of a small LLM's matmuls (21% of SmolLM2-135M's), and
+        most positions carry no label. Models whose head does more than a Linear
+        (logit soft-capping) take the plain full-logits path.
+        """
         labels = batch["labels"][:, 1:]
         supervised = labels != -100
         if batch.get("sequence_ids") is not None:  # never predict across a packed-sample boundary
             seq = batch["sequence_ids"]
             supervised &= seq[:, 1:] == seq[:, :-1]
-        logits = logits[:, :-1].float()
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.masked_fill(~supervised, 0).reshape(-1),
-                                 reduction="none").view_as(labels)
-        return losses * supervised, supervised
+        decoder = self.llm.get_decoder() if hasattr(self.llm, "get_decoder") else None
+        head = self.llm.get_output_embeddings()
+        softcap = getattr(self.llm.config, "final_logit_softcapping", None)
+        if decoder is None or head is None or softcap:
+            logits = self.llm(**self._llm_inputs(batch)).logits[:, :-1].float()
+            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.masked_fill(~supervised, 0).reshape(-1),
+                                     reduction="none").view_as(labels)
+            return losses * supervised, supervised
+        hidden = decoder(**self._llm_inputs(batch)).last_hidden_state
+        logits = head(hidden[:, :-1][supervised]).float()
+        flat = F.cross_entropy(logits, labels[supervised], reduction="none")
+        losses = torch.zeros(labels.shape, dtype=flat.dtype, device=flat.device).masked_scatter(supervised, flat)
+        return losses, supervised
 
     @staticmethod
     def _has_images(batch: dict) -> bool:
