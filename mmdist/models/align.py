@@ -132,6 +132,11 @@ class AlignModel(FrozenAwareModule):
         """Frozen vision features [N, tokens, D] (what the feature cache stores)."""
         return self.vision(pixel_values)
 
+    @torch.no_grad()
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled frozen text-encoder output [B, H], before the trainable head (what the cache stores as ``text_features``)."""
+        return self.text(input_ids, attention_mask)[1]
+
     def image_features(self, batch: dict) -> torch.Tensor:
         if batch.get("image_features") is not None:
             return batch["image_features"]
@@ -140,17 +145,27 @@ class AlignModel(FrozenAwareModule):
                 return self.vision(batch["pixel_values"])
         return self.vision(batch["pixel_values"])
 
-    def forward(self, batch: dict) -> dict:
-        features = self.image_features(batch)
+    def text_features(self, batch: dict) -> torch.Tensor:
+        """Pooled caption vectors [B, H]: precomputed ``text_features`` (feature cache) or the text encoder on the tokens."""
+        cached = batch.get("text_features")
+        if cached is not None:
+            if not self.cfg.model.text.freeze:
+                raise ValueError("batch has precomputed text_features but model.text.freeze=false: a trainable text encoder "
+                                 "needs token ids; rebuild the feature cache without text features (`mmdist cache` with this config)")
+            return cached
         ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
-        group = batch.get("caption_group")
-        if self.cfg.model.connector.type == "qformer":
-            return self.stage1.align_losses(features, ids, mask, self.logit_scale, group, self.text)
         if self.cfg.model.text.freeze:
             with torch.no_grad():
-                _, pooled = self.text(ids, mask)
-        else:
-            _, pooled = self.text(ids, mask)
+                return self.text(ids, mask)[1]
+        return self.text(ids, mask)[1]
+
+    def forward(self, batch: dict) -> dict:
+        features = self.image_features(batch)
+        group = batch.get("caption_group")
+        if self.cfg.model.connector.type == "qformer":  # the Q-Former's text side trains: always from token ids
+            return self.stage1.align_losses(features, batch["text_input_ids"], batch["text_attention_mask"],
+                                            self.logit_scale, group, self.text)
+        pooled = self.text_features(batch)
         image_emb = self.stage1.image_embedding(features)
         text_emb = self.stage1.text_embedding(pooled)
         loss, acc = itc_loss(image_emb, text_emb, self.logit_scale, group)

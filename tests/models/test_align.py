@@ -63,3 +63,47 @@ def test_align_with_pooled_image_tokens():
     assert feats.shape == (2, 16, 32)
     assert model.stage1.image_tokens_of(feats).shape == (2, 4, 32)
     assert model.processors.num_image_tokens == 4
+
+
+def test_precomputed_text_features_give_the_same_loss(align_model):
+    """``text_features`` (the pooled frozen text-encoder output, as the feature cache stores it) replace the token ids exactly."""
+    batch = align_batch(align_model)
+    align_model.eval()
+    with torch.no_grad():
+        from_tokens = align_model(batch)
+        pooled = align_model.encode_text(batch["text_input_ids"], batch["text_attention_mask"])
+        assert pooled.shape == (4, align_model.text.hidden_size)
+        cached = {k: v for k, v in batch.items() if not k.startswith("text_")}
+        cached["text_features"] = pooled.clone()
+        from_features = align_model(cached)
+    assert torch.equal(from_features["loss"], from_tokens["loss"])
+    assert torch.equal(from_features["metrics"]["acc"], from_tokens["metrics"]["acc"])
+    # the features are really used: other vectors give another loss
+    cached["text_features"] = torch.randn_like(pooled)
+    with torch.no_grad():
+        assert not torch.isclose(align_model(cached)["loss"], from_tokens["loss"])
+
+
+def test_precomputed_text_features_train_the_heads_like_tokens():
+    """Gradients of the trainable heads are identical with token ids and with precomputed text features."""
+    grads = []
+    for use_features in (False, True):
+        model = make_model("align", "mlp")
+        batch = align_batch(model)
+        if use_features:
+            batch["text_features"] = model.encode_text(batch.pop("text_input_ids"), batch.pop("text_attention_mask"))
+        torch.manual_seed(0)
+        batch["pixel_values"] = torch.randn(4, 3, 16, 16)
+        model(batch)["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("stage1.") for k in grads[0])
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_text_features_refused_with_a_trainable_text_encoder():
+    model = make_model("align", "qformer")
+    batch = align_batch(model)
+    batch["text_features"] = torch.randn(4, model.text.hidden_size)
+    with pytest.raises(ValueError, match="text.freeze"):
+        model.text_features(batch)
