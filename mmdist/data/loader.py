@@ -36,6 +36,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmdist.data.collate import collate_align, collate_fuse, group_by_length, pad_id_of
@@ -121,7 +123,8 @@ class ShardStream(IterableDataset):
     def __init__(self, *, sources: list[tuple[list[Shard], float]], preprocess: Preprocessor, rank: int, world_size: int,
                  num_workers: int, batch_size: int, mode: str, shuffle: bool, seed: int, shuffle_buffer: int,
                  samples_per_epoch: Optional[int], pack: bool, group: bool, group_batches: int, max_len: int,
-                 pad_token_id: int, max_bad_fraction: float, log_bad: int, max_image_pixels: int, max_text_chars: int):
+                 pad_token_id: int, max_bad_fraction: float, log_bad: int, max_image_pixels: int, max_text_chars: int,
+                 text_features: bool = False):
         super().__init__()
         self.sources = sources
         self.shards = [s for shards, _ in sources for s in shards]
@@ -138,6 +141,7 @@ class ShardStream(IterableDataset):
         self.max_len, self.pad_token_id = max_len, pad_token_id
         self.max_bad_fraction, self.log_bad = max_bad_fraction, log_bad
         self.max_image_pixels, self.max_text_chars = max_image_pixels, max_text_chars
+        self.text_features = text_features  # stage 1 from a cache with pooled caption features (mmdist/data/cache.py)
         # set by the loader before an iteration (and copied into workers)
         self.start_epoch = 0
         self.resume: dict[int, dict] = {}
@@ -200,7 +204,10 @@ class ShardStream(IterableDataset):
     # ------------------------------------------------------------------ batches
     def _collate(self, samples: list[dict]) -> dict:
         if self.preprocess.stage == "align":
-            return collate_align(samples, self.pad_token_id)
+            batch = collate_align(samples, self.pad_token_id)
+            if self.text_features:
+                batch["text_features"] = torch.stack([s["text_features"] for s in samples])
+            return batch
         return collate_fuse(samples, self.pad_token_id, pack=self.pack, max_len=self.max_len)
 
     def process(self, raw: dict, counter: BadSampleCounter) -> Optional[dict]:
@@ -210,6 +217,8 @@ class ShardStream(IterableDataset):
             if sample["unsafe_members"]:
                 log.debug("ignored pickle-like members %s of %s (never unpickled)", sample["unsafe_members"], sample["key"])
             out = self.preprocess(sample)
+            if self.text_features:
+                out["text_features"] = _cached_text_features(sample)
         except BadSample as exc:
             counter.add(exc.reason, raw.get("__url__", "?"), raw.get("__key__", "?"), exc.detail)
             return None
@@ -293,6 +302,14 @@ class ShardStream(IterableDataset):
             emitted = pool_emitted_start + len(batches)
 
 
+def _cached_text_features(sample: dict) -> torch.Tensor:
+    """The pooled caption vector [H] (fp32) stored by ``build_feature_cache`` beside the image features."""
+    feats = sample["features"]
+    if not isinstance(feats, dict) or "text_features" not in feats:
+        raise BadSample("missing_keys", "feature cache sample without text_features (its cache_key.json says it has them)")
+    return torch.from_numpy(np.asarray(feats["text_features"], dtype=np.float32))
+
+
 def _identity(batch: Any) -> Any:
     return batch
 
@@ -330,8 +347,6 @@ class StreamingLoader:
         kwargs: dict = {}
         if self.num_workers > 0:
             kwargs = {"persistent_workers": self.persistent, "prefetch_factor": self.prefetch_factor}
-        import torch
-
         # pinned host memory makes the trainer's non_blocking copies to the GPU asynchronous
         return DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                           pin_memory=torch.cuda.is_available(), **kwargs)
@@ -444,7 +459,8 @@ def build_loader(cfg: Any, processors: Any, split: str = "train", rank: int = 0,
     """The loader of ``split`` ('train' or 'eval') for one rank (see the module docstring).
 
     With ``data.feature_cache`` set, batches carry ``image_features`` read from the
-    cache instead of ``pixel_values``; the cache's key must match this run's
+    cache instead of ``pixel_values`` (and, in stage 1 with a frozen text encoder and
+    a cache that holds them, ``text_features``); the cache's key must match this run's
     (``feature_key`` overrides the encoder part, default ``processors.identity``).
     """
     if split not in ("train", "eval"):
@@ -455,10 +471,11 @@ def build_loader(cfg: Any, processors: Any, split: str = "train", rank: int = 0,
     data = cfg.data
     mode = data.mode if split == "train" else "epoch"
     use_features = bool(data.feature_cache)
+    text_features = False
     if use_features:
-        from mmdist.data.cache import cache_sources
+        from mmdist.data.cache import open_feature_cache
 
-        sources = cache_sources(cfg, processors, split, feature_key)
+        sources, text_features = open_feature_cache(cfg, processors, split, feature_key)
     else:
         sources = _sources(cfg, split, mode)
     preprocess = make_preprocessor(cfg, processors, use_features=use_features)
@@ -472,7 +489,7 @@ def build_loader(cfg: Any, processors: Any, split: str = "train", rank: int = 0,
         samples_per_epoch=data.samples_per_epoch, pack=data.packing and cfg.stage == "fuse", group=data.group_by_length,
         group_batches=data.length_group_batches, max_len=data.max_len, pad_token_id=pad_id_of(tokenizer),
         max_bad_fraction=data.max_bad_fraction, log_bad=data.log_bad_samples, max_image_pixels=data.max_image_pixels,
-        max_text_chars=data.max_caption_chars,
+        max_text_chars=data.max_caption_chars, text_features=text_features,
     )
     if mode == "epoch":
         dataset.batches_per_rank(0)  # fails early (fewer shards than ranks, empty shards)

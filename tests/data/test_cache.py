@@ -93,3 +93,108 @@ def test_cache_keeps_text_only_and_skips_bad_images(tmp_path):
     assert summary.written == 2 and dict(summary.skipped) == {"corrupt_image": 1}
     samples = list(read_tar(summary.shards[0]))
     assert [s["__key__"] for s in samples] == ["a", "t"] and "features.npy" not in samples[1]
+
+
+# -- stage 1 with a frozen text encoder: pooled caption features cached too ---------------------------------------
+
+
+def _align_setup(tmp_path, connector="mlp", cache_text=None, **text):
+    """A tiny align model and a cache of its features for 8 caption samples (eval split: unshuffled, same order as pixels)."""
+    from mmdist.config.run import load_config
+    from mmdist.models import build_model
+    from mmdist.models.testing import tiny_run_config, tiny_text_config
+
+    pattern = write_caption_shards(tmp_path / "src", [5, 3])
+    overrides = {"model": {"text": tiny_text_config(freeze=connector != "qformer", **text)}} if text else {}
+    cfg = load_config(base=tiny_run_config("align", connector, data={"train": [{"shards": [pattern]}], "eval": [{"shards": [pattern]}],
+                                                                        "num_workers": 0, "shuffle_buffer": 0, "format": "caption"},
+                                           train={"micro_batch_size": 4, "global_batch_size": 4}, **overrides))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    summary = build_feature_cache(cfg, model, [pattern], tmp_path / "cache", batch_size=3, samples_per_shard=4, cache_text=cache_text)
+    return cfg, model, summary
+
+
+def _with_cache(cfg, tmp_path):
+    from dataclasses import replace
+
+    return replace(cfg, data=replace(cfg.data, feature_cache=str(tmp_path / "cache")))
+
+
+def test_text_features_round_trip(tmp_path):
+    cfg, model, summary = _align_setup(tmp_path)
+    assert summary.written == 8
+    key = json.loads((tmp_path / "cache" / "cache_key.json").read_text())
+    assert key["text_features"] is True and key["member"] == "features.safetensors"
+    assert key["parts"]["text"]["pooling"] == "mean" and key["parts"]["text"]["max_length"] == 32
+    first = next(read_tar(summary.shards[0]))
+    assert "features.safetensors" in first and "features.npy" not in first and "png" not in first
+
+    cached = list(build_loader(_with_cache(cfg, tmp_path), model.processors, "eval", 0, 1))
+    plain = list(build_loader(cfg, model.processors, "eval", 0, 1))
+    assert len(cached) == len(plain) == 2
+    hidden = model.text.hidden_size
+    for a, b in zip(cached, plain):
+        assert a["text_features"].shape == (4, hidden) and a["text_features"].dtype == torch.float32
+        assert torch.equal(a["text_input_ids"], b["text_input_ids"])  # same samples in the same order
+        # the stored vectors are the model's own pooled text encoding of these captions (cached in batches of 3,
+        # so padded differently: equal up to float rounding)
+        own = model.encode_text(b["text_input_ids"], b["text_attention_mask"])
+        torch.testing.assert_close(a["text_features"], own, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a["image_features"], model.encode_images(b["pixel_values"]), atol=1e-2, rtol=1e-2)
+
+
+def test_text_features_give_the_same_loss(tmp_path):
+    cfg, model, _ = _align_setup(tmp_path)
+    cached = list(build_loader(_with_cache(cfg, tmp_path), model.processors, "eval", 0, 1))
+    plain = list(build_loader(cfg, model.processors, "eval", 0, 1))
+    with torch.no_grad():
+        for a, b in zip(cached, plain):
+            from_cache = model(a)["loss"]
+            without_text = model({k: v for k, v in a.items() if k != "text_features"})["loss"]  # text encoder on the tokens
+            from_pixels = model(b)["loss"]
+            torch.testing.assert_close(from_cache, without_text, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(from_cache, from_pixels, atol=1e-2, rtol=1e-2)  # image features are stored fp16
+            assert not torch.equal(a["text_features"], torch.zeros_like(a["text_features"]))
+
+
+def test_text_cache_key_mismatch_is_refused(tmp_path):
+    from dataclasses import replace
+
+    cfg, model, _ = _align_setup(tmp_path)
+    cfg = _with_cache(cfg, tmp_path)
+
+    def with_text(**changes):
+        return replace(cfg, model=replace(cfg.model, text=replace(cfg.model.text, **changes)))
+
+    with pytest.raises(CacheKeyMismatch, match=r"text\.encoder"):
+        build_loader(with_text(init_seed=1), model.processors, "eval", 0, 1)
+    with pytest.raises(CacheKeyMismatch, match=r"text\.pooling"):
+        build_loader(with_text(pooling="cls"), model.processors, "eval", 0, 1)
+    with pytest.raises(CacheKeyMismatch, match=r"text\.max_length"):
+        build_loader(with_text(max_length=16), model.processors, "eval", 0, 1)
+    with pytest.raises(CacheKeyMismatch, match=r"text\.dtype"):
+        build_loader(with_text(dtype="bf16"), model.processors, "eval", 0, 1)
+    batch = next(iter(build_loader(cfg, model.processors, "eval", 0, 1)))  # the matching setup is accepted
+    assert "text_features" in batch
+
+
+def test_trainable_text_encoder_caches_no_text_features(tmp_path):
+    cfg, model, summary = _align_setup(tmp_path, connector="qformer")
+    key = json.loads((tmp_path / "cache" / "cache_key.json").read_text())
+    assert key["text_features"] is False and "text" not in key["parts"] and key["member"] == "features.npy"
+    assert "features.npy" in next(read_tar(summary.shards[0]))
+    batch = next(iter(build_loader(_with_cache(cfg, tmp_path), model.processors, "eval", 0, 1)))
+    assert "text_features" not in batch and batch["text_input_ids"].shape[0] == 4
+    assert torch.isfinite(model(batch)["loss"])
+    with pytest.raises(ValueError, match="frozen text encoder"):
+        build_feature_cache(cfg, model, [str(tmp_path / "src" / "train-000000.tar")], tmp_path / "c2", cache_text=True)
+
+
+def test_image_only_cache_still_serves_a_frozen_text_run(tmp_path):
+    cfg, model, _ = _align_setup(tmp_path, cache_text=False)
+    key = json.loads((tmp_path / "cache" / "cache_key.json").read_text())
+    assert key["text_features"] is False and "text" not in key["parts"]
+    batch = next(iter(build_loader(_with_cache(cfg, tmp_path), model.processors, "eval", 0, 1)))
+    assert "text_features" not in batch and batch["image_features"].shape[0] == 4  # the text encoder runs on the tokens
+    assert torch.isfinite(model(batch)["loss"])
