@@ -9,6 +9,10 @@ When torch.distributed is initialised, ITC compares against every rank's batch:
 features are all-gathered without gradient and the local shard is put back with
 its gradient (open_clip's default), so each rank computes the full loss and
 gets the exact gradient for its own features.
+
+A frozen text encoder's pooled output never changes for a caption, so the
+feature cache may precompute it: a batch with ``text_features`` [B, H] skips
+the text encoder and gives the same loss as its token ids.
 """
 
 from __future__ import annotations
