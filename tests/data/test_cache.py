@@ -198,3 +198,22 @@ def test_image_only_cache_still_serves_a_frozen_text_run(tmp_path):
     batch = next(iter(build_loader(_with_cache(cfg, tmp_path), model.processors, "eval", 0, 1)))
     assert "text_features" not in batch and batch["image_features"].shape[0] == 4  # the text encoder runs on the tokens
     assert torch.isfinite(model(batch)["loss"])
+
+
+def test_mmdist_cache_cli_caches_text_unless_no_text(tmp_path):
+    import yaml
+
+    from mmdist.config.run import config_to_dict
+    from mmdist.data.cache import cli_main
+
+    cfg, _, _ = _align_setup(tmp_path)
+    path = tmp_path / "align.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    for flags, has_text in (([], True), (["--no-text"], False)):
+        out = tmp_path / f"cli{len(flags)}"
+        assert cli_main(["--config", str(path), "--out", str(out), *flags]) == 0
+        for split in ("train", "eval"):
+            key = json.loads((out / split / "cache_key.json").read_text())
+            assert key["text_features"] is has_text and ("text" in key["parts"]) is has_text
+            member = "features.safetensors" if has_text else "features.npy"
+            assert member in next(read_tar(str(out / split / "features-000000.tar")))
