@@ -63,33 +63,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def supervised_only_token_losses(self: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A proposed FusedVLM.token_losses: the LM head and the loss only at supervised positions.
-
-    Same result as mmdist/models/fused.py's FusedVLM.token_losses (per-token losses,
-    0 where not supervised), but the vocabulary projection (21% of a SmolLM2-135M's
-    matmul parameters) and the fp32 log-softmax run on answer tokens only, not on
-    prompt, image and padding positions. Used by ``--proposed`` to measure the gain.
-    """
-    import torch.nn.functional as F
-
-    hidden = self.llm.get_decoder()(**self._llm_inputs(batch)).last_hidden_state
-    labels = batch["labels"][:, 1:]
-    supervised = labels != -100
-    if batch.get("sequence_ids") is not None:
-        seq = batch["sequence_ids"]
-        supervised &= seq[:, 1:] == seq[:, :-1]
-    logits = self.llm.get_output_embeddings()(hidden[:, :-1][supervised]).float()
-    flat = F.cross_entropy(logits, labels[supervised], reduction="none")
-    losses = torch.zeros(labels.shape, dtype=flat.dtype, device=flat.device).masked_scatter(supervised, flat)
-    return losses, supervised
-
-
 class MmdistLoop:
     """mmdist's FusedVLM + packing + DeepSpeed engine (the trainer's step calls), one optimizer step at a time.
 
-    ``step(group, proposed=True)`` runs the same engine with :func:`supervised_only_token_losses`
-    patched in for that step only. ``close()`` releases DeepSpeed's groups and the process group.
+    ``close()`` releases DeepSpeed's groups and the process group.
     """
 
     def __init__(self, shape: BenchShape, global_batch: int, micro_batch: int, max_len: int = 512,
@@ -109,9 +86,8 @@ class MmdistLoop:
         self.accumulation = self.bundle.ds_config["gradient_accumulation_steps"]
         self.engine.train()
 
-    def step(self, group: list[Sample], proposed: bool = False) -> dict:
+    def step(self, group: list[Sample]) -> dict:
         from mmdist.data.collate import collate_fuse
-        from mmdist.models.fused import FusedVLM
 
         image_id = self.model.image_token_id
         rows = [{"input_ids": [image_id if t < 0 else t for t in s.ids], "labels": s.labels, "pixel_values": [s.pixel_values]}
@@ -119,18 +95,12 @@ class MmdistLoop:
         micro = [collate_fuse(rows[i:i + self.micro_batch], pad_token_id=0, pack=True, max_len=self.max_len)
                  for i in range(0, self.global_batch, self.micro_batch)]
         assert len(micro) == self.accumulation, (len(micro), self.accumulation)
-        original = FusedVLM.token_losses
-        if proposed:
-            FusedVLM.token_losses = supervised_only_token_losses
-        try:
-            t = time.perf_counter()
-            for batch in micro:
-                out = self.engine(batch)
-                self.engine.backward(out["loss"])
-                self.engine.step()
-            seconds = time.perf_counter() - t
-        finally:
-            FusedVLM.token_losses = original
+        t = time.perf_counter()
+        for batch in micro:
+            out = self.engine(batch)
+            self.engine.backward(out["loss"])
+            self.engine.step()
+        seconds = time.perf_counter() - t
         real = sum(int(b["attention_mask"].sum()) for b in micro)
         padded = sum(b["attention_mask"].numel() for b in micro)
         return dict(seconds=seconds, real=real, padded=padded, flops=self.flops(real, len(group)))
@@ -158,7 +128,7 @@ def _median(values: list[float]) -> float:
 
 
 def run(steps: int = 5, global_batch: int = 8, micro_batch: int = 8, max_len: int = 512, threads: int | None = None,
-        peak_seconds: float = 1.0, proposed: bool = False, dtype: str = "fp32") -> tuple[list[dict], dict]:
+        peak_seconds: float = 1.0, dtype: str = "fp32") -> tuple[list[dict], dict]:
     """The contenders interleaved step by step, a matmul peak measured between every two steps.
 
     A shared machine's load changes by the minute, so each step is compared with the
@@ -173,11 +143,7 @@ def run(steps: int = 5, global_batch: int = 8, micro_batch: int = 8, max_len: in
     mm = MmdistLoop(shape, global_batch, micro_batch, max_len)
     try:
         ref = ReferenceLoop(shape, global_batch, micro_batch)
-        contenders = [("mmdist", mm.name, lambda g: mm.step(g))]
-        if proposed:
-            contenders.append(("proposed", f"mmdist + supervised-only logits (proposed), packing to {max_len}",
-                               lambda g: mm.step(g, proposed=True)))
-        contenders.append(("reference", ref.name, ref.step))
+        contenders = [("mmdist", mm.name, mm.step), ("reference", ref.name, ref.step)]
         records: dict[str, list[dict]] = {key: [] for key, _, _ in contenders}
         peaks = []
         for rnd in range(steps + 1):
@@ -216,10 +182,7 @@ def run(steps: int = 5, global_batch: int = 8, micro_batch: int = 8, max_len: in
                    reference_fraction_of_peak=results["reference"]["fraction_of_peak"],
                    peak_gflops=_median(peaks) / 1e9, peak_min_gflops=min(peaks) / 1e9, peak_max_gflops=max(peaks) / 1e9,
                    threads=threads, dtype=dtype, frozen_params_with_grad=frozen_with_grad,
-                   mmdist=results["mmdist"], reference=results["reference"], proposed=results.get("proposed"))
-    if proposed:
-        summary["proposed_ratio"] = round_ratio("proposed")
-        summary["proposed_fraction_of_peak"] = results["proposed"]["fraction_of_peak"]
+                   mmdist=results["mmdist"], reference=results["reference"])
     return rows, summary
 
 
@@ -232,11 +195,9 @@ def main() -> None:
                         help="mmdist's packed row length (2-3 samples: SDPA computes the whole row x row block-diagonal mask)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for everything (default: all allowed cores)")
     parser.add_argument("--json", help="also write the rows and summary here")
-    parser.add_argument("--proposed", action="store_true", help="also run mmdist with supervised-only logits (a proposed model change)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of both contenders and of the matmul peak")
     args = parser.parse_args()
-    rows, s = run(args.steps, args.global_batch, args.micro_batch, args.max_len, args.threads, proposed=args.proposed,
-                  dtype=args.dtype)
+    rows, s = run(args.steps, args.global_batch, args.micro_batch, args.max_len, args.threads, dtype=args.dtype)
     print(format_table(rows, ["contender", "real tokens/s", "real-token fraction", "GFLOP/s", "of matmul peak (median)",
                               "s/step"]))
     print(f"mmdist / reference tokens/s (median per round): {s['ratio']:.2f}x; matmul peak median {s['peak_gflops']:.1f} "

@@ -64,26 +64,3 @@ def test_union_bytes_counts_overlapping_views_once():
     assert union_bytes([a, b, other]) == (100 + 10) * 4
     assert union_bytes([flat], exclude=[b]) == 40 * 4
 
-
-def test_proposed_supervised_only_losses_equal_fused_vlm_losses():
-    """The --proposed variant of benchmarks/throughput.py computes the same per-token losses as FusedVLM."""
-    import torch
-    from memory_per_rank import _batch
-    from throughput import supervised_only_token_losses
-
-    from mmdist.config.run import load_config
-    from mmdist.data.collate import collate_fuse
-    from mmdist.models.build import build_model
-    from mmdist.models.testing import tiny_run_config
-
-    model = build_model(load_config(base=tiny_run_config("fuse")))
-    padded = _batch(model, 3)
-    rows = [{"input_ids": padded["input_ids"][i][padded["attention_mask"][i] > 0].tolist(),
-             "labels": padded["labels"][i][padded["attention_mask"][i] > 0].tolist(),
-             "pixel_values": [padded["pixel_values"][i]]} for i in range(3)]
-    packed = collate_fuse(rows, pad_token_id=0, pack=True, max_len=128)
-    for batch in (padded, packed):
-        expected, supervised = model.token_losses(batch)
-        got, got_supervised = supervised_only_token_losses(model, batch)
-        assert torch.equal(supervised, got_supervised) and supervised.any()
-        assert torch.allclose(expected, got, atol=1e-5)
