@@ -22,7 +22,6 @@ trainable weights only, gathered under ZeRO-3; it is what stage 2 loads with
 from __future__ import annotations
 
 import contextlib
-
 import json
 import os
 import random

@@ -261,6 +261,25 @@ def test_init_and_shutdown_single_process_gloo(monkeypatch):
     dist.shutdown()  # idempotent
 
 
+def test_deepspeed_cpu_shared_memory_buffer_is_removed_at_shutdown(monkeypatch):
+    """DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm file per rank per run; shutdown() removes ours."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    env = dist.init(discover(argv=[], environ={}), backend="gloo", timeout_s=30)
+    buffer = dist.deepspeed_shm_buffer(env.rank)
+    try:
+        deepspeed.init_distributed(dist_backend="gloo")
+        if not buffer.exists():
+            pytest.skip(f"DeepSpeed created no shared-memory buffer here ({buffer}); nothing to clean up")
+    finally:
+        deepspeed.comm.destroy_process_group()  # as the trainer releases DeepSpeed's groups at the end of a run
+        dist.shutdown()
+    assert not buffer.exists(), f"{buffer} was left in /dev/shm"
+
+
 def test_backend_choice():
     assert dist.resolve_backend("gloo") == "gloo"
     with pytest.raises(DistError, match="engine.backend='mpi'"):
