@@ -17,3 +17,22 @@ def slurm_cluster():
         pytest.skip(f"no local Slurm cluster: {exc}")
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_leaked_deepspeed_shm_buffers():
+    """Ranks killed on purpose (SIGKILL tests) cannot unlink DeepSpeed's 66 MB /dev/shm all-reduce buffer
+    (mmdist.training.dist.remove_deepspeed_shm_buffer does it on a normal exit); remove those this session made."""
+    import os
+    import time
+    from pathlib import Path
+
+    start = time.time()
+    yield
+    pattern = f"deepspeed_allreduce_buffer_{os.getuid()}_*"
+    for path in Path("/dev/shm").glob(pattern):
+        try:
+            if path.stat().st_mtime >= start - 1:
+                path.unlink()
+        except OSError:
+            pass
