@@ -26,6 +26,7 @@ from torch import nn
 
 from mmdist.models.connectors import Projector, pool_tokens
 from mmdist.models.freeze import FrozenAwareModule, Part
+from mmdist.models.packed_attention import spans_from_sequence_ids, use_packed_attention
 
 
 def block_causal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -65,6 +66,8 @@ class FusedVLM(FrozenAwareModule):
         fallback = pad if pad is not None and pad < rows else 0
         # The id used for the embedding lookup at placeholder positions (overwritten afterwards).
         self.lookup_id = self.image_token_id if self.image_token_id < rows else int(fallback)
+        # Packed rows: SDPA per sample instead of a dense block-diagonal mask (see packed_attention.py).
+        self.packed_attention = use_packed_attention(llm)
         self.apply_policy()
         if cfg.model.llm.gradient_checkpointing:
             # Non-reentrant checkpointing: gradients reach inputs_embeds through frozen weights.
@@ -168,6 +171,9 @@ class FusedVLM(FrozenAwareModule):
             if batch.get("position_ids") is None:
                 raise ValueError("packed batches for flash_attention_2 need position_ids (restarting at 0 per sample)")
             inputs["attention_mask"] = None
+        elif batch.get("sequence_ids") is not None and self.packed_attention:
+            inputs["attention_mask"] = None
+            inputs["mmdist_spans"] = spans_from_sequence_ids(batch["sequence_ids"])
         elif batch.get("sequence_ids") is not None:
             inputs["attention_mask"] = block_causal_mask(batch["sequence_ids"], embeds.dtype)
         elif batch.get("attention_mask") is not None:

@@ -114,12 +114,46 @@ def test_packed_rows_give_the_same_per_sample_loss(attn):
     pos += [0] * 3
     packed = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "sequence_ids": torch.tensor([seq]),
               "position_ids": torch.tensor([pos]), "attention_mask": (torch.tensor([seq]) >= 0).long(), "pixel_values": pixels}
+    assert model.packed_attention == (attn == "sdpa")  # sdpa: per-sample spans; eager: the dense block mask
     a = model.sample_losses(unpacked)
     b = model.sample_losses(packed)
     assert len(a) == len(b) == 3
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=1e-4, atol=1e-5)
     # And the batch loss is the token-weighted mean either way.
     torch.testing.assert_close(model(unpacked)["loss"], model(packed)["loss"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_packed_span_attention_equals_the_dense_block_mask_in_loss_and_gradients(checkpointing):
+    from mmdist.models.packed_attention import spans_from_sequence_ids
+
+    model = make_model("fuse", model={"llm": {"attn_implementation": "sdpa", "gradient_checkpointing": checkpointing}})
+    model.train()
+    assert model.packed_attention
+    samples = [sample(model, 1, [10, 11], [12, 13, 14]), sample(model, 0, [20, 21], [22, 23]), sample(model, 1, [30], [31, 32])]
+    ids, labels, seq, pos = [], [], [], []
+    for k, (s_ids, s_labels) in enumerate(samples):
+        ids, labels = ids + s_ids, labels + s_labels
+        seq, pos = seq + [k] * len(s_ids), pos + list(range(len(s_ids)))
+    ids, labels, seq, pos = [256, 256] + ids, [-100, -100] + labels, [-1, -1] + seq, [0, 0] + pos  # padding first too
+    batch = {"input_ids": torch.tensor([ids, ids]), "labels": torch.tensor([labels, labels]),
+             "sequence_ids": torch.tensor([seq, seq]), "position_ids": torch.tensor([pos, pos]),
+             "pixel_values": torch.randn(4, 3, 16, 16)}
+    assert spans_from_sequence_ids(batch["sequence_ids"])[0] == [(2, 2 + len(samples[0][0])),
+                                                                  (2 + len(samples[0][0]), 2 + len(samples[0][0]) + len(samples[1][0])),
+                                                                  (2 + len(samples[0][0]) + len(samples[1][0]), len(ids))]
+    results = []
+    for packed in (True, False):
+        model.packed_attention = packed
+        model.zero_grad()
+        loss = model(batch)["loss"]
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.projector.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(float(g.abs().sum()) > 0 for g in grads_a)
 
 
 def test_generate_from_inputs_embeds_is_greedy_and_matches_a_manual_loop(fused_model):
