@@ -6,7 +6,8 @@ adds no training code of its own:
 1. ``mmdist shard demo``: scikit-learn's handwritten digits as WebDataset shards
    (captions and question/answer conversations), with a fixed held-out split
    written as separate ``eval`` shards that no stage trains on.
-2. ``mmdist cache``: the frozen vision encoder's features, computed once.
+2. ``mmdist cache``: the frozen vision encoder's features and the frozen text
+   encoder's caption vectors, computed once.
 3. Stage 1 ``align`` (configs/demo_align.yaml) through ``mmdist.training.train``
    (DeepSpeed engine, one CPU process), then held-out image->text retrieval
    top-1 over the ten digit captions.
@@ -460,7 +461,7 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
     fuse_over = [f"run_dir={run_dir / 'fuse'}", *data, f"model.connector.stage1_weights={run_dir / 'align' / 'export'}",
                  *(QUICK["fuse"] if quick else []), *extra_fuse]
     cache_over = [o for o in align_over if not o.startswith("data.feature_cache=")]
-    state.run("cache_align", "2/6 caching the frozen vision features for stage 1 (mmdist cache)",
+    state.run("cache_align", "2/6 caching the frozen vision and text features for stage 1 (mmdist cache)",
               lambda: build_cache(align_path, cache_over, run_dir / "data" / "cache_align"))
 
     def stage(name: str, cfg_path: Path, overrides: list[str]) -> dict:
