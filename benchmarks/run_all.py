@@ -87,6 +87,9 @@ def summary_rows(tp: dict | None, mem: list | None, data: dict | None) -> list[d
     if data:
         for t in data.get("throughput", []):
             add("4 data", f"loader samples/s, {t['workers']} worker(s)", t["samples_per_s"], "", "", None)
+        if tp and "train_step_samples_per_s" in tp["summary"]:
+            add("4 data", "samples/s a training step consumes (benchmark 1, mmdist)",
+                round(tp["summary"]["train_step_samples_per_s"], 2), "", "", None)
         npad = data.get("non_padding", {})
         if npad:
             add("4 data", "non-padding fraction (packing vs pad-to-longest)", npad["packing"], npad["pad_to_longest"],

@@ -203,6 +203,8 @@ def run(steps: int = 5, global_batch: int = 8, micro_batch: int = 8, max_len: in
                    reference_fraction_of_peak=results["reference"]["fraction_of_peak"],
                    peak_gflops=_median(peaks) / 1e9, peak_min_gflops=min(peaks) / 1e9, peak_max_gflops=max(peaks) / 1e9,
                    threads=threads, dtype=dtype, frozen_params_with_grad=frozen_with_grad,
+                   # what the data pipeline must keep up with: samples a training step consumes per second
+                   train_step_samples_per_s=global_batch * steps / results["mmdist"]["seconds"],
                    mmdist=results["mmdist"], reference=results["reference"])
     return rows, summary
 
