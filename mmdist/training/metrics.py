@@ -107,6 +107,31 @@ class Throughput:
         }
 
 
+def drop_records_after(path: Path, step: int) -> int:
+    """Remove records of steps after ``step`` from a metrics.jsonl (atomically); returns how many.
+
+    A run that crashed after its last checkpoint logged steps that the resumed run
+    trains again: without this they would appear twice in the file.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            later = int(json.loads(line).get("step", 0)) > step
+        except (ValueError, TypeError, AttributeError):
+            later = False  # keep lines we cannot read rather than lose them
+        if later:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricsLogger:
     """metrics.jsonl (+ TensorBoard, + W&B) and the tqdm bar, on rank 0 only."""
 
@@ -120,6 +145,7 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        drop_records_after(run_dir / "metrics.jsonl", initial_step)
         self.file = open(run_dir / "metrics.jsonl", "a")
         if log_cfg.tensorboard:
             try:

@@ -311,3 +311,18 @@ def test_packed_rows_count_their_samples_and_mfu_uses_the_compute_dtype():
     assert compute_dtype(cfg) == "bf16"  # fp32 engine, bf16 frozen LLM: the LLM's FLOPs dominate
     cfg = load_config(base=tiny_run_config("fuse"), overrides=["engine.precision=bf16", "model.llm.dtype=fp32"])
     assert compute_dtype(cfg) == "bf16"
+
+
+def test_resumed_run_does_not_log_steps_twice(tmp_path):
+    import json
+
+    from mmdist.training.metrics import drop_records_after
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "split": "train", "loss": 1.0 / s} for s in range(1, 9)] + [{"step": 6, "split": "eval", "loss": 0.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + "not json\n")
+    assert drop_records_after(path, 6) == 2  # steps 7 and 8 were logged after the checkpoint of step 6
+    kept = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    assert [r["step"] for r in kept] == [1, 2, 3, 4, 5, 6, 6]
+    assert path.read_text().endswith("not json\n")  # unreadable lines are kept, not lost
+    assert drop_records_after(tmp_path / "absent.jsonl", 3) == 0
