@@ -59,6 +59,11 @@ class DataConfig(SettingsBase):
 
     def check(self) -> list[tuple[str, str]]:
         out = []
+        if self.mode == "epoch":
+            for i, src in enumerate(self.train):
+                if isinstance(src.weight, (int, float)) and src.weight != 1.0:
+                    out.append((f"train[{i}].weight", f"{src.weight} would be ignored: epoch mode reads every sample once; source "
+                                "weights apply in resampled mode (set data.mode=resampled and data.samples_per_epoch)"))
         if self.mode == "resampled" and not self.samples_per_epoch:
             out.append(("samples_per_epoch", "resampled mode needs samples_per_epoch"))
         if self.max_len < 8:

@@ -60,6 +60,8 @@ BAD_CASES = {
     "batch smaller than micro": ({"train": {"global_batch_size": 2, "micro_batch_size": 4}}, "train.global_batch_size", "smaller than"),
     "offload params without zero3": ({"engine": {"offload_params": True, "zero_stage": 2}}, "engine.offload_params", "zero_stage=3"),
     "no shards": ({"data": {"train": []}}, "data.train", "at least one source"),
+    "source weight in epoch mode": ({"data": {"train": [{"shards": ["a.tar"]}, {"shards": ["b.tar"], "weight": 0.3}]}},
+                                    "data.train[1].weight", "resampled mode"),
     "qformer without stage1 weights": ({"model": {"connector": {"type": "qformer"}}}, "model.connector.stage1_weights", "stage 1 first"),
     "qformer with frozen text": (
         {"stage": "align", "model": {"text": {"name_or_path": "minilm"}, "connector": {"type": "qformer"}}},
