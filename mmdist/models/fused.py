@@ -224,9 +224,17 @@ class FusedVLM(FrozenAwareModule):
         if not self._has_images(batch):
             # A text-only batch: tie the loss to every trainable parameter with weight 0,
             # so backward works and every rank produces (zero) gradients for the same tensors.
-            # The dummy goes through the modules' own calls, so ZeRO-3 gathers their weights.
-            dummy = torch.zeros(1, self.vision.num_tokens, self.vision.hidden_size, device=loss.device)
-            loss = loss + 0.0 * self.image_embeddings(image_features=dummy).float().sum()
+            # The dummy takes the path real images take, through the modules' own calls: under
+            # ZeRO-3 every rank must issue the same parameter gathers (the frozen vision tower's
+            # included), or a rank with a text-only micro-batch falls out of step with the others.
+            if self.cfg.data.feature_cache:
+                dummy = torch.zeros(1, self.vision.num_tokens, self.vision.hidden_size, device=loss.device)
+                embeds = self.image_embeddings(image_features=dummy)
+            else:
+                size = self.vision.image_size
+                dummy = torch.zeros(1, getattr(self.vision, "num_channels", 3), size, size, device=loss.device)
+                embeds = self.image_embeddings(pixel_values=dummy)
+            loss = loss + 0.0 * embeds.float().sum()
         return {"loss": loss, "num_tokens": num_tokens, "metrics": {"lm": loss.detach(), "tokens": num_tokens.detach().float()}}
 
     @torch.no_grad()

@@ -64,7 +64,19 @@ def test_loss_counts_only_labelled_tokens(fused_model):
 
 def test_text_only_batch_without_pixel_values(fused_model):
     batch = pad_batch([sample(fused_model, 0, [10, 11], [12, 13])], pad_id=256)
-    out = fused_model(batch)
+    calls = []
+    hook = fused_model.vision.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        out = fused_model(batch)
+    finally:
+        hook.remove()
+    # The vision tower runs on a dummy image too: under ZeRO-3 every rank must gather the same parameters,
+    # so a rank with a text-only micro-batch may not skip the (partitioned) frozen tower.
+    assert calls, "a text-only batch skipped the vision tower"
+    assert torch.isfinite(out["loss"]) and int(out["num_tokens"]) == 2
+    with torch.no_grad():
+        losses, supervised = fused_model.token_losses(batch)
+    torch.testing.assert_close(out["loss"].detach(), losses.sum() / supervised.sum())  # the dummy adds exactly 0
     assert torch.isfinite(out["loss"]) and int(out["num_tokens"]) == 2
     out["loss"].backward()  # no image: the trainable parameters get zero (not missing) gradients
     for p in fused_model.projector.parameters():
