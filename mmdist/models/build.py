@@ -66,6 +66,13 @@ def _identity(cfg: Any) -> dict:
 def _build_fused(cfg: Any, vision: VisionTower, transform: ImageTransform, gather: Gather,
                  stage1_manifest: Optional[dict]) -> FusedVLM:
     llm_cfg = cfg.model.llm
+    source = None
+    if stage1_manifest is None and cfg.model.connector.stage1_weights:
+        # Before the LLM loads: a wrong path should fail in seconds, not after loading a 14B model.
+        try:
+            source = resolve_export_dir(cfg.model.connector.stage1_weights)
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"model.connector.stage1_weights: {exc}") from None
     tokenizer = load_tokenizer(llm_cfg)
     image_token_id = add_image_token(tokenizer, llm_cfg.image_token)
     llm = load_llm(llm_cfg)
@@ -75,9 +82,7 @@ def _build_fused(cfg: Any, vision: VisionTower, transform: ImageTransform, gathe
         llm.resize_token_embeddings(len(tokenizer))
 
     stage1_state = None
-    source = None
-    if stage1_manifest is None and cfg.model.connector.stage1_weights:
-        source = resolve_export_dir(cfg.model.connector.stage1_weights)
+    if source is not None:
         stage1_state, stage1_manifest = read_export(source)
     stage1 = None
     if stage1_manifest is not None:

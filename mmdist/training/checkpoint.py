@@ -55,6 +55,12 @@ def _barrier() -> None:
         tdist.barrier()
 
 
+def _world_size() -> int:
+    import torch.distributed as tdist
+
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
 def _rank() -> int:
     import torch.distributed as tdist
 
@@ -241,6 +247,13 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{client_file} is missing ({len(present)} rank file(s) present): the checkpoint was written by a "
                 "different number of ranks; resume with the same world size or set checkpoint.resume=never"
+            )
+        saved_world = torch.load(client_file, map_location="cpu", weights_only=False).get("world_size")
+        world = _world_size()
+        if saved_world is not None and int(saved_world) != world:
+            raise CheckpointError(
+                f"{path} was written by {saved_world} rank(s) and this run has {world}: ZeRO partitions and the data "
+                "position are per rank; resume with the same world size or set checkpoint.resume=never"
             )
         loaded, _ = engine.load_checkpoint(
             str(path.parent),

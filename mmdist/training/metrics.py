@@ -61,8 +61,10 @@ def measure_peak_flops(dtype: str = "fp32", size: int = 1024, repeats: int = 3) 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     if device == "cpu":
         torch_dtype = torch.float32  # CPU half-precision matmuls are emulated and would understate the peak
-    a = torch.randn(size, size, device=device, dtype=torch_dtype)
-    b = torch.randn(size, size, device=device, dtype=torch_dtype)
+    # A private generator: the run's RNG (restored on resume, driving dropout) must not move.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, dtype=torch_dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=torch_dtype, generator=generator)
     a @ b  # warm-up
     best = math.inf
     for _ in range(repeats):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
-import os
 import random
 import sys
 import time
@@ -421,6 +420,7 @@ def _train(cfg: Any, env: Any, model_builder: Optional[Callable], loader_builder
         "checkpoint": str(last_checkpoint) if last_checkpoint else None,
         "export": str(run_dir / "export") if finished and cfg.checkpoint.export else None,
         "run_dir": str(run_dir),
+        "rank": rank,
         "resumed_from": str(resume_from) if resume_from else None,
         "seconds": elapsed,
     }
@@ -458,7 +458,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     summary = train(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if summary.get("rank", 0) == 0:  # not os.environ: dist.shutdown() has restored it by now
         loss = summary["history"][-1]["loss"] if summary["history"] else math.nan
         print(f"[mmdist] done: step {summary['step']}, last loss {loss:.4f}, run dir {summary['run_dir']}")
     return 0

@@ -128,3 +128,16 @@ def test_build_model_returns_processors_for_both_stages():
     assert align.processors.fingerprint() != fuse.processors.fingerprint()
     img = align.processors.image_transform
     assert (img.size, img.mean) == (16, [0.5, 0.5, 0.5])
+
+
+def test_wrong_stage1_path_fails_before_the_llm_loads(tmp_path, monkeypatch):
+    import mmdist.models.build as build
+    from mmdist.config.run import load_config
+    from mmdist.models.testing import tiny_run_config
+
+    loaded = []
+    monkeypatch.setattr(build, "load_llm", lambda cfg: loaded.append(cfg) or pytest.fail("the LLM was loaded first"))
+    cfg = load_config(base=tiny_run_config("fuse"), overrides=[f"model.connector.stage1_weights={tmp_path / 'nope'}"])
+    with pytest.raises(FileNotFoundError, match="model.connector.stage1_weights"):
+        build.build_model(cfg)
+    assert not loaded

@@ -229,3 +229,13 @@ def test_tied_alias_of_a_frozen_weight_is_not_saved():
         filtered = engine.module_state_dict(exclude_frozen_parameters=True)
     assert set(filtered) == {"projector.weight", "projector.bias"}
     assert "head.weight" in engine.module_state_dict(exclude_frozen_parameters=True)  # restored afterwards
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    _train(toy_config(str(run), train={"max_steps": 2}, checkpoint={"save_every": 2}))
+    import mmdist.training.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "_world_size", lambda: 2)  # as if relaunched on 2 ranks
+    with pytest.raises(CheckpointError, match=r"written by 1 rank\(s\) and this run has 2"):
+        _train(toy_config(str(run), train={"max_steps": 4}, checkpoint={"save_every": 2}))
