@@ -45,6 +45,7 @@ export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 
 # --- knobs that matter ----------------------------------------------------------------------------
 # One OpenMP/MKL thread pool per rank sized to its CPUs; the default (all cores per rank) oversubscribes.
+OMP_FROM_USER=${OMP_NUM_THREADS:-}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 # A failed or timed-out NCCL collective aborts the rank instead of hanging it (both spellings: torch >= 2.2 and older).
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
@@ -76,6 +77,12 @@ case "$LAUNCH_MODE" in
         # One torchrun agent per node; it starts NPROC_PER_NODE ranks and restarts nothing (--max-restarts=0):
         # a failure ends the step and the next submission resumes from the last checkpoint.
         NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_NTASKS_PER_NODE:-1}}}
+        if [[ -z "$OMP_FROM_USER" ]]; then
+            # The node's CPUs are shared by NPROC_PER_NODE ranks here, not one task each.
+            OMP_NUM_THREADS=$(( ${SLURM_CPUS_PER_TASK:-1} * ${SLURM_NTASKS_PER_NODE:-1} / NPROC_PER_NODE ))
+            (( OMP_NUM_THREADS >= 1 )) || OMP_NUM_THREADS=1
+            export OMP_NUM_THREADS
+        fi
         srun --kill-on-bad-exit=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 \
             --cpus-per-task="$(( ${SLURM_CPUS_PER_TASK:-1} * ${SLURM_NTASKS_PER_NODE:-1} ))" \
             "$PYTHON" -m torch.distributed.run --nnodes="${SLURM_JOB_NUM_NODES:-1}" --nproc_per_node="$NPROC_PER_NODE" \
