@@ -162,7 +162,12 @@ class FusedVLM(FrozenAwareModule):
     def _llm_inputs(self, batch: dict) -> dict:
         input_ids = batch["input_ids"]
         image_embeds = self.image_embeddings(batch.get("pixel_values"), batch.get("image_features"))
+        dummy = self._dummy_image_embeddings(input_ids.device) if image_embeds is None else None
         embeds = self.embed(input_ids, image_embeds)
+        if dummy is not None:
+            # Tie the dummy to the graph with weight 0: backward then reaches every trainable
+            # parameter (zero gradients, not missing ones) in the order an image batch takes.
+            embeds = embeds + (0.0 * dummy.float().sum()).to(embeds.dtype)
         inputs: dict[str, Any] = {"inputs_embeds": embeds, "use_cache": False}
         if batch.get("sequence_ids") is not None and self.cfg.model.llm.attn_implementation == "flash_attention_2":
             # FlashAttention takes no 4-D mask: transformers derives the packed sequences
@@ -181,6 +186,23 @@ class FusedVLM(FrozenAwareModule):
         if batch.get("position_ids") is not None:
             inputs["position_ids"] = batch["position_ids"]
         return inputs
+
+    def _dummy_image_embeddings(self, device: torch.device) -> torch.Tensor:
+        """Image embeddings of a zero image, for a batch without images.
+
+        Under ZeRO-3 every rank must gather the same parameters in the same order: a rank
+        whose micro-batch is text-only while its peer's has images would otherwise skip the
+        (partitioned) vision tower, stage-1 module and projector, or reach them after the
+        LLM, and the collectives would fall out of step (a crash or a hang). So the dummy
+        takes the path real images take, before the LLM (cached features when the run reads
+        a feature cache, pixels otherwise).
+        """
+        if self.cfg.data.feature_cache:
+            features = torch.zeros(1, self.vision.num_tokens, self.vision.hidden_size, device=device)
+            return self.image_embeddings(image_features=features)
+        size = self.vision.image_size
+        pixels = torch.zeros(1, getattr(self.vision, "num_channels", 3), size, size, device=device)
+        return self.image_embeddings(pixel_values=pixels)
 
     def token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(per-target-token loss [B, T-1] with 0 where not supervised, supervised mask [B, T-1]).
@@ -210,31 +232,10 @@ class FusedVLM(FrozenAwareModule):
         losses = torch.zeros(labels.shape, dtype=flat.dtype, device=flat.device).masked_scatter(supervised, flat)
         return losses, supervised
 
-    @staticmethod
-    def _has_images(batch: dict) -> bool:
-        for key in ("image_features", "pixel_values"):
-            if batch.get(key) is not None and batch[key].shape[0] > 0:
-                return True
-        return False
-
     def forward(self, batch: dict) -> dict:
         losses, supervised = self.token_losses(batch)
         num_tokens = supervised.sum()
         loss = losses.sum() / num_tokens.clamp(min=1)
-        if not self._has_images(batch):
-            # A text-only batch: tie the loss to every trainable parameter with weight 0,
-            # so backward works and every rank produces (zero) gradients for the same tensors.
-            # The dummy takes the path real images take, through the modules' own calls: under
-            # ZeRO-3 every rank must issue the same parameter gathers (the frozen vision tower's
-            # included), or a rank with a text-only micro-batch falls out of step with the others.
-            if self.cfg.data.feature_cache:
-                dummy = torch.zeros(1, self.vision.num_tokens, self.vision.hidden_size, device=loss.device)
-                embeds = self.image_embeddings(image_features=dummy)
-            else:
-                size = self.vision.image_size
-                dummy = torch.zeros(1, getattr(self.vision, "num_channels", 3), size, size, device=loss.device)
-                embeds = self.image_embeddings(pixel_values=dummy)
-            loss = loss + 0.0 * embeds.float().sum()
         return {"loss": loss, "num_tokens": num_tokens, "metrics": {"lm": loss.detach(), "tokens": num_tokens.detach().float()}}
 
     @torch.no_grad()
