@@ -29,13 +29,14 @@ import argparse
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from mmdist.training.dist import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -216,11 +217,6 @@ def worker(config: str, overrides: list[str], out_dir: str) -> None:
 # driver
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def measure(config: str, ranks: int, zero_stage: int, extra: list[str] = (), timeout: int = 600) -> list[dict]:
     """Launch ``ranks`` processes with torchrun for one setting; the per-rank figures."""
@@ -229,7 +225,7 @@ def measure(config: str, ranks: int, zero_stage: int, extra: list[str] = (), tim
         overrides.append(f"run_dir={tmp}/run")
         env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", str(Path(__file__).resolve()), "--worker", "--config", config,
+               f"--master_port={free_port()}", str(Path(__file__).resolve()), "--worker", "--config", config,
                "--out", tmp, *overrides]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         results = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ from typing import Any
 import torch
 from common import BenchShape, Sample, format_table, llm_matmul_params, make_samples, matmul_peak, set_threads, step_flops
 from reference_llava import ReferenceLoop
+
+from mmdist.training.dist import free_port
 
 
 def mmdist_config(shape: BenchShape, global_batch: int, micro_batch: int, max_len: int, checkpointing: bool = False) -> Any:
@@ -57,11 +58,6 @@ def mmdist_config(shape: BenchShape, global_batch: int, micro_batch: int, max_le
     return load_config(base=base)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class MmdistLoop:
     """mmdist's FusedVLM + packing + DeepSpeed engine (the trainer's step calls), one optimizer step at a time.
@@ -72,7 +68,7 @@ class MmdistLoop:
     def __init__(self, shape: BenchShape, global_batch: int, micro_batch: int, max_len: int = 512,
                  checkpointing: bool = False):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         from mmdist.training import dist
         from mmdist.training.engine import build_engine
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from data_fixtures import write_caption_shards
+
+from mmdist.training.dist import free_port
 
 pytestmark = pytest.mark.multiproc
 
@@ -41,11 +42,6 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_ranks_uneven_shards_finish_together(tmp_path):
     pattern = write_caption_shards(tmp_path / "shards", [3, 17, 5, 11, 29, 2])
@@ -53,7 +49,7 @@ def test_two_ranks_uneven_shards_finish_together(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), pattern=pattern, out=out))
     repo = str(Path(__file__).resolve().parents[2])
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),

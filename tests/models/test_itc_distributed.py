@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from mmdist.models.align import itc_loss
+from mmdist.training.dist import free_port
 
 B, D, WORLD = 3, 5, 2
 
@@ -38,15 +38,10 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.multiproc
 def test_two_ranks_match_one_process(tmp_path):
-    mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn", join=True)
+    mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn", join=True)
     images, texts, groups, scale = _data()
     for name in ("plain", "groups"):
         img = images.clone().requires_grad_(True)
