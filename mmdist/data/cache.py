@@ -36,7 +36,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -144,6 +144,19 @@ def _text_members(sample: dict) -> dict:
     return record
 
 
+def _prepared_samples(shards: list, data: Any, writer: ShardWriter, prepare: Callable[[dict], Any]) -> Iterator[tuple[dict, Any]]:
+    """(decoded sample, ``prepare(sample)``) for every sample of ``shards``; bad ones are recorded in ``writer`` and skipped."""
+    for shard in shards:
+        for raw in read_tar(shard.url):
+            try:
+                sample = decode_sample(raw, data.max_image_pixels, data.max_caption_chars)
+                prepared = prepare(sample)
+            except BadSample as exc:
+                writer.skip(exc.reason, f"{shard.url}:{raw.get('__key__', '?')}", exc.detail)
+                continue
+            yield sample, prepared
+
+
 def _write_image_features(cfg: Any, processors: Any, encode: Callable, shards: list, writer: ShardWriter, batch_size: int) -> None:
     """Every sample (text-only ones too) with its images replaced by ``features.npy``."""
     import torch
@@ -166,17 +179,13 @@ def _write_image_features(cfg: Any, processors: Any, encode: Callable, shards: l
             writer.write(record)
         pending.clear()
 
-    for shard in shards:
-        for raw in read_tar(shard.url):
-            try:
-                sample = decode_sample(raw, data.max_image_pixels, data.max_caption_chars)
-                images = [processors.image_transform(img) for img in decode_images(sample, data.max_image_pixels)]
-            except BadSample as exc:
-                writer.skip(exc.reason, f"{shard.url}:{raw.get('__key__', '?')}", exc.detail)
-                continue
-            pending.append((sample, images))
-            if sum(len(i) for _, i in pending) >= batch_size:
-                flush()
+    def transform_images(sample: dict) -> list:
+        return [processors.image_transform(img) for img in decode_images(sample, data.max_image_pixels)]
+
+    for sample, images in _prepared_samples(shards, data, writer, transform_images):
+        pending.append((sample, images))
+        if sum(len(i) for _, i in pending) >= batch_size:
+            flush()
     flush()
 
 
@@ -214,17 +223,10 @@ def _write_image_text_features(cfg: Any, processors: Any, encode: Callable, enco
             writer.write(record)
         pending.clear()
 
-    for shard in shards:
-        for raw in read_tar(shard.url):
-            try:
-                sample = decode_sample(raw, data.max_image_pixels, data.max_caption_chars)
-                item = preprocess(sample)
-            except BadSample as exc:
-                writer.skip(exc.reason, f"{shard.url}:{raw.get('__key__', '?')}", exc.detail)
-                continue
-            pending.append((sample, item))
-            if len(pending) >= batch_size:
-                flush()
+    for sample, item in _prepared_samples(shards, data, writer, preprocess):
+        pending.append((sample, item))
+        if len(pending) >= batch_size:
+            flush()
     flush()
 
 
