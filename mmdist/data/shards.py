@@ -206,6 +206,20 @@ def _image_member(path: Path) -> tuple[str, bytes]:
         return "png", png_bytes(img.convert("RGB"))
 
 
+def _read_images(key: str, paths: list[Path]) -> dict:
+    """Image members for ``paths`` ('png' alone, or '0.png', '1.png', ... for several), or a skip record saying why not."""
+    members: dict = {}
+    try:
+        for j, path in enumerate(paths):
+            ext, data = _image_member(path)
+            members[f"{j}.{ext}" if len(paths) > 1 else ext] = data
+    except FileNotFoundError as exc:
+        return {"__skip__": "missing_image", "__key__": key, "__detail__": str(exc)}
+    except Exception as exc:
+        return {"__skip__": "corrupt_image", "__key__": key, "__detail__": str(exc)[:200]}
+    return members
+
+
 def llava_samples(json_path: str | os.PathLike, image_root: str | os.PathLike) -> Iterator[dict]:
     """Samples from a LLaVA JSON list ({id, image (path or list), conversations}); images read from image_root."""
     try:
@@ -225,18 +239,11 @@ def llava_samples(json_path: str | os.PathLike, image_root: str | os.PathLike) -
             continue
         images = rec.get("image") or []
         images = [images] if isinstance(images, str) else list(images)
-        sample: dict = {"__key__": key, "json": {"conversations": rec["conversations"]}}
-        try:
-            for j, name in enumerate(images):
-                ext, data = _image_member(Path(image_root) / name)
-                sample[f"{j}.{ext}" if len(images) > 1 else ext] = data
-        except FileNotFoundError as exc:
-            yield {"__skip__": "missing_image", "__key__": key, "__detail__": str(exc)}
+        members = _read_images(key, [Path(image_root) / name for name in images])
+        if "__skip__" in members:
+            yield members
             continue
-        except Exception as exc:
-            yield {"__skip__": "corrupt_image", "__key__": key, "__detail__": str(exc)[:200]}
-            continue
-        yield sample
+        yield {"__key__": key, "json": {"conversations": rec["conversations"]}, **members}
 
 
 def _read_captions(path: Path) -> list[tuple[str, str]]:
@@ -265,15 +272,11 @@ def folder_samples(image_dir: str | os.PathLike, captions: str | os.PathLike) ->
     """Caption samples from an image folder and a CSV (columns image/file + caption/text) or JSONL file."""
     for i, (name, caption) in enumerate(_read_captions(Path(captions))):
         key = _safe_key(Path(name).stem, i)
-        try:
-            ext, data = _image_member(Path(image_dir) / name)
-        except FileNotFoundError as exc:
-            yield {"__skip__": "missing_image", "__key__": key, "__detail__": str(exc)}
+        members = _read_images(key, [Path(image_dir) / name])
+        if "__skip__" in members:
+            yield members
             continue
-        except Exception as exc:
-            yield {"__skip__": "corrupt_image", "__key__": key, "__detail__": str(exc)[:200]}
-            continue
-        yield {"__key__": f"{key}_{i:06d}", ext: data, "txt": caption}
+        yield {"__key__": f"{key}_{i:06d}", **members, "txt": caption}
 
 
 def demo_split(n: int) -> tuple[list[int], list[int]]:
