@@ -21,6 +21,14 @@ def _epoch_keys(cfg, processors, rank, world):
     return loader, keys, batches
 
 
+def _one_epoch(loader) -> list[str]:
+    """The sample keys of one full pass over ``loader``, in order."""
+    keys = []
+    for _batch in loader:
+        keys.extend(loader.last_keys)
+    return keys
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_ranks_and_workers_see_each_sample_exactly_once(tmp_path, processors, num_workers):
     pattern = write_caption_shards(tmp_path, [12, 12, 12, 12])
@@ -39,12 +47,7 @@ def test_epochs_reshuffle_but_keep_coverage(tmp_path, processors):
     pattern = write_caption_shards(tmp_path, [6, 6, 6, 6])
     cfg = make_config(pattern, shuffle_buffer=4)
     loader = build_loader(cfg, processors, "train", 0, 1)
-    epochs = []
-    for _ in range(2):
-        keys = []
-        for _batch in loader:
-            keys.extend(loader.last_keys)
-        epochs.append(keys)
+    epochs = [_one_epoch(loader) for _ in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) and len(set(epochs[0])) == 24
     assert epochs[0] != epochs[1], "epoch 1 must use another shard/sample order (seed + epoch)"
 
@@ -83,22 +86,14 @@ def test_persistent_workers_run_several_epochs(tmp_path, processors):
     pattern = write_caption_shards(tmp_path, [8, 8, 8, 8])
     cfg = make_config(pattern, num_workers=2, persistent_workers=True, shuffle_buffer=4, micro_batch_size=4)
     loader = build_loader(cfg, processors, "train", 0, 1)
-    epochs = []
-    for _ in range(3):
-        keys = []
-        for _batch in loader:
-            keys.extend(loader.last_keys)
-        epochs.append(keys)
+    epochs = [_one_epoch(loader) for _ in range(3)]
     assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == 32 for e in epochs)
     assert epochs[0] != epochs[1] != epochs[2]
     # a loader built fresh at epoch 2 (no persistent workers) agrees with the persistent one
     other = build_loader(make_config(pattern, num_workers=2, persistent_workers=False, shuffle_buffer=4, micro_batch_size=4),
                          processors, "train", 0, 1)
     other.load_state_dict({**loader.state_dict(), "epoch": 2, "workers": {}})
-    keys = []
-    for _batch in other:
-        keys.extend(other.last_keys)
-    assert keys == epochs[2]
+    assert _one_epoch(other) == epochs[2]
 
 
 def test_shard_list_file_and_img2dataset_stats(tmp_path, processors):
@@ -136,12 +131,7 @@ def test_eval_split_is_ordered_and_separate(tmp_path, processors):
     held = write_caption_shards(tmp_path / "eval", [4], prefix="eval")
     cfg = make_config(train, eval_shards=[held], shuffle_buffer=100)
     loader = build_loader(cfg, processors, "eval", 0, 1)
-    keys = []
-    for _ in range(2):
-        epoch = []
-        for _b in loader:
-            epoch.extend(loader.last_keys)
-        keys.append(epoch)
+    keys = [_one_epoch(loader) for _ in range(2)]
     assert keys[0] == keys[1] == [f"s{i:06d}" for i in range(4)]
 
 
