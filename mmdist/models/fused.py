@@ -201,7 +201,7 @@ class FusedVLM(FrozenAwareModule):
             features = torch.zeros(1, self.vision.num_tokens, self.vision.hidden_size, device=device)
             return self.image_embeddings(image_features=features)
         size = self.vision.image_size
-        pixels = torch.zeros(1, getattr(self.vision, "num_channels", 3), size, size, device=device)
+        pixels = torch.zeros(1, 3, size, size, device=device)  # RGB, as the image transform and the tower probe give
         return self.image_embeddings(pixel_values=pixels)
 
     def token_losses(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
