@@ -47,6 +47,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from mmdist.atomic import write_text_atomic
+
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_ALIGN_CONFIG = REPO_CONFIGS / "demo_align.yaml"
 DEFAULT_FUSE_CONFIG = REPO_CONFIGS / "demo_fuse.yaml"
@@ -157,9 +159,7 @@ class DemoState:
         return state
 
     def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.data, indent=1, sort_keys=True))
 
     def done(self, step: str) -> Optional[dict]:
         return self.data["done"].get(step)

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import yaml
 
+from mmdist.atomic import write_text_atomic
 from mmdist.config.schema import ConfigError, Problem, SettingsBase, from_dict, setting, to_dict
 from mmdist.data.settings import DataConfig
 from mmdist.models.connectors import ConnectorConfig
@@ -135,7 +136,4 @@ def dump_config(cfg: RunConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from mmdist.atomic import write_text_atomic
 from mmdist.models.text import text_fingerprint
 from mmdist.models.vision import vision_fingerprint
 
@@ -159,10 +160,7 @@ def write_export(state: dict[str, torch.Tensor], manifest: dict, folder: str) ->
     tmp = os.path.join(folder, EXPORT_WEIGHTS + ".tmp")
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
     os.replace(tmp, os.path.join(folder, EXPORT_WEIGHTS))
-    tmp = os.path.join(folder, EXPORT_MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, os.path.join(folder, EXPORT_MANIFEST))
+    write_text_atomic(os.path.join(folder, EXPORT_MANIFEST), json.dumps(manifest, indent=2, sort_keys=True, default=str))
     return folder
 
 

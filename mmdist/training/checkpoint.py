@@ -31,6 +31,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+from mmdist.atomic import write_text_atomic
+
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
@@ -65,15 +67,6 @@ def _rank() -> int:
     import torch.distributed as tdist
 
     return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------
@@ -212,7 +205,7 @@ class CheckpointManager:
             if final.exists():  # re-saving the same step (after a resume): the old copy goes only now
                 shutil.rmtree(final)
             os.rename(self.root / tmp_name, final)
-            _atomic_write_text(self.root / LATEST, name + "\n")
+            write_text_atomic(self.root / LATEST, name + "\n")
             self._prune(keep=final)
         _barrier()
         return final

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from mmdist.atomic import write_text_atomic
+
 __all__ = [
     "MetricsLogger",
     "Throughput",
@@ -128,9 +130,7 @@ def drop_records_after(path: Path, step: int) -> int:
         else:
             kept.append(line)
     if dropped:
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
     return dropped
 
 
