@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from mmdist.config.run import RunConfig, load_config
-from mmdist.config.schema import ConfigError
+from mmdist.settings import ConfigError
 
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}

@@ -1,7 +1,7 @@
-"""Typed settings for mmdist: the schema machinery and the composed run config."""
+"""The composed run config (RunConfig, YAML loading, overrides); the schema names are re-exported from mmdist.settings."""
 
 from mmdist.config.run import ModelConfig, RunConfig, dump_config, load_config, parse_overrides
-from mmdist.config.schema import ConfigError, Problem, explain, from_dict, to_dict
+from mmdist.settings import ConfigError, Problem, explain, from_dict, to_dict
 
 __all__ = [
     "ConfigError",

@@ -8,7 +8,7 @@ import sys
 import yaml
 
 from mmdist.config.run import RunConfig, config_to_dict, load_config
-from mmdist.config.schema import ConfigError, explain
+from mmdist.settings import ConfigError, explain
 
 
 def format_explain(prefix: str = "") -> str:

@@ -18,12 +18,12 @@ from typing import Any, Literal
 import yaml
 
 from mmdist.atomic import write_text_atomic
-from mmdist.config.schema import ConfigError, Problem, SettingsBase, from_dict, setting, to_dict
 from mmdist.data.settings import DataConfig
 from mmdist.models.connectors import ConnectorConfig
 from mmdist.models.llm import LLMConfig
 from mmdist.models.text import TextConfig
 from mmdist.models.vision import VisionConfig
+from mmdist.settings import ConfigError, Problem, SettingsBase, from_dict, setting, to_dict
 from mmdist.training.settings import CheckpointConfig, EngineConfig, LogConfig, TrainConfig
 
 

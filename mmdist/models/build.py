@@ -146,7 +146,7 @@ def load_from_export(path: str, gather: Gather = null_gather, overrides: Optiona
     stored config, e.g. ``model.llm.dtype=fp32`` on a CPU.
     """
     from mmdist.config.run import RunConfig, parse_overrides
-    from mmdist.config.schema import from_dict
+    from mmdist.settings import from_dict
 
     folder = resolve_export_dir(path)
     state, manifest = read_export(folder)

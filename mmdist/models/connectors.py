@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmdist.config.schema import SettingsBase, setting
+from mmdist.settings import SettingsBase, setting
 
 
 @dataclass

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-from mmdist.config.schema import SettingsBase, setting
+from mmdist.settings import SettingsBase, setting
 
 Dtype = Literal["fp32", "bf16", "fp16"]
 

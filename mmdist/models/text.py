@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from mmdist.config.schema import SettingsBase, setting
 from mmdist.models.llm import Dtype
+from mmdist.settings import SettingsBase, setting
 
 
 @dataclass

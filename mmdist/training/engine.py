@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from mmdist.config.schema import ConfigError, Problem
+from mmdist.settings import ConfigError, Problem
 
 __all__ = [
     "EngineBundle",

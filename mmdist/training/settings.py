@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from mmdist.config.schema import SettingsBase, setting
+from mmdist.settings import SettingsBase, setting
 
 
 @dataclass

@@ -9,7 +9,7 @@ import yaml
 
 from mmdist.config import ConfigError, RunConfig, dump_config, load_config
 from mmdist.config.cli import format_explain
-from mmdist.config.schema import explain
+from mmdist.settings import explain
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))

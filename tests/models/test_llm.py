@@ -33,8 +33,8 @@ def test_missing_smollm2_names_the_install_command(monkeypatch):
 
 
 def test_init_config_llm_is_seeded_and_typed():
-    from mmdist.config.schema import from_dict
     from mmdist.models.testing import tiny_llm_config
+    from mmdist.settings import from_dict
 
     a = load_llm(from_dict(LLMConfig, tiny_llm_config()))
     b = load_llm(from_dict(LLMConfig, tiny_llm_config(dtype="bf16")))

@@ -7,10 +7,10 @@ import json
 import torch
 from tiny import make_model
 
-from mmdist.config.schema import from_dict
 from mmdist.models.llm import LLMConfig, llm_fingerprint, load_llm, load_tokenizer
 from mmdist.models.testing import tiny_byte_tokenizer, tiny_llm_config, tiny_vision_config
 from mmdist.models.vision import VisionConfig, VisionTower, vision_fingerprint
+from mmdist.settings import from_dict
 
 
 def test_vision_tower_from_a_local_folder_reads_its_processor_settings(tmp_path):

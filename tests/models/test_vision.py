@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmdist.config.schema import from_dict
 from mmdist.models.connectors import pool_tokens
 from mmdist.models.fingerprint import config_fingerprint, path_fingerprint
 from mmdist.models.testing import TinyCNN, tiny_custom_vision_config, tiny_vision_config
 from mmdist.models.vision import VisionConfig, VisionTower
+from mmdist.settings import from_dict
 
 
 def tower(**settings) -> VisionTower:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from mmdist.config.run import RunConfig
-from mmdist.config.schema import from_dict
 from mmdist.models.testing import tiny_run_config
+from mmdist.settings import from_dict
 
 PAD_ID = 256  # <|pad|> of the tiny byte tokenizer
 

@@ -1,5 +1,9 @@
 """Typed settings: the small machinery every settings dataclass in mmdist uses.
 
+A leaf module (it imports nothing from mmdist), so that the settings beside each
+component (models, data, training) can use it without importing the composed
+run config in mmdist/config, which imports them.
+
 Each component declares its settings as a dataclass next to the code that uses
 it, with every field made by :func:`setting` so that it carries a one-line doc.
 This module turns plain dicts (from YAML and dotted CLI overrides) into those
