@@ -16,7 +16,7 @@ import mmdist.config  # noqa: F401
 _EXPORTS = {
     "build_model": "mmdist.models.build",
     "load_stage1": "mmdist.models.build",
-    "null_gather": "mmdist.models.align",
+    "null_gather": "mmdist.models.gather",
     "AlignModel": "mmdist.models.align",
     "FusedVLM": "mmdist.models.fused",
     "Processors": "mmdist.models.processors",

@@ -5,10 +5,7 @@ trained by ITC (image-text contrastive loss with a learnable temperature). With
 a trainable text encoder the Q-Former adds ITM (matching with hard negatives)
 and ITG (image-grounded generation) as in BLIP-2 (mmdist/models/qformer.py).
 
-When torch.distributed is initialised, ITC compares against every rank's batch:
-features are all-gathered without gradient and the local shard is put back with
-its gradient (open_clip's default), so each rank computes the full loss and
-gets the exact gradient for its own features.
+The losses themselves live in mmdist/models/losses.py.
 
 A frozen text encoder's pooled output never changes for a caption, so the
 feature cache may precompute it: a batch with ``text_features`` [B, H] skips
@@ -18,91 +15,23 @@ the text encoder and gives the same loss as its token ids.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from mmdist.models.connectors import build_stage1_module
 from mmdist.models.freeze import FrozenAwareModule, Part
+from mmdist.models.gather import Gather, null_gather
+from mmdist.models.losses import itc_loss
 from mmdist.models.text import TextEncoder
 from mmdist.models.vision import VisionTower
-
-
-def null_gather(params: list) -> Any:
-    """Default ``gather``: parameters are whole on every rank, nothing to do."""
-    return nullcontext()
-
-
-def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather ``x`` along dim 0 across ranks; only the local shard keeps its gradient."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[dist.get_rank()] = x
-    return torch.cat(parts, 0)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def itc_targets(batch_size: int, caption_group: Optional[torch.Tensor], world: int, rank_ids: torch.Tensor) -> torch.Tensor:
-    """Soft targets [B*world, B*world]: 1 for the pair itself and for equal caption groups on the same rank, row-normalised."""
-    n = batch_size * world
-    if caption_group is None:
-        return torch.eye(n, device=rank_ids.device)
-    same = (caption_group[:, None] == caption_group[None, :]) & (rank_ids[:, None] == rank_ids[None, :])
-    same = same.float()
-    return same / same.sum(1, keepdim=True)
-
-
-def contrastive_logits(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities [Bi, Bt]; image embeddings [B, Q, D] (Q-Former queries) use the max over queries."""
-    if image_emb.dim() == 3:
-        return torch.einsum("iqd,jd->ijq", image_emb, text_emb).amax(-1)
-    return image_emb @ text_emb.t()
-
-
-def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-             caption_group: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric contrastive loss over all ranks' pairs; returns (loss, image->text accuracy).
-
-    ``image_emb``: [B, D] or [B, Q, D] (max over queries, BLIP-2); ``text_emb``: [B, D]
-    (not yet normalised). ``logit_scale``: log of 1/temperature. ``caption_group``
-    [B]: equal values on one rank mark identical captions, all of which count as
-    positives (multi-positive soft targets). Groups are compared within a rank
-    only, so a batch-local index and a caption hash both work.
-    """
-    image_emb = F.normalize(image_emb.float(), dim=-1)
-    text_emb = F.normalize(text_emb.float(), dim=-1)
-    b = image_emb.shape[0]
-    all_images = gather_with_local_grad(image_emb)
-    all_texts = gather_with_local_grad(text_emb)
-    world = all_images.shape[0] // b
-    rank_ids = torch.arange(world, device=image_emb.device).repeat_interleave(b)
-    groups = None
-    if caption_group is not None:
-        groups = gather_with_local_grad(caption_group.to(image_emb.device).long())
-    scale = logit_scale.float().reshape(()).clamp(max=4.6052).exp()  # temperature >= 0.01, as CLIP
-    logits = scale * contrastive_logits(all_images, all_texts)
-    targets = itc_targets(b, groups, world, rank_ids)
-    loss_i2t = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
-    loss_t2i = torch.sum(-targets.t() * F.log_softmax(logits.t(), dim=1), dim=1).mean()
-    with torch.no_grad():
-        hit = targets.gather(1, logits.argmax(1, keepdim=True)).squeeze(1) > 0
-        acc = hit.float().mean()
-    return (loss_i2t + loss_t2i) / 2, acc
 
 
 class AlignModel(FrozenAwareModule):
     """Stage-1 model: frozen vision encoder, text encoder, stage-1 module, learnable temperature."""
 
-    def __init__(self, cfg: Any, processors: Any, vision: VisionTower, text: TextEncoder, gather: Any = null_gather):
+    def __init__(self, cfg: Any, processors: Any, vision: VisionTower, text: TextEncoder, gather: Gather = null_gather):
         super().__init__()
         conn = cfg.model.connector
         self.cfg = cfg

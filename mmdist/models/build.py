@@ -9,16 +9,15 @@ forward (a no-op unless the engine runs ZeRO-3, see docs/design.md).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from contextlib import AbstractContextManager as ContextManager
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from mmdist.models.align import AlignModel, null_gather
+from mmdist.models.align import AlignModel
 from mmdist.models.connectors import build_stage1_module
 from mmdist.models.fused import FusedVLM
+from mmdist.models.gather import Gather, null_gather
 from mmdist.models.llm import add_image_token, load_llm, load_tokenizer
 from mmdist.models.manifest import compare_stage1, module_shapes, read_export, resolve_export_dir
 from mmdist.models.processors import ImageTransform, Processors
@@ -26,7 +25,6 @@ from mmdist.models.text import TextEncoder, load_text_tokenizer
 from mmdist.models.vision import VisionTower
 
 log = logging.getLogger(__name__)
-Gather = Callable[[list], ContextManager]
 
 
 def image_transform_for(cfg: Any, vision: VisionTower) -> ImageTransform:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmdist.models.qformer import QFormer
 from mmdist.settings import SettingsBase, setting
 
 
@@ -153,8 +154,6 @@ def _build_heads(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text
 
 
 def _build_qformer(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None, gather=None) -> nn.Module:
-    from mmdist.models.qformer import QFormer
-
     return QFormer(cfg, vision_dim, text_dim, text_encoder=text_encoder, gather=gather)
 
 

@@ -28,29 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmdist.models.align import itc_loss
-
-
-def sample_hard_negatives(sims: torch.Tensor, caption_group: Optional[torch.Tensor] = None,
-                          sharpness: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each image a negative caption, for each caption a negative image, drawn with probability softmax(sharpness * sim).
-
-    ``sims`` [B, B] image-to-text similarities. The pair itself and captions of the
-    same ``caption_group`` are never drawn; a row with no candidate left falls back
-    to any other index.
-    """
-    b = sims.shape[0]
-    eye = torch.eye(b, dtype=torch.bool, device=sims.device)
-    same = eye.clone()
-    if caption_group is not None:
-        g = caption_group.to(sims.device)
-        same |= g[:, None] == g[None, :]
-    weights_t = torch.softmax(sims * sharpness, 1).masked_fill(same, 0.0)
-    weights_i = torch.softmax(sims.t() * sharpness, 1).masked_fill(same, 0.0)
-    others = (~eye).float()
-    weights_t = torch.where(weights_t.sum(1, keepdim=True) > 0, weights_t, others)
-    weights_i = torch.where(weights_i.sum(1, keepdim=True) > 0, weights_i, others)
-    return torch.multinomial(weights_t, 1).squeeze(1), torch.multinomial(weights_i, 1).squeeze(1)
+from mmdist.models.gather import Gather, null_gather
+from mmdist.models.losses import itc_loss, sample_hard_negatives
 
 
 class Attention(nn.Module):
@@ -114,7 +93,7 @@ class QFormer(nn.Module):
     text parts (ITC text projection, ITM and LM heads) and initialises the layers.
     """
 
-    def __init__(self, cfg: Any, vision_dim: int, text_dim: Optional[int], text_encoder: Any = None, gather: Any = None):
+    def __init__(self, cfg: Any, vision_dim: int, text_dim: Optional[int], text_encoder: Any = None, gather: Optional[Gather] = None):
         super().__init__()
         q = cfg.qformer
         self.cfg = cfg
@@ -137,8 +116,6 @@ class QFormer(nn.Module):
             self.itm_head = nn.Linear(dim, 2)
             self.lm_head = nn.Linear(dim, vocab)
             if q.init_from_text:
-                from mmdist.models.align import null_gather
-
                 with (gather or null_gather)(list(self.parameters()) + list(text_encoder.parameters())):
                     self.init_from_text(text_encoder)
 

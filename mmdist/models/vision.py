@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from mmdist.models.gather import Gather, null_gather
 from mmdist.models.llm import Dtype
 from mmdist.settings import SettingsBase, setting
 
@@ -225,10 +226,8 @@ class VisionTower(torch.nn.Module):
     ``image_size``, ``image_mean``, ``image_std``, ``has_cls``.
     """
 
-    def __init__(self, cfg: VisionConfig, gather: Any = None):
+    def __init__(self, cfg: VisionConfig, gather: Optional[Gather] = None):
         super().__init__()
-        from mmdist.models.align import null_gather
-
         gather = gather or null_gather
         self.cfg = cfg
         if cfg.source == "custom":

@@ -23,7 +23,6 @@ DeepSpeed is imported inside functions only, so importing this module is cheap.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
@@ -31,6 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from mmdist.models.gather import null_gather
 from mmdist.settings import ConfigError, Problem
 
 __all__ = [
@@ -305,7 +305,7 @@ def enable_frozen_gradient_checkpointing(model: Any) -> int:
 def gather_for(zero_stage: int) -> Callable[[list], Any]:
     """The ``gather`` callable given to the model: a no-op below ZeRO-3, ``GatheredParameters`` at 3."""
     if zero_stage != 3:
-        return lambda params: contextlib.nullcontext()
+        return null_gather
     import deepspeed
 
     return lambda params: deepspeed.zero.GatheredParameters(list(params), modifier_rank=0)
@@ -314,7 +314,7 @@ def gather_for(zero_stage: int) -> Callable[[list], Any]:
 def read_gather_for(zero_stage: int) -> Callable[[list], Any]:
     """Like :func:`gather_for` but read-only (no rank writes back): for exports and hashing."""
     if zero_stage != 3:
-        return lambda params: contextlib.nullcontext()
+        return null_gather
     import deepspeed
 
     return lambda params: deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny import align_batch, make_model
 
-from mmdist.models.align import itc_loss
+from mmdist.models.losses import itc_loss
 
 
 def test_itc_equals_hand_computation():

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mmdist.models.align import itc_loss
+from mmdist.models.losses import itc_loss
 from mmdist.training.dist import free_port
 
 B, D, WORLD = 3, 5, 2

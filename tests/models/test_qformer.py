@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from tiny import align_batch, make_model
 
-from mmdist.models.align import itc_loss
-from mmdist.models.qformer import sample_hard_negatives
+from mmdist.models.losses import itc_loss, sample_hard_negatives
 
 
 def qformer_model():

@@ -1,0 +1,99 @@
+"""Stage-1 losses: ITC (image-text contrastive) and the ITM hard-negative sampling, as open_clip's loss.py.
+
+A leaf module (torch only), so that both stage-1 modules (the linear/MLP heads in
+mmdist/models/align.py and the Q-Former in mmdist/models/qformer.py) use the
+same contrastive loss without importing each other.
+
+When torch.distributed is initialised, ITC compares against every rank's batch:
+features are all-gathered without gradient and the local shard is put back with
+its gradient (open_clip's default), so each rank computes the full loss and
+gets the exact gradient for its own features.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather ``x`` along dim 0 across ranks; only the local shard keeps its gradient."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts, 0)
+
+
+def itc_targets(batch_size: int, caption_group: Optional[torch.Tensor], world: int, rank_ids: torch.Tensor) -> torch.Tensor:
+    """Soft targets [B*world, B*world]: 1 for the pair itself and for equal caption groups on the same rank, row-normalised."""
+    n = batch_size * world
+    if caption_group is None:
+        return torch.eye(n, device=rank_ids.device)
+    same = (caption_group[:, None] == caption_group[None, :]) & (rank_ids[:, None] == rank_ids[None, :])
+    same = same.float()
+    return same / same.sum(1, keepdim=True)
+
+
+def contrastive_logits(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities [Bi, Bt]; image embeddings [B, Q, D] (Q-Former queries) use the max over queries."""
+    if image_emb.dim() == 3:
+        return torch.einsum("iqd,jd->ijq", image_emb, text_emb).amax(-1)
+    return image_emb @ text_emb.t()
+
+
+def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+             caption_group: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric contrastive loss over all ranks' pairs; returns (loss, image->text accuracy).
+
+    ``image_emb``: [B, D] or [B, Q, D] (max over queries, BLIP-2); ``text_emb``: [B, D]
+    (not yet normalised). ``logit_scale``: log of 1/temperature. ``caption_group``
+    [B]: equal values on one rank mark identical captions, all of which count as
+    positives (multi-positive soft targets). Groups are compared within a rank
+    only, so a batch-local index and a caption hash both work.
+    """
+    image_emb = F.normalize(image_emb.float(), dim=-1)
+    text_emb = F.normalize(text_emb.float(), dim=-1)
+    b = image_emb.shape[0]
+    all_images = gather_with_local_grad(image_emb)
+    all_texts = gather_with_local_grad(text_emb)
+    world = all_images.shape[0] // b
+    rank_ids = torch.arange(world, device=image_emb.device).repeat_interleave(b)
+    groups = None
+    if caption_group is not None:
+        groups = gather_with_local_grad(caption_group.to(image_emb.device).long())
+    scale = logit_scale.float().reshape(()).clamp(max=4.6052).exp()  # temperature >= 0.01, as CLIP
+    logits = scale * contrastive_logits(all_images, all_texts)
+    targets = itc_targets(b, groups, world, rank_ids)
+    loss_i2t = torch.sum(-targets * F.log_softmax(logits, dim=1), dim=1).mean()
+    loss_t2i = torch.sum(-targets.t() * F.log_softmax(logits.t(), dim=1), dim=1).mean()
+    with torch.no_grad():
+        hit = targets.gather(1, logits.argmax(1, keepdim=True)).squeeze(1) > 0
+        acc = hit.float().mean()
+    return (loss_i2t + loss_t2i) / 2, acc
+
+
+def sample_hard_negatives(sims: torch.Tensor, caption_group: Optional[torch.Tensor] = None,
+                          sharpness: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each image a negative caption, for each caption a negative image, drawn with probability softmax(sharpness * sim).
+
+    ``sims`` [B, B] image-to-text similarities. The pair itself and captions of the
+    same ``caption_group`` are never drawn; a row with no candidate left falls back
+    to any other index.
+    """
+    b = sims.shape[0]
+    eye = torch.eye(b, dtype=torch.bool, device=sims.device)
+    same = eye.clone()
+    if caption_group is not None:
+        g = caption_group.to(sims.device)
+        same |= g[:, None] == g[None, :]
+    weights_t = torch.softmax(sims * sharpness, 1).masked_fill(same, 0.0)
+    weights_i = torch.softmax(sims.t() * sharpness, 1).masked_fill(same, 0.0)
+    others = (~eye).float()
+    weights_t = torch.where(weights_t.sum(1, keepdim=True) > 0, weights_t, others)
+    weights_i = torch.where(weights_i.sum(1, keepdim=True) > 0, weights_i, others)
+    return torch.multinomial(weights_t, 1).squeeze(1), torch.multinomial(weights_i, 1).squeeze(1)
