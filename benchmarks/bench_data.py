@@ -110,10 +110,10 @@ def _stage1_runs(cfg, base: dict, pattern: str, tmp: str, rounds: int = 3, warmu
     import torch
 
     from mmdist.data.cache import build_feature_cache
-    from mmdist.models import build_model
+    from mmdist.export import build_run_model
 
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_run_model(cfg)
     params = [p for group in model.trainable_groups().values() for p in group]
     optimizer = torch.optim.AdamW(params, lr=1e-3)
 

@@ -102,7 +102,7 @@ def build(tiny: bool, device: torch.device, dtype: str, checkpointing: bool):
         llm = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype))
         vision = VisionTower(cfg.model.vision)
     processors = SimpleNamespace(image_token_id=llm_shape["vocab_size"] - 1, tokenizer=SimpleNamespace(pad_token_id=0))
-    model = FusedVLM(cfg, processors, vision, llm).to(device)
+    model = FusedVLM(cfg.model, processors, vision, llm).to(device)
     model.train()
     return model, cfg
 

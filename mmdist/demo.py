@@ -250,21 +250,12 @@ def _eval_batch_size(n: int, limit: int = 64) -> int:
 
 def _align_model_from_export(cfg: Any, export_dir: Path) -> Any:
     """The stage-1 model of ``cfg`` with the exported trained weights (every exported key must fit)."""
-    import torch
-    from safetensors.torch import load_file
+    from mmdist.export import load_align_model
 
-    from mmdist.models import build_model
-
-    model = build_model(cfg)
-    state = load_file(str(export_dir / "model.safetensors"))
-    own = model.state_dict()
-    bad = [k for k, v in state.items() if k not in own or own[k].numel() != v.numel()]
-    if bad:
-        raise DemoError(f"the stage-1 export {export_dir} does not fit configs' stage-1 model: keys {bad[:10]}")
-    with torch.no_grad():
-        for k, v in state.items():
-            own[k].copy_(v.reshape(own[k].shape).to(own[k].dtype))
-    return model.eval()
+    try:
+        return load_align_model(cfg, export_dir)
+    except ValueError as exc:
+        raise DemoError(f"the stage-1 export {export_dir} does not fit configs' stage-1 model: {exc}") from None
 
 
 def heldout_retrieval(cfg: Any, export_dir: Path, eval_samples: int) -> dict:
@@ -306,7 +297,7 @@ def heldout_answers(model: Any, eval_samples: int) -> dict:
     from mmdist.data import build_loader
     from mmdist.generate import answer_batch, parse_digit
 
-    cfg = model.cfg
+    cfg = model.run_config
     cfg.train.micro_batch_size = _eval_batch_size(eval_samples)
     tok = model.processors.tokenizer
     correct = total = unparsed = 0

@@ -5,7 +5,7 @@
 ``--run`` takes a stage-2 export folder, a stage-2 run folder (its ``export/``)
 or a demo run folder (its ``fuse/export/``). The export's manifest carries the
 resolved config and the stage-1 manifest, so the model is rebuilt exactly
-(mmdist.models.build.load_from_export) and nothing else is needed.
+(mmdist.export.load_fused_model) and nothing else is needed.
 
 The prompt is rendered by the data pipeline's own preprocessor (the same
 template, image placeholder expansion and separators as in training), so what
@@ -28,23 +28,19 @@ from typing import Any, Optional
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def resolve_run(path: str | Path) -> Path:
-    """The stage-2 export folder of ``path``: an export, a stage-2 run dir, or a demo run dir."""
-    path = Path(path)
-    for candidate in (path, path / "export", path / "fuse" / "export"):
-        if (candidate / "manifest.json").is_file() and (candidate / "model.safetensors").is_file():
-            return candidate
-    raise FileNotFoundError(
-        f"{path} holds no stage-2 export (looked for manifest.json + model.safetensors in {path}, {path / 'export'} and "
-        f"{path / 'fuse' / 'export'}); train stage 2 first (mmdist train --config configs/demo_fuse.yaml, or mmdist demo)"
-    )
-
-
 def load_model(path: str | Path, overrides: Optional[list[str]] = None) -> Any:
     """The trained FusedVLM of a stage-2 export / run / demo folder, in eval mode."""
-    from mmdist.models import load_from_export
+    from mmdist.export import load_fused_model, resolve_export_dir
 
-    return load_from_export(str(resolve_run(path)), overrides=overrides)
+    path = Path(path)
+    try:
+        folder = resolve_export_dir(path, subfolders=("export", str(Path("fuse") / "export")))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path} holds no stage-2 export (looked for manifest.json + model.safetensors in {path}, {path / 'export'} and "
+            f"{path / 'fuse' / 'export'}); train stage 2 first (mmdist train --config configs/demo_fuse.yaml, or mmdist demo)"
+        ) from None
+    return load_fused_model(folder, overrides=overrides)
 
 
 def prompt_ids(model: Any, prompt: str, num_images: int = 1) -> list[int]:
@@ -56,12 +52,13 @@ def prompt_ids(model: Any, prompt: str, num_images: int = 1) -> list[int]:
     import numpy as np
 
     from mmdist.data.preprocess import make_preprocessor
+    from mmdist.export import run_config_of
 
     processors = model.processors
-    mark = processors.image_token or model.cfg.model.llm.image_token
+    cfg = copy.deepcopy(run_config_of(model))
+    mark = processors.image_token or cfg.model.llm.image_token
     if mark not in prompt:
         prompt = (mark + "\n") * num_images + prompt
-    cfg = copy.deepcopy(model.cfg)
     cfg.data.format = "conversation"
     pre = make_preprocessor(cfg, processors, use_features=True)
     # Render a conversation whose answer is empty: the prompt is everything before the first supervised token.

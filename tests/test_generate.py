@@ -58,7 +58,7 @@ def test_prompt_is_rendered_as_in_training(tiny_export):
     from mmdist.data import build_loader
 
     model = generate.load_model(tiny_export / "fuse")
-    batch = next(iter(build_loader(model.cfg, model.processors, "eval")))
+    batch = next(iter(build_loader(model.run_config, model.processors, "eval")))
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     start = int((labels != -100).nonzero()[0])
     # the demo conversations ask "<image>\nWhat digit is this?"

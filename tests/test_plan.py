@@ -62,11 +62,11 @@ def test_shipped_reference_recipe_plans(tmp_path, capsys):
 
 
 def test_frozen_parameters_are_counted_as_frozen():
-    from mmdist.models.build import build_model
+    from mmdist.export import build_run_model
 
     cfg = load_config(base=tiny_run_config("fuse", "mlp"))
     shapes = plan.model_shapes(cfg)
-    model = build_model(cfg)
+    model = build_run_model(cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     assert sum(s.params for s in shapes if s.trainable) == trainable

@@ -19,22 +19,9 @@ import yaml
 
 from mmdist.atomic import write_text_atomic
 from mmdist.data.settings import DataConfig
-from mmdist.models.connectors import ConnectorConfig
-from mmdist.models.llm import LLMConfig
-from mmdist.models.text import TextConfig
-from mmdist.models.vision import VisionConfig
+from mmdist.models.settings import ModelConfig
 from mmdist.settings import ConfigError, Problem, SettingsBase, from_dict, setting, to_dict
 from mmdist.training.settings import CheckpointConfig, EngineConfig, LogConfig, TrainConfig
-
-
-@dataclass
-class ModelConfig(SettingsBase):
-    """The backbones and the trainable connectors between them."""
-
-    llm: LLMConfig = setting(doc="the frozen causal LM (stage 2)", factory=LLMConfig)
-    vision: VisionConfig = setting(doc="the frozen image encoder (both stages)", factory=VisionConfig)
-    text: TextConfig = setting(doc="the BERT-style text encoder (stage 1)", factory=TextConfig)
-    connector: ConnectorConfig = setting(doc="stage-1 module and stage-2 projector", factory=ConnectorConfig)
 
 
 @dataclass

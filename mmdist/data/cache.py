@@ -327,11 +327,11 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     from mmdist.config.run import load_config
-    from mmdist.models import build_model
+    from mmdist.export import build_run_model
 
     cfg = load_config(args.config, args.overrides)
     cfg.data.feature_cache = None
-    model = build_model(cfg)
+    model = build_run_model(cfg)
     model.eval()
     for split, sources in (("train", cfg.data.train), ("eval", cfg.data.eval)):
         if not sources:

@@ -24,6 +24,7 @@ from mmdist.models.connectors import build_stage1_module
 from mmdist.models.freeze import FrozenAwareModule, Part
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.losses import itc_loss
+from mmdist.models.settings import ModelConfig
 from mmdist.models.text import TextEncoder
 from mmdist.models.vision import VisionTower
 
@@ -31,10 +32,10 @@ from mmdist.models.vision import VisionTower
 class AlignModel(FrozenAwareModule):
     """Stage-1 model: frozen vision encoder, text encoder, stage-1 module, learnable temperature."""
 
-    def __init__(self, cfg: Any, processors: Any, vision: VisionTower, text: TextEncoder, gather: Gather = null_gather):
+    def __init__(self, settings: ModelConfig, processors: Any, vision: VisionTower, text: TextEncoder, gather: Gather = null_gather):
         super().__init__()
-        conn = cfg.model.connector
-        self.cfg = cfg
+        conn = settings.connector
+        self.settings = settings
         self.processors = processors
         self.vision = vision
         self.text = text
@@ -44,7 +45,7 @@ class AlignModel(FrozenAwareModule):
         self.apply_policy()
 
     def parts(self) -> list[Part]:
-        m = self.cfg.model
+        m = self.settings
         return [
             Part("vision", trainable=not m.vision.freeze, dtype=m.vision.dtype),
             Part("text", trainable=not m.text.freeze, dtype=m.text.dtype),
@@ -54,9 +55,9 @@ class AlignModel(FrozenAwareModule):
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {"stage1": [p for p in self.stage1.parameters() if p.requires_grad],
                   "temperature": [self.logit_scale]}
-        if not self.cfg.model.text.freeze:
+        if not self.settings.text.freeze:
             groups["text"] = [p for p in self.text.parameters() if p.requires_grad]
-        if not self.cfg.model.vision.freeze:
+        if not self.settings.vision.freeze:
             groups["vision"] = [p for p in self.vision.parameters() if p.requires_grad]
         return {k: v for k, v in groups.items() if v}
 
@@ -73,7 +74,7 @@ class AlignModel(FrozenAwareModule):
     def image_features(self, batch: dict) -> torch.Tensor:
         if batch.get("image_features") is not None:
             return batch["image_features"]
-        if self.cfg.model.vision.freeze:
+        if self.settings.vision.freeze:
             with torch.no_grad():
                 return self.vision(batch["pixel_values"])
         return self.vision(batch["pixel_values"])
@@ -82,12 +83,12 @@ class AlignModel(FrozenAwareModule):
         """Pooled caption vectors [B, H]: precomputed ``text_features`` (feature cache) or the text encoder on the tokens."""
         cached = batch.get("text_features")
         if cached is not None:
-            if not self.cfg.model.text.freeze:
+            if not self.settings.text.freeze:
                 raise ValueError("batch has precomputed text_features but model.text.freeze=false: a trainable text encoder "
                                  "needs token ids; rebuild the feature cache without text features (`mmdist cache` with this config)")
             return cached
         ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
-        if self.cfg.model.text.freeze:
+        if self.settings.text.freeze:
             with torch.no_grad():
                 return self.text(ids, mask)[1]
         return self.text(ids, mask)[1]
@@ -95,7 +96,7 @@ class AlignModel(FrozenAwareModule):
     def forward(self, batch: dict) -> dict:
         features = self.image_features(batch)
         group = batch.get("caption_group")
-        if self.cfg.model.connector.type == "qformer":  # the Q-Former's text side trains: always from token ids
+        if self.settings.connector.type == "qformer":  # the Q-Former's text side trains: always from token ids
             return self.stage1.align_losses(features, batch["text_input_ids"], batch["text_attention_mask"],
                                             self.logit_scale, group, self.text)
         pooled = self.text_features(batch)
@@ -111,11 +112,7 @@ class AlignModel(FrozenAwareModule):
         """Trainable weights by name: the stage-1 module, the temperature (and a trained text encoder)."""
         out = {f"stage1.{k}": v.detach().cpu() for k, v in self.stage1.state_dict().items()}
         out["logit_scale"] = self.logit_scale.detach().cpu().reshape(1)
-        if not self.cfg.model.text.freeze:
+        if not self.settings.text.freeze:
             out.update({f"text.{k}": v.detach().cpu() for k, v in self.text.state_dict().items()})
         return out
 
-    def manifest(self) -> dict:
-        from mmdist.models.manifest import build_manifest
-
-        return build_manifest(self.cfg, self)

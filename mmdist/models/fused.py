@@ -27,6 +27,7 @@ from torch import nn
 from mmdist.models.connectors import Projector, pool_tokens
 from mmdist.models.freeze import FrozenAwareModule, Part
 from mmdist.models.packed_attention import spans_from_sequence_ids, use_packed_attention
+from mmdist.models.settings import ModelConfig
 
 
 def block_causal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -47,10 +48,13 @@ def block_causal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.T
 class FusedVLM(FrozenAwareModule):
     """Stage-2 model. ``forward(batch) -> {loss, metrics, num_tokens}``; ``generate(...)`` for inference."""
 
-    def __init__(self, cfg: Any, processors: Any, vision: nn.Module, llm: nn.Module, stage1: Optional[nn.Module] = None):
+    def __init__(self, settings: ModelConfig, processors: Any, vision: nn.Module, llm: nn.Module, stage1: Optional[nn.Module] = None,
+                 *, uses_feature_cache: bool = False):
+        """``uses_feature_cache``: batches carry cached vision features instead of pixels (the run reads a feature cache)."""
         super().__init__()
-        conn = cfg.model.connector
-        self.cfg = cfg
+        self.uses_feature_cache = uses_feature_cache
+        conn = settings.connector
+        self.settings = settings
         self.processors = processors
         self.vision = vision
         self.stage1 = stage1
@@ -69,7 +73,7 @@ class FusedVLM(FrozenAwareModule):
         # Packed rows: SDPA per sample instead of a dense block-diagonal mask (see packed_attention.py).
         self.packed_attention = use_packed_attention(llm)
         self.apply_policy()
-        if cfg.model.llm.gradient_checkpointing:
+        if settings.llm.gradient_checkpointing:
             # Non-reentrant checkpointing: gradients reach inputs_embeds through frozen weights.
             if hasattr(llm, "activation_checkpointing_enable"):  # transformers >= 5.2x
                 llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -77,7 +81,7 @@ class FusedVLM(FrozenAwareModule):
                 llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def parts(self) -> list[Part]:
-        m = self.cfg.model
+        m = self.settings
         return [
             Part("vision", trainable=not m.vision.freeze, dtype=m.vision.dtype),
             Part("stage1", trainable=m.connector.train_stage1_module, dtype="fp32"),
@@ -90,7 +94,7 @@ class FusedVLM(FrozenAwareModule):
         # HF only recomputes activations in train mode, and LoRA dropout only acts in
         # train mode: then a frozen LLM follows the wrapper's mode, with its own
         # dropout layers kept off (the LoRA dropout stays on).
-        llm = self.cfg.model.llm
+        llm = self.settings.llm
         if llm.freeze and (llm.gradient_checkpointing or llm.lora.enabled):
             self.llm.train(mode)
             for name, module in self.llm.named_modules():
@@ -105,9 +109,9 @@ class FusedVLM(FrozenAwareModule):
         lora = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" in n]
         if lora:
             groups["lora"] = lora
-        if not self.cfg.model.llm.freeze:
+        if not self.settings.llm.freeze:
             groups["llm"] = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" not in n]
-        if not self.cfg.model.vision.freeze:
+        if not self.settings.vision.freeze:
             groups["vision"] = [p for p in self.vision.parameters() if p.requires_grad]
         return {k: v for k, v in groups.items() if v}
 
@@ -124,7 +128,7 @@ class FusedVLM(FrozenAwareModule):
         if image_features is None:
             if pixel_values is None or pixel_values.shape[0] == 0:
                 return None
-            if self.cfg.model.vision.freeze:
+            if self.settings.vision.freeze:
                 with torch.no_grad():
                     image_features = self.vision(pixel_values)
             else:
@@ -134,7 +138,7 @@ class FusedVLM(FrozenAwareModule):
         if self.stage1 is not None:
             tokens = self.stage1.image_tokens_of(image_features)
         else:
-            tokens = pool_tokens(image_features, self.cfg.model.connector.image_tokens)
+            tokens = pool_tokens(image_features, self.settings.connector.image_tokens)
         return self.projector(tokens)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: Optional[torch.Tensor]) -> torch.Tensor:
@@ -169,7 +173,7 @@ class FusedVLM(FrozenAwareModule):
             # parameter (zero gradients, not missing ones) in the order an image batch takes.
             embeds = embeds + (0.0 * dummy.float().sum()).to(embeds.dtype)
         inputs: dict[str, Any] = {"inputs_embeds": embeds, "use_cache": False}
-        if batch.get("sequence_ids") is not None and self.cfg.model.llm.attn_implementation == "flash_attention_2":
+        if batch.get("sequence_ids") is not None and self.settings.llm.attn_implementation == "flash_attention_2":
             # FlashAttention takes no 4-D mask: transformers derives the packed sequences
             # from position_ids restarting at 0 when no attention_mask is given.
             # (Not exercised by the CPU tests.)
@@ -197,7 +201,7 @@ class FusedVLM(FrozenAwareModule):
         takes the path real images take, before the LLM (cached features when the run reads
         a feature cache, pixels otherwise).
         """
-        if self.cfg.data.feature_cache:
+        if self.uses_feature_cache:
             features = torch.zeros(1, self.vision.num_tokens, self.vision.hidden_size, device=device)
             return self.image_embeddings(image_features=features)
         size = self.vision.image_size
@@ -273,13 +277,6 @@ class FusedVLM(FrozenAwareModule):
             kwargs.setdefault("top_k", None)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs)
 
-    @classmethod
-    def from_export(cls, path: str, gather: Any = None, overrides: Optional[list[str]] = None) -> FusedVLM:
-        """The trained model of a stage-2 export or run folder (see mmdist.models.build.load_from_export)."""
-        from mmdist.models.build import load_from_export, null_gather
-
-        return load_from_export(path, gather or null_gather, overrides)
-
     # -- export -----------------------------------------------------------
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
@@ -287,7 +284,7 @@ class FusedVLM(FrozenAwareModule):
         out = {f"projector.{k}": v.detach().cpu() for k, v in self.projector.state_dict().items()}
         if self.stage1 is not None:
             out.update({f"stage1.{k}": v.detach().cpu() for k, v in self.stage1.state_dict().items()})
-        if self.cfg.model.llm.lora.enabled:
+        if self.settings.llm.lora.enabled:
             from mmdist.models.lora import lora_layers, merged_lora_weights
 
             gather = getattr(self, "gather", None)
@@ -298,7 +295,3 @@ class FusedVLM(FrozenAwareModule):
                     out.update(merged_lora_weights(self.llm))
         return out
 
-    def manifest(self) -> dict:
-        from mmdist.models.manifest import build_manifest
-
-        return build_manifest(self.cfg, self)

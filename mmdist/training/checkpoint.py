@@ -22,7 +22,6 @@ trainable weights only, gathered under ZeRO-3; it is what stage 2 loads with
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
@@ -266,18 +265,17 @@ class CheckpointManager:
 
 
 def export_trainable(model: Any, read_gather: Callable[[list], Any], out_dir: str | os.PathLike, *, fp32_master: bool = False) -> Optional[Path]:
-    """Write ``model.export_state_dict()`` (gathered) as safetensors plus ``manifest.json`` (collective).
+    """Gather ``model.export_state_dict()`` and write it with its manifest through mmdist.export (collective).
 
-    Every rank takes part in the gather; rank 0 writes ``out_dir`` atomically
-    (a ``.tmp`` folder renamed over the old export). With ``fp32_master`` (bf16/fp16
+    Every rank takes part in the gather; rank 0 writes ``out_dir``
+    (:func:`mmdist.export.write_export`, atomic). With ``fp32_master`` (bf16/fp16
     training) each exported trainable parameter is replaced by DeepSpeed's fp32
     master copy, so the export is the optimizer's full-precision result rather
     than its rounded compute copy. Returns the folder on rank 0.
     """
-    from safetensors.torch import save_file
+    from mmdist.export import build_manifest, write_export
 
-    out_dir = Path(out_dir)
-    manifest = model.manifest()
+    manifest = build_manifest(model)
     named = dict(model.named_parameters())
     # A first pass names the tensors the export needs (under ZeRO-3 it may fail on partitioned data: then
     # the trainable parameters are what we gather). LoRA layers are left out: the model gathers those
@@ -304,13 +302,6 @@ def export_trainable(model: Any, read_gather: Callable[[list], Any], out_dir: st
     if _rank() != 0:
         _barrier()
         return None
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
+    out_dir = write_export(state, manifest, out_dir)
     _barrier()
     return out_dir

@@ -348,9 +348,9 @@ def _ensure_cpu_accelerator() -> None:
 
 
 def default_model_builder(cfg: Any, gather: Callable[[list], Any]) -> Any:
-    from mmdist.models import build_model
+    from mmdist.export import build_run_model
 
-    return build_model(cfg, gather=gather)
+    return build_run_model(cfg, gather=gather)
 
 
 def build_engine(

@@ -101,7 +101,7 @@ def test_cache_keeps_text_only_and_skips_bad_images(tmp_path):
 def _align_setup(tmp_path, connector="mlp", cache_text=None, **text):
     """A tiny align model and a cache of its features for 8 caption samples (eval split: unshuffled, same order as pixels)."""
     from mmdist.config.run import load_config
-    from mmdist.models import build_model
+    from mmdist.export import build_run_model
     from mmdist.models.testing import tiny_run_config, tiny_text_config
 
     pattern = write_caption_shards(tmp_path / "src", [5, 3])
@@ -110,7 +110,7 @@ def _align_setup(tmp_path, connector="mlp", cache_text=None, **text):
                                                                         "num_workers": 0, "shuffle_buffer": 0, "format": "caption"},
                                            train={"micro_batch_size": 4, "global_batch_size": 4}, **overrides))
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
+    model = build_run_model(cfg).eval()
     summary = build_feature_cache(cfg, model, [pattern], tmp_path / "cache", batch_size=3, samples_per_shard=4, cache_text=cache_text)
     return cfg, model, summary
 

@@ -29,10 +29,10 @@ def _cfg(stage, demo, **data):
 
 @pytest.mark.parametrize("stage", ["align", "fuse"])
 def test_demo_batches_feed_the_model(demo, stage):
-    from mmdist.models import build_model
+    from mmdist.export import build_run_model
 
     cfg = _cfg(stage, demo, format="conversation")
-    model = build_model(cfg)
+    model = build_run_model(cfg)
     loader = build_loader(cfg, model.processors, "train", 0, 1)
     batch = next(iter(loader))
     out = model(batch)
@@ -43,10 +43,10 @@ def test_demo_batches_feed_the_model(demo, stage):
 
 
 def test_packed_and_unpacked_batches_give_the_same_loss(demo):
-    from mmdist.models import build_model
+    from mmdist.export import build_run_model
 
     cfg = _cfg("fuse", demo, format="conversation", max_len=128)
-    model = build_model(cfg).eval()
+    model = build_run_model(cfg).eval()
     loader = build_loader(cfg, model.processors, "eval", 0, 1)
     dataset = loader.dataset
     samples = []
@@ -74,7 +74,7 @@ def test_mmdist_cache_cli_and_training_on_features(demo, tmp_path):
 
     from mmdist.config.run import config_to_dict
     from mmdist.data.cache import cli_main
-    from mmdist.models import build_model
+    from mmdist.export import build_run_model
 
     cfg = _cfg("align", demo, format="caption")
     path = tmp_path / "align.yaml"
@@ -83,7 +83,7 @@ def test_mmdist_cache_cli_and_training_on_features(demo, tmp_path):
     assert (tmp_path / "cache" / "train" / "cache_key.json").is_file() and (tmp_path / "cache" / "eval" / "sizes.json").is_file()
 
     cfg.data.feature_cache = str(tmp_path / "cache")
-    model = build_model(cfg)  # a fresh model: same weights fingerprint, so the key matches
+    model = build_run_model(cfg)  # a fresh model: same weights fingerprint, so the key matches
     cached = next(iter(build_loader(cfg, model.processors, "eval", 0, 1)))
     cfg.data.feature_cache = None
     pixels = next(iter(build_loader(cfg, model.processors, "eval", 0, 1)))

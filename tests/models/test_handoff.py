@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import align_batch, fuse_batch, make_cfg, make_model
 
-from mmdist.models import build_model, load_stage1, read_export, save_export
+from mmdist.export import build_run_model, load_fused_model, load_stage1, read_export, save_export
 from mmdist.models.fused import FusedVLM
 
 
@@ -107,7 +107,7 @@ def test_stage2_export_rebuilds_the_trained_model(stage1_export, tmp_path):
     batch = fuse_batch(model)
     _train_a_step(model, batch)
     save_export(model, str(tmp_path / "run" / "export"))
-    restored = FusedVLM.from_export(str(tmp_path / "run"))
+    restored = load_fused_model(str(tmp_path / "run"))
     assert isinstance(restored, FusedVLM)
     with torch.no_grad():
         torch.testing.assert_close(restored(batch)["loss"], model(batch)["loss"])
@@ -117,12 +117,12 @@ def test_stage2_export_rebuilds_the_trained_model(stage1_export, tmp_path):
     state, manifest = read_export(str(tmp_path / "run"))
     assert manifest["stage1"]["stage"] == "align" and "stage1.image_head.0.weight" in state
     with pytest.raises(ValueError, match="inference needs a stage 'fuse' export"):
-        FusedVLM.from_export(str(folder))
+        load_fused_model(str(folder))
 
 
 def test_build_model_returns_processors_for_both_stages():
-    align = build_model(make_cfg("align"))
-    fuse = build_model(make_cfg("fuse"))
+    align = build_run_model(make_cfg("align"))
+    fuse = build_run_model(make_cfg("fuse"))
     assert align.processors.text_tokenizer is not None and align.processors.tokenizer is None
     assert fuse.processors.tokenizer is not None and fuse.processors.image_token_id == fuse.image_token_id
     assert align.processors.fingerprint() != fuse.processors.fingerprint()
@@ -133,11 +133,12 @@ def test_build_model_returns_processors_for_both_stages():
 def test_wrong_stage1_path_fails_before_the_llm_loads(tmp_path, monkeypatch):
     import mmdist.models.build as build
     from mmdist.config.run import load_config
+    from mmdist.export import build_run_model
     from mmdist.models.testing import tiny_run_config
 
     loaded = []
     monkeypatch.setattr(build, "load_llm", lambda cfg: loaded.append(cfg) or pytest.fail("the LLM was loaded first"))
     cfg = load_config(base=tiny_run_config("fuse"), overrides=[f"model.connector.stage1_weights={tmp_path / 'nope'}"])
     with pytest.raises(FileNotFoundError, match="model.connector.stage1_weights"):
-        build.build_model(cfg)
+        build_run_model(cfg)
     assert not loaded

@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from tiny import fuse_batch, make_model
 
-from mmdist.models import save_export
-from mmdist.models.fused import FusedVLM
+from mmdist.export import load_fused_model, save_export
 
 LORA = {"llm": {"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}}}
 
@@ -37,7 +36,7 @@ def test_lora_trains_adapters_only_and_export_merges(tmp_path):
     merged = [k for k in state if k.startswith("llm.")]
     assert "llm.model.layers.0.self_attn.q_proj.weight" in merged and len(merged) == 8
     save_export(model, str(tmp_path / "export"))
-    restored = FusedVLM.from_export(str(tmp_path / "export"))
+    restored = load_fused_model(str(tmp_path / "export"))
     assert not any("lora_" in n for n, _ in restored.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(restored(batch)["loss"], model(batch)["loss"], rtol=1e-5, atol=1e-5)

@@ -115,7 +115,7 @@ def test_losses_itg_by_hand_and_training_reduces_them():
 
 
 def test_qformer_of_its_own_width_without_bert_init(tmp_path):
-    from mmdist.models import save_export
+    from mmdist.export import save_export
 
     q = {"hidden_size": 16, "num_heads": 2, "init_from_text": False, "num_queries": 3}
     model = make_model("align", "qformer", model={"connector": {"qformer": q}})

@@ -17,10 +17,10 @@ def make_cfg(stage: str = "fuse", connector: str = "mlp", **overrides) -> RunCon
 
 
 def make_model(stage: str = "fuse", connector: str = "mlp", **overrides):
-    from mmdist.models import build_model
+    from mmdist.export import build_run_model
 
     torch.manual_seed(0)
-    return build_model(make_cfg(stage, connector, **overrides))
+    return build_run_model(make_cfg(stage, connector, **overrides))
 
 
 def sample(model, n_images: int, prompt: list[int], answer: list[int]):

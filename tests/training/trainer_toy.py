@@ -237,7 +237,7 @@ def stage1_probe(cfg: Any) -> dict:
     import torch.distributed as tdist
     from safetensors.torch import load_file
 
-    from mmdist.models.manifest import resolve_export_dir
+    from mmdist.export import resolve_export_dir
     from mmdist.training import dist
     from mmdist.training.engine import build_engine
 
