@@ -133,9 +133,6 @@ class AlignHeads(nn.Module):
     def text_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.text_head(pooled.to(self.image_head_dtype))
 
-    def shapes(self) -> dict:
-        return {"type": "heads", "image_tokens": self.num_tokens, "out_dim": self.out_dim}
-
 
 class Projector(nn.Module):
     """Stage-2 projector: image tokens -> LLM embedding width (Linear or LLaVA-style MLP)."""
@@ -158,7 +155,7 @@ def _build_qformer(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, te
 
 
 # type -> builder(cfg, vision_dim, vision_tokens, text_dim, text_encoder, gather) -> module with
-# image_tokens_of(features), num_tokens, out_dim, shapes()
+# image_tokens_of(features), num_tokens, out_dim
 STAGE1_MODULES: dict[str, Callable[..., nn.Module]] = {
     "linear": _build_heads,
     "mlp": _build_heads,

@@ -227,6 +227,3 @@ class QFormer(nn.Module):
         logits = self.lm_head(out[:, self.num_tokens :])[:, :-1]
         targets = ids[:, 1:].masked_fill(text_mask[:, 1:] == 0, -100)
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-
-    def shapes(self) -> dict:
-        return {"type": "qformer", "image_tokens": self.num_tokens, "out_dim": self.out_dim}

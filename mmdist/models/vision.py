@@ -172,11 +172,6 @@ def _load_hf_tower(cfg: VisionConfig) -> Any:
     return AutoModel.from_pretrained(cfg.name_or_path)
 
 
-def build_vision_encoder(cfg: VisionConfig) -> Any:
-    """The :class:`VisionTower` module for ``cfg`` (fp32 here; the freeze policy casts it)."""
-    return VisionTower(cfg)
-
-
 def _image_settings_hf(cfg: VisionConfig, config: Any) -> tuple[int, list[float], list[float]]:
     vision_config = getattr(config, "vision_config", config)
     size = getattr(vision_config, "image_size", 224)
