@@ -30,7 +30,7 @@ Gather = Callable[[list], ContextManager]
 
 
 def image_transform_for(cfg: Any, vision: VisionTower) -> ImageTransform:
-    return ImageTransform(vision.image_size, vision.image_mean, vision.image_std, cfg.model.vision.pad_to_square)
+    return vision.image_transform()
 
 
 def build_model(cfg: Any, gather: Gather = null_gather, *, stage1_manifest: Optional[dict] = None) -> nn.Module:
