@@ -95,6 +95,9 @@ class ImageTransform:
         if target == (self.size, self.size):
             if image.size != target:
                 image = image.resize(target, RESAMPLE[self.resample])
+        elif target[0] > image.width or target[1] > image.height:  # an upscale: as the processor does it
+            left, top = (target[0] - self.size) // 2, (target[1] - self.size) // 2
+            image = image.resize(target, RESAMPLE[self.resample]).crop((left, top, left + self.size, top + self.size))
         else:
             # Resize only the source box that the centre crop keeps: with the same scale and filter
             # centres PIL computes exactly the pixels of resize-then-crop, without the cropped-away part.
