@@ -1,9 +1,10 @@
 """The image path a production loader uses gives the pixels the vision tower's own processor gives.
 
 Tolerances (stated here, checked below):
-- full decode: the uint8 pixels equal the processor's to within 1 level (PIL resizes a
-  crop box in floating point: +-1 from rounding at odd sizes), i.e. normalised values
-  within 1 / 255 / std;
+- full decode: every pixel within 2 levels (of 255) of the processor's and the mean
+  difference within 0.25 level (torch's uint8 antialiased resize computes PIL's filters
+  in its own fixed point: +-1 typically, +-2 seen at near-identity scales); normalised
+  values are compared in levels (difference x std x 255);
 - JPEG decoded at reduced DCT scale (sources at least twice the target): against the
   full decode and the same resize, mean absolute difference <= 1.5 levels and 99% of
   the pixels within 4 levels.
@@ -42,6 +43,11 @@ def photo_jpeg(width: int, height: int, seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
+def assert_within_levels(ours: torch.Tensor, theirs: torch.Tensor, std: list[float]) -> None:
+    levels = ((ours - theirs) * torch.tensor(std).view(3, 1, 1) * 255).abs()
+    assert levels.max() <= 2 + 1e-3 and levels.mean() <= 0.25, (levels.max(), levels.mean())
+
+
 @pytest.mark.parametrize("size", SIZES)
 def test_clip_geometry_matches_the_clip_processor(size):
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -52,9 +58,7 @@ def test_clip_geometry_matches_the_clip_processor(size):
     theirs = processor(image, return_tensors="pt")["pixel_values"][0]
     pixels = transform.to_uint8(image)
     assert pixels.dtype == torch.uint8 and pixels.shape == (3, 336, 336)
-    ours = transform.normalize(pixels)
-    one_level = (1 / 255) / torch.tensor(CLIP_STD).view(3, 1, 1)
-    assert ((ours - theirs).abs() <= one_level + 1e-5).all(), (ours - theirs).abs().max()
+    assert_within_levels(transform.normalize(pixels), theirs, CLIP_STD)
 
 
 @pytest.mark.parametrize("resample", ["bilinear", "bicubic"])
@@ -65,7 +69,7 @@ def test_siglip_geometry_matches_the_siglip_processor(resample):
     transform = ImageTransform(224, [0.5] * 3, [0.5] * 3, resize="squash", resample=resample)
     image = decode_image(photo_jpeg(640, 480), 10**9)
     theirs = processor(image, return_tensors="pt")["pixel_values"][0]
-    assert (transform(image) - theirs).abs().max() < 1e-5
+    assert_within_levels(transform(image), theirs, [0.5] * 3)
 
 
 @pytest.mark.parametrize("size", [(1024, 768), (768, 1024), (1400, 700)])
