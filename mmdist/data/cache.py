@@ -98,7 +98,9 @@ def build_feature_cache(cfg: Any, model_or_encoder_fn: Any, src_shards: Sequence
     """Encode every image of ``src_shards`` once and write feature shards + sizes.json + cache_key.json into ``out_dir``.
 
     ``model_or_encoder_fn`` is a model with ``encode_images(pixel_values)`` and a
-    ``processors`` attribute, or a plain callable ``encode(pixel_values) -> [N, n, D]``
+    ``processors`` attribute, or a plain callable ``encode(pixel_values) -> [N, n, D]``.
+    Either gets uint8 pixels [N, 3, H, W], as the loader ships them (the vision tower
+    normalises them; a plain callable can use ``processors.image_transform.normalize``)
     (then pass ``processors``; ``encoder_key`` defaults to ``processors.identity``
     and must be passed to ``build_loader(feature_key=...)`` if you override it).
 
@@ -180,7 +182,8 @@ def _write_image_features(cfg: Any, processors: Any, encode: Callable, shards: l
         pending.clear()
 
     def transform_images(sample: dict) -> list:
-        return [processors.image_transform(img) for img in decode_images(sample, data.max_image_pixels)]
+        transform = processors.image_transform
+        return [transform.to_uint8(img) for img in decode_images(sample, data.max_image_pixels, transform.draft_size)]
 
     for sample, images in _prepared_samples(shards, data, writer, transform_images):
         pending.append((sample, images))

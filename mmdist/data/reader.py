@@ -28,12 +28,14 @@ import re
 import tarfile
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from PIL import Image
+
+from mmdist.models.processors import ORIGINAL_SIZE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +329,14 @@ def _image_index(ext: str) -> Optional[tuple[int, str]]:
     return (int(digits[-1]) if digits else 0), last
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode one image from bytes, refusing empty, corrupt and oversized ('decompression bomb') images."""
+def decode_image(data: bytes, max_pixels: int, draft: Optional[Callable[[int, int], Optional[tuple[int, int]]]] = None) -> Image.Image:
+    """Decode one image from bytes, refusing empty, corrupt and oversized ('decompression bomb') images.
+
+    ``draft(width, height)`` (``ImageTransform.draft_size``) may return the smallest size
+    the pixels are needed at; a JPEG is then decoded at the smallest DCT scale (1/2,
+    1/4, 1/8) that still covers it (PIL's ``Image.draft``), which is several times
+    cheaper than a full decode for photos much larger than the vision tower's input.
+    """
     if not data:
         raise BadSample("empty_image", "zero-byte image member")
     try:
@@ -340,6 +348,10 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                 raise BadSample("decompression_bomb", f"{width}x{height} pixels > data.max_image_pixels={max_pixels}")
             probe.verify()  # checks structure/CRCs without decoding pixels; the object is unusable afterwards
             image = Image.open(io.BytesIO(data))
+            wanted = draft(width, height) if draft is not None and image.format == "JPEG" else None
+            if wanted is not None:
+                image.draft("RGB", wanted)
+                image.info[ORIGINAL_SIZE_KEY] = (width, height)  # the transform's geometry uses the file's size
             image.load()
     except BadSample:
         raise
@@ -418,6 +430,6 @@ def decode_sample(raw: dict, max_pixels: int, max_text_chars: int) -> dict:
     }
 
 
-def decode_images(sample: dict, max_pixels: int) -> list[Image.Image]:
+def decode_images(sample: dict, max_pixels: int, draft: Optional[Callable[[int, int], Optional[tuple[int, int]]]] = None) -> list[Image.Image]:
     """Decode the image members of a decoded sample (kept separate so a cache reader can skip pixels)."""
-    return [decode_image(data, max_pixels) for data in sample["image_bytes"]]
+    return [decode_image(data, max_pixels, draft) for data in sample["image_bytes"]]

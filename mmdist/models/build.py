@@ -39,7 +39,7 @@ def build_model(settings: ModelConfig, *, stage: str, template: str = "auto", us
     that export's weights (see mmdist.export.load_stage1).
     """
     vision = VisionTower(settings.vision, gather)
-    transform = ImageTransform(vision.image_size, vision.image_mean, vision.image_std, settings.vision.pad_to_square)
+    transform = vision.image_transform()
     if stage == "align":
         return _build_align(settings, vision, transform, template, gather)
     if stage != "fuse":

@@ -17,6 +17,7 @@ import torch
 
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.llm import Dtype
+from mmdist.models.processors import ImageTransform
 from mmdist.settings import SettingsBase, setting
 
 
@@ -172,25 +173,39 @@ def _load_hf_tower(cfg: VisionConfig) -> Any:
     return AutoModel.from_pretrained(cfg.name_or_path)
 
 
-def _image_settings_hf(cfg: VisionConfig, config: Any) -> tuple[int, list[float], list[float]]:
+def _image_settings_hf(cfg: VisionConfig, config: Any) -> dict:
+    """Resolution, normalisation and resize geometry of an HF tower, from its processor when it has one.
+
+    CLIP's processor resizes the shortest edge and centre-crops (bicubic); SigLIP's and
+    ViT's scale to the square size. A tower built from ``init_config`` has no processor:
+    it is scaled to its square input (bicubic), with CLIP's statistics for CLIP configs.
+    """
     vision_config = getattr(config, "vision_config", config)
-    size = getattr(vision_config, "image_size", 224)
-    mean, std = ([0.5] * 3, [0.5] * 3)
+    out = {"size": getattr(vision_config, "image_size", 224), "mean": [0.5] * 3, "std": [0.5] * 3,
+           "resize": "squash", "resample": "bicubic"}
     if vision_config.model_type.startswith("clip"):
-        mean, std = CLIP_MEAN, CLIP_STD
+        out["mean"], out["std"] = CLIP_MEAN, CLIP_STD
     if cfg.name_or_path:
         try:
             from transformers import AutoImageProcessor
 
             proc = AutoImageProcessor.from_pretrained(cfg.name_or_path)
-            crop = getattr(proc, "crop_size", None) or {}
-            psize = getattr(proc, "size", None) or {}
-            size = crop.get("height") or psize.get("height") or psize.get("shortest_edge") or size
-            mean = list(getattr(proc, "image_mean", mean))
-            std = list(getattr(proc, "image_std", std))
         except (OSError, ValueError):
-            pass  # no preprocessor_config.json: fall back to the model config
-    return int(size), list(mean), list(std)
+            return out  # no preprocessor_config.json: fall back to the model config
+        crop = (getattr(proc, "crop_size", None) or {}) if getattr(proc, "do_center_crop", False) else {}
+        psize = getattr(proc, "size", None) or {}
+        psize = dict(psize) if not isinstance(psize, int) else {"shortest_edge": psize}
+        crop = dict(crop) if not isinstance(crop, int) else {"height": crop, "width": crop}
+        if psize.get("shortest_edge"):
+            out["resize"] = "shortest_edge"
+            out["size"] = crop.get("height") or psize["shortest_edge"]
+        else:
+            out["size"] = crop.get("height") or psize.get("height") or out["size"]
+        resample = getattr(proc, "resample", None)
+        out["resample"] = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(resample) if resample is not None else 3, "bicubic")
+        out["mean"] = list(getattr(proc, "image_mean", out["mean"]))
+        out["std"] = list(getattr(proc, "image_std", out["std"]))
+    return out
 
 
 def _as_tokens(out: Any) -> Any:
@@ -225,6 +240,7 @@ class VisionTower(torch.nn.Module):
         super().__init__()
         gather = gather or null_gather
         self.cfg = cfg
+        self.image_resize, self.image_resample = "squash", "bicubic"  # an HF tower's processor may say otherwise
         if cfg.source == "custom":
             cls = import_object(cfg.custom_class, "model.vision.custom_class")
             with torch.random.fork_rng(devices=[]):
@@ -241,7 +257,9 @@ class VisionTower(torch.nn.Module):
             self.model = _load_hf_tower(cfg)
             model_type = self.model.config.model_type
             self.has_cls = HF_HAS_CLS.get(model_type, True)
-            size, mean, std = _image_settings_hf(cfg, self.model.config)
+            settings = _image_settings_hf(cfg, self.model.config)
+            size, mean, std = settings["size"], settings["mean"], settings["std"]
+            self.image_resize, self.image_resample = settings["resize"], settings["resample"]
             self.image_size = int(cfg.image_size or size)
             self.image_mean = list(cfg.image_mean or mean)
             self.image_std = list(cfg.image_std or std)
@@ -291,8 +309,19 @@ class VisionTower(torch.nn.Module):
     def dtype(self):
         return next(self.model.parameters()).dtype
 
+    def image_transform(self) -> ImageTransform:
+        """The preprocessing this tower expects (its processor's geometry and statistics)."""
+        return ImageTransform(self.image_size, self.image_mean, self.image_std, self.cfg.pad_to_square,
+                              resample=self.image_resample, resize=self.image_resize)
+
     def forward(self, pixel_values):
-        """[N, C, H, W] -> [N, tokens, D] features of the selected layer and tokens."""
+        """[N, C, H, W] -> [N, tokens, D] features of the selected layer and tokens.
+
+        uint8 pixels (what the data loader ships) are normalised here, on the tower's
+        device; float pixels are taken as already normalised.
+        """
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = self.image_transform().normalize(pixel_values, self.dtype)
         pixel_values = pixel_values.to(self.dtype)
         if self.cfg.source == "custom":
             return _as_tokens(self.model(pixel_values))

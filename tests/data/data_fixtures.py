@@ -50,9 +50,15 @@ def make_tokenizer(chat: bool = True):
 class FakeTransform:
     size: int = 8
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        arr = np.asarray(image.convert("RGB").resize((self.size, self.size)), dtype=np.float32) / 255.0
+    def to_uint8(self, image: Image.Image) -> torch.Tensor:
+        arr = np.array(image.convert("RGB").resize((self.size, self.size)), dtype=np.uint8)
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.to_uint8(image).float() / 255.0
+
+    def draft_size(self, width: int, height: int) -> None:
+        return None  # always a full decode
 
 
 @dataclass

@@ -14,7 +14,9 @@ from mmdist.data.reader import read_tar
 
 
 def encode(pixel_values: torch.Tensor) -> torch.Tensor:
-    """A stand-in frozen encoder: [N, 3, 8, 8] -> [N, 4 tokens, 48]."""
+    """A stand-in frozen encoder: uint8 [N, 3, 8, 8] -> [N, 4 tokens, 48]."""
+    assert pixel_values.dtype == torch.uint8, "the loader and the cache ship uint8 pixels"
+    pixel_values = pixel_values.float() / 255.0
     return pixel_values.reshape(pixel_values.shape[0], 3, 4, 16).permute(0, 2, 1, 3).reshape(-1, 4, 48) * 2 + 1
 
 

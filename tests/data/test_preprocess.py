@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from data_fixtures import make_config, make_processors, png, write_tar
 
 from mmdist.data.loader import build_loader
@@ -66,7 +67,8 @@ def test_several_images_in_order_and_text_only():
     conv = {"conversations": [{"from": "human", "value": "<image> and <image> what is this ?"}, {"from": "gpt", "value": "two"}]}
     out = pre(_decoded({"0.png": png(10), "1.png": png(200), "json": conv}))
     assert out["num_images"] == 2 and len(out["pixel_values"]) == 2
-    assert out["pixel_values"][0].mean() < out["pixel_values"][1].mean(), "images follow their member index"
+    assert out["pixel_values"][0].dtype == torch.uint8, "workers ship uint8; the tower normalises"
+    assert out["pixel_values"][0].float().mean() < out["pixel_values"][1].float().mean(), "images follow their member index"
     text_only = pre(_decoded({"json": {"conversations": [{"from": "human", "value": "what is this ?"}, {"from": "gpt", "value": "text only"}]}}))
     assert text_only["num_images"] == 0 and text_only["pixel_values"] == []
     assert processors.image_token_id not in text_only["input_ids"]
