@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tiny import align_batch, make_model
+from helpers.tiny import align_batch, make_model
 
 from mmdist.models.align import itc_loss
 from mmdist.models.qformer import sample_hard_negatives
