@@ -35,7 +35,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mmdist, without install
+
+from common import tiny_recipe  # noqa: E402
 
 from mmdist.config.run import load_config  # noqa: E402
 from mmdist.data.loader import build_loader  # noqa: E402
@@ -57,7 +59,7 @@ def synthetic_samples(n: int, image_size: int, seed: int = 0):
 
 def make_processors(image_size: int, num_image_tokens: int):
     from mmdist.models.processors import ImageTransform, Processors
-    from mmdist.models.testing import tiny_byte_tokenizer
+    from mmdist.models.tokenizers import tiny_byte_tokenizer
 
     tok = tiny_byte_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
@@ -164,15 +166,13 @@ def _stage1_runs(cfg, base: dict, pattern: str, tmp: str, rounds: int = 3, warmu
 def stage1_epoch_times(tmp: str, n_train: int, image_size: int, batch: int, rounds: int = 3) -> dict:
     """Stage-1 (align, frozen 6-layer ViT-192 + frozen tiny BERT, MLP heads) time per epoch: pixels vs the caches."""
     from mmdist.data.shards import shard_pattern, write_demo_shards
-    from mmdist.models.testing import tiny_run_config, tiny_vision_config
-
     demo = write_demo_shards(Path(tmp) / "demo", image_size=image_size, samples_per_shard=128, limit=n_train)
     pattern = shard_pattern(demo["train"])
-    vision = tiny_vision_config(init_config={"model_type": "vit", "hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 6,
-                                             "num_attention_heads": 6, "image_size": image_size, "patch_size": 4, "num_channels": 3})
-    base = tiny_run_config("align", model={"vision": vision},
-                           data={"train": [{"shards": [pattern]}], "num_workers": 1, "format": "caption", "shuffle_buffer": 64},
-                           train={"micro_batch_size": batch, "global_batch_size": batch})
+    base = tiny_recipe("align")
+    base["model"]["vision"]["init_config"] = {"model_type": "vit", "hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 6,
+                                              "num_attention_heads": 6, "image_size": image_size, "patch_size": 4, "num_channels": 3}
+    base["data"].update({"train": [{"shards": [pattern]}], "eval": [], "num_workers": 1, "format": "caption", "shuffle_buffer": 64})
+    base["train"].update({"micro_batch_size": batch, "global_batch_size": batch})
     cfg = load_config(base=base)
     out = _stage1_runs(cfg, base, pattern, str(Path(tmp) / "bench_recipe"), rounds)
     # the keys benchmarks/run_all.py reads (the image cache, as before the text side was cached)

@@ -113,7 +113,7 @@ def usual_loader(pattern: str, workers: int, batch: int):
 
 
 def mmdist_processors() -> Processors:
-    from mmdist.models.testing import builtin_tokenizer
+    from mmdist.models.tokenizers import builtin_tokenizer
 
     tok = builtin_tokenizer("mmdist:tiny-bytes")
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})

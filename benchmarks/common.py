@@ -20,9 +20,20 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+
+RECIPES = Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny_recipe(stage: str) -> dict:
+    """configs/tiny_{stage}.yaml as a dict: a benchmark sets its own shapes and sizes on it, then calls load_config(base=...)."""
+    from mmdist.config.run import read_yaml
+
+    return read_yaml(RECIPES / f"tiny_{stage}.yaml")
+
 
 # SmolLM2-135M's shape (random weights from config): the LLM of benchmarks 1 and 2.
 SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,

@@ -32,8 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mmdist, without install
 
 from common import llm_matmul_params, matmul_peak, step_flops  # noqa: E402
 

@@ -27,11 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import format_table
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-
-from common import format_table  # noqa: E402
 
 
 def _run(args: list[str], json_path: Path, timeout: int) -> dict:

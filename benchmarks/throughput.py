@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import BenchShape, Sample, format_table, llm_matmul_params, make_samples, matmul_peak, set_threads, step_flops
+from common import BenchShape, Sample, format_table, llm_matmul_params, make_samples, matmul_peak, set_threads, step_flops, tiny_recipe
 from reference_llava import ReferenceLoop
 
 from mmdist.training.dist import free_port
@@ -38,21 +38,20 @@ from mmdist.training.dist import free_port
 def mmdist_config(shape: BenchShape, global_batch: int, micro_batch: int, max_len: int, checkpointing: bool = False) -> Any:
     """The RunConfig of the mmdist side: same shapes and dtype as the reference, packing on, ZeRO-0, torch AdamW."""
     from mmdist.config.run import load_config
-    from mmdist.models.testing import tiny_run_config
 
     vision = dict(shape.vision)
-    base = tiny_run_config("fuse", "mlp")
+    base = tiny_recipe("fuse")
     base["model"]["llm"]["init_config"] = dict(shape.llm)
     base["model"]["llm"]["gradient_checkpointing"] = checkpointing
     base["model"]["vision"]["init_config"] = vision
     base["model"]["vision"]["select_layer"] = -2
     base["model"]["vision"]["select_tokens"] = "patch"
-    base["data"].update(max_len=max_len, packing=True)
+    base["data"].update(max_len=max_len, packing=True, eval=[])
     base["train"].update(global_batch_size=global_batch, micro_batch_size=micro_batch, max_steps=100, warmup_ratio=0.0,
-                         lr_scheduler="constant")
+                         lr_scheduler="constant", lr=1e-3)
     precision = "bf16" if shape.dtype == torch.bfloat16 else "fp32"
     base["model"]["llm"]["dtype"] = base["model"]["vision"]["dtype"] = precision
-    base["engine"].update(zero_stage=0, precision=precision, torch_adam=True, backend="gloo")
+    base["engine"] = {"zero_stage": 0, "precision": precision, "torch_adam": True, "backend": "gloo"}
     base["log"] = {"progress_bar": False, "tensorboard": False, "param_table": False}
     base["run_dir"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), "mmdist-bench-throughput")
     return load_config(base=base)

@@ -251,39 +251,20 @@ def _mlp_largest(d_in: int, d_out: int, layers: int) -> int:
 
 
 def _stage1_module(cfg: RunConfig, vision_dim: int, text_dim: int, image_tokens: int) -> tuple[int, int, int]:
-    """(parameters, output width, image tokens) of the stage-1 module (heads or Q-Former).
-
-    Built on the meta device from mmdist's own connector code when it can be
-    (exact); otherwise counted from the settings. Stage 2 keeps only the image
-    side of linear/mlp heads; stage 1 adds the text head and the temperature.
+    """(parameters, output width, image tokens) of the stage-1 module (heads or Q-Former), exact: built on
+    the meta device from mmdist's own connector code. Stage 2 keeps only the image side of linear/mlp
+    heads; stage 1 adds the text head and the temperature.
     """
+    import torch
+
+    from mmdist.models.connectors import build_stage1_module
+
     conn = cfg.model.connector
     text_for_module = text_dim if (cfg.stage == "align" or conn.type == "qformer") else None
-    try:
-        import torch
-
-        from mmdist.models.connectors import build_stage1_module
-
-        with torch.device("meta"):
-            module = build_stage1_module(conn, vision_dim, image_tokens, text_for_module or None)
-        params = count_parameters(module)[0] + (1 if cfg.stage == "align" else 0)
-        return params, int(module.out_dim), int(module.num_tokens)
-    except Exception:  # noqa: BLE001 - connector code missing or needs a real text encoder: count from settings
-        pass
-    if conn.type == "qformer":
-        q = conn.qformer
-        h = text_dim if q.init_from_text and text_dim else q.hidden_size
-        per_layer = 4 * h * h + 4 * h + 2 * h * 4 * h + 4 * h + h + 4 * h  # self-attn, FFN, norms
-        cross_layers = math.ceil(q.num_layers / max(1, q.cross_attention_every))
-        cross = h * h + 2 * vision_dim * h + h * h + 4 * h + 2 * h
-        params = q.num_queries * h + q.num_layers * per_layer + cross_layers * cross + 2 * h
-        params += h * conn.align_dim + conn.align_dim + (text_dim or h) * conn.align_dim + conn.align_dim + 1
-        return params, h, q.num_queries
-    layers = 1 if conn.type == "linear" else 2
-    params = _mlp_params(vision_dim, conn.align_dim, conn.align_dim, layers)
-    if cfg.stage == "align":
-        params += _mlp_params(text_dim, conn.align_dim, conn.align_dim, layers) + 1
-    return params, conn.align_dim, conn.image_tokens or image_tokens
+    with torch.device("meta"):
+        module = build_stage1_module(conn, vision_dim, image_tokens, text_for_module or None)
+    params = count_parameters(module)[0] + (1 if cfg.stage == "align" else 0)
+    return params, int(module.out_dim), int(module.num_tokens)
 
 
 # ---------------------------------------------------------------------------

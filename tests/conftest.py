@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def slurm_cluster():
     """A running one-node Slurm cluster (installed and started on first use); skips, saying why, if impossible."""
-    from slurm_cluster import SlurmUnavailable, start_cluster
+    from helpers.slurm_cluster import SlurmUnavailable, start_cluster
 
     try:
         cluster = start_cluster()

@@ -3,16 +3,15 @@ model-state bytes match what DeepSpeed engines hold (benchmarks/memory_per_rank.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from helpers.configs import tiny_run_config
 
 from mmdist import plan
 from mmdist.config.run import load_config
-from mmdist.models.testing import tiny_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +63,7 @@ def test_shipped_reference_recipe_plans(tmp_path, capsys):
 def test_frozen_parameters_are_counted_as_frozen():
     from mmdist.export import build_run_model
 
-    cfg = load_config(base=tiny_run_config("fuse", "mlp"))
+    cfg = tiny_run_config("fuse")
     shapes = plan.model_shapes(cfg)
     model = build_run_model(cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -76,7 +75,7 @@ def test_frozen_parameters_are_counted_as_frozen():
     assert sum(ms["frozen"].values()) == 4 * frozen
     assert ms["gradients"] == 4 * trainable
     assert ms["optimizer"] == 8 * trainable  # Adam m and v; fp32 training keeps no extra master copy at ZeRO-0
-    bigger = load_config(base=tiny_run_config("fuse", "mlp"), overrides=["model.llm.init_config.num_hidden_layers=6"])
+    bigger = tiny_run_config("fuse", "model.llm.init_config.num_hidden_layers=6")
     ms_big = plan.model_state_bytes(plan.model_shapes(bigger), plan.Setting(0), 1, "fp32")
     assert sum(ms_big["frozen"].values()) > sum(ms["frozen"].values())
     assert (ms_big["gradients"], ms_big["optimizer"]) == (ms["gradients"], ms["optimizer"])
@@ -169,7 +168,6 @@ def test_llm_activation_estimate_matches_saved_tensors(dtype):
 @pytest.mark.multiproc
 def test_prediction_matches_measured_engines_within_10_percent():
     """benchmarks/memory_per_rank.py: 1 and 2 ranks, ZeRO 0, 2, 3, fp32 and bf16, tiny fuse config, real DeepSpeed engines."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import memory_per_rank
 
     rows = memory_per_rank.run(settings=[(1, 0), (2, 2), (1, 3), (2, 3)])

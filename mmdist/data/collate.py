@@ -168,12 +168,6 @@ def group_by_length(pool: list[dict], batch_size: int, rng: random.Random) -> li
     return batches
 
 
-def non_padding_fraction(batch: dict) -> float:
-    """Real tokens / all positions of a batch (1.0 = no padding)."""
-    mask = batch.get("attention_mask", batch.get("text_attention_mask"))
-    return float(mask.sum()) / float(mask.numel())
-
-
 def pad_id_of(tokenizer: Any) -> int:
     """The tokenizer's pad id, else its EOS id, else 0 (padding is masked out anyway)."""
     for name in ("pad_token_id", "eos_token_id"):

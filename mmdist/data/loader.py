@@ -497,11 +497,4 @@ def build_loader(cfg: Any, processors: Any, split: str = "train", rank: int = 0,
     return StreamingLoader(dataset, data.num_workers, data.persistent_workers, data.prefetch_factor, data.max_bad_fraction, split)
 
 
-def loader_summary(loader: StreamingLoader) -> dict:
-    """A small dict for logs: batches per epoch, shards, mode."""
-    d = loader.dataset
-    return {"split": loader.split, "mode": d.mode, "shards": len(d.shards), "batches_per_epoch": len(loader),
-            "micro_batch": d.batch_size, "workers": loader.num_workers, "packing": d.pack}
-
-
-__all__ = ["build_loader", "StreamingLoader", "ShardStream", "plan_epoch", "self_check", "loader_summary"]
+__all__ = ["build_loader", "StreamingLoader", "ShardStream", "plan_epoch", "self_check"]

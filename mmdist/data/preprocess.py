@@ -273,7 +273,3 @@ def make_preprocessor(cfg: Any, processors: Any, use_features: bool = False) -> 
         use_features=use_features,
     )
 
-
-def supervised_count(labels: list[int]) -> int:
-    return sum(1 for t in labels if t != IGNORE_INDEX)
-

@@ -141,7 +141,7 @@ def load_tokenizer(cfg: LLMConfig) -> Any:
     """The LLM's tokenizer (``cfg.tokenizer``, else the model's own, GGUF included)."""
     from transformers import AutoTokenizer
 
-    from mmdist.models.testing import builtin_tokenizer
+    from mmdist.models.tokenizers import builtin_tokenizer
 
     if cfg.tokenizer:
         builtin = builtin_tokenizer(cfg.tokenizer)

@@ -62,7 +62,7 @@ def load_text_tokenizer(cfg: TextConfig) -> Any:
     """The text encoder's tokenizer."""
     from transformers import AutoTokenizer
 
-    from mmdist.models.testing import builtin_tokenizer
+    from mmdist.models.tokenizers import builtin_tokenizer
 
     name = cfg.tokenizer or cfg.name_or_path
     if not name:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 FIELDS = ["device", "tokens_per_s", "mfu_4n", "hfu", "peak_memory_gib", "step_s", "llm_params", "frozen_params_with_grad"]
 

@@ -1,9 +1,9 @@
-"""Fixtures of the data-pipeline tests (helpers live in data_fixtures.py)."""
+"""Fixtures of the data-pipeline tests (helpers.data_fixtures)."""
 
 from __future__ import annotations
 
 import pytest
-from data_fixtures import FakeProcessors, make_processors
+from helpers.data_fixtures import FakeProcessors, make_processors
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import pickle
 
 import numpy as np
 import pytest
-from data_fixtures import make_config, png, write_tar
+from helpers.data_fixtures import make_config, png, write_tar
 from PIL import Image
 
 from mmdist.data.loader import build_loader

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from data_fixtures import make_config, make_processors, png, write_caption_shards, write_tar
+from helpers.data_fixtures import make_config, make_processors, png, write_caption_shards, write_tar
 
 from mmdist.data.cache import CacheKeyMismatch, build_feature_cache
 from mmdist.data.loader import build_loader
@@ -102,15 +102,15 @@ def test_cache_keeps_text_only_and_skips_bad_images(tmp_path):
 
 def _align_setup(tmp_path, connector="mlp", cache_text=None, **text):
     """A tiny align model and a cache of its features for 8 caption samples (eval split: unshuffled, same order as pixels)."""
-    from mmdist.config.run import load_config
+    from helpers.configs import tiny_run_config
+
     from mmdist.export import build_run_model
-    from mmdist.models.testing import tiny_run_config, tiny_text_config
 
     pattern = write_caption_shards(tmp_path / "src", [5, 3])
-    overrides = {"model": {"text": tiny_text_config(freeze=connector != "qformer", **text)}} if text else {}
-    cfg = load_config(base=tiny_run_config("align", connector, data={"train": [{"shards": [pattern]}], "eval": [{"shards": [pattern]}],
-                                                                        "num_workers": 0, "shuffle_buffer": 0, "format": "caption"},
-                                           train={"micro_batch_size": 4, "global_batch_size": 4}, **overrides))
+    cfg = tiny_run_config("align", connector=connector, model={"text": text},
+                          data={"train": [{"shards": [pattern]}], "eval": [{"shards": [pattern]}],
+                                "num_workers": 0, "shuffle_buffer": 0, "format": "caption"},
+                          train={"micro_batch_size": 4, "global_batch_size": 4})
     torch.manual_seed(0)
     model = build_run_model(cfg).eval()
     summary = build_feature_cache(cfg, model, [pattern], tmp_path / "cache", batch_size=3, samples_per_shard=4, cache_text=cache_text)

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 import torch
-from data_fixtures import make_config, make_processors, write_caption_shards
+from helpers.data_fixtures import make_config, make_processors, write_caption_shards
 
 from mmdist.data.loader import build_loader
 

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from data_fixtures import write_caption_shards
+from helpers.data_fixtures import write_caption_shards
 
 from mmdist.training.dist import free_port
 
@@ -18,10 +18,9 @@ pytestmark = pytest.mark.multiproc
 
 SCRIPT = textwrap.dedent('''
     import json, os, sys
-    sys.path.insert(0, {tests!r})
     import torch
     import torch.distributed as dist
-    from data_fixtures import make_config, make_processors
+    from helpers.data_fixtures import make_config, make_processors
     from mmdist.data.loader import build_loader
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -47,13 +46,13 @@ def test_two_ranks_uneven_shards_finish_together(tmp_path):
     pattern = write_caption_shards(tmp_path / "shards", [3, 17, 5, 11, 29, 2])
     out = str(tmp_path / "result")
     script = tmp_path / "run.py"
-    script.write_text(SCRIPT.format(tests=str(Path(__file__).parent), pattern=pattern, out=out))
-    repo = str(Path(__file__).resolve().parents[2])
+    script.write_text(SCRIPT.format(pattern=pattern, out=out))
+    repo = Path(__file__).resolve().parents[2]
     port = free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
+               "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH", "")])}
         procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
     outputs = []
     for p in procs:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from data_fixtures import make_config, make_processors, png, write_tar
+from helpers.data_fixtures import make_config, make_processors, png, write_tar
 
 from mmdist.data.loader import build_loader
 from mmdist.data.preprocess import IGNORE_INDEX, make_preprocessor

@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from data_fixtures import make_config, make_processors, write_caption_shards
+from helpers.data_fixtures import make_config, make_processors, write_caption_shards
 
 from mmdist.data.collate import collate_fuse, pack_rows
 from mmdist.data.loader import build_loader

@@ -7,7 +7,7 @@ import json
 import tarfile
 
 import numpy as np
-from data_fixtures import make_config, make_processors, png
+from helpers.data_fixtures import make_config, make_processors, png
 from PIL import Image
 
 from mmdist.data.loader import build_loader

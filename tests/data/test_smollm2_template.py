@@ -7,7 +7,7 @@ import json
 import os
 
 import pytest
-from data_fixtures import FakeProcessors, FakeTransform, make_config, png
+from helpers.data_fixtures import FakeProcessors, FakeTransform, make_config, png
 
 from mmdist.data.preprocess import IGNORE_INDEX, make_preprocessor
 from mmdist.data.reader import decode_sample

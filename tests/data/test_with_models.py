@@ -19,12 +19,10 @@ def demo(tmp_path_factory):
 
 
 def _cfg(stage, demo, **data):
-    from mmdist.config.run import load_config
-    from mmdist.models.testing import tiny_run_config
+    from helpers.configs import tiny_run_config
 
     train, held = demo
-    return load_config(base=tiny_run_config(stage, data={"train": [{"shards": [train]}], "eval": [{"shards": [held]}],
-                                                         "num_workers": 0, **data}))
+    return tiny_run_config(stage, data={"train": [{"shards": [train]}], "eval": [{"shards": [held]}], "num_workers": 0, **data})
 
 
 @pytest.mark.parametrize("stage", ["align", "fuse"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from _harness import require_entry, write_recipes
+from helpers.launch_harness import require_entry, write_recipes
 
 
 @pytest.fixture(scope="session")

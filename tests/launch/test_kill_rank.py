@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _harness import (
+from helpers.launch_harness import (
     REPO,
     TRAIN_SCRIPT,
     check_run,

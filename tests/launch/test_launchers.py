@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 import yaml
-from _harness import REPO, TRAIN_SCRIPT, check_run, common_overrides, environment, python, run, train_args
+from helpers.launch_harness import REPO, TRAIN_SCRIPT, check_run, common_overrides, environment, python, run, train_args
 
 from mmdist.training.dist import free_port
 

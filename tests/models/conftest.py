@@ -1,9 +1,9 @@
-"""Fixtures for the model tests: tiny models built from configs (helpers in tiny.py)."""
+"""Fixtures for the model tests: tiny models built from configs (helpers.tiny)."""
 
 from __future__ import annotations
 
 import pytest
-from tiny import make_model
+from helpers.tiny import make_model
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tiny import align_batch, make_model
+from helpers.tiny import align_batch, make_model
 
 from mmdist.models.losses import itc_loss
 

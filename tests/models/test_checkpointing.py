@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from tiny import fuse_batch, make_model
+from helpers.tiny import fuse_batch, make_model
 
 
 def _grads_and_calls(checkpointing: bool):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import align_batch, fuse_batch, make_model
+from helpers.tiny import align_batch, fuse_batch, make_model
 
 from mmdist.models.freeze import param_table
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import make_model, pad_batch, sample
+from helpers.tiny import make_model, pad_batch, sample
 
 from mmdist.models.fused import block_causal_mask
 

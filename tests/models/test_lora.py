@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from tiny import fuse_batch, make_model
+from helpers.tiny import fuse_batch, make_model
 
 from mmdist.export import load_fused_model, save_export
 

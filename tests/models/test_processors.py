@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mmdist.models.processors import ImageTransform, Processors
-from mmdist.models.testing import tiny_byte_tokenizer
+from mmdist.models.tokenizers import tiny_byte_tokenizer
 
 
 def test_transform_normalises_and_resizes():

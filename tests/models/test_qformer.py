@@ -6,7 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from tiny import align_batch, make_model
+from helpers.tiny import align_batch, make_model
 
 from mmdist.models.losses import itc_loss, sample_hard_negatives
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.configs import tiny_vision_config
+from helpers.custom_vision import TinyCNN, tiny_custom_vision_config
 
 from mmdist.models.connectors import pool_tokens
 from mmdist.models.fingerprint import config_fingerprint, path_fingerprint
-from mmdist.models.testing import TinyCNN, tiny_custom_vision_config, tiny_vision_config
 from mmdist.models.vision import VisionConfig, VisionTower
 from mmdist.settings import from_dict
 
@@ -121,8 +122,8 @@ def test_checkpoint_with_code_is_refused(tmp_path):
 
 
 def test_custom_class_import_errors_name_the_key():
-    with pytest.raises(ImportError, match="model.vision.custom_class='mmdist.models.testing:Nope'"):
-        tower(**tiny_custom_vision_config(custom_class="mmdist.models.testing:Nope"))
+    with pytest.raises(ImportError, match="model.vision.custom_class='helpers.custom_vision:Nope'"):
+        tower(**tiny_custom_vision_config(custom_class="helpers.custom_vision:Nope"))
 
 
 def test_fingerprints(tmp_path):

@@ -9,8 +9,8 @@ import os
 
 import pytest
 import torch
+from helpers.trainer_toy import ToyModel, launch, toy_config, toy_loader_builder, toy_model_builder
 from safetensors.torch import load_file
-from trainer_toy import ToyModel, launch, toy_config, toy_loader_builder, toy_model_builder
 
 from mmdist.config import load_config
 from mmdist.training.checkpoint import CheckpointError, CheckpointManager

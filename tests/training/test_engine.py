@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from trainer_toy import ToyModel, launch, toy_config
+from helpers.trainer_toy import ToyModel, launch, toy_config
 
 from mmdist.config import ConfigError, load_config
 from mmdist.training.engine import (
@@ -170,7 +170,7 @@ def test_zero3_partitions_frozen_llm_and_gathers_written_weights(tmp_path):
     """Each of 2 ranks holds half of an LLM loaded with from_pretrained (HfDeepSpeedConfig alive), and the
     gathered weights equal the file; the optimizer holds only trainable params; weights written through the
     model's `gather` read back equal on both ranks."""
-    from trainer_toy import tiny_llama_config
+    from helpers.trainer_toy import tiny_llama_config
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
@@ -191,7 +191,7 @@ def test_zero3_partitions_frozen_llm_and_gathers_written_weights(tmp_path):
 
 def test_zero_dim_parameter_trains_under_zero2(tmp_path):
     """DeepSpeed 0.19 cannot broadcast 0-dim parameters; the engine handles them at ZeRO stages 0-2."""
-    from trainer_toy import ToyModel, toy_loader_builder
+    from helpers.trainer_toy import ToyModel, toy_loader_builder
 
     from mmdist.training.trainer import train
 

@@ -21,19 +21,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 PROBE = textwrap.dedent("""
     import json, sys, torch
-    sys.path.insert(0, "tests/models")
-    from tiny import pad_batch, sample
-    from mmdist.config.run import load_config
-    from mmdist.models.testing import tiny_run_config
+    from helpers.configs import tiny_run_config
+    from helpers.tiny import pad_batch, sample
     from mmdist.training import dist
     from mmdist.training.engine import build_engine
 
     env = dist.init(backend="gloo")
-    base = tiny_run_config("fuse")
-    base["engine"] = {"zero_stage": 3, "precision": "fp32", "torch_adam": True, "backend": "gloo",
-                      "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}}
-    base["train"].update({"global_batch_size": 2, "micro_batch_size": 1})
-    cfg = load_config(base=base)
+    # the recipe's engine: ZeRO-3, fp32, torch AdamW, gloo, no persistence threshold
+    cfg = tiny_run_config("fuse", "engine.zero_stage=3", "train.global_batch_size=2", "train.micro_batch_size=1")
     bundle = build_engine(cfg)
     engine, model = bundle.engine, bundle.engine.module
     losses = []
@@ -60,7 +55,7 @@ def test_text_only_and_image_micro_batches_step_together_under_zero3(tmp_path):
     script.write_text(PROBE)
     out = tmp_path / "losses"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MMDIST_DIST_TIMEOUT="60", PYTHONPATH=str(REPO))
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MMDIST_DIST_TIMEOUT="60", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(script), str(out)]
     try:

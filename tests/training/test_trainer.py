@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 import yaml
+from helpers.trainer_toy import launch, toy_config, toy_loader_builder, toy_model_builder
 from safetensors.torch import load_file
-from trainer_toy import launch, toy_config, toy_loader_builder, toy_model_builder
 
 from mmdist.config import load_config
 from mmdist.training.trainer import NonFiniteLossError, cli_main, train
@@ -184,7 +184,7 @@ def test_periodic_evaluation_on_held_out_data(tmp_path):
 
 
 def test_flop_estimate_parameter_table_and_throughput(monkeypatch):
-    from trainer_toy import ToyModel
+    from helpers.trainer_toy import ToyModel
 
     from mmdist.models.freeze import param_table
     from mmdist.training import metrics
@@ -299,17 +299,17 @@ def test_tensorboard_events_and_sample_budget(tmp_path):
 
 
 def test_packed_rows_count_their_samples_and_mfu_uses_the_compute_dtype():
-    from mmdist.config.run import load_config
-    from mmdist.models.testing import tiny_run_config
+    from helpers.configs import tiny_run_config
+
     from mmdist.training.trainer import _batch_size, compute_dtype
 
     packed = {"input_ids": torch.zeros(2, 6, dtype=torch.long),
               "sequence_ids": torch.tensor([[0, 0, 1, 1, 2, -1], [0, 0, 0, 1, -1, -1]])}
     assert _batch_size(packed) == 5  # 3 samples in row 0, 2 in row 1
     assert _batch_size({"input_ids": torch.zeros(4, 6, dtype=torch.long)}) == 4
-    cfg = load_config(base=tiny_run_config("fuse"), overrides=["engine.precision=fp32", "model.llm.dtype=bf16"])
+    cfg = tiny_run_config("fuse", "engine.precision=fp32", "model.llm.dtype=bf16")
     assert compute_dtype(cfg) == "bf16"  # fp32 engine, bf16 frozen LLM: the LLM's FLOPs dominate
-    cfg = load_config(base=tiny_run_config("fuse"), overrides=["engine.precision=bf16", "model.llm.dtype=fp32"])
+    cfg = tiny_run_config("fuse", "engine.precision=bf16", "model.llm.dtype=fp32")
     assert compute_dtype(cfg) == "bf16"
 
 

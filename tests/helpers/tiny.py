@@ -1,19 +1,17 @@
-"""Tiny models and batches for the model tests (importable by other test folders: `from tiny import ...`
-after putting tests/models on sys.path, or copy the two-line pattern of make_model)."""
+"""Tiny models built from the tiny recipes (helpers.configs), and hand-made batches for them."""
 
 from __future__ import annotations
 
 import torch
 
+from helpers.configs import tiny_run_config
 from mmdist.config.run import RunConfig
-from mmdist.models.testing import tiny_run_config
-from mmdist.settings import from_dict
 
 PAD_ID = 256  # <|pad|> of the tiny byte tokenizer
 
 
 def make_cfg(stage: str = "fuse", connector: str = "mlp", **overrides) -> RunConfig:
-    return from_dict(RunConfig, tiny_run_config(stage, connector, **overrides), source="test")
+    return tiny_run_config(stage, connector=connector, **overrides)
 
 
 def make_model(stage: str = "fuse", connector: str = "mlp", **overrides):

@@ -185,7 +185,7 @@ def _start_munge() -> None:
 
 def _slurm_conf(cluster: SlurmCluster) -> str:
     h = cluster.home
-    return f"""# Written by tests/slurm_cluster.py: a one-node test cluster, no cgroups, no accounting.
+    return f"""# Written by tests/helpers/slurm_cluster.py: a one-node test cluster, no cgroups, no accounting.
 ClusterName=mmdist-test
 SlurmctldHost={cluster.node}(127.0.0.1)
 SlurmUser=root

@@ -7,7 +7,7 @@ in seconds. The loader cuts one global stream of samples into per-rank
 micro-batches such that every optimizer step sees the same global batch for
 any world size, and is checkpointable (state_dict / load_state_dict).
 
-Also a worker entry point: ``python tests/training/trainer_toy.py CONFIG_JSON OUT_JSON``
+Also a worker entry point: ``python tests/helpers/trainer_toy.py CONFIG_JSON OUT_JSON``
 (run under torchrun) trains with the toy parts and rank 0 writes the summary.
 """
 
