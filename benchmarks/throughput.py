@@ -62,7 +62,7 @@ def mmdist_config(shape: BenchShape, global_batch: int, micro_batch: int, max_le
 class MmdistLoop:
     """mmdist's FusedVLM + packing + DeepSpeed engine (the trainer's step calls), one optimizer step at a time.
 
-    ``close()`` releases DeepSpeed's groups and the process group.
+    ``close()`` releases the engine (DeepSpeed's groups, its shm buffer) and the process group.
     """
 
     def __init__(self, shape: BenchShape, global_batch: int, micro_batch: int, max_len: int = 512,
@@ -132,9 +132,8 @@ class MmdistLoop:
 
     def close(self) -> None:
         from mmdist.training import dist
-        from mmdist.training.trainer import _release_deepspeed_groups
 
-        _release_deepspeed_groups()
+        self.bundle.close()
         dist.shutdown()
 
 

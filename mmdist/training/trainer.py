@@ -224,6 +224,7 @@ def train(
     import warnings
 
     from mmdist.training import dist
+    from mmdist.training.engine import release_deepspeed
 
     # DeepSpeed 0.19 calls collectives torch 2.13 has renamed; one warning per call would flood the log.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
@@ -231,27 +232,8 @@ def train(
     try:
         return _train(cfg, env, model_builder, loader_builder or default_loader_builder, stop_after)
     finally:
-        _release_deepspeed_groups()
+        release_deepspeed()  # what EngineBundle.close() does; the bundle lives inside _train
         dist.shutdown()
-
-
-def _release_deepspeed_groups() -> None:
-    """Destroy the group through DeepSpeed so it also drops its cached sub-groups (a later run in
-    the same process, e.g. stage 2 after stage 1, would otherwise use groups of a dead process group)."""
-    hf_deepspeed = sys.modules.get("transformers.integrations.deepspeed")
-    if hf_deepspeed is not None:
-        # The run's HfDeepSpeedConfig must not make a later from_pretrained in this process think ZeRO-3 is on.
-        hf_deepspeed.unset_hf_deepspeed_config()
-    comm = sys.modules.get("deepspeed.comm")
-    if comm is None:
-        return
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        try:
-            comm.destroy_process_group()
-        except Exception as exc:  # teardown after a dead peer may fail; dist.shutdown() still runs
-            print(f"[mmdist] releasing DeepSpeed's process groups failed: {exc}", file=sys.stderr)
 
 
 def _train(cfg: Any, env: Any, model_builder: Optional[Callable], loader_builder: Callable, stop_after: Optional[int]) -> dict:
