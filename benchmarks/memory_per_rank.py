@@ -180,6 +180,7 @@ def worker(config: str, overrides: list[str], out_dir: str) -> None:
     from mmdist.training.engine import build_engine
 
     env = dist.init(backend="gloo")
+    bundle = None
     try:
         cfg = load_config(config, overrides)
         bundle = build_engine(cfg)
@@ -207,9 +208,8 @@ def worker(config: str, overrides: list[str], out_dir: str) -> None:
         }
         Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(result))
     finally:
-        from mmdist.training.trainer import _release_deepspeed_groups
-
-        _release_deepspeed_groups()
+        if bundle is not None:
+            bundle.close()
         dist.shutdown()
 
 

@@ -8,8 +8,8 @@ batch, fp32 on CPU, the same thread count.
 
 * mmdist: ``mmdist.models.build_model`` (FusedVLM), ``mmdist.data.collate.collate_fuse``
   with packing, ``mmdist.training.engine.build_engine`` (DeepSpeed, ZeRO-0,
-  torch AdamW) and the trainer's calls (``engine(batch)``, ``engine.backward``,
-  ``engine.step``).
+  torch AdamW) and the trainer's own optimizer step,
+  ``mmdist.training.trainer.train_step``.
 * reference: benchmarks/reference_llava.py.
 
 The dense-matmul peak is measured before and after the two contenders and
@@ -59,9 +59,9 @@ def mmdist_config(shape: BenchShape, global_batch: int, micro_batch: int, max_le
 
 
 class MmdistLoop:
-    """mmdist's FusedVLM + packing + DeepSpeed engine (the trainer's step calls), one optimizer step at a time.
+    """mmdist's FusedVLM + packing + DeepSpeed engine, one optimizer step at a time through the trainer's ``train_step``.
 
-    ``close()`` releases DeepSpeed's groups and the process group.
+    ``close()`` releases the engine (DeepSpeed's groups, its shm buffer) and the process group.
     """
 
     def __init__(self, shape: BenchShape, global_batch: int, micro_batch: int, max_len: int = 512,
@@ -70,6 +70,7 @@ class MmdistLoop:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         from mmdist.training import dist
         from mmdist.training.engine import build_engine
+        from mmdist.training.trainer import TrainState
 
         self.shape, self.global_batch, self.micro_batch, self.max_len = shape, global_batch, micro_batch, max_len
         self.checkpointing = checkpointing
@@ -79,10 +80,12 @@ class MmdistLoop:
         self.bundle = build_engine(cfg, world_size=1)
         self.engine, self.model = self.bundle.engine, self.bundle.model
         self.accumulation = self.bundle.ds_config["gradient_accumulation_steps"]
+        self.state = TrainState()
         self.engine.train()
 
     def step(self, group: list[Sample]) -> dict:
         from mmdist.data.collate import collate_fuse
+        from mmdist.training.trainer import train_step
 
         image_id = self.model.image_token_id
         rows = [{"input_ids": [image_id if t < 0 else t for t in s.ids], "labels": s.labels, "pixel_values": [s.pixel_values]}
@@ -91,10 +94,8 @@ class MmdistLoop:
                  for i in range(0, self.global_batch, self.micro_batch)]
         assert len(micro) == self.accumulation, (len(micro), self.accumulation)
         t = time.perf_counter()
-        for batch in micro:
-            out = self.engine(batch)
-            self.engine.backward(out["loss"])
-            self.engine.step()
+        # max_nonfinite_steps=1: a NaN loss stops the benchmark (there is no next batch to take its place)
+        train_step(self.engine, iter(micro), self.state, max_nonfinite_steps=1)
         seconds = time.perf_counter() - t
         real = sum(int(b["attention_mask"].sum()) for b in micro)
         padded = sum(b["attention_mask"].numel() for b in micro)
@@ -131,9 +132,8 @@ class MmdistLoop:
 
     def close(self) -> None:
         from mmdist.training import dist
-        from mmdist.training.trainer import _release_deepspeed_groups
 
-        _release_deepspeed_groups()
+        self.bundle.close()
         dist.shutdown()
 
 

@@ -38,7 +38,6 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 DEFAULT_PORT = 29500
@@ -457,39 +456,12 @@ def shutdown() -> None:
             tdist.destroy_process_group()
         except Exception as exc:  # a dead peer can make teardown fail; exiting matters more
             print(f"[mmdist.dist] destroying the process group failed: {exc}", file=sys.stderr)
-    if _saved_environ and os.environ.get("RANK", "").isdigit():  # init() ran in this process
-        remove_deepspeed_shm_buffer(int(os.environ["RANK"]))
     for key, value in _saved_environ.items():
         if value is None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
     _saved_environ.clear()
-
-
-def deepspeed_shm_buffer(rank: int, environ: Optional[Mapping[str, str]] = None) -> Path:
-    """The shared-memory file DeepSpeed's CPU all-reduce creates for ``rank`` (see below)."""
-    env = os.environ if environ is None else environ
-    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
-    return Path("/dev/shm") / name
-
-
-def remove_deepspeed_shm_buffer(rank: int) -> bool:
-    """Unlink this rank's DeepSpeed CPU all-reduce buffer; True if there was one.
-
-    With the CPU accelerator and every rank on one node, DeepSpeed 0.19 creates a
-    66 MB POSIX shared-memory file per rank per process
-    (``ops/csrc/cpu/comm/shm.cpp``) and never unlinks it: /dev/shm is RAM, so every
-    run leaked 66 MB per rank until the machine ran out (seen here: 19 GiB after a
-    day of test runs). Peers have mapped it at initialisation; unlinking at shutdown
-    only drops the name.
-    """
-    path = deepspeed_shm_buffer(rank)
-    try:
-        path.unlink()
-        return True
-    except (FileNotFoundError, PermissionError, OSError):
-        return False
 
 
 def is_initialized() -> bool:

@@ -17,6 +17,11 @@ Three things live here and nowhere else:
   no optimizer state), one learning rate per group (``train.lr_multipliers``),
   no weight decay on biases and norms, a ``transformers.get_scheduler`` warmup
   schedule.
+* Teardown: :meth:`EngineBundle.close` undoes what DeepSpeed set up in the
+  process (the ZeRO-3 setting transformers reads, DeepSpeed's process groups,
+  the /dev/shm buffer of its CPU all-reduce), so a second run in the same
+  process (stage 2 after stage 1) starts clean and no run leaks shared memory.
+  ``mmdist.training.dist`` only creates and destroys the torch process group.
 
 DeepSpeed is imported inside functions only, so importing this module is cheap.
 """
@@ -26,8 +31,10 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from mmdist.models.gather import null_gather
@@ -39,8 +46,10 @@ __all__ = [
     "build_engine",
     "build_optimizer_groups",
     "deepspeed_config",
+    "deepspeed_shm_buffer",
     "enable_frozen_gradient_checkpointing",
     "gather_for",
+    "release_deepspeed",
     "total_steps",
 ]
 
@@ -336,6 +345,76 @@ class EngineBundle:
     hf_ds_config: Any = None
     info: dict = field(default_factory=dict)
 
+    def close(self) -> None:
+        """Release what DeepSpeed set up in this process (see :func:`release_deepspeed`); idempotent.
+
+        Call it before ``mmdist.training.dist.shutdown()``: the shm buffer's name holds
+        the master address and port that shutdown() takes out of the environment.
+        """
+        self.hf_ds_config = None
+        release_deepspeed()
+
+
+# ---------------------------------------------------------------------------
+# teardown
+
+
+def release_deepspeed() -> None:
+    """Undo DeepSpeed's process-wide state: the ZeRO-3 setting, its process groups, this rank's shm buffer.
+
+    * transformers' ``HfDeepSpeedConfig`` is unset, so a later ``from_pretrained`` in
+      this process is not partitioned as if ZeRO-3 were still on.
+    * The process group is destroyed through DeepSpeed, so it also drops its cached
+      sub-groups (a later run in the same process would otherwise use groups of a
+      dead process group). DeepSpeed cannot drop them alone: the default torch group
+      goes with them, and ``dist.shutdown()`` afterwards finds nothing left to destroy.
+    * This rank's /dev/shm all-reduce buffer is unlinked (:func:`remove_deepspeed_shm_buffer`).
+
+    Safe to call any number of times, and when DeepSpeed was never imported.
+    """
+    hf_deepspeed = sys.modules.get("transformers.integrations.deepspeed")
+    if hf_deepspeed is not None:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    comm = sys.modules.get("deepspeed.comm")
+    if comm is None:
+        return
+    import torch.distributed as tdist
+
+    rank = os.environ.get("RANK", "")
+    if tdist.is_available() and tdist.is_initialized():
+        rank = str(tdist.get_rank())
+        try:
+            comm.destroy_process_group()
+        except Exception as exc:  # teardown after a dead peer may fail; dist.shutdown() still runs
+            print(f"[mmdist] releasing DeepSpeed's process groups failed: {exc}", file=sys.stderr)
+    if rank.isdigit():
+        remove_deepspeed_shm_buffer(int(rank))
+
+
+def deepspeed_shm_buffer(rank: int, environ: Optional[Mapping[str, str]] = None) -> Path:
+    """The shared-memory file DeepSpeed's CPU all-reduce creates for ``rank`` (see below)."""
+    env = os.environ if environ is None else environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}_{rank}"
+    return Path("/dev/shm") / name
+
+
+def remove_deepspeed_shm_buffer(rank: int) -> bool:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffer; True if there was one.
+
+    With the CPU accelerator and every rank on one node, DeepSpeed 0.19 creates a
+    66 MB POSIX shared-memory file per rank per process
+    (``ops/csrc/cpu/comm/shm.cpp``) and never unlinks it: /dev/shm is RAM, so every
+    run leaked 66 MB per rank until the machine ran out (seen here: 19 GiB after a
+    day of test runs). Peers have mapped it at initialisation; unlinking at teardown
+    only drops the name.
+    """
+    path = deepspeed_shm_buffer(rank)
+    try:
+        path.unlink()
+        return True
+    except (FileNotFoundError, PermissionError, OSError):
+        return False
+
 
 def _ensure_cpu_accelerator() -> None:
     """DeepSpeed picks its accelerator at import; without a usable GPU it must be told 'cpu'."""
@@ -364,8 +443,18 @@ def build_engine(
     ``model_builder(cfg, gather)`` defaults to ``mmdist.models.build_model``;
     tests pass their own. Under ZeRO-3 the model is built with an
     ``HfDeepSpeedConfig`` alive and inside ``deepspeed.zero.Init``, so every
-    parameter is partitioned as it is created or loaded.
+    parameter is partitioned as it is created or loaded. The caller ends with
+    :meth:`EngineBundle.close`; when building fails, DeepSpeed's state is
+    released here (:func:`release_deepspeed`) before the error propagates.
     """
+    try:
+        return _build_engine(cfg, world_size, model_builder)
+    except BaseException:
+        release_deepspeed()
+        raise
+
+
+def _build_engine(cfg: Any, world_size: Optional[int], model_builder: Optional[Callable[[Any, Callable], Any]]) -> EngineBundle:
     _ensure_cpu_accelerator()
     import deepspeed
     import torch

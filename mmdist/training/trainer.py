@@ -1,14 +1,21 @@
 """The one training loop, for both stages, and the ``mmdist train`` command.
 
 A stage changes the config (which model is built, what trains, which data is
-read, what is loaded), never the loop. :func:`train` reads like the job:
+read, what is loaded), never the loop. The shape is torchtitan's:
 
-1. join the process group (``mmdist.training.dist``), write the resolved config;
-2. build the engine (model partitioned on load under ZeRO-3) and the loaders;
-3. resume from the run directory's latest checkpoint, if any;
-4. step until the budget (``train.max_steps`` / ``train.max_samples``) is spent:
-   forward, skip non-finite losses, backward, step; log, evaluate, checkpoint;
-5. save the last checkpoint, export the trainable weights, leave the group.
+* :class:`TrainState` is what the loop carries from one optimizer step to the
+  next (step, samples, tokens, non-finite counters); its ``state_dict()`` goes
+  into every checkpoint beside the RNG states and the loader's position.
+* :func:`train_step` is one optimizer step over the engine's gradient
+  accumulation micro-batches: forward, skip non-finite losses, backward, step.
+  The benchmarks time this same function.
+* :func:`train` reads like the job: join the process group
+  (``mmdist.training.dist``) and write the resolved config; build the engine
+  (model partitioned on load under ZeRO-3) and the loaders; resume from the run
+  directory's latest checkpoint, if any; step until the budget
+  (``train.max_steps`` / ``train.max_samples``) is spent, logging, evaluating
+  and checkpointing; save the last checkpoint, export the trainable weights,
+  release the engine (``EngineBundle.close``) and leave the group.
 
 A micro-batch whose loss is NaN/inf on any rank is dropped on every rank before
 the backward pass: it adds no gradient and causes no optimizer update, and the
@@ -19,16 +26,30 @@ a row the run stops with :class:`NonFiniteLossError`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
-__all__ = ["NonFiniteLossError", "cli_main", "train"]
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from mmdist.config import RunConfig, dump_config
+from mmdist.models.freeze import param_table
+from mmdist.training import dist
+from mmdist.training.checkpoint import CheckpointManager, capture_rng, export_trainable, restore_rng
+from mmdist.training.engine import EngineBundle, build_engine
+from mmdist.training.metrics import MetricsLogger, Throughput, flops_per_token, measure_peak_flops
+
+__all__ = ["NonFiniteLossError", "TrainState", "cli_main", "train", "train_step"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -41,27 +62,6 @@ def default_loader_builder(cfg: Any, processors: Any, split: str, rank: int, wor
     return build_loader(cfg, processors, split, rank, world_size)
 
 
-# ---------------------------------------------------------------------------
-# small helpers
-
-
-def _to_device(batch: dict, device: Any, float_dtype: Any) -> dict:
-    import torch
-
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point() and float_dtype is not None:
-                value = value.to(float_dtype)
-        out[key] = value
-    return out
-
-
-if TYPE_CHECKING:
-    from mmdist.config.run import RunConfig
-
-
 def compute_dtype(cfg: RunConfig) -> str:
     """The dtype most of a step's FLOPs run in (the peak MFU is measured against).
 
@@ -72,6 +72,151 @@ def compute_dtype(cfg: RunConfig) -> str:
     if cfg.engine.precision != "fp32":
         return cfg.engine.precision
     return cfg.model.llm.dtype if cfg.stage == "fuse" else cfg.model.vision.dtype
+
+
+# ---------------------------------------------------------------------------
+# one optimizer step
+
+
+@dataclass
+class TrainState:
+    """What the loop carries from one optimizer step to the next; :meth:`state_dict` is checkpointed.
+
+    ``nonfinite_in_row`` counts the skipped micro-batches since the last completed
+    step; it is not saved, since checkpoints are written only after a step completes.
+    """
+
+    step: int = 0
+    samples: int = 0  # global samples seen (a packed row counts the samples in it)
+    tokens: int = 0  # global tokens processed (prompt, image and answer tokens)
+    nonfinite_total: int = 0
+    nonfinite_in_row: int = 0
+
+    def state_dict(self) -> dict:
+        """The checkpoint's client-state keys (``step`` is written by CheckpointManager.save as well)."""
+        return {"step": self.step, "samples": self.samples, "tokens": self.tokens, "nonfinite_total": self.nonfinite_total}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Older checkpoints lack ``tokens`` (and the oldest ``samples``/``nonfinite_total``): those restart at 0."""
+        self.step = int(state["step"])
+        self.samples = int(state.get("samples", 0))
+        self.tokens = int(state.get("tokens", 0))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.nonfinite_in_row = 0
+
+
+def train_step(
+    engine: Any,
+    micro_batches: Iterator[dict],
+    state: TrainState,
+    *,
+    max_nonfinite_steps: int,
+    fingerprint: bool = False,
+    on_skip: Optional[Callable[[TrainState, float], None]] = None,
+) -> dict:
+    """One optimizer step: ``engine.gradient_accumulation_steps()`` finite micro-batches, each forward, backward, step.
+
+    ``engine`` is a DeepSpeed engine: it accumulates gradients over the micro-batches
+    and updates the weights at the last one. Floating-point inputs are cast to the
+    engine's bf16/fp16. A micro-batch whose loss is NaN/inf on any rank is dropped on
+    every rank before backward (all ranks must skip the same batch, or ZeRO would
+    hang): ``state`` counts it, ``on_skip(state, loss)`` is told, and the next batch
+    of ``micro_batches`` takes its place. The ``max_nonfinite_steps``-th skip in a
+    row raises :class:`NonFiniteLossError`.
+
+    ``state`` advances by one step and the step's samples and tokens. Returned, over
+    every rank: the mean ``loss`` and model metrics, ``step_samples`` and
+    ``step_tokens``, ``grad_norm`` when the engine reports one, and with
+    ``fingerprint`` a hash of every rank's batches (skipped ones included) as ``data``.
+    """
+    accumulation = engine.gradient_accumulation_steps()
+    float_dtype = _float_dtype(engine)
+    stats = _StepStats()
+    while stats.micro < accumulation:
+        try:
+            batch = next(micro_batches)
+        except StopIteration:
+            raise RuntimeError(
+                f"the micro-batches ran out after {stats.micro} of the {accumulation} of step {state.step + 1} "
+                f"({state.nonfinite_in_row} skipped as non-finite): give train_step an endless iterator"
+            ) from None
+        if fingerprint:
+            stats.fingerprints.append(_fingerprint(batch))
+        batch = _to_device(batch, engine.device, float_dtype)
+        out = engine(batch)
+        loss = out["loss"]
+        if not _finite_everywhere(loss, engine.device):
+            # dropped before backward on every rank: no gradient, no optimizer update
+            state.nonfinite_in_row += 1
+            state.nonfinite_total += 1
+            if on_skip is not None:
+                on_skip(state, float(loss.detach()))
+            if state.nonfinite_in_row >= max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{state.nonfinite_in_row} non-finite losses in a row at step {state.step + 1} (train.max_nonfinite_steps="
+                    f"{max_nonfinite_steps}): lower train.lr, check the data (empty answers, bad images) or use "
+                    "engine.precision=bf16/fp32"
+                )
+            continue
+        engine.backward(loss)
+        engine.step()
+        stats.add(loss, batch, out)
+
+    state.step += 1
+    state.nonfinite_in_row = 0
+    record = stats.reduce(engine.device)
+    state.samples += record["step_samples"]
+    state.tokens += record["step_tokens"]
+    grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
+    if fingerprint:
+        record["data"] = _gathered_fingerprint(stats.fingerprints, engine.device)
+    return record
+
+
+class _StepStats:
+    """What the micro-batches of one optimizer step add up to; summed over ranks when the step ends."""
+
+    def __init__(self) -> None:
+        self.micro, self.loss, self.samples, self.tokens = 0, 0.0, 0, 0
+        self.metrics: dict[str, float] = {}
+        self.fingerprints: list[str] = []
+
+    def add(self, loss: Any, batch: dict, out: dict) -> None:
+        self.micro += 1
+        self.loss += float(loss.detach())
+        self.samples += _batch_size(batch)
+        self.tokens += _batch_tokens(batch, out)
+        for key, value in (out.get("metrics") or {}).items():
+            self.metrics[key] = self.metrics.get(key, 0.0) + float(value)
+
+    def reduce(self, device: Any) -> dict:
+        """Mean loss and model metrics over every rank's micro-batches, global samples and tokens."""
+        keys = sorted(self.metrics)  # the same model on every rank reports the same keys
+        total = _all_reduce([self.loss, self.micro, self.samples, self.tokens] + [self.metrics[k] for k in keys], device)
+        count = max(total[1], 1)
+        out = {"loss": total[0] / count, "step_samples": int(total[2]), "step_tokens": int(total[3])}
+        out.update({k: v / count for k, v in zip(keys, total[4:])})
+        return out
+
+
+def _float_dtype(engine: Any) -> Optional[torch.dtype]:
+    """The dtype floating-point inputs are cast to: the engine's half precision, or None (left as they are)."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    return torch.float16 if engine.fp16_enabled() else None
+
+
+def _to_device(batch: dict, device: Any, float_dtype: Any) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.is_floating_point() and float_dtype is not None:
+                value = value.to(float_dtype)
+        out[key] = value
+    return out
 
 
 def _batch_size(batch: dict) -> int:
@@ -109,79 +254,27 @@ def _fingerprint(batch: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def _all_reduce(values: list[float], device: Any, op: str = "sum") -> list[float]:
-    import torch
-    import torch.distributed as tdist
+def _gathered_fingerprint(fingerprints: list[str], device: Any) -> str:
+    """One hash of the step's batches on every rank (rank order), identical on all ranks."""
+    local = "|".join(fingerprints)
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        gathered: list[Any] = [None] * tdist.get_world_size()
+        tdist.all_gather_object(gathered, local)
+        local = "/".join(gathered)
+    return hashlib.sha1(local.encode()).hexdigest()[:16]
 
+
+def _all_reduce(values: list[float], device: Any, op: str = "sum") -> list[float]:
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.all_reduce(tensor, op={"sum": tdist.ReduceOp.SUM, "min": tdist.ReduceOp.MIN, "max": tdist.ReduceOp.MAX}[op])
     return tensor.tolist()
 
 
-def _seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-class _StepStats:
-    """What the micro-batches of one optimizer step add up to; summed over ranks when the step ends."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.micro, self.loss, self.samples, self.tokens = 0, 0.0, 0, 0
-        self.metrics: dict[str, float] = {}
-        self.fingerprints: list[str] = []
-
-    def add(self, loss: Any, batch: dict, out: dict) -> None:
-        self.micro += 1
-        self.loss += float(loss.detach())
-        self.samples += _batch_size(batch)
-        self.tokens += _batch_tokens(batch, out)
-        for key, value in (out.get("metrics") or {}).items():
-            self.metrics[key] = self.metrics.get(key, 0.0) + float(value)
-
-    def reduce(self, device: Any) -> dict:
-        """Mean loss and model metrics over every rank's micro-batches, global samples and tokens."""
-        keys = sorted(self.metrics)  # the same model on every rank reports the same keys
-        total = _all_reduce([self.loss, self.micro, self.samples, self.tokens] + [self.metrics[k] for k in keys], device)
-        count = max(total[1], 1)
-        out = {"loss": total[0] / count, "step_samples": int(total[2]), "step_tokens": int(total[3])}
-        out.update({k: v / count for k, v in zip(keys, total[4:])})
-        return out
-
-
 def _finite_everywhere(loss: Any, device: Any) -> bool:
     """True when the loss is finite on every rank (all ranks must skip the same batch, or ZeRO would hang)."""
-    import torch
-
     local = 1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0
     return _all_reduce([local], device, op="min")[0] > 0
-
-
-def _evaluate(engine: Any, loader: Iterable, max_batches: int, float_dtype: Any) -> dict:
-    """Mean loss over the first ``max_batches`` held-out batches of every rank."""
-    import torch
-
-    engine.eval()
-    total, count, batches = 0.0, 0.0, 0
-    with torch.no_grad():
-        for batch in loader:
-            if batches >= max_batches:
-                break
-            loss = engine(_to_device(batch, engine.device, float_dtype))["loss"].float()
-            if torch.isfinite(loss):
-                total, count = total + float(loss), count + 1
-            batches += 1
-    engine.train()
-    total, count = _all_reduce([total, count], engine.device)
-    return {"loss": total / count if count else float("nan"), "batches": batches}
 
 
 class _Batches:
@@ -189,9 +282,12 @@ class _Batches:
 
     def __init__(self, loader: Iterable):
         self.loader = loader
-        self.iterator = None
+        self.iterator: Optional[Iterator[dict]] = None
 
-    def next(self) -> dict:
+    def __iter__(self) -> _Batches:
+        return self
+
+    def __next__(self) -> dict:
         for _ in range(2):
             if self.iterator is None:
                 self.iterator = iter(self.loader)
@@ -221,221 +317,220 @@ def train(
     run after that many optimizer steps of the configured schedule (with a
     checkpoint), as a job hitting its time limit would.
     """
-    import warnings
-
-    from mmdist.training import dist
-
     # DeepSpeed 0.19 calls collectives torch 2.13 has renamed; one warning per call would flood the log.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
-    env = dist.init(backend=cfg.engine.backend)
-    try:
-        return _train(cfg, env, model_builder, loader_builder or default_loader_builder, stop_after)
-    finally:
-        _release_deepspeed_groups()
-        dist.shutdown()
+    with contextlib.ExitStack() as teardown:  # undone in reverse order, also on an error
+        # 1. setup: the process group, the run directory, the engine, the data
+        env = dist.init(backend=cfg.engine.backend)
+        teardown.callback(dist.shutdown)
+        _write_run_dir(cfg, env.rank)
+        bundle = build_engine(cfg, world_size=env.world_size, model_builder=model_builder)
+        teardown.callback(bundle.close)  # before dist.shutdown: DeepSpeed's groups, the shm buffer
+        run = _setup(cfg, env, bundle, loader_builder or default_loader_builder)
+
+        # 2. resume, then the logs (they drop records a resumed run will write again)
+        state = _resume(run)
+        _open_logs(run, state)
+        teardown.callback(run.logger.close)  # the bar and the metrics file are closed on an error too
+
+        # 3. the loop
+        end_step = run.total_steps if stop_after is None else min(run.total_steps, stop_after)
+        batches = _Batches(run.loader)
+        started = time.perf_counter()
+        bundle.engine.train()
+        while state.step < end_step:
+            try:
+                record = train_step(bundle.engine, batches, state, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
+                                    fingerprint=cfg.log.data_fingerprint, on_skip=run.log_skip)
+            except NonFiniteLossError as exc:
+                exc.add_note(f"the last checkpoint is in {run.checkpoints.root}")
+                raise
+            _log_step(run, state, record, end_step)
+            if _due(cfg.train.eval_every, state.step) and state.step < run.total_steps:
+                _evaluate_and_log(run, state.step)
+            if _due(cfg.checkpoint.save_every, state.step):
+                _save(run, state)
+
+        # 4. the end: a final checkpoint, the last evaluation, the export, the summary
+        return _finish(run, state, time.perf_counter() - started)
 
 
-def _release_deepspeed_groups() -> None:
-    """Destroy the group through DeepSpeed so it also drops its cached sub-groups (a later run in
-    the same process, e.g. stage 2 after stage 1, would otherwise use groups of a dead process group)."""
-    hf_deepspeed = sys.modules.get("transformers.integrations.deepspeed")
-    if hf_deepspeed is not None:
-        # The run's HfDeepSpeedConfig must not make a later from_pretrained in this process think ZeRO-3 is on.
-        hf_deepspeed.unset_hf_deepspeed_config()
-    comm = sys.modules.get("deepspeed.comm")
-    if comm is None:
-        return
-    import torch.distributed as tdist
+@dataclass
+class _Run:
+    """What setup builds and every later phase of :func:`train` uses."""
 
-    if tdist.is_available() and tdist.is_initialized():
-        try:
-            comm.destroy_process_group()
-        except Exception as exc:  # teardown after a dead peer may fail; dist.shutdown() still runs
-            print(f"[mmdist] releasing DeepSpeed's process groups failed: {exc}", file=sys.stderr)
+    cfg: Any
+    rank: int
+    world_size: int
+    bundle: EngineBundle
+    loader: Iterable
+    loader_builder: Callable
+    checkpoints: CheckpointManager
+    logger: Optional[MetricsLogger] = None
+    throughput: Optional[Throughput] = None
+    eval_loader: Optional[Iterable] = None  # built at the first evaluation
+    resumed_from: Optional[Path] = None
+    last_checkpoint: Optional[Path] = None
+    last_eval: Optional[dict] = None
+    history: list[dict] = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    @property
+    def total_steps(self) -> int:
+        return self.bundle.total_steps
+
+    def log_skip(self, state: TrainState, loss: float) -> None:
+        """A non-finite micro-batch was dropped (train_step's ``on_skip``)."""
+        self.logger.print(f"[mmdist] step {state.step + 1}: non-finite loss ({loss}) on some rank; batch skipped ({state.nonfinite_in_row} in a row)")
+        self.logger.log(state.step, {"nonfinite_loss": 1, "nonfinite_in_row": state.nonfinite_in_row, "nonfinite_total": state.nonfinite_total})
 
 
-def _train(cfg: Any, env: Any, model_builder: Optional[Callable], loader_builder: Callable, stop_after: Optional[int]) -> dict:
-    import torch
-
-    from mmdist.config import dump_config
-    from mmdist.models.freeze import param_table
-    from mmdist.training.checkpoint import CheckpointManager, capture_rng, export_trainable, restore_rng
-    from mmdist.training.engine import build_engine
-    from mmdist.training.metrics import MetricsLogger, Throughput, flops_per_token, measure_peak_flops
-
-    rank, world = env.rank, env.world_size
-    run_dir = Path(cfg.run_dir)
+def _write_run_dir(cfg: Any, rank: int) -> None:
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, run_dir / "config.yaml")
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
 
-    # 2. engine and data
-    bundle = build_engine(cfg, world_size=world, model_builder=model_builder)
-    engine, model = bundle.engine, bundle.model
-    steps_total = bundle.total_steps
-    accumulation = bundle.ds_config["gradient_accumulation_steps"]
-    float_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.engine.precision)
-    processors = getattr(model, "processors", None)
-    loader = loader_builder(cfg, processors, "train", rank, world)
-    eval_loader = None
 
-    # 3. resume
-    checkpoints = CheckpointManager(run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last)
+def _setup(cfg: Any, env: Any, bundle: EngineBundle, loader_builder: Callable) -> _Run:
+    """The training loader, the checkpoint folder (stale temporaries removed), this rank's seeds."""
+    loader = loader_builder(cfg, getattr(bundle.model, "processors", None), "train", env.rank, env.world_size)
+    checkpoints = CheckpointManager(Path(cfg.run_dir) / "checkpoints", keep_last=cfg.checkpoint.keep_last)
     checkpoints.clean_stale()
-    step, samples_seen, nonfinite_total = 0, 0, 0
-    _seed_everything(cfg.train.seed + rank)
-    resume_from = checkpoints.resolve_resume(cfg.checkpoint.resume)
-    if resume_from is not None:
-        state = checkpoints.load(engine, resume_from)
-        step, samples_seen = int(state["step"]), int(state.get("samples", 0))
-        nonfinite_total = int(state.get("nonfinite_total", 0))
-        if state.get("loader") is not None and hasattr(loader, "load_state_dict"):
-            loader.load_state_dict(state["loader"])
-        restore_rng(state["rng"])
+    seed = cfg.train.seed + env.rank
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return _Run(cfg, env.rank, env.world_size, bundle, loader, loader_builder, checkpoints)
 
-    logger = MetricsLogger(run_dir, cfg.log, enabled=rank == 0, total_steps=steps_total, initial_step=step, run_name=cfg.name)
-    if resume_from is not None:
-        logger.print(f"[mmdist] resumed from {resume_from} at step {step} ({samples_seen} samples seen)")
+
+def _resume(run: _Run) -> TrainState:
+    """The state of ``checkpoint.resume`` (engine, loop counters, data position, RNG), or a fresh one."""
+    state = TrainState()
+    run.resumed_from = run.checkpoints.resolve_resume(run.cfg.checkpoint.resume)
+    if run.resumed_from is not None:
+        client = run.checkpoints.load(run.bundle.engine, run.resumed_from)
+        state.load_state_dict(client)
+        if client.get("loader") is not None and hasattr(run.loader, "load_state_dict"):
+            run.loader.load_state_dict(client["loader"])
+        restore_rng(client["rng"])
+    return state
+
+
+def _open_logs(run: _Run, state: TrainState) -> None:
+    """The metrics logger and throughput meter from the resumed step; the run's description in the log."""
+    cfg, bundle = run.cfg, run.bundle
+    run.logger = logger = MetricsLogger(run.run_dir, cfg.log, enabled=run.rank == 0, total_steps=run.total_steps,
+                                        initial_step=state.step, run_name=cfg.name)
+    if run.resumed_from is not None:
+        logger.print(f"[mmdist] resumed from {run.resumed_from} at step {state.step} ({state.samples} samples seen)")
     if cfg.log.param_table:
-        logger.print(param_table(model))
+        logger.print(param_table(bundle.model))
     logger.print(
-        f"[mmdist] stage={cfg.stage} world={world} steps={steps_total} global_batch={cfg.train.global_batch_size} "
-        f"micro={cfg.train.micro_batch_size} accumulation={accumulation} zero={cfg.engine.zero_stage} precision={cfg.engine.precision}"
+        f"[mmdist] stage={cfg.stage} world={run.world_size} steps={run.total_steps} global_batch={cfg.train.global_batch_size} "
+        f"micro={cfg.train.micro_batch_size} accumulation={bundle.ds_config['gradient_accumulation_steps']} "
+        f"zero={cfg.engine.zero_stage} precision={cfg.engine.precision}"
     )
     for name, numel, lr in bundle.info["optimizer_groups"]:
         logger.print(f"[mmdist] optimizer group {name}: {numel:,} parameters, lr {lr:.3g}")
-    peak = cfg.log.peak_flops or (measure_peak_flops(compute_dtype(cfg)) if rank == 0 else 0.0)
-    throughput = Throughput(flops_per_token(model, cfg.stage), peak * world, steps_total, start_step=step)
+    peak = cfg.log.peak_flops or (measure_peak_flops(compute_dtype(cfg)) if run.rank == 0 else 0.0)
+    run.throughput = Throughput(flops_per_token(bundle.model, cfg.stage), peak * run.world_size, run.total_steps, start_step=state.step)
 
-    def evaluate() -> Optional[dict]:
-        nonlocal eval_loader
-        if not cfg.data.eval:
-            return None
-        if eval_loader is None:
-            eval_loader = loader_builder(cfg, processors, "eval", rank, world)
-        return _evaluate(engine, eval_loader, cfg.train.eval_batches, float_dtype)
 
-    def save() -> Path:
-        client = {
-            "samples": samples_seen,
-            "nonfinite_total": nonfinite_total,
-            "world_size": world,
-            "rng": capture_rng(),
-            "loader": loader.state_dict() if hasattr(loader, "state_dict") else None,
-        }
-        path = checkpoints.save(engine, step, client)
-        logger.print(f"[mmdist] checkpoint {path}")
-        return path
+def _log_step(run: _Run, state: TrainState, record: dict, end_step: int) -> None:
+    """The step's record (train_step's metrics, lr, counters, throughput) to the bar, the history and the log."""
+    cfg, scheduler = run.cfg, run.bundle.scheduler
+    lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.train.lr
+    record.update(lr=lr, samples=state.samples, nonfinite_total=state.nonfinite_total)
+    record.update(run.throughput.update(state.step, record.pop("step_samples"), record.pop("step_tokens")))
+    run.history.append({"step": state.step, "loss": record["loss"], "lr": lr, **({"data": record["data"]} if "data" in record else {})})
+    run.logger.progress(state.step, record)
+    if state.step % max(cfg.log.log_every, 1) == 0 or state.step == end_step or cfg.log.data_fingerprint:
+        run.logger.log(state.step, record)
 
-    try:
-        # 4. the loop
-        engine.train()
-        batches = _Batches(loader)
-        stats = _StepStats()
-        nonfinite_in_row = 0
-        history: list[dict] = []
-        last_eval: Optional[dict] = None
-        last_checkpoint: Optional[Path] = None
-        end_step = steps_total if stop_after is None else min(steps_total, stop_after)
-        started = time.perf_counter()
-        while step < end_step:
-            batch = batches.next()
-            if cfg.log.data_fingerprint:
-                stats.fingerprints.append(_fingerprint(batch))
-            batch = _to_device(batch, engine.device, float_dtype)
-            out = engine(batch)
-            loss = out["loss"]
-            if not _finite_everywhere(loss, engine.device):
-                # dropped before backward on every rank: no gradient, no optimizer update
-                nonfinite_in_row += 1
-                nonfinite_total += 1
-                logger.print(f"[mmdist] step {step + 1}: non-finite loss ({float(loss.detach())}) on some rank; batch skipped ({nonfinite_in_row} in a row)")
-                logger.log(step, {"nonfinite_loss": 1, "nonfinite_in_row": nonfinite_in_row, "nonfinite_total": nonfinite_total})
-                if nonfinite_in_row >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{nonfinite_in_row} non-finite losses in a row at step {step + 1} (train.max_nonfinite_steps="
-                        f"{cfg.train.max_nonfinite_steps}): lower train.lr, check the data (empty answers, bad images) or use "
-                        "engine.precision=bf16/fp32; the last checkpoint is in " + str(checkpoints.root)
-                    )
-                continue
-            engine.backward(loss)
-            engine.step()
-            stats.add(loss, batch, out)
-            if stats.micro % accumulation:
-                continue
 
-            # an optimizer step happened
-            step += 1
-            nonfinite_in_row = 0
-            record = stats.reduce(engine.device)
-            samples_seen += record["step_samples"]
-            lr = bundle.scheduler.get_last_lr()[0] if bundle.scheduler is not None else cfg.train.lr
-            record.update(lr=lr, samples=samples_seen, nonfinite_total=nonfinite_total)
-            grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            record.update(throughput.update(step, record.pop("step_samples"), record.pop("step_tokens")))
-            if cfg.log.data_fingerprint:
-                record["data"] = _gathered_fingerprint(stats.fingerprints, engine.device)
-            history.append({"step": step, "loss": record["loss"], "lr": lr, **({"data": record["data"]} if "data" in record else {})})
-            logger.progress(step, record)
-            if step % max(cfg.log.log_every, 1) == 0 or step == end_step or cfg.log.data_fingerprint:
-                logger.log(step, record)
-            stats.reset()
+def _due(every: int, step: int) -> bool:
+    return bool(every) and step % every == 0
 
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < steps_total:
-                last_eval = evaluate()
-                if last_eval is not None:
-                    logger.log(step, last_eval, prefix="eval")
-                    logger.print(f"[mmdist] step {step}: eval loss {last_eval['loss']:.4f}")
-            if cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0:
-                last_checkpoint = save()
 
-        # 5. the end: a final checkpoint, the last evaluation, the export
-        finished = step >= steps_total
-        resumed_step = int(resume_from.name.split("_")[-1]) if resume_from is not None and resume_from.name.startswith("step_") else None
-        if step > 0 and step != resumed_step and (last_checkpoint is None or not last_checkpoint.name.endswith(f"{step:06d}")):
-            last_checkpoint = save()
-        elif last_checkpoint is None and resume_from is not None:
-            last_checkpoint = resume_from  # nothing new since the resume: the loaded checkpoint is the last one
-        export_dir = None
-        if finished:
-            last_eval = evaluate() or last_eval
-            if last_eval is not None:
-                logger.log(step, last_eval, prefix="eval")
-            if cfg.checkpoint.export:
-                export_dir = export_trainable(model, bundle.read_gather, run_dir / "export", fp32_master=cfg.engine.precision != "fp32")
-                if export_dir is not None:
-                    logger.print(f"[mmdist] exported trainable weights to {export_dir}")
-    finally:
-        logger.close()  # also on an error: the bar and the metrics file are closed
-    elapsed = time.perf_counter() - started
+def _evaluate(run: _Run) -> Optional[dict]:
+    """Mean loss over the first ``train.eval_batches`` held-out batches of every rank; None without ``data.eval``."""
+    if not run.cfg.data.eval:
+        return None
+    if run.eval_loader is None:
+        run.eval_loader = run.loader_builder(run.cfg, getattr(run.bundle.model, "processors", None), "eval", run.rank, run.world_size)
+    engine = run.bundle.engine
+    float_dtype = _float_dtype(engine)
+    engine.eval()
+    total, count, batches = 0.0, 0.0, 0
+    with torch.no_grad():
+        for batch in run.eval_loader:
+            if batches >= run.cfg.train.eval_batches:
+                break
+            loss = engine(_to_device(batch, engine.device, float_dtype))["loss"].float()
+            if torch.isfinite(loss):
+                total, count = total + float(loss), count + 1
+            batches += 1
+    engine.train()
+    total, count = _all_reduce([total, count], engine.device)
+    return {"loss": total / count if count else float("nan"), "batches": batches}
+
+
+def _evaluate_and_log(run: _Run, step: int) -> None:
+    run.last_eval = _evaluate(run)
+    if run.last_eval is not None:
+        run.logger.log(step, run.last_eval, prefix="eval")
+        run.logger.print(f"[mmdist] step {step}: eval loss {run.last_eval['loss']:.4f}")
+
+
+def _save(run: _Run, state: TrainState) -> None:
+    """A checkpoint of this step: the engine, the loop state, this rank's RNG and data position (collective)."""
+    client = dict(
+        state.state_dict(),
+        world_size=run.world_size,
+        rng=capture_rng(),
+        loader=run.loader.state_dict() if hasattr(run.loader, "state_dict") else None,
+    )
+    run.last_checkpoint = run.checkpoints.save(run.bundle.engine, state.step, client)
+    run.logger.print(f"[mmdist] checkpoint {run.last_checkpoint}")
+
+
+def _finish(run: _Run, state: TrainState, seconds: float) -> dict:
+    """A final checkpoint unless this step has one; once the budget is spent, the last evaluation and the export."""
+    cfg = run.cfg
+    finished = state.step >= run.total_steps
+    resumed = run.resumed_from
+    resumed_step = int(resumed.name.split("_")[-1]) if resumed is not None and resumed.name.startswith("step_") else None
+    if state.step > 0 and state.step != resumed_step and (run.last_checkpoint is None or not run.last_checkpoint.name.endswith(f"{state.step:06d}")):
+        _save(run, state)
+    elif run.last_checkpoint is None and resumed is not None:
+        run.last_checkpoint = resumed  # nothing new since the resume: the loaded checkpoint is the last one
+    if finished:
+        run.last_eval = _evaluate(run) or run.last_eval
+        if run.last_eval is not None:
+            run.logger.log(state.step, run.last_eval, prefix="eval")
+        if cfg.checkpoint.export:
+            export_dir = export_trainable(run.bundle.model, run.bundle.read_gather, run.run_dir / "export",
+                                          fp32_master=cfg.engine.precision != "fp32")
+            if export_dir is not None:
+                run.logger.print(f"[mmdist] exported trainable weights to {export_dir}")
     return {
-        "step": step,
+        "step": state.step,
         "finished": finished,
-        "samples": samples_seen,
-        "nonfinite_total": nonfinite_total,
-        "history": history,
-        "eval": last_eval,
-        "checkpoint": str(last_checkpoint) if last_checkpoint else None,
-        "export": str(run_dir / "export") if finished and cfg.checkpoint.export else None,
-        "run_dir": str(run_dir),
-        "rank": rank,
-        "resumed_from": str(resume_from) if resume_from else None,
-        "seconds": elapsed,
+        "samples": state.samples,
+        "tokens": state.tokens,
+        "nonfinite_total": state.nonfinite_total,
+        "history": run.history,
+        "eval": run.last_eval,
+        "checkpoint": str(run.last_checkpoint) if run.last_checkpoint else None,
+        "export": str(run.run_dir / "export") if finished and cfg.checkpoint.export else None,
+        "run_dir": str(run.run_dir),
+        "rank": run.rank,
+        "resumed_from": str(resumed) if resumed else None,
+        "seconds": seconds,
     }
-
-
-def _gathered_fingerprint(fingerprints: list[str], device: Any) -> str:
-    """One hash of the step's batches on every rank (rank order), identical on all ranks."""
-    import torch.distributed as tdist
-
-    local = "|".join(fingerprints)
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
-        gathered: list[Any] = [None] * tdist.get_world_size()
-        tdist.all_gather_object(gathered, local)
-        local = "/".join(gathered)
-    return hashlib.sha1(local.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------

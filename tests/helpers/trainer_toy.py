@@ -195,6 +195,7 @@ def probe(cfg: Any, pretrained_dir: str | None = None) -> dict:
     from mmdist.training.engine import build_engine
 
     env = dist.init(backend="gloo")
+    bundle = None
     try:
         bundle = build_engine(cfg, world_size=env.world_size, model_builder=tiny_llm_with_head_builder(pretrained_dir))
         model = bundle.model
@@ -228,6 +229,8 @@ def probe(cfg: Any, pretrained_dir: str | None = None) -> dict:
         tdist.all_gather_object(reports, report)
         return {"ranks": reports}
     finally:
+        if bundle is not None:
+            bundle.close()
         dist.shutdown()
 
 
@@ -242,6 +245,7 @@ def stage1_probe(cfg: Any) -> dict:
     from mmdist.training.engine import build_engine
 
     env = dist.init(backend="gloo")
+    bundle = None
     try:
         bundle = build_engine(cfg, world_size=env.world_size)
         stage1 = bundle.model.stage1
@@ -255,6 +259,8 @@ def stage1_probe(cfg: Any) -> dict:
         tdist.all_gather_object(reports, report)
         return {"ranks": reports}
     finally:
+        if bundle is not None:
+            bundle.close()
         dist.shutdown()
 
 

@@ -1,7 +1,14 @@
 """The DeepSpeed config (batch arithmetic, precision, offload, raw keys), optimizer groups,
-gradient checkpointing of a frozen LLM, and ZeRO-3 partition-on-load with 2 ranks."""
+gradient checkpointing of a frozen LLM, ZeRO-3 partition-on-load with 2 ranks, and the engine's teardown."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +259,68 @@ def test_frozen_checkpointing_defers_to_active_transformers_checkpointing():
     llm(inputs_embeds=x, labels=torch.randint(0, 64, (1, 5)), use_cache=False).loss.backward()
     hook.remove()
     assert len(calls) == 2 and x.grad is not None  # one forward + one recompute, not three
+
+
+# ---------------------------------------------------------------------------
+# teardown: EngineBundle.close()
+
+
+CLOSE_PROBE = textwrap.dedent("""
+    import json, sys, torch
+    import torch.distributed as tdist
+    from transformers.integrations import is_deepspeed_zero3_enabled
+    from mmdist.config import load_config
+    from mmdist.training import dist
+    from mmdist.training.engine import build_engine, deepspeed_shm_buffer
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.projector = torch.nn.Linear(2, 2)
+
+        def trainable_groups(self):
+            return {"projector": list(self.projector.parameters())}
+
+    def failing(cfg, gather):
+        raise ValueError("no model today")
+
+    cfg = load_config(base=json.loads(sys.argv[1]))
+    for attempt, builder in (("first", lambda cfg, gather: Head()), ("second", lambda cfg, gather: Head()), ("failed", failing)):
+        env = dist.init(dist.discover(argv=[], environ={}), backend="gloo", timeout_s=30)
+        buffer = deepspeed_shm_buffer(env.rank)
+        try:
+            bundle = build_engine(cfg, world_size=1, model_builder=builder)
+        except ValueError:
+            pass  # build_engine released DeepSpeed's state itself
+        else:
+            print(attempt, "built", buffer.exists(), is_deepspeed_zero3_enabled())
+            bundle.close()
+            bundle.close()  # idempotent
+        print(attempt, "closed", buffer.exists(), is_deepspeed_zero3_enabled(), tdist.is_initialized())
+        dist.shutdown()
+""")
+
+
+def test_close_releases_deepspeed_groups_zero3_setting_and_shm_buffer(tmp_path):
+    """DeepSpeed's CPU all-reduce leaves a 66 MB /dev/shm file per rank per run, its groups outlive the run and
+    transformers keeps the ZeRO-3 setting; close() (and a failed build) releases all three, so a second engine
+    in the same process builds.
+
+    In a fresh process: DeepSpeed creates the buffer once per process, so a test process that
+    already initialised DeepSpeed would prove nothing.
+    """
+    script = tmp_path / "probe.py"
+    script.write_text(CLOSE_PROBE)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                         "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["DS_ACCELERATOR"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
+    cfg = toy_config(str(tmp_path / "run"), train={"max_steps": 1})
+    out = subprocess.run([sys.executable, str(script), json.dumps(cfg)], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("first", "second", "failed"))]
+    assert lines == [
+        "first built True True", "first closed False False False",
+        "second built False True", "second closed False False False",  # DeepSpeed makes its buffer once per process
+        "failed closed False False False",
+    ], out.stdout[-2000:] + out.stderr[-2000:]

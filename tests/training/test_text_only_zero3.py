@@ -41,8 +41,7 @@ PROBE = textwrap.dedent("""
         engine.backward(loss)
         engine.step()
         losses.append(float(loss))
-    import deepspeed
-    deepspeed.comm.destroy_process_group()
+    bundle.close()
     dist.shutdown()
     with open(sys.argv[1] + f".rank{env.rank}", "w") as fh:
         json.dump(losses, fh)

@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 import yaml
-from helpers.trainer_toy import launch, toy_config, toy_loader_builder, toy_model_builder
+from helpers.trainer_toy import ToyLoader, launch, toy_config, toy_loader_builder, toy_model_builder
 from safetensors.torch import load_file
 
 from mmdist.config import load_config
-from mmdist.training.trainer import NonFiniteLossError, cli_main, train
+from mmdist.training.trainer import NonFiniteLossError, TrainState, cli_main, train, train_step
 
 
 def _train(cfg_dict: dict, **kwargs) -> dict:
@@ -81,6 +81,64 @@ def test_too_many_nonfinite_losses_in_a_row_stop_the_run(tmp_path):
     with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row.*train\.max_nonfinite_steps=3"):
         _train(cfg, loader=toy_loader_builder(poison_batches=(2, 3, 4)))
     assert not tdist.is_initialized()  # destroyed on the error path too
+
+
+@pytest.fixture
+def toy_engine(tmp_path):
+    """A single-process ZeRO-2 engine around the toy model (accumulation 2), released after the test."""
+    from mmdist.training import dist
+    from mmdist.training.engine import build_engine
+
+    cfg = load_config(base=toy_config(str(tmp_path / "run"), engine={"zero_stage": 2}))
+    dist.init(backend="gloo")
+    bundle = None
+    try:
+        bundle = build_engine(cfg, world_size=1, model_builder=toy_model_builder)
+        bundle.engine.train()
+        yield cfg, bundle
+    finally:
+        if bundle is not None:
+            bundle.close()
+        dist.shutdown()
+
+
+def test_train_step_updates_weights_and_refills_a_skipped_micro_batch(toy_engine):
+    """One step over 2 micro-batches: a NaN one is dropped before backward and the next batch takes its place;
+    the trainable weights change, the frozen ones do not, the state counts the step and the skip."""
+    cfg, bundle = toy_engine
+    model = bundle.model
+    loader = iter(ToyLoader(cfg, rank=0, world_size=1, poison_batches=(1,)))  # micro-batches 0, NaN, 2, 3, ...
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    skips = []
+    state = TrainState()
+    record = train_step(bundle.engine, loader, state, max_nonfinite_steps=3, fingerprint=True,
+                        on_skip=lambda st, loss: skips.append((st.step, st.nonfinite_in_row, loss)))
+    assert len(skips) == 1 and skips[0][:2] == (0, 1) and math.isnan(skips[0][2])
+    assert (state.step, state.samples, state.tokens, state.nonfinite_total, state.nonfinite_in_row) == (1, 4, 4, 1, 0)
+    assert record["step_samples"] == 4 and math.isfinite(record["loss"]) and "mse" in record and len(record["data"]) == 16
+    assert int(next(loader)["index"][0]) == 6  # batches 0 and 2 trained (samples 0-1, 4-5), 1 was skipped: 3 consumed
+    params = dict(model.named_parameters())
+    assert all(not torch.equal(params[n], v) for n, v in trainable.items())
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+    assert state.state_dict() == {"step": 1, "samples": 4, "tokens": 4, "nonfinite_total": 1}
+    resumed = TrainState()
+    resumed.load_state_dict({"step": 5, "samples": 20, "nonfinite_total": 2, "rng": {}})  # a checkpoint without "tokens"
+    assert (resumed.step, resumed.samples, resumed.tokens, resumed.nonfinite_total) == (5, 20, 0, 2)
+
+
+def test_train_step_stops_after_too_many_nonfinite_micro_batches(toy_engine):
+    cfg, bundle = toy_engine
+    loader = iter(ToyLoader(cfg, rank=0, world_size=1, poison_batches=(0, 1)))
+    trainable = {n: p.detach().clone() for n, p in bundle.model.named_parameters() if p.requires_grad}
+    state = TrainState(step=3)
+    with pytest.raises(NonFiniteLossError, match=r"2 non-finite losses in a row at step 4"):
+        train_step(bundle.engine, loader, state, max_nonfinite_steps=2)
+    assert (state.step, state.nonfinite_total) == (3, 2)
+    params = dict(bundle.model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in trainable.items())  # no update
+    with pytest.raises(RuntimeError, match="ran out after 1 of the 2"):
+        train_step(bundle.engine, iter([next(loader)]), TrainState(), max_nonfinite_steps=2)
 
 
 def test_cli_tolerates_local_rank_and_applies_overrides(tmp_path, monkeypatch):
