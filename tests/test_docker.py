@@ -1,15 +1,16 @@
 """Static checks of docker/Dockerfile (no Docker engine here): base image, pins, copies, project install, user.
 
 The image is only useful if it runs the same stack the tests run: every pin must
-equal the version installed here and satisfy setup.cfg's requirement, and every
-runtime requirement of setup.cfg must be pinned.
+equal the lock (constraints.txt, which .ci/setup installs with as well) and
+satisfy setup.cfg's requirement, and every runtime requirement of setup.cfg must
+be pinned. Comparing with the lock, not with what happens to be installed, keeps
+the outcome independent of what the package index published this week.
 """
 
 from __future__ import annotations
 
 import configparser
 import fnmatch
-import importlib.metadata
 import re
 import shlex
 import shutil
@@ -23,6 +24,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
+LOCK = ROOT / "constraints.txt"
 
 
 def instructions(path: Path = DOCKERFILE) -> list[tuple[str, str]]:
@@ -73,26 +75,45 @@ def test_base_image_is_a_cuda_image_pinned_by_tag():
         assert "devel" in tag, "DeepSpeed JIT-compiles its ops: use a devel image (nvcc)"
 
 
-def test_pins_match_installed_stack_and_setup_cfg():
-    pinned = pins()
+def lock_pins(path: Path = LOCK) -> dict[str, str]:
+    """name -> version of every ``name==version`` line of constraints.txt (the lock of the tested stack)."""
+    found = {}
+    for line in path.read_text().splitlines():
+        match = re.match(r"([A-Za-z0-9_.\-]+)==([^\s;#]+)", line.strip())
+        if match:
+            found[canonicalize_name(match.group(1))] = match.group(2)
+    return found
+
+
+def test_pins_match_the_lock_and_setup_cfg():
+    """Like with like: the image's pins against the lock, not against whatever this machine has installed."""
+    pinned, locked = pins(), lock_pins()
     for core in ("torch", "transformers", "deepspeed", "webdataset", "mpi4py"):
         assert core in pinned, f"{core} is not pinned with == in docker/Dockerfile"
-    checked = 0
     for name, version in pinned.items():
-        try:
-            installed = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        # torch here is the +cpu build; the image has the CUDA build of the same release.
-        assert Version(version).public == Version(installed).public, (
-            f"docker/Dockerfile pins {name}=={version} but the tests run {installed}: update the pin")
-        checked += 1
-    assert checked >= 5
+        assert name in locked, f"docker/Dockerfile pins {name}=={version}, which constraints.txt does not lock"
+        # The image's torch comes from the CUDA index (2.13.0+cu128): the lock pins the public version.
+        assert Version(version).public == Version(locked[name]).public, (
+            f"docker/Dockerfile pins {name}=={version} but constraints.txt locks {locked[name]}: change them together")
     for req in setup_requirements():
         key = canonicalize_name(req.name)
         assert key in pinned, f"setup.cfg requires {req} but docker/Dockerfile does not pin {req.name}"
-        assert req.specifier.contains(pinned[key], prereleases=True), (
-            f"docker/Dockerfile pins {req.name}=={pinned[key]}, outside setup.cfg's {req}")
+        assert key in locked, f"setup.cfg requires {req} but constraints.txt does not lock it: regenerate the lock"
+        assert req.specifier.contains(locked[key], prereleases=True), (
+            f"constraints.txt locks {req.name}=={locked[key]}, outside setup.cfg's {req}")
+
+
+def test_lock_is_used_by_setup_and_the_image():
+    assert "+" not in lock_pins()["torch"], "lock torch without a local tag: +cpu and +cu128 builds both satisfy it"
+    setup = (ROOT / ".ci" / "setup").read_text()
+    project = [line for line in setup.splitlines() if "-e " in line and ".[dev" in line]
+    assert "LOCK=constraints.txt" in setup and project and all('-c "$LOCK"' in line for line in project), (
+        ".ci/setup does not install the project with the lock")
+    runs = [args for word, args in instructions() if word == "RUN" and "pip install" in args and "==" in args]
+    copied = [args for word, args in instructions() if word == "COPY" and args.split()[0] == "constraints.txt"]
+    assert copied, "docker/Dockerfile does not copy constraints.txt"
+    target = copied[0].split()[-1]
+    assert any(f"-c {target}" in args for args in runs), "docker/Dockerfile installs its pins without the lock"
 
 
 def test_copied_paths_exist_and_are_not_ignored():

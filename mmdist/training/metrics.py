@@ -9,12 +9,18 @@ gradient), a frozen parameter that the gradient flows through (the LLM in
 stage 2) costs 4 (no weight gradient), and a frozen parameter only run forward
 (the vision encoder, the frozen text encoder in stage 1) costs 2. Attention's
 quadratic term and recomputation (gradient checkpointing) are not counted.
+Only FLOPs that run are counted (:func:`flop_count`): in stage 2 the LM head
+runs at supervised positions only (FusedVLM.token_losses), the vision tower,
+stage-1 module and projector run on image tokens only, and an input embedding
+not tied to the head is a lookup (no FLOPs). Charging all of them at every
+token put MFU above 100%.
 The peak is ``log.peak_flops`` or, if unset, a short matmul measured on this
 device at start.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,9 +31,11 @@ from typing import Any, Optional
 from mmdist.atomic import write_text_atomic
 
 __all__ = [
+    "FlopCount",
     "MetricsLogger",
     "Throughput",
     "count_parameters",
+    "flop_count",
     "flops_per_token",
     "measure_peak_flops",
 ]
@@ -48,11 +56,86 @@ def count_parameters(model: Any) -> dict[str, int]:
     return {"total": total, "trainable": trainable, "frozen": total - trainable}
 
 
+@dataclasses.dataclass(frozen=True)
+class FlopCount:
+    """Training FLOPs per processed token, per supervised (labelled) token and per image token."""
+
+    per_token: float
+    per_supervised_token: float = 0.0
+    per_image_token: float = 0.0
+
+    def step(self, tokens: int, supervised_tokens: int = 0, image_tokens: int = 0) -> float:
+        return self.per_token * tokens + self.per_supervised_token * supervised_tokens + self.per_image_token * image_tokens
+
+
+def flop_count(model: Any, stage: str, *, vision_runs: bool = True) -> FlopCount:
+    """The FLOPs that run (see the module doc); ZeRO-3 aware.
+
+    Stage 2 (a model with an ``llm``), by where each part runs:
+      - only the weights of Linear and convolution layers count: biases, norms
+        and embedding tables (lookups) do no matmul FLOPs;
+      - the LLM's frozen body: 4 per weight at every token (6 where it trains);
+      - its output head: 4 (6 if it trains) per *supervised* token only, as
+        FusedVLM.token_losses computes it;
+      - every part outside the LLM (vision tower, stage-1 module, projector)
+        runs on the image tokens only, not on text: per *image token*, 4 per
+        trainable weight (forward and weight gradient; the activation gradient
+        is left out because the lowest trainable layer computes none) and 2 per
+        frozen one (the gradient stops at the lowest trainable part); the vision
+        tower costs nothing when the run reads a feature cache
+        (``vision_runs=False``). A tower that sees more patches than the image
+        tokens it hands on (pooling, a CLS token) is counted low, never high.
+    A stage-2 model without an ``llm`` attribute, and the other stages, count every
+    parameter per token: 6 x trainable + (4 in stage 2, else 2) x frozen.
+    """
+    llm = getattr(model, "llm", None) if stage == "fuse" else None
+    if llm is None:
+        counts = count_parameters(model)
+        return FlopCount(6.0 * counts["trainable"] + (4.0 if stage == "fuse" else 2.0) * counts["frozen"])
+    head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
+    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
+    if getattr(llm.config, "final_logit_softcapping", None) or not hasattr(llm, "get_decoder"):
+        head_ids = set()  # FusedVLM takes the full-logits path for these: the head runs at every token
+    in_llm = {id(p) for p in llm.parameters()}
+    vision = getattr(model, "vision", None)
+    idle = {id(p) for p in vision.parameters()} if vision is not None and not vision_runs else set()
+    per_token = per_supervised = per_image = 0.0
+    for p in _matmul_weights(model):
+        if id(p) in idle:
+            continue
+        n = _numel(p)
+        if id(p) in in_llm:
+            cost = (6.0 if p.requires_grad else 4.0) * n
+            if id(p) in head_ids:
+                per_supervised += cost
+            else:
+                per_token += cost
+        else:
+            per_image += (4.0 if p.requires_grad else 2.0) * n
+    return FlopCount(per_token, per_supervised, per_image)
+
+
+def _matmul_weights(model: Any) -> list[Any]:
+    """The weights of the model's Linear and convolution layers, once each: the parameters that do FLOPs.
+
+    Biases, norms and embedding tables (a lookup, unless tied to the LM head,
+    which is a Linear) do none worth counting. Module types, not shapes, decide:
+    under ZeRO-3 a partitioned weight is empty.
+    """
+    from torch import nn
+
+    seen: dict[int, Any] = {}
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or type(module).__name__ == "Conv1D":
+            weight = getattr(module, "weight", None)
+            if weight is not None:
+                seen.setdefault(id(weight), weight)
+    return list(seen.values())
+
+
 def flops_per_token(model: Any, stage: str) -> float:
-    """Training FLOPs per token (see the module doc): 6 x trainable + (4 or 2) x frozen parameters."""
-    counts = count_parameters(model)
-    frozen_factor = 4.0 if stage == "fuse" else 2.0
-    return 6.0 * counts["trainable"] + frozen_factor * counts["frozen"]
+    """Training FLOPs per processed token, without those that run only at supervised tokens (see flop_count)."""
+    return flop_count(model, stage).per_token
 
 
 def measure_peak_flops(dtype: str = "fp32", size: int = 1024, repeats: int = 3) -> float:
@@ -83,30 +166,35 @@ def measure_peak_flops(dtype: str = "fp32", size: int = 1024, repeats: int = 3) 
 class Throughput:
     """Samples/s, tokens/s and MFU over a sliding window of steps, and the ETA."""
 
-    def __init__(self, flops_per_token: float, peak_flops_total: float, total_steps: int, start_step: int = 0, window: int = 20):
-        self.flops_per_token = flops_per_token
+    def __init__(self, flops_per_token: float | FlopCount, peak_flops_total: float, total_steps: int, start_step: int = 0,
+                 window: int = 20):
+        self.flops = flops_per_token if isinstance(flops_per_token, FlopCount) else FlopCount(float(flops_per_token))
         self.peak = peak_flops_total
         self.total_steps = total_steps
         self.window = window
-        self.history: list[tuple[float, int, int, int]] = [(time.perf_counter(), start_step, 0, 0)]
+        self.history: list[tuple[float, int, int, int, float]] = [(time.perf_counter(), start_step, 0, 0, 0.0)]
         self.samples = 0
         self.tokens = 0
+        self.flops_done = 0.0
 
-    def update(self, step: int, samples: int, tokens: int) -> dict[str, float]:
+    def update(self, step: int, samples: int, tokens: int, supervised_tokens: int = 0, image_tokens: int = 0) -> dict[str, float]:
+        """Add one step; ``supervised_tokens`` and ``image_tokens`` feed the FlopCount's other two rates."""
         self.samples += samples
         self.tokens += tokens
-        self.history.append((time.perf_counter(), step, self.samples, self.tokens))
+        self.flops_done += self.flops.step(tokens, supervised_tokens, image_tokens)
+        self.history.append((time.perf_counter(), step, self.samples, self.tokens, self.flops_done))
         self.history = self.history[-(self.window + 1):]
-        t0, s0, n0, k0 = self.history[0]
-        t1, s1, n1, k1 = self.history[-1]
+        t0, s0, n0, k0, f0 = self.history[0]
+        t1, s1, n1, k1, f1 = self.history[-1]
         dt = max(t1 - t0, 1e-9)
         tokens_per_s = (k1 - k0) / dt
+        flops_per_s = (f1 - f0) / dt
         steps_per_s = (s1 - s0) / dt
         remaining = max(self.total_steps - step, 0)
         return {
             "samples_per_s": (n1 - n0) / dt,
             "tokens_per_s": tokens_per_s,
-            "mfu": tokens_per_s * self.flops_per_token / self.peak if self.peak > 0 else 0.0,
+            "mfu": flops_per_s / self.peak if self.peak > 0 else 0.0,
             "eta_s": remaining / steps_per_s if steps_per_s > 0 else float("inf"),
         }
 

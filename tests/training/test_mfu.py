@@ -1,0 +1,100 @@
+"""MFU counts the FLOPs that run: the accounting of metrics.flop_count against torch's FLOP counter.
+
+A figure above 100% is a bug. The old "4N at every token" charged the LM head at
+every position while FusedVLM runs it at supervised positions only, so on a
+batch with few labelled tokens it claimed more FLOPs than the step executed.
+Here a forward and backward of the tiny stage-2 model from configs/tiny_fuse.yaml
+run under ``torch.utils.flop_counter.FlopCounterMode``; the estimate must not
+exceed what ran (attention's quadratic term, which the estimate leaves out, is
+the only gap) and the old count must.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmdist.config import load_config
+from mmdist.models import build_model
+from mmdist.training import metrics
+
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "tiny_fuse.yaml"
+
+
+@pytest.fixture(scope="module")
+def fused():
+    torch.manual_seed(0)
+    # No recomputation: gradient checkpointing runs the forward twice, which the estimate does not count.
+    cfg = load_config(RECIPE, ["model.llm.gradient_checkpointing=false"])
+    return build_model(cfg)
+
+
+def demo_like_batch(model, rows: int = 4, prompt: int = 12, answer: int = 2) -> dict:
+    """Rows like the demo's: one image, a prompt, and a short supervised answer (labels on the answer only)."""
+    image = [model.image_token_id] * model.num_image_tokens
+    ids, labels = [], []
+    for r in range(rows):
+        text = [10 + (r + i) % 200 for i in range(prompt + answer)]
+        ids.append(image + text)
+        labels.append([-100] * (len(image) + prompt) + text[prompt:])
+    ids, labels = torch.tensor(ids), torch.tensor(labels)
+    mask = torch.ones_like(ids)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask,
+            "position_ids": (mask.cumsum(1) - 1), "pixel_values": torch.randn(rows, 3, 16, 16)}
+
+
+def executed_flops(model, batch) -> tuple[float, int]:
+    """(FLOPs torch counted for one forward and backward, supervised tokens)."""
+    model.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:
+        out = model(batch)
+        out["loss"].backward()
+    return float(counter.get_total_flops()), int(out["num_tokens"])
+
+
+def test_each_part_is_charged_where_it_runs(fused):
+    count = metrics.flop_count(fused, "fuse")
+    head = fused.llm.get_output_embeddings().weight
+    assert fused.llm.get_input_embeddings().weight is head  # tiny_fuse ties them: the head is the only copy
+    assert count.per_supervised_token == 4 * head.numel()  # frozen, gradient flows through it
+    def weights(module, trainable=None):  # Linear and Conv weights: the parameters that do FLOPs
+        return sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+                   and (trainable is None or m.weight.requires_grad == trainable))
+
+    vision = weights(fused.vision)
+    trainable = weights(fused, trainable=True)
+    body = weights(fused.llm) - head.numel()
+    assert 0 < vision < sum(p.numel() for p in fused.vision.parameters())  # position embeddings, norms, biases: no FLOPs
+    assert count.per_token == 4 * body
+    # The vision tower runs forward only; trainable weights at 4 (no activation gradient below the lowest one).
+    assert count.per_image_token == 2 * vision + 4 * trainable
+    assert metrics.flop_count(fused, "fuse", vision_runs=False).per_image_token == 4 * trainable  # feature cache
+    assert metrics.flops_per_token(fused, "fuse") == count.per_token
+
+
+def test_estimate_does_not_exceed_the_flops_that_ran(fused):
+    batch = demo_like_batch(fused)
+    ran, supervised = executed_flops(fused, batch)
+    tokens = int(batch["attention_mask"].sum())
+    image_tokens = int((batch["input_ids"] == fused.image_token_id).sum())
+    assert supervised == 4 * 2 and image_tokens == 4 * fused.num_image_tokens
+    estimate = metrics.flop_count(fused, "fuse").step(tokens, supervised, image_tokens)
+    assert estimate <= ran, f"MFU would read high: estimated {estimate:.3g} FLOPs, {ran:.3g} ran"
+    assert estimate >= 0.8 * ran, f"estimate {estimate:.3g} far below the {ran:.3g} FLOPs that ran"
+    # The old accounting (every parameter at 4 or 6 per token, the head included) claims more than ran.
+    counts = metrics.count_parameters(fused)
+    old = (6 * counts["trainable"] + 4 * counts["frozen"]) * tokens
+    assert old > ran
+
+
+def test_mfu_from_throughput_counts_each_rate(monkeypatch):
+    clock = iter([0.0, 1.0, 2.0])
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    flops = metrics.FlopCount(per_token=10.0, per_supervised_token=100.0, per_image_token=1.0)
+    tp = metrics.Throughput(flops, peak_flops_total=1000.0, total_steps=4)
+    tp.update(step=1, samples=2, tokens=20, supervised_tokens=4, image_tokens=8)
+    out = tp.update(step=2, samples=2, tokens=20, supervised_tokens=4, image_tokens=8)
+    assert out["mfu"] == pytest.approx((20 * 10.0 + 4 * 100.0 + 8 * 1.0) / 1000.0)
