@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 # The one import of the settings errors (moves to mmdist.settings with issue 9).
-from mmdist.config.schema import ConfigError, Problem
+from mmdist.settings import ConfigError, Problem
 
 __all__ = [
     "BF16_CPU_FLAGS",

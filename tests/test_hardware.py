@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mmdist import hardware
-from mmdist.config.schema import ConfigError
+from mmdist.settings import ConfigError
 
 X86_WITH_BF16 = """\
 processor\t: 0

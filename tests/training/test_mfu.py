@@ -11,25 +11,20 @@ the only gap) and the old count must.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from helpers.configs import tiny_run_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmdist.config import load_config
-from mmdist.models import build_model
+from mmdist.export import build_run_model
 from mmdist.training import metrics
-
-RECIPE = Path(__file__).resolve().parents[2] / "configs" / "tiny_fuse.yaml"
 
 
 @pytest.fixture(scope="module")
 def fused():
     torch.manual_seed(0)
     # No recomputation: gradient checkpointing runs the forward twice, which the estimate does not count.
-    cfg = load_config(RECIPE, ["model.llm.gradient_checkpointing=false"])
-    return build_model(cfg)
+    return build_run_model(tiny_run_config("fuse", "model.llm.gradient_checkpointing=false"))
 
 
 def demo_like_batch(model, rows: int = 4, prompt: int = 12, answer: int = 2) -> dict:
