@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
+from mmdist.models import qwen1
 from mmdist.settings import SettingsBase, setting
 
 Dtype = Literal["fp32", "bf16", "fp16"]
@@ -47,7 +48,7 @@ class LLMConfig(SettingsBase):
     init_config: Optional[dict] = setting(None, "build a randomly initialised model from this config dict (needs 'model_type'); used by tests and benchmarks")
     init_seed: int = setting(0, "seed for the weights of a model built from init_config")
     tokenizer: Optional[str] = setting(None, "tokenizer hub id or folder; default: same as name_or_path (or the GGUF file)")
-    trust_remote_code: bool = setting(False, "allow the model repository's own Python code (needed by the original Qwen/Qwen-14B); off unless you trust it")
+    trust_remote_code: bool = setting(False, "allow the model repository's own Python code; off unless you trust it (Qwen1 checkpoints such as Qwen/Qwen-14B load natively without it)")
     dtype: Dtype = setting("bf16", "dtype of the frozen weights")
     freeze: bool = setting(True, "freeze the LLM: requires_grad=False, eval(), no optimizer state")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting("sdpa", "attention kernel passed to from_pretrained")
@@ -125,6 +126,8 @@ def load_llm(cfg: LLMConfig) -> Any:
     folder, gguf = resolve_source(cfg)
     if not folder:
         raise ValueError("model.llm: set name_or_path (hub id, local folder, 'smollm2') or init_config")
+    if not gguf and qwen1.is_qwen1_checkpoint(folder):  # Qwen1 loads natively as Qwen2, never through remote code
+        return qwen1.load_qwen1_llm(folder, dtype=dtype, attn_implementation=cfg.attn_implementation)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
     if gguf:
         kwargs["gguf_file"] = gguf
@@ -152,6 +155,8 @@ def load_tokenizer(cfg: LLMConfig) -> Any:
         if cfg.init_config:
             raise ValueError("model.llm.tokenizer: an LLM built from init_config needs a tokenizer (hub id, folder, or 'mmdist:tiny-bytes')")
         source, gguf = resolve_source(cfg)
+    if not gguf and qwen1.is_qwen1_checkpoint(source):  # qwen.tiktoken as a fast tokenizer, no remote code
+        return qwen1.load_qwen1_tokenizer(source)
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)

