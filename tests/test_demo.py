@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from mmdist import demo
+from mmdist.demo import cli as demo
+from mmdist.demo.digits import make_shards
+from mmdist.demo.evaluate import QUESTION, _eval_batch_size
+from mmdist.demo.state import STATE_FILE, DemoError, DemoState, run_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_ALIGN = REPO / "configs" / "tiny_align.yaml"
@@ -35,7 +38,7 @@ def _keys_and_labels(folder: Path) -> list[tuple[str, int]]:
 
 
 def test_heldout_split_is_disjoint_and_covers_every_digit(tmp_path):
-    shards = demo.make_shards(tmp_path, quick=False)
+    shards = make_shards(tmp_path, quick=False)
     train = _keys_and_labels(tmp_path / "data" / "shards" / "train")
     heldout = _keys_and_labels(tmp_path / "data" / "shards" / "eval")
     train_keys, heldout_keys = {k for k, _ in train}, {k for k, _ in heldout}
@@ -48,37 +51,37 @@ def test_heldout_split_is_disjoint_and_covers_every_digit(tmp_path):
 
 
 def test_eval_batch_divides_the_heldout_count():
-    assert demo._eval_batch_size(360) == 60
-    assert demo._eval_batch_size(40) == 40
-    assert demo._eval_batch_size(97) == 1  # prime: still every sample, one at a time
+    assert _eval_batch_size(360) == 60
+    assert _eval_batch_size(40) == 40
+    assert _eval_batch_size(97) == 1  # prime: still every sample, one at a time
     for n in (360, 40, 50, 97):
-        assert n % demo._eval_batch_size(n) == 0
+        assert n % _eval_batch_size(n) == 0
 
 
 def _fingerprint(quick: bool = False) -> dict:
-    return demo.run_fingerprint(demo.DEFAULT_ALIGN_CONFIG, demo.DEFAULT_FUSE_CONFIG, quick)
+    return run_fingerprint(demo.DEFAULT_ALIGN_CONFIG, demo.DEFAULT_FUSE_CONFIG, quick)
 
 
 def test_run_folder_of_another_recipe_is_refused(tmp_path):
     run = tmp_path / "run"
-    state = demo.DemoState.open(run, _fingerprint(quick=True), overwrite=False)
+    state = DemoState.open(run, _fingerprint(quick=True), overwrite=False)
     state.data["done"]["shards"] = {"train": "x"}
     state.save()
-    with pytest.raises(demo.DemoError, match="quick: True there, False now"):
-        demo.DemoState.open(run, _fingerprint(quick=False), overwrite=False)
+    with pytest.raises(DemoError, match="quick: True there, False now"):
+        DemoState.open(run, _fingerprint(quick=False), overwrite=False)
     # the same recipe continues where it stopped
-    again = demo.DemoState.open(run, _fingerprint(quick=True), overwrite=False)
+    again = DemoState.open(run, _fingerprint(quick=True), overwrite=False)
     assert again.done("shards") == {"train": "x"}
     # --overwrite starts over
-    fresh = demo.DemoState.open(run, _fingerprint(quick=False), overwrite=True)
-    assert fresh.done("shards") is None and json.loads((run / demo.STATE_FILE).read_text())["fingerprint"]["quick"] is False
+    fresh = DemoState.open(run, _fingerprint(quick=False), overwrite=True)
+    assert fresh.done("shards") is None and json.loads((run / STATE_FILE).read_text())["fingerprint"]["quick"] is False
 
 
 def test_a_folder_that_is_not_a_demo_run_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     for overwrite in (False, True):  # --overwrite never deletes a folder the demo did not make
-        with pytest.raises(demo.DemoError, match="not a demo run folder"):
-            demo.DemoState.open(tmp_path, _fingerprint(), overwrite=overwrite)
+        with pytest.raises(DemoError, match="not a demo run folder"):
+            DemoState.open(tmp_path, _fingerprint(), overwrite=overwrite)
         assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -134,7 +137,7 @@ def tiny_demo(tmp_path_factory):
         mp.setattr(demo, "train_stage", interrupted_stage)
         with pytest.raises(KeyboardInterrupt):
             demo.run_demo(run, **kwargs)
-        interrupted = json.loads((run / demo.STATE_FILE).read_text())
+        interrupted = json.loads((run / STATE_FILE).read_text())
         mp.setattr(demo, "train_stage", original_train_stage)
         metrics = demo.run_demo(run, **kwargs)
         # a third run finds everything done and changes nothing
@@ -198,7 +201,7 @@ def test_tiny_demo_interrupted_stage_resumes_from_its_checkpoint(tiny_demo):
     interrupted = tiny_demo["interrupted"]
     assert "align" in interrupted["done"] and "fuse" not in interrupted["done"]
     assert interrupted["timings_s"]["fuse"] > 0  # time of the interrupted attempt is kept
-    state = json.loads((tiny_demo["run"] / demo.STATE_FILE).read_text())
+    state = json.loads((tiny_demo["run"] / STATE_FILE).read_text())
     assert state["done"]["fuse"]["resumed_from"].endswith("step_000002")
     assert state["done"]["fuse"]["steps"] == 4
     assert tiny_demo["again"]["align"] == tiny_demo["metrics"]["align"]
@@ -209,9 +212,9 @@ def test_generate_answers_on_the_demo_output(tiny_demo, capsys):
     from mmdist import generate
 
     run = tiny_demo["run"]
-    gallery = json.loads((run / demo.STATE_FILE).read_text())["done"]["fuse_eval"]["gallery"]
+    gallery = json.loads((run / STATE_FILE).read_text())["done"]["fuse_eval"]["gallery"]
     first = gallery[0]
-    code = generate.cli_main(["--run", str(run), "--image", str(run / "images" / first["image"]), "--prompt", demo.QUESTION,
+    code = generate.cli_main(["--run", str(run), "--image", str(run / "images" / first["image"]), "--prompt", QUESTION,
                               "--max-new-tokens", "8"])
     assert code == 0
     assert capsys.readouterr().out.endswith(first["answer"] + "\n")  # the report's answer is what `mmdist generate` says
@@ -245,6 +248,6 @@ def test_quick_demo_with_the_packaged_models(tmp_path, capsys):
     assert manifest["stage"] == "fuse"
     from mmdist import generate
 
-    first = json.loads((run / demo.STATE_FILE).read_text())["done"]["fuse_eval"]["gallery"][0]
+    first = json.loads((run / STATE_FILE).read_text())["done"]["fuse_eval"]["gallery"][0]
     assert generate.cli_main(["--run", str(run), "--image", str(run / "images" / first["image"]), "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out.endswith(first["answer"] + "\n")
