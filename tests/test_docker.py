@@ -124,6 +124,30 @@ def test_project_is_installed_after_its_sources_are_copied():
         pytest.fail("no `pip install .` of the project in docker/Dockerfile")
 
 
+def test_demo_smoke_runs_after_a_non_editable_install_from_another_folder():
+    """The image checks its install path the way tests/test_demo.py's wheel test does: a non-editable
+    install, then `mmdist demo --quick` from a folder without the sources' configs/ (recipes from the package)."""
+    steps = instructions()
+    workdir, source_dir, install_at, demo_at = "/", None, None, None
+    for i, (word, args) in enumerate(steps):
+        if word == "WORKDIR":
+            workdir = args.strip()
+        if word == "COPY" and "configs" in [p.rstrip("/") for p in shlex.split(args)[:-1]]:
+            source_dir = workdir
+        if word != "RUN":
+            continue
+        tokens = shlex.split(args)
+        if install_at is None and "install" in tokens and any(re.fullmatch(r"\.(\[[\w,]+\])?", t) for t in tokens):
+            assert not {"-e", "--editable"} & set(tokens), "the project must be installed non-editable (as the wheel test does)"
+            install_at = i
+        if re.search(r"\bmmdist demo\b[^&;|]*--quick", args):
+            demo_at = i
+            assert workdir != source_dir, f"`mmdist demo --quick` runs in {workdir}, where configs/ was copied: run it elsewhere"
+    assert install_at is not None, "no `pip install .` of the project in docker/Dockerfile"
+    assert demo_at is not None, "docker/Dockerfile never runs `mmdist demo --quick` to check its install"
+    assert demo_at > install_at, "`mmdist demo --quick` runs before the project is installed"
+
+
 def test_runs_as_non_root_with_sensible_environment():
     steps = instructions()
     users = [args for word, args in steps if word == "USER"]

@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 
 from mmdist.config import ConfigError, load_config
+from mmdist.config.recipes import packaged_recipes, recipe_path
 from mmdist.data.cache import cli_main as cache_main
 from mmdist.demo.digits import make_shards, shard_overrides
 from mmdist.demo.evaluate import heldout_answers, heldout_gallery, heldout_retrieval
@@ -29,9 +30,9 @@ from mmdist.demo.state import DemoError, DemoState, run_fingerprint
 from mmdist.generate import load_model
 from mmdist.training.trainer import train
 
-REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-DEFAULT_ALIGN_CONFIG = REPO_CONFIGS / "demo_align.yaml"
-DEFAULT_FUSE_CONFIG = REPO_CONFIGS / "demo_fuse.yaml"
+# The recipes shipped with mmdist (package data), so the demo runs from any folder after any install.
+DEFAULT_ALIGN_CONFIG = packaged_recipes() / "demo_align.yaml"
+DEFAULT_FUSE_CONFIG = packaged_recipes() / "demo_fuse.yaml"
 
 # Optional packages the demo needs, with the exact command that installs each.
 INSTALL = {
@@ -123,7 +124,8 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
     torch.set_num_threads(threads)
     print(f"[demo] torch threads: {threads} (--threads to change)")
     run_dir = Path(run_dir).resolve()
-    align_path, fuse_path = Path(align_config).resolve(), Path(fuse_config).resolve()
+    # configs/NAME.yaml that is not in the working directory: the packaged recipe of that name.
+    align_path, fuse_path = recipe_path(align_config).resolve(), recipe_path(fuse_config).resolve()
     # Validate both recipes before anything is written (paths are filled in below).
     align_cfg, fuse_cfg = load_config(align_path, list(extra_align)), load_config(fuse_path, list(extra_fuse))
     problems = missing_packages(packages_for(align_cfg, fuse_cfg))
