@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mmdist.training.dist import free_port
+from mmdist.training.launch_env import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

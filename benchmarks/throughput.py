@@ -32,7 +32,7 @@ import torch
 from common import BenchShape, Sample, format_table, llm_matmul_params, make_samples, matmul_peak, set_threads, step_flops, tiny_recipe
 from reference_llava import ReferenceLoop
 
-from mmdist.training.dist import free_port
+from mmdist.training.launch_env import free_port
 
 
 def mmdist_config(shape: BenchShape, global_batch: int, micro_batch: int, max_len: int, checkpointing: bool = False) -> Any:

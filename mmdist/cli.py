@@ -18,7 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mmdist.training.trainer:cli_main", "train one stage (align or fuse) from a config"),
     "shard": ("mmdist.data.shards:cli_main", "write WebDataset shards (LLaVA JSON, image folder + captions, or the demo digits)"),
     "cache": ("mmdist.data.cache:cli_main", "precompute frozen-encoder features into new shards"),
-    "demo": ("mmdist.demo:cli_main", "build the digits shards, train both stages on CPU, evaluate, write a report"),
+    "demo": ("mmdist.demo.cli:cli_main", "build the digits shards, train both stages on CPU, evaluate, write a report"),
     "generate": ("mmdist.generate:cli_main", "answer a prompt about an image with an exported stage-2 model"),
     "plan": ("mmdist.plan:cli_main", "predict per-GPU memory for each ZeRO stage before submitting a job"),
 }

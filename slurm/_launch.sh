@@ -39,7 +39,7 @@ if [[ ! -f "$CONFIG" ]]; then
 fi
 
 # --- rendezvous: the first node of the allocation is the master ---------------------------------
-# (mmdist.training.dist derives the same values itself; exporting them makes the log show them.)
+# (mmdist.training.launch_env derives the same values itself; exporting them makes the log show them.)
 export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 

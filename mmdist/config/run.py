@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from mmdist.atomic import write_text_atomic
+from mmdist.config.recipes import recipe_path
 from mmdist.data.settings import DataConfig
 from mmdist.models.settings import ModelConfig
 from mmdist.settings import ConfigError, Problem, SettingsBase, from_dict, setting, to_dict
@@ -104,7 +105,13 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> RunConfig:
-    """Defaults, then the YAML at ``path`` (or ``base``), then dotted ``overrides``; validated."""
+    """Defaults, then the YAML at ``path`` (or ``base``), then dotted ``overrides``; validated.
+
+    A ``path`` like ``configs/fuse.yaml`` that is not there relative to the working
+    directory is the recipe of that name shipped with mmdist (:func:`recipe_path`).
+    """
+    if path and base is None:
+        path = recipe_path(path)
     data = copy.deepcopy(base) if base is not None else (read_yaml(path) if path else {})
     source = str(path) if path else "defaults"
     for keys, value in parse_overrides(overrides):

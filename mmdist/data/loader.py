@@ -56,6 +56,7 @@ from mmdist.data.reader import (
     split_by_worker,
 )
 from mmdist.data.selfcheck import self_check
+from mmdist.data.settings import DataConfig
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
@@ -120,27 +121,30 @@ class _CounterProxy:
 class ShardStream(IterableDataset):
     """One rank's stream of batches; each DataLoader worker produces its own share (see module docstring)."""
 
-    def __init__(self, *, sources: list[tuple[list[Shard], float]], preprocess: Preprocessor, rank: int, world_size: int,
-                 num_workers: int, batch_size: int, mode: str, shuffle: bool, seed: int, shuffle_buffer: int,
-                 samples_per_epoch: Optional[int], pack: bool, group: bool, group_batches: int, max_len: int,
-                 pad_token_id: int, max_bad_fraction: float, log_bad: int, max_image_pixels: int, max_text_chars: int,
+    def __init__(self, data: DataConfig, *, sources: list[tuple[list[Shard], float]], preprocess: Preprocessor, rank: int,
+                 world_size: int, batch_size: int, mode: str, shuffle: bool, pack: bool, pad_token_id: int,
                  text_features: bool = False):
+        """``data`` gives every pipeline setting; the arguments are what the split, stage and rank decide.
+
+        ``mode`` is ``data.mode`` for training and ``epoch`` for evaluation, ``shuffle``
+        is on for training only, ``pack`` only where ``data.packing`` applies (stage 2).
+        """
         super().__init__()
         self.sources = sources
         self.shards = [s for shards, _ in sources for s in shards]
         self.preprocess = preprocess
         self.rank, self.world_size = rank, world_size
-        self.num_workers = max(1, num_workers)
+        self.num_workers = max(1, data.num_workers)
         self.batch_size = batch_size
         self.mode = mode
         self.shuffle = shuffle
-        self.seed = seed
-        self.shuffle_buffer = shuffle_buffer if shuffle else 0
-        self.samples_per_epoch = samples_per_epoch
-        self.pack, self.group, self.group_batches = pack, group and shuffle, group_batches
-        self.max_len, self.pad_token_id = max_len, pad_token_id
-        self.max_bad_fraction, self.log_bad = max_bad_fraction, log_bad
-        self.max_image_pixels, self.max_text_chars = max_image_pixels, max_text_chars
+        self.seed = data.seed
+        self.shuffle_buffer = data.shuffle_buffer if shuffle else 0
+        self.samples_per_epoch = data.samples_per_epoch
+        self.pack, self.group, self.group_batches = pack, data.group_by_length and shuffle, data.length_group_batches
+        self.max_len, self.pad_token_id = data.max_len, pad_token_id
+        self.max_bad_fraction, self.log_bad = data.max_bad_fraction, data.log_bad_samples
+        self.max_image_pixels, self.max_text_chars = data.max_image_pixels, data.max_caption_chars
         self.text_features = text_features  # stage 1 from a cache with pooled caption features (mmdist/data/cache.py)
         # set by the loader before an iteration (and copied into workers)
         self.start_epoch = 0
@@ -484,12 +488,9 @@ def build_loader(cfg: Any, processors: Any, split: str = "train", rank: int = 0,
         raise ValueError(f"stage {cfg.stage} needs processors.{'tokenizer' if cfg.stage == 'fuse' else 'text_tokenizer'}")
     train = split == "train"
     dataset = ShardStream(
-        sources=sources, preprocess=preprocess, rank=rank, world_size=world_size, num_workers=data.num_workers,
-        batch_size=cfg.train.micro_batch_size, mode=mode, shuffle=train, seed=data.seed, shuffle_buffer=data.shuffle_buffer,
-        samples_per_epoch=data.samples_per_epoch, pack=data.packing and cfg.stage == "fuse", group=data.group_by_length,
-        group_batches=data.length_group_batches, max_len=data.max_len, pad_token_id=pad_id_of(tokenizer),
-        max_bad_fraction=data.max_bad_fraction, log_bad=data.log_bad_samples, max_image_pixels=data.max_image_pixels,
-        max_text_chars=data.max_caption_chars, text_features=text_features,
+        data, sources=sources, preprocess=preprocess, rank=rank, world_size=world_size, batch_size=cfg.train.micro_batch_size,
+        mode=mode, shuffle=train, pack=data.packing and cfg.stage == "fuse", pad_token_id=pad_id_of(tokenizer),
+        text_features=text_features,
     )
     if mode == "epoch":
         dataset.batches_per_rank(0)  # fails early (fewer shards than ranks, empty shards)

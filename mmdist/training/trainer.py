@@ -540,7 +540,7 @@ def _finish(run: _Run, state: TrainState, seconds: float) -> dict:
 def cli_main(argv: Sequence[str] | None = None) -> int:
     """``mmdist train --config FILE [key.path=value ...]`` (a trailing ``--local_rank=N`` is accepted)."""
     from mmdist.config import ConfigError, load_config
-    from mmdist.training.dist import strip_local_rank
+    from mmdist.training.launch_env import strip_local_rank
 
     argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(prog="mmdist train", description="Train one stage (align or fuse) from a config.")

@@ -301,7 +301,7 @@ def launch(workdir: Any, spec: dict, nproc: int = 2, timeout: float = 240) -> di
     import subprocess
     from pathlib import Path
 
-    from mmdist.training.dist import free_port
+    from mmdist.training.launch_env import free_port
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from mmdist.models.losses import itc_loss
-from mmdist.training.dist import free_port
+from mmdist.training.launch_env import free_port
 
 B, D, WORLD = 3, 5, 2
 

@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from mmdist.training import dist
-from mmdist.training.dist import DistEnv, DistError, discover, expand_hostlist, hostnames, tasks_per_node
+from mmdist.training import dist, launch_env
+from mmdist.training.launch_env import DistEnv, DistError, discover, expand_hostlist, hostnames, tasks_per_node
 
 # --- torchrun / deepspeed -----------------------------------------------------
 
@@ -55,7 +55,7 @@ def test_local_rank_without_launcher_variables_is_an_error():
 
 def test_strip_local_rank():
     argv = ["--config", "x.yaml", "--local_rank=1", "a=b", "--local_rank", "2", "c=d"]
-    assert dist.strip_local_rank(argv) == ["--config", "x.yaml", "a=b", "c=d"]
+    assert launch_env.strip_local_rank(argv) == ["--config", "x.yaml", "a=b", "c=d"]
 
 
 def test_inconsistent_variables_are_refused_with_the_numbers():
@@ -274,17 +274,17 @@ def test_uncaught_exception_still_destroys_the_group(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent("""
         import atexit, os, sys, torch, torch.distributed as tdist
-        from mmdist.training import dist
+        from mmdist.training import dist, launch_env
         # atexit runs handlers last-registered first: this probe, registered before init(), runs after shutdown().
         atexit.register(lambda: print(f"rank{os.environ['RANK']} group_alive_at_exit={tdist.is_initialized()}", flush=True))
-        env = dist.init(dist.discover(), timeout_s=20)
+        env = dist.init(launch_env.discover(), timeout_s=20)
         t = torch.tensor([float(env.rank + 1)])
         tdist.all_reduce(t)
         print(f"rank{env.rank} sum={t.item()}", flush=True)
         if env.rank == 1:
             raise RuntimeError("boom")
     """))
-    port = dist.free_port()
+    port = launch_env.free_port()
     procs = []
     for rank in range(2):
         env = {**os.environ, "PYTHONPATH": os.getcwd(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
@@ -303,8 +303,8 @@ def test_uncaught_exception_still_destroys_the_group(tmp_path):
 
 _PROBE = textwrap.dedent("""
     import json, os, sys, torch, torch.distributed as tdist
-    from mmdist.training import dist
-    env = dist.init(dist.discover(), timeout_s=60)
+    from mmdist.training import dist, launch_env
+    env = dist.init(launch_env.discover(), timeout_s=60)
     t = torch.tensor([float(env.rank + 1)])
     tdist.all_reduce(t)
     # One file per rank: lines printed by two ranks into one pipe can interleave.
@@ -343,14 +343,14 @@ def test_mpiexec_ranks_and_broadcast_master(tmp_path):
 @pytest.mark.multiproc
 def test_torchrun_ranks(tmp_path):
     probes = _launch_probe(tmp_path, [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                                      "--master_port", str(dist.free_port())])
+                                      "--master_port", str(launch_env.free_port())])
     assert {p["launcher"] for p in probes} == {"torchrun"}
 
 
 @pytest.mark.multiproc
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="deepspeed launcher not on PATH")
 def test_deepspeed_launcher_ranks(tmp_path):
-    probes = _launch_probe(tmp_path, [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(dist.free_port())])
+    probes = _launch_probe(tmp_path, [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(launch_env.free_port())])
     assert {p["launcher"] for p in probes} == {"deepspeed"}
     # The launcher puts --local_rank=N in front of the script's own arguments.
     assert sorted(p["args"][0] for p in probes) == ["--local_rank=0", "--local_rank=1"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mmdist.training.dist import free_port
+from mmdist.training.launch_env import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
