@@ -19,7 +19,7 @@
 #   REQUEUE         1 (default): requeue the job when the trainer stopped on the warning signal; 0: just end
 #   MAX_REQUEUES    stop requeueing after this many restarts (SLURM_RESTART_COUNT)  default: 50
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  LAUNCH_MODE=torchrun: seconds torchrun gives the ranks to checkpoint
-#                   after it forwards SIGTERM, before SIGKILL (torch >= 2.8 reads it; older: 30)  default: 240
+#                   after it forwards SIGTERM, before SIGKILL (recent torch reads it, 2.13 does; older: 30 s)  default: 240
 #
 # Preemption and time limits (docs/operations.md): the stage scripts ask for `--signal=B:USR1@300`, so
 # Slurm sends SIGUSR1 to this batch shell 300 s before the time limit (`sbatch --signal=B:USR1@900 ...`
