@@ -16,6 +16,20 @@
 #   DS_ACCELERATOR  set to `cpu` for a CPU job (gloo backend, no CUDA)
 #   MASTER_ADDR / MASTER_PORT   rendezvous; default: first host of the allocation, port from the job id
 #   OMP_NUM_THREADS, NCCL_DEBUG, NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE, MMDIST_DIST_TIMEOUT: passed through
+#   REQUEUE         1 (default): requeue the job when the trainer stopped on the warning signal; 0: just end
+#   MAX_REQUEUES    stop requeueing after this many restarts (SLURM_RESTART_COUNT)  default: 50
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  LAUNCH_MODE=torchrun: seconds torchrun gives the ranks to checkpoint
+#                   after it forwards SIGTERM, before SIGKILL (recent torch reads it, 2.13 does; older: 30 s)  default: 240
+#
+# Preemption and time limits (docs/operations.md): the stage scripts ask for `--signal=B:USR1@300`, so
+# Slurm sends SIGUSR1 to this batch shell 300 s before the time limit (`sbatch --signal=B:USR1@900 ...`
+# for a longer lead; #SBATCH lines cannot read variables). The shell runs the job step in the background
+# and forwards the signal to it: SIGUSR1 to srun (which relays it to every task) in srun mode, SIGTERM
+# in torchrun mode (torchrun relays SIGTERM to its ranks; SIGUSR1 would end the agent itself). SIGTERM
+# to this shell (preemption, scancel) is forwarded the same way. The ranks agree on a step, checkpoint,
+# rank 0 writes RUN_DIR/preempted.json, and they exit with PREEMPTED_EXIT. On that code or that file the
+# shell runs `scontrol requeue`; the requeued job resumes from RUN_DIR's latest checkpoint
+# (checkpoint.resume=auto). Any other failure is not requeued (a crash would only repeat).
 #
 # sbatch copies the batch script into its spool folder, so paths are taken
 # relative to MMDIST_REPO (SLURM_SUBMIT_DIR), never to the script's own location.
@@ -66,16 +80,25 @@ echo "[mmdist] job $SLURM_JOB_ID on ${SLURM_JOB_NUM_NODES:-1} node(s) ($SLURM_JO
      "mode $LAUNCH_MODE, master $MASTER_ADDR:$MASTER_PORT, OMP_NUM_THREADS=$OMP_NUM_THREADS, DS_ACCELERATOR=${DS_ACCELERATOR:-}"
 echo "[mmdist] $PYTHON $TRAIN_SCRIPT ${ARGS[*]}"
 
+# What the trainer leaves when it stops on the warning signal (mmdist/training/preemption.py repeats both).
+PREEMPTED_EXIT=75
+PREEMPTED_MARKER="$RUN_DIR/preempted.json"
+REQUEUE=${REQUEUE:-1}
+MAX_REQUEUES=${MAX_REQUEUES:-50}
+
 # --kill-on-bad-exit=1: when one rank dies (OOM, SIGKILL, a crash) Slurm kills the others and the step
 # fails, instead of the survivors waiting in a collective until the wall-clock limit.
 case "$LAUNCH_MODE" in
     srun)
-        srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-            "$PYTHON" "$TRAIN_SCRIPT" "${ARGS[@]}"
+        STEP_SIGNAL=USR1
+        STEP=(srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}"
+              "$PYTHON" "$TRAIN_SCRIPT" "${ARGS[@]}")
         ;;
     torchrun)
         # One torchrun agent per node; it starts NPROC_PER_NODE ranks and restarts nothing (--max-restarts=0):
         # a failure ends the step and the next submission resumes from the last checkpoint.
+        STEP_SIGNAL=TERM
+        export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-240}
         NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_NTASKS_PER_NODE:-1}}}
         if [[ -z "$OMP_FROM_USER" ]]; then
             # The node's CPUs are shared by NPROC_PER_NODE ranks here, not one task each.
@@ -83,15 +106,58 @@ case "$LAUNCH_MODE" in
             (( OMP_NUM_THREADS >= 1 )) || OMP_NUM_THREADS=1
             export OMP_NUM_THREADS
         fi
-        srun --kill-on-bad-exit=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1 \
-            --cpus-per-task="$(( ${SLURM_CPUS_PER_TASK:-1} * ${SLURM_NTASKS_PER_NODE:-1} ))" \
-            "$PYTHON" -m torch.distributed.run --nnodes="${SLURM_JOB_NUM_NODES:-1}" --nproc_per_node="$NPROC_PER_NODE" \
-            --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --max-restarts=0 \
-            "$TRAIN_SCRIPT" "${ARGS[@]}"
+        STEP=(srun --kill-on-bad-exit=1 --ntasks="${SLURM_JOB_NUM_NODES:-1}" --ntasks-per-node=1
+              --cpus-per-task="$(( ${SLURM_CPUS_PER_TASK:-1} * ${SLURM_NTASKS_PER_NODE:-1} ))"
+              "$PYTHON" -m torch.distributed.run --nnodes="${SLURM_JOB_NUM_NODES:-1}" --nproc_per_node="$NPROC_PER_NODE"
+              --rdzv_id="$SLURM_JOB_ID" --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT" --max-restarts=0
+              "$TRAIN_SCRIPT" "${ARGS[@]}")
         ;;
     *)
         echo "error: LAUNCH_MODE=$LAUNCH_MODE; use srun or torchrun" >&2
         exit 2
         ;;
 esac
+
+# The step runs in the background: bash runs a trap only between commands, so a foreground srun would
+# hold the warning signal until the job is over.
+STEP_PID=
+forward_signal() {
+    echo "[mmdist] job $SLURM_JOB_ID: SIG$1 received; asking the ranks to checkpoint and stop (SIG$STEP_SIGNAL to the job step)"
+    if [[ -n "$STEP_PID" ]]; then kill -s "$STEP_SIGNAL" "$STEP_PID" 2>/dev/null || true; fi
+}
+trap 'forward_signal USR1' USR1
+trap 'forward_signal TERM' TERM
+rm -f "$PREEMPTED_MARKER"  # only a marker this step writes counts
+"${STEP[@]}" &
+STEP_PID=$!
+while true; do
+    rc=0
+    wait "$STEP_PID" || rc=$?
+    kill -0 "$STEP_PID" 2>/dev/null || break  # still running: a trapped signal interrupted the wait
+done
+if (( rc > 128 )); then
+    rc=0
+    wait "$STEP_PID" || rc=$?  # the step's own status (the last wait may have been cut short by a trap)
+fi
+
+if [[ "$rc" -eq "$PREEMPTED_EXIT" || -f "$PREEMPTED_MARKER" ]]; then
+    restarts=${SLURM_RESTART_COUNT:-0}
+    left=""
+    if [[ -f "$PREEMPTED_MARKER" ]]; then left=", $PREEMPTED_MARKER written"; fi
+    echo "[mmdist] job $SLURM_JOB_ID: the ranks stopped with a checkpoint (exit $rc$left)"
+    if [[ "$REQUEUE" != 1 ]]; then
+        echo "[mmdist] REQUEUE=$REQUEUE: not requeueing; resubmit the same command to resume from $RUN_DIR"
+    elif (( restarts >= MAX_REQUEUES )); then
+        echo "[mmdist] job $SLURM_JOB_ID was already requeued $restarts time(s) (MAX_REQUEUES=$MAX_REQUEUES): not again" >&2
+    elif scontrol requeue "$SLURM_JOB_ID"; then
+        echo "[mmdist] job $SLURM_JOB_ID requeued (restart $((restarts + 1))); it resumes from $RUN_DIR's latest checkpoint"
+    else
+        echo "[mmdist] scontrol requeue $SLURM_JOB_ID failed (is the partition requeue-able?); resubmit to resume from $RUN_DIR" >&2
+    fi
+    exit "$PREEMPTED_EXIT"
+fi
+if (( rc != 0 )); then
+    echo "[mmdist] job $SLURM_JOB_ID: the job step failed (exit $rc); not requeued" >&2
+    exit "$rc"
+fi
 echo "[mmdist] job $SLURM_JOB_ID finished: $RUN_DIR"

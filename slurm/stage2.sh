@@ -23,6 +23,8 @@
 #   LAUNCH_MODE (srun|torchrun), DS_ACCELERATOR, PYTHON, MMDIST_REPO, MASTER_ADDR/PORT, OMP_NUM_THREADS, NCCL_*.
 # The #SBATCH lines below are defaults; sbatch's command-line options (and SBATCH_* variables) override them.
 # Output goes to logs/ under the submit folder, which must exist before the job starts.
+# Time limit and preemption: SIGUSR1 300 s before the end (a longer lead: sbatch --signal=B:USR1@900 ...);
+# the ranks checkpoint and the job requeues itself and resumes (REQUEUE=0 to just stop; docs/operations.md).
 #
 #SBATCH --job-name=mmdist-fuse
 #SBATCH --nodes=1
@@ -30,6 +32,8 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=12
 #SBATCH --time=24:00:00
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
 #SBATCH --output=logs/%x-%j.out
 #SBATCH --open-mode=append
 

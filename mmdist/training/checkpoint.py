@@ -11,8 +11,12 @@ barrier rank 0 renames it to ``step_000010/`` and only then replaces the
 ``latest`` file (write + ``os.replace``). A crash at any point leaves ``latest``
 naming the previous complete checkpoint; stale ``.tmp-*`` folders are removed
 at the next start. Older checkpoints are deleted only after a newer one is
-complete (``checkpoint.keep_last``). The checkpoint folder must be on a file
-system every rank sees (as on any cluster's shared storage).
+complete (``checkpoint.keep_last``). A storage fault while saving (disk full,
+read-only folder) is a :class:`CheckpointError` that names the folder, the
+errno and the free space; the partial folder is removed at once (it would
+only fill a full disk further) and ``latest`` keeps naming the previous one.
+The checkpoint folder must be on a file system every rank sees (as on any
+cluster's shared storage).
 
 The export (``RUN_DIR/export/model.safetensors`` + ``manifest.json``) holds the
 trainable weights only, gathered under ZeRO-3; it is what stage 2 loads with
@@ -22,6 +26,7 @@ trainable weights only, gathered under ZeRO-3; it is what stage 2 loads with
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import re
@@ -180,34 +185,81 @@ class CheckpointManager:
     # -- writing ----------------------------------------------------------
 
     def save(self, engine: Any, step: int, client_state: dict) -> Path:
-        """Write checkpoint ``step`` on every rank (collective); returns its final path."""
+        """Write checkpoint ``step`` on every rank (collective); returns its final path.
+
+        A storage fault (disk full, read-only or vanished folder) raises
+        :class:`CheckpointError` naming the folder and the errno; the partial
+        ``.tmp-`` folder is removed and ``latest`` still names the previous
+        checkpoint, untouched.
+        """
         name = self.tag(step)
-        tmp_name = TMP_PREFIX + name
+        tmp = self.root / (TMP_PREFIX + name)
         rank = _rank()
         if rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(self.root / tmp_name, ignore_errors=True)
+            with self._storage_faults(name, tmp):
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
         _barrier()
-        with _frozen_aliases_excluded(engine):
-            engine.save_checkpoint(str(self.root), tag=tmp_name, save_latest=False, exclude_frozen_parameters=True)
         import torch
 
-        state = dict(client_state, step=step)
-        target = self.root / tmp_name / f"client_state_rank{rank:05d}.pt"
-        torch.save(state, str(target) + ".part")
-        os.replace(str(target) + ".part", target)
-        if self.fail_after_engine_save is not None:
-            type(self).fail_after_engine_save(step)
+        with self._storage_faults(name, tmp):
+            with _frozen_aliases_excluded(engine):
+                engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False, exclude_frozen_parameters=True)
+            state = dict(client_state, step=step)
+            target = tmp / f"client_state_rank{rank:05d}.pt"
+            torch.save(state, str(target) + ".part")
+            os.replace(str(target) + ".part", target)
+            if self.fail_after_engine_save is not None:
+                type(self).fail_after_engine_save(step)
         _barrier()
         final = self.root / name
         if rank == 0:
-            if final.exists():  # re-saving the same step (after a resume): the old copy goes only now
-                shutil.rmtree(final)
-            os.rename(self.root / tmp_name, final)
-            write_text_atomic(self.root / LATEST, name + "\n")
-            self._prune(keep=final)
+            with self._storage_faults(name, tmp):
+                self._publish(tmp, final)
         _barrier()
         return final
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Rename the finished ``.tmp-`` folder into place, then point ``latest`` at it, then prune."""
+        retired = None
+        if final.exists():  # re-saving the same step (after a resume): the old copy goes only once the new one is in place
+            retired = self.root / f"{TMP_PREFIX}old-{final.name}"
+            shutil.rmtree(retired, ignore_errors=True)
+            os.rename(final, retired)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if retired is not None:
+                os.rename(retired, final)
+            raise
+        write_text_atomic(self.root / LATEST, final.name + "\n")
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
+        self._prune(keep=final)
+
+    @contextlib.contextmanager
+    def _storage_faults(self, name: str, tmp: Path) -> Iterator[None]:
+        """Turn a failed write into an error that says where, why, and that the previous checkpoint is safe."""
+        try:
+            yield
+        except Exception as exc:
+            if not _is_storage_fault(exc):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-written save must not fill a full disk further
+            raise CheckpointError(
+                f"saving checkpoint {name} into {self.root} failed: {_describe_fault(exc)}; {_free_space(self.root)}. "
+                f"The partial folder {tmp.name} was removed. {self._previous_state()} "
+                f"Free space or make {self.root} writable (or set run_dir elsewhere), then restart: the run resumes "
+                "from the latest complete checkpoint."
+            ) from exc
+
+    def _previous_state(self) -> str:
+        pointer = self.root / LATEST
+        try:
+            previous = pointer.read_text().strip()
+        except OSError:
+            return "There is no earlier checkpoint."
+        return f"The previous checkpoint is intact: {pointer} still names {previous}."
 
     def _prune(self, keep: Path) -> None:
         complete = self.complete()
@@ -258,6 +310,34 @@ class CheckpointManager:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint {path}")
         # weights_only=False: the file holds RNG states (numpy tuples) that we wrote ourselves.
         return torch.load(client_file, map_location="cpu", weights_only=False)
+
+
+def _is_storage_fault(exc: BaseException) -> bool:
+    """An OSError, or torch's C++ writer failing on one (it raises RuntimeError, e.g. "unexpected pos" on ENOSPC)."""
+    if isinstance(exc, OSError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("PytorchStreamWriter failed", "file write failed", "unexpected pos", "cannot be opened")
+    )
+
+
+def _describe_fault(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"[Errno {exc.errno} {errno.errorcode.get(exc.errno, '?')}] {exc.strerror or exc}{where}"
+    return f"torch could not write a file ({str(exc).splitlines()[0][:200]})"
+
+
+def _free_space(folder: Path) -> str:
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        usage = shutil.disk_usage(probe)
+    except OSError:
+        return "free space unknown"
+    return f"{usage.free / 2**20:,.1f} MiB free of {usage.total / 2**20:,.1f} MiB on that file system"
 
 
 # ---------------------------------------------------------------------------

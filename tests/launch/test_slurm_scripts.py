@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -24,9 +26,28 @@ FAKE_SRUN = """#!/usr/bin/env python3
 import json, os, sys
 keys = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING",
         "NCCL_DEBUG", "DS_ACCELERATOR", "MMDIST_DIST_TIMEOUT", "PYTHONUNBUFFERED")
-print("SRUN " + json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": {k: os.environ.get(k) for k in keys}}))
+print("SRUN " + json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": {k: os.environ.get(k) for k in keys}}), flush=True)
+marker = os.environ.get("FAKE_SRUN_MARKER")
+
+def stop(signum, frame):  # what the ranks do on the warning signal: checkpoint, marker, PREEMPTED_EXIT
+    print("SIGNAL " + __import__("signal").Signals(signum).name, flush=True)
+    if marker:
+        open(marker, "w").write("{}")
+    sys.exit(int(os.environ.get("FAKE_SRUN_EXIT", "75")))
+
+if os.environ.get("FAKE_SRUN_READY"):  # a long step that waits for the warning signal
+    import signal, time
+    signal.signal(signal.SIGUSR1, stop)
+    signal.signal(signal.SIGTERM, stop)
+    open(os.environ["FAKE_SRUN_READY"], "w").close()
+    time.sleep(60)
+    sys.exit(9)
+if marker:
+    open(marker, "w").write("{}")
+sys.exit(int(os.environ.get("FAKE_SRUN_EXIT", "0")))
 """
 FAKE_SCONTROL = """#!/bin/sh
+if [ "$1" = requeue ]; then echo "requeue $2" >> "$SCONTROL_LOG"; exit 0; fi
 [ "$1 $2" = "show hostnames" ] || exit 3
 printf 'gpu07\\ngpu08\\n'
 """
@@ -52,9 +73,21 @@ def test_directives(stage):
     assert d["ntasks-per-node"] == d["gpus-per-node"]
     assert d["output"].startswith("logs/")
     assert re.fullmatch(r"\d+:\d\d:\d\d", d["time"])
+    # Preemption: the batch shell (B:) gets SIGUSR1 some minutes before the limit, and the job may be requeued.
+    assert "requeue" in d
+    lead = re.fullmatch(r"B:USR1@(\d+)", d["signal"])
+    assert lead and 60 <= int(lead.group(1)) <= 1800, d["signal"]
 
 
-def _run_in_fake_job(tmp_path, script: Path, **env: str) -> subprocess.CompletedProcess:
+def test_the_scripts_and_the_trainer_agree_on_the_preemption_exit_code_and_marker():
+    from mmdist.training.preemption import MARKER, PREEMPTED_EXIT
+
+    text = (REPO / "slurm" / "_launch.sh").read_text()
+    assert f"PREEMPTED_EXIT={PREEMPTED_EXIT}\n" in text
+    assert f'PREEMPTED_MARKER="$RUN_DIR/{MARKER}"' in text
+
+
+def _fake_job(tmp_path, script: Path, **env: str) -> tuple[list[str], dict]:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
@@ -63,9 +96,19 @@ def _run_in_fake_job(tmp_path, script: Path, **env: str) -> subprocess.Completed
     base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "OMP_", "NCCL_", "TORCH_NCCL"))}
     base.update({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "12345", "SLURM_JOB_NODELIST": "gpu[07-08]",
                  "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "12",
-                 "SLURM_SUBMIT_DIR": str(REPO)})
+                 "SLURM_SUBMIT_DIR": str(REPO), "SCONTROL_LOG": str(tmp_path / "scontrol.log")})
     base.update(env)
-    return subprocess.run(["bash", str(script)], env=base, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    return ["bash", str(script)], base
+
+
+def _run_in_fake_job(tmp_path, script: Path, **env: str) -> subprocess.CompletedProcess:
+    argv, full_env = _fake_job(tmp_path, script, **env)
+    return subprocess.run(argv, env=full_env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+
+def _requeued(tmp_path) -> list[str]:
+    log = tmp_path / "scontrol.log"
+    return log.read_text().splitlines() if log.is_file() else []
 
 
 def _srun_call(out: subprocess.CompletedProcess) -> dict:
@@ -138,3 +181,63 @@ def test_shellcheck_is_clean():
     scripts = [str(p) for p in sorted((REPO / "slurm").glob("*.sh"))]
     out = subprocess.run(["shellcheck", "-x", *scripts], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------------------
+# preemption: forward the warning signal, requeue on the trainer's word only
+
+
+@pytest.mark.parametrize(("mode", "step_signal"), [("srun", "SIGUSR1"), ("torchrun", "SIGTERM")])
+def test_warning_signal_reaches_the_step_and_the_job_requeues(tmp_path, mode, step_signal):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ready = tmp_path / "step_started"
+    argv, env = _fake_job(tmp_path, SCRIPTS["align"], RUN_DIR=str(run_dir), LAUNCH_MODE=mode,
+                          FAKE_SRUN_READY=str(ready), FAKE_SRUN_MARKER=str(run_dir / "preempted.json"))
+    proc = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 30
+        while not ready.exists() and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@300` does
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert f"SIGNAL {step_signal}" in out, out + err
+    assert "SIGUSR1 received; asking the ranks to checkpoint" in out
+    assert proc.returncode == 75, out + err
+    assert _requeued(tmp_path) == ["requeue 12345"]
+    assert "requeued (restart 1)" in out
+
+
+def test_preempted_exit_code_alone_requeues(tmp_path):
+    out = _run_in_fake_job(tmp_path, SCRIPTS["align"], RUN_DIR=str(tmp_path / "run"), FAKE_SRUN_EXIT="75")
+    assert out.returncode == 75 and _requeued(tmp_path) == ["requeue 12345"], out.stdout + out.stderr
+
+
+def test_marker_requeues_even_when_srun_reports_a_killed_task(tmp_path):
+    """--kill-on-bad-exit may SIGKILL the ranks that exit last: srun then says 137, the marker still tells."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    out = _run_in_fake_job(tmp_path, SCRIPTS["align"], RUN_DIR=str(run_dir), FAKE_SRUN_EXIT="137",
+                           FAKE_SRUN_MARKER=str(run_dir / "preempted.json"))
+    assert out.returncode == 75 and _requeued(tmp_path) == ["requeue 12345"], out.stdout + out.stderr
+
+
+def test_failures_and_stale_markers_do_not_requeue(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "preempted.json").write_text("{}")  # left by an earlier job: removed before the step starts
+    out = _run_in_fake_job(tmp_path, SCRIPTS["align"], RUN_DIR=str(run_dir), FAKE_SRUN_EXIT="1")
+    assert out.returncode == 1 and _requeued(tmp_path) == [] and "not requeued" in out.stderr
+    assert not (run_dir / "preempted.json").exists()
+
+
+@pytest.mark.parametrize(("env", "says"), [({"REQUEUE": "0"}, "REQUEUE=0: not requeueing"),
+                                           ({"SLURM_RESTART_COUNT": "50"}, "already requeued 50 time(s)")])
+def test_requeue_can_be_turned_off_and_is_bounded(tmp_path, env, says):
+    out = _run_in_fake_job(tmp_path, SCRIPTS["fuse"], RUN_DIR=str(tmp_path / "run"), STAGE1_EXPORT="", FAKE_SRUN_EXIT="75", **env)
+    assert out.returncode == 75 and _requeued(tmp_path) == []
+    assert says in out.stdout + out.stderr
