@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "cache": ("mmdist.data.cache:cli_main", "precompute frozen-encoder features into new shards"),
     "demo": ("mmdist.demo.cli:cli_main", "build the digits shards, train both stages on CPU, evaluate, write a report"),
     "generate": ("mmdist.generate:cli_main", "answer a prompt about an image with an exported stage-2 model"),
+    "export": ("mmdist.hf_export:cli_main", "write a trained model as an mmdist export or a Hugging Face LLaVA folder (--format hf)"),
     "plan": ("mmdist.plan:cli_main", "predict per-GPU memory for each ZeRO stage before submitting a job"),
 }
 
