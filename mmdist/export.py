@@ -184,6 +184,17 @@ def resolve_export_dir(path: str | os.PathLike, subfolders: tuple[str, ...] = ("
     raise FileNotFoundError(f"{path}: no {EXPORT_MANIFEST} there or in {looked}; give an export folder or a run folder")
 
 
+def resolve_fused_export(path: str | os.PathLike) -> str:
+    """A stage-2 export, run folder or demo run folder (``fuse/export``) -> the export folder (inference, conversion)."""
+    try:
+        return resolve_export_dir(path, subfolders=("export", os.path.join("fuse", "export")))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path} holds no stage-2 export (looked for {EXPORT_MANIFEST} + {EXPORT_WEIGHTS} in {path}, "
+            f"{os.path.join(path, 'export')} and {os.path.join(path, 'fuse', 'export')}); train stage 2 first "
+            "(mmdist train --config configs/demo_fuse.yaml, or mmdist demo)") from None
+
+
 def read_export(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, manifest) of an export folder (or run folder, or weights file)."""
     from safetensors.torch import load_file

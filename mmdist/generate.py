@@ -30,16 +30,9 @@ DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 
 def load_model(path: str | Path, overrides: Optional[list[str]] = None) -> Any:
     """The trained FusedVLM of a stage-2 export / run / demo folder, in eval mode."""
-    from mmdist.export import load_fused_model, resolve_export_dir
+    from mmdist.export import load_fused_model, resolve_fused_export
 
-    path = Path(path)
-    try:
-        folder = resolve_export_dir(path, subfolders=("export", str(Path("fuse") / "export")))
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path} holds no stage-2 export (looked for manifest.json + model.safetensors in {path}, {path / 'export'} and "
-            f"{path / 'fuse' / 'export'}); train stage 2 first (mmdist train --config configs/demo_fuse.yaml, or mmdist demo)"
-        ) from None
+    folder = resolve_fused_export(path)
     return load_fused_model(folder, overrides=overrides)
 
 

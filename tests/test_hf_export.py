@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.configs import dotted, tiny_run_config
 
 from mmdist.config.run import RunConfig
-from mmdist.config.schema import from_dict
+from mmdist.export import build_run_model, save_export
 from mmdist.hf_export import ExportRefused, Linear, check_hf_exportable, cli_main, fold_chain
-from mmdist.models import build_model, save_export
-from mmdist.models.testing import tiny_run_config
 
 PROMPT = "What digit is this?"
 MAX_NEW_TOKENS = 8
@@ -68,7 +67,11 @@ print("ok")
 
 
 def _cfg(stage: str, connector_type: str = "mlp", data: dict | None = None, **model) -> RunConfig:
-    return from_dict(RunConfig, tiny_run_config(stage, connector_type, model=model, data=data or {}), source="test")
+    """The tiny recipe of ``stage`` with ``model`` sections; an ``init_config`` given here replaces the recipe's whole."""
+    model = {part: dict(settings) for part, settings in model.items()}
+    replaced = [f"model.{part}.init_config={json.dumps(settings.pop('init_config'))}"
+                for part, settings in model.items() if "init_config" in settings]
+    return tiny_run_config(stage, *dotted({"model": model, "data": data or {}}), *replaced, connector=connector_type)
 
 
 @torch.no_grad()
@@ -80,7 +83,7 @@ def _randomise(module: torch.nn.Module, pattern: str = "") -> None:
 
 
 def _stage1_export(root: Path, connector: str, **model) -> Path:
-    align = build_model(_cfg("align", connector, **model))
+    align = build_run_model(_cfg("align", connector, **model))
     _randomise(align.stage1)
     return Path(save_export(align, str(root / f"align-{connector}")))
 
@@ -88,7 +91,7 @@ def _stage1_export(root: Path, connector: str, **model) -> Path:
 def _fuse_export(root: Path, name: str, data: dict | None = None, **model) -> Path:
     """A stage-2 export with randomised trainable weights (LoRA B too, so the merge changes the LLM)."""
     torch.manual_seed(0)
-    fused = build_model(_cfg("fuse", data=data, **model))
+    fused = build_run_model(_cfg("fuse", data=data, **model))
     _randomise(fused.projector)
     if fused.stage1 is not None:
         _randomise(fused.stage1)
@@ -157,9 +160,13 @@ def test_transformers_reproduces_mmdist(name, exports, transformers_results):
 
     ids = generate.prompt_ids(model, PROMPT)
     assert theirs["input_ids"].tolist() == ids  # same template, same <image> expansion, same tokens
-    pixels = model.processors.image_transform(image)
-    pixel_diff = float((theirs["pixel_values"] - pixels).abs().max())
-    assert pixel_diff <= 1e-6
+    # mmdist resizes with torch's uint8 kernels, transformers' PIL backend with PIL's: the same filters, within
+    # 2 levels of 255 (tests/data/test_image_pipeline.py states the tolerance); the model is compared on one input.
+    transform = model.processors.image_transform
+    levels = ((theirs["pixel_values"] - transform(image)) * torch.tensor(transform.std).view(3, 1, 1) * 255).abs()
+    pixel_diff = float(levels.max())
+    assert pixel_diff <= 2 + 1e-3 and float(levels.mean()) <= 0.25
+    pixels = theirs["pixel_values"]
 
     with torch.no_grad():
         input_ids = torch.tensor([ids])
@@ -167,7 +174,7 @@ def test_transformers_reproduces_mmdist(name, exports, transformers_results):
         logits = model.llm(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids)).logits[0]
     vocab = logits.shape[-1]
     diff = float((theirs["logits"][:, :vocab] - logits).abs().max())
-    print(f"{name}: max abs logit difference {diff:.2e}, pixel difference {pixel_diff:.2e}, answer ids {theirs['new_ids'].tolist()}")
+    print(f"{name}: max abs logit difference {diff:.2e}, pixel difference {pixel_diff:.2f} levels, answer ids {theirs['new_ids'].tolist()}")
     assert diff <= 1e-4
     assert bool((theirs["logits"][:, vocab:] == 0).all())  # added placeholder rows are zero (and suppressed in generate)
 
@@ -268,8 +275,24 @@ def test_refusals_from_the_export(tmp_path, capsys):
 
 
 def test_qformer_is_refused_with_the_reason(tmp_path):
-    align = build_model(_cfg("align", "qformer"))
+    align = build_run_model(_cfg("align", "qformer"))
     stage1 = save_export(align, str(tmp_path / "s1"))
-    export = _fuse_export(tmp_path, "q", text={"freeze": False}, connector={"type": "qformer", "stage1_weights": stage1, "projector_layers": 1})
+    export = _fuse_export(tmp_path, "q", text={"freeze": False}, connector={"type": "qformer", "stage1_weights": str(stage1), "projector_layers": 1})
     with pytest.raises(ExportRefused, match=r"Blip2QFormerModel\.layernorm"):
         check_hf_exportable(str(export))
+
+
+@pytest.mark.parametrize("geometry", [{"resize": "shortest_edge"}, {"pad_to_square": True}, {}])
+def test_image_processor_reproduces_each_geometry(geometry):
+    """CLIP's shortest edge + centre crop, LLaVA-1.5's pad to square with the CLIP mean, and a square resize."""
+    from PIL import Image
+
+    from mmdist.hf_export import image_processor_of
+    from mmdist.models.processors import ImageTransform
+
+    clip_mean, clip_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    transform = ImageTransform(32, clip_mean, clip_std, **geometry)
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (41, 67, 3), dtype=np.uint8))
+    theirs = image_processor_of(transform)(image, return_tensors="pt")["pixel_values"][0]
+    levels = ((theirs - transform(image)) * torch.tensor(clip_std).view(3, 1, 1) * 255).abs()
+    assert theirs.shape == (3, 32, 32) and float(levels.max()) <= 2 + 1e-3 and float(levels.mean()) <= 0.25

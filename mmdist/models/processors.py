@@ -85,7 +85,7 @@ class ImageTransform:
             image = image.convert("RGB")
         if self.pad_to_square and image.width != image.height:
             side = max(image.width, image.height)
-            fill = tuple(int(round(m * 255)) for m in self.mean)
+            fill = tuple(int(m * 255) for m in self.mean)  # as LLaVA's expand2square and transformers' processors
             canvas = Image.new("RGB", (side, side), fill)
             canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
             image = canvas
