@@ -49,6 +49,7 @@ __all__ = [
     "Resolved",
     "cpu_bf16_native",
     "cpu_flags",
+    "cpus_for_this_rank",
     "default_device",
     "matmul_probe",
     "parse_cpu_flags",
@@ -351,6 +352,54 @@ def resolve_engine_precision(requested: str, device: Any = "cpu", key: str = "en
         resolved = dataclasses.replace(resolved, dynamic_loss_scaling=True,
                                        reason=resolved.reason + "; DeepSpeed scales the loss dynamically")
     return resolved
+
+
+# ---------------------------------------------------------------------------
+# CPUs
+
+
+def _cgroup_cpus(root: str = "/sys/fs/cgroup") -> Optional[float]:
+    """The cgroup's CPU quota in CPUs (cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), None when unlimited."""
+    try:
+        quota, period = open(os.path.join(root, "cpu.max")).read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(open(os.path.join(root, "cpu", "cpu.cfs_quota_us")).read())
+        period = int(open(os.path.join(root, "cpu", "cpu.cfs_period_us")).read())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def cpus_for_this_rank(env: Optional[dict] = None, cgroup_root: str = "/sys/fs/cgroup") -> tuple[int, str]:
+    """(CPUs this rank may use, how that was decided): affinity, cgroup quota, Slurm's --cpus-per-task, local ranks.
+
+    Under srun each task gets ``SLURM_CPUS_PER_TASK`` CPUs; under torchrun, the
+    deepspeed launcher or mpiexec the ranks of a node share its CPUs, so the node's
+    share is divided by the local rank count.
+    """
+    env = os.environ if env is None else env
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    why = [f"{cpus} in this process's affinity"]
+    quota = _cgroup_cpus(cgroup_root)
+    if quota is not None and quota < cpus:
+        cpus = max(1, int(quota))
+        why.append(f"cgroup quota {quota:g}")
+    if env.get("SLURM_CPUS_PER_TASK") and env.get("SLURM_STEP_ID") is not None:
+        per_task = int(env["SLURM_CPUS_PER_TASK"])
+        if per_task < cpus:
+            cpus = per_task
+            why.append(f"Slurm --cpus-per-task={per_task}")
+    else:
+        for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+            if env.get(key, "").isdigit() and int(env[key]) > 1:
+                local = int(env[key])
+                cpus = max(1, cpus // local)
+                why.append(f"shared by {local} local ranks ({key})")
+                break
+    return cpus, ", ".join(why)
 
 
 # ---------------------------------------------------------------------------

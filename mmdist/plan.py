@@ -580,6 +580,35 @@ def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estim
     return "\n".join(lines)
 
 
+# Images/s one CPU core turns from photo-like JPEGs in tar shards into the tower's 336 px input with
+# mmdist's loader (benchmarks/bench_images.py, 1 worker; docs/benchmarks.md records the run and the machine).
+IMAGES_PER_CORE = 90.0
+TOWER_MFU = 0.4  # the fraction of a GPU's dense peak a frozen ViT forward reaches in practice
+
+
+def input_line(shapes: list[ModuleShape], gpu: str, gpus_per_node: int, cpus_per_node: int,
+               images_per_core: float = IMAGES_PER_CORE) -> list[str]:
+    """The images/s the frozen vision tower eats per GPU and the CPU cores per GPU that decoding them needs."""
+    from mmdist.hardware import datasheet_peak
+
+    vision = next((s for s in shapes if s.name == "vision_encoder"), None)
+    row = datasheet_peak(gpu)
+    if vision is None or not vision.dims.get("seq") or row is None or not (row.bf16 or row.fp16):
+        why = "unknown GPU " + repr(gpu) if row is None else "custom vision encoder (no token count)"
+        return [f"input: not estimated ({why})"]
+    flops = 2 * vision.params * vision.dims["seq"]  # frozen forward over every token of the tower
+    need = TOWER_MFU * (row.bf16 or row.fp16) / flops
+    cores = need / images_per_core
+    lines = [f"input: the vision tower ({vision.params / 1e6:.0f}M params x {vision.dims['seq']} tokens = "
+             f"{flops / 1e12:.2f} TFLOP/image) at {TOWER_MFU:.0%} of a {row.label}'s peak eats {need:,.0f} images/s per GPU; "
+             f"at {images_per_core:.0f} images/s per core (mmdist's loader) that is {cores:.1f} CPU cores per GPU"]
+    if cpus_per_node and gpus_per_node and cpus_per_node / gpus_per_node < cores:
+        lines.append(f"  warning: {cpus_per_node} cores for {gpus_per_node} GPUs is {cpus_per_node / gpus_per_node:.1f} per GPU: "
+                     "the loader cannot keep the tower busy when it decodes pixels; cache the image features "
+                     "(mmdist cache) or move decoding to more nodes")
+    return lines
+
+
 def cli_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="mmdist plan", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML run config (nothing is loaded but the model configs)")
@@ -587,6 +616,10 @@ def cli_main(argv: Sequence[str]) -> int:
     parser.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB, 141GB (GB = GiB)")
     parser.add_argument("--reserve", default="1.5GB", help="per-GPU memory kept back for the CUDA context and allocator")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's own estimators (avoids importing it)")
+    parser.add_argument("--gpu", default="H100 SXM", help="GPU model for the input estimate (a datasheet name, e.g. H100, A100, L40S)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (input estimate)")
+    parser.add_argument("--cpus-per-node", type=int, default=0, help="CPU cores per node; warns when they cannot feed the GPUs")
+    parser.add_argument("--images-per-core", type=float, default=IMAGES_PER_CORE, help="measured loader images/s per core")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
     args = parser.parse_args(list(argv))
     try:
@@ -601,4 +634,6 @@ def cli_main(argv: Sequence[str]) -> int:
     estimates = estimate(cfg, shapes, world, reserve_bytes=reserve)
     ds = None if args.no_deepspeed else deepspeed_estimates(shapes, world)
     print(format_plan(cfg, shapes, estimates, world, budget, ds))
+    if not cfg.data.feature_cache:
+        print("\n".join(input_line(shapes, args.gpu, args.gpus_per_node, args.cpus_per_node, args.images_per_core)))
     return 0

@@ -298,3 +298,16 @@ def test_cpu_peak_is_measured(monkeypatch):
     assert flops == 138e9 and source == "measured matmul probe (fp32 on the CPU)" and calls == [("fp32", "cpu")]
     with pytest.raises(ValueError, match="resolved dtype"):
         hardware.peak_flops("cpu", "auto")
+
+
+def test_cpus_for_this_rank_reads_cgroup_slurm_and_local_ranks(tmp_path, monkeypatch):
+    from mmdist.hardware import cpus_for_this_rank
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cpus_for_this_rank({}, str(tmp_path))[0] == 16
+    assert cpus_for_this_rank({"LOCAL_WORLD_SIZE": "8"}, str(tmp_path)) == (2, "16 in this process's affinity, shared by 8 local ranks (LOCAL_WORLD_SIZE)")
+    assert cpus_for_this_rank({"SLURM_CPUS_PER_TASK": "6", "SLURM_STEP_ID": "0", "LOCAL_WORLD_SIZE": "8"}, str(tmp_path))[0] == 6
+    (tmp_path / "cpu.max").write_text("400000 100000\n")
+    cpus, why = cpus_for_this_rank({}, str(tmp_path))
+    assert cpus == 4 and "cgroup quota 4" in why

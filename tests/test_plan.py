@@ -182,3 +182,17 @@ def test_prediction_matches_measured_engines_within_10_percent():
     by = {(r["ranks"], r["zero"]): r for r in rows}
     assert by[(2, 3)]["frozen B"] <= 0.55 * by[(1, 3)]["frozen B"]
     assert by[(2, 2)]["optim B"] <= 0.55 * by[(1, 3)]["optim B"]
+
+
+def test_input_line_sizes_the_cpu_side_of_the_vision_tower():
+    from mmdist.plan import input_line, model_shapes
+
+    shapes = model_shapes(load_config(ROOT / "configs" / "fuse.yaml"))
+    vision = next(s for s in shapes if s.name == "vision_encoder")
+    assert vision.dims["seq"] == 577, "ViT-L/14-336: 24 x 24 patches and the class token"
+    line = input_line(shapes, "H100 SXM", gpus_per_node=8, cpus_per_node=0, images_per_core=100.0)
+    need = 0.4 * 989e12 / (2 * vision.params * 577)
+    assert f"{need:,.0f} images/s per GPU" in line[0] and f"{need / 100:.1f} CPU cores per GPU" in line[0] and len(line) == 1
+    starved = input_line(shapes, "H100 SXM", gpus_per_node=8, cpus_per_node=64, images_per_core=100.0)
+    assert "warning" in starved[1] and "8.0 per GPU" in starved[1]
+    assert "unknown GPU" in input_line(shapes, "Voodoo 3", 8, 0)[0]

@@ -33,7 +33,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -325,6 +325,8 @@ class StreamingLoader:
                  max_bad_fraction: float, split: str):
         self.dataset = dataset
         self.num_workers = num_workers
+        self.auto_workers = False  # build_loader: data.num_workers was null (auto), a checkpoint's count wins on resume
+        self.persistent_setting = persistent_workers
         self.persistent = persistent_workers and num_workers > 0
         self.prefetch_factor = prefetch_factor
         self.max_bad_fraction = max_bad_fraction
@@ -427,6 +429,15 @@ class StreamingLoader:
 
     def load_state_dict(self, state: dict) -> None:
         d = self.dataset
+        saved_workers = state.get("num_workers")
+        if self.auto_workers and isinstance(saved_workers, int) and saved_workers != d.num_workers:
+            # The sample order depends on the worker count: an auto count follows the checkpoint, so a job
+            # resumed on a machine with other CPUs reads on exactly where it stopped.
+            print(f"[mmdist] data.num_workers: auto -> {saved_workers}, as the checkpoint was written with", flush=True)
+            d.num_workers = max(1, saved_workers)
+            self.num_workers = saved_workers
+            self.persistent = self.persistent_setting and saved_workers > 0
+            d.worker_map = list(range(d.num_workers))
         for key, mine in (("world_size", d.world_size), ("num_workers", d.num_workers), ("seed", d.seed), ("mode", d.mode)):
             if state.get(key) != mine:
                 raise ValueError(
@@ -487,6 +498,7 @@ def build_loader(cfg: Any, processors: Any, split: str = "train", rank: int = 0,
     if tokenizer is None:
         raise ValueError(f"stage {cfg.stage} needs processors.{'tokenizer' if cfg.stage == 'fuse' else 'text_tokenizer'}")
     train = split == "train"
+    data = replace(data, num_workers=resolve_num_workers(data.num_workers, announce=rank == 0 and train))
     dataset = ShardStream(
         data, sources=sources, preprocess=preprocess, rank=rank, world_size=world_size, batch_size=cfg.train.micro_batch_size,
         mode=mode, shuffle=train, pack=data.packing and cfg.stage == "fuse", pad_token_id=pad_id_of(tokenizer),
@@ -495,7 +507,26 @@ def build_loader(cfg: Any, processors: Any, split: str = "train", rank: int = 0,
     if mode == "epoch":
         dataset.batches_per_rank(0)  # fails early (fewer shards than ranks, empty shards)
     self_check(dataset, processors, data.self_check_samples)
-    return StreamingLoader(dataset, data.num_workers, data.persistent_workers, data.prefetch_factor, data.max_bad_fraction, split)
+    loader = StreamingLoader(dataset, data.num_workers, data.persistent_workers, data.prefetch_factor, data.max_bad_fraction, split)
+    loader.auto_workers = cfg.data.num_workers is None
+    return loader
+
+
+MAX_AUTO_WORKERS = 8
+
+
+def resolve_num_workers(configured: Optional[int], announce: bool = False) -> int:
+    """``data.num_workers``, or for null (auto) the CPUs this rank owns minus one for the training process, at most 8."""
+    if configured is not None:
+        return configured
+    from mmdist.hardware import cpus_for_this_rank
+
+    cpus, why = cpus_for_this_rank()
+    workers = max(0, min(MAX_AUTO_WORKERS, cpus - 1))
+    if announce:
+        print(f"[mmdist] data.num_workers: auto -> {workers} ({cpus} CPU(s) for this rank: {why}; one stays with training)",
+              flush=True)
+    return workers
 
 
 __all__ = ["build_loader", "StreamingLoader", "ShardStream", "plan_epoch", "self_check"]

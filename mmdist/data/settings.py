@@ -45,7 +45,9 @@ class DataConfig(SettingsBase):
     packing: bool = setting(False, "pack several samples into one sequence of max_len (attention kept inside each sample)")
     group_by_length: bool = setting(False, "pad-to-longest batches built from samples of similar length")
     shuffle_buffer: int = setting(1000, "samples held in the shuffle buffer (0 disables sample shuffling)")
-    num_workers: int = setting(2, "DataLoader worker processes per rank")
+    num_workers: Optional[int] = setting(None, "DataLoader worker processes per rank; null (auto): the CPUs this rank owns "
+                                               "(affinity, cgroup quota, Slurm --cpus-per-task, shared by local ranks) minus one, "
+                                               "at most 8; printed at start-up")
     persistent_workers: bool = setting(True, "keep workers alive between epochs")
     seed: int = setting(0, "seed of the shard shuffle (seed + epoch, identical on every rank) and the sample shuffle")
     max_bad_fraction: float = setting(0.01, "abort when more than this fraction of samples is bad (after 100 samples)")
@@ -68,7 +70,7 @@ class DataConfig(SettingsBase):
             out.append(("samples_per_epoch", "resampled mode needs samples_per_epoch"))
         if self.max_len < 8:
             out.append(("max_len", "must be at least 8"))
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             out.append(("num_workers", "must be >= 0"))
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             out.append(("max_bad_fraction", "must be in [0, 1]"))

@@ -137,3 +137,29 @@ def test_packed_loader_batches(tmp_path):
     assert "sequence_ids" in batch and batch["input_ids"].shape[0] < 8
     assert (batch["input_ids"] == processors.image_token_id).sum() == 8 * processors.num_image_tokens
     assert batch["pixel_values"].shape[0] == 8
+
+
+def test_auto_worker_count_follows_the_checkpoint(tmp_path, monkeypatch, capsys):
+    """data.num_workers null (auto) depends on the machine; the sample order depends on the worker count, so a
+    resumed auto loader takes the checkpoint's count and reads on exactly where the saved run stopped."""
+    import mmdist.hardware
+
+    processors = make_processors()
+    pattern = write_caption_shards(tmp_path, [30, 25, 28])
+    cfg = make_config(pattern, num_workers=None, shuffle_buffer=8, micro_batch_size=2)
+    monkeypatch.setattr(mmdist.hardware, "cpus_for_this_rank", lambda: (3, "test: 3 CPUs"))
+    saved = build_loader(cfg, processors, "train", 0, 1)
+    assert saved.num_workers == 2 and "auto -> 2" in capsys.readouterr().out
+    it = iter(saved)
+    _take(it, 5)
+    state, expected = saved.state_dict(), _take(it, 6)
+    del it
+    monkeypatch.setattr(mmdist.hardware, "cpus_for_this_rank", lambda: (1, "test: 1 CPU"))
+    resumed = build_loader(cfg, processors, "train", 0, 1)
+    assert resumed.num_workers == 0
+    resumed.load_state_dict(state)
+    assert resumed.num_workers == 2 and "as the checkpoint was written with" in capsys.readouterr().out
+    assert all(_same(a, b) for a, b in zip(expected, _take(iter(resumed), 6)))
+    explicit = build_loader(make_config(pattern, num_workers=0, shuffle_buffer=8, micro_batch_size=2), processors, "train", 0, 1)
+    with pytest.raises(ValueError, match="num_workers"):
+        explicit.load_state_dict(state)  # an explicit count is the user's: a different one stays an error
