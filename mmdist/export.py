@@ -287,6 +287,22 @@ def load_stage1(model: FusedVLM, state_or_path: Any, gather: Gather = null_gathe
     return {"loaded": list(own_shapes), "ignored": ignored}
 
 
+def build_run_encoder(cfg: RunConfig) -> nn.Module:
+    """What ``mmdist cache`` runs images through: the whole stage-1 model (no LLM there), or for stage 2 only the
+    vision tower and processors (models.build.build_image_encoder), with the stage-1 manifest deciding the token count."""
+    if cfg.stage != "fuse":
+        return build_run_model(cfg)
+    from mmdist.models.build import build_image_encoder
+
+    manifest = None
+    if cfg.model.connector.stage1_weights:
+        try:
+            _, manifest = read_export(resolve_export_dir(cfg.model.connector.stage1_weights))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"model.connector.stage1_weights: {exc}") from None
+    return build_image_encoder(cfg.model, template=cfg.data.template, stage1_manifest=manifest)
+
+
 def build_run_model(cfg: RunConfig, gather: Gather = null_gather) -> nn.Module:
     """The model of run ``cfg``: `build_model` on its parts and, for stage 2 with
     ``model.connector.stage1_weights``, the stage-1 export checked and loaded."""
