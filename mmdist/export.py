@@ -287,6 +287,22 @@ def load_stage1(model: FusedVLM, state_or_path: Any, gather: Gather = null_gathe
     return {"loaded": list(own_shapes), "ignored": ignored}
 
 
+def build_run_encoder(cfg: RunConfig) -> nn.Module:
+    """What ``mmdist cache`` runs images through: the whole stage-1 model (no LLM there), or for stage 2 only the
+    vision tower and processors (models.build.build_image_encoder), with the stage-1 manifest deciding the token count."""
+    if cfg.stage != "fuse":
+        return build_run_model(cfg)
+    from mmdist.models.build import build_image_encoder
+
+    manifest = None
+    if cfg.model.connector.stage1_weights:
+        try:
+            _, manifest = read_export(resolve_export_dir(cfg.model.connector.stage1_weights))
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"model.connector.stage1_weights: {exc}") from None
+    return build_image_encoder(cfg.model, template=cfg.data.template, stage1_manifest=manifest)
+
+
 def build_run_model(cfg: RunConfig, gather: Gather = null_gather) -> nn.Module:
     """The model of run ``cfg``: `build_model` on its parts and, for stage 2 with
     ``model.connector.stage1_weights``, the stage-1 export checked and loaded."""
@@ -307,7 +323,8 @@ def build_run_model(cfg: RunConfig, gather: Gather = null_gather) -> nn.Module:
     return model
 
 
-def load_fused_model(path: str | os.PathLike, gather: Gather = null_gather, overrides: Optional[list[str]] = None) -> FusedVLM:
+def load_fused_model(path: str | os.PathLike, gather: Gather = null_gather, overrides: Optional[list[str]] = None,
+                     precision: Optional[Any] = None) -> FusedVLM:
     """A ready FusedVLM from a stage-2 export (or run) folder, for inference (`mmdist generate`).
 
     The manifest carries the resolved config and the stage-1 manifest, so nothing
@@ -328,6 +345,9 @@ def load_fused_model(path: str | os.PathLike, gather: Gather = null_gather, over
             node = node.setdefault(key, {})
         node[keys[-1]] = value
     cfg = from_dict(RunConfig, data, source=f"{folder}/{EXPORT_MANIFEST}")
+    resolved = []
+    if precision is not None:  # mmdist.precision.resolve_precision for the device the model will run on
+        cfg, resolved = precision(cfg)
     stage1_manifest = manifest.get("stage1")
     model = build_model(cfg.model, stage="fuse", template=cfg.data.template, uses_feature_cache=bool(cfg.data.feature_cache),
                         gather=gather, stage1_manifest=stage1_manifest)
@@ -335,6 +355,7 @@ def load_fused_model(path: str | os.PathLike, gather: Gather = null_gather, over
         compare_stage1(stage1_manifest, cfg.model, model.vision, "(embedded manifest)")
     load_weights(model, state, gather, source=folder, required=("projector.", "stage1."), refused=() if merged_lora else ("llm.",))
     model.run_config = cfg
+    model.precision = resolved
     model.eval()
     return model
 

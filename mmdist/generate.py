@@ -28,12 +28,23 @@ from typing import Any, Optional
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def load_model(path: str | Path, overrides: Optional[list[str]] = None) -> Any:
-    """The trained FusedVLM of a stage-2 export / run / demo folder, in eval mode."""
-    from mmdist.export import load_fused_model, resolve_fused_export
+def load_model(path: str | Path, overrides: Optional[list[str]] = None, device: Optional[str] = None) -> Any:
+    """The trained FusedVLM of a stage-2 export / run / demo folder, in eval mode, on ``device`` (default: the GPU
+    when there is one, else cpu). An ``auto`` dtype in ``overrides`` is resolved for that device; a stored dtype the
+    device cannot run fast gets a one-line warning (e.g. bf16 from a GPU run on a CPU without native bf16)."""
+    import sys
 
+    from mmdist.export import load_fused_model, resolve_fused_export
+    from mmdist.hardware import default_device
+    from mmdist.precision import precision_lines, resolve_precision
+
+    device = device or default_device()
     folder = resolve_fused_export(path)
-    return load_fused_model(folder, overrides=overrides)
+    model = load_fused_model(folder, overrides=overrides, precision=lambda cfg: resolve_precision(cfg, device))
+    for line in precision_lines(getattr(model, "precision", [])):
+        if line.startswith("warning:"):
+            print(f"[mmdist] {line}", file=sys.stderr)
+    return model.to(device).eval()
 
 
 def prompt_ids(model: Any, prompt: str, num_images: int = 1) -> list[int]:
@@ -78,7 +89,11 @@ def answer_batch(model: Any, prompts: Sequence[Sequence[int]], *, pixel_values: 
         input_ids[row, width - len(ids):] = ids
         attention[row, width - len(ids):] = 1
     with torch.no_grad():
-        new = model.generate(input_ids, attention_mask=attention, pixel_values=pixel_values, image_features=image_features,
+        device = next(model.parameters()).device
+        pixel_values = pixel_values.to(device) if pixel_values is not None else None
+        image_features = image_features.to(device) if image_features is not None else None
+        new = model.generate(input_ids.to(device), attention_mask=attention.to(device), pixel_values=pixel_values,
+                             image_features=image_features,
                              max_new_tokens=max_new_tokens)
     return [tok.decode(seq, skip_special_tokens=True).strip() for seq in new]
 
@@ -112,12 +127,13 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image", required=True, nargs="+", help="image file(s); each gets its own answer")
     parser.add_argument("--prompt", default="What digit is this?", help="the question (an <image> mark places the image)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides of the stored config, e.g. model.llm.dtype=fp32")
+    parser.add_argument("--device", default=None, help="where the model runs (default: the GPU when there is one, else cpu)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the stored config, e.g. model.llm.dtype=auto")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     from PIL import Image
 
     try:
-        model = load_model(args.run, args.overrides)
+        model = load_model(args.run, args.overrides, args.device)
         images = []
         for path in args.image:
             try:

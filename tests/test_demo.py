@@ -259,6 +259,7 @@ def _venv_with_the_wheel(tmp_path: Path) -> Path:
 def _run(argv: list, cwd: Path, timeout: float = 300) -> str:
     # No PYTHONPATH: the venv's own mmdist must be the one imported, not this checkout.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["MMDIST_CPU_BF16"] = "0"  # the no-native-bf16 fallback: `auto` -> fp32 on every CI machine
     out = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(map(str, argv))} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
     return out.stdout

@@ -118,6 +118,10 @@ def build_feature_cache(cfg: Any, model_or_encoder_fn: Any, src_shards: Sequence
     parts = cache_key_parts(cfg, processors, encoder_key)
     text_parts = text_cache_parts(cfg, processors)
     encode_text = getattr(model_or_encoder_fn, "encode_text", None)
+    device = _model_device(model_or_encoder_fn)
+    if device is not None and device.type != "cpu":  # batches are built on the CPU: move them to the encoders
+        encode = _on_device(encode, device)
+        encode_text = _on_device(encode_text, device) if encode_text is not None else None
     if cache_text is None:
         cache_text = text_parts is not None and encode_text is not None
     elif cache_text and (text_parts is None or encode_text is None):
@@ -135,6 +139,18 @@ def build_feature_cache(cfg: Any, model_or_encoder_fn: Any, src_shards: Sequence
     (out / KEY_FILE).write_text(json.dumps({"key": cache_key(parts), "parts": parts, "dtype": "float16", "member": member,
                                             "text_features": bool(cache_text)}, indent=1, sort_keys=True, default=str))
     return writer.summary
+
+
+def _model_device(model: Any) -> Any:
+    """The device of a model's first parameter, or None (a plain callable, a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return None
+
+
+def _on_device(fn: Callable, device: Any) -> Callable:
+    return lambda *tensors: fn(*(t.to(device, non_blocking=True) for t in tensors))
 
 
 def _text_members(sample: dict) -> dict:
@@ -325,17 +341,25 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per feature shard")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     parser.add_argument("--no-text", action="store_true", help="stage align: cache image features only (the frozen text encoder then runs every step)")
+    parser.add_argument("--device", default=None, help="where the frozen encoders run (default: the GPU when there is one, else cpu)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.vision.select_layer=-1")
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     from mmdist.config.run import load_config
-    from mmdist.export import build_run_model
+    from mmdist.export import build_run_encoder
+    from mmdist.hardware import default_device
+    from mmdist.precision import precision_lines, resolve_precision
 
+    device = args.device or default_device()
     cfg = load_config(args.config, args.overrides)
     cfg.data.feature_cache = None
-    model = build_run_model(cfg)
-    model.eval()
+    cfg, resolved = resolve_precision(cfg, device)
+    for line in precision_lines(resolved):
+        print(f"[mmdist cache] precision {line}")
+    model = build_run_encoder(cfg)  # stage 2: the vision tower only, never the LLM
+    model.to(device).eval()
+    print(f"[mmdist cache] encoding on {device}")
     for split, sources in (("train", cfg.data.train), ("eval", cfg.data.eval)):
         if not sources:
             continue

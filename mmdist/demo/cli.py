@@ -117,9 +117,17 @@ def train_stage(cfg: Any) -> dict:
 
 def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, overwrite: bool = False,
              align_config: str | os.PathLike = DEFAULT_ALIGN_CONFIG, fuse_config: str | os.PathLike = DEFAULT_FUSE_CONFIG,
-             extra_align: Sequence[str] = (), extra_fuse: Sequence[str] = (), threads: Optional[int] = None) -> dict:
-    """Run (or continue) the demo into ``run_dir``; returns the metrics written to metrics.json."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+             extra_align: Sequence[str] = (), extra_fuse: Sequence[str] = (), threads: Optional[int] = None,
+             device: Optional[str] = None) -> dict:
+    """Run (or continue) the demo into ``run_dir`` on ``device`` (default: the GPU when there is one, else cpu);
+    returns the metrics written to metrics.json."""
+    if device is None:
+        from mmdist.hardware import default_device
+
+        device = default_device()
+    if str(device).startswith("cpu"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    print(f"[demo] device: {device} (--device to change)")
     threads = threads or default_threads()
     torch.set_num_threads(threads)
     print(f"[demo] torch threads: {threads} (--threads to change)")
@@ -144,7 +152,7 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
                  *(QUICK["fuse"] if quick else []), *extra_fuse]
     cache_over = [o for o in align_over if not o.startswith("data.feature_cache=")]
     state.run("cache_align", "2/6 caching the frozen vision and text features for stage 1 (mmdist cache)",
-              lambda: build_cache(align_path, cache_over, run_dir / "data" / "cache_align"))
+              lambda: build_cache(align_path, cache_over + ["--device", str(device)], run_dir / "data" / "cache_align"))
 
     def stage(name: str, cfg_path: Path, overrides: list[str]) -> dict:
         started = time.perf_counter()
@@ -162,7 +170,7 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
     state.run("fuse", "4/6 stage 2: fuse (trainer + DeepSpeed, 1 CPU process)", lambda: stage("fuse", fuse_path, fuse_over))
 
     def evaluate_fuse() -> dict:
-        model = load_model(run_dir / "fuse" / "export")  # the export, as `mmdist generate` loads it
+        model = load_model(run_dir / "fuse" / "export", device=device)  # the export, as `mmdist generate` loads it
         result = heldout_answers(model, shards["eval_samples"])
         result["gallery"] = heldout_gallery(run_dir, shards["eval"], model)
         return result
@@ -205,10 +213,11 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--fuse-config", default=str(DEFAULT_FUSE_CONFIG), help="stage-2 recipe")
     parser.add_argument("--align-set", action="append", default=[], metavar="KEY=VALUE", help="override in the stage-1 recipe (repeatable)")
     parser.add_argument("--fuse-set", action="append", default=[], metavar="KEY=VALUE", help="override in the stage-2 recipe (repeatable)")
+    parser.add_argument("--device", default=None, help="where the encoders, training and generation run (default: the GPU when there is one, else cpu)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         run_demo(args.run_dir, quick=args.quick, overwrite=args.overwrite, align_config=args.align_config, fuse_config=args.fuse_config,
-                 extra_align=args.align_set, extra_fuse=args.fuse_set, threads=args.threads)
+                 extra_align=args.align_set, extra_fuse=args.fuse_set, threads=args.threads, device=args.device)
     except (DemoError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import nn
 
 from mmdist.models.align import AlignModel
 from mmdist.models.connectors import build_stage1_module
+from mmdist.models.freeze import freeze
 from mmdist.models.fused import FusedVLM
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.llm import add_image_token, load_llm, load_tokenizer
@@ -88,3 +90,38 @@ def _build_fused(settings: ModelConfig, vision: VisionTower, transform: ImageTra
     if llm_cfg.lora.enabled:
         add_lora(model, llm_cfg.lora)
     return model
+
+
+class ImageEncoder(nn.Module):
+    """The frozen vision tower of a stage and its processors, without the rest (``mmdist cache`` of a stage-2 run:
+    the cached features are the tower's output, so the LLM is never loaded to compute them)."""
+
+    def __init__(self, vision: VisionTower, processors: Processors):
+        super().__init__()
+        self.vision = vision
+        self.processors = processors
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Frozen vision features [N, tokens, D], as FusedVLM.encode_images computes them."""
+        return self.vision(pixel_values)
+
+
+def build_image_encoder(settings: ModelConfig, *, template: str = "auto", stage1_manifest: Optional[dict] = None) -> ImageEncoder:
+    """Stage 2's vision tower and processors (the LLM's tokenizer, not its weights): the same features and the same
+    preprocessing fingerprint as the FusedVLM that :func:`build_model` would build, for a feature cache."""
+    vision = VisionTower(settings.vision, null_gather)
+    freeze(vision, settings.vision.dtype)
+    tokenizer = load_tokenizer(settings.llm)
+    image_token_id = add_image_token(tokenizer, settings.llm.image_token)
+    conn = settings.connector
+    num_tokens = vision.num_tokens
+    if stage1_manifest is not None:  # as FusedVLM: the stage-1 module decides how many tokens an image becomes
+        text_dim = (stage1_manifest.get("text") or {}).get("hidden_size")
+        num_tokens = build_stage1_module(conn, vision.hidden_size, vision.num_tokens,
+                                         None if conn.type != "qformer" else text_dim).num_tokens
+    else:
+        num_tokens = conn.image_tokens or vision.num_tokens
+    processors = Processors(image_transform=vision.image_transform(), num_image_tokens=num_tokens, tokenizer=tokenizer,
+                            image_token=settings.llm.image_token, image_token_id=image_token_id,
+                            template=template, identity=_identity(settings))
+    return ImageEncoder(vision, processors)

@@ -22,6 +22,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def torch_dtype(name: str) -> torch.dtype:
     """``'bf16'`` -> ``torch.bfloat16`` (names as in the settings)."""
+    if name == "auto":
+        raise ValueError("dtype 'auto' reached a model: resolve it for the device first "
+                         "(mmdist.precision.resolve_precision(cfg, device) at start-up)")
     try:
         return DTYPES[name]
     except KeyError:

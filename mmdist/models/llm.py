@@ -17,7 +17,8 @@ from typing import Any, Literal, Optional
 from mmdist.models import qwen1
 from mmdist.settings import SettingsBase, setting
 
-Dtype = Literal["fp32", "bf16", "fp16"]
+Dtype = Literal["auto", "fp32", "bf16", "fp16"]
+"""``auto``: chosen from the hardware at start-up (mmdist.precision.resolve_precision), with the reason printed."""
 
 
 @dataclass
@@ -49,7 +50,7 @@ class LLMConfig(SettingsBase):
     init_seed: int = setting(0, "seed for the weights of a model built from init_config")
     tokenizer: Optional[str] = setting(None, "tokenizer hub id or folder; default: same as name_or_path (or the GGUF file)")
     trust_remote_code: bool = setting(False, "allow the model repository's own Python code; off unless you trust it (Qwen1 checkpoints such as Qwen/Qwen-14B load natively without it)")
-    dtype: Dtype = setting("bf16", "dtype of the frozen weights")
+    dtype: Dtype = setting("auto", "dtype of the frozen weights; auto: bf16 where the device computes it natively, fp16 on GPUs without bf16, else fp32")
     freeze: bool = setting(True, "freeze the LLM: requires_grad=False, eval(), no optimizer state")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting("sdpa", "attention kernel passed to from_pretrained")
     gradient_checkpointing: bool = setting(False, "recompute the LLM's activations in backward (inputs_embeds carry the grad)")

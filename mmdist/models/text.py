@@ -27,7 +27,7 @@ class TextConfig(SettingsBase):
     init_seed: int = setting(0, "seed for the weights of an encoder built from init_config")
     tokenizer: Optional[str] = setting(None, "tokenizer hub id or folder; default: same as name_or_path ('mmdist:tiny-wordpiece' = built-in test tokenizer)")
     freeze: bool = setting(True, "frozen: Linear heads align the spaces; trainable: a Q-Former is trained (BLIP-2)")
-    dtype: Dtype = setting("fp32", "dtype of the encoder weights (frozen copies may be bf16/fp16)")
+    dtype: Dtype = setting("auto", "dtype of the encoder weights when frozen (a trainable encoder keeps fp32 master weights); auto: as model.llm.dtype")
     max_length: int = setting(64, "caption tokens kept by the text encoder's tokenizer")
     pooling: Literal["cls", "mean"] = setting("mean", "how a caption becomes one vector (mean over tokens, or [CLS])")
 

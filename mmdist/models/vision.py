@@ -41,7 +41,7 @@ class VisionConfig(SettingsBase):
     image_mean: Optional[list[float]] = setting(None, "normalisation mean; default: the encoder's processor")
     image_std: Optional[list[float]] = setting(None, "normalisation std; default: the encoder's processor")
     pad_to_square: bool = setting(False, "pad images to a square with the mean colour before resizing (LLaVA-1.5)")
-    dtype: Dtype = setting("bf16", "dtype of the frozen weights")
+    dtype: Dtype = setting("auto", "dtype of the frozen weights; auto: bf16 where the device computes it natively, fp16 on GPUs without bf16, else fp32")
     freeze: bool = setting(True, "freeze the encoder (forward only, no optimizer state)")
 
     def check(self) -> list[tuple[str, str]]:

@@ -58,7 +58,7 @@ class EngineConfig(SettingsBase):
     """How DeepSpeed runs the model: ZeRO stage, precision, offload, raw extra keys."""
 
     zero_stage: Literal[0, 1, 2, 3] = setting(2, "ZeRO stage; 3 also partitions the frozen LLM as it loads")
-    precision: Literal["bf16", "fp16", "fp32"] = setting("bf16", "compute precision of the trainable side (fp32 master weights are kept)")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = setting("auto", "compute precision of the trainable side (fp32 master weights are kept); auto: bf16 on GPUs with bf16, fp16 (dynamic loss scaling) below compute capability 8.0, fp32 on the CPU. A bf16/fp16 engine, or ZeRO-3, holds frozen parts in this precision too: their model.*.dtype must then match (see mmdist/precision.py)")
     offload_optimizer: bool = setting(False, "keep optimizer states in CPU memory")
     offload_params: bool = setting(False, "ZeRO-3: keep parameters in CPU memory")
     torch_adam: bool = setting(False, "use torch's AdamW instead of DeepSpeed's fused Adam (CPU tests: avoids an ~80 s JIT build)")

@@ -42,12 +42,15 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from mmdist.config import RunConfig, dump_config
+from mmdist.atomic import write_text_atomic
+from mmdist.config import ConfigError, RunConfig, dump_config
+from mmdist.hardware import default_device, peak_flops
 from mmdist.models.freeze import param_table
+from mmdist.precision import precision_lines, resolve_precision
 from mmdist.training import dist
 from mmdist.training.checkpoint import CheckpointManager, capture_rng, export_trainable, restore_rng
 from mmdist.training.engine import EngineBundle, build_engine
-from mmdist.training.metrics import MetricsLogger, Throughput, flops_per_token, measure_peak_flops
+from mmdist.training.metrics import MetricsLogger, Throughput, flop_count
 
 __all__ = ["NonFiniteLossError", "TrainState", "cli_main", "train", "train_step"]
 
@@ -131,7 +134,7 @@ def train_step(
     """
     accumulation = engine.gradient_accumulation_steps()
     float_dtype = _float_dtype(engine)
-    stats = _StepStats()
+    stats = _StepStats(int(getattr(getattr(engine, "module", None), "num_image_tokens", 0) or 0))
     while stats.micro < accumulation:
         try:
             batch = next(micro_batches)
@@ -178,8 +181,9 @@ def train_step(
 class _StepStats:
     """What the micro-batches of one optimizer step add up to; summed over ranks when the step ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokens_per_image: int = 0) -> None:
         self.micro, self.loss, self.samples, self.tokens = 0, 0.0, 0, 0
+        self.supervised, self.image_tokens, self.tokens_per_image = 0, 0, tokens_per_image
         self.metrics: dict[str, float] = {}
         self.fingerprints: list[str] = []
 
@@ -188,16 +192,20 @@ class _StepStats:
         self.loss += float(loss.detach())
         self.samples += _batch_size(batch)
         self.tokens += _batch_tokens(batch, out)
+        self.supervised += _supervised_tokens(batch, out)
+        self.image_tokens += _batch_images(batch) * self.tokens_per_image
         for key, value in (out.get("metrics") or {}).items():
             self.metrics[key] = self.metrics.get(key, 0.0) + float(value)
 
     def reduce(self, device: Any) -> dict:
         """Mean loss and model metrics over every rank's micro-batches, global samples and tokens."""
         keys = sorted(self.metrics)  # the same model on every rank reports the same keys
-        total = _all_reduce([self.loss, self.micro, self.samples, self.tokens] + [self.metrics[k] for k in keys], device)
+        total = _all_reduce([self.loss, self.micro, self.samples, self.tokens, self.supervised, self.image_tokens]
+                            + [self.metrics[k] for k in keys], device)
         count = max(total[1], 1)
-        out = {"loss": total[0] / count, "step_samples": int(total[2]), "step_tokens": int(total[3])}
-        out.update({k: v / count for k, v in zip(keys, total[4:])})
+        out = {"loss": total[0] / count, "step_samples": int(total[2]), "step_tokens": int(total[3]),
+               "step_supervised_tokens": int(total[4]), "step_image_tokens": int(total[5])}
+        out.update({k: v / count for k, v in zip(keys, total[6:])})
         return out
 
 
@@ -242,6 +250,23 @@ def _batch_tokens(batch: dict, out: dict) -> int:
     if "num_tokens" in out:
         return int(out["num_tokens"])
     return _batch_size(batch)
+
+
+def _supervised_tokens(batch: dict, out: dict) -> int:
+    """Positions where stage 2 runs the LM head: the model's ``num_tokens`` (after the shift), else ``labels != -100``."""
+    if "num_tokens" in out:
+        return int(out["num_tokens"])
+    labels = batch.get("labels")
+    return int(labels.ne(-100).sum()) if labels is not None and hasattr(labels, "ne") else 0
+
+
+def _batch_images(batch: dict) -> int:
+    """Images in a batch (pixels or cached features): each fills the model's ``num_image_tokens`` positions."""
+    for key in ("pixel_values", "image_features"):
+        value = batch.get(key)
+        if value is not None and hasattr(value, "shape") and len(value.shape) > 0:
+            return int(value.shape[0])
+    return 0
 
 
 def _fingerprint(batch: dict) -> str:
@@ -323,10 +348,12 @@ def train(
         # 1. setup: the process group, the run directory, the engine, the data
         env = dist.init(backend=cfg.engine.backend)
         teardown.callback(dist.shutdown)
-        _write_run_dir(cfg, env.rank)
+        cfg, precision = _resolve_precision(cfg)  # `auto` -> concrete dtypes, before anything is built
+        _write_run_dir(cfg, env.rank, precision)
         bundle = build_engine(cfg, world_size=env.world_size, model_builder=model_builder)
         teardown.callback(bundle.close)  # before dist.shutdown: DeepSpeed's groups, the shm buffer
         run = _setup(cfg, env, bundle, loader_builder or default_loader_builder)
+        run.precision = precision
 
         # 2. resume, then the logs (they drop records a resumed run will write again)
         state = _resume(run)
@@ -373,6 +400,7 @@ class _Run:
     last_checkpoint: Optional[Path] = None
     last_eval: Optional[dict] = None
     history: list[dict] = field(default_factory=list)
+    precision: list = field(default_factory=list)  # [(key, hardware.Resolved)] from resolve_precision
 
     @property
     def run_dir(self) -> Path:
@@ -388,10 +416,34 @@ class _Run:
         self.logger.log(state.step, {"nonfinite_loss": 1, "nonfinite_in_row": state.nonfinite_in_row, "nonfinite_total": state.nonfinite_total})
 
 
-def _write_run_dir(cfg: Any, rank: int) -> None:
+def _resolve_precision(cfg: Any) -> tuple[Any, list]:
+    """``cfg`` with concrete dtypes for this node's device (mmdist.precision); rank 0's answer on every rank.
+
+    Ranks must agree: where the CPU's flags cannot be read a matmul probe decides, and two probes may not.
+    """
+    device = default_device()
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        box: list[Any] = [None]
+        if tdist.get_rank() == 0:
+            try:
+                box = [resolve_precision(cfg, device)]
+            except ConfigError as exc:
+                box = [exc]
+        tdist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
+    return resolve_precision(cfg, device)
+
+
+def _write_run_dir(cfg: Any, rank: int, precision: Sequence = ()) -> None:
+    """The resolved config (concrete dtypes) as config.yaml, with why each precision was chosen as comments."""
     if rank == 0:
         Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
+        path = dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
+        if precision:
+            notes = "".join(f"# {line}\n" for line in precision_lines(list(precision)))
+            write_text_atomic(path, f"# precision resolved at start-up:\n{notes}" + path.read_text())
 
 
 def _setup(cfg: Any, env: Any, bundle: EngineBundle, loader_builder: Callable) -> _Run:
@@ -428,6 +480,8 @@ def _open_logs(run: _Run, state: TrainState) -> None:
         logger.print(f"[mmdist] resumed from {run.resumed_from} at step {state.step} ({state.samples} samples seen)")
     if cfg.log.param_table:
         logger.print(param_table(bundle.model))
+    for line in precision_lines(run.precision):
+        logger.print(f"[mmdist] precision {line}")
     logger.print(
         f"[mmdist] stage={cfg.stage} world={run.world_size} steps={run.total_steps} global_batch={cfg.train.global_batch_size} "
         f"micro={cfg.train.micro_batch_size} accumulation={bundle.ds_config['gradient_accumulation_steps']} "
@@ -435,8 +489,16 @@ def _open_logs(run: _Run, state: TrainState) -> None:
     )
     for name, numel, lr in bundle.info["optimizer_groups"]:
         logger.print(f"[mmdist] optimizer group {name}: {numel:,} parameters, lr {lr:.3g}")
-    peak = cfg.log.peak_flops or (measure_peak_flops(compute_dtype(cfg)) if run.rank == 0 else 0.0)
-    run.throughput = Throughput(flops_per_token(bundle.model, cfg.stage), peak * run.world_size, run.total_steps, start_step=state.step)
+    if cfg.log.peak_flops:
+        peak, source = float(cfg.log.peak_flops), "log.peak_flops"
+    elif run.rank == 0:  # only rank 0 reports MFU
+        peak, source = peak_flops(bundle.engine.device, compute_dtype(cfg))
+    else:
+        peak, source = 0.0, ""
+    if peak:
+        logger.print(f"[mmdist] MFU against {peak / 1e12:.3g} TFLOP/s per device x {run.world_size} ({source})")
+    flops = flop_count(bundle.model, cfg.stage, vision_runs=not cfg.data.feature_cache)
+    run.throughput = Throughput(flops, peak * run.world_size, run.total_steps, start_step=state.step)
 
 
 def _log_step(run: _Run, state: TrainState, record: dict, end_step: int) -> None:
@@ -444,7 +506,8 @@ def _log_step(run: _Run, state: TrainState, record: dict, end_step: int) -> None
     cfg, scheduler = run.cfg, run.bundle.scheduler
     lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.train.lr
     record.update(lr=lr, samples=state.samples, nonfinite_total=state.nonfinite_total)
-    record.update(run.throughput.update(state.step, record.pop("step_samples"), record.pop("step_tokens")))
+    record.update(run.throughput.update(state.step, record.pop("step_samples"), record.pop("step_tokens"),
+                                        record.pop("step_supervised_tokens", 0), record.pop("step_image_tokens", 0)))
     run.history.append({"step": state.step, "loss": record["loss"], "lr": lr, **({"data": record["data"]} if "data" in record else {})})
     run.logger.progress(state.step, record)
     if state.step % max(cfg.log.log_every, 1) == 0 or state.step == end_step or cfg.log.data_fingerprint:

@@ -219,3 +219,32 @@ def test_mmdist_cache_cli_caches_text_unless_no_text(tmp_path):
             assert key["text_features"] is has_text and ("text" in key["parts"]) is has_text
             member = "features.safetensors" if has_text else "features.npy"
             assert member in next(read_tar(str(out / split / "features-000000.tar")))
+
+
+def test_mmdist_cache_of_a_stage2_config_never_loads_the_llm(tmp_path, monkeypatch):
+    """`mmdist cache` with a fuse config builds the vision tower and the processors only; its cache key is the one
+    the stage-2 model (which does load the LLM) computes when training reads the cache."""
+    import yaml
+    from helpers.configs import tiny_run_config
+
+    import mmdist.models.build as build
+    from mmdist.config.run import config_to_dict
+    from mmdist.data.cache import cache_key, cache_key_parts, cli_main
+    from mmdist.export import build_run_model
+
+    pattern = write_caption_shards(tmp_path / "src", [3])
+    cfg = tiny_run_config("fuse", data={"train": [{"shards": [pattern]}], "eval": [], "num_workers": 0, "format": "caption"})
+    path = tmp_path / "fuse.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    real_load_llm = build.load_llm
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("mmdist cache loaded the LLM to encode images")
+
+    monkeypatch.setattr(build, "load_llm", refuse)
+    assert cli_main(["--config", str(path), "--out", str(tmp_path / "cache"), "--device", "cpu"]) == 0
+    monkeypatch.setattr(build, "load_llm", real_load_llm)
+    written = json.loads((tmp_path / "cache" / "train" / "cache_key.json").read_text())
+    model = build_run_model(cfg)
+    assert written["key"] == cache_key(cache_key_parts(cfg, model.processors))
+    assert "features.npy" in next(read_tar(str(tmp_path / "cache" / "train" / "features-000000.tar")))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdist.config.run import RunConfig, config_to_dict, load_config
+from mmdist.precision import resolve_precision
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs"
 
@@ -34,7 +35,10 @@ def tiny_run_config(stage: str = "fuse", *overrides: str, connector: str = "mlp"
     a Q-Former trains the text encoder), nested ``sections`` (e.g. ``model={"llm": {"dtype": "bf16"}}``,
     merged key by key) and then dotted ``overrides``."""
     stage_overrides = [f"model.connector.type={connector}", f"model.text.freeze={str(connector != 'qformer').lower()}"]
-    return load_config(RECIPES / f"tiny_{stage}.yaml", [*TEST_OVERRIDES, *stage_overrides, *dotted(sections), *overrides])
+    cfg = load_config(RECIPES / f"tiny_{stage}.yaml", [*TEST_OVERRIDES, *stage_overrides, *dotted(sections), *overrides])
+    # The recipes say `auto`: resolved for the CPU as every command does at start-up (fp32 under the tests'
+    # MMDIST_CPU_BF16=0), so models built straight from this config get concrete dtypes.
+    return resolve_precision(cfg, "cpu")[0]
 
 
 def dotted(sections: dict, prefix: str = "") -> list[str]:

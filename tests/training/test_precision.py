@@ -1,0 +1,129 @@
+"""The dtype the config names is the dtype that runs: `auto` resolution (mmdist.precision) and the actual dtype of
+every part after DeepSpeed has built the engine, for ZeRO 0/2/3 and fp32/bf16 engines (one process, gloo).
+
+DeepSpeed holds parameters in its own precision: a bf16 engine casts every one (frozen ones too), ZeRO-3 partitions
+every tensor in the engine's precision. The resolved config must say what the engine then holds, and a frozen part
+whose explicit dtype DeepSpeed would override is refused, naming both keys.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from helpers.configs import RECIPES, TEST_OVERRIDES
+
+from mmdist.config import ConfigError, load_config
+from mmdist.precision import resolve_precision
+
+TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def recipe(stage: str, *overrides: str):
+    """The tiny recipe as shipped (dtypes `auto`), with the tests' usual overrides."""
+    return load_config(RECIPES / f"tiny_{stage}.yaml", [*TEST_OVERRIDES, *overrides])
+
+
+@pytest.fixture
+def process_group():
+    """One-rank gloo group per engine: EngineBundle.close() destroys it through DeepSpeed."""
+    from mmdist.training import dist
+
+    env = dist.init(dist.discover(argv=[], environ={}), backend="gloo", timeout_s=60)
+    yield env
+    dist.shutdown()
+
+
+def held_dtypes(module) -> set:
+    """The dtypes the module's weights are stored in (ZeRO-3: the rank's partition, not the empty parameter)."""
+    return {getattr(p, "ds_tensor", p).dtype for p in module.parameters()} | {p.dtype for p in module.parameters()}
+
+
+PARTS = {"fuse": ("vision", "llm", "stage1", "projector"), "align": ("vision", "text", "stage1")}
+
+
+@pytest.mark.parametrize("stage", ["fuse", "align"])
+@pytest.mark.parametrize("zero", [0, 2, 3])
+@pytest.mark.parametrize("engine", ["fp32", "bf16"])
+def test_every_part_runs_in_the_resolved_dtype(process_group, tmp_path, stage, zero, engine):
+    from mmdist.training.engine import build_engine
+
+    cfg, resolved = resolve_precision(recipe(stage, f"engine.zero_stage={zero}", f"engine.precision={engine}",
+                                             f"run_dir={tmp_path}"), "cpu")
+    assert dict(resolved)["engine.precision"].dtype == engine
+    bundle = build_engine(cfg, world_size=1)
+    try:
+        model = bundle.model
+        for name in PARTS[stage]:
+            module = getattr(model, name, None)
+            if module is None:
+                continue
+            trainable = any(p.requires_grad for p in module.parameters())
+            # frozen: the configured dtype; trainable: the engine's compute copy (fp32 masters live in the optimizer)
+            expected = engine if trainable else getattr(cfg.model, name).dtype
+            assert held_dtypes(module) == {TORCH[expected]}, (name, zero, engine)
+    finally:
+        bundle.close()
+
+
+def test_frozen_part_keeps_its_own_dtype_under_an_fp32_engine_at_zero2(process_group, tmp_path):
+    from mmdist.training.engine import build_engine
+
+    cfg, _ = resolve_precision(recipe("fuse", "engine.zero_stage=2", "engine.precision=fp32", "model.llm.dtype=bf16",
+                                      f"run_dir={tmp_path}"), "cpu")
+    bundle = build_engine(cfg, world_size=1)
+    try:
+        assert held_dtypes(bundle.model.llm) == {torch.bfloat16}
+        assert held_dtypes(bundle.model.projector) == {torch.float32}
+        assert held_dtypes(bundle.model.vision) == {torch.float32}  # auto on a CPU without native bf16
+    finally:
+        bundle.close()
+
+
+@pytest.mark.parametrize("overrides,key,other", [
+    (("engine.zero_stage=3", "engine.precision=fp32", "model.llm.dtype=bf16"), "model.llm.dtype", "engine.precision=fp32"),
+    (("engine.zero_stage=2", "engine.precision=bf16", "model.llm.dtype=fp32"), "model.llm.dtype", "engine.precision=bf16"),
+    (("engine.zero_stage=0", "engine.precision=bf16", "model.vision.dtype=fp32"), "model.vision.dtype", "engine.precision=bf16"),
+])
+def test_contradictory_frozen_dtype_is_refused_naming_both_keys(overrides, key, other):
+    with pytest.raises(ConfigError) as err:
+        resolve_precision(recipe("fuse", *overrides), "cpu")
+    assert key in str(err.value) and other in str(err.value)
+
+
+def test_trainable_text_encoder_dtype_is_not_a_contradiction():
+    cfg, _ = resolve_precision(recipe("align", "engine.precision=bf16", "model.connector.type=qformer", "model.text.freeze=false",
+                                      "model.text.dtype=fp32", "model.connector.qformer.num_queries=4"), "cpu")
+    assert cfg.engine.precision == "bf16" and cfg.model.text.dtype == "fp32"
+
+
+@pytest.mark.parametrize("native,expected", [("0", "fp32"), ("1", "bf16")])
+def test_tiny_fuse_recipe_resolves_auto_from_the_cpu(monkeypatch, native, expected):
+    """MMDIST_CPU_BF16 switches the branch on any machine; the shipped tiny fuse recipe (ZeRO-3) is `auto` throughout."""
+    monkeypatch.setenv("MMDIST_CPU_BF16", native)
+    raw = load_config(RECIPES / "tiny_fuse.yaml")
+    assert raw.engine.precision == raw.model.llm.dtype == raw.model.vision.dtype == "auto"
+    cfg, resolved = resolve_precision(raw, "cpu")
+    # ZeRO-3 holds every tensor in the engine's precision: the engine follows the frozen LLM's hardware dtype
+    assert (cfg.engine.precision, cfg.model.llm.dtype, cfg.model.vision.dtype, cfg.model.text.dtype) == (expected,) * 4
+    reasons = dict(resolved)
+    assert "MMDIST_CPU_BF16" in reasons["model.llm.dtype"].reason
+    assert set(reasons) == {"engine.precision", "model.llm.dtype", "model.vision.dtype"}
+
+
+@pytest.mark.parametrize("native,expected", [("0", "fp32"), ("1", "bf16")])
+def test_run_config_yaml_holds_the_concrete_dtypes(monkeypatch, tmp_path, native, expected):
+    """A training run writes the resolved dtypes (and why, as comments) into its config.yaml and the start-up log."""
+
+    from mmdist.training.trainer import _write_run_dir
+
+    monkeypatch.setenv("MMDIST_CPU_BF16", native)
+    cfg, resolved = resolve_precision(recipe("fuse", "engine.zero_stage=3", f"run_dir={tmp_path}"), "cpu")
+    _write_run_dir(cfg, 0, resolved)
+    text = (tmp_path / "config.yaml").read_text()
+    written = yaml.safe_load(text)
+    assert written["model"]["llm"]["dtype"] == written["engine"]["precision"] == expected
+    assert "auto" not in (written["model"]["vision"]["dtype"], written["model"]["text"]["dtype"])
+    assert f"# model.llm.dtype = {expected}" in text and "MMDIST_CPU_BF16" in text
+    reloaded = load_config(tmp_path / "config.yaml")
+    assert reloaded.model.llm.dtype == expected
