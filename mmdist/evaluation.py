@@ -426,6 +426,16 @@ def summary_line(stage: str, metrics: dict) -> str:
 # mmdist eval
 
 
+def _digit_parser() -> Callable[[str], Any]:
+    from mmdist.generate import parse_digit
+
+    return parse_digit
+
+
+# --match NAME -> a factory of the normalise function (imported only when chosen)
+MATCHERS: dict[str, Callable[[], Callable[[str], Any]]] = {"normalised": lambda: normalise_answer, "digit": _digit_parser}
+
+
 def load_export_model(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> Any:
     """The model of an export (or run / demo folder; a demo folder means its stage 2), by the manifest's stage."""
     from mmdist.config import RunConfig, from_dict
@@ -473,6 +483,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many samples (default: all)")
     parser.add_argument("--batch-size", type=int, default=16, help="samples per batch on each rank")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="stage 2: longest answer in tokens")
+    parser.add_argument("--match", choices=sorted(MATCHERS), default="normalised",
+                        help="stage 2: how answers are compared: 'normalised' (SQuAD normalisation) or 'digit' (the demo's digit parser)")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when usable; under torchrun cuda:LOCAL_RANK)")
     parser.add_argument("--out", default=None, help="folder for metrics.json (and answers.jsonl); default RUN/eval")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the stored config, e.g. model.llm.dtype=fp32 data.num_workers=0")
@@ -501,6 +513,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         loader = build_loader(cfg, model.processors, "eval", env.rank, env.world_size)
         out = Path(args.out) if args.out else _output_dir(args.run, model)
         metrics = evaluate_model(model, cfg, loader, max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
+                                 normalise=MATCHERS[args.match](),
                                  jsonl_path=out / "answers.jsonl" if cfg.stage == "fuse" else None)
         metrics.pop("records", None)
         metrics = {"stage": cfg.stage, "data": list(args.data), **metrics}
