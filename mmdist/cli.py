@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mmdist.demo.cli:cli_main", "build the digits shards, train both stages on CPU, evaluate, write a report"),
     "generate": ("mmdist.generate:cli_main", "answer a prompt about an image with an exported stage-2 model"),
     "export": ("mmdist.hf_export:cli_main", "write a trained model as an mmdist export or a Hugging Face LLaVA folder (--format hf)"),
+    "eval": ("mmdist.evaluation:cli_main", "measure an export on held-out shards: retrieval R@1/5/10 (stage 1) or answer accuracy (stage 2)"),
     "plan": ("mmdist.plan:cli_main", "predict per-GPU memory for each ZeRO stage before submitting a job"),
 }
 

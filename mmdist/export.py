@@ -19,6 +19,7 @@ it; the manifest and the commands that rebuild the run's data pipeline do.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -323,6 +324,17 @@ def build_run_model(cfg: RunConfig, gather: Gather = null_gather) -> nn.Module:
     return model
 
 
+def manifest_config(folder: str | os.PathLike, manifest: dict, overrides: Optional[list[str]] = None) -> RunConfig:
+    """The run config an export's manifest carries, with dotted ``overrides`` applied (e.g. ``model.llm.dtype=fp32``)."""
+    data = copy.deepcopy(manifest["config"])
+    for keys, value in parse_overrides(overrides or []):
+        node = data
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = value
+    return from_dict(RunConfig, data, source=f"{folder}/{EXPORT_MANIFEST}")
+
+
 def load_fused_model(path: str | os.PathLike, gather: Gather = null_gather, overrides: Optional[list[str]] = None,
                      precision: Optional[Any] = None) -> FusedVLM:
     """A ready FusedVLM from a stage-2 export (or run) folder, for inference (`mmdist generate`).
@@ -335,16 +347,10 @@ def load_fused_model(path: str | os.PathLike, gather: Gather = null_gather, over
     state, manifest = read_export(folder)
     if manifest.get("stage") != "fuse":
         raise ValueError(f"{folder}: this is a stage-{manifest.get('stage')!r} export; inference needs a stage 'fuse' export")
-    data = manifest["config"]
-    data["model"]["connector"]["stage1_weights"] = None
-    merged_lora = bool(data["model"]["llm"]["lora"]["enabled"])
-    data["model"]["llm"]["lora"]["enabled"] = False  # the export holds the merged weights
-    for keys, value in parse_overrides(overrides or []):
-        node = data
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    cfg = from_dict(RunConfig, data, source=f"{folder}/{EXPORT_MANIFEST}")
+    merged_lora = bool(manifest["config"]["model"]["llm"]["lora"]["enabled"])
+    # the export holds the merged LoRA weights and the stage-1 module's weights
+    cfg = manifest_config(folder, manifest, ["model.connector.stage1_weights=null", "model.llm.lora.enabled=false",
+                                             *(overrides or [])])
     resolved = []
     if precision is not None:  # mmdist.precision.resolve_precision for the device the model will run on
         cfg, resolved = precision(cfg)

@@ -75,8 +75,11 @@ def prompt_ids(model: Any, prompt: str, num_images: int = 1) -> list[int]:
 
 
 def answer_batch(model: Any, prompts: Sequence[Sequence[int]], *, pixel_values: Any = None, image_features: Any = None,
-                 max_new_tokens: int = 8) -> list[str]:
-    """Greedy answers for a batch of prompt id lists (left-padded here) and their images, decoded and stripped."""
+                 max_new_tokens: int = 8, **generate_kwargs: Any) -> list[str]:
+    """Greedy answers for a batch of prompt id lists (left-padded here) and their images, decoded and stripped.
+
+    ``generate_kwargs`` go to ``FusedVLM.generate`` (e.g. ``synced_gpus`` under ZeRO-3).
+    """
     import torch
 
     tok = model.processors.tokenizer
@@ -88,13 +91,12 @@ def answer_batch(model: Any, prompts: Sequence[Sequence[int]], *, pixel_values: 
         ids = torch.as_tensor(list(ids), dtype=torch.long)
         input_ids[row, width - len(ids):] = ids
         attention[row, width - len(ids):] = 1
+    device = next(model.parameters()).device
     with torch.no_grad():
-        device = next(model.parameters()).device
         pixel_values = pixel_values.to(device) if pixel_values is not None else None
         image_features = image_features.to(device) if image_features is not None else None
         new = model.generate(input_ids.to(device), attention_mask=attention.to(device), pixel_values=pixel_values,
-                             image_features=image_features,
-                             max_new_tokens=max_new_tokens)
+                             image_features=image_features, max_new_tokens=max_new_tokens, **generate_kwargs)
     return [tok.decode(seq, skip_special_tokens=True).strip() for seq in new]
 
 

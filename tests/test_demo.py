@@ -227,6 +227,25 @@ def test_generate_answers_on_the_demo_output(tiny_demo, capsys):
     assert capsys.readouterr().out.endswith(first["answer"] + "\n")  # the report's answer is what `mmdist generate` says
 
 
+def test_mmdist_eval_reproduces_the_demo_heldout_numbers(tiny_demo, tmp_path):
+    from mmdist import evaluation
+
+    run = tiny_demo["run"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    shards = [str(p) for p in sorted((run / "data" / "shards" / "eval").glob("*.tar"))]
+    common = ["--data", *shards, "--device", "cpu", "data.num_workers=0"]
+    assert evaluation.cli_main(["--run", str(run / "align"), "--out", str(tmp_path / "align"), *common]) == 0
+    align = json.loads((tmp_path / "align" / "metrics.json").read_text())
+    assert align["i2t_r1"] == metrics["align"]["heldout_retrieval_top1"]
+    assert align["samples"] == metrics["align"]["heldout_samples"]
+    assert evaluation.cli_main(["--run", str(run), "--out", str(tmp_path / "fuse"), "--match", "digit", "--max-new-tokens", "8",
+                                *common]) == 0
+    fuse = json.loads((tmp_path / "fuse" / "metrics.json").read_text())
+    assert fuse["exact"] == metrics["fuse"]["heldout_answer_accuracy"]
+    assert fuse["samples"] == metrics["fuse"]["heldout_samples"]
+    assert fuse["unparsed"] == metrics["fuse"]["unparsed_answers"]
+
+
 def test_tiny_demo_refuses_to_mix_with_another_recipe(tiny_demo, capsys):
     code = demo.cli_main(["--run-dir", str(tiny_demo["run"]), "--align-config", str(TINY_ALIGN), "--fuse-config", str(TINY_FUSE)])
     assert code == 2

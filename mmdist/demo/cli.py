@@ -28,6 +28,7 @@ from mmdist.demo.evaluate import heldout_answers, heldout_gallery, heldout_retri
 from mmdist.demo.report import loss_curve, write_report
 from mmdist.demo.state import DemoError, DemoState, run_fingerprint
 from mmdist.generate import load_model
+from mmdist.precision import resolve_precision
 from mmdist.training.trainer import train
 
 # The recipes shipped with mmdist (package data), so the demo runs from any folder after any install.
@@ -164,7 +165,8 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
 
     state.run("align", "3/6 stage 1: align (trainer + DeepSpeed, 1 CPU process)", lambda: stage("align", align_path, align_over))
     align_metrics = state.run("align_eval", "   stage 1: held-out retrieval",
-                              lambda: heldout_retrieval(load_config(align_path, align_over), run_dir / "align" / "export", shards["eval_samples"]))
+                              lambda: heldout_retrieval(resolve_precision(load_config(align_path, align_over), device)[0],
+                                                        run_dir / "align" / "export", shards["eval_samples"]))
     print(f"[demo] stage 1 held-out retrieval top-1: {align_metrics['heldout_retrieval_top1']:.1%} "
           f"over {align_metrics['heldout_samples']} digits (chance 10%)")
     state.run("fuse", "4/6 stage 2: fuse (trainer + DeepSpeed, 1 CPU process)", lambda: stage("fuse", fuse_path, fuse_over))

@@ -11,16 +11,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from mmdist import evaluation
 from mmdist.data import build_loader
 from mmdist.data.reader import list_shards, read_tar
 from mmdist.data.shards import DIGIT_NAMES
 from mmdist.demo.state import DemoError
 from mmdist.export import load_align_model
-from mmdist.generate import answer_batch, answer_images, parse_digit
+from mmdist.generate import answer_images, parse_digit
 
 QUESTION = "What digit is this?"
 REPORT_IMAGES = 10
@@ -40,58 +39,34 @@ def _align_model_from_export(cfg: Any, export_dir: Path) -> Any:
 
 
 def heldout_retrieval(cfg: Any, export_dir: Path, eval_samples: int) -> dict:
-    """Held-out image->text retrieval top-1 over the ten digit captions, with the exported stage-1 weights."""
+    """Held-out image->text retrieval top-1 (R@1) with the exported stage-1 weights (mmdist.evaluation, as `mmdist eval`).
+
+    The candidates are the distinct captions of the held-out digits (the ten digit
+    captions when every digit is present); an image is right when its own caption ranks first.
+    """
     model = _align_model_from_export(cfg, export_dir)
-    captions = [f"a handwritten digit {name}" for name in DIGIT_NAMES]
-    tok = model.processors.text_tokenizer
-    enc = tok(captions, padding=True, truncation=True, max_length=cfg.model.text.max_length, return_tensors="pt")
-    cfg.train.micro_batch_size = _eval_batch_size(eval_samples)
-    correct = total = 0
-    with torch.no_grad():
-        _, pooled = model.text(enc["input_ids"], enc["attention_mask"])
-        text_emb = F.normalize(model.stage1.text_embedding(pooled).float(), dim=-1)
-        for batch in build_loader(cfg, model.processors, "eval"):
-            features = batch.get("image_features")
-            if features is None:
-                features = model.encode_images(batch["pixel_values"])
-            image_emb = F.normalize(model.stage1.image_embedding(features).float(), dim=-1)
-            predicted = (image_emb @ text_emb.T).argmax(-1).tolist()
-            for row, guess in zip(batch["text_input_ids"], predicted):
-                truth = tok.decode(row, skip_special_tokens=True).strip()
-                total += 1
-                correct += int(captions[guess] == truth)
-    if total == 0:
-        raise DemoError("the held-out split gave no batches to evaluate")
-    return {"heldout_retrieval_top1": correct / total, "heldout_samples": total, "chance": 1 / len(captions)}
+    eval_cfg = evaluation.eval_config(cfg, _eval_batch_size(eval_samples))
+    try:
+        metrics = evaluation.evaluate_retrieval(model, build_loader(eval_cfg, model.processors, "eval"))
+    except ValueError as exc:
+        raise DemoError(f"held-out retrieval: {exc}") from None
+    return {"heldout_retrieval_top1": metrics["i2t_r1"], "heldout_samples": metrics["samples"], "chance": metrics["i2t_chance_r1"],
+            "retrieval": {k: v for k, v in metrics.items() if k.startswith(("i2t_r", "t2i_r"))}}
 
 
 def heldout_answers(model: Any, eval_samples: int) -> dict:
-    """Held-out answer accuracy by greedy generation with the exported stage-2 model (loaded as `mmdist generate` does)."""
-    cfg = model.run_config
-    cfg.train.micro_batch_size = _eval_batch_size(eval_samples)
-    tok = model.processors.tokenizer
-    correct = total = unparsed = 0
-    examples = []
-    with torch.no_grad():
-        for batch in build_loader(cfg, model.processors, "eval"):
-            prompts, truths = [], []
-            for ids, labels in zip(batch["input_ids"], batch["labels"]):
-                supervised = (labels != -100).nonzero()
-                start = int(supervised[0]) if len(supervised) else len(ids)
-                prompts.append(ids[:start])
-                truths.append(tok.decode(labels[labels != -100], skip_special_tokens=True).strip())
-            texts = answer_batch(model, prompts, pixel_values=batch.get("pixel_values"), image_features=batch.get("image_features"))
-            for text, truth in zip(texts, truths):
-                guess = parse_digit(text)
-                want = parse_digit(truth)
-                unparsed += int(guess is None)
-                correct += int(guess is not None and guess == want)
-                total += 1
-                if len(examples) < 12:
-                    examples.append({"answer": text, "truth": truth})
-    if total == 0:
-        raise DemoError("the held-out split gave no batches to evaluate")
-    return {"heldout_answer_accuracy": correct / total, "heldout_samples": total, "unparsed_answers": unparsed,
+    """Held-out answer accuracy by greedy generation with the exported stage-2 model (mmdist.evaluation, as `mmdist eval --match digit`).
+
+    An answer is right when the digit it names (parse_digit: its first word) is the reference's.
+    """
+    eval_cfg = evaluation.eval_config(model.run_config, _eval_batch_size(eval_samples))
+    try:
+        metrics = evaluation.evaluate_answers(model, build_loader(eval_cfg, model.processors, "eval"), max_new_tokens=8,
+                                              normalise=parse_digit)
+    except ValueError as exc:
+        raise DemoError(f"held-out answers: {exc}") from None
+    examples = [{"answer": r["answer"], "truth": r["reference"]} for r in metrics["records"][:12]]
+    return {"heldout_answer_accuracy": metrics["exact"], "heldout_samples": metrics["samples"], "unparsed_answers": metrics["unparsed"],
             "chance": 0.1, "examples": examples}
 
 

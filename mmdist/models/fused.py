@@ -263,13 +263,16 @@ class FusedVLM(FrozenAwareModule):
                  max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
         """Greedy (unless kwargs say otherwise) generation from inputs_embeds; returns only the new token ids.
 
-        Batched prompts must be left-padded (attention_mask 0 on the left).
+        Batched prompts must be left-padded (attention_mask 0 on the left). The LLM's
+        ``generate`` keeps a KV cache (``past_key_values``) from the prompt's
+        ``inputs_embeds`` on, so each step feeds only the newest token.
         """
         embeds = self.embed(input_ids, self.image_embeddings(pixel_values, image_features))
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         tok = self.processors.tokenizer
         kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("use_cache", True)  # the KV cache: each new token attends to cached keys/values, not the whole prefix again
         kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         if kwargs["do_sample"] is False:
             kwargs.setdefault("temperature", None)

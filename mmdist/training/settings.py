@@ -30,6 +30,8 @@ class TrainConfig(SettingsBase):
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 disables)")
     eval_every: int = setting(0, "evaluate on data.eval every N steps (0: only at the end)")
     eval_batches: int = setting(20, "batches per evaluation")
+    eval_metrics: bool = setting(False, "at each evaluation also measure retrieval R@1/5/10 (align) or greedy-answer exact/contains accuracy (fuse) on data.eval (mmdist/evaluation.py)")
+    eval_max_samples: Optional[int] = setting(None, "eval_metrics: held-out samples measured (None: all of data.eval); answers use train.micro_batch_size per batch")
     seed: int = setting(0, "seed for initialisation and dropout")
     max_nonfinite_steps: int = setting(5, "stop with an error after this many NaN/inf losses in a row (each one is skipped)")
 
@@ -41,6 +43,8 @@ class TrainConfig(SettingsBase):
             out.append(("micro_batch_size", "must be at least 1"))
         if self.global_batch_size < self.micro_batch_size:
             out.append(("global_batch_size", f"{self.global_batch_size} is smaller than micro_batch_size={self.micro_batch_size}"))
+        if self.eval_max_samples is not None and self.eval_max_samples < 1:
+            out.append(("eval_max_samples", "must be at least 1 (or null for all held-out samples)"))
         if self.lr <= 0:
             out.append(("lr", "must be positive"))
         if not 0.0 <= self.warmup_ratio < 1.0:

@@ -396,6 +396,7 @@ class _Run:
     logger: Optional[MetricsLogger] = None
     throughput: Optional[Throughput] = None
     eval_loader: Optional[Iterable] = None  # built at the first evaluation
+    metrics_loader: Optional[Iterable] = None  # train.eval_metrics: unpacked held-out batches, built at the first evaluation
     resumed_from: Optional[Path] = None
     last_checkpoint: Optional[Path] = None
     last_eval: Optional[dict] = None
@@ -538,7 +539,34 @@ def _evaluate(run: _Run) -> Optional[dict]:
             batches += 1
     engine.train()
     total, count = _all_reduce([total, count], engine.device)
-    return {"loss": total / count if count else float("nan"), "batches": batches}
+    result = {"loss": total / count if count else float("nan"), "batches": batches}
+    if run.cfg.train.eval_metrics:
+        result.update(_evaluate_metrics(run))
+    return result
+
+
+def _evaluate_metrics(run: _Run) -> dict:
+    """Retrieval R@k (align) or answer accuracy (fuse) on data.eval, on every rank (mmdist/evaluation.py); the answers go to eval/."""
+    from mmdist import evaluation
+
+    cfg, engine = run.cfg, run.bundle.engine
+    model = getattr(engine, "module", engine)
+    if run.metrics_loader is None:
+        metrics_cfg = evaluation.eval_config(cfg)
+        run.metrics_loader = run.loader_builder(metrics_cfg, getattr(model, "processors", None), "eval", run.rank, run.world_size)
+    step = run.history[-1]["step"] if run.history else 0
+    float_dtype = _float_dtype(engine)
+    engine.eval()
+    try:
+        metrics = evaluation.evaluate_model(
+            model, cfg, run.metrics_loader, max_samples=cfg.train.eval_max_samples,
+            prepare=lambda batch: _to_device(batch, engine.device, float_dtype), synced_gpus=cfg.engine.zero_stage == 3,
+            jsonl_path=run.run_dir / "eval" / f"answers_step{step:06d}.jsonl")
+    finally:
+        engine.train()
+    metrics.pop("records", None)
+    run.logger.print(f"[mmdist] step {step}: eval {evaluation.summary_line(cfg.stage, metrics)}")
+    return metrics
 
 
 def _evaluate_and_log(run: _Run, step: int) -> None:

@@ -1,0 +1,526 @@
+"""Evaluation that measures answers: retrieval R@k for stage 1, greedy-answer accuracy for stage 2.
+
+A loss says little about whether a run is any good; these figures do, and they
+are what ``mmdist eval``, the trainer's ``train.eval_metrics`` and the demo's
+held-out numbers all report (one code path).
+
+Distributed: every rank reads its share of the held-out shards through the
+data loader's own rank split (``build_loader(..., "eval", rank, world)``), runs
+the model on it, and the per-sample results of all ranks are gathered (tensors:
+sizes first, then padded rows; strings: ``all_gather_object``). Every rank then
+computes the metrics on the full set, so they are identical everywhere. The
+eval loader gives every rank the same number of batches (it wraps a rank's
+shards around to fill its budget), so samples can repeat: results are
+de-duplicated by sample key (first occurrence kept) and sorted by key, so one
+rank and many ranks measure the same set. ``max_samples`` keeps the first N
+keys of what was read (reading stops after ``ceil(N / (world x batch))``
+batches per rank, the same on every rank).
+
+Stage 1 (align), image->text and text->image recall at k (R@1/5/10):
+
+* The text gallery is the set of distinct captions, a caption being the text
+  the model sees (its token ids decoded). An image query is correct at k when
+  its own caption is among the k captions most similar to it.
+* A caption query ranks all images; it is correct at k when any of the k most
+  similar images has that caption. So repeated captions (the demo's ten digit
+  captions) count as one text matching every image that carries it; with one
+  distinct caption per image this is the usual R@k.
+* Similarity is the cosine of the ITC embeddings (for the Q-Former, the max
+  over its queries, as in training).
+
+Stage 2 (fuse), greedy generation on held-out conversations:
+
+* The reference is the last assistant turn (the last run of supervised labels
+  of the rendered sample); the prompt is every token before it, rendered by the
+  training template, so the model sees what it was trained on.
+* Prompts are left-padded into batches and answered by ``FusedVLM.generate``
+  (greedy, KV cache).
+* ``exact``: normalise(answer) == normalise(reference); ``contains``: the
+  normalised reference occurs in the normalised answer as whole words. The
+  default normalisation is SQuAD's (lowercase, drop punctuation and the articles
+  a/an/the, collapse whitespace). A caller may pass another ``normalise``
+  returning any comparable value (the demo passes its digit parser); a ``None``
+  key never matches, and ``contains`` is then the same as ``exact``.
+* Rank 0 writes one JSON line per sample: key, question, reference, answer,
+  exact, contains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import string
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+RECALL_AT = (1, 5, 10)
+
+
+# ---------------------------------------------------------------------------
+# answer matching
+
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalise_answer(text: str) -> str:
+    """SQuAD's answer normalisation: lowercase, no punctuation, no articles, single spaces."""
+    text = text.lower().translate(_PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def score_answer(answer: str, reference: str, normalise: Callable[[str], Any] = normalise_answer) -> tuple[bool, bool]:
+    """(exact, contains) of one answer against its reference, after ``normalise`` (see the module docstring)."""
+    got, want = normalise(answer), normalise(reference)
+    exact = got is not None and want is not None and got == want
+    if isinstance(got, str) and isinstance(want, str):
+        contains = exact or (bool(want) and f" {want} " in f" {got} ")
+    else:
+        contains = exact
+    return exact, contains
+
+
+# ---------------------------------------------------------------------------
+# retrieval metrics
+
+
+def recall_at_k(similarity: torch.Tensor, correct: torch.Tensor, ks: Sequence[int] = RECALL_AT) -> dict[int, float]:
+    """Fraction of queries (rows) with a correct gallery item (``correct`` [Q, G] bool) among their k most similar.
+
+    Ties are broken by the gallery order (``torch.topk`` on CPU is stable for
+    equal values only in practice, so the rank is computed explicitly): an item
+    counts as within k when fewer than k items score strictly higher, or equally
+    high and earlier.
+    """
+    if similarity.shape != correct.shape:
+        raise ValueError(f"similarity {tuple(similarity.shape)} and correct {tuple(correct.shape)} differ in shape")
+    sim = similarity.float()
+    # Rank of the best correct item of each query: its count of items ranked ahead of it.
+    best = sim.masked_fill(~correct, float("-inf"))
+    best_score, best_index = best.max(1)
+    order = torch.arange(sim.shape[1], device=sim.device)
+    ahead = (sim > best_score[:, None]) | ((sim == best_score[:, None]) & (order[None, :] < best_index[:, None]))
+    rank = ahead.sum(1)
+    found = correct.any(1)
+    return {k: float(((rank < k) & found).float().mean()) if sim.shape[0] else float("nan") for k in ks}
+
+
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_index: torch.Tensor,
+                      ks: Sequence[int] = RECALL_AT) -> dict[str, float]:
+    """R@k both ways. ``image_emb`` [N, D] or [N, Q, D], ``text_emb`` [M, D] (distinct captions), ``caption_index`` [N] in [0, M)."""
+    from mmdist.models.losses import contrastive_logits
+
+    sim = contrastive_logits(F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1))  # [N, M]
+    correct = caption_index[:, None] == torch.arange(text_emb.shape[0], device=caption_index.device)[None, :]
+    i2t = recall_at_k(sim, correct, ks)
+    t2i = recall_at_k(sim.t(), correct.t(), ks)
+    out = {f"i2t_r{k}": v for k, v in i2t.items()}
+    out.update({f"t2i_r{k}": v for k, v in t2i.items()})
+    out["i2t_chance_r1"] = 1.0 / max(text_emb.shape[0], 1)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# gathering across ranks
+
+
+def _world() -> tuple[int, int]:
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.get_world_size()
+    return 0, 1
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``x`` [n_r, ...] concatenated along dim 0 in rank order (row counts may differ: sizes go first)."""
+    _, world = _world()
+    if world == 1:
+        return x
+    size = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    tdist.all_gather(sizes, size)
+    counts = [int(s) for s in sizes]
+    padded = torch.zeros((max(counts), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    tdist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, counts)], 0)
+
+
+def gather_list(items: list) -> list:
+    """Every rank's list concatenated in rank order (picklable items)."""
+    _, world = _world()
+    if world == 1:
+        return list(items)
+    parts: list[Any] = [None] * world
+    tdist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
+def _first_of_each_key(keys: Sequence[str], max_samples: Optional[int]) -> list[int]:
+    """Indices of the first occurrence of every key, sorted by key, cut to ``max_samples``."""
+    first: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        first.setdefault(key, i)
+    chosen = [first[k] for k in sorted(first)]
+    return chosen[:max_samples] if max_samples else chosen
+
+
+# ---------------------------------------------------------------------------
+# batches
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def to_device(batch: dict, device: Any) -> dict:
+    """Tensors of ``batch`` on ``device`` (other values as they are)."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def batches_with_keys(loader: Iterable, max_batches: Optional[int] = None) -> Iterator[tuple[dict, list[str]]]:
+    """(batch, sample keys) from a loader; the keys come from ``loader.last_keys`` (StreamingLoader), else are made up.
+
+    A loader without keys (tests' plain lists) gets ``b{batch:06d}_{row:04d}``,
+    which is unique within one rank only: use it single-process.
+    """
+    for index, batch in enumerate(loader):
+        if max_batches is not None and index >= max_batches:
+            break
+        keys = list(getattr(loader, "last_keys", None) or [])
+        rows = _rows_of(batch)
+        if len(keys) != rows:
+            keys = [f"b{index:06d}_{row:04d}" for row in range(rows)]
+        yield batch, keys
+
+
+def _rows_of(batch: dict) -> int:
+    for name in ("input_ids", "text_input_ids"):
+        if name in batch:
+            return int(batch[name].shape[0])
+    raise ValueError(f"batch has neither input_ids nor text_input_ids (keys: {sorted(batch)})")
+
+
+def max_batches_for(max_samples: Optional[int], batch_size: int, world_size: int) -> Optional[int]:
+    """Batches per rank that cover ``max_samples`` across ranks (None: all)."""
+    if not max_samples:
+        return None
+    return max(1, math.ceil(max_samples / (world_size * batch_size)))
+
+
+# ---------------------------------------------------------------------------
+# stage 1
+
+
+@torch.no_grad()
+def align_embeddings(model: Any, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image embeddings [B, D] or [B, Q, D], caption embeddings [B, D]) of an AlignModel on one batch, fp32."""
+    features = model.image_features(batch)
+    stage1 = model.stage1
+    if model.settings.connector.type == "qformer":
+        pooled = model.text(batch["text_input_ids"], batch["text_attention_mask"])[1]
+        image = stage1.vision_proj(stage1.image_tokens_of(features))
+        text = stage1.text_proj(pooled.to(image.dtype))
+    else:
+        image = stage1.image_embedding(features)
+        text = stage1.text_embedding(model.text_features(batch))
+    return image.float(), text.float()
+
+
+@torch.no_grad()
+def evaluate_retrieval(model: Any, loader: Iterable, *, max_samples: Optional[int] = None,
+                       prepare: Optional[Callable[[dict], dict]] = None, ks: Sequence[int] = RECALL_AT) -> dict:
+    """Stage-1 retrieval R@k over every rank's share of ``loader`` (a collective when distributed).
+
+    ``prepare`` moves a batch to the model (default: tensors to the model's device).
+    Returns the metrics of :func:`retrieval_metrics` plus ``samples`` and ``captions``.
+    """
+    _, world = _world()
+    device = _model_device(model)
+    prepare = prepare or (lambda b: to_device(b, device))
+    tok = model.processors.text_tokenizer
+    keys: list[str] = []
+    captions: list[str] = []
+    images: list[torch.Tensor] = []
+    texts: list[torch.Tensor] = []
+    batch_size = getattr(getattr(loader, "dataset", None), "batch_size", 1)
+    for batch, batch_keys in batches_with_keys(loader, max_batches_for(max_samples, batch_size, world)):
+        image, text = align_embeddings(model, prepare(batch))
+        images.append(image)
+        texts.append(text)
+        keys += batch_keys
+        for ids, mask in zip(batch["text_input_ids"], batch["text_attention_mask"]):
+            captions.append(tok.decode(ids[mask.bool()].tolist(), skip_special_tokens=True).strip())
+    if not images:
+        raise ValueError("the evaluation data gave no batches on this rank (check data.eval shards and their sizes.json)")
+    image_all = gather_rows(torch.cat(images))
+    text_all = gather_rows(torch.cat(texts))
+    keys, captions = gather_list(keys), gather_list(captions)
+    chosen = _first_of_each_key(keys, max_samples)
+    gallery: dict[str, int] = {}
+    caption_index, text_rows = [], []
+    for i in chosen:
+        if captions[i] not in gallery:
+            gallery[captions[i]] = len(gallery)
+            text_rows.append(i)
+        caption_index.append(gallery[captions[i]])
+    index = torch.tensor(chosen, device=image_all.device)
+    metrics = retrieval_metrics(image_all[index], text_all[torch.tensor(text_rows, device=text_all.device)],
+                                torch.tensor(caption_index, device=image_all.device), ks)
+    metrics.update(samples=len(chosen), captions=len(gallery))
+    return metrics
+
+
+# ---------------------------------------------------------------------------
+# stage 2
+
+
+def split_last_turn(input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+                    ) -> tuple[list[int], list[int]]:
+    """(prompt ids, reference ids) of one rendered sample: the last run of supervised labels is the reference."""
+    n = int(attention_mask.sum()) if attention_mask is not None else len(input_ids)
+    ids, lab = input_ids[:n].tolist(), labels[:n].tolist()
+    supervised = [t != IGNORE_INDEX for t in lab]
+    if not any(supervised):
+        return ids, []
+    end = max(i for i, s in enumerate(supervised) if s) + 1
+    start = end - 1
+    while start > 0 and supervised[start - 1]:
+        start -= 1
+    return ids[:start], [t for t in lab[start:end] if t != IGNORE_INDEX]
+
+
+def _prompt_images(batch: dict, prompts: list[list[int]], image_token_id: int, tokens_per_image: int) -> dict:
+    """The images the prompts keep (an image inside a dropped reference turn is dropped too), in batch order."""
+    kept: list[int] = []
+    image = 0
+    for row, prompt in zip(batch["input_ids"], prompts):
+        in_row = int((row == image_token_id).sum()) // tokens_per_image
+        in_prompt = sum(1 for t in prompt if t == image_token_id) // tokens_per_image
+        kept += list(range(image, image + in_prompt))
+        image += in_row
+    out = {}
+    for name in ("pixel_values", "image_features"):
+        value = batch.get(name)
+        if value is not None:
+            out[name] = value if len(kept) == value.shape[0] else value[torch.tensor(kept, dtype=torch.long, device=value.device)]
+    return out
+
+
+@torch.no_grad()
+def evaluate_answers(model: Any, loader: Iterable, *, max_samples: Optional[int] = None, max_new_tokens: int = 32,
+                     normalise: Callable[[str], Any] = normalise_answer, prepare: Optional[Callable[[dict], dict]] = None,
+                     synced_gpus: bool = False, jsonl_path: Optional[str | os.PathLike] = None) -> dict:
+    """Stage-2 greedy answers on every rank's share of ``loader``; exact / contains accuracy over the gathered set.
+
+    ``synced_gpus``: keep every rank generating until all are done (needed when
+    the weights are partitioned, ZeRO-3). Returns ``exact``, ``contains``,
+    ``samples``, ``unparsed`` (answers ``normalise`` maps to None) and
+    ``records`` (the per-sample dicts, sorted by key); rank 0 writes them to
+    ``jsonl_path``.
+    """
+    from mmdist.generate import answer_batch
+
+    rank, world = _world()
+    device = _model_device(model)
+    prepare = prepare or (lambda b: to_device(b, device))
+    tok = model.processors.tokenizer
+    image_token_id = int(model.image_token_id)
+    records: list[dict] = []
+    batch_size = getattr(getattr(loader, "dataset", None), "batch_size", 1)
+    gen_kwargs = {"synced_gpus": True} if synced_gpus and world > 1 else {}
+    for batch, keys in batches_with_keys(loader, max_batches_for(max_samples, batch_size, world)):
+        if batch.get("sequence_ids") is not None:
+            raise ValueError("answer evaluation needs one sample per row: build its loader with data.packing=false")
+        prompts, references = [], []
+        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+            prompt, reference = split_last_turn(ids, labels, mask)
+            prompts.append(prompt)
+            references.append(tok.decode(reference, skip_special_tokens=True).strip())
+        images = prepare(_prompt_images(batch, prompts, image_token_id, model.num_image_tokens))
+        answers = answer_batch(model, prompts, pixel_values=images.get("pixel_values"), image_features=images.get("image_features"),
+                               max_new_tokens=max_new_tokens, **gen_kwargs)
+        for key, prompt, reference, answer in zip(keys, prompts, references, answers):
+            question = tok.decode([t for t in prompt if t != image_token_id], skip_special_tokens=True).strip()
+            records.append({"key": key, "question": question, "reference": reference, "answer": answer})
+    records = gather_list(records)
+    if not records:
+        raise ValueError("the evaluation data gave no batches (check data.eval shards and their sizes.json)")
+    records = [records[i] for i in _first_of_each_key([r["key"] for r in records], max_samples)]
+    unparsed = 0
+    for record in records:
+        record["exact"], record["contains"] = score_answer(record["answer"], record["reference"], normalise)
+        unparsed += int(normalise(record["answer"]) is None)
+    n = len(records)
+    metrics = {"exact": sum(r["exact"] for r in records) / n, "contains": sum(r["contains"] for r in records) / n,
+               "samples": n, "unparsed": unparsed}
+    if jsonl_path is not None and rank == 0:
+        path = Path(jsonl_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    metrics["records"] = records
+    return metrics
+
+
+# ---------------------------------------------------------------------------
+# one entry point for the trainer, the CLI and the demo
+
+
+def eval_config(cfg: Any, batch_size: Optional[int] = None, shards: Optional[Sequence[str]] = None) -> Any:
+    """A copy of ``cfg`` for metric evaluation: one sample per row (no packing), pixels unless a cache is kept, own batch."""
+    from mmdist.data.settings import SourceConfig
+
+    cfg = copy.deepcopy(cfg)
+    cfg.data.packing = False
+    cfg.data.group_by_length = False
+    if shards:
+        cfg.data.eval = [SourceConfig(shards=list(shards), name="eval")]
+        cfg.data.feature_cache = None  # raw shards given on the command line: images, not cached features
+    if batch_size:
+        cfg.train.micro_batch_size = int(batch_size)
+    return cfg
+
+
+def evaluate_model(model: Any, cfg: Any, loader: Iterable, *, max_samples: Optional[int] = None, max_new_tokens: int = 32,
+                   normalise: Callable[[str], Any] = normalise_answer, prepare: Optional[Callable[[dict], dict]] = None,
+                   synced_gpus: bool = False, jsonl_path: Optional[str | os.PathLike] = None) -> dict:
+    """The stage's metrics (retrieval for align, answers for fuse) of ``model`` on ``loader``."""
+    was_training = model.training
+    model.eval()
+    try:
+        if cfg.stage == "align":
+            return evaluate_retrieval(model, loader, max_samples=max_samples, prepare=prepare)
+        return evaluate_answers(model, loader, max_samples=max_samples, max_new_tokens=max_new_tokens, normalise=normalise,
+                                prepare=prepare, synced_gpus=synced_gpus, jsonl_path=jsonl_path)
+    finally:
+        model.train(was_training)
+
+
+def summary_line(stage: str, metrics: dict) -> str:
+    """One line for the progress log."""
+    if stage == "align":
+        return (f"retrieval over {metrics['samples']} images / {metrics['captions']} captions: i2t R@1/5/10 "
+                f"{metrics['i2t_r1']:.3f}/{metrics['i2t_r5']:.3f}/{metrics['i2t_r10']:.3f}, t2i R@1/5/10 "
+                f"{metrics['t2i_r1']:.3f}/{metrics['t2i_r5']:.3f}/{metrics['t2i_r10']:.3f}")
+    return f"answers over {metrics['samples']} samples: exact {metrics['exact']:.3f}, contains {metrics['contains']:.3f}"
+
+
+# ---------------------------------------------------------------------------
+# mmdist eval
+
+
+def _digit_parser() -> Callable[[str], Any]:
+    from mmdist.generate import parse_digit
+
+    return parse_digit
+
+
+# --match NAME -> a factory of the normalise function (imported only when chosen)
+MATCHERS: dict[str, Callable[[], Callable[[str], Any]]] = {"normalised": lambda: normalise_answer, "digit": _digit_parser}
+
+
+def load_export_model(path: str | os.PathLike, overrides: Optional[list[str]] = None, device: Any = "cpu") -> Any:
+    """The model of an export (or run / demo folder; a demo folder means its stage 2), by the manifest's stage."""
+    from mmdist.export import load_align_model, load_fused_model, manifest_config, read_export, resolve_export_dir
+    from mmdist.precision import resolve_precision
+
+    folder = resolve_export_dir(path, subfolders=("export", os.path.join("fuse", "export"), os.path.join("align", "export")))
+    _, manifest = read_export(folder)
+    stage = manifest.get("stage")
+    if stage == "fuse":
+        return load_fused_model(folder, overrides=overrides, precision=lambda cfg: resolve_precision(cfg, device))
+    if stage != "align":
+        raise ValueError(f"{folder}: the manifest names stage {stage!r}; mmdist eval knows 'align' and 'fuse' exports")
+    cfg, _ = resolve_precision(manifest_config(folder, manifest, overrides), device)
+    model = load_align_model(cfg, folder)
+    model.run_config = cfg
+    model.export_dir = folder
+    return model
+
+
+def _output_dir(path: str | os.PathLike, model: Any) -> Path:
+    """``RUN/eval`` where RUN is the folder holding the export (the export folder's parent when it is ``export``)."""
+    from mmdist.export import resolve_export_dir
+
+    folder = Path(getattr(model, "export_dir", None) or resolve_export_dir(
+        path, subfolders=("export", os.path.join("fuse", "export"), os.path.join("align", "export"))))
+    run = folder.parent if folder.name == "export" else folder
+    return run / "eval"
+
+
+def cli_main(argv: Sequence[str] | None = None) -> int:
+    """``mmdist eval --run RUN --data SHARDS``: the stage's metrics on held-out shards; single process or under torchrun."""
+    from mmdist.training.launch_env import strip_local_rank
+
+    argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    parser = argparse.ArgumentParser(prog="mmdist eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="export folder, run folder, or demo run folder (its stage 2; give RUN/align for stage 1)")
+    parser.add_argument("--data", required=True, nargs="+", help="held-out shards: brace patterns, tar paths or a .txt list")
+    parser.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many samples (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per batch on each rank")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="stage 2: longest answer in tokens")
+    parser.add_argument("--match", choices=sorted(MATCHERS), default="normalised",
+                        help="stage 2: how answers are compared: 'normalised' (SQuAD normalisation) or 'digit' (the demo's digit parser)")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when usable; under torchrun cuda:LOCAL_RANK)")
+    parser.add_argument("--out", default=None, help="folder for metrics.json (and answers.jsonl); default RUN/eval")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the stored config, e.g. model.llm.dtype=fp32 data.num_workers=0")
+    args = parser.parse_args(argv)
+
+    from mmdist.data import build_loader
+    from mmdist.hardware import default_device
+    from mmdist.training import dist
+
+    env = dist.discover()
+    owns_group = env.world_size > 1 and not dist.is_initialized()  # a caller that made the group keeps it
+    if owns_group:
+        dist.init(backend="auto")
+    distributed = env.world_size > 1
+    try:
+        device = args.device or default_device()
+        if device == "cuda" and distributed:
+            device = f"cuda:{env.local_rank % max(torch.cuda.device_count(), 1)}"
+        try:
+            model = load_export_model(args.run, args.overrides, device)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        model.to(device)
+        cfg = eval_config(model.run_config, args.batch_size, args.data)
+        loader = build_loader(cfg, model.processors, "eval", env.rank, env.world_size)
+        out = Path(args.out) if args.out else _output_dir(args.run, model)
+        metrics = evaluate_model(model, cfg, loader, max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
+                                 normalise=MATCHERS[args.match](),
+                                 jsonl_path=out / "answers.jsonl" if cfg.stage == "fuse" else None)
+        metrics.pop("records", None)
+        metrics = {"stage": cfg.stage, "data": list(args.data), **metrics}
+        if env.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
+            print(f"[mmdist] eval {summary_line(cfg.stage, metrics)}")
+            print(json.dumps(metrics, sort_keys=True))
+            print(f"[mmdist] wrote {out / 'metrics.json'}" + (f" and {out / 'answers.jsonl'}" if cfg.stage == "fuse" else ""))
+    finally:
+        if owns_group:
+            dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())
