@@ -34,14 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mmdist, without install
 
-from common import llm_matmul_params, matmul_peak, step_flops  # noqa: E402
-
-# Datasheet dense bf16 tensor-core FLOP/s (no sparsity), matched by substring of the device name.
-PEAK_BF16 = [
-    ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12), ("A100", 312e12), ("A800", 312e12),
-    ("L40S", 362e12), ("L40", 181e12), ("A6000", 155e12), ("A10", 125e12), ("L4", 121e12), ("V100", 125e12),
-    ("MI300X", 1307e12), ("B200", 2250e12),
-]
+from common import llm_matmul_params, step_flops  # noqa: E402
 
 QWEN_14B = dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=13696, num_hidden_layers=40,
                 num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=8192, tie_word_embeddings=False)
@@ -54,14 +47,11 @@ TINY_VISION = dict(model_type="clip_vision_model", hidden_size=32, intermediate_
 
 
 def device_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak FLOP/s, where it came from) for ``device``."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in PEAK_BF16:
-            if key in name:
-                return flops, f"datasheet bf16 dense for {name}"
-        return matmul_peak(dtype, n=8192, seconds=2.0), f"measured bf16 matmul on {name}"
-    return matmul_peak(dtype, n=1024, seconds=1.0), "measured matmul on the CPU"
+    """(peak FLOP/s, where it came from) for ``device``: the datasheet table the trainer's MFU uses, else a probe."""
+    from mmdist.hardware import peak_flops
+
+    name = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    return peak_flops(device, name)
 
 
 def attention_kernel(device: torch.device) -> str:

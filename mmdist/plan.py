@@ -88,7 +88,7 @@ def builtin_config(name: str, gguf_file: Optional[str] = None) -> Optional[dict]
     if key in BUILTIN_CONFIGS:
         return dict(BUILTIN_CONFIGS[key])
     hay = f"{name} {gguf_file or ''}".lower()
-    if "smollm2-135m" in hay or "smollm2" in hay and "135m" in hay:
+    if "smollm2-135m" in hay or "smollm2" in hay and "135m" in hay or key == "smollm2":  # 'smollm2': the packaged GGUF
         return dict(BUILTIN_CONFIGS["huggingfacetb/smollm2-135m"])
     if "minilm" in hay:
         return dict(BUILTIN_CONFIGS["minilm"])
@@ -609,6 +609,31 @@ def input_line(shapes: list[ModuleShape], gpu: str, gpus_per_node: int, cpus_per
     return lines
 
 
+def resolve_auto_for_gpu(cfg: RunConfig, gpu: str, path: str, overrides: Sequence[str]) -> tuple[RunConfig, str]:
+    """The config with every ``auto`` dtype as the target GPU would resolve it (bf16 where it has bf16, else fp16).
+
+    The plan is for the cluster's GPUs, not for the machine it runs on, so this
+    machine's hardware is not consulted (mmdist.precision does that at start-up).
+    """
+    from mmdist.hardware import datasheet_peak
+    from mmdist.precision import ENGINE_KEY, PART_KEYS
+
+    keys = [key for key in (ENGINE_KEY, *PART_KEYS.values()) if _setting(cfg, key) == "auto"]
+    if not keys:
+        return cfg, ""
+    row = datasheet_peak(gpu)
+    dtype = "fp16" if row is not None and row.bf16 is None else "bf16"
+    resolved = load_config(path, [*overrides, *(f"{key}={dtype}" for key in keys)])
+    return resolved, f"auto -> {dtype} for {row.label if row else gpu} ({', '.join(keys)})"
+
+
+def _setting(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def cli_main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="mmdist plan", description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="YAML run config (nothing is loaded but the model configs)")
@@ -624,6 +649,7 @@ def cli_main(argv: Sequence[str]) -> int:
     args = parser.parse_args(list(argv))
     try:
         cfg = load_config(args.config, args.overrides)
+        cfg, auto_note = resolve_auto_for_gpu(cfg, args.gpu, args.config, args.overrides)
         budget = parse_bytes(args.gpu_memory)
         reserve = parse_bytes(args.reserve)
         shapes = model_shapes(cfg)
@@ -633,6 +659,8 @@ def cli_main(argv: Sequence[str]) -> int:
     world = args.gpus or 8
     estimates = estimate(cfg, shapes, world, reserve_bytes=reserve)
     ds = None if args.no_deepspeed else deepspeed_estimates(shapes, world)
+    if auto_note:
+        print(auto_note)
     print(format_plan(cfg, shapes, estimates, world, budget, ds))
     if not cfg.data.feature_cache:
         print("\n".join(input_line(shapes, args.gpu, args.gpus_per_node, args.cpus_per_node, args.images_per_core)))

@@ -196,3 +196,14 @@ def test_input_line_sizes_the_cpu_side_of_the_vision_tower():
     starved = input_line(shapes, "H100 SXM", gpus_per_node=8, cpus_per_node=64, images_per_core=100.0)
     assert "warning" in starved[1] and "8.0 per GPU" in starved[1]
     assert "unknown GPU" in input_line(shapes, "Voodoo 3", 8, 0)[0]
+
+
+def test_plan_resolves_auto_for_the_target_gpu_not_this_machine(capsys):
+    from mmdist.plan import cli_main
+
+    recipe = str(ROOT / "configs" / "tiny_fuse.yaml")
+    assert cli_main(["--config", recipe, "--no-deepspeed", "--gpu", "A100"]) == 0
+    out = capsys.readouterr().out
+    assert "auto -> bf16 for A100" in out and "precision bf16" in out
+    assert cli_main(["--config", recipe, "--no-deepspeed", "--gpu", "Tesla T4"]) == 0
+    assert "auto -> fp16 for T4" in capsys.readouterr().out, "no bf16 on a T4: fp16 with loss scaling"

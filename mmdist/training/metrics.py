@@ -37,7 +37,6 @@ __all__ = [
     "count_parameters",
     "flop_count",
     "flops_per_token",
-    "measure_peak_flops",
 ]
 
 
@@ -136,31 +135,6 @@ def _matmul_weights(model: Any) -> list[Any]:
 def flops_per_token(model: Any, stage: str) -> float:
     """Training FLOPs per processed token, without those that run only at supervised tokens (see flop_count)."""
     return flop_count(model, stage).per_token
-
-
-def measure_peak_flops(dtype: str = "fp32", size: int = 1024, repeats: int = 3) -> float:
-    """FLOP/s of a square matmul on this device (a practical peak for MFU when none is configured)."""
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu" else "cpu"
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    if device == "cpu":
-        torch_dtype = torch.float32  # CPU half-precision matmuls are emulated and would understate the peak
-    # A private generator: the run's RNG (restored on resume, driving dropout) must not move.
-    generator = torch.Generator(device=device).manual_seed(0)
-    a = torch.randn(size, size, device=device, dtype=torch_dtype, generator=generator)
-    b = torch.randn(size, size, device=device, dtype=torch_dtype, generator=generator)
-    a @ b  # warm-up
-    best = math.inf
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        a @ b
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / max(best, 1e-9)
 
 
 class Throughput:

@@ -266,8 +266,6 @@ def test_flop_estimate_parameter_table_and_throughput(monkeypatch):
     assert out["samples_per_s"] == pytest.approx(4.0) and out["tokens_per_s"] == pytest.approx(20.0)
     assert out["mfu"] == pytest.approx(20.0 * 100.0 / 1000.0)
     assert out["eta_s"] == pytest.approx(8 * 2.0)  # 8 steps left at 2 s per step
-    monkeypatch.undo()
-    assert metrics.measure_peak_flops(size=128, repeats=1) > 1e6
 
 
 # ---------------------------------------------------------------------------
