@@ -268,6 +268,7 @@ def test_frozen_checkpointing_defers_to_active_transformers_checkpointing():
 CLOSE_PROBE = textwrap.dedent("""
     import json, sys, torch
     import torch.distributed as tdist
+    ORIGINAL_LINEAR = torch.nn.functional.linear
     from transformers.integrations import is_deepspeed_zero3_enabled
     from mmdist.config import load_config
     from mmdist.training import dist
@@ -296,7 +297,8 @@ CLOSE_PROBE = textwrap.dedent("""
             print(attempt, "built", buffer.exists(), is_deepspeed_zero3_enabled())
             bundle.close()
             bundle.close()  # idempotent
-        print(attempt, "closed", buffer.exists(), is_deepspeed_zero3_enabled(), tdist.is_initialized())
+        print(attempt, "closed", buffer.exists(), is_deepspeed_zero3_enabled(), tdist.is_initialized(),
+              torch.nn.functional.linear is ORIGINAL_LINEAR)  # ZeRO-3's zero.Init swaps in its own linear
         dist.shutdown()
 """)
 
@@ -320,7 +322,7 @@ def test_close_releases_deepspeed_groups_zero3_setting_and_shm_buffer(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("first", "second", "failed"))]
     assert lines == [
-        "first built True True", "first closed False False False",
-        "second built False True", "second closed False False False",  # DeepSpeed makes its buffer once per process
-        "failed closed False False False",
+        "first built True True", "first closed False False False True",
+        "second built False True", "second closed False False False True",  # DeepSpeed makes its buffer once per process
+        "failed closed False False False True",
     ], out.stdout[-2000:] + out.stderr[-2000:]
