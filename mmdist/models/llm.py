@@ -53,7 +53,7 @@ class LLMConfig(SettingsBase):
     freeze: bool = setting(True, "freeze the LLM: requires_grad=False, eval(), no optimizer state")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting("sdpa", "attention kernel passed to from_pretrained")
     gradient_checkpointing: bool = setting(False, "recompute the LLM's activations in backward (inputs_embeds carry the grad)")
-    image_token: str = setting("<image>", "placeholder token added to the tokenizer; each one expands to the image's tokens")
+    image_token: str = setting("<image>", "placeholder token added to the tokenizer; each one expands to the image's tokens (with a Qwen1 tokenizer the default becomes its reserved <|extra_0|>, so the vocabulary never grows)")
     lora: LoRAConfig = setting(doc="LoRA adapters (stage 2)", factory=LoRAConfig)
 
     def check(self) -> list[tuple[str, str]]:
@@ -164,6 +164,39 @@ def load_tokenizer(cfg: LLMConfig) -> Any:
         if "trust_remote_code" in str(exc) and not cfg.trust_remote_code:
             raise _remote_code_error(f"the tokenizer {source!r}", "model.llm.trust_remote_code", exc) from None
         raise
+
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+
+
+def is_qwen1_tokenizer(tokenizer: Any) -> bool:
+    """True for Qwen1's vocabulary (qwen.tiktoken + its special tokens at their fixed ids), however it was loaded."""
+    try:
+        ids = tokenizer.convert_tokens_to_ids([qwen1.IM_END, qwen1.QWEN1_IMAGE_TOKEN])
+    except (KeyError, ValueError, TypeError):
+        return False
+    return ids == [qwen1.QWEN1_SPECIAL_START + 2, qwen1.QWEN1_SPECIAL_START + 3]
+
+
+def resolve_image_token(tokenizer: Any, configured: str) -> str:
+    """The placeholder token for ``tokenizer``: ``configured``, except Qwen1's reserved ``<|extra_0|>`` for the default.
+
+    Qwen1's embedding matrix already has rows for its 205 reserved ``<|extra_N|>``
+    tokens, so using one keeps the vocabulary (and the frozen embeddings) as they are.
+    The data's ``<image>`` marks still place images (mmdist.data.preprocess maps them).
+    """
+    if configured == DEFAULT_IMAGE_TOKEN and is_qwen1_tokenizer(tokenizer):
+        return qwen1.QWEN1_IMAGE_TOKEN
+    return configured
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: the tokenizer's eos, and for Qwen1 both ``<|im_end|>`` (a ChatML turn) and
+    ``<|endoftext|>`` (a document), whichever of the two its eos is."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if is_qwen1_tokenizer(tokenizer):
+        ids += [qwen1.QWEN1_SPECIAL_START + 2, qwen1.QWEN1_SPECIAL_START]
+    return list(dict.fromkeys(int(i) for i in ids))
 
 
 def add_image_token(tokenizer: Any, image_token: str) -> int:
