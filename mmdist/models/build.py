@@ -68,7 +68,7 @@ def _build_fused(settings: ModelConfig, vision: VisionTower, transform: ImageTra
     tokenizer = load_tokenizer(llm_cfg)
     image_token = resolve_image_token(tokenizer, llm_cfg.image_token)
     image_token_id = add_image_token(tokenizer, image_token)
-    llm = load_llm(llm_cfg)
+    llm = load_llm(llm_cfg, gather)
     rows = llm.get_input_embeddings().num_embeddings  # not weight.shape: empty under ZeRO-3 partitioning
     if not llm_cfg.freeze and len(tokenizer) > rows:
         # A trainable LLM may learn the new row; a frozen one never looks it up (see fused.py).
