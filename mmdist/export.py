@@ -135,7 +135,11 @@ def build_manifest(model: Any, cfg: Optional[RunConfig] = None) -> dict:
         tok = model.processors.tokenizer
         out["llm"] = {"name_or_path": llm.name_or_path, "gguf_file": llm.gguf_file, "fingerprint": llm_fingerprint(llm),
                       "dtype": llm.dtype, "lora": llm.lora.enabled}
-        out["tokenizer"] = {"name": llm.tokenizer or llm.name_or_path, "size": len(tok), "image_token": llm.image_token,
+        if getattr(getattr(model.llm, "config", None), "qwen1_source", False):
+            # Loaded from a Qwen1 checkpoint (model_type 'qwen') mapped onto Qwen2; the fingerprint is of its files.
+            out["llm"]["source_format"] = "qwen1"
+        out["tokenizer"] = {"name": llm.tokenizer or llm.name_or_path, "size": len(tok),
+                            "image_token": model.processors.image_token or llm.image_token,
                             "image_token_id": model.processors.image_token_id}
         out["projector"] = {"in_dim": model.projector.in_dim, "out_dim": model.projector.out_dim, "layers": model.projector.layers}
         out["stage1"] = getattr(model, "stage1_manifest", None)

@@ -55,13 +55,13 @@ def prompt_ids(model: Any, prompt: str, num_images: int = 1) -> list[int]:
     """
     import numpy as np
 
-    from mmdist.data.preprocess import make_preprocessor
+    from mmdist.data.preprocess import DATA_IMAGE_MARK, make_preprocessor
     from mmdist.export import run_config_of
 
     processors = model.processors
     cfg = copy.deepcopy(run_config_of(model))
     mark = processors.image_token or cfg.model.llm.image_token
-    if mark not in prompt:
+    if mark not in prompt and DATA_IMAGE_MARK not in prompt:
         prompt = (mark + "\n") * num_images + prompt
     cfg.data.format = "conversation"
     pre = make_preprocessor(cfg, processors, use_features=True)

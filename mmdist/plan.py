@@ -43,6 +43,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from mmdist.config.run import RunConfig, load_config
+from mmdist.models import qwen1
 from mmdist.settings import ConfigError
 
 GiB = 1024**3
@@ -52,13 +53,12 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 # 1. shapes
 
 # Config dicts of the reference models, so the planner runs without the hub.
-# Qwen/Qwen-14B is remote code (model_type "qwen"); its shape is the qwen2
-# shape with 40 key/value heads: fused c_attn with bias = q/k/v with bias,
-# w1/w2/c_proj = up/gate/down with 13696 = 27392 / 2 (14.17B parameters).
+# Qwen/Qwen-14B (Qwen1, model_type "qwen") is counted as mmdist loads it: its published config.json mapped onto
+# Qwen2 by mmdist.models.qwen1 (fused c_attn with bias = q/k/v with bias, 40 key/value heads, w1/w2/c_proj =
+# up/gate/down with 13696 = 27392 / 2; 14.17B parameters).
 BUILTIN_CONFIGS: dict[str, dict] = {
-    "qwen/qwen-14b": dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=13696,
-                          num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
-                          max_position_embeddings=8192, tie_word_embeddings=False),
+    **{name: {"model_type": "qwen2", **qwen1.qwen2_config_fields(raw, where=name)}
+       for name, raw in qwen1.QWEN1_KNOWN_CONFIGS.items()},
     "qwen/qwen2.5-14b": dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=13824,
                              num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8,
                              max_position_embeddings=32768, tie_word_embeddings=False),
@@ -115,6 +115,9 @@ def _hf_config(section: str, name_or_path: str, init_config: Optional[dict], ggu
     if init_config:
         data = dict(init_config)
         return AutoConfig.for_model(data.pop("model_type"), **data)
+    raw = None if gguf_file else qwen1.read_qwen1_config(name_or_path, local_only=True)
+    if raw is not None:  # a Qwen1 folder (or cached hub config): the Qwen2 shape mmdist loads it as
+        return AutoConfig.for_model("qwen2", **qwen1.qwen2_config_fields(raw, where=f"{name_or_path}/config.json"))
     table = builtin_config(name_or_path, gguf_file)
     if table is not None:
         return AutoConfig.for_model(table.pop("model_type"), **table)

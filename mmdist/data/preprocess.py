@@ -26,6 +26,8 @@ from typing import Any
 from mmdist.data.reader import BadSample, decode_images
 
 IGNORE_INDEX = -100
+# The mark LLaVA-style data uses for an image; it places images whatever the placeholder token is (e.g. Qwen1's <|extra_0|>).
+DATA_IMAGE_MARK = "<image>"
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -66,6 +68,10 @@ class Preprocessor:
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
 
+    def _marked(self, text: str) -> str:
+        """``text`` with the data's ``<image>`` marks written as the placeholder token (when that is another token)."""
+        return text.replace(DATA_IMAGE_MARK, self.image_token) if self.image_token != DATA_IMAGE_MARK else text
+
     def _encode_with_images(self, text: str) -> tuple[list[int], int]:
         """Token ids of ``text`` with every image placeholder expanded; returns (ids, images used)."""
         parts = text.split(self.image_token)
@@ -94,7 +100,7 @@ class Preprocessor:
             for turn in turns:
                 if not isinstance(turn, dict) or "value" not in turn or turn.get("from", turn.get("role")) not in ROLE_MAP:
                     raise BadSample("missing_keys", f"conversation turn without 'from'/'value': {str(turn)[:80]}")
-                messages.append({"role": ROLE_MAP[turn.get("from", turn.get("role"))], "content": str(turn["value"])})
+                messages.append({"role": ROLE_MAP[turn.get("from", turn.get("role"))], "content": self._marked(str(turn["value"]))})
             marks = sum(m["content"].count(self.image_token) for m in messages)
             if marks == 0 and n_images:
                 first_user = next((m for m in messages if m["role"] == "user"), None)
@@ -109,7 +115,7 @@ class Preprocessor:
         # caption
         if sample["text"] is None:
             raise BadSample("missing_caption", "no txt member")
-        caption = sample["text"].replace(self.image_token, "").strip()
+        caption = self._marked(sample["text"]).replace(self.image_token, "").strip()
         if not caption:
             raise BadSample("missing_caption", "empty caption")
         prompt = self.image_token * n_images + self.caption_prompt
@@ -215,7 +221,7 @@ class Preprocessor:
         if n_images != 1:
             raise BadSample("align_needs_one_image", f"stage align needs exactly one image, sample has {n_images}")
         if sample["text"] is not None:  # a caption wins over a conversation's answers
-            caption = sample["text"].replace(self.image_token, "").strip()
+            caption = self._marked(sample["text"]).replace(self.image_token, "").strip()
         elif isinstance(sample["json"], dict) and "conversations" in sample["json"]:
             turns = sample["json"]["conversations"]
             caption = " ".join(str(t.get("value", "")) for t in turns if isinstance(t, dict) and ROLE_MAP.get(t.get("from", t.get("role"))) == "assistant").strip()

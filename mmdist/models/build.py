@@ -22,7 +22,7 @@ from mmdist.models.connectors import build_stage1_module
 from mmdist.models.freeze import freeze
 from mmdist.models.fused import FusedVLM
 from mmdist.models.gather import Gather, null_gather
-from mmdist.models.llm import add_image_token, load_llm, load_tokenizer
+from mmdist.models.llm import add_image_token, load_llm, load_tokenizer, resolve_image_token
 from mmdist.models.lora import add_lora
 from mmdist.models.processors import ImageTransform, Processors
 from mmdist.models.settings import ModelConfig
@@ -68,8 +68,9 @@ def _build_fused(settings: ModelConfig, vision: VisionTower, transform: ImageTra
                  gather: Gather, stage1_manifest: Optional[dict]) -> FusedVLM:
     llm_cfg = settings.llm
     tokenizer = load_tokenizer(llm_cfg)
-    image_token_id = add_image_token(tokenizer, llm_cfg.image_token)
-    llm = load_llm(llm_cfg)
+    image_token = resolve_image_token(tokenizer, llm_cfg.image_token)
+    image_token_id = add_image_token(tokenizer, image_token)
+    llm = load_llm(llm_cfg, gather)
     rows = llm.get_input_embeddings().num_embeddings  # not weight.shape: empty under ZeRO-3 partitioning
     if not llm_cfg.freeze and len(tokenizer) > rows:
         # A trainable LLM may learn the new row; a frozen one never looks it up (see fused.py).
@@ -81,7 +82,7 @@ def _build_fused(settings: ModelConfig, vision: VisionTower, transform: ImageTra
         stage1 = build_stage1_module(settings.connector, vision.hidden_size, vision.num_tokens,
                                      None if settings.connector.type != "qformer" else text_dim)
     processors = Processors(image_transform=transform, num_image_tokens=0, tokenizer=tokenizer,
-                            image_token=llm_cfg.image_token, image_token_id=image_token_id,
+                            image_token=image_token, image_token_id=image_token_id,
                             template=template, identity=_identity(settings))
     model = FusedVLM(settings, processors, vision, llm, stage1, uses_feature_cache=uses_feature_cache)
     model.stage1_manifest = stage1_manifest

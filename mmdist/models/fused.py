@@ -26,6 +26,7 @@ from torch import nn
 
 from mmdist.models.connectors import Projector, pool_tokens
 from mmdist.models.freeze import FrozenAwareModule, Part
+from mmdist.models.llm import stop_token_ids
 from mmdist.models.packed_attention import spans_from_sequence_ids, use_packed_attention
 from mmdist.models.settings import ModelConfig
 
@@ -274,6 +275,9 @@ class FusedVLM(FrozenAwareModule):
         kwargs.setdefault("do_sample", False)
         kwargs.setdefault("use_cache", True)  # the KV cache: each new token attends to cached keys/values, not the whole prefix again
         kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        stops = stop_token_ids(tok)  # Qwen1: <|im_end|> ends a ChatML answer, <|endoftext|> a document
+        if stops:
+            kwargs.setdefault("eos_token_id", stops)
         if kwargs["do_sample"] is False:
             kwargs.setdefault("temperature", None)
             kwargs.setdefault("top_p", None)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from mmdist.models import qwen1
+from mmdist.models.gather import Gather, null_gather
 from mmdist.settings import SettingsBase, setting
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
@@ -54,7 +55,7 @@ class LLMConfig(SettingsBase):
     freeze: bool = setting(True, "freeze the LLM: requires_grad=False, eval(), no optimizer state")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting("sdpa", "attention kernel passed to from_pretrained")
     gradient_checkpointing: bool = setting(False, "recompute the LLM's activations in backward (inputs_embeds carry the grad)")
-    image_token: str = setting("<image>", "placeholder token added to the tokenizer; each one expands to the image's tokens")
+    image_token: str = setting("<image>", "placeholder token added to the tokenizer; each one expands to the image's tokens (with a Qwen1 tokenizer the default becomes its reserved <|extra_0|>, so the vocabulary never grows)")
     lora: LoRAConfig = setting(doc="LoRA adapters (stage 2)", factory=LoRAConfig)
 
     def check(self) -> list[tuple[str, str]]:
@@ -109,8 +110,64 @@ def _remote_code_error(what: str, key: str, exc: Exception) -> ValueError:
     )
 
 
-def load_llm(cfg: LLMConfig) -> Any:
-    """The causal LM of ``cfg`` in its configured dtype (not yet frozen: see mmdist.models.freeze)."""
+def load_gguf_streamed(folder: str, gguf: str, dtype: Any, attn_implementation: str, gather: Gather) -> Any:
+    """A GGUF causal LM whose tensors are dequantised one at a time, each copied into its (partitioned) parameter.
+
+    Under ZeRO-3 transformers treats a GGUF as a quantized checkpoint: it skips its
+    partitioned loading and then runs ``_init_weights`` on parameters ``zero.Init``
+    has already partitioned (``IndexError`` on the embedding's ``padding_idx`` row),
+    and its GGUF reader for most architectures (llama included) dequantises the
+    whole file into one state dict. Here the model is built from the GGUF's config
+    (inside the engine's ``zero.Init``, so it is born partitioned) and each tensor
+    goes in through ``gather`` (the engine's ``GatheredParameters(modifier_rank=0)``):
+    no rank ever holds more than its share plus one dequantised tensor. Names and
+    per-architecture fix-ups (e.g. llama's q/k permutation) are transformers' own.
+    """
+    import torch
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+    )
+
+    path = gguf if os.path.isabs(gguf) else os.path.join(folder, gguf)
+    config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    parsed = load_gguf_checkpoint(path, return_tensors=False)  # metadata only: config and architecture
+    architecture = parsed["config"]["model_type"]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    key_mapping = get_gguf_hf_weights_map(model, processor)
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for tensor in GGUFReader(path).tensors:
+        result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
+                                   tensor_key_mapping=key_mapping, parsed_parameters=parsed)
+        name = key_mapping.get(result.name)
+        if name is None or name not in params:
+            continue
+        param = params[name]
+        value = torch.from_numpy(result.weights.copy()).to(param.dtype)
+        with gather([param]), torch.no_grad():
+            if tuple(param.shape) != tuple(value.shape):
+                raise ValueError(f"{path}: tensor {tensor.name} -> {name} has shape {tuple(value.shape)}, the model's is {tuple(param.shape)}")
+            param.copy_(value)
+        loaded.add(name)
+    tied = {name for name in params if name not in loaded and config.tie_word_embeddings and name.startswith("lm_head.")}
+    missing = sorted(set(params) - loaded - tied)
+    if missing:
+        raise ValueError(f"{path}: the GGUF has no tensor for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    return model
+
+
+def load_llm(cfg: LLMConfig, gather: Gather = null_gather) -> Any:
+    """The causal LM of ``cfg`` in its configured dtype (not yet frozen: see mmdist.models.freeze).
+
+    ``gather`` is the engine's hook (mmdist.models.gather): under ZeRO-3 a GGUF is
+    loaded tensor by tensor into the partitioned model (:func:`load_gguf_streamed`).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -129,6 +186,8 @@ def load_llm(cfg: LLMConfig) -> Any:
         raise ValueError("model.llm: set name_or_path (hub id, local folder, 'smollm2') or init_config")
     if not gguf and qwen1.is_qwen1_checkpoint(folder):  # Qwen1 loads natively as Qwen2, never through remote code
         return qwen1.load_qwen1_llm(folder, dtype=dtype, attn_implementation=cfg.attn_implementation)
+    if gguf and gather is not null_gather:
+        return load_gguf_streamed(folder, gguf, dtype, cfg.attn_implementation, gather)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
     if gguf:
         kwargs["gguf_file"] = gguf
@@ -165,6 +224,39 @@ def load_tokenizer(cfg: LLMConfig) -> Any:
         if "trust_remote_code" in str(exc) and not cfg.trust_remote_code:
             raise _remote_code_error(f"the tokenizer {source!r}", "model.llm.trust_remote_code", exc) from None
         raise
+
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+
+
+def is_qwen1_tokenizer(tokenizer: Any) -> bool:
+    """True for Qwen1's vocabulary (qwen.tiktoken + its special tokens at their fixed ids), however it was loaded."""
+    try:
+        ids = tokenizer.convert_tokens_to_ids([qwen1.IM_END, qwen1.QWEN1_IMAGE_TOKEN])
+    except (KeyError, ValueError, TypeError):
+        return False
+    return ids == [qwen1.QWEN1_SPECIAL_START + 2, qwen1.QWEN1_SPECIAL_START + 3]
+
+
+def resolve_image_token(tokenizer: Any, configured: str) -> str:
+    """The placeholder token for ``tokenizer``: ``configured``, except Qwen1's reserved ``<|extra_0|>`` for the default.
+
+    Qwen1's embedding matrix already has rows for its 205 reserved ``<|extra_N|>``
+    tokens, so using one keeps the vocabulary (and the frozen embeddings) as they are.
+    The data's ``<image>`` marks still place images (mmdist.data.preprocess maps them).
+    """
+    if configured == DEFAULT_IMAGE_TOKEN and is_qwen1_tokenizer(tokenizer):
+        return qwen1.QWEN1_IMAGE_TOKEN
+    return configured
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: the tokenizer's eos, and for Qwen1 both ``<|im_end|>`` (a ChatML turn) and
+    ``<|endoftext|>`` (a document), whichever of the two its eos is."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if is_qwen1_tokenizer(tokenizer):
+        ids += [qwen1.QWEN1_SPECIAL_START + 2, qwen1.QWEN1_SPECIAL_START]
+    return list(dict.fromkeys(int(i) for i in ids))
 
 
 def add_image_token(tokenizer: Any, image_token: str) -> int:

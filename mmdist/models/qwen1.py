@@ -74,8 +74,11 @@ TOKENIZER_CACHE_ENV = "MMDIST_CACHE"
 # detection and config
 
 
-def _checkpoint_file(name_or_path: str, filename: str) -> Optional[str]:
-    """Local path of ``filename`` in a folder or hub repository, or None when it is not there."""
+def _checkpoint_file(name_or_path: str, filename: str, local_only: bool = False) -> Optional[str]:
+    """Local path of ``filename`` in a folder or hub repository, or None when it is not there.
+
+    ``local_only``: a hub id is looked up in the local Hugging Face cache only (no network).
+    """
     if not name_or_path:
         return None
     if os.path.isdir(name_or_path):
@@ -83,6 +86,14 @@ def _checkpoint_file(name_or_path: str, filename: str) -> Optional[str]:
         return path if os.path.isfile(path) else None
     if os.path.exists(name_or_path):  # a file (e.g. a GGUF): not a Qwen1 folder
         return None
+    if local_only:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            found = try_to_load_from_cache(name_or_path, filename)
+        except ValueError:  # not a valid repo id (e.g. 'smollm2', 'mmdist:tiny-bytes')
+            return None
+        return found if isinstance(found, str) else None
     from transformers.utils import cached_file
 
     try:
@@ -91,9 +102,32 @@ def _checkpoint_file(name_or_path: str, filename: str) -> Optional[str]:
         return None
 
 
-def read_qwen1_config(name_or_path: str) -> Optional[dict]:
-    """The raw ``config.json`` of ``name_or_path`` if it is a Qwen1 checkpoint (model_type 'qwen'), else None."""
-    path = _checkpoint_file(name_or_path, "config.json")
+# config.json of the Qwen1 releases mmdist's recipes name (as published on the hub), so that `mmdist plan` and
+# the max_len check know their shapes without the network. Later Qwen1 releases (e.g. Qwen-7B v1.1) raised
+# seq_length to 8192; Qwen-14B's is 2048.
+QWEN1_KNOWN_CONFIGS: dict[str, dict] = {
+    "qwen/qwen-14b": {
+        "model_type": "qwen", "architectures": ["QWenLMHeadModel"], "hidden_size": 5120, "num_attention_heads": 40,
+        "num_hidden_layers": 40, "intermediate_size": 27392, "kv_channels": 128, "vocab_size": 152064,
+        "seq_length": 2048, "max_position_embeddings": 8192, "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000,
+        "rotary_pct": 1.0, "no_bias": True, "tie_word_embeddings": False, "use_dynamic_ntk": True, "use_logn_attn": True,
+    },
+}
+QWEN1_KNOWN_CONFIGS["qwen/qwen-14b-chat"] = dict(QWEN1_KNOWN_CONFIGS["qwen/qwen-14b"])
+
+
+def known_qwen1_config(name: str) -> Optional[dict]:
+    """The published config.json of a Qwen1 hub id mmdist knows (case-insensitive), else None."""
+    raw = QWEN1_KNOWN_CONFIGS.get(name.lower().rstrip("/")) if name else None
+    return dict(raw) if raw is not None else None
+
+
+def read_qwen1_config(name_or_path: str, local_only: bool = False) -> Optional[dict]:
+    """The raw ``config.json`` of ``name_or_path`` if it is a Qwen1 checkpoint (model_type 'qwen'), else None.
+
+    ``local_only``: read a hub id's config from the local cache only, never the network.
+    """
+    path = _checkpoint_file(name_or_path, "config.json", local_only=local_only)
     if path is None:
         return None
     try:
@@ -175,8 +209,15 @@ def qwen2_config_from_qwen1(raw: dict, where: str = "config.json") -> Any:
 
 
 def qwen1_max_positions(name_or_path: str) -> Optional[int]:
-    """The longest sequence the native path reproduces exactly (the checkpoint's seq_length); None if not Qwen1."""
-    raw = read_qwen1_config(name_or_path)
+    """The longest sequence the native path reproduces exactly (the checkpoint's seq_length); None if not Qwen1.
+
+    Never touches the network (it runs at config validation): a local folder, else a hub id's config.json in the
+    local Hugging Face cache, else the published config of a hub id mmdist knows (QWEN1_KNOWN_CONFIGS); an
+    uncached unknown hub id is not checked here.
+    """
+    raw = read_qwen1_config(name_or_path, local_only=True)
+    if raw is None and not os.path.exists(name_or_path or ""):
+        raw = known_qwen1_config(name_or_path)
     if raw is None:
         return None
     return int(_first(raw, ("seq_length", "max_position_embeddings", "n_positions"), name_or_path))

@@ -463,6 +463,17 @@ def build_engine(
         raise
 
 
+def _import_before_zero_init() -> None:
+    """Import what transformers' model loading imports lazily, before ``zero.Init`` patches tensor creation.
+
+    On torch 2.13 + DeepSpeed 0.19.8 the first import of ``torch._dynamo`` (pulled in by
+    ``transformers.masking_utils`` and the model modules) inside ``zero.Init`` fails.
+    """
+    import torch._dynamo  # noqa: F401
+    import transformers.masking_utils  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+
+
 def _build_engine(cfg: Any, world_size: Optional[int], model_builder: Optional[Callable[[Any, Callable], Any]]) -> EngineBundle:
     _ensure_cpu_accelerator()
     import deepspeed
@@ -488,6 +499,7 @@ def _build_engine(cfg: Any, world_size: Optional[int], model_builder: Optional[C
     if zero3:
         # transformers reads this through a weakref: it must outlive from_pretrained (kept in the bundle).
         hf_ds_config = HfDeepSpeedConfig(ds_config)
+        _import_before_zero_init()
         try:
             with deepspeed.zero.Init(config_dict_or_path=ds_config):
                 model = builder(cfg, gather)
