@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,14 +34,16 @@ def test_tiny_cpu_mode_runs_and_prints_its_fields(tmp_path):
     assert res["tokens_per_s"] == pytest.approx(res["micro_batch"] * res["seq_len"] / res["step_s"], rel=1e-6)
 
 
-def test_peak_table_matches_device_names():
+def test_peak_comes_from_the_trainers_datasheet_table():
+    """The benchmark and the trainer's MFU read one table (mmdist.hardware); longer names match first (L40S before L40)."""
     import gpu_throughput
 
-    table = dict(gpu_throughput.PEAK_BF16)
-    assert table["H100"] == table["H200"] == 989e12
-    names = [k for k, _ in gpu_throughput.PEAK_BF16]
-    # longer names first where one contains another, so an L40S is not read as an L40
-    assert names.index("L40S") < names.index("L40")
+    from mmdist.hardware import datasheet_peak
+
+    assert datasheet_peak("NVIDIA H100 80GB HBM3").bf16 == datasheet_peak("NVIDIA H200").bf16 == 989e12
+    assert datasheet_peak("NVIDIA L40S").label == "L40S" and datasheet_peak("NVIDIA L40").label == "L40"
+    flops, source = gpu_throughput.device_peak(torch.device("cpu"), torch.float32)
+    assert flops > 0 and "probe" in source
 
 
 def test_step_flops_accounting():
