@@ -384,3 +384,60 @@ def test_resumed_run_does_not_log_steps_twice(tmp_path):
     assert [r["step"] for r in kept] == [1, 2, 3, 4, 5, 6, 6]
     assert path.read_text().endswith("not json\n")  # unreadable lines are kept, not lost
     assert drop_records_after(tmp_path / "absent.jsonl", 3) == 0
+
+
+# ---------------------------------------------------------------------------
+# preemption and hangs (2 ranks)
+
+
+@pytest.mark.multiproc
+def test_signal_on_one_rank_stops_both_at_one_step_and_the_rerun_equals_uninterrupted(two_rank_run, tmp_path):
+    """SIGUSR1 reaches rank 1 only, while it draws step 4's batch: both ranks finish step 4, checkpoint it,
+    leave preempted.json and exit 75; the same command again resumes there and ends equal to the uninterrupted run."""
+    from mmdist.training.preemption import PREEMPTED_EXIT, read_marker
+
+    full_dir, full = two_rank_run
+    run = tmp_path / "run"
+    output: list = []
+    first = launch(tmp_path, {"config": _long_config(run), "signal": {"rank": 1, "batch": 3}}, nproc=2, expect_rc=None, output=output)
+    stdout, stderr = output[0]
+    assert first["returncode"] != 0  # torchrun reports the ranks' 75 as a failure; the Slurm scripts read the marker
+    assert f"exitcode  : {PREEMPTED_EXIT}" in stderr or f"exitcode: {PREEMPTED_EXIT}" in stderr.replace("  ", " "), stderr[-3000:]
+    assert [r["step"] for r in first["ranks"]] == [4, 4] and all(r["preempted"] and not r["finished"] for r in first["ranks"])
+    assert "SIGUSR1 received" in stderr
+    marker = read_marker(run)
+    assert marker["step"] == 4 and marker["checkpoint"].endswith("step_000004") and marker["signal"] == "on another rank"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    assert not (run / "export").exists()  # a stopped run exports nothing
+
+    second = launch(tmp_path, {"config": _long_config(run)}, nproc=2)
+    assert second["resumed_from"].endswith("step_000004") and second["step"] == 12 and second["finished"]
+    history = first["history"] + second["history"]
+    assert [h["step"] for h in history] == list(range(1, 13))
+    assert [h["data"] for h in history] == [h["data"] for h in full["history"]]  # the same batches: the same sample multiset
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in full["history"]], abs=1e-6)
+    a, b = _export(run), _export(full_dir)
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.multiproc
+def test_stalled_rank_ends_the_job_with_a_stack_dump(tmp_path):
+    """Rank 1 sleeps while drawing step 4's batch: within watchdog.timeout_s (2 s) plus a poll the job ends,
+    non-zero, with the stalled frame in the log and in RUN_DIR/stacks/rank00001.txt."""
+    import time
+
+    from mmdist.training.watchdog import WATCHDOG_EXIT
+
+    run = tmp_path / "run"
+    cfg = _long_config(run, watchdog={"timeout_s": 2, "poll_s": 0.25, "phase_timeout_s": 120})
+    output: list = []
+    started = time.monotonic()
+    result = launch(tmp_path, {"config": cfg, "stall": {"rank": 1, "batch": 3, "seconds": 300}}, nproc=2, expect_rc=None,
+                    output=output, timeout=200)
+    elapsed = time.monotonic() - started
+    stdout, stderr = output[0]
+    assert result["returncode"] != 0 and elapsed < 150, (result["returncode"], elapsed)
+    assert "[mmdist] watchdog: rank 1" in stderr and "hung in the training loop after step 3" in stderr, stderr[-4000:]
+    assert f"exitcode  : {WATCHDOG_EXIT}" in stderr or f"exiting with code {WATCHDOG_EXIT}" in stderr
+    dump = (run / "stacks" / "rank00001.txt").read_text()
+    assert "_run_hooks" in dump and "trainer_toy.py" in dump  # the stalled frame, where it sleeps
