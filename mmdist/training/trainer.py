@@ -53,7 +53,7 @@ import torch.distributed as tdist
 from mmdist.config import RunConfig, dump_config
 from mmdist.models.freeze import param_table
 from mmdist.training import dist, preemption
-from mmdist.training.checkpoint import CheckpointManager, capture_rng, export_trainable, restore_rng
+from mmdist.training.checkpoint import CheckpointError, CheckpointManager, capture_rng, export_trainable, restore_rng
 from mmdist.training.engine import EngineBundle, build_engine
 from mmdist.training.metrics import MetricsLogger, Throughput, flops_per_token, measure_peak_flops
 from mmdist.training.watchdog import Watchdog
@@ -399,6 +399,7 @@ class _Run:
     last_checkpoint: Optional[Path] = None
     watchdog: Optional[Watchdog] = None
     preempted: bool = False
+    logger_note: Optional[str] = None  # said once the logger exists (resume happens before it)
     last_eval: Optional[dict] = None
     history: list[dict] = field(default_factory=list)
 
@@ -441,9 +442,22 @@ def _resume(run: _Run) -> TrainState:
     if run.resumed_from is not None:
         client = run.checkpoints.load(run.bundle.engine, run.resumed_from)
         state.load_state_dict(client)
+        elastic = client.get("saved_world_size") is not None  # written by another number of ranks
         if client.get("loader") is not None and hasattr(run.loader, "load_state_dict"):
-            run.loader.load_state_dict(client["loader"])
-        restore_rng(client["rng"])
+            try:
+                run.loader.load_state_dict(client["loader"])
+            except ValueError as exc:
+                if not elastic:
+                    raise
+                raise CheckpointError(
+                    f"{run.resumed_from}: the trainable state moves from {client['saved_world_size']} to {run.world_size} "
+                    f"rank(s), but the data position does not: {exc}"
+                ) from exc
+        if not elastic:  # another world size keeps the fresh per-rank seeds: RNG streams are per rank
+            restore_rng(client["rng"])
+        else:
+            run.logger_note = (f"[mmdist] resumed on {run.world_size} rank(s) from a checkpoint of "
+                               f"{client['saved_world_size']}: trainable state from its consolidated copy")
     return state
 
 
@@ -454,6 +468,8 @@ def _open_logs(run: _Run, state: TrainState) -> None:
                                         initial_step=state.step, run_name=cfg.name)
     if run.resumed_from is not None:
         logger.print(f"[mmdist] resumed from {run.resumed_from} at step {state.step} ({state.samples} samples seen)")
+        if run.logger_note:
+            logger.print(run.logger_note)
     if cfg.log.param_table:
         logger.print(param_table(bundle.model))
     logger.print(

@@ -127,10 +127,17 @@ class ToyLoader:
             time.sleep(float(self.hooks["stall"]["seconds"]))
 
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        return {"position": self.position, "world_size": self.world, "accumulation": self.accumulation}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
+        """The position is global (optimizer steps x global batch): another world size continues the same stream."""
+        position = int(state["position"])
+        if int(state.get("world_size", self.world)) != self.world:
+            steps, partial = divmod(position, int(state["accumulation"]))
+            if partial:
+                raise ValueError(f"toy loader state at micro-batch {position} is not at a step boundary")
+            position = steps * self.accumulation
+        self.position = position
 
 
 def toy_loader_builder(poison_batches: tuple = (), start: int = 0, hooks: dict | None = None) -> Callable:
@@ -351,6 +358,8 @@ def launch(workdir: Any, spec: dict, nproc: int = 2, timeout: float = 240, expec
     if not out_file.exists():
         return {"returncode": proc.returncode}
     summary = json.loads(out_file.read_text())
-    summary["ranks"] = [json.loads(Path(f"{out_file}.rank{r}").read_text()) for r in range(nproc)]
+    ranks = [Path(f"{out_file}.rank{r}") for r in range(nproc)]
+    if all(p.exists() for p in ranks):  # training runs; the probes write rank 0's file only
+        summary["ranks"] = [json.loads(p.read_text()) for p in ranks]
     summary["returncode"] = proc.returncode
     return summary
