@@ -24,6 +24,7 @@ from mmdist.models import qwen1
 from mmdist.models.settings import ModelConfig
 from mmdist.settings import ConfigError, Problem, SettingsBase, from_dict, setting, to_dict
 from mmdist.training.settings import CheckpointConfig, EngineConfig, LogConfig, TrainConfig
+from mmdist.training.watchdog import WatchdogConfig
 
 
 @dataclass
@@ -39,6 +40,7 @@ class RunConfig(SettingsBase):
     engine: EngineConfig = setting(doc="DeepSpeed engine", factory=EngineConfig)
     checkpoint: CheckpointConfig = setting(doc="checkpoints and export", factory=CheckpointConfig)
     log: LogConfig = setting(doc="metrics and console output", factory=LogConfig)
+    watchdog: WatchdogConfig = setting(doc="hang detection: stack dump and exit when no step finishes in time", factory=WatchdogConfig)
 
     def check(self) -> list[tuple[str, str]]:
         out = []

@@ -17,6 +17,14 @@ read, what is loaded), never the loop. The shape is torchtitan's:
   and checkpointing; save the last checkpoint, export the trainable weights,
   release the engine (``EngineBundle.close``) and leave the group.
 
+Preemption and hangs (docs/operations.md): SIGUSR1/SIGTERM only set a flag
+(``mmdist.training.preemption``); after every optimizer step all ranks agree on
+it (one all-reduce), so they stop after the same step, checkpoint, and
+``mmdist train`` exits with ``PREEMPTED_EXIT`` (75) for the Slurm scripts to
+requeue. A watchdog thread (``mmdist.training.watchdog``) is beaten after every
+step; long phases (building the engine, resuming, the first step, evaluation,
+saving) run under its longer phase limit.
+
 A micro-batch whose loss is NaN/inf on any rank is dropped on every rank before
 the backward pass: it adds no gradient and causes no optimizer update, and the
 step is filled by the next batch. After ``train.max_nonfinite_steps`` of them in
@@ -47,10 +55,11 @@ from mmdist.config import ConfigError, RunConfig, dump_config
 from mmdist.hardware import default_device, peak_flops
 from mmdist.models.freeze import param_table
 from mmdist.precision import precision_lines, resolve_precision
-from mmdist.training import dist
-from mmdist.training.checkpoint import CheckpointManager, capture_rng, export_trainable, restore_rng
+from mmdist.training import dist, preemption
+from mmdist.training.checkpoint import CheckpointError, CheckpointManager, capture_rng, export_trainable, restore_rng
 from mmdist.training.engine import EngineBundle, build_engine
 from mmdist.training.metrics import MetricsLogger, Throughput, flop_count
+from mmdist.training.watchdog import Watchdog
 
 __all__ = ["NonFiniteLossError", "TrainState", "cli_main", "train", "train_step"]
 
@@ -341,6 +350,9 @@ def train(
     ``mmdist.data.build_loader``; tests pass small ones. ``stop_after`` ends the
     run after that many optimizer steps of the configured schedule (with a
     checkpoint), as a job hitting its time limit would.
+
+    SIGUSR1/SIGTERM during the run end it the same way after the current step on
+    every rank (the summary says ``preempted``); no final evaluation or export.
     """
     # DeepSpeed 0.19 calls collectives torch 2.13 has renamed; one warning per call would flood the log.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
@@ -348,15 +360,22 @@ def train(
         # 1. setup: the process group, the run directory, the engine, the data
         env = dist.init(backend=cfg.engine.backend)
         teardown.callback(dist.shutdown)
+        flag = preemption.install()  # from here on SIGUSR1/SIGTERM only set a flag
+        teardown.callback(flag.uninstall)
+        dog = Watchdog.from_config(cfg.watchdog, rank=env.rank, run_dir=cfg.run_dir).start()
+        teardown.callback(dog.stop)
         cfg, precision = _resolve_precision(cfg)  # `auto` -> concrete dtypes, before anything is built
         _write_run_dir(cfg, env.rank, precision)
-        bundle = build_engine(cfg, world_size=env.world_size, model_builder=model_builder)
+        with dog.phase("building the engine"):
+            bundle = build_engine(cfg, world_size=env.world_size, model_builder=model_builder)
         teardown.callback(bundle.close)  # before dist.shutdown: DeepSpeed's groups, the shm buffer
         run = _setup(cfg, env, bundle, loader_builder or default_loader_builder)
         run.precision = precision
+        run.watchdog = dog
 
         # 2. resume, then the logs (they drop records a resumed run will write again)
-        state = _resume(run)
+        with dog.phase("resuming"):
+            state = _resume(run)
         _open_logs(run, state)
         teardown.callback(run.logger.close)  # the bar and the metrics file are closed on an error too
 
@@ -365,14 +384,21 @@ def train(
         batches = _Batches(run.loader)
         started = time.perf_counter()
         bundle.engine.train()
+        first_step = state.step + 1
         while state.step < end_step:
             try:
-                record = train_step(bundle.engine, batches, state, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
-                                    fingerprint=cfg.log.data_fingerprint, on_skip=run.log_skip)
+                with dog.phase("the first step") if state.step + 1 == first_step else contextlib.nullcontext():
+                    record = train_step(bundle.engine, batches, state, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
+                                        fingerprint=cfg.log.data_fingerprint, on_skip=run.log_skip)
             except NonFiniteLossError as exc:
                 exc.add_note(f"the last checkpoint is in {run.checkpoints.root}")
                 raise
+            dog.beat(state.step)
             _log_step(run, state, record, end_step)
+            # every rank, every step, unconditionally: the answer is a collective
+            if preemption.stop_agreed(flag, bundle.engine.device):
+                _stop_on_signal(run, state, flag)
+                break
             if _due(cfg.train.eval_every, state.step) and state.step < run.total_steps:
                 _evaluate_and_log(run, state.step)
             if _due(cfg.checkpoint.save_every, state.step):
@@ -399,6 +425,9 @@ class _Run:
     metrics_loader: Optional[Iterable] = None  # train.eval_metrics: unpacked held-out batches, built at the first evaluation
     resumed_from: Optional[Path] = None
     last_checkpoint: Optional[Path] = None
+    watchdog: Optional[Watchdog] = None
+    preempted: bool = False
+    logger_note: Optional[str] = None  # said once the logger exists (resume happens before it)
     last_eval: Optional[dict] = None
     history: list[dict] = field(default_factory=list)
     precision: list = field(default_factory=list)  # [(key, hardware.Resolved)] from resolve_precision
@@ -466,9 +495,22 @@ def _resume(run: _Run) -> TrainState:
     if run.resumed_from is not None:
         client = run.checkpoints.load(run.bundle.engine, run.resumed_from)
         state.load_state_dict(client)
+        elastic = client.get("saved_world_size") is not None  # written by another number of ranks
         if client.get("loader") is not None and hasattr(run.loader, "load_state_dict"):
-            run.loader.load_state_dict(client["loader"])
-        restore_rng(client["rng"])
+            try:
+                run.loader.load_state_dict(client["loader"])
+            except ValueError as exc:
+                if not elastic:
+                    raise
+                raise CheckpointError(
+                    f"{run.resumed_from}: the trainable state moves from {client['saved_world_size']} to {run.world_size} "
+                    f"rank(s), but the data position does not: {exc}"
+                ) from exc
+        if not elastic:  # another world size keeps the fresh per-rank seeds: RNG streams are per rank
+            restore_rng(client["rng"])
+        else:
+            run.logger_note = (f"[mmdist] resumed on {run.world_size} rank(s) from a checkpoint of "
+                               f"{client['saved_world_size']}: trainable state from its consolidated copy")
     return state
 
 
@@ -479,6 +521,8 @@ def _open_logs(run: _Run, state: TrainState) -> None:
                                         initial_step=state.step, run_name=cfg.name)
     if run.resumed_from is not None:
         logger.print(f"[mmdist] resumed from {run.resumed_from} at step {state.step} ({state.samples} samples seen)")
+        if run.logger_note:
+            logger.print(run.logger_note)
     if cfg.log.param_table:
         logger.print(param_table(bundle.model))
     for line in precision_lines(run.precision):
@@ -569,8 +613,14 @@ def _evaluate_metrics(run: _Run) -> dict:
     return metrics
 
 
+def _phase(run: _Run, name: str) -> Any:
+    """The watchdog's longer limit around a long phase (nothing when the run has no watchdog)."""
+    return run.watchdog.phase(name) if run.watchdog is not None else contextlib.nullcontext()
+
+
 def _evaluate_and_log(run: _Run, step: int) -> None:
-    run.last_eval = _evaluate(run)
+    with _phase(run, "evaluation"):
+        run.last_eval = _evaluate(run)
     if run.last_eval is not None:
         run.logger.log(step, run.last_eval, prefix="eval")
         run.logger.print(f"[mmdist] step {step}: eval loss {run.last_eval['loss']:.4f}")
@@ -584,14 +634,26 @@ def _save(run: _Run, state: TrainState) -> None:
         rng=capture_rng(),
         loader=run.loader.state_dict() if hasattr(run.loader, "state_dict") else None,
     )
-    run.last_checkpoint = run.checkpoints.save(run.bundle.engine, state.step, client)
+    with _phase(run, "saving a checkpoint"):
+        run.last_checkpoint = run.checkpoints.save(run.bundle.engine, state.step, client)
     run.logger.print(f"[mmdist] checkpoint {run.last_checkpoint}")
+
+
+def _stop_on_signal(run: _Run, state: TrainState, flag: preemption.PreemptionFlag) -> None:
+    """Some rank got SIGUSR1/SIGTERM and every rank agreed: checkpoint this step, leave the marker for Slurm."""
+    if run.last_checkpoint is None or run.last_checkpoint.name != CheckpointManager.tag(state.step):
+        _save(run, state)
+    preemption.record_stop(run.run_dir, step=state.step, checkpoint=run.last_checkpoint,
+                           signal_name=flag.signal_name or "on another rank", rank=run.rank)
+    run.preempted = True
+    run.logger.print(f"[mmdist] stopped on a signal after step {state.step} with checkpoint {run.last_checkpoint}; "
+                     f"exit code {preemption.PREEMPTED_EXIT}: start the same command again to resume")
 
 
 def _finish(run: _Run, state: TrainState, seconds: float) -> dict:
     """A final checkpoint unless this step has one; once the budget is spent, the last evaluation and the export."""
     cfg = run.cfg
-    finished = state.step >= run.total_steps
+    finished = state.step >= run.total_steps and not run.preempted
     resumed = run.resumed_from
     resumed_step = int(resumed.name.split("_")[-1]) if resumed is not None and resumed.name.startswith("step_") else None
     if state.step > 0 and state.step != resumed_step and (run.last_checkpoint is None or not run.last_checkpoint.name.endswith(f"{state.step:06d}")):
@@ -599,17 +661,20 @@ def _finish(run: _Run, state: TrainState, seconds: float) -> dict:
     elif run.last_checkpoint is None and resumed is not None:
         run.last_checkpoint = resumed  # nothing new since the resume: the loaded checkpoint is the last one
     if finished:
-        run.last_eval = _evaluate(run) or run.last_eval
+        with _phase(run, "evaluation"):
+            run.last_eval = _evaluate(run) or run.last_eval
         if run.last_eval is not None:
             run.logger.log(state.step, run.last_eval, prefix="eval")
         if cfg.checkpoint.export:
-            export_dir = export_trainable(run.bundle.model, run.bundle.read_gather, run.run_dir / "export",
-                                          fp32_master=cfg.engine.precision != "fp32")
+            with _phase(run, "export"):
+                export_dir = export_trainable(run.bundle.model, run.bundle.read_gather, run.run_dir / "export",
+                                              fp32_master=cfg.engine.precision != "fp32")
             if export_dir is not None:
                 run.logger.print(f"[mmdist] exported trainable weights to {export_dir}")
     return {
         "step": state.step,
         "finished": finished,
+        "preempted": run.preempted,
         "samples": state.samples,
         "tokens": state.tokens,
         "nonfinite_total": state.nonfinite_total,
@@ -644,6 +709,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     summary = train(cfg)
+    if summary.get("preempted"):
+        return preemption.PREEMPTED_EXIT  # checkpointed: slurm/_launch.sh requeues, a rerun resumes
     if summary.get("rank", 0) == 0:  # not os.environ: dist.shutdown() has restored it by now
         loss = summary["history"][-1]["loss"] if summary["history"] else math.nan
         print(f"[mmdist] done: step {summary['step']}, last loss {loss:.4f}, run dir {summary['run_dir']}")

@@ -8,7 +8,11 @@ micro-batches such that every optimizer step sees the same global batch for
 any world size, and is checkpointable (state_dict / load_state_dict).
 
 Also a worker entry point: ``python tests/helpers/trainer_toy.py CONFIG_JSON OUT_JSON``
-(run under torchrun) trains with the toy parts and rank 0 writes the summary.
+(run under torchrun) trains with the toy parts; rank 0 writes the summary to OUT_JSON, every
+rank to OUT_JSON.rankN. The spec's test hooks (never product features): ``signal``
+``{"rank": R, "batch": B}`` makes rank R send itself SIGUSR1 when it draws its B-th
+micro-batch (0-based), as Slurm's warning signal would; ``stall`` ``{"rank": R, "batch": B,
+"seconds": S}`` makes rank R sleep S seconds there, as a stuck rank would.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -88,7 +92,9 @@ def sample(index: int) -> tuple[torch.Tensor, torch.Tensor]:
 class ToyLoader:
     """Per-rank micro-batches of one global sample stream; ``poison_batches`` marks global batch indices to NaN."""
 
-    def __init__(self, cfg: Any, rank: int, world_size: int, poison_batches: tuple = (), start: int = 0):
+    def __init__(self, cfg: Any, rank: int, world_size: int, poison_batches: tuple = (), start: int = 0,
+                 hooks: dict | None = None):
+        self.hooks = {k: v for k, v in (hooks or {}).items() if v and int(v["rank"]) == rank}
         self.micro = cfg.train.micro_batch_size
         self.global_batch = cfg.train.global_batch_size
         self.accumulation = self.global_batch // (self.micro * world_size)
@@ -100,6 +106,7 @@ class ToyLoader:
     def __iter__(self):
         while True:
             b = self.position
+            self._run_hooks(b)
             step, m = divmod(b, self.accumulation)
             start = step * self.global_batch + (m * self.world + self.rank) * self.micro
             xs, ys = zip(*(sample(start + i) for i in range(self.micro)))
@@ -109,16 +116,33 @@ class ToyLoader:
                 batch["poison"] = torch.ones(1)
             yield batch
 
+    def _run_hooks(self, b: int) -> None:
+        import os
+        import signal
+        import time
+
+        if "signal" in self.hooks and int(self.hooks["signal"]["batch"]) == b:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        if "stall" in self.hooks and int(self.hooks["stall"]["batch"]) == b:
+            time.sleep(float(self.hooks["stall"]["seconds"]))
+
     def state_dict(self) -> dict:
-        return {"position": self.position}
+        return {"position": self.position, "world_size": self.world, "accumulation": self.accumulation}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position = int(state["position"])
+        """The position is global (optimizer steps x global batch): another world size continues the same stream."""
+        position = int(state["position"])
+        if int(state.get("world_size", self.world)) != self.world:
+            steps, partial = divmod(position, int(state["accumulation"]))
+            if partial:
+                raise ValueError(f"toy loader state at micro-batch {position} is not at a step boundary")
+            position = steps * self.accumulation
+        self.position = position
 
 
-def toy_loader_builder(poison_batches: tuple = (), start: int = 0) -> Callable:
+def toy_loader_builder(poison_batches: tuple = (), start: int = 0, hooks: dict | None = None) -> Callable:
     def build(cfg: Any, processors: Any, split: str, rank: int, world_size: int) -> ToyLoader:
-        return ToyLoader(cfg, rank, world_size, poison_batches, start)
+        return ToyLoader(cfg, rank, world_size, poison_batches, start, hooks if split == "train" else None)
 
     return build
 
@@ -266,6 +290,7 @@ def stage1_probe(cfg: Any) -> dict:
 
 def main(argv: list[str]) -> int:
     from mmdist.config import load_config
+    from mmdist.training.preemption import PREEMPTED_EXIT
     from mmdist.training.trainer import train
 
     spec = json.loads(open(argv[0]).read())
@@ -281,22 +306,31 @@ def main(argv: list[str]) -> int:
     if spec.get("mode") == "real":  # the real models and data pipeline
         summary = train(cfg, stop_after=spec.get("stop_after"))
     else:
-        summary = train(cfg, model_builder=toy_model_builder, loader_builder=toy_loader_builder(tuple(spec.get("poison", ()))),
+        hooks = {"signal": spec.get("signal"), "stall": spec.get("stall")}
+        summary = train(cfg, model_builder=toy_model_builder,
+                        loader_builder=toy_loader_builder(tuple(spec.get("poison", ())), hooks=hooks),
                         stop_after=spec.get("stop_after"))
     import os
 
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank = int(os.environ.get("RANK", "0"))
+    with open(f"{argv[1]}.rank{rank}", "w") as fh:
+        json.dump(summary, fh)
+    if rank == 0:
         with open(argv[1], "w") as fh:
             json.dump(summary, fh)
-    return 0
+    return PREEMPTED_EXIT if summary.get("preempted") else 0
 
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 
-def launch(workdir: Any, spec: dict, nproc: int = 2, timeout: float = 240) -> dict:
-    """Run this file's ``main`` under ``torchrun --nproc_per_node nproc``; returns rank 0's summary."""
+def launch(workdir: Any, spec: dict, nproc: int = 2, timeout: float = 240, expect_rc: Optional[int] = 0, output: list | None = None) -> dict:
+    """Run this file's ``main`` under ``torchrun --nproc_per_node nproc``; returns rank 0's summary.
+
+    ``expect_rc``: torchrun's exit code that counts as success (75 for a run stopped on a signal; None: any).
+    The summary also holds every rank's (``ranks``) and the exit code (``returncode``).
+    ``output``: a list that gets torchrun's (stdout, stderr). """
     import os
     import subprocess
     from pathlib import Path
@@ -305,7 +339,10 @@ def launch(workdir: Any, spec: dict, nproc: int = 2, timeout: float = 240) -> di
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    spec_file, out_file = workdir / f"spec-{os.getpid()}-{id(spec)}.json", workdir / f"out-{id(spec)}.json"
+    import uuid
+
+    tag = uuid.uuid4().hex[:8]
+    spec_file, out_file = workdir / f"spec-{tag}.json", workdir / f"out-{tag}.json"
     spec_file.write_text(json.dumps(spec))
     repo = Path(__file__).resolve().parents[2]
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
@@ -314,6 +351,15 @@ def launch(workdir: Any, spec: dict, nproc: int = 2, timeout: float = 240) -> di
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
            str(Path(__file__).resolve()), str(spec_file), str(out_file)]
     proc = subprocess.run(cmd, env=env, cwd=str(repo), capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"torchrun exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return json.loads(out_file.read_text())
+    if output is not None:
+        output.append((proc.stdout, proc.stderr))
+    if expect_rc is not None and proc.returncode != expect_rc:
+        raise AssertionError(f"torchrun exited {proc.returncode} (expected {expect_rc}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    if not out_file.exists():
+        return {"returncode": proc.returncode}
+    summary = json.loads(out_file.read_text())
+    ranks = [Path(f"{out_file}.rank{r}") for r in range(nproc)]
+    if all(p.exists() for p in ranks):  # training runs; the probes write rank 0's file only
+        summary["ranks"] = [json.loads(p.read_text()) for p in ranks]
+    summary["returncode"] = proc.returncode
+    return summary

@@ -382,3 +382,112 @@ def test_resumed_run_does_not_log_steps_twice(tmp_path):
     assert [r["step"] for r in kept] == [1, 2, 3, 4, 5, 6, 6]
     assert path.read_text().endswith("not json\n")  # unreadable lines are kept, not lost
     assert drop_records_after(tmp_path / "absent.jsonl", 3) == 0
+
+
+# ---------------------------------------------------------------------------
+# preemption and hangs (2 ranks)
+
+
+@pytest.mark.multiproc
+def test_signal_on_one_rank_stops_both_at_one_step_and_the_rerun_equals_uninterrupted(two_rank_run, tmp_path):
+    """SIGUSR1 reaches rank 1 only, while it draws step 4's batch: both ranks finish step 4, checkpoint it,
+    leave preempted.json and exit 75; the same command again resumes there and ends equal to the uninterrupted run."""
+    from mmdist.training.preemption import PREEMPTED_EXIT, read_marker
+
+    full_dir, full = two_rank_run
+    run = tmp_path / "run"
+    output: list = []
+    first = launch(tmp_path, {"config": _long_config(run), "signal": {"rank": 1, "batch": 3}}, nproc=2, expect_rc=None, output=output)
+    stdout, stderr = output[0]
+    assert first["returncode"] != 0  # torchrun reports the ranks' 75 as a failure; the Slurm scripts read the marker
+    assert f"exitcode  : {PREEMPTED_EXIT}" in stderr or f"exitcode: {PREEMPTED_EXIT}" in stderr.replace("  ", " "), stderr[-3000:]
+    assert [r["step"] for r in first["ranks"]] == [4, 4] and all(r["preempted"] and not r["finished"] for r in first["ranks"])
+    assert "SIGUSR1 received" in stderr
+    marker = read_marker(run)
+    assert marker["step"] == 4 and marker["checkpoint"].endswith("step_000004") and marker["signal"] == "on another rank"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    assert not (run / "export").exists()  # a stopped run exports nothing
+
+    second = launch(tmp_path, {"config": _long_config(run)}, nproc=2)
+    assert second["resumed_from"].endswith("step_000004") and second["step"] == 12 and second["finished"]
+    history = first["history"] + second["history"]
+    assert [h["step"] for h in history] == list(range(1, 13))
+    assert [h["data"] for h in history] == [h["data"] for h in full["history"]]  # the same batches: the same sample multiset
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in full["history"]], abs=1e-6)
+    a, b = _export(run), _export(full_dir)
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.multiproc
+def test_stalled_rank_ends_the_job_with_a_stack_dump(tmp_path):
+    """Rank 1 sleeps while drawing step 4's batch: within watchdog.timeout_s (2 s) plus a poll the job ends,
+    non-zero, with the stalled frame in the log and in RUN_DIR/stacks/rank00001.txt."""
+    import time
+
+    from mmdist.training.watchdog import WATCHDOG_EXIT
+
+    run = tmp_path / "run"
+    cfg = _long_config(run, watchdog={"timeout_s": 2, "poll_s": 0.25, "phase_timeout_s": 120})
+    output: list = []
+    started = time.monotonic()
+    result = launch(tmp_path, {"config": cfg, "stall": {"rank": 1, "batch": 3, "seconds": 300}}, nproc=2, expect_rc=None,
+                    output=output, timeout=200)
+    elapsed = time.monotonic() - started
+    stdout, stderr = output[0]
+    assert result["returncode"] != 0 and elapsed < 150, (result["returncode"], elapsed)
+    assert "[mmdist] watchdog: rank 1" in stderr and "hung in the training loop after step 3" in stderr, stderr[-4000:]
+    assert f"exitcode  : {WATCHDOG_EXIT}" in stderr or f"exiting with code {WATCHDOG_EXIT}" in stderr
+    dump = (run / "stacks" / "rank00001.txt").read_text()
+    assert "_run_hooks" in dump and "trainer_toy.py" in dump  # the stalled frame, where it sleeps
+
+
+# ---------------------------------------------------------------------------
+# elastic resume: another world size continues from the consolidated trainable state
+
+
+def _elastic_config(run_dir, zero_stage):
+    # global batch 12 = micro 2 x accumulation 6/3/2 on 1/2/3 ranks; cosine with warmup: the lr schedule must continue
+    return toy_config(str(run_dir), train={"max_steps": 6, "global_batch_size": 12, "micro_batch_size": 2,
+                                           "lr_scheduler": "cosine", "warmup_ratio": 0.2},
+                      engine={"zero_stage": zero_stage})
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+@pytest.mark.parametrize(("zero_stage", "worlds"), [(3, (2, 1, 3)), (2, (3, 1, 2))], ids=["zero3-2-1-3", "zero2-3-1-2"])
+def test_resume_on_other_world_sizes_equals_uninterrupted(tmp_path, zero_stage, worlds):
+    """Steps 1-2 on worlds[0] ranks, 3-4 on worlds[1], 5-6 on worlds[2]: the same losses (same samples per step,
+    same lr) and final weights as one uninterrupted single-process run; tolerance 1e-5 (summation order differs)."""
+    full = _train(_elastic_config(tmp_path / "full", zero_stage))
+    run = tmp_path / "run"
+    history = []
+    for i, (world, stop) in enumerate(zip(worlds, (2, 4, None))):
+        spec = {"config": _elastic_config(run, zero_stage), "stop_after": stop}
+        if world == 1:
+            part = _train(spec["config"], stop_after=stop)
+        else:
+            part = launch(tmp_path / f"part{i}", spec, nproc=world)
+        if i:
+            assert part["resumed_from"].endswith(f"step_{2 * i:06d}")
+        history += part["history"]
+    assert [h["step"] for h in history] == list(range(1, 7))
+    assert [h["lr"] for h in history] == pytest.approx([h["lr"] for h in full["history"]], rel=1e-9)
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in full["history"]], abs=1e-5)
+    a, b = _export(run), _export(tmp_path / "full")
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_checkpoint_without_consolidated_state_is_refused_on_another_world_size(tmp_path):
+    """A checkpoint from before trainable_state.pt existed resumes only on its own world size, and says so."""
+    from mmdist.training.checkpoint import TRAINABLE_STATE, CheckpointError
+
+    run = tmp_path / "run"
+    _train(toy_config(str(run), train={"max_steps": 2}))
+    ckpt = run / "checkpoints" / "step_000002"
+    assert (ckpt / TRAINABLE_STATE).is_file()
+    (ckpt / TRAINABLE_STATE).unlink()
+    client = torch.load(ckpt / "client_state_rank00000.pt", weights_only=False)
+    torch.save(dict(client, world_size=2), ckpt / "client_state_rank00000.pt")  # as if 2 ranks had written it
+    torch.save(dict(client, world_size=2), ckpt / "client_state_rank00001.pt")
+    with pytest.raises(CheckpointError, match=r"written by 2 rank\(s\) and this run has 1, and it has no trainable_state.pt"):
+        _train(toy_config(str(run), train={"max_steps": 4}))
