@@ -7,7 +7,12 @@
 3. bytes per rank held by DeepSpeed engines for 1 and 2 ranks and ZeRO 0, 2, 3 beside
    ``mmdist plan``'s prediction (benchmarks/memory_per_rank.py);
 4. the data pipeline's figures (benchmarks/bench_data.py): loader samples/s, non-padding
-   fraction of pad-to-longest vs packing, stage-1 epoch with and without the feature cache.
+   fraction of pad-to-longest vs packing, stage-1 epoch with and without the feature cache;
+5. images/s per core from photo-like JPEG shards to 336 px tower input, mmdist's loader vs
+   webdataset + CLIPImageProcessor per sample (benchmarks/bench_images.py; target >= 2.5x).
+
+The first line names the machine: CPU model, cores and its AVX/AMX flags (bf16 runs fast
+only with ``amx_bf16`` or ``avx512_bf16``), and ``MMDIST_CPU_BF16`` when it is set.
 
 Each benchmark runs in its own process (clean DeepSpeed and thread state) and hands
 its figures back as JSON. ``--markdown FILE`` also writes the tables as Markdown.
@@ -48,7 +53,21 @@ def _run(args: list[str], json_path: Path, timeout: int) -> dict:
     return json.loads(json_path.read_text())
 
 
-def summary_rows(tp: dict | None, mem: list | None, data: dict | None) -> list[dict]:
+def machine_line() -> str:
+    """CPU model, cores, AVX/AMX flags and the bf16 switch: what every figure here depends on."""
+    from bench_images import cpu_description
+
+    model = ""
+    try:
+        model = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                     if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    switch = os.environ.get("MMDIST_CPU_BF16")
+    return f"machine: {model} ({cpu_description()})" + (f"; MMDIST_CPU_BF16={switch}" if switch is not None else "")
+
+
+def summary_rows(tp: dict | None, mem: list | None, data: dict | None, images: dict | None = None) -> list[dict]:
     rows: list[dict] = []
 
     def add(bench: str, measure: str, mmdist, reference, target: str, met) -> None:
@@ -104,6 +123,14 @@ def summary_rows(tp: dict | None, mem: list | None, data: dict | None) -> list[d
         if demo:
             add("4 data", "demo stage-1 epoch s (image+text cache vs pixels)", demo["image_text_cache_s"],
                 demo["pixels_s"], "", None)
+    if images:
+        for r in images["rows"]:
+            add("5 images", f"images/s per core, {r['cores']} core(s)", r["mmdist_per_core"], r["usual_per_core"],
+                "ratio >= 2.5", r["ratio"] >= 2.5)
+        check = images["pixel_check"]
+        add("5 images", "pixels vs CLIPImageProcessor, mean / p99 levels", check["mean_levels"], check["p99_levels"], "", None)
+        for gpu, need in images["cores_per_gpu"].items():
+            add("5 images", f"CPU cores per {gpu} for ViT-L/14-336", need["cores_per_gpu"], "", "", None)
     return rows
 
 
@@ -112,10 +139,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for benchmarks 1-2 (default: all cores)")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of benchmarks 1-2 (both sides)")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "memory", "data"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "memory", "data", "images"])
     parser.add_argument("--markdown", help="also write the summary table here")
     args = parser.parse_args()
-    tp = mem = data = None
+    tp = mem = data = images = None
+    print(machine_line() + "\n")
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         if "throughput" not in args.skip:
@@ -132,11 +160,14 @@ def main() -> int:
                 data = _run(["benchmarks/bench_data.py", *extra], t / "data.json", timeout=1800)
             else:
                 print("benchmarks/bench_data.py is not there yet: data figures skipped\n")
-    rows = summary_rows(tp, mem, data)
+        if "images" not in args.skip:
+            extra = ["--images", "128", "--rounds", "1"] if args.quick else []
+            images = _run(["benchmarks/bench_images.py", *extra], t / "images.json", timeout=1800)
+    rows = summary_rows(tp, mem, data, images)
     table = format_table(rows, ["benchmark", "measure", "mmdist", "reference / other", "target", "met"])
     print(table)
     if args.markdown:
-        Path(args.markdown).write_text(table + "\n")
+        Path(args.markdown).write_text(machine_line() + "\n\n" + table + "\n")
     return 0
 
 
