@@ -39,6 +39,7 @@ from mmdist.models.llm import llm_fingerprint
 from mmdist.models.settings import ModelConfig
 from mmdist.models.text import text_fingerprint
 from mmdist.models.vision import vision_fingerprint
+from mmdist.precision import concrete
 from mmdist.settings import from_dict
 
 log = logging.getLogger(__name__)
@@ -310,7 +311,9 @@ def build_run_encoder(cfg: RunConfig) -> nn.Module:
 
 def build_run_model(cfg: RunConfig, gather: Gather = null_gather) -> nn.Module:
     """The model of run ``cfg``: `build_model` on its parts and, for stage 2 with
-    ``model.connector.stage1_weights``, the stage-1 export checked and loaded."""
+    ``model.connector.stage1_weights``, the stage-1 export checked and loaded. An ``auto`` dtype is
+    resolved for this machine (mmdist.precision.concrete)."""
+    cfg = concrete(cfg)
     source = state = stage1_manifest = None
     if cfg.stage == "fuse" and cfg.model.connector.stage1_weights:
         # Before the LLM loads: a wrong path should fail in seconds, not after loading a 14B model.

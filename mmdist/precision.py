@@ -41,7 +41,7 @@ from typing import Any
 from mmdist.hardware import Resolved, resolve_dtype, resolve_engine_precision
 from mmdist.settings import ConfigError, Problem
 
-__all__ = ["PART_KEYS", "check_precision", "frozen_parts", "precision_lines", "resolve_precision"]
+__all__ = ["PART_KEYS", "check_precision", "concrete", "frozen_parts", "precision_lines", "resolve_precision"]
 
 # model section -> settings key of its dtype
 PART_KEYS = {"llm": "model.llm.dtype", "vision": "model.vision.dtype", "text": "model.text.dtype"}
@@ -127,6 +127,19 @@ def resolve_precision(cfg: Any, device: Any = "cpu") -> tuple[Any, list[tuple[st
         raise ConfigError(problems)
     used = [n for n in _built_parts(cfg)]
     return out, [(ENGINE_KEY, engine)] + [(PART_KEYS[n], parts[n]) for n in used]
+
+
+def concrete(cfg: Any, device: Any = None) -> Any:
+    """``cfg`` itself when it names no ``auto`` dtype, else :func:`resolve_precision`'s copy for ``device``
+    (default: the GPU when there is one). For builders that can be reached without the trainer's start-up
+    (``build_engine``, ``build_run_model``: benchmarks, tests, notebooks); the commands resolve and print first."""
+    if all(str(_get(cfg, key)) != "auto" for key in (ENGINE_KEY, *PART_KEYS.values())):
+        return cfg
+    if device is None:
+        from mmdist.hardware import default_device
+
+        device = default_device()
+    return resolve_precision(cfg, device)[0]
 
 
 def precision_lines(resolved: list[tuple[str, Resolved]], requested: Any = None) -> list[str]:

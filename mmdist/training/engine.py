@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mmdist.models.gather import null_gather
+from mmdist.precision import concrete
 from mmdist.settings import ConfigError, Problem
 
 __all__ = [
@@ -457,7 +458,7 @@ def build_engine(
     released here (:func:`release_deepspeed`) before the error propagates.
     """
     try:
-        return _build_engine(cfg, world_size, model_builder)
+        return _build_engine(concrete(cfg), world_size, model_builder)
     except BaseException:
         release_deepspeed()
         raise
