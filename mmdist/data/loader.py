@@ -59,7 +59,7 @@ from mmdist.data.selfcheck import self_check
 from mmdist.data.settings import DataConfig
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
@@ -69,6 +69,10 @@ class WorkerPlan:
     shards: list[Shard]
     budget: int  # batches this worker yields
     stride: Optional[tuple[int, int]] = None  # (modulus, slot): keep raw sample j when j % modulus == slot
+    keep: Optional[dict[str, frozenset[int]]] = None  # continuation plan: per shard url, the sample indices read
+
+
+Consumed = dict[str, set[int]]  # per shard url: indices (order within the tar) of the samples handed out this epoch
 
 
 def _proportional_split(total: int, weights: list[int]) -> list[int]:
@@ -106,6 +110,66 @@ def plan_epoch(shards: list[Shard], seed: int, epoch: int, rank: int, world_size
         raise ValueError(f"rank {rank} got shards with no samples ({[s.url for s in mine]}); check sizes.json")
     budgets = _proportional_split(budget, sizes)
     return [WorkerPlan(ws, b) for ws, b in zip(per_worker, budgets)], budget
+
+
+def plan_remaining(shards: list[Shard], consumed: Consumed, seed: int, epoch: int, rank: int, world_size: int,
+                   num_workers: int, batch_size: int, shuffle: bool) -> tuple[list[WorkerPlan], int]:
+    """The rest of an epoch after a resume on another world size: what ``plan_epoch`` gives when part is consumed.
+
+    The samples of the epoch not in ``consumed`` (which merges every saved rank's record), in the
+    epoch's shard order, are cut into ``world_size`` contiguous runs of equal length (+-1), so
+    every rank gets the same per-rank budget ``ceil(remaining / (world_size x batch_size))``. A
+    rank's k-th batch of samples goes to worker ``k % workers`` (the DataLoader's round-robin).
+    Only the last batch of a rank can be short; its worker wraps around its own samples (as
+    ``plan_epoch``'s workers do), so those few samples repeat, and nothing is left out.
+    """
+    workers = max(1, num_workers)
+    order = shuffle_shards(shards, seed, epoch, shuffle)
+    left: list[tuple[Shard, int]] = []
+    for shard in order:
+        done = consumed.get(shard.url, ())
+        left.extend((shard, i) for i in range(shard.size or 0) if i not in done)
+    budget = math.ceil(len(left) / (world_size * batch_size))
+    quotas = _proportional_split(len(left), [1] * world_size)
+    start = sum(quotas[:rank])
+    mine = left[start : start + quotas[rank]]
+    items: list[list[tuple[Shard, int]]] = [[] for _ in range(workers)]
+    budgets = [0] * workers
+    for k in range(budget):
+        budgets[k % workers] += 1
+        items[k % workers].extend(mine[k * batch_size : (k + 1) * batch_size])
+    plans = []
+    for w in range(workers):
+        chosen = items[w] or ((mine or left)[:batch_size] if budgets[w] else [])  # an empty last batch: all padding
+        keep: dict[str, set[int]] = {}
+        for shard, i in chosen:
+            keep.setdefault(shard.url, set()).add(i)
+        plan_shards = [shard for shard in order if shard.url in keep]
+        plans.append(WorkerPlan(plan_shards, budgets[w], keep={url: frozenset(ix) for url, ix in keep.items()}))
+    return plans, budget
+
+
+def encode_consumed(consumed: Consumed) -> dict[str, bytes]:
+    """Per shard url a bitmap (bit i set: sample i consumed); ~125 KB per million samples."""
+    out = {}
+    for url, indices in consumed.items():
+        if indices:
+            bits = np.zeros(max(indices) + 1, dtype=bool)
+            bits[list(indices)] = True
+            out[url] = np.packbits(bits).tobytes()
+    return out
+
+
+def decode_consumed(encoded: dict[str, bytes]) -> Consumed:
+    return {url: set(np.flatnonzero(np.unpackbits(np.frombuffer(b, dtype=np.uint8))).tolist()) for url, b in encoded.items()}
+
+
+def merge_consumed(*records: Consumed) -> Consumed:
+    out: Consumed = {}
+    for record in records:
+        for url, indices in record.items():
+            out.setdefault(url, set()).update(indices)
+    return out
 
 
 class _CounterProxy:
@@ -151,19 +215,32 @@ class ShardStream(IterableDataset):
         self.resume: dict[int, dict] = {}
         self.worker_map: list[int] = list(range(self.num_workers))
         self._iterations = 0
+        # an epoch continued on another world size (StreamingLoader.load_elastic_state): the samples already
+        # consumed in epoch ``base_epoch`` by every rank before; that epoch follows plan_remaining
+        self.consumed_base: Consumed = {}
+        self.base_epoch: Optional[int] = None
+        self._plan_cache: Optional[tuple[tuple, tuple[list[WorkerPlan], int]]] = None
 
     # ------------------------------------------------------------------ plan
     def batches_per_rank(self, epoch: int) -> int:
         if self.mode == "resampled":
             return max(1, self.samples_per_epoch // (self.world_size * self.batch_size))
-        return plan_epoch(self.shards, self.seed, epoch, self.rank, self.world_size, self.num_workers, self.batch_size, self.shuffle)[1]
+        return self._plan(epoch)[1]
+
+    def _plan(self, epoch: int) -> tuple[list[WorkerPlan], int]:
+        if epoch != self.base_epoch:
+            return plan_epoch(self.shards, self.seed, epoch, self.rank, self.world_size, self.num_workers, self.batch_size, self.shuffle)
+        key = (epoch, self.world_size, self.num_workers)
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            self._plan_cache = (key, plan_remaining(self.shards, self.consumed_base, self.seed, epoch, self.rank, self.world_size,
+                                                    self.num_workers, self.batch_size, self.shuffle))
+        return self._plan_cache[1]
 
     def worker_plan(self, epoch: int, worker: int) -> WorkerPlan:
         if self.mode == "resampled":
             total = self.batches_per_rank(epoch)
             return WorkerPlan([], total // self.num_workers + (1 if worker < total % self.num_workers else 0))
-        plans, _ = plan_epoch(self.shards, self.seed, epoch, self.rank, self.world_size, self.num_workers, self.batch_size, self.shuffle)
-        return plans[worker]
+        return self._plan(epoch)[0][worker]
 
     # ------------------------------------------------------------------ raw stream
     def _rng(self, *parts: Any) -> random.Random:
@@ -180,7 +257,7 @@ class ShardStream(IterableDataset):
             if pass_ > 0 and self.shuffle:
                 rng.shuffle(order)
             produced = 0
-            chained = (sample for shard in order for sample in read_tar(shard.url, counter))
+            chained = (sample for shard in order for sample in _indexed(read_tar(shard.url, counter), plan.keep, shard.url))
             if plan.stride is not None:
                 modulus, slot = plan.stride
                 chained = (sample for j, sample in enumerate(chained) if j % modulus == slot)
@@ -223,6 +300,7 @@ class ShardStream(IterableDataset):
             out = self.preprocess(sample)
             if self.text_features:
                 out["text_features"] = _cached_text_features(sample)
+            out["__pos__"] = (raw.get("__url__", "?"), raw.get("__index__", -1))
         except BadSample as exc:
             counter.add(exc.reason, raw.get("__url__", "?"), raw.get("__key__", "?"), exc.detail)
             return None
@@ -300,10 +378,19 @@ class ShardStream(IterableDataset):
                     "pool_bad": dict(counter.bad) if last else pool_bad,
                 }
                 batch["_meta"] = {"worker": worker, "epoch": epoch, "state": state, "seen": counter.seen, "bad": dict(counter.bad),
-                                  "keys": [s["key"] for s in samples]}
+                                  "keys": [s["key"] for s in samples], "positions": [s.get("__pos__") for s in samples]}
                 yield batch
             skip_in_pool = 0
             emitted = pool_emitted_start + len(batches)
+
+
+def _indexed(samples: Iterator[dict], keep: Optional[dict[str, frozenset[int]]], url: str) -> Iterator[dict]:
+    """Number the samples of one shard (``__index__``, their order in the tar); a continuation plan keeps some."""
+    wanted = None if keep is None else keep.get(url, frozenset())
+    for index, sample in enumerate(samples):
+        if wanted is None or index in wanted:
+            sample["__index__"] = index
+            yield sample
 
 
 def _cached_text_features(sample: dict) -> torch.Tensor:
@@ -336,6 +423,7 @@ class StreamingLoader:
         self.worker_state: dict[int, dict] = {}
         self.worker_counts: dict[int, tuple[int, dict]] = {}
         self.last_keys: list[str] = []
+        self.consumed: Consumed = {}  # samples handed out this epoch by this rank (epoch mode), for a resume elsewhere
         self._loader: Optional[DataLoader] = None
         self._resume_pending = False
         self._in_epoch = False
@@ -365,6 +453,7 @@ class StreamingLoader:
             self.batches_done = 0
             self.worker_state = {}
             self.worker_counts = {}
+            self.consumed = {}
         self._in_epoch = True
         workers = max(1, self.num_workers)
         if resuming and self.worker_state:
@@ -389,6 +478,9 @@ class StreamingLoader:
             self.worker_state[meta["worker"]] = meta["state"]
             self.worker_counts[meta["worker"]] = (meta["seen"], meta["bad"])
             self.last_keys = meta["keys"]
+            for url, index in meta["positions"]:
+                if index >= 0:
+                    self.consumed.setdefault(url, set()).add(index)
             self.batches_done += 1
             self._check_bad()
             yield batch
@@ -396,6 +488,7 @@ class StreamingLoader:
         self._in_epoch = False
         self.batches_done = 0
         self.worker_state = {}  # bad-sample counts stay readable until the next epoch starts
+        self.consumed = {}
 
     def _check_bad(self) -> None:
         seen = sum(c[0] for c in self.worker_counts.values())
@@ -425,7 +518,15 @@ class StreamingLoader:
             "seed": d.seed,
             "mode": d.mode,
             "workers": {str(w): dict(s) for w, s in self.worker_state.items()},
+            # epoch mode, version 2: what this rank consumed of the epoch (with what the ranks before a resume on
+            # another world size consumed), so the whole epoch's position can move to another world size
+            "consumed": encode_consumed(self._consumed_in_epoch()) if d.mode == "epoch" else {},
+            "base": encode_consumed(d.consumed_base) if d.base_epoch == self.epoch else {},
         }
+
+    def _consumed_in_epoch(self) -> Consumed:
+        d = self.dataset
+        return merge_consumed(d.consumed_base, self.consumed) if d.base_epoch == self.epoch else self.consumed
 
     def load_state_dict(self, state: dict) -> None:
         d = self.dataset
@@ -448,8 +549,58 @@ class StreamingLoader:
         self.batches_done = int(state.get("batches_done", 0))
         self.worker_state = {int(w): dict(s) for w, s in state.get("workers", {}).items()}
         self.worker_counts = {}
+        self.consumed = decode_consumed(state.get("consumed", {}))
+        base = decode_consumed(state.get("base", {}))
+        d.consumed_base, d.base_epoch = (base, self.epoch) if base else ({}, None)
+        if base:  # only what this rank added since the continuation began is its own
+            self.consumed = {url: ix - base.get(url, set()) for url, ix in self.consumed.items()}
         self._resume_pending = True
         self._in_epoch = False
+
+    def load_elastic_state(self, states: list[dict]) -> None:
+        """Continue from the loader states of every rank of a checkpoint written by another number of ranks.
+
+        Epoch mode: the epoch in progress goes on with exactly its samples that no saved rank had
+        handed out (:func:`plan_remaining`), split evenly over this world; later epochs are planned
+        for this world as usual. Resampled mode: draws are with replacement, so there is no
+        position to carry over: the epoch in progress ends and the next one starts, seeded by
+        (seed, epoch, rank, worker) as always, a stream no saved rank has drawn from.
+        A state without a consumed record (saved before version 2) raises ``ValueError``.
+        """
+        d = self.dataset
+        if not states or any(s is None for s in states):
+            raise ValueError("a saved rank has no data loader state")
+        for key, mine in (("seed", d.seed), ("mode", d.mode), ("split", self.split)):
+            theirs = {s.get(key) for s in states}
+            if theirs != {mine}:
+                raise ValueError(f"data loader states were saved with {key}={sorted(map(str, theirs))} but this run has "
+                                 f"{key}={mine!r}; resume with the same setting, or start the data afresh (drop the loader state)")
+        epochs = {int(s["epoch"]) for s in states}
+        if len(epochs) != 1:
+            raise ValueError(f"the saved ranks stopped in different epochs {sorted(epochs)}; the checkpoint is inconsistent")
+        epoch = epochs.pop()
+        self.batches_done = 0
+        self.worker_state = {}
+        self.worker_counts = {}
+        self.consumed = {}
+        d.consumed_base, d.base_epoch = {}, None
+        self._resume_pending = False
+        self._in_epoch = False
+        self._loader = None
+        started = any(int(s.get("batches_done", 0)) > 0 for s in states)
+        if d.mode == "resampled":
+            self.epoch = epoch + 1 if started else epoch
+            return
+        if any(int(s.get("version", 1)) < 2 for s in states):
+            raise ValueError("the data loader state predates the global data position (loader state version 1 records per-rank "
+                             "positions only); resume it once on the world size that wrote it")
+        consumed = merge_consumed(*(decode_consumed(s.get("consumed", {})) for s in states))
+        self.epoch = epoch
+        if consumed:
+            d.consumed_base, d.base_epoch = consumed, epoch
+            if d.batches_per_rank(epoch) == 0:  # the saved ranks had read the whole epoch
+                d.consumed_base, d.base_epoch = {}, None
+                self.epoch = epoch + 1
 
 
 # ---------------------------------------------------------------------------
