@@ -72,7 +72,7 @@ class WorkerPlan:
     keep: Optional[dict[str, frozenset[int]]] = None  # continuation plan: per shard url, the sample indices read
 
 
-Consumed = dict[str, set[int]]  # per shard url: indices (order within the tar) of the samples handed out this epoch
+Consumed = dict[str, np.ndarray]  # per shard url: bool mask over the samples in tar order, True = handed out this epoch
 
 
 def _proportional_split(total: int, weights: list[int]) -> list[int]:
@@ -118,57 +118,69 @@ def plan_remaining(shards: list[Shard], consumed: Consumed, seed: int, epoch: in
 
     The samples of the epoch not in ``consumed`` (which merges every saved rank's record), in the
     epoch's shard order, are cut into ``world_size`` contiguous runs of equal length (+-1), so
-    every rank gets the same per-rank budget ``ceil(remaining / (world_size x batch_size))``. A
-    rank's k-th batch of samples goes to worker ``k % workers`` (the DataLoader's round-robin).
-    Only the last batch of a rank can be short; its worker wraps around its own samples (as
-    ``plan_epoch``'s workers do), so those few samples repeat, and nothing is left out.
+    every rank gets the same budget ``ceil(remaining / (world_size x batch_size))``. A rank's k-th
+    batch of samples goes to worker ``k % workers`` (the DataLoader's round-robin). Only the
+    last batch of a rank can be short; its worker wraps around to its own samples (as
+    ``plan_epoch``'s workers do), so at most ``batch_size`` samples per rank repeat and none is left out.
     """
     workers = max(1, num_workers)
     order = shuffle_shards(shards, seed, epoch, shuffle)
-    left: list[tuple[Shard, int]] = []
-    for shard in order:
-        done = consumed.get(shard.url, ())
-        left.extend((shard, i) for i in range(shard.size or 0) if i not in done)
-    budget = math.ceil(len(left) / (world_size * batch_size))
-    quotas = _proportional_split(len(left), [1] * world_size)
+    shard_ids, indices = [], []
+    for sid, shard in enumerate(order):
+        left = np.ones(shard.size or 0, dtype=bool)
+        done = consumed.get(shard.url)
+        if done is not None:
+            n = min(len(done), len(left))
+            left[:n] &= ~done[:n]
+        ix = np.flatnonzero(left)
+        shard_ids.append(np.full(len(ix), sid, dtype=np.int64))
+        indices.append(ix)
+    all_sids = np.concatenate(shard_ids) if shard_ids else np.zeros(0, dtype=np.int64)
+    all_ix = np.concatenate(indices) if indices else np.zeros(0, dtype=np.int64)
+    total = len(all_ix)
+    budget = math.ceil(total / (world_size * batch_size))
+    quotas = _proportional_split(total, [1] * world_size)
     start = sum(quotas[:rank])
-    mine = left[start : start + quotas[rank]]
-    items: list[list[tuple[Shard, int]]] = [[] for _ in range(workers)]
-    budgets = [0] * workers
-    for k in range(budget):
-        budgets[k % workers] += 1
-        items[k % workers].extend(mine[k * batch_size : (k + 1) * batch_size])
+    mine = np.arange(start, start + quotas[rank])
+    budgets = [budget // workers + (1 if w < budget % workers else 0) for w in range(workers)]
+    owner = (np.arange(len(mine)) // batch_size) % workers  # the worker that reads each of this rank's samples
     plans = []
     for w in range(workers):
-        chosen = items[w] or ((mine or left)[:batch_size] if budgets[w] else [])  # an empty last batch: all padding
-        keep: dict[str, set[int]] = {}
-        for shard, i in chosen:
-            keep.setdefault(shard.url, set()).add(i)
-        plan_shards = [shard for shard in order if shard.url in keep]
-        plans.append(WorkerPlan(plan_shards, budgets[w], keep={url: frozenset(ix) for url, ix in keep.items()}))
+        chosen = mine[owner == w]
+        if len(chosen) == 0 and budgets[w]:  # its only batch is the empty last one: padding from this rank (or any)
+            chosen = (mine if len(mine) else np.arange(total))[:batch_size]
+        keep: dict[str, frozenset[int]] = {}
+        for sid in np.unique(all_sids[chosen]):
+            keep[order[sid].url] = frozenset(all_ix[chosen][all_sids[chosen] == sid].tolist())
+        plans.append(WorkerPlan([shard for shard in order if shard.url in keep], budgets[w], keep=keep))
     return plans, budget
 
 
+def to_mask(indices: set[int]) -> np.ndarray:
+    mask = np.zeros(max(indices) + 1 if indices else 0, dtype=bool)
+    mask[list(indices)] = True
+    return mask
+
+
 def encode_consumed(consumed: Consumed) -> dict[str, bytes]:
-    """Per shard url a bitmap (bit i set: sample i consumed); ~125 KB per million samples."""
-    out = {}
-    for url, indices in consumed.items():
-        if indices:
-            bits = np.zeros(max(indices) + 1, dtype=bool)
-            bits[list(indices)] = True
-            out[url] = np.packbits(bits).tobytes()
-    return out
+    """Per shard url a bitmap (bit i set: sample i consumed); 125 KB per million samples."""
+    return {url: np.packbits(mask).tobytes() for url, mask in consumed.items() if mask.any()}
 
 
 def decode_consumed(encoded: dict[str, bytes]) -> Consumed:
-    return {url: set(np.flatnonzero(np.unpackbits(np.frombuffer(b, dtype=np.uint8))).tolist()) for url, b in encoded.items()}
+    return {url: np.unpackbits(np.frombuffer(b, dtype=np.uint8)).astype(bool) for url, b in encoded.items()}
 
 
 def merge_consumed(*records: Consumed) -> Consumed:
+    """The union of consumption records (every saved rank's, say)."""
     out: Consumed = {}
     for record in records:
-        for url, indices in record.items():
-            out.setdefault(url, set()).update(indices)
+        for url, mask in record.items():
+            have = out.get(url, np.zeros(0, dtype=bool))
+            merged = np.zeros(max(len(have), len(mask)), dtype=bool)
+            merged[: len(have)] |= have
+            merged[: len(mask)] |= mask
+            out[url] = merged
     return out
 
 
@@ -423,7 +435,8 @@ class StreamingLoader:
         self.worker_state: dict[int, dict] = {}
         self.worker_counts: dict[int, tuple[int, dict]] = {}
         self.last_keys: list[str] = []
-        self.consumed: Consumed = {}  # samples handed out this epoch by this rank (epoch mode), for a resume elsewhere
+        # samples handed out this epoch by this rank (shard url -> indices in the tar), for a resume on another world size
+        self.consumed: dict[str, set[int]] = {}
         self._loader: Optional[DataLoader] = None
         self._resume_pending = False
         self._in_epoch = False
@@ -512,6 +525,7 @@ class StreamingLoader:
             "split": self.split,
             "epoch": self.epoch,
             "batches_done": self.batches_done,
+            "batches_in_epoch": len(self),
             "rank": d.rank,
             "world_size": d.world_size,
             "num_workers": d.num_workers,
@@ -526,7 +540,8 @@ class StreamingLoader:
 
     def _consumed_in_epoch(self) -> Consumed:
         d = self.dataset
-        return merge_consumed(d.consumed_base, self.consumed) if d.base_epoch == self.epoch else self.consumed
+        own = {url: to_mask(ix) for url, ix in self.consumed.items()}
+        return merge_consumed(d.consumed_base, own) if d.base_epoch == self.epoch else own
 
     def load_state_dict(self, state: dict) -> None:
         d = self.dataset
@@ -549,11 +564,13 @@ class StreamingLoader:
         self.batches_done = int(state.get("batches_done", 0))
         self.worker_state = {int(w): dict(s) for w, s in state.get("workers", {}).items()}
         self.worker_counts = {}
-        self.consumed = decode_consumed(state.get("consumed", {}))
+        own = decode_consumed(state.get("consumed", {}))
         base = decode_consumed(state.get("base", {}))
         d.consumed_base, d.base_epoch = (base, self.epoch) if base else ({}, None)
-        if base:  # only what this rank added since the continuation began is its own
-            self.consumed = {url: ix - base.get(url, set()) for url, ix in self.consumed.items()}
+        d._plan_cache = None
+        # only what this rank handed out since the continuation began is its own
+        self.consumed = {url: set(np.flatnonzero(mask).tolist()) - set(np.flatnonzero(base.get(url, [])).tolist())
+                         for url, mask in own.items()}
         self._resume_pending = True
         self._in_epoch = False
 
@@ -583,23 +600,27 @@ class StreamingLoader:
         self.worker_state = {}
         self.worker_counts = {}
         self.consumed = {}
-        d.consumed_base, d.base_epoch = {}, None
+        d.consumed_base, d.base_epoch, d._plan_cache = {}, None, None
         self._resume_pending = False
         self._in_epoch = False
         self._loader = None
         started = any(int(s.get("batches_done", 0)) > 0 for s in states)
+        finished = all(int(s.get("batches_done", 0)) >= int(s.get("batches_in_epoch", math.inf)) for s in states)
         if d.mode == "resampled":
             self.epoch = epoch + 1 if started else epoch
             return
         if any(int(s.get("version", 1)) < 2 for s in states):
             raise ValueError("the data loader state predates the global data position (loader state version 1 records per-rank "
                              "positions only); resume it once on the world size that wrote it")
+        if finished:  # every saved rank had handed out its whole epoch (its last batch was the checkpoint's)
+            self.epoch = epoch + 1
+            return
         consumed = merge_consumed(*(decode_consumed(s.get("consumed", {})) for s in states))
         self.epoch = epoch
         if consumed:
             d.consumed_base, d.base_epoch = consumed, epoch
-            if d.batches_per_rank(epoch) == 0:  # the saved ranks had read the whole epoch
-                d.consumed_base, d.base_epoch = {}, None
+            if d.batches_per_rank(epoch) == 0:  # nothing of the epoch is left
+                d.consumed_base, d.base_epoch, d._plan_cache = {}, None, None
                 self.epoch = epoch + 1
 
 

@@ -133,3 +133,16 @@ def test_state_before_the_global_position_is_refused(tmp_path):
     state["version"] = 1
     with pytest.raises(ValueError, match="version 1"):
         build_loader(cfg, processors, "train", 0, 1).load_elastic_state([state, state])
+
+
+def test_checkpoint_at_the_last_batch_of_an_epoch_moves_on_to_the_next(tmp_path):
+    processors = make_processors()
+    pattern = write_caption_shards(tmp_path, [10, 10])
+    cfg = make_config(pattern, num_workers=0, shuffle_buffer=3, micro_batch_size=2, persistent_workers=False)
+    first = [build_loader(cfg, processors, "train", r, 2) for r in range(2)]
+    for loader in first:
+        _read(loader, len(loader))  # the whole epoch handed out, the iteration not yet finished
+    second = build_loader(cfg, processors, "train", 0, 1)
+    second.load_elastic_state([loader.state_dict() for loader in first])
+    assert second.epoch == 1
+    assert Counter(_epoch_keys(second)) == Counter(f"s{i:06d}" for i in range(20))
