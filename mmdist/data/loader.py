@@ -22,6 +22,14 @@ Every random choice is seeded by (seed, epoch, rank, worker, pass), so a
 restored worker replays its raw stream without decoding up to the saved
 position and continues exactly where it stopped; workers are re-mapped so the
 DataLoader's round-robin continues in the same order.
+
+Another world size (epoch mode): shards are split by rank and shuffles seeded by
+rank, so a per-rank position cannot move. Every sample therefore carries its
+(shard url, index in the tar), the loader records which ones it handed out this
+epoch, and ``load_elastic_state`` merges every saved rank's record and re-plans
+the rest of the epoch for the new ranks (``plan_remaining``): the unconsumed
+samples, cut into equal runs per rank, each read once (only a short last batch
+per rank repeats a few). Resampled mode starts the next epoch instead.
 """
 
 from __future__ import annotations
