@@ -624,6 +624,10 @@ class StreamingLoader:
             self.epoch = epoch + 1
             return
         consumed = merge_consumed(*(decode_consumed(s.get("consumed", {})) for s in states))
+        unknown = sorted(set(consumed) - {shard.url for shard in d.shards})
+        if unknown:  # moved or renamed shards: every sample would be read again
+            raise ValueError(f"the saved data position names {len(unknown)} shard(s) this run does not read (e.g. {unknown[:3]}); "
+                             "the position is keyed by shard URL: give data.train the same shard paths as the saved run")
         self.epoch = epoch
         if consumed:
             d.consumed_base, d.base_epoch = consumed, epoch

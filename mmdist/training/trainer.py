@@ -513,7 +513,9 @@ def _resume(run: _Run) -> TrainState:
             restore_rng(client["rng"])
         else:
             run.logger_note = (f"[mmdist] resumed on {run.world_size} rank(s) from a checkpoint of "
-                               f"{client['saved_world_size']}: trainable state from its consolidated copy")
+                               f"{client['saved_world_size']}: trainable state from its consolidated copy"
+                               + ("; data: the rest of the epoch, merged from every saved rank's record"
+                                  if hasattr(run.loader, "load_elastic_state") else ""))
     return state
 
 

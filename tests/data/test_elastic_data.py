@@ -34,7 +34,7 @@ def test_epoch_continues_on_another_world_size_without_repeats_or_gaps(tmp_path,
     # 72 samples: an uninterrupted run sees each once on 1, 2 or 3 ranks with micro-batch 2
     pattern = write_caption_shards(tmp_path, [12, 12, 12, 12, 12, 12])
     cfg = make_config(pattern, num_workers=num_workers, shuffle_buffer=5, micro_batch_size=2, group_by_length=group,
-                      length_group_batches=2, persistent_workers=False)
+                      length_group_batches=2, persistent_workers=num_workers > 0)
     all_keys = {f"s{i:06d}" for i in range(72)}
 
     first = [build_loader(cfg, processors, "train", r, before) for r in range(before)]
@@ -146,3 +146,15 @@ def test_checkpoint_at_the_last_batch_of_an_epoch_moves_on_to_the_next(tmp_path)
     second.load_elastic_state([loader.state_dict() for loader in first])
     assert second.epoch == 1
     assert Counter(_epoch_keys(second)) == Counter(f"s{i:06d}" for i in range(20))
+
+
+def test_position_of_other_shards_is_refused(tmp_path):
+    processors = make_processors()
+    first = [build_loader(make_config(write_caption_shards(tmp_path / "a", [10, 10]), num_workers=0, micro_batch_size=2),
+                          processors, "train", r, 2) for r in range(2)]
+    for loader in first:
+        _read(loader, 1)
+    moved = build_loader(make_config(write_caption_shards(tmp_path / "b", [10, 10]), num_workers=0, micro_batch_size=2),
+                         processors, "train", 0, 1)
+    with pytest.raises(ValueError, match="shard.s. this run does not read"):
+        moved.load_elastic_state([loader.state_dict() for loader in first])
