@@ -129,8 +129,8 @@ def test_state_before_the_global_position_is_refused(tmp_path):
     cfg = make_config(pattern, num_workers=0, micro_batch_size=2, persistent_workers=False)
     old = build_loader(cfg, processors, "train", 0, 2)
     _read(old, 1)
-    state = old.state_dict()
-    state["version"] = 1
+    state = {k: v for k, v in old.state_dict().items() if k not in ("consumed", "base", "batches_in_epoch")}
+    state["version"] = 1  # as written before the global position existed
     with pytest.raises(ValueError, match="version 1"):
         build_loader(cfg, processors, "train", 0, 1).load_elastic_state([state, state])
 
