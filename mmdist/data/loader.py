@@ -22,6 +22,14 @@ Every random choice is seeded by (seed, epoch, rank, worker, pass), so a
 restored worker replays its raw stream without decoding up to the saved
 position and continues exactly where it stopped; workers are re-mapped so the
 DataLoader's round-robin continues in the same order.
+
+Another world size (epoch mode): shards are split by rank and shuffles seeded by
+rank, so a per-rank position cannot move. Every sample therefore carries its
+(shard url, index in the tar), the loader records which ones it handed out this
+epoch, and ``load_elastic_state`` merges every saved rank's record and re-plans
+the rest of the epoch for the new ranks (``plan_remaining``): the unconsumed
+samples, cut into equal runs per rank, each read once (only a short last batch
+per rank repeats a few). Resampled mode starts the next epoch instead.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import os
 import random
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Optional
 
 import numpy as np
@@ -41,6 +49,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmdist.data.collate import collate_align, collate_fuse, group_by_length, pad_id_of
+from mmdist.data.plan import (
+    Consumed,
+    WorkerPlan,
+    decode_consumed,
+    encode_consumed,
+    merge_consumed,
+    plan_epoch,
+    plan_remaining,
+    to_mask,
+)
 from mmdist.data.preprocess import Preprocessor, make_preprocessor
 from mmdist.data.reader import (
     BadSample,
@@ -51,61 +69,12 @@ from mmdist.data.reader import (
     list_shards,
     read_tar,
     shuffle_samples,
-    shuffle_shards,
-    split_by_node,
-    split_by_worker,
 )
 from mmdist.data.selfcheck import self_check
 from mmdist.data.settings import DataConfig
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
-
-
-@dataclass
-class WorkerPlan:
-    """What one worker of one rank reads in one epoch."""
-
-    shards: list[Shard]
-    budget: int  # batches this worker yields
-    stride: Optional[tuple[int, int]] = None  # (modulus, slot): keep raw sample j when j % modulus == slot
-
-
-def _proportional_split(total: int, weights: list[int]) -> list[int]:
-    """Split ``total`` into integer parts proportional to ``weights`` (largest remainder; ties to lower index)."""
-    wsum = sum(weights)
-    if wsum == 0:
-        return [0] * len(weights)
-    exact = [total * w / wsum for w in weights]
-    parts = [int(math.floor(x)) for x in exact]
-    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - parts[i]), i))
-    for i in order[: total - sum(parts)]:
-        parts[i] += 1
-    return parts
-
-
-def plan_epoch(shards: list[Shard], seed: int, epoch: int, rank: int, world_size: int, num_workers: int,
-               batch_size: int, shuffle: bool) -> tuple[list[WorkerPlan], int]:
-    """The shards and batch budget of every worker of ``rank`` for ``epoch``; also the per-rank budget."""
-    total = sum(s.size or 0 for s in shards)
-    budget = math.ceil(total / (world_size * batch_size))
-    order = shuffle_shards(shards, seed, epoch, shuffle)
-    workers = max(1, num_workers)
-    if len(order) < world_size:
-        # Too few shards to give each rank its own: every worker of every rank reads all shards and keeps
-        # every (world x workers)-th sample. Costs extra reading, so meant for small (eval) sets.
-        slots = world_size * workers
-        strides = [(slots, rank * workers + w) for w in range(workers)]
-        sizes = [total // slots + (1 if slot < total % slots else 0) for _, slot in strides]
-        budgets = _proportional_split(budget, sizes)
-        return [WorkerPlan(list(order), b, st) for b, st in zip(budgets, strides)], budget
-    mine = split_by_node(order, rank, world_size)
-    per_worker = [split_by_worker(mine, w, workers) for w in range(workers)]
-    sizes = [sum(s.size or 0 for s in ws) for ws in per_worker]
-    if sum(sizes) == 0:
-        raise ValueError(f"rank {rank} got shards with no samples ({[s.url for s in mine]}); check sizes.json")
-    budgets = _proportional_split(budget, sizes)
-    return [WorkerPlan(ws, b) for ws, b in zip(per_worker, budgets)], budget
+STATE_VERSION = 2
 
 
 class _CounterProxy:
@@ -151,19 +120,32 @@ class ShardStream(IterableDataset):
         self.resume: dict[int, dict] = {}
         self.worker_map: list[int] = list(range(self.num_workers))
         self._iterations = 0
+        # an epoch continued on another world size (StreamingLoader.load_elastic_state): the samples already
+        # consumed in epoch ``base_epoch`` by every rank before; that epoch follows plan_remaining
+        self.consumed_base: Consumed = {}
+        self.base_epoch: Optional[int] = None
+        self._plan_cache: Optional[tuple[tuple, tuple[list[WorkerPlan], int]]] = None
 
     # ------------------------------------------------------------------ plan
     def batches_per_rank(self, epoch: int) -> int:
         if self.mode == "resampled":
             return max(1, self.samples_per_epoch // (self.world_size * self.batch_size))
-        return plan_epoch(self.shards, self.seed, epoch, self.rank, self.world_size, self.num_workers, self.batch_size, self.shuffle)[1]
+        return self._plan(epoch)[1]
+
+    def _plan(self, epoch: int) -> tuple[list[WorkerPlan], int]:
+        if epoch != self.base_epoch:
+            return plan_epoch(self.shards, self.seed, epoch, self.rank, self.world_size, self.num_workers, self.batch_size, self.shuffle)
+        key = (epoch, self.world_size, self.num_workers)
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            self._plan_cache = (key, plan_remaining(self.shards, self.consumed_base, self.seed, epoch, self.rank, self.world_size,
+                                                    self.num_workers, self.batch_size, self.shuffle))
+        return self._plan_cache[1]
 
     def worker_plan(self, epoch: int, worker: int) -> WorkerPlan:
         if self.mode == "resampled":
             total = self.batches_per_rank(epoch)
             return WorkerPlan([], total // self.num_workers + (1 if worker < total % self.num_workers else 0))
-        plans, _ = plan_epoch(self.shards, self.seed, epoch, self.rank, self.world_size, self.num_workers, self.batch_size, self.shuffle)
-        return plans[worker]
+        return self._plan(epoch)[0][worker]
 
     # ------------------------------------------------------------------ raw stream
     def _rng(self, *parts: Any) -> random.Random:
@@ -180,7 +162,7 @@ class ShardStream(IterableDataset):
             if pass_ > 0 and self.shuffle:
                 rng.shuffle(order)
             produced = 0
-            chained = (sample for shard in order for sample in read_tar(shard.url, counter))
+            chained = (sample for shard in order for sample in _indexed(read_tar(shard.url, counter), plan.keep, shard.url))
             if plan.stride is not None:
                 modulus, slot = plan.stride
                 chained = (sample for j, sample in enumerate(chained) if j % modulus == slot)
@@ -223,6 +205,7 @@ class ShardStream(IterableDataset):
             out = self.preprocess(sample)
             if self.text_features:
                 out["text_features"] = _cached_text_features(sample)
+            out["__pos__"] = (raw.get("__url__", "?"), raw.get("__index__", -1))
         except BadSample as exc:
             counter.add(exc.reason, raw.get("__url__", "?"), raw.get("__key__", "?"), exc.detail)
             return None
@@ -300,10 +283,19 @@ class ShardStream(IterableDataset):
                     "pool_bad": dict(counter.bad) if last else pool_bad,
                 }
                 batch["_meta"] = {"worker": worker, "epoch": epoch, "state": state, "seen": counter.seen, "bad": dict(counter.bad),
-                                  "keys": [s["key"] for s in samples]}
+                                  "keys": [s["key"] for s in samples], "positions": [s.get("__pos__") for s in samples]}
                 yield batch
             skip_in_pool = 0
             emitted = pool_emitted_start + len(batches)
+
+
+def _indexed(samples: Iterator[dict], keep: Optional[dict[str, frozenset[int]]], url: str) -> Iterator[dict]:
+    """Number the samples of one shard (``__index__``, their order in the tar); a continuation plan keeps some."""
+    wanted = None if keep is None else keep.get(url, frozenset())
+    for index, sample in enumerate(samples):
+        if wanted is None or index in wanted:
+            sample["__index__"] = index
+            yield sample
 
 
 def _cached_text_features(sample: dict) -> torch.Tensor:
@@ -336,6 +328,8 @@ class StreamingLoader:
         self.worker_state: dict[int, dict] = {}
         self.worker_counts: dict[int, tuple[int, dict]] = {}
         self.last_keys: list[str] = []
+        # samples handed out this epoch by this rank (shard url -> indices in the tar), for a resume on another world size
+        self.consumed: dict[str, set[int]] = {}
         self._loader: Optional[DataLoader] = None
         self._resume_pending = False
         self._in_epoch = False
@@ -365,6 +359,7 @@ class StreamingLoader:
             self.batches_done = 0
             self.worker_state = {}
             self.worker_counts = {}
+            self.consumed = {}
         self._in_epoch = True
         workers = max(1, self.num_workers)
         if resuming and self.worker_state:
@@ -389,6 +384,9 @@ class StreamingLoader:
             self.worker_state[meta["worker"]] = meta["state"]
             self.worker_counts[meta["worker"]] = (meta["seen"], meta["bad"])
             self.last_keys = meta["keys"]
+            for url, index in meta["positions"]:
+                if index >= 0:
+                    self.consumed.setdefault(url, set()).add(index)
             self.batches_done += 1
             self._check_bad()
             yield batch
@@ -396,6 +394,7 @@ class StreamingLoader:
         self._in_epoch = False
         self.batches_done = 0
         self.worker_state = {}  # bad-sample counts stay readable until the next epoch starts
+        self.consumed = {}
 
     def _check_bad(self) -> None:
         seen = sum(c[0] for c in self.worker_counts.values())
@@ -419,13 +418,23 @@ class StreamingLoader:
             "split": self.split,
             "epoch": self.epoch,
             "batches_done": self.batches_done,
+            "batches_in_epoch": len(self),
             "rank": d.rank,
             "world_size": d.world_size,
             "num_workers": d.num_workers,
             "seed": d.seed,
             "mode": d.mode,
             "workers": {str(w): dict(s) for w, s in self.worker_state.items()},
+            # epoch mode, version 2: what this rank consumed of the epoch (with what the ranks before a resume on
+            # another world size consumed), so the whole epoch's position can move to another world size
+            "consumed": encode_consumed(self._consumed_in_epoch()) if d.mode == "epoch" else {},
+            "base": encode_consumed(d.consumed_base) if d.base_epoch == self.epoch else {},
         }
+
+    def _consumed_in_epoch(self) -> Consumed:
+        d = self.dataset
+        own = {url: to_mask(ix) for url, ix in self.consumed.items()}
+        return merge_consumed(d.consumed_base, own) if d.base_epoch == self.epoch else own
 
     def load_state_dict(self, state: dict) -> None:
         d = self.dataset
@@ -448,8 +457,68 @@ class StreamingLoader:
         self.batches_done = int(state.get("batches_done", 0))
         self.worker_state = {int(w): dict(s) for w, s in state.get("workers", {}).items()}
         self.worker_counts = {}
+        own = decode_consumed(state.get("consumed", {}))
+        base = decode_consumed(state.get("base", {}))
+        d.consumed_base, d.base_epoch = (base, self.epoch) if base else ({}, None)
+        d._plan_cache = None
+        # only what this rank handed out since the continuation began is its own
+        self.consumed = {url: set(np.flatnonzero(mask).tolist()) - set(np.flatnonzero(base.get(url, [])).tolist())
+                         for url, mask in own.items()}
         self._resume_pending = True
         self._in_epoch = False
+
+    def load_elastic_state(self, states: list[dict]) -> None:
+        """Continue from the loader states of every rank of a checkpoint written by another number of ranks.
+
+        Epoch mode: the epoch in progress goes on with exactly its samples that no saved rank had
+        handed out (:func:`plan_remaining`), split evenly over this world; later epochs are planned
+        for this world as usual. Resampled mode: draws are with replacement, so there is no
+        position to carry over: the epoch in progress ends and the next one starts, seeded by
+        (seed, epoch, rank, worker) as always, a stream no saved rank has drawn from.
+        A state without a consumed record (saved before version 2) raises ``ValueError``.
+        """
+        d = self.dataset
+        if not states or any(s is None for s in states):
+            raise ValueError("a saved rank has no data loader state")
+        for key, mine in (("seed", d.seed), ("mode", d.mode), ("split", self.split)):
+            theirs = {s.get(key) for s in states}
+            if theirs != {mine}:
+                raise ValueError(f"data loader states were saved with {key}={sorted(map(str, theirs))} but this run has "
+                                 f"{key}={mine!r}; resume with the same setting, or start the data afresh (drop the loader state)")
+        epochs = {int(s["epoch"]) for s in states}
+        if len(epochs) != 1:
+            raise ValueError(f"the saved ranks stopped in different epochs {sorted(epochs)}; the checkpoint is inconsistent")
+        epoch = epochs.pop()
+        self.batches_done = 0
+        self.worker_state = {}
+        self.worker_counts = {}
+        self.consumed = {}
+        d.consumed_base, d.base_epoch, d._plan_cache = {}, None, None
+        self._resume_pending = False
+        self._in_epoch = False
+        self._loader = None
+        started = any(int(s.get("batches_done", 0)) > 0 for s in states)
+        finished = all(s.get("batches_done", 0) >= s.get("batches_in_epoch", math.inf) for s in states)
+        if d.mode == "resampled":
+            self.epoch = epoch + 1 if started else epoch
+            return
+        if any(int(s.get("version", 1)) < 2 for s in states):
+            raise ValueError("the data loader state predates the global data position (loader state version 1 records per-rank "
+                             "positions only); resume it once on the world size that wrote it")
+        if finished:  # every saved rank had handed out its whole epoch (its last batch was the checkpoint's)
+            self.epoch = epoch + 1
+            return
+        consumed = merge_consumed(*(decode_consumed(s.get("consumed", {})) for s in states))
+        unknown = sorted(set(consumed) - {shard.url for shard in d.shards})
+        if unknown:  # moved or renamed shards: every sample would be read again
+            raise ValueError(f"the saved data position names {len(unknown)} shard(s) this run does not read (e.g. {unknown[:3]}); "
+                             "the position is keyed by shard URL: give data.train the same shard paths as the saved run")
+        self.epoch = epoch
+        if consumed:
+            d.consumed_base, d.base_epoch = consumed, epoch
+            if d.batches_per_rank(epoch) == 0:  # nothing of the epoch is left
+                d.consumed_base, d.base_epoch, d._plan_cache = {}, None, None
+                self.epoch = epoch + 1
 
 
 # ---------------------------------------------------------------------------

@@ -498,7 +498,10 @@ def _resume(run: _Run) -> TrainState:
         elastic = client.get("saved_world_size") is not None  # written by another number of ranks
         if client.get("loader") is not None and hasattr(run.loader, "load_state_dict"):
             try:
-                run.loader.load_state_dict(client["loader"])
+                if elastic and hasattr(run.loader, "load_elastic_state"):  # the WebDataset loader merges every saved rank's
+                    run.loader.load_elastic_state([c.get("loader") for c in client["client_states"]])
+                else:
+                    run.loader.load_state_dict(client["loader"])
             except ValueError as exc:
                 if not elastic:
                     raise
@@ -510,7 +513,9 @@ def _resume(run: _Run) -> TrainState:
             restore_rng(client["rng"])
         else:
             run.logger_note = (f"[mmdist] resumed on {run.world_size} rank(s) from a checkpoint of "
-                               f"{client['saved_world_size']}: trainable state from its consolidated copy")
+                               f"{client['saved_world_size']}: trainable state from its consolidated copy"
+                               + ("; data: the rest of the epoch, merged from every saved rank's record"
+                                  if hasattr(run.loader, "load_elastic_state") else ""))
     return state
 
 

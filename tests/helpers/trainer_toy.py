@@ -288,6 +288,29 @@ def stage1_probe(cfg: Any) -> dict:
         dist.shutdown()
 
 
+def recording_loader_builder(folder: str) -> Callable:
+    """mmdist's own loaders; every training batch handed out appends its sample keys to FOLDER/keys.jsonl
+    (one JSON line per batch: world size, rank, epoch, keys), so a test can check which samples a run trained on."""
+    from mmdist.data import build_loader
+    from mmdist.data.loader import StreamingLoader
+
+    class Recording(StreamingLoader):
+        def __iter__(self):
+            for batch in super().__iter__():
+                line = {"world": self.dataset.world_size, "rank": self.dataset.rank, "epoch": self.epoch, "keys": list(self.last_keys)}
+                with open(Path(folder) / "keys.jsonl", "a") as fh:
+                    fh.write(json.dumps(line) + "\n")
+                yield batch
+
+    def build(cfg: Any, processors: Any, split: str, rank: int, world_size: int):
+        loader = build_loader(cfg, processors, split, rank, world_size)
+        if split == "train":
+            loader.__class__ = Recording
+        return loader
+
+    return build
+
+
 def main(argv: list[str]) -> int:
     from mmdist.config import load_config
     from mmdist.training.preemption import PREEMPTED_EXIT
@@ -304,7 +327,8 @@ def main(argv: list[str]) -> int:
                 json.dump(summary, fh)
         return 0
     if spec.get("mode") == "real":  # the real models and data pipeline
-        summary = train(cfg, stop_after=spec.get("stop_after"))
+        builder = recording_loader_builder(spec["record_keys"]) if spec.get("record_keys") else None
+        summary = train(cfg, loader_builder=builder, stop_after=spec.get("stop_after"))
     else:
         hooks = {"signal": spec.get("signal"), "stall": spec.get("stall")}
         summary = train(cfg, model_builder=toy_model_builder,
