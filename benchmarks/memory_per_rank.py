@@ -239,7 +239,10 @@ def predicted(config: str, ranks: int, zero_stage: int, extra: list[str] = ()) -
     from mmdist import plan
     from mmdist.config.run import load_config
 
-    cfg = load_config(config, BENCH_OVERRIDES + [f"engine.zero_stage={zero_stage}"] + list(extra))
+    from mmdist.precision import concrete
+
+    # the dtypes the measured engines resolved on this CPU (the recipe's auto included)
+    cfg = concrete(load_config(config, BENCH_OVERRIDES + [f"engine.zero_stage={zero_stage}"] + list(extra)), "cpu")
     shapes = plan.model_shapes(cfg)
     return plan.model_state_bytes(shapes, plan.Setting(zero_stage), ranks, cfg.engine.precision,
                                   plan.deepspeed_bucket_settings(cfg))
