@@ -132,6 +132,8 @@ case "$LAUNCH_MODE" in
         ;;
 esac
 
+echo "[mmdist] step: ${STEP[*]}"
+
 # The step runs in the background: bash runs a trap only between commands, so a foreground srun would
 # hold the warning signal until the job is over.
 STEP_PID=
