@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -369,7 +369,8 @@ def launch(workdir: Any, spec: dict, nproc: int = 2, timeout: float = 240, expec
 
 
 def launch_nodes(workdir: Any, spec: dict, nnodes: int = 2, nproc_per_node: int = 1, timeout: float = 300,
-                 rendezvous: str = "c10d") -> dict:
+                 rendezvous: str = "c10d", expect_ok: bool = True, env: dict | None = None,
+                 node_local: Sequence[Any] = ()) -> dict:
     """Run this file's ``main`` as a ``nnodes``-node job on this machine: one ``torchrun`` agent per "node".
 
     Each agent gets ``--nnodes nnodes`` and its ``--node_rank``; ``rendezvous="c10d"`` joins them through a
@@ -378,9 +379,14 @@ def launch_nodes(workdir: Any, spec: dict, nnodes: int = 2, nproc_per_node: int 
     node ranks. Every agent has its own TMPDIR (``workdir/node{i}-tmp``, its node-local scratch) and
     ``MMDIST_TEST_NODE=i``; the run folder, in ``spec["config"]``, is shared as on a cluster filesystem.
     Returns rank 0's summary with every rank's (``ranks``), the agents' exit codes (``returncodes``) and
-    their output (``outputs``: (stdout, stderr) per agent). Raises when an agent fails.
+    their output (``outputs``: (stdout, stderr) per agent). Raises when an agent fails, unless ``expect_ok``
+    is False: then returns only ``returncodes`` and ``outputs``. ``env``: extra variables for every agent.
+    ``node_local``: paths that are node-local storage: each agent runs in its own mount namespace
+    (``unshare --mount``, root only; see :func:`node_local_supported`) where the path is a bind mount of
+    ``workdir/node{i}-local/{j}``, so the same path holds other files on each "node", as on a cluster.
     """
     import os
+    import shlex
     import subprocess
     import uuid
 
@@ -397,10 +403,10 @@ def launch_nodes(workdir: Any, spec: dict, nnodes: int = 2, nproc_per_node: int 
     for node in range(nnodes):
         scratch = workdir / f"node{node}-tmp"
         scratch.mkdir(exist_ok=True)
-        env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(repo), OMP_NUM_THREADS="1",
-                   MMDIST_TEST_NODE=str(node), TMPDIR=str(scratch))
+        agent_env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(repo), OMP_NUM_THREADS="1",
+                         MMDIST_TEST_NODE=str(node), TMPDIR=str(scratch), **(env or {}))
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
-            env.pop(key, None)
+            agent_env.pop(key, None)
         if rendezvous == "c10d":
             rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"toy-{tag}"]
         elif rendezvous == "static":
@@ -409,7 +415,15 @@ def launch_nodes(workdir: Any, spec: dict, nnodes: int = 2, nproc_per_node: int 
             raise ValueError(f"rendezvous {rendezvous!r}: use c10d or static")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node",
                str(nproc_per_node), "--max-restarts", "0", *rdzv, str(Path(__file__).resolve()), str(spec_file), str(out_file)]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=str(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        if node_local:
+            mounts = []
+            for j, target in enumerate(node_local):
+                source = workdir / f"node{node}-local" / str(j)
+                source.mkdir(parents=True, exist_ok=True)
+                Path(target).mkdir(parents=True, exist_ok=True)
+                mounts.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(str(target))} || exit 97")
+            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", "; ".join(mounts) + '; exec "$@"', "sh", *cmd]
+        procs.append(subprocess.Popen(cmd, env=agent_env, cwd=str(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outputs, codes = [], []
     try:
         for proc in procs:
@@ -421,6 +435,8 @@ def launch_nodes(workdir: Any, spec: dict, nnodes: int = 2, nproc_per_node: int 
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
+    if not expect_ok:
+        return {"returncodes": codes, "outputs": outputs}
     if any(codes):
         detail = "\n".join(f"--- agent {i} (exit {c}):\n{o[-2000:]}\n{e[-4000:]}" for i, (c, (o, e)) in enumerate(zip(codes, outputs)))
         raise AssertionError(f"torchrun agents exited {codes}:\n{detail}")
@@ -429,3 +445,14 @@ def launch_nodes(workdir: Any, spec: dict, nnodes: int = 2, nproc_per_node: int 
     summary["ranks"] = [json.loads(Path(f"{out_file}.rank{r}").read_text()) for r in range(world)]
     summary["returncodes"], summary["outputs"] = codes, outputs
     return summary
+
+
+def node_local_supported() -> bool:
+    """Whether :func:`launch_nodes` can give each agent its own mount namespace (root with ``unshare``)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, timeout=30)
+    return probe.returncode == 0

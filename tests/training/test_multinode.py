@@ -6,7 +6,10 @@ cluster). The job must behave as one job: two distinct ranks in a world of 2,
 losses equal to a single agent's 2-rank run, one checkpoint and one export per
 step and run (rank 0's files; every rank's own shard once), one metrics record
 per step, nothing of the run in node-local scratch, and a second pair of agents
-resuming the checkpoint to the uninterrupted result.
+resuming the checkpoint to the uninterrupted result. A run folder that is not
+shared (each node its own, as on node-local storage) is refused on every rank,
+at the first checkpoint and at a resume, instead of publishing a checkpoint
+without the other node's shards or letting the nodes start from different steps.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import json
 
 import pytest
 import torch
-from helpers.trainer_toy import launch, launch_nodes, toy_config
+from helpers.trainer_toy import launch, launch_nodes, node_local_supported, toy_config
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
@@ -58,6 +61,8 @@ def test_two_torchrun_agents_rendezvous_checkpoint_and_resume(tmp_path):
     # one rank per agent: the rendezvous gave the two nodes distinct node ranks, and each rank came from another agent
     assert sorted(int(r["launch"]["GROUP_RANK"]) for r in ranks) == [0, 1]
     assert sorted(r["launch"]["MMDIST_TEST_NODE"] for r in ranks) == ["0", "1"]
+    roll_call = "".join(out for out, _ in first["outputs"])
+    assert "[mmdist] 2 ranks on 2 node(s) (torchrun, master " in roll_call and "node 0 (" in roll_call and "node 1 (" in roll_call
     assert first["step"] == SAVE_AT and not first["finished"]
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{SAVE_AT:06d}"
     _check_written_once(run, [SAVE_AT], world=2)
@@ -83,3 +88,35 @@ def test_two_torchrun_agents_rendezvous_checkpoint_and_resume(tmp_path):
     assert [h["lr"] for h in history] == pytest.approx([h["lr"] for h in ref["history"]], rel=1e-9)
     a, b = load_file(str(run / "export" / "model.safetensors")), load_file(str(ref_dir / "export" / "model.safetensors"))
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+
+node_local = pytest.mark.skipif(not node_local_supported(), reason="needs root and unshare --mount for per-node mounts")
+
+
+@node_local
+def test_run_folder_on_node_local_storage_is_refused_at_the_first_checkpoint(tmp_path):
+    """run_dir on node-local storage (the same path, another disk per node): nothing is published."""
+    run, work = tmp_path / "run", tmp_path / "work"
+    spec = {"config": _config(run), "stop_after": SAVE_AT}
+    result = launch_nodes(work, spec, expect_ok=False, env={"MMDIST_SHARED_WAIT_S": "2"}, node_local=[run])
+    assert all(code != 0 for code in result["returncodes"]), result["returncodes"]
+    err = "".join(e for _, e in result["outputs"])
+    assert "the run folder is not shared by every node" in err and "nothing was published" in err, err[-4000:]
+    for node in (0, 1):
+        ckpts = work / f"node{node}-local" / "0" / "checkpoints"
+        assert not (ckpts / "latest").exists() and not list(ckpts.glob("step_*"))
+
+
+@node_local
+def test_ranks_that_see_different_checkpoints_refuse_to_resume(tmp_path):
+    run, work = tmp_path / "run", tmp_path / "work"
+    # node 0's disk holds a checkpoint, node 1's is empty: node-local run folders after a restart
+    node0 = work / "node0-local" / "0"
+    launch(tmp_path / "first", {"config": _config(node0), "stop_after": SAVE_AT}, nproc=2)
+    result = launch_nodes(work, {"config": _config(run)}, expect_ok=False, node_local=[run])
+    assert all(code != 0 for code in result["returncodes"]), result["returncodes"]
+    err = "".join(e for _, e in result["outputs"])
+    assert "the ranks disagree on the checkpoint to resume" in err and "no checkpoint" in err, err[-4000:]
+    assert f"step_{SAVE_AT:06d}" in err
+    assert (node0 / "checkpoints" / "latest").read_text().strip() == f"step_{SAVE_AT:06d}"
