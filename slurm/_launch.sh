@@ -14,7 +14,8 @@
 #   PYTHON          interpreter                                default: python
 #   MMDIST_REPO     repository root                            default: the folder sbatch was called from
 #   DS_ACCELERATOR  set to `cpu` for a CPU job (gloo backend, no CUDA)
-#   MASTER_ADDR / MASTER_PORT   rendezvous; default: first host of the allocation, port from the job id
+#   MASTER_ADDR / MASTER_PORT   rendezvous; default: first node of the allocation (its NodeAddr when the
+#                   name does not resolve), port from the job id
 #   OMP_NUM_THREADS, NCCL_DEBUG, NCCL_SOCKET_IFNAME, NCCL_IB_DISABLE, MMDIST_DIST_TIMEOUT: passed through
 #   REQUEUE         1 (default): requeue the job when the trainer stopped on the warning signal; 0: just end
 #   MAX_REQUEUES    stop requeueing after this many restarts (SLURM_RESTART_COUNT)  default: 50
@@ -53,8 +54,21 @@ if [[ ! -f "$CONFIG" ]]; then
 fi
 
 # --- rendezvous: the first node of the allocation is the master ---------------------------------
-# (mmdist.training.launch_env derives the same values itself; exporting them makes the log show them.)
-export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
+# (mmdist.training.launch_env.master_address derives the same values itself; exporting them makes the log
+# show them.) Its name when that resolves; otherwise (node names that are aliases, not host names) the
+# address Slurm reaches the node by, NodeAddr from `scontrol show node`; failing both, the name.
+if [[ -z "${MASTER_ADDR:-}" ]]; then
+    MASTER_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+    MASTER_ADDR=$MASTER_NODE
+    if ! getent hosts "$MASTER_NODE" >/dev/null 2>&1; then
+        NODE_ADDR=$(scontrol show node -o "$MASTER_NODE" 2>/dev/null | grep -o 'NodeAddr=[^ ]*' | head -n1 | cut -d= -f2) || NODE_ADDR=
+        if [[ -n "$NODE_ADDR" ]]; then
+            echo "[mmdist] master node $MASTER_NODE does not resolve here; using its NodeAddr $NODE_ADDR"
+            MASTER_ADDR=$NODE_ADDR
+        fi
+    fi
+fi
+export MASTER_ADDR
 export MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 
 # --- knobs that matter ----------------------------------------------------------------------------
@@ -117,6 +131,8 @@ case "$LAUNCH_MODE" in
         exit 2
         ;;
 esac
+
+echo "[mmdist] step: ${STEP[*]}"
 
 # The step runs in the background: bash runs a trap only between commands, so a foreground srun would
 # hold the warning signal until the job is over.

@@ -25,6 +25,20 @@ def slurm_cluster():
     cluster.stop()
 
 
+@pytest.fixture(scope="session")
+def slurm_cluster_2nodes():
+    """Two Slurm nodes, n1 and n2, on this host: a cluster of their own beside the one-node one; skips if impossible."""
+    from helpers.slurm_cluster import SlurmUnavailable, start_cluster
+
+    try:
+        cluster = start_cluster(nodes=2)
+    except SlurmUnavailable as exc:
+        print(f"\nTwo-node Slurm tests skipped: {exc}")
+        pytest.skip(f"no local two-node Slurm cluster: {exc}")
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _remove_leaked_deepspeed_shm_buffers():
     """Ranks killed on purpose (SIGKILL tests) cannot unlink DeepSpeed's 66 MB /dev/shm all-reduce buffer

@@ -88,6 +88,43 @@ def _rank() -> int:
     return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
 
 
+SHARED_WAIT_ENV = "MMDIST_SHARED_WAIT_S"  # how long rank 0 waits for other ranks' files (a network filesystem's lag)
+
+
+def _require_shared_folder(tmp: Path) -> None:
+    """Every rank's files must be visible to rank 0, which publishes the checkpoint (collective; raises on all ranks).
+
+    The run folder must be one folder every node shares. On node-local storage (the
+    same path, another disk on each node) rank 0 would publish a checkpoint without
+    the other nodes' shards, and a resume would fail or load another node's copy.
+    """
+    import socket
+    import time
+
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return
+    box: list = [None]
+    if tdist.get_rank() == 0:
+        wait = float(os.environ.get(SHARED_WAIT_ENV, "30"))
+        deadline = time.monotonic() + wait
+        while True:
+            missing = [r for r in range(tdist.get_world_size()) if not (tmp / f"client_state_rank{r:05d}.pt").exists()]
+            if not missing or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        box = [(missing, socket.gethostname(), wait)]
+    tdist.broadcast_object_list(box, src=0)
+    missing, host, wait = box[0]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {tmp.name}: rank 0 (on {host}) does not see the files rank(s) {', '.join(map(str, missing))} "
+            f"wrote into {tmp} within {wait:g} s (${SHARED_WAIT_ENV}): the run folder is not shared by every node (node-local "
+            "storage?). Put run_dir on a filesystem that every node mounts at the same path; nothing was published"
+        )
+
+
 # ---------------------------------------------------------------------------
 # RNG
 
@@ -232,6 +269,7 @@ class CheckpointManager:
             if self.fail_after_engine_save is not None:
                 type(self).fail_after_engine_save(step)
         _barrier()
+        _require_shared_folder(tmp)  # collective
         final = self.root / name
         if rank == 0:
             with self._storage_faults(name, tmp):

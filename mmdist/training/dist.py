@@ -81,7 +81,46 @@ def init(env: Optional[DistEnv] = None, backend: str = "auto", timeout_s: Option
             f"{env.master_addr}:{env.master_port} with {backend}: {exc}. Check that every rank sees the same "
             "MASTER_ADDR/MASTER_PORT and that the port is reachable"
         ) from exc
+    if env.world_size > 1:
+        _roll_call(env)
     return env
+
+
+def node_identity(env: DistEnv, environ: Optional[dict] = None) -> tuple[int, str]:
+    """(node index, node name) of this process as its launcher numbers and names it.
+
+    Slurm: ``SLURM_NODEID`` and ``SLURMD_NODENAME`` (written ``name@host`` when the
+    node name is not the host name, as with several slurmd on one host);
+    torchrun: the rendezvous's ``GROUP_RANK``; otherwise rank // local world size.
+    """
+    import socket
+
+    environ = os.environ if environ is None else environ
+    host = socket.gethostname().split(".")[0]
+    for key in ("SLURM_NODEID", "GROUP_RANK"):
+        if str(environ.get(key, "")).isdigit():
+            index = int(environ[key])
+            break
+    else:
+        index = env.node_rank
+    name = environ.get("SLURMD_NODENAME") or host
+    return index, name if name == host else f"{name}@{host}"
+
+
+def _roll_call(env: DistEnv) -> None:
+    """One collective at start-up; rank 0 prints which ranks run on which node (where a multi-node job landed)."""
+    import torch.distributed as tdist
+
+    mine = (env.rank, *node_identity(env))
+    everyone: list = [None] * env.world_size
+    tdist.all_gather_object(everyone, mine)
+    if env.rank == 0:
+        nodes: dict[tuple[int, str], list[int]] = {}
+        for rank, index, name in everyone:
+            nodes.setdefault((index, name), []).append(rank)
+        where = "; ".join(f"node {index} ({name}): rank(s) {','.join(map(str, ranks))}" for (index, name), ranks in sorted(nodes.items()))
+        print(f"[mmdist] {env.world_size} ranks on {len(nodes)} node(s) ({env.launcher}, master "
+              f"{env.master_addr}:{env.master_port}): {where}", flush=True)
 
 
 def resolve_backend(backend: str = "auto") -> str:

@@ -9,7 +9,8 @@ its own variables:
   ``CROSS_RANK``, and it appends ``--local_rank=N`` to the script's arguments;
 - Slurm (one task per GPU with ``srun``): ``SLURM_PROCID``, ``SLURM_LOCALID``,
   ``SLURM_NTASKS``, the tasks per node and the node list, whose first host is the
-  master (expanded here like ``scontrol show hostnames``);
+  master (expanded here like ``scontrol show hostnames``; a node name that does
+  not resolve is replaced by its ``NodeAddr``, see :func:`master_address`);
 - MPI (``mpiexec``/``mpirun``): Open MPI's ``OMPI_COMM_WORLD_*``, MPICH/Hydra's
   ``PMI_RANK``/``PMI_SIZE``/``MPI_LOCALRANKID``, or, failing both, mpi4py; the
   master address and a free port are broadcast from rank 0 when not given.
@@ -239,7 +240,7 @@ def _from_slurm(env: dict) -> DistEnv:
         nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
         if not nodelist:
             raise DistError("srun step without SLURM_JOB_NODELIST: cannot tell the master node; set MASTER_ADDR")
-        addr = hostnames(nodelist)[0]
+        addr = master_address(nodelist, env)
     if "MASTER_PORT" in env:
         port = _int(env, "MASTER_PORT")
     else:
@@ -275,6 +276,45 @@ def tasks_per_node(spec: str) -> list[int]:
 
 # ---------------------------------------------------------------------------
 # Slurm host lists
+
+
+def master_address(nodelist: str, environ: Optional[Mapping[str, str]] = None) -> str:
+    """The rendezvous host of a Slurm allocation: its first node, by a name or address the nodes can reach.
+
+    Slurm lists nodes by ``NodeName``; the network knows them by ``NodeAddr``
+    (which defaults to the same name). Where the first name resolves, it is the
+    master address as is: the usual cluster, whose node names are host names.
+    Where it does not (node names that are aliases, such as a cluster naming
+    nodes by rack position, or several slurmd on one host as in the tests),
+    the node's ``NodeAddr`` from ``scontrol show node NAME`` is used. When
+    neither works the name is returned, and the rendezvous error will name it.
+    slurm/_launch.sh applies the same rule before it exports ``MASTER_ADDR``.
+    """
+    first = hostnames(nodelist)[0]
+    if _resolves(first):
+        return first
+    return node_address(first, environ) or first
+
+
+def node_address(node: str, environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """``NodeAddr`` of a Slurm node (``scontrol show node``), or None without scontrol or an answer."""
+    if not shutil.which("scontrol"):
+        return None
+    env = {**os.environ, **(environ or {})}
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=30, env=env)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"(?:^|\s)NodeAddr=(\S+)", out.stdout) if out.returncode == 0 else None
+    return m.group(1) if m else None
+
+
+def _resolves(host: str) -> bool:
+    try:
+        socket.getaddrinfo(host, None)
+        return True
+    except (OSError, UnicodeError):
+        return False
 
 
 def hostnames(nodelist: str, *, use_scontrol: bool = True) -> list[str]:

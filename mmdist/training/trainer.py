@@ -491,7 +491,7 @@ def _setup(cfg: Any, env: Any, bundle: EngineBundle, loader_builder: Callable) -
 def _resume(run: _Run) -> TrainState:
     """The state of ``checkpoint.resume`` (engine, loop counters, data position, RNG), or a fresh one."""
     state = TrainState()
-    run.resumed_from = run.checkpoints.resolve_resume(run.cfg.checkpoint.resume)
+    run.resumed_from = _agreed_resume(run.checkpoints.resolve_resume(run.cfg.checkpoint.resume))
     if run.resumed_from is not None:
         client = run.checkpoints.load(run.bundle.engine, run.resumed_from)
         state.load_state_dict(client)
@@ -517,6 +517,28 @@ def _resume(run: _Run) -> TrainState:
                                + ("; data: the rest of the epoch, merged from every saved rank's record"
                                   if hasattr(run.loader, "load_elastic_state") else ""))
     return state
+
+
+def _agreed_resume(mine: Optional[Path]) -> Optional[Path]:
+    """The checkpoint to resume, the same on every rank, or a CheckpointError on every rank (collective).
+
+    Each rank reads ``latest`` from its own view of the run folder; a node whose
+    view differs (the folder on node-local storage, not shared) would start fresh
+    or load another checkpoint while the others resume, and the job would hang or diverge.
+    """
+    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+        return mine
+    import socket
+
+    views: list[Any] = [None] * tdist.get_world_size()
+    tdist.all_gather_object(views, (str(mine) if mine is not None else None, socket.gethostname()))
+    if len({path for path, _ in views}) > 1:
+        seen = "; ".join(f"rank {r} on {host}: {path or 'no checkpoint'}" for r, (path, host) in enumerate(views))
+        raise CheckpointError(
+            f"the ranks disagree on the checkpoint to resume ({seen}): the run folder is not shared by every node "
+            "(node-local storage?). Put run_dir on a filesystem that every node mounts at the same path"
+        )
+    return mine
 
 
 def _open_logs(run: _Run, state: TrainState) -> None:

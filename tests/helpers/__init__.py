@@ -7,5 +7,5 @@ pytest's ``pythonpath``; subprocesses that need them get ``tests`` on PYTHONPATH
 - ``data_fixtures``: a fake Processors on a real tiny tokenizer, data configs, shard writers
 - ``trainer_toy``: a toy model and loader on mmdist's contracts, and a torchrun worker for engine/trainer tests
 - ``launch_harness``: the launcher tests' command, environment and run-folder checks
-- ``slurm_cluster``: a real single-node Slurm cluster for the ``slurm`` tests
+- ``slurm_cluster``: a real Slurm cluster for the ``slurm`` tests (one node, or two nodes n1, n2 on this host)
 """

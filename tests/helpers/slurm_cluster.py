@@ -1,4 +1,4 @@
-"""A real single-node Slurm cluster for the tests: installed, configured and started on this machine.
+"""A real Slurm cluster for the tests (one node, or two on one host): installed, configured and started here.
 
 The `slurm` tests submit the shipped batch scripts (slurm/stage*.sh) with
 ``sbatch`` and wait for them, so they need slurmctld, slurmd and munge running.
@@ -13,6 +13,16 @@ The `slurm` tests submit the shipped batch scripts (slurm/stage*.sh) with
    a private folder and points every client at it through ``SLURM_CONF``;
 4. starts slurmctld and slurmd (or reuses ones this module started before that
    still answer) and waits until ``sinfo`` shows the node idle.
+
+``start_cluster(nodes=2)`` makes a second, separate cluster of two nodes on this
+one host (its own folder, ports and ClusterName, so the one-node cluster keeps
+running beside it): Debian's slurmd serves several nodes of one host when each
+has its own port, spool folder and pid file (``NodeName=n1 NodeHostname=HOST
+NodeAddr=127.0.0.1 Port=7818``, ``n2`` on 7819, ``SlurmdSpoolDir=.../%n``,
+``SlurmdPidFile=.../slurmd.%n.pid``) and is started once per node with
+``slurmd -N n1`` / ``-N n2``; ``srun -N2`` then runs one task on each, with
+SLURM_NODEID 0 and 1. The names n1/n2 do not resolve as host names, as node
+names on some real clusters do not: the jobs must find the master by NodeAddr.
 
 Anything that makes this impossible (not root, no apt-get, the install failing)
 raises :class:`SlurmUnavailable` with the reason, which the fixture turns into a
@@ -34,8 +44,11 @@ from pathlib import Path
 PACKAGES = ["slurmd", "slurmctld", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "srun", "munged", "munge"]
 DEFAULT_HOME = Path(os.environ.get("MMDIST_SLURM_HOME", "/var/tmp/mmdist-slurm"))
+TWO_NODE_HOME = Path(os.environ.get("MMDIST_SLURM_2NODE_HOME", "/var/tmp/mmdist-slurm-2node"))
 CPUS = 2
 CTLD_PORT, SLURMD_PORT = 6817, 6818
+# The two-node cluster: its own slurmctld port and one slurmd port per node (n1, n2); 1 CPU per node.
+TWO_NODE_CTLD_PORT, TWO_NODE_PORTS, TWO_NODE_NAMES = 6827, (7818, 7819), ("n1", "n2")
 
 
 class SlurmUnavailable(RuntimeError):
@@ -45,8 +58,19 @@ class SlurmUnavailable(RuntimeError):
 @dataclass
 class SlurmCluster:
     home: Path
-    node: str
+    node: str  # the (first) node's name
     started: list[str] = field(default_factory=list)
+    nodes: list[str] = field(default_factory=list)  # every node's name; [node] for the one-node cluster
+    host: str = ""  # the machine's host name (SlurmctldHost, NodeHostname)
+
+    def __post_init__(self) -> None:
+        self.nodes = self.nodes or [self.node]
+        self.host = self.host or self.node
+
+    @property
+    def daemons(self) -> list[str]:
+        """The daemons' names, which are also their pid files' stems: slurmctld, slurmd (or slurmd.n1, slurmd.n2)."""
+        return ["slurmctld", *(["slurmd"] if len(self.nodes) == 1 else [f"slurmd.{n}" for n in self.nodes])]
 
     @property
     def conf(self) -> Path:
@@ -101,24 +125,33 @@ class SlurmCluster:
         self.started.clear()
 
 
-def start_cluster(home: Path = DEFAULT_HOME, install_timeout: float = 900, start_timeout: float = 60) -> SlurmCluster:
-    """Install if needed, configure and start a one-node cluster; return it once the node is idle."""
+def start_cluster(home: Path | None = None, install_timeout: float = 900, start_timeout: float = 60,
+                  nodes: int = 1) -> SlurmCluster:
+    """Install if needed, configure and start a cluster of ``nodes`` (1 or 2) nodes; return it once every node is idle."""
+    if nodes not in (1, 2):
+        raise ValueError(f"nodes={nodes}: the test cluster has 1 node (this host) or 2 (n1, n2 on this host)")
     if os.geteuid() != 0:
         raise SlurmUnavailable("the Slurm daemons must be started as root and these tests do not run as root")
     _install_if_missing(install_timeout)
     _start_munge()
-    cluster = SlurmCluster(home=home, node=socket.gethostname().split(".")[0])
+    host = socket.gethostname().split(".")[0]
+    if nodes == 1:
+        cluster = SlurmCluster(home=home or DEFAULT_HOME, node=host)
+    else:
+        cluster = SlurmCluster(home=home or TWO_NODE_HOME, node=TWO_NODE_NAMES[0], nodes=list(TWO_NODE_NAMES), host=host)
+    home = cluster.home
     home.mkdir(parents=True, exist_ok=True)
-    for sub in ("state", "spool", "log"):
+    for sub in ("state", "spool", "log", *(f"spool/{n}" for n in cluster.nodes if len(cluster.nodes) > 1)):
         (home / sub).mkdir(exist_ok=True)
-    conf = _slurm_conf(cluster)
+    conf = _slurm_conf(cluster) if len(cluster.nodes) == 1 else _two_node_conf(cluster)
     if cluster.conf.exists() and cluster.conf.read_text() == conf and _node_idle(cluster):
         return cluster  # started by an earlier test session and still healthy
     _stop_stale(cluster)
     cluster.conf.write_text(conf)
-    for daemon in ("slurmctld", "slurmd"):
+    for daemon in cluster.daemons:
         # -c: forget jobs of an earlier, killed session, so the node does not come back busy or drained.
-        out = cluster.run(daemon, "-c", "-f", str(cluster.conf), timeout=30)
+        program, _, node = daemon.partition(".")
+        out = cluster.run(program, "-c", "-f", str(cluster.conf), *(["-N", node] if node else []), timeout=30)
         if out.returncode != 0:
             log = _tail(home / "log" / f"{daemon}.log")
             raise SlurmUnavailable(f"{daemon} did not start ({out.returncode}): {out.stderr.strip()} {log}")
@@ -130,8 +163,8 @@ def start_cluster(home: Path = DEFAULT_HOME, install_timeout: float = 900, start
         time.sleep(1)
     state = cluster.run("sinfo", "-h", "-N", "-o", "%T %E").stdout.strip()
     cluster.stop()
-    raise SlurmUnavailable(f"node {cluster.node} not idle after {start_timeout:.0f} s (sinfo: {state!r}); "
-                           f"logs in {home / 'log'}: {_tail(home / 'log' / 'slurmd.log')}")
+    raise SlurmUnavailable(f"node(s) {', '.join(cluster.nodes)} not idle after {start_timeout:.0f} s (sinfo: {state!r}); "
+                           f"logs in {home / 'log'}: {_tail(home / 'log' / (cluster.daemons[-1] + '.log'))}")
 
 
 def _install_if_missing(timeout: float) -> None:
@@ -216,19 +249,53 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def _two_node_conf(cluster: SlurmCluster) -> str:
+    """n1 and n2: two slurmd of this host, told apart by port, spool folder, pid and log file (``%n``)."""
+    h = cluster.home
+    nodes = "".join(f"NodeName={name} NodeHostname={cluster.host} NodeAddr=127.0.0.1 Port={port} CPUs=1 State=UNKNOWN\n"
+                    for name, port in zip(cluster.nodes, TWO_NODE_PORTS))
+    return f"""# Written by tests/helpers/slurm_cluster.py: a two-node test cluster on one host, no cgroups, no accounting.
+ClusterName=mmdist-test-2node
+SlurmctldHost={cluster.host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+SlurmctldPort={TWO_NODE_CTLD_PORT}
+StateSaveLocation={h}/state
+SlurmdSpoolDir={h}/spool/%n
+SlurmctldPidFile={h}/slurmctld.pid
+SlurmdPidFile={h}/slurmd.%n.pid
+SlurmctldLogFile={h}/log/slurmctld.log
+SlurmdLogFile={h}/log/slurmd.%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+ReturnToService=2
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MinJobAge=600
+KillWait=5
+{nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
 def _node_idle(cluster: SlurmCluster) -> bool:
     try:
         out = cluster.run("sinfo", "-h", "-N", "-o", "%N %T", timeout=15)
     except subprocess.TimeoutExpired:
         return False
-    return out.returncode == 0 and f"{cluster.node} idle" in out.stdout
+    return out.returncode == 0 and all(f"{node} idle" in out.stdout for node in cluster.nodes)
 
 
 def _stop_stale(cluster: SlurmCluster) -> None:
     """Stop daemons an earlier session left behind under this home (never others')."""
-    for name in ("slurmd", "slurmctld"):
+    for name in reversed(cluster.daemons):
         pid = _read_pid(cluster.home / f"{name}.pid")
-        if pid and _is_process(pid, name):
+        if pid and _is_process(pid, name.partition(".")[0]):
             os.kill(pid, signal.SIGTERM)
             for _ in range(50):
                 if not _is_process(pid, name):

@@ -163,6 +163,21 @@ def test_torchrun_per_node_mode(tmp_path):
     assert not any(a.startswith("model.connector.stage1_weights") for a in argv)  # STAGE1_EXPORT= skips it
 
 
+def test_master_is_the_node_address_when_the_first_node_name_does_not_resolve(tmp_path):
+    """Node names that are aliases, not host names (the two-node test cluster: n1, n2 on one host): NodeAddr."""
+    argv, env = _fake_job(tmp_path, SCRIPTS["fuse"], STAGE1_EXPORT="", SLURM_JOB_NODELIST="zz-unresolvable-n[1-2]")
+    (tmp_path / "bin" / "scontrol").write_text(
+        "#!/bin/sh\n"
+        'if [ "$1 $2" = "show hostnames" ]; then printf "zz-unresolvable-n1\\nzz-unresolvable-n2\\n"; exit 0; fi\n'
+        'if [ "$1 $2 $3 $4" = "show node -o zz-unresolvable-n1" ]; then\n'
+        '  echo "NodeName=zz-unresolvable-n1 Arch=x86_64 NodeAddr=10.9.8.7 NodeHostName=vm Port=7818"; exit 0; fi\n'
+        "exit 3\n")
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert _srun_call(out)["env"]["MASTER_ADDR"] == "10.9.8.7"
+    assert "master node zz-unresolvable-n1 does not resolve here; using its NodeAddr 10.9.8.7" in out.stdout
+
+
 def test_missing_stage1_export_is_refused_before_srun(tmp_path):
     out = _run_in_fake_job(tmp_path, SCRIPTS["fuse"], STAGE1_EXPORT="runs/nowhere/export")
     assert out.returncode == 2

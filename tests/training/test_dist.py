@@ -105,6 +105,38 @@ def test_slurm_uneven_tasks_per_node():
     assert got.local_world_size == 1 and got.master_addr == "a1"
 
 
+def _fake_scontrol(tmp_path, monkeypatch, answer: str) -> None:
+    """`scontrol show node -o NAME` prints ``answer`` (a line of NAME's record); the call is logged."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$*\" >> {tmp_path}/calls\n"
+                                      f"[ \"$1 $2\" = \"show node\" ] || exit 3\necho '{answer}'\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_slurm_master_is_the_first_nodes_address_when_its_name_does_not_resolve(tmp_path, monkeypatch):
+    """Node names that are not host names (n1, n2 on one host; aliases on real clusters): NodeAddr is the master."""
+    _fake_scontrol(tmp_path, monkeypatch, "NodeName=zz-unresolvable-n1 Arch=x86_64 NodeAddr=10.9.8.7 NodeHostName=vm Port=7818")
+    got = discover(argv=[], environ=_srun_env(SLURM_JOB_NODELIST="zz-unresolvable-n[1-2]"))
+    assert got.master_addr == "10.9.8.7"
+    assert (tmp_path / "calls").read_text().split() == ["show", "node", "-o", "zz-unresolvable-n1"]
+
+
+def test_slurm_master_name_that_resolves_is_used_as_is(tmp_path, monkeypatch):
+    import socket
+
+    _fake_scontrol(tmp_path, monkeypatch, "NodeName=x NodeAddr=10.9.8.7")
+    host = socket.gethostname()  # resolves here (the Slurm tests rely on that too)
+    assert discover(argv=[], environ=_srun_env(SLURM_JOB_NODELIST=host)).master_addr == host
+    assert not (tmp_path / "calls").exists()  # no scontrol call when the name resolves
+
+
+def test_slurm_master_falls_back_to_the_name_without_an_answer(tmp_path, monkeypatch):
+    _fake_scontrol(tmp_path, monkeypatch, "")
+    assert discover(argv=[], environ=_srun_env(SLURM_JOB_NODELIST="zz-unresolvable-n1")).master_addr == "zz-unresolvable-n1"
+
+
 def test_slurm_batch_script_itself_is_a_single_process():
     # The batch script runs once even when the allocation has 8 tasks: it must not wait for 7 peers.
     env = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "n1"}
