@@ -238,7 +238,6 @@ def predicted(config: str, ranks: int, zero_stage: int, extra: list[str] = ()) -
     """What ``mmdist plan`` predicts for the same config and setting (per rank)."""
     from mmdist import plan
     from mmdist.config.run import load_config
-
     from mmdist.precision import concrete
 
     # the dtypes the measured engines resolved on this CPU (the recipe's auto included)
