@@ -585,7 +585,7 @@ def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estim
 
 # Images/s one CPU core turns from photo-like JPEGs in tar shards into the tower's 336 px input with
 # mmdist's loader (benchmarks/bench_images.py, 1 worker; docs/benchmarks.md records the run and the machine).
-IMAGES_PER_CORE = 90.0
+IMAGES_PER_CORE = 200.0  # measured 218 with 1 worker on a 2-core AMD EPYC (avx512), 2026-12-02
 TOWER_MFU = 0.4  # the fraction of a GPU's dense peak a frozen ViT forward reaches in practice
 
 
