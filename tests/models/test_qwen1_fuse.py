@@ -51,3 +51,27 @@ def test_stage1_to_qwen1_stage2_keeps_the_vocabulary_and_learns(tmp_path):
     token = manifest["tokenizer"]
     assert token["image_token"] == "<|extra_0|>" and token["image_token_id"] == 151646
     assert token["size"] <= VOCAB, "the placeholder is a reserved token: no row is added to the frozen embeddings"
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_two_rank_zero3_fuse_run_on_a_qwen1_checkpoint(tmp_path):
+    """torchrun, 2 CPU ranks, ZeRO-3: the Qwen1 checkpoint is partitioned as it loads, the loss falls, the export is written."""
+    pytest.importorskip("sklearn")
+    from helpers.launch_harness import TRAIN_SCRIPT, check_run, python, run, train_args, write_recipes
+
+    from mmdist.training.launch_env import free_port
+
+    folder = write_qwen1_checkpoint(tmp_path / "qwen1", qwen1_state_dict(), "safetensors", "early", chat=True)
+    shutil.copy(needs_tiktoken_file(), folder / "qwen.tiktoken")
+    recipe = write_recipes(tmp_path)["fuse"]
+    run_dir = tmp_path / "run"
+    cmd = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(TRAIN_SCRIPT), *train_args(recipe, run_dir, 6, 6, *_qwen1_overrides(folder), "train.lr=0.01")]
+    out = run(cmd, 600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    check_run(run_dir, 6, out.stdout + out.stderr)  # world=2, every step logged, the loss fell, a checkpoint
+    manifest = json.loads((run_dir / "export" / "manifest.json").read_text())
+    assert manifest["llm"]["source_format"] == "qwen1" and manifest["tokenizer"]["image_token"] == "<|extra_0|>"
+    config = (run_dir / "config.yaml").read_text()
+    assert "zero_stage: 3" in config
