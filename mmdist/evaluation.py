@@ -516,6 +516,10 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
             print(f"[mmdist] eval {summary_line(cfg.stage, metrics)}")
             print(json.dumps(metrics, sort_keys=True))
             print(f"[mmdist] wrote {out / 'metrics.json'}" + (f" and {out / 'answers.jsonl'}" if cfg.stage == "fuse" else ""))
+        if distributed:
+            # Leave together: a rank that tears its group down while rank 0 still writes was seen to abort
+            # ("terminate called without an active exception") on a loaded machine.
+            torch.distributed.barrier()
     finally:
         if owns_group:
             dist.shutdown()

@@ -206,12 +206,14 @@ def test_eval_cli_refuses_a_folder_without_export(tmp_path, capsys):
 
 DIST_SCRIPT = """
 import sys
+import torch.distributed
 from mmdist.training import dist
 from mmdist import evaluation
 dist.init(backend="gloo")
 for stage, out in (("align", sys.argv[2]), ("fuse", sys.argv[3])):
     assert evaluation.cli_main(["--run", f"{sys.argv[1]}/{stage}", "--data", sys.argv[4], "--batch-size", "4",
                                 "--max-new-tokens", "4", "--device", "cpu", "--out", out, "data.num_workers=0"]) == 0
+    torch.distributed.barrier()  # every rank done with this stage before the next (rank 0 writes its files)
 dist.shutdown()
 """
 
