@@ -57,7 +57,7 @@ GPU_PEAKS = {"H100 SXM": 989e12, "A100": 312e12}
 TOWER_MFU = 0.4
 
 
-def photo_jpeg(width: int, height: int, seed: int) -> bytes:
+def photo_jpeg(width: int, height: int, seed: int = 0) -> bytes:
     """A photo-like JPEG: smooth colour field, shapes, slight blur and sensor noise; quality 90."""
     rng = np.random.default_rng(seed)
     image = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import io
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFilter
+from bench_images import photo_jpeg  # the benchmark's photo-like JPEGs (benchmarks/ is on the test path)
+from PIL import Image
 
 from mmdist.data.reader import decode_image
 from mmdist.models.processors import ImageTransform
@@ -25,22 +25,6 @@ from mmdist.models.processors import ImageTransform
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 SIZES = [(1024, 768), (768, 1024), (500, 375), (801, 601), (1000, 333), (337, 900)]
-
-
-def photo_jpeg(width: int, height: int, seed: int = 0) -> bytes:
-    """A photo-like JPEG (smooth colour field, shapes, sensor noise; quality 90)."""
-    rng = np.random.default_rng(seed)
-    image = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
-    draw = ImageDraw.Draw(image)
-    for _ in range(12):
-        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
-        x1, y1 = x0 + int(rng.integers(10, width // 3)), y0 + int(rng.integers(10, height // 3))
-        draw.ellipse([x0, y0, x1, y1], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
-    arr = np.asarray(image.filter(ImageFilter.GaussianBlur(1.5)), dtype=np.int16)
-    arr = np.clip(arr + rng.normal(0, 6, arr.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
 
 
 def assert_within_levels(ours: torch.Tensor, theirs: torch.Tensor, std: list[float]) -> None:
