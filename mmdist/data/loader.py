@@ -29,7 +29,10 @@ rank, so a per-rank position cannot move. Every sample therefore carries its
 epoch, and ``load_elastic_state`` merges every saved rank's record and re-plans
 the rest of the epoch for the new ranks (``plan_remaining``): the unconsumed
 samples, cut into equal runs per rank, each read once (only a short last batch
-per rank repeats a few). Resampled mode starts the next epoch instead.
+per rank repeats a few). Resampled mode has no positions (draws are with
+replacement): the epoch goes on for the global samples it has left, from new
+streams seeded also by where the continuation began, so the continuation is
+the same every time it is run and repeats no saved rank's draws.
 """
 
 from __future__ import annotations
@@ -125,10 +128,15 @@ class ShardStream(IterableDataset):
         self.consumed_base: Consumed = {}
         self.base_epoch: Optional[int] = None
         self._plan_cache: Optional[tuple[tuple, tuple[list[WorkerPlan], int]]] = None
+        # resampled mode continued on another world size: (epoch, global samples drawn before, the epoch's total)
+        self.resampled_from: Optional[tuple[int, int, int]] = None
 
     # ------------------------------------------------------------------ plan
     def batches_per_rank(self, epoch: int) -> int:
         if self.mode == "resampled":
+            if self.resampled_from is not None and self.resampled_from[0] == epoch:
+                _, done, total = self.resampled_from
+                return max(0, total - done) // (self.world_size * self.batch_size)
             return max(1, self.samples_per_epoch // (self.world_size * self.batch_size))
         return self._plan(epoch)[1]
 
@@ -173,6 +181,8 @@ class ShardStream(IterableDataset):
                 raise RuntimeError(f"rank {self.rank} worker {worker}: no readable samples in shards {[s.url for s in order]}")
 
     def _resampled_raw(self, epoch: int, worker: int, counter: _CounterProxy) -> Iterator[dict]:
+        if self.resampled_from is not None and self.resampled_from[0] == epoch:
+            epoch = f"{epoch}-from-{self.resampled_from[1]}"  # a continuation on another world size: new streams
         rng = self._rng("resampled", epoch, worker)
         weights = [w for _, w in self.sources]
 
@@ -424,11 +434,13 @@ class StreamingLoader:
             "num_workers": d.num_workers,
             "seed": d.seed,
             "mode": d.mode,
+            "batch_size": d.batch_size,
             "workers": {str(w): dict(s) for w, s in self.worker_state.items()},
             # epoch mode, version 2: what this rank consumed of the epoch (with what the ranks before a resume on
             # another world size consumed), so the whole epoch's position can move to another world size
             "consumed": encode_consumed(self._consumed_in_epoch()) if d.mode == "epoch" else {},
             "base": encode_consumed(d.consumed_base) if d.base_epoch == self.epoch else {},
+            "resampled_from": list(d.resampled_from) if d.resampled_from and d.resampled_from[0] == self.epoch else None,
         }
 
     def _consumed_in_epoch(self) -> Consumed:
@@ -447,8 +459,9 @@ class StreamingLoader:
             self.num_workers = saved_workers
             self.persistent = self.persistent_setting and saved_workers > 0
             d.worker_map = list(range(d.num_workers))
-        for key, mine in (("world_size", d.world_size), ("num_workers", d.num_workers), ("seed", d.seed), ("mode", d.mode)):
-            if state.get(key) != mine:
+        for key, mine in (("world_size", d.world_size), ("num_workers", d.num_workers), ("seed", d.seed), ("mode", d.mode),
+                          ("batch_size", d.batch_size)):
+            if state.get(key, mine if key == "batch_size" else None) != mine:  # batch_size: not in states before it was kept
                 raise ValueError(
                     f"data loader state was saved with {key}={state.get(key)!r} but this run has {key}={mine!r}; the data "
                     f"split would change. Resume with the same setting, or start the data from a new epoch (drop the loader state)."
@@ -461,6 +474,7 @@ class StreamingLoader:
         base = decode_consumed(state.get("base", {}))
         d.consumed_base, d.base_epoch = (base, self.epoch) if base else ({}, None)
         d._plan_cache = None
+        d.resampled_from = tuple(int(x) for x in state["resampled_from"]) if state.get("resampled_from") else None
         # only what this rank handed out since the continuation began is its own
         self.consumed = {url: set(np.flatnonzero(mask).tolist()) - set(np.flatnonzero(base.get(url, [])).tolist())
                          for url, mask in own.items()}
@@ -473,9 +487,11 @@ class StreamingLoader:
         Epoch mode: the epoch in progress goes on with exactly its samples that no saved rank had
         handed out (:func:`plan_remaining`), split evenly over this world; later epochs are planned
         for this world as usual. Resampled mode: draws are with replacement, so there is no
-        position to carry over: the epoch in progress ends and the next one starts, seeded by
-        (seed, epoch, rank, worker) as always, a stream no saved rank has drawn from.
-        A state without a consumed record (saved before version 2) raises ``ValueError``.
+        position to carry over: the epoch goes on for the global samples it has left (so it ends
+        at the optimizer step an uninterrupted run's would), drawn from streams seeded by (seed,
+        epoch, samples drawn before, rank, worker): the same on every rerun of the resume, and
+        none a saved rank has drawn from. A state without a consumed record (saved before
+        version 2) raises ``ValueError``.
         """
         d = self.dataset
         if not states or any(s is None for s in states):
@@ -494,13 +510,14 @@ class StreamingLoader:
         self.worker_counts = {}
         self.consumed = {}
         d.consumed_base, d.base_epoch, d._plan_cache = {}, None, None
+        d.resampled_from = None
         self._resume_pending = False
         self._in_epoch = False
         self._loader = None
-        started = any(int(s.get("batches_done", 0)) > 0 for s in states)
         finished = all(s.get("batches_done", 0) >= s.get("batches_in_epoch", math.inf) for s in states)
         if d.mode == "resampled":
-            self.epoch = epoch + 1 if started else epoch
+            self.epoch = epoch
+            self._continue_resampled(states, epoch)
             return
         if any(int(s.get("version", 1)) < 2 for s in states):
             raise ValueError("the data loader state predates the global data position (loader state version 1 records per-rank "
@@ -519,6 +536,24 @@ class StreamingLoader:
             if d.batches_per_rank(epoch) == 0:  # nothing of the epoch is left
                 d.consumed_base, d.base_epoch, d._plan_cache = {}, None, None
                 self.epoch = epoch + 1
+
+    def _continue_resampled(self, states: list[dict], epoch: int) -> None:
+        """Resampled epoch ``epoch`` goes on here for the global samples the saved ranks had not drawn."""
+        d = self.dataset
+        sizes = [int(s.get("batch_size", d.batch_size)) for s in states]
+        earlier = states[0].get("resampled_from")  # the saved ranks were themselves a continuation of this epoch
+        if earlier and int(earlier[0]) == epoch:
+            before, total = int(earlier[1]), int(earlier[2])
+        else:
+            per_rank = [max(1, d.samples_per_epoch // (len(states) * b)) for b in sizes]  # states without batches_in_epoch
+            before, total = 0, sum(int(s.get("batches_in_epoch", n)) * b for s, n, b in zip(states, per_rank, sizes))
+        done = before + sum(int(s.get("batches_done", 0)) * b for s, b in zip(states, sizes))
+        if done == 0:  # nothing drawn yet: the epoch starts here as on any world size
+            return
+        d.resampled_from = (epoch, done, total)
+        if d.batches_per_rank(epoch) == 0:  # less than one batch per rank left: the next epoch
+            d.resampled_from = None
+            self.epoch = epoch + 1
 
 
 # ---------------------------------------------------------------------------

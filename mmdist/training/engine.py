@@ -29,6 +29,7 @@ DeepSpeed is imported inside functions only, so importing this module is cheap.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -44,6 +45,7 @@ from mmdist.settings import ConfigError, Problem
 __all__ = [
     "EngineBundle",
     "batch_layout",
+    "fit_micro_batch",
     "build_engine",
     "build_optimizer_groups",
     "deepspeed_config",
@@ -74,6 +76,34 @@ def batch_layout(cfg: Any, world_size: int) -> tuple[int, int, int]:
             f"(e.g. {lower} or {lower + per_step}) or change train.micro_batch_size",
         )])
     return global_batch, micro, global_batch // per_step
+
+
+def fit_micro_batch(cfg: Any, world_size: int) -> tuple[Any, Optional[str]]:
+    """``cfg`` with a micro-batch that divides the global batch on ``world_size`` ranks, and a line saying so.
+
+    The global batch is what the optimizer sees, so it never changes; the micro-batch
+    (what a rank holds at once) may only go down, to the largest size that makes
+    ``micro x accumulation x world = global batch``. Unchanged: ``(cfg, None)``. A
+    global batch that ``world_size`` does not divide, or ``train.fit_micro_batch``
+    false, leaves the error to :func:`batch_layout`.
+    """
+    global_batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if world_size < 1 or global_batch % (micro * world_size) == 0 or not cfg.train.fit_micro_batch:
+        return cfg, None
+    if global_batch % world_size:
+        fits = [w for w in range(1, global_batch + 1) if global_batch % w == 0 and w <= 64]
+        raise ConfigError([Problem(
+            "train.global_batch_size",
+            f"{global_batch} samples per step cannot be split evenly over {world_size} ranks whatever the micro-batch; "
+            f"run on a number of ranks that divides {global_batch} ({', '.join(map(str, fits))}) or set a global batch "
+            f"that {world_size} divides (a resumed run keeps its learning-rate schedule, but a new global batch changes the optimisation)",
+        )])
+    per_rank = global_batch // world_size
+    fitted = max(m for m in range(1, micro + 1) if per_rank % m == 0)
+    out = copy.deepcopy(cfg)
+    out.train = dataclasses.replace(out.train, micro_batch_size=fitted)
+    return out, (f"[mmdist] train.micro_batch_size: {micro} -> {fitted}, so that global batch {global_batch} = {fitted} x "
+                 f"{per_rank // fitted} accumulation x {world_size} ranks (train.fit_micro_batch=false refuses instead)")
 
 
 def _typed_config(cfg: Any, world_size: int) -> tuple[dict, dict[tuple[str, ...], str]]:

@@ -21,6 +21,9 @@ class TrainConfig(SettingsBase):
     max_samples: Optional[int] = setting(None, "stop after this many training samples (global); converted to steps")
     global_batch_size: int = setting(32, "samples per optimizer step across all ranks (= micro x accumulation x world)")
     micro_batch_size: int = setting(8, "samples per forward pass on one rank")
+    fit_micro_batch: bool = setting(True, "when micro_batch_size x world size does not divide global_batch_size (a job "
+                                          "resumed on another number of GPUs, say), use the largest smaller micro-batch that "
+                                          "does; the global batch stays. false: refuse")
     lr: float = setting(1e-3, "peak learning rate")
     lr_multipliers: dict = setting(doc="per module group learning-rate factors, e.g. {projector: 1.0, stage1: 0.1, lora: 0.5}", factory=dict)
     weight_decay: float = setting(0.0, "AdamW weight decay (not applied to biases and norms)")

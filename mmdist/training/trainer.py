@@ -57,7 +57,7 @@ from mmdist.models.freeze import param_table
 from mmdist.precision import precision_lines, resolve_precision
 from mmdist.training import dist, preemption
 from mmdist.training.checkpoint import CheckpointError, CheckpointManager, capture_rng, export_trainable, restore_rng
-from mmdist.training.engine import EngineBundle, build_engine
+from mmdist.training.engine import EngineBundle, build_engine, fit_micro_batch
 from mmdist.training.metrics import MetricsLogger, Throughput, flop_count
 from mmdist.training.watchdog import Watchdog
 
@@ -365,6 +365,9 @@ def train(
         dog = Watchdog.from_config(cfg.watchdog, rank=env.rank, run_dir=cfg.run_dir).start()
         teardown.callback(dog.stop)
         cfg, precision = _resolve_precision(cfg)  # `auto` -> concrete dtypes, before anything is built
+        cfg, fitted = fit_micro_batch(cfg, env.world_size)  # the global batch stays on any number of ranks
+        if fitted and env.rank == 0:
+            print(fitted, flush=True)
         _write_run_dir(cfg, env.rank, precision)
         with dog.phase("building the engine"):
             bundle = build_engine(cfg, world_size=env.world_size, model_builder=model_builder)

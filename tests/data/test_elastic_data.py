@@ -13,8 +13,12 @@ from mmdist.data.loader import build_loader
 
 
 def _read(loader, batches: int) -> list[str]:
+    """The keys of the first ``batches`` batches of a new iteration (an epoch, or the rest of a resumed one)."""
+    return _take_keys(loader, iter(loader), batches)
+
+
+def _take_keys(loader, it, batches: int) -> list[str]:
     keys: list[str] = []
-    it = iter(loader)
     for _ in range(batches):
         next(it)
         keys.extend(loader.last_keys)
@@ -107,20 +111,61 @@ def test_uneven_rest_pads_the_last_batch_from_the_same_rank(tmp_path):
     assert len(set(after)) == 28  # 2 padding samples repeat one of their rank's own
 
 
-def test_resampled_mode_starts_the_next_epoch(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resampled_epoch_continues_on_another_world_size_deterministically(tmp_path, num_workers):
+    """2 ranks draw 3 batches each of a 40-sample resampled epoch; 1 rank draws the 28 samples left, from new
+    streams that are the same on every rerun; a second move (1 -> 2 ranks) and a same-size resume continue it."""
     processors = make_processors()
     pattern = write_caption_shards(tmp_path, [7, 9, 11])
-    cfg = make_config(pattern, mode="resampled", samples_per_epoch=40, num_workers=0, shuffle_buffer=4, persistent_workers=False)
+    cfg = make_config(pattern, mode="resampled", samples_per_epoch=40, num_workers=num_workers, shuffle_buffer=4,
+                      persistent_workers=False)
     first = [build_loader(cfg, processors, "train", r, 2) for r in range(2)]
+    assert {len(loader) for loader in first} == {10}  # 40 samples = 2 ranks x 10 batches of 2
     for loader in first:
         _read(loader, 3)
-    states = [loader.state_dict() for loader in first]
-    second = build_loader(cfg, processors, "train", 0, 1)
-    second.load_elastic_state(states)
-    assert second.epoch == 1 and len(second) == 20
-    again = build_loader(cfg, processors, "train", 0, 1)
-    again.load_elastic_state(states)
-    assert _read(second, 4) == _read(again, 4)  # deterministic
+    states = pickle.loads(pickle.dumps([loader.state_dict() for loader in first]))
+
+    def continued(world, rank, saved):
+        loader = build_loader(cfg, processors, "train", rank, world)
+        loader.load_elastic_state(saved)
+        return loader
+
+    second = continued(1, 0, states)
+    assert second.epoch == 0 and len(second) == 14  # the epoch's 40 - 12 samples drawn, in batches of 2
+    assert _read(continued(1, 0, states), 14) == _read(second, 14)  # deterministic: a rerun draws the same
+    restarted = build_loader(cfg, processors, "train", 0, 1)  # what a resume that restarted the epoch would draw
+    assert _read(restarted, 14) != _read(continued(1, 0, states), 14)
+
+    # a second move within the same epoch: 1 rank draws 4 batches, then 2 ranks share the 20 samples left
+    partial = continued(1, 0, states)
+    _read(partial, 4)
+    saved = pickle.loads(pickle.dumps([partial.state_dict()]))
+    third = [continued(2, r, saved) for r in range(2)]
+    assert {len(loader) for loader in third} == {5} and {loader.epoch for loader in third} == {0}
+    # a same-size resume of the continued epoch replays its exact next batches
+    it = iter(third[1])
+    _take_keys(third[1], it, 2)
+    state = pickle.loads(pickle.dumps(third[1].state_dict()))
+    want = _take_keys(third[1], it, 3)
+    again = build_loader(cfg, processors, "train", 1, 2)
+    again.load_state_dict(state)
+    it = iter(again)
+    assert _take_keys(again, it, 3) == want
+    # the epoch ends where an uninterrupted one does (5 batches on this rank), then a regular epoch of this world
+    assert next(it, None) is None
+    assert again.epoch == 1 and len(again) == 10
+
+
+def test_resampled_epoch_drawn_to_its_end_moves_on_to_the_next(tmp_path):
+    processors = make_processors()
+    pattern = write_caption_shards(tmp_path, [7, 9, 11])
+    cfg = make_config(pattern, mode="resampled", samples_per_epoch=40, num_workers=0, persistent_workers=False)
+    first = [build_loader(cfg, processors, "train", r, 2) for r in range(2)]
+    for loader in first:
+        _read(loader, len(loader))
+    second = build_loader(cfg, processors, "train", 0, 3)
+    second.load_elastic_state([loader.state_dict() for loader in first])
+    assert second.epoch == 1 and len(second) == 6  # 40 // (3 x 2)
 
 
 def test_state_before_the_global_position_is_refused(tmp_path):

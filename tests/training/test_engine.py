@@ -326,3 +326,29 @@ def test_close_releases_deepspeed_groups_zero3_setting_and_shm_buffer(tmp_path):
         "second built False True", "second closed False False False True",  # DeepSpeed makes its buffer once per process
         "failed closed False False False True",
     ], out.stdout[-2000:] + out.stderr[-2000:]
+
+
+@pytest.mark.parametrize(("world", "micro", "fitted"), [(2, 4, 3), (3, 4, 4), (5, 8, 6), (4, 2, 1)])
+def test_micro_batch_fits_the_global_batch_on_any_world_size(tmp_path, world, micro, fitted):
+    """Global batch 60: the micro-batch only goes down, to the largest that divides 60 / world; accumulation follows."""
+    from mmdist.training.engine import fit_micro_batch
+
+    cfg = _cfg(tmp_path, train={"micro_batch_size": micro, "global_batch_size": 60})
+    out, line = fit_micro_batch(cfg, world)
+    assert out.train.micro_batch_size == fitted and out.train.global_batch_size == 60
+    assert (line is None) == (fitted == micro) and cfg.train.micro_batch_size == micro  # the input is not changed
+    ds = deepspeed_config(out, world)
+    assert ds["train_batch_size"] == 60 == fitted * ds["gradient_accumulation_steps"] * world
+    if line:
+        assert f"train.micro_batch_size: {micro} -> {fitted}" in line
+
+
+def test_global_batch_that_the_world_does_not_divide_is_refused_with_the_sizes_that_work(tmp_path):
+    from mmdist.training.engine import fit_micro_batch
+
+    with pytest.raises(ConfigError, match=r"12 samples per step cannot be split evenly over 5 ranks.*\(1, 2, 3, 4, 6, 12\)"):
+        fit_micro_batch(_cfg(tmp_path, train={"micro_batch_size": 2, "global_batch_size": 12}), 5)
+    strict = _cfg(tmp_path, train={"micro_batch_size": 4, "global_batch_size": 12, "fit_micro_batch": False})
+    assert fit_micro_batch(strict, 2) == (strict, None)  # left to batch_layout, which refuses
+    with pytest.raises(ConfigError, match="not divisible"):
+        deepspeed_config(strict, 2)
