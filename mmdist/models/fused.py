@@ -46,6 +46,15 @@ def block_causal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.T
     return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
 
 
+def supervised_mask(batch: dict) -> torch.Tensor:
+    """[B, T-1] bool: the positions whose next token is a label (answer tokens), never across a packed-sample boundary."""
+    supervised = batch["labels"][:, 1:] != -100
+    if batch.get("sequence_ids") is not None:
+        seq = batch["sequence_ids"]
+        supervised &= seq[:, 1:] == seq[:, :-1]
+    return supervised
+
+
 class FusedVLM(FrozenAwareModule):
     """Stage-2 model. ``forward(batch) -> {loss, metrics, num_tokens}``; ``generate(...)`` for inference."""
 
@@ -219,10 +228,7 @@ class FusedVLM(FrozenAwareModule):
         (logit soft-capping) take the plain full-logits path.
         """
         labels = batch["labels"][:, 1:]
-        supervised = labels != -100
-        if batch.get("sequence_ids") is not None:  # never predict across a packed-sample boundary
-            seq = batch["sequence_ids"]
-            supervised &= seq[:, 1:] == seq[:, :-1]
+        supervised = supervised_mask(batch)
         decoder = self.llm.get_decoder() if hasattr(self.llm, "get_decoder") else None
         head = self.llm.get_output_embeddings()
         softcap = getattr(self.llm.config, "final_logit_softcapping", None)
@@ -236,6 +242,16 @@ class FusedVLM(FrozenAwareModule):
         flat = F.cross_entropy(logits, labels[supervised], reduction="none")
         losses = torch.zeros(labels.shape, dtype=flat.dtype, device=flat.device).masked_scatter(supervised, flat)
         return losses, supervised
+
+    @staticmethod
+    def loss_terms(batch: dict) -> int:
+        """How many token losses ``forward`` averages over for ``batch``, known before running it.
+
+        The trainer sums this over every micro-batch of an optimizer step on every rank,
+        so that the step's gradient is the mean over all its answer tokens however the
+        global batch is cut into micro-batches and ranks (mmdist.training.trainer.train_step).
+        """
+        return int(supervised_mask(batch).sum())
 
     def forward(self, batch: dict) -> dict:
         losses, supervised = self.token_losses(batch)

@@ -263,6 +263,8 @@ class CheckpointManager:
                 torch.save(consolidated, str(tmp / TRAINABLE_STATE) + ".part")
                 os.replace(str(tmp / TRAINABLE_STATE) + ".part", tmp / TRAINABLE_STATE)
             state = dict(client_state, step=step)
+            if hasattr(engine, "optimizer"):
+                state["optimizer_groups"] = _group_names(engine)
             target = tmp / f"client_state_rank{rank:05d}.pt"
             torch.save(state, str(target) + ".part")
             os.replace(str(target) + ".part", target)
@@ -358,6 +360,11 @@ class CheckpointManager:
         saved_world = int(first.get("world_size") or len(present))
         if saved_world != world:
             return self._load_elastic(engine, path, present, saved_world)
+        if _groups_changed(engine, first.get("optimizer_groups")):
+            # DeepSpeed's files hold the optimizer state per group: another layout loads by parameter name instead
+            client = self._load_elastic(engine, path, present, saved_world)  # this rank's own client state
+            del client["client_states"], client["saved_world_size"]  # the same ranks: the data position stays per rank
+            return dict(client, optimizer_groups_changed=True)
         client_file = path / f"client_state_rank{rank:05d}.pt"
         if not client_file.is_file():
             raise CheckpointError(
@@ -381,6 +388,13 @@ class CheckpointManager:
 
         world = _world_size()
         consolidated = path / TRAINABLE_STATE
+        if not consolidated.is_file() and saved_world == world:
+            raise CheckpointError(
+                f"{path} holds the optimizer state for other parameter groups than this run's ({_group_names(engine)}; "
+                f"mmdist before the ZeRO-3 weight-decay fix put every ZeRO-3 parameter in a .no_decay group) and has no "
+                f"{TRAINABLE_STATE} to load by parameter name: resume it with the mmdist version that wrote it, or set "
+                "checkpoint.resume=never"
+            )
         if not consolidated.is_file():
             raise CheckpointError(
                 f"{path} was written by {saved_world} rank(s) and this run has {world}, and it has no {TRAINABLE_STATE} "
@@ -394,6 +408,22 @@ class CheckpointManager:
         client = dict(states[min(_rank(), saved_world - 1)])
         client.update(saved_world_size=saved_world, client_states=states)
         return client
+
+
+def _group_names(engine: Any) -> list[str]:
+    return [str(g.get("name", i)) for i, g in enumerate(_base_optimizer(engine).param_groups)]
+
+
+def _groups_changed(engine: Any, saved: Optional[list[str]]) -> bool:
+    """Whether the checkpoint's optimizer groups differ from ``engine``'s. A checkpoint without the record (written
+    before it was kept) had this run's groups, except under ZeRO-3, where every group used to be ``.no_decay``."""
+    if not hasattr(engine, "optimizer"):
+        return False
+    mine = _group_names(engine)
+    if saved is None:
+        zero3 = any(hasattr(p, "ds_id") for p in engine.module.parameters())
+        return zero3 and any(not name.endswith(".no_decay") for name in mine)
+    return list(saved) != mine
 
 
 # ---------------------------------------------------------------------------
@@ -562,7 +592,15 @@ def load_trainable_state(engine: Any, state: dict, *, source: Any = TRAINABLE_ST
                 group["step"] = step
     scheduler = getattr(engine, "lr_scheduler", None)
     if scheduler is not None and state.get("lr_scheduler") is not None:
-        scheduler.load_state_dict(state["lr_scheduler"])
+        saved = dict(state["lr_scheduler"])
+        groups = getattr(scheduler, "optimizer", engine.optimizer).param_groups
+        if len(saved.get("base_lrs", groups)) != len(groups) and hasattr(scheduler, "lr_lambdas"):  # other groups: this run's base lrs
+            saved.pop("base_lrs", None)
+            saved.pop("_last_lr", None)
+            scheduler.load_state_dict(saved)
+            scheduler._last_lr = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+        else:
+            scheduler.load_state_dict(saved)
         # the optimizer's groups carry the lr of the step to come (DeepSpeed's own load restores them from its files)
         for group, lr in zip(getattr(scheduler, "optimizer", engine.optimizer).param_groups, scheduler.get_last_lr()):
             group["lr"] = lr

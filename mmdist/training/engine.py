@@ -242,8 +242,9 @@ _NO_DECAY_MARKERS = ("bias", "norm", "ln_", "layernorm", "embeddings.position", 
 
 
 def _no_decay(name: str, param: Any) -> bool:
+    """Biases, norms and other 1-D tensors; by their full shape (a ZeRO-3 partition is a flat 1-D slice)."""
     lowered = name.lower()
-    return param.ndim < 2 or any(marker in lowered for marker in _NO_DECAY_MARKERS)
+    return len(getattr(param, "ds_shape", param.shape)) < 2 or any(marker in lowered for marker in _NO_DECAY_MARKERS)
 
 
 def build_optimizer_groups(model: Any, train_cfg: Any) -> list[dict]:

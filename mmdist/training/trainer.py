@@ -136,6 +136,14 @@ def train_step(
     of ``micro_batches`` takes its place. The ``max_nonfinite_steps``-th skip in a
     row raises :class:`NonFiniteLossError`.
 
+    A model with ``loss_terms(batch)`` (stage 2: the answer tokens its loss averages
+    over) is trained on the mean over every answer token of the step: the step's
+    micro-batches are drawn first, their terms summed over every rank (one
+    all-reduce), and each micro-batch's loss is weighted by its share, so the update
+    is the same however the global batch is cut into micro-batches and ranks (a run
+    resumed on another number of GPUs, ``train.fit_micro_batch``). A micro-batch
+    that replaces a skipped one keeps the step's count.
+
     ``state`` advances by one step and the step's samples and tokens. Returned, over
     every rank: the mean ``loss`` and model metrics, ``step_samples`` and
     ``step_tokens``, ``grad_norm`` when the engine reports one, and with
@@ -143,15 +151,26 @@ def train_step(
     """
     accumulation = engine.gradient_accumulation_steps()
     float_dtype = _float_dtype(engine)
-    stats = _StepStats(int(getattr(getattr(engine, "module", None), "num_image_tokens", 0) or 0))
-    while stats.micro < accumulation:
+    module = getattr(engine, "module", None)
+    stats = _StepStats(int(getattr(module, "num_image_tokens", 0) or 0))
+
+    def draw() -> dict:
         try:
-            batch = next(micro_batches)
+            return next(micro_batches)
         except StopIteration:
             raise RuntimeError(
                 f"the micro-batches ran out after {stats.micro} of the {accumulation} of step {state.step + 1} "
                 f"({state.nonfinite_in_row} skipped as non-finite): give train_step an endless iterator"
             ) from None
+
+    drawn: list[dict] = []
+    weight = None  # per loss term, so that the engine's mean over micro-batches and ranks is the mean over every term
+    if callable(getattr(module, "loss_terms", None)):
+        drawn = [draw() for _ in range(accumulation)]
+        terms = _all_reduce([sum(module.loss_terms(b) for b in drawn)], engine.device)[0]
+        weight = accumulation * _data_parallel_size() / max(terms, 1)
+    while stats.micro < accumulation:
+        batch = drawn.pop(0) if drawn else draw()
         if fingerprint:
             stats.fingerprints.append(_fingerprint(batch))
         batch = _to_device(batch, engine.device, float_dtype)
@@ -170,7 +189,7 @@ def train_step(
                     "engine.precision=bf16/fp32"
                 )
             continue
-        engine.backward(loss)
+        engine.backward(loss if weight is None else loss * out["num_tokens"] * weight)
         engine.step()
         stats.add(loss, batch, out)
 
@@ -216,6 +235,11 @@ class _StepStats:
                "step_supervised_tokens": int(total[4]), "step_image_tokens": int(total[5])}
         out.update({k: v / count for k, v in zip(keys, total[6:])})
         return out
+
+
+def _data_parallel_size() -> int:
+    """Ranks whose gradients the engine averages (every rank: mmdist runs data parallel only)."""
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
 
 
 def _float_dtype(engine: Any) -> Optional[torch.dtype]:
@@ -514,6 +538,10 @@ def _resume(run: _Run) -> TrainState:
                 ) from exc
         if not elastic:  # another world size keeps the fresh per-rank seeds: RNG streams are per rank
             restore_rng(client["rng"])
+            if client.get("optimizer_groups_changed"):
+                run.logger_note = ("[mmdist] the checkpoint's optimizer groups differ from this run's (names: "
+                                   f"{client.get('optimizer_groups') or 'from before they were recorded'}): weights and "
+                                   "Adam moments loaded by parameter name from its consolidated copy")
         else:
             run.logger_note = (f"[mmdist] resumed on {run.world_size} rank(s) from a checkpoint of "
                                f"{client['saved_world_size']}: trainable state from its consolidated copy"

@@ -311,6 +311,52 @@ def recording_loader_builder(folder: str) -> Callable:
     return build
 
 
+def recorded_steps(folder: str, legs: Sequence[int]) -> list[list[str]]:
+    """The samples of every optimizer step of a run recorded by :func:`recording_loader_builder`, whose parts
+    ran ``legs[i]`` steps each, on whatever world sizes (each part's gradient accumulation is read off its lines)."""
+    lines = [json.loads(line) for line in (Path(folder) / "keys.jsonl").read_text().splitlines()]
+    parts, current = [], []
+    for line in lines:  # the parts follow each other in the file; a new part starts where the world size changes
+        if current and line["world"] != current[-1]["world"]:
+            parts.append(current)
+            current = []
+        current.append(line)
+    parts.append(current)
+    if len(parts) != len(legs):
+        raise AssertionError(f"{len(parts)} parts recorded (world sizes change between them), expected {len(legs)}")
+    steps: list[list[str]] = []
+    for part, n_steps in zip(parts, legs):
+        per_rank: dict[int, list[list[str]]] = {}
+        for line in part:
+            per_rank.setdefault(line["rank"], []).append(line["keys"])
+        for rank_lines in per_rank.values():
+            if len(rank_lines) % n_steps:
+                raise AssertionError(f"{len(rank_lines)} micro-batches on a rank is not a whole number of {n_steps} steps")
+        accumulation = len(next(iter(per_rank.values()))) // n_steps
+        for step in range(n_steps):
+            steps.append(sorted(k for rank_lines in per_rank.values()
+                                for keys in rank_lines[step * accumulation:(step + 1) * accumulation] for k in keys))
+    return steps
+
+
+def replay_loader_builder(steps: list[list[str]]) -> Callable:
+    """Single-process loaders that hand out the recorded ``steps`` one sample per micro-batch, in step order:
+    with train.micro_batch_size 1 and the global batch of the recording, every step trains on the same samples
+    as the recorded one did. The batches come from mmdist's own loader (micro-batch 1, the whole epoch)."""
+    from mmdist.data import build_loader
+
+    def build(cfg: Any, processors: Any, split: str, rank: int, world_size: int):
+        if split != "train":
+            return build_loader(cfg, processors, split, rank, world_size)
+        single = build_loader(cfg, processors, split, 0, 1)
+        by_key = {}
+        for batch in single:
+            by_key[single.last_keys[0]] = batch
+        return [by_key[k] for step in steps for k in step]
+
+    return build
+
+
 def main(argv: list[str]) -> int:
     import os
 

@@ -115,6 +115,18 @@ def test_optimizer_groups_only_trainable_with_multipliers_and_no_decay(tmp_path)
     assert not any(id(p) in in_groups for p in model.backbone.parameters())  # frozen: no optimizer state
 
 
+def test_weight_decay_follows_the_full_shape_of_a_zero3_partitioned_weight(tmp_path):
+    """Under ZeRO-3 a parameter's data is an empty 1-D partition and its shape is in ds_shape; a weight matrix must
+    still get weight decay (judged by .ndim, every ZeRO-3 weight went to the no-decay group)."""
+    cfg = _cfg(tmp_path, train={"weight_decay": 0.01})
+    model = ToyModel()
+    weight = model.projector.weight
+    weight.ds_shape = weight.shape
+    weight.data = torch.empty(0)  # what zero.Init leaves outside a gather
+    groups = {g["name"]: g for g in build_optimizer_groups(model, cfg.train)}
+    assert groups["projector"]["params"] == [weight] and groups["projector"]["weight_decay"] == 0.01
+
+
 def test_optimizer_groups_reject_unknown_group_and_stray_trainable(tmp_path):
     model = ToyModel()
     with pytest.raises(ConfigError, match=r"train\.lr_multipliers\.projecter.*projector"):

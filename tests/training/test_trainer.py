@@ -300,6 +300,37 @@ def test_real_tiny_fuse_zero3_resume_equals_uninterrupted(tmp_path):
     assert all(v.numel() > 0 for v in a.values())  # gathered under ZeRO-3
 
 
+@pytest.mark.slow
+def test_step_gradient_is_the_mean_over_every_answer_token_however_the_batch_is_cut(tmp_path):
+    """One step on the same 6 samples as 6 x 1, 3 x 2 and 1 x 6 micro-batches: the same gradient (norm), because each
+    micro-batch's loss is weighted by its share of the step's answer tokens; the plain mean of micro-batch means,
+    what the loss column shows, depends on the cut (the answers have 3 to 5 tokens), so the check can fail."""
+    pytest.importorskip("sklearn")
+    from helpers.trainer_toy import recording_loader_builder
+
+    from mmdist.data.shards import shard_pattern, write_demo_shards
+
+    shards = write_demo_shards(tmp_path / "demo", image_size=16, samples_per_shard=12, limit=12)
+    recipe = yaml.safe_load(open(__import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "tiny_fuse.yaml"))
+    recipe["data"].update({"train": [{"shards": [shard_pattern(shards["train"])]}], "eval": [], "num_workers": 0})
+    recipe["log"].update({"progress_bar": False, "tensorboard": False, "param_table": False, "peak_flops": 1e9})
+    recipe["checkpoint"].update({"export": False, "save_every": 0})
+    runs = {}
+    for micro in (1, 2, 6):
+        recipe["train"].update({"max_steps": 1, "global_batch_size": 6, "micro_batch_size": micro, "eval_every": 0})
+        recipe["run_dir"] = str(tmp_path / f"micro{micro}")
+        (tmp_path / f"keys{micro}").mkdir()
+        summary = train(load_config(base=recipe), loader_builder=recording_loader_builder(str(tmp_path / f"keys{micro}")))
+        keys = [k for line in (tmp_path / f"keys{micro}" / "keys.jsonl").read_text().splitlines() for k in json.loads(line)["keys"]]
+        step = [r for r in _metrics(tmp_path / f"micro{micro}") if r.get("step") == 1 and "grad_norm" in r]
+        runs[micro] = (dict(summary["history"][0], grad_norm=step[0]["grad_norm"]), sorted(keys))
+    assert runs[1][1] == runs[2][1] == runs[6][1]  # the same samples in the step
+    norms = [runs[m][0]["grad_norm"] for m in (1, 2, 6)]
+    assert norms == pytest.approx([norms[0]] * 3, rel=1e-4)
+    losses = [runs[m][0]["loss"] for m in (1, 2, 6)]
+    assert max(losses) - min(losses) > 1e-3  # per-micro-batch means weight the samples differently
+
+
 def test_zero3_setting_does_not_outlive_the_run(tmp_path):
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -491,3 +522,36 @@ def test_checkpoint_without_consolidated_state_is_refused_on_another_world_size(
     torch.save(dict(client, world_size=2), ckpt / "client_state_rank00001.pt")
     with pytest.raises(CheckpointError, match=r"written by 2 rank\(s\) and this run has 1, and it has no trainable_state.pt"):
         _train(toy_config(str(run), train={"max_steps": 4}))
+
+
+def test_zero3_checkpoint_with_the_old_optimizer_groups_resumes_by_parameter_name(tmp_path, monkeypatch, capsys):
+    """mmdist used to put every ZeRO-3 parameter in a .no_decay group (judged by the partition's 1-D shape) and did not
+    record the groups. Such a checkpoint resumes through its consolidated copy into today's groups, and the run ends
+    where an uninterrupted one does (weight decay 0, so the groups change nothing numerically)."""
+    import mmdist.training.engine as engine_module
+    from mmdist.training.checkpoint import TRAINABLE_STATE
+
+    def config(run):
+        return toy_config(str(tmp_path / run), train={"max_steps": 4, "lr_scheduler": "cosine", "warmup_ratio": 0.25},
+                          engine={"zero_stage": 3})
+
+    full = _train(config("full"))
+    with monkeypatch.context() as old:
+        old.setattr(engine_module, "_no_decay", lambda name, param: param.ndim < 2)  # the rule before the fix
+        _train(config("split"), stop_after=2)
+    ckpt = tmp_path / "split" / "checkpoints" / "step_000002"
+    client_file = ckpt / "client_state_rank00000.pt"
+    client = torch.load(client_file, weights_only=False)
+    assert all(name.endswith(".no_decay") for name in client.pop("optimizer_groups"))  # the old layout
+    torch.save(client, client_file)  # as written before the groups were recorded
+    capsys.readouterr()
+    resumed = _train(config("split"))
+    assert "optimizer groups differ from this run's" in capsys.readouterr().out
+    assert [h["lr"] for h in resumed["history"]] == pytest.approx([h["lr"] for h in full["history"][2:]], rel=1e-9)
+    a, b = _export(tmp_path / "split"), _export(tmp_path / "full")
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    (ckpt / TRAINABLE_STATE).unlink()  # without the consolidated copy there is nothing to load by name: a clear error
+    from mmdist.training.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="other parameter groups than this run's"):
+        _train(dict(config("split"), checkpoint={"resume": str(ckpt)}))
