@@ -141,8 +141,9 @@ def train_step(
     micro-batches are drawn first, their terms summed over every rank (one
     all-reduce), and each micro-batch's loss is weighted by its share, so the update
     is the same however the global batch is cut into micro-batches and ranks (a run
-    resumed on another number of GPUs, ``train.fit_micro_batch``). A micro-batch
-    that replaces a skipped one keeps the step's count.
+    resumed on another number of GPUs, ``train.fit_micro_batch``), and the ``loss``
+    returned is that mean too. A micro-batch that replaces a skipped one keeps the
+    step's count.
 
     ``state`` advances by one step and the step's samples and tokens. Returned, over
     every rank: the mean ``loss`` and model metrics, ``step_samples`` and
@@ -191,7 +192,7 @@ def train_step(
             continue
         engine.backward(loss if weight is None else loss * out["num_tokens"] * weight)
         engine.step()
-        stats.add(loss, batch, out)
+        stats.add(loss, batch, out, weighted=weight is not None)
 
     state.step += 1
     state.nonfinite_in_row = 0
@@ -211,13 +212,17 @@ class _StepStats:
 
     def __init__(self, tokens_per_image: int = 0) -> None:
         self.micro, self.loss, self.samples, self.tokens = 0, 0.0, 0, 0
+        self.term_loss, self.terms = 0.0, 0  # loss x terms and terms, of micro-batches weighted by their loss terms
         self.supervised, self.image_tokens, self.tokens_per_image = 0, 0, tokens_per_image
         self.metrics: dict[str, float] = {}
         self.fingerprints: list[str] = []
 
-    def add(self, loss: Any, batch: dict, out: dict) -> None:
+    def add(self, loss: Any, batch: dict, out: dict, weighted: bool = False) -> None:
         self.micro += 1
         self.loss += float(loss.detach())
+        if weighted:
+            self.term_loss += float(loss.detach()) * int(out["num_tokens"])
+            self.terms += int(out["num_tokens"])
         self.samples += _batch_size(batch)
         self.tokens += _batch_tokens(batch, out)
         self.supervised += _supervised_tokens(batch, out)
@@ -226,14 +231,16 @@ class _StepStats:
             self.metrics[key] = self.metrics.get(key, 0.0) + float(value)
 
     def reduce(self, device: Any) -> dict:
-        """Mean loss and model metrics over every rank's micro-batches, global samples and tokens."""
+        """The loss (the mean over every loss term where micro-batches are weighted, else over micro-batches) and
+        the mean model metrics over every rank's micro-batches, global samples and tokens."""
         keys = sorted(self.metrics)  # the same model on every rank reports the same keys
-        total = _all_reduce([self.loss, self.micro, self.samples, self.tokens, self.supervised, self.image_tokens]
-                            + [self.metrics[k] for k in keys], device)
+        total = _all_reduce([self.loss, self.micro, self.samples, self.tokens, self.supervised, self.image_tokens,
+                             self.term_loss, self.terms] + [self.metrics[k] for k in keys], device)
         count = max(total[1], 1)
-        out = {"loss": total[0] / count, "step_samples": int(total[2]), "step_tokens": int(total[3]),
+        loss = total[6] / total[7] if total[7] > 0 else total[0] / count
+        out = {"loss": loss, "step_samples": int(total[2]), "step_tokens": int(total[3]),
                "step_supervised_tokens": int(total[4]), "step_image_tokens": int(total[5])}
-        out.update({k: v / count for k, v in zip(keys, total[6:])})
+        out.update({k: v / count for k, v in zip(keys, total[8:])})
         return out
 
 

@@ -81,6 +81,9 @@ def test_real_loader_moves_between_world_sizes_reading_every_sample_once(tmp_pat
     reference["train"]["micro_batch_size"] = 1  # the same ZeRO stage: the tiny recipe's random frozen LLM depends on it
     straight = train(load_config(base=reference), loader_builder=replay_loader_builder(steps))
     assert straight["step"] == 6
+    # losses continue smoothly: step for step the uninterrupted run's (the mean over each step's answer tokens)
+    assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in straight["history"]], rel=1e-5)
+    assert [h["lr"] for h in history] == pytest.approx([h["lr"] for h in straight["history"]], rel=1e-9)
     init = copy.deepcopy(reference)
     init["run_dir"] = str(tmp_path / "init")
     init["train"].update({"lr": 1e-30, "max_steps": 1})  # one step that moves nothing: the initial weights

@@ -302,9 +302,9 @@ def test_real_tiny_fuse_zero3_resume_equals_uninterrupted(tmp_path):
 
 @pytest.mark.slow
 def test_step_gradient_is_the_mean_over_every_answer_token_however_the_batch_is_cut(tmp_path):
-    """One step on the same 6 samples as 6 x 1, 3 x 2 and 1 x 6 micro-batches: the same gradient (norm), because each
-    micro-batch's loss is weighted by its share of the step's answer tokens; the plain mean of micro-batch means,
-    what the loss column shows, depends on the cut (the answers have 3 to 5 tokens), so the check can fail."""
+    """One step on the same 6 samples as 6 x 1, 3 x 2 and 1 x 6 micro-batches: the same gradient (norm) and logged loss,
+    because each micro-batch's loss is weighted by its share of the step's answer tokens. A plain mean of micro-batch
+    means depends on the cut here (the answers have 3 to 5 tokens): unweighted, the norms differ by 2%."""
     pytest.importorskip("sklearn")
     from helpers.trainer_toy import recording_loader_builder
 
@@ -328,7 +328,7 @@ def test_step_gradient_is_the_mean_over_every_answer_token_however_the_batch_is_
     norms = [runs[m][0]["grad_norm"] for m in (1, 2, 6)]
     assert norms == pytest.approx([norms[0]] * 3, rel=1e-4)
     losses = [runs[m][0]["loss"] for m in (1, 2, 6)]
-    assert max(losses) - min(losses) > 1e-3  # per-micro-batch means weight the samples differently
+    assert losses == pytest.approx([losses[0]] * 3, rel=1e-5)  # the mean over the step's answer tokens
 
 
 def test_zero3_setting_does_not_outlive_the_run(tmp_path):
