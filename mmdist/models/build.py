@@ -50,7 +50,7 @@ def build_model(settings: ModelConfig, *, stage: str, template: str = "auto", us
 
 
 def _build_align(settings: ModelConfig, vision: VisionTower, transform: ImageTransform, template: str, gather: Gather) -> AlignModel:
-    text = TextEncoder(settings.text)
+    text = TextEncoder(settings.text, gather)
     processors = Processors(image_transform=transform, num_image_tokens=0, text_tokenizer=load_text_tokenizer(settings.text),
                             template=template, text_max_length=settings.text.max_length,
                             identity=_identity(settings))

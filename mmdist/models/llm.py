@@ -16,6 +16,7 @@ from typing import Any, Literal, Optional
 
 from mmdist.models import qwen1
 from mmdist.models.gather import Gather, null_gather
+from mmdist.models.seeded import build_seeded
 from mmdist.settings import SettingsBase, setting
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
@@ -168,7 +169,6 @@ def load_llm(cfg: LLMConfig, gather: Gather = null_gather) -> Any:
     ``gather`` is the engine's hook (mmdist.models.gather): under ZeRO-3 a GGUF is
     loaded tensor by tensor into the partitioned model (:func:`load_gguf_streamed`).
     """
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from mmdist.models.freeze import torch_dtype
@@ -177,9 +177,8 @@ def load_llm(cfg: LLMConfig, gather: Gather = null_gather) -> Any:
     if cfg.init_config:
         params = dict(cfg.init_config)
         config = AutoConfig.for_model(params.pop("model_type"), **params)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.init_seed)
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+        model = build_seeded(lambda: AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation),
+                             cfg.init_seed, gather)
         return model.to(dtype)
     folder, gguf = resolve_source(cfg)
     if not folder:

@@ -14,7 +14,9 @@ from typing import Any, Literal, Optional
 
 import torch
 
+from mmdist.models.gather import Gather, null_gather
 from mmdist.models.llm import Dtype
+from mmdist.models.seeded import build_seeded
 from mmdist.settings import SettingsBase, setting
 
 
@@ -76,7 +78,7 @@ def load_text_tokenizer(cfg: TextConfig) -> Any:
 class TextEncoder(torch.nn.Module):
     """BERT-style encoder: ``forward(ids, mask) -> (token states [B, L, H], pooled [B, H])``."""
 
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, gather: Gather = null_gather):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -84,9 +86,8 @@ class TextEncoder(torch.nn.Module):
         if cfg.init_config:
             params = dict(cfg.init_config)
             config = AutoConfig.for_model(params.pop("model_type"), **params)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.init_seed)
-                self.model = AutoModel.from_config(config, add_pooling_layer=False) if config.model_type == "bert" else AutoModel.from_config(config)
+            kwargs = {"add_pooling_layer": False} if config.model_type == "bert" else {}
+            self.model = build_seeded(lambda: AutoModel.from_config(config, **kwargs), cfg.init_seed, gather)
         elif cfg.name_or_path:
             path = resolve_text_path(cfg.name_or_path)
             try:

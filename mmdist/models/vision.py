@@ -18,6 +18,7 @@ import torch
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.llm import Dtype
 from mmdist.models.processors import ImageTransform
+from mmdist.models.seeded import build_seeded
 from mmdist.settings import SettingsBase, setting
 
 
@@ -150,8 +151,7 @@ def _hf_config(cfg: VisionConfig) -> Any:
     return AutoConfig.from_pretrained(cfg.name_or_path)
 
 
-def _load_hf_tower(cfg: VisionConfig) -> Any:
-    import torch
+def _load_hf_tower(cfg: VisionConfig, gather: Gather) -> Any:
     from transformers import AutoModel, CLIPVisionModel, SiglipVisionModel
 
     config = _hf_config(cfg)
@@ -159,13 +159,11 @@ def _load_hf_tower(cfg: VisionConfig) -> Any:
     if cfg.init_config:
         if model_type in ("clip", "siglip"):
             config = config.vision_config
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.init_seed)
-            if config.model_type == "clip_vision_model":
-                return CLIPVisionModel(config)
-            if config.model_type == "siglip_vision_model":
-                return SiglipVisionModel(config)
-            return AutoModel.from_config(config)
+        if config.model_type == "clip_vision_model":
+            return build_seeded(lambda: CLIPVisionModel(config), cfg.init_seed, gather)
+        if config.model_type == "siglip_vision_model":
+            return build_seeded(lambda: SiglipVisionModel(config), cfg.init_seed, gather)
+        return build_seeded(lambda: AutoModel.from_config(config), cfg.init_seed, gather)
     if model_type in ("clip", "clip_vision_model"):
         return CLIPVisionModel.from_pretrained(cfg.name_or_path)
     if model_type in ("siglip", "siglip_vision_model"):
@@ -243,9 +241,7 @@ class VisionTower(torch.nn.Module):
         self.image_resize, self.image_resample = "squash", "bicubic"  # an HF tower's processor may say otherwise
         if cfg.source == "custom":
             cls = import_object(cfg.custom_class, "model.vision.custom_class")
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(cfg.init_seed)
-                self.model = cls(**cfg.custom_kwargs)
+            self.model = build_seeded(lambda: cls(**cfg.custom_kwargs), cfg.init_seed, gather)
             self.has_cls = False
             size = cfg.image_size or cfg.custom_kwargs.get("image_size") or cfg.custom_kwargs.get("img_size")
             if not size:
@@ -254,7 +250,7 @@ class VisionTower(torch.nn.Module):
             self.image_mean = list(cfg.image_mean or IMAGENET_MEAN)
             self.image_std = list(cfg.image_std or IMAGENET_STD)
         else:
-            self.model = _load_hf_tower(cfg)
+            self.model = _load_hf_tower(cfg, gather)
             model_type = self.model.config.model_type
             self.has_cls = HF_HAS_CLS.get(model_type, True)
             settings = _image_settings_hf(cfg, self.model.config)

@@ -390,10 +390,10 @@ class CheckpointManager:
         consolidated = path / TRAINABLE_STATE
         if not consolidated.is_file() and saved_world == world:
             raise CheckpointError(
-                f"{path} holds the optimizer state for other parameter groups than this run's ({_group_names(engine)}; "
-                f"mmdist before the ZeRO-3 weight-decay fix put every ZeRO-3 parameter in a .no_decay group) and has no "
-                f"{TRAINABLE_STATE} to load by parameter name: resume it with the mmdist version that wrote it, or set "
-                "checkpoint.resume=never"
+                f"{path} holds the optimizer state for other parameter groups than this run's {_group_names(engine)} "
+                f"(changed group settings, or an mmdist from before ZeRO-3 weights got weight decay, which put every "
+                f"ZeRO-3 parameter in a .no_decay group) and has no {TRAINABLE_STATE} to load by parameter name: resume "
+                "it with the settings and mmdist version that wrote it, or set checkpoint.resume=never"
             )
         if not consolidated.is_file():
             raise CheckpointError(

@@ -1,0 +1,81 @@
+"""Random-init backbones (``init_config``, a custom encoder without a checkpoint) with the same weights on every ZeRO stage.
+
+Under ZeRO-3 the engine builds the model inside ``deepspeed.zero.Init``:
+transformers then constructs without initialising and initialises afterwards
+through per-module gathers, and plain torch layers are partitioned as they are
+made. The same seed gives other random values there than in a plain build
+(up to 0.14 apart in the tiny recipes), while the run's fingerprint of such a
+backbone is its config and seed. So a tiny stage-1 export trained on ZeRO-2 would
+be accepted by a ZeRO-3 stage 2 whose frozen tower is another one.
+
+:func:`build_seeded` builds such a model plain first (outside ``zero.Init`` and
+transformers' ZeRO-3 switch) and gives the partitioned model its values, for
+models up to :data:`MAX_REPRODUCIBLE_PARAMS` parameters; a larger random model
+is a shape study (throughput, memory) whose values do not matter, and is built
+partitioned only, as before. A leaf module: torch, and DeepSpeed/transformers
+internals only when ``zero.Init`` is active.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from mmdist.models.gather import Gather, null_gather
+
+MAX_REPRODUCIBLE_PARAMS = 200_000_000  # a plain copy is built whole on every rank for a moment (0.8 GB in fp32)
+
+
+def _zero_init_module() -> Any:
+    """DeepSpeed's partition_parameters module when a ``zero.Init`` context is active, else None."""
+    module = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
+    return module if module is not None and getattr(module, "top_level_context", None) is not None else None
+
+
+@contextmanager
+def _outside_zero_init(partition_parameters: Any) -> Iterator[None]:
+    """Suspend ``zero.Init`` and transformers' ZeRO-3 switch (its weakref to the HfDeepSpeedConfig) for a plain build."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    partition_parameters.shutdown_init_context()
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if ref is not None and ref() is not None:
+            hf_deepspeed.set_hf_deepspeed_config(ref())
+        partition_parameters.restore_init_context()
+
+
+def build_seeded(build: Callable[[], torch.nn.Module], seed: int, gather: Gather = null_gather) -> torch.nn.Module:
+    """``build()`` with torch's RNG seeded by ``seed`` (and left as it was), the same values on every ZeRO stage.
+
+    ``gather`` is the engine's (``GatheredParameters`` under ZeRO-3): the plain values
+    are written into the partitioned parameters through it.
+    """
+    partition_parameters = _zero_init_module()
+    with torch.random.fork_rng(devices=[]):
+        plain = None
+        if partition_parameters is not None:
+            with _outside_zero_init(partition_parameters):
+                try:
+                    with torch.device("meta"):
+                        size = sum(p.numel() for p in build().parameters())
+                except Exception:  # a custom class that cannot be built on the meta device: partitioned only, as before
+                    size = MAX_REPRODUCIBLE_PARAMS + 1
+                if size <= MAX_REPRODUCIBLE_PARAMS:
+                    torch.manual_seed(seed)
+                    plain = dict(build().named_parameters())
+        torch.manual_seed(seed)
+        model = build()
+    if plain:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                with gather([param]):
+                    param.data.copy_(plain[name].to(param.dtype))
+    return model
