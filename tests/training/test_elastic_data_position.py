@@ -78,7 +78,7 @@ def test_real_loader_moves_between_world_sizes_reading_every_sample_once(tmp_pat
     reference = copy.deepcopy(recipe)
     reference["run_dir"] = str(tmp_path / "reference")
     reference["data"]["num_workers"] = 0
-    reference["train"]["micro_batch_size"] = 1  # the same ZeRO stage: the tiny recipe's random frozen LLM depends on it
+    reference["train"]["micro_batch_size"] = 1  # and the same ZeRO stage as the elastic run
     straight = train(load_config(base=reference), loader_builder=replay_loader_builder(steps))
     assert straight["step"] == 6
     # losses continue smoothly: step for step the uninterrupted run's (the mean over each step's answer tokens)
