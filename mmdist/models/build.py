@@ -89,7 +89,7 @@ def _build_fused(settings: ModelConfig, vision: VisionTower, transform: ImageTra
     model.gather = gather  # for reads outside forward (merged LoRA export)
     processors.num_image_tokens = model.num_image_tokens
     if llm_cfg.lora.enabled:
-        add_lora(model, llm_cfg.lora)
+        add_lora(model, llm_cfg.lora, gather)
     return model
 
 

@@ -13,13 +13,20 @@ from typing import Any
 
 import torch
 
+from mmdist.models.gather import Gather, null_gather
 from mmdist.models.llm import LoRAConfig
 
 ADAPTER = "default"
 
 
-def add_lora(model: Any, cfg: LoRAConfig) -> None:
-    """Inject LoRA adapters into ``model.llm`` (base weights stay frozen; adapters train in fp32)."""
+def add_lora(model: Any, cfg: LoRAConfig, gather: Gather = null_gather) -> None:
+    """Inject LoRA adapters into ``model.llm`` (base weights stay frozen; adapters train in fp32).
+
+    The adapters start as peft's do, A random and B zero (so the adapted LLM is the
+    base one), also under ZeRO-3: there the layers are partitioned as peft creates
+    them and its own initialisation writes into empty tensors (a no-op that left B
+    with nn.Linear's random init), so they are initialised again through ``gather``.
+    """
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), bias="none")
@@ -28,6 +35,11 @@ def add_lora(model: Any, cfg: LoRAConfig) -> None:
     except ValueError as exc:
         raise ValueError(f"model.llm.lora.target_modules={cfg.target_modules}: {exc}") from None
     llm = peft_model.base_model.model
+    if gather is not null_gather:
+        for _, layer in lora_layers(llm):
+            params = list(layer.lora_A[ADAPTER].parameters()) + list(layer.lora_B[ADAPTER].parameters())
+            with gather(params), torch.no_grad():
+                layer.reset_lora_parameters(ADAPTER, True)
     for name, param in llm.named_parameters():
         if "lora_" in name:
             param.data = param.data.float()
