@@ -40,11 +40,16 @@ def _wait_for_step(run_dir, step: int, timeout: float) -> None:
 
 
 def _start_requeued_now(cluster, job: str, timeout: float) -> None:
-    """slurmctld holds a requeued batch job back for about two minutes (EligibleTime); the test does not wait for that."""
+    """slurmctld holds a requeued batch job back for about two minutes (EligibleTime); the test does not wait for that.
+
+    But not less than 2 s: slurmd revokes the killed run's job credential, and a start within the same second gets
+    a credential no newer than the revocation ("Killing non-startable batch JobId=14: Job credential revoked" in
+    slurmctld.log, the job then FAILED with exit 1; seen once in CI)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = cluster.job_info(job)
         if int(info.get("Restarts", 0) or 0) >= 1 and info.get("JobState") == "PENDING":
+            time.sleep(2.0)
             cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now")
             return
         if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED"):
