@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mmdist.models.connectors import build_stage1_module
+from mmdist.models.contract import BatchCounts, count_samples, leading_size
 from mmdist.models.freeze import FrozenAwareModule, Part
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.losses import itc_loss
@@ -105,6 +106,14 @@ class AlignModel(FrozenAwareModule):
         loss, acc = itc_loss(image_emb, text_emb, self.logit_scale, group)
         metrics = {"itc": loss.detach(), "acc": acc, "temperature": (1.0 / self.logit_scale.detach().exp()).reshape(())}
         return {"loss": loss, "metrics": metrics}
+
+    def batch_counts(self, batch: dict) -> BatchCounts:
+        """One image per sample; tokens are the caption tokens; the contrastive loss is a mean over the batch as a
+        whole, so micro-batches are not weighted (``loss_terms`` None) and no position is supervised token by token."""
+        samples = count_samples(batch, "text_input_ids", "pixel_values", "image_features")
+        mask = batch.get("text_attention_mask")
+        return BatchCounts(samples=samples, tokens=int(mask.sum()) if mask is not None else samples, supervised_tokens=0,
+                           images=leading_size(batch, "pixel_values", "image_features"), image_tokens=0)
 
     # -- export -----------------------------------------------------------
 

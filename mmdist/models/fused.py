@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmdist.models.connectors import Projector, pool_tokens
+from mmdist.models.contract import BatchCounts, count_samples, leading_size
 from mmdist.models.freeze import FrozenAwareModule, Part
 from mmdist.models.llm import stop_token_ids
 from mmdist.models.packed_attention import spans_from_sequence_ids, use_packed_attention
@@ -249,9 +250,18 @@ class FusedVLM(FrozenAwareModule):
 
         The trainer sums this over every micro-batch of an optimizer step on every rank,
         so that the step's gradient is the mean over all its answer tokens however the
-        global batch is cut into micro-batches and ranks (mmdist.training.trainer.train_step).
+        global batch is cut into micro-batches and ranks (mmdist.training.step.train_step).
         """
         return int(supervised_mask(batch).sum())
+
+    def batch_counts(self, batch: dict) -> BatchCounts:
+        """Samples (a packed row counts its own), tokens under the attention mask, answer tokens (the loss terms),
+        images and the LLM positions they fill (mmdist.models.contract)."""
+        images = leading_size(batch, "pixel_values", "image_features")
+        terms = self.loss_terms(batch)
+        return BatchCounts(samples=count_samples(batch, "input_ids"), tokens=int(batch["attention_mask"].sum()),
+                           supervised_tokens=terms, images=images, image_tokens=images * self.num_image_tokens,
+                           loss_terms=terms)
 
     def forward(self, batch: dict) -> dict:
         losses, supervised = self.token_losses(batch)

@@ -26,6 +26,9 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from mmdist.models.contract import BatchCounts
+from mmdist.models.freeze import Part
+
 IN_DIM, HIDDEN, OUT_DIM = 8, 16, 4
 NUM_SAMPLES = 64
 FROZEN_MARK = 0.5  # the frozen backbone's weights are filled with recognisable values
@@ -67,6 +70,15 @@ class ToyModel(nn.Module):
         if "poison" in batch and bool(batch["poison"].any()):
             loss = loss * float("nan")
         return {"loss": loss, "metrics": {"mse": loss.detach()}, "num_tokens": torch.tensor(batch["x"].shape[0])}
+
+    def parts(self) -> list[Part]:
+        return [Part("backbone", trainable=False, dtype="fp32"), Part("norm", trainable=True, dtype="fp32"),
+                Part("projector", trainable=True, dtype="fp32")]
+
+    def batch_counts(self, batch: dict) -> BatchCounts:
+        """One sample, one token, one supervised position per row of ``x``; no images; micro-batches weigh the same."""
+        rows = int(batch["x"].shape[0])
+        return BatchCounts(samples=rows, tokens=rows, supervised_tokens=rows, images=0, image_tokens=0)
 
     def trainable_groups(self) -> dict:
         return {"projector": list(self.projector.parameters()), "stage1": list(self.norm.parameters()), "temperature": [self.log_scale]}
