@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 def _leg(spec_file: str) -> None:
     """One part of a run, as a torchrun rank (``--leg SPEC``)."""
     from mmdist.config import load_config
-    from mmdist.training.trainer import train
+    from mmdist.training.loop import train
 
     spec = json.loads(Path(spec_file).read_text())
     train(load_config(base=spec["config"]), stop_after=spec["stop_after"])

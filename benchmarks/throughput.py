@@ -9,7 +9,7 @@ batch, fp32 on CPU, the same thread count.
 * mmdist: ``mmdist.models.build_model`` (FusedVLM), ``mmdist.data.collate.collate_fuse``
   with packing, ``mmdist.training.engine.build_engine`` (DeepSpeed, ZeRO-0,
   torch AdamW) and the trainer's own optimizer step,
-  ``mmdist.training.trainer.train_step``.
+  ``mmdist.training.step.train_step``.
 * reference: benchmarks/reference_llava.py.
 
 The dense-matmul peak is measured before and after the two contenders and
@@ -70,7 +70,7 @@ class MmdistLoop:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         from mmdist.training import dist
         from mmdist.training.engine import build_engine
-        from mmdist.training.trainer import TrainState
+        from mmdist.training.step import TrainState
 
         self.shape, self.global_batch, self.micro_batch, self.max_len = shape, global_batch, micro_batch, max_len
         self.checkpointing = checkpointing
@@ -85,7 +85,7 @@ class MmdistLoop:
 
     def step(self, group: list[Sample]) -> dict:
         from mmdist.data.collate import collate_fuse
-        from mmdist.training.trainer import train_step
+        from mmdist.training.step import train_step
 
         image_id = self.model.image_token_id
         rows = [{"input_ids": [image_id if t < 0 else t for t in s.ids], "labels": s.labels, "pixel_values": [s.pixel_values]}

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without install
 
-from mmdist.training.trainer import cli_main  # noqa: E402
+from mmdist.commands.train import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(cli_main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

@@ -119,7 +119,7 @@ def tiny_demo(tmp_path_factory):
     import torch
 
     import mmdist.training.engine as engine
-    from mmdist.training.trainer import train
+    from mmdist.training.loop import train
 
     run = tmp_path_factory.mktemp("demo") / "run"
     built: list[tuple[str, torch.nn.Module, dict]] = []

@@ -74,7 +74,7 @@ def test_retrieval_metrics_count_a_repeated_caption_once():
 
 def _train(stage: str, root: Path, *over: str) -> Path:
     from mmdist.config import load_config
-    from mmdist.training.trainer import train
+    from mmdist.training.loop import train
 
     cfg = load_config(REPO / "configs" / f"tiny_{stage}.yaml", [
         f"run_dir={root / stage}", "train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=4",

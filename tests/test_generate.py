@@ -39,7 +39,7 @@ def tiny_export(tmp_path_factory):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from mmdist.config import load_config
     from mmdist.data.shards import write_demo_shards
-    from mmdist.training.trainer import train
+    from mmdist.training.loop import train
 
     root = tmp_path_factory.mktemp("gen")
     write_demo_shards(root / "shards", image_size=28, limit=40)

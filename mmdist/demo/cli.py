@@ -29,7 +29,7 @@ from mmdist.demo.report import loss_curve, write_report
 from mmdist.demo.state import DemoError, DemoState, run_fingerprint
 from mmdist.generate import load_model
 from mmdist.precision import resolve_precision
-from mmdist.training.trainer import train
+from mmdist.training.loop import train
 
 # The recipes shipped with mmdist (package data), so the demo runs from any folder after any install.
 DEFAULT_ALIGN_CONFIG = packaged_recipes() / "demo_align.yaml"

@@ -1,39 +1,13 @@
-"""Checkpoints that survive a crash mid-save, resume that continues the same run, and the stage export.
+"""Checkpoints that survive a crash mid-save, and the resume that continues the same run.
 
-A checkpoint is a DeepSpeed checkpoint of the *trainable* side only
-(``exclude_frozen_parameters=True``: the frozen LLM and vision encoder are
-never rewritten; they come back from their own weights on restart) plus, per
-rank, a ``client_state_rank{N}.pt`` with what DeepSpeed does not know: the step,
-the samples seen, the RNG states, the data loader's position.
-
-Atomicity: every rank writes into ``checkpoints/.tmp-step_000010/``; after a
-barrier rank 0 renames it to ``step_000010/`` and only then replaces the
-``latest`` file (write + ``os.replace``). A crash at any point leaves ``latest``
-naming the previous complete checkpoint; stale ``.tmp-*`` folders are removed
-at the next start. Older checkpoints are deleted only after a newer one is
-complete (``checkpoint.keep_last``). A storage fault while saving (disk full,
-read-only folder) is a :class:`CheckpointError` that names the folder, the
-errno and the free space; the partial folder is removed at once (it would
-only fill a full disk further) and ``latest`` keeps naming the previous one.
-The checkpoint folder must be on a file system every rank sees (as on any
-cluster's shared storage).
-
-Elastic resume (another world size): DeepSpeed's files hold per-rank ZeRO
-partitions, so beside them rank 0 writes ``trainable_state.pt``, a consolidated
-copy that does not depend on the world size: the fp32 master weight and the
-Adam moments (``exp_avg``, ``exp_avg_sq``) of every trainable parameter,
-gathered with DeepSpeed's ``safe_get_full_*`` on every rank (under ZeRO-3 each
-call is a collective), plus the optimizer's step count and the LR scheduler.
-The trainable side is small (connector, stage-1 module, LoRA), so this costs
-three fp32 copies of it. A run with the same world size loads DeepSpeed's files
-as before; another world size builds the engine fresh and loads this file
-(``safe_set_full_*`` and the compute copy of every trainable weight). A
-checkpoint written before this file existed still resumes on its own world
-size and is refused, with the reason, on any other.
-
-The export (``RUN_DIR/export/model.safetensors`` + ``manifest.json``) holds the
-trainable weights only, gathered under ZeRO-3; it is what stage 2 loads with
-``model.connector.stage1_weights``.
+A checkpoint is a DeepSpeed checkpoint of the *trainable* side only (frozen
+backbones come back from their own weights) plus, per rank, a
+``client_state_rank{N}.pt`` with what DeepSpeed does not know: step, samples, RNG,
+the loader's position; rank 0 adds the world-size-independent
+``trainable_state.pt`` (mmdist.training.trainable_state) so another number of ranks
+can resume. Saves go to ``.tmp-step_N/``, are renamed when complete and only then
+named by ``latest``, so a crash or a full disk never leaves a half checkpoint
+that a resume would pick; the folder must be shared by every rank.
 """
 
 from __future__ import annotations
@@ -49,6 +23,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mmdist.atomic import write_text_atomic
+from mmdist.training import dist
+from mmdist.training.trainable_state import (
+    TRAINABLE_STATE,
+    CheckpointError,
+    gather_trainable_state,
+    group_names,
+    groups_changed,
+    load_trainable_state,
+)
 
 __all__ = [
     "CheckpointError",
@@ -56,36 +39,17 @@ __all__ = [
     "capture_rng",
     "export_trainable",
     "restore_rng",
+    "TRAINABLE_STATE",
 ]
 
 LATEST = "latest"
-TRAINABLE_STATE = "trainable_state.pt"
-OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")  # Adam/AdamW moments (DeepSpeed's fused Adam and torch's AdamW name them alike)
 TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read back."""
-
-
-def _barrier() -> None:
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
-
-
-def _world_size() -> int:
-    import torch.distributed as tdist
-
-    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
-
-
-def _rank() -> int:
-    import torch.distributed as tdist
-
-    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
+# Module-level seams: export_trainable (below, moving to the export side) calls _rank/_barrier, and tests
+# replace _world_size to load a checkpoint as if this run had another number of ranks.
+_barrier, _rank, _world_size = dist.barrier, dist.rank, dist.world_size
 
 
 SHARED_WAIT_ENV = "MMDIST_SHARED_WAIT_S"  # how long rank 0 waits for other ranks' files (a network filesystem's lag)
@@ -101,22 +65,19 @@ def _require_shared_folder(tmp: Path) -> None:
     import socket
     import time
 
-    import torch.distributed as tdist
-
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
+    if dist.world_size() == 1:
         return
-    box: list = [None]
-    if tdist.get_rank() == 0:
+    found = None
+    if dist.rank() == 0:
         wait = float(os.environ.get(SHARED_WAIT_ENV, "30"))
         deadline = time.monotonic() + wait
         while True:
-            missing = [r for r in range(tdist.get_world_size()) if not (tmp / f"client_state_rank{r:05d}.pt").exists()]
+            missing = [r for r in range(dist.world_size()) if not (tmp / f"client_state_rank{r:05d}.pt").exists()]
             if not missing or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
-        box = [(missing, socket.gethostname(), wait)]
-    tdist.broadcast_object_list(box, src=0)
-    missing, host, wait = box[0]
+        found = (missing, socket.gethostname(), wait)
+    missing, host, wait = dist.broadcast_object(found, src=0)
     if missing:
         raise CheckpointError(
             f"checkpoint {tmp.name}: rank 0 (on {host}) does not see the files rank(s) {', '.join(map(str, missing))} "
@@ -226,12 +187,12 @@ class CheckpointManager:
     def clean_stale(self) -> list[Path]:
         """Remove ``.tmp-*`` folders left by a save that crashed (rank 0 only; call before any save)."""
         removed = []
-        if _rank() == 0 and self.root.is_dir():
+        if dist.rank() == 0 and self.root.is_dir():
             for p in self.root.iterdir():
                 if p.name.startswith(TMP_PREFIX):
                     shutil.rmtree(p, ignore_errors=True)
                     removed.append(p)
-        _barrier()
+        dist.barrier()
         return removed
 
     # -- writing ----------------------------------------------------------
@@ -246,12 +207,12 @@ class CheckpointManager:
         """
         name = self.tag(step)
         tmp = self.root / (TMP_PREFIX + name)
-        rank = _rank()
+        rank = dist.rank()
         if rank == 0:
             with self._storage_faults(name, tmp):
                 self.root.mkdir(parents=True, exist_ok=True)
                 shutil.rmtree(tmp, ignore_errors=True)
-        _barrier()
+        dist.barrier()
         import torch
 
         with self._storage_faults(name, tmp):
@@ -264,19 +225,19 @@ class CheckpointManager:
                 os.replace(str(tmp / TRAINABLE_STATE) + ".part", tmp / TRAINABLE_STATE)
             state = dict(client_state, step=step)
             if hasattr(engine, "optimizer"):
-                state["optimizer_groups"] = _group_names(engine)
+                state["optimizer_groups"] = group_names(engine)
             target = tmp / f"client_state_rank{rank:05d}.pt"
             torch.save(state, str(target) + ".part")
             os.replace(str(target) + ".part", target)
             if self.fail_after_engine_save is not None:
                 type(self).fail_after_engine_save(step)
-        _barrier()
+        dist.barrier()
         _require_shared_folder(tmp)  # collective
         final = self.root / name
         if rank == 0:
             with self._storage_faults(name, tmp):
                 self._publish(tmp, final)
-        _barrier()
+        dist.barrier()
         return final
 
     def _publish(self, tmp: Path, final: Path) -> None:
@@ -351,7 +312,7 @@ class CheckpointManager:
         """
         import torch
 
-        rank = _rank()
+        rank = dist.rank()
         world = _world_size()
         present = sorted(path.glob("client_state_rank*.pt"))
         if not present:
@@ -360,7 +321,7 @@ class CheckpointManager:
         saved_world = int(first.get("world_size") or len(present))
         if saved_world != world:
             return self._load_elastic(engine, path, present, saved_world)
-        if _groups_changed(engine, first.get("optimizer_groups")):
+        if groups_changed(engine, first.get("optimizer_groups")):
             # DeepSpeed's files hold the optimizer state per group: another layout loads by parameter name instead
             client = self._load_elastic(engine, path, present, saved_world)  # this rank's own client state
             del client["client_states"], client["saved_world_size"]  # the same ranks: the data position stays per rank
@@ -390,7 +351,7 @@ class CheckpointManager:
         consolidated = path / TRAINABLE_STATE
         if not consolidated.is_file() and saved_world == world:
             raise CheckpointError(
-                f"{path} holds the optimizer state for other parameter groups than this run's {_group_names(engine)} "
+                f"{path} holds the optimizer state for other parameter groups than this run's {group_names(engine)} "
                 f"(changed group settings, or an mmdist from before ZeRO-3 weights got weight decay, which put every "
                 f"ZeRO-3 parameter in a .no_decay group) and has no {TRAINABLE_STATE} to load by parameter name: resume "
                 "it with the settings and mmdist version that wrote it, or set checkpoint.resume=never"
@@ -405,207 +366,9 @@ class CheckpointManager:
             raise CheckpointError(f"{path}: {len(present)} client_state_rank*.pt for {saved_world} saved ranks; the checkpoint is incomplete")
         load_trainable_state(engine, torch.load(consolidated, map_location="cpu", weights_only=False), source=consolidated)
         states = [torch.load(p, map_location="cpu", weights_only=False) for p in present]
-        client = dict(states[min(_rank(), saved_world - 1)])
+        client = dict(states[min(dist.rank(), saved_world - 1)])
         client.update(saved_world_size=saved_world, client_states=states)
         return client
-
-
-def _group_names(engine: Any) -> list[str]:
-    return [str(g.get("name", i)) for i, g in enumerate(_base_optimizer(engine).param_groups)]
-
-
-def _groups_changed(engine: Any, saved: Optional[list[str]]) -> bool:
-    """Whether the checkpoint's optimizer groups differ from ``engine``'s. A checkpoint without the record (written
-    before it was kept) had this run's groups, except under ZeRO-3, where every group used to be ``.no_decay``."""
-    if not hasattr(engine, "optimizer"):
-        return False
-    mine = _group_names(engine)
-    if saved is None:
-        zero3 = any(hasattr(p, "ds_id") for p in engine.module.parameters())
-        return zero3 and any(not name.endswith(".no_decay") for name in mine)
-    return list(saved) != mine
-
-
-# ---------------------------------------------------------------------------
-# the consolidated trainable state (elastic resume)
-
-
-def _trainable(engine: Any) -> list[tuple[str, Any]]:
-    """The trainable parameters by name, sorted: the same order on every rank (each ZeRO-3 call is a collective)."""
-    return sorted(((n, p) for n, p in engine.module.named_parameters() if p.requires_grad), key=lambda item: item[0])
-
-
-def _base_optimizer(engine: Any) -> Any:
-    optimizer = engine.optimizer
-    return getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO/bf16 wrappers hold torch's optimizer here
-
-
-def _optimizer_step(engine: Any) -> Optional[int]:
-    """Adam's step count (the bias correction), the same in every state entry of the base optimizer."""
-    for state in _base_optimizer(engine).state.values():
-        if "step" in state:
-            return int(state["step"])
-    for group in _base_optimizer(engine).param_groups:  # DeepSpeed's fused Adam counts in the group
-        if "step" in group:
-            return int(group["step"])
-    return None
-
-
-def gather_trainable_state(engine: Any) -> dict:
-    """Every trainable parameter's fp32 master and Adam moments, whole, on every rank (collective), with the step
-    count and the LR scheduler: a state that does not depend on the world size."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    params, moments = {}, {k: {} for k in OPTIMIZER_KEYS}
-    plain = _base_optimizer(engine).state
-    _link_optimizer_fragments(engine)  # torch's AdamW creates its state after DeepSpeed mapped the fragments
-    for name, param in _trainable(engine):
-        full = safe_get_full_fp32_param(param)
-        params[name] = (full if full is not None else param.detach()).float().cpu().clone()
-        for key in OPTIMIZER_KEYS:
-            value = safe_get_full_optimizer_state(param, key)
-            if value is None and param in plain and key in plain[param]:  # no ZeRO, fp32: torch's own state
-                value = plain[param][key]
-            if value is not None:
-                moments[key][name] = value.float().cpu().clone().reshape(params[name].shape)
-    scheduler = getattr(engine, "lr_scheduler", None)
-    return {
-        "version": 1,
-        "world_size": _world_size(),
-        "params": params,
-        "optimizer": moments,
-        "optimizer_step": _optimizer_step(engine),
-        "global_steps": int(getattr(engine, "global_steps", 0)),
-        "global_samples": int(getattr(engine, "global_samples", 0)),
-        "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
-    }
-
-
-def _ensure_adam_state(engine: Any) -> None:
-    """Create Adam's state where a fresh optimizer has none yet (torch and DeepSpeed create it at the first step,
-    and only where it is empty), so the saved moments have somewhere to go.
-
-    The tensors it is keyed by: the base optimizer's parameters (no ZeRO, ZeRO-1/2's flat fp32 partitions) and
-    ZeRO-3's flat fp32 partitions, which DeepSpeed puts into the base optimizer's groups only during its step.
-    """
-    import torch
-
-    optimizer = _base_optimizer(engine)
-    amsgrad = any(group.get("amsgrad") for group in optimizer.param_groups)
-    tensors = [p for group in optimizer.param_groups for p in group["params"]]
-    tensors += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []) or [])
-    for p in tensors:
-        if not optimizer.state.get(p):
-            entry = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-            if amsgrad:
-                entry["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            optimizer.state[p] = entry
-    _link_optimizer_fragments(engine)
-
-
-def _link_optimizer_fragments(engine: Any) -> None:
-    """Point ZeRO-1/2's per-parameter views at the optimizer's flat state (see below); no-op elsewhere."""
-    optimizer = _base_optimizer(engine)
-    # ZeRO-1/2 (and DeepSpeed's bf16 optimizer) map each parameter to views of the flat state when the engine is
-    # built; a state created later (torch's AdamW at its first step, or here) must be mapped too, or
-    # safe_get/set_full_optimizer_state find no fragment.
-    wrapper = engine.optimizer
-    flats = getattr(wrapper, "single_partition_of_fp32_groups", None) or getattr(wrapper, "fp32_groups_flat_partition", None) or []
-    lows = getattr(wrapper, "bit16_groups", None) or getattr(wrapper, "bf16_groups", None) or []
-    for flat, params in zip(flats, lows):
-        for lp in params:
-            if getattr(lp, "_hp_mapping", None) is not None and flat in optimizer.state:
-                lp._hp_mapping.set_optim_state_fragment(flat, optimizer.state[flat])
-
-
-def _set_zero3_partition(param: Any, value: Any, key: Optional[str] = None) -> None:
-    """This rank's slice of a whole fp32 tensor into ZeRO-3's fp32 partition (the master weight, or an Adam moment).
-
-    DeepSpeed 0.19's ``safe_set_full_fp32_param``/``safe_set_full_optimizer_state`` slice the unpadded value with the
-    padded partition size, which fails on the last ranks whenever a parameter's size is not a multiple of the world
-    size (a [1] temperature on 3 ranks). Same private calls, with the slice clipped to what exists (no NVMe swap).
-    """
-    optimizer = param._z3_optimizer
-    part, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
-    start = optimizer._get_param_partition_rank(param) * param.ds_tensor.ds_numel
-    piece = value.flatten()[start : start + part.numel()]
-    part.data[: piece.numel()].copy_(piece.to(part.device, part.dtype))
-
-
-def load_trainable_state(engine: Any, state: dict, *, source: Any = TRAINABLE_STATE) -> None:
-    """Put a :func:`gather_trainable_state` result into a freshly built engine of any world size (collective).
-
-    The fp32 masters and moments go into this rank's ZeRO partitions, the
-    compute copy of each weight is overwritten too (under ZeRO-3 through a
-    gather that rank 0 modifies), and the step count and scheduler follow.
-    """
-    import torch
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-    trainable = _trainable(engine)
-    names = [n for n, _ in trainable]
-    missing, unknown = sorted(set(names) - set(state["params"])), sorted(set(state["params"]) - set(names))
-    if missing or unknown:
-        raise CheckpointError(f"{source}: trainable parameters differ from this model's (missing {missing[:5]}, unknown "
-                              f"{unknown[:5]}): the checkpoint belongs to another model or freezing setup")
-    _ensure_adam_state(engine)
-    plain = _base_optimizer(engine).state
-    for name, param in trainable:
-        value = state["params"][name]
-        shape = tuple(getattr(param, "ds_shape", param.shape))
-        if tuple(value.shape) != shape:
-            raise CheckpointError(f"{source}: {name} has shape {tuple(value.shape)}, this model's is {shape}")
-        device = engine.device
-        if hasattr(param, "ds_id"):
-            _set_zero3_partition(param, value)
-        else:
-            safe_set_full_fp32_param(param, value.to(device))
-        for key in OPTIMIZER_KEYS:
-            moment = state["optimizer"][key].get(name)
-            if moment is None:
-                continue
-            if hasattr(param, "ds_id"):
-                _set_zero3_partition(param, moment, key)
-            elif hasattr(param, "_hp_mapping"):
-                safe_set_full_optimizer_state(param, moment.to(device), key)
-            elif param in plain and key in plain[param]:
-                plain[param][key].copy_(moment.to(plain[param][key].device))
-        if hasattr(param, "ds_id"):  # ZeRO-3: the partitioned compute copy
-            import deepspeed
-
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                if _rank() == 0:
-                    with torch.no_grad():
-                        param.data.copy_(value.to(param.device, param.dtype))
-        else:
-            with torch.no_grad():
-                param.data.copy_(value.to(param.device, param.dtype))
-    step = state.get("optimizer_step")
-    if step is not None:
-        optimizer = _base_optimizer(engine)
-        for entry in optimizer.state.values():
-            if "step" in entry:
-                entry["step"] = torch.full_like(entry["step"], step) if torch.is_tensor(entry["step"]) else step
-        for group in optimizer.param_groups:
-            if "step" in group:
-                group["step"] = step
-    scheduler = getattr(engine, "lr_scheduler", None)
-    if scheduler is not None and state.get("lr_scheduler") is not None:
-        saved = dict(state["lr_scheduler"])
-        groups = getattr(scheduler, "optimizer", engine.optimizer).param_groups
-        if len(saved.get("base_lrs", groups)) != len(groups) and hasattr(scheduler, "lr_lambdas"):  # other groups: this run's base lrs
-            saved.pop("base_lrs", None)
-            saved.pop("_last_lr", None)
-            scheduler.load_state_dict(saved)
-            scheduler._last_lr = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
-        else:
-            scheduler.load_state_dict(saved)
-        # the optimizer's groups carry the lr of the step to come (DeepSpeed's own load restores them from its files)
-        for group, lr in zip(getattr(scheduler, "optimizer", engine.optimizer).param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
-    engine.global_steps = int(state.get("global_steps", 0))
-    engine.global_samples = int(state.get("global_samples", 0))
 
 
 def _is_storage_fault(exc: BaseException) -> bool:

@@ -373,8 +373,8 @@ def main(argv: list[str]) -> int:
     import os
 
     from mmdist.config import load_config
+    from mmdist.training.loop import train
     from mmdist.training.preemption import PREEMPTED_EXIT
-    from mmdist.training.trainer import train
 
     spec = json.loads(open(argv[0]).read())
     cfg = load_config(base=spec["config"])

@@ -29,7 +29,7 @@ def test_max_len_beyond_the_checkpoints_seq_length_is_refused(tmp_path):
 def test_stage1_to_qwen1_stage2_keeps_the_vocabulary_and_learns(tmp_path):
     pytest.importorskip("sklearn")
     from mmdist.data.shards import shard_pattern, write_demo_shards
-    from mmdist.training.trainer import train
+    from mmdist.training.loop import train
 
     folder = write_qwen1_checkpoint(tmp_path / "qwen1", qwen1_state_dict(), "safetensors", "late", chat=True)
     shutil.copy(needs_tiktoken_file(), folder / "qwen.tiktoken")

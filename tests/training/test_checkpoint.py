@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from mmdist.config import load_config
 from mmdist.training.checkpoint import CheckpointError, CheckpointManager
-from mmdist.training.trainer import train
+from mmdist.training.loop import train
 
 
 def _train(cfg_dict: dict, **kwargs) -> dict:

@@ -155,7 +155,7 @@ def test_trainer_reports_a_full_disk_and_resumes_from_the_previous_checkpoint(tm
     from helpers.trainer_toy import toy_config, toy_loader_builder, toy_model_builder
 
     from mmdist.config import load_config
-    from mmdist.training.trainer import train
+    from mmdist.training.loop import train
 
     run = tmp_path / "run"
     cfg = toy_config(str(run), train={"max_steps": 4}, checkpoint={"save_every": 2})

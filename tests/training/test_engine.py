@@ -15,12 +15,9 @@ import torch
 from helpers.trainer_toy import ToyModel, launch, toy_config
 
 from mmdist.config import ConfigError, load_config
-from mmdist.training.engine import (
-    build_optimizer_groups,
-    deepspeed_config,
-    enable_frozen_gradient_checkpointing,
-    total_steps,
-)
+from mmdist.training.ds_config import deepspeed_config, total_steps
+from mmdist.training.engine import enable_frozen_gradient_checkpointing
+from mmdist.training.optimizer import build_optimizer_groups
 
 
 def _cfg(tmp_path, **sections):
@@ -212,7 +209,7 @@ def test_zero_dim_parameter_trains_under_zero2(tmp_path):
     """DeepSpeed 0.19 cannot broadcast 0-dim parameters; the engine handles them at ZeRO stages 0-2."""
     from helpers.trainer_toy import ToyModel, toy_loader_builder
 
-    from mmdist.training.trainer import train
+    from mmdist.training.loop import train
 
     def builder(cfg, gather):
         return ToyModel(gather, scalar_dim0=True)
@@ -284,7 +281,8 @@ CLOSE_PROBE = textwrap.dedent("""
     from transformers.integrations import is_deepspeed_zero3_enabled
     from mmdist.config import load_config
     from mmdist.training import dist
-    from mmdist.training.engine import build_engine, deepspeed_shm_buffer
+    from mmdist.training.engine import build_engine
+    from mmdist.training.teardown import deepspeed_shm_buffer
 
     class Head(torch.nn.Module):
         def __init__(self):
@@ -343,7 +341,7 @@ def test_close_releases_deepspeed_groups_zero3_setting_and_shm_buffer(tmp_path):
 @pytest.mark.parametrize(("world", "micro", "fitted"), [(2, 4, 3), (3, 4, 4), (5, 8, 6), (4, 2, 1)])
 def test_micro_batch_fits_the_global_batch_on_any_world_size(tmp_path, world, micro, fitted):
     """Global batch 60: the micro-batch only goes down, to the largest that divides 60 / world; accumulation follows."""
-    from mmdist.training.engine import fit_micro_batch
+    from mmdist.training.ds_config import fit_micro_batch
 
     cfg = _cfg(tmp_path, train={"micro_batch_size": micro, "global_batch_size": 60})
     out, line = fit_micro_batch(cfg, world)
@@ -356,7 +354,7 @@ def test_micro_batch_fits_the_global_batch_on_any_world_size(tmp_path, world, mi
 
 
 def test_global_batch_that_the_world_does_not_divide_is_refused_with_the_sizes_that_work(tmp_path):
-    from mmdist.training.engine import fit_micro_batch
+    from mmdist.training.ds_config import fit_micro_batch
 
     with pytest.raises(ConfigError, match=r"12 samples per step cannot be split evenly over 5 ranks.*\(1, 2, 3, 4, 6, 12\)"):
         fit_micro_batch(_cfg(tmp_path, train={"micro_batch_size": 2, "global_batch_size": 12}), 5)

@@ -115,11 +115,11 @@ def test_tiny_fuse_recipe_resolves_auto_from_the_cpu(monkeypatch, native, expect
 def test_run_config_yaml_holds_the_concrete_dtypes(monkeypatch, tmp_path, native, expected):
     """A training run writes the resolved dtypes (and why, as comments) into its config.yaml and the start-up log."""
 
-    from mmdist.training.trainer import _write_run_dir
+    from mmdist.training.run_setup import write_run_dir
 
     monkeypatch.setenv("MMDIST_CPU_BF16", native)
     cfg, resolved = resolve_precision(recipe("fuse", "engine.zero_stage=3", f"run_dir={tmp_path}"), "cpu")
-    _write_run_dir(cfg, 0, resolved)
+    write_run_dir(cfg, 0, resolved)
     text = (tmp_path / "config.yaml").read_text()
     written = yaml.safe_load(text)
     assert written["model"]["llm"]["dtype"] == written["engine"]["precision"] == expected

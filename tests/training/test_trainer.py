@@ -12,8 +12,10 @@ import yaml
 from helpers.trainer_toy import ToyLoader, launch, toy_config, toy_loader_builder, toy_model_builder
 from safetensors.torch import load_file
 
+from mmdist.commands.train import main as cli_main
 from mmdist.config import load_config
-from mmdist.training.trainer import NonFiniteLossError, TrainState, cli_main, train, train_step
+from mmdist.training.loop import train
+from mmdist.training.step import NonFiniteLossError, TrainState, train_step
 
 
 def _train(cfg_dict: dict, **kwargs) -> dict:
@@ -146,7 +148,7 @@ def test_cli_tolerates_local_rank_and_applies_overrides(tmp_path, monkeypatch):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(toy_config(str(tmp_path / "run"))))
     seen = {}
-    monkeypatch.setattr("mmdist.training.trainer.train", lambda cfg: seen.setdefault("cfg", cfg) and {"history": [], "step": 0, "run_dir": cfg.run_dir})
+    monkeypatch.setattr("mmdist.training.loop.train", lambda cfg: seen.setdefault("cfg", cfg) and {"history": [], "step": 0, "run_dir": cfg.run_dir})
     assert cli_main(["--config", str(path), "train.max_steps=3", "--local_rank=0"]) == 0
     assert seen["cfg"].train.max_steps == 3
     assert cli_main(["--config", str(path), "train.max_stepz=3"]) == 2
@@ -388,12 +390,13 @@ def test_tensorboard_events_and_sample_budget(tmp_path):
 def test_packed_rows_count_their_samples_and_mfu_uses_the_compute_dtype():
     from helpers.configs import tiny_run_config
 
-    from mmdist.training.trainer import _batch_size, compute_dtype
+    from mmdist.models.contract import count_samples
+    from mmdist.training.run_setup import compute_dtype
 
     packed = {"input_ids": torch.zeros(2, 6, dtype=torch.long),
               "sequence_ids": torch.tensor([[0, 0, 1, 1, 2, -1], [0, 0, 0, 1, -1, -1]])}
-    assert _batch_size(packed) == 5  # 3 samples in row 0, 2 in row 1
-    assert _batch_size({"input_ids": torch.zeros(4, 6, dtype=torch.long)}) == 4
+    assert count_samples(packed, "input_ids") == 5  # 3 samples in row 0, 2 in row 1
+    assert count_samples({"input_ids": torch.zeros(4, 6, dtype=torch.long)}, "input_ids") == 4
     cfg = tiny_run_config("fuse", "engine.precision=fp32", "model.llm.dtype=bf16")
     assert compute_dtype(cfg) == "bf16"  # fp32 engine, bf16 frozen LLM: the LLM's FLOPs dominate
     cfg = tiny_run_config("fuse", "engine.precision=bf16", "model.llm.dtype=auto")  # a frozen fp32 LLM is refused: DeepSpeed would cast it
@@ -528,7 +531,7 @@ def test_zero3_checkpoint_with_the_old_optimizer_groups_resumes_by_parameter_nam
     """mmdist used to put every ZeRO-3 parameter in a .no_decay group (judged by the partition's 1-D shape) and did not
     record the groups. Such a checkpoint resumes through its consolidated copy into today's groups, and the run ends
     where an uninterrupted one does (weight decay 0, so the groups change nothing numerically)."""
-    import mmdist.training.engine as engine_module
+    import mmdist.training.optimizer as optimizer_module
     from mmdist.training.checkpoint import TRAINABLE_STATE
 
     def config(run):
@@ -537,7 +540,7 @@ def test_zero3_checkpoint_with_the_old_optimizer_groups_resumes_by_parameter_nam
 
     full = _train(config("full"))
     with monkeypatch.context() as old:
-        old.setattr(engine_module, "_no_decay", lambda name, param: param.ndim < 2)  # the rule before the fix
+        old.setattr(optimizer_module, "_no_decay", lambda name, param: param.ndim < 2)  # the rule before the fix
         _train(config("split"), stop_after=2)
     ckpt = tmp_path / "split" / "checkpoints" / "step_000002"
     client_file = ckpt / "client_state_rank00000.pt"

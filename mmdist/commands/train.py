@@ -1,0 +1,43 @@
+"""``mmdist train`` (and ``launch/train.py``): parse the arguments, train one stage, print, return the exit code.
+
+Commands are their own layer: the library below (mmdist.training) never parses
+argv and never prints for a person except through its logger.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+
+from mmdist.config import ConfigError, load_config
+from mmdist.training import loop, preemption
+from mmdist.training.launch_env import strip_local_rank
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mmdist train --config FILE [key.path=value ...]`` (a trailing ``--local_rank=N`` is accepted).
+
+    Exit codes: 0 done, 2 a bad config, ``preemption.PREEMPTED_EXIT`` (75) stopped on a
+    signal with a checkpoint (the Slurm scripts requeue; a rerun resumes).
+    """
+    argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
+    parser = argparse.ArgumentParser(prog="mmdist train", description="Train one stage (align or fuse) from a config.")
+    parser.add_argument("--config", required=True, help="YAML recipe, e.g. configs/fuse.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 engine.zero_stage=3")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    summary = loop.train(cfg)
+    if summary.get("preempted"):
+        return preemption.PREEMPTED_EXIT  # checkpointed: slurm/_launch.sh requeues, a rerun resumes
+    if summary.get("rank", 0) == 0:  # not os.environ: dist.shutdown() has restored it by now
+        loss = summary["history"][-1]["loss"] if summary["history"] else math.nan
+        print(f"[mmdist] done: step {summary['step']}, last loss {loss:.4f}, run dir {summary['run_dir']}")
+    return 0

@@ -1,0 +1,244 @@
+"""One optimizer step, and the state the loop carries from one to the next.
+
+Kept apart from the loop (``mmdist.training.loop``) so the benchmarks time the very
+function training runs, and tests drive it on a bare engine. What a batch counts
+comes from the model (``batch_counts``, mmdist.models.contract), not from the
+batch's key names. A micro-batch whose loss is NaN/inf on any rank is dropped on
+every rank before the backward pass and the next batch takes its place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from mmdist.models.contract import BatchCounts, TrainableModel
+from mmdist.training import dist
+
+__all__ = ["Batches", "NonFiniteLossError", "TrainState", "float_dtype", "to_device", "train_step"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many NaN/inf losses in a row: the run cannot continue meaningfully."""
+
+
+@dataclass
+class TrainState:
+    """What the loop carries from one optimizer step to the next; :meth:`state_dict` is checkpointed.
+
+    ``nonfinite_in_row`` counts the skipped micro-batches since the last completed
+    step; it is not saved, since checkpoints are written only after a step completes.
+    """
+
+    step: int = 0
+    samples: int = 0  # global samples seen (a packed row counts the samples in it)
+    tokens: int = 0  # global tokens processed (prompt, image and answer tokens)
+    nonfinite_total: int = 0
+    nonfinite_in_row: int = 0
+
+    def state_dict(self) -> dict:
+        """The checkpoint's client-state keys (``step`` is written by CheckpointManager.save as well)."""
+        return {"step": self.step, "samples": self.samples, "tokens": self.tokens, "nonfinite_total": self.nonfinite_total}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Older checkpoints lack ``tokens`` (and the oldest ``samples``/``nonfinite_total``): those restart at 0."""
+        self.step = int(state["step"])
+        self.samples = int(state.get("samples", 0))
+        self.tokens = int(state.get("tokens", 0))
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.nonfinite_in_row = 0
+
+
+def train_step(
+    engine: Any,
+    micro_batches: Iterator[dict],
+    state: TrainState,
+    *,
+    max_nonfinite_steps: int,
+    fingerprint: bool = False,
+    on_skip: Optional[Callable[[TrainState, float], None]] = None,
+) -> dict:
+    """One optimizer step: ``engine.gradient_accumulation_steps()`` finite micro-batches, each forward, backward, step.
+
+    ``engine`` is a DeepSpeed engine around a :class:`~mmdist.models.contract.TrainableModel`:
+    it accumulates gradients over the micro-batches and updates the weights at the last
+    one. Floating-point inputs are cast to the engine's bf16/fp16. A micro-batch whose
+    loss is NaN/inf on any rank is dropped on every rank before backward (all ranks must
+    skip the same batch, or ZeRO would hang): ``state`` counts it, ``on_skip(state, loss)``
+    is told, and the next batch of ``micro_batches`` takes its place. The
+    ``max_nonfinite_steps``-th skip in a row raises :class:`NonFiniteLossError`.
+
+    Where the model's batches count ``loss_terms`` (stage 2: the answer tokens its loss
+    averages over) the step trains on the mean over every term of the step: its
+    micro-batches are drawn first, their terms summed over every rank (one all-reduce),
+    and each micro-batch's loss is weighted by its share, so the update is the same
+    however the global batch is cut into micro-batches and ranks (a run resumed on
+    another number of GPUs, ``train.fit_micro_batch``), and the ``loss`` returned is that
+    mean too. A micro-batch that replaces a skipped one keeps the step's count.
+
+    ``state`` advances by one step and the step's samples and tokens. Returned, over
+    every rank: the mean ``loss`` and model metrics, ``step_samples``, ``step_tokens``,
+    ``step_supervised_tokens`` and ``step_image_tokens``, ``grad_norm`` when the engine
+    reports one, and with ``fingerprint`` a hash of every rank's batches (skipped ones
+    included) as ``data``.
+    """
+    accumulation = engine.gradient_accumulation_steps()
+    half = float_dtype(engine)
+    model: TrainableModel = engine.module
+    stats = _StepStats()
+
+    def draw() -> tuple[dict, BatchCounts]:
+        try:
+            batch = next(micro_batches)
+        except StopIteration:
+            raise RuntimeError(
+                f"the micro-batches ran out after {stats.micro} of the {accumulation} of step {state.step + 1} "
+                f"({state.nonfinite_in_row} skipped as non-finite): give train_step an endless iterator"
+            ) from None
+        return batch, model.batch_counts(batch)
+
+    drawn = [draw()]
+    weight = None  # per loss term, so that the engine's mean over micro-batches and ranks is the mean over every term
+    if drawn[0][1].loss_terms is not None:
+        drawn += [draw() for _ in range(accumulation - 1)]
+        terms = dist.all_reduce([sum(counts.loss_terms or 0 for _, counts in drawn)], engine.device)[0]
+        weight = accumulation * dist.world_size() / max(terms, 1)
+    while stats.micro < accumulation:
+        batch, counts = drawn.pop(0) if drawn else draw()
+        if fingerprint:
+            stats.fingerprints.append(_fingerprint(batch))
+        out = engine(to_device(batch, engine.device, half))
+        loss = out["loss"]
+        if not _finite_everywhere(loss, engine.device):
+            # dropped before backward on every rank: no gradient, no optimizer update
+            state.nonfinite_in_row += 1
+            state.nonfinite_total += 1
+            if on_skip is not None:
+                on_skip(state, float(loss.detach()))
+            if state.nonfinite_in_row >= max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{state.nonfinite_in_row} non-finite losses in a row at step {state.step + 1} (train.max_nonfinite_steps="
+                    f"{max_nonfinite_steps}): lower train.lr, check the data (empty answers, bad images) or use "
+                    "engine.precision=bf16/fp32"
+                )
+            continue
+        engine.backward(loss if weight is None else loss * out["num_tokens"] * weight)
+        engine.step()
+        stats.add(loss, counts, out, weighted=weight is not None)
+
+    state.step += 1
+    state.nonfinite_in_row = 0
+    record = stats.reduce(engine.device)
+    state.samples += record["step_samples"]
+    state.tokens += record["step_tokens"]
+    grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+    if grad_norm is not None:
+        record["grad_norm"] = float(grad_norm)
+    if fingerprint:
+        record["data"] = _gathered_fingerprint(stats.fingerprints)
+    return record
+
+
+class _StepStats:
+    """What the micro-batches of one optimizer step add up to; summed over ranks when the step ends."""
+
+    def __init__(self) -> None:
+        self.micro, self.loss, self.samples, self.tokens = 0, 0.0, 0, 0
+        self.term_loss, self.terms = 0.0, 0  # loss x terms and terms, of micro-batches weighted by their loss terms
+        self.supervised, self.image_tokens = 0, 0
+        self.metrics: dict[str, float] = {}
+        self.fingerprints: list[str] = []
+
+    def add(self, loss: torch.Tensor, counts: BatchCounts, out: dict, weighted: bool = False) -> None:
+        self.micro += 1
+        self.loss += float(loss.detach())
+        if weighted:
+            self.term_loss += float(loss.detach()) * int(out["num_tokens"])
+            self.terms += int(out["num_tokens"])
+        self.samples += counts.samples
+        self.tokens += counts.tokens
+        self.supervised += counts.supervised_tokens
+        self.image_tokens += counts.image_tokens
+        for key, value in (out.get("metrics") or {}).items():
+            self.metrics[key] = self.metrics.get(key, 0.0) + float(value)
+
+    def reduce(self, device: Any) -> dict:
+        """The loss (the mean over every loss term where micro-batches are weighted, else over micro-batches) and
+        the mean model metrics over every rank's micro-batches, global samples and tokens."""
+        keys = sorted(self.metrics)  # the same model on every rank reports the same keys
+        total = dist.all_reduce([self.loss, self.micro, self.samples, self.tokens, self.supervised, self.image_tokens,
+                                 self.term_loss, self.terms] + [self.metrics[k] for k in keys], device)
+        count = max(total[1], 1)
+        loss = total[6] / total[7] if total[7] > 0 else total[0] / count
+        out = {"loss": loss, "step_samples": int(total[2]), "step_tokens": int(total[3]),
+               "step_supervised_tokens": int(total[4]), "step_image_tokens": int(total[5])}
+        out.update({k: v / count for k, v in zip(keys, total[8:])})
+        return out
+
+
+def float_dtype(engine: Any) -> Optional[torch.dtype]:
+    """The dtype floating-point inputs are cast to: the engine's half precision, or None (left as they are)."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    return torch.float16 if engine.fp16_enabled() else None
+
+
+def to_device(batch: dict, device: Any, dtype: Optional[torch.dtype]) -> dict:
+    """The batch's tensors on ``device``, floating-point ones cast to ``dtype`` (None: kept)."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.is_floating_point() and dtype is not None:
+                value = value.to(dtype)
+        out[key] = value
+    return out
+
+
+def _fingerprint(batch: dict) -> str:
+    digest = hashlib.sha1()
+    for key in sorted(batch):
+        value = batch[key]
+        if hasattr(value, "detach"):
+            digest.update(key.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _gathered_fingerprint(fingerprints: list[str]) -> str:
+    """One hash of the step's batches on every rank (rank order), identical on all ranks."""
+    local = "|".join(fingerprints)
+    if dist.world_size() > 1:
+        local = "/".join(dist.all_gather_object(local))
+    return hashlib.sha1(local.encode()).hexdigest()[:16]
+
+
+def _finite_everywhere(loss: torch.Tensor, device: Any) -> bool:
+    """True when the loss is finite on every rank (all ranks must skip the same batch, or ZeRO would hang)."""
+    local = 1.0 if bool(torch.isfinite(loss.detach()).all()) else 0.0
+    return dist.all_reduce([local], device, op="min")[0] > 0
+
+
+class Batches:
+    """Endless iteration over a loader: a finished pass starts the next epoch (the loader tracks which)."""
+
+    def __init__(self, loader: Iterable):
+        self.loader = loader
+        self.iterator: Optional[Iterator[dict]] = None
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> dict:
+        for _ in range(2):
+            if self.iterator is None:
+                self.iterator = iter(self.loader)
+            try:
+                return next(self.iterator)
+            except StopIteration:
+                self.iterator = None
+        raise RuntimeError("the training loader yields no batches: check data.train (every shard empty or filtered out?)")
