@@ -8,6 +8,7 @@ each step.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import socket
 from collections.abc import Callable, Iterable, Sequence
@@ -110,13 +111,26 @@ def resolve_precision_agreed(cfg: RunConfig) -> tuple[RunConfig, list]:
 
 
 def write_run_dir(cfg: RunConfig, rank: int, precision: Sequence = ()) -> None:
-    """The resolved config (concrete dtypes) as config.yaml, with why each precision was chosen as comments."""
-    if rank == 0:
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        path = dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
-        if precision:
-            notes = "".join(f"# {line}\n" for line in precision_lines(list(precision)))
-            write_text_atomic(path, f"# precision resolved at start-up:\n{notes}" + path.read_text())
+    """The resolved config as config.yaml: concrete dtypes (why each was chosen, as comments) and data workers.
+
+    ``data.num_workers: null`` (auto) is written as the count this rank's CPUs give
+    (mmdist.data.loader.resolve_num_workers). Only the file holds it: the run's
+    loader still sees auto, so a resume follows the count its checkpoint was written with.
+    """
+    if rank != 0:
+        return
+    from mmdist.data.loader import resolve_num_workers
+
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    notes = ["precision resolved at start-up:", *precision_lines(list(precision))] if precision else []
+    written = cfg
+    if cfg.data.num_workers is None:
+        workers = resolve_num_workers(None)
+        written = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, num_workers=workers))
+        notes.append(f"data.num_workers = {workers} (auto): the CPUs of rank 0 less one for training, at most 8")
+    path = dump_config(written, Path(cfg.run_dir) / "config.yaml")
+    if notes:
+        write_text_atomic(path, "".join(f"# {line}\n" for line in notes) + path.read_text())
 
 
 def setup(cfg: RunConfig, env: DistEnv, bundle: EngineBundle, loader_builder: Callable) -> Run:
