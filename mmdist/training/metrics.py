@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from mmdist.atomic import write_text_atomic
+from mmdist.training.settings import LogConfig
 
 __all__ = [
     "FlopCount",
@@ -199,7 +200,7 @@ def drop_records_after(path: Path, step: int) -> int:
 class MetricsLogger:
     """metrics.jsonl (+ TensorBoard, + W&B) and the tqdm bar, on rank 0 only."""
 
-    def __init__(self, run_dir: str | os.PathLike, log_cfg: Any, *, enabled: bool, total_steps: int, initial_step: int = 0, run_name: str = "run", config: Optional[dict] = None):
+    def __init__(self, run_dir: str | os.PathLike, log_cfg: LogConfig, *, enabled: bool, total_steps: int, initial_step: int = 0, run_name: str = "run", config: Optional[dict] = None):
         self.enabled = enabled
         self.bar = None
         self.tb = None

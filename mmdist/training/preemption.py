@@ -36,6 +36,7 @@ from types import FrameType
 from typing import Any, Optional, Union
 
 from mmdist.atomic import write_text_atomic
+from mmdist.training import dist
 
 __all__ = [
     "DEFAULT_SIGNALS",
@@ -147,16 +148,14 @@ def stop_agreed(flag: Union[PreemptionFlag, bool], device: Any = None) -> bool:
     else CPU.
     """
     local = flag.requested if isinstance(flag, PreemptionFlag) else bool(flag)
+    if dist.world_size() == 1:
+        return local
     import torch
     import torch.distributed as tdist
 
-    if not (tdist.is_available() and tdist.is_initialized()) or tdist.get_world_size() == 1:
-        return local
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(tdist.get_backend()) else torch.device("cpu")
-    value = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
-    tdist.all_reduce(value, op=tdist.ReduceOp.MAX)
-    return bool(value.item())
+    return dist.all_reduce([1.0 if local else 0.0], device, op="max")[0] > 0
 
 
 def record_stop(run_dir: Union[str, os.PathLike], *, step: int, checkpoint: Union[str, os.PathLike, None],
