@@ -436,31 +436,12 @@ def _digit_parser() -> Callable[[str], Any]:
 MATCHERS: dict[str, Callable[[], Callable[[str], Any]]] = {"normalised": lambda: normalise_answer, "digit": _digit_parser}
 
 
-def load_export_model(path: str | os.PathLike, overrides: Optional[list[str]] = None, device: Any = "cpu") -> Any:
-    """The model of an export (or run / demo folder; a demo folder means its stage 2), by the manifest's stage."""
-    from mmdist.export import load_align_model, load_fused_model, manifest_config, read_export, resolve_export_dir
-    from mmdist.precision import resolve_precision
-
-    folder = resolve_export_dir(path, subfolders=("export", os.path.join("fuse", "export"), os.path.join("align", "export")))
-    _, manifest = read_export(folder)
-    stage = manifest.get("stage")
-    if stage == "fuse":
-        return load_fused_model(folder, overrides=overrides, precision=lambda cfg: resolve_precision(cfg, device))
-    if stage != "align":
-        raise ValueError(f"{folder}: the manifest names stage {stage!r}; mmdist eval knows 'align' and 'fuse' exports")
-    cfg, _ = resolve_precision(manifest_config(folder, manifest, overrides), device)
-    model = load_align_model(cfg, folder)
-    model.run_config = cfg
-    model.export_dir = folder
-    return model
-
-
 def _output_dir(path: str | os.PathLike, model: Any) -> Path:
     """``RUN/eval`` where RUN is the folder holding the export (the export folder's parent when it is ``export``)."""
     from mmdist.export import resolve_export_dir
+    from mmdist.materialize import EVAL_SUBFOLDERS
 
-    folder = Path(getattr(model, "export_dir", None) or resolve_export_dir(
-        path, subfolders=("export", os.path.join("fuse", "export"), os.path.join("align", "export"))))
+    folder = Path(getattr(model, "export_dir", None) or resolve_export_dir(path, subfolders=EVAL_SUBFOLDERS))
     run = folder.parent if folder.name == "export" else folder
     return run / "eval"
 
@@ -485,6 +466,7 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
 
     from mmdist.data import build_loader
     from mmdist.hardware import default_device
+    from mmdist.materialize import load_export_model
     from mmdist.training import dist
 
     env = dist.discover()

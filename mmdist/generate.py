@@ -5,7 +5,7 @@
 ``--run`` takes a stage-2 export folder, a stage-2 run folder (its ``export/``)
 or a demo run folder (its ``fuse/export/``). The export's manifest carries the
 resolved config and the stage-1 manifest, so the model is rebuilt exactly
-(mmdist.export.load_fused_model) and nothing else is needed.
+(mmdist.materialize.load_fused_model) and nothing else is needed.
 
 The prompt is rendered by the data pipeline's own preprocessor (the same
 template, image placeholder expansion and separators as in training), so what
@@ -32,19 +32,15 @@ def load_model(path: str | Path, overrides: Optional[list[str]] = None, device: 
     """The trained FusedVLM of a stage-2 export / run / demo folder, in eval mode, on ``device`` (default: the GPU
     when there is one, else cpu). An ``auto`` dtype in ``overrides`` is resolved for that device; a stored dtype the
     device cannot run fast gets a one-line warning (e.g. bf16 from a GPU run on a CPU without native bf16)."""
-    import sys
-
-    from mmdist.export import load_fused_model, resolve_fused_export
     from mmdist.hardware import default_device
-    from mmdist.precision import precision_lines, resolve_precision
+    from mmdist.materialize import load_inference_model
+    from mmdist.precision import precision_lines
 
-    device = device or default_device()
-    folder = resolve_fused_export(path)
-    model = load_fused_model(folder, overrides=overrides, precision=lambda cfg: resolve_precision(cfg, device))
+    model = load_inference_model(path, overrides, device or default_device())
     for line in precision_lines(getattr(model, "precision", [])):
         if line.startswith("warning:"):
             print(f"[mmdist] {line}", file=sys.stderr)
-    return model.to(device).eval()
+    return model
 
 
 def prompt_ids(model: Any, prompt: str, num_images: int = 1) -> list[int]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import shutil
 import sys
@@ -35,6 +36,8 @@ from typing import Any, Optional
 import torch
 
 # Vision towers whose tokens are (image_size / patch_size)^2, plus one class token where they have one.
+log = logging.getLogger(__name__)
+
 PATCH_GRID_TOWERS = {"vit", "clip_vision_model", "siglip_vision_model"}
 
 QFORMER_REASON = (
@@ -350,11 +353,16 @@ def export_hf(run: str | Path, out: str | Path, overrides: Optional[list[str]] =
 
     from mmdist.data.preprocess import resolve_template
     from mmdist.export import resolve_fused_export
-    from mmdist.generate import load_model
+    from mmdist.hardware import default_device
+    from mmdist.materialize import load_inference_model
+    from mmdist.precision import precision_lines
 
     folder = resolve_fused_export(run)
     projector, _, manifest = check_hf_exportable(str(folder))  # fails fast, before the LLM loads
-    model = load_model(folder, overrides)
+    model = load_inference_model(folder, overrides, default_device())
+    for line in precision_lines(model.precision):
+        if line.startswith("warning:"):
+            log.warning("%s", line)
     selection = feature_selection(manifest, model.vision.model.config)
     grid = (model.vision.image_size // selection.patch_size) ** 2 if selection.patch_size else 0
     counted = grid + selection.additional_tokens - (1 if selection.strategy == "default" else 0)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from mmdist import evaluation
+from mmdist.materialize import load_export_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,7 +120,7 @@ def test_training_logs_the_metrics(tiny_runs):
 
 
 def test_retrieval_equals_brute_force(tiny_runs):
-    model = evaluation.load_export_model(tiny_runs["align"])
+    model = load_export_model(tiny_runs["align"])
     cfg, loader = _loader(model, tiny_runs["eval"], 6)
     got = evaluation.evaluate_retrieval(model, loader)
     # brute force: one sample at a time, python loops over the ranks
@@ -174,7 +175,7 @@ def test_answer_accuracy_with_forced_answers(tiny_runs, monkeypatch, tmp_path):
 def test_batched_cached_generation_equals_one_by_one_without_cache(tiny_runs):
     from mmdist.generate import answer_batch
 
-    model = evaluation.load_export_model(tiny_runs["fuse"])
+    model = load_export_model(tiny_runs["fuse"])
     _, loader = _loader(model, tiny_runs["eval"], 8)
     batch = next(iter(loader))
     prompts = [evaluation.split_last_turn(i, lab, m)[0] for i, lab, m in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])]

@@ -19,8 +19,9 @@ import torch
 from helpers.configs import dotted, tiny_run_config
 
 from mmdist.config.run import RunConfig
-from mmdist.export import build_run_model, save_export
+from mmdist.export import save_export
 from mmdist.hf_export import ExportRefused, Linear, check_hf_exportable, cli_main, fold_chain
+from mmdist.materialize import build_run_model
 
 PROMPT = "What digit is this?"
 MAX_NEW_TOKENS = 8

@@ -61,7 +61,7 @@ def test_shipped_reference_recipe_plans(tmp_path, capsys):
 
 
 def test_frozen_parameters_are_counted_as_frozen():
-    from mmdist.export import build_run_model
+    from mmdist.materialize import build_run_model
 
     cfg = tiny_run_config("fuse")
     shapes = plan.model_shapes(cfg)

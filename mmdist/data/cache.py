@@ -347,8 +347,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     from mmdist.config.run import load_config
-    from mmdist.export import build_run_encoder
     from mmdist.hardware import default_device
+    from mmdist.materialize import build_run_encoder
     from mmdist.precision import precision_lines, resolve_precision
 
     device = args.device or default_device()

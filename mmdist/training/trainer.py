@@ -52,11 +52,12 @@ import torch.distributed as tdist
 
 from mmdist.atomic import write_text_atomic
 from mmdist.config import ConfigError, RunConfig, dump_config
+from mmdist.export import export_trainable
 from mmdist.hardware import default_device, peak_flops
 from mmdist.models.freeze import param_table
 from mmdist.precision import precision_lines, resolve_precision
 from mmdist.training import dist, preemption
-from mmdist.training.checkpoint import CheckpointError, CheckpointManager, capture_rng, export_trainable, restore_rng
+from mmdist.training.checkpoint import CheckpointError, CheckpointManager, capture_rng, restore_rng
 from mmdist.training.engine import EngineBundle, build_engine, fit_micro_batch
 from mmdist.training.metrics import MetricsLogger, Throughput, flop_count
 from mmdist.training.watchdog import Watchdog
