@@ -1,7 +1,4 @@
-"""`mmdist export`: hand a trained model on, in mmdist's own format or as a Hugging Face LLaVA folder.
-
-    mmdist export --run runs/demo --out exported/demo                  # mmdist format (the default)
-    mmdist export --run runs/demo --format hf --out exported/demo-hf   # LlavaForConditionalGeneration
+"""Handing a trained model on, in mmdist's own format or as a Hugging Face LLaVA folder (`mmdist export`).
 
 An mmdist export (the trainable weights + a manifest) is what resuming and the stage hand-off
 read, and only mmdist can read it. vLLM and plain transformers read the llava-hf layout, so
@@ -20,15 +17,11 @@ encoder) has no exact Llava form and is refused with the reason; nothing is appr
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -436,28 +429,3 @@ def export_mmdist(run: str | Path, out: str | Path) -> Path:
 
     state, manifest = read_export(resolve_fused_export(run))
     return Path(write_export(state, manifest, str(out)))
-
-
-def cli_main(argv: Sequence[str] | None = None) -> int:
-    """``mmdist export --run RUN --out DIR [--format mmdist|hf] [overrides]``."""
-    parser = argparse.ArgumentParser(prog="mmdist export", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="export folder, run folder or demo run folder")
-    parser.add_argument("--out", required=True, help="folder to write (must be new or empty for --format hf)")
-    parser.add_argument("--format", choices=("mmdist", "hf"), default="mmdist",
-                        help="mmdist: today's export (resume, hand-off); hf: LlavaForConditionalGeneration + LlavaProcessor")
-    parser.add_argument("overrides", nargs="*", help="--format hf: dotted overrides of the stored config, e.g. model.llm.dtype=fp32")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        if args.format == "hf":
-            written = export_hf(args.run, args.out, args.overrides)
-        else:
-            written = export_mmdist(args.run, args.out)
-    except (ExportRefused, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({"format": args.format, "out": str(written)}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main())

@@ -70,8 +70,8 @@ def test_packed_and_unpacked_batches_give_the_same_loss(demo):
 def test_mmdist_cache_cli_and_training_on_features(demo, tmp_path):
     import yaml
 
+    from mmdist.commands.cache import main as cli_main
     from mmdist.config.run import config_to_dict
-    from mmdist.data.cache import cli_main
     from mmdist.materialize import build_run_model
 
     cfg = _cfg("align", demo, format="caption")
