@@ -61,6 +61,10 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 
+from mmdist import generate
+from mmdist.data.settings import SourceConfig
+from mmdist.models.losses import contrastive_logits
+
 IGNORE_INDEX = -100
 RECALL_AT = (1, 5, 10)
 
@@ -118,7 +122,6 @@ def recall_at_k(similarity: torch.Tensor, correct: torch.Tensor, ks: Sequence[in
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_index: torch.Tensor,
                       ks: Sequence[int] = RECALL_AT) -> dict[str, float]:
     """R@k both ways. ``image_emb`` [N, D] or [N, Q, D], ``text_emb`` [M, D] (distinct captions), ``caption_index`` [N] in [0, M)."""
-    from mmdist.models.losses import contrastive_logits
 
     sim = contrastive_logits(F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1))  # [N, M]
     correct = caption_index[:, None] == torch.arange(text_emb.shape[0], device=caption_index.device)[None, :]
@@ -332,7 +335,6 @@ def evaluate_answers(model: Any, loader: Iterable, *, max_samples: Optional[int]
     ``records`` (the per-sample dicts, sorted by key); rank 0 writes them to
     ``jsonl_path``.
     """
-    from mmdist.generate import answer_batch
 
     rank, world = _world()
     device = _model_device(model)
@@ -351,7 +353,7 @@ def evaluate_answers(model: Any, loader: Iterable, *, max_samples: Optional[int]
             prompts.append(prompt)
             references.append(tok.decode(reference, skip_special_tokens=True).strip())
         images = prepare(_prompt_images(batch, prompts, image_token_id, model.num_image_tokens))
-        answers = answer_batch(model, prompts, pixel_values=images.get("pixel_values"), image_features=images.get("image_features"),
+        answers = generate.answer_batch(model, prompts, pixel_values=images.get("pixel_values"), image_features=images.get("image_features"),
                                max_new_tokens=max_new_tokens, **gen_kwargs)
         for key, prompt, reference, answer in zip(keys, prompts, references, answers):
             question = tok.decode([t for t in prompt if t != image_token_id], skip_special_tokens=True).strip()
@@ -383,7 +385,6 @@ def evaluate_answers(model: Any, loader: Iterable, *, max_samples: Optional[int]
 
 def eval_config(cfg: Any, batch_size: Optional[int] = None, shards: Optional[Sequence[str]] = None) -> Any:
     """A copy of ``cfg`` for metric evaluation: one sample per row (no packing), pixels unless a cache is kept, own batch."""
-    from mmdist.data.settings import SourceConfig
 
     cfg = copy.deepcopy(cfg)
     cfg.data.packing = False
@@ -425,9 +426,7 @@ def summary_line(stage: str, metrics: dict) -> str:
 
 
 def _digit_parser() -> Callable[[str], Any]:
-    from mmdist.generate import parse_digit
-
-    return parse_digit
+    return generate.parse_digit
 
 
 # --match NAME -> a factory of the normalise function (imported only when chosen)

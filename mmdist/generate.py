@@ -14,6 +14,9 @@ import re
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from mmdist.data.preprocess import DATA_IMAGE_MARK, make_preprocessor
+from mmdist.export import run_config_of
+
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -24,9 +27,6 @@ def prompt_ids(model: Any, prompt: str, num_images: int = 1) -> list[int]:
     they go first, on their own line, as in the demo's training conversations.
     """
     import numpy as np
-
-    from mmdist.data.preprocess import DATA_IMAGE_MARK, make_preprocessor
-    from mmdist.export import run_config_of
 
     processors = model.processors
     cfg = copy.deepcopy(run_config_of(model))

@@ -28,6 +28,14 @@ from typing import Any, Optional
 
 import torch
 
+from mmdist.data.preprocess import resolve_template
+from mmdist.export import read_export, resolve_fused_export, write_export
+from mmdist.generate import prompt_ids
+from mmdist.hardware import default_device
+from mmdist.materialize import load_inference_model
+from mmdist.models.vision import HF_HAS_CLS
+from mmdist.precision import precision_lines
+
 # Vision towers whose tokens are (image_size / patch_size)^2, plus one class token where they have one.
 log = logging.getLogger(__name__)
 
@@ -170,7 +178,6 @@ class FeatureSelection:
 
 def feature_selection(manifest: dict, vision_config: Any = None) -> FeatureSelection:
     """Map select_layer/select_tokens/image_tokens of the manifest onto Llava's settings, or refuse."""
-    from mmdist.models.vision import HF_HAS_CLS
 
     cfg = manifest["config"]["model"]
     vision = cfg["vision"]
@@ -325,7 +332,6 @@ def check_hf_exportable(folder: str) -> tuple[FoldedProjector, FeatureSelection,
 
     Returns the folded projector, the feature selection and the manifest; raises ExportRefused.
     """
-    from mmdist.export import read_export
 
     state, manifest = read_export(folder)
     if manifest.get("stage") != "fuse":
@@ -343,12 +349,6 @@ def export_hf(run: str | Path, out: str | Path, overrides: Optional[list[str]] =
     """
     from huggingface_hub import save_torch_state_dict
     from transformers import LlavaProcessor
-
-    from mmdist.data.preprocess import resolve_template
-    from mmdist.export import resolve_fused_export
-    from mmdist.hardware import default_device
-    from mmdist.materialize import load_inference_model
-    from mmdist.precision import precision_lines
 
     folder = resolve_fused_export(run)
     projector, _, manifest = check_hf_exportable(str(folder))  # fails fast, before the LLM loads
@@ -401,8 +401,6 @@ def verify_processor(model: Any, folder: str | Path) -> None:
     from PIL import Image
     from transformers import AutoProcessor
 
-    from mmdist.generate import prompt_ids
-
     processor = AutoProcessor.from_pretrained(str(folder), backend="pil")
     rng = np.random.default_rng(0)
     size = model.processors.image_transform.size
@@ -425,7 +423,6 @@ def verify_processor(model: Any, folder: str | Path) -> None:
 
 def export_mmdist(run: str | Path, out: str | Path) -> Path:
     """Today's format: model.safetensors + manifest.json of ``run``'s export, rewritten into ``out``."""
-    from mmdist.export import read_export, resolve_fused_export, write_export
 
     state, manifest = read_export(resolve_fused_export(run))
     return Path(write_export(state, manifest, str(out)))

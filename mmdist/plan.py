@@ -41,7 +41,10 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from mmdist.config.run import RunConfig, load_config
+from mmdist.hardware import datasheet_peak
 from mmdist.models import qwen1
+from mmdist.models.connectors import build_stage1_module
+from mmdist.precision import ENGINE_KEY, PART_KEYS
 
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -256,8 +259,6 @@ def _stage1_module(cfg: RunConfig, vision_dim: int, text_dim: int, image_tokens:
     heads; stage 1 adds the text head and the temperature.
     """
     import torch
-
-    from mmdist.models.connectors import build_stage1_module
 
     conn = cfg.model.connector
     text_for_module = text_dim if (cfg.stage == "align" or conn.type == "qformer") else None
@@ -589,7 +590,6 @@ TOWER_MFU = 0.4  # the fraction of a GPU's dense peak a frozen ViT forward reach
 def input_line(shapes: list[ModuleShape], gpu: str, gpus_per_node: int, cpus_per_node: int,
                images_per_core: float = IMAGES_PER_CORE) -> list[str]:
     """The images/s the frozen vision tower eats per GPU and the CPU cores per GPU that decoding them needs."""
-    from mmdist.hardware import datasheet_peak
 
     vision = next((s for s in shapes if s.name == "vision_encoder"), None)
     row = datasheet_peak(gpu)
@@ -615,8 +615,6 @@ def resolve_auto_for_gpu(cfg: RunConfig, gpu: str, path: str, overrides: Sequenc
     The plan is for the cluster's GPUs, not for the machine it runs on, so this
     machine's hardware is not consulted (mmdist.precision does that at start-up).
     """
-    from mmdist.hardware import datasheet_peak
-    from mmdist.precision import ENGINE_KEY, PART_KEYS
 
     keys = [key for key in (ENGINE_KEY, *PART_KEYS.values()) if _setting(cfg, key) == "auto"]
     if not keys:

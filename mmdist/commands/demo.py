@@ -28,6 +28,7 @@ from mmdist.demo.digits import make_shards, shard_overrides
 from mmdist.demo.evaluate import heldout_answers, heldout_gallery, heldout_retrieval
 from mmdist.demo.report import loss_curve, write_report
 from mmdist.demo.state import DemoError, DemoState, run_fingerprint
+from mmdist.hardware import default_device
 from mmdist.precision import resolve_precision
 from mmdist.training.trainer import train
 
@@ -123,8 +124,6 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
     """Run (or continue) the demo into ``run_dir`` on ``device`` (default: the GPU when there is one, else cpu);
     returns the metrics written to metrics.json."""
     if device is None:
-        from mmdist.hardware import default_device
-
         device = default_device()
     if str(device).startswith("cpu"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

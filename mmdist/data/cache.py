@@ -41,8 +41,12 @@ from typing import Any, Optional
 
 import numpy as np
 
+from mmdist.data.collate import collate_align, pad_id_of
+from mmdist.data.preprocess import make_preprocessor
 from mmdist.data.reader import BadSample, decode_images, decode_sample, list_shards, read_tar
 from mmdist.data.shards import ShardWriter, WriteSummary
+from mmdist.models.processors import _tokenizer_id
+from mmdist.models.text import text_fingerprint
 
 log = logging.getLogger(__name__)
 KEY_FILE = "cache_key.json"
@@ -67,8 +71,6 @@ def text_cache_parts(cfg: Any, processors: Any) -> Optional[dict]:
     """What cached text features depend on, or None when the text side is not cached (stage fuse, trainable text encoder)."""
     if cfg.stage != "align" or not cfg.model.text.freeze or cfg.model.connector.type == "qformer":
         return None
-    from mmdist.models.processors import _tokenizer_id
-    from mmdist.models.text import text_fingerprint
 
     text = cfg.model.text
     return {
@@ -218,9 +220,6 @@ def _write_image_text_features(cfg: Any, processors: Any, encode: Callable, enco
     """
     import torch
     from safetensors.numpy import save as st_save
-
-    from mmdist.data.collate import collate_align, pad_id_of
-    from mmdist.data.preprocess import make_preprocessor
 
     data = cfg.data
     preprocess = make_preprocessor(cfg, processors, use_features=False)
