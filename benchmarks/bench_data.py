@@ -112,7 +112,7 @@ def _stage1_runs(cfg, base: dict, pattern: str, tmp: str, rounds: int = 3, warmu
     import torch
 
     from mmdist.data.cache import build_feature_cache
-    from mmdist.export import build_run_model
+    from mmdist.materialize import build_run_model
 
     torch.manual_seed(0)
     model = build_run_model(cfg)

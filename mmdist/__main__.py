@@ -2,6 +2,6 @@
 
 import sys
 
-from mmdist.cli import main
+from mmdist.commands.cli import main
 
 sys.exit(main())

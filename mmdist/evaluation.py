@@ -47,14 +47,12 @@ Stage 2 (fuse), greedy generation on held-out conversations:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import os
 import re
 import string
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -62,6 +60,10 @@ from typing import Any, Optional
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
+
+from mmdist import generate
+from mmdist.data.settings import SourceConfig
+from mmdist.models.losses import contrastive_logits
 
 IGNORE_INDEX = -100
 RECALL_AT = (1, 5, 10)
@@ -120,7 +122,6 @@ def recall_at_k(similarity: torch.Tensor, correct: torch.Tensor, ks: Sequence[in
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_index: torch.Tensor,
                       ks: Sequence[int] = RECALL_AT) -> dict[str, float]:
     """R@k both ways. ``image_emb`` [N, D] or [N, Q, D], ``text_emb`` [M, D] (distinct captions), ``caption_index`` [N] in [0, M)."""
-    from mmdist.models.losses import contrastive_logits
 
     sim = contrastive_logits(F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1))  # [N, M]
     correct = caption_index[:, None] == torch.arange(text_emb.shape[0], device=caption_index.device)[None, :]
@@ -334,7 +335,6 @@ def evaluate_answers(model: Any, loader: Iterable, *, max_samples: Optional[int]
     ``records`` (the per-sample dicts, sorted by key); rank 0 writes them to
     ``jsonl_path``.
     """
-    from mmdist.generate import answer_batch
 
     rank, world = _world()
     device = _model_device(model)
@@ -353,7 +353,7 @@ def evaluate_answers(model: Any, loader: Iterable, *, max_samples: Optional[int]
             prompts.append(prompt)
             references.append(tok.decode(reference, skip_special_tokens=True).strip())
         images = prepare(_prompt_images(batch, prompts, image_token_id, model.num_image_tokens))
-        answers = answer_batch(model, prompts, pixel_values=images.get("pixel_values"), image_features=images.get("image_features"),
+        answers = generate.answer_batch(model, prompts, pixel_values=images.get("pixel_values"), image_features=images.get("image_features"),
                                max_new_tokens=max_new_tokens, **gen_kwargs)
         for key, prompt, reference, answer in zip(keys, prompts, references, answers):
             question = tok.decode([t for t in prompt if t != image_token_id], skip_special_tokens=True).strip()
@@ -385,7 +385,6 @@ def evaluate_answers(model: Any, loader: Iterable, *, max_samples: Optional[int]
 
 def eval_config(cfg: Any, batch_size: Optional[int] = None, shards: Optional[Sequence[str]] = None) -> Any:
     """A copy of ``cfg`` for metric evaluation: one sample per row (no packing), pixels unless a cache is kept, own batch."""
-    from mmdist.data.settings import SourceConfig
 
     cfg = copy.deepcopy(cfg)
     cfg.data.packing = False
@@ -427,104 +426,8 @@ def summary_line(stage: str, metrics: dict) -> str:
 
 
 def _digit_parser() -> Callable[[str], Any]:
-    from mmdist.generate import parse_digit
-
-    return parse_digit
+    return generate.parse_digit
 
 
 # --match NAME -> a factory of the normalise function (imported only when chosen)
 MATCHERS: dict[str, Callable[[], Callable[[str], Any]]] = {"normalised": lambda: normalise_answer, "digit": _digit_parser}
-
-
-def load_export_model(path: str | os.PathLike, overrides: Optional[list[str]] = None, device: Any = "cpu") -> Any:
-    """The model of an export (or run / demo folder; a demo folder means its stage 2), by the manifest's stage."""
-    from mmdist.export import load_align_model, load_fused_model, manifest_config, read_export, resolve_export_dir
-    from mmdist.precision import resolve_precision
-
-    folder = resolve_export_dir(path, subfolders=("export", os.path.join("fuse", "export"), os.path.join("align", "export")))
-    _, manifest = read_export(folder)
-    stage = manifest.get("stage")
-    if stage == "fuse":
-        return load_fused_model(folder, overrides=overrides, precision=lambda cfg: resolve_precision(cfg, device))
-    if stage != "align":
-        raise ValueError(f"{folder}: the manifest names stage {stage!r}; mmdist eval knows 'align' and 'fuse' exports")
-    cfg, _ = resolve_precision(manifest_config(folder, manifest, overrides), device)
-    model = load_align_model(cfg, folder)
-    model.run_config = cfg
-    model.export_dir = folder
-    return model
-
-
-def _output_dir(path: str | os.PathLike, model: Any) -> Path:
-    """``RUN/eval`` where RUN is the folder holding the export (the export folder's parent when it is ``export``)."""
-    from mmdist.export import resolve_export_dir
-
-    folder = Path(getattr(model, "export_dir", None) or resolve_export_dir(
-        path, subfolders=("export", os.path.join("fuse", "export"), os.path.join("align", "export"))))
-    run = folder.parent if folder.name == "export" else folder
-    return run / "eval"
-
-
-def cli_main(argv: Sequence[str] | None = None) -> int:
-    """``mmdist eval --run RUN --data SHARDS``: the stage's metrics on held-out shards; single process or under torchrun."""
-    from mmdist.training.launch_env import strip_local_rank
-
-    argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
-    parser = argparse.ArgumentParser(prog="mmdist eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="export folder, run folder, or demo run folder (its stage 2; give RUN/align for stage 1)")
-    parser.add_argument("--data", required=True, nargs="+", help="held-out shards: brace patterns, tar paths or a .txt list")
-    parser.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many samples (default: all)")
-    parser.add_argument("--batch-size", type=int, default=16, help="samples per batch on each rank")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="stage 2: longest answer in tokens")
-    parser.add_argument("--match", choices=sorted(MATCHERS), default="normalised",
-                        help="stage 2: how answers are compared: 'normalised' (SQuAD normalisation) or 'digit' (the demo's digit parser)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when usable; under torchrun cuda:LOCAL_RANK)")
-    parser.add_argument("--out", default=None, help="folder for metrics.json (and answers.jsonl); default RUN/eval")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides of the stored config, e.g. model.llm.dtype=fp32 data.num_workers=0")
-    args = parser.parse_args(argv)
-
-    from mmdist.data import build_loader
-    from mmdist.hardware import default_device
-    from mmdist.training import dist
-
-    env = dist.discover()
-    owns_group = env.world_size > 1 and not dist.is_initialized()  # a caller that made the group keeps it
-    if owns_group:
-        dist.init(backend="auto")
-    distributed = env.world_size > 1
-    try:
-        device = args.device or default_device()
-        if device == "cuda" and distributed:
-            device = f"cuda:{env.local_rank % max(torch.cuda.device_count(), 1)}"
-        try:
-            model = load_export_model(args.run, args.overrides, device)
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        model.to(device)
-        cfg = eval_config(model.run_config, args.batch_size, args.data)
-        loader = build_loader(cfg, model.processors, "eval", env.rank, env.world_size)
-        out = Path(args.out) if args.out else _output_dir(args.run, model)
-        metrics = evaluate_model(model, cfg, loader, max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
-                                 normalise=MATCHERS[args.match](),
-                                 jsonl_path=out / "answers.jsonl" if cfg.stage == "fuse" else None)
-        metrics.pop("records", None)
-        metrics = {"stage": cfg.stage, "data": list(args.data), **metrics}
-        if env.rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
-            print(f"[mmdist] eval {summary_line(cfg.stage, metrics)}")
-            print(json.dumps(metrics, sort_keys=True))
-            print(f"[mmdist] wrote {out / 'metrics.json'}" + (f" and {out / 'answers.jsonl'}" if cfg.stage == "fuse" else ""))
-        if distributed:
-            # Leave together: a rank that tears its group down while rank 0 still writes was seen to abort
-            # ("terminate called without an active exception") on a loaded machine.
-            torch.distributed.barrier()
-    finally:
-        if owns_group:
-            dist.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main())

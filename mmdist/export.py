@@ -1,46 +1,36 @@
 """The export format: one folder with ``model.safetensors`` (trained weights) and ``manifest.json``.
 
 This module is its only owner: it builds the manifest, writes and reads the
-folder, finds it from a run folder, loads the weights into a model, loads a
-stage-1 export into stage 2 and rebuilds a trained stage-2 model for inference.
-Training gathers the weights (mmdist/training/checkpoint.py) and calls
-:func:`write_export`.
+folder, finds it from a run folder, checks a stage-1 manifest against stage-2
+settings (:func:`compare_stage1`) and copies weights into a built model.
+Building a model from an export is mmdist/materialize.py's job.
 
 The manifest says what the export was made from: the vision encoder, text
-encoder and connector (compared field by field when stage 2 loads a stage-1
-export, :func:`compare_stage1`), the LLM and tokenizer, the preprocessing, and
-the whole resolved run config, so that a stage-2 export alone rebuilds the
-model (:func:`load_fused_model`).
-
-A model built for a run by :func:`build_run_model` or :func:`load_fused_model`
-carries that run's config as ``model.run_config``: the model classes never read
-it; the manifest and the commands that rebuild the run's data pipeline do.
+encoder and connector, the LLM and tokenizer, the preprocessing, and the whole
+resolved run config, so that a stage-2 export alone rebuilds the model.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
-from mmdist.config.run import RunConfig, config_to_dict, parse_overrides
+from mmdist.config.run import RunConfig, config_to_dict
 from mmdist.models.align import AlignModel
-from mmdist.models.build import build_model
 from mmdist.models.fused import FusedVLM
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.llm import llm_fingerprint
 from mmdist.models.settings import ModelConfig
 from mmdist.models.text import text_fingerprint
 from mmdist.models.vision import vision_fingerprint
-from mmdist.precision import concrete
-from mmdist.settings import from_dict
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +85,10 @@ def text_section(settings: ModelConfig, hidden_size: Optional[int]) -> Optional[
 
 
 def run_config_of(model: Any) -> RunConfig:
-    """The run config ``model`` was built from (set by :func:`build_run_model` / :func:`load_fused_model`)."""
+    """The run config ``model`` was built from (set by mmdist.materialize when it builds a model)."""
     cfg = getattr(model, "run_config", None)
     if cfg is None:
-        raise ValueError(f"this {type(model).__name__} carries no run config: build it with mmdist.export.build_run_model(cfg) "
+        raise ValueError(f"this {type(model).__name__} carries no run config: build it with mmdist.materialize.build_run_model(cfg) "
                          "(or pass the run config explicitly)")
     return cfg
 
@@ -293,90 +283,59 @@ def load_stage1(model: FusedVLM, state_or_path: Any, gather: Gather = null_gathe
     return {"loaded": list(own_shapes), "ignored": ignored}
 
 
-def build_run_encoder(cfg: RunConfig) -> nn.Module:
-    """What ``mmdist cache`` runs images through: the whole stage-1 model (no LLM there), or for stage 2 only the
-    vision tower and processors (models.build.build_image_encoder), with the stage-1 manifest deciding the token count."""
-    if cfg.stage != "fuse":
-        return build_run_model(cfg)
-    from mmdist.models.build import build_image_encoder
-
-    manifest = None
-    if cfg.model.connector.stage1_weights:
-        try:
-            _, manifest = read_export(resolve_export_dir(cfg.model.connector.stage1_weights))
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"model.connector.stage1_weights: {exc}") from None
-    return build_image_encoder(cfg.model, template=cfg.data.template, stage1_manifest=manifest)
+# ---------------------------------------------------------------------------
+# writing a trained model (every rank)
 
 
-def build_run_model(cfg: RunConfig, gather: Gather = null_gather) -> nn.Module:
-    """The model of run ``cfg``: `build_model` on its parts and, for stage 2 with
-    ``model.connector.stage1_weights``, the stage-1 export checked and loaded. An ``auto`` dtype is
-    resolved for this machine (mmdist.precision.concrete)."""
-    cfg = concrete(cfg)
-    source = state = stage1_manifest = None
-    if cfg.stage == "fuse" and cfg.model.connector.stage1_weights:
-        # Before the LLM loads: a wrong path should fail in seconds, not after loading a 14B model.
-        try:
-            source = resolve_export_dir(cfg.model.connector.stage1_weights)
-        except FileNotFoundError as exc:
-            raise FileNotFoundError(f"model.connector.stage1_weights: {exc}") from None
-        state, stage1_manifest = read_export(source)
-    model = build_model(cfg.model, stage=cfg.stage, template=cfg.data.template, uses_feature_cache=bool(cfg.data.feature_cache),
-                        gather=gather, stage1_manifest=stage1_manifest)
-    if state is not None:
-        compare_stage1(stage1_manifest, cfg.model, model.vision, source)
-        load_stage1(model, state, gather, source=source)
-    model.run_config = cfg
-    return model
+class ExportError(RuntimeError):
+    """A trained model could not be exported."""
 
 
-def manifest_config(folder: str | os.PathLike, manifest: dict, overrides: Optional[list[str]] = None) -> RunConfig:
-    """The run config an export's manifest carries, with dotted ``overrides`` applied (e.g. ``model.llm.dtype=fp32``)."""
-    data = copy.deepcopy(manifest["config"])
-    for keys, value in parse_overrides(overrides or []):
-        node = data
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return from_dict(RunConfig, data, source=f"{folder}/{EXPORT_MANIFEST}")
+def _rank_and_barrier() -> tuple[int, Callable[[], None]]:
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        return tdist.get_rank(), tdist.barrier
+    return 0, lambda: None
 
 
-def load_fused_model(path: str | os.PathLike, gather: Gather = null_gather, overrides: Optional[list[str]] = None,
-                     precision: Optional[Any] = None) -> FusedVLM:
-    """A ready FusedVLM from a stage-2 export (or run) folder, for inference (`mmdist generate`).
+def export_trainable(model: Any, read_gather: Callable[[list], Any], out_dir: str | os.PathLike, *, fp32_master: bool = False) -> Optional[Path]:
+    """Gather ``model.export_state_dict()`` and write it with its manifest (collective).
 
-    The manifest carries the resolved config and the stage-1 manifest, so nothing
-    but the export folder is needed. ``overrides`` (dotted ``key=value``) adjust the
-    stored config, e.g. ``model.llm.dtype=fp32`` on a CPU.
+    Every rank takes part in the gather; rank 0 writes ``out_dir``
+    (:func:`write_export`, atomic). With ``fp32_master`` (bf16/fp16
+    training) each exported trainable parameter is replaced by DeepSpeed's fp32
+    master copy, so the export is the optimizer's full-precision result rather
+    than its rounded compute copy. Returns the folder on rank 0.
     """
-    folder = resolve_export_dir(path)
-    state, manifest = read_export(folder)
-    if manifest.get("stage") != "fuse":
-        raise ValueError(f"{folder}: this is a stage-{manifest.get('stage')!r} export; inference needs a stage 'fuse' export")
-    merged_lora = bool(manifest["config"]["model"]["llm"]["lora"]["enabled"])
-    # the export holds the merged LoRA weights and the stage-1 module's weights
-    cfg = manifest_config(folder, manifest, ["model.connector.stage1_weights=null", "model.llm.lora.enabled=false",
-                                             *(overrides or [])])
-    resolved = []
-    if precision is not None:  # mmdist.precision.resolve_precision for the device the model will run on
-        cfg, resolved = precision(cfg)
-    stage1_manifest = manifest.get("stage1")
-    model = build_model(cfg.model, stage="fuse", template=cfg.data.template, uses_feature_cache=bool(cfg.data.feature_cache),
-                        gather=gather, stage1_manifest=stage1_manifest)
-    if stage1_manifest is not None:
-        compare_stage1(stage1_manifest, cfg.model, model.vision, "(embedded manifest)")
-    load_weights(model, state, gather, source=folder, required=("projector.", "stage1."), refused=() if merged_lora else ("llm.",))
-    model.run_config = cfg
-    model.precision = resolved
-    model.eval()
-    return model
+    manifest = build_manifest(model)
+    named = dict(model.named_parameters())
+    # A first pass names the tensors the export needs (under ZeRO-3 it may fail on partitioned data: then
+    # the trainable parameters are what we gather). LoRA layers are left out: the model gathers those
+    # itself to merge them, and DeepSpeed forbids nested gathers of the same parameter.
+    try:
+        names = set(model.export_state_dict().keys())
+    except RuntimeError:
+        names = set()
+    params = [p for n, p in named.items() if (n in names or p.requires_grad) and "lora_" not in n]
+    with read_gather(params):
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.export_state_dict().items()}
+    if fp32_master:
+        from deepspeed.utils import safe_get_full_fp32_param  # only reached from a DeepSpeed engine's model
 
-
-def load_align_model(cfg: RunConfig, path: str | os.PathLike) -> AlignModel:
-    """The stage-1 model of ``cfg`` with the trained weights of the stage-1 export at ``path``, in eval mode."""
-    folder = resolve_export_dir(path)
-    state, _ = read_export(folder)
-    model = build_run_model(cfg)
-    load_weights(model, state, source=folder, required=("stage1.",))
-    return model.eval()
+        for name in sorted(state):  # the same order on every rank: under ZeRO-3 each call is a collective
+            param = named.get(name)
+            if param is not None and param.requires_grad:
+                full = safe_get_full_fp32_param(param)
+                if full is not None:
+                    state[name] = full.detach().float().cpu().clone().reshape(state[name].shape)
+    empty = [k for k, v in state.items() if v.numel() == 0]
+    if empty:
+        raise ExportError(f"export: {len(empty)} tensor(s) are empty after gathering (e.g. {empty[:3]}); a ZeRO-3 parameter was not gathered")
+    rank, barrier = _rank_and_barrier()
+    if rank != 0:
+        barrier()
+        return None
+    out_dir = write_export(state, manifest, out_dir)
+    barrier()
+    return out_dir

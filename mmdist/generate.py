@@ -1,50 +1,23 @@
-"""`mmdist generate`: answer a prompt about an image with an exported stage-2 model.
-
-    mmdist generate --run runs/demo --image digit.png --prompt "What digit is this?"
-
-``--run`` takes a stage-2 export folder, a stage-2 run folder (its ``export/``)
-or a demo run folder (its ``fuse/export/``). The export's manifest carries the
-resolved config and the stage-1 manifest, so the model is rebuilt exactly
-(mmdist.export.load_fused_model) and nothing else is needed.
+"""Answering a prompt about an image with a trained stage-2 model (what `mmdist generate` and the demo run).
 
 The prompt is rendered by the data pipeline's own preprocessor (the same
 template, image placeholder expansion and separators as in training), so what
 the model sees at inference is what it was trained on; generation is greedy
-from ``inputs_embeds``. The helpers here (`load_model`, `prompt_ids`,
-`answer_batch`, `answer_images`, `parse_digit`) are also what the demo uses to
-measure held-out accuracy.
+from ``inputs_embeds``. The helpers here (`prompt_ids`, `answer_batch`,
+`answer_images`, `parse_digit`) are also what the demo and evaluation use.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import re
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Optional
 
+from mmdist.data.preprocess import DATA_IMAGE_MARK, make_preprocessor
+from mmdist.export import run_config_of
+
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def load_model(path: str | Path, overrides: Optional[list[str]] = None, device: Optional[str] = None) -> Any:
-    """The trained FusedVLM of a stage-2 export / run / demo folder, in eval mode, on ``device`` (default: the GPU
-    when there is one, else cpu). An ``auto`` dtype in ``overrides`` is resolved for that device; a stored dtype the
-    device cannot run fast gets a one-line warning (e.g. bf16 from a GPU run on a CPU without native bf16)."""
-    import sys
-
-    from mmdist.export import load_fused_model, resolve_fused_export
-    from mmdist.hardware import default_device
-    from mmdist.precision import precision_lines, resolve_precision
-
-    device = device or default_device()
-    folder = resolve_fused_export(path)
-    model = load_fused_model(folder, overrides=overrides, precision=lambda cfg: resolve_precision(cfg, device))
-    for line in precision_lines(getattr(model, "precision", [])):
-        if line.startswith("warning:"):
-            print(f"[mmdist] {line}", file=sys.stderr)
-    return model.to(device).eval()
 
 
 def prompt_ids(model: Any, prompt: str, num_images: int = 1) -> list[int]:
@@ -54,9 +27,6 @@ def prompt_ids(model: Any, prompt: str, num_images: int = 1) -> list[int]:
     they go first, on their own line, as in the demo's training conversations.
     """
     import numpy as np
-
-    from mmdist.data.preprocess import DATA_IMAGE_MARK, make_preprocessor
-    from mmdist.export import run_config_of
 
     processors = model.processors
     cfg = copy.deepcopy(run_config_of(model))
@@ -120,36 +90,3 @@ def parse_digit(text: str) -> Optional[int]:
     if first.isdigit() and len(first) == 1:
         return int(first)
     return None
-
-
-def cli_main(argv: Sequence[str] | None = None) -> int:
-    """``mmdist generate --run RUN_DIR --image IMG --prompt TEXT``: print the model's answer."""
-    parser = argparse.ArgumentParser(prog="mmdist generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="stage-2 export folder, stage-2 run folder, or demo run folder")
-    parser.add_argument("--image", required=True, nargs="+", help="image file(s); each gets its own answer")
-    parser.add_argument("--prompt", default="What digit is this?", help="the question (an <image> mark places the image)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens")
-    parser.add_argument("--device", default=None, help="where the model runs (default: the GPU when there is one, else cpu)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides of the stored config, e.g. model.llm.dtype=auto")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    from PIL import Image
-
-    try:
-        model = load_model(args.run, args.overrides, args.device)
-        images = []
-        for path in args.image:
-            try:
-                images.append(Image.open(path).convert("RGB"))
-            except (OSError, ValueError) as exc:
-                raise FileNotFoundError(f"--image {path}: cannot read it as an image ({exc})") from None
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    answers = answer_images(model, images, args.prompt, args.max_new_tokens)
-    for path, text in zip(args.image, answers):
-        print(f"{path}: {text}" if len(args.image) > 1 else text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main())

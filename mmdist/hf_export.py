@@ -1,7 +1,4 @@
-"""`mmdist export`: hand a trained model on, in mmdist's own format or as a Hugging Face LLaVA folder.
-
-    mmdist export --run runs/demo --out exported/demo                  # mmdist format (the default)
-    mmdist export --run runs/demo --format hf --out exported/demo-hf   # LlavaForConditionalGeneration
+"""Handing a trained model on, in mmdist's own format or as a Hugging Face LLaVA folder (`mmdist export`).
 
 An mmdist export (the trainable weights + a manifest) is what resuming and the stage hand-off
 read, and only mmdist can read it. vLLM and plain transformers read the llava-hf layout, so
@@ -20,21 +17,28 @@ encoder) has no exact Llava form and is refused with the reason; nothing is appr
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
+import logging
 import os
 import shutil
-import sys
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from mmdist.data.preprocess import resolve_template
+from mmdist.export import read_export, resolve_fused_export, write_export
+from mmdist.generate import prompt_ids
+from mmdist.hardware import default_device
+from mmdist.materialize import load_inference_model
+from mmdist.models.vision import HF_HAS_CLS
+from mmdist.precision import precision_lines
+
 # Vision towers whose tokens are (image_size / patch_size)^2, plus one class token where they have one.
+log = logging.getLogger(__name__)
+
 PATCH_GRID_TOWERS = {"vit", "clip_vision_model", "siglip_vision_model"}
 
 QFORMER_REASON = (
@@ -174,7 +178,6 @@ class FeatureSelection:
 
 def feature_selection(manifest: dict, vision_config: Any = None) -> FeatureSelection:
     """Map select_layer/select_tokens/image_tokens of the manifest onto Llava's settings, or refuse."""
-    from mmdist.models.vision import HF_HAS_CLS
 
     cfg = manifest["config"]["model"]
     vision = cfg["vision"]
@@ -329,7 +332,6 @@ def check_hf_exportable(folder: str) -> tuple[FoldedProjector, FeatureSelection,
 
     Returns the folded projector, the feature selection and the manifest; raises ExportRefused.
     """
-    from mmdist.export import read_export
 
     state, manifest = read_export(folder)
     if manifest.get("stage") != "fuse":
@@ -348,13 +350,12 @@ def export_hf(run: str | Path, out: str | Path, overrides: Optional[list[str]] =
     from huggingface_hub import save_torch_state_dict
     from transformers import LlavaProcessor
 
-    from mmdist.data.preprocess import resolve_template
-    from mmdist.export import resolve_fused_export
-    from mmdist.generate import load_model
-
     folder = resolve_fused_export(run)
     projector, _, manifest = check_hf_exportable(str(folder))  # fails fast, before the LLM loads
-    model = load_model(folder, overrides)
+    model = load_inference_model(folder, overrides, default_device())
+    for line in precision_lines(model.precision):
+        if line.startswith("warning:"):
+            log.warning("%s", line)
     selection = feature_selection(manifest, model.vision.model.config)
     grid = (model.vision.image_size // selection.patch_size) ** 2 if selection.patch_size else 0
     counted = grid + selection.additional_tokens - (1 if selection.strategy == "default" else 0)
@@ -400,8 +401,6 @@ def verify_processor(model: Any, folder: str | Path) -> None:
     from PIL import Image
     from transformers import AutoProcessor
 
-    from mmdist.generate import prompt_ids
-
     processor = AutoProcessor.from_pretrained(str(folder), backend="pil")
     rng = np.random.default_rng(0)
     size = model.processors.image_transform.size
@@ -424,32 +423,6 @@ def verify_processor(model: Any, folder: str | Path) -> None:
 
 def export_mmdist(run: str | Path, out: str | Path) -> Path:
     """Today's format: model.safetensors + manifest.json of ``run``'s export, rewritten into ``out``."""
-    from mmdist.export import read_export, resolve_fused_export, write_export
 
     state, manifest = read_export(resolve_fused_export(run))
     return Path(write_export(state, manifest, str(out)))
-
-
-def cli_main(argv: Sequence[str] | None = None) -> int:
-    """``mmdist export --run RUN --out DIR [--format mmdist|hf] [overrides]``."""
-    parser = argparse.ArgumentParser(prog="mmdist export", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="export folder, run folder or demo run folder")
-    parser.add_argument("--out", required=True, help="folder to write (must be new or empty for --format hf)")
-    parser.add_argument("--format", choices=("mmdist", "hf"), default="mmdist",
-                        help="mmdist: today's export (resume, hand-off); hf: LlavaForConditionalGeneration + LlavaProcessor")
-    parser.add_argument("overrides", nargs="*", help="--format hf: dotted overrides of the stored config, e.g. model.llm.dtype=fp32")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        if args.format == "hf":
-            written = export_hf(args.run, args.out, args.overrides)
-        else:
-            written = export_mmdist(args.run, args.out)
-    except (ExportRefused, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({"format": args.format, "out": str(written)}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main())

@@ -38,7 +38,7 @@ import copy
 import dataclasses
 from typing import Any
 
-from mmdist.hardware import Resolved, resolve_dtype, resolve_engine_precision
+from mmdist.hardware import Resolved, default_device, resolve_dtype, resolve_engine_precision
 from mmdist.settings import ConfigError, Problem
 
 __all__ = ["PART_KEYS", "check_precision", "concrete", "frozen_parts", "precision_lines", "resolve_precision"]
@@ -136,8 +136,6 @@ def concrete(cfg: Any, device: Any = None) -> Any:
     if all(str(_get(cfg, key)) != "auto" for key in (ENGINE_KEY, *PART_KEYS.values())):
         return cfg
     if device is None:
-        from mmdist.hardware import default_device
-
         device = default_device()
     return resolve_precision(cfg, device)[0]
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mmdist.demo import cli as demo
+from mmdist.commands import demo
 from mmdist.demo.digits import make_shards
 from mmdist.demo.evaluate import QUESTION, _eval_batch_size
 from mmdist.demo.state import STATE_FILE, DemoError, DemoState, run_fingerprint
@@ -100,7 +100,7 @@ def test_a_folder_that_is_not_a_demo_run_is_refused(tmp_path):
 def test_missing_package_prints_the_install_command(tmp_path, monkeypatch, capsys, module, command):
     real = demo.importlib.util.find_spec
     monkeypatch.setattr(demo.importlib.util, "find_spec", lambda name, *a: None if name == module else real(name, *a))
-    code = demo.cli_main(["--run-dir", str(tmp_path / "run")])
+    code = demo.main(["--run-dir", str(tmp_path / "run")])
     assert code == 2
     assert command in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing written before the check
@@ -216,29 +216,29 @@ def test_tiny_demo_interrupted_stage_resumes_from_its_checkpoint(tiny_demo):
 
 
 def test_generate_answers_on_the_demo_output(tiny_demo, capsys):
-    from mmdist import generate
+    from mmdist.commands import generate
 
     run = tiny_demo["run"]
     gallery = json.loads((run / STATE_FILE).read_text())["done"]["fuse_eval"]["gallery"]
     first = gallery[0]
-    code = generate.cli_main(["--run", str(run), "--image", str(run / "images" / first["image"]), "--prompt", QUESTION,
+    code = generate.main(["--run", str(run), "--image", str(run / "images" / first["image"]), "--prompt", QUESTION,
                               "--max-new-tokens", "8"])
     assert code == 0
     assert capsys.readouterr().out.endswith(first["answer"] + "\n")  # the report's answer is what `mmdist generate` says
 
 
 def test_mmdist_eval_reproduces_the_demo_heldout_numbers(tiny_demo, tmp_path):
-    from mmdist import evaluation
+    from mmdist.commands import eval as evaluation
 
     run = tiny_demo["run"]
     metrics = json.loads((run / "metrics.json").read_text())
     shards = [str(p) for p in sorted((run / "data" / "shards" / "eval").glob("*.tar"))]
     common = ["--data", *shards, "--device", "cpu", "data.num_workers=0"]
-    assert evaluation.cli_main(["--run", str(run / "align"), "--out", str(tmp_path / "align"), *common]) == 0
+    assert evaluation.main(["--run", str(run / "align"), "--out", str(tmp_path / "align"), *common]) == 0
     align = json.loads((tmp_path / "align" / "metrics.json").read_text())
     assert align["i2t_r1"] == metrics["align"]["heldout_retrieval_top1"]
     assert align["samples"] == metrics["align"]["heldout_samples"]
-    assert evaluation.cli_main(["--run", str(run), "--out", str(tmp_path / "fuse"), "--match", "digit", "--max-new-tokens", "8",
+    assert evaluation.main(["--run", str(run), "--out", str(tmp_path / "fuse"), "--match", "digit", "--max-new-tokens", "8",
                                 *common]) == 0
     fuse = json.loads((tmp_path / "fuse" / "metrics.json").read_text())
     assert fuse["exact"] == metrics["fuse"]["heldout_answer_accuracy"]
@@ -247,7 +247,7 @@ def test_mmdist_eval_reproduces_the_demo_heldout_numbers(tiny_demo, tmp_path):
 
 
 def test_tiny_demo_refuses_to_mix_with_another_recipe(tiny_demo, capsys):
-    code = demo.cli_main(["--run-dir", str(tiny_demo["run"]), "--align-config", str(TINY_ALIGN), "--fuse-config", str(TINY_FUSE)])
+    code = demo.main(["--run-dir", str(tiny_demo["run"]), "--align-config", str(TINY_ALIGN), "--fuse-config", str(TINY_FUSE)])
     assert code == 2
     assert "would mix two runs" in capsys.readouterr().err
 

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from mmdist import evaluation
+from mmdist.commands import eval as eval_command
+from mmdist.materialize import load_export_model, load_inference_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -119,7 +121,7 @@ def test_training_logs_the_metrics(tiny_runs):
 
 
 def test_retrieval_equals_brute_force(tiny_runs):
-    model = evaluation.load_export_model(tiny_runs["align"])
+    model = load_export_model(tiny_runs["align"])
     cfg, loader = _loader(model, tiny_runs["eval"], 6)
     got = evaluation.evaluate_retrieval(model, loader)
     # brute force: one sample at a time, python loops over the ranks
@@ -151,7 +153,7 @@ def test_retrieval_equals_brute_force(tiny_runs):
 def test_answer_accuracy_with_forced_answers(tiny_runs, monkeypatch, tmp_path):
     import mmdist.generate as generate
 
-    model = generate.load_model(tiny_runs["fuse"])
+    model = load_inference_model(tiny_runs["fuse"])
     cfg, loader = _loader(model, tiny_runs["eval"], 8)
     forced = iter(["The Seven!", "it is a seven", "nonsense"] * 100)
 
@@ -174,7 +176,7 @@ def test_answer_accuracy_with_forced_answers(tiny_runs, monkeypatch, tmp_path):
 def test_batched_cached_generation_equals_one_by_one_without_cache(tiny_runs):
     from mmdist.generate import answer_batch
 
-    model = evaluation.load_export_model(tiny_runs["fuse"])
+    model = load_export_model(tiny_runs["fuse"])
     _, loader = _loader(model, tiny_runs["eval"], 8)
     batch = next(iter(loader))
     prompts = [evaluation.split_last_turn(i, lab, m)[0] for i, lab, m in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])]
@@ -187,12 +189,12 @@ def test_batched_cached_generation_equals_one_by_one_without_cache(tiny_runs):
 
 def test_eval_cli_writes_metrics_and_answers(tiny_runs, tmp_path, capsys):
     out = tmp_path / "fuse"
-    assert evaluation.cli_main(["--run", str(tiny_runs["fuse"]), "--data", tiny_runs["eval"], "--batch-size", "8",
+    assert eval_command.main(["--run", str(tiny_runs["fuse"]), "--data", tiny_runs["eval"], "--batch-size", "8",
                                 "--max-new-tokens", "4", "--device", "cpu", "--out", str(out), "data.num_workers=0"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["stage"] == "fuse" and metrics["samples"] == tiny_runs["n_eval"] and 0.0 <= metrics["exact"] <= metrics["contains"] <= 1.0
     assert len((out / "answers.jsonl").read_text().splitlines()) == tiny_runs["n_eval"]
-    assert evaluation.cli_main(["--run", str(tiny_runs["align"]), "--data", tiny_runs["eval"], "--max-samples", "5",
+    assert eval_command.main(["--run", str(tiny_runs["align"]), "--data", tiny_runs["eval"], "--max-samples", "5",
                                 "--device", "cpu", "data.num_workers=0"]) == 0
     metrics = json.loads((tiny_runs["align"] / "eval" / "metrics.json").read_text())
     assert metrics["stage"] == "align" and metrics["samples"] == 5 and {"i2t_r1", "t2i_r10"} <= set(metrics)
@@ -200,7 +202,7 @@ def test_eval_cli_writes_metrics_and_answers(tiny_runs, tmp_path, capsys):
 
 
 def test_eval_cli_refuses_a_folder_without_export(tmp_path, capsys):
-    assert evaluation.cli_main(["--run", str(tmp_path), "--data", "x.tar"]) == 2
+    assert eval_command.main(["--run", str(tmp_path), "--data", "x.tar"]) == 2
     assert "manifest" in capsys.readouterr().err
 
 
@@ -208,10 +210,10 @@ DIST_SCRIPT = """
 import sys
 import torch.distributed
 from mmdist.training import dist
-from mmdist import evaluation
+from mmdist.commands import eval as eval_command
 dist.init(backend="gloo")
 for stage, out in (("align", sys.argv[2]), ("fuse", sys.argv[3])):
-    assert evaluation.cli_main(["--run", f"{sys.argv[1]}/{stage}", "--data", sys.argv[4], "--batch-size", "4",
+    assert eval_command.main(["--run", f"{sys.argv[1]}/{stage}", "--data", sys.argv[4], "--batch-size", "4",
                                 "--max-new-tokens", "4", "--device", "cpu", "--out", out, "data.num_workers=0"]) == 0
     torch.distributed.barrier()  # every rank done with this stage before the next (rank 0 writes its files)
 dist.shutdown()
@@ -224,7 +226,7 @@ def test_distributed_eval_equals_single_process(tiny_runs, tmp_path):
     script.write_text(DIST_SCRIPT)
     one, two = tmp_path / "one", tmp_path / "two"
     for stage in ("align", "fuse"):
-        assert evaluation.cli_main(["--run", str(tiny_runs[stage]), "--data", tiny_runs["eval"], "--batch-size", "4",
+        assert eval_command.main(["--run", str(tiny_runs[stage]), "--data", tiny_runs["eval"], "--batch-size", "4",
                                     "--max-new-tokens", "4", "--device", "cpu", "--out", str(one / stage), "data.num_workers=0"]) == 0
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     from mmdist.training.launch_env import free_port

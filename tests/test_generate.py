@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mmdist import generate
+from mmdist.commands import generate as generate_command
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,7 +26,7 @@ def test_parse_digit(text, digit):
 
 def test_missing_export_is_reported(tmp_path, capsys):
     image = tmp_path / "x.png"
-    code = generate.cli_main(["--run", str(tmp_path), "--image", str(image)])
+    code = generate_command.main(["--run", str(tmp_path), "--image", str(image)])
     assert code == 2
     err = capsys.readouterr().err
     assert "no stage-2 export" in err and str(tmp_path) in err
@@ -57,7 +58,7 @@ def tiny_export(tmp_path_factory):
 def test_prompt_is_rendered_as_in_training(tiny_export):
     from mmdist.data import build_loader
 
-    model = generate.load_model(tiny_export / "fuse")
+    model = generate_command.load_model(tiny_export / "fuse")
     batch = next(iter(build_loader(model.run_config, model.processors, "eval")))
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     start = int((labels != -100).nonzero()[0])
@@ -77,11 +78,11 @@ def test_generate_cli_answers_on_the_export(tiny_export, capsys):
         member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
         (tiny_export / "digit.png").write_bytes(tar.extractfile(member).read())
     for run in (tiny_export / "fuse", tiny_export / "fuse" / "export"):  # a run folder or its export
-        code = generate.cli_main(["--run", str(run), "--image", str(tiny_export / "digit.png"), "--prompt", "What digit is this?",
+        code = generate_command.main(["--run", str(run), "--image", str(tiny_export / "digit.png"), "--prompt", "What digit is this?",
                                   "--max-new-tokens", "4"])
         assert code == 0
         printed = capsys.readouterr().out
-        model = generate.load_model(run)
+        model = generate_command.load_model(run)
         expected = generate.answer_images(model, [Image.open(tiny_export / "digit.png")], "What digit is this?", max_new_tokens=4)[0]
         assert printed.endswith(expected + "\n")  # greedy: the CLI prints exactly the model's answer
 
@@ -89,6 +90,6 @@ def test_generate_cli_answers_on_the_export(tiny_export, capsys):
 def test_unreadable_image_is_reported(tiny_export, capsys):
     bad = tiny_export / "not_an_image.png"
     bad.write_text("hello")
-    code = generate.cli_main(["--run", str(tiny_export / "fuse"), "--image", str(bad)])
+    code = generate_command.main(["--run", str(tiny_export / "fuse"), "--image", str(bad)])
     assert code == 2
     assert "cannot read it as an image" in capsys.readouterr().err

@@ -18,9 +18,11 @@ import pytest
 import torch
 from helpers.configs import dotted, tiny_run_config
 
+from mmdist.commands.export import main as cli_main
 from mmdist.config.run import RunConfig
-from mmdist.export import build_run_model, save_export
-from mmdist.hf_export import ExportRefused, Linear, check_hf_exportable, cli_main, fold_chain
+from mmdist.export import save_export
+from mmdist.hf_export import ExportRefused, Linear, check_hf_exportable, fold_chain
+from mmdist.materialize import build_run_model
 
 PROMPT = "What digit is this?"
 MAX_NEW_TOKENS = 8
@@ -151,11 +153,12 @@ def test_transformers_reproduces_mmdist(name, exports, transformers_results):
     from PIL import Image
 
     from mmdist import generate
+    from mmdist.commands import generate as generate_command
 
     image_path, results = transformers_results
     theirs = results[name]
     assert theirs["loading"]["missing_keys"] == [] and theirs["loading"]["unexpected_keys"] == []
-    model = generate.load_model(exports[name][0])
+    model = generate_command.load_model(exports[name][0])
     image = Image.open(image_path)
 
     ids = generate.prompt_ids(model, PROMPT)

@@ -11,6 +11,7 @@ import yaml
 from helpers.configs import tiny_run_config
 
 from mmdist import plan
+from mmdist.commands import plan as plan_command
 from mmdist.config.run import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def test_plan_runs_from_the_config_alone_in_seconds(tmp_path, capsys):
     path = tmp_path / "fuse.yaml"
     path.write_text(yaml.safe_dump(REFERENCE))
     start = time.perf_counter()
-    assert plan.cli_main(["--config", str(path), "--gpus", "8", "--gpu-memory", "80GB"]) == 0
+    assert plan_command.main(["--config", str(path), "--gpus", "8", "--gpu-memory", "80GB"]) == 0
     elapsed = time.perf_counter() - start
     out = capsys.readouterr().out
     assert elapsed < 30, f"plan took {elapsed:.1f} s"
@@ -56,12 +57,12 @@ def test_plan_runs_from_the_config_alone_in_seconds(tmp_path, capsys):
 
 def test_shipped_reference_recipe_plans(tmp_path, capsys):
     path = reference_config_file(tmp_path)
-    assert plan.cli_main(["--config", str(path), "--gpus", "8", "--gpu-memory", "80GB", "--no-deepspeed"]) == 0
+    assert plan_command.main(["--config", str(path), "--gpus", "8", "--gpu-memory", "80GB", "--no-deepspeed"]) == 0
     assert "recommended:" in capsys.readouterr().out
 
 
 def test_frozen_parameters_are_counted_as_frozen():
-    from mmdist.export import build_run_model
+    from mmdist.materialize import build_run_model
 
     cfg = tiny_run_config("fuse")
     shapes = plan.model_shapes(cfg)
@@ -128,7 +129,7 @@ def test_unknown_hub_model_offline_names_the_key(tmp_path, capsys):
     data = dict(REFERENCE, model=dict(REFERENCE["model"], llm={"name_or_path": str(tmp_path / "no-such-model")}))
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(data))
-    assert plan.cli_main(["--config", str(path), "--no-deepspeed"]) == 2
+    assert plan_command.main(["--config", str(path), "--no-deepspeed"]) == 2
     err = capsys.readouterr().err
     assert "model.llm" in err and "init_config" in err
 
@@ -199,7 +200,7 @@ def test_input_line_sizes_the_cpu_side_of_the_vision_tower():
 
 
 def test_plan_resolves_auto_for_the_target_gpu_not_this_machine(capsys):
-    from mmdist.plan import cli_main
+    from mmdist.commands.plan import main as cli_main
 
     recipe = str(ROOT / "configs" / "tiny_fuse.yaml")
     assert cli_main(["--config", recipe, "--no-deepspeed", "--gpu", "A100"]) == 0

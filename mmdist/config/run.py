@@ -18,13 +18,12 @@ from typing import Any, Literal
 import yaml
 
 from mmdist.atomic import write_text_atomic
+from mmdist.config.qwen1 import qwen1_max_len_problem
 from mmdist.config.recipes import recipe_path
 from mmdist.data.settings import DataConfig
-from mmdist.models import qwen1
 from mmdist.models.settings import ModelConfig
 from mmdist.settings import ConfigError, Problem, SettingsBase, from_dict, setting, to_dict
-from mmdist.training.settings import CheckpointConfig, EngineConfig, LogConfig, TrainConfig
-from mmdist.training.watchdog import WatchdogConfig
+from mmdist.training.settings import CheckpointConfig, EngineConfig, LogConfig, TrainConfig, WatchdogConfig
 
 
 @dataclass
@@ -60,7 +59,7 @@ class RunConfig(SettingsBase):
             out.append(("data.train", "needs at least one source (shards)"))
         if self.stage == "fuse" and llm.name_or_path and not llm.gguf_file:
             # Local folders and cached/known hub configs only: validation never reaches the network.
-            problem = qwen1.qwen1_max_len_problem(llm.name_or_path, self.data.max_len)
+            problem = qwen1_max_len_problem(llm.name_or_path, self.data.max_len)
             if problem is not None:
                 out.append(("data.max_len", problem))
         return out

@@ -1,4 +1,4 @@
-"""Frozen-feature cache: ``mmdist cache`` and ``build_feature_cache``.
+"""Frozen-feature cache: ``build_feature_cache`` (run by ``mmdist cache``) and the checks of a cache's key.
 
 When the vision encoder is frozen and preprocessing is deterministic, its
 outputs for a sample never change, so an offline pass can compute them once.
@@ -30,7 +30,6 @@ own ``cache_key.json``; ``build_feature_cache`` writes one such folder.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -42,8 +41,12 @@ from typing import Any, Optional
 
 import numpy as np
 
+from mmdist.data.collate import collate_align, pad_id_of
+from mmdist.data.preprocess import make_preprocessor
 from mmdist.data.reader import BadSample, decode_images, decode_sample, list_shards, read_tar
 from mmdist.data.shards import ShardWriter, WriteSummary
+from mmdist.models.processors import _tokenizer_id
+from mmdist.models.text import text_fingerprint
 
 log = logging.getLogger(__name__)
 KEY_FILE = "cache_key.json"
@@ -68,8 +71,6 @@ def text_cache_parts(cfg: Any, processors: Any) -> Optional[dict]:
     """What cached text features depend on, or None when the text side is not cached (stage fuse, trainable text encoder)."""
     if cfg.stage != "align" or not cfg.model.text.freeze or cfg.model.connector.type == "qformer":
         return None
-    from mmdist.models.processors import _tokenizer_id
-    from mmdist.models.text import text_fingerprint
 
     text = cfg.model.text
     return {
@@ -220,9 +221,6 @@ def _write_image_text_features(cfg: Any, processors: Any, encode: Callable, enco
     import torch
     from safetensors.numpy import save as st_save
 
-    from mmdist.data.collate import collate_align, pad_id_of
-    from mmdist.data.preprocess import make_preprocessor
-
     data = cfg.data
     preprocess = make_preprocessor(cfg, processors, use_features=False)
     pad_id = pad_id_of(processors.text_tokenizer)
@@ -327,46 +325,3 @@ def open_feature_cache(cfg: Any, processors: Any, split: str, feature_key: Optio
 def cache_sources(cfg: Any, processors: Any, split: str, feature_key: Optional[dict] = None) -> list:
     """The shards of ``split`` in the configured feature cache, after checking its key."""
     return open_feature_cache(cfg, processors, split, feature_key)[0]
-
-
-def cli_main(argv: Sequence[str] | None = None) -> int:
-    """``mmdist cache --config C [key=value ...] --out DIR``: precompute frozen encoder features for data.train / data.eval.
-
-    Stage align with a frozen text encoder caches the pooled caption features too.
-    """
-    parser = argparse.ArgumentParser(prog="mmdist cache", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="run config (its model.vision and data sources are used)")
-    parser.add_argument("--out", required=True, help="cache folder (train/ and eval/ are written inside)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per encoder forward")
-    parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per feature shard")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing cache")
-    parser.add_argument("--no-text", action="store_true", help="stage align: cache image features only (the frozen text encoder then runs every step)")
-    parser.add_argument("--device", default=None, help="where the frozen encoders run (default: the GPU when there is one, else cpu)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.vision.select_layer=-1")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-
-    from mmdist.config.run import load_config
-    from mmdist.export import build_run_encoder
-    from mmdist.hardware import default_device
-    from mmdist.precision import precision_lines, resolve_precision
-
-    device = args.device or default_device()
-    cfg = load_config(args.config, args.overrides)
-    cfg.data.feature_cache = None
-    cfg, resolved = resolve_precision(cfg, device)
-    for line in precision_lines(resolved):
-        print(f"[mmdist cache] precision {line}")
-    model = build_run_encoder(cfg)  # stage 2: the vision tower only, never the LLM
-    model.to(device).eval()
-    print(f"[mmdist cache] encoding on {device}")
-    for split, sources in (("train", cfg.data.train), ("eval", cfg.data.eval)):
-        if not sources:
-            continue
-        patterns = [p for src in sources for p in src.shards]
-        summary = build_feature_cache(cfg, model, patterns, Path(args.out) / split, batch_size=args.batch_size,
-                                      samples_per_shard=args.samples_per_shard, overwrite=args.overwrite,
-                                      cache_text=False if args.no_text else None)
-        print(f"{split}: {summary}")
-    print(f"use it with: data.feature_cache={args.out}")
-    return 0

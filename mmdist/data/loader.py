@@ -51,6 +51,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from mmdist import hardware
+from mmdist.data.cache import open_feature_cache
 from mmdist.data.collate import collate_align, collate_fuse, group_by_length, pad_id_of
 from mmdist.data.plan import (
     Consumed,
@@ -592,8 +594,6 @@ def build_loader(cfg: Any, processors: Any, split: str = "train", rank: int = 0,
     use_features = bool(data.feature_cache)
     text_features = False
     if use_features:
-        from mmdist.data.cache import open_feature_cache
-
         sources, text_features = open_feature_cache(cfg, processors, split, feature_key)
     else:
         sources = _sources(cfg, split, mode)
@@ -623,9 +623,8 @@ def resolve_num_workers(configured: Optional[int], announce: bool = False) -> in
     """``data.num_workers``, or for null (auto) the CPUs this rank owns minus one for the training process, at most 8."""
     if configured is not None:
         return configured
-    from mmdist.hardware import cpus_for_this_rank
 
-    cpus, why = cpus_for_this_rank()
+    cpus, why = hardware.cpus_for_this_rank()
     workers = max(0, min(MAX_AUTO_WORKERS, cpus - 1))
     if announce:
         print(f"[mmdist] data.num_workers: auto -> {workers} ({cpus} CPU(s) for this rank: {why}; one stays with training)",

@@ -1,4 +1,4 @@
-"""Writing WebDataset shards: ``mmdist shard`` and the library functions behind it.
+"""Writing WebDataset shards: the library functions behind ``mmdist shard``.
 
 Inputs: a LLaVA JSON file plus an image root (``llava``), an image folder plus a
 CSV/JSONL of captions (``folder``), or the built-in demo dataset (``demo``:
@@ -9,14 +9,13 @@ separate ``eval`` shards that training never sees).
 Every shard holds N samples (``{key}.png``/``.jpg`` + ``.txt`` or ``.json``), a
 ``sizes.json`` beside the shards gives the counts (the reader's epoch planning
 uses it), every image is decoded and verified before it is written, and a
-summary of what was skipped and why is printed. Existing shards are never
-overwritten unless ``--overwrite`` is given. Tar members are written with fixed
+summary of what was skipped and why is logged. Existing shards are never
+overwritten unless asked (``overwrite``). Tar members are written with fixed
 metadata (mtime 0, uid 0), so the same input gives byte-identical shards.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -332,47 +331,3 @@ def shard_pattern(summary: WriteSummary) -> str:
     first = Path(summary.shards[0])
     prefix = first.name.rsplit("-", 1)[0]
     return str(first.parent / f"{prefix}-{{000000..{len(summary.shards) - 1:06d}}}.tar")
-
-
-# ---------------------------------------------------------------------------
-# CLI
-
-
-def cli_main(argv: Sequence[str] | None = None) -> int:
-    """``mmdist shard {demo,llava,folder} --out DIR ...``: write shards, print a summary; exit 2 if shards exist."""
-    parser = argparse.ArgumentParser(prog="mmdist shard", description="Write WebDataset shards with sizes.json.")
-    sub = parser.add_subparsers(dest="source", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--out", required=True, help="output folder")
-    common.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar file")
-    common.add_argument("--overwrite", action="store_true", help="replace existing shards in the output folder")
-    common.add_argument("--prefix", default="shard", help="shard file prefix (demo: train/eval)")
-    demo = sub.add_parser("demo", parents=[common], help="scikit-learn digits: train/ and held-out eval/ shards")
-    demo.add_argument("--image-size", type=int, default=28, help="side of the upscaled PNG digits")
-    demo.set_defaults(samples_per_shard=200)
-    demo.add_argument("--limit", type=int, default=None, help="only the first N training digits (quick runs)")
-    llava = sub.add_parser("llava", parents=[common], help="a LLaVA JSON list + an image root")
-    llava.add_argument("--json", required=True, help="LLaVA JSON file (list of {id, image, conversations})")
-    llava.add_argument("--images", required=True, help="folder the 'image' paths are relative to")
-    folder = sub.add_parser("folder", parents=[common], help="an image folder + CSV/JSONL captions")
-    folder.add_argument("--images", required=True, help="image folder")
-    folder.add_argument("--captions", required=True, help="CSV (image,caption columns) or JSONL ({image, caption})")
-    args = parser.parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        if args.source == "demo":
-            summaries = write_demo_shards(args.out, args.image_size, args.samples_per_shard, args.overwrite, args.limit)
-            for split, summary in summaries.items():
-                print(f"{split}: {summary}")
-            return 0
-        samples = llava_samples(args.json, args.images) if args.source == "llava" else folder_samples(args.images, args.captions)
-        summary = write_shards(samples, args.out, args.prefix, args.samples_per_shard, args.overwrite)
-    except ShardsExist as exc:
-        print(f"error: {exc}")
-        return 2
-    except ValueError as exc:
-        print(f"error: {exc}")
-        return 1
-    print(summary)
-    print(f"shards: {shard_pattern(summary)}" if summary.shards else "no shards written")
-    return 0

@@ -34,6 +34,6 @@ Layout of RUN_DIR::
 
 The package, in the order the steps need it: ``state`` (the run folder's
 bookkeeping, ``DemoError``), ``digits`` (the digit shards), ``evaluate``
-(held-out retrieval and answers), ``report`` (loss curves and report.md) and
-``cli`` (the command, which runs the steps in order).
+(held-out retrieval and answers) and ``report`` (loss curves and report.md);
+the command that runs the steps in order is mmdist/commands/demo.py.
 """

@@ -1,16 +1,18 @@
 """The demo's data: scikit-learn's handwritten digits as train and held-out WebDataset shards.
 
-A thin call of ``mmdist shard demo`` into ``RUN_DIR/data/shards/{train,eval}``,
+What ``mmdist shard demo`` writes, into ``RUN_DIR/data/shards/{train,eval}``,
 plus the data overrides that point a recipe at those shards.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
-from mmdist.data.shards import cli_main as shard_main
-from mmdist.demo.state import DemoError
+from mmdist.data.shards import write_demo_shards
+
+log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 28  # side of the PNG digits the shard tool writes
 QUICK_SHARD_LIMIT = 160  # --quick: training digits; the held-out slice is a quarter of it
@@ -22,15 +24,11 @@ def shard_overrides(shards: dict) -> list[str]:
 
 
 def make_shards(run_dir: Path, quick: bool) -> dict:
-    """``mmdist shard demo`` into RUN_DIR/data/shards; returns the train/eval shard patterns and counts."""
+    """The digit shards (as ``mmdist shard demo``) in RUN_DIR/data/shards; returns the train/eval shard patterns and counts."""
     out = run_dir / "data" / "shards"
-    argv = ["demo", "--out", str(out), "--image-size", str(IMAGE_SIZE), "--overwrite"]
-    if quick:
-        argv += ["--limit", str(QUICK_SHARD_LIMIT)]
-    # --overwrite: a shard folder inside a demo run folder can only be this run's own, half-written before an interrupt.
-    code = shard_main(argv)
-    if code != 0:
-        raise DemoError(f"`mmdist shard {' '.join(argv)}` failed with exit code {code}")
+    # overwrite: a shard folder inside a demo run folder can only be this run's own, half-written before an interrupt.
+    for split, summary in write_demo_shards(out, IMAGE_SIZE, overwrite=True, limit=QUICK_SHARD_LIMIT if quick else None).items():
+        log.info("%s: %s", split, summary)
     result = {}
     for split in ("train", "eval"):
         sizes = json.loads((out / split / "sizes.json").read_text())

@@ -18,8 +18,8 @@ from mmdist.data import build_loader
 from mmdist.data.reader import list_shards, read_tar
 from mmdist.data.shards import DIGIT_NAMES
 from mmdist.demo.state import DemoError
-from mmdist.export import load_align_model
 from mmdist.generate import answer_images, parse_digit
+from mmdist.materialize import load_align_model
 
 QUESTION = "What digit is this?"
 REPORT_IMAGES = 10

@@ -7,7 +7,8 @@ the loader's position; rank 0 adds the world-size-independent
 ``trainable_state.pt`` (mmdist.training.trainable_state) so another number of ranks
 can resume. Saves go to ``.tmp-step_N/``, are renamed when complete and only then
 named by ``latest``, so a crash or a full disk never leaves a half checkpoint
-that a resume would pick; the folder must be shared by every rank.
+that a resume would pick; the folder must be shared by every rank. The stage export is
+mmdist.export.export_trainable's.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ __all__ = [
     "CheckpointError",
     "CheckpointManager",
     "capture_rng",
-    "export_trainable",
     "restore_rng",
     "TRAINABLE_STATE",
 ]
@@ -47,8 +47,7 @@ TMP_PREFIX = ".tmp-"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
-# Module-level seams: export_trainable (below, moving to the export side) calls _rank/_barrier, and tests
-# replace _world_size to load a checkpoint as if this run had another number of ranks.
+# Module-level seams: tests replace _world_size to load a checkpoint as if this run had another number of ranks.
 _barrier, _rank, _world_size = dist.barrier, dist.rank, dist.world_size
 
 
@@ -397,50 +396,3 @@ def _free_space(folder: Path) -> str:
     except OSError:
         return "free space unknown"
     return f"{usage.free / 2**20:,.1f} MiB free of {usage.total / 2**20:,.1f} MiB on that file system"
-
-
-# ---------------------------------------------------------------------------
-# export
-
-
-def export_trainable(model: Any, read_gather: Callable[[list], Any], out_dir: str | os.PathLike, *, fp32_master: bool = False) -> Optional[Path]:
-    """Gather ``model.export_state_dict()`` and write it with its manifest through mmdist.export (collective).
-
-    Every rank takes part in the gather; rank 0 writes ``out_dir``
-    (:func:`mmdist.export.write_export`, atomic). With ``fp32_master`` (bf16/fp16
-    training) each exported trainable parameter is replaced by DeepSpeed's fp32
-    master copy, so the export is the optimizer's full-precision result rather
-    than its rounded compute copy. Returns the folder on rank 0.
-    """
-    from mmdist.export import build_manifest, write_export
-
-    manifest = build_manifest(model)
-    named = dict(model.named_parameters())
-    # A first pass names the tensors the export needs (under ZeRO-3 it may fail on partitioned data: then
-    # the trainable parameters are what we gather). LoRA layers are left out: the model gathers those
-    # itself to merge them, and DeepSpeed forbids nested gathers of the same parameter.
-    try:
-        names = set(model.export_state_dict().keys())
-    except RuntimeError:
-        names = set()
-    params = [p for n, p in named.items() if (n in names or p.requires_grad) and "lora_" not in n]
-    with read_gather(params):
-        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.export_state_dict().items()}
-    if fp32_master:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        for name in sorted(state):  # the same order on every rank: under ZeRO-3 each call is a collective
-            param = named.get(name)
-            if param is not None and param.requires_grad:
-                full = safe_get_full_fp32_param(param)
-                if full is not None:
-                    state[name] = full.detach().float().cpu().clone().reshape(state[name].shape)
-    empty = [k for k, v in state.items() if v.numel() == 0]
-    if empty:
-        raise CheckpointError(f"export: {len(empty)} tensor(s) are empty after gathering (e.g. {empty[:3]}); a ZeRO-3 parameter was not gathered")
-    if _rank() != 0:
-        _barrier()
-        return None
-    out_dir = write_export(state, manifest, out_dir)
-    _barrier()
-    return out_dir

@@ -135,7 +135,7 @@ def _ensure_cpu_accelerator() -> None:
 
 
 def default_model_builder(cfg: RunConfig, gather: Callable[[list], Any]) -> TrainableModel:
-    from mmdist.export import build_run_model
+    from mmdist.materialize import build_run_model
 
     return build_run_model(cfg, gather=gather)
 
@@ -148,7 +148,7 @@ def build_engine(
 ) -> EngineBundle:
     """Build the model and wrap it in a DeepSpeed engine (the process group must exist).
 
-    ``model_builder(cfg, gather)`` defaults to ``mmdist.models.build_model``;
+    ``model_builder(cfg, gather)`` defaults to ``mmdist.materialize.build_run_model``;
     tests pass their own. Under ZeRO-3 the model is built with an
     ``HfDeepSpeedConfig`` alive and inside ``deepspeed.zero.Init``, so every
     parameter is partitioned as it is created or loaded. The caller ends with

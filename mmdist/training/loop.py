@@ -22,7 +22,8 @@ from mmdist.hardware import peak_flops
 from mmdist.models.freeze import param_table
 from mmdist.precision import precision_lines
 from mmdist.training import dist, preemption
-from mmdist.training.checkpoint import CheckpointManager, capture_rng, export_trainable
+from mmdist.export import export_trainable
+from mmdist.training.checkpoint import CheckpointManager, capture_rng
 from mmdist.training.ds_config import fit_micro_batch
 from mmdist.training.engine import build_engine
 from mmdist.training.metrics import MetricsLogger, Throughput, flop_count

@@ -111,3 +111,23 @@ class LogConfig(SettingsBase):
     param_table: bool = setting(True, "print the table of modules with parameter counts, trainable counts and dtypes")
     peak_flops: Optional[float] = setting(None, "peak FLOP/s of one device for MFU; default: a short matmul measured at start")
     data_fingerprint: bool = setting(False, "log a hash of every optimizer step's batches (checks that a resumed run sees the same data; costs a copy to CPU)")
+
+
+@dataclass
+class WatchdogConfig(SettingsBase):
+    """When a rank that makes no progress is declared hung (see mmdist/training/watchdog.py)."""
+
+    timeout_s: float = setting(1800.0, "end a rank with a stack dump when no optimizer step finished for this long (0: no watchdog)")
+    phase_timeout_s: float = setting(7200.0, "the limit inside long phases: loading weights, the first step, evaluation, saving (0: no limit there)")
+    poll_s: float = setting(10.0, "how often the watchdog thread looks at the heartbeat")
+
+    def check(self) -> list[tuple[str, str]]:
+        out = []
+        for key in ("timeout_s", "phase_timeout_s"):
+            if getattr(self, key) < 0:
+                out.append((key, "must be >= 0 (0 turns it off)"))
+        if self.poll_s <= 0:
+            out.append(("poll_s", "must be positive"))
+        elif self.timeout_s and self.poll_s > self.timeout_s:
+            out.append(("poll_s", f"{self.poll_s} is longer than timeout_s={self.timeout_s}"))
+        return out

@@ -37,11 +37,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Optional, Union
 
-from mmdist.settings import SettingsBase, setting
+from mmdist.training.settings import WatchdogConfig
 
 __all__ = ["WATCHDOG_EXIT", "Watchdog", "WatchdogConfig"]
 
@@ -49,26 +48,6 @@ __all__ = ["WATCHDOG_EXIT", "Watchdog", "WatchdogConfig"]
 #: out of time, which is what happened; it differs from PREEMPTED_EXIT (75), so the Slurm scripts never
 #: requeue a hang (a deterministic hang would loop), and from a crash (1) or a signal (128+N).
 WATCHDOG_EXIT = 124
-
-
-@dataclass
-class WatchdogConfig(SettingsBase):
-    """When a rank that makes no progress is declared hung (see mmdist/training/watchdog.py)."""
-
-    timeout_s: float = setting(1800.0, "end a rank with a stack dump when no optimizer step finished for this long (0: no watchdog)")
-    phase_timeout_s: float = setting(7200.0, "the limit inside long phases: loading weights, the first step, evaluation, saving (0: no limit there)")
-    poll_s: float = setting(10.0, "how often the watchdog thread looks at the heartbeat")
-
-    def check(self) -> list[tuple[str, str]]:
-        out = []
-        for key in ("timeout_s", "phase_timeout_s"):
-            if getattr(self, key) < 0:
-                out.append((key, "must be >= 0 (0 turns it off)"))
-        if self.poll_s <= 0:
-            out.append(("poll_s", "must be positive"))
-        elif self.timeout_s and self.poll_s > self.timeout_s:
-            out.append(("poll_s", f"{self.poll_s} is longer than timeout_s={self.timeout_s}"))
-        return out
 
 
 class Watchdog:

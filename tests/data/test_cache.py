@@ -104,7 +104,7 @@ def _align_setup(tmp_path, connector="mlp", cache_text=None, **text):
     """A tiny align model and a cache of its features for 8 caption samples (eval split: unshuffled, same order as pixels)."""
     from helpers.configs import tiny_run_config
 
-    from mmdist.export import build_run_model
+    from mmdist.materialize import build_run_model
 
     pattern = write_caption_shards(tmp_path / "src", [5, 3])
     cfg = tiny_run_config("align", connector=connector, model={"text": text},
@@ -205,8 +205,8 @@ def test_image_only_cache_still_serves_a_frozen_text_run(tmp_path):
 def test_mmdist_cache_cli_caches_text_unless_no_text(tmp_path):
     import yaml
 
+    from mmdist.commands.cache import main as cli_main
     from mmdist.config.run import config_to_dict
-    from mmdist.data.cache import cli_main
 
     cfg, _, _ = _align_setup(tmp_path)
     path = tmp_path / "align.yaml"
@@ -228,9 +228,10 @@ def test_mmdist_cache_of_a_stage2_config_never_loads_the_llm(tmp_path, monkeypat
     from helpers.configs import tiny_run_config
 
     import mmdist.models.build as build
+    from mmdist.commands.cache import main as cli_main
     from mmdist.config.run import config_to_dict
-    from mmdist.data.cache import cache_key, cache_key_parts, cli_main
-    from mmdist.export import build_run_model
+    from mmdist.data.cache import cache_key, cache_key_parts
+    from mmdist.materialize import build_run_model
 
     pattern = write_caption_shards(tmp_path / "src", [3])
     cfg = tiny_run_config("fuse", data={"train": [{"shards": [pattern]}], "eval": [], "num_workers": 0, "format": "caption"})

@@ -10,9 +10,10 @@ import numpy as np
 from helpers.data_fixtures import make_config, make_processors, png
 from PIL import Image
 
+from mmdist.commands.shard import main as cli_main
 from mmdist.data.loader import build_loader
 from mmdist.data.reader import read_tar
-from mmdist.data.shards import cli_main, demo_split, shard_pattern, write_demo_shards
+from mmdist.data.shards import demo_split, shard_pattern, write_demo_shards
 
 
 def _images(root, n):

@@ -27,7 +27,7 @@ def _cfg(stage, demo, **data):
 
 @pytest.mark.parametrize("stage", ["align", "fuse"])
 def test_demo_batches_feed_the_model(demo, stage):
-    from mmdist.export import build_run_model
+    from mmdist.materialize import build_run_model
 
     cfg = _cfg(stage, demo, format="conversation")
     model = build_run_model(cfg)
@@ -41,7 +41,7 @@ def test_demo_batches_feed_the_model(demo, stage):
 
 
 def test_packed_and_unpacked_batches_give_the_same_loss(demo):
-    from mmdist.export import build_run_model
+    from mmdist.materialize import build_run_model
 
     cfg = _cfg("fuse", demo, format="conversation", max_len=128)
     model = build_run_model(cfg).eval()
@@ -70,9 +70,9 @@ def test_packed_and_unpacked_batches_give_the_same_loss(demo):
 def test_mmdist_cache_cli_and_training_on_features(demo, tmp_path):
     import yaml
 
+    from mmdist.commands.cache import main as cli_main
     from mmdist.config.run import config_to_dict
-    from mmdist.data.cache import cli_main
-    from mmdist.export import build_run_model
+    from mmdist.materialize import build_run_model
 
     cfg = _cfg("align", demo, format="caption")
     path = tmp_path / "align.yaml"

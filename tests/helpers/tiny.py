@@ -15,7 +15,7 @@ def make_cfg(stage: str = "fuse", connector: str = "mlp", **overrides) -> RunCon
 
 
 def make_model(stage: str = "fuse", connector: str = "mlp", **overrides):
-    from mmdist.export import build_run_model
+    from mmdist.materialize import build_run_model
 
     torch.manual_seed(0)
     return build_run_model(make_cfg(stage, connector, **overrides))

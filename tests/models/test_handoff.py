@@ -9,7 +9,8 @@ import pytest
 import torch
 from helpers.tiny import align_batch, fuse_batch, make_cfg, make_model
 
-from mmdist.export import build_run_model, load_fused_model, load_stage1, read_export, save_export
+from mmdist.export import load_stage1, read_export, save_export
+from mmdist.materialize import build_run_model, load_fused_model
 from mmdist.models.fused import FusedVLM
 
 
@@ -134,7 +135,7 @@ def test_wrong_stage1_path_fails_before_the_llm_loads(tmp_path, monkeypatch):
     from helpers.configs import tiny_run_config
 
     import mmdist.models.build as build
-    from mmdist.export import build_run_model
+    from mmdist.materialize import build_run_model
 
     loaded = []
     monkeypatch.setattr(build, "load_llm", lambda cfg: loaded.append(cfg) or pytest.fail("the LLM was loaded first"))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from helpers.tiny import fuse_batch, make_model
 
-from mmdist.export import load_fused_model, save_export
+from mmdist.export import save_export
+from mmdist.materialize import load_fused_model
 
 LORA = {"llm": {"lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}}}
 

@@ -16,7 +16,7 @@ import torch
 from helpers.configs import tiny_run_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmdist.export import build_run_model
+from mmdist.materialize import build_run_model
 from mmdist.training import metrics
 
 

@@ -1,6 +1,6 @@
 """`mmdist demo`: the whole product on a laptop CPU, from shards to a report: pretrained text models, a seeded random ViT.
 
-The command and the order of its steps (see the package docstring for the
+The command and the order of its steps (mmdist/demo's package docstring has the
 design): check the optional packages, open the run folder, then shards, feature
 cache, stage 1 and its evaluation, stage 2 and its evaluation, curves and
 report, each a resumable step of :class:`~mmdist.demo.state.DemoState`.
@@ -20,14 +20,15 @@ from typing import Any, Optional
 
 import torch
 
+from mmdist.commands import cache as cache_command
+from mmdist.commands.generate import load_model
 from mmdist.config import ConfigError, load_config
 from mmdist.config.recipes import packaged_recipes, recipe_path
-from mmdist.data.cache import cli_main as cache_main
 from mmdist.demo.digits import make_shards, shard_overrides
 from mmdist.demo.evaluate import heldout_answers, heldout_gallery, heldout_retrieval
 from mmdist.demo.report import loss_curve, write_report
 from mmdist.demo.state import DemoError, DemoState, run_fingerprint
-from mmdist.generate import load_model
+from mmdist.hardware import default_device
 from mmdist.precision import resolve_precision
 from mmdist.training.loop import train
 
@@ -97,7 +98,7 @@ def packages_for(align_cfg: Any, fuse_cfg: Any) -> list[str]:
 def build_cache(config: Path, overrides: list[str], out: Path) -> dict:
     """``mmdist cache`` for the stage-1 recipe into ``out`` (train/ and eval/)."""
     argv = ["--config", str(config), "--out", str(out), "--overwrite", *overrides]
-    code = cache_main(argv)
+    code = cache_command.main(argv)
     if code != 0:
         raise DemoError(f"`mmdist cache {' '.join(argv)}` failed with exit code {code}")
     return {"cache": str(out)}
@@ -123,8 +124,6 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
     """Run (or continue) the demo into ``run_dir`` on ``device`` (default: the GPU when there is one, else cpu);
     returns the metrics written to metrics.json."""
     if device is None:
-        from mmdist.hardware import default_device
-
         device = default_device()
     if str(device).startswith("cpu"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -204,7 +203,7 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
     return metrics
 
 
-def cli_main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``mmdist demo [--run-dir runs/demo] [--quick] [--overwrite]``."""
     parser = argparse.ArgumentParser(prog="mmdist demo", description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", default="runs/demo", help="folder for shards, both stages, metrics and the report")
@@ -231,4 +230,4 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main())
+    sys.exit(main())

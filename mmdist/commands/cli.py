@@ -1,8 +1,8 @@
 """The `mmdist` command: one entry point, one subcommand per job.
 
-Subcommands are thin: each parses its own arguments and calls a library
-function, imported only when that subcommand runs (so `mmdist config --explain`
-does not pay for importing DeepSpeed).
+Each subcommand is a module of mmdist.commands with ``main(argv) -> int``,
+imported only when that subcommand runs (so `mmdist config --explain` does not
+pay for importing DeepSpeed).
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from collections.abc import Callable, Sequence
 
 # subcommand -> ("module:function", one-line help). Each function takes argv (list[str]) and returns an exit code.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "config": ("mmdist.config.cli:main", "validate a config, print the resolved config, or explain every setting"),
-    "train": ("mmdist.training.trainer:cli_main", "train one stage (align or fuse) from a config"),
-    "shard": ("mmdist.data.shards:cli_main", "write WebDataset shards (LLaVA JSON, image folder + captions, or the demo digits)"),
-    "cache": ("mmdist.data.cache:cli_main", "precompute frozen-encoder features into new shards"),
-    "demo": ("mmdist.demo.cli:cli_main", "build the digits shards, train both stages on CPU, evaluate, write a report"),
-    "generate": ("mmdist.generate:cli_main", "answer a prompt about an image with an exported stage-2 model"),
-    "export": ("mmdist.hf_export:cli_main", "write a trained model as an mmdist export or a Hugging Face LLaVA folder (--format hf)"),
-    "eval": ("mmdist.evaluation:cli_main", "measure an export on held-out shards: retrieval R@1/5/10 (stage 1) or answer accuracy (stage 2)"),
-    "plan": ("mmdist.plan:cli_main", "predict per-GPU memory for each ZeRO stage before submitting a job"),
+    "config": ("mmdist.commands.config:main", "validate a config, print the resolved config, or explain every setting"),
+    "train": ("mmdist.commands.train:main", "train one stage (align or fuse) from a config"),
+    "shard": ("mmdist.commands.shard:main", "write WebDataset shards (LLaVA JSON, image folder + captions, or the demo digits)"),
+    "cache": ("mmdist.commands.cache:main", "precompute frozen-encoder features into new shards"),
+    "demo": ("mmdist.commands.demo:main", "build the digits shards, train both stages on CPU, evaluate, write a report"),
+    "generate": ("mmdist.commands.generate:main", "answer a prompt about an image with an exported stage-2 model"),
+    "export": ("mmdist.commands.export:main", "write a trained model as an mmdist export or a Hugging Face LLaVA folder (--format hf)"),
+    "eval": ("mmdist.commands.eval:main", "measure an export on held-out shards: retrieval R@1/5/10 (stage 1) or answer accuracy (stage 2)"),
+    "plan": ("mmdist.commands.plan:main", "predict per-GPU memory for each ZeRO stage before submitting a job"),
 }
 
 

@@ -1,0 +1,35 @@
+"""`mmdist export --run RUN --out DIR [--format mmdist|hf]`: hand a trained model on (mmdist export or llava-hf folder)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from mmdist.hf_export import ExportRefused, export_hf, export_mmdist
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``mmdist export --run RUN --out DIR [--format mmdist|hf] [overrides]``."""
+    parser = argparse.ArgumentParser(prog="mmdist export", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", required=True, help="export folder, run folder or demo run folder")
+    parser.add_argument("--out", required=True, help="folder to write (must be new or empty for --format hf)")
+    parser.add_argument("--format", choices=("mmdist", "hf"), default="mmdist",
+                        help="mmdist: today's export (resume, hand-off); hf: LlavaForConditionalGeneration + LlavaProcessor")
+    parser.add_argument("overrides", nargs="*", help="--format hf: dotted overrides of the stored config, e.g. model.llm.dtype=fp32")
+    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        if args.format == "hf":
+            written = export_hf(args.run, args.out, args.overrides)
+        else:
+            written = export_mmdist(args.run, args.out)
+    except (ExportRefused, FileNotFoundError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"format": args.format, "out": str(written)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

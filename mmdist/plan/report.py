@@ -1,0 +1,137 @@
+"""Step 4 of the plan: what fits, the recommended setting, the table a person reads, and the input-rate warning.
+
+Kept apart from the arithmetic so the estimate can be used (benchmarks, tests)
+without the wording.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from mmdist.config.run import RunConfig, load_config
+from mmdist.hardware import datasheet_peak
+from mmdist.plan.memory import Estimate
+from mmdist.plan.shapes import GiB, ModuleShape
+from mmdist.precision import ENGINE_KEY, PART_KEYS
+
+
+def _g(b: int) -> str:
+    return f"{b / GiB:.2f}"
+
+
+def recommend(estimates: list[Estimate], budget: int, configured_ckpt: bool) -> tuple[Estimate, bool]:
+    """The setting to use: fits the configured micro-batch, least communication, largest micro-batch headroom.
+
+    Lower ZeRO stages move less data per step (ZeRO-3 gathers every frozen weight
+    twice per micro-step, as gradients flow back through the frozen LLM), and
+    offloading costs PCIe time, so the first setting in this order that fits wins:
+    no checkpointing before checkpointing, then ZeRO 0, 1, 2, 3, no offload first.
+    """
+    for ckpt in ([False, True] if not configured_ckpt else [True, False]):
+        for est in estimates:
+            if est.total(ckpt) <= budget:
+                return est, ckpt
+    return min(estimates, key=lambda e: e.total(True)), True
+
+
+def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estimate], world: int, budget: int,
+                ds: Optional[dict] = None) -> str:
+    lines = []
+    p_train = sum(s.params for s in shapes if s.trainable)
+    p_frozen = sum(s.params for s in shapes if not s.trainable)
+    lines.append(f"mmdist plan: stage {cfg.stage}, {world} GPU(s) of {_g(budget)} GiB, precision {cfg.engine.precision}, "
+                 f"micro-batch {cfg.train.micro_batch_size} x {cfg.data.max_len} tokens")
+    lines.append("")
+    lines.append(f"{'module':<16}{'params':>16}{'trainable':>11}{'dtype':>7}")
+    for s in shapes:
+        lines.append(f"{s.name:<16}{s.params:>16,}{'yes' if s.trainable else 'no':>11}{s.dtype:>7}")
+    lines.append(f"{'total':<16}{p_train + p_frozen:>16,}   trainable {p_train:,} ({100 * p_train / max(1, p_train + p_frozen):.3f}%)")
+    lines.append("")
+    lines.append("per-GPU GiB (activations for the configured micro-batch; total includes a "
+                 f"{_g(estimates[0].fixed_reserve)} GiB CUDA context/allocator reserve)")
+    head = (f"{'setting':<26}{'frozen':>16}{'train':>7}{'grads':>7}{'optim':>7}{'act':>8}{'act+ckpt':>9}{'comm':>7}"
+            f"{'total':>8}{'tot+ckpt':>9}{'fits':>6}{'max mb':>7}{'mb+ckpt':>8}{'cpu':>7}")
+    lines.append(head)
+    for est in estimates:
+        frozen = " ".join(f"{k}:{_g(v)}" for k, v in est.frozen.items()) or "-"
+        fits = ("yes" if est.total(False) <= budget else "ckpt" if est.total(True) <= budget else "no")
+        lines.append(f"{est.setting.label:<26}{frozen:>16}{_g(est.trainable):>7}{_g(est.gradients):>7}{_g(est.optimizer):>7}"
+                     f"{_g(est.activations):>8}{_g(est.activations_ckpt):>9}{_g(est.comm):>7}{_g(est.total(False)):>8}"
+                     f"{_g(est.total(True)):>9}{fits:>6}{est.max_micro_batch(budget, False):>7}"
+                     f"{est.max_micro_batch(budget, True):>8}{_g(est.cpu):>7}")
+    best, ckpt = recommend(estimates, budget, cfg.model.llm.gradient_checkpointing)
+    lines.append("")
+    if best.total(ckpt) <= budget:
+        lines.append(f"recommended: {best.setting.label}, gradient_checkpointing={'true' if ckpt else 'false'}; "
+                     f"largest micro-batch that fits: {best.max_micro_batch(budget, ckpt)} "
+                     f"(configured {cfg.train.micro_batch_size}; {_g(best.total(ckpt))} GiB of {_g(budget)} GiB)")
+        ckpt_override = f" model.llm.gradient_checkpointing={str(ckpt).lower()}" if cfg.stage == "fuse" else ""
+        lines.append(f"  overrides: engine.zero_stage={best.setting.zero_stage} engine.offload_optimizer="
+                     f"{str(best.setting.offload_optimizer).lower()} engine.offload_params={str(best.setting.offload_params).lower()}"
+                     + ckpt_override)
+    else:
+        lines.append(f"nothing fits micro-batch {cfg.train.micro_batch_size}: closest is {best.setting.label} with "
+                     f"checkpointing at {_g(best.total(True))} GiB; lower train.micro_batch_size or data.max_len, or add GPUs")
+    if ds:
+        lines.append("")
+        lines.append("DeepSpeed's estimators (every parameter counted as trainable) vs this plan, model states per GPU, GiB:")
+        lines.append(f"{'setting':<26}{'deepspeed gpu':>14}{'mmdist gpu':>12}{'deepspeed cpu':>15}{'mmdist cpu':>12}")
+        for est in estimates:
+            if est.setting.label in ds:
+                d = ds[est.setting.label]
+                lines.append(f"{est.setting.label:<26}{_g(d['gpu']):>14}{_g(est.model_states):>12}{_g(d['cpu']):>15}{_g(est.cpu):>12}")
+        lines.append("  (deepspeed: estimate_zero2_model_states_mem_needs / estimate_zero3_model_states_mem_needs, the "
+                     "functions behind *_all_cold; its cpu figure is per node and includes a 1.5x buffer factor)")
+    return "\n".join(lines)
+
+
+# Images/s one CPU core turns from photo-like JPEGs in tar shards into the tower's 336 px input with
+# mmdist's loader (benchmarks/bench_images.py, 1 worker; docs/benchmarks.md records the run and the machine).
+IMAGES_PER_CORE = 200.0  # measured 218 with 1 worker on a 2-core AMD EPYC (avx512), 2026-12-02
+TOWER_MFU = 0.4  # the fraction of a GPU's dense peak a frozen ViT forward reaches in practice
+
+
+def input_line(shapes: list[ModuleShape], gpu: str, gpus_per_node: int, cpus_per_node: int,
+               images_per_core: float = IMAGES_PER_CORE) -> list[str]:
+    """The images/s the frozen vision tower eats per GPU and the CPU cores per GPU that decoding them needs."""
+
+    vision = next((s for s in shapes if s.name == "vision_encoder"), None)
+    row = datasheet_peak(gpu)
+    if vision is None or not vision.dims.get("seq") or row is None or not (row.bf16 or row.fp16):
+        why = "unknown GPU " + repr(gpu) if row is None else "custom vision encoder (no token count)"
+        return [f"input: not estimated ({why})"]
+    flops = 2 * vision.params * vision.dims["seq"]  # frozen forward over every token of the tower
+    need = TOWER_MFU * (row.bf16 or row.fp16) / flops
+    cores = need / images_per_core
+    lines = [f"input: the vision tower ({vision.params / 1e6:.0f}M params x {vision.dims['seq']} tokens = "
+             f"{flops / 1e12:.2f} TFLOP/image) at {TOWER_MFU:.0%} of a {row.label}'s peak eats {need:,.0f} images/s per GPU; "
+             f"at {images_per_core:.0f} images/s per core (mmdist's loader) that is {cores:.1f} CPU cores per GPU"]
+    if cpus_per_node and gpus_per_node and cpus_per_node / gpus_per_node < cores:
+        lines.append(f"  warning: {cpus_per_node} cores for {gpus_per_node} GPUs is {cpus_per_node / gpus_per_node:.1f} per GPU: "
+                     "the loader cannot keep the tower busy when it decodes pixels; cache the image features "
+                     "(mmdist cache) or move decoding to more nodes")
+    return lines
+
+
+def resolve_auto_for_gpu(cfg: RunConfig, gpu: str, path: str, overrides: Sequence[str]) -> tuple[RunConfig, str]:
+    """The config with every ``auto`` dtype as the target GPU would resolve it (bf16 where it has bf16, else fp16).
+
+    The plan is for the cluster's GPUs, not for the machine it runs on, so this
+    machine's hardware is not consulted (mmdist.precision does that at start-up).
+    """
+
+    keys = [key for key in (ENGINE_KEY, *PART_KEYS.values()) if _setting(cfg, key) == "auto"]
+    if not keys:
+        return cfg, ""
+    row = datasheet_peak(gpu)
+    dtype = "fp16" if row is not None and row.bf16 is None else "bf16"
+    resolved = load_config(path, [*overrides, *(f"{key}={dtype}" for key in keys)])
+    return resolved, f"auto -> {dtype} for {row.label if row else gpu} ({', '.join(keys)})"
+
+
+def _setting(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
