@@ -18,11 +18,11 @@ from typing import Any, Optional
 import torch
 
 from mmdist.config import RunConfig
+from mmdist.export import export_trainable
 from mmdist.hardware import peak_flops
 from mmdist.models.freeze import param_table
 from mmdist.precision import precision_lines
 from mmdist.training import dist, preemption
-from mmdist.export import export_trainable
 from mmdist.training.checkpoint import CheckpointManager, capture_rng
 from mmdist.training.ds_config import fit_micro_batch
 from mmdist.training.engine import build_engine
