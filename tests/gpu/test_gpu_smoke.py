@@ -63,7 +63,7 @@ def recipe(stage: str, run_dir: Path, shards: dict[str, str], *overrides: str):
 
 
 def train(cfg) -> dict:
-    from mmdist.training.trainer import train as run
+    from mmdist.training.loop import train as run
 
     return run(cfg)
 
