@@ -26,14 +26,17 @@ Stage ``align``: one image and its caption tokenised by the text encoder's token
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Optional
 
 from mmdist.data.reader import BadSample, decode_images
 from mmdist.data.settings import ImageTilingConfig
-from mmdist.data.tiling import image_layout, select_grid, tile_image, tiled_draft_size
+from mmdist.data.tiling import image_layout, max_tiled_image_tokens, select_grid, tile_image, tiled_draft_size
 from mmdist.models.processors import ORIGINAL_SIZE_KEY
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # The mark LLaVA-style data uses for an image; it places images whatever the placeholder token is (e.g. Qwen1's <|extra_0|>).
@@ -75,6 +78,11 @@ class Preprocessor:
         if self.tiling and self.use_features:
             raise ValueError("data.image_tiling needs pixels: it cannot render samples from image features "
                              "(data.feature_cache, or a prompt rendered without its images); set data.image_tiling.enabled=false")
+        if self.tiling and self.processors.num_image_tokens:
+            worst = max_tiled_image_tokens(self.image_tiling, self.processors.num_image_tokens, len(self._encode(self.image_tiling.separator)))
+            if worst > self.max_len:
+                log.warning("data.image_tiling: an image on the largest grid takes %d positions, more than data.max_len=%d; "
+                            "such samples lose the image to truncation (raise data.max_len or drop large grids)", worst, self.max_len)
 
     @property
     def tiling(self) -> bool:

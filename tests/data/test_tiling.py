@@ -203,6 +203,16 @@ def test_truncation_drops_a_tiled_image_whole():
     assert processors.image_token_id not in out["input_ids"]
 
 
+def test_a_max_len_shorter_than_the_largest_grid_is_announced(caplog):
+    with caplog.at_level("WARNING", logger="mmdist.data.preprocess"):
+        _tiled_pre(max_len=21)
+    assert "takes 22 positions, more than data.max_len=21" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mmdist.data.preprocess"):
+        _tiled_pre(max_len=22)
+    assert "data.image_tiling" not in caplog.text
+
+
 def test_token_counts_for_the_planner():
     settings = ImageTilingConfig(enabled=True)
     assert tiled_image_tokens((336, 672), settings, 576, 1, tile_size=336) == 3 * 576 + 1  # 1 x 2 grid
