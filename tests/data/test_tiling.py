@@ -267,19 +267,26 @@ def test_loader_batches_hold_every_tile_and_pass_the_self_check(tmp_path):
 # ----------------------------------------------------------------------------- the model
 
 
-def test_tiny_fuse_model_trains_on_a_tiled_batch(tmp_path):
+def _tiny_tiled_run(tmp_path, **data):
+    """The tiny fuse recipe with tiling on, reading four conversations about images of several aspects."""
     from helpers.configs import tiny_run_config
-
-    from mmdist.export import build_run_model
 
     samples = []
     for i, (height, width) in enumerate([(16, 32), (40, 20), (48, 48), (10, 60)]):
         conv = {"conversations": [{"from": "human", "value": "<image>\nwhat is this?"}, {"from": "gpt", "value": f"picture {i}"}]}
         pixels = np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
         samples.append({"__key__": f"s{i}", "png": _image_bytes(pixels), "json": conv})
-    write_tar(tmp_path / "t-000000.tar", samples)
-    cfg = tiny_run_config("fuse", data={"train": [{"shards": [str(tmp_path / "t-000000.tar")]}], "num_workers": 0, "max_len": 256,
-                                        "packing": True, "image_tiling": {"enabled": True}})
+    shard = str(write_tar(tmp_path / "t-000000.tar", samples))
+    (tmp_path / "sizes.json").write_text(json.dumps({"t-000000.tar": len(samples)}))
+    cfg = tiny_run_config("fuse", data={"train": [{"shards": [shard]}], "eval": [{"shards": [shard]}], "num_workers": 0,
+                                        "max_len": 256, "image_tiling": {"enabled": True}, **data})
+    return cfg, samples
+
+
+def test_tiny_fuse_model_trains_on_a_tiled_batch(tmp_path):
+    from mmdist.export import build_run_model
+
+    cfg, samples = _tiny_tiled_run(tmp_path, packing=True)
     torch.manual_seed(0)
     model = build_run_model(cfg)
     processors = model.processors
@@ -324,3 +331,15 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_with_the_file_geometry():
     assert grid == full_grid == (1, 3)
     for a, b in zip(small, large):
         assert (a.float() - b.float()).abs().mean() < 6, "a reduced-scale decode gives nearly the same pixels"
+
+
+def test_answer_evaluation_runs_on_tiled_batches(tmp_path):
+    from mmdist.evaluation import evaluate_answers
+    from mmdist.export import build_run_model
+
+    cfg, _ = _tiny_tiled_run(tmp_path)
+    torch.manual_seed(0)
+    model = build_run_model(cfg).eval()
+    # the prompt keeps every row of pixel_values its images stand for (rows = placeholders / num_image_tokens)
+    metrics = evaluate_answers(model, build_loader(cfg, model.processors, "eval", 0, 1), max_samples=4, max_new_tokens=2)
+    assert metrics["samples"] == 4 and len(metrics["records"]) == 4
