@@ -134,6 +134,29 @@ def image_layout(grid: Grid, tokens_per_image: int, image_token_id: int, separat
     return ids
 
 
+def expand_image_runs(ids: Sequence[int], grids: Sequence[Grid], tokens_per_image: int, image_token_id: int,
+                      separator_ids: Sequence[int]) -> list[int]:
+    """Token ids rendered without tiling (each image ``tokens_per_image`` placeholders) with the i-th image's
+    run replaced by its tiled layout on ``grids[i]`` (for prompts rendered before the images' sizes are known)."""
+    out: list[int] = []
+    image, i = 0, 0
+    while i < len(ids):
+        if ids[i] != image_token_id:
+            out.append(ids[i])
+            i += 1
+            continue
+        run = ids[i : i + tokens_per_image]
+        if len(run) != tokens_per_image or any(t != image_token_id for t in run):
+            raise ValueError(f"image placeholders at position {i} are not a run of {tokens_per_image} (num_image_tokens)")
+        if image >= len(grids):
+            raise ValueError(f"more images in the ids than the {len(grids)} grid(s) given")
+        out += image_layout(grids[image], tokens_per_image, image_token_id, separator_ids)
+        image, i = image + 1, i + tokens_per_image
+    if image != len(grids):
+        raise ValueError(f"{len(grids)} grid(s) for {image} image(s) in the ids")
+    return out
+
+
 def tiled_image_tokens(image_size_hw: tuple[int, int], settings: ImageTilingConfig, tokens_per_image: int,
                        separator_tokens: int, *, tile_size: int) -> int:
     """LLM positions one image of ``image_size_hw`` (height, width) takes with tiling on (for length planning).
@@ -152,4 +175,4 @@ def max_tiled_image_tokens(settings: ImageTilingConfig, tokens_per_image: int, s
 
 
 __all__ = ["candidate_grids", "select_best_resolution", "select_grid", "fitted_size", "resize_and_pad", "tile_image",
-           "tiled_draft_size", "image_layout", "tiled_image_tokens", "max_tiled_image_tokens"]
+           "tiled_draft_size", "image_layout", "expand_image_runs", "tiled_image_tokens", "max_tiled_image_tokens"]

@@ -20,6 +20,7 @@ from mmdist.data.reader import decode_sample
 from mmdist.data.settings import ImageTilingConfig
 from mmdist.data.tiling import (
     candidate_grids,
+    expand_image_runs,
     fitted_size,
     max_tiled_image_tokens,
     select_grid,
@@ -211,6 +212,23 @@ def test_a_max_len_shorter_than_the_largest_grid_is_announced(caplog):
     with caplog.at_level("WARNING", logger="mmdist.data.preprocess"):
         _tiled_pre(max_len=22)
     assert "data.image_tiling" not in caplog.text
+
+
+def test_a_prompt_rendered_without_tiling_expands_to_the_tiled_layout():
+    processors, pre = _tiled_pre()
+    plain = make_preprocessor(make_config("unused.tar", max_len=256), processors)
+    wide, tall = _blocks(1, 2, 8, seed=1)[0], _blocks(3, 1, 8, seed=2)[0]
+    conv = {"conversations": [{"from": "human", "value": "<image> and <image> what is this ?"}, {"from": "gpt", "value": "two"}]}
+    raw = {"0.png": _image_bytes(wide), "1.png": _image_bytes(tall), "json": conv}
+    tiled, untiled = pre(_decoded(raw)), plain(_decoded(raw))
+    sep = processors.tokenizer.convert_tokens_to_ids(",")
+    expanded = expand_image_runs(untiled["input_ids"], tiled["image_grids"], processors.num_image_tokens, processors.image_token_id, [sep])
+    assert expanded == tiled["input_ids"]
+    with pytest.raises(ValueError, match=r"more images in the ids than the 1 grid\(s\) given"):
+        expand_image_runs(untiled["input_ids"], tiled["image_grids"][:1], processors.num_image_tokens, processors.image_token_id, [sep])
+    with pytest.raises(ValueError, match=r"2 grid\(s\) for 1 image\(s\)"):
+        first_only = untiled["input_ids"][: untiled["input_ids"].index(processors.image_token_id) + processors.num_image_tokens]
+        expand_image_runs(first_only, tiled["image_grids"], processors.num_image_tokens, processors.image_token_id, [sep])
 
 
 def test_token_counts_for_the_planner():
