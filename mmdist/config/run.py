@@ -57,6 +57,8 @@ class RunConfig(SettingsBase):
             out.append(("model.connector.stage1_weights", "a Q-Former must be trained in stage 1 first; give the stage-1 export folder"))
         if not self.data.train:
             out.append(("data.train", "needs at least one source (shards)"))
+        if self.stage == "align" and self.data.image_tiling.enabled:
+            out.append(("data.image_tiling.enabled", "tiling feeds the LLM (stage fuse); stage align takes one whole image per caption"))
         if self.stage == "fuse" and llm.name_or_path and not llm.gguf_file:
             # Local folders and cached/known hub configs only: validation never reaches the network.
             problem = qwen1_max_len_problem(llm.name_or_path, self.data.max_len)

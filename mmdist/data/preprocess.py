@@ -15,15 +15,28 @@ answer + EOS) and ``chat`` (the tokenizer's own chat template, rendered turn by
 turn so the assistant spans are known exactly). Truncation to ``max_len`` never
 cuts inside an image span: the cut moves to the span's start and the image is dropped.
 
+With ``data.image_tiling`` (stage fuse, mmdist/data/tiling.py) each image is a base image
+plus tiles: a placeholder expands to the base image's tokens and each row of tiles'
+tokens followed by the separator's, ``pixel_values`` gets one row per base image and
+tile, and ``num_images`` counts those rows (what the model fills placeholders with);
+``image_grids`` gives each kept image's (rows, cols). Truncation drops a whole tiled image.
+
 Stage ``align``: one image and its caption tokenised by the text encoder's tokenizer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Optional
 
 from mmdist.data.reader import BadSample, decode_images
+from mmdist.data.settings import ImageTilingConfig
+from mmdist.data.tiling import image_layout, max_tiled_image_tokens, select_grid, tile_image, tiled_draft_size
+from mmdist.models.processors import ORIGINAL_SIZE_KEY
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # The mark LLaVA-style data uses for an image; it places images whatever the placeholder token is (e.g. Qwen1's <|extra_0|>).
@@ -59,6 +72,22 @@ class Preprocessor:
     max_image_pixels: int = 89_478_485
     text_max_length: int = 64
     use_features: bool = False
+    image_tiling: ImageTilingConfig = field(default_factory=ImageTilingConfig)
+
+    def __post_init__(self) -> None:
+        if self.tiling and self.use_features:
+            raise ValueError("data.image_tiling needs pixels: it cannot render samples from image features "
+                             "(data.feature_cache, or a prompt rendered without its images); set data.image_tiling.enabled=false")
+        if self.tiling and self.processors.num_image_tokens:
+            worst = max_tiled_image_tokens(self.image_tiling, self.processors.num_image_tokens, len(self._encode(self.image_tiling.separator)))
+            if worst > self.max_len:
+                log.warning("data.image_tiling: an image on the largest grid takes %d positions, more than data.max_len=%d; "
+                            "such samples lose the image to truncation (raise data.max_len or drop large grids)", worst, self.max_len)
+
+    @property
+    def tiling(self) -> bool:
+        """Whether images are tiled (stage fuse with ``data.image_tiling.enabled``)."""
+        return self.stage == "fuse" and self.image_tiling.enabled
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -72,13 +101,21 @@ class Preprocessor:
         """``text`` with the data's ``<image>`` marks written as the placeholder token (when that is another token)."""
         return text.replace(DATA_IMAGE_MARK, self.image_token) if self.image_token != DATA_IMAGE_MARK else text
 
-    def _encode_with_images(self, text: str) -> tuple[list[int], int]:
-        """Token ids of ``text`` with every image placeholder expanded; returns (ids, images used)."""
+    def _encode_with_images(self, text: str, layouts: Optional[list[list[int]]] = None, first: int = 0) -> tuple[list[int], int]:
+        """Token ids of ``text`` with every image placeholder expanded; returns (ids, images used).
+
+        ``layouts`` (tiling) holds the ids each image of the sample expands to; ``first`` is
+        the index of this text's first image in the sample.
+        """
         parts = text.split(self.image_token)
         ids: list[int] = []
         for i, part in enumerate(parts):
             if i > 0:
-                ids.extend([self.processors.image_token_id] * self.processors.num_image_tokens)
+                index = first + i - 1
+                if layouts is not None and index < len(layouts):
+                    ids.extend(layouts[index])
+                else:  # an extra placeholder: the image count check reports it
+                    ids.extend([self.processors.image_token_id] * self.processors.num_image_tokens)
             ids.extend(self._encode(part))
         return ids, len(parts) - 1
 
@@ -122,13 +159,13 @@ class Preprocessor:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": caption}]
 
     # ----------------------------------------------------------------- templates
-    def _render_plain(self, messages: list[dict]) -> tuple[list[int], list[int], int]:
+    def _render_plain(self, messages: list[dict], layouts: Optional[list[list[int]]] = None) -> tuple[list[int], list[int], int]:
         ids: list[int] = []
         labels: list[int] = []
         used = 0
         eos = self.tokenizer.eos_token_id
         for msg in messages:
-            piece, n = self._encode_with_images(msg["content"])
+            piece, n = self._encode_with_images(msg["content"], layouts, used)
             used += n
             if msg["role"] == "assistant":
                 if eos is not None:
@@ -142,7 +179,7 @@ class Preprocessor:
                 labels += [IGNORE_INDEX] * len(piece)
         return ids, labels, used
 
-    def _render_chat(self, messages: list[dict]) -> tuple[list[int], list[int], int]:
+    def _render_chat(self, messages: list[dict], layouts: Optional[list[list[int]]] = None) -> tuple[list[int], list[int], int]:
         tok = self.tokenizer
 
         def render(msgs: list[dict], gen: bool) -> str:
@@ -169,7 +206,7 @@ class Preprocessor:
         labels: list[int] = []
         used = 0
         for text, supervised in segments:
-            piece, n = self._encode_with_images(text)
+            piece, n = self._encode_with_images(text, layouts, used)
             used += n
             ids += piece
             if supervised:
@@ -191,11 +228,66 @@ class Preprocessor:
         kept_image_tokens -= partial
         return ids[:cut], labels[:cut], kept_image_tokens // n_tok
 
+    def _image_spans(self, ids: list[int], layouts: list[list[int]]) -> list[tuple[int, int]]:
+        """[start, end) of each image's layout in ``ids``, in order (each layout starts with an image token)."""
+        spans = []
+        pos = 0
+        image_id = self.processors.image_token_id
+        for layout in layouts:
+            start = ids.index(image_id, pos)
+            end = start + len(layout)
+            if ids[start:end] != layout:  # the text itself holds a stray placeholder id
+                raise BadSample("image_count_mismatch", "image placeholder tokens outside the images' places")
+            spans.append((start, end))
+            pos = end
+        return spans
+
+    def _truncate_tiled(self, ids: list[int], labels: list[int], spans: list[tuple[int, int]]) -> tuple[list[int], list[int], int]:
+        """Cut to max_len, moving the cut back to the start of a tiled image it would split; returns images kept."""
+        cut = len(ids)
+        if cut > self.max_len:
+            cut = self.max_len
+            for start, end in spans:
+                if start < cut < end:
+                    cut = start
+        kept = sum(1 for _, end in spans if end <= cut)
+        return ids[:cut], labels[:cut], kept
+
+    def _tiled(self, sample: dict, messages: list[dict], n_images: int) -> dict:
+        """Stage fuse with data.image_tiling: images decoded first, since their sizes decide the token layout."""
+        transform = self.processors.image_transform
+        draft = partial(tiled_draft_size, transform, self.image_tiling)
+        images = decode_images(sample, self.max_image_pixels, draft)
+        separator = self._encode(self.image_tiling.separator)
+        grids = []
+        for image in images:
+            width, height = image.info.get(ORIGINAL_SIZE_KEY, image.size)
+            grids.append(select_grid((height, width), self.image_tiling, transform.size))
+        layouts = [image_layout(g, self.processors.num_image_tokens, self.processors.image_token_id, separator) for g in grids]
+        render = self._render_chat if self.template == "chat" else self._render_plain
+        ids, labels, used = render(messages, layouts)
+        if used != n_images:
+            raise BadSample("image_count_mismatch", f"template placed {used} images, sample has {n_images}")
+        spans = self._image_spans(ids, layouts)
+        for start, end in spans:  # separators inside an image are never targets, even in an assistant turn
+            labels[start:end] = [IGNORE_INDEX] * (end - start)
+        ids, labels, kept = self._truncate_tiled(ids, labels, spans)
+        if not any(t != IGNORE_INDEX for t in labels):
+            raise BadSample("no_supervised_tokens", f"nothing left to learn after masking/truncation to max_len={self.max_len}")
+        pixel_values = []
+        for image in images[:kept]:
+            rows, _ = tile_image(image, self.image_tiling, transform)
+            pixel_values += rows  # uint8: the vision tower normalises on its device
+        return {"input_ids": ids, "labels": labels, "num_images": len(pixel_values), "image_grids": grids[:kept],
+                "key": sample["key"], "pixel_values": pixel_values}
+
     # ----------------------------------------------------------------- entry
     def __call__(self, sample: dict) -> dict:
         n_images = _feature_count(sample["features"]) if self.use_features else len(sample["image_bytes"])
         if self.stage == "align":
             return self._align(sample, n_images)
+        if self.tiling:
+            return self._tiled(sample, self.conversation_of(sample, n_images), n_images)
         messages = self.conversation_of(sample, n_images)
         if self.template == "chat":
             ids, labels, used = self._render_chat(messages)
@@ -277,5 +369,6 @@ def make_preprocessor(cfg: Any, processors: Any, use_features: bool = False) -> 
         max_image_pixels=data.max_image_pixels,
         text_max_length=cfg.model.text.max_length,
         use_features=use_features,
+        image_tiling=data.image_tiling,
     )
 

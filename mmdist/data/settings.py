@@ -30,6 +30,36 @@ class SourceConfig(SettingsBase):
         return out
 
 
+LLAVA_NEXT_GRIDS = [[1, 2], [2, 1], [2, 2], [3, 1], [1, 3]]  # LLaVA-NeXT's 336px pinpoints in tiles of 336
+
+
+@dataclass
+class ImageTilingConfig(SettingsBase):
+    """Any-resolution images (LLaVA-NeXT "anyres", mmdist/data/tiling.py): the whole image plus a grid of tiles."""
+
+    enabled: bool = setting(False, "stage fuse: feed each image as a resized copy of the whole image plus tiles of the tower's input size")
+    grid_pinpoints: list[list[int]] = setting(doc="candidate grids as [rows, cols] of tiles, a grid covers rows x size by cols x size "
+                                                  "pixels (size: the tower's input); [] = every grid of 2..max_tiles tiles",
+                                              factory=lambda: [list(g) for g in LLAVA_NEXT_GRIDS])
+    separator: str = setting("\n", "text whose tokens follow each row of tiles in the LLM's input ('' for none)")
+    max_tiles: int = setting(4, "most tiles per image, the base image not counted; every grid of grid_pinpoints must fit")
+
+    def check(self) -> list[tuple[str, str]]:
+        out = []
+        if not isinstance(self.max_tiles, int) or self.max_tiles < 1:
+            out.append(("max_tiles", "must be at least 1"))
+            return out
+        for i, grid in enumerate(self.grid_pinpoints):
+            if len(grid) != 2 or min(grid) < 1:
+                out.append((f"grid_pinpoints[{i}]", f"{grid} is not a grid [rows, cols] of positive integers"))
+            elif grid[0] * grid[1] > self.max_tiles:
+                out.append((f"grid_pinpoints[{i}]", f"{grid} has {grid[0] * grid[1]} tiles, more than max_tiles={self.max_tiles}: "
+                            "raise data.image_tiling.max_tiles or remove the grid"))
+        if not self.grid_pinpoints and self.max_tiles < 2:
+            out.append(("max_tiles", "grid_pinpoints=[] uses every grid of 2..max_tiles tiles: max_tiles must be at least 2"))
+        return out
+
+
 @dataclass
 class DataConfig(SettingsBase):
     """Where image-text pairs come from and how they become batches."""
@@ -58,6 +88,8 @@ class DataConfig(SettingsBase):
     self_check_samples: int = setting(4, "samples rendered at start-up to check masking and image tokens (0 disables)")
     log_bad_samples: int = setting(20, "bad samples logged one by one per reason and worker (later ones are only counted)")
     prefetch_factor: int = setting(2, "batches prefetched per worker")
+    image_tiling: ImageTilingConfig = setting(doc="any-resolution images: whole image plus tiles (LLaVA-NeXT), off by default",
+                                              factory=ImageTilingConfig)
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -78,4 +110,7 @@ class DataConfig(SettingsBase):
             out.append(("length_group_batches", "must be at least 1"))
         if self.template not in ("auto", "plain", "chat"):
             out.append(("template", f"{self.template!r} is not one of 'auto', 'plain', 'chat'"))
+        if self.image_tiling.enabled and self.feature_cache:
+            out.append(("image_tiling.enabled", "data.image_tiling is not supported with data.feature_cache: the cache holds one "
+                        "feature map per image, not one per tile; set data.image_tiling.enabled=false or data.feature_cache=null"))
         return out
