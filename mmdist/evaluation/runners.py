@@ -1,48 +1,7 @@
-"""Evaluation that measures answers: retrieval R@k for stage 1, greedy-answer accuracy for stage 2.
+"""Running a model over held-out shards: batches, the per-stage runners, gathering across ranks, one entry point.
 
-A loss says little about whether a run is any good; these figures do, and they
-are what ``mmdist eval``, the trainer's ``train.eval_metrics`` and the demo's
-held-out numbers all report (one code path).
-
-Distributed: every rank reads its share of the held-out shards through the
-data loader's own rank split (``build_loader(..., "eval", rank, world)``), runs
-the model on it, and the per-sample results of all ranks are gathered (tensors:
-sizes first, then padded rows; strings: ``all_gather_object``). Every rank then
-computes the metrics on the full set, so they are identical everywhere. The
-eval loader gives every rank the same number of batches (it wraps a rank's
-shards around to fill its budget), so samples can repeat: results are
-de-duplicated by sample key (first occurrence kept) and sorted by key, so one
-rank and many ranks measure the same set. ``max_samples`` keeps the first N
-keys of what was read (reading stops after ``ceil(N / (world x batch))``
-batches per rank, the same on every rank).
-
-Stage 1 (align), image->text and text->image recall at k (R@1/5/10):
-
-* The text gallery is the set of distinct captions, a caption being the text
-  the model sees (its token ids decoded). An image query is correct at k when
-  its own caption is among the k captions most similar to it.
-* A caption query ranks all images; it is correct at k when any of the k most
-  similar images has that caption. So repeated captions (the demo's ten digit
-  captions) count as one text matching every image that carries it; with one
-  distinct caption per image this is the usual R@k.
-* Similarity is the cosine of the ITC embeddings (for the Q-Former, the max
-  over its queries, as in training).
-
-Stage 2 (fuse), greedy generation on held-out conversations:
-
-* The reference is the last assistant turn (the last run of supervised labels
-  of the rendered sample); the prompt is every token before it, rendered by the
-  training template, so the model sees what it was trained on.
-* Prompts are left-padded into batches and answered by ``FusedVLM.generate``
-  (greedy, KV cache).
-* ``exact``: normalise(answer) == normalise(reference); ``contains``: the
-  normalised reference occurs in the normalised answer as whole words. The
-  default normalisation is SQuAD's (lowercase, drop punctuation and the articles
-  a/an/the, collapse whitespace). A caller may pass another ``normalise``
-  returning any comparable value (the demo passes its digit parser); a ``None``
-  key never matches, and ``contains`` is then the same as ``exact``.
-* Rank 0 writes one JSON line per sample: key, question, reference, answer,
-  exact, contains.
+What ``mmdist eval``, the trainer's ``train.eval_metrics`` and the demo call;
+the metric math is mmdist/evaluation/metrics.py.
 """
 
 from __future__ import annotations
@@ -51,87 +10,16 @@ import copy
 import json
 import math
 import os
-import re
-import string
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 
 from mmdist import generate
 from mmdist.data.settings import SourceConfig
-from mmdist.models.losses import contrastive_logits
-
-IGNORE_INDEX = -100
-RECALL_AT = (1, 5, 10)
-
-
-# ---------------------------------------------------------------------------
-# answer matching
-
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCTUATION = str.maketrans("", "", string.punctuation)
-
-
-def normalise_answer(text: str) -> str:
-    """SQuAD's answer normalisation: lowercase, no punctuation, no articles, single spaces."""
-    text = text.lower().translate(_PUNCTUATION)
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def score_answer(answer: str, reference: str, normalise: Callable[[str], Any] = normalise_answer) -> tuple[bool, bool]:
-    """(exact, contains) of one answer against its reference, after ``normalise`` (see the module docstring)."""
-    got, want = normalise(answer), normalise(reference)
-    exact = got is not None and want is not None and got == want
-    if isinstance(got, str) and isinstance(want, str):
-        contains = exact or (bool(want) and f" {want} " in f" {got} ")
-    else:
-        contains = exact
-    return exact, contains
-
-
-# ---------------------------------------------------------------------------
-# retrieval metrics
-
-
-def recall_at_k(similarity: torch.Tensor, correct: torch.Tensor, ks: Sequence[int] = RECALL_AT) -> dict[int, float]:
-    """Fraction of queries (rows) with a correct gallery item (``correct`` [Q, G] bool) among their k most similar.
-
-    Ties are broken by the gallery order (``torch.topk`` on CPU is stable for
-    equal values only in practice, so the rank is computed explicitly): an item
-    counts as within k when fewer than k items score strictly higher, or equally
-    high and earlier.
-    """
-    if similarity.shape != correct.shape:
-        raise ValueError(f"similarity {tuple(similarity.shape)} and correct {tuple(correct.shape)} differ in shape")
-    sim = similarity.float()
-    # Rank of the best correct item of each query: its count of items ranked ahead of it.
-    best = sim.masked_fill(~correct, float("-inf"))
-    best_score, best_index = best.max(1)
-    order = torch.arange(sim.shape[1], device=sim.device)
-    ahead = (sim > best_score[:, None]) | ((sim == best_score[:, None]) & (order[None, :] < best_index[:, None]))
-    rank = ahead.sum(1)
-    found = correct.any(1)
-    return {k: float(((rank < k) & found).float().mean()) if sim.shape[0] else float("nan") for k in ks}
-
-
-def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_index: torch.Tensor,
-                      ks: Sequence[int] = RECALL_AT) -> dict[str, float]:
-    """R@k both ways. ``image_emb`` [N, D] or [N, Q, D], ``text_emb`` [M, D] (distinct captions), ``caption_index`` [N] in [0, M)."""
-
-    sim = contrastive_logits(F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1))  # [N, M]
-    correct = caption_index[:, None] == torch.arange(text_emb.shape[0], device=caption_index.device)[None, :]
-    i2t = recall_at_k(sim, correct, ks)
-    t2i = recall_at_k(sim.t(), correct.t(), ks)
-    out = {f"i2t_r{k}": v for k, v in i2t.items()}
-    out.update({f"t2i_r{k}": v for k, v in t2i.items()})
-    out["i2t_chance_r1"] = 1.0 / max(text_emb.shape[0], 1)
-    return out
-
+from mmdist.evaluation.metrics import IGNORE_INDEX, RECALL_AT, normalise_answer, retrieval_metrics, score_answer
 
 # ---------------------------------------------------------------------------
 # gathering across ranks
