@@ -18,6 +18,8 @@ internals only when ``zero.Init`` is active.
 
 from __future__ import annotations
 
+import contextlib
+
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -52,6 +54,12 @@ def _outside_zero_init(partition_parameters: Any) -> Iterator[None]:
         partition_parameters.restore_init_context()
 
 
+def _no_init_weights() -> contextlib.AbstractContextManager:
+    from transformers.initialization import no_init_weights
+
+    return no_init_weights()
+
+
 def build_seeded(build: Callable[[], torch.nn.Module], seed: int, gather: Gather = null_gather) -> torch.nn.Module:
     """``build()`` with torch's RNG seeded by ``seed`` (and left as it was), the same values on every ZeRO stage.
 
@@ -72,7 +80,12 @@ def build_seeded(build: Callable[[], torch.nn.Module], seed: int, gather: Gather
                     torch.manual_seed(seed)
                     plain = dict(build().named_parameters())
         torch.manual_seed(seed)
-        model = build()
+        # With the plain values at hand the partitioned build skips weight init: they overwrite it, and some
+        # towers' init (SigLIP's lecun_normal_) cannot compute fan-in on a 1-D ZeRO-3 partition.
+        with _no_init_weights() if plain else contextlib.nullcontext():
+            model = build()
+        if plain and hasattr(model, "tie_weights"):
+            model.tie_weights()  # what the skipped init_weights would have done besides initialising
     if plain:
         with torch.no_grad():
             for name, param in model.named_parameters():
