@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any, Optional
 
 from mmdist.data.preprocess import DATA_IMAGE_MARK, make_preprocessor
+from mmdist.data.tiling import expand_image_runs, tile_image
 from mmdist.export import run_config_of
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -34,6 +35,7 @@ def prompt_ids(model: Any, prompt: str, num_images: int = 1) -> list[int]:
     if mark not in prompt and DATA_IMAGE_MARK not in prompt:
         prompt = (mark + "\n") * num_images + prompt
     cfg.data.format = "conversation"
+    cfg.data.image_tiling.enabled = False  # rendered with one run per image; answer_images expands tiled images
     pre = make_preprocessor(cfg, processors, use_features=True)
     # Render a conversation whose answer is empty: the prompt is everything before the first supervised token.
     sample = {"key": "prompt", "text": None, "json": {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}]},
@@ -71,12 +73,29 @@ def answer_batch(model: Any, prompts: Sequence[Sequence[int]], *, pixel_values: 
 
 
 def answer_images(model: Any, images: Sequence[Any], prompt: str, max_new_tokens: int = 8) -> list[str]:
-    """One answer per PIL image to the same ``prompt``."""
+    """One answer per PIL image to the same ``prompt``.
+
+    A model trained with ``data.image_tiling`` sees each image as in training: the
+    base image and its tiles (mmdist/data/tiling.py), the prompt's image run
+    expanded to the chosen grid with the separator after each row of tiles.
+    """
     import torch
 
-    pixel_values = torch.stack([model.processors.image_transform(image) for image in images])
+    processors = model.processors
     ids = prompt_ids(model, prompt, 1)
-    return answer_batch(model, [ids] * len(images), pixel_values=pixel_values, max_new_tokens=max_new_tokens)
+    tiling = run_config_of(model).data.image_tiling
+    if not tiling.enabled:
+        pixel_values = torch.stack([processors.image_transform(image) for image in images])
+        return answer_batch(model, [ids] * len(images), pixel_values=pixel_values, max_new_tokens=max_new_tokens)
+    transform = processors.image_transform
+    separator = processors.tokenizer.encode(tiling.separator, add_special_tokens=False)
+    answers = []
+    for image in images:  # each image has its own grid, so its own prompt length: one at a time
+        rows, grid = tile_image(image, tiling, transform)
+        tiled = expand_image_runs(ids, [grid], processors.num_image_tokens, processors.image_token_id, separator)
+        pixels = transform.normalize(torch.stack(rows))
+        answers += answer_batch(model, [tiled], pixel_values=pixels, max_new_tokens=max_new_tokens)
+    return answers
 
 
 def parse_digit(text: str) -> Optional[int]:

@@ -336,6 +336,12 @@ def check_hf_exportable(folder: str) -> tuple[FoldedProjector, FeatureSelection,
     state, manifest = read_export(folder)
     if manifest.get("stage") != "fuse":
         raise ExportRefused(f"{folder} is a stage-{manifest.get('stage')!r} export; --format hf needs a stage-2 (fuse) export")
+    tiling = manifest.get("config", {}).get("data", {}).get("image_tiling", {})
+    if tiling.get("enabled"):
+        raise ExportRefused("data.image_tiling: this model was trained on any-resolution tiles (base image + a grid of "
+                            "tiles with row separators), the LLaVA-NeXT layout; llava-hf's LlavaForConditionalGeneration "
+                            "sees one image per <image>, so its answers would differ. Use the mmdist export "
+                            "(mmdist generate / mmdist eval tile as in training)")
     selection = feature_selection(manifest)
     llm_dim = int(manifest["projector"]["out_dim"])
     return fold_chain(connector_chain(state, manifest), llm_dim), selection, manifest

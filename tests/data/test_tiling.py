@@ -302,7 +302,7 @@ def _tiny_tiled_run(tmp_path, **data):
 
 
 def test_tiny_fuse_model_trains_on_a_tiled_batch(tmp_path):
-    from mmdist.export import build_run_model
+    from mmdist.materialize import build_run_model
 
     cfg, samples = _tiny_tiled_run(tmp_path, packing=True)
     torch.manual_seed(0)
@@ -353,7 +353,7 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_with_the_file_geometry():
 
 def test_answer_evaluation_runs_on_tiled_batches(tmp_path):
     from mmdist.evaluation import evaluate_answers
-    from mmdist.export import build_run_model
+    from mmdist.materialize import build_run_model
 
     cfg, _ = _tiny_tiled_run(tmp_path)
     torch.manual_seed(0)
@@ -361,3 +361,30 @@ def test_answer_evaluation_runs_on_tiled_batches(tmp_path):
     # the prompt keeps every row of pixel_values its images stand for (rows = placeholders / num_image_tokens)
     metrics = evaluate_answers(model, build_loader(cfg, model.processors, "eval", 0, 1), max_samples=4, max_new_tokens=2)
     assert metrics["samples"] == 4 and len(metrics["records"]) == 4
+
+
+def test_generate_tiles_each_image_as_in_training(tmp_path, monkeypatch):
+    """mmdist generate on a tiled model: each image becomes base + tiles with the prompt's run expanded to its grid."""
+    from mmdist import generate
+    from mmdist.materialize import build_run_model
+
+    cfg, _ = _tiny_tiled_run(tmp_path)
+    torch.manual_seed(0)
+    model = build_run_model(cfg).eval()
+    seen = []
+    real = generate.answer_batch
+
+    def spy(model, prompts, *, pixel_values=None, **kwargs):
+        seen.append((list(prompts[0]), pixel_values.shape[0]))
+        return real(model, prompts, pixel_values=pixel_values, **kwargs)  # the model checks placeholders == rows x tokens
+
+    monkeypatch.setattr(generate, "answer_batch", spy)
+    wide, tall = Image.new("RGB", (64, 16), (250, 0, 0)), Image.new("RGB", (16, 48), (0, 250, 0))
+    answers = generate.answer_images(model, [wide, tall], "what is this?", max_new_tokens=2)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    n, iid = model.processors.num_image_tokens, model.processors.image_token_id
+    (wide_ids, wide_rows), (tall_ids, tall_rows) = seen
+    assert wide_rows == 1 + 3 and tall_rows == 1 + 3  # (1, 3) and (3, 1) grids: the base image plus three tiles
+    assert wide_ids.count(iid) == wide_rows * n and tall_ids.count(iid) == tall_rows * n
+    newline = model.processors.tokenizer.encode("\n", add_special_tokens=False)[0]
+    assert tall_ids.count(newline) - wide_ids.count(newline) == 2  # one separator per row of tiles: 3 rows vs 1
