@@ -91,7 +91,8 @@ class TextEncoder(torch.nn.Module):
             config = AutoConfig.for_model(params.pop("model_type"), **params)
             kwargs = {"add_pooling_layer": False} if config.model_type == "bert" else {}
             self.model = build_seeded(lambda: AutoModel.from_config(config, **kwargs), cfg.init_seed, gather)
-            logger.info(console.model_summary("text encoder", self.model, f"init_config (seed {cfg.init_seed})"))
+            logger.info(console.model_summary("text encoder", self.model, f"init_config (seed {cfg.init_seed})")
+                        + (f"; frozen in {cfg.dtype}" if cfg.freeze else "; trainable (fp32)"))
         elif cfg.name_or_path:
             path = resolve_text_path(cfg.name_or_path)
             with console.quiet_loading():

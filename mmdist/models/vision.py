@@ -169,7 +169,8 @@ def _load_hf_tower(cfg: VisionConfig, gather: Gather) -> Any:
             model = build_seeded(lambda: SiglipVisionModel(config), cfg.init_seed, gather)
         else:
             model = build_seeded(lambda: AutoModel.from_config(config), cfg.init_seed, gather)
-        logger.info(console.model_summary("vision tower", model, f"init_config (seed {cfg.init_seed})"))
+        logger.info(console.model_summary("vision tower", model, f"init_config (seed {cfg.init_seed})")
+                    + (f"; frozen in {cfg.dtype}" if cfg.freeze else "; trainable (fp32)"))
         return model
     cls = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel,
            "siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel}.get(model_type, AutoModel)
