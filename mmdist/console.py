@@ -68,8 +68,10 @@ def configure(verbose: Optional[bool] = None, level: int = logging.INFO) -> None
         # Third-party loggers that speak at INFO/DEBUG about their internals; their warnings still show.
         for name in ("urllib3", "filelock", "PIL", "matplotlib", "fsspec", "huggingface_hub"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        # torchao warns at import that CPU machines have no Triton, which a CPU run does not need.
-        logging.getLogger("torchao.kernel.intmm").setLevel(logging.ERROR)
+        # Import-time notices about optional kernels a run does not use (torchao: no Triton, no mxfp8/cutlass
+        # library on a CPU; bitsandbytes: no 'kernels' package; torch: pytree registration deprecations).
+        for name in ("torchao", "bitsandbytes", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
