@@ -10,7 +10,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without install
 
+from mmdist import console  # noqa: E402
 from mmdist.commands.train import main  # noqa: E402
 
 if __name__ == "__main__":
+    console.configure()  # as `mmdist train` does: one line per loaded model, third-party output only with MMDIST_VERBOSE=1
     sys.exit(main(sys.argv[1:]))

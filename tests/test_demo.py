@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import tarfile
@@ -258,7 +259,7 @@ def test_tiny_demo_refuses_to_mix_with_another_recipe(tiny_demo, capsys):
 
 def _venv_with_the_wheel(tmp_path: Path) -> Path:
     """Build the wheel from a copy of the sources (as docker/Dockerfile's build context) and install it, non-editable,
-    into a fresh venv that takes torch & co from the system (--system-site-packages). Returns the venv's bin folder."""
+    into a fresh venv that takes torch & co from this interpreter's environment. Returns the venv's bin folder."""
     src = tmp_path / "src"
     src.mkdir()
     for name in ("setup.cfg", "setup.py", "README.md"):
@@ -269,8 +270,14 @@ def _venv_with_the_wheel(tmp_path: Path) -> Path:
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".", "-w", str(wheels)], cwd=src)
     (wheel,) = wheels.glob("mmdist-*.whl")
     venv = tmp_path / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], cwd=tmp_path)
-    # The system's pip (seen through --system-site-packages) installs into the venv it runs in.
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
+    # This interpreter's site-packages go on the venv's path through a .pth (after the venv's own): run from inside a
+    # venv, --system-site-packages would give the base interpreter's instead, without the torch that venv installed.
+    # Plain folder lines: the outer .pth files (an editable mmdist among them) are not run.
+    purelib = _run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=tmp_path).strip()
+    outer = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if Path(p).is_dir()]
+    (Path(purelib) / "_outer_environment.pth").write_text("\n".join(outer) + "\n")
+    # The outer environment's pip (seen through that .pth) installs into the venv it runs in.
     _run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], cwd=tmp_path)
     return venv / "bin"
 

@@ -12,6 +12,8 @@ import importlib
 import sys
 from collections.abc import Callable, Sequence
 
+from mmdist import console
+
 # subcommand -> ("module:function", one-line help). Each function takes argv (list[str]) and returns an exit code.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "config": ("mmdist.commands.config:main", "validate a config, print the resolved config, or explain every setting"),
@@ -34,6 +36,11 @@ def _resolve(target: str) -> Callable[[list[str]], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="mmdist", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true",
+                        help="show third-party output too (transformers' load reports, conversion bars); also MMDIST_VERBOSE=1")
+    verbose = bool(argv) and argv[0] == "--verbose"
+    argv = argv[verbose:]
+    console.configure(verbose=True if verbose else None)
     parser.add_argument("command", choices=sorted(SUBCOMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in SUBCOMMANDS.items()))
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()

@@ -10,14 +10,18 @@ functions so that reading a config stays fast.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
+from mmdist import console
 from mmdist.models import qwen1
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.seeded import build_seeded
 from mmdist.settings import SettingsBase, setting
+
+logger = logging.getLogger(__name__)
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 """``auto``: chosen from the hardware at start-up (mmdist.precision.resolve_precision), with the reason printed."""
@@ -135,7 +139,8 @@ def load_gguf_streamed(folder: str, gguf: str, dtype: Any, attn_implementation: 
     )
 
     path = gguf if os.path.isabs(gguf) else os.path.join(folder, gguf)
-    config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
+    with console.quiet_loading():
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     parsed = load_gguf_checkpoint(path, return_tensors=False)  # metadata only: config and architecture
     architecture = parsed["config"]["model_type"]
@@ -143,11 +148,13 @@ def load_gguf_streamed(folder: str, gguf: str, dtype: Any, attn_implementation: 
     key_mapping = get_gguf_hf_weights_map(model, processor)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    unused: list[str] = []
     for tensor in GGUFReader(path).tensors:
         result = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name,
                                    tensor_key_mapping=key_mapping, parsed_parameters=parsed)
         name = key_mapping.get(result.name)
         if name is None or name not in params:
+            unused.append(tensor.name)
             continue
         param = params[name]
         value = torch.from_numpy(result.weights.copy()).to(param.dtype)
@@ -160,6 +167,8 @@ def load_gguf_streamed(folder: str, gguf: str, dtype: Any, attn_implementation: 
     missing = sorted(set(params) - loaded - tied)
     if missing:
         raise ValueError(f"{path}: the GGUF has no tensor for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    logger.info(console.model_summary("LLM", model, f"{path} (dequantised tensor by tensor)", unused,
+                                      "the model has no parameter of that name"))
     return model
 
 
@@ -178,8 +187,9 @@ def load_llm(cfg: LLMConfig, gather: Gather = null_gather) -> Any:
         params = dict(cfg.init_config)
         config = AutoConfig.for_model(params.pop("model_type"), **params)
         model = build_seeded(lambda: AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation),
-                             cfg.init_seed, gather)
-        return model.to(dtype)
+                             cfg.init_seed, gather).to(dtype)
+        logger.info(console.model_summary("LLM", model, f"init_config (seed {cfg.init_seed})"))
+        return model
     folder, gguf = resolve_source(cfg)
     if not folder:
         raise ValueError("model.llm: set name_or_path (hub id, local folder, 'smollm2') or init_config")
@@ -187,15 +197,18 @@ def load_llm(cfg: LLMConfig, gather: Gather = null_gather) -> Any:
         return qwen1.load_qwen1_llm(folder, dtype=dtype, attn_implementation=cfg.attn_implementation)
     if gguf and gather is not null_gather:
         return load_gguf_streamed(folder, gguf, dtype, cfg.attn_implementation, gather)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation, "output_loading_info": True}
     if gguf:
         kwargs["gguf_file"] = gguf
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kwargs)
+        with console.quiet_loading():
+            model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except ValueError as exc:
         if "trust_remote_code" in str(exc) and not cfg.trust_remote_code:
             raise _remote_code_error(f"model.llm.name_or_path={cfg.name_or_path!r}", "model.llm.trust_remote_code", exc) from None
         raise
+    source = os.path.join(folder, gguf) + " (dequantised)" if gguf else folder
+    logger.info(console.model_summary("LLM", model, source, info.get("unexpected_keys", []), "not part of the causal LM"))
     return model
 
 

@@ -39,10 +39,13 @@ import base64
 import contextlib
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
+
+from mmdist import console
 
 # Detection and the max_len limit live with config validation, which needs them without torch; re-exported here.
 from mmdist.config.qwen1 import (  # noqa: F401
@@ -56,6 +59,8 @@ from mmdist.config.qwen1 import (  # noqa: F401
     qwen1_max_positions,
     read_qwen1_config,
 )
+
+logger = logging.getLogger(__name__)
 
 # Qwen1's tokenizer (tokenization_qwen.py): split pattern, special tokens and their ids.
 QWEN1_PATTERN = (
@@ -212,7 +217,7 @@ def load_qwen1_llm(name_or_path: str, dtype: Any = None, attn_implementation: st
     if raw is None:
         raise ValueError(f"{name_or_path}: not a Qwen1 checkpoint (config.json lacks model_type 'qwen')")
     config = qwen2_config_from_qwen1(raw, where=f"{name_or_path}/config.json")
-    with _conversions_for(Qwen2ForCausalLM.__name__, qwen1_weight_conversions()):
+    with _conversions_for(Qwen2ForCausalLM.__name__, qwen1_weight_conversions()), console.quiet_loading():
         model, info = Qwen2ForCausalLM.from_pretrained(
             name_or_path, config=config, dtype=dtype, attn_implementation=attn_implementation,
             output_loading_info=True,
@@ -228,6 +233,8 @@ def load_qwen1_llm(name_or_path: str, dtype: Any = None, attn_implementation: st
     # Saved, the model is a plain Qwen2 checkpoint: do not revert the keys to Qwen1 names next to a Qwen2 config.json.
     model._weight_conversions = []
     model.config.qwen1_source = True
+    logger.info(console.model_summary("LLM", model, f"{name_or_path} (Qwen1 checkpoint read as Qwen2)",
+                                      info.get("unexpected_keys", []), "rotary inverse frequencies: Qwen2 recomputes them"))
     return model
 
 

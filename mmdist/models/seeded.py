@@ -19,7 +19,6 @@ internals only when ``zero.Init`` is active.
 from __future__ import annotations
 
 import contextlib
-
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager

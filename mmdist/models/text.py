@@ -8,17 +8,20 @@ resolves to the packaged all-MiniLM-L6-v2 folder, found without importing it.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
 
+from mmdist import console
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.llm import Dtype
 from mmdist.models.seeded import build_seeded
 from mmdist.settings import SettingsBase, setting
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class TextConfig(SettingsBase):
@@ -88,12 +91,20 @@ class TextEncoder(torch.nn.Module):
             config = AutoConfig.for_model(params.pop("model_type"), **params)
             kwargs = {"add_pooling_layer": False} if config.model_type == "bert" else {}
             self.model = build_seeded(lambda: AutoModel.from_config(config, **kwargs), cfg.init_seed, gather)
+            logger.info(console.model_summary("text encoder", self.model, f"init_config (seed {cfg.init_seed})")
+                        + (f"; frozen in {cfg.dtype}" if cfg.freeze else "; trainable (fp32)"))
         elif cfg.name_or_path:
             path = resolve_text_path(cfg.name_or_path)
-            try:
-                self.model = AutoModel.from_pretrained(path, add_pooling_layer=False)
-            except TypeError:
-                self.model = AutoModel.from_pretrained(path)
+            with console.quiet_loading():
+                try:
+                    self.model, info = AutoModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True)
+                except TypeError:
+                    self.model, info = AutoModel.from_pretrained(path, output_loading_info=True)
+            unused = list(info.get("unexpected_keys", []))
+            why = (f"captions are pooled from the token states ({cfg.pooling}), not by BERT's pooler"
+                   if unused and all(k.startswith("pooler.") for k in unused) else "not part of the encoder")
+            logger.info(console.model_summary("text encoder", self.model, path, unused, why)
+                        + (f"; frozen in {cfg.dtype}" if cfg.freeze else "; trainable (fp32)"))
         else:
             raise ValueError("model.text: set name_or_path (hub id, folder, 'minilm') or init_config")
         self.hidden_size = int(self.model.config.hidden_size)

