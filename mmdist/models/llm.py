@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from mmdist import console
-from mmdist.models import qwen1
+from mmdist.models import gguf_cache, qwen1
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.seeded import build_seeded
 from mmdist.settings import SettingsBase, setting
@@ -172,6 +172,12 @@ def load_gguf_streamed(folder: str, gguf: str, dtype: Any, attn_implementation: 
     return model
 
 
+def _converted(folder: str, gguf: str) -> tuple[str, Optional[str]]:
+    """(folder, None) of the GGUF's converted HF folder (mmdist/models/gguf_cache.py), else (folder, gguf) as given."""
+    converted = gguf_cache.converted_folder(folder, gguf)
+    return (converted, None) if converted else (folder, gguf)
+
+
 def load_llm(cfg: LLMConfig, gather: Gather = null_gather) -> Any:
     """The causal LM of ``cfg`` in its configured dtype (not yet frozen: see mmdist.models.freeze).
 
@@ -193,6 +199,8 @@ def load_llm(cfg: LLMConfig, gather: Gather = null_gather) -> Any:
     folder, gguf = resolve_source(cfg)
     if not folder:
         raise ValueError("model.llm: set name_or_path (hub id, local folder, 'smollm2') or init_config")
+    if gguf and gather is null_gather:  # (ZeRO-3 streams the GGUF tensor by tensor instead: load_gguf_streamed)
+        folder, gguf = _converted(folder, gguf)
     if not gguf and qwen1.is_qwen1_checkpoint(folder):  # Qwen1 loads natively as Qwen2, never through remote code
         return qwen1.load_qwen1_llm(folder, dtype=dtype, attn_implementation=cfg.attn_implementation)
     if gguf and gather is not null_gather:
@@ -227,6 +235,8 @@ def load_tokenizer(cfg: LLMConfig) -> Any:
         if cfg.init_config:
             raise ValueError("model.llm.tokenizer: an LLM built from init_config needs a tokenizer (hub id, folder, or 'mmdist:tiny-bytes')")
         source, gguf = resolve_source(cfg)
+        if gguf:
+            source, gguf = _converted(source, gguf)
     if not gguf and qwen1.is_qwen1_checkpoint(source):  # qwen.tiktoken as a fast tokenizer, no remote code
         return qwen1.load_qwen1_tokenizer(source)
     kwargs = {"gguf_file": gguf} if gguf else {}
