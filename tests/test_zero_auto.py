@@ -49,6 +49,16 @@ def test_a_small_forced_budget_picks_zero3(monkeypatch):
     assert out.engine.zero_stage == 3 and "nothing fits" in why  # the least memory, said so
 
 
+def test_a_half_precision_engine_gets_zero1_not_zero0(monkeypatch):
+    """DeepSpeed's bf16 ZeRO-0 path keeps no exportable fp32 masters (mmdist.plan.auto.ZERO0_HALF_PRECISION)."""
+    monkeypatch.delenv(DEVICE_MEMORY_ENV, raising=False)
+    cfg = tiny_run_config("fuse", "engine.zero_stage=auto", "engine.precision=bf16", "model.llm.dtype=bf16",
+                          "model.vision.dtype=bf16")
+    assert [s.zero_stage for s in auto_candidates(cfg)] == [1, 2, 3]
+    out, why = resolve_zero_stage(cfg, 1, "cpu")
+    assert out.engine.zero_stage == 1 and "ZeRO-0 is not a candidate" in why
+
+
 def test_offload_flags_limit_the_candidates():
     assert [s.zero_stage for s in auto_candidates(tiny_run_config("fuse", "engine.zero_stage=auto"))] == [0, 1, 2, 3]
     opt = tiny_run_config("fuse", "engine.zero_stage=auto", "engine.offload_optimizer=true")
@@ -165,3 +175,18 @@ def test_engine_builds_zero_0_to_2_inside_the_device_context(monkeypatch):
     monkeypatch.setattr(engine, "default_device", lambda: "cuda")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     assert engine.build_device() == torch.device("cuda", 0)
+
+
+def test_why_zero0_is_left_out_with_bf16(tmp_path, monkeypatch):
+    """The reason of ZERO0_HALF_PRECISION, measured: a bf16 ZeRO-0 engine exports bf16 weights. When DeepSpeed links
+    fp32 masters on this path this test fails, and ZeRO-0 can return to auto's candidates for bf16."""
+    from helpers.trainer_toy import toy_config, toy_loader_builder, toy_model_builder
+    from safetensors.torch import load_file
+
+    from mmdist.config import load_config
+    from mmdist.training.loop import train
+
+    cfg = load_config(base=toy_config(str(tmp_path), train={"max_steps": 2}, engine={"zero_stage": 0, "precision": "bf16"}))
+    train(cfg, model_builder=toy_model_builder, loader_builder=toy_loader_builder())
+    exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+    assert {v.dtype for v in exported.values()} == {torch.bfloat16}

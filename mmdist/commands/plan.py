@@ -17,7 +17,7 @@ from mmdist.plan import (
     parse_bytes,
     resolve_auto_for_gpu,
 )
-from mmdist.plan.auto import auto_candidates
+from mmdist.plan.auto import ZERO0_HALF_PRECISION, auto_candidates
 from mmdist.plan.speed import choose, step_inputs
 from mmdist.settings import ConfigError
 from mmdist.step_time import interconnect_for, scaling_table
@@ -55,11 +55,15 @@ def main(argv: Sequence[str]) -> int:
     link = interconnect_for(args.gpu, args.intra_gbps, args.inter_gbps, args.gpus_per_node)
     inputs = step_inputs(cfg, shapes, world, args.gpu)
     configured_ckpt = cfg.stage == "fuse" and cfg.model.llm.gradient_checkpointing
-    fastest, _ = choose(estimates, inputs, world, link, budget, [False, True] if cfg.stage == "fuse" else [False])
+    half = cfg.engine.precision in ("bf16", "fp16")  # no ZeRO-0 then: see mmdist.plan.auto.ZERO0_HALF_PRECISION
+    usable = [e for e in estimates if not (half and e.setting.zero_stage == 0)]
+    fastest, _ = choose(usable, inputs, world, link, budget, [False, True] if cfg.stage == "fuse" else [False])
     if auto_note:
         print(auto_note)
     print(format_plan(cfg, shapes, estimates, world, budget, ds, fastest if fastest.fits else None))
-    auto_settings = {s.label for s in auto_candidates(cfg)}
+    if half:
+        print(f"  (not recommended: {ZERO0_HALF_PRECISION})")
+    auto_settings = {s.label for s in auto_candidates(cfg, cfg.engine.precision)}
     auto_pick, _ = choose([e for e in estimates if e.setting.label in auto_settings], inputs, world, link, budget, [configured_ckpt])
     print(f"engine.zero_stage=auto on {world} GPU(s) of this size picks ZeRO-{auto_pick.setting.zero_stage} "
           f"(gradient_checkpointing={str(configured_ckpt).lower()} as configured"

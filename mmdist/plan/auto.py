@@ -8,7 +8,8 @@ come from mmdist.plan.speed (mmdist.step_time); the interconnect is the GPU's
 (:func:`mmdist.step_time.interconnect_for`), with ``LOCAL_WORLD_SIZE`` GPUs per node.
 
 Offload settings stay the config's: with ``engine.offload_optimizer`` only stages
-1-3 are candidates, with ``engine.offload_params`` only 3. Gradient checkpointing
+1-3 are candidates, with ``engine.offload_params`` only 3. A bf16/fp16 engine never
+gets ZeRO-0 (:data:`ZERO0_HALF_PRECISION`): ZeRO-1 runs at the same predicted speed. Gradient checkpointing
 stays as configured (the plan command may recommend changing it; start-up does not).
 """
 
@@ -24,7 +25,7 @@ from mmdist.plan.shapes import GiB, model_shapes
 from mmdist.plan.speed import Choice, choose, step_inputs
 from mmdist.step_time import interconnect_for
 
-__all__ = ["DEVICE_MEMORY_ENV", "auto_candidates", "device_budget", "resolve_zero_stage"]
+__all__ = ["DEVICE_MEMORY_ENV", "ZERO0_HALF_PRECISION", "auto_candidates", "device_budget", "resolve_zero_stage"]
 
 DEVICE_MEMORY_ENV = "MMDIST_DEVICE_MEMORY"
 """A memory budget per device for ``engine.zero_stage: auto`` (e.g. ``80GB``), instead of the device's own."""
@@ -47,14 +48,24 @@ def device_budget(device: str) -> tuple[int, str, str]:
     return int(ram), name, "this machine's RAM"
 
 
-def auto_candidates(cfg: RunConfig) -> list[Setting]:
-    """The settings ``auto`` chooses among: every stage, within the configured offload flags."""
+ZERO0_HALF_PRECISION = (
+    "ZeRO-0 is left out with a bf16/fp16 engine: DeepSpeed 0.19 wraps the optimizer in its FP16_UnfusedOptimizer "
+    "there, whose fp32 masters are not linked to the parameters (deepspeed.utils.safe_get_full_fp32_param gives "
+    "None), so the export and trainable_state.pt would hold the rounded bf16 weights (measured on the CPU: ZeRO-1/2 "
+    "export fp32, ZeRO-0 bf16, and its losses differ)"
+)
+
+
+def auto_candidates(cfg: RunConfig, precision: Optional[str] = None) -> list[Setting]:
+    """The settings ``auto`` chooses among: every stage within the configured offload flags, without ZeRO-0 for a
+    bf16/fp16 engine (``precision``, default the config's; see :data:`ZERO0_HALF_PRECISION`)."""
     eng = cfg.engine
     if eng.offload_params:
         return [Setting(3, True, True)]
     if eng.offload_optimizer:
         return [Setting(z, True) for z in (1, 2, 3)]
-    return [Setting(z) for z in (0, 1, 2, 3)]
+    half = (precision or eng.precision) in ("bf16", "fp16")
+    return [Setting(z) for z in ((1, 2, 3) if half else (0, 1, 2, 3))]
 
 
 def _planned_precision(cfg: RunConfig, device: str) -> RunConfig:
@@ -78,14 +89,17 @@ def resolve_zero_stage(cfg: RunConfig, world_size: int, device: str = "cpu") -> 
     budget, name, source = device_budget(device)
     planned = _planned_precision(cfg, device)
     shapes = model_shapes(planned)
-    estimates = estimate(planned, shapes, world_size, settings=auto_candidates(cfg))
+    estimates = estimate(planned, shapes, world_size, settings=auto_candidates(cfg, planned.engine.precision))
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or min(world_size, 8))
     link = interconnect_for(name, gpus_per_node=max(1, per_node))
     ckpt = cfg.stage == "fuse" and cfg.model.llm.gradient_checkpointing
     best, candidates = choose(estimates, step_inputs(planned, shapes, world_size, name), world_size, link, budget, [ckpt])
     stage = best.setting.zero_stage
     out = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, zero_stage=stage))
-    return out, _reason(best, candidates, budget, source, world_size)
+    reason = _reason(best, candidates, budget, source, world_size)
+    if planned.engine.precision in ("bf16", "fp16") and not cfg.engine.offload_optimizer:
+        reason += " (ZeRO-0 is not a candidate with a bf16/fp16 engine: its fp32 masters cannot be exported)"
+    return out, reason
 
 
 def _reason(best: Choice, candidates: list[Choice], budget: int, source: str, world: int) -> str:
