@@ -190,3 +190,31 @@ def test_why_zero0_is_left_out_with_bf16(tmp_path, monkeypatch):
     train(cfg, model_builder=toy_model_builder, loader_builder=toy_loader_builder())
     exported = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert {v.dtype for v in exported.values()} == {torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory):
+    pytest.importorskip("sklearn")
+    from mmdist.data.shards import shard_pattern, write_demo_shards
+
+    written = write_demo_shards(tmp_path_factory.mktemp("demo"), image_size=16, samples_per_shard=64, limit=128)
+    return shard_pattern(written["train"]), shard_pattern(written["eval"])
+
+
+@pytest.mark.multiproc
+@pytest.mark.slow
+def test_two_cpu_ranks_train_the_tiny_fuse_recipe_with_auto(tmp_path, demo_shards):
+    """auto at 2 CPU ranks: ZeRO-0 (fp32, a frozen LLM; no DeepSpeed partitioning), agreed by both ranks, trains and
+    writes the concrete stage with its reason into config.yaml."""
+    from helpers.trainer_toy import launch
+
+    recipe = yaml.safe_load(open(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "tiny_fuse.yaml"))
+    recipe.update(run_dir=str(tmp_path / "run"))
+    recipe["data"].update(train=[{"shards": [demo_shards[0]]}], eval=[{"shards": [demo_shards[1]]}])
+    recipe["train"].update(max_steps=2, eval_every=0, eval_batches=1)
+    recipe["engine"]["zero_stage"] = "auto"
+    recipe["log"].update(progress_bar=False, tensorboard=False, param_table=False, peak_flops=1e9)
+    summary = launch(tmp_path, {"config": recipe, "mode": "real"}, nproc=2, timeout=400)
+    assert summary["step"] == 2
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    assert yaml.safe_load(text)["engine"]["zero_stage"] == 0 and "# engine.zero_stage = 0 (auto)" in text
