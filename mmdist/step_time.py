@@ -95,11 +95,13 @@ class StepTime:
     comm_s: float
     comm_bytes: float
     step_s: float
+    bare_compute_s: float = 0.0  # the same FLOPs without ZeRO-3's hook overhead: the bare model's time
 
     @property
     def efficiency(self) -> float:
-        """Compute time / step time: 1.0 when all communication hides behind compute."""
-        return self.compute_s / self.step_s if self.step_s else 0.0
+        """The bare model's compute time / step time: 1.0 when all communication hides behind compute and the stage
+        adds no overhead of its own (ZeRO-3 on one rank: 1 / zero3_overhead)."""
+        return (self.bare_compute_s or self.compute_s) / self.step_s if self.step_s else 0.0
 
 
 def comm_bytes(inputs: StepInputs, zero_stage: int, world: int, checkpointing: bool) -> float:
@@ -119,11 +121,12 @@ def comm_bytes(inputs: StepInputs, zero_stage: int, world: int, checkpointing: b
 def predict(inputs: StepInputs, zero_stage: int, world: int, interconnect: Interconnect, checkpointing: bool) -> StepTime:
     """The step time of one setting on ``world`` GPUs."""
     flops = inputs.model_flops + (inputs.recompute_flops if checkpointing else 0.0)
-    compute = flops / (inputs.peak_flops * inputs.utilisation) * (inputs.zero3_overhead if zero_stage == 3 else 1.0)
+    bare = flops / (inputs.peak_flops * inputs.utilisation)
+    compute = bare * (inputs.zero3_overhead if zero_stage == 3 else 1.0)
     moved = comm_bytes(inputs, zero_stage, world, checkpointing)
     comm = moved / interconnect.bandwidth(world) if moved else 0.0
     step = max(compute, comm) + (1.0 - inputs.overlap) * min(compute, comm)
-    return StepTime(zero_stage, world, compute, comm, moved, step)
+    return StepTime(zero_stage, world, compute, comm, moved, step, bare)
 
 
 def scaling_table(inputs: StepInputs, zero_stages: list[int], interconnect: Interconnect, checkpointing: bool,
@@ -141,5 +144,6 @@ def scaling_table(inputs: StepInputs, zero_stages: list[int], interconnect: Inte
             t = predict(inputs, stage, w, interconnect, checkpointing)
             cells.append(f"{t.step_s:7.2f} s {t.efficiency:5.0%}   ")
         lines.append(f"{f'ZeRO-{stage}':<10}" + "".join(f"{c:>20}" for c in cells))
-    lines.append("  (seconds per optimizer step and compute/step efficiency; ZeRO-3 re-gathers every weight per micro-batch)")
+    lines.append("  (seconds per optimizer step, and the bare model's compute time / step time; ZeRO-3 re-gathers every weight "
+                 "per micro-batch)")
     return lines
