@@ -68,6 +68,10 @@ def main(argv: Sequence[str]) -> int:
     print(f"engine.zero_stage=auto on {world} GPU(s) of this size picks ZeRO-{auto_pick.setting.zero_stage} "
           f"(gradient_checkpointing={str(configured_ckpt).lower()} as configured"
           f"{'' if auto_pick.fits else '; nothing fits, the least memory'})")
+    per_pass = cfg.train.micro_batch_size * world
+    if cfg.train.global_batch_size < per_pass:
+        print(f"\nnote: train.global_batch_size={cfg.train.global_batch_size} is smaller than micro-batch x GPUs = {per_pass}: "
+              f"the trainer refuses it on {world} GPU(s); the times below assume one micro-batch per rank")
     for ckpt in sorted({fastest.checkpointing, configured_ckpt}):
         fitting = sorted({e.setting.zero_stage for e in estimates
                           if not (e.setting.offload_optimizer or e.setting.offload_params) and e.total(ckpt) <= budget})
