@@ -59,6 +59,18 @@ def test_a_half_precision_engine_gets_zero1_not_zero0(monkeypatch):
     assert out.engine.zero_stage == 1 and "ZeRO-0 is not a candidate" in why
 
 
+def test_auto_without_the_planners_shapes_names_the_key(monkeypatch):
+    from mmdist.plan import auto
+    from mmdist.settings import ConfigError
+
+    def fail(cfg):
+        raise ValueError("model.vision.hidden_size: the planner needs the feature width of a custom encoder")
+
+    monkeypatch.setattr(auto, "model_shapes", fail)
+    with pytest.raises(ConfigError, match=r"engine\.zero_stage.*hidden_size.*Name a stage"):
+        resolve_zero_stage(tiny_run_config("fuse", "engine.zero_stage=auto"), 1, "cpu")
+
+
 def test_offload_flags_limit_the_candidates():
     assert [s.zero_stage for s in auto_candidates(tiny_run_config("fuse", "engine.zero_stage=auto"))] == [0, 1, 2, 3]
     opt = tiny_run_config("fuse", "engine.zero_stage=auto", "engine.offload_optimizer=true")

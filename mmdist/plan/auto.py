@@ -23,6 +23,7 @@ from mmdist.config.run import RunConfig
 from mmdist.plan.memory import Setting, estimate, parse_bytes
 from mmdist.plan.shapes import GiB, model_shapes
 from mmdist.plan.speed import Choice, choose, step_inputs
+from mmdist.settings import ConfigError, Problem
 from mmdist.step_time import interconnect_for
 
 __all__ = ["DEVICE_MEMORY_ENV", "ZERO0_HALF_PRECISION", "auto_candidates", "device_budget", "resolve_zero_stage"]
@@ -88,7 +89,11 @@ def resolve_zero_stage(cfg: RunConfig, world_size: int, device: str = "cpu") -> 
         return cfg, None
     budget, name, source = device_budget(device)
     planned = _planned_precision(cfg, device)
-    shapes = model_shapes(planned)
+    try:
+        shapes = model_shapes(planned)
+    except ValueError as exc:  # a custom vision encoder without hidden_size, an unreadable model config
+        raise ConfigError([Problem("engine.zero_stage", f"auto needs the planner's parameter counts, which failed: {exc}. "
+                                                        "Name a stage (0-3) instead")]) from None
     estimates = estimate(planned, shapes, world_size, settings=auto_candidates(cfg, planned.engine.precision))
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or min(world_size, 8))
     link = interconnect_for(name, gpus_per_node=max(1, per_node))
