@@ -60,7 +60,7 @@ def frozen_parts(cfg: Any) -> list[str]:
 
 def _engine_decides(zero_stage: int, engine_dtype: str) -> bool:
     """Whether DeepSpeed holds frozen parameters in the engine's precision (see the module doc)."""
-    return engine_dtype != "fp32" or int(zero_stage) == 3
+    return engine_dtype != "fp32" or str(zero_stage) == "3"  # an unresolved `auto` stage (generate, cache: no engine) is not 3
 
 
 def check_precision(cfg: Any) -> list[Problem]:
@@ -101,7 +101,7 @@ def resolve_precision(cfg: Any, device: Any = "cpu") -> tuple[Any, list[tuple[st
     frozen = set(frozen_parts(cfg))
     parts = {name: resolve(resolve_dtype, getattr(cfg.model, name).dtype, key) for name, key in PART_KEYS.items()}
     engine = resolve(resolve_engine_precision, cfg.engine.precision, ENGINE_KEY)
-    zero3 = int(cfg.engine.zero_stage) == 3
+    zero3 = str(cfg.engine.zero_stage) == "3"
     if str(cfg.engine.precision) == "auto" and zero3 and engine.dtype == "fp32":
         # ZeRO-3 holds every tensor in the engine's precision: take the frozen parts' hardware dtype (the LLM's in stage 2).
         heavy = "llm" if cfg.stage == "fuse" else "vision"

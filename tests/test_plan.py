@@ -208,3 +208,27 @@ def test_plan_resolves_auto_for_the_target_gpu_not_this_machine(capsys):
     assert "auto -> bf16 for A100" in out and "precision bf16" in out
     assert cli_main(["--config", recipe, "--no-deepspeed", "--gpu", "Tesla T4"]) == 0
     assert "auto -> fp16 for T4" in capsys.readouterr().out, "no bf16 on a T4: fp16 with loss scaling"
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_a_micro_batch_means_the_same_samples_in_the_plan_and_the_trainer(packing):
+    """``train.micro_batch_size`` counts samples in both; the plan's tokens per micro-batch are the most a batch of
+    that many samples can hold from the real collator (every sample ``max_len`` long), packed or padded."""
+    import random
+
+    from mmdist.data.collate import collate_fuse
+    from mmdist.plan.speed import micro_batch_tokens
+
+    cfg = tiny_run_config("fuse", f"data.packing={str(packing).lower()}", "train.micro_batch_size=4")
+    b, max_len = cfg.train.micro_batch_size, cfg.data.max_len
+
+    def sample(n):
+        return {"input_ids": list(range(n)), "labels": list(range(n))}
+
+    worst = collate_fuse([sample(max_len)] * b, 0, pack=packing, max_len=max_len)["input_ids"]
+    assert worst.numel() == micro_batch_tokens(cfg) == b * max_len
+    rng = random.Random(0)
+    for _ in range(50):
+        batch = collate_fuse([sample(rng.randint(1, max_len)) for _ in range(b)], 0, pack=packing, max_len=max_len)
+        assert batch["input_ids"].shape[0] <= b and batch["input_ids"].shape[1] <= max_len
+        assert batch["input_ids"].numel() <= micro_batch_tokens(cfg)

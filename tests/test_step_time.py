@@ -66,3 +66,12 @@ def test_scaling_table_prints_every_stage_and_world():
     text = "\n".join(lines)
     assert "ZeRO-2" in text and "ZeRO-3" in text and "512 GPU" in text
     assert len(lines) == 5
+
+
+def test_zero3_overhead_slows_compute_and_counts_against_efficiency():
+    import dataclasses
+
+    inp = dataclasses.replace(qwen14b_like(), zero3_overhead=2.0)
+    z3, z2 = predict(inp, 3, 1, NET, checkpointing=True), predict(inp, 2, 1, NET, checkpointing=True)
+    assert z3.step_s == pytest.approx(2 * z2.step_s)
+    assert z3.efficiency == pytest.approx(0.5) and z2.efficiency == pytest.approx(1.0)

@@ -1,4 +1,4 @@
-"""`mmdist plan --config C`: predict per-GPU memory for each ZeRO stage before submitting a job."""
+"""`mmdist plan --config C`: predict per-GPU memory and step time for each ZeRO stage before submitting a job."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ from mmdist.plan import (
     parse_bytes,
     resolve_auto_for_gpu,
 )
+from mmdist.plan.auto import ZERO0_HALF_PRECISION, auto_candidates
+from mmdist.plan.speed import choose, step_inputs
 from mmdist.settings import ConfigError
+from mmdist.step_time import interconnect_for, scaling_table
 
 
 def main(argv: Sequence[str]) -> int:
@@ -28,7 +31,11 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--reserve", default="1.5GB", help="per-GPU memory kept back for the CUDA context and allocator")
     parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's own estimators (avoids importing it)")
     parser.add_argument("--gpu", default="H100 SXM", help="GPU model for the input estimate (a datasheet name, e.g. H100, A100, L40S)")
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (input estimate)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (input and step-time estimates)")
+    parser.add_argument("--intra-gbps", type=float, default=None, help="NCCL bus bandwidth per GPU inside a node, GB/s "
+                                                                     "(default: from --gpu, e.g. 360 for H100/H200 NVLink)")
+    parser.add_argument("--inter-gbps", type=float, default=None, help="NCCL bus bandwidth per GPU across nodes, GB/s "
+                                                                     "(default: from --gpu, e.g. 40 for one 400G NIC per GPU)")
     parser.add_argument("--cpus-per-node", type=int, default=0, help="CPU cores per node; warns when they cannot feed the GPUs")
     parser.add_argument("--images-per-core", type=float, default=IMAGES_PER_CORE, help="measured loader images/s per core")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
@@ -45,9 +52,38 @@ def main(argv: Sequence[str]) -> int:
     world = args.gpus or 8
     estimates = estimate(cfg, shapes, world, reserve_bytes=reserve)
     ds = None if args.no_deepspeed else deepspeed_estimates(shapes, world)
+    link = interconnect_for(args.gpu, args.intra_gbps, args.inter_gbps, args.gpus_per_node)
+    inputs = step_inputs(cfg, shapes, world, args.gpu)
+    configured_ckpt = cfg.stage == "fuse" and cfg.model.llm.gradient_checkpointing
+    half = cfg.engine.precision in ("bf16", "fp16")  # no ZeRO-0 then: see mmdist.plan.auto.ZERO0_HALF_PRECISION
+    usable = [e for e in estimates if not (half and e.setting.zero_stage == 0)]
+    fastest, _ = choose(usable, inputs, world, link, budget, [False, True] if cfg.stage == "fuse" else [False])
     if auto_note:
         print(auto_note)
-    print(format_plan(cfg, shapes, estimates, world, budget, ds))
+    print(format_plan(cfg, shapes, estimates, world, budget, ds, fastest if fastest.fits else None))
+    if half:
+        print(f"  (not recommended: {ZERO0_HALF_PRECISION})")
+    auto_settings = {s.label for s in auto_candidates(cfg, cfg.engine.precision)}
+    auto_pick, _ = choose([e for e in estimates if e.setting.label in auto_settings], inputs, world, link, budget, [configured_ckpt])
+    print(f"engine.zero_stage=auto on {world} GPU(s) of this size picks ZeRO-{auto_pick.setting.zero_stage} "
+          f"(gradient_checkpointing={str(configured_ckpt).lower()} as configured"
+          f"{'' if auto_pick.fits else '; nothing fits, the least memory'})")
+    per_pass = cfg.train.micro_batch_size * world
+    if cfg.train.global_batch_size < per_pass:
+        print(f"\nnote: train.global_batch_size={cfg.train.global_batch_size} is smaller than micro-batch x GPUs = {per_pass}: "
+              f"the trainer refuses it on {world} GPU(s); the times below assume one micro-batch per rank")
+    for ckpt in sorted({fastest.checkpointing, configured_ckpt}):
+        fitting = sorted({e.setting.zero_stage for e in estimates
+                          if not (e.setting.offload_optimizer or e.setting.offload_params) and e.total(ckpt) <= budget})
+        print("")
+        if not fitting:
+            print(f"step time (gradient_checkpointing={str(ckpt).lower()}): no setting without offload fits")
+            continue
+        print(f"step time of the stages that fit on {world} GPU(s), gradient_checkpointing={str(ckpt).lower()} "
+              f"({inputs.micro_batches} micro-batch(es) of {cfg.train.micro_batch_size} x {cfg.data.max_len} tokens per rank "
+              f"and step: {(inputs.model_flops + (inputs.recompute_flops if ckpt else 0)) / 1e12:,.0f} TFLOP by the "
+              "progress bar's formula, recomputation included):")
+        print("\n".join(scaling_table(inputs, fitting, link, ckpt, worlds=(1, 8, 64, 512))))
     if not cfg.data.feature_cache:
         print("\n".join(input_line(shapes, args.gpu, args.gpus_per_node, args.cpus_per_node, args.images_per_core)))
     return 0

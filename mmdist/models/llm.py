@@ -193,7 +193,11 @@ def load_llm(cfg: LLMConfig, gather: Gather = null_gather) -> Any:
         params = dict(cfg.init_config)
         config = AutoConfig.for_model(params.pop("model_type"), **params)
         model = build_seeded(lambda: AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation),
-                             cfg.init_seed, gather).to(dtype)
+                             cfg.init_seed, gather,
+                             # a large model built on the GPU is created in its dtype (see mmdist.models.seeded)
+                             build_large=lambda: AutoModelForCausalLM.from_config(
+                                 config, attn_implementation=cfg.attn_implementation, dtype=dtype))
+        model = model.to(dtype)
         logger.info(console.model_summary("LLM", model, f"init_config (seed {cfg.init_seed})"))
         return model
     folder, gguf = resolve_source(cfg)

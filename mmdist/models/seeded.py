@@ -14,6 +14,13 @@ models up to :data:`MAX_REPRODUCIBLE_PARAMS` parameters; a larger random model
 is a shape study (throughput, memory) whose values do not matter, and is built
 partitioned only, as before. A leaf module: torch, and DeepSpeed/transformers
 internals only when ``zero.Init`` is active.
+
+Outside ``zero.Init`` the model is built where torch's default device points (the
+engine sets a ``torch.device("cuda:N")`` context for ZeRO 0-2, so a 14B shape study is
+built on the GPU in seconds, not on the CPU): a model up to that size is still built
+on the CPU, so its values do not depend on the device's RNG, and a larger one directly
+on the device, through ``build_large`` when given (the loader's way to create it in
+its final dtype: an fp32 14B model would not fit next to its bf16 copy).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import contextlib
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -59,22 +66,40 @@ def _no_init_weights() -> contextlib.AbstractContextManager:
     return no_init_weights()
 
 
-def build_seeded(build: Callable[[], torch.nn.Module], seed: int, gather: Gather = null_gather) -> torch.nn.Module:
+def default_build_device() -> torch.device:
+    """Where a module built now lands: a ``torch.device`` context's device, else torch's default device."""
+    return torch.empty(0).device
+
+
+def _params_on_meta(build: Callable[[], torch.nn.Module]) -> int:
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in build().parameters())
+    except Exception:  # a custom class that cannot be built on the meta device: treat it as large
+        return MAX_REPRODUCIBLE_PARAMS + 1
+
+
+def build_seeded(build: Callable[[], torch.nn.Module], seed: int, gather: Gather = null_gather,
+                 build_large: Optional[Callable[[], torch.nn.Module]] = None) -> torch.nn.Module:
     """``build()`` with torch's RNG seeded by ``seed`` (and left as it was), the same values on every ZeRO stage.
 
     ``gather`` is the engine's (``GatheredParameters`` under ZeRO-3): the plain values
-    are written into the partitioned parameters through it.
+    are written into the partitioned parameters through it. ``build_large`` replaces
+    ``build`` for a model over :data:`MAX_REPRODUCIBLE_PARAMS` built on a device other
+    than the CPU (see the module doc).
     """
     partition_parameters = _zero_init_module()
     with torch.random.fork_rng(devices=[]):
         plain = None
+        if partition_parameters is None and default_build_device().type != "cpu":
+            torch.manual_seed(seed)
+            if _params_on_meta(build) <= MAX_REPRODUCIBLE_PARAMS:
+                with torch.device("cpu"):  # the values of a plain CPU build, whatever the device
+                    return build()
+            return (build_large or build)()
         if partition_parameters is not None:
             with _outside_zero_init(partition_parameters):
-                try:
-                    with torch.device("meta"):
-                        size = sum(p.numel() for p in build().parameters())
-                except Exception:  # a custom class that cannot be built on the meta device: partitioned only, as before
-                    size = MAX_REPRODUCIBLE_PARAMS + 1
+                size = _params_on_meta(build)  # a class that cannot be built on meta: partitioned only, as before
                 if size <= MAX_REPRODUCIBLE_PARAMS:
                     torch.manual_seed(seed)
                     plain = dict(build().named_parameters())

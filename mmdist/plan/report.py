@@ -13,6 +13,7 @@ from mmdist.config.run import RunConfig, load_config
 from mmdist.hardware import datasheet_peak
 from mmdist.plan.memory import Estimate
 from mmdist.plan.shapes import GiB, ModuleShape
+from mmdist.plan.speed import Choice
 from mmdist.precision import ENGINE_KEY, PART_KEYS
 
 
@@ -36,12 +37,16 @@ def recommend(estimates: list[Estimate], budget: int, configured_ckpt: bool) -> 
 
 
 def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estimate], world: int, budget: int,
-                ds: Optional[dict] = None) -> str:
+                ds: Optional[dict] = None, fastest: Optional[Choice] = None) -> str:
+    """The plan a person reads; ``fastest`` (mmdist.plan.speed.choose) is the recommendation by predicted step
+    time among what fits, else the first setting that fits in :func:`recommend`'s order."""
     lines = []
     p_train = sum(s.params for s in shapes if s.trainable)
     p_frozen = sum(s.params for s in shapes if not s.trainable)
     lines.append(f"mmdist plan: stage {cfg.stage}, {world} GPU(s) of {_g(budget)} GiB, precision {cfg.engine.precision}, "
-                 f"micro-batch {cfg.train.micro_batch_size} x {cfg.data.max_len} tokens")
+                 f"micro-batch {cfg.train.micro_batch_size} samples, each counted as a full row of {cfg.data.max_len} tokens "
+                 f"({'packed' if cfg.data.packing and cfg.stage == 'fuse' else 'padded'}: at most "
+                 f"{cfg.train.micro_batch_size * cfg.data.max_len:,} tokens)")
     lines.append("")
     lines.append(f"{'module':<16}{'params':>16}{'trainable':>11}{'dtype':>7}")
     for s in shapes:
@@ -60,10 +65,15 @@ def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estim
                      f"{_g(est.activations):>8}{_g(est.activations_ckpt):>9}{_g(est.comm):>7}{_g(est.total(False)):>8}"
                      f"{_g(est.total(True)):>9}{fits:>6}{est.max_micro_batch(budget, False):>7}"
                      f"{est.max_micro_batch(budget, True):>8}{_g(est.cpu):>7}")
-    best, ckpt = recommend(estimates, budget, cfg.model.llm.gradient_checkpointing)
+    if fastest is not None:
+        best, ckpt = fastest.estimate, fastest.checkpointing
+    else:
+        best, ckpt = recommend(estimates, budget, cfg.model.llm.gradient_checkpointing)
     lines.append("")
     if best.total(ckpt) <= budget:
-        lines.append(f"recommended: {best.setting.label}, gradient_checkpointing={'true' if ckpt else 'false'}; "
+        why = (f"predicted fastest that fits ({fastest.time.step_s:.2f} s/step on {world} GPU(s)); "
+               if fastest is not None else "")
+        lines.append(f"recommended: {best.setting.label}, gradient_checkpointing={'true' if ckpt else 'false'}; {why}"
                      f"largest micro-batch that fits: {best.max_micro_batch(budget, ckpt)} "
                      f"(configured {cfg.train.micro_batch_size}; {_g(best.total(ckpt))} GiB of {_g(budget)} GiB)")
         ckpt_override = f" model.llm.gradient_checkpointing={str(ckpt).lower()}" if cfg.stage == "fuse" else ""

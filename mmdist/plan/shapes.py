@@ -12,6 +12,7 @@ from typing import Any, Optional
 from mmdist.config.run import RunConfig
 from mmdist.models import qwen1
 from mmdist.models.connectors import build_stage1_module
+from mmdist.training.metrics import FlopCount, flop_count
 
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -72,6 +73,9 @@ class ModuleShape:
     dtype: str
     largest_layer: int = 0
     dims: dict = dataclasses.field(default_factory=dict)
+    # stage 2's LLM entry: the FLOPs of the LLM and the vision tower as the progress bar counts them
+    # (mmdist.training.metrics.flop_count on the meta-device modules; the connector is added by mmdist.plan.speed)
+    flops: Optional[FlopCount] = None
 
 
 def _hf_config(section: str, name_or_path: str, init_config: Optional[dict], gguf_file: Optional[str] = None,
@@ -145,6 +149,7 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     """Every top-level module of the configured stage, with parameter counts, trainability and dtype."""
     out: list[ModuleShape] = []
     vis = cfg.model.vision
+    vision_model = None
     if vis.source == "custom":
         if vis.hidden_size is None:
             raise ValueError("model.vision.hidden_size: the planner needs the feature width of a custom encoder")
@@ -153,7 +158,8 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     else:
         vconf = _hf_config("model.vision", vis.name_or_path, vis.init_config)
         vconf = getattr(vconf, "vision_config", None) or vconf
-        params, largest = count_parameters(_meta_model(vconf, causal_lm=False))
+        vision_model = _meta_model(vconf, causal_lm=False)
+        params, largest = count_parameters(vision_model)
         grid = (vconf.image_size // vconf.patch_size) ** 2
         has_cls = not vconf.model_type.startswith("siglip")
         tokens = {"patch": grid, "cls": 1, "all": grid + int(has_cls)}[vis.select_tokens]
@@ -183,7 +189,8 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     lmodel = _meta_model(lconf, causal_lm=True)
     params, largest = count_parameters(lmodel)
     ldims = _text_dims(lconf)
-    out.append(ModuleShape("llm", params, not llm.freeze, llm.dtype, largest, ldims))
+    out.append(ModuleShape("llm", params, not llm.freeze, llm.dtype, largest, ldims,
+                           flops=_fused_flops(lmodel, vision_model, not llm.freeze, vision_runs=not cfg.data.feature_cache)))
     if llm.lora.enabled:
         out.append(ModuleShape("lora", _lora_params(lmodel, cfg), True, "fp32"))
     if cfg.model.connector.stage1_weights is not None:
@@ -197,6 +204,18 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     out.append(ModuleShape("projector", proj, True, "fp32", _mlp_largest(proj_in, ldims["hidden"], conn.projector_layers),
                            {"tokens": image_tokens, "in": proj_in}))
     return out
+
+
+def _fused_flops(llm: Any, vision: Any, llm_trains: bool, vision_runs: bool) -> FlopCount:
+    """The stage-2 FLOP rates of the LLM and the vision tower by the bar's formula (metrics.flop_count): the same
+    formula metrics.jsonl, the progress bar's MFU and benchmarks/throughput.py use, applied to meta-device modules."""
+    import torch
+
+    holder = torch.nn.Module()
+    holder.llm = llm.requires_grad_(llm_trains)
+    if vision is not None:
+        holder.vision = vision.requires_grad_(False)
+    return flop_count(holder, "fuse", vision_runs=vision_runs)
 
 
 def _custom_vision_params(cfg: RunConfig) -> int:

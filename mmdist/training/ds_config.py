@@ -149,6 +149,10 @@ def deepspeed_config(cfg: RunConfig, world_size: int) -> dict:
     both keys; the same value is accepted. ``"auto"`` values are not supported:
     every value here is concrete.
     """
+    if cfg.engine.zero_stage == "auto":
+        raise ConfigError([Problem("engine.zero_stage", "auto is resolved for the device at start-up "
+                                   "(mmdist.plan.auto.resolve_zero_stage, which build_engine and the trainer call); "
+                                   "pass the resolved config, or name a stage")])
     ds, source = _typed_config(cfg, world_size)
     raw = cfg.engine.deepspeed or {}
     problems = []

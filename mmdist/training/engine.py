@@ -19,6 +19,7 @@ from typing import Any, Optional
 from torch import nn
 
 from mmdist.config import RunConfig
+from mmdist.hardware import default_device
 from mmdist.models.contract import TrainableModel
 from mmdist.models.gather import null_gather
 from mmdist.precision import concrete
@@ -29,6 +30,7 @@ from mmdist.training.teardown import release_deepspeed
 
 __all__ = [
     "EngineBundle",
+    "build_device",
     "build_engine",
     "enable_frozen_gradient_checkpointing",
     "gather_for",
@@ -156,10 +158,27 @@ def build_engine(
     released here (:func:`release_deepspeed`) before the error propagates.
     """
     try:
+        if cfg.engine.zero_stage == "auto":  # callers other than the trainer (benchmarks, notebooks): resolve here
+            from mmdist.plan.auto import resolve_zero_stage
+
+            cfg = resolve_zero_stage(cfg, world_size or dist.world_size(), default_device())[0]
         return _build_engine(concrete(cfg), world_size, model_builder)
     except BaseException:
         release_deepspeed()
         raise
+
+
+def build_device() -> Any:
+    """The ``torch.device`` context a ZeRO 0-2 model is built in: this rank's GPU (set by ``dist.init``), or a no-op
+    on the CPU. transformers' ``from_pretrained`` loads into the context's device (its ``device_map`` default), a
+    random ``init_config`` model is created there (mmdist.models.seeded), and plain torch layers too."""
+    import contextlib
+
+    import torch
+
+    if default_device() != "cuda":
+        return contextlib.nullcontext()
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def _import_before_zero_init() -> None:
@@ -211,7 +230,8 @@ def _build_engine(cfg: RunConfig, world_size: Optional[int], model_builder: Opti
                 "(see docs/design.md), or use engine.zero_stage <= 2"
             ) from exc
     else:
-        model = builder(cfg, gather)
+        with build_device():  # ZeRO 0-2: weights are created (or loaded) on the GPU, never whole on the CPU first
+            model = builder(cfg, gather)
 
     if cfg.stage == "fuse" and cfg.model.llm.gradient_checkpointing:
         enable_frozen_gradient_checkpointing(model)

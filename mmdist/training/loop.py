@@ -32,6 +32,7 @@ from mmdist.training.run_setup import (
     compute_dtype,
     default_loader_builder,
     resolve_precision_agreed,
+    resolve_zero_stage_agreed,
     resume,
     setup,
     write_run_dir,
@@ -70,11 +71,14 @@ def train(
         teardown.callback(flag.uninstall)
         dog = Watchdog.from_config(cfg.watchdog, rank=env.rank, run_dir=cfg.run_dir).start()
         teardown.callback(dog.stop)
+        cfg, zero_note = resolve_zero_stage_agreed(cfg, env.world_size)  # `auto` -> the planner's fastest stage that fits
+        if zero_note and env.rank == 0:
+            print(f"[mmdist] {zero_note}", flush=True)
         cfg, precision = resolve_precision_agreed(cfg)  # `auto` -> concrete dtypes, before anything is built
         cfg, fitted = fit_micro_batch(cfg, env.world_size)  # the global batch stays on any number of ranks
         if fitted and env.rank == 0:
             print(fitted, flush=True)
-        write_run_dir(cfg, env.rank, precision)
+        write_run_dir(cfg, env.rank, precision, [zero_note] if zero_note else [])
         with dog.phase("building the engine"):
             bundle = build_engine(cfg, world_size=env.world_size, model_builder=model_builder)
         teardown.callback(bundle.close)  # before dist.shutdown: DeepSpeed's groups, the shm buffer

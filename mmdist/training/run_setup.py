@@ -31,7 +31,8 @@ from mmdist.training.metrics import MetricsLogger, Throughput
 from mmdist.training.step import TrainState
 from mmdist.training.watchdog import Watchdog
 
-__all__ = ["Run", "compute_dtype", "default_loader_builder", "resolve_precision_agreed", "resume", "setup", "write_run_dir"]
+__all__ = ["Run", "compute_dtype", "default_loader_builder", "resolve_precision_agreed", "resolve_zero_stage_agreed", "resume",
+           "setup", "write_run_dir"]
 
 
 def default_loader_builder(cfg: RunConfig, processors: Any, split: str, rank: int, world_size: int) -> Iterable:
@@ -110,8 +111,32 @@ def resolve_precision_agreed(cfg: RunConfig) -> tuple[RunConfig, list]:
     return answer
 
 
-def write_run_dir(cfg: RunConfig, rank: int, precision: Sequence = ()) -> None:
-    """The resolved config as config.yaml: concrete dtypes (why each was chosen, as comments) and data workers.
+def resolve_zero_stage_agreed(cfg: RunConfig, world_size: int) -> tuple[RunConfig, Optional[str]]:
+    """``cfg`` with ``engine.zero_stage: auto`` made concrete (mmdist.plan.auto), and the reason; rank 0's answer
+    on every rank (ranks must run the same stage). Unchanged, with None, when the stage is not ``auto``."""
+    if cfg.engine.zero_stage != "auto":
+        return cfg, None
+    from mmdist.plan.auto import resolve_zero_stage
+
+    device = default_device()
+    if dist.world_size() == 1:
+        return resolve_zero_stage(cfg, world_size, device)
+    answer: Any = None
+    if dist.rank() == 0:
+        try:
+            answer = resolve_zero_stage(cfg, world_size, device)
+        except (ConfigError, ValueError) as exc:
+            answer = exc
+    answer = dist.broadcast_object(answer, src=0)
+    if isinstance(answer, Exception):
+        raise answer
+    stage, line = answer[0].engine.zero_stage, answer[1]
+    return dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, zero_stage=stage)), line
+
+
+def write_run_dir(cfg: RunConfig, rank: int, precision: Sequence = (), notes: Sequence[str] = ()) -> None:
+    """The resolved config as config.yaml: concrete dtypes and ZeRO stage (why each was chosen, as comments) and
+    data workers; ``notes`` are further start-up decisions (the ``auto`` ZeRO stage's reason).
 
     ``data.num_workers: null`` (auto) is written as the count this rank's CPUs give
     (mmdist.data.loader.resolve_num_workers). Only the file holds it: the run's
@@ -122,7 +147,7 @@ def write_run_dir(cfg: RunConfig, rank: int, precision: Sequence = ()) -> None:
     from mmdist.data.loader import resolve_num_workers
 
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    notes = ["precision resolved at start-up:", *precision_lines(list(precision))] if precision else []
+    notes = [*(["precision resolved at start-up:", *precision_lines(list(precision))] if precision else []), *notes]
     written = cfg
     if cfg.data.num_workers is None:
         workers = resolve_num_workers(None)

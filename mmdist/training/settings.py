@@ -64,7 +64,10 @@ class TrainConfig(SettingsBase):
 class EngineConfig(SettingsBase):
     """How DeepSpeed runs the model: ZeRO stage, precision, offload, raw extra keys."""
 
-    zero_stage: Literal[0, 1, 2, 3] = setting(2, "ZeRO stage; 3 also partitions the frozen LLM as it loads")
+    zero_stage: Literal[0, 1, 2, 3, "auto"] = setting(2, "ZeRO stage; 3 also partitions the frozen LLM as it loads. auto: at "
+                                                         "start-up, the stage the planner predicts fastest among those that fit "
+                                                         "the device's memory (mmdist/plan/auto.py; MMDIST_DEVICE_MEMORY=24GB "
+                                                         "forces a budget), written into the run's config.yaml")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = setting("auto", "compute precision of the trainable side (fp32 master weights are kept); auto: bf16 on GPUs with bf16, fp16 (dynamic loss scaling) below compute capability 8.0, fp32 on the CPU. A bf16/fp16 engine, or ZeRO-3, holds frozen parts in this precision too: their model.*.dtype must then match (see mmdist/precision.py)")
     offload_optimizer: bool = setting(False, "keep optimizer states in CPU memory")
     offload_params: bool = setting(False, "ZeRO-3: keep parameters in CPU memory")
@@ -75,7 +78,7 @@ class EngineConfig(SettingsBase):
 
     def check(self) -> list[tuple[str, str]]:
         out = []
-        if self.offload_params and self.zero_stage != 3:
+        if self.offload_params and self.zero_stage not in (3, "auto"):
             out.append(("offload_params", "parameter offload needs zero_stage=3"))
         if self.offload_optimizer and self.zero_stage == 0:
             out.append(("offload_optimizer", "optimizer offload needs zero_stage >= 1"))

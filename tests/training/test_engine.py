@@ -227,15 +227,23 @@ REFERENCE_RECIPES = ("align.yaml", "fuse.yaml")
 
 
 @pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_recipe_gives_a_deepspeed_config(path):
-    """The reference recipes on their 8 GPUs, the tiny twins on 2 CPU ranks (and 1), any other recipe on 1."""
+def test_every_shipped_recipe_gives_a_deepspeed_config(path, monkeypatch):
+    """The reference recipes on their 8 GPUs of 80 GB, the tiny twins on 2 CPU ranks (and 1), any other recipe on 1."""
+    from mmdist.plan.auto import DEVICE_MEMORY_ENV, resolve_zero_stage
+
     cfg = load_config(path)
+    if path.name in REFERENCE_RECIPES:
+        assert cfg.engine.zero_stage == "auto"  # the planner's fastest stage that fits, at start-up
+        with pytest.raises(ConfigError, match="engine.zero_stage"):
+            deepspeed_config(cfg, 8)
+        monkeypatch.setenv(DEVICE_MEMORY_ENV, "80GB")
+        cfg, _ = resolve_zero_stage(cfg, 8, "cpu")
     worlds = (8,) if path.name in REFERENCE_RECIPES else (1, 2) if path.name.startswith("tiny_") else (1,)
     for world in worlds:
         ds = deepspeed_config(cfg, world)
         assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
     if path.name in REFERENCE_RECIPES:
-        assert cfg.engine.zero_stage == 3 and cfg.engine.precision == "bf16"
+        assert cfg.engine.zero_stage == 1 and cfg.engine.precision == "bf16"  # bf16: no ZeRO-0 (mmdist.plan.auto)
     elif path.name.startswith("tiny_"):
         assert cfg.engine.precision == "auto" and cfg.engine.torch_adam  # resolved from the hardware at start-up
 

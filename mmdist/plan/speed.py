@@ -1,0 +1,147 @@
+"""Step 5 of the plan: the predicted step time of each setting (mmdist.step_time) and the fastest one that fits.
+
+The step's FLOPs come from the planner's shapes with the formula the progress bar,
+metrics.jsonl and benchmarks/throughput.py use (mmdist.training.metrics.flop_count:
+4 per frozen LLM weight per token, 6 per trainable, the LM head at supervised tokens,
+the vision tower and connector per image token), plus one forward of the LLM
+(2 per weight per token) when gradient checkpointing recomputes it.
+
+A micro-batch is what the trainer means by it: ``train.micro_batch_size`` samples.
+The plan counts each as a full row of ``data.max_len`` tokens holding one image,
+the most such a batch can hold, packed or not (:func:`micro_batch_tokens`; with
+packing the collator puts the samples in at most that many rows of at most
+``max_len`` tokens). Memory must fit that worst case; the time is an upper bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Optional
+
+from mmdist.config.run import RunConfig
+from mmdist.hardware import datasheet_peak
+from mmdist.plan.memory import Estimate, Setting
+from mmdist.plan.shapes import DTYPE_BYTES, ModuleShape
+from mmdist.step_time import Interconnect, StepInputs, StepTime, predict
+
+__all__ = ["Choice", "choose", "micro_batch_tokens", "peak_for", "step_inputs", "TIE", "ZERO3_OVERHEAD"]
+
+TIE = 0.01  # predicted step times within 1% are a tie: the lower stage (less to go wrong, smaller checkpoints) wins
+# ZeRO-3 step time / the bare model's on ONE rank, where nothing moves: issue 20 measured the trainer at ZeRO-3 on one
+# H200 at the Qwen-14B shape (stage3_param_persistence_threshold 0, checkpointing, micro-batch 16 packed samples) at
+# 16% MFU against 34% for the same model without DeepSpeed. One measurement; benchmarks on GPUs should refine it.
+ZERO3_OVERHEAD = 34 / 16
+CPU_PEAK = 1e12  # a placeholder peak where no datasheet row applies: only ratios between settings matter then
+
+
+def micro_batch_tokens(cfg: RunConfig) -> int:
+    """Tokens of the largest micro-batch the trainer can build: ``micro_batch_size`` samples of ``max_len`` tokens.
+
+    Unpacked, that is ``micro_batch_size`` rows padded to at most ``max_len``; packed
+    (``data.packing``), ``pack_rows`` puts the same samples in at most as many rows of
+    at most ``max_len`` tokens, so the bound is the same (tests/test_plan.py checks it
+    against the real collator).
+    """
+    return cfg.train.micro_batch_size * cfg.data.max_len
+
+
+def peak_for(gpu: str, precision: str) -> float:
+    """Dense peak FLOP/s of ``gpu`` (a datasheet name) in ``precision``; :data:`CPU_PEAK` when unknown."""
+    row = datasheet_peak(gpu)
+    if row is None:
+        return CPU_PEAK
+    value = {"bf16": row.bf16, "fp16": row.fp16}.get(precision) or row.tf32 or row.fp32
+    return float(value or CPU_PEAK)
+
+
+def _micro_batch_flops(cfg: RunConfig, shapes: Sequence[ModuleShape]) -> tuple[float, float]:
+    """(training FLOPs, recompute FLOPs under checkpointing) of one micro-batch on one rank."""
+    by_name = {s.name: s for s in shapes}
+    samples = cfg.train.micro_batch_size
+    llm = by_name.get("llm")
+    if llm is not None and llm.flops is not None:
+        proj = by_name["projector"]
+        image_tokens = samples * proj.dims.get("tokens", 0)
+        tokens = micro_batch_tokens(cfg)
+        supervised = max(0, tokens - image_tokens)  # at most every text token is an answer token
+        per_image = llm.flops.per_image_token
+        for name in ("projector", "stage1"):
+            part = by_name.get(name)
+            if part is not None:
+                per_image += (4.0 if part.trainable else 2.0) * part.params
+        flops = llm.flops.per_token * tokens + llm.flops.per_supervised_token * supervised + per_image * image_tokens
+        recompute = (llm.flops.per_token + llm.flops.per_supervised_token) / 2 * tokens  # one more forward: 2 per weight
+        return flops, recompute
+    # stage 1 (and a model without an LLM): every parameter per token it runs on, 6 trainable / 2 frozen
+    flops = 0.0
+    for s in shapes:
+        if s.name == "vision_encoder":
+            seq = s.dims.get("seq", s.dims.get("tokens", 1))
+        elif s.name == "text_encoder":
+            seq = cfg.model.text.max_length
+        else:
+            seq = s.dims.get("tokens", 1) + cfg.model.text.max_length
+        flops += (6.0 if s.trainable else 2.0) * s.params * seq * samples
+    return flops, 0.0
+
+
+def step_inputs(cfg: RunConfig, shapes: Sequence[ModuleShape], world: int, gpu: str,
+                micro_batches: Optional[int] = None) -> StepInputs:
+    """What one optimizer step costs one rank, from the config and the planner's shapes.
+
+    ``micro_batches`` defaults to the gradient accumulation on ``world`` ranks
+    (global batch / (micro-batch x world), at least 1).
+    """
+    precision = cfg.engine.precision
+    e = DTYPE_BYTES.get(precision, 4)
+    if micro_batches is None:
+        micro_batches = max(1, cfg.train.global_batch_size // max(1, cfg.train.micro_batch_size * world))
+    flops, recompute = _micro_batch_flops(cfg, shapes)
+    weights = 0
+    p_train = 0
+    for s in shapes:
+        if s.trainable:
+            p_train += s.params
+            weights += s.params * e
+        else:
+            dt = precision if precision in ("bf16", "fp16") else s.dtype
+            weights += s.params * DTYPE_BYTES.get(dt, 4)
+    return StepInputs(model_flops=flops * micro_batches, recompute_flops=recompute * micro_batches, weight_bytes=weights,
+                      trainable_bytes=p_train * e, gradient_bytes=p_train * e, micro_batches=micro_batches,
+                      peak_flops=peak_for(gpu, precision), zero3_overhead=ZERO3_OVERHEAD)
+
+
+@dataclasses.dataclass
+class Choice:
+    """One candidate: a setting with or without checkpointing, whether it fits, its predicted step."""
+
+    estimate: Estimate
+    checkpointing: bool
+    fits: bool
+    time: StepTime
+
+    @property
+    def setting(self) -> Setting:
+        return self.estimate.setting
+
+
+def choose(estimates: Sequence[Estimate], inputs: StepInputs, world: int, interconnect: Interconnect, budget: int,
+           checkpointing: Sequence[bool]) -> tuple[Choice, list[Choice]]:
+    """(the fastest candidate that fits, every candidate), over ``estimates`` x ``checkpointing``.
+
+    Among what fits, the lowest predicted step time wins; times within :data:`TIE`
+    are a tie, won by no offload (PCIe time is not in the model), then the lower
+    ZeRO stage, then no checkpointing. When nothing fits, the candidate needing
+    the least memory is returned with ``fits`` false.
+    """
+    candidates = [Choice(est, ckpt, est.total(ckpt) <= budget, predict(inputs, est.setting.zero_stage, world, interconnect, ckpt))
+                  for ckpt in checkpointing for est in estimates]
+    fitting = [c for c in candidates if c.fits]
+    if not fitting:
+        return min(candidates, key=lambda c: c.estimate.total(c.checkpointing)), candidates
+    fastest = min(c.time.step_s for c in fitting)
+    near = [c for c in fitting if c.time.step_s <= fastest * (1 + TIE)]
+    offloads = lambda c: c.setting.offload_optimizer or c.setting.offload_params  # noqa: E731
+    best = min(near, key=lambda c: (offloads(c), c.setting.zero_stage, c.checkpointing, c.time.step_s))
+    return best, candidates
