@@ -180,3 +180,31 @@ def test_throughput_leaves_the_warmup_steps_out(monkeypatch):
     assert out["tokens_per_s"] == pytest.approx(50.0)  # the 10 s step left out: 100 tokens over 2 s
     assert out["mfu"] == pytest.approx((50 + 5 * 2) / 100.0)
     assert out["mfu_steady_from_step"] == 2 and out["throughput_window_steps"] == 2
+
+
+def test_stage1_qformer_counts_the_trained_text_encoder_at_six_and_never_above_what_ran():
+    torch.manual_seed(0)
+    qformer = build_run_model(tiny_run_config("align", connector="qformer"))
+    count = metrics.flop_count(qformer, "align", vision_runs=False, text_runs=False)  # a trained encoder runs regardless
+    assert count.per_token == 6 * _linear_weights(qformer.text) > 0
+    size = qformer.vision.image_size
+    ids = torch.randint(5, 80, (4, 10))
+    batch = {"pixel_values": torch.randn(4, 3, size, size), "text_input_ids": ids, "text_attention_mask": torch.ones_like(ids)}
+    with FlopCounterMode(display=False) as counter:
+        qformer(batch)["loss"].backward()
+    counts = qformer.batch_counts(batch)
+    assert metrics.flop_count(qformer, "align").step(counts.tokens, images=counts.images) <= counter.get_total_flops()
+
+
+def test_the_loop_reads_from_the_cache_key_whether_text_features_are_cached(tmp_path):
+    import json
+
+    from mmdist.training.loop import _cache_holds_text
+
+    (tmp_path / "train").mkdir()
+    key = tmp_path / "train" / "cache_key.json"
+    key.write_text(json.dumps({"parts": {"vision": {}, "text": {}}}))
+    assert _cache_holds_text(tiny_run_config("align", f"data.feature_cache={tmp_path}"))
+    key.write_text(json.dumps({"parts": {"vision": {}}}))
+    assert not _cache_holds_text(tiny_run_config("align", f"data.feature_cache={tmp_path}"))
+    assert not _cache_holds_text(tiny_run_config("align"))
