@@ -20,7 +20,9 @@ metrics.jsonl use it too): ``mfu`` is that count per second over the device peak
 only: the first ``--warmup`` steps (at least the trainer's own warm-up step) are left
 out of every figure. The trainer runs with ``MMDIST_STEP_PHASES=1``, so its step
 times its phases (one synchronize per phase on a GPU: the breakdown is exact, the
-step a little slower); the bare side times the same phases the same way.
+step a little slower); the bare side times the same phases the same way. Under
+ZeRO-3 the host time in DeepSpeed's per-module parameter fetch/release hooks (the
+gathers included) is shown too, as a part of the forward and backward.
 
 Run: ``python benchmarks/gpu_system.py`` on one GPU (6 steps a side at the issue's
 shapes; about 4 minutes on an H100/H200, most of it building the two 14B models);
@@ -52,6 +54,8 @@ from common import format_table, tiny_recipe  # noqa: E402
 from gpu_throughput import CLIP_L_336, QWEN_14B, TINY_LLM, TINY_VISION, attention_kernel, device_peak  # noqa: E402
 
 PHASES = ("data_wait", "to_device", "vision", "llm_forward", "backward", "optimizer", "host_sync", "logging", "other")
+#: Shown below the phases, already inside them: host time in ZeRO-3's per-module parameter fetch and release hooks.
+INSIDE = ("zero3_fetch_release",)
 
 
 def run_config(tiny: bool, device: torch.device, workdir: Path, shards: str, *, micro_batch: int, max_len: int, steps: int,
@@ -96,6 +100,33 @@ def time_vision(model: torch.nn.Module, device: torch.device) -> None:
     model.vision.register_forward_hook(after)
 
 
+def time_zero3_hooks() -> None:
+    """Add the host time of ZeRO-3's fetch_sub_module/release_sub_module (the forward and backward hooks that gather
+    and free each module's parameters, waits for the gathers included) to the ``zero3_fetch_release`` phase.
+
+    Wall-clock on the host, no synchronize (one per module would serialize the gathers this measures): where the
+    GPU waits for the host, this is the time those hooks cost; where it does not, it overlaps the kernels.
+    """
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
+
+    from mmdist.training.step import phases
+
+    for name in ("fetch_sub_module", "release_sub_module"):
+        original = getattr(Coordinator, name)
+        if getattr(original, "_bench_timed", False):
+            continue
+
+        def timed(self, *args, _original=original, **kwargs):
+            t = time.perf_counter()
+            try:
+                return _original(self, *args, **kwargs)
+            finally:
+                phases.add("zero3_fetch_release", time.perf_counter() - t)
+
+        timed._bench_timed = True
+        setattr(Coordinator, name, timed)
+
+
 def run_trainer(cfg, device: torch.device) -> tuple[list[dict], dict]:
     """``loop.train`` on the config; returns its metrics.jsonl train records and the run's peak memory."""
     from mmdist.materialize import build_run_model
@@ -106,6 +137,8 @@ def run_trainer(cfg, device: torch.device) -> tuple[list[dict], dict]:
         time_vision(model, device)
         return model
 
+    if cfg.engine.zero_stage == 3:
+        time_zero3_hooks()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
@@ -229,6 +262,7 @@ def side_summary(steps: list[dict], step_seconds: list[float], flops, peak: floa
     breakdown = {k: sum(s.get(f"phase_{k}_s", 0.0) for s in steps) / n for k in PHASES}
     breakdown["llm_forward"] = sum(s.get("phase_forward_s", 0.0) for s in steps) / n - breakdown["vision"]
     breakdown["other"] = seconds / n - sum(v for k, v in breakdown.items() if k != "other")
+    breakdown.update({k: sum(s.get(f"phase_{k}_s", 0.0) for s in steps) / n for k in INSIDE})
     return {"steps": n, "real_tokens": tokens, "images": sum(s["step_images"] for s in steps), "step_s": seconds / n,
             "tokens_per_s": tokens / seconds, "mfu": done / seconds / peak, "hfu": (done + recompute) / seconds / peak,
             "breakdown_s": breakdown}
@@ -299,6 +333,8 @@ def report(res: dict) -> str:
              f"step_s  {t['step_s']:.6g}  {b['step_s']:.6g}",
              ""]
     rows = [{"phase (s/step)": k, "trainer": t["breakdown_s"][k], "bare": b["breakdown_s"][k]} for k in PHASES]
+    rows += [{"phase (s/step)": f"({k}, inside the above)", "trainer": t["breakdown_s"][k], "bare": b["breakdown_s"][k]}
+             for k in INSIDE]
     lines.append(format_table(rows, ["phase (s/step)", "trainer", "bare"]))
     return "\n".join(lines)
 
