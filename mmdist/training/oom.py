@@ -6,6 +6,9 @@ it into :class:`OutOfMemoryStop` with :func:`oom_advice`: the planner's largest
 micro-batch that fits these settings on this device (mmdist.plan), and the
 settings that lower memory. ``mmdist train`` prints it and exits with
 :data:`OOM_EXIT`. No checkpoint is written on the way out: the last one is intact.
+With several ranks, the rank that ran out exits with OOM_EXIT and the launcher
+(``srun --kill-on-bad-exit``, torchrun) ends the others, which wait in the step's
+next collective (else the watchdog ends them with 124).
 """
 
 from __future__ import annotations
@@ -72,8 +75,6 @@ def oom_advice(cfg: RunConfig, error: StepOutOfMemoryError, *, world_size: int, 
     """The whole message: what ran out where, the last checkpoint, the planner's figure, the settings to change."""
     device = torch.device(device) if device is not None else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # what the failed micro-batch held, so the planner and a retry see the real headroom
     ckpt = bool(cfg.model.llm.gradient_checkpointing) if cfg.stage == "fuse" else None
     settings = [
         f"train.micro_batch_size={cfg.train.micro_batch_size} -> smaller (the global batch stays: accumulation grows)",

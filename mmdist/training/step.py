@@ -197,8 +197,7 @@ def train_step(
                 where = "optimizer step"
                 with phases.phase("optimizer"):
                     engine.step()
-        except torch.OutOfMemoryError as exc:
-            del batch  # let the caller's report see the memory this micro-batch held freed
+        except torch.OutOfMemoryError as exc:  # the memory figures are those at the failure
             raise StepOutOfMemoryError(state.step + 1, stats.micro + 1, accumulation, where, memory_summary(engine.device)) from exc
         if not finite:
             # dropped before backward on every rank: no gradient, no optimizer update
