@@ -5,6 +5,9 @@ the resolved config, build the engine and the loaders, resume, step until the bu
 is spent (logging, evaluating, checkpointing), then the last checkpoint, the export
 and a clean teardown. Preemption signals only set a flag that all ranks agree on
 after each step (docs/operations.md); a watchdog is beaten after every step.
+Running out of device memory ends the run with :class:`~mmdist.training.oom.OutOfMemoryStop`:
+where it ran out, the planner's largest micro-batch, the settings to change
+(``mmdist train`` exits with :data:`~mmdist.training.oom.OOM_EXIT`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -26,7 +30,8 @@ from mmdist.training import dist, preemption
 from mmdist.training.checkpoint import CheckpointManager, capture_rng
 from mmdist.training.ds_config import fit_micro_batch
 from mmdist.training.engine import build_engine
-from mmdist.training.metrics import MetricsLogger, Throughput, flop_count
+from mmdist.training.metrics import WARMUP_STEPS, MetricsLogger, Throughput, flop_count
+from mmdist.training.oom import OutOfMemoryStop, oom_advice
 from mmdist.training.run_setup import (
     Run,
     compute_dtype,
@@ -37,7 +42,16 @@ from mmdist.training.run_setup import (
     setup,
     write_run_dir,
 )
-from mmdist.training.step import Batches, NonFiniteLossError, TrainState, float_dtype, to_device, train_step
+from mmdist.training.step import (
+    Batches,
+    NonFiniteLossError,
+    StepOutOfMemoryError,
+    TrainState,
+    float_dtype,
+    phases,
+    to_device,
+    train_step,
+)
 from mmdist.training.watchdog import Watchdog
 
 __all__ = ["train"]
@@ -106,8 +120,14 @@ def train(
             except NonFiniteLossError as exc:
                 exc.add_note(f"the last checkpoint is in {run.checkpoints.root}")
                 raise
+            except StepOutOfMemoryError as exc:
+                message = oom_advice(cfg, exc, world_size=env.world_size, last_checkpoint=run.last_checkpoint or run.resumed_from,
+                                     checkpoint_root=run.checkpoints.root)
+                raise OutOfMemoryStop(message) from exc  # mmdist train prints it and exits with OOM_EXIT
             dog.beat(state.step)
+            logged = time.perf_counter()
             _log_step(run, state, record, end_step)
+            phases.add("logging", time.perf_counter() - logged)  # reported with the next step's phases
             # every rank, every step, unconditionally: the answer is a collective
             if preemption.stop_agreed(flag, bundle.engine.device):
                 _stop_on_signal(run, state, flag)
@@ -149,8 +169,21 @@ def _open_logs(run: Run, state: TrainState) -> None:
         peak, source = 0.0, ""
     if peak:
         logger.print(f"[mmdist] MFU against {peak / 1e12:.3g} TFLOP/s per device x {run.world_size} ({source})")
-    flops = flop_count(bundle.model, cfg.stage, vision_runs=not cfg.data.feature_cache)
-    run.throughput = Throughput(flops, peak * run.world_size, run.total_steps, start_step=state.step)
+    flops = flop_count(bundle.model, cfg.stage, vision_runs=not cfg.data.feature_cache, text_runs=not _cache_holds_text(cfg))
+    run.throughput = Throughput(flops, peak * run.world_size, run.total_steps, start_step=state.step, warmup_steps=WARMUP_STEPS)
+
+
+def _cache_holds_text(cfg: RunConfig) -> bool:
+    """True when the run's feature cache stores pooled caption features (stage 1 then never runs the text encoder)."""
+    if not cfg.data.feature_cache or cfg.stage != "align":
+        return False
+    from mmdist.data.cache import read_cache_key
+
+    root = Path(cfg.data.feature_cache)
+    try:  # the folder open_feature_cache reads for the train split
+        return "text" in read_cache_key(root / "train" if (root / "train").is_dir() else root).get("parts", {})
+    except Exception:  # a missing/unreadable key: the loader reports it; count the encoder (MFU reads low, not high)
+        return False
 
 
 def _log_step(run: Run, state: TrainState, record: dict, end_step: int) -> None:
@@ -158,8 +191,10 @@ def _log_step(run: Run, state: TrainState, record: dict, end_step: int) -> None:
     cfg, scheduler = run.cfg, run.bundle.scheduler
     lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.train.lr
     record.update(lr=lr, samples=state.samples, nonfinite_total=state.nonfinite_total)
-    record.update(run.throughput.update(state.step, record.pop("step_samples"), record.pop("step_tokens"),
-                                        record.pop("step_supervised_tokens", 0), record.pop("step_image_tokens", 0)))
+    # the step's counts stay in the record: what a step held (a packed step's real tokens) is worth logging
+    record.update(run.throughput.update(state.step, record["step_samples"], record["step_tokens"],
+                                        record.get("step_supervised_tokens", 0), record.get("step_image_tokens", 0),
+                                        record.get("step_images", 0)))
     run.history.append({"step": state.step, "loss": record["loss"], "lr": lr, **({"data": record["data"]} if "data" in record else {})})
     run.logger.progress(state.step, record)
     if state.step % max(cfg.log.log_every, 1) == 0 or state.step == end_step or cfg.log.data_fingerprint:

@@ -12,10 +12,14 @@ quadratic term and recomputation (gradient checkpointing) are not counted.
 Only FLOPs that run are counted (:func:`flop_count`): in stage 2 the LM head
 runs at supervised positions only (FusedVLM.token_losses), the vision tower,
 stage-1 module and projector run on image tokens only, and an input embedding
-not tied to the head is a lookup (no FLOPs). Charging all of them at every
-token put MFU above 100%.
+not tied to the head is a lookup (no FLOPs). In stage 1 the vision tower runs per
+image (its tokens), the text encoder per caption token, the heads or Q-Former
+per image, and a part whose features come from the feature cache costs nothing.
+Charging all of them at every token put MFU above 100%.
 The peak is ``log.peak_flops`` or, if unset, a short matmul measured on this
-device at start.
+device at start. The reported throughput leaves out the first
+:data:`WARMUP_STEPS` step(s) of a run (compilation, allocator growth, the first
+gathers): a record says from which step its window counts (``mfu_steady_from_step``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from mmdist.atomic import write_text_atomic
 from mmdist.training.settings import LogConfig
 
 __all__ = [
+    "WARMUP_STEPS",
     "FlopCount",
     "MetricsLogger",
     "Throughput",
@@ -39,6 +44,10 @@ __all__ = [
     "flop_count",
     "flops_per_token",
 ]
+
+
+#: Steps at the start of a run (and of a resumed run) left out of tokens/s and MFU: not steady state.
+WARMUP_STEPS = 1
 
 
 def _numel(p: Any) -> int:
@@ -58,17 +67,19 @@ def count_parameters(model: Any) -> dict[str, int]:
 
 @dataclasses.dataclass(frozen=True)
 class FlopCount:
-    """Training FLOPs per processed token, per supervised (labelled) token and per image token."""
+    """Training FLOPs per processed token, per supervised (labelled) token, per image token and per image."""
 
     per_token: float
     per_supervised_token: float = 0.0
     per_image_token: float = 0.0
+    per_image: float = 0.0
 
-    def step(self, tokens: int, supervised_tokens: int = 0, image_tokens: int = 0) -> float:
-        return self.per_token * tokens + self.per_supervised_token * supervised_tokens + self.per_image_token * image_tokens
+    def step(self, tokens: int, supervised_tokens: int = 0, image_tokens: int = 0, images: int = 0) -> float:
+        return (self.per_token * tokens + self.per_supervised_token * supervised_tokens
+                + self.per_image_token * image_tokens + self.per_image * images)
 
 
-def flop_count(model: Any, stage: str, *, vision_runs: bool = True) -> FlopCount:
+def flop_count(model: Any, stage: str, *, vision_runs: bool = True, text_runs: bool = True) -> FlopCount:
     """The FLOPs that run (see the module doc); ZeRO-3 aware.
 
     Stage 2 (a model with an ``llm``), by where each part runs:
@@ -85,9 +96,20 @@ def flop_count(model: Any, stage: str, *, vision_runs: bool = True) -> FlopCount
         tower costs nothing when the run reads a feature cache
         (``vision_runs=False``). A tower that sees more patches than the image
         tokens it hands on (pooling, a CLS token) is counted low, never high.
-    A stage-2 model without an ``llm`` attribute, and the other stages, count every
-    parameter per token: 6 x trainable + (4 in stage 2, else 2) x frozen.
+    Stage 1 (an :class:`~mmdist.models.align.AlignModel`), also by where each part runs:
+      - the vision tower per *image*, once per token it computes (``vision.num_tokens``:
+        the selected tokens, so a dropped CLS token is counted low): 2 per frozen
+        weight, 6 per trainable one; nothing when the features are cached;
+      - the text encoder per caption *token*: 2 per weight when frozen, 6 when it
+        trains; nothing when its pooled features are cached (``text_runs=False``);
+      - the heads / Q-Former per *image*, once: 4 per trainable weight, 2 per frozen
+        one (a head applied to every vision token, or Q-Former queries, run more:
+        counted low, never high).
+    Any other model counts every parameter per token: 6 x trainable + (4 in stage 2,
+    else 2) x frozen.
     """
+    if stage == "align" and _is_align_model(model):
+        return _align_flop_count(model, vision_runs=vision_runs, text_runs=text_runs)
     llm = getattr(model, "llm", None) if stage == "fuse" else None
     if llm is None:
         counts = count_parameters(model)
@@ -115,6 +137,32 @@ def flop_count(model: Any, stage: str, *, vision_runs: bool = True) -> FlopCount
     return FlopCount(per_token, per_supervised, per_image)
 
 
+def _is_align_model(model: Any) -> bool:
+    from mmdist.models.align import AlignModel
+
+    return isinstance(model, AlignModel)
+
+
+def _align_flop_count(model: Any, *, vision_runs: bool, text_runs: bool) -> FlopCount:
+    """Stage 1's FLOPs by where each part runs (see :func:`flop_count`)."""
+    in_vision = {id(p) for p in model.vision.parameters()}
+    in_text = {id(p) for p in model.text.parameters()}
+    text_trains = any(p.requires_grad for p in model.text.parameters())
+    vision_tokens = int(model.vision.num_tokens)
+    per_token = per_image = 0.0
+    for p in _matmul_weights(model):
+        n = _numel(p)
+        if id(p) in in_vision:  # the tower first: a Q-Former never owns its weights
+            if vision_runs or p.requires_grad:
+                per_image += (6.0 if p.requires_grad else 2.0) * n * vision_tokens
+        elif id(p) in in_text:  # the Q-Former's shared text side is the text encoder's: counted once, per token
+            if text_runs or text_trains:
+                per_token += (6.0 if p.requires_grad else 2.0) * n
+        else:
+            per_image += (4.0 if p.requires_grad else 2.0) * n
+    return FlopCount(per_token=per_token, per_image=per_image)
+
+
 def _matmul_weights(model: Any) -> list[Any]:
     """The weights of the model's Linear and convolution layers, once each: the parameters that do FLOPs.
 
@@ -139,25 +187,40 @@ def flops_per_token(model: Any, stage: str) -> float:
 
 
 class Throughput:
-    """Samples/s, tokens/s and MFU over a sliding window of steps, and the ETA."""
+    """Samples/s, tokens/s and MFU over a sliding window of steady steps, and the ETA.
+
+    The first ``warmup_steps`` steps after ``start_step`` are not steady (compilation,
+    allocator growth, the first ZeRO gathers): they only move the window's start, and
+    their records carry the ETA alone. Later records say where the window may start
+    (``mfu_steady_from_step``) and how many steps it spans (``throughput_window_steps``).
+    """
 
     def __init__(self, flops_per_token: float | FlopCount, peak_flops_total: float, total_steps: int, start_step: int = 0,
-                 window: int = 20):
+                 window: int = 20, warmup_steps: int = 0):
         self.flops = flops_per_token if isinstance(flops_per_token, FlopCount) else FlopCount(float(flops_per_token))
         self.peak = peak_flops_total
         self.total_steps = total_steps
         self.window = window
-        self.history: list[tuple[float, int, int, int, float]] = [(time.perf_counter(), start_step, 0, 0, 0.0)]
+        self.steady_from = start_step + warmup_steps + 1
+        self.started = time.perf_counter()
+        self.start_step = start_step
+        self.history: list[tuple[float, int, int, int, float]] = [(self.started, start_step, 0, 0, 0.0)]
         self.samples = 0
         self.tokens = 0
         self.flops_done = 0.0
 
-    def update(self, step: int, samples: int, tokens: int, supervised_tokens: int = 0, image_tokens: int = 0) -> dict[str, float]:
-        """Add one step; ``supervised_tokens`` and ``image_tokens`` feed the FlopCount's other two rates."""
+    def update(self, step: int, samples: int, tokens: int, supervised_tokens: int = 0, image_tokens: int = 0,
+               images: int = 0) -> dict[str, float]:
+        """Add one step; ``supervised_tokens``, ``image_tokens`` and ``images`` feed the FlopCount's other rates."""
         self.samples += samples
         self.tokens += tokens
-        self.flops_done += self.flops.step(tokens, supervised_tokens, image_tokens)
-        self.history.append((time.perf_counter(), step, self.samples, self.tokens, self.flops_done))
+        self.flops_done += self.flops.step(tokens, supervised_tokens, image_tokens, images)
+        now = time.perf_counter()
+        if step < self.steady_from:  # warm-up: the steady window starts after this step
+            self.history = [(now, step, self.samples, self.tokens, self.flops_done)]
+            per_step = (now - self.started) / max(step - self.start_step, 1)
+            return {"eta_s": max(self.total_steps - step, 0) * per_step}
+        self.history.append((now, step, self.samples, self.tokens, self.flops_done))
         self.history = self.history[-(self.window + 1):]
         t0, s0, n0, k0, f0 = self.history[0]
         t1, s1, n1, k1, f1 = self.history[-1]
@@ -171,6 +234,8 @@ class Throughput:
             "tokens_per_s": tokens_per_s,
             "mfu": flops_per_s / self.peak if self.peak > 0 else 0.0,
             "eta_s": remaining / steps_per_s if steps_per_s > 0 else float("inf"),
+            "mfu_steady_from_step": self.steady_from,
+            "throughput_window_steps": s1 - s0,
         }
 
 

@@ -4,14 +4,24 @@ Kept apart from the loop (``mmdist.training.loop``) so the benchmarks time the v
 function training runs, and tests drive it on a bare engine. What a batch counts
 comes from the model (``batch_counts``, mmdist.models.contract), not from the
 batch's key names. A micro-batch whose loss is NaN/inf on any rank is dropped on
-every rank before the backward pass and the next batch takes its place.
+every rank before the backward pass and the next batch takes its place. Running
+out of device memory raises :class:`StepOutOfMemoryError`, which says at which step
+and micro-batch (the loop adds what to change).
+
+With ``MMDIST_STEP_PHASES=1`` in the environment (read once, at import) the step
+times its phases (``phases``, a :class:`PhaseTimer`): data wait, host-to-device copy,
+forward, backward, optimizer, host syncs; on a GPU each phase ends with a
+synchronize, so the breakdown is exact but the step slower. Off, it costs nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -19,11 +29,65 @@ import torch
 from mmdist.models.contract import BatchCounts, TrainableModel
 from mmdist.training import dist
 
-__all__ = ["Batches", "NonFiniteLossError", "TrainState", "float_dtype", "to_device", "train_step"]
+__all__ = ["Batches", "NonFiniteLossError", "PhaseTimer", "StepOutOfMemoryError", "TrainState", "float_dtype", "phases",
+           "to_device", "train_step"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many NaN/inf losses in a row: the run cannot continue meaningfully."""
+
+
+class StepOutOfMemoryError(RuntimeError):
+    """The device ran out of memory during a step: which step and micro-batch, and the device's memory then."""
+
+    def __init__(self, step: int, micro_batch: int, accumulation: int, phase: str, memory: str):
+        self.step, self.micro_batch, self.accumulation, self.phase, self.memory = step, micro_batch, accumulation, phase, memory
+        super().__init__(f"out of memory at step {step}, micro-batch {micro_batch} of {accumulation}, in the {phase}: {memory}")
+
+
+def memory_summary(device: Any) -> str:
+    """The device, and its allocated / reserved / total memory (GiB) where torch counts them."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available():
+        gib = 2**30
+        total = torch.cuda.get_device_properties(device).total_memory
+        return (f"{torch.cuda.get_device_name(device)} ({device}) allocated {torch.cuda.memory_allocated(device) / gib:.2f} GiB, "
+                f"reserved {torch.cuda.memory_reserved(device) / gib:.2f} GiB, total {total / gib:.2f} GiB")
+    return f"{device} (torch keeps no allocated/reserved counters for this device)"
+
+
+@dataclass
+class PhaseTimer:
+    """Wall-clock seconds per named phase of the steps (``take()`` returns and clears them); a no-op when off."""
+
+    enabled: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+    device: Any = None
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if not self.enabled:
+            yield
+            return
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device is not None and torch.device(self.device).type == "cuda":
+                torch.cuda.synchronize(self.device)  # the phase's kernels belong to it, not to the next one
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t
+
+    def add(self, name: str, seconds: float) -> None:
+        if self.enabled:
+            self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    def take(self) -> dict[str, float]:
+        out, self.seconds = self.seconds, {}
+        return out
+
+
+#: The trainer's phase timer (on with MMDIST_STEP_PHASES=1); benchmarks/gpu_system.py reads its breakdown.
+phases = PhaseTimer(enabled=os.environ.get("MMDIST_STEP_PHASES", "") == "1")
 
 
 @dataclass
@@ -91,9 +155,12 @@ def train_step(
     model: TrainableModel = engine.module
     stats = _StepStats()
 
+    phases.device = engine.device
+
     def draw() -> tuple[dict, BatchCounts]:
         try:
-            batch = next(micro_batches)
+            with phases.phase("data_wait"):
+                batch = next(micro_batches)
         except StopIteration:
             raise RuntimeError(
                 f"the micro-batches ran out after {stats.micro} of the {accumulation} of step {state.step + 1} "
@@ -105,15 +172,34 @@ def train_step(
     weight = None  # per loss term, so that the engine's mean over micro-batches and ranks is the mean over every term
     if drawn[0][1].loss_terms is not None:
         drawn += [draw() for _ in range(accumulation - 1)]
-        terms = dist.all_reduce([sum(counts.loss_terms or 0 for _, counts in drawn)], engine.device)[0]
+        with phases.phase("host_sync"):
+            terms = dist.all_reduce([sum(counts.loss_terms or 0 for _, counts in drawn)], engine.device)[0]
         weight = accumulation * dist.world_size() / max(terms, 1)
     while stats.micro < accumulation:
         batch, counts = drawn.pop(0) if drawn else draw()
         if fingerprint:
             stats.fingerprints.append(_fingerprint(batch))
-        out = engine(to_device(batch, engine.device, half))
-        loss = out["loss"]
-        if not _finite_everywhere(loss, engine.device):
+        where = "host-to-device copy"
+        try:
+            with phases.phase("to_device"):
+                batch = to_device(batch, engine.device, half)
+            where = "forward"
+            with phases.phase("forward"):
+                out = engine(batch)
+            loss = out["loss"]
+            where = "non-finite check"
+            with phases.phase("host_sync"):
+                finite = _finite_everywhere(loss, engine.device)
+            if finite:
+                where = "backward"
+                with phases.phase("backward"):
+                    engine.backward(loss if weight is None else loss * out["num_tokens"] * weight)
+                where = "optimizer step"
+                with phases.phase("optimizer"):
+                    engine.step()
+        except torch.OutOfMemoryError as exc:  # the memory figures are those at the failure
+            raise StepOutOfMemoryError(state.step + 1, stats.micro + 1, accumulation, where, memory_summary(engine.device)) from exc
+        if not finite:
             # dropped before backward on every rank: no gradient, no optimizer update
             state.nonfinite_in_row += 1
             state.nonfinite_total += 1
@@ -126,13 +212,13 @@ def train_step(
                     "engine.precision=bf16/fp32"
                 )
             continue
-        engine.backward(loss if weight is None else loss * out["num_tokens"] * weight)
-        engine.step()
-        stats.add(loss, counts, out, weighted=weight is not None)
+        with phases.phase("host_sync"):
+            stats.add(loss, counts, out, weighted=weight is not None)
 
     state.step += 1
     state.nonfinite_in_row = 0
-    record = stats.reduce(engine.device)
+    with phases.phase("host_sync"):
+        record = stats.reduce(engine.device)
     state.samples += record["step_samples"]
     state.tokens += record["step_tokens"]
     grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
@@ -140,6 +226,8 @@ def train_step(
         record["grad_norm"] = float(grad_norm)
     if fingerprint:
         record["data"] = _gathered_fingerprint(stats.fingerprints)
+    if phases.enabled:
+        record.update({f"phase_{name}_s": seconds for name, seconds in phases.take().items()})
     return record
 
 
@@ -149,7 +237,7 @@ class _StepStats:
     def __init__(self) -> None:
         self.micro, self.loss, self.samples, self.tokens = 0, 0.0, 0, 0
         self.term_loss, self.terms = 0.0, 0  # loss x terms and terms, of micro-batches weighted by their loss terms
-        self.supervised, self.image_tokens = 0, 0
+        self.supervised, self.image_tokens, self.images = 0, 0, 0
         self.metrics: dict[str, float] = {}
         self.fingerprints: list[str] = []
 
@@ -163,6 +251,7 @@ class _StepStats:
         self.tokens += counts.tokens
         self.supervised += counts.supervised_tokens
         self.image_tokens += counts.image_tokens
+        self.images += counts.images
         for key, value in (out.get("metrics") or {}).items():
             self.metrics[key] = self.metrics.get(key, 0.0) + float(value)
 
@@ -171,12 +260,12 @@ class _StepStats:
         the mean model metrics over every rank's micro-batches, global samples and tokens."""
         keys = sorted(self.metrics)  # the same model on every rank reports the same keys
         total = dist.all_reduce([self.loss, self.micro, self.samples, self.tokens, self.supervised, self.image_tokens,
-                                 self.term_loss, self.terms] + [self.metrics[k] for k in keys], device)
+                                 self.term_loss, self.terms, self.images] + [self.metrics[k] for k in keys], device)
         count = max(total[1], 1)
         loss = total[6] / total[7] if total[7] > 0 else total[0] / count
         out = {"loss": loss, "step_samples": int(total[2]), "step_tokens": int(total[3]),
-               "step_supervised_tokens": int(total[4]), "step_image_tokens": int(total[5])}
-        out.update({k: v / count for k, v in zip(keys, total[8:])})
+               "step_supervised_tokens": int(total[4]), "step_image_tokens": int(total[5]), "step_images": int(total[8])}
+        out.update({k: v / count for k, v in zip(keys, total[9:])})
         return out
 
 

@@ -66,3 +66,17 @@ def test_union_bytes_counts_overlapping_views_once():
     assert union_bytes([a, b, other]) == (100 + 10) * 4
     assert union_bytes([flat], exclude=[b]) == 40 * 4
 
+
+
+def test_bare_benchmark_counts_flops_like_the_trainer():
+    """gpu_throughput's MFU is the trainer's count (metrics.flop_count), per step, over its batches."""
+    import gpu_throughput
+
+    from mmdist.training.metrics import flop_count
+
+    res = gpu_throughput.run(tiny=True, steps=1, warmup=0, micro_batch=2, seq_len=64)
+    model, _ = gpu_throughput.build(True, torch.device("cpu"), "fp32", True)
+    batch = gpu_throughput.make_batch(model, 2, 64, torch.device("cpu"), torch.Generator().manual_seed(0))
+    c = model.batch_counts(batch)
+    assert res["flops_per_step"] == pytest.approx(flop_count(model, "fuse").step(c.tokens, c.supervised_tokens, c.image_tokens))
+    assert res["mfu_4n"] == pytest.approx(res["flops_per_step"] / res["step_s"] / res["peak_flops"])

@@ -12,7 +12,9 @@ Also a worker entry point: ``python tests/helpers/trainer_toy.py CONFIG_JSON OUT
 rank to OUT_JSON.rankN. The spec's test hooks (never product features): ``signal``
 ``{"rank": R, "batch": B}`` makes rank R send itself SIGUSR1 when it draws its B-th
 micro-batch (0-based), as Slurm's warning signal would; ``stall`` ``{"rank": R, "batch": B,
-"seconds": S}`` makes rank R sleep S seconds there, as a stuck rank would.
+"seconds": S}`` makes rank R sleep S seconds there, as a stuck rank would; ``oom`` ``{"rank": R,
+"batch": B}`` makes the model's forward on that micro-batch raise ``torch.OutOfMemoryError``, as
+a GPU out of memory would.
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ class ToyModel(nn.Module):
         loss = ((pred - batch["y"]) ** 2).mean()
         if "poison" in batch and bool(batch["poison"].any()):
             loss = loss * float("nan")
+        if "oom" in batch:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB (injected by the toy model)")
         return {"loss": loss, "metrics": {"mse": loss.detach()}, "num_tokens": torch.tensor(batch["x"].shape[0])}
 
     def parts(self) -> list[Part]:
@@ -126,6 +130,8 @@ class ToyLoader:
             batch = {"x": torch.stack(xs), "y": torch.stack(ys), "index": torch.arange(start, start + self.micro)}
             if b in self.poison:
                 batch["poison"] = torch.ones(1)
+            if "oom" in self.hooks and int(self.hooks["oom"]["batch"]) == b:
+                batch["oom"] = torch.ones(1)
             yield batch
 
     def _run_hooks(self, b: int) -> None:

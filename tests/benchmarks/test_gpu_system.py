@@ -1,0 +1,74 @@
+"""benchmarks/gpu_system.py at its tiny CPU shape: the real trainer and the bare model side by side.
+
+Asserts the printed fields, the ratio's arithmetic, that both sides processed the
+same real tokens and images over the same steady steps, and that the trainer's own
+metrics.jsonl figure (the bar's) is the benchmark's.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PRINTED = ["device", "steady_steps", "real_tokens", "images", "tokens_per_s", "ratio", "mfu", "hfu", "trainer_reported",
+           "peak_memory_gib", "step_s"]
+PHASES = ["data_wait", "to_device", "vision", "llm_forward", "backward", "optimizer", "host_sync", "logging", "other"]
+
+
+@pytest.fixture(scope="module")
+def tiny_result(tmp_path_factory):
+    pytest.importorskip("sklearn")  # the demo digits
+    folder = tmp_path_factory.mktemp("gpu_system")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_system.py"), "--tiny", "--steps", "3", "--workdir", str(folder),
+         "--json", str(folder / "result.json")],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads((folder / "result.json").read_text()), folder
+
+
+def test_prints_every_field_and_the_breakdown(tiny_result):
+    stdout, res, _ = tiny_result
+    printed = {line.split()[0] for line in stdout.splitlines() if line.strip() and not line.startswith("|")}
+    for field in PRINTED:
+        assert field in printed, f"{field} missing from:\n{stdout}"
+    table = {line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| ")}
+    assert set(PHASES) <= table, stdout
+    assert res["device"] == "cpu" and res["warmup_steps"] == 1
+
+
+def test_both_sides_processed_the_same_real_tokens(tiny_result):
+    _, res, folder = tiny_result
+    t, b = res["trainer"], res["bare"]
+    assert t["steps"] == b["steps"] == 2  # 3 steps, the first left out
+    assert t["real_tokens"] == b["real_tokens"] > 0 and t["images"] == b["images"] > 0
+    records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in records if r["split"] == "train" and r["step"] > 1]
+    assert t["real_tokens"] == sum(r["step_tokens"] for r in steady)  # the packed batches' own count
+    assert max(r["step_tokens"] for r in steady) <= 2 * 128  # packed rows of max_len
+
+
+def test_ratio_and_rates_add_up(tiny_result):
+    _, res, _ = tiny_result
+    t, b = res["trainer"], res["bare"]
+    assert res["ratio"] == pytest.approx(t["tokens_per_s"] / b["tokens_per_s"], rel=1e-9)
+    for side in (t, b):
+        assert side["tokens_per_s"] == pytest.approx(side["real_tokens"] / (side["step_s"] * side["steps"]), rel=1e-9)
+        assert 0 < side["mfu"] < side["hfu"] <= 1.0  # checkpointing recomputes: HFU above MFU
+        assert sum(side["breakdown_s"][k] for k in PHASES) == pytest.approx(side["step_s"], rel=1e-6)
+        assert side["breakdown_s"]["vision"] > 0 and side["breakdown_s"]["backward"] > 0
+    # the bar's figure is the benchmark's: the same steady window and the same FLOP count
+    assert t["reported_tokens_per_s"] == pytest.approx(t["tokens_per_s"], rel=0.02)
+    assert t["reported_mfu"] == pytest.approx(t["mfu"], rel=0.02)
+    assert t["reported_mfu_steady_from_step"] == 2
+    # ZeRO-3's fetch/release hooks run inside the trainer's forward and backward only
+    assert 0 < t["breakdown_s"]["zero3_fetch_release"] < t["breakdown_s"]["llm_forward"] + t["breakdown_s"]["backward"] + \
+        t["breakdown_s"]["vision"]
+    assert b["breakdown_s"]["zero3_fetch_release"] == 0
