@@ -20,4 +20,5 @@ def test_tiny_run_reports_both_contenders_and_the_pixel_check(tmp_path):
     assert check["samples"] == 12 and check["mean_levels"] <= 1.5, check  # reduced-scale decode included
     assert "flags" in report["machine"]
     h100 = report["cores_per_gpu"]["H100 SXM"]
-    assert h100["cores_per_gpu"] == round(h100["images_per_s_per_gpu"] / row["mmdist_per_core"], 1)
+    # both figures are rounded from the same unrounded rate: equal to within the rounding
+    assert abs(h100["cores_per_gpu"] - h100["images_per_s_per_gpu"] / row["mmdist_per_core"]) <= 0.1
