@@ -21,6 +21,7 @@ from mmdist.atomic import write_text_atomic
 from mmdist.config.recipes import recipe_path
 from mmdist.data.settings import DataConfig
 from mmdist.models import qwen1
+from mmdist.models.quantize import quantization_problems
 from mmdist.models.settings import ModelConfig
 from mmdist.settings import ConfigError, Problem, SettingsBase, from_dict, setting, to_dict
 from mmdist.training.settings import CheckpointConfig, EngineConfig, LogConfig, TrainConfig
@@ -58,6 +59,7 @@ class RunConfig(SettingsBase):
             out.append(("model.connector.stage1_weights", "a Q-Former must be trained in stage 1 first; give the stage-1 export folder"))
         if not self.data.train:
             out.append(("data.train", "needs at least one source (shards)"))
+        out += quantization_problems(self)
         if self.stage == "fuse" and llm.name_or_path and not llm.gguf_file:
             # Local folders and cached/known hub configs only: validation never reaches the network.
             problem = qwen1.qwen1_max_len_problem(llm.name_or_path, self.data.max_len)
