@@ -44,6 +44,7 @@ from typing import Any, Optional
 
 from mmdist.config.run import RunConfig, load_config
 from mmdist.models import qwen1
+from mmdist.models.quantize import plan_lines
 from mmdist.settings import ConfigError
 
 GiB = 1024**3
@@ -665,6 +666,8 @@ def cli_main(argv: Sequence[str]) -> int:
     if auto_note:
         print(auto_note)
     print(format_plan(cfg, shapes, estimates, world, budget, ds))
+    for line in plan_lines(cfg, shapes, estimates, budget):  # quantized frozen bytes, or the quantization that fits
+        print(line)
     if not cfg.data.feature_cache:
         print("\n".join(input_line(shapes, args.gpu, args.gpus_per_node, args.cpus_per_node, args.images_per_core)))
     return 0

@@ -184,3 +184,28 @@ def test_vision_tower_quantizes_too():
     model = build_model(tiny_run_config("fuse", "model.vision.quantize=int8").model, stage="fuse")
     assert any(quantized_kind(t) == "int8" for _, t in quantized_tensors(model.vision))
     assert model.encode_images(torch.randn(1, 3, 16, 16)).shape[0] == 1
+
+
+# ---------------------------------------------------------------------------
+# the planner
+
+
+def test_plan_counts_quantized_frozen_bytes_and_says_what_fits(capsys):
+    from mmdist import plan
+
+    recipe_path = str(RECIPES / "fuse.yaml")
+    args = ["--config", recipe_path, "--no-deepspeed", "--gpus", "1", "--gpu-memory", "40GB", "engine.zero_stage=2"]
+    assert plan.cli_main(args) == 0
+    assert "with model.llm.quantize=int8" in capsys.readouterr().out  # 14B bf16 does not fit 40 GB at ZeRO 0-2
+    assert plan.cli_main([*args, "model.llm.quantize=nf4"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if ln.startswith("quantized: model.llm.quantize=nf4"))
+    ratio = float(line.split("(")[1].split("x)")[0])
+    assert 0.3 < ratio <= 0.36 and "fits at" in out  # 0.5 byte + absmax per 64 on the linears, embeddings kept
+
+
+def test_planned_bytes_per_param():
+    from mmdist.models.quantize import planned_bytes_per_param
+
+    assert planned_bytes_per_param("int8") == pytest.approx(1.0039, abs=1e-3)
+    assert planned_bytes_per_param("nf4") == pytest.approx(0.5625)
