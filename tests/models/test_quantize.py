@@ -184,6 +184,7 @@ def test_vision_tower_quantizes_too():
     model = build_model(tiny_run_config("fuse", "model.vision.quantize=int8").model, stage="fuse")
     assert any(quantized_kind(t) == "int8" for _, t in quantized_tensors(model.vision))
     assert model.encode_images(torch.randn(1, 3, 16, 16)).shape[0] == 1
+    assert model.processors.identity["quantize"] == "int8"  # a feature cache of the unquantized tower is not reused
 
 
 # ---------------------------------------------------------------------------
