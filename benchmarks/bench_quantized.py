@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 r["step_x"] = r["step_s"] / base["step_s"]
             r["frozen_mb"] = r["frozen_bytes"] / 2**20
             rows.append(r)
-            print(f"  {which} {method}: done", flush=True)
+            print(f"  {which} {method}: " + json.dumps({k: v for k, v in r.items() if k != "continuations"}), flush=True)
     columns = ["model", "method", "llm_dtype", "frozen_mb", "bytes_x", "step_s", "step_x", "step_peak_mb", "rss_mb",
                "gen_tok_s", "agree_%", "prefix"]
     print(format_table(rows, columns))

@@ -57,6 +57,8 @@ _ONCE = _Once()
 BACKENDS = ("bitsandbytes", "torchao")
 EXTRA = "pip install 'mmdist[quant]' (bitsandbytes and torchao, see constraints.txt)"
 NF4_BLOCK = 64
+# LLM.int8's outlier threshold: input features with a magnitude above it take a 16-bit matmul (HF's default too).
+INT8_THRESHOLD = 6.0
 # Modules left unquantized: the output head (often tied to the embeddings) and anything named like it.
 SKIP_NAMES = ("lm_head",)
 
@@ -166,7 +168,8 @@ def _bnb_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype, devi
     bias = linear.bias is not None
     weight = linear.weight.data.to(torch.float16 if method == "int8" else compute_dtype)
     if method == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False, threshold=0.0)
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
+                                     threshold=INT8_THRESHOLD)
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=compute_dtype,
