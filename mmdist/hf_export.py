@@ -28,11 +28,12 @@ from typing import Any, Optional
 
 import torch
 
+from mmdist.config.quantization import hf_export_problem
 from mmdist.data.preprocess import resolve_template
 from mmdist.export import read_export, resolve_fused_export, write_export
 from mmdist.generate import prompt_ids
 from mmdist.hardware import default_device
-from mmdist.materialize import load_inference_model
+from mmdist.materialize import load_inference_model, manifest_config
 from mmdist.models.vision import HF_HAS_CLS
 from mmdist.precision import precision_lines
 
@@ -347,17 +348,23 @@ def check_hf_exportable(folder: str) -> tuple[FoldedProjector, FeatureSelection,
     return fold_chain(connector_chain(state, manifest), llm_dim), selection, manifest
 
 
-def export_hf(run: str | Path, out: str | Path, overrides: Optional[list[str]] = None) -> Path:
+def export_hf(run: str | Path, out: str | Path, overrides: Optional[list[str]] = None, dequantize: bool = False) -> Path:
     """Write the stage-2 model of ``run`` as a LlavaForConditionalGeneration folder + LlavaProcessor into ``out``.
 
     The folder is written beside ``out`` first and its processor is checked against mmdist's own
-    image transform and prompt rendering before it is moved into place.
+    image transform and prompt rendering before it is moved into place. A run trained through a
+    quantized LLM is refused unless ``dequantize`` (the folder then holds the full-precision LLM).
     """
     from huggingface_hub import save_torch_state_dict
     from transformers import LlavaProcessor
 
     folder = resolve_fused_export(run)
     projector, _, manifest = check_hf_exportable(str(folder))  # fails fast, before the LLM loads
+    problem = hf_export_problem(manifest_config(folder, manifest), dequantize)
+    if problem:
+        raise ExportRefused(problem)
+    # The folder holds the LLM's full-precision weights: load it unquantized.
+    overrides = [*(overrides or []), "model.llm.quantize=none", "model.vision.quantize=none"]
     model = load_inference_model(folder, overrides, default_device())
     for line in precision_lines(model.precision):
         if line.startswith("warning:"):

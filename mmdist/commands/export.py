@@ -17,11 +17,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder to write (must be new or empty for --format hf)")
     parser.add_argument("--format", choices=("mmdist", "hf"), default="mmdist",
                         help="mmdist: today's export (resume, hand-off); hf: LlavaForConditionalGeneration + LlavaProcessor")
+    parser.add_argument("--dequantize", action="store_true",
+                        help="--format hf of a run trained through a quantized LLM: write the LLM's full-precision weights")
     parser.add_argument("overrides", nargs="*", help="--format hf: dotted overrides of the stored config, e.g. model.llm.dtype=fp32")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         if args.format == "hf":
-            written = export_hf(args.run, args.out, args.overrides)
+            written = export_hf(args.run, args.out, args.overrides, dequantize=args.dequantize)
         else:
             written = export_mmdist(args.run, args.out)
     except (ExportRefused, FileNotFoundError, FileExistsError) as exc:

@@ -18,6 +18,7 @@ from mmdist.plan import (
     resolve_auto_for_gpu,
 )
 from mmdist.plan.auto import ZERO0_HALF_PRECISION, auto_candidates
+from mmdist.plan.quantized import plan_lines
 from mmdist.plan.speed import choose, step_inputs
 from mmdist.settings import ConfigError
 from mmdist.step_time import interconnect_for, scaling_table
@@ -61,6 +62,8 @@ def main(argv: Sequence[str]) -> int:
     if auto_note:
         print(auto_note)
     print(format_plan(cfg, shapes, estimates, world, budget, ds, fastest if fastest.fits else None))
+    for line in plan_lines(cfg, shapes, estimates, budget):  # quantized frozen bytes, or the quantization that fits
+        print(line)
     if half:
         print(f"  (not recommended: {ZERO0_HALF_PRECISION})")
     auto_settings = {s.label for s in auto_candidates(cfg, cfg.engine.precision)}

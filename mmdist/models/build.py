@@ -61,7 +61,8 @@ def _build_align(settings: ModelConfig, vision: VisionTower, transform: ImageTra
 
 def _identity(settings: ModelConfig) -> dict:
     v = settings.vision
-    return {"vision": vision_fingerprint(v), "select_layer": v.select_layer, "select_tokens": v.select_tokens}
+    quantized = {"quantize": v.quantize} if v.quantize != "none" else {}  # a quantized tower's features differ
+    return {"vision": vision_fingerprint(v), "select_layer": v.select_layer, "select_tokens": v.select_tokens, **quantized}
 
 
 def _build_fused(settings: ModelConfig, vision: VisionTower, transform: ImageTransform, template: str, uses_feature_cache: bool,

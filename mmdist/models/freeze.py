@@ -6,6 +6,8 @@ dtype) and calls :func:`apply_policy`. Frozen parts get ``requires_grad=False``,
 master weights. :class:`FrozenAwareModule` keeps frozen parts in eval mode when
 the wrapper is put into train mode (dropout off, no BatchNorm statistics
 updates), because an engine calls ``model.train()`` on the whole tree.
+A quantized frozen part (mmdist/models/quantize.py) keeps its int8/nf4 weights through
+the cast (only floating tensors are cast) and shows as int8/nf4 in the table.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ def torch_dtype(name: str) -> torch.dtype:
         return DTYPES[name]
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}") from None
+
+
+def quantized_kind(param: torch.Tensor) -> Optional[str]:
+    """'int8' / 'nf4' for a weight quantized by mmdist/models/quantize.py (either backend, judged by its type), else None."""
+    kinds = {"Int8Params": "int8", "Params4bit": "nf4", "Int8Tensor": "int8", "NF4Tensor": "nf4"}
+    return kinds.get(type(param).__name__) or kinds.get(type(getattr(param, "data", param)).__name__)
 
 
 @dataclass
@@ -90,10 +98,13 @@ class FrozenAwareModule(nn.Module):
 
 def _dtype_name(dtypes: set) -> str:
     names = {v: k for k, v in DTYPES.items()}
-    return "/".join(sorted(names.get(d, str(d).replace("torch.", "")) for d in dtypes)) or "-"
+    return "/".join(sorted(d if isinstance(d, str) else names.get(d, str(d).replace("torch.", "")) for d in dtypes)) or "-"
 
 
 def _numel(p: torch.Tensor) -> int:
+    state = getattr(p, "quant_state", None)  # bitsandbytes 4-bit: the packed tensor holds two weights per byte
+    if state is not None and getattr(state, "shape", None) is not None:
+        return int(torch.Size(state.shape).numel())
     return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3: the full count, not the local partition
 
 
@@ -114,7 +125,12 @@ def param_table(model: nn.Module) -> str:
             seen.add(id(p))
             n += _numel(p)
             t += _numel(p) if p.requires_grad else 0
-            dtypes.add(p.dtype)
+            dtypes.add(quantized_kind(p) or p.dtype)
+        for b in child.buffers():  # torchao's quantized weights are buffers (mmdist.models.quantize.TorchaoLinear)
+            if quantized_kind(b) and id(b) not in seen:
+                seen.add(id(b))
+                n += b.numel()
+                dtypes.add(quantized_kind(b))
         total += n
         trainable_total += t
         rows.append((name, f"{n:,}", f"{t:,}", _dtype_name(dtypes), "train" if child.training else "eval"))

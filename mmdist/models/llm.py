@@ -25,6 +25,10 @@ logger = logging.getLogger(__name__)
 
 Dtype = Literal["auto", "fp32", "bf16", "fp16"]
 """``auto``: chosen from the hardware at start-up (mmdist.precision.resolve_precision), with the reason printed."""
+Quantize = Literal["none", "int8", "nf4"]
+"""Weight-only quantization of a frozen part (mmdist/models/quantize.py): int8 (1 byte/weight) or nf4 (4 bits)."""
+QuantizeBackend = Literal["auto", "bitsandbytes", "torchao"]
+"""``auto``: bitsandbytes where installed (QLoRA works on it), else torchao; the choice is logged."""
 
 
 @dataclass
@@ -61,6 +65,8 @@ class LLMConfig(SettingsBase):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting("sdpa", "attention kernel passed to from_pretrained")
     gradient_checkpointing: bool = setting(False, "recompute the LLM's activations in backward (inputs_embeds carry the grad)")
     image_token: str = setting("<image>", "placeholder token added to the tokenizer; each one expands to the image's tokens (with a Qwen1 tokenizer the default becomes its reserved <|extra_0|>, so the vocabulary never grows)")
+    quantize: Quantize = setting("none", "quantize the frozen LLM's linear layers after loading: none, int8 or nf4 (needs the extra mmdist[quant]); computes in dtype")
+    quantize_backend: QuantizeBackend = setting("auto", "library that quantizes: auto (bitsandbytes if installed, else torchao; logged), bitsandbytes or torchao")
     lora: LoRAConfig = setting(doc="LoRA adapters (stage 2)", factory=LoRAConfig)
 
     def check(self) -> list[tuple[str, str]]:
@@ -179,11 +185,25 @@ def _converted(folder: str, gguf: str) -> tuple[str, Optional[str]]:
 
 
 def load_llm(cfg: LLMConfig, gather: Gather = null_gather) -> Any:
-    """The causal LM of ``cfg`` in its configured dtype (not yet frozen: see mmdist.models.freeze).
+    """The causal LM of ``cfg`` in its configured dtype, quantized when ``cfg.quantize`` says so (not yet
+    frozen: see mmdist.models.freeze).
 
     ``gather`` is the engine's hook (mmdist.models.gather): under ZeRO-3 a GGUF is
     loaded tensor by tensor into the partitioned model (:func:`load_gguf_streamed`).
+    Quantization (mmdist/models/quantize.py) replaces the linear layers of the loaded
+    model, so it works the same for a hub model, a GGUF, Qwen1 and ``init_config``;
+    the run config refuses it under ZeRO-3.
     """
+    model = _load_llm_weights(cfg, gather)
+    if cfg.quantize != "none":
+        from mmdist.models.quantize import quantize_part
+
+        quantize_part(model, cfg, "model.llm")
+    return model
+
+
+def _load_llm_weights(cfg: LLMConfig, gather: Gather) -> Any:
+    """The causal LM of ``cfg`` in its configured dtype, as stored."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from mmdist.models.freeze import torch_dtype

@@ -57,10 +57,15 @@ def lora_layers(llm: torch.nn.Module) -> list[tuple[str, Any]]:
 
 @torch.no_grad()
 def merged_lora_weights(llm: torch.nn.Module, prefix: str = "llm.") -> dict[str, torch.Tensor]:
-    """{plain weight name: W + delta} for every adapted layer, in the base weight's dtype."""
+    """{plain weight name: W + delta} for every adapted layer, in the base weight's dtype (a quantized base:
+    dequantized, in the LoRA's dtype)."""
+    from mmdist.models.quantize import dequantized_weight
+
     out = {}
     for name, module in lora_layers(llm):
-        base = module.get_base_layer().weight
+        layer = module.get_base_layer()
+        base = dequantized_weight(layer)
+        dtype = base.dtype if base.is_floating_point() else torch.float32
         delta = module.get_delta_weight(ADAPTER)
-        out[f"{prefix}{name}.weight"] = (base.float() + delta.float()).to(base.dtype).detach().cpu()
+        out[f"{prefix}{name}.weight"] = (base.float() + delta.float()).to(dtype).detach().cpu()
     return out

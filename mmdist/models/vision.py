@@ -18,8 +18,9 @@ import torch
 
 from mmdist import console
 from mmdist.models.gather import Gather, null_gather
-from mmdist.models.llm import Dtype
+from mmdist.models.llm import Dtype, Quantize, QuantizeBackend
 from mmdist.models.processors import ImageTransform
+from mmdist.models.quantize import quantize_part
 from mmdist.models.seeded import build_seeded
 from mmdist.settings import SettingsBase, setting
 
@@ -48,6 +49,8 @@ class VisionConfig(SettingsBase):
     pad_to_square: bool = setting(False, "pad images to a square with the mean colour before resizing (LLaVA-1.5)")
     dtype: Dtype = setting("auto", "dtype of the frozen weights; auto: bf16 where the device computes it natively, fp16 on GPUs without bf16, else fp32")
     freeze: bool = setting(True, "freeze the encoder (forward only, no optimizer state)")
+    quantize: Quantize = setting("none", "quantize the frozen encoder's linear layers after loading: none, int8 or nf4 (needs the extra mmdist[quant])")
+    quantize_backend: QuantizeBackend = setting("auto", "library that quantizes: auto (bitsandbytes if installed, else torchao; logged), bitsandbytes or torchao")
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -284,6 +287,7 @@ class VisionTower(torch.nn.Module):
                                                         allow_partial=cfg.allow_partial_load)
         else:
             self.load_report = {}
+        quantize_part(self.model, cfg, "model.vision")
         known = self._shape_from_config() if cfg.source == "hf" else None
         if known is not None:
             self.num_tokens, width = known

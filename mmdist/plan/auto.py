@@ -63,10 +63,12 @@ def auto_candidates(cfg: RunConfig, precision: Optional[str] = None) -> list[Set
     eng = cfg.engine
     if eng.offload_params:
         return [Setting(3, True, True)]
+    quantized = any(str(getattr(part, "quantize", "none")) != "none" for part in (cfg.model.llm, cfg.model.vision))
+    stages = (1, 2) if quantized else (1, 2, 3)  # ZeRO-3 cannot partition quantized weights (mmdist.config.quantization)
     if eng.offload_optimizer:
-        return [Setting(z, True) for z in (1, 2, 3)]
+        return [Setting(z, True) for z in stages]
     half = (precision or eng.precision) in ("bf16", "fp16")
-    return [Setting(z) for z in ((1, 2, 3) if half else (0, 1, 2, 3))]
+    return [Setting(z) for z in (stages if half else (0, *stages))]
 
 
 def _planned_precision(cfg: RunConfig, device: str) -> RunConfig:

@@ -1,0 +1,286 @@
+"""Weight-only quantization of a frozen backbone (int8 or nf4), through bitsandbytes or torchao.
+
+``model.llm.quantize`` / ``model.vision.quantize`` (``none | int8 | nf4``) replace
+the ``nn.Linear`` layers of a *frozen* part, after it is loaded and cast to its
+dtype, by quantized ones that compute in that dtype. Gradients still flow through
+them to the inputs (``inputs_embeds``, so the connector trains); the quantized
+weights have no gradient and never change. The output head and the embeddings stay
+as loaded (a tied head shares the embedding matrix, which the fused model reads).
+
+Backends: ``bitsandbytes`` (int8 = LLM.int8 weights with per-row scales, nf4 =
+4-bit NormalFloat in blocks of 64; peft puts LoRA on its layers, i.e. QLoRA) and
+``torchao`` (int8 weight-only, nf4 via its ``NF4Tensor``; peft takes no LoRA on
+these, so LoRA with torchao is refused). ``auto`` takes bitsandbytes where it
+imports (0.45+ runs on CPU as on CUDA), else torchao, and logs why. Both are the
+optional extra ``mmdist[quant]``, imported only when a part is quantized.
+
+Why quantized weights survive DeepSpeed: a bf16/fp16 engine casts only parameters
+whose dtype is floating point (``engine._cast_module_mixed_precision``), and
+``module.to(dtype)`` converts only floating tensors: bitsandbytes holds int8/uint8
+parameters (scales are attributes of the parameter, untouched), torchao's tensor
+subclasses keep their integer data and change only the nominal dtype. ZeRO-3 is
+refused: it would partition (flatten and split) the packed weights and their scales.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Iterable
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from mmdist.models.freeze import quantized_kind, torch_dtype
+
+log = logging.getLogger(__name__)
+
+
+class _Once(logging.Filter):
+    """Lets a repeated backend warning through once (bitsandbytes logs its fp16 cast of inputs on every int8 matmul)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        if text in self.seen:
+            return False
+        self.seen.add(text)
+        return True
+
+
+_ONCE = _Once()
+
+BACKENDS = ("bitsandbytes", "torchao")
+EXTRA = "pip install 'mmdist[quant]' (bitsandbytes and torchao, see constraints.txt)"
+NF4_BLOCK = 64
+# LLM.int8's outlier threshold: input features with a magnitude above it take a 16-bit matmul (HF's default too).
+INT8_THRESHOLD = 6.0
+# Modules left unquantized: the output head (often tied to the embeddings) and anything named like it.
+SKIP_NAMES = ("lm_head",)
+
+__all__ = ["quantize_part", "quantize_module", "resolve_backend", "quantized_bytes", "quantized_kind", "is_quantized"]
+
+
+# ---------------------------------------------------------------------------
+# backends
+
+
+def _importable(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def resolve_backend(method: str, backend: str, key: str, device: Any = "cpu") -> str:
+    """The concrete backend for ``method`` (logged with the reason for ``auto``); errors name ``key`` and the extra."""
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"{key}={backend!r}: use auto, bitsandbytes or torchao")
+        if not _importable(backend):
+            raise ValueError(f"{key}={backend} but {backend} is not installed; {EXTRA}")
+        return backend
+    device = torch.device(device)
+    if _importable("bitsandbytes"):
+        reason = (f"bitsandbytes is installed and runs {method} on {device.type} (LoRA on its layers works: QLoRA)")
+        chosen = "bitsandbytes"
+    elif _importable("torchao"):
+        reason = f"bitsandbytes is not installed; torchao runs {method} weight-only on {device.type} (no LoRA on it)"
+        chosen = "torchao"
+    else:
+        raise ValueError(f"{key.rsplit('.', 1)[0]}.quantize={method} needs bitsandbytes or torchao, neither is installed; {EXTRA}")
+    log.info("%s = %s (auto): %s", key, chosen, reason)
+    return chosen
+
+
+def _targets(module: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) for every nn.Linear not named in ``skip`` and not sharing the input embedding."""
+    skip = tuple(skip)
+    shared = set()
+    get_in = getattr(module, "get_input_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    if getattr(embedding, "weight", None) is not None:  # a ViT's "input embedding" is a conv without .weight
+        shared.add(id(embedding.weight))
+    out = []
+    for name, parent in module.named_modules():
+        for attr, child in parent.named_children():
+            full = f"{name}.{attr}" if name else attr
+            if type(child) is not nn.Linear or any(s in full.split(".") for s in skip):
+                continue
+            if id(child.weight) in shared:
+                continue
+            out.append((parent, attr, child))
+    return out
+
+
+def _bnb_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
+    import bitsandbytes as bnb
+
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_ONCE)
+
+    bias = linear.bias is not None
+    weight = linear.weight.data.to(torch.float16 if method == "int8" else compute_dtype)
+    if method == "int8":
+        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
+                                     threshold=INT8_THRESHOLD)
+        layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=compute_dtype,
+                                  quant_type="nf4", quant_storage=torch.uint8)
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=NF4_BLOCK)
+    if bias:
+        layer.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+    return layer.to(device)  # bitsandbytes quantizes on the move to the device
+
+
+class TorchaoLinear(nn.Module):
+    """A linear layer whose weight is a torchao tensor subclass (Int8Tensor or NF4Tensor, which implement F.linear
+    and its backward to the input), held as a non-persistent buffer.
+
+    Not a parameter: ``nn.Module.to`` swaps a subclass *parameter* with ``torch.utils.swap_tensors``, which fails
+    inside a DeepSpeed engine ("Cannot swap t1 because it has weakref associated with it"); a buffer is converted
+    in place, DeepSpeed casts no buffers unless told to, and checkpoints (trainable weights only) never see it.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        super().__init__()
+        self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight, self.bias)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> TorchaoLinear:
+        """Device moves apply; a dtype cast leaves the quantized weight as it is (NF4Tensor.to(dtype) dequantizes)."""
+        weight = self.weight
+        super()._apply(fn, recurse)
+        moved = self.weight
+        if type(moved) is not type(weight):
+            self._buffers["weight"] = weight.to(moved.device)
+        return self
+
+
+def _torchao_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype) -> nn.Module:
+    linear = linear.to(compute_dtype).requires_grad_(False)
+    bias = None if linear.bias is None else linear.bias.data
+    if method == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        holder = nn.Sequential(linear)
+        quantize_(holder, Int8WeightOnlyConfig())
+        return TorchaoLinear(holder[0].weight.data, bias)
+    from torchao.quantization import to_nf4
+
+    weight = linear.weight.data
+    if weight.numel() % NF4_BLOCK:
+        raise ValueError(f"nf4 through torchao needs weights whose size divides by {NF4_BLOCK}; got {tuple(weight.shape)}")
+    blocks = weight.numel() // NF4_BLOCK
+    return TorchaoLinear(to_nf4(weight, NF4_BLOCK, 256 if blocks % 256 == 0 else blocks), bias)
+
+
+def quantize_part(module: nn.Module, cfg: Any, section: str) -> nn.Module:
+    """Quantize a loaded frozen part as its settings (``cfg.quantize``, ``quantize_backend``, ``dtype``) say;
+    ``section`` is the settings prefix for messages (``model.llm``). A no-op for ``quantize: none``."""
+    if cfg.quantize == "none":
+        return module
+    backend = resolve_backend(cfg.quantize, cfg.quantize_backend, f"{section}.quantize_backend")
+    return quantize_module(module, cfg.quantize, backend, torch_dtype(cfg.dtype), key=f"{section}.quantize")
+
+
+def quantize_module(module: nn.Module, method: str, backend: str, compute_dtype: torch.dtype, *, key: str,
+                    device: Any = "cpu", skip: Iterable[str] = SKIP_NAMES) -> nn.Module:
+    """Replace ``module``'s linear layers in place by ``method`` ('int8' | 'nf4') ones of ``backend`` (after
+    :func:`resolve_backend`). ``key`` names the setting in errors. Returns ``module``."""
+    if method == "none":
+        return module
+    if method not in ("int8", "nf4"):
+        raise ValueError(f"{key}={method!r}: use none, int8 or nf4")
+    device = torch.device(device)
+    targets = _targets(module, skip)
+    if not targets:
+        raise ValueError(f"{key}={method}: the module has no nn.Linear layer to quantize")
+    for parent, attr, linear in targets:
+        if backend == "bitsandbytes":
+            layer = _bnb_linear(linear, method, compute_dtype, device)
+        else:
+            layer = _torchao_linear(linear, method, compute_dtype)
+        setattr(parent, attr, layer)
+    module.mmdist_quantized = (method, backend)
+    log.info("%s = %s through %s: %d linear layers", key, method, backend, len(targets))
+    return module
+
+
+# ---------------------------------------------------------------------------
+# inspection: which parameters are quantized, and their real bytes
+
+
+def dequantized_weight(layer: nn.Module) -> torch.Tensor:
+    """The full-precision weight [out, in] of a linear layer, quantized by either backend or not (a LoRA merge adds
+    its delta to this)."""
+    weight = layer.weight
+    kind = quantized_kind(weight)
+    if kind is None:
+        return weight.data
+    data = weight.data
+    if type(data).__name__ in ("Int8Tensor", "NF4Tensor"):
+        return data.dequantize() if hasattr(data, "dequantize") else data.get_original_weight()
+    if kind == "int8":  # LLM.int8: row-wise absmax scales
+        return data.float() * (weight.SCB.float()[:, None] / 127.0)
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(data, weight.quant_state)
+
+
+def quantized_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, weight) of every quantized weight: bitsandbytes parameters and torchao buffers."""
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    return [(n, t) for n, t in tensors if quantized_kind(t)]
+
+
+def is_quantized(module: nn.Module) -> bool:
+    return bool(quantized_tensors(module))
+
+
+def _tensor_bytes(t: Any) -> int:
+    if t is None or not isinstance(t, torch.Tensor):
+        return 0
+    flatten = getattr(type(t), "__tensor_flatten__", None)
+    if flatten is not None and type(t) is not torch.Tensor and not isinstance(t, nn.Parameter):
+        names, _ = t.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def _quant_state_bytes(state: Any) -> int:
+    if state is None:
+        return 0
+    total = _tensor_bytes(getattr(state, "absmax", None)) + _tensor_bytes(getattr(state, "code", None))
+    return total + _quant_state_bytes(getattr(state, "state2", None))
+
+
+def param_bytes(param: torch.Tensor) -> int:
+    """Bytes a parameter really holds: packed data plus its scales (bitsandbytes SCB / quant_state, torchao's inner tensors)."""
+    data = getattr(param, "data", param)
+    if type(data).__name__ in ("Int8Tensor", "NF4Tensor", "AffineQuantizedTensor"):
+        return _tensor_bytes(data)
+    total = int(getattr(param, "ds_numel", param.numel())) * param.element_size()
+    total += _tensor_bytes(getattr(param, "SCB", None))
+    return total + _quant_state_bytes(getattr(param, "quant_state", None))
+
+
+def quantized_bytes(module: nn.Module) -> int:
+    """All parameter and buffer bytes of ``module`` as held (shared tensors once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += param_bytes(p)
+    for b in module.buffers():
+        if id(b) not in seen:
+            seen.add(id(b))
+            total += param_bytes(b)
+    return total
+
