@@ -36,10 +36,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmdist.hardware import Resolved, default_device, resolve_dtype, resolve_engine_precision
 from mmdist.settings import ConfigError, Problem
+
+if TYPE_CHECKING:
+    from mmdist.config.run import RunConfig
 
 __all__ = ["PART_KEYS", "check_precision", "concrete", "frozen_parts", "precision_lines", "resolve_precision"]
 
@@ -48,12 +51,12 @@ PART_KEYS = {"llm": "model.llm.dtype", "vision": "model.vision.dtype", "text": "
 ENGINE_KEY = "engine.precision"
 
 
-def _built_parts(cfg: Any) -> tuple[str, ...]:
+def _built_parts(cfg: RunConfig) -> tuple[str, ...]:
     """The model sections the stage builds (stage 2 has no text encoder, stage 1 no LLM)."""
     return ("vision", "llm") if cfg.stage == "fuse" else ("vision", "text")
 
 
-def frozen_parts(cfg: Any) -> list[str]:
+def frozen_parts(cfg: RunConfig) -> list[str]:
     """The sections the stage builds frozen: their dtype is what runs (and what DeepSpeed may override)."""
     return [name for name in _built_parts(cfg) if getattr(cfg.model, name).freeze]
 
@@ -63,7 +66,7 @@ def _engine_decides(zero_stage: int, engine_dtype: str) -> bool:
     return engine_dtype != "fp32" or str(zero_stage) == "3"  # an unresolved `auto` stage (generate, cache: no engine) is not 3
 
 
-def check_precision(cfg: Any) -> list[Problem]:
+def check_precision(cfg: RunConfig) -> list[Problem]:
     """The frozen parts whose concrete dtype DeepSpeed would silently override, each naming both keys."""
     engine = str(cfg.engine.precision)
     if engine == "auto" or not _engine_decides(cfg.engine.zero_stage, engine):
@@ -81,7 +84,7 @@ def check_precision(cfg: Any) -> list[Problem]:
     return problems
 
 
-def resolve_precision(cfg: Any, device: Any = "cpu") -> tuple[Any, list[tuple[str, Resolved]]]:
+def resolve_precision(cfg: RunConfig, device: Any = "cpu") -> tuple[Any, list[tuple[str, Resolved]]]:
     """(a copy of ``cfg`` with concrete dtypes for ``device``, [(key, Resolved)] for the start-up table).
 
     Keys: ``engine.precision`` first, then ``model.{vision,llm|text}.dtype`` of
@@ -129,7 +132,7 @@ def resolve_precision(cfg: Any, device: Any = "cpu") -> tuple[Any, list[tuple[st
     return out, [(ENGINE_KEY, engine)] + [(PART_KEYS[n], parts[n]) for n in used]
 
 
-def concrete(cfg: Any, device: Any = None) -> Any:
+def concrete(cfg: RunConfig, device: Any = None) -> Any:
     """``cfg`` itself when it names no ``auto`` dtype, else :func:`resolve_precision`'s copy for ``device``
     (default: the GPU when there is one). For builders that can be reached without the trainer's start-up
     (``build_engine``, ``build_run_model``: benchmarks, tests, notebooks); the commands resolve and print first."""
@@ -153,7 +156,7 @@ def precision_lines(resolved: list[tuple[str, Resolved]], requested: Any = None)
     return lines
 
 
-def _get(cfg: Any, key: str) -> Any:
+def _get(cfg: RunConfig, key: str) -> Any:
     node = cfg
     for part in key.split("."):
         node = getattr(node, part)

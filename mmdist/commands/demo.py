@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -31,6 +31,9 @@ from mmdist.demo.state import DemoError, DemoState, run_fingerprint
 from mmdist.hardware import default_device
 from mmdist.precision import resolve_precision
 from mmdist.training.loop import train
+
+if TYPE_CHECKING:
+    from mmdist.config.run import RunConfig
 
 # The recipes shipped with mmdist (package data), so the demo runs from any folder after any install.
 DEFAULT_ALIGN_CONFIG = packaged_recipes() / "demo_align.yaml"
@@ -81,7 +84,7 @@ def default_threads() -> int:
     return 1 if oversubscribed else cores
 
 
-def packages_for(align_cfg: Any, fuse_cfg: Any) -> list[str]:
+def packages_for(align_cfg: RunConfig, fuse_cfg: RunConfig) -> list[str]:
     """The optional packages these two configs need (the packaged models only when they use them)."""
     needed = ["sklearn", "matplotlib"]
     if fuse_cfg.model.llm.name_or_path == "smollm2":
@@ -104,7 +107,7 @@ def build_cache(config: Path, overrides: list[str], out: Path) -> dict:
     return {"cache": str(out)}
 
 
-def train_stage(cfg: Any) -> dict:
+def train_stage(cfg: RunConfig) -> dict:
     """One stage through the library trainer (DeepSpeed engine, world size 1); resumes from the run dir's checkpoint."""
     summary = train(cfg)
     if not summary.get("finished"):

@@ -37,7 +37,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -48,6 +48,9 @@ from mmdist.data.shards import ShardWriter, WriteSummary
 from mmdist.models.processors import _tokenizer_id
 from mmdist.models.text import text_fingerprint
 
+if TYPE_CHECKING:
+    from mmdist.config.run import RunConfig
+
 log = logging.getLogger(__name__)
 KEY_FILE = "cache_key.json"
 
@@ -56,7 +59,7 @@ class CacheKeyMismatch(ValueError):
     """The feature cache was built with another encoder, layer or preprocessing than this run uses."""
 
 
-def cache_key_parts(cfg: Any, processors: Any, encoder_key: Optional[dict] = None) -> dict:
+def cache_key_parts(cfg: RunConfig, processors: Any, encoder_key: Optional[dict] = None) -> dict:
     """What the cached features depend on: encoder identity, layer choice, preprocessing fingerprint."""
     vision = cfg.model.vision
     return {
@@ -67,7 +70,7 @@ def cache_key_parts(cfg: Any, processors: Any, encoder_key: Optional[dict] = Non
     }
 
 
-def text_cache_parts(cfg: Any, processors: Any) -> Optional[dict]:
+def text_cache_parts(cfg: RunConfig, processors: Any) -> Optional[dict]:
     """What cached text features depend on, or None when the text side is not cached (stage fuse, trainable text encoder)."""
     if cfg.stage != "align" or not cfg.model.text.freeze or cfg.model.connector.type == "qformer":
         return None
@@ -92,7 +95,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def build_feature_cache(cfg: Any, model_or_encoder_fn: Any, src_shards: Sequence[str], out_dir: str | os.PathLike, *,
+def build_feature_cache(cfg: RunConfig, model_or_encoder_fn: Any, src_shards: Sequence[str], out_dir: str | os.PathLike, *,
                         processors: Any = None, encoder_key: Optional[dict] = None, batch_size: int = 32,
                         samples_per_shard: int = 1000, overwrite: bool = False,
                         cache_text: Optional[bool] = None) -> WriteSummary:
@@ -176,7 +179,7 @@ def _prepared_samples(shards: list, data: Any, writer: ShardWriter, prepare: Cal
             yield sample, prepared
 
 
-def _write_image_features(cfg: Any, processors: Any, encode: Callable, shards: list, writer: ShardWriter, batch_size: int) -> None:
+def _write_image_features(cfg: RunConfig, processors: Any, encode: Callable, shards: list, writer: ShardWriter, batch_size: int) -> None:
     """Every sample (text-only ones too) with its images replaced by ``features.npy``."""
     import torch
 
@@ -209,7 +212,7 @@ def _write_image_features(cfg: Any, processors: Any, encode: Callable, shards: l
     flush()
 
 
-def _write_image_text_features(cfg: Any, processors: Any, encode: Callable, encode_text: Callable, shards: list,
+def _write_image_text_features(cfg: RunConfig, processors: Any, encode: Callable, encode_text: Callable, shards: list,
                                writer: ShardWriter, batch_size: int) -> None:
     """Stage-1 samples with ``features.safetensors`` (image and pooled caption features).
 
@@ -299,7 +302,7 @@ def _part(parts: dict, name: str) -> Any:
     return value.get(sub) if sub and isinstance(value, dict) else value
 
 
-def open_feature_cache(cfg: Any, processors: Any, split: str, feature_key: Optional[dict] = None) -> tuple[list, bool]:
+def open_feature_cache(cfg: RunConfig, processors: Any, split: str, feature_key: Optional[dict] = None) -> tuple[list, bool]:
     """The shards of ``split`` in the configured feature cache after checking its key, and whether to read its text features."""
     root = Path(cfg.data.feature_cache)
     folder = root / split if (root / split).is_dir() else root
@@ -322,6 +325,6 @@ def open_feature_cache(cfg: Any, processors: Any, split: str, feature_key: Optio
     return [(shards, 1.0)], has_text and run_text is not None
 
 
-def cache_sources(cfg: Any, processors: Any, split: str, feature_key: Optional[dict] = None) -> list:
+def cache_sources(cfg: RunConfig, processors: Any, split: str, feature_key: Optional[dict] = None) -> list:
     """The shards of ``split`` in the configured feature cache, after checking its key."""
     return open_feature_cache(cfg, processors, split, feature_key)[0]

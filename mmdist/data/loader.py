@@ -43,7 +43,7 @@ import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 import torch
@@ -68,6 +68,9 @@ from mmdist.data.reader import (
 )
 from mmdist.data.selfcheck import self_check
 from mmdist.data.stream import ShardStream
+
+if TYPE_CHECKING:
+    from mmdist.config.run import RunConfig
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2
@@ -317,7 +320,7 @@ class StreamingLoader:
 # building
 
 
-def _sources(cfg: Any, split: str, mode: str) -> list[tuple[list[Shard], float]]:
+def _sources(cfg: RunConfig, split: str, mode: str) -> list[tuple[list[Shard], float]]:
     source_cfgs = cfg.data.train if split == "train" else cfg.data.eval
     if not source_cfgs:
         raise ValueError(f"data.{split} has no sources; give shard patterns under data.{split}")
@@ -330,7 +333,7 @@ def _sources(cfg: Any, split: str, mode: str) -> list[tuple[list[Shard], float]]
     return out
 
 
-def build_loader(cfg: Any, processors: Any, split: str = "train", rank: int = 0, world_size: int = 1, *,
+def build_loader(cfg: RunConfig, processors: Any, split: str = "train", rank: int = 0, world_size: int = 1, *,
                  feature_key: Optional[dict] = None) -> StreamingLoader:
     """The loader of ``split`` ('train' or 'eval') for one rank (see the module docstring).
 

@@ -29,12 +29,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from mmdist.data.reader import BadSample, decode_images
 from mmdist.data.settings import ImageTilingConfig
 from mmdist.data.tiling import image_layout, max_tiled_image_tokens, select_grid, tile_image, tiled_draft_size
 from mmdist.models.processors import ORIGINAL_SIZE_KEY
+
+if TYPE_CHECKING:
+    from mmdist.config.run import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +355,7 @@ def _feature_tensor(features: Any):
     return torch.from_numpy(arr.astype(np.float32))  # stored fp16; the trainable connector takes fp32 like pixels
 
 
-def make_preprocessor(cfg: Any, processors: Any, use_features: bool = False) -> Preprocessor:
+def make_preprocessor(cfg: RunConfig, processors: Any, use_features: bool = False) -> Preprocessor:
     """The preprocessor of a run config (stage, template, lengths) and the model's processors."""
     data = cfg.data
     stage = cfg.stage

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -21,6 +21,9 @@ from mmdist.demo.state import DemoError
 from mmdist.generate import answer_images, parse_digit
 from mmdist.materialize import load_align_model
 
+if TYPE_CHECKING:
+    from mmdist.config.run import RunConfig
+
 QUESTION = "What digit is this?"
 REPORT_IMAGES = 10
 
@@ -30,7 +33,7 @@ def _eval_batch_size(n: int, limit: int = 64) -> int:
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def _align_model_from_export(cfg: Any, export_dir: Path) -> Any:
+def _align_model_from_export(cfg: RunConfig, export_dir: Path) -> Any:
     """The stage-1 model of ``cfg`` with the exported trained weights (every exported key must fit)."""
     try:
         return load_align_model(cfg, export_dir)
@@ -38,7 +41,7 @@ def _align_model_from_export(cfg: Any, export_dir: Path) -> Any:
         raise DemoError(f"the stage-1 export {export_dir} does not fit configs' stage-1 model: {exc}") from None
 
 
-def heldout_retrieval(cfg: Any, export_dir: Path, eval_samples: int) -> dict:
+def heldout_retrieval(cfg: RunConfig, export_dir: Path, eval_samples: int) -> dict:
     """Held-out image->text retrieval top-1 (R@1) with the exported stage-1 weights (mmdist.evaluation, as `mmdist eval`).
 
     The candidates are the distinct captions of the held-out digits (the ten digit

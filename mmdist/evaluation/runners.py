@@ -12,7 +12,7 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as tdist
@@ -20,6 +20,9 @@ import torch.distributed as tdist
 from mmdist import generate
 from mmdist.data.settings import SourceConfig
 from mmdist.evaluation.metrics import IGNORE_INDEX, RECALL_AT, normalise_answer, retrieval_metrics, score_answer
+
+if TYPE_CHECKING:
+    from mmdist.config.run import RunConfig
 
 # ---------------------------------------------------------------------------
 # gathering across ranks
@@ -271,7 +274,7 @@ def evaluate_answers(model: Any, loader: Iterable, *, max_samples: Optional[int]
 # one entry point for the trainer, the CLI and the demo
 
 
-def eval_config(cfg: Any, batch_size: Optional[int] = None, shards: Optional[Sequence[str]] = None) -> Any:
+def eval_config(cfg: RunConfig, batch_size: Optional[int] = None, shards: Optional[Sequence[str]] = None) -> Any:
     """A copy of ``cfg`` for metric evaluation: one sample per row (no packing), pixels unless a cache is kept, own batch."""
 
     cfg = copy.deepcopy(cfg)
@@ -285,7 +288,7 @@ def eval_config(cfg: Any, batch_size: Optional[int] = None, shards: Optional[Seq
     return cfg
 
 
-def evaluate_model(model: Any, cfg: Any, loader: Iterable, *, max_samples: Optional[int] = None, max_new_tokens: int = 32,
+def evaluate_model(model: Any, cfg: RunConfig, loader: Iterable, *, max_samples: Optional[int] = None, max_new_tokens: int = 32,
                    normalise: Callable[[str], Any] = normalise_answer, prepare: Optional[Callable[[dict], dict]] = None,
                    synced_gpus: bool = False, jsonl_path: Optional[str | os.PathLike] = None) -> dict:
     """The stage's metrics (retrieval for align, answers for fuse) of ``model`` on ``loader``."""

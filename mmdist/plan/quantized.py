@@ -7,9 +7,12 @@ engine dtype. ZeRO-3 is refused with quantization, so only ZeRO 0-2 estimates co
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from mmdist.models.quantize import NF4_BLOCK
+
+if TYPE_CHECKING:
+    from mmdist.config.run import RunConfig
 
 __all__ = ["plan_lines", "planned_bytes_per_param", "planned_frozen_bytes"]
 
@@ -36,7 +39,7 @@ def planned_frozen_bytes(shape: Any, method: str, dtype_bytes: int) -> int:
     return int((shape.params - kept) * planned_bytes_per_param(method) + kept * dtype_bytes)
 
 
-def plan_lines(cfg: Any, shapes: list, estimates: list, budget: int) -> list[str]:
+def plan_lines(cfg: RunConfig, shapes: list, estimates: list, budget: int) -> list[str]:
     """`mmdist plan`'s quantization lines: the frozen bytes of the configured quantization and whether it fits, or,
     when nothing fits unquantized, the first of int8 / nf4 (ZeRO 0-2, which is what quantization allows) that does.
 

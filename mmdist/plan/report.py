@@ -140,7 +140,7 @@ def resolve_auto_for_gpu(cfg: RunConfig, gpu: str, path: str, overrides: Sequenc
     return resolved, f"auto -> {dtype} for {row.label if row else gpu} ({', '.join(keys)})"
 
 
-def _setting(cfg: Any, key: str) -> Any:
+def _setting(cfg: RunConfig, key: str) -> Any:
     node = cfg
     for part in key.split("."):
         node = getattr(node, part)
