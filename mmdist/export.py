@@ -39,7 +39,8 @@ EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_MANIFEST = "manifest.json"
 
 # Fields compared between a stage-1 manifest and the stage-2 configuration.
-VISION_FIELDS = ("source", "name_or_path", "custom_class", "fingerprint", "select_layer", "select_tokens", "hidden_size", "num_tokens")
+VISION_FIELDS = ("source", "name_or_path", "custom_class", "fingerprint", "select_layer", "select_tokens", "hidden_size", "num_tokens",
+                 "feature_stage", "feature_grid")
 CONNECTOR_FIELDS = ("type", "align_dim", "image_tokens", "qformer")
 TEXT_FIELDS = ("name_or_path", "fingerprint", "hidden_size")
 
@@ -62,6 +63,7 @@ def vision_section(settings: ModelConfig, vision: Any) -> dict:
         "fingerprint": vision_fingerprint(v), "select_layer": v.select_layer, "select_tokens": v.select_tokens,
         "hidden_size": vision.hidden_size, "num_tokens": vision.num_tokens, "image_size": vision.image_size,
         "image_mean": vision.image_mean, "image_std": vision.image_std, "pad_to_square": v.pad_to_square,
+        "feature_stage": v.feature_stage, "feature_grid": v.feature_grid,
     }
 
 

@@ -50,6 +50,12 @@ QFORMER_REASON = (
     "projector may be an MLP. Keep the mmdist format (--format mmdist) for Q-Former runs; see docs/export.md"
 )
 
+RESAMPLER_REASON = (
+    "the resampler connector (learnable queries cross-attending to the image tokens) has no Llava form: Llava's "
+    "multi_modal_projector maps every selected vision token on its own through Linear/GELU layers. Keep the mmdist "
+    "format (--format mmdist) for resampler runs; see docs/models.md"
+)
+
 
 class ExportRefused(ValueError):
     """The model cannot be written in the requested format without changing what it computes."""
@@ -99,6 +105,8 @@ def connector_chain(state: dict[str, torch.Tensor], manifest: dict) -> list:
     """The image path after the vision tower: stage-1 image head (if any) then the projector, as Linear/GELU items."""
     connector = manifest["config"]["model"]["connector"]
     chain: list = []
+    if connector["type"] == "resampler" or (connector.get("resampler") or {}).get("before_projector"):
+        raise ExportRefused(RESAMPLER_REASON)
     if any(k.startswith("stage1.") for k in state):
         if connector["type"] == "qformer":
             raise ExportRefused(QFORMER_REASON)

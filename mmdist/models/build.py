@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from mmdist.models.align import AlignModel
-from mmdist.models.connectors import build_stage1_module
+from mmdist.models.connectors import ResampledProjector, build_stage1_module
 from mmdist.models.freeze import freeze
 from mmdist.models.fused import FusedVLM
 from mmdist.models.gather import Gather, null_gather
@@ -61,8 +61,21 @@ def _build_align(settings: ModelConfig, vision: VisionTower, transform: ImageTra
 
 def _identity(settings: ModelConfig) -> dict:
     v = settings.vision
-    quantized = {"quantize": v.quantize} if v.quantize != "none" else {}  # a quantized tower's features differ
-    return {"vision": vision_fingerprint(v), "select_layer": v.select_layer, "select_tokens": v.select_tokens, **quantized}
+    out = {"vision": vision_fingerprint(v), "select_layer": v.select_layer, "select_tokens": v.select_tokens}
+    # Only when set, so the keys (and feature caches) of runs that do not use them stay as they were.
+    for key in ("feature_stage", "feature_grid"):
+        if getattr(v, key) is not None:
+            out[key] = getattr(v, key)
+    if v.quantize != "none":  # a quantized tower's features differ
+        out["quantize"] = v.quantize
+    return out
+
+
+def resamples_before_projector(settings: ModelConfig, stage1_manifest: Optional[dict]) -> bool:
+    """Stage 2 puts a new resampler in front of the projector: when asked (resampler.before_projector), and for
+    type=resampler without a stage-1 export (the resampler then reads the tower directly)."""
+    conn = settings.connector
+    return conn.resampler.before_projector or (conn.type == "resampler" and stage1_manifest is None)
 
 
 def _build_fused(settings: ModelConfig, vision: VisionTower, transform: ImageTransform, template: str, uses_feature_cache: bool,
@@ -86,6 +99,11 @@ def _build_fused(settings: ModelConfig, vision: VisionTower, transform: ImageTra
                             image_token=image_token, image_token_id=image_token_id,
                             template=template, identity=_identity(settings))
     model = FusedVLM(settings, processors, vision, llm, stage1, uses_feature_cache=uses_feature_cache)
+    if resamples_before_projector(settings, stage1_manifest):
+        # Trainable like the projector it is part of (fp32, new weights); the LLM gets num_queries tokens per image.
+        old = model.projector
+        model.projector = ResampledProjector(settings.connector.resampler, old.in_dim, old.out_dim, old.layers)
+        model.num_image_tokens = model.projector.num_tokens
     model.stage1_manifest = stage1_manifest
     model.gather = gather  # for reads outside forward (merged LoRA export)
     processors.num_image_tokens = model.num_image_tokens
@@ -123,6 +141,8 @@ def build_image_encoder(settings: ModelConfig, *, template: str = "auto", stage1
                                          None if conn.type != "qformer" else text_dim).num_tokens
     else:
         num_tokens = conn.image_tokens or vision.num_tokens
+    if resamples_before_projector(settings, stage1_manifest):
+        num_tokens = conn.resampler.num_queries
     processors = Processors(image_transform=vision.image_transform(), num_image_tokens=num_tokens, tokenizer=tokenizer,
                             image_token=settings.llm.image_token, image_token_id=image_token_id,
                             template=template, identity=_identity(settings))

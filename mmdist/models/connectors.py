@@ -1,13 +1,15 @@
-"""Connectors between the vision encoder and the rest: stage-1 heads, Q-Former, stage-2 projectors.
+"""Connectors between the vision encoder and the rest: stage-1 heads, Q-Former, resampler, stage-2 projectors.
 
-Settings live here (`ConnectorConfig`, `QFormerConfig`) with the modules:
+Settings live here (`ConnectorConfig`, `QFormerConfig`; `ResamplerConfig` beside
+its module) with the modules:
 
 * a stage-1 module maps frozen vision features to image tokens and, in stage 1,
   gives one embedding per image and per caption for ITC. `AlignHeads` (linear /
-  mlp, for a frozen text encoder) and the Q-Former (mmdist/models/qformer.py) are
-  registered in `STAGE1_MODULES`; a new type (a resampler, say) adds one entry
-  there and nothing else changes.
-* `Projector` maps image tokens into the LLM's embedding space (stage 2).
+  mlp, for a frozen text encoder), the Q-Former (mmdist/models/qformer.py) and
+  the resampler (mmdist/models/resampler.py) are registered in `STAGE1_MODULES`;
+  a new type adds one entry there and nothing else changes.
+* `Projector` maps image tokens into the LLM's embedding space (stage 2);
+  `ResampledProjector` first resamples them to a fixed number of queries.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmdist.models.qformer import QFormer
+from mmdist.models.resampler import Resampler, ResamplerConfig
 from mmdist.settings import SettingsBase, setting
 
 
@@ -51,7 +54,7 @@ class QFormerConfig(SettingsBase):
 class ConnectorConfig(SettingsBase):
     """The trainable pieces: stage-1 alignment module and the stage-2 projector into the LLM."""
 
-    type: Literal["linear", "mlp", "qformer"] = setting("mlp", "stage-1 module: 'linear'/'mlp' heads (frozen text encoder) or 'qformer' (trainable text encoder)")
+    type: Literal["linear", "mlp", "qformer", "resampler"] = setting("mlp", "stage-1 module: 'linear'/'mlp' heads or 'resampler' (frozen text encoder), or 'qformer' (trainable text encoder)")
     align_dim: int = setting(256, "width of the shared image-text space the stage-1 heads map into")
     image_tokens: int = setting(0, "linear/mlp: pool the patch grid to this many tokens (0 keeps every patch)")
     projector_layers: int = setting(2, "stage-2 projector depth: 1 = Linear, N = MLP with GELU (LLaVA-1.5: 2)")
@@ -59,6 +62,7 @@ class ConnectorConfig(SettingsBase):
     stage1_weights: Optional[str] = setting(None, "stage 2: path of the stage-1 export (folder with model.safetensors + manifest.json)")
     train_stage1_module: bool = setting(True, "stage 2: keep training the stage-1 module with the projector (False freezes it)")
     qformer: QFormerConfig = setting(doc="Q-Former settings (type=qformer)", factory=QFormerConfig)
+    resampler: ResamplerConfig = setting(doc="resampler settings (type=resampler, or resampler.before_projector in stage 2)", factory=ResamplerConfig)
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -70,6 +74,10 @@ class ConnectorConfig(SettingsBase):
             out.append(("projector_layers", "must be at least 1"))
         if not 0.0 < self.temperature < 1.0:
             out.append(("temperature", "must be in (0, 1)"))
+        if self.type == "resampler" and self.resampler.before_projector:
+            out.append(("resampler.before_projector", "type=resampler already resamples: before_projector is for linear/mlp/qformer stage-1 modules"))
+        if self.type == "resampler" and self.image_tokens:
+            out.append(("image_tokens", "type=resampler gives resampler.num_queries tokens; image_tokens pools for linear/mlp only"))
         return out
 
 
@@ -146,6 +154,24 @@ class Projector(nn.Module):
         return self.net(tokens.to(next(self.net.parameters()).dtype))
 
 
+class ResampledProjector(nn.Module):
+    """Stage-2 projector behind a new resampler: image tokens (any count) -> ``num_queries`` tokens -> LLM width.
+
+    The resampler's output keeps its own width; the projector net (Linear or MLP, as
+    ``Projector``'s) maps it into the LLM.
+    """
+
+    def __init__(self, cfg: ResamplerConfig, in_dim: int, llm_dim: int, layers: int):
+        super().__init__()
+        self.in_dim, self.out_dim, self.layers = in_dim, llm_dim, layers
+        self.num_tokens = cfg.num_queries
+        self.resampler = Resampler(cfg, in_dim, cfg.hidden_size)
+        self.net = mlp(cfg.hidden_size, llm_dim, layers)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net(self.resampler(tokens))
+
+
 def _build_heads(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None, gather=None) -> nn.Module:
     return AlignHeads(cfg, vision_dim, vision_tokens, text_dim)
 
@@ -154,12 +180,18 @@ def _build_qformer(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, te
     return QFormer(cfg, vision_dim, text_dim, text_encoder=text_encoder, gather=gather)
 
 
+def _build_resampler(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None, gather=None) -> nn.Module:
+    text_head = mlp(text_dim, cfg.align_dim, 2) if text_dim else None  # as the mlp heads' text side
+    return Resampler(cfg.resampler, vision_dim, cfg.align_dim, text_head)
+
+
 # type -> builder(cfg, vision_dim, vision_tokens, text_dim, text_encoder, gather) -> module with
 # image_tokens_of(features), num_tokens, out_dim
 STAGE1_MODULES: dict[str, Callable[..., nn.Module]] = {
     "linear": _build_heads,
     "mlp": _build_heads,
     "qformer": _build_qformer,
+    "resampler": _build_resampler,
 }
 
 

@@ -30,7 +30,9 @@ class ImageTransform:
     it was trained on: ``resize="squash"`` scales to ``size`` x ``size`` (SigLIP, ViT),
     ``resize="shortest_edge"`` scales the shortest edge to ``size`` and centre-crops
     (CLIP), exactly as transformers' image processors compute the sizes and offsets.
-    ``pad_to_square`` (LLaVA-1.5) first pads with the mean colour.
+    ``pad_to_square`` (LLaVA-1.5) first pads with the mean colour. ``crop_pct`` < 1
+    (timm's eval transform, ConvNeXt/ResNet processors) scales the shortest edge to
+    ``int(size / crop_pct)`` before the centre crop to ``size``.
 
     The work is split so the data loader's workers ship uint8 (4x less to pin and copy
     than fp32): :meth:`to_uint8` runs in the workers, :meth:`normalize` on the device
@@ -45,12 +47,17 @@ class ImageTransform:
     pad_to_square: bool = False
     resample: str = "bicubic"
     resize: str = "squash"
+    crop_pct: float = 1.0
 
     def __post_init__(self) -> None:
         if self.resize not in ("squash", "shortest_edge"):
             raise ValueError(f"ImageTransform.resize={self.resize!r}: expected 'squash' or 'shortest_edge'")
         if self.resample not in RESAMPLE:
             raise ValueError(f"ImageTransform.resample={self.resample!r}: expected one of {sorted(RESAMPLE)}")
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ValueError(f"ImageTransform.crop_pct={self.crop_pct}: expected a fraction in (0, 1]")
+        if self.crop_pct != 1.0 and self.resize != "shortest_edge":
+            raise ValueError("ImageTransform.crop_pct < 1 needs resize='shortest_edge' (the crop is taken from the resized image)")
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after the resize step, before any crop (transformers' formula for shortest_edge)."""
@@ -58,9 +65,10 @@ class ImageTransform:
             width = height = max(width, height)
         if self.resize == "squash":
             return self.size, self.size
+        edge = int(self.size / self.crop_pct) if self.crop_pct != 1.0 else self.size
         short, long = (width, height) if width <= height else (height, width)
-        new_long = int(self.size * long / short)
-        return (self.size, new_long) if width <= height else (new_long, self.size)
+        new_long = int(edge * long / short)
+        return (edge, new_long) if width <= height else (new_long, edge)
 
     def draft_size(self, width: int, height: int) -> Optional[tuple[int, int]]:
         """The smallest size a JPEG may be decoded at (>= the resize target), or None for a full decode.
@@ -117,9 +125,12 @@ class ImageTransform:
         return self.normalize(self.to_uint8(image))
 
     def describe(self) -> dict:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std),
-                "pad_to_square": self.pad_to_square, "resample": self.resample, "resize": self.resize,
-                "jpeg_draft": True}
+        out = {"size": self.size, "mean": list(self.mean), "std": list(self.std),
+               "pad_to_square": self.pad_to_square, "resample": self.resample, "resize": self.resize,
+               "jpeg_draft": True}
+        if self.crop_pct != 1.0:  # only when used: the fingerprints of existing caches stay as they were
+            out["crop_pct"] = self.crop_pct
+        return out
 
 
 @dataclass

@@ -1,47 +1,61 @@
-"""The frozen vision encoder: Hugging Face towers (CLIP, SigLIP, ViT) or the user's own module.
+"""The frozen vision encoder: Hugging Face towers (CLIP, SigLIP, ViT, ResNet, ConvNeXt), timm models, or the user's own module.
 
-Settings live here (`VisionConfig`) with the wrapper `VisionEncoder`: it loads the
-tower, picks the hidden layer and the tokens (patch / class / all) and returns
-features ``[N, tokens, D]``. A custom encoder is any ``nn.Module`` named by
-``package.module:Class``; its checkpoint is loaded with ``weights_only=True`` and
-every missing, unexpected or mis-shaped key is reported.
+Settings live here (`VisionConfig`) with the wrapper `VisionTower`: it builds the
+tower (mmdist/models/vision_sources.py says how for each source), picks the
+hidden layer or stage and the tokens (patch / class / all) and returns features
+``[N, tokens, D]``; a convolutional feature map ``[N, C, H, W]`` becomes ``H*W``
+tokens (row-major), optionally pooled to a ``feature_grid`` x ``feature_grid``
+grid first. A custom encoder is any ``nn.Module`` named by
+``package.module:Class``; checkpoints are loaded with ``weights_only=True`` (or
+from safetensors) and every missing, unexpected or mis-shaped key is reported.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 
-from mmdist import console
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.llm import Dtype, Quantize, QuantizeBackend
 from mmdist.models.processors import ImageTransform
 from mmdist.models.quantize import quantize_part
 from mmdist.models.seeded import build_seeded
+from mmdist.models.vision_sources import (
+    HF_CONV_TYPES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    as_tokens,
+    image_settings_hf,
+    image_settings_timm,
+    import_object,
+    load_checkpoint_into,
+    load_hf_tower,
+    load_timm_model,
+    map_to_tokens,
+)
 from mmdist.settings import SettingsBase, setting
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
 class VisionConfig(SettingsBase):
     """Which image encoder to load, which of its outputs to use, and how images are prepared."""
 
-    source: Literal["hf", "custom"] = setting("hf", "'hf' for a Hugging Face vision tower, 'custom' for your own nn.Module")
-    name_or_path: str = setting("", "hub id or local folder (source=hf), e.g. openai/clip-vit-large-patch14-336")
-    init_config: Optional[dict] = setting(None, "build a vision tower from this config dict (model_type: vit | clip_vision_model | siglip_vision_model)")
+    source: Literal["hf", "timm", "custom"] = setting("hf", "'hf' for a Hugging Face vision model, 'timm' for a timm architecture, 'custom' for your own nn.Module")
+    name_or_path: str = setting("", "hub id or local folder (source=hf), e.g. openai/clip-vit-large-patch14-336; the architecture name (source=timm), e.g. resnet50")
+    init_config: Optional[dict] = setting(None, "build a vision tower from this config dict (model_type: vit | clip_vision_model | siglip_vision_model | resnet | convnext)")
     init_seed: int = setting(0, "seed for the weights of a tower built from init_config (fixed, so runs are repeatable)")
     custom_class: Optional[str] = setting(None, "'package.module:Class' of your encoder (source=custom)")
     custom_kwargs: dict = setting(doc="keyword arguments for custom_class", factory=dict)
-    checkpoint: Optional[str] = setting(None, "weights file for the encoder (loaded with weights_only=True)")
+    timm_kwargs: dict = setting(doc="source=timm: keyword arguments for timm.create_model (e.g. img_size: 224); pretrained and num_classes are set by mmdist", factory=dict)
+    checkpoint: Optional[str] = setting(None, "weights file for the encoder (.safetensors, or torch.load with weights_only=True); source=timm: the model's weights, nothing is downloaded")
     checkpoint_key: Optional[str] = setting(None, "key of the state dict inside the checkpoint (e.g. 'state_dict', 'model'); default: auto")
     allow_partial_load: bool = setting(False, "accept missing/unexpected checkpoint keys (they are still listed)")
     hidden_size: Optional[int] = setting(None, "feature width of a custom encoder; default: read from the module or a probe forward")
-    select_layer: int = setting(-2, "hidden layer whose output is used (-1 last, -2 penultimate as in LLaVA); HF towers only: a custom encoder's forward output is used")
+    select_layer: int = setting(-2, "hidden layer whose output is used (-1 last, -2 penultimate as in LLaVA); ViT-like HF towers only (timm: forward_features, CNNs: feature_stage)")
+    feature_stage: Optional[int] = setting(None, "convolutional towers (HF ResNet/ConvNeXt, timm CNNs): the stage whose feature map is used (HF: index into hidden_states, 0 = stem, 1.. = stages; timm: forward_intermediates index; negative counts from the end); default: the last")
+    feature_grid: Optional[int] = setting(None, "adaptive-average-pool a feature map (or a square grid of patch tokens) to feature_grid x feature_grid tokens (default: every position)")
     select_tokens: Literal["patch", "cls", "all"] = setting("patch", "use patch tokens, the class token only, or both (HF towers; a custom encoder returns [N,D], [N,T,D] or a [N,C,H,W] map)")
     image_size: Optional[int] = setting(None, "input resolution; default: the encoder's own processor setting")
     image_mean: Optional[list[float]] = setting(None, "normalisation mean; default: the encoder's processor")
@@ -58,6 +72,16 @@ class VisionConfig(SettingsBase):
             out.append(("name_or_path", "set a hub id / local path, or init_config, for source=hf"))
         if self.source == "hf" and self.name_or_path and self.init_config:
             out.append(("init_config", "give either name_or_path or init_config, not both"))
+        if self.source == "timm":
+            if not self.name_or_path:
+                out.append(("name_or_path", "source=timm needs the architecture name, e.g. resnet50 or vit_base_patch16_224"))
+            if self.init_config:
+                out.append(("init_config", "source=timm is built from name_or_path and timm_kwargs; init_config is for source=hf"))
+            for key in ("pretrained", "pretrained_cfg_overlay", "checkpoint_path"):
+                if key in self.timm_kwargs:
+                    out.append(("timm_kwargs", f"{key} is not allowed: give the local weights file as model.vision.checkpoint (nothing is downloaded)"))
+        if self.feature_grid is not None and self.feature_grid < 1:
+            out.append(("feature_grid", "must be a positive grid side (or null for every position)"))
         if self.source == "custom":
             if not self.custom_class:
                 out.append(("custom_class", "source=custom needs 'package.module:Class'"))
@@ -77,218 +101,62 @@ HF_HAS_CLS = {"vit": True, "clip_vision_model": True, "clip": True, "siglip_visi
               "siglip2_vision_model": False, "siglip2": False, "dinov2": True}
 # Towers whose token count is (image_size / patch_size)^2 (+ class token): no probe forward needed.
 CONFIG_SHAPED = {"vit", "clip_vision_model", "siglip_vision_model"}
-IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-
-
-def import_object(spec: str, key: str) -> Any:
-    """``'package.module:Name'`` -> the object, with an error naming the settings key."""
-    module_name, _, attr = spec.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(f"{key}={spec!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from None
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ImportError(f"{key}={spec!r}: module {module_name!r} has no attribute {attr!r}") from None
-
-
-def _pick_state_dict(obj: Any, key: Optional[str], path: str, setting_key: str) -> dict:
-    import torch
-
-    if key:
-        if not isinstance(obj, dict) or key not in obj:
-            keys = list(obj)[:20] if isinstance(obj, dict) else type(obj).__name__
-            raise KeyError(f"{path}: no entry {key!r} ({setting_key}); the checkpoint holds {keys}")
-        obj = obj[key]
-    elif isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        for candidate in ("state_dict", "model_state_dict", "model", "module", "net", "ema"):
-            if isinstance(obj.get(candidate), dict):
-                obj = obj[candidate]
-                break
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict (mapping of tensors), found {type(obj).__name__}; set {setting_key}")
-    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    for prefix in ("module.", "model.", "_orig_mod."):
-        if tensors and all(k.startswith(prefix) for k in tensors):
-            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-    return tensors
-
-
-def load_checkpoint_into(module: Any, path: str, *, key: Optional[str] = None, allow_partial: bool = False,
-                         setting_prefix: str = "model.vision") -> dict[str, list[str]]:
-    """Load ``path`` (torch.load, weights_only=True) into ``module``; report what did not match.
-
-    Returns ``{"missing": [...], "unexpected": [...], "mismatched": [...]}``. Any
-    non-empty list raises unless ``allow_partial`` (mismatched shapes are then skipped).
-    """
-    import torch
-
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{setting_prefix}.checkpoint: {path} does not exist") from None
-    except Exception as exc:  # unpickling refused or a corrupt file
-        raise ValueError(f"{setting_prefix}.checkpoint: cannot load {path} with weights_only=True: {exc}") from None
-    state = _pick_state_dict(raw, key, path, f"{setting_prefix}.checkpoint_key")
-    own = module.state_dict()
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                  for k, v in state.items() if k in own and own[k].shape != v.shape]
-    state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape)}
-    result = module.load_state_dict(state, strict=False)
-    report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys), "mismatched": mismatched}
-    if any(report.values()) and not allow_partial:
-        lines = [f"{setting_prefix}.checkpoint: {path} does not match {type(module).__name__}:"]
-        for what, keys in report.items():
-            if keys:
-                shown = ", ".join(keys[:15]) + (f", ... ({len(keys)} in all)" if len(keys) > 15 else "")
-                lines.append(f"  {what} keys ({len(keys)}): {shown}")
-        lines.append(f"Fix the checkpoint or {setting_prefix}.checkpoint_key, or set {setting_prefix}.allow_partial_load: true to accept it.")
-        raise ValueError("\n".join(lines))
-    return report
-
-
-def _hf_config(cfg: VisionConfig) -> Any:
-    from transformers import AutoConfig
-
-    if cfg.init_config:
-        params = dict(cfg.init_config)
-        return AutoConfig.for_model(params.pop("model_type"), **params)
-    return AutoConfig.from_pretrained(cfg.name_or_path)
-
-
-def _load_hf_tower(cfg: VisionConfig, gather: Gather) -> Any:
-    from transformers import AutoModel, CLIPVisionModel, SiglipVisionModel
-
-    config = _hf_config(cfg)
-    model_type = config.model_type
-    if cfg.init_config:
-        if model_type in ("clip", "siglip"):
-            config = config.vision_config
-        if config.model_type == "clip_vision_model":
-            model = build_seeded(lambda: CLIPVisionModel(config), cfg.init_seed, gather)
-        elif config.model_type == "siglip_vision_model":
-            model = build_seeded(lambda: SiglipVisionModel(config), cfg.init_seed, gather)
-        else:
-            model = build_seeded(lambda: AutoModel.from_config(config), cfg.init_seed, gather)
-        logger.info(console.model_summary("vision tower", model, f"init_config (seed {cfg.init_seed})")
-                    + (f"; frozen in {cfg.dtype}" if cfg.freeze else "; trainable (fp32)"))
-        return model
-    cls = {"clip": CLIPVisionModel, "clip_vision_model": CLIPVisionModel,
-           "siglip": SiglipVisionModel, "siglip_vision_model": SiglipVisionModel}.get(model_type, AutoModel)
-    with console.quiet_loading():
-        model, info = cls.from_pretrained(cfg.name_or_path, output_loading_info=True)
-    unused = list(info.get("unexpected_keys", []))
-    why = "the text tower of the dual encoder: only the vision tower is used" if model_type in ("clip", "siglip") else "not part of the tower"
-    logger.info(console.model_summary("vision tower", model, cfg.name_or_path, unused, why)
-                + (f"; frozen in {cfg.dtype}" if cfg.freeze else "; trainable (fp32)"))
-    return model
-
-
-def _image_settings_hf(cfg: VisionConfig, config: Any) -> dict:
-    """Resolution, normalisation and resize geometry of an HF tower, from its processor when it has one.
-
-    CLIP's processor resizes the shortest edge and centre-crops (bicubic); SigLIP's and
-    ViT's scale to the square size. A tower built from ``init_config`` has no processor:
-    it is scaled to its square input (bicubic), with CLIP's statistics for CLIP configs.
-    """
-    vision_config = getattr(config, "vision_config", config)
-    out = {"size": getattr(vision_config, "image_size", 224), "mean": [0.5] * 3, "std": [0.5] * 3,
-           "resize": "squash", "resample": "bicubic"}
-    if vision_config.model_type.startswith("clip"):
-        out["mean"], out["std"] = CLIP_MEAN, CLIP_STD
-    if cfg.name_or_path:
-        try:
-            from transformers import AutoImageProcessor
-
-            proc = AutoImageProcessor.from_pretrained(cfg.name_or_path)
-        except (OSError, ValueError):
-            return out  # no preprocessor_config.json: fall back to the model config
-        crop = (getattr(proc, "crop_size", None) or {}) if getattr(proc, "do_center_crop", False) else {}
-        psize = getattr(proc, "size", None) or {}
-        psize = dict(psize) if not isinstance(psize, int) else {"shortest_edge": psize}
-        crop = dict(crop) if not isinstance(crop, int) else {"height": crop, "width": crop}
-        if psize.get("shortest_edge"):
-            out["resize"] = "shortest_edge"
-            out["size"] = crop.get("height") or psize["shortest_edge"]
-        else:
-            out["size"] = crop.get("height") or psize.get("height") or out["size"]
-        resample = getattr(proc, "resample", None)
-        out["resample"] = {0: "nearest", 2: "bilinear", 3: "bicubic"}.get(int(resample) if resample is not None else 3, "bicubic")
-        out["mean"] = list(getattr(proc, "image_mean", out["mean"]))
-        out["std"] = list(getattr(proc, "image_std", out["std"]))
-    return out
-
-
-def _as_tokens(out: Any) -> Any:
-    """A custom encoder's output -> [N, tokens, D]."""
-    import torch
-
-    if isinstance(out, dict):
-        out = out.get("last_hidden_state", next(iter(out.values())))
-    elif isinstance(out, (tuple, list)):
-        out = out[0]
-    elif hasattr(out, "last_hidden_state"):
-        out = out.last_hidden_state
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"the custom vision encoder returned {type(out).__name__}; expected a tensor")
-    if out.dim() == 2:
-        return out.unsqueeze(1)
-    if out.dim() == 4:  # CNN feature map [N, C, H, W] -> [N, H*W, C]
-        return out.flatten(2).transpose(1, 2)
-    if out.dim() != 3:
-        raise ValueError(f"the custom vision encoder returned shape {tuple(out.shape)}; expected [N,D], [N,T,D] or [N,C,H,W]")
-    return out
+# Kept importable from here (older callers and tests).
+_image_settings_hf = image_settings_hf
 
 
 class VisionTower(torch.nn.Module):
     """The frozen image encoder with its output selection.
 
     Attributes: ``hidden_size`` (feature width), ``num_tokens`` (tokens per image),
-    ``image_size``, ``image_mean``, ``image_std``, ``has_cls``.
+    ``image_size``, ``image_mean``, ``image_std``, ``has_cls``, ``kind``
+    (``'tokens'`` for ViT-like HF towers, ``'conv'`` for HF feature-map towers,
+    ``'timm'``, ``'custom'``).
     """
 
     def __init__(self, cfg: VisionConfig, gather: Optional[Gather] = None):
         super().__init__()
         gather = gather or null_gather
         self.cfg = cfg
-        self.image_resize, self.image_resample = "squash", "bicubic"  # an HF tower's processor may say otherwise
+        settings = {"size": None, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resize": "squash", "resample": "bicubic", "crop_pct": 1.0}
+        self.load_report: dict = {}
         if cfg.source == "custom":
             cls = import_object(cfg.custom_class, "model.vision.custom_class")
             self.model = build_seeded(lambda: cls(**cfg.custom_kwargs), cfg.init_seed, gather)
-            self.has_cls = False
-            size = cfg.image_size or cfg.custom_kwargs.get("image_size") or cfg.custom_kwargs.get("img_size")
-            if not size:
-                raise ValueError("model.vision.image_size: a custom encoder needs the input resolution")
-            self.image_size = int(size)
-            self.image_mean = list(cfg.image_mean or IMAGENET_MEAN)
-            self.image_std = list(cfg.image_std or IMAGENET_STD)
+            self.kind, self.has_cls = "custom", False
+            settings["size"] = cfg.custom_kwargs.get("image_size") or cfg.custom_kwargs.get("img_size")
+        elif cfg.source == "timm":
+            self.model, self.load_report = load_timm_model(cfg, gather)
+            self.kind = "timm"
+            self.has_cls = int(getattr(self.model, "num_prefix_tokens", 0) or 0) > 0
+            settings = image_settings_timm(cfg, self.model)
         else:
-            self.model = _load_hf_tower(cfg, gather)
+            self.model = load_hf_tower(cfg, gather)
             model_type = self.model.config.model_type
-            self.has_cls = HF_HAS_CLS.get(model_type, True)
-            settings = _image_settings_hf(cfg, self.model.config)
-            size, mean, std = settings["size"], settings["mean"], settings["std"]
-            self.image_resize, self.image_resample = settings["resize"], settings["resample"]
-            self.image_size = int(cfg.image_size or size)
-            self.image_mean = list(cfg.image_mean or mean)
-            self.image_std = list(cfg.image_std or std)
-            if cfg.select_tokens == "cls" and not self.has_cls:
-                raise ValueError(f"model.vision.select_tokens=cls: {model_type} has no class token; use 'patch'")
+            self.kind = "conv" if model_type in HF_CONV_TYPES else "tokens"
+            self.has_cls = HF_HAS_CLS.get(model_type, True) if self.kind == "tokens" else False
+            settings = image_settings_hf(cfg, self.model.config)
+        if cfg.select_tokens == "cls" and not self.has_cls:
+            raise ValueError(f"model.vision.select_tokens=cls: this {cfg.source} tower ({cfg.name_or_path or cfg.custom_class or 'init_config'}) "
+                             "has no class token; use 'patch'")
+        size = cfg.image_size or settings["size"]
+        if not size:
+            raise ValueError("model.vision.image_size: a custom encoder needs the input resolution")
+        self.image_size = int(size)
+        self.image_resize, self.image_resample, self.image_crop_pct = settings["resize"], settings["resample"], settings["crop_pct"]
+        self.image_mean = list(cfg.image_mean or settings["mean"])
+        self.image_std = list(cfg.image_std or settings["std"])
         if len(self.image_mean) == 1:
             self.image_mean = self.image_mean * 3
         if len(self.image_std) == 1:
             self.image_std = self.image_std * 3
         params = list(self.model.parameters())
-        if cfg.checkpoint:
+        if cfg.checkpoint and cfg.source != "timm":  # timm's file is read by load_timm_model (classifier keys, filter)
             with gather(params):
                 self.load_report = load_checkpoint_into(self.model, cfg.checkpoint, key=cfg.checkpoint_key,
                                                         allow_partial=cfg.allow_partial_load)
-        else:
-            self.load_report = {}
         quantize_part(self.model, cfg, "model.vision")
-        known = self._shape_from_config() if cfg.source == "hf" else None
+        known = self._shape_from_config() if self.kind == "tokens" else None
         if known is not None:
             self.num_tokens, width = known
         else:
@@ -310,6 +178,8 @@ class VisionTower(torch.nn.Module):
         patch, size, width = getattr(config, "patch_size", None), getattr(config, "image_size", None), getattr(config, "hidden_size", None)
         if not (isinstance(patch, int) and isinstance(size, int) and width) or size != self.image_size or config.model_type not in CONFIG_SHAPED:
             return None
+        if self.cfg.feature_grid:
+            return None
         patches = (size // patch) ** 2
         if self.cfg.select_tokens == "cls":
             return 1, int(width)
@@ -324,10 +194,28 @@ class VisionTower(torch.nn.Module):
     def image_transform(self) -> ImageTransform:
         """The preprocessing this tower expects (its processor's geometry and statistics)."""
         return ImageTransform(self.image_size, self.image_mean, self.image_std, self.cfg.pad_to_square,
-                              resample=self.image_resample, resize=self.image_resize)
+                              resample=self.image_resample, resize=self.image_resize, crop_pct=self.image_crop_pct)
+
+    def _select(self, hidden: torch.Tensor, prefix: int) -> torch.Tensor:
+        """Tokens [N, T, D] with ``prefix`` leading non-patch tokens -> the selected ones (pooled to the grid when set)."""
+        if self.cfg.select_tokens == "cls":
+            return hidden[:, :1]
+        if self.cfg.select_tokens == "all":
+            return hidden
+        hidden = hidden[:, prefix:]
+        return as_tokens(hidden, self.cfg.feature_grid) if self.cfg.feature_grid else hidden
+
+    def _timm_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.cfg.feature_stage is not None:
+            maps = self.model.forward_intermediates(pixel_values, indices=[self.cfg.feature_stage], intermediates_only=True)
+            return map_to_tokens(maps[-1], self.cfg.feature_grid)
+        out = self.model.forward_features(pixel_values)
+        if out.dim() == 4:
+            return map_to_tokens(out, self.cfg.feature_grid)
+        return self._select(out, int(getattr(self.model, "num_prefix_tokens", 0) or 0))
 
     def forward(self, pixel_values):
-        """[N, C, H, W] -> [N, tokens, D] features of the selected layer and tokens.
+        """[N, C, H, W] -> [N, tokens, D] features of the selected layer (or stage) and tokens.
 
         uint8 pixels (what the data loader ships) are normalised here, on the tower's
         device; float pixels are taken as already normalised.
@@ -335,23 +223,26 @@ class VisionTower(torch.nn.Module):
         if pixel_values.dtype == torch.uint8:
             pixel_values = self.image_transform().normalize(pixel_values, self.dtype)
         pixel_values = pixel_values.to(self.dtype)
-        if self.cfg.source == "custom":
-            return _as_tokens(self.model(pixel_values))
+        if self.kind == "custom":
+            return as_tokens(self.model(pixel_values), self.cfg.feature_grid)
+        if self.kind == "timm":
+            return self._timm_features(pixel_values)
         out = self.model(pixel_values=pixel_values, output_hidden_states=True)
+        if self.kind == "conv":
+            stage = -1 if self.cfg.feature_stage is None else self.cfg.feature_stage
+            return map_to_tokens(out.hidden_states[stage], self.cfg.feature_grid)
         hidden = out.hidden_states[self.cfg.select_layer]
-        if self.cfg.select_tokens == "all" or not self.has_cls:
-            return hidden
-        if self.cfg.select_tokens == "cls":
-            return hidden[:, :1]
-        return hidden[:, 1:]
+        return self._select(hidden, 1 if self.has_cls else 0)
 
 
 def vision_fingerprint(cfg: VisionConfig) -> str:
-    """Identity of the vision encoder's weights (files, or init_config/custom class + seed, plus checkpoint)."""
+    """Identity of the vision encoder's weights (files, or init_config / custom class / timm architecture + seed, plus checkpoint)."""
     from mmdist.models.fingerprint import config_fingerprint, path_fingerprint
 
     if cfg.source == "custom":
         base = config_fingerprint({"class": cfg.custom_class, "kwargs": cfg.custom_kwargs}, cfg.init_seed)
+    elif cfg.source == "timm":
+        base = config_fingerprint({"timm": cfg.name_or_path, "kwargs": cfg.timm_kwargs}, cfg.init_seed)
     elif cfg.init_config:
         base = config_fingerprint(cfg.init_config, cfg.init_seed)
     else:

@@ -1,0 +1,55 @@
+"""One rank of the 2-rank ZeRO-3 vision-tower check (tests/models/test_zero3_vision.py).
+
+Builds each tower of argv (a JSON list of ``[label, model.vision settings]``) as the engine does under
+ZeRO-3 (``HfDeepSpeedConfig`` alive, ``zero.Init``, the engine's gather hook), then writes what this rank
+holds, the token shape and the features of fixed pixels (parameters gathered read-only) to ``OUT.RANK``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
+
+from mmdist.models.vision import VisionConfig, VisionTower  # noqa: E402
+from mmdist.settings import from_dict  # noqa: E402
+from mmdist.training.engine import _import_before_zero_init, gather_for, read_gather_for  # noqa: E402
+
+
+def pixels(size: int) -> torch.Tensor:
+    return torch.linspace(-1, 1, 2 * 3 * size * size).reshape(2, 3, size, size)
+
+
+def main(out: str, specs: str) -> None:
+    dist.init_process_group("gloo")
+    deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
+    rank = dist.get_rank()
+    ds_config = {"train_micro_batch_size_per_gpu": 1,
+                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers reads it through a weakref)
+    _import_before_zero_init()
+    found = {}
+    for label, settings in json.loads(specs):
+        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            tower = VisionTower(from_dict(VisionConfig, settings), gather_for(3))
+        tower.eval()
+        params = list(tower.parameters())
+        with read_gather_for(3)(params), torch.no_grad():
+            features = tower(pixels(tower.image_size))
+        found[label] = {"local": sum(p.ds_tensor.numel() for p in params), "full": sum(p.ds_numel for p in params),
+                        "tokens": tower.num_tokens, "width": tower.hidden_size, "features": features.flatten()[:64].tolist()}
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump(found, fh)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
