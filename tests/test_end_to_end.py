@@ -35,6 +35,8 @@ TINY_QWEN2 = {"model_type": "qwen2", "vocab_size": 259, "hidden_size": 64, "inte
               "tie_word_embeddings": True, "bos_token_id": 257, "eos_token_id": 258, "pad_token_id": 256}
 TINY_CLIP = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 4, "image_size": 16, "patch_size": 4, "num_channels": 3}
+TINY_RESNET = {"model_type": "resnet", "layer_type": "basic", "depths": [1, 1], "hidden_sizes": [16, 32],
+               "embedding_size": 16, "num_channels": 3}
 TINY_SIGLIP = {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                "num_attention_heads": 4, "image_size": 16, "patch_size": 4, "num_channels": 3}
 
@@ -59,6 +61,9 @@ CASES = [
     Case("qformer", "vit", "llama", 2, cache=True),
     Case("mlp", "custom", "llama", 3),
     Case("linear", "custom", "gguf", 2),
+    Case("resampler", "resnet", "qwen2", 3),
+    Case("resampler", "clip", "llama", 0, cache=True),
+    Case("linear", "timm", "llama", 2),
 ]
 
 
@@ -67,6 +72,19 @@ def _vision_section(case: Case, root: Path) -> dict:
         return {}  # the tiny recipes' own ViT
     if case.vision in ("clip", "siglip"):
         return {"init_config": dict(TINY_CLIP if case.vision == "clip" else TINY_SIGLIP)}
+    if case.vision == "resnet":  # a 16 px image: stem /4, stage 2 /2 -> a 2 x 2 map of width 32
+        return {"init_config": dict(TINY_RESNET), "image_size": 16, "image_mean": [0.5], "image_std": [0.5]}
+    if case.vision == "timm":
+        try:
+            import timm
+        except Exception as exc:  # timm imports torchvision, which needs a build for this torch
+            pytest.skip(f"timm cannot be imported here ({type(exc).__name__}: {exc}); install the extra mmdist[vision]")
+        checkpoint = root / "resnet10t.pth"
+        if not checkpoint.exists():
+            torch.manual_seed(7)
+            torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=0).state_dict(), checkpoint)
+        return {"source": "timm", "name_or_path": "resnet10t", "checkpoint": str(checkpoint), "init_config": None,
+                "image_size": 32, "dtype": "auto"}
     if case.vision == "custom":
         from helpers.custom_vision import TinyCNN, tiny_custom_vision_config
 
@@ -122,7 +140,9 @@ def _config(case: Case, stage: str, root: Path, shards: dict[str, str], **extra)
         "run_dir": str(root / stage),
         "model": {"vision": _vision_section(case, root),
                   "text": {"freeze": not qformer},
-                  "connector": {"type": case.connector, **({"qformer": {"num_queries": 4, "hidden_size": 32}} if qformer else {})}},
+                  "connector": {"type": case.connector, **({"qformer": {"num_queries": 4, "hidden_size": 32}} if qformer else {}),
+                                **({"resampler": {"num_queries": 4, "hidden_size": 32, "num_heads": 4}}
+                                   if case.connector == "resampler" else {})}},
         "data": {"train": [{"shards": [shards["train"]]}], "eval": [{"shards": [shards["eval"]]}], "template": "plain"},
         "train": {"max_steps": 4, "global_batch_size": 4, "micro_batch_size": 2, "lr": 5e-3, "warmup_ratio": 0.0,
                   "eval_every": 0},
@@ -244,8 +264,8 @@ def _hf_exact(case: Case) -> Optional[bool]:
 def test_the_matrix_covers_every_value_of_every_axis():
     """The pairwise promise of the module docstring, kept as the list changes."""
     axes = {
-        "connector": {"linear", "mlp", "qformer"},
-        "vision": {"vit", "clip", "siglip", "custom"},
+        "connector": {"linear", "mlp", "qformer", "resampler"},
+        "vision": {"vit", "clip", "siglip", "resnet", "timm", "custom"},
         "llm": {"llama", "qwen2", "qwen1", "gguf"},
         "zero": {0, 2, 3},
         "cache": {False, True},
