@@ -282,13 +282,13 @@ def _venv_with_the_wheel(tmp_path: Path) -> Path:
     return venv / "bin"
 
 
-def _run(argv: list, cwd: Path, timeout: float = 300) -> str:
+def _run(argv: list, cwd: Path, timeout: float = 300, with_stderr: bool = False) -> str:
     # No PYTHONPATH: the venv's own mmdist must be the one imported, not this checkout.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["MMDIST_CPU_BF16"] = "0"  # the no-native-bf16 fallback: `auto` -> fp32 on every CI machine
     out = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert out.returncode == 0, f"{' '.join(map(str, argv))} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout
+    return out.stdout + out.stderr if with_stderr else out.stdout
 
 
 @pytest.mark.slow
@@ -311,8 +311,12 @@ def test_quick_demo_from_the_installed_wheel(tmp_path):
     assert resolved["stage"] == "fuse"
 
     run = elsewhere / "run"
-    _run([bin_dir / "mmdist", "demo", "--quick", "--run-dir", "run",
-          *[arg for o in QUIET for arg in ("--align-set", o, "--fuse-set", o)]], cwd=elsewhere, timeout=840)
+    console = _run([bin_dir / "mmdist", "demo", "--quick", "--run-dir", "run",
+                    *[arg for o in QUIET for arg in ("--align-set", o, "--fuse-set", o)]], cwd=elsewhere, timeout=840,
+                   with_stderr=True)
+    # A quiet console: one line per loaded model, no third-party load report or conversion bar (--verbose shows them)
+    assert "LOAD REPORT" not in console and "de-quantizing GGUF" not in console and "Loading weights" not in console, console[-3000:]
+    assert "loaded LLM:" in console and "loaded text encoder:" in console, console[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == {"align": 6, "fuse": 4}
     assert metrics["fuse"]["heldout_samples"] == 40
