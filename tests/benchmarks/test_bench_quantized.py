@@ -10,6 +10,7 @@ import pytest
 
 
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed (extra mmdist[quant])")
+@pytest.mark.slow  # ~55 s on 2 loaded cores: three quantizations of a model, each trained a step and generating
 def test_tiny_run_prints_one_row_per_method(tmp_path, capsys):
     out = tmp_path / "quant.json"
     assert bench_quantized.main(["--tiny", "--json", str(out)]) == 0
