@@ -13,7 +13,7 @@ from helpers.configs import tiny_run_config
 from mmdist import plan
 from mmdist.plan.auto import DEVICE_MEMORY_ENV, auto_candidates, resolve_zero_stage
 from mmdist.plan.speed import ZERO3_OVERHEAD, choose, micro_batch_tokens, step_inputs
-from mmdist.step_time import GB, Interconnect
+from mmdist.plan.step_time import GB, Interconnect
 
 NET = Interconnect("test", intra_node=100 * GB, inter_node=10 * GB, gpus_per_node=8)
 

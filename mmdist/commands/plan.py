@@ -20,8 +20,8 @@ from mmdist.plan import (
 from mmdist.plan.auto import ZERO0_HALF_PRECISION, auto_candidates
 from mmdist.plan.quantized import plan_lines
 from mmdist.plan.speed import choose, step_inputs
+from mmdist.plan.step_time import interconnect_for, scaling_table
 from mmdist.settings import ConfigError
-from mmdist.step_time import interconnect_for, scaling_table
 
 
 def main(argv: Sequence[str]) -> int:

@@ -4,8 +4,8 @@ The budget is the device's memory: ``torch.cuda.get_device_properties(...).total
 on a GPU, the machine's RAM on the CPU (generous on purpose: CPU runs are tests and
 demos, and every stage fits there), or ``MMDIST_DEVICE_MEMORY`` (``24GB``, ``512MB``)
 when set, which is how a test makes ZeRO-3 the only stage that fits. The step times
-come from mmdist.plan.speed (mmdist.step_time); the interconnect is the GPU's
-(:func:`mmdist.step_time.interconnect_for`), with ``LOCAL_WORLD_SIZE`` GPUs per node.
+come from mmdist.plan.speed (mmdist.plan.step_time); the interconnect is the GPU's
+(:func:`mmdist.plan.step_time.interconnect_for`), with ``LOCAL_WORLD_SIZE`` GPUs per node.
 
 Offload settings stay the config's: with ``engine.offload_optimizer`` only stages
 1-3 are candidates, with ``engine.offload_params`` only 3. A bf16/fp16 engine never
@@ -23,8 +23,8 @@ from mmdist.config.run import RunConfig
 from mmdist.plan.memory import Setting, estimate, parse_bytes
 from mmdist.plan.shapes import GiB, model_shapes
 from mmdist.plan.speed import Choice, choose, step_inputs
+from mmdist.plan.step_time import interconnect_for
 from mmdist.settings import ConfigError, Problem
-from mmdist.step_time import interconnect_for
 
 __all__ = ["DEVICE_MEMORY_ENV", "ZERO0_HALF_PRECISION", "auto_candidates", "device_budget", "resolve_zero_stage"]
 

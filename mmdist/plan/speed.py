@@ -1,4 +1,4 @@
-"""Step 5 of the plan: the predicted step time of each setting (mmdist.step_time) and the fastest one that fits.
+"""Step 5 of the plan: the predicted step time of each setting (mmdist.plan.step_time) and the fastest one that fits.
 
 The step's FLOPs come from the planner's shapes with the formula the progress bar,
 metrics.jsonl and benchmarks/throughput.py use (mmdist.training.metrics.flop_count:
@@ -23,7 +23,7 @@ from mmdist.config.run import RunConfig
 from mmdist.hardware import datasheet_peak
 from mmdist.plan.memory import Estimate, Setting
 from mmdist.plan.shapes import DTYPE_BYTES, ModuleShape
-from mmdist.step_time import Interconnect, StepInputs, StepTime, predict
+from mmdist.plan.step_time import Interconnect, StepInputs, StepTime, predict
 
 __all__ = ["Choice", "choose", "micro_batch_tokens", "peak_for", "step_inputs", "TIE", "ZERO3_OVERHEAD"]
 

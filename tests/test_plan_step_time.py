@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mmdist.step_time import GB, Interconnect, StepInputs, comm_bytes, interconnect_for, predict, scaling_table
+from mmdist.plan.step_time import GB, Interconnect, StepInputs, comm_bytes, interconnect_for, predict, scaling_table
 
 NET = Interconnect("test", intra_node=100 * GB, inter_node=10 * GB, gpus_per_node=8)
 
