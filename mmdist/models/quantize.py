@@ -97,23 +97,20 @@ def resolve_backend(method: str, backend: str, key: str, device: Any = "cpu") ->
     return chosen
 
 
-def _vocabulary(module: nn.Module) -> tuple[Optional[nn.Embedding], Optional[nn.Linear], bool]:
-    """(input embedding, output head, tied) that mmdist quantizes itself: a plain ``nn.Embedding`` and a plain
-    ``nn.Linear`` head; either is None when absent or of another type (a ViT's patch "embedding" is a conv)."""
+def _vocabulary(module: nn.Module) -> tuple[Optional[nn.Embedding], Optional[nn.Linear], bool, set[int]]:
+    """(input embedding, output head, tied, kept) where the first two are what mmdist quantizes itself: a plain
+    ``nn.Embedding`` and a plain ``nn.Linear`` head, else None (absent, another type such as a ViT's patch conv or
+    an embedding that scales its output, or a head tied to such an embedding). ``kept``: the id of an input
+    embedding weight left as loaded, so that no linear sharing it is quantized either."""
     get_in, get_out = getattr(module, "get_input_embeddings", None), getattr(module, "get_output_embeddings", None)
-    embedding = get_in() if callable(get_in) else None
+    loaded = get_in() if callable(get_in) else None
     head = get_out() if callable(get_out) else None
-    embedding = embedding if type(embedding) is nn.Embedding else None
-    tied = head is not None and embedding is not None and getattr(head, "weight", None) is embedding.weight
-    if type(head) is not nn.Linear or (head is not None and embedding is None and _shares_input_embedding(module, head)):
-        head = None  # a head tied to an embedding left as loaded stays with it
-    return embedding, head, tied
-
-
-def _shares_input_embedding(module: nn.Module, head: nn.Module) -> bool:
-    get_in = getattr(module, "get_input_embeddings", None)
-    embedding = get_in() if callable(get_in) else None
-    return getattr(embedding, "weight", None) is not None and getattr(head, "weight", None) is embedding.weight
+    embedding = loaded if type(loaded) is nn.Embedding else None
+    kept_weight = getattr(loaded, "weight", None) if embedding is None else None
+    if type(head) is not nn.Linear or (kept_weight is not None and head.weight is kept_weight):
+        head = None
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    return embedding, head, tied, set() if kept_weight is None else {id(kept_weight)}
 
 
 def _targets(module: nn.Module, skip: Iterable[str], leave: set[int]) -> list[tuple[nn.Module, str, nn.Linear]]:
@@ -135,7 +132,7 @@ def _targets(module: nn.Module, skip: Iterable[str], leave: set[int]) -> list[tu
 def _quantize_vocabulary(module: nn.Module, method: str, compute_dtype: torch.dtype, device: torch.device) -> int:
     """Replace the input embedding and the output head by ones over a :class:`QuantizedTable` (one table when
     tied). Returns how many matrices were quantized (0, 1 or 2)."""
-    embedding, head, tied = _vocabulary(module)
+    embedding, head, tied, _ = _vocabulary(module)
     count = 0
     table = None
     if embedding is not None:
@@ -236,8 +233,7 @@ def quantize_module(module: nn.Module, method: str, backend: str, compute_dtype:
     if method not in ("int8", "nf4"):
         raise ValueError(f"{key}={method!r}: use none, int8 or nf4")
     device = torch.device(device)
-    embedding, head, _ = _vocabulary(module)
-    kept = _kept_vocabulary(module)
+    embedding, head, tied, kept = _vocabulary(module)
     leave = {id(m) for m in (embedding, head) if m is not None} | kept
     targets = _targets(module, skip, leave)
     if not targets:
@@ -250,19 +246,9 @@ def quantize_module(module: nn.Module, method: str, backend: str, compute_dtype:
         setattr(parent, attr, layer)
     tables = _quantize_vocabulary(module, method, compute_dtype, device)
     module.mmdist_quantized = (method, backend)
-    log.info("%s = %s through %s: %d linear layers; input embedding and output head through mmdist: %d %s",
-             key, method, backend, len(targets), tables, "matrix (tied)" if tables == 1 and head is not None else "matrices")
+    vocabulary = "the tied input embedding/output head (one matrix)" if tied else f"{tables} of input embedding/output head"
+    log.info("%s = %s through %s: %d linear layers, and through mmdist %s", key, method, backend, len(targets), vocabulary)
     return module
-
-
-def _kept_vocabulary(module: nn.Module) -> set[int]:
-    """Ids of an input embedding's weight that stays as loaded (not a plain nn.Embedding): a linear sharing it
-    (a tied head) stays too."""
-    get_in = getattr(module, "get_input_embeddings", None)
-    embedding = get_in() if callable(get_in) else None
-    if embedding is None or type(embedding) is nn.Embedding or getattr(embedding, "weight", None) is None:
-        return set()
-    return {id(embedding.weight)}
 
 
 # ---------------------------------------------------------------------------

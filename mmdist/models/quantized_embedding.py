@@ -26,8 +26,8 @@ __all__ = ["NF4_CODE", "QuantizedEmbedding", "QuantizedHead", "QuantizedTable"]
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
             -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
-# Rows dequantized at a time by the head: about 16M values (a bounded working set whatever the vocabulary).
-CHUNK_VALUES = 1 << 24
+# Rows dequantized at a time by the head: about 4M values (a bounded working set whatever the vocabulary).
+CHUNK_VALUES = 1 << 22
 
 
 class QuantizedTable(nn.Module):
@@ -55,7 +55,9 @@ class QuantizedTable(nn.Module):
         index = index.view(self.num_rows, -1)
         self.register_buffer("data", (index[:, 0::2] << 4) | index[:, 1::2], persistent=False)
         self.register_buffer("scale", absmax, persistent=False)
-        self.register_buffer("code", code, persistent=False)
+        # byte -> its two code values: one lookup per byte instead of unpacking nibbles (1 KiB)
+        byte = torch.arange(256)
+        self.register_buffer("code", torch.stack([code[byte >> 4], code[byte & 15]], -1), persistent=False)
 
     @property
     def numel(self) -> int:
@@ -70,9 +72,8 @@ class QuantizedTable(nn.Module):
         data, scale = self.data[index], self.scale[index]
         if self.method == "int8":
             return (data.float() * scale[..., None]).to(dtype)
-        codes = torch.stack([data >> 4, data & 15], -1).view(*data.shape[:-1], -1, self.block).long()
-        values = self.code[codes] * scale[..., None]
-        return values.flatten(-2)[..., :self.num_cols].to(dtype)
+        values = nn.functional.embedding(data.int(), self.code).view(*data.shape[:-1], -1, self.block)
+        return (values * scale[..., None]).flatten(-2)[..., :self.num_cols].to(dtype)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
         """Rows ``start:stop`` of the full-precision matrix."""
@@ -119,7 +120,8 @@ class QuantizedEmbedding(nn.Module):
 
 class _HeadMatmul(torch.autograd.Function):
     """``x @ W.T`` with W dequantized a chunk of rows at a time, in forward and again in backward (nothing of W is
-    saved); the gradient goes to ``x`` only (W is frozen)."""
+    saved); the gradient goes to ``x`` only (W is frozen). int8 multiplies its per-row scale into the output
+    (``(x @ Q.T) * s``, Q's integers are exact in bf16/fp16) instead of into each weight."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, table: QuantizedTable) -> torch.Tensor:
@@ -128,7 +130,10 @@ class _HeadMatmul(torch.autograd.Function):
         out = x.new_empty(*x.shape[:-1], table.num_rows)
         for start in range(0, table.num_rows, chunk):
             stop = min(start + chunk, table.num_rows)
-            out[..., start:stop] = x @ table.dequantize(x.dtype, start, stop).T
+            if table.method == "int8":
+                out[..., start:stop] = (x @ table.data[start:stop].to(x.dtype).T) * table.scale[start:stop].to(x.dtype)
+            else:
+                out[..., start:stop] = x @ table.dequantize(x.dtype, start, stop).T
         return out
 
     @staticmethod
@@ -140,7 +145,10 @@ class _HeadMatmul(torch.autograd.Function):
         grad_x = None
         for start in range(0, table.num_rows, chunk):
             stop = min(start + chunk, table.num_rows)
-            part = grad[..., start:stop] @ table.dequantize(grad.dtype, start, stop)
+            if table.method == "int8":
+                part = (grad[..., start:stop] * table.scale[start:stop].to(grad.dtype)) @ table.data[start:stop].to(grad.dtype)
+            else:
+                part = grad[..., start:stop] @ table.dequantize(grad.dtype, start, stop)
             grad_x = part if grad_x is None else grad_x + part
         return grad_x, None
 

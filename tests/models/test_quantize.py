@@ -227,6 +227,26 @@ def test_quantized_head_matches_its_dequantized_matrix_and_passes_the_gradient_t
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+def test_an_embedding_that_is_not_a_plain_nn_embedding_stays_as_loaded_with_the_head_tied_to_it():
+    """E.g. Gemma's embedding scales its output: replacing it by a plain lookup would change the model."""
+    from mmdist.models.quantize import quantize_module
+
+    class ScaledEmbedding(torch.nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 2.0
+
+    llm = build_model(tiny_run_config("fuse").model, stage="fuse").llm
+    loaded = llm.get_input_embeddings()
+    scaled = ScaledEmbedding(loaded.num_embeddings, loaded.embedding_dim)
+    scaled.weight = loaded.weight
+    llm.set_input_embeddings(scaled)
+    head = llm.get_output_embeddings()
+    assert head.weight is scaled.weight
+    quantize_module(llm, "int8", "torchao", torch.float32, key="model.llm.quantize")
+    assert llm.get_input_embeddings() is scaled and llm.get_output_embeddings() is head
+    assert quantized_tensors(llm) and not any(isinstance(m, QuantizedTable) for m in llm.modules())
+
+
 def test_quantized_table_follows_device_moves_not_dtype_casts():
     table = QuantizedTable(torch.randn(8, 64), "nf4")
     embedding, head = QuantizedEmbedding(table, torch.float32), QuantizedHead(table)
