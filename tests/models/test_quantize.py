@@ -183,8 +183,9 @@ def test_quantized_bytes_shrink(method, backend):
     matrices = sum(p.numel() for p in plain.llm.parameters() if p.dim() == 2)  # unique: the tied matrix once
     rest = quantized_bytes(plain.llm) - 4 * matrices
     per_weight = quantized_bytes(quant.llm) - rest
-    # int8: 1 byte + a 4-byte scale per row of 32-128; nf4: 0.5 byte + a 4-byte absmax per block of 64 (+ code tables)
-    assert per_weight < (1.2 if method == "int8" else 0.7) * matrices
+    # int8: 1 byte + a 4-byte scale per row of 32-128; nf4: 0.5 byte + a 4-byte absmax per block of 64, plus fixed
+    # costs that weigh on 90k weights (bitsandbytes' 64-byte code per layer, the table's 2 KiB byte->values lookup)
+    assert per_weight < (1.2 if method == "int8" else 0.75) * matrices
 
 
 # ---------------------------------------------------------------------------
