@@ -7,7 +7,8 @@ master weights. :class:`FrozenAwareModule` keeps frozen parts in eval mode when
 the wrapper is put into train mode (dropout off, no BatchNorm statistics
 updates), because an engine calls ``model.train()`` on the whole tree.
 A quantized frozen part (mmdist/models/quantize.py) keeps its int8/nf4 weights through
-the cast (only floating tensors are cast) and shows as int8/nf4 in the table.
+the cast (only floating tensors are cast) and shows as int8/nf4 in the table (its embedding/head
+matrix too, counted as the weights it represents).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Optional
 
 import torch
 from torch import nn
+
+from mmdist.models.quantized_embedding import QuantizedTable
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -131,6 +134,11 @@ def param_table(model: nn.Module) -> str:
                 seen.add(id(b))
                 n += b.numel()
                 dtypes.add(quantized_kind(b))
+        for table in child.modules():  # mmdist's quantized embedding/head matrix (buffers; once when tied)
+            if isinstance(table, QuantizedTable) and id(table) not in seen:
+                seen.add(id(table))
+                n += table.numel
+                dtypes.add(table.method)
         total += n
         trainable_total += t
         rows.append((name, f"{n:,}", f"{t:,}", _dtype_name(dtypes), "train" if child.training else "eval"))

@@ -4,8 +4,12 @@
 the ``nn.Linear`` layers of a *frozen* part, after it is loaded and cast to its
 dtype, by quantized ones that compute in that dtype. Gradients still flow through
 them to the inputs (``inputs_embeds``, so the connector trains); the quantized
-weights have no gradient and never change. The output head and the embeddings stay
-as loaded (a tied head shares the embedding matrix, which the fused model reads).
+weights have no gradient and never change. The input embedding and the output head
+(an ``nn.Embedding`` and an ``nn.Linear``, tied or not) are quantized too, by mmdist's
+own :mod:`mmdist.models.quantized_embedding` whatever the backend: int8 rows with a
+per-row scale or nf4 blocks of 64, one copy when tied; the head still passes the
+gradient to its input. An embedding of another type (e.g. one that scales its output)
+stays as loaded, and so does a head tied to it.
 
 Backends: ``bitsandbytes`` (int8 = LLM.int8 weights with per-row scales, nf4 =
 4-bit NormalFloat in blocks of 64; peft puts LoRA on its layers, i.e. QLoRA) and
@@ -33,6 +37,7 @@ import torch
 from torch import nn
 
 from mmdist.models.freeze import quantized_kind, torch_dtype
+from mmdist.models.quantized_embedding import QuantizedEmbedding, QuantizedHead, QuantizedTable
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +64,8 @@ EXTRA = "pip install 'mmdist[quant]' (bitsandbytes and torchao, see constraints.
 NF4_BLOCK = 64
 # LLM.int8's outlier threshold: input features with a magnitude above it take a 16-bit matmul (HF's default too).
 INT8_THRESHOLD = 6.0
-# Modules left unquantized: the output head (often tied to the embeddings) and anything named like it.
-SKIP_NAMES = ("lm_head",)
-
-__all__ = ["quantize_part", "quantize_module", "resolve_backend", "quantized_bytes", "quantized_kind", "is_quantized"]
+__all__ = ["quantize_part", "quantize_module", "resolve_backend", "quantized_bytes", "quantized_kind", "quantized_kinds",
+           "is_quantized"]
 
 
 # ---------------------------------------------------------------------------
@@ -94,24 +97,55 @@ def resolve_backend(method: str, backend: str, key: str, device: Any = "cpu") ->
     return chosen
 
 
-def _targets(module: nn.Module, skip: Iterable[str]) -> list[tuple[nn.Module, str, nn.Linear]]:
-    """(parent, attribute, linear) for every nn.Linear not named in ``skip`` and not sharing the input embedding."""
+def _vocabulary(module: nn.Module) -> tuple[Optional[nn.Embedding], Optional[nn.Linear], bool, set[int]]:
+    """(input embedding, output head, tied, kept) where the first two are what mmdist quantizes itself: a plain
+    ``nn.Embedding`` and a plain ``nn.Linear`` head, else None (absent, another type such as a ViT's patch conv or
+    an embedding that scales its output, or a head tied to such an embedding). ``kept``: the id of an input
+    embedding weight left as loaded, so that no linear sharing it is quantized either."""
+    get_in, get_out = getattr(module, "get_input_embeddings", None), getattr(module, "get_output_embeddings", None)
+    loaded = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    embedding = loaded if type(loaded) is nn.Embedding else None
+    kept_weight = getattr(loaded, "weight", None) if embedding is None else None
+    if type(head) is not nn.Linear or (kept_weight is not None and head.weight is kept_weight):
+        head = None
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    return embedding, head, tied, set() if kept_weight is None else {id(kept_weight)}
+
+
+def _targets(module: nn.Module, skip: Iterable[str], leave: set[int]) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, linear) for every nn.Linear not named in ``skip``, not in ``leave`` (ids of modules and
+    weights handled elsewhere or kept)."""
     skip = tuple(skip)
-    shared = set()
-    get_in = getattr(module, "get_input_embeddings", None)
-    embedding = get_in() if callable(get_in) else None
-    if getattr(embedding, "weight", None) is not None:  # a ViT's "input embedding" is a conv without .weight
-        shared.add(id(embedding.weight))
     out = []
     for name, parent in module.named_modules():
         for attr, child in parent.named_children():
             full = f"{name}.{attr}" if name else attr
             if type(child) is not nn.Linear or any(s in full.split(".") for s in skip):
                 continue
-            if id(child.weight) in shared:
+            if id(child) in leave or id(child.weight) in leave:
                 continue
             out.append((parent, attr, child))
     return out
+
+
+def _quantize_vocabulary(module: nn.Module, method: str, compute_dtype: torch.dtype, device: torch.device) -> int:
+    """Replace the input embedding and the output head by ones over a :class:`QuantizedTable` (one table when
+    tied). Returns how many matrices were quantized (0, 1 or 2)."""
+    embedding, head, tied, _ = _vocabulary(module)
+    count = 0
+    table = None
+    if embedding is not None:
+        table = QuantizedTable(embedding.weight.data.to(device), method, NF4_BLOCK)
+        module.set_input_embeddings(QuantizedEmbedding(table, compute_dtype, embedding.padding_idx))
+        count += 1
+    if head is not None:
+        if not tied:
+            table = QuantizedTable(head.weight.data.to(device), method, NF4_BLOCK)
+            count += 1
+        bias = None if head.bias is None else head.bias.data.to(device, compute_dtype)
+        module.set_output_embeddings(QuantizedHead(table, bias))
+    return count
 
 
 def _bnb_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -190,15 +224,18 @@ def quantize_part(module: nn.Module, cfg: Any, section: str) -> nn.Module:
 
 
 def quantize_module(module: nn.Module, method: str, backend: str, compute_dtype: torch.dtype, *, key: str,
-                    device: Any = "cpu", skip: Iterable[str] = SKIP_NAMES) -> nn.Module:
+                    device: Any = "cpu", skip: Iterable[str] = ()) -> nn.Module:
     """Replace ``module``'s linear layers in place by ``method`` ('int8' | 'nf4') ones of ``backend`` (after
-    :func:`resolve_backend`). ``key`` names the setting in errors. Returns ``module``."""
+    :func:`resolve_backend`), and its input embedding and output head by mmdist's quantized ones (one table when
+    tied). ``skip``: names of linears to leave as loaded. ``key`` names the setting in errors. Returns ``module``."""
     if method == "none":
         return module
     if method not in ("int8", "nf4"):
         raise ValueError(f"{key}={method!r}: use none, int8 or nf4")
     device = torch.device(device)
-    targets = _targets(module, skip)
+    embedding, head, tied, kept = _vocabulary(module)
+    leave = {id(m) for m in (embedding, head) if m is not None} | kept
+    targets = _targets(module, skip, leave)
     if not targets:
         raise ValueError(f"{key}={method}: the module has no nn.Linear layer to quantize")
     for parent, attr, linear in targets:
@@ -207,8 +244,10 @@ def quantize_module(module: nn.Module, method: str, backend: str, compute_dtype:
         else:
             layer = _torchao_linear(linear, method, compute_dtype)
         setattr(parent, attr, layer)
+    tables = _quantize_vocabulary(module, method, compute_dtype, device)
     module.mmdist_quantized = (method, backend)
-    log.info("%s = %s through %s: %d linear layers", key, method, backend, len(targets))
+    vocabulary = "the tied input embedding/output head (one matrix)" if tied else f"{tables} of input embedding/output head"
+    log.info("%s = %s through %s: %d linear layers, and through mmdist %s", key, method, backend, len(targets), vocabulary)
     return module
 
 
@@ -217,8 +256,10 @@ def quantize_module(module: nn.Module, method: str, backend: str, compute_dtype:
 
 
 def dequantized_weight(layer: nn.Module) -> torch.Tensor:
-    """The full-precision weight [out, in] of a linear layer, quantized by either backend or not (a LoRA merge adds
-    its delta to this)."""
+    """The full-precision weight [out, in] of a linear layer (or [vocab, hidden] of mmdist's quantized embedding or
+    head), quantized by either backend or not (a LoRA merge adds its delta to this)."""
+    if isinstance(getattr(layer, "table", None), QuantizedTable):
+        return layer.table.dequantize()
     weight = layer.weight
     kind = quantized_kind(weight)
     if kind is None:
@@ -234,9 +275,17 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
 
 
 def quantized_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(name, weight) of every quantized weight: bitsandbytes parameters and torchao buffers."""
+    """(name, weight) of every quantized weight: bitsandbytes parameters, torchao buffers, and the packed codes of
+    mmdist's embedding/head tables (once when tied)."""
     tensors = list(module.named_parameters()) + list(module.named_buffers())
-    return [(n, t) for n, t in tensors if quantized_kind(t)]
+    out = [(n, t) for n, t in tensors if quantized_kind(t)]
+    return out + [(f"{n}.data", m.data) for n, m in module.named_modules() if isinstance(m, QuantizedTable)]
+
+
+def quantized_kinds(module: nn.Module) -> dict[str, str]:
+    """{name: 'int8' | 'nf4'} for every quantized weight of :func:`quantized_tensors`."""
+    tables = {f"{n}.data": m.method for n, m in module.named_modules() if isinstance(m, QuantizedTable)}
+    return {n: tables.get(n) or quantized_kind(t) for n, t in quantized_tensors(module)}
 
 
 def is_quantized(module: nn.Module) -> bool:

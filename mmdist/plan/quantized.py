@@ -1,8 +1,9 @@
 """`mmdist plan`'s quantization lines: frozen bytes of int8/nf4 parts, and the quantization that makes a run fit.
 
-Counted without building anything, from the planner's module shapes: a quantized
-linear's bytes per weight (with its scales), the embedding and head kept in the
-engine dtype. ZeRO-3 is refused with quantization, so only ZeRO 0-2 estimates count.
+Counted without building anything, from the planner's module shapes: every weight
+(linears, the input embedding and the output head, a tied one once) at a quantized
+weight's bytes with its scales. ZeRO-3 is refused with quantization, so only ZeRO 0-2
+estimates count.
 """
 
 from __future__ import annotations
@@ -28,15 +29,12 @@ def planned_bytes_per_param(method: str) -> float:
 
 
 def planned_frozen_bytes(shape: Any, method: str, dtype_bytes: int) -> int:
-    """Bytes of a frozen planner module (``mmdist.plan.ModuleShape``) quantized with ``method``: its linear weights at
-    :func:`planned_bytes_per_param`, the rest (LLM: input embedding and output head, counted as two vocab x hidden
-    matrices, which over-counts a tied head and so under-promises) at ``dtype_bytes``."""
+    """Bytes of a frozen planner module (``mmdist.plan.ModuleShape``) quantized with ``method``: all its parameters
+    (the planner counts a tied embedding/head once) at :func:`planned_bytes_per_param`. Norms and biases, which stay
+    in ``dtype_bytes``, are under 0.1% of an LLM's parameters and counted at the quantized rate too."""
     if method == "none":
         return shape.params * dtype_bytes
-    dims = shape.dims or {}
-    kept = 2 * dims.get("vocab", 0) * dims.get("hidden", 0) if shape.name == "llm" else 0
-    kept = min(kept, shape.params)
-    return int((shape.params - kept) * planned_bytes_per_param(method) + kept * dtype_bytes)
+    return int(shape.params * planned_bytes_per_param(method))
 
 
 def plan_lines(cfg: RunConfig, shapes: list, estimates: list, budget: int) -> list[str]:
