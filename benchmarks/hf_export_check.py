@@ -1,6 +1,6 @@
 """Answer held-out samples with plain transformers (mmdist cannot be imported), compare with `mmdist eval`'s answers.
 
-    mmdist demo --run-dir runs/demo-llava --fuse-set model.connector.projector_layers=1
+    mmdist demo --run-dir runs/demo-llava   # the demo chain (Linear heads, 2-layer projector) exports
     mmdist export --run runs/demo-llava --format hf --out runs/demo-llava-hf
     mmdist eval --run runs/demo-llava --data "runs/demo-llava/data/shards/eval/eval-{000000..000001}.tar" --match digit
     python -I benchmarks/hf_export_check.py runs/demo-llava-hf runs/demo-llava/data/shards/eval/eval-00000{0,1}.tar \
