@@ -20,6 +20,7 @@ import torch.distributed as tdist
 from mmdist import generate
 from mmdist.data.settings import SourceConfig
 from mmdist.evaluation.metrics import IGNORE_INDEX, RECALL_AT, normalise_answer, retrieval_metrics, score_answer
+from mmdist.training import dist
 
 if TYPE_CHECKING:
     from mmdist.config.run import RunConfig
@@ -29,9 +30,7 @@ if TYPE_CHECKING:
 
 
 def _world() -> tuple[int, int]:
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_rank(), tdist.get_world_size()
-    return 0, 1
+    return dist.rank(), dist.world_size()
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
