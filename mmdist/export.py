@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from mmdist import distributed
 from mmdist.config.run import RunConfig, config_to_dict
 from mmdist.models.align import AlignModel
 from mmdist.models.fused import FusedVLM
@@ -293,14 +294,6 @@ class ExportError(RuntimeError):
     """A trained model could not be exported."""
 
 
-def _rank_and_barrier() -> tuple[int, Callable[[], None]]:
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_rank(), tdist.barrier
-    return 0, lambda: None
-
-
 def export_trainable(model: Any, read_gather: Callable[[list], Any], out_dir: str | os.PathLike, *, fp32_master: bool = False) -> Optional[Path]:
     """Gather ``model.export_state_dict()`` and write it with its manifest (collective).
 
@@ -334,10 +327,9 @@ def export_trainable(model: Any, read_gather: Callable[[list], Any], out_dir: st
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
         raise ExportError(f"export: {len(empty)} tensor(s) are empty after gathering (e.g. {empty[:3]}); a ZeRO-3 parameter was not gathered")
-    rank, barrier = _rank_and_barrier()
-    if rank != 0:
-        barrier()
+    if distributed.rank() != 0:
+        distributed.barrier()
         return None
     out_dir = write_export(state, manifest, out_dir)
-    barrier()
+    distributed.barrier()
     return out_dir

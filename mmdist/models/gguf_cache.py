@@ -11,16 +11,20 @@ The folder sits under ``MMDIST_GGUF_CACHE`` (default ``~/.cache/mmdist/gguf``;
 ``off`` disables the cache), named by the file's name, size and a hash of its
 first and last MiB, so a changed file is converted again. A conversion is
 written to a temporary folder and renamed when complete: a crash or a second
-process converting at the same time never leaves a half folder in use. An
+process converting at the same time never leaves a half folder in use, and a file lock lets one
+process convert while the others (the other ranks of a job) wait and then read its folder. An
 unwritable cache is not an error: the GGUF is then read directly, as before.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -92,17 +96,37 @@ def converted_folder(folder: str, gguf: str) -> Optional[str]:
     tmp = root / f".tmp-{target.name}-{os.getpid()}"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("converting %s once into %s (later loads read the converted folder; %s=off to disable)", path, target, CACHE_ENV)
-        convert(os.path.dirname(path), os.path.basename(path), tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished the same conversion first: use its folder
-            if not (target / _DONE).is_file():
-                raise
+        with _conversion_lock(root / f".lock-{target.name}"):
+            if (target / _DONE).is_file():  # another process (e.g. another rank of this job) converted it meanwhile
+                return str(target)
             shutil.rmtree(tmp, ignore_errors=True)
+            logger.info("converting %s once into %s (later loads read the converted folder; %s=off to disable)", path, target, CACHE_ENV)
+            convert(os.path.dirname(path), os.path.basename(path), tmp)
+            try:
+                os.replace(tmp, target)
+            except OSError:  # a process without the lock (a file system without flock) finished first: use its folder
+                if not (target / _DONE).is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         logger.warning("GGUF cache off for %s: %s could not be written (%s); reading the GGUF directly", path, root, exc)
         return None
     return str(target)
+
+
+@contextlib.contextmanager
+def _conversion_lock(path: Path) -> Iterator[None]:
+    """One converting process per cache entry: the ranks of a job start together, and without this each would
+    convert the same GGUF (the rename keeps the result whole either way; the lock saves the work). Where the
+    file system has no ``flock`` the conversion runs unlocked, as before."""
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(handle, fcntl.LOCK_UN)

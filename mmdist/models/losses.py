@@ -18,14 +18,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mmdist import distributed
+
 
 def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather ``x`` along dim 0 across ranks; only the local shard keeps its gradient."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if distributed.world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(x) for _ in range(distributed.world_size())]
     dist.all_gather(parts, x.detach().contiguous())
-    parts[dist.get_rank()] = x
+    parts[distributed.rank()] = x
     return torch.cat(parts, 0)
 
 

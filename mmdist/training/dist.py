@@ -19,7 +19,14 @@ import os
 import sys
 from typing import Any, Optional
 
+from mmdist.distributed import all_gather_object, all_reduce, barrier, broadcast_object, is_initialized, rank, world_size
 from mmdist.training.launch_env import DistEnv, DistError, discover
+
+# The rank/world/collective helpers live in the core leaf mmdist.distributed (the export and the losses use them
+# too); they are re-exported here because the trainer's modules call them as dist.rank() etc.
+__all__ = ["DEFAULT_TIMEOUT_S", "TIMEOUT_ENV", "DistEnv", "DistError", "all_gather_object", "all_reduce", "barrier",
+           "broadcast_object", "init", "is_initialized", "node_identity", "rank", "resolve_backend", "shutdown",
+           "world_size"]
 
 DEFAULT_TIMEOUT_S = 600.0
 TIMEOUT_ENV = "MMDIST_DIST_TIMEOUT"
@@ -157,70 +164,3 @@ def shutdown() -> None:
         else:
             os.environ[key] = value
     _saved_environ.clear()
-
-
-def is_initialized() -> bool:
-    try:
-        import torch.distributed as tdist
-    except ImportError:  # pragma: no cover
-        return False
-    return tdist.is_available() and tdist.is_initialized()
-
-
-# ---------------------------------------------------------------------------
-# where this process is, and the few collectives the trainer needs (1 rank without a process group)
-
-
-def rank() -> int:
-    """This process's rank in the default group; 0 without one."""
-    import torch.distributed as tdist
-
-    return tdist.get_rank() if tdist.is_available() and tdist.is_initialized() else 0
-
-
-def world_size() -> int:
-    """Ranks in the default group (mmdist runs data parallel only: every rank's gradients are averaged); 1 without one."""
-    import torch.distributed as tdist
-
-    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
-
-
-def barrier() -> None:
-    """Wait for every rank; nothing without a process group."""
-    import torch.distributed as tdist
-
-    if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
-
-
-def all_reduce(values: list[float], device: Any, op: str = "sum") -> list[float]:
-    """``values`` (float64) reduced over every rank with ``op`` (sum, min or max); as they are on one rank."""
-    import torch
-    import torch.distributed as tdist
-
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if world_size() > 1:
-        tdist.all_reduce(tensor, op={"sum": tdist.ReduceOp.SUM, "min": tdist.ReduceOp.MIN, "max": tdist.ReduceOp.MAX}[op])
-    return tensor.tolist()
-
-
-def all_gather_object(obj: Any) -> list:
-    """Every rank's picklable ``obj`` in rank order; ``[obj]`` on one rank."""
-    import torch.distributed as tdist
-
-    if world_size() == 1:
-        return [obj]
-    gathered: list[Any] = [None] * world_size()
-    tdist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s picklable ``obj`` on every rank; ``obj`` on one rank."""
-    import torch.distributed as tdist
-
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    tdist.broadcast_object_list(box, src=src)
-    return box[0]

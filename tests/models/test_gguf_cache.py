@@ -36,6 +36,36 @@ def test_an_unwritable_cache_falls_back_to_the_gguf(tmp_path, monkeypatch, caplo
     assert "reading the GGUF directly" in caplog.text
 
 
+def test_ranks_starting_together_convert_once(tmp_path, monkeypatch):
+    """The ranks of a job ask for the same GGUF at once: one converts, the others wait for it and reuse its folder."""
+    import threading
+    import time
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path / "cache"))
+    calls = []
+
+    def slow_convert(folder, gguf, target):
+        calls.append(target)
+        time.sleep(0.3)  # long enough that every thread asks while the first converts
+        target.mkdir(parents=True)
+        (target / gguf_cache._DONE).write_text("format 1\n")
+        return None, None
+
+    monkeypatch.setattr(gguf_cache, "convert", slow_convert)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(gguf_cache.converted_folder(str(tmp_path), "m.gguf")))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1
+    assert len(results) == 3 and len(set(results)) == 1 and results[0] is not None
+    assert os.path.isfile(os.path.join(results[0], gguf_cache._DONE))
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp-")]
+
+
 @pytest.mark.slow
 def test_the_converted_smollm2_equals_the_gguf_and_is_reused(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM, AutoTokenizer
