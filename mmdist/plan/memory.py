@@ -190,9 +190,8 @@ def activation_bytes_per_sample(shapes: list[ModuleShape], cfg: RunConfig, check
         h = stage1.dims.get("width", q.hidden_size)
         cross = math.ceil(q.num_layers / max(1, q.cross_attention_every))
         total += (q.num_layers * q.num_queries * 16 * h + cross * v["tokens"] * (v["hidden"] + 2 * h)) * 4
-    # frozen vision forward runs without grad: one layer's transient working set per image
-    vseq = v.get("seq", v["tokens"])
-    total += vseq * (4 * v["hidden"] + v["intermediate"]) * e
+    # frozen vision forward runs without grad: one layer's transient working set per image (mmdist.plan.towers)
+    total += v["working_set"] * e
     text = by_name.get("text_encoder")
     if text is not None:
         td = text.dims

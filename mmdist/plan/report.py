@@ -108,15 +108,17 @@ def input_line(shapes: list[ModuleShape], gpu: str, gpus_per_node: int, cpus_per
 
     vision = next((s for s in shapes if s.name == "vision_encoder"), None)
     row = datasheet_peak(gpu)
-    if vision is None or not vision.dims.get("seq") or row is None or not (row.bf16 or row.fp16):
-        why = "unknown GPU " + repr(gpu) if row is None else "custom vision encoder (no token count)"
+    if vision is None or not vision.dims.get("flops_per_image") or row is None or not (row.bf16 or row.fp16):
+        why = "unknown GPU " + repr(gpu) if row is None else "custom vision encoder (no FLOP count)"
         return [f"input: not estimated ({why})"]
-    flops = 2 * vision.params * vision.dims["seq"]  # frozen forward over every token of the tower
+    flops = vision.dims["flops_per_image"]  # one frozen forward of the tower (mmdist.plan.towers)
     need = TOWER_MFU * (row.bf16 or row.fp16) / flops
     cores = need / images_per_core
-    lines = [f"input: the vision tower ({vision.params / 1e6:.0f}M params x {vision.dims['seq']} tokens = "
-             f"{flops / 1e12:.2f} TFLOP/image) at {TOWER_MFU:.0%} of a {row.label}'s peak eats {need:,.0f} images/s per GPU; "
-             f"at {images_per_core:.0f} images/s per core (mmdist's loader) that is {cores:.1f} CPU cores per GPU"]
+    how = (f"{vision.params / 1e6:.0f}M params x {vision.dims['seq']} tokens" if vision.dims.get("seq")
+           else f"{vision.params / 1e6:.0f}M params at {vision.dims['image_size']} px")
+    lines = [f"input: the vision tower ({how} = {flops / 1e12:.2f} TFLOP/image) at {TOWER_MFU:.0%} of a {row.label}'s "
+             f"peak eats {need:,.0f} images/s per GPU; at {images_per_core:.0f} images/s per core (mmdist's loader) that is "
+             f"{cores:.1f} CPU cores per GPU"]
     if cpus_per_node and gpus_per_node and cpus_per_node / gpus_per_node < cores:
         lines.append(f"  warning: {cpus_per_node} cores for {gpus_per_node} GPUs is {cpus_per_node / gpus_per_node:.1f} per GPU: "
                      "the loader cannot keep the tower busy when it decodes pixels; cache the image features "

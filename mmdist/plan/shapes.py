@@ -19,6 +19,7 @@ from mmdist.plan.backbones import (  # noqa: F401  (DTYPE_BYTES, GiB, builtin_co
     hf_config,
     meta_model,
 )
+from mmdist.plan.towers import vision_shape
 from mmdist.training.metrics import FlopCount, flop_count
 
 
@@ -43,25 +44,9 @@ def _lora_params(model: Any, cfg: RunConfig) -> int:
 
 def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     """Every top-level module of the configured stage, with parameter counts, trainability and dtype."""
-    out: list[ModuleShape] = []
-    vis = cfg.model.vision
-    vision_model = None
-    if vis.source == "custom":
-        if vis.hidden_size is None:
-            raise ValueError("model.vision.hidden_size: the planner needs the feature width of a custom encoder")
-        vdims = dict(hidden=vis.hidden_size, layers=0, intermediate=0, heads=1, tokens=cfg.model.connector.image_tokens or 256)
-        out.append(ModuleShape("vision_encoder", _custom_vision_params(cfg), not vis.freeze, vis.dtype, 0, vdims))
-    else:
-        vconf = hf_config("model.vision", vis.name_or_path, vis.init_config)
-        vconf = getattr(vconf, "vision_config", None) or vconf
-        vision_model = meta_model(vconf, causal_lm=False)
-        params, largest = count_parameters(vision_model)
-        grid = (vconf.image_size // vconf.patch_size) ** 2
-        has_cls = not vconf.model_type.startswith("siglip")
-        tokens = {"patch": grid, "cls": 1, "all": grid + int(has_cls)}[vis.select_tokens]
-        vdims = dict(hidden=vconf.hidden_size, layers=vconf.num_hidden_layers, intermediate=vconf.intermediate_size,
-                     heads=vconf.num_attention_heads, tokens=tokens, seq=grid + 1)
-        out.append(ModuleShape("vision_encoder", params, not vis.freeze, vis.dtype, largest, vdims))
+    vision, vision_model = vision_shape(cfg)
+    out: list[ModuleShape] = [vision]
+    vdims = vision.dims
 
     conn = cfg.model.connector
     vision_dim = vdims["hidden"]
@@ -112,17 +97,6 @@ def _fused_flops(llm: Any, vision: Any, llm_trains: bool, vision_runs: bool) -> 
     if vision is not None:
         holder.vision = vision.requires_grad_(False)
     return flop_count(holder, "fuse", vision_runs=vision_runs)
-
-
-def _custom_vision_params(cfg: RunConfig) -> int:
-    import importlib
-
-    import torch
-
-    module_name, cls_name = cfg.model.vision.custom_class.split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
-    with torch.device("meta"):
-        return count_parameters(cls(**cfg.model.vision.custom_kwargs))[0]
 
 
 def _mlp_params(d_in: int, d_hidden: int, d_out: int, layers: int) -> int:
