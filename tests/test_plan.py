@@ -378,3 +378,63 @@ def test_a_timm_tower_is_planned_as_the_built_tower(monkeypatch, select):
     bad = tiny_run_config("fuse", "model.vision.source=timm", "model.vision.name_or_path=no_such_net", "model.vision.init_config=null")
     with pytest.raises(ValueError, match="no timm architecture"):
         plan.model_shapes(bad)
+
+
+@pytest.mark.parametrize("overrides", [["model.connector.resampler.before_projector=true"], []],
+                         ids=["mlp+resampler-before-projector", "type=resampler"])
+def test_a_resampler_is_counted_where_the_fused_model_holds_it(overrides):
+    """Stage 2 puts a new trainable resampler in the projector (ResampledProjector): its parameters are counted
+    there, fp32 and trainable, and the LLM gets num_queries tokens per image."""
+    from mmdist.materialize import build_run_model
+
+    connector = "mlp" if overrides else "resampler"
+    cfg = tiny_run_config("fuse", "model.connector.resampler.num_queries=5", "model.connector.resampler.hidden_size=16",
+                          *overrides, connector=connector)
+    shapes = plan.model_shapes(cfg)
+    by = {s.name: s for s in shapes}
+    model = build_run_model(cfg)
+    assert (by["projector"].params, by["projector"].trainable, by["projector"].dtype) == (
+        sum(p.numel() for p in model.projector.parameters()), True, "fp32")
+    assert "stage1" not in by
+    assert (sum(s.params for s in shapes if s.trainable), sum(s.params for s in shapes if not s.trainable)) == _split(model)
+    assert by["projector"].dims["tokens"] == model.num_image_tokens == 5
+    assert by["projector"].dims["resampler"]["in_tokens"] == model.vision.num_tokens == 16
+    plain = {s.name: s for s in plan.model_shapes(tiny_run_config("fuse"))}
+    assert plan.activation_bytes_per_sample(shapes, cfg, False) != plan.activation_bytes_per_sample(list(plain.values()), cfg, False)
+
+
+def test_a_stage1_resampler_is_counted_as_the_align_model_builds_it():
+    from mmdist.materialize import build_run_model
+
+    cfg = tiny_run_config("align", "model.connector.resampler.num_queries=6", "model.connector.resampler.hidden_size=16",
+                          connector="resampler")
+    shapes = plan.model_shapes(cfg)
+    stage1 = next(s for s in shapes if s.name == "stage1")
+    model = build_run_model(cfg)
+    assert (sum(s.params for s in shapes if s.trainable), sum(s.params for s in shapes if not s.trainable)) == _split(model)
+    assert stage1.dims["tokens"] == model.stage1.num_tokens == 6
+    assert stage1.params == sum(p.numel() for p in model.stage1.parameters()) + 1, "+ the learnable temperature"
+
+
+def test_resampler_activation_estimate_matches_saved_tensors():
+    import torch
+
+    from mmdist.models.resampler import Resampler, ResamplerConfig
+    from mmdist.plan.memory import resampler_activation_bytes
+
+    torch.manual_seed(0)
+    r = ResamplerConfig(num_queries=8, num_layers=2, hidden_size=32, num_heads=4)
+    module = Resampler(r, 24, 48)
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(torch.randn(1, 100, 24))  # one image of 100 frozen tower tokens
+    predicted = resampler_activation_bytes(dict(in_tokens=100, in_width=24, queries=8, hidden=32, layers=2))
+    assert sum(seen.values()) == pytest.approx(predicted, rel=0.1)

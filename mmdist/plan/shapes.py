@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from mmdist.config.run import RunConfig
-from mmdist.models.connectors import build_stage1_module
+from mmdist.models.build import resamples_before_projector
+from mmdist.models.connectors import ResampledProjector, build_stage1_module
 from mmdist.plan.backbones import (  # noqa: F401  (DTYPE_BYTES, GiB, builtin_config: the package's names, kept here)
     DTYPE_BYTES,
     GiB,
@@ -62,7 +63,8 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
 
     stage1_params, stage1_out, image_tokens = _stage1_module(cfg, vision_dim, text_dim, image_tokens)
     if cfg.stage == "align":
-        out.append(ModuleShape("stage1", stage1_params, True, "fp32", stage1_params, {"tokens": image_tokens, "width": stage1_out}))
+        out.append(ModuleShape("stage1", stage1_params, True, "fp32", stage1_params,
+                               {"tokens": image_tokens, "width": stage1_out, **_resampler_dims(cfg, conn.type == "resampler", vdims)}))
         return out
 
     llm = cfg.model.llm
@@ -74,17 +76,44 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
                            flops=_fused_flops(lmodel, vision_model, not llm.freeze, vision_runs=not cfg.data.feature_cache)))
     if llm.lora.enabled:
         out.append(ModuleShape("lora", _lora_params(lmodel, cfg), True, "fp32"))
-    if cfg.model.connector.stage1_weights is not None:
+    if conn.stage1_weights is not None:
         out.append(ModuleShape("stage1", stage1_params, conn.train_stage1_module, "fp32", stage1_params,
-                               {"tokens": image_tokens, "width": stage1_out}))
+                               {"tokens": image_tokens, "width": stage1_out, **_resampler_dims(cfg, conn.type == "resampler", vdims)}))
         proj_in = stage1_out
     else:
         proj_in = vision_dim
         image_tokens = conn.image_tokens or vdims["tokens"]
-    proj = _mlp_params(proj_in, ldims["hidden"], ldims["hidden"], conn.projector_layers)
-    out.append(ModuleShape("projector", proj, True, "fp32", _mlp_largest(proj_in, ldims["hidden"], conn.projector_layers),
-                           {"tokens": image_tokens, "in": proj_in}))
+    out.append(_projector_shape(cfg, proj_in, ldims["hidden"], image_tokens))
     return out
+
+
+def _projector_shape(cfg: RunConfig, proj_in: int, llm_dim: int, image_tokens: int) -> ModuleShape:
+    """The stage-2 projector as FusedVLM builds it: an MLP, or a new resampler and then the MLP (ResampledProjector)
+    when mmdist.models.build puts one before it; trainable, fp32. ``dims["tokens"]``: LLM tokens per image."""
+    import torch
+
+    conn = cfg.model.connector
+    manifest = {} if conn.stage1_weights is not None else None  # its contents do not decide whether a resampler comes
+    if resamples_before_projector(cfg.model, manifest):
+        with torch.device("meta"):
+            module = ResampledProjector(conn.resampler, proj_in, llm_dim, conn.projector_layers)
+        params, largest = count_parameters(module)
+        dims = {"tokens": module.num_tokens, "in": conn.resampler.hidden_size,
+                **_resampler_dims(cfg, True, {"tokens": image_tokens, "hidden": proj_in})}
+        return ModuleShape("projector", params, True, "fp32", largest, dims)
+    params = _mlp_params(proj_in, llm_dim, llm_dim, conn.projector_layers)
+    return ModuleShape("projector", params, True, "fp32", _mlp_largest(proj_in, llm_dim, conn.projector_layers),
+                       {"tokens": image_tokens, "in": proj_in})
+
+
+def _resampler_dims(cfg: RunConfig, present: bool, source: dict) -> dict:
+    """``{"resampler": ...}`` for a module that holds a resampler reading ``source``'s tokens (else nothing):
+    its input tokens and width per image, queries, width and layers (mmdist.plan.memory sizes its activations)."""
+    if not present:
+        return {}
+    r = cfg.model.connector.resampler
+    return {"resampler": dict(in_tokens=source["tokens"], in_width=source["hidden"], queries=r.num_queries,
+                              hidden=r.hidden_size, layers=r.num_layers)}
 
 
 def _fused_flops(llm: Any, vision: Any, llm_trains: bool, vision_runs: bool) -> FlopCount:
@@ -110,9 +139,9 @@ def _mlp_largest(d_in: int, d_out: int, layers: int) -> int:
 
 
 def _stage1_module(cfg: RunConfig, vision_dim: int, text_dim: int, image_tokens: int) -> tuple[int, int, int]:
-    """(parameters, output width, image tokens) of the stage-1 module (heads or Q-Former), exact: built on
-    the meta device from mmdist's own connector code. Stage 2 keeps only the image side of linear/mlp
-    heads; stage 1 adds the text head and the temperature.
+    """(parameters, output width, image tokens) of the stage-1 module (heads, Q-Former or resampler), exact:
+    built on the meta device from mmdist's own connector code. Stage 2 keeps only the image side of linear/mlp
+    heads and of a resampler; stage 1 adds the text head and the temperature.
     """
     import torch
 
