@@ -292,6 +292,8 @@ def test_a_conv_tower_in_a_fused_model_and_its_plan_line(capsys):
     big = plan.model_shapes(_with_tower("fuse", TINY_RESNET, "model.vision.image_size=64"))[0]
     assert big.dims["tokens"] == 4 * plan.model_shapes(_with_tower("fuse", TINY_RESNET, "model.vision.image_size=32"))[0].dims["tokens"]
     assert big.dims["flops_per_image"] > by["vision_encoder"].dims["flops_per_image"]
+    text = plan.format_plan(cfg, shapes, plan.estimate(cfg, shapes, 1), 1, plan.parse_bytes("80GB"))
+    assert "the convolutional tower gives 9 tokens of width 16 per image at 32 px" in text
     line = plan.input_line(shapes, "H100 SXM", 8, 0)[0]
     assert "at 32 px" in line and f"{by['vision_encoder'].dims['flops_per_image'] / 1e12:.2f} TFLOP/image" in line
 
@@ -438,3 +440,55 @@ def test_resampler_activation_estimate_matches_saved_tensors():
         module(torch.randn(1, 100, 24))  # one image of 100 frozen tower tokens
     predicted = resampler_activation_bytes(dict(in_tokens=100, in_width=24, queries=8, hidden=32, layers=2))
     assert sum(seen.values()) == pytest.approx(predicted, rel=0.1)
+
+
+def test_tiling_is_planned_as_the_preprocessor_lays_out_a_sample():
+    """With data.image_tiling the planner's positions, image tokens and tower images per sample are those of a
+    real sample on the costliest grid (2 x 2 here), rendered by the preprocessor with the model's own processors."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from mmdist.data.preprocess import make_preprocessor
+    from mmdist.data.reader import decode_sample
+    from mmdist.materialize import build_run_model
+
+    cfg = tiny_run_config("fuse", "data.image_tiling.enabled=true", "data.template=plain")
+    plain_cfg = tiny_run_config("fuse", "data.template=plain")
+    shapes, plain = plan.model_shapes(cfg), plan.model_shapes(plain_cfg)
+    proj = next(s for s in shapes if s.name == "projector").dims
+    model = build_run_model(cfg)
+    n = model.num_image_tokens
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+    raw = {"__key__": "k", "__url__": "mem.tar", "png": buf.getvalue(), "txt": b"a picture"}
+    out = make_preprocessor(cfg, model.processors)(decode_sample(raw, 10**8, 10_000))
+    assert out["image_grids"] == [(2, 2)]
+    separators = model.processors.tokenizer.encode(cfg.data.image_tiling.separator, add_special_tokens=False)
+    image_ids = sum(t == model.processors.image_token_id for t in out["input_ids"])
+    assert proj["images"] == out["num_images"] == 5 and proj["tokens"] == image_ids == 5 * n
+    assert proj["separator_tokens"] == len(separators) == 1 and "tiny-bytes" in proj["separator_note"]
+    assert proj["positions"] == image_ids + 2 * len(separators) == 5 * n + 2
+    # every tiled image is one more tower forward and n more image tokens: activations and FLOPs grow with them
+    vision = next(s for s in shapes if s.name == "vision_encoder").dims
+    assert vision["images"] == 5
+    act = plan.activation_bytes_per_sample(shapes, cfg, False) - plan.activation_bytes_per_sample(plain, plain_cfg, False)
+    e = plan.DTYPE_BYTES[cfg.engine.precision]
+    hidden_in, llm_hidden = proj["in"], next(s for s in shapes if s.name == "llm").dims["hidden"]
+    assert act == 4 * vision["working_set"] * e + 4 * n * (hidden_in + 2 * llm_hidden) * 4
+    from mmdist.plan.speed import _micro_batch_flops
+
+    llm = next(s for s in shapes if s.name == "llm").flops
+    per_image = llm.per_image_token + sum(4.0 * s.params for s in shapes if s.name == "projector")
+    extra = cfg.train.micro_batch_size * 4 * n
+    assert _micro_batch_flops(cfg, shapes)[0] - _micro_batch_flops(plain_cfg, plain)[0] == pytest.approx(
+        extra * (per_image - llm.per_supervised_token))
+
+
+def test_tiling_past_max_len_is_announced_in_the_plan():
+    cfg = tiny_run_config("fuse", "data.image_tiling.enabled=true", "data.max_len=64")
+    shapes = plan.model_shapes(cfg)
+    text = plan.format_plan(cfg, shapes, plan.estimate(cfg, shapes, 1), 1, plan.parse_bytes("80GB"))
+    assert "up to 5 images per sample (base + 4 tiles) = 80 image tokens, 82 positions" in text
+    assert "more than data.max_len=64" in text

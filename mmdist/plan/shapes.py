@@ -20,6 +20,7 @@ from mmdist.plan.backbones import (  # noqa: F401  (DTYPE_BYTES, GiB, builtin_co
     hf_config,
     meta_model,
 )
+from mmdist.plan.images import sample_images
 from mmdist.plan.towers import vision_shape
 from mmdist.training.metrics import FlopCount, flop_count
 
@@ -76,20 +77,29 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
                            flops=_fused_flops(lmodel, vision_model, not llm.freeze, vision_runs=not cfg.data.feature_cache)))
     if llm.lora.enabled:
         out.append(ModuleShape("lora", _lora_params(lmodel, cfg), True, "fp32"))
+    stage1 = None
     if conn.stage1_weights is not None:
-        out.append(ModuleShape("stage1", stage1_params, conn.train_stage1_module, "fp32", stage1_params,
-                               {"tokens": image_tokens, "width": stage1_out, **_resampler_dims(cfg, conn.type == "resampler", vdims)}))
+        stage1 = ModuleShape("stage1", stage1_params, conn.train_stage1_module, "fp32", stage1_params,
+                             {"tokens": image_tokens, "width": stage1_out, **_resampler_dims(cfg, conn.type == "resampler", vdims)})
+        out.append(stage1)
         proj_in = stage1_out
     else:
         proj_in = vision_dim
         image_tokens = conn.image_tokens or vdims["tokens"]
-    out.append(_projector_shape(cfg, proj_in, ldims["hidden"], image_tokens))
+    projector = _projector_shape(cfg, proj_in, ldims["hidden"], image_tokens)
+    per_sample = sample_images(cfg, projector.dims["tokens_per_image"])
+    vdims["images"] = per_sample.images
+    projector.dims.update(tokens=per_sample.image_tokens, images=per_sample.images, positions=per_sample.positions,
+                          separator_tokens=per_sample.separator_tokens, separator_note=per_sample.separator_note)
+    if stage1 is not None:
+        stage1.dims["images"] = per_sample.images
+    out.append(projector)
     return out
 
 
 def _projector_shape(cfg: RunConfig, proj_in: int, llm_dim: int, image_tokens: int) -> ModuleShape:
     """The stage-2 projector as FusedVLM builds it: an MLP, or a new resampler and then the MLP (ResampledProjector)
-    when mmdist.models.build puts one before it; trainable, fp32. ``dims["tokens"]``: LLM tokens per image."""
+    when mmdist.models.build puts one before it; trainable, fp32. ``dims["tokens_per_image"]``: LLM tokens per image."""
     import torch
 
     conn = cfg.model.connector
@@ -98,12 +108,12 @@ def _projector_shape(cfg: RunConfig, proj_in: int, llm_dim: int, image_tokens: i
         with torch.device("meta"):
             module = ResampledProjector(conn.resampler, proj_in, llm_dim, conn.projector_layers)
         params, largest = count_parameters(module)
-        dims = {"tokens": module.num_tokens, "in": conn.resampler.hidden_size,
+        dims = {"tokens_per_image": module.num_tokens, "in": conn.resampler.hidden_size,
                 **_resampler_dims(cfg, True, {"tokens": image_tokens, "hidden": proj_in})}
         return ModuleShape("projector", params, True, "fp32", largest, dims)
     params = _mlp_params(proj_in, llm_dim, llm_dim, conn.projector_layers)
     return ModuleShape("projector", params, True, "fp32", _mlp_largest(proj_in, llm_dim, conn.projector_layers),
-                       {"tokens": image_tokens, "in": proj_in})
+                       {"tokens_per_image": image_tokens, "in": proj_in})
 
 
 def _resampler_dims(cfg: RunConfig, present: bool, source: dict) -> dict:
