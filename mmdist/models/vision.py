@@ -132,9 +132,7 @@ class VisionTower(torch.nn.Module):
             settings = image_settings_timm(cfg, self.model)
         else:
             self.model = load_hf_tower(cfg, gather)
-            model_type = self.model.config.model_type
-            self.kind = "conv" if model_type in HF_CONV_TYPES else "tokens"
-            self.has_cls = HF_HAS_CLS.get(model_type, True) if self.kind == "tokens" else False
+            self.kind, self.has_cls = hf_tower_kind(self.model.config.model_type)
             settings = image_settings_hf(cfg, self.model.config)
         if cfg.select_tokens == "cls" and not self.has_cls:
             raise ValueError(f"model.vision.select_tokens=cls: this {cfg.source} tower ({cfg.name_or_path or cfg.custom_class or 'init_config'}) "
@@ -156,7 +154,7 @@ class VisionTower(torch.nn.Module):
                 self.load_report = load_checkpoint_into(self.model, cfg.checkpoint, key=cfg.checkpoint_key,
                                                         allow_partial=cfg.allow_partial_load)
         quantize_part(self.model, cfg, "model.vision")
-        known = self._shape_from_config() if self.kind == "tokens" else None
+        known = shape_from_config(self.model.config, cfg, self.image_size, self.has_cls) if self.kind == "tokens" else None
         if known is not None:
             self.num_tokens, width = known
         else:
@@ -172,21 +170,6 @@ class VisionTower(torch.nn.Module):
         if width != self.hidden_size:
             raise ValueError(f"model.vision.hidden_size={cfg.hidden_size} but the encoder returns width {width}")
 
-    def _shape_from_config(self) -> Optional[tuple[int, int]]:
-        """(tokens, width) of a ViT-like HF tower from its config; None when it cannot be read (then probe)."""
-        config = self.model.config
-        patch, size, width = getattr(config, "patch_size", None), getattr(config, "image_size", None), getattr(config, "hidden_size", None)
-        if not (isinstance(patch, int) and isinstance(size, int) and width) or size != self.image_size or config.model_type not in CONFIG_SHAPED:
-            return None
-        if self.cfg.feature_grid:
-            return None
-        patches = (size // patch) ** 2
-        if self.cfg.select_tokens == "cls":
-            return 1, int(width)
-        if self.cfg.select_tokens == "all" and self.has_cls:
-            return patches + 1, int(width)
-        return patches, int(width)
-
     @property
     def dtype(self):
         return next(self.model.parameters()).dtype
@@ -196,24 +179,6 @@ class VisionTower(torch.nn.Module):
         return ImageTransform(self.image_size, self.image_mean, self.image_std, self.cfg.pad_to_square,
                               resample=self.image_resample, resize=self.image_resize, crop_pct=self.image_crop_pct)
 
-    def _select(self, hidden: torch.Tensor, prefix: int) -> torch.Tensor:
-        """Tokens [N, T, D] with ``prefix`` leading non-patch tokens -> the selected ones (pooled to the grid when set)."""
-        if self.cfg.select_tokens == "cls":
-            return hidden[:, :1]
-        if self.cfg.select_tokens == "all":
-            return hidden
-        hidden = hidden[:, prefix:]
-        return as_tokens(hidden, self.cfg.feature_grid) if self.cfg.feature_grid else hidden
-
-    def _timm_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.cfg.feature_stage is not None:
-            maps = self.model.forward_intermediates(pixel_values, indices=[self.cfg.feature_stage], intermediates_only=True)
-            return map_to_tokens(maps[-1], self.cfg.feature_grid)
-        out = self.model.forward_features(pixel_values)
-        if out.dim() == 4:
-            return map_to_tokens(out, self.cfg.feature_grid)
-        return self._select(out, int(getattr(self.model, "num_prefix_tokens", 0) or 0))
-
     def forward(self, pixel_values):
         """[N, C, H, W] -> [N, tokens, D] features of the selected layer (or stage) and tokens.
 
@@ -222,17 +187,66 @@ class VisionTower(torch.nn.Module):
         """
         if pixel_values.dtype == torch.uint8:
             pixel_values = self.image_transform().normalize(pixel_values, self.dtype)
-        pixel_values = pixel_values.to(self.dtype)
-        if self.kind == "custom":
-            return as_tokens(self.model(pixel_values), self.cfg.feature_grid)
-        if self.kind == "timm":
-            return self._timm_features(pixel_values)
-        out = self.model(pixel_values=pixel_values, output_hidden_states=True)
-        if self.kind == "conv":
-            stage = -1 if self.cfg.feature_stage is None else self.cfg.feature_stage
-            return map_to_tokens(out.hidden_states[stage], self.cfg.feature_grid)
-        hidden = out.hidden_states[self.cfg.select_layer]
-        return self._select(hidden, 1 if self.has_cls else 0)
+        return tower_features(self.model, self.kind, self.cfg, pixel_values.to(self.dtype), self.has_cls)
+
+
+# ---------------------------------------------------------------------------
+# what a tower's output becomes (VisionTower and the planner, mmdist/plan/towers.py, on the meta device)
+
+
+def hf_tower_kind(model_type: str) -> tuple[str, bool]:
+    """(``'conv'`` for a feature-map tower or ``'tokens'``, whether it has a class token) of an HF ``model_type``."""
+    kind = "conv" if model_type in HF_CONV_TYPES else "tokens"
+    return kind, (HF_HAS_CLS.get(model_type, True) if kind == "tokens" else False)
+
+
+def shape_from_config(config, cfg: VisionConfig, image_size: int, has_cls: bool) -> Optional[tuple[int, int]]:
+    """(tokens, width) of a ViT-like HF tower from its config; None when it cannot be read (then probe)."""
+    patch, size, width = getattr(config, "patch_size", None), getattr(config, "image_size", None), getattr(config, "hidden_size", None)
+    if not (isinstance(patch, int) and isinstance(size, int) and width) or size != image_size or config.model_type not in CONFIG_SHAPED:
+        return None
+    if cfg.feature_grid:
+        return None
+    patches = (size // patch) ** 2
+    if cfg.select_tokens == "cls":
+        return 1, int(width)
+    if cfg.select_tokens == "all" and has_cls:
+        return patches + 1, int(width)
+    return patches, int(width)
+
+
+def select_tokens(hidden: torch.Tensor, cfg: VisionConfig, prefix: int) -> torch.Tensor:
+    """Tokens [N, T, D] with ``prefix`` leading non-patch tokens -> the selected ones (pooled to the grid when set)."""
+    if cfg.select_tokens == "cls":
+        return hidden[:, :1]
+    if cfg.select_tokens == "all":
+        return hidden
+    hidden = hidden[:, prefix:]
+    return as_tokens(hidden, cfg.feature_grid) if cfg.feature_grid else hidden
+
+
+def timm_features(model: torch.nn.Module, cfg: VisionConfig, pixel_values: torch.Tensor) -> torch.Tensor:
+    """A timm model's tokens: the ``feature_stage`` map (forward_intermediates), else forward_features' map or tokens."""
+    if cfg.feature_stage is not None:
+        maps = model.forward_intermediates(pixel_values, indices=[cfg.feature_stage], intermediates_only=True)
+        return map_to_tokens(maps[-1], cfg.feature_grid)
+    out = model.forward_features(pixel_values)
+    if out.dim() == 4:
+        return map_to_tokens(out, cfg.feature_grid)
+    return select_tokens(out, cfg, int(getattr(model, "num_prefix_tokens", 0) or 0))
+
+
+def tower_features(model: torch.nn.Module, kind: str, cfg: VisionConfig, pixel_values: torch.Tensor, has_cls: bool) -> torch.Tensor:
+    """Normalised pixels [N, C, H, W] in the tower's dtype -> [N, tokens, D] of the selected layer (or stage) and tokens."""
+    if kind == "custom":
+        return as_tokens(model(pixel_values), cfg.feature_grid)
+    if kind == "timm":
+        return timm_features(model, cfg, pixel_values)
+    out = model(pixel_values=pixel_values, output_hidden_states=True)
+    if kind == "conv":
+        stage = -1 if cfg.feature_stage is None else cfg.feature_stage
+        return map_to_tokens(out.hidden_states[stage], cfg.feature_grid)
+    return select_tokens(out.hidden_states[cfg.select_layer], cfg, 1 if has_cls else 0)
 
 
 def vision_fingerprint(cfg: VisionConfig) -> str:

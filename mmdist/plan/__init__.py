@@ -14,8 +14,9 @@ How it works, without loading a single weight:
    ``torch.device("meta")`` from its config (exact, whatever the architecture).
    The config comes from ``init_config``, a local folder or GGUF file
    (``AutoConfig``), or a small built-in table for the reference models (the
-   hub is not reachable everywhere the planner must run). The trainable
-   connector is counted from its settings.
+   hub is not reachable everywhere the planner must run). The vision tower's
+   tokens come from its config or one forward on the meta device (conv and timm
+   towers); the trainable connector (resampler included) is built there too.
 2. Model states per rank, following what DeepSpeed 0.19 actually allocates
    (checked against measured engines in benchmarks/memory_per_rank.py and
    tests/test_plan.py): module weights in the compute dtype (ZeRO-3: one
@@ -31,8 +32,9 @@ The activation figures are estimates from layer shapes (per token and layer:
 what autograd keeps for an input-gradient backward through frozen weights);
 the model-state figures are exact up to DeepSpeed's padding.
 
-The steps are modules: ``shapes`` (1), ``memory`` (2-3), ``report`` (4); the
-names below are the package's API.
+The steps are modules: ``shapes`` (1, with ``backbones`` for the configs and
+meta builds, ``towers`` for the vision tower, ``images`` for a sample's images and
+tiles), ``memory`` (2-3), ``report`` (4); the names below are the package's API.
 """
 
 from mmdist.plan.memory import (

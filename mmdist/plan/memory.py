@@ -156,14 +156,25 @@ def llm_activation_bytes(dims: dict, seq: int, e: int, trains: bool = False, eag
     return seq * layers * per_token_layer
 
 
+def resampler_activation_bytes(r: dict) -> int:
+    """Bytes a training resampler (mmdist/models/resampler.py, fp32) keeps for backward per image, from the
+    ``resampler`` dims of mmdist.plan.shapes: its input and projected input tokens, then per layer the keys and
+    values of every input token (4 x n x d) and the queries' attention and feed-forward tensors (16 x q x d)."""
+    n, d = r["in_tokens"], r["hidden"]
+    return 4 * (n * (r["in_width"] + d) + r["layers"] * (4 * n * d + 16 * r["queries"] * d))
+
+
 def activation_bytes_per_sample(shapes: list[ModuleShape], cfg: RunConfig, checkpointing: bool) -> int:
     """Activation bytes of one sample, counted as a full row of ``data.max_len`` tokens (an upper bound:
     padded rows are at most that long, packed rows hold several samples in that length).
 
     The LLM part is :func:`llm_activation_bytes`; the loss adds the logits, their
     fp32 copy and log-softmax (e + 8 bytes per vocabulary entry per token); the
-    connector keeps its inputs and outputs in fp32; the frozen vision encoder runs
-    without grad (one layer's working set); a text encoder (stage 1) keeps its own.
+    connector keeps its inputs and outputs in fp32 (a training Q-Former or resampler
+    its layers' tensors too); the frozen vision encoder runs without grad (one layer's
+    working set per image); a text encoder (stage 1) keeps its own. Everything on the
+    image side counts every image of the sample: with data.image_tiling the base image
+    and the tiles of the largest grid (mmdist.plan.images).
     """
     by_name = {s.name: s for s in shapes}
     e = DTYPE_BYTES[cfg.engine.precision]
@@ -182,6 +193,7 @@ def activation_bytes_per_sample(shapes: list[ModuleShape], cfg: RunConfig, check
     if proj is not None:
         tokens = proj.dims.get("tokens", v["tokens"])
         total += tokens * (proj.dims.get("in", v["hidden"]) + 2 * (llm.dims["hidden"] if llm else 256)) * 4
+    images = v.get("images", 1)  # tower images per sample: the base image and its tiles (mmdist.plan.images)
     stage1 = by_name.get("stage1")
     if stage1 is not None and stage1.trainable and cfg.model.connector.type == "qformer":
         # a training Q-Former keeps, per layer, its queries' attention/FFN tensors and (in cross-attention
@@ -189,10 +201,12 @@ def activation_bytes_per_sample(shapes: list[ModuleShape], cfg: RunConfig, check
         q = cfg.model.connector.qformer
         h = stage1.dims.get("width", q.hidden_size)
         cross = math.ceil(q.num_layers / max(1, q.cross_attention_every))
-        total += (q.num_layers * q.num_queries * 16 * h + cross * v["tokens"] * (v["hidden"] + 2 * h)) * 4
-    # frozen vision forward runs without grad: one layer's transient working set per image
-    vseq = v.get("seq", v["tokens"])
-    total += vseq * (4 * v["hidden"] + v["intermediate"]) * e
+        total += images * (q.num_layers * q.num_queries * 16 * h + cross * v["tokens"] * (v["hidden"] + 2 * h)) * 4
+    for part in (stage1, by_name.get("projector")):
+        if part is not None and part.trainable and "resampler" in part.dims:
+            total += images * resampler_activation_bytes(part.dims["resampler"])
+    # frozen vision forward runs without grad: one layer's transient working set per image (mmdist.plan.towers)
+    total += images * v["working_set"] * e
     text = by_name.get("text_encoder")
     if text is not None:
         td = text.dims

@@ -36,6 +36,31 @@ def recommend(estimates: list[Estimate], budget: int, configured_ckpt: bool) -> 
     return min(estimates, key=lambda e: e.total(True)), True
 
 
+def image_lines(cfg: RunConfig, shapes: list[ModuleShape]) -> list[str]:
+    """What one sample's image costs: tower output, LLM tokens, tiles and separators (mmdist.plan.images)."""
+    by_name = {s.name: s for s in shapes}
+    v = by_name["vision_encoder"].dims
+    kind = {"tokens": "ViT-like", "conv": "convolutional"}.get(v["kind"], v["kind"])
+    tower = f"images: the {kind} tower gives {v['tokens']} tokens of width {v['hidden']} per image"
+    if "image_size" in v:
+        tower += f" at {v['image_size']} px"
+    proj = by_name.get("projector")
+    if proj is None:  # stage align: the stage-1 module reads one image per caption
+        stage1 = by_name.get("stage1")
+        return [tower + (f"; the stage-1 module makes them {stage1.dims['tokens']}" if stage1 else "")]
+    d = proj.dims
+    line = tower + f"; the LLM gets {d['tokens_per_image']} per image"
+    if d["images"] > 1:
+        line += (f"; tiled (data.image_tiling): up to {d['images']} images per sample (base + {d['images'] - 1} tiles) = "
+                 f"{d['tokens']} image tokens, {d['positions']} positions with separators ({d['separator_tokens']} tokens "
+                 f"each: {d['separator_note']})")
+    lines = [line]
+    if d["positions"] > cfg.data.max_len:
+        lines.append(f"  warning: one image takes up to {d['positions']} positions, more than data.max_len={cfg.data.max_len}: "
+                     "such samples lose the image to truncation (raise data.max_len or drop large grids)")
+    return lines
+
+
 def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estimate], world: int, budget: int,
                 ds: Optional[dict] = None, fastest: Optional[Choice] = None) -> str:
     """The plan a person reads; ``fastest`` (mmdist.plan.speed.choose) is the recommendation by predicted step
@@ -47,6 +72,7 @@ def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estim
                  f"micro-batch {cfg.train.micro_batch_size} samples, each counted as a full row of {cfg.data.max_len} tokens "
                  f"({'packed' if cfg.data.packing and cfg.stage == 'fuse' else 'padded'}: at most "
                  f"{cfg.train.micro_batch_size * cfg.data.max_len:,} tokens)")
+    lines += image_lines(cfg, shapes)
     lines.append("")
     lines.append(f"{'module':<16}{'params':>16}{'trainable':>11}{'dtype':>7}")
     for s in shapes:
@@ -108,15 +134,20 @@ def input_line(shapes: list[ModuleShape], gpu: str, gpus_per_node: int, cpus_per
 
     vision = next((s for s in shapes if s.name == "vision_encoder"), None)
     row = datasheet_peak(gpu)
-    if vision is None or not vision.dims.get("seq") or row is None or not (row.bf16 or row.fp16):
-        why = "unknown GPU " + repr(gpu) if row is None else "custom vision encoder (no token count)"
+    if vision is None or not vision.dims.get("flops_per_image") or row is None or not (row.bf16 or row.fp16):
+        why = "unknown GPU " + repr(gpu) if row is None else "custom vision encoder (no FLOP count)"
         return [f"input: not estimated ({why})"]
-    flops = 2 * vision.params * vision.dims["seq"]  # frozen forward over every token of the tower
+    flops = vision.dims["flops_per_image"]  # one frozen forward of the tower (mmdist.plan.towers)
     need = TOWER_MFU * (row.bf16 or row.fp16) / flops
-    cores = need / images_per_core
-    lines = [f"input: the vision tower ({vision.params / 1e6:.0f}M params x {vision.dims['seq']} tokens = "
-             f"{flops / 1e12:.2f} TFLOP/image) at {TOWER_MFU:.0%} of a {row.label}'s peak eats {need:,.0f} images/s per GPU; "
-             f"at {images_per_core:.0f} images/s per core (mmdist's loader) that is {cores:.1f} CPU cores per GPU"]
+    images = vision.dims.get("images", 1)  # tower images per decoded image: the base image and its tiles
+    cores = need / images / images_per_core
+    how = (f"{vision.params / 1e6:.0f}M params x {vision.dims['seq']} tokens" if vision.dims.get("seq")
+           else f"{vision.params / 1e6:.0f}M params at {vision.dims['image_size']} px")
+    tiled = (f" = {need / images:,.0f} decoded images/s of {images} tower images each (base + tiles; at least, as "
+             "tiling adds resizing)" if images > 1 else "")
+    lines = [f"input: the vision tower ({how} = {flops / 1e12:.2f} TFLOP/image) at {TOWER_MFU:.0%} of a {row.label}'s "
+             f"peak eats {need:,.0f} images/s per GPU{tiled}; at {images_per_core:.0f} images/s per core (mmdist's loader) "
+             f"that is {cores:.1f} CPU cores per GPU"]
     if cpus_per_node and gpus_per_node and cpus_per_node / gpus_per_node < cores:
         lines.append(f"  warning: {cpus_per_node} cores for {gpus_per_node} GPUs is {cpus_per_node / gpus_per_node:.1f} per GPU: "
                      "the loader cannot keep the tower busy when it decodes pixels; cache the image features "

@@ -76,7 +76,7 @@ def _micro_batch_flops(cfg: RunConfig, shapes: Sequence[ModuleShape]) -> tuple[f
     # stage 1 (and a model without an LLM): every parameter per token it runs on, 6 trainable / 2 frozen
     flops = 0.0
     for s in shapes:
-        if s.name == "vision_encoder":
+        if s.name == "vision_encoder":  # the positions a ViT computes; a conv tower's output tokens, as the bar counts it
             seq = s.dims.get("seq", s.dims.get("tokens", 1))
         elif s.name == "text_encoder":
             seq = cfg.model.text.max_length
