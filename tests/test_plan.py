@@ -329,6 +329,7 @@ def test_timm_without_timm_is_a_clear_error(tmp_path, capsys):
 def _fake_timm(monkeypatch):
     """A stand-in ``timm`` (create_model, timm.data.resolve_data_config) whose one architecture is a 2-stage CNN,
     so the planner's timm path and VisionTower's run the same code on machines without timm."""
+    import importlib.machinery
     import sys
     import types
 
@@ -355,9 +356,12 @@ def _fake_timm(monkeypatch):
         assert not pretrained
         return TwoStageCNN(**kwargs)
 
+    # Specs as an imported package has: transformers asks importlib.util.find_spec("timm") where timm is installed.
     timm = types.ModuleType("timm")
+    timm.__spec__ = importlib.machinery.ModuleSpec("timm", None, is_package=True)
     timm.create_model = create_model
     data = types.ModuleType("timm.data")
+    data.__spec__ = importlib.machinery.ModuleSpec("timm.data", None)
     data.resolve_data_config = lambda args, model=None: {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3,
                                                          "crop_pct": 1.0, "interpolation": "bicubic", "crop_mode": "center"}
     timm.data = data
@@ -380,6 +384,22 @@ def test_a_timm_tower_is_planned_as_the_built_tower(monkeypatch, select):
     bad = tiny_run_config("fuse", "model.vision.source=timm", "model.vision.name_or_path=no_such_net", "model.vision.init_config=null")
     with pytest.raises(ValueError, match="no timm architecture"):
         plan.model_shapes(bad)
+
+
+def test_a_real_timm_resnet_is_planned_as_the_built_tower():
+    """With the real timm (where it imports: it needs a torchvision built for this torch), a ResNet's stage map."""
+    try:
+        import timm  # noqa: F401
+    except Exception as exc:
+        pytest.skip(f"timm cannot be imported here ({type(exc).__name__}: {exc}); the stand-in test covers the code path")
+    from mmdist.models.vision import VisionTower
+
+    cfg = tiny_run_config("fuse", "model.vision.source=timm", "model.vision.name_or_path=resnet10t",
+                          "model.vision.init_config=null", "model.vision.feature_stage=2", "model.vision.feature_grid=2")
+    vision = plan.model_shapes(cfg)[0]
+    tower = VisionTower(cfg.model.vision)
+    assert vision.params == sum(p.numel() for p in tower.parameters())
+    assert (vision.dims["tokens"], vision.dims["hidden"]) == (tower.num_tokens, tower.hidden_size) == (4, 128)
 
 
 @pytest.mark.parametrize("overrides", [["model.connector.resampler.before_projector=true"], []],
