@@ -3,7 +3,8 @@
 One case per row of a pairwise matrix over the connector (linear, mlp, qformer,
 resampler), the vision source (HF ViT / CLIP / SigLIP configs, a ResNet, a timm
 model, a custom module with a checkpoint), the LLM family (llama, qwen2, the
-Qwen1 layout, GGUF), the ZeRO stage (0/2/3) and the feature cache: every value
+Qwen1 layout, GGUF), the ZeRO stage (0/2/3), the feature cache and any-resolution
+tiling (``data.image_tiling``, stage 2): every value
 of every axis appears, and every pair of connector and vision source that
 matters most (the reference recipe's Q-Former, the demo's MLP) does. The
 full product (4 x 6 x 4 x 3 x 2 = 576 runs) would take hours on CI's 2 cores.
@@ -48,10 +49,12 @@ class Case:
     llm: str  # llama | qwen2 | qwen1 | gguf
     zero: int
     cache: bool = False
+    tiling: bool = False  # stage 2 (and generate/eval) see each image as a base image plus tiles
 
     @property
     def id(self) -> str:
-        return f"{self.connector}-{self.vision}-{self.llm}-zero{self.zero}" + ("-cache" if self.cache else "")
+        return (f"{self.connector}-{self.vision}-{self.llm}-zero{self.zero}" + ("-cache" if self.cache else "")
+                + ("-tiled" if self.tiling else ""))
 
 
 CASES = [
@@ -61,7 +64,7 @@ CASES = [
     Case("qformer", "vit", "llama", 2, cache=True),
     Case("mlp", "custom", "llama", 3),
     Case("linear", "custom", "gguf", 2),
-    Case("resampler", "resnet", "qwen2", 3),
+    Case("resampler", "resnet", "qwen2", 3, tiling=True),
     Case("resampler", "clip", "llama", 0, cache=True),
     Case("linear", "timm", "llama", 2),
 ]
@@ -190,6 +193,8 @@ def test_train_both_stages_then_generate_eval_and_export(case: Case, shards, tmp
     assert (tmp_path / "align" / "export" / "model.safetensors").is_file() and align["history"]
     fuse_extra = {"model": {"connector": {"stage1_weights": str(tmp_path / "align" / "export")}},
                   "checkpoint": {"save_every": 3}}  # one checkpoint before the end: the last step must move the weights
+    if case.tiling:  # 16 px digits on a 16 px tower: a 1x2 or 2x2 grid of upscaled tiles after the base image
+        fuse_extra["data"] = {"image_tiling": {"enabled": True, "grid_pinpoints": [[1, 2], [2, 2]], "max_tiles": 4}}
     fuse_cfg = _config(case, "fuse", tmp_path, shards, **fuse_extra)
     if case.cache:
         dump_config(fuse_cfg, tmp_path / "fuse_for_cache.yaml")
@@ -213,6 +218,12 @@ def test_train_both_stages_then_generate_eval_and_export(case: Case, shards, tmp
     assert all(float(step3["optimizer"]["exp_avg"][k].abs().sum()) > 0 for k in projector), "no gradient reached the projector"
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["connector"]["type"] == case.connector and manifest["stage1"]["stage"] == "align"
+    if case.tiling:  # every sample carried its tiles: more image tokens than one image's per sample
+        assert fuse_cfg.data.image_tiling.enabled
+        records = [json.loads(line) for line in (tmp_path / "fuse" / "metrics.jsonl").read_text().splitlines()]
+        per_sample = [r["step_image_tokens"] / r["step_samples"] for r in records if r.get("step_samples")]
+        one_image = manifest["num_image_tokens"]
+        assert per_sample and min(per_sample) >= 3 * one_image, (per_sample, one_image)  # base + at least 2 tiles
 
     # 3. generate: one answer per image, from the export alone (the stage-1 folder is gone)
     shutil.rmtree(tmp_path / "align")
@@ -252,6 +263,8 @@ def test_train_both_stages_then_generate_eval_and_export(case: Case, shards, tmp
 
 def _hf_exact(case: Case) -> Optional[bool]:
     """Whether --format hf must succeed (True), must refuse (False), or either is acceptable (None)."""
+    if case.tiling:
+        return False  # llava-hf has no tiles (LLaVA-NeXT's layout differs): refused
     if case.connector in ("qformer", "resampler"):
         return False  # attention connectors have no Llava projector to become
     if case.connector == "mlp":
@@ -269,6 +282,7 @@ def test_the_matrix_covers_every_value_of_every_axis():
         "llm": {"llama", "qwen2", "qwen1", "gguf"},
         "zero": {0, 2, 3},
         "cache": {False, True},
+        "tiling": {False, True},
     }
     for axis, values in axes.items():
         seen = {getattr(c, axis) for c in CASES}
