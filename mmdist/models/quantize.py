@@ -18,6 +18,15 @@ these, so LoRA with torchao is refused). ``auto`` takes bitsandbytes where it
 imports (0.45+ runs on CPU as on CUDA), else torchao, and logs why. Both are the
 optional extra ``mmdist[quant]``, imported only when a part is quantized.
 
+int8 computes weight-only with either backend: the int8 rows are dequantized to the
+compute dtype a layer at a time and multiplied in that dtype. bitsandbytes' own int8
+matmul (LLM.int8) also rounds the *activations* to int8 per row, and the connector
+learns from the gradient that passes back through those layers: on the demo's stage 2
+that gradient pointed elsewhere (cosine 0.30 against the bf16 model's at the start,
+0.60 weight-only) and the loss fell several times slower (docs/benchmarks.md). A frozen
+base that must carry a gradient is what mmdist quantizes, so it keeps the activations
+in 16 bits, as bitsandbytes itself does for training on CPU (``MatMul8bitFp``).
+
 Why quantized weights survive DeepSpeed: a bf16/fp16 engine casts only parameters
 whose dtype is floating point (``engine._cast_module_mixed_precision``), and
 ``module.to(dtype)`` converts only floating tensors: bitsandbytes holds int8/uint8
@@ -28,6 +37,7 @@ refused: it would partition (flatten and split) the packed weights and their sca
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 from collections.abc import Iterable
@@ -41,29 +51,9 @@ from mmdist.models.quantized_embedding import QuantizedEmbedding, QuantizedHead,
 
 log = logging.getLogger(__name__)
 
-
-class _Once(logging.Filter):
-    """Lets a repeated backend warning through once (bitsandbytes logs its fp16 cast of inputs on every int8 matmul)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = str(record.msg)
-        if text in self.seen:
-            return False
-        self.seen.add(text)
-        return True
-
-
-_ONCE = _Once()
-
 BACKENDS = ("bitsandbytes", "torchao")
 EXTRA = "pip install 'mmdist[quant]' (bitsandbytes and torchao, see constraints.txt)"
 NF4_BLOCK = 64
-# LLM.int8's outlier threshold: input features with a magnitude above it take a 16-bit matmul (HF's default too).
-INT8_THRESHOLD = 6.0
 __all__ = ["quantize_part", "quantize_module", "resolve_backend", "quantized_bytes", "quantized_kind", "quantized_kinds",
            "is_quantized"]
 
@@ -151,13 +141,10 @@ def _quantize_vocabulary(module: nn.Module, method: str, compute_dtype: torch.dt
 def _bnb_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype, device: torch.device) -> nn.Module:
     import bitsandbytes as bnb
 
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_ONCE)
-
     bias = linear.bias is not None
     weight = linear.weight.data.to(torch.float16 if method == "int8" else compute_dtype)
     if method == "int8":
-        layer = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
-                                     threshold=INT8_THRESHOLD)
+        layer = _weight_only_linear8bit()(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False)
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
     else:
         layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias, compute_dtype=compute_dtype,
@@ -166,6 +153,44 @@ def _bnb_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype, devi
     if bias:
         layer.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
     return layer.to(device)  # bitsandbytes quantizes on the move to the device
+
+
+class _Int8WeightOnly(torch.autograd.Function):
+    """``x @ (Q * s).T + b`` for int8 rows ``Q`` [out, in] and per-row scales ``s``: dequantized to ``x``'s dtype in
+    forward and again in backward, so only ``x`` and the int8 tensors are kept between them (no 16-bit copy of the
+    weight lives through the step). The gradient goes to ``x`` only: the weight is frozen."""
+
+    @staticmethod
+    def weight(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The weight in ``dtype``, rounded once (the product is taken in fp32, the scales' dtype)."""
+        return (data.to(scale.dtype) * scale[:, None]).to(dtype)
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        ctx.save_for_backward(data, scale)
+        return nn.functional.linear(x, _Int8WeightOnly.weight(data, scale, x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        data, scale = ctx.saved_tensors
+        return grad @ _Int8WeightOnly.weight(data, scale, grad.dtype), None, None, None
+
+
+@functools.cache
+def _weight_only_linear8bit() -> type:
+    """bitsandbytes' ``Linear8bitLt`` (its Int8Params storage, per-row absmax scales, what peft puts LoRA on)
+    computing weight-only (see the module docstring). A subclass made on first use: bitsandbytes is optional."""
+    import bitsandbytes as bnb
+
+    class WeightOnlyLinear8bitLt(bnb.nn.Linear8bitLt):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            # Int8Params.SCB is the row's absmax: the int8 value 127 stands for it.
+            return _Int8WeightOnly.apply(x, self.weight.data, self.weight.SCB.float() / 127.0, bias)
+
+    return WeightOnlyLinear8bitLt
 
 
 class TorchaoLinear(nn.Module):

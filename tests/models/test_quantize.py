@@ -228,6 +228,36 @@ def test_quantized_head_matches_its_dequantized_matrix_and_passes_the_gradient_t
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+@pytest.mark.skipif(not HAS["bitsandbytes"], reason="bitsandbytes not installed (extra mmdist[quant])")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitsandbytes_int8_computes_weight_only_and_stays_a_linear8bitlt(dtype):
+    """The int8 layer's output and its input's gradient are a plain matmul with the dequantized weight (the
+    activations are not rounded to int8 as LLM.int8's matmul does), and it is still a bitsandbytes Linear8bitLt,
+    the class peft puts LoRA on."""
+    import bitsandbytes as bnb
+
+    from mmdist.models.quantize import dequantized_weight
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 48)).to(dtype)
+    quantize_mod.quantize_module(net, "int8", "bitsandbytes", dtype, key="model.llm.quantize")
+    layer = net[0]
+    assert isinstance(layer, bnb.nn.Linear8bitLt) and layer.weight.dtype == torch.int8
+    weight = dequantized_weight(layer).to(dtype)
+    # inputs with an outlier feature: LLM.int8 would take it apart and round the other features to int8
+    x = torch.randn(6, 64, dtype=dtype)
+    x[:, 3] *= 40
+    x.requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    out, ref = layer(x), torch.nn.functional.linear(x_ref, weight, layer.bias.to(dtype))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=0)
+    assert layer.weight.grad is None
+
+
 def test_an_embedding_that_is_not_a_plain_nn_embedding_stays_as_loaded_with_the_head_tied_to_it():
     """E.g. Gemma's embedding scales its output: replacing it by a plain lookup would change the model."""
     from mmdist.models.quantize import quantize_module
