@@ -13,6 +13,13 @@ random pixels through the tiny recipe's vision tower (what is compared is the LL
 
     python benchmarks/bench_quantized.py                 # SmolLM2-135M + a 210M llama, none/int8/nf4
     python benchmarks/bench_quantized.py --tiny          # seconds: the tiny recipe's LLM
+
+The continuations above start from untrained image tokens, so one flipped token changes the rest. On a
+*trained* stage-2 run, ``--run RUN --data SHARDS`` answers the held-out shards with the frozen LLM loaded
+unquantized, int8 and nf4 (``mmdist eval`` with ``model.llm.quantize``), each in its own process, and reports
+each one's accuracy and how often its answer equals the unquantized model's:
+
+    python benchmarks/bench_quantized.py --run runs/demo --data "runs/demo/data/shards/eval/eval-{000000..000001}.tar"
 """
 
 from __future__ import annotations
@@ -191,6 +198,41 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
     return 100.0 * same / max(1, total), prefix / max(1, len(a))
 
 
+def answers_of(run: str, data: list[str], method: str, out: Path, max_samples: int | None, threads: int | None) -> dict:
+    """``mmdist eval`` of ``run`` with ``model.llm.quantize=method`` in its own process: accuracy, time and answers."""
+    cmd = [sys.executable, "-m", "mmdist", "eval", "--run", run, "--data", *data, "--device", "cpu", "--match", "digit",
+           "--out", str(out / method), f"model.llm.quantize={method}"]
+    if max_samples:
+        cmd[cmd.index("--device"):cmd.index("--device")] = ["--max-samples", str(max_samples)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    start = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"mmdist eval ({method}) failed (rc {done.returncode}):\n{done.stderr[-3000:]}")
+    metrics = json.loads((out / method / "metrics.json").read_text())
+    rows = [json.loads(line) for line in (out / method / "answers.jsonl").read_text().splitlines()]
+    return {"method": method, "samples": metrics["samples"], "accuracy_%": 100.0 * metrics["exact"],
+            "eval_s": time.perf_counter() - start, "answers": {r["key"]: r["answer"] for r in rows}}
+
+
+def heldout_agreement(args: argparse.Namespace) -> list[dict]:
+    """The held-out answers of a trained run, unquantized and quantized, side by side (see the module docstring)."""
+    import tempfile
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_quantized_") as tmp:
+        for method in ["none", *[m for m in args.methods if m != "none"]]:
+            r = answers_of(args.run, args.data, method, Path(tmp), args.max_samples, args.threads)
+            base = rows[0] if rows else r
+            common = sorted(set(base["answers"]) & set(r["answers"]))
+            assert common, f"{method}: no held-out key in common with the unquantized run"
+            r["agree_%"] = 100.0 * sum(base["answers"][k] == r["answers"][k] for k in common) / len(common)
+            rows.append(r)
+            print(f"  {method}: accuracy {r['accuracy_%']:.1f}%, same answer as unquantized {r['agree_%']:.1f}% "
+                  f"of {len(common)}, {r['eval_s']:.0f} s", flush=True)
+    return rows
+
+
 def run_child(args: argparse.Namespace, which: str, method: str) -> dict:
     cmd = [sys.executable, __file__, "--child", which, method, "--steps", str(args.steps), "--batch", str(args.batch),
            "--answer", str(args.answer), "--new-tokens", str(args.new_tokens), "--prompts", str(args.prompts)]
@@ -215,8 +257,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the rows here")
+    parser.add_argument("--run", default=None, help="a trained stage-2 run (or export / demo folder): held-out answers instead")
+    parser.add_argument("--data", nargs="+", default=None, help="with --run: the held-out shards")
+    parser.add_argument("--max-samples", type=int, default=None, help="with --run: answer at most this many")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.run:
+        if not args.data:
+            parser.error("--run needs --data (the held-out shards)")
+        machine = machine_line()
+        print(f"machine: {machine}; torch {torch.__version__}; held-out answers of {args.run}")
+        rows = heldout_agreement(args)
+        print(format_table(rows, ["method", "samples", "accuracy_%", "agree_%", "eval_s"]))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": machine, "run": args.run, "rows": [
+                {k: v for k, v in r.items() if k != "answers"} for r in rows]}, indent=1))
+        return 0
     if args.tiny:
         args.models = args.models or ["tiny"]
         args.steps, args.prompts, args.new_tokens = min(args.steps, 2), min(args.prompts, 2), min(args.new_tokens, 8)
