@@ -29,6 +29,25 @@ REFERENCE = {
 }
 
 
+def saved_activation_bytes(module, forward) -> int:
+    """Bytes of the tensors autograd saves for backward while ``forward()`` runs, ``module``'s parameters left out
+    (each storage counted once, at its largest)."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())
+
+
 def reference_config_file(tmp_path: Path) -> Path:
     """configs/fuse.yaml when the engine recipes ship it, else the same recipe written here."""
     shipped = ROOT / "configs" / "fuse.yaml"
@@ -149,18 +168,7 @@ def test_llm_activation_estimate_matches_saved_tensors(dtype):
     model = AutoModelForCausalLM.from_config(config).to(tdtype).requires_grad_(False)
     seq = 128
     embeds = torch.randn(2, seq, 128, dtype=tdtype, requires_grad=True)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.model(inputs_embeds=embeds)
-    measured = sum(seen.values())
+    measured = saved_activation_bytes(model, lambda: model.model(inputs_embeds=embeds))
     predicted = 2 * plan.llm_activation_bytes(dims, seq, plan.DTYPE_BYTES[dtype])
     assert measured == pytest.approx(predicted, rel=0.15)
 
@@ -447,19 +455,9 @@ def test_resampler_activation_estimate_matches_saved_tensors():
     torch.manual_seed(0)
     r = ResamplerConfig(num_queries=8, num_layers=2, hidden_size=32, num_heads=4)
     module = Resampler(r, 24, 48)
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        module(torch.randn(1, 100, 24))  # one image of 100 frozen tower tokens
+    measured = saved_activation_bytes(module, lambda: module(torch.randn(1, 100, 24)))  # one image of 100 tower tokens
     predicted = resampler_activation_bytes(dict(in_tokens=100, in_width=24, queries=8, hidden=32, layers=2))
-    assert sum(seen.values()) == pytest.approx(predicted, rel=0.1)
+    assert measured == pytest.approx(predicted, rel=0.1)
 
 
 def test_tiling_is_planned_as_the_preprocessor_lays_out_a_sample():
