@@ -47,6 +47,7 @@ from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mmdist, without install
 
@@ -59,7 +60,7 @@ INSIDE = ("zero3_fetch_release",)
 
 
 def run_config(tiny: bool, device: torch.device, workdir: Path, shards: str, *, micro_batch: int, max_len: int, steps: int,
-               zero_stage: int, checkpointing: bool, peak: float, workers: int):
+               zero_stage: int | str, checkpointing: bool, peak: float, workers: int):
     """The issue's run: tiny_fuse.yaml with the two shapes as init_config, packing, one micro-batch per step."""
     from mmdist.config.run import load_config
 
@@ -137,7 +138,7 @@ def run_trainer(cfg, device: torch.device) -> tuple[list[dict], dict]:
         time_vision(model, device)
         return model
 
-    if cfg.engine.zero_stage == 3:
+    if cfg.engine.zero_stage in (3, "auto"):  # auto is resolved inside train(); the hooks cost nothing off ZeRO-3
         time_zero3_hooks()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -145,7 +146,9 @@ def run_trainer(cfg, device: torch.device) -> tuple[list[dict], dict]:
     train(cfg, model_builder=builder)
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r.get("split") == "train"], {"peak_memory_gib": peak_memory(device), "wall_s": wall}
+    written = yaml.safe_load((Path(cfg.run_dir) / "config.yaml").read_text())  # the stage `auto` resolved to
+    return [r for r in records if r.get("split") == "train"], {"peak_memory_gib": peak_memory(device), "wall_s": wall,
+                                                              "zero_stage": written["engine"]["zero_stage"]}
 
 
 def peak_memory(device: torch.device) -> float:
@@ -269,7 +272,7 @@ def side_summary(steps: list[dict], step_seconds: list[float], flops, peak: floa
 
 
 def run(tiny: bool = False, steps: int = 6, warmup: int = 1, micro_batch: int = 16, max_len: int = 2048,
-        zero_stage: int = 3, checkpointing: bool = True, device: str | None = None, workdir: str | None = None,
+        zero_stage: int | str = "auto", checkpointing: bool = True, device: str | None = None, workdir: str | None = None,
         workers: int | None = None) -> dict:
     from mmdist.data.shards import shard_pattern, write_demo_shards
     from mmdist.training.metrics import WARMUP_STEPS
@@ -290,6 +293,7 @@ def run(tiny: bool = False, steps: int = 6, warmup: int = 1, micro_batch: int = 
                      workers=2 if tiny and workers is None else (4 if workers is None else workers))
 
     trainer_steps, trainer_info = run_trainer(cfg, dev)
+    resolved_stage = trainer_info.pop("zero_stage")
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -307,7 +311,8 @@ def run(tiny: bool = False, steps: int = 6, warmup: int = 1, micro_batch: int = 
     bare.update(bare_info)
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-        "shapes": "tiny" if tiny else "Qwen-14B + CLIP ViT-L/14-336", "zero_stage": zero_stage,
+        "shapes": "tiny" if tiny else "Qwen-14B + CLIP ViT-L/14-336", "zero_stage": resolved_stage,
+        "zero_stage_setting": zero_stage,
         "checkpointing": checkpointing, "micro_batch": micro_batch, "max_len": max_len, "steps": steps,
         "warmup_steps": warmup, "peak_flops": peak, "peak_source": peak_source,
         "trainer": trainer, "bare": bare, "ratio": trainer["tokens_per_s"] / bare["tokens_per_s"],
@@ -317,7 +322,7 @@ def run(tiny: bool = False, steps: int = 6, warmup: int = 1, micro_batch: int = 
 def report(res: dict) -> str:
     """The printed result: one line per figure (``name  trainer  bare``), then the step breakdown table."""
     t, b = res["trainer"], res["bare"]
-    lines = [f"device  {res['device']}  ({res['shapes']}, ZeRO-{res['zero_stage']}, micro-batch {res['micro_batch']}, "
+    lines = [f"device  {res['device']}  ({res['shapes']}, ZeRO-{res['zero_stage']} ({res.get('zero_stage_setting')}), micro-batch {res['micro_batch']}, "
              f"max_len {res['max_len']}, checkpointing {res['checkpointing']}, peak {res['peak_flops']:.4g} FLOP/s "
              f"from {res['peak_source']})",
              f"steady_steps  {t['steps']}  {b['steps']}  (first {res['warmup_steps']} left out)",
@@ -346,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="steps left out of every figure (at least the trainer's 1)")
     parser.add_argument("--micro-batch", type=int, default=None, help="rows per step, default 16 (tiny: 2)")
     parser.add_argument("--max-len", type=int, default=None, help="packed row length, default 2048 (tiny: 128)")
-    parser.add_argument("--zero-stage", type=int, default=3, choices=[0, 1, 2, 3])
+    parser.add_argument("--zero-stage", default="auto", choices=["auto", "0", "1", "2", "3"],
+                        help="the trainer's engine.zero_stage; auto (default): what `mmdist plan` picks for this device")
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--device", default=None)
     parser.add_argument("--workers", type=int, default=None, help="loader workers, default 4 (tiny: 2)")
@@ -354,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
     res = run(tiny=args.tiny, steps=args.steps, warmup=args.warmup, micro_batch=args.micro_batch or (2 if args.tiny else 16),
-              max_len=args.max_len or (128 if args.tiny else 2048), zero_stage=args.zero_stage,
+              max_len=args.max_len or (128 if args.tiny else 2048),
+              zero_stage=args.zero_stage if args.zero_stage == "auto" else int(args.zero_stage),
               checkpointing=not args.no_checkpointing, device=args.device, workdir=args.workdir, workers=args.workers)
     print(report(res), flush=True)
     if args.json:

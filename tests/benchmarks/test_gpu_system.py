@@ -26,7 +26,7 @@ def tiny_result(tmp_path_factory):
     pytest.importorskip("sklearn")  # the demo digits
     folder = tmp_path_factory.mktemp("gpu_system")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_system.py"), "--tiny", "--steps", "3", "--workdir", str(folder),
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_system.py"), "--tiny", "--steps", "3", "--zero-stage", "3", "--workdir", str(folder),
          "--json", str(folder / "result.json")],
         capture_output=True, text=True, timeout=900, cwd=ROOT,
     )
@@ -72,3 +72,20 @@ def test_ratio_and_rates_add_up(tiny_result):
     assert 0 < t["breakdown_s"]["zero3_fetch_release"] < t["breakdown_s"]["llm_forward"] + t["breakdown_s"]["backward"] + \
         t["breakdown_s"]["vision"]
     assert b["breakdown_s"]["zero3_fetch_release"] == 0
+
+
+def test_zero_stage_auto_records_what_the_trainer_resolved(tiny_result, tmp_path):
+    """The default (auto) runs the stage the trainer's `engine.zero_stage: auto` picks, and the result names it."""
+    _, explicit, _ = tiny_result
+    assert (explicit["zero_stage"], explicit["zero_stage_setting"]) == (3, 3)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_system.py"), "--tiny", "--steps", "2", "--workdir", str(tmp_path),
+         "--json", str(tmp_path / "result.json")],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    written = (tmp_path / "run" / "config.yaml").read_text()
+    assert res["zero_stage_setting"] == "auto" and res["zero_stage"] in (0, 1, 2, 3)
+    assert f"zero_stage: {res['zero_stage']}" in written
+    assert f"ZeRO-{res['zero_stage']} (auto)" in proc.stdout

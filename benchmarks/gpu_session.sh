@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Issue 20's device checks in one call (prepared here, run on a lent GPU; see benchmarks/gpu_wheels.sh for the
+# wheels and the install line that precedes this script). Each step has its own time limit so one slow step
+# cannot take the others' figures with it; everything lands in $OUT (or gpu_out/ when $OUT is unset):
+#   1. nvidia-smi and the versions;
+#   2. the single-GPU smoke tier, `pytest -m gpu` (tests/gpu/);
+#   3. benchmarks/gpu_system.py: the trainer against its own model at the Qwen-14B + CLIP-L/336 shape
+#      (tokens/s ratio, steady MFU/HFU, peak memory, the per-phase breakdown), as JSON and text.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
+{ nvidia-smi; python3 -c 'import torch, transformers, deepspeed; print(torch.__version__, torch.version.cuda, transformers.__version__, deepspeed.__version__)'; } \
+    > "$out/machine.txt" 2>&1
+timeout "${SMOKE_S:-200}" python3 -m pytest -m gpu -q -rs --durations=10 2>&1 | tee "$out/pytest_gpu.txt"
+echo "pytest -m gpu exit ${PIPESTATUS[0]}" | tee -a "$out/pytest_gpu.txt"
+timeout "${SYSTEM_S:-330}" python3 benchmarks/gpu_system.py --json "$out/gpu_system.json" 2>&1 | tee "$out/gpu_system.txt"
+echo "gpu_system exit ${PIPESTATUS[0]}" | tee -a "$out/gpu_system.txt"
