@@ -24,6 +24,13 @@ step a little slower); the bare side times the same phases the same way. Under
 ZeRO-3 the host time in DeepSpeed's per-module parameter fetch/release hooks (the
 gathers included) is shown too, as a part of the forward and backward.
 
+``--packed-attention {auto,sdpa_per_sample,flex}`` sets ``model.llm.packed_attention``
+on both sides (mmdist/models/packed_attention.py) and runs both on sdpa (the packed
+kernels replace sdpa's path; flash_attn is otherwise preferred where installed). The
+bare rows are then packed too, holding as many samples as the trainer's step did, so
+both sides run the same kernel over the same samples. Without the flag: the trainer's
+default (auto) and one sample per bare row, as before.
+
 Run: ``python benchmarks/gpu_system.py`` on one GPU (6 steps a side at the issue's
 shapes; about 4 minutes on an H100/H200, most of it building the two 14B models);
 ``--tiny`` runs the same code at toy shapes on the CPU in well under a minute
@@ -60,15 +67,18 @@ INSIDE = ("zero3_fetch_release",)
 
 
 def run_config(tiny: bool, device: torch.device, workdir: Path, shards: str, *, micro_batch: int, max_len: int, steps: int,
-               zero_stage: int | str, checkpointing: bool, peak: float, workers: int):
-    """The issue's run: tiny_fuse.yaml with the two shapes as init_config, packing, one micro-batch per step."""
+               zero_stage: int | str, checkpointing: bool, peak: float, workers: int, packed_attention: str | None = None):
+    """The issue's run: tiny_fuse.yaml with the two shapes as init_config, packing, one micro-batch per step;
+    ``packed_attention`` (when given) set as model.llm.packed_attention, on sdpa."""
     from mmdist.config.run import load_config
 
     recipe = tiny_recipe("fuse")
     llm_shape, vision_shape = (TINY_LLM, TINY_VISION) if tiny else (QWEN_14B, CLIP_L_336)
     half = "bf16" if device.type == "cuda" else "fp32"
     recipe["model"]["llm"].update(init_config=dict(llm_shape), dtype=half, gradient_checkpointing=checkpointing,
-                                  attn_implementation=attention_kernel(device))
+                                  attn_implementation=attention_kernel(device) if packed_attention is None else "sdpa")
+    if packed_attention is not None:
+        recipe["model"]["llm"]["packed_attention"] = packed_attention
     recipe["model"]["vision"].update(init_config=dict(vision_shape), dtype=half, select_layer=-2, select_tokens="patch")
     recipe["model"]["text"]["dtype"] = half
     recipe["data"].update(train=[{"shards": [shards]}], eval=[], max_len=max_len, packing=True, num_workers=workers)
@@ -179,11 +189,15 @@ def build_bare(cfg, device: torch.device) -> torch.nn.Module:
 
 
 def bare_batch(model, rows: int, tokens: int, images: int, supervised: int, device: torch.device,
-               generator: torch.Generator) -> dict:
+               generator: torch.Generator, samples: int | None = None) -> dict:
     """``rows`` rows holding exactly ``tokens`` real tokens, ``images`` images and ``supervised`` answer tokens.
 
     Images are dealt round-robin to the rows, the text evenly; shorter rows are padded
-    (attention mask 0), as the trainer's packed rows are.
+    (attention mask 0), as the trainer's packed rows are. With ``samples`` the rows are
+    packed: that many samples dealt round-robin to the rows, each row cut evenly before
+    its answers (``sequence_ids``, ``position_ids`` restarting), so the packed-attention
+    kernel sees as many samples as the trainer's (an image run may straddle a cut: the
+    attention work is the same).
     """
     n_img = model.num_image_tokens
     text = tokens - images * n_img
@@ -197,6 +211,8 @@ def bare_batch(model, rows: int, tokens: int, images: int, supervised: int, devi
     ids = torch.zeros(rows, width, dtype=torch.long)
     labels = torch.full((rows, width), -100, dtype=torch.long)
     mask = torch.zeros(rows, width, dtype=torch.long)
+    seq = torch.full((rows, width), -1, dtype=torch.long)
+    pos = torch.zeros(rows, width, dtype=torch.long)
     for r in range(rows):
         row_text = torch.randint(0, vocab, (text_per_row[r],), generator=generator)
         pieces, lead = [], 1  # one text token before each image, the rest after the last
@@ -208,13 +224,24 @@ def bare_batch(model, rows: int, tokens: int, images: int, supervised: int, devi
         mask[r, :len(row)] = 1
         if sup_per_row[r]:  # the loss is on the next token: the answers are the row's last text tokens
             labels[r, len(row) - sup_per_row[r]:len(row)] = row[len(row) - sup_per_row[r]:]
+        if samples is not None:  # cuts before the answers' preceding token, so the supervised count stays
+            before = len(row) - sup_per_row[r]
+            k = max(1, min(samples // rows + (r < samples % rows), before))
+            cuts = [0] + [i * before // k for i in range(1, k)] + [len(row)]
+            for i in range(k):
+                seq[r, cuts[i]:cuts[i + 1]] = i
+                pos[r, cuts[i]:cuts[i + 1]] = torch.arange(cuts[i + 1] - cuts[i])
     size = model.vision.image_size
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
-            "pixel_values": torch.randn(images, 3, size, size, generator=generator).to(device)}
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels,
+             "pixel_values": torch.randn(images, 3, size, size, generator=generator)}
+    if samples is not None:
+        batch.update(sequence_ids=seq, position_ids=pos)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
-def run_bare(cfg, device: torch.device, steps: list[dict]) -> tuple[list[dict], dict]:
-    """gpu_throughput's loop (forward, backward, AdamW) over batches replaying the trainer's ``steps``' counts."""
+def run_bare(cfg, device: torch.device, steps: list[dict], packed: bool = False) -> tuple[list[dict], dict]:
+    """gpu_throughput's loop (forward, backward, AdamW) over batches replaying the trainer's ``steps``' counts
+    (and with ``packed`` its samples, in packed rows)."""
     from mmdist.training.metrics import flop_count
     from mmdist.training.step import phases
 
@@ -226,7 +253,7 @@ def run_bare(cfg, device: torch.device, steps: list[dict]) -> tuple[list[dict], 
                                   fused=device.type == "cuda")
     gen = torch.Generator().manual_seed(0)
     batches = [bare_batch(model, cfg.train.micro_batch_size, s["step_tokens"], s["step_images"], s["step_supervised_tokens"],
-                          device, gen) for s in steps]
+                          device, gen, samples=s["step_samples"] if packed else None) for s in steps]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     phases.device = device
@@ -246,6 +273,7 @@ def run_bare(cfg, device: torch.device, steps: list[dict]) -> tuple[list[dict], 
         seconds = time.perf_counter() - t
         counts = model.batch_counts(batch)
         out.append({"step": step, "step_s": seconds, "loss": value, "step_tokens": counts.tokens, "step_images": counts.images,
+                    "step_samples": counts.samples,
                     "step_supervised_tokens": counts.supervised_tokens, "step_image_tokens": counts.image_tokens,
                     **{f"phase_{k}_s": v for k, v in phases.take().items()}})
     memory = peak_memory(device)
@@ -266,14 +294,15 @@ def side_summary(steps: list[dict], step_seconds: list[float], flops, peak: floa
     breakdown["llm_forward"] = sum(s.get("phase_forward_s", 0.0) for s in steps) / n - breakdown["vision"]
     breakdown["other"] = seconds / n - sum(v for k, v in breakdown.items() if k != "other")
     breakdown.update({k: sum(s.get(f"phase_{k}_s", 0.0) for s in steps) / n for k in INSIDE})
-    return {"steps": n, "real_tokens": tokens, "images": sum(s["step_images"] for s in steps), "step_s": seconds / n,
+    return {"steps": n, "real_tokens": tokens, "images": sum(s["step_images"] for s in steps),
+            "samples": sum(s.get("step_samples", 0) for s in steps), "step_s": seconds / n,
             "tokens_per_s": tokens / seconds, "mfu": done / seconds / peak, "hfu": (done + recompute) / seconds / peak,
             "breakdown_s": breakdown}
 
 
 def run(tiny: bool = False, steps: int = 6, warmup: int = 1, micro_batch: int = 16, max_len: int = 2048,
         zero_stage: int | str = "auto", checkpointing: bool = True, device: str | None = None, workdir: str | None = None,
-        workers: int | None = None) -> dict:
+        workers: int | None = None, packed_attention: str | None = None) -> dict:
     from mmdist.data.shards import shard_pattern, write_demo_shards
     from mmdist.training.metrics import WARMUP_STEPS
 
@@ -281,6 +310,9 @@ def run(tiny: bool = False, steps: int = 6, warmup: int = 1, micro_batch: int = 
     warmup = max(warmup, WARMUP_STEPS)
     if steps <= warmup:
         raise ValueError(f"--steps {steps} must exceed the {warmup} warm-up step(s)")
+    if packed_attention == "flex" and dev.type == "cpu":
+        raise ValueError("--packed-attention flex trains on a GPU only: torch has no FlexAttention backward on CPU "
+                         "(its CPU equality is tests/models/test_packed_attention_flex.py)")
     folder = Path(workdir or tempfile.mkdtemp(prefix="gpu_system_"))
     tower = (TINY_VISION if tiny else CLIP_L_336)["image_size"]
     image_tokens = (tower // (TINY_VISION if tiny else CLIP_L_336)["patch_size"]) ** 2
@@ -290,14 +322,15 @@ def run(tiny: bool = False, steps: int = 6, warmup: int = 1, micro_batch: int = 
     peak, peak_source = device_peak(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
     cfg = run_config(tiny, dev, folder, shard_pattern(written["train"]), micro_batch=micro_batch, max_len=max_len,
                      steps=steps, zero_stage=zero_stage, checkpointing=checkpointing, peak=peak,
-                     workers=2 if tiny and workers is None else (4 if workers is None else workers))
+                     workers=2 if tiny and workers is None else (4 if workers is None else workers),
+                     packed_attention=packed_attention)
 
     trainer_steps, trainer_info = run_trainer(cfg, dev)
     resolved_stage = trainer_info.pop("zero_stage")
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    bare_steps, bare_info = run_bare(cfg, dev, trainer_steps)
+    bare_steps, bare_info = run_bare(cfg, dev, trainer_steps, packed=packed_attention is not None)
 
     steady_t = [s for s in trainer_steps if s["step"] > warmup]
     steady_b = [s for s in bare_steps if s["step"] > warmup]
@@ -314,6 +347,8 @@ def run(tiny: bool = False, steps: int = 6, warmup: int = 1, micro_batch: int = 
         "shapes": "tiny" if tiny else "Qwen-14B + CLIP ViT-L/14-336", "zero_stage": resolved_stage,
         "zero_stage_setting": zero_stage,
         "checkpointing": checkpointing, "micro_batch": micro_batch, "max_len": max_len, "steps": steps,
+        "packed_attention": cfg.model.llm.packed_attention, "packed_attention_flag": packed_attention,
+        "attn_implementation": cfg.model.llm.attn_implementation, "bare_rows_packed": packed_attention is not None,
         "warmup_steps": warmup, "peak_flops": peak, "peak_source": peak_source,
         "trainer": trainer, "bare": bare, "ratio": trainer["tokens_per_s"] / bare["tokens_per_s"],
     }
@@ -324,10 +359,12 @@ def report(res: dict) -> str:
     t, b = res["trainer"], res["bare"]
     lines = [f"device  {res['device']}  ({res['shapes']}, ZeRO-{res['zero_stage']} ({res.get('zero_stage_setting')}), micro-batch {res['micro_batch']}, "
              f"max_len {res['max_len']}, checkpointing {res['checkpointing']}, peak {res['peak_flops']:.4g} FLOP/s "
-             f"from {res['peak_source']})",
+             f"from {res['peak_source']}, attention {res['attn_implementation']}, packed attention {res['packed_attention']}"
+             f" ({'both sides, bare rows packed' if res['bare_rows_packed'] else 'trainer only, bare rows one sample each'}))",
              f"steady_steps  {t['steps']}  {b['steps']}  (first {res['warmup_steps']} left out)",
              f"real_tokens  {t['real_tokens']}  {b['real_tokens']}",
              f"images  {t['images']}  {b['images']}",
+             f"samples  {t['samples']}  {b['samples']}",
              f"tokens_per_s  {t['tokens_per_s']:.6g}  {b['tokens_per_s']:.6g}",
              f"ratio  {res['ratio']:.4f}  (trainer tokens/s over bare tokens/s)",
              f"mfu  {t['mfu']:.4f}  {b['mfu']:.4f}",
@@ -354,6 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero-stage", default="auto", choices=["auto", "0", "1", "2", "3"],
                         help="the trainer's engine.zero_stage; auto (default): what `mmdist plan` picks for this device")
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--packed-attention", choices=["auto", "sdpa_per_sample", "flex"], default=None,
+                        help="model.llm.packed_attention on both sides, on sdpa, with the bare rows packed like the "
+                             "trainer's (default: not set: the trainer's auto, bare rows one sample each)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--workers", type=int, default=None, help="loader workers, default 4 (tiny: 2)")
     parser.add_argument("--workdir", help="where the demo shards and the run go (default: a temporary folder)")
@@ -362,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     res = run(tiny=args.tiny, steps=args.steps, warmup=args.warmup, micro_batch=args.micro_batch or (2 if args.tiny else 16),
               max_len=args.max_len or (128 if args.tiny else 2048),
               zero_stage=args.zero_stage if args.zero_stage == "auto" else int(args.zero_stage),
-              checkpointing=not args.no_checkpointing, device=args.device, workdir=args.workdir, workers=args.workers)
+              checkpointing=not args.no_checkpointing, device=args.device, workdir=args.workdir, workers=args.workers,
+              packed_attention=args.packed_attention)
     print(report(res), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

@@ -11,9 +11,10 @@ The placeholder id is usually added to the tokenizer after the LLM was trained,
 so it may lie beyond the embedding matrix; a frozen LLM is not resized: the
 lookup uses an existing id there, since those rows are overwritten anyway.
 
-Packed rows (``sequence_ids`` in the batch) get a 4-D block-diagonal causal mask
-(additive float, accepted as-is by transformers' eager and sdpa attention) and
-per-sample ``position_ids``, so attention and loss stay inside each sample.
+Packed rows (``sequence_ids`` in the batch) get per-sample ``position_ids`` and
+attention kept inside each sample: with sdpa, mmdist's packed attention (spans, or
+a FlexAttention block mask: ``model.llm.packed_attention``); otherwise a 4-D
+block-diagonal causal mask (additive float, accepted as-is by eager and sdpa attention).
 """
 
 from __future__ import annotations
@@ -28,7 +29,12 @@ from mmdist.models.connectors import Projector, pool_tokens
 from mmdist.models.contract import BatchCounts, count_samples, leading_size
 from mmdist.models.freeze import FrozenAwareModule, Part
 from mmdist.models.llm import stop_token_ids
-from mmdist.models.packed_attention import spans_from_sequence_ids, use_packed_attention
+from mmdist.models.packed_attention import (
+    document_block_mask,
+    resolve_packed_kernel,
+    spans_from_sequence_ids,
+    use_packed_attention,
+)
 from mmdist.models.settings import ModelConfig
 
 
@@ -81,8 +87,12 @@ class FusedVLM(FrozenAwareModule):
         fallback = pad if pad is not None and pad < rows else 0
         # The id used for the embedding lookup at placeholder positions (overwritten afterwards).
         self.lookup_id = self.image_token_id if self.image_token_id < rows else int(fallback)
-        # Packed rows: SDPA per sample instead of a dense block-diagonal mask (see packed_attention.py).
+        # Packed rows: SDPA per sample, or FlexAttention, instead of a dense block-diagonal mask (see packed_attention.py).
         self.packed_attention = use_packed_attention(llm)
+        self.packed_kernel = resolve_packed_kernel(settings.llm.packed_attention)
+        if self.packed_kernel == "flex" and not self.packed_attention:
+            raise ValueError("model.llm.packed_attention=flex: this LLM cannot switch to mmdist's packed attention "
+                             "(it needs attn_implementation sdpa and transformers' AttentionInterface); use auto")
         self.apply_policy()
         if settings.llm.gradient_checkpointing:
             # Non-reentrant checkpointing: gradients reach inputs_embeds through frozen weights.
@@ -191,6 +201,9 @@ class FusedVLM(FrozenAwareModule):
             if batch.get("position_ids") is None:
                 raise ValueError("packed batches for flash_attention_2 need position_ids (restarting at 0 per sample)")
             inputs["attention_mask"] = None
+        elif batch.get("sequence_ids") is not None and self.packed_attention and self.packed_kernel == "flex":
+            inputs["attention_mask"] = None  # built here once, reused by every layer and the checkpointed recompute
+            inputs["mmdist_block_mask"] = document_block_mask(batch["sequence_ids"])
         elif batch.get("sequence_ids") is not None and self.packed_attention:
             inputs["attention_mask"] = None
             inputs["mmdist_spans"] = spans_from_sequence_ids(batch["sequence_ids"])

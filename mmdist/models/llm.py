@@ -29,6 +29,9 @@ Quantize = Literal["none", "int8", "nf4"]
 """Weight-only quantization of a frozen part (mmdist/models/quantize.py): int8 (1 byte/weight) or nf4 (4 bits)."""
 QuantizeBackend = Literal["auto", "bitsandbytes", "torchao"]
 """``auto``: bitsandbytes where installed (QLoRA works on it), else torchao; the choice is logged."""
+PackedAttention = Literal["auto", "sdpa_per_sample", "flex"]
+"""How packed rows attend (mmdist/models/packed_attention.py). ``auto`` is ``sdpa_per_sample`` on every device until a
+GPU measurement says otherwise: ``flex`` is checked equal to it on CPU but its speed on a GPU is not yet measured."""
 
 
 @dataclass
@@ -64,6 +67,7 @@ class LLMConfig(SettingsBase):
     freeze: bool = setting(True, "freeze the LLM: requires_grad=False, eval(), no optimizer state")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting("sdpa", "attention kernel passed to from_pretrained")
     gradient_checkpointing: bool = setting(False, "recompute the LLM's activations in backward (inputs_embeds carry the grad)")
+    packed_attention: PackedAttention = setting("auto", "attention over packed rows with attn_implementation sdpa: sdpa_per_sample (causal SDPA on each sample's span), flex (one FlexAttention call per layer with a document mask; GPU only for training, torch has no CPU backward) or auto (sdpa_per_sample everywhere until flex is measured on a GPU: benchmarks/gpu_system.py --packed-attention flex)")
     image_token: str = setting("<image>", "placeholder token added to the tokenizer; each one expands to the image's tokens (with a Qwen1 tokenizer the default becomes its reserved <|extra_0|>, so the vocabulary never grows)")
     quantize: Quantize = setting("none", "quantize the frozen LLM's linear layers after loading: none, int8 or nf4 (needs the extra mmdist[quant]); computes in dtype")
     quantize_backend: QuantizeBackend = setting("auto", "library that quantizes: auto (bitsandbytes if installed, else torchao; logged), bitsandbytes or torchao")
@@ -79,7 +83,21 @@ class LLMConfig(SettingsBase):
             out.append(("gguf_file", f"{self.gguf_file!r} does not end in .gguf"))
         if self.lora.enabled and not self.freeze:
             out.append(("lora.enabled", "LoRA needs a frozen base LLM (set model.llm.freeze=true)"))
+        if self.packed_attention == "flex" and self.attn_implementation != "sdpa":
+            out.append(("packed_attention", f"flex replaces sdpa's packed path; attn_implementation is {self.attn_implementation!r} "
+                                            f"(set model.llm.attn_implementation=sdpa, or packed_attention=auto)"))
+        if self.packed_attention == "flex" and not flex_attention_available():
+            out.append(("packed_attention", "flex needs torch.nn.attention.flex_attention, which this torch lacks "
+                                            "(torch >= 2.5); use auto or sdpa_per_sample"))
         return out
+
+
+def flex_attention_available() -> bool:
+    """Whether this torch has FlexAttention (imports torch: asked only when ``packed_attention: flex`` is set)."""
+    try:
+        return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 # ---------------------------------------------------------------------------

@@ -13,17 +13,28 @@ The spans travel as a keyword argument of the LLM call (``mmdist_spans``), which
 transformers passes down to every attention call. Arguments are what gradient
 checkpointing replays, so the recomputed forward sees the same spans. Without
 ``mmdist_spans`` the function is plain SDPA (generation, unpacked batches).
+
+The other kernel (``model.llm.packed_attention: flex``) is one FlexAttention call
+per layer over the whole batch, with a document mask (causal and same sample)
+given as a ``BlockMask`` built once per forward (``mmdist_block_mask``): a few
+large kernels instead of rows x samples x layers small ones on a GPU. torch has
+no FlexAttention backward on CPU, so there it serves inference and tests only.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
+logger = logging.getLogger(__name__)
+
 IMPLEMENTATION = "mmdist_packed_sdpa"
 _registered = False
+_compiled_flex: Optional[Callable[..., torch.Tensor]] = None
 
 
 def spans_from_sequence_ids(sequence_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -44,8 +55,13 @@ def spans_from_sequence_ids(sequence_ids: torch.Tensor) -> list[list[tuple[int, 
 def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                           **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Causal SDPA per packed sample; query [B, H, T, D], key/value [B, H_kv, T, D] -> ([B, T, H, D], None)."""
+    """Causal SDPA per packed sample; query [B, H, T, D], key/value [B, H_kv, T, D] -> ([B, T, H, D], None).
+
+    With ``mmdist_block_mask`` (``packed_attention: flex``) it is :func:`packed_flex_attention` instead."""
     spans = kwargs.pop("mmdist_spans", None)
+    block_mask = kwargs.pop("mmdist_block_mask", None)
+    if block_mask is not None and query.shape[2] == key.shape[2]:
+        return packed_flex_attention(module, query, key, value, block_mask, dropout=dropout, scaling=scaling)
     if spans is None or query.shape[2] != key.shape[2]:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -69,6 +85,64 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
             pieces.append(query.new_zeros(query.shape[1], query.shape[2] - covered, query.shape[3]))
         rows.append(torch.cat(pieces, dim=1))
     out = torch.stack(rows)  # [B, H, T, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def resolve_packed_kernel(setting: str) -> str:
+    """``model.llm.packed_attention`` -> the kernel packed rows use: ``sdpa_per_sample`` or ``flex``.
+
+    ``auto`` is ``sdpa_per_sample`` on every device until a GPU measurement of
+    ``flex`` (benchmarks/gpu_system.py --packed-attention flex) says otherwise.
+    """
+    kernel = "sdpa_per_sample" if setting == "auto" else setting
+    if setting == "auto":
+        logger.info("packed attention: auto -> sdpa_per_sample (flex is checked equal on CPU but unmeasured on a GPU)")
+    return kernel
+
+
+def document_block_mask(sequence_ids: torch.Tensor) -> Any:
+    """[B, T] packed-sample index per token (-1 = padding) -> FlexAttention ``BlockMask`` of the document mask.
+
+    A token sees earlier tokens of its own sample; a padding token sees only itself
+    (no empty row, so no NaN; its output is never supervised), as ``block_causal_mask``.
+    Built once per forward: every layer and the checkpointed recompute reuse it.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    doc = sequence_ids.to(torch.int32).contiguous()
+
+    def same_sample_causal(b, h, q_idx, kv_idx):
+        kv_doc = doc[b, kv_idx]
+        return ((doc[b, q_idx] == kv_doc) & (q_idx >= kv_idx) & (kv_doc >= 0)) | (q_idx == kv_idx)
+
+    b, t = doc.shape
+    return create_block_mask(same_sample_causal, b, None, t, t, device=doc.device)
+
+
+def _flex_kernel(device: torch.device) -> Callable[..., torch.Tensor]:
+    """flex_attention compiled once per process on GPUs (eager it materialises every score); eager on CPU."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type == "cpu":
+        return flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention)
+    return _compiled_flex
+
+
+def packed_flex_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          block_mask: Any, dropout: float = 0.0, scaling: Optional[float] = None) -> tuple[torch.Tensor, None]:
+    """One FlexAttention call over the batch under ``block_mask``; query [B, H, T, D], key/value [B, H_kv, T, D]
+    -> ([B, T, H, D], None). Grouped-query heads are shared by flex_attention itself (``enable_gqa``)."""
+    if dropout and module.training:
+        raise ValueError(f"model.llm.packed_attention=flex: FlexAttention has no attention dropout, the LLM has {dropout}; "
+                         f"use sdpa_per_sample (or auto) for an LLM trained with attention dropout")
+    try:
+        out = _flex_kernel(query.device)(query, key, value, block_mask=block_mask, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    except NotImplementedError as exc:  # e.g. torch has no FlexAttention backward on CPU
+        raise NotImplementedError(f"model.llm.packed_attention=flex: {exc} Use auto or sdpa_per_sample here.") from exc
     return out.transpose(1, 2).contiguous(), None
 
 

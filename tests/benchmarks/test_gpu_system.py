@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-PRINTED = ["device", "steady_steps", "real_tokens", "images", "tokens_per_s", "ratio", "mfu", "hfu", "trainer_reported",
+PRINTED = ["device", "steady_steps", "real_tokens", "images", "samples", "tokens_per_s", "ratio", "mfu", "hfu", "trainer_reported",
            "peak_memory_gib", "step_s"]
 PHASES = ["data_wait", "to_device", "vision", "llm_forward", "backward", "optimizer", "host_sync", "logging", "other"]
 
@@ -42,6 +42,7 @@ def test_prints_every_field_and_the_breakdown(tiny_result):
     table = {line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| ")}
     assert set(PHASES) <= table, stdout
     assert res["device"] == "cpu" and res["warmup_steps"] == 1
+    assert res["packed_attention"] == "auto" and res["bare_rows_packed"] is False  # no flag: as before
 
 
 def test_both_sides_processed_the_same_real_tokens(tiny_result):
@@ -89,3 +90,60 @@ def test_zero_stage_auto_records_what_the_trainer_resolved(tiny_result, tmp_path
     assert res["zero_stage_setting"] == "auto" and res["zero_stage"] in (0, 1, 2, 3)
     assert f"zero_stage: {res['zero_stage']}" in written
     assert f"ZeRO-{res['zero_stage']} (auto)" in proc.stdout
+
+
+def test_bare_rows_pack_the_trainers_samples(monkeypatch):
+    """With --packed-attention the bare rows hold the trainer's samples: same tokens, images, answers and samples."""
+    from types import SimpleNamespace
+
+    import torch
+
+    monkeypatch.setenv("MMDIST_STEP_PHASES", "1")  # gpu_system sets it on import; restored after the test
+    import gpu_system
+
+    from mmdist.models.contract import count_samples
+    from mmdist.models.fused import supervised_mask
+
+    embedding = SimpleNamespace(weight=torch.zeros(100, 1))
+    model = SimpleNamespace(num_image_tokens=4, image_token_id=99, vision=SimpleNamespace(image_size=8),
+                            llm=SimpleNamespace(get_input_embeddings=lambda: embedding))
+    batch = gpu_system.bare_batch(model, 2, 60, 3, 7, torch.device("cpu"), torch.Generator().manual_seed(0), samples=5)
+    assert int(batch["attention_mask"].sum()) == 60 and batch["pixel_values"].shape[0] == 3
+    assert int((batch["input_ids"] == 99).sum()) == 3 * 4
+    assert count_samples(batch, "input_ids") == 5
+    assert [int(row.max()) + 1 for row in batch["sequence_ids"]] == [3, 2]  # dealt round-robin
+    assert int(supervised_mask(batch).sum()) == 7  # no cut falls inside the answers
+    real = batch["sequence_ids"] >= 0
+    assert torch.equal(real, batch["attention_mask"].bool())
+    starts = real & torch.nn.functional.pad(batch["sequence_ids"][:, 1:] != batch["sequence_ids"][:, :-1], (1, 0), value=True)
+    assert torch.equal(batch["position_ids"][starts], torch.zeros(int(starts.sum()), dtype=torch.long))  # restart per sample
+    unpacked = gpu_system.bare_batch(model, 2, 60, 3, 7, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert "sequence_ids" not in unpacked and torch.equal(unpacked["input_ids"], batch["input_ids"])
+
+
+def test_packed_attention_runs_on_both_sides_and_is_recorded(tmp_path):
+    """--packed-attention goes into the trainer's config and the bare model's (the same cfg.model), on sdpa, with the
+    bare rows packed like the trainer's; the result and the header name it. (flex itself trains on a GPU only.)"""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_system.py"), "--tiny", "--steps", "2", "--packed-attention",
+         "sdpa_per_sample", "--workdir", str(tmp_path), "--json", str(tmp_path / "result.json")],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert (res["packed_attention"], res["attn_implementation"], res["bare_rows_packed"]) == ("sdpa_per_sample", "sdpa", True)
+    assert "packed_attention: sdpa_per_sample" in (tmp_path / "run" / "config.yaml").read_text()
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("device "))
+    assert "attention sdpa, packed attention sdpa_per_sample (both sides, bare rows packed)" in header
+    assert res["trainer"]["samples"] == res["bare"]["samples"] > 0
+    assert res["trainer"]["real_tokens"] == res["bare"]["real_tokens"]
+
+
+def test_flex_on_the_cpu_is_refused_before_any_work(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_system.py"), "--tiny", "--packed-attention", "flex",
+         "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode != 0 and "--packed-attention flex trains on a GPU only" in proc.stderr
+    assert not (tmp_path / "demo").exists()

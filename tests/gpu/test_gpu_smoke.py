@@ -128,12 +128,18 @@ def test_cache_generate_and_eval_on_the_device(shards, align_export, tmp_path):
     assert 0.0 <= metrics["exact"] <= 1.0
 
 
+@pytest.mark.parametrize("kernel", ["auto", "flex"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_packed_attention_equals_unpacked_on_the_device(checkpointing):
+def test_packed_attention_equals_unpacked_on_the_device(checkpointing, kernel):
+    """Per-sample SDPA (auto) and FlexAttention (flex, compiled on CUDA) against the unpacked samples."""
     from helpers.tiny import make_model, pad_batch, sample
 
-    model = make_model("fuse", model={"llm": {"attn_implementation": "sdpa", "gradient_checkpointing": checkpointing}})
+    if kernel == "flex" and DEVICE == "cpu":
+        pytest.skip("torch has no FlexAttention backward on CPU (tests/models/test_packed_attention_flex.py covers it there)")
+    model = make_model("fuse", model={"llm": {"attn_implementation": "sdpa", "gradient_checkpointing": checkpointing,
+                                              "packed_attention": kernel}})
     model = model.to(DEVICE).train()
+    assert model.packed_kernel == ("flex" if kernel == "flex" else "sdpa_per_sample")
     samples = [sample(model, 1, [10, 11], [12, 13, 14]), sample(model, 0, [20, 21], [22, 23]), sample(model, 1, [30], [31, 32])]
     pixels = torch.randn(2, 3, 16, 16)
     unpacked = pad_batch(samples, pad_id=256)
