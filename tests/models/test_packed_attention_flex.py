@@ -35,6 +35,8 @@ SEQUENCE_IDS = torch.tensor([[0] * 6 + [1] * 5 + [2] * 4 + [-1] * 3,
 def flex_backward_on_cpu(monkeypatch):
     import torch.nn.attention.flex_attention as flex
 
+    if not hasattr(flex, "_validate_device"):  # a torch whose CPU check lives elsewhere: the gradient tests cannot run
+        pytest.skip(f"torch {torch.__version__} has no flex_attention._validate_device to lift for the CPU backward")
     monkeypatch.setattr(flex, "_validate_device", lambda *tensors: None)
 
 
