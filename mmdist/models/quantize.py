@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from mmdist.models.freeze import quantized_kind, torch_dtype
-from mmdist.models.quantized_embedding import QuantizedEmbedding, QuantizedHead, QuantizedTable
+from mmdist.models.quantized_embedding import QuantizedEmbedding, QuantizedHead, QuantizedTable, int8_rows
 
 log = logging.getLogger(__name__)
 
@@ -155,27 +155,27 @@ def _bnb_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype, devi
     return layer.to(device)  # bitsandbytes quantizes on the move to the device
 
 
+def _row_scale(weight: Any) -> torch.Tensor:
+    """What one int8 step of each row of a bitsandbytes Int8Params stands for: SCB is the row's absmax (int8 127)."""
+    return weight.SCB.float() / 127.0
+
+
 class _Int8WeightOnly(torch.autograd.Function):
     """``x @ (Q * s).T + b`` for int8 rows ``Q`` [out, in] and per-row scales ``s``: dequantized to ``x``'s dtype in
     forward and again in backward, so only ``x`` and the int8 tensors are kept between them (no 16-bit copy of the
     weight lives through the step). The gradient goes to ``x`` only: the weight is frozen."""
 
     @staticmethod
-    def weight(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The weight in ``dtype``, rounded once (the product is taken in fp32, the scales' dtype)."""
-        return (data.to(scale.dtype) * scale[:, None]).to(dtype)
-
-    @staticmethod
     def forward(ctx: Any, x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         ctx.save_for_backward(data, scale)
-        return nn.functional.linear(x, _Int8WeightOnly.weight(data, scale, x.dtype), bias)
+        return nn.functional.linear(x, int8_rows(data, scale, x.dtype), bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         data, scale = ctx.saved_tensors
-        return grad @ _Int8WeightOnly.weight(data, scale, grad.dtype), None, None, None
+        return grad @ int8_rows(data, scale, grad.dtype), None, None, None
 
 
 @functools.cache
@@ -187,8 +187,7 @@ def _weight_only_linear8bit() -> type:
     class WeightOnlyLinear8bitLt(bnb.nn.Linear8bitLt):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             bias = None if self.bias is None else self.bias.to(x.dtype)
-            # Int8Params.SCB is the row's absmax: the int8 value 127 stands for it.
-            return _Int8WeightOnly.apply(x, self.weight.data, self.weight.SCB.float() / 127.0, bias)
+            return _Int8WeightOnly.apply(x, self.weight.data, _row_scale(self.weight), bias)
 
     return WeightOnlyLinear8bitLt
 
@@ -293,7 +292,7 @@ def dequantized_weight(layer: nn.Module) -> torch.Tensor:
     if type(data).__name__ in ("Int8Tensor", "NF4Tensor"):
         return data.dequantize() if hasattr(data, "dequantize") else data.get_original_weight()
     if kind == "int8":  # LLM.int8: row-wise absmax scales
-        return data.float() * (weight.SCB.float()[:, None] / 127.0)
+        return int8_rows(data, _row_scale(weight), torch.float32)
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(data, weight.quant_state)

@@ -20,7 +20,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-__all__ = ["NF4_CODE", "QuantizedEmbedding", "QuantizedHead", "QuantizedTable"]
+__all__ = ["NF4_CODE", "QuantizedEmbedding", "QuantizedHead", "QuantizedTable", "int8_rows"]
 
 # QLoRA's NormalFloat4 code values (bitsandbytes.functional.get_4bit_type("nf4")), ascending.
 NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -28,6 +28,13 @@ NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453
             0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
 # Rows dequantized at a time by the head: about 4M values (a bounded working set whatever the vocabulary).
 CHUNK_VALUES = 1 << 22
+
+
+def int8_rows(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 rows [..., cols] times their fp32 scales [...], in ``dtype``: the product is taken in fp32 and rounded
+    once. The one int8 dequantization of the package (this table, and the int8 linear layers of
+    mmdist.models.quantize, whose scale is bitsandbytes' row absmax / 127)."""
+    return (data.float() * scale.float()[..., None]).to(dtype)
 
 
 class QuantizedTable(nn.Module):
@@ -71,7 +78,7 @@ class QuantizedTable(nn.Module):
         """The dequantized rows ``index`` (any shape) -> [*index.shape, cols] in ``dtype``."""
         data, scale = self.data[index], self.scale[index]
         if self.method == "int8":
-            return (data.float() * scale[..., None]).to(dtype)
+            return int8_rows(data, scale, dtype)
         values = nn.functional.embedding(data.int(), self.code).view(*data.shape[:-1], -1, self.block)
         return (values * scale[..., None]).flatten(-2)[..., :self.num_cols].to(dtype)
 
