@@ -21,6 +21,7 @@ from mmdist import generate
 from mmdist.data.settings import SourceConfig
 from mmdist.evaluation.metrics import IGNORE_INDEX, RECALL_AT, normalise_answer, retrieval_metrics, score_answer
 from mmdist.training import dist
+from mmdist.training.step import to_device
 
 if TYPE_CHECKING:
     from mmdist.config.run import RunConfig
@@ -29,13 +30,9 @@ if TYPE_CHECKING:
 # gathering across ranks
 
 
-def _world() -> tuple[int, int]:
-    return dist.rank(), dist.world_size()
-
-
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every rank's ``x`` [n_r, ...] concatenated along dim 0 in rank order (row counts may differ: sizes go first)."""
-    _, world = _world()
+    world = dist.world_size()
     if world == 1:
         return x
     size = torch.tensor([x.shape[0]], dtype=torch.long, device=x.device)
@@ -51,12 +48,7 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 
 def gather_list(items: list) -> list:
     """Every rank's list concatenated in rank order (picklable items)."""
-    _, world = _world()
-    if world == 1:
-        return list(items)
-    parts: list[Any] = [None] * world
-    tdist.all_gather_object(parts, items)
-    return [item for part in parts for item in part]
+    return [item for part in dist.all_gather_object(list(items)) for item in part]
 
 
 def _first_of_each_key(keys: Sequence[str], max_samples: Optional[int]) -> list[int]:
@@ -77,11 +69,6 @@ def _model_device(model: Any) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
-
-
-def to_device(batch: dict, device: Any) -> dict:
-    """Tensors of ``batch`` on ``device`` (other values as they are)."""
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def batches_with_keys(loader: Iterable, max_batches: Optional[int] = None) -> Iterator[tuple[dict, list[str]]]:
@@ -141,7 +128,7 @@ def evaluate_retrieval(model: Any, loader: Iterable, *, max_samples: Optional[in
     ``prepare`` moves a batch to the model (default: tensors to the model's device).
     Returns the metrics of :func:`retrieval_metrics` plus ``samples`` and ``captions``.
     """
-    _, world = _world()
+    world = dist.world_size()
     device = _model_device(model)
     prepare = prepare or (lambda b: to_device(b, device))
     tok = model.processors.text_tokenizer
@@ -226,7 +213,7 @@ def evaluate_answers(model: Any, loader: Iterable, *, max_samples: Optional[int]
     ``jsonl_path``.
     """
 
-    rank, world = _world()
+    rank, world = dist.rank(), dist.world_size()
     device = _model_device(model)
     prepare = prepare or (lambda b: to_device(b, device))
     tok = model.processors.tokenizer

@@ -276,8 +276,8 @@ def float_dtype(engine: Any) -> Optional[torch.dtype]:
     return torch.float16 if engine.fp16_enabled() else None
 
 
-def to_device(batch: dict, device: Any, dtype: Optional[torch.dtype]) -> dict:
-    """The batch's tensors on ``device``, floating-point ones cast to ``dtype`` (None: kept)."""
+def to_device(batch: dict, device: Any, dtype: Optional[torch.dtype] = None) -> dict:
+    """The batch's tensors on ``device``, floating-point ones cast to ``dtype`` (None: kept); other values as they are."""
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
