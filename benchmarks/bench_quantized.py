@@ -200,10 +200,9 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
 
 def answers_of(run: str, data: list[str], method: str, out: Path, max_samples: int | None, threads: int | None) -> dict:
     """``mmdist eval`` of ``run`` with ``model.llm.quantize=method`` in its own process: accuracy, time and answers."""
-    cmd = [sys.executable, "-m", "mmdist", "eval", "--run", run, "--data", *data, "--device", "cpu", "--match", "digit",
-           "--out", str(out / method), f"model.llm.quantize={method}"]
-    if max_samples:
-        cmd[cmd.index("--device"):cmd.index("--device")] = ["--max-samples", str(max_samples)]
+    cmd = [sys.executable, "-m", "mmdist", "eval", "--run", run, "--data", *data,
+           *(["--max-samples", str(max_samples)] if max_samples else []),
+           "--device", "cpu", "--match", "digit", "--out", str(out / method), f"model.llm.quantize={method}"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)

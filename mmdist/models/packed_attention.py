@@ -94,10 +94,10 @@ def resolve_packed_kernel(setting: str) -> str:
     ``auto`` is ``sdpa_per_sample`` on every device until a GPU measurement of
     ``flex`` (benchmarks/gpu_system.py --packed-attention flex) says otherwise.
     """
-    kernel = "sdpa_per_sample" if setting == "auto" else setting
-    if setting == "auto":
-        logger.info("packed attention: auto -> sdpa_per_sample (flex is checked equal on CPU but unmeasured on a GPU)")
-    return kernel
+    if setting != "auto":
+        return setting
+    logger.info("packed attention: auto -> sdpa_per_sample (flex is checked equal on CPU but unmeasured on a GPU)")
+    return "sdpa_per_sample"
 
 
 def document_block_mask(sequence_ids: torch.Tensor) -> Any:
