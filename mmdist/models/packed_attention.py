@@ -96,7 +96,7 @@ def resolve_packed_kernel(setting: str) -> str:
     """
     if setting != "auto":
         return setting
-    logger.info("packed attention: auto -> sdpa_per_sample (flex is checked equal on CPU but unmeasured on a GPU)")
+    logger.debug("packed attention: auto -> sdpa_per_sample (flex is checked equal on CPU but unmeasured on a GPU)")
     return "sdpa_per_sample"
 
 
