@@ -232,7 +232,7 @@ def _evaluate(run: Run) -> Optional[dict]:
 
 
 def _evaluate_metrics(run: Run) -> dict:
-    """Retrieval R@k (align) or answer accuracy (fuse) on data.eval, on every rank (mmdist/evaluation.py); the answers go to eval/."""
+    """Retrieval R@k (align) or answer accuracy (fuse) on data.eval, on every rank (mmdist/evaluation/runners.py); the answers go to eval/."""
     from mmdist import evaluation
 
     cfg, engine, model = run.cfg, run.bundle.engine, run.bundle.model
