@@ -67,7 +67,7 @@ def train(
     """Train one stage as ``cfg`` says; returns a summary (steps, losses, paths).
 
     ``model_builder(cfg, gather)`` and ``loader_builder(cfg, processors, split,
-    rank, world_size)`` default to ``mmdist.export.build_run_model`` and
+    rank, world_size)`` default to ``mmdist.materialize.build_run_model`` and
     ``mmdist.data.build_loader``; tests pass small ones. ``stop_after`` ends the
     run after that many optimizer steps of the configured schedule (with a
     checkpoint), as a job hitting its time limit would.
