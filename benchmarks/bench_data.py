@@ -175,7 +175,7 @@ def stage1_epoch_times(tmp: str, n_train: int, image_size: int, batch: int, roun
     base["train"].update({"micro_batch_size": batch, "global_batch_size": batch})
     cfg = load_config(base=base)
     out = _stage1_runs(cfg, base, pattern, str(Path(tmp) / "bench_recipe"), rounds)
-    # the keys benchmarks/run_all.py reads (the image cache, as before the text side was cached)
+    # the keys of benchmarks/run_all.py's "feature cache vs pixels" row: the image-only cache
     return {"samples": n_train, **out, "cache_s": out["image_cache_s"], "cache_build_s": out["image_build_s"],
             "speedup": out["speedup_image"]}
 

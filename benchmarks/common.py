@@ -4,7 +4,7 @@ the FLOP accounting, the dense-matmul peak and table printing.
 Both contenders of a benchmark take their shapes, data and FLOP accounting from
 here, so "the same step" means the same thing on both sides.
 
-FLOP accounting (issue 6): per real (non-padding) token 4 x the LLM's matmul
+FLOP accounting: per real (non-padding) token 4 x the LLM's matmul
 parameters (forward, plus the input-gradient backward through frozen weights;
 6 x if the LLM trains), plus 2 x that again when the LLM recomputes activations
 (gradient checkpointing); per image 2 x the vision encoder's parameters per
@@ -100,7 +100,7 @@ def llm_matmul_params(model: torch.nn.Module) -> int:
 def step_flops(real_tokens: int, images: int, llm_params: int, vision_params: int, vision_seq: int,
                connector_params: int, image_tokens: int, checkpointing: bool = False,
                llm_trains: bool = False) -> float:
-    """FLOPs of one training step by the issue's accounting (see the module docstring)."""
+    """FLOPs of one training step by the 4N/6N accounting of the module docstring."""
     per_token = (6 if llm_trains else 4) * llm_params + (2 * llm_params if checkpointing else 0)
     return (per_token * real_tokens + 2 * vision_params * vision_seq * images
             + 6 * connector_params * image_tokens * images)

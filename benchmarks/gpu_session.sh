@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 20's device checks in one call (prepared here, run on a lent GPU; see benchmarks/gpu_wheels.sh for the
-# wheels and the install line that precedes this script). Each step has its own time limit so one slow step
+# The checks of a new GPU node in one run (on a node without internet access, benchmarks/gpu_wheels.sh gives the
+# wheels and the install line that precede this script). Each step has its own time limit so one slow step
 # cannot take the others' figures with it; everything lands in $OUT (or gpu_out/ when $OUT is unset):
 #   1. nvidia-smi and the versions;
 #   2. the single-GPU smoke tier, `pytest -m gpu` (tests/gpu/);

@@ -1,13 +1,13 @@
 """The trainer against its own model, in one run: tokens/s of each, their ratio, MFU/HFU, memory, a step breakdown.
 
-Issue 20: at the Qwen-14B shape on one H200 the bare model (gpu_throughput.py)
-reached 34% MFU with checkpointing while ``launch/train.py`` reached ~16%. This
-benchmark runs both sides at the same shapes and the same real tokens per step:
+At the Qwen-14B shape on one H200 the bare model (gpu_throughput.py) reached 34% MFU
+with checkpointing while ``launch/train.py`` at ZeRO-3 reached ~16% (docs/benchmarks.md).
+This benchmark runs both sides at the same shapes and the same real tokens per step:
 
 1. **the training path**: ``mmdist.training.loop.train`` itself (DeepSpeed engine,
    ZeRO-3 by default, the webdataset loader with packing, the metrics, the step)
    on demo-digit shards written first (images at the tower's size), a config built
-   like the issue's run: configs/tiny_fuse.yaml with the Qwen-14B and CLIP
+   like that run: configs/tiny_fuse.yaml with the Qwen-14B and CLIP
    ViT-L/14-336 shapes as ``init_config``, ``data.max_len=2048``, ``data.packing=true``,
    micro-batch 16 (one micro-batch per step), gradient checkpointing;
 2. **the bare model**: the same FusedVLM built straight on the device, torch AdamW,
@@ -29,9 +29,9 @@ on both sides (mmdist/models/packed_attention.py) and runs both on sdpa (the pac
 kernels replace sdpa's path; flash_attn is otherwise preferred where installed). The
 bare rows are then packed too, holding as many samples as the trainer's step did, so
 both sides run the same kernel over the same samples. Without the flag: the trainer's
-default (auto) and one sample per bare row, as before.
+default (auto) and one sample per bare row.
 
-Run: ``python benchmarks/gpu_system.py`` on one GPU (6 steps a side at the issue's
+Run: ``python benchmarks/gpu_system.py`` on one GPU (6 steps a side at the reference
 shapes; about 4 minutes on an H100/H200, most of it building the two 14B models);
 ``--tiny`` runs the same code at toy shapes on the CPU in well under a minute
 (tests/benchmarks/test_gpu_system.py).
@@ -68,7 +68,7 @@ INSIDE = ("zero3_fetch_release",)
 
 def run_config(tiny: bool, device: torch.device, workdir: Path, shards: str, *, micro_batch: int, max_len: int, steps: int,
                zero_stage: int | str, checkpointing: bool, peak: float, workers: int, packed_attention: str | None = None):
-    """The issue's run: tiny_fuse.yaml with the two shapes as init_config, packing, one micro-batch per step;
+    """The reference run: tiny_fuse.yaml with the two shapes as init_config, packing, one micro-batch per step;
     ``packed_attention`` (when given) set as model.llm.packed_attention, on sdpa."""
     from mmdist.config.run import load_config
 

@@ -12,12 +12,12 @@ FLOPs per step are the trainer's own (``mmdist.training.metrics.flop_count``, th
 count behind the progress bar and metrics.jsonl): 4 x the frozen LLM's matmul
 weights per token, its head per answer token, the vision tower, stage-1 module and
 projector per image token. MFU is reported both ways: ``mfu_4n`` without the
-recompute of gradient checkpointing (the issue's 4N target: 45% on H100/H200) and
+recompute of gradient checkpointing (the 4N figure; the target is 45% on H100/H200) and
 ``hfu`` with it (the LLM's forward again: +2 per weight per token). Peak FLOP/s
 comes from a table of datasheet bf16 dense figures by device name, else a measured
-bf16 matmul. (Before issue 20 this file counted with common.step_flops, which
-charged the head at every token and the tower per patch incl. CLS: the 34%/45%
-of docs/benchmarks.md were measured with that count.)
+bf16 matmul. The 34%/45% of docs/benchmarks.md were measured with common.step_flops,
+which charges the head at every token and the tower per patch incl. CLS, so they
+are somewhat higher than this count gives for the same run.
 
 ``--tiny`` runs the same code at toy shapes on the CPU (tests/benchmarks).
 Run: ``python benchmarks/gpu_throughput.py`` (a few minutes on an H100/H200).

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The wheels one device call needs (the lent H200's image lacks them; see ../.library/device/README.md), into .whl/
-# of the repo root (ignored by git through .git/info/exclude). Run here, once, before the device call:
+# Wheels for a GPU node without internet access whose image has torch and transformers but not the rest of mmdist's
+# dependencies, into .whl/ of the repo root (ignored by git through .git/info/exclude). Run once on a machine that
+# reaches PyPI, then carry .whl/ to the node with the checkout:
 #     bash benchmarks/gpu_wheels.sh            # mmdist's missing dependencies (deepspeed, webdataset, gguf, pydantic)
 #     bash benchmarks/gpu_wheels.sh quant      # plus bitsandbytes and torchao, for bench_quantized's GPU figures
 # Versions come from constraints.txt. deepspeed ships a source package: `pip wheel` makes its pure-Python wheel.
-# Then, on the device, in one call with carry [".whl"]:
+# Then, on the GPU node, from the repository root with .whl/ in place:
 #     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
 #       && export PYTHONPATH=/tmp/site:$PWD DS_BUILD_OPS=0 && bash benchmarks/gpu_session.sh
 set -euo pipefail

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-# The one import of the settings errors (moves to mmdist.settings with issue 9).
+# The one import of the settings errors: a precision that cannot run here is reported as a config problem.
 from mmdist.settings import ConfigError, Problem
 
 __all__ = [

@@ -42,7 +42,7 @@ def slurm_cluster_2nodes():
 @pytest.fixture(scope="session", autouse=True)
 def _remove_leaked_deepspeed_shm_buffers():
     """Ranks killed on purpose (SIGKILL tests) cannot unlink DeepSpeed's 66 MB /dev/shm all-reduce buffer
-    (mmdist.training.engine.EngineBundle.close does it on a normal exit); remove those this session made."""
+    (mmdist.training.engine.EngineBundle.close does it on a normal exit); remove those this test run made."""
     import os
     import time
     from pathlib import Path

@@ -55,7 +55,7 @@ def fake_flags(monkeypatch, text):
 
 
 def fake_probe(monkeypatch, **gflops):
-    """matmul_probe returns the given GFLOP/s per dtype (the issue's AVX2-only EPYC by default)."""
+    """matmul_probe returns the given GFLOP/s per dtype (a 2-core AVX2-only EPYC's figures by default)."""
     rates = {"fp32": 138.0, "bf16": 0.9, "fp16": 0.9} | gflops
     calls = []
 

@@ -243,7 +243,7 @@ def test_a_micro_batch_means_the_same_samples_in_the_plan_and_the_trainer(packin
 
 
 # ---------------------------------------------------------------------------
-# the model menu of issue 21: conv and timm towers, the resampler, tiling (mmdist/plan/towers.py, images.py)
+# the model menu: conv and timm towers, the resampler, tiling (mmdist/plan/towers.py, images.py)
 
 TINY_RESNET = {"model_type": "resnet", "layer_type": "basic", "depths": [1, 1], "hidden_sizes": [8, 16],
                "embedding_size": 8, "num_channels": 3}

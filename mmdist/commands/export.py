@@ -16,7 +16,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run", required=True, help="export folder, run folder or demo run folder")
     parser.add_argument("--out", required=True, help="folder to write (must be new or empty for --format hf)")
     parser.add_argument("--format", choices=("mmdist", "hf"), default="mmdist",
-                        help="mmdist: today's export (resume, hand-off); hf: LlavaForConditionalGeneration + LlavaProcessor")
+                        help="mmdist: mmdist's own export (resume, hand-off); hf: LlavaForConditionalGeneration + LlavaProcessor")
     parser.add_argument("--dequantize", action="store_true",
                         help="--format hf of a run trained through a quantized LLM: write the LLM's full-precision weights")
     parser.add_argument("overrides", nargs="*", help="--format hf: dotted overrides of the stored config, e.g. model.llm.dtype=fp32")

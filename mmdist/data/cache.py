@@ -22,7 +22,7 @@ refuses a cache whose key differs, naming the parts that differ: stale features
 from another encoder, layer or resolution would train silently wrong otherwise.
 A run whose text encoder trains reads only the image features of a cache with
 text features; a frozen-text run on an image-only cache runs its text encoder
-as before (and logs that a rebuilt cache would skip it).
+on every batch (and logs that a rebuilt cache would skip it).
 
 Layout: ``DIR/train/`` and ``DIR/eval/`` (from ``mmdist cache``), each with its
 own ``cache_key.json``; ``build_feature_cache`` writes one such folder.

@@ -221,7 +221,7 @@ class StreamingLoader:
             d.worker_map = list(range(d.num_workers))
         for key, mine in (("world_size", d.world_size), ("num_workers", d.num_workers), ("seed", d.seed), ("mode", d.mode),
                           ("batch_size", d.batch_size)):
-            if state.get(key, mine if key == "batch_size" else None) != mine:  # batch_size: not in states before it was kept
+            if state.get(key, mine if key == "batch_size" else None) != mine:  # a state without batch_size predates it
                 raise ValueError(
                     f"data loader state was saved with {key}={state.get(key)!r} but this run has {key}={mine!r}; the data "
                     f"split would change. Resume with the same setting, or start the data from a new epoch (drop the loader state)."

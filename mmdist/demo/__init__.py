@@ -8,7 +8,7 @@ adds no training code of its own:
    written as separate ``eval`` shards that no stage trains on.
 2. ``mmdist cache``: the frozen vision encoder's features and the frozen text
    encoder's caption vectors, computed once.
-3. Stage 1 ``align`` (configs/demo_align.yaml) through ``mmdist.training.train``
+3. Stage 1 ``align`` (configs/demo_align.yaml) through ``mmdist.training.loop.train``
    (DeepSpeed engine, one CPU process), then held-out image->text retrieval
    top-1 over the ten digit captions.
 4. Stage 2 ``fuse`` (configs/demo_fuse.yaml) through the same trainer, starting

@@ -13,7 +13,7 @@ first and last MiB, so a changed file is converted again. A conversion is
 written to a temporary folder and renamed when complete: a crash or a second
 process converting at the same time never leaves a half folder in use, and a file lock lets one
 process convert while the others (the other ranks of a job) wait and then read its folder. An
-unwritable cache is not an error: the GGUF is then read directly, as before.
+unwritable cache is not an error: the GGUF is then read directly, without a cache.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def converted_folder(folder: str, gguf: str) -> Optional[str]:
 def _conversion_lock(path: Path) -> Iterator[None]:
     """One converting process per cache entry: the ranks of a job start together, and without this each would
     convert the same GGUF (the rename keeps the result whole either way; the lock saves the work). Where the
-    file system has no ``flock`` the conversion runs unlocked, as before."""
+    file system has no ``flock`` the conversion runs unlocked (the rename still keeps the folder whole)."""
     with open(path, "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)

@@ -12,7 +12,7 @@ be accepted by a ZeRO-3 stage 2 whose frozen tower is another one.
 transformers' ZeRO-3 switch) and gives the partitioned model its values, for
 models up to :data:`MAX_REPRODUCIBLE_PARAMS` parameters; a larger random model
 is a shape study (throughput, memory) whose values do not matter, and is built
-partitioned only, as before. A leaf module: torch, and DeepSpeed/transformers
+partitioned only. A leaf module: torch, and DeepSpeed/transformers
 internals only when ``zero.Init`` is active.
 
 Outside ``zero.Init`` the model is built where torch's default device points (the
@@ -99,7 +99,7 @@ def build_seeded(build: Callable[[], torch.nn.Module], seed: int, gather: Gather
             return (build_large or build)()
         if partition_parameters is not None:
             with _outside_zero_init(partition_parameters):
-                size = _params_on_meta(build)  # a class that cannot be built on meta: partitioned only, as before
+                size = _params_on_meta(build)  # a class that cannot be built on meta: partitioned only
                 if size <= MAX_REPRODUCIBLE_PARAMS:
                     torch.manual_seed(seed)
                     plain = dict(build().named_parameters())

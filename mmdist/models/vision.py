@@ -101,7 +101,7 @@ HF_HAS_CLS = {"vit": True, "clip_vision_model": True, "clip": True, "siglip_visi
               "siglip2_vision_model": False, "siglip2": False, "dinov2": True}
 # Towers whose token count is (image_size / patch_size)^2 (+ class token): no probe forward needed.
 CONFIG_SHAPED = {"vit", "clip_vision_model", "siglip_vision_model"}
-# Kept importable from here (older callers and tests).
+# The name callers and tests import from here.
 _image_settings_hf = image_settings_hf
 
 

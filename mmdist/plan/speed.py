@@ -28,9 +28,10 @@ from mmdist.plan.step_time import Interconnect, StepInputs, StepTime, predict
 __all__ = ["Choice", "choose", "micro_batch_tokens", "peak_for", "step_inputs", "TIE", "ZERO3_OVERHEAD"]
 
 TIE = 0.01  # predicted step times within 1% are a tie: the lower stage (less to go wrong, smaller checkpoints) wins
-# ZeRO-3 step time / the bare model's on ONE rank, where nothing moves: issue 20 measured the trainer at ZeRO-3 on one
+# ZeRO-3 step time / the bare model's on ONE rank, where nothing moves: the trainer at ZeRO-3 on one
 # H200 at the Qwen-14B shape (stage3_param_persistence_threshold 0, checkpointing, micro-batch 16 packed samples) at
-# 16% MFU against 34% for the same model without DeepSpeed. One measurement; benchmarks on GPUs should refine it.
+# 16% MFU against 34% for the same model without DeepSpeed (docs/benchmarks.md). One measurement; benchmarks on GPUs
+# should refine it.
 ZERO3_OVERHEAD = 34 / 16
 CPU_PEAK = 1e12  # a placeholder peak where no datasheet row applies: only ratios between settings matter then
 

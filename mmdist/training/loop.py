@@ -67,7 +67,7 @@ def train(
     """Train one stage as ``cfg`` says; returns a summary (steps, losses, paths).
 
     ``model_builder(cfg, gather)`` and ``loader_builder(cfg, processors, split,
-    rank, world_size)`` default to ``mmdist.export.build_run_model`` and
+    rank, world_size)`` default to ``mmdist.materialize.build_run_model`` and
     ``mmdist.data.build_loader``; tests pass small ones. ``stop_after`` ends the
     run after that many optimizer steps of the configured schedule (with a
     checkpoint), as a job hitting its time limit would.
@@ -232,7 +232,7 @@ def _evaluate(run: Run) -> Optional[dict]:
 
 
 def _evaluate_metrics(run: Run) -> dict:
-    """Retrieval R@k (align) or answer accuracy (fuse) on data.eval, on every rank (mmdist/evaluation.py); the answers go to eval/."""
+    """Retrieval R@k (align) or answer accuracy (fuse) on data.eval, on every rank (mmdist/evaluation/runners.py); the answers go to eval/."""
     from mmdist import evaluation
 
     cfg, engine, model = run.cfg, run.bundle.engine, run.bundle.model

@@ -33,7 +33,7 @@ class TrainConfig(SettingsBase):
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 disables)")
     eval_every: int = setting(0, "evaluate on data.eval every N steps (0: only at the end)")
     eval_batches: int = setting(20, "batches per evaluation")
-    eval_metrics: bool = setting(False, "at each evaluation also measure retrieval R@1/5/10 (align) or greedy-answer exact/contains accuracy (fuse) on data.eval (mmdist/evaluation.py)")
+    eval_metrics: bool = setting(False, "at each evaluation also measure retrieval R@1/5/10 (align) or greedy-answer exact/contains accuracy (fuse) on data.eval (mmdist/evaluation/)")
     eval_max_samples: Optional[int] = setting(None, "eval_metrics: held-out samples measured (None: all of data.eval); answers use train.micro_batch_size per batch")
     seed: int = setting(0, "seed for initialisation and dropout")
     max_nonfinite_steps: int = setting(5, "stop with an error after this many NaN/inf losses in a row (each one is skipped)")

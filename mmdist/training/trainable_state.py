@@ -30,8 +30,9 @@ def group_names(engine: Any) -> list[str]:
 
 
 def groups_changed(engine: Any, saved: Optional[list[str]]) -> bool:
-    """Whether the checkpoint's optimizer groups differ from ``engine``'s. A checkpoint without the record (written
-    before it was kept) had this run's groups, except under ZeRO-3, where every group used to be ``.no_decay``."""
+    """Whether the checkpoint's optimizer groups differ from ``engine``'s. A checkpoint without the record (from a
+    version that did not write it) has this run's groups, except under ZeRO-3, where such a version put every group in
+    ``.no_decay``."""
     if not hasattr(engine, "optimizer"):
         return False
     mine = group_names(engine)

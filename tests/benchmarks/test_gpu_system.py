@@ -42,7 +42,7 @@ def test_prints_every_field_and_the_breakdown(tiny_result):
     table = {line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| ")}
     assert set(PHASES) <= table, stdout
     assert res["device"] == "cpu" and res["warmup_steps"] == 1
-    assert res["packed_attention"] == "auto" and res["bare_rows_packed"] is False  # no flag: as before
+    assert res["packed_attention"] == "auto" and res["bare_rows_packed"] is False  # no flag: default, unpacked
 
 
 def test_both_sides_processed_the_same_real_tokens(tiny_result):

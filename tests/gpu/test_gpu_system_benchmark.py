@@ -1,4 +1,4 @@
-"""GPU tier for issue 20: benchmarks/gpu_system.py's CUDA paths at toy shapes, and the out-of-memory report's GPU figures.
+"""GPU tier: benchmarks/gpu_system.py's CUDA paths at toy shapes, and the out-of-memory report's GPU figures.
 
 Selected with ``-m gpu``; skipped without a CUDA GPU. The full-shape run is
 ``python benchmarks/gpu_system.py`` (docs/benchmarks.md), too long for a test.

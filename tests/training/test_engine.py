@@ -114,7 +114,7 @@ def test_optimizer_groups_only_trainable_with_multipliers_and_no_decay(tmp_path)
 
 def test_weight_decay_follows_the_full_shape_of_a_zero3_partitioned_weight(tmp_path):
     """Under ZeRO-3 a parameter's data is an empty 1-D partition and its shape is in ds_shape; a weight matrix must
-    still get weight decay (judged by .ndim, every ZeRO-3 weight went to the no-decay group)."""
+    still get weight decay (judged by .ndim, every ZeRO-3 weight would go to the no-decay group)."""
     cfg = _cfg(tmp_path, train={"weight_decay": 0.01})
     model = ToyModel()
     weight = model.projector.weight

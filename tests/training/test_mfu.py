@@ -1,12 +1,12 @@
 """MFU counts the FLOPs that run: the accounting of metrics.flop_count against torch's FLOP counter.
 
-A figure above 100% is a bug. The old "4N at every token" charged the LM head at
+A figure above 100% is a bug. A naive "4N at every token" charges the LM head at
 every position while FusedVLM runs it at supervised positions only, so on a
-batch with few labelled tokens it claimed more FLOPs than the step executed.
+batch with few labelled tokens it claims more FLOPs than the step executes.
 Here a forward and backward of the tiny stage-2 model from configs/tiny_fuse.yaml
 run under ``torch.utils.flop_counter.FlopCounterMode``; the estimate must not
 exceed what ran (attention's quadratic term, which the estimate leaves out, is
-the only gap) and the old count must.
+the only gap) and the naive count must.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_estimate_does_not_exceed_the_flops_that_ran(fused):
     estimate = metrics.flop_count(fused, "fuse").step(tokens, supervised, image_tokens)
     assert estimate <= ran, f"MFU would read high: estimated {estimate:.3g} FLOPs, {ran:.3g} ran"
     assert estimate >= 0.8 * ran, f"estimate {estimate:.3g} far below the {ran:.3g} FLOPs that ran"
-    # The old accounting (every parameter at 4 or 6 per token, the head included) claims more than ran.
+    # The naive accounting (every parameter at 4 or 6 per token, the head included) claims more than ran.
     counts = metrics.count_parameters(fused)
     old = (6 * counts["trainable"] + 4 * counts["frozen"]) * tokens
     assert old > ran
@@ -126,7 +126,7 @@ def test_stage1_counts_each_part_where_it_runs(aligned):
     assert both_cached == metrics.FlopCount(per_token=0.0, per_image=4 * heads)
     step = dict(tokens=8 * 12, images=8)
     assert count.step(**step) > images_cached.step(**step) > both_cached.step(**step) > 0
-    # the old count charged every parameter at every caption token, the tower's included
+    # the naive count charges every parameter at every caption token, the tower's included
     counts = metrics.count_parameters(aligned)
     old = (6 * counts["trainable"] + 2 * counts["frozen"]) * step["tokens"]
     assert old > count.step(**step)

@@ -528,9 +528,9 @@ def test_checkpoint_without_consolidated_state_is_refused_on_another_world_size(
 
 
 def test_zero3_checkpoint_with_the_old_optimizer_groups_resumes_by_parameter_name(tmp_path, monkeypatch, capsys):
-    """mmdist used to put every ZeRO-3 parameter in a .no_decay group (judged by the partition's 1-D shape) and did not
-    record the groups. Such a checkpoint resumes through its consolidated copy into today's groups, and the run ends
-    where an uninterrupted one does (weight decay 0, so the groups change nothing numerically)."""
+    """A checkpoint written by a version that put every ZeRO-3 parameter in a .no_decay group (judged by the
+    partition's 1-D shape) and did not record the groups resumes through its consolidated copy into this run's groups,
+    and the run ends where an uninterrupted one does (weight decay 0, so the groups change nothing numerically)."""
     import mmdist.training.optimizer as optimizer_module
     from mmdist.training.checkpoint import TRAINABLE_STATE
 
@@ -540,13 +540,13 @@ def test_zero3_checkpoint_with_the_old_optimizer_groups_resumes_by_parameter_nam
 
     full = _train(config("full"))
     with monkeypatch.context() as old:
-        old.setattr(optimizer_module, "_no_decay", lambda name, param: param.ndim < 2)  # the rule before the fix
+        old.setattr(optimizer_module, "_no_decay", lambda name, param: param.ndim < 2)  # that version's rule
         _train(config("split"), stop_after=2)
     ckpt = tmp_path / "split" / "checkpoints" / "step_000002"
     client_file = ckpt / "client_state_rank00000.pt"
     client = torch.load(client_file, weights_only=False)
-    assert all(name.endswith(".no_decay") for name in client.pop("optimizer_groups"))  # the old layout
-    torch.save(client, client_file)  # as written before the groups were recorded
+    assert all(name.endswith(".no_decay") for name in client.pop("optimizer_groups"))  # that version's layout
+    torch.save(client, client_file)  # as that version wrote it: no record of the groups
     capsys.readouterr()
     resumed = _train(config("split"))
     assert "optimizer groups differ from this run's" in capsys.readouterr().out
