@@ -87,7 +87,8 @@ def make_samples(n: int, shape: BenchShape, seed: int = 0) -> list[Sample]:
 # FLOPs
 
 
-def mmdist_config(shape: BenchShape, global_batch: int, micro_batch: int, max_len: int, checkpointing: bool = False) -> Any:
+def mmdist_config(shape: BenchShape, global_batch: int, micro_batch: int, max_len: int,
+                  checkpointing: bool = False) -> Any:
     """The RunConfig of the mmdist side: same shapes and dtype as the reference, packing on, ZeRO-0, torch AdamW."""
     from mmdist.config.run import load_config
 

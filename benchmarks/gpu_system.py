@@ -285,8 +285,8 @@ def side_summary(steps: list[dict], step_seconds: list[float], flops, peak: floa
     """Tokens/s, MFU and HFU over ``steps`` (steady ones), their mean phase breakdown per step."""
     seconds = sum(step_seconds)
     tokens = sum(s["step_tokens"] for s in steps)
-    done = sum(flops.step(s["step_tokens"], s["step_supervised_tokens"], s["step_image_tokens"], s.get("step_images", 0),
-                          s.get("step_samples", 0)) for s in steps)
+    done = sum(flops.step(s["step_tokens"], s["step_supervised_tokens"], s["step_image_tokens"],
+                          s.get("step_images", 0), s.get("step_samples", 0)) for s in steps)
     recompute = 0.5 * flops.per_token * tokens if checkpointing else 0.0  # the frozen LLM's forward again (2 of its 4)
     n = len(steps)
     breakdown = {k: sum(s.get(f"phase_{k}_s", 0.0) for s in steps) / n for k in PHASES}

@@ -35,7 +35,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-__all__ = ["RATES", "FlopCount", "MatmulLayer", "compute_dtype", "matmul_layers", "module_flops", "part_flops", "train_flops"]
+__all__ = ["RATES", "FlopCount", "MatmulLayer", "compute_dtype", "matmul_layers", "module_flops", "part_flops",
+           "train_flops"]
 
 #: The rates of a :class:`FlopCount`, in field order.
 RATES = ("per_token", "per_supervised_token", "per_image_token", "per_image", "per_sample")
@@ -197,8 +198,8 @@ def part_flops(module: nn.Module, rate: str, positions: float, *, conv_positions
     skipped = {id(m) for s in skip for m in s.modules()}
     layers, counters = matmul_layers(module)
     layers = [layer for layer in layers if id(layer.module) not in skipped]
-    count = FlopCount.of(dtype or compute_dtype(module), **{rate: train_flops(layers, positions, conv_positions=conv_positions,
-                                                                        input_grad=input_grad)})
+    flops = train_flops(layers, positions, conv_positions=conv_positions, input_grad=input_grad)
+    count = FlopCount.of(dtype or compute_dtype(module), **{rate: flops})
     for sub in counters:
         if id(sub) not in skipped:
             count = count + sub.flop_count()

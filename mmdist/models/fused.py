@@ -72,7 +72,8 @@ def head_at_supervised_only(llm: nn.Module) -> bool:
 
 
 def fused_flop_count(llm: nn.Module, projector: nn.Module, *, vision: FlopCount = FlopCount(),
-                     vision_trains: bool = False, stage1: Optional[nn.Module] = None, stage1_tokens: int = 0) -> FlopCount:
+                     vision_trains: bool = False, stage1: Optional[nn.Module] = None,
+                     stage1_tokens: int = 0) -> FlopCount:
     """Stage 2's training FLOPs by where each part runs (mmdist.models.flops for the rules); also what the planner
     counts on meta-device modules.
 

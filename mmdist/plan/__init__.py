@@ -64,6 +64,7 @@ from mmdist.plan.shapes import (
 __all__ = [
     "ALL_SETTINGS", "DTYPE_BYTES", "Estimate", "GiB", "IMAGES_PER_CORE", "ModuleShape", "Setting", "TOWER_MFU",
     "activation_bytes_per_sample", "builtin_config", "deepspeed_bucket_settings", "count_parameters", "deepspeed_estimates", "estimate", "format_plan",
-    "held_dtype", "input_line", "llm_activation_bytes", "model_flops", "model_shapes", "model_state_bytes", "parse_bytes", "recommend",
+    "held_dtype", "input_line", "llm_activation_bytes", "model_flops",
+    "model_shapes", "model_state_bytes", "parse_bytes", "recommend",
     "resolve_auto_for_gpu",
 ]

@@ -75,8 +75,8 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     stage1_out, image_tokens = int(stage1_module.out_dim), int(stage1_module.num_tokens)
     vision_flops = _vision_flops(cfg, vision, vision_model)
     if cfg.stage == "align":
-        out.append(ModuleShape("stage1", stage1_params, True, "fp32", stage1_params,
-                               {"tokens": image_tokens, "width": stage1_out, **_resampler_dims(cfg, conn.type == "resampler", vdims)},
+        dims = {"tokens": image_tokens, "width": stage1_out, **_resampler_dims(cfg, conn.type == "resampler", vdims)}
+        out.append(ModuleShape("stage1", stage1_params, True, "fp32", stage1_params, dims,
                                flops=align_flop_count(vision_flops, text_model, stage1_module)))
         return out
 
@@ -98,9 +98,9 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
         proj_in = vision_dim
         image_tokens = conn.image_tokens or vdims["tokens"]
     projector, projector_module = _projector_shape(cfg, proj_in, ldims["hidden"], image_tokens)
+    stage1_module.requires_grad_(conn.train_stage1_module)
     projector.flops = fused_flop_count(lmodel, projector_module, vision=vision_flops, vision_trains=vision.trainable,
-                                       stage1=stage1_module.requires_grad_(conn.train_stage1_module) if stage1 else None,
-                                       stage1_tokens=image_tokens)
+                                       stage1=stage1_module if stage1 else None, stage1_tokens=image_tokens)
     per_sample = sample_images(cfg, projector.dims["tokens_per_image"])
     vdims["images"] = per_sample.images
     projector.dims.update(tokens=per_sample.image_tokens, images=per_sample.images, positions=per_sample.positions,

@@ -59,9 +59,9 @@ def test_a_quantized_vision_tower_counts_what_the_unquantized_one_does(method, b
     _assert_same_count(quantized.flop_count(), plain.flop_count())
 
 
-def test_the_old_parameter_count_was_wrong_for_quantized_layers_and_the_shape_count_is_not():
-    """What the trainer counted before: the numel of nn.Linear weights. torchao's layers are no nn.Linear, nf4 packs
-    two weights a byte; the shape count reads in/out features."""
+def test_a_torchao_nf4_layer_is_no_nn_linear_and_counts_its_shape():
+    """A count of nn.Linear weights' numel would see nothing here (torchao's layer is no nn.Linear) or half (nf4
+    packs two weights a byte); the shape count reads in/out features."""
     if not HAS["torchao"]:
         pytest.skip("torchao not installed (extra mmdist[quant]): the torchao layer cannot be built here")
     from mmdist.models.quantize import quantize_module
@@ -91,7 +91,8 @@ def test_factors_follow_where_the_gradient_goes():
     frozen.requires_grad_(False)
     above.requires_grad_(False)
     chain = nn.Sequential(frozen, trains, above)
-    assert train_flops(matmul_layers(chain)[0], 1) == 16 * (2 + 4 + 4)  # frozen below: forward only; lowest trainable: 4
+    # frozen below: forward only; the lowest trainable layer: 4; the frozen one above passes the gradient: 4
+    assert train_flops(matmul_layers(chain)[0], 1) == 16 * (2 + 4 + 4)
     assert train_flops(matmul_layers(chain)[0], 1, input_grad=True) == 16 * (4 + 6 + 4)
 
 
@@ -121,7 +122,8 @@ def test_a_submodule_with_its_own_count_is_counted_by_it_not_by_its_layers():
 
 
 def test_counts_add_by_dtype_and_say_where_each_part_computes():
-    total = FlopCount.of("bf16", per_token=10.0) + FlopCount.of("fp32", per_image=3.0) + FlopCount.of("bf16", per_image=1.0)
+    total = (FlopCount.of("bf16", per_token=10.0) + FlopCount.of("fp32", per_image=3.0)
+             + FlopCount.of("bf16", per_image=1.0))
     assert total == FlopCount(per_token=10.0, per_image=4.0)
     assert total.by_dtype() == {"bf16": FlopCount(per_token=10.0, per_image=1.0), "fp32": FlopCount(per_image=3.0)}
     assert total.step(tokens=2, images=3) == 32.0

@@ -61,7 +61,8 @@ def executed_flops(model, batch) -> tuple[float, float, int]:
         out = model(batch)
         out["loss"].backward()
     ops = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
-    return float(counter.get_total_flops()), float(sum(ops.get(op, 0) for op in MATMUL_OPS)), int(out.get("num_tokens", 0))
+    matmuls = float(sum(ops.get(op, 0) for op in MATMUL_OPS))
+    return float(counter.get_total_flops()), matmuls, int(out.get("num_tokens", 0))
 
 
 def _forward_macs(module, trainable=None) -> int:
@@ -149,7 +150,8 @@ def test_stage1_counts_each_part_where_it_runs(aligned):
     assert count.per_image_token == count.per_supervised_token == 0
     images_cached = aligned.flop_count(vision_runs=False)
     both_cached = aligned.flop_count(vision_runs=False, text_runs=False)
-    assert images_cached == FlopCount(per_token=2 * text, per_image=count.per_image - tower, per_sample=count.per_sample)
+    assert images_cached == FlopCount(per_token=2 * text, per_image=count.per_image - tower,
+                                      per_sample=count.per_sample)
     assert both_cached == dataclasses.replace(images_cached, per_token=0.0)
     step = dict(tokens=8 * 12, images=8, samples=8)
     assert count.step(**step) > images_cached.step(**step) > both_cached.step(**step) > 0
@@ -255,7 +257,8 @@ def test_a_quantized_run_shows_the_mfu_of_the_unquantized_one_at_the_same_speed(
     """The bar's MFU (Throughput over the model's count) of a quantized model fed the same step times and counts."""
     torch.manual_seed(0)
     quantized = build_run_model(tiny_run_config("fuse", "model.llm.gradient_checkpointing=false",
-                                                f"model.llm.quantize={method}", f"model.llm.quantize_backend={backend}"))
+                                                f"model.llm.quantize={method}",
+                                                f"model.llm.quantize_backend={backend}"))
     counts = quantized.batch_counts(demo_like_batch(quantized))
     assert counts == fused.batch_counts(demo_like_batch(fused))
 
