@@ -1,16 +1,15 @@
 """Shared pieces of the side-by-side benchmarks: the benchmark shapes, synthetic variable-length data,
-the FLOP accounting, the dense-matmul peak and table printing.
+the FLOP count, the dense-matmul peak and table printing.
 
-Both contenders of a benchmark take their shapes, data and FLOP accounting from
-here, so "the same step" means the same thing on both sides.
+Both contenders of a benchmark take their shapes, data and FLOP count from here, so
+"the same step" means the same thing on both sides.
 
-FLOP accounting: per real (non-padding) token 4 x the LLM's matmul
-parameters (forward, plus the input-gradient backward through frozen weights;
-6 x if the LLM trains), plus 2 x that again when the LLM recomputes activations
-(gradient checkpointing); per image 2 x the vision encoder's parameters per
-vision token (frozen forward); per image token 6 x the connector's parameters
-(it trains: forward, input and weight gradients). Attention-score FLOPs are not
-counted, as in the usual 6N/4N accounting.
+FLOPs: mmdist's own count of the benchmark's model (:func:`shape_flops`, what the
+trainer's progress bar counts: ``FusedVLM.flop_count`` from module shapes) at each
+step's counts (real tokens, answer tokens, images, image tokens). Both contenders are
+charged the same FLOPs for the same samples: the work the step must do. Work a
+contender does beyond it (a head run at every position) is not counted, nor are
+attention's score products or the forward that gradient checkpointing recomputes.
 """
 
 from __future__ import annotations
@@ -88,22 +87,34 @@ def make_samples(n: int, shape: BenchShape, seed: int = 0) -> list[Sample]:
 # FLOPs
 
 
-def llm_matmul_params(model: torch.nn.Module) -> int:
-    """Parameters that take part in matmuls per token: all, minus an input embedding not tied to the output."""
-    total = sum({id(p): p.numel() for p in model.parameters()}.values())
-    emb = model.get_input_embeddings().weight
-    out = model.get_output_embeddings()
-    tied = out is not None and out.weight is emb
-    return total if tied else total - emb.numel()
+def mmdist_config(shape: BenchShape, global_batch: int, micro_batch: int, max_len: int,
+                  checkpointing: bool = False) -> Any:
+    """The RunConfig of the mmdist side: same shapes and dtype as the reference, packing on, ZeRO-0, torch AdamW."""
+    from mmdist.config.run import load_config
+
+    vision = dict(shape.vision)
+    base = tiny_recipe("fuse")
+    base["model"]["llm"]["init_config"] = dict(shape.llm)
+    base["model"]["llm"]["gradient_checkpointing"] = checkpointing
+    base["model"]["vision"]["init_config"] = vision
+    base["model"]["vision"]["select_layer"] = -2
+    base["model"]["vision"]["select_tokens"] = "patch"
+    base["data"].update(max_len=max_len, packing=True, eval=[])
+    base["train"].update(global_batch_size=global_batch, micro_batch_size=micro_batch, max_steps=100, warmup_ratio=0.0,
+                         lr_scheduler="constant", lr=1e-3)
+    precision = "bf16" if shape.dtype == torch.bfloat16 else "fp32"
+    base["model"]["llm"]["dtype"] = base["model"]["vision"]["dtype"] = precision
+    base["engine"] = {"zero_stage": 0, "precision": precision, "torch_adam": True, "backend": "gloo"}
+    base["log"] = {"progress_bar": False, "tensorboard": False, "param_table": False}
+    base["run_dir"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), "mmdist-bench-throughput")
+    return load_config(base=base)
 
 
-def step_flops(real_tokens: int, images: int, llm_params: int, vision_params: int, vision_seq: int,
-               connector_params: int, image_tokens: int, checkpointing: bool = False,
-               llm_trains: bool = False) -> float:
-    """FLOPs of one training step by the 4N/6N accounting of the module docstring."""
-    per_token = (6 if llm_trains else 4) * llm_params + (2 * llm_params if checkpointing else 0)
-    return (per_token * real_tokens + 2 * vision_params * vision_seq * images
-            + 6 * connector_params * image_tokens * images)
+def shape_flops(shape: BenchShape) -> Any:
+    """The FlopCount of the benchmark's model as mmdist counts it (its own code on the meta device, no weights)."""
+    from mmdist import plan
+
+    return plan.model_flops(plan.model_shapes(mmdist_config(shape, global_batch=1, micro_batch=1, max_len=512)))
 
 
 def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 2048, seconds: float = 3.0) -> float:

@@ -14,7 +14,7 @@ This benchmark runs both sides at the same shapes and the same real tokens per s
    no DeepSpeed, replaying the trainer's steps: step i gets rows that hold exactly
    the real tokens, images and answer tokens the trainer's step i held.
 
-Both count FLOPs with ``mmdist.training.metrics.flop_count`` (the trainer's bar and
+Both count FLOPs with the model's own ``flop_count()`` (the trainer's bar and
 metrics.jsonl use it too): ``mfu`` is that count per second over the device peak;
 ``hfu`` adds the LLM forward that gradient checkpointing recomputes. Steady state
 only: the first ``--warmup`` steps (at least the trainer's own warm-up step) are left
@@ -242,7 +242,6 @@ def bare_batch(model, rows: int, tokens: int, images: int, supervised: int, devi
 def run_bare(cfg, device: torch.device, steps: list[dict], packed: bool = False) -> tuple[list[dict], dict]:
     """gpu_throughput's loop (forward, backward, AdamW) over batches replaying the trainer's ``steps``' counts
     (and with ``packed`` its samples, in packed rows)."""
-    from mmdist.training.metrics import flop_count
     from mmdist.training.step import phases
 
     t0 = time.perf_counter()
@@ -277,7 +276,7 @@ def run_bare(cfg, device: torch.device, steps: list[dict], packed: bool = False)
                     "step_supervised_tokens": counts.supervised_tokens, "step_image_tokens": counts.image_tokens,
                     **{f"phase_{k}_s": v for k, v in phases.take().items()}})
     memory = peak_memory(device)
-    flops = flop_count(model, "fuse")  # the structure the trainer built too: the FLOPs of both sides
+    flops = model.flop_count()  # the structure the trainer built too: the FLOPs of both sides
     del model, optimizer, batches
     return out, {"peak_memory_gib": memory, "build_s": build_s, "flops": flops}
 
@@ -286,8 +285,8 @@ def side_summary(steps: list[dict], step_seconds: list[float], flops, peak: floa
     """Tokens/s, MFU and HFU over ``steps`` (steady ones), their mean phase breakdown per step."""
     seconds = sum(step_seconds)
     tokens = sum(s["step_tokens"] for s in steps)
-    done = sum(flops.step(s["step_tokens"], s["step_supervised_tokens"], s["step_image_tokens"], s.get("step_images", 0))
-               for s in steps)
+    done = sum(flops.step(s["step_tokens"], s["step_supervised_tokens"], s["step_image_tokens"],
+                          s.get("step_images", 0), s.get("step_samples", 0)) for s in steps)
     recompute = 0.5 * flops.per_token * tokens if checkpointing else 0.0  # the frozen LLM's forward again (2 of its 4)
     n = len(steps)
     breakdown = {k: sum(s.get(f"phase_{k}_s", 0.0) for s in steps) / n for k in PHASES}

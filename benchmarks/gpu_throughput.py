@@ -8,16 +8,15 @@ is installed), gradient checkpointing of the LLM, torch AdamW on the projector.
 Every sample is one image (576 tokens) plus text filling ``--seq-len``, so there
 is no padding (what packing achieves).
 
-FLOPs per step are the trainer's own (``mmdist.training.metrics.flop_count``, the
-count behind the progress bar and metrics.jsonl): 4 x the frozen LLM's matmul
-weights per token, its head per answer token, the vision tower, stage-1 module and
-projector per image token. MFU is reported both ways: ``mfu_4n`` without the
-recompute of gradient checkpointing (the 4N figure; the target is 45% on H100/H200) and
-``hfu`` with it (the LLM's forward again: +2 per weight per token). Peak FLOP/s
-comes from a table of datasheet bf16 dense figures by device name, else a measured
-bf16 matmul. The 34%/45% of docs/benchmarks.md were measured with common.step_flops,
-which charges the head at every token and the tower per patch incl. CLS, so they
-are somewhat higher than this count gives for the same run.
+FLOPs per step are the model's own count (``FusedVLM.flop_count``, the count behind
+the progress bar and metrics.jsonl): 4 x the frozen LLM's matmul weights per token,
+its head per answer token, the vision tower per image at its patches, the projector
+per image token. MFU is reported both ways: ``mfu_4n`` without the recompute of
+gradient checkpointing (the 4N target: 45% on H100/H200) and ``hfu`` with it (the
+LLM's forward again: +2 per weight per token). Peak FLOP/s comes from a table of
+datasheet bf16 dense figures by device name, else a measured bf16 matmul. The
+34%/45% figures of docs/benchmarks.md were measured with an older count that charged
+the head at every token.
 
 ``--tiny`` runs the same code at toy shapes on the CPU (tests/benchmarks).
 Run: ``python benchmarks/gpu_throughput.py`` (a few minutes on an H100/H200).
@@ -38,7 +37,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's mmdist, without install
 
-from common import llm_matmul_params  # noqa: E402
 
 QWEN_14B = dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=13696, num_hidden_layers=40,
                 num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=8192, tie_word_embeddings=False)
@@ -148,15 +146,15 @@ def run(tiny: bool = False, steps: int = 5, warmup: int = 2, micro_batch: int = 
         if step >= warmup:
             elapsed += time.perf_counter() - t
         losses.append(float(out["loss"].detach()))
-    from mmdist.training.metrics import flop_count
+    from mmdist.models.flops import matmul_layers
 
     tokens = steps * micro_batch * seq_len
     vision_params = sum(p.numel() for p in model.vision.parameters())
     connector = sum(p.numel() for p in trainable)
-    llm_params = llm_matmul_params(model.llm)
+    llm_params = sum(layer.macs for layer in matmul_layers(model.llm)[0])  # its matmul weights, the head included
     counts = [model.batch_counts(batches[step % len(batches)]) for step in range(warmup, warmup + steps)]
-    flops = flop_count(model, "fuse")
-    flops_4n = sum(flops.step(c.tokens, c.supervised_tokens, c.image_tokens, c.images) for c in counts)
+    flops = model.flop_count()
+    flops_4n = sum(flops.step(c.tokens, c.supervised_tokens, c.image_tokens, c.images, c.samples) for c in counts)
     flops_hw = flops_4n + (0.5 * flops.per_token * tokens if checkpointing else 0.0)  # the frozen LLM's forward again
     peak, peak_source = device_peak(dev, torch.bfloat16 if dtype == "bf16" else torch.float32)
     if dev.type == "cuda":

@@ -4,7 +4,8 @@ LLaVA-style trainers train the projector.
 Frozen vision tower and frozen language model (requires_grad=False), a trainable
 2-layer GELU projector (LLaVA-1.5's), plain ``torch.optim.AdamW``, pad-to-longest
 micro-batches with gradient accumulation to the global batch. Same shapes, data
-and FLOP accounting as the mmdist side (benchmarks/common.py).
+and FLOP count as the mmdist side (benchmarks/common.py: mmdist's count of the same
+model at the same samples; the head this model runs at every position is not counted).
 
 Run alone: ``python benchmarks/reference_llava.py --steps 3``.
 """
@@ -13,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Any, Optional
 
 import torch
-from common import BenchShape, Sample, make_samples, matmul_peak, set_threads, step_flops
+from common import BenchShape, Sample, make_samples, matmul_peak, set_threads, shape_flops
 
 
 def build_reference(shape: BenchShape) -> torch.nn.Module:
@@ -67,8 +69,10 @@ class ReferenceLoop:
 
     name = "reference (LlavaForConditionalGeneration, pad-to-longest, AdamW)"
 
-    def __init__(self, shape: BenchShape, global_batch: int, micro_batch: int):
+    def __init__(self, shape: BenchShape, global_batch: int, micro_batch: int, flops: Optional[Any] = None):
+        """``flops``: the FlopCount charged per step's counts (default: mmdist's count of ``shape``)."""
         self.shape, self.global_batch, self.micro_batch = shape, global_batch, micro_batch
+        self.count = flops if flops is not None else shape_flops(shape)
         self.model = build_reference(shape)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.trainable, lr=1e-4)
@@ -87,13 +91,10 @@ class ReferenceLoop:
         seconds = time.perf_counter() - t
         real = sum(int(b["attention_mask"].sum()) for b in micro)
         padded = sum(b["attention_mask"].numel() for b in micro)
-        return dict(seconds=seconds, real=real, padded=padded, flops=self.flops(real, len(group)))
-
-    def flops(self, real_tokens: int, images: int) -> float:
-        vision_params = sum(p.numel() for p in self.model.model.vision_tower.parameters())
-        vision_seq = (self.shape.vision["image_size"] // self.shape.vision["patch_size"]) ** 2 + 1
-        return step_flops(real_tokens, images, _llm_params(self.model), vision_params, vision_seq,
-                          sum(p.numel() for p in self.trainable), self.shape.image_tokens)
+        supervised = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        images = len(group)
+        flops = self.count.step(real, supervised, images * self.shape.image_tokens, images, len(group))
+        return dict(seconds=seconds, real=real, padded=padded, flops=flops)
 
 
 def run_reference(shape: BenchShape, samples: list[Sample], global_batch: int, micro_batch: int, steps: int,
@@ -109,14 +110,6 @@ def run_reference(shape: BenchShape, samples: list[Sample], global_batch: int, m
     flops = sum(r["flops"] for r in records)
     return dict(name=loop.name, seconds=seconds, real_tokens=real, padded_tokens=padded, tokens_per_s=real / seconds,
                 flops=flops, flops_per_s=flops / seconds, real_fraction=real / padded)
-
-
-def _llm_params(model: torch.nn.Module) -> int:
-    """Matmul parameters of LLaVA's language model plus its lm_head (tied embeddings counted once)."""
-    lm = model.model.language_model
-    total = sum({id(p): p.numel() for p in list(lm.parameters()) + list(model.lm_head.parameters())}.values())
-    tied = model.lm_head.weight is lm.get_input_embeddings().weight
-    return total if tied else total - lm.get_input_embeddings().weight.numel()
 
 
 def main() -> None:

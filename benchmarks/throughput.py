@@ -26,36 +26,12 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
-from common import BenchShape, Sample, format_table, llm_matmul_params, make_samples, matmul_peak, set_threads, step_flops, tiny_recipe
+from common import BenchShape, Sample, format_table, make_samples, matmul_peak, mmdist_config, set_threads
 from reference_llava import ReferenceLoop
 
 from mmdist.training.launch_env import free_port
-
-
-def mmdist_config(shape: BenchShape, global_batch: int, micro_batch: int, max_len: int, checkpointing: bool = False) -> Any:
-    """The RunConfig of the mmdist side: same shapes and dtype as the reference, packing on, ZeRO-0, torch AdamW."""
-    from mmdist.config.run import load_config
-
-    vision = dict(shape.vision)
-    base = tiny_recipe("fuse")
-    base["model"]["llm"]["init_config"] = dict(shape.llm)
-    base["model"]["llm"]["gradient_checkpointing"] = checkpointing
-    base["model"]["vision"]["init_config"] = vision
-    base["model"]["vision"]["select_layer"] = -2
-    base["model"]["vision"]["select_tokens"] = "patch"
-    base["data"].update(max_len=max_len, packing=True, eval=[])
-    base["train"].update(global_batch_size=global_batch, micro_batch_size=micro_batch, max_steps=100, warmup_ratio=0.0,
-                         lr_scheduler="constant", lr=1e-3)
-    precision = "bf16" if shape.dtype == torch.bfloat16 else "fp32"
-    base["model"]["llm"]["dtype"] = base["model"]["vision"]["dtype"] = precision
-    base["engine"] = {"zero_stage": 0, "precision": precision, "torch_adam": True, "backend": "gloo"}
-    base["log"] = {"progress_bar": False, "tensorboard": False, "param_table": False}
-    base["run_dir"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), "mmdist-bench-throughput")
-    return load_config(base=base)
-
 
 
 class MmdistLoop:
@@ -79,6 +55,7 @@ class MmdistLoop:
         dist.init(backend="gloo")
         self.bundle = build_engine(cfg, world_size=1)
         self.engine, self.model = self.bundle.engine, self.bundle.model
+        self.count = self.model.flop_count()  # the trainer's bar counts the same
         self.accumulation = self.bundle.ds_config["gradient_accumulation_steps"]
         self.state = TrainState()
         self.engine.train()
@@ -99,33 +76,9 @@ class MmdistLoop:
         seconds = time.perf_counter() - t
         real = sum(int(b["attention_mask"].sum()) for b in micro)
         padded = sum(b["attention_mask"].numel() for b in micro)
-        flops = self.flops(real, len(group))
-        return dict(seconds=seconds, real=real, padded=padded, flops=flops,
-                    executed_flops=flops - self.skipped_head_flops(micro, real))
-
-    def skipped_head_flops(self, micro: list[dict], real: int) -> float:
-        """LM-head FLOPs the 4N count includes but FusedVLM.token_losses does not run (real, unsupervised positions).
-
-        FusedVLM computes the head (forward and input-gradient backward) only where a
-        target token is supervised, by the same rule as ``token_losses``; models with
-        logit soft-capping take its full-logits path, and then nothing is skipped.
-        """
-        if getattr(self.model.llm.config, "final_logit_softcapping", None):
-            return 0.0
-        supervised = 0
-        for b in micro:
-            sup = b["labels"][:, 1:] != -100
-            if b.get("sequence_ids") is not None:
-                sup &= b["sequence_ids"][:, 1:] == b["sequence_ids"][:, :-1]
-            supervised += int(sup.sum())
-        return 4.0 * self.model.llm.get_output_embeddings().weight.numel() * (real - supervised)
-
-    def flops(self, real_tokens: int, images: int) -> float:
-        vision_params = sum(p.numel() for p in self.model.vision.parameters())
-        vision_seq = (self.shape.vision["image_size"] // self.shape.vision["patch_size"]) ** 2 + 1
-        connector = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return step_flops(real_tokens, images, llm_matmul_params(self.model.llm), vision_params, vision_seq, connector,
-                          self.shape.image_tokens, checkpointing=self.checkpointing)
+        counts = [self.model.batch_counts(b) for b in micro]
+        flops = sum(self.count.step(c.tokens, c.supervised_tokens, c.image_tokens, c.images, c.samples) for c in counts)
+        return dict(seconds=seconds, real=real, padded=padded, flops=flops)
 
     def frozen_params_with_grad(self) -> int:
         return sum(1 for p in self.model.parameters() if not p.requires_grad and p.grad is not None)
@@ -156,7 +109,7 @@ def run(steps: int = 5, global_batch: int = 8, micro_batch: int = 8, max_len: in
     samples = make_samples((steps + 1) * global_batch, shape, seed=0)
     mm = MmdistLoop(shape, global_batch, micro_batch, max_len)
     try:
-        ref = ReferenceLoop(shape, global_batch, micro_batch)
+        ref = ReferenceLoop(shape, global_batch, micro_batch, flops=mm.count)  # the same count for the same samples
         contenders = [("mmdist", mm.name, mm.step), ("reference", ref.name, ref.step)]
         records: dict[str, list[dict]] = {key: [] for key, _, _ in contenders}
         peaks = []
@@ -192,9 +145,7 @@ def run(steps: int = 5, global_batch: int = 8, micro_batch: int = 8, max_len: in
     rows = [{"contender": r["name"], "real tokens/s": r["tokens_per_s"], "real-token fraction": r["real_fraction"],
              "GFLOP/s": r["flops_per_s"] / 1e9, "of matmul peak (median)": r["fraction_of_peak"],
              "s/step": r["seconds"] / steps} for r in results.values()]
-    executed = _median([r["executed_flops"] / r["seconds"] / r["peak"] for r in records["mmdist"]])
     summary = dict(ratio=round_ratio("mmdist"), mmdist_fraction_of_peak=results["mmdist"]["fraction_of_peak"],
-                   mmdist_fraction_of_peak_executed=executed,
                    reference_fraction_of_peak=results["reference"]["fraction_of_peak"],
                    peak_gflops=_median(peaks) / 1e9, peak_min_gflops=min(peaks) / 1e9, peak_max_gflops=max(peaks) / 1e9,
                    threads=threads, dtype=dtype, frozen_params_with_grad=frozen_with_grad,
@@ -221,8 +172,6 @@ def main() -> None:
     print(f"mmdist / reference tokens/s (median per round): {s['ratio']:.2f}x; matmul peak median {s['peak_gflops']:.1f} "
           f"GFLOP/s {s['dtype']} (min {s['peak_min_gflops']:.1f}, max {s['peak_max_gflops']:.1f}), {s['threads']} thread(s); "
           f"frozen parameters holding a gradient: {s['frozen_params_with_grad']}")
-    print(f"mmdist of matmul peak counting only executed FLOPs (its LM head runs at supervised positions only): "
-          f"{s['mmdist_fraction_of_peak_executed']:.3f} (by the 4N count: {s['mmdist_fraction_of_peak']:.3f})")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "summary": s}, indent=1, default=str))
 

@@ -497,11 +497,10 @@ def test_tiling_is_planned_as_the_preprocessor_lays_out_a_sample():
     assert act == 4 * vision["working_set"] * e + 4 * n * (hidden_in + 2 * llm_hidden) * 4
     from mmdist.plan.speed import _micro_batch_flops
 
-    llm = next(s for s in shapes if s.name == "llm").flops
-    per_image = llm.per_image_token + sum(4.0 * s.params for s in shapes if s.name == "projector")
-    extra = cfg.train.micro_batch_size * 4 * n
+    flops = plan.model_flops(shapes)  # each tile: one more tower forward, n more image tokens, n fewer answer tokens
+    per_tile = flops.per_image + n * (flops.per_image_token - flops.per_supervised_token)
     assert _micro_batch_flops(cfg, shapes)[0] - _micro_batch_flops(plain_cfg, plain)[0] == pytest.approx(
-        extra * (per_image - llm.per_supervised_token))
+        cfg.train.micro_batch_size * 4 * per_tile)
 
 
 def test_tiling_past_max_len_is_announced_in_the_plan():

@@ -103,18 +103,22 @@ def load_reference():
     return load_config(Path(__file__).resolve().parents[1] / "configs" / "fuse.yaml")
 
 
-def test_step_flops_use_the_progress_bars_formula():
-    """4 per frozen LLM weight per token (the head at supervised tokens), 2 more per token when recomputing."""
-    cfg = tiny_run_config("fuse", "train.micro_batch_size=2")
+@pytest.mark.parametrize("stage,connector", [("fuse", "mlp"), ("align", "mlp"), ("align", "qformer")])
+def test_step_flops_are_the_models_own_count(stage, connector):
+    """The planner counts with the model's code on the meta device: the bar's count; 2 more per LLM weight per token
+    when recomputing."""
+    cfg = tiny_run_config(stage, "train.micro_batch_size=2", connector=connector)
     shapes = plan.model_shapes(cfg)
     from mmdist.materialize import build_run_model
-    from mmdist.training.metrics import flop_count
 
-    model = build_run_model(cfg)
-    bar = flop_count(model, "fuse")
-    llm = next(s for s in shapes if s.name == "llm")
-    assert llm.flops.per_token == pytest.approx(bar.per_token)
-    assert llm.flops.per_supervised_token == pytest.approx(bar.per_supervised_token)
+    bar = build_run_model(cfg).flop_count()
+    planned = plan.model_flops(shapes)
+    assert planned.rates() == pytest.approx(bar.rates()) and bar.any()
+    if stage == "align":
+        samples = cfg.train.micro_batch_size
+        assert step_inputs(cfg, shapes, 1, "H100 SXM", micro_batches=1).model_flops == pytest.approx(
+            bar.step(samples * cfg.model.text.max_length, images=samples, samples=samples))
+        return
     inputs = step_inputs(cfg, shapes, 1, "H100 SXM", micro_batches=1)
     tokens = micro_batch_tokens(cfg)
     assert tokens == 2 * cfg.data.max_len

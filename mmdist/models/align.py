@@ -22,6 +22,7 @@ from torch import nn
 
 from mmdist.models.connectors import build_stage1_module
 from mmdist.models.contract import BatchCounts, count_samples, leading_size
+from mmdist.models.flops import FlopCount, module_flops, part_flops
 from mmdist.models.freeze import FrozenAwareModule, Part
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.losses import itc_loss
@@ -115,6 +116,12 @@ class AlignModel(FrozenAwareModule):
         return BatchCounts(samples=samples, tokens=int(mask.sum()) if mask is not None else samples, supervised_tokens=0,
                            images=leading_size(batch, "pixel_values", "image_features"), image_tokens=0)
 
+    def flop_count(self, *, vision_runs: bool = True, text_runs: bool = True) -> FlopCount:
+        """The training FLOPs of a step's parts where they run (:func:`align_flop_count`; mmdist.models.contract)."""
+        runs = vision_runs or any(p.requires_grad for p in self.vision.parameters())
+        return align_flop_count(self.vision.flop_count() if runs else FlopCount(), self.text, self.stage1,
+                                text_runs=text_runs)
+
     # -- export -----------------------------------------------------------
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
@@ -125,3 +132,22 @@ class AlignModel(FrozenAwareModule):
             out.update({f"text.{k}": v.detach().cpu() for k, v in self.text.state_dict().items()})
         return out
 
+
+
+def align_flop_count(vision: FlopCount, text: nn.Module, stage1: nn.Module, *, text_runs: bool = True) -> FlopCount:
+    """Stage 1's training FLOPs by where each part runs (mmdist.models.flops for the rules); also what the planner
+    counts on meta-device modules.
+
+    - ``vision``: the tower's count per image (mmdist.models.vision.tower_flop_count), nothing (``FlopCount()``)
+      when its features are cached;
+    - the text encoder per caption token: forward only when frozen, 6 per weight when it trains (its trainable
+      embeddings put a gradient under every layer); nothing when a frozen encoder's pooled features are cached;
+    - the stage-1 module by its own ``flop_count()`` (the linear/MLP heads: the image head at each image token, the
+      text head per caption); a module without one by its shapes, once per image (counted low).
+    The learnable temperature does no matmul.
+    """
+    count = vision
+    text_trains = any(p.requires_grad for p in text.parameters())
+    if text_runs or text_trains:
+        count += part_flops(text, "per_token", 1, input_grad=text_trains)
+    return count + module_flops(stage1, "per_image", 1)

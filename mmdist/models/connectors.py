@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmdist.models.flops import FlopCount, compute_dtype, matmul_layers, train_flops
 from mmdist.models.qformer import QFormer
 from mmdist.models.resampler import Resampler, ResamplerConfig
 from mmdist.settings import SettingsBase, setting
@@ -140,6 +141,13 @@ class AlignHeads(nn.Module):
 
     def text_embedding(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.text_head(pooled.to(self.image_head_dtype))
+
+    def flop_count(self) -> FlopCount:
+        """Training FLOPs (mmdist.models.contract.CountsOwnFlops): the image head at each of its tokens per image,
+        the text head once per caption (stage 1); both read features that carry no gradient."""
+        image = train_flops(matmul_layers(self.image_head)[0], self.num_tokens)
+        text = train_flops(matmul_layers(self.text_head)[0], 1) if self.text_head is not None else 0.0
+        return FlopCount.of(compute_dtype(self), per_image=image, per_sample=text)
 
 
 class Projector(nn.Module):

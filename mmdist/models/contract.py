@@ -3,7 +3,8 @@
 :class:`TrainableModel` is the contract; :class:`AlignModel <mmdist.models.align.AlignModel>`
 (stage 1), :class:`FusedVLM <mmdist.models.fused.FusedVLM>` (stage 2) and the tests' toy
 models satisfy it. A batch's counts (samples, tokens, images, loss terms) come from the
-model that knows its batch layout, not from guesses over key names in the trainer.
+model that knows its batch layout, not from guesses over key names in the trainer, and so
+does the work a step costs (:meth:`TrainableModel.flop_count`, counted by mmdist.models.flops).
 docs/design.md ("Model side") says the same in prose.
 """
 
@@ -15,9 +16,10 @@ from typing import Any, Optional, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from mmdist.models.flops import FlopCount
 from mmdist.models.freeze import Part
 
-__all__ = ["BatchCounts", "TrainableModel", "count_samples", "leading_size"]
+__all__ = ["BatchCounts", "CountsOwnFlops", "FlopCount", "TrainableModel", "count_samples", "leading_size"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,40 @@ class TrainableModel(Protocol):
 
     def batch_counts(self, batch: dict) -> BatchCounts:
         """What ``batch`` counts, before the forward (the trainer sums these over micro-batches and ranks)."""
+        ...
+
+    def flop_count(self, *, vision_runs: bool = True, text_runs: bool = True) -> FlopCount:
+        """The training FLOPs (forward and backward) of the work that runs, as rates over :class:`BatchCounts`:
+        per token, per supervised token, per image token, per image and per sample, so that
+        ``count.step(c.tokens, c.supervised_tokens, c.image_tokens, c.images, c.samples)`` is a step's FLOPs.
+
+        Counted from module shapes by mmdist.models.flops (quantized and ZeRO-3 partitioned layers at their full
+        size), each part where it runs and tagged with the dtype it computes in. ``vision_runs=False``: batches
+        carry cached image features, the vision tower does not run; ``text_runs=False``: batches carry cached
+        caption features, a frozen text encoder does not run.
+        """
+        ...
+
+
+@runtime_checkable
+class CountsOwnFlops(Protocol):
+    """A submodule that counts its own work: the model's count calls ``flop_count()`` instead of reading its layers.
+
+    ``flop_count()`` is called without arguments and returns a :class:`FlopCount` of the training FLOPs (forward
+    and backward) the module spends in one step as its parent runs it, as rates over the parent's
+    :class:`BatchCounts`: ``per_image`` for each image it encodes (stage 1 has one image per sample),
+    ``per_sample`` for each sample or caption (stage 1: an image-text pair, e.g. each ITM pair it scores),
+    ``per_token`` for each token of ``BatchCounts.tokens`` (stage 1: caption tokens; stage 2: LLM tokens),
+    ``per_image_token`` for each LLM position an image fills, ``per_supervised_token`` for each labelled token.
+    Every pass the module makes counts (a Q-Former's ITC, ITM and ITG passes each). The 2/4/6 factors of
+    mmdist.models.flops apply from the module's own parameters (``requires_grad``) with its input taken as
+    carrying no gradient. FLOPs are tagged with the dtype they compute in (``FlopCount.of(dtype, ...)``, one
+    per dtype, added with ``+``); attention's score products may be included where the module says so in its
+    doc (the shape count leaves them out). Whatever the module's forward reads from outside it (a text encoder
+    passed in as an argument) is counted by its owner, not here.
+    """
+
+    def flop_count(self) -> FlopCount:
         ...
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from mmdist.models.connectors import Projector, pool_tokens
 from mmdist.models.contract import BatchCounts, count_samples, leading_size
+from mmdist.models.flops import FlopCount, compute_dtype, module_flops, part_flops
 from mmdist.models.freeze import FrozenAwareModule, Part
 from mmdist.models.llm import stop_token_ids
 from mmdist.models.packed_attention import (
@@ -60,6 +61,44 @@ def supervised_mask(batch: dict) -> torch.Tensor:
         seq = batch["sequence_ids"]
         supervised &= seq[:, 1:] == seq[:, :-1]
     return supervised
+
+
+def head_at_supervised_only(llm: nn.Module) -> bool:
+    """Whether :meth:`FusedVLM.token_losses` runs ``llm``'s output head at supervised positions only (a decoder and a
+    plain head) rather than taking the full-logits path (no decoder to call, or logit soft-capping)."""
+    decoder = llm.get_decoder() if hasattr(llm, "get_decoder") else None
+    head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
+    return decoder is not None and head is not None and not getattr(llm.config, "final_logit_softcapping", None)
+
+
+def fused_flop_count(llm: nn.Module, projector: nn.Module, *, vision: FlopCount = FlopCount(),
+                     vision_trains: bool = False, stage1: Optional[nn.Module] = None,
+                     stage1_tokens: int = 0) -> FlopCount:
+    """Stage 2's training FLOPs by where each part runs (mmdist.models.flops for the rules); also what the planner
+    counts on meta-device modules.
+
+    - ``vision``: the tower's count per image (mmdist.models.vision.tower_flop_count), nothing when it does not
+      run (cached features); ``vision_trains``: a gradient comes up from it;
+    - ``stage1`` per image at its ``stage1_tokens`` output tokens, unless it counts itself;
+    - the projector per image token (the LLM positions the images fill);
+    - the LLM per token, its output head per supervised token where :func:`head_at_supervised_only`, else per token.
+
+    A gradient flows down to the lowest trainable part: the projector always trains, so the frozen LLM above it
+    costs 4 per weight, the frozen tower and a frozen stage-1 module below it 2.
+    """
+    count = vision
+    grad = vision_trains
+    if stage1 is not None:
+        count += module_flops(stage1, "per_image", stage1_tokens, input_grad=grad)
+        grad = grad or any(p.requires_grad for p in stage1.parameters())
+    count += part_flops(projector, "per_image_token", 1, input_grad=grad)
+    grad = grad or any(p.requires_grad for p in projector.parameters())
+    head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
+    if head is None or not head_at_supervised_only(llm):
+        return count + part_flops(llm, "per_token", 1, input_grad=grad)
+    dtype = compute_dtype(llm)
+    return (count + part_flops(llm, "per_token", 1, input_grad=grad, skip=[head])
+            + part_flops(head, "per_supervised_token", 1, input_grad=grad, dtype=dtype))
 
 
 class FusedVLM(FrozenAwareModule):
@@ -243,16 +282,13 @@ class FusedVLM(FrozenAwareModule):
         """
         labels = batch["labels"][:, 1:]
         supervised = supervised_mask(batch)
-        decoder = self.llm.get_decoder() if hasattr(self.llm, "get_decoder") else None
-        head = self.llm.get_output_embeddings()
-        softcap = getattr(self.llm.config, "final_logit_softcapping", None)
-        if decoder is None or head is None or softcap:
+        if not head_at_supervised_only(self.llm):
             logits = self.llm(**self._llm_inputs(batch)).logits[:, :-1].float()
             losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.masked_fill(~supervised, 0).reshape(-1),
                                      reduction="none").view_as(labels)
             return losses * supervised, supervised
-        hidden = decoder(**self._llm_inputs(batch)).last_hidden_state
-        logits = head(hidden[:, :-1][supervised]).float()
+        hidden = self.llm.get_decoder()(**self._llm_inputs(batch)).last_hidden_state
+        logits = self.llm.get_output_embeddings()(hidden[:, :-1][supervised]).float()
         flat = F.cross_entropy(logits, labels[supervised], reduction="none")
         losses = torch.zeros(labels.shape, dtype=flat.dtype, device=flat.device).masked_scatter(supervised, flat)
         return losses, supervised
@@ -275,6 +311,15 @@ class FusedVLM(FrozenAwareModule):
         return BatchCounts(samples=count_samples(batch, "input_ids"), tokens=int(batch["attention_mask"].sum()),
                            supervised_tokens=terms, images=images, image_tokens=images * self.num_image_tokens,
                            loss_terms=terms)
+
+    def flop_count(self, *, vision_runs: bool = True, text_runs: bool = True) -> FlopCount:
+        """The training FLOPs of a step's parts where they run (:func:`fused_flop_count`; mmdist.models.contract).
+        ``text_runs`` has no effect: stage 2 has no text encoder."""
+        trains = any(p.requires_grad for p in self.vision.parameters())
+        runs = (vision_runs and not self.uses_feature_cache) or trains
+        return fused_flop_count(self.llm, self.projector, vision=self.vision.flop_count() if runs else FlopCount(),
+                                vision_trains=trains, stage1=self.stage1,
+                                stage1_tokens=getattr(self.stage1, "num_tokens", 0))
 
     def forward(self, batch: dict) -> dict:
         losses, supervised = self.token_losses(batch)

@@ -17,6 +17,7 @@ from typing import Literal, Optional
 
 import torch
 
+from mmdist.models.flops import FlopCount, part_flops
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.llm import Dtype, Quantize, QuantizeBackend
 from mmdist.models.processors import ImageTransform
@@ -174,6 +175,10 @@ class VisionTower(torch.nn.Module):
     def dtype(self):
         return next(self.model.parameters()).dtype
 
+    def flop_count(self) -> FlopCount:
+        """Training FLOPs per image (mmdist.models.contract.CountsOwnFlops; :func:`tower_flop_count`)."""
+        return tower_flop_count(self.model, self.kind, self.image_size, self.has_cls, self.num_tokens)
+
     def image_transform(self) -> ImageTransform:
         """The preprocessing this tower expects (its processor's geometry and statistics)."""
         return ImageTransform(self.image_size, self.image_mean, self.image_std, self.cfg.pad_to_square,
@@ -213,6 +218,23 @@ def shape_from_config(config, cfg: VisionConfig, image_size: int, has_cls: bool)
     if cfg.select_tokens == "all" and has_cls:
         return patches + 1, int(width)
     return patches, int(width)
+
+
+def tower_flop_count(model: torch.nn.Module, kind: str, image_size: int, has_cls: bool, tokens: int) -> FlopCount:
+    """A tower's training FLOPs per image from its shapes (mmdist.models.flops), as VisionTower runs it: a ViT-like
+    HF tower runs every patch and its class token through every layer, its patch convolution at each patch, and a
+    pooling head (``pooler``, ``head``) at one position; any other tower is counted at the tokens it returns (a
+    convolutional tower's early stages run at more positions: counted low, never high). Also the planner's count,
+    on the meta device."""
+    patch = getattr(getattr(model, "config", None), "patch_size", None)
+    if kind != "tokens" or not isinstance(patch, int) or patch <= 0:
+        return part_flops(model, "per_image", tokens)
+    patches = (image_size // patch) ** 2
+    heads = [m for name, m in model.named_modules() if name.rpartition(".")[2] in ("pooler", "head")]
+    count = part_flops(model, "per_image", patches + int(has_cls), conv_positions=patches, skip=heads)
+    for head in heads:
+        count += part_flops(head, "per_image", 1)
+    return count
 
 
 def select_tokens(hidden: torch.Tensor, cfg: VisionConfig, prefix: int) -> torch.Tensor:

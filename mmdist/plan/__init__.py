@@ -51,11 +51,20 @@ from mmdist.plan.memory import (
     parse_bytes,
 )
 from mmdist.plan.report import IMAGES_PER_CORE, TOWER_MFU, format_plan, input_line, recommend, resolve_auto_for_gpu
-from mmdist.plan.shapes import DTYPE_BYTES, GiB, ModuleShape, builtin_config, count_parameters, model_shapes
+from mmdist.plan.shapes import (
+    DTYPE_BYTES,
+    GiB,
+    ModuleShape,
+    builtin_config,
+    count_parameters,
+    model_flops,
+    model_shapes,
+)
 
 __all__ = [
     "ALL_SETTINGS", "DTYPE_BYTES", "Estimate", "GiB", "IMAGES_PER_CORE", "ModuleShape", "Setting", "TOWER_MFU",
     "activation_bytes_per_sample", "builtin_config", "deepspeed_bucket_settings", "count_parameters", "deepspeed_estimates", "estimate", "format_plan",
-    "held_dtype", "input_line", "llm_activation_bytes", "model_shapes", "model_state_bytes", "parse_bytes", "recommend",
+    "held_dtype", "input_line", "llm_activation_bytes", "model_flops",
+    "model_shapes", "model_state_bytes", "parse_bytes", "recommend",
     "resolve_auto_for_gpu",
 ]

@@ -12,7 +12,7 @@ import dataclasses
 from typing import Any, Optional
 
 from mmdist.models import qwen1
-from mmdist.training.metrics import FlopCount
+from mmdist.models.flops import FlopCount
 
 GiB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -70,8 +70,8 @@ class ModuleShape:
     dtype: str
     largest_layer: int = 0
     dims: dict = dataclasses.field(default_factory=dict)
-    # stage 2's LLM entry: the FLOPs of the LLM and the vision tower as the progress bar counts them
-    # (mmdist.training.metrics.flop_count on the meta-device modules; the connector is added by mmdist.plan.speed)
+    # the last entry of mmdist.plan.shapes.model_shapes: the whole model's training FLOP rates as the progress bar
+    # counts them (the model code's own count on the meta-device modules)
     flops: Optional[FlopCount] = None
 
 

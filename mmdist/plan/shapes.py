@@ -1,16 +1,24 @@
 """Step 1 of the plan: every module's parameter count, from configs alone (meta-device builds and a built-in table).
 
 No weight is read and the hub is not needed: the backbones' configs come from
-mmdist.plan.backbones, the trainable connector is counted from its settings.
+mmdist.plan.backbones, the trainable connector is counted from its settings. The
+model's training FLOPs are counted by the model code itself (mmdist.models.align /
+mmdist.models.fused ``*_flop_count`` on the meta-device modules: what the progress bar
+counts) and ride on the last entry (:func:`model_flops`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from mmdist.config.run import RunConfig
+from mmdist.models.align import align_flop_count
 from mmdist.models.build import resamples_before_projector
-from mmdist.models.connectors import ResampledProjector, build_stage1_module
+from mmdist.models.connectors import Projector, ResampledProjector, build_stage1_module
+from mmdist.models.flops import FlopCount
+from mmdist.models.fused import fused_flop_count
+from mmdist.models.vision import tower_flop_count
 from mmdist.plan.backbones import (  # noqa: F401  (DTYPE_BYTES, GiB, builtin_config: the package's names, kept here)
     DTYPE_BYTES,
     GiB,
@@ -22,7 +30,6 @@ from mmdist.plan.backbones import (  # noqa: F401  (DTYPE_BYTES, GiB, builtin_co
 )
 from mmdist.plan.images import sample_images
 from mmdist.plan.towers import vision_shape
-from mmdist.training.metrics import FlopCount, flop_count
 
 
 def _text_dims(config: Any) -> dict:
@@ -54,27 +61,31 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     vision_dim = vdims["hidden"]
     image_tokens = vdims["tokens"]
     text_dim = 0
+    text_model = None
     if cfg.stage == "align" or conn.type == "qformer":
         text = cfg.model.text
         tconf = hf_config("model.text", text.name_or_path, text.init_config)
         if cfg.stage == "align":
-            params, largest = count_parameters(meta_model(tconf, causal_lm=False))
+            text_model = meta_model(tconf, causal_lm=False).requires_grad_(not text.freeze)
+            params, largest = count_parameters(text_model)
             out.append(ModuleShape("text_encoder", params, not text.freeze, text.dtype, largest, _text_dims(tconf)))
         text_dim = tconf.hidden_size
 
-    stage1_params, stage1_out, image_tokens = _stage1_module(cfg, vision_dim, text_dim, image_tokens)
+    stage1_module, stage1_params = _stage1_module(cfg, vision_dim, text_dim, image_tokens, text_model)
+    stage1_out, image_tokens = int(stage1_module.out_dim), int(stage1_module.num_tokens)
+    vision_flops = _vision_flops(cfg, vision, vision_model)
     if cfg.stage == "align":
-        out.append(ModuleShape("stage1", stage1_params, True, "fp32", stage1_params,
-                               {"tokens": image_tokens, "width": stage1_out, **_resampler_dims(cfg, conn.type == "resampler", vdims)}))
+        dims = {"tokens": image_tokens, "width": stage1_out, **_resampler_dims(cfg, conn.type == "resampler", vdims)}
+        out.append(ModuleShape("stage1", stage1_params, True, "fp32", stage1_params, dims,
+                               flops=align_flop_count(vision_flops, text_model, stage1_module)))
         return out
 
     llm = cfg.model.llm
     lconf = hf_config("model.llm", llm.name_or_path, llm.init_config, llm.gguf_file, llm.trust_remote_code)
-    lmodel = meta_model(lconf, causal_lm=True)
+    lmodel = meta_model(lconf, causal_lm=True).requires_grad_(not llm.freeze)
     params, largest = count_parameters(lmodel)
     ldims = _text_dims(lconf)
-    out.append(ModuleShape("llm", params, not llm.freeze, llm.dtype, largest, ldims,
-                           flops=_fused_flops(lmodel, vision_model, not llm.freeze, vision_runs=not cfg.data.feature_cache)))
+    out.append(ModuleShape("llm", params, not llm.freeze, llm.dtype, largest, ldims))
     if llm.lora.enabled:
         out.append(ModuleShape("lora", _lora_params(lmodel, cfg), True, "fp32"))
     stage1 = None
@@ -86,7 +97,10 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     else:
         proj_in = vision_dim
         image_tokens = conn.image_tokens or vdims["tokens"]
-    projector = _projector_shape(cfg, proj_in, ldims["hidden"], image_tokens)
+    projector, projector_module = _projector_shape(cfg, proj_in, ldims["hidden"], image_tokens)
+    stage1_module.requires_grad_(conn.train_stage1_module)
+    projector.flops = fused_flop_count(lmodel, projector_module, vision=vision_flops, vision_trains=vision.trainable,
+                                       stage1=stage1_module if stage1 else None, stage1_tokens=image_tokens)
     per_sample = sample_images(cfg, projector.dims["tokens_per_image"])
     vdims["images"] = per_sample.images
     projector.dims.update(tokens=per_sample.image_tokens, images=per_sample.images, positions=per_sample.positions,
@@ -97,9 +111,10 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     return out
 
 
-def _projector_shape(cfg: RunConfig, proj_in: int, llm_dim: int, image_tokens: int) -> ModuleShape:
-    """The stage-2 projector as FusedVLM builds it: an MLP, or a new resampler and then the MLP (ResampledProjector)
-    when mmdist.models.build puts one before it; trainable, fp32. ``dims["tokens_per_image"]``: LLM tokens per image."""
+def _projector_shape(cfg: RunConfig, proj_in: int, llm_dim: int, image_tokens: int) -> tuple[ModuleShape, Any]:
+    """(the stage-2 projector as FusedVLM builds it, its meta-device module): an MLP, or a new resampler and then the
+    MLP (ResampledProjector) when mmdist.models.build puts one before it; trainable, fp32.
+    ``dims["tokens_per_image"]``: LLM tokens per image."""
     import torch
 
     conn = cfg.model.connector
@@ -110,10 +125,12 @@ def _projector_shape(cfg: RunConfig, proj_in: int, llm_dim: int, image_tokens: i
         params, largest = count_parameters(module)
         dims = {"tokens_per_image": module.num_tokens, "in": conn.resampler.hidden_size,
                 **_resampler_dims(cfg, True, {"tokens": image_tokens, "hidden": proj_in})}
-        return ModuleShape("projector", params, True, "fp32", largest, dims)
+        return ModuleShape("projector", params, True, "fp32", largest, dims), module
+    with torch.device("meta"):
+        module = Projector(proj_in, llm_dim, conn.projector_layers)
     params = _mlp_params(proj_in, llm_dim, llm_dim, conn.projector_layers)
     return ModuleShape("projector", params, True, "fp32", _mlp_largest(proj_in, llm_dim, conn.projector_layers),
-                       {"tokens_per_image": image_tokens, "in": proj_in})
+                       {"tokens_per_image": image_tokens, "in": proj_in}), module
 
 
 def _resampler_dims(cfg: RunConfig, present: bool, source: dict) -> dict:
@@ -126,16 +143,19 @@ def _resampler_dims(cfg: RunConfig, present: bool, source: dict) -> dict:
                               hidden=r.hidden_size, layers=r.num_layers)}
 
 
-def _fused_flops(llm: Any, vision: Any, llm_trains: bool, vision_runs: bool) -> FlopCount:
-    """The stage-2 FLOP rates of the LLM and the vision tower by the bar's formula (metrics.flop_count): the same
-    formula metrics.jsonl, the progress bar's MFU and benchmarks/throughput.py use, applied to meta-device modules."""
-    import torch
+def _vision_flops(cfg: RunConfig, vision: ModuleShape, model: Optional[Any]) -> FlopCount:
+    """The tower's count per image as VisionTower counts it (mmdist.models.vision.tower_flop_count); nothing when
+    the run reads cached features of a frozen tower, or for a custom encoder (not built here: counted low)."""
+    if model is None or (cfg.data.feature_cache and not vision.trainable):
+        return FlopCount()
+    d = vision.dims
+    return tower_flop_count(model.requires_grad_(vision.trainable), d["kind"], d["image_size"], d["has_cls"],
+                            d["tokens"])
 
-    holder = torch.nn.Module()
-    holder.llm = llm.requires_grad_(llm_trains)
-    if vision is not None:
-        holder.vision = vision.requires_grad_(False)
-    return flop_count(holder, "fuse", vision_runs=vision_runs)
+
+def model_flops(shapes: Sequence[ModuleShape]) -> FlopCount:
+    """The model's training FLOP rates (the progress bar's count), carried by the last entry of :func:`model_shapes`."""
+    return next((s.flops for s in reversed(shapes) if s.flops is not None), FlopCount())
 
 
 def _mlp_params(d_in: int, d_hidden: int, d_out: int, layers: int) -> int:
@@ -148,18 +168,21 @@ def _mlp_largest(d_in: int, d_out: int, layers: int) -> int:
     return max(d_in * d_out + d_out, (d_out * d_out + d_out) if layers > 1 else 0)
 
 
-def _stage1_module(cfg: RunConfig, vision_dim: int, text_dim: int, image_tokens: int) -> tuple[int, int, int]:
-    """(parameters, output width, image tokens) of the stage-1 module (heads, Q-Former or resampler), exact:
-    built on the meta device from mmdist's own connector code. Stage 2 keeps only the image side of linear/mlp
-    heads and of a resampler; stage 1 adds the text head and the temperature.
+def _stage1_module(cfg: RunConfig, vision_dim: int, text_dim: int, image_tokens: int,
+                   text_model: Optional[Any]) -> tuple[Any, int]:
+    """(the stage-1 module on the meta device, its parameters), exact: mmdist's own connector code. Stage 2 keeps
+    only the image side of linear/mlp heads and of a resampler; stage 1 adds the text head and the temperature (and
+    the Q-Former's text parts, from the meta-device ``text_model``).
     """
     import torch
 
     conn = cfg.model.connector
     text_for_module = text_dim if (cfg.stage == "align" or conn.type == "qformer") else None
+    text_encoder = None
+    if text_model is not None and conn.type == "qformer":  # the Q-Former reads TextEncoder's ``.model`` to build
+        text_encoder = torch.nn.Module()
+        text_encoder.model = text_model
     with torch.device("meta"):
-        module = build_stage1_module(conn, vision_dim, image_tokens, text_for_module or None)
+        module = build_stage1_module(conn, vision_dim, image_tokens, text_for_module or None, text_encoder=text_encoder)
     params = count_parameters(module)[0] + (1 if cfg.stage == "align" else 0)
-    return params, int(module.out_dim), int(module.num_tokens)
-
-
+    return module, params

@@ -1,10 +1,10 @@
 """Step 5 of the plan: the predicted step time of each setting (mmdist.plan.step_time) and the fastest one that fits.
 
-The step's FLOPs come from the planner's shapes with the formula the progress bar,
-metrics.jsonl and benchmarks/throughput.py use (mmdist.training.metrics.flop_count:
-4 per frozen LLM weight per token, 6 per trainable, the LM head at supervised tokens,
-the vision tower and connector per image token), plus one forward of the LLM
-(2 per weight per token) when gradient checkpointing recomputes it.
+The step's FLOPs are the model's own count (mmdist.plan.shapes.model_flops: the model
+code's ``flop_count`` on the meta-device modules, what the progress bar, metrics.jsonl and
+the benchmarks count) at the micro-batch's counts, plus one forward of the LLM (2 per
+weight per token) when gradient checkpointing recomputes it. One peak for all of them:
+the engine precision's.
 
 A micro-batch is what the trainer means by it: ``train.micro_batch_size`` samples.
 The plan counts each as a full row of ``data.max_len`` tokens holding one image,
@@ -22,7 +22,7 @@ from typing import Optional
 from mmdist.config.run import RunConfig
 from mmdist.hardware import datasheet_peak
 from mmdist.plan.memory import Estimate, Setting
-from mmdist.plan.shapes import DTYPE_BYTES, ModuleShape
+from mmdist.plan.shapes import DTYPE_BYTES, ModuleShape, model_flops
 from mmdist.plan.step_time import Interconnect, StepInputs, StepTime, predict
 
 __all__ = ["Choice", "choose", "micro_batch_tokens", "peak_for", "step_inputs", "TIE", "ZERO3_OVERHEAD"]
@@ -60,31 +60,17 @@ def _micro_batch_flops(cfg: RunConfig, shapes: Sequence[ModuleShape]) -> tuple[f
     """(training FLOPs, recompute FLOPs under checkpointing) of one micro-batch on one rank."""
     by_name = {s.name: s for s in shapes}
     samples = cfg.train.micro_batch_size
-    llm = by_name.get("llm")
-    if llm is not None and llm.flops is not None:
-        proj = by_name["projector"]
-        image_tokens = samples * proj.dims.get("tokens", 0)
+    flops = model_flops(shapes)
+    projector = by_name.get("projector")
+    if projector is not None:  # stage 2: micro_batch_tokens LLM positions, the images' tokens among them
+        image_tokens = samples * projector.dims.get("tokens", 0)
+        images = samples * projector.dims.get("images", 1)
         tokens = micro_batch_tokens(cfg)
         supervised = max(0, tokens - image_tokens)  # at most every text token is an answer token
-        per_image = llm.flops.per_image_token
-        for name in ("projector", "stage1"):
-            part = by_name.get(name)
-            if part is not None:
-                per_image += (4.0 if part.trainable else 2.0) * part.params
-        flops = llm.flops.per_token * tokens + llm.flops.per_supervised_token * supervised + per_image * image_tokens
-        recompute = (llm.flops.per_token + llm.flops.per_supervised_token) / 2 * tokens  # one more forward: 2 per weight
-        return flops, recompute
-    # stage 1 (and a model without an LLM): every parameter per token it runs on, 6 trainable / 2 frozen
-    flops = 0.0
-    for s in shapes:
-        if s.name == "vision_encoder":  # the positions a ViT computes; a conv tower's output tokens, as the bar counts it
-            seq = s.dims.get("seq", s.dims.get("tokens", 1))
-        elif s.name == "text_encoder":
-            seq = cfg.model.text.max_length
-        else:
-            seq = s.dims.get("tokens", 1) + cfg.model.text.max_length
-        flops += (6.0 if s.trainable else 2.0) * s.params * seq * samples
-    return flops, 0.0
+        recompute = (flops.per_token + flops.per_supervised_token) / 2 * tokens  # one more forward: 2 per weight
+        return flops.step(tokens, supervised, image_tokens, images, samples), recompute
+    # stage 1: one image and a caption of up to text.max_length tokens per sample
+    return flops.step(samples * cfg.model.text.max_length, images=samples, samples=samples), 0.0
 
 
 def step_inputs(cfg: RunConfig, shapes: Sequence[ModuleShape], world: int, gpu: str,

@@ -16,7 +16,7 @@ device (no weights, no memory), with the tower's own output rules
 
 ``dims`` of the returned shape: ``hidden`` (feature width), ``tokens`` (per image),
 ``flops_per_image`` (one forward), ``working_set`` (elements one layer of a no-grad
-forward holds per image), ``image_size``, ``kind``; ViT-like towers add ``seq`` (the
+forward holds per image), ``image_size``, ``kind``, ``has_cls``; ViT-like towers add ``seq`` (the
 positions they compute), ``layers``, ``intermediate``, ``heads``.
 """
 
@@ -99,7 +99,7 @@ def vision_shape(cfg: RunConfig) -> tuple[ModuleShape, Optional[Any]]:
         probe = probe_tower(model, lambda x: tower_features(model, kind, vis, x, has_cls), size)
         dims = dict(hidden=probe.width, layers=0, intermediate=0, heads=1, tokens=probe.tokens,
                     flops_per_image=probe.flops, working_set=probe.working_set)
-    dims.update(image_size=int(size), kind=kind)
+    dims.update(image_size=int(size), kind=kind, has_cls=has_cls)
     if vis.hidden_size is not None and vis.hidden_size != dims["hidden"]:
         raise ValueError(f"model.vision.hidden_size={vis.hidden_size} but the encoder returns width {dims['hidden']}")
     return ModuleShape("vision_encoder", params, not vis.freeze, vis.dtype, largest, dims), model

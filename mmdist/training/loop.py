@@ -30,7 +30,7 @@ from mmdist.training import dist, preemption
 from mmdist.training.checkpoint import CheckpointManager, capture_rng
 from mmdist.training.ds_config import fit_micro_batch
 from mmdist.training.engine import build_engine
-from mmdist.training.metrics import WARMUP_STEPS, MetricsLogger, Throughput, flop_count
+from mmdist.training.metrics import WARMUP_STEPS, FlopCount, MetricsLogger, Throughput
 from mmdist.training.oom import OutOfMemoryStop, oom_advice
 from mmdist.training.run_setup import (
     Run,
@@ -161,16 +161,28 @@ def _open_logs(run: Run, state: TrainState) -> None:
     )
     for name, numel, lr in bundle.info["optimizer_groups"]:
         logger.print(f"[mmdist] optimizer group {name}: {numel:,} parameters, lr {lr:.3g}")
+    flops = bundle.model.flop_count(vision_runs=not cfg.data.feature_cache, text_runs=not _cache_holds_text(cfg))
+    peaks = _peaks(run, flops)
+    run.throughput = Throughput(flops, peaks, run.total_steps, start_step=state.step, warmup_steps=WARMUP_STEPS)
+
+
+def _peaks(run: Run, flops: FlopCount) -> dict[str, float] | float:
+    """Peak FLOP/s of all ranks together for each dtype the model's FLOPs compute in (said in the log), or 0 on the
+    ranks that report no MFU. ``log.peak_flops`` is one peak for every dtype."""
+    cfg, logger = run.cfg, run.logger
     if cfg.log.peak_flops:
-        peak, source = float(cfg.log.peak_flops), "log.peak_flops"
-    elif run.rank == 0:  # only rank 0 reports MFU
-        peak, source = peak_flops(bundle.engine.device, compute_dtype(cfg))
-    else:
-        peak, source = 0.0, ""
-    if peak:
-        logger.print(f"[mmdist] MFU against {peak / 1e12:.3g} TFLOP/s per device x {run.world_size} ({source})")
-    flops = flop_count(bundle.model, cfg.stage, vision_runs=not cfg.data.feature_cache, text_runs=not _cache_holds_text(cfg))
-    run.throughput = Throughput(flops, peak * run.world_size, run.total_steps, start_step=state.step, warmup_steps=WARMUP_STEPS)
+        logger.print(f"[mmdist] MFU against {float(cfg.log.peak_flops) / 1e12:.3g} TFLOP/s per device x "
+                     f"{run.world_size} (log.peak_flops, for every dtype)")
+        return float(cfg.log.peak_flops) * run.world_size
+    if run.rank != 0:  # only rank 0 reports MFU
+        return 0.0
+    peaks = {}
+    for dtype in flops.dtypes() or [compute_dtype(cfg)]:
+        peak, source = peak_flops(run.bundle.engine.device, dtype or compute_dtype(cfg))
+        peaks[dtype] = peak * run.world_size
+        logger.print(f"[mmdist] MFU: {dtype or 'the'} FLOPs against {peak / 1e12:.3g} TFLOP/s per device x "
+                     f"{run.world_size} ({source})")
+    return peaks
 
 
 def _cache_holds_text(cfg: RunConfig) -> bool:

@@ -3,36 +3,34 @@
 Only rank 0 writes or prints; every other rank gets a logger whose methods do
 nothing, so the trainer never branches on the rank to log.
 
-MFU is an estimate in the usual "6N / 4N" style: per processed token a
-trainable parameter costs 6 FLOPs (forward, activation gradient, weight
-gradient), a frozen parameter that the gradient flows through (the LLM in
-stage 2) costs 4 (no weight gradient), and a frozen parameter only run forward
-(the vision encoder, the frozen text encoder in stage 1) costs 2. Attention's
-quadratic term and recomputation (gradient checkpointing) are not counted.
-Only FLOPs that run are counted (:func:`flop_count`): in stage 2 the LM head
-runs at supervised positions only (FusedVLM.token_losses), the vision tower,
-stage-1 module and projector run on image tokens only, and an input embedding
-not tied to the head is a lookup (no FLOPs). In stage 1 the vision tower runs per
-image (its tokens), the text encoder per caption token, the heads or Q-Former
-per image, and a part whose features come from the feature cache costs nothing.
-Charging all of them at every token put MFU above 100%.
-The peak is ``log.peak_flops`` or, if unset, a short matmul measured on this
-device at start. The reported throughput leaves out the first
-:data:`WARMUP_STEPS` step(s) of a run (compilation, allocator growth, the first
-gathers): a record says from which step its window counts (``mfu_steady_from_step``).
+MFU counts the FLOPs that run, as the model counts them
+(:meth:`~mmdist.models.contract.TrainableModel.flop_count`, from module shapes by
+mmdist.models.flops: 6 per trainable weight, 4 per frozen weight the gradient flows
+through, 2 per weight only run forward, each part at the positions where it runs;
+attention's score products and recomputation under gradient checkpointing are not
+counted). Each part's FLOPs are divided by the peak of the dtype it computes in: a
+step's MFU is the time its FLOPs would take at those peaks over the time it took, so a
+stage-1 run with a trainable fp32 Q-Former under frozen bf16 towers is measured against
+both peaks, each for its own share. With one peak (``log.peak_flops``) every dtype is
+measured against it.
+The peaks are ``log.peak_flops`` or, if unset, the datasheet's or a short matmul
+measured on this device at start (mmdist.hardware.peak_flops), one per dtype.
+The reported throughput leaves out the first :data:`WARMUP_STEPS` step(s) of a run
+(compilation, allocator growth, the first gathers): a record says from which step its window counts (``mfu_steady_from_step``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 from mmdist.atomic import write_text_atomic
+from mmdist.models.flops import FlopCount
 from mmdist.training.settings import LogConfig
 
 __all__ = [
@@ -41,8 +39,6 @@ __all__ = [
     "MetricsLogger",
     "Throughput",
     "count_parameters",
-    "flop_count",
-    "flops_per_token",
 ]
 
 
@@ -65,140 +61,23 @@ def count_parameters(model: Any) -> dict[str, int]:
     return {"total": total, "trainable": trainable, "frozen": total - trainable}
 
 
-@dataclasses.dataclass(frozen=True)
-class FlopCount:
-    """Training FLOPs per processed token, per supervised (labelled) token, per image token and per image."""
-
-    per_token: float
-    per_supervised_token: float = 0.0
-    per_image_token: float = 0.0
-    per_image: float = 0.0
-
-    def step(self, tokens: int, supervised_tokens: int = 0, image_tokens: int = 0, images: int = 0) -> float:
-        return (self.per_token * tokens + self.per_supervised_token * supervised_tokens
-                + self.per_image_token * image_tokens + self.per_image * images)
-
-
-def flop_count(model: Any, stage: str, *, vision_runs: bool = True, text_runs: bool = True) -> FlopCount:
-    """The FLOPs that run (see the module doc); ZeRO-3 aware.
-
-    Stage 2 (a model with an ``llm``), by where each part runs:
-      - only the weights of Linear and convolution layers count: biases, norms
-        and embedding tables (lookups) do no matmul FLOPs;
-      - the LLM's frozen body: 4 per weight at every token (6 where it trains);
-      - its output head: 4 (6 if it trains) per *supervised* token only, as
-        FusedVLM.token_losses computes it;
-      - every part outside the LLM (vision tower, stage-1 module, projector)
-        runs on the image tokens only, not on text: per *image token*, 4 per
-        trainable weight (forward and weight gradient; the activation gradient
-        is left out because the lowest trainable layer computes none) and 2 per
-        frozen one (the gradient stops at the lowest trainable part); the vision
-        tower costs nothing when the run reads a feature cache
-        (``vision_runs=False``). A tower that sees more patches than the image
-        tokens it hands on (pooling, a CLS token) is counted low, never high.
-    Stage 1 (an :class:`~mmdist.models.align.AlignModel`), also by where each part runs:
-      - the vision tower per *image*, once per token it computes (``vision.num_tokens``:
-        the selected tokens, so a dropped CLS token is counted low): 2 per frozen
-        weight, 6 per trainable one; nothing when the features are cached;
-      - the text encoder per caption *token*: 2 per weight when frozen, 6 when it
-        trains; nothing when its pooled features are cached (``text_runs=False``);
-      - the heads / Q-Former per *image*, once: 4 per trainable weight, 2 per frozen
-        one (a head applied to every vision token, or Q-Former queries, run more:
-        counted low, never high).
-    Any other model counts every parameter per token: 6 x trainable + (4 in stage 2,
-    else 2) x frozen.
-    """
-    if stage == "align" and _is_align_model(model):
-        return _align_flop_count(model, vision_runs=vision_runs, text_runs=text_runs)
-    llm = getattr(model, "llm", None) if stage == "fuse" else None
-    if llm is None:
-        counts = count_parameters(model)
-        return FlopCount(6.0 * counts["trainable"] + (4.0 if stage == "fuse" else 2.0) * counts["frozen"])
-    head = llm.get_output_embeddings() if hasattr(llm, "get_output_embeddings") else None
-    head_ids = {id(p) for p in head.parameters()} if head is not None else set()
-    if getattr(llm.config, "final_logit_softcapping", None) or not hasattr(llm, "get_decoder"):
-        head_ids = set()  # FusedVLM takes the full-logits path for these: the head runs at every token
-    in_llm = {id(p) for p in llm.parameters()}
-    vision = getattr(model, "vision", None)
-    idle = {id(p) for p in vision.parameters()} if vision is not None and not vision_runs else set()
-    per_token = per_supervised = per_image = 0.0
-    for p in _matmul_weights(model):
-        if id(p) in idle:
-            continue
-        n = _numel(p)
-        if id(p) in in_llm:
-            cost = (6.0 if p.requires_grad else 4.0) * n
-            if id(p) in head_ids:
-                per_supervised += cost
-            else:
-                per_token += cost
-        else:
-            per_image += (4.0 if p.requires_grad else 2.0) * n
-    return FlopCount(per_token, per_supervised, per_image)
-
-
-def _is_align_model(model: Any) -> bool:
-    from mmdist.models.align import AlignModel
-
-    return isinstance(model, AlignModel)
-
-
-def _align_flop_count(model: Any, *, vision_runs: bool, text_runs: bool) -> FlopCount:
-    """Stage 1's FLOPs by where each part runs (see :func:`flop_count`)."""
-    in_vision = {id(p) for p in model.vision.parameters()}
-    in_text = {id(p) for p in model.text.parameters()}
-    text_trains = any(p.requires_grad for p in model.text.parameters())
-    vision_tokens = int(model.vision.num_tokens)
-    per_token = per_image = 0.0
-    for p in _matmul_weights(model):
-        n = _numel(p)
-        if id(p) in in_vision:  # the tower first: a Q-Former never owns its weights
-            if vision_runs or p.requires_grad:
-                per_image += (6.0 if p.requires_grad else 2.0) * n * vision_tokens
-        elif id(p) in in_text:  # the Q-Former's shared text side is the text encoder's: counted once, per token
-            if text_runs or text_trains:
-                per_token += (6.0 if p.requires_grad else 2.0) * n
-        else:
-            per_image += (4.0 if p.requires_grad else 2.0) * n
-    return FlopCount(per_token=per_token, per_image=per_image)
-
-
-def _matmul_weights(model: Any) -> list[Any]:
-    """The weights of the model's Linear and convolution layers, once each: the parameters that do FLOPs.
-
-    Biases, norms and embedding tables (a lookup, unless tied to the LM head,
-    which is a Linear) do none worth counting. Module types, not shapes, decide:
-    under ZeRO-3 a partitioned weight is empty.
-    """
-    from torch import nn
-
-    seen: dict[int, Any] = {}
-    for module in model.modules():
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) or type(module).__name__ == "Conv1D":
-            weight = getattr(module, "weight", None)
-            if weight is not None:
-                seen.setdefault(id(weight), weight)
-    return list(seen.values())
-
-
-def flops_per_token(model: Any, stage: str) -> float:
-    """Training FLOPs per processed token, without those that run only at supervised tokens (see flop_count)."""
-    return flop_count(model, stage).per_token
-
-
 class Throughput:
     """Samples/s, tokens/s and MFU over a sliding window of steady steps, and the ETA.
 
+    ``peak_flops_total`` is one peak FLOP/s (every rank's together) for all FLOPs, or one per dtype
+    (``{"bf16": ..., "fp32": ...}``) covering every dtype of ``flops.by_dtype()``: MFU is then the time each
+    dtype's FLOPs would take at its own peak, summed, over the time the steps took (see the module doc).
     The first ``warmup_steps`` steps after ``start_step`` are not steady (compilation,
     allocator growth, the first ZeRO gathers): they only move the window's start, and
     their records carry the ETA alone. Later records say where the window may start
     (``mfu_steady_from_step``) and how many steps it spans (``throughput_window_steps``).
     """
 
-    def __init__(self, flops_per_token: float | FlopCount, peak_flops_total: float, total_steps: int, start_step: int = 0,
-                 window: int = 20, warmup_steps: int = 0):
+    def __init__(self, flops_per_token: float | FlopCount, peak_flops_total: float | Mapping[str, float],
+                 total_steps: int, start_step: int = 0, window: int = 20, warmup_steps: int = 0):
         self.flops = flops_per_token if isinstance(flops_per_token, FlopCount) else FlopCount(float(flops_per_token))
         self.peak = peak_flops_total
+        self._shares = _peak_shares(self.flops, peak_flops_total)
         self.total_steps = total_steps
         self.window = window
         self.steady_from = start_step + warmup_steps + 1
@@ -207,36 +86,47 @@ class Throughput:
         self.history: list[tuple[float, int, int, int, float]] = [(self.started, start_step, 0, 0, 0.0)]
         self.samples = 0
         self.tokens = 0
-        self.flops_done = 0.0
+        self.peak_seconds = 0.0  # the time the FLOPs done so far would take at the peaks
 
     def update(self, step: int, samples: int, tokens: int, supervised_tokens: int = 0, image_tokens: int = 0,
                images: int = 0) -> dict[str, float]:
-        """Add one step; ``supervised_tokens``, ``image_tokens`` and ``images`` feed the FlopCount's other rates."""
+        """Add one step; the counts feed every rate of the FlopCount (``samples`` its per-sample rate too)."""
         self.samples += samples
         self.tokens += tokens
-        self.flops_done += self.flops.step(tokens, supervised_tokens, image_tokens, images)
+        self.peak_seconds += sum(part.step(tokens, supervised_tokens, image_tokens, images, samples) / peak
+                                 for part, peak in self._shares)
         now = time.perf_counter()
         if step < self.steady_from:  # warm-up: the steady window starts after this step
-            self.history = [(now, step, self.samples, self.tokens, self.flops_done)]
+            self.history = [(now, step, self.samples, self.tokens, self.peak_seconds)]
             per_step = (now - self.started) / max(step - self.start_step, 1)
             return {"eta_s": max(self.total_steps - step, 0) * per_step}
-        self.history.append((now, step, self.samples, self.tokens, self.flops_done))
+        self.history.append((now, step, self.samples, self.tokens, self.peak_seconds))
         self.history = self.history[-(self.window + 1):]
-        t0, s0, n0, k0, f0 = self.history[0]
-        t1, s1, n1, k1, f1 = self.history[-1]
+        t0, s0, n0, k0, w0 = self.history[0]
+        t1, s1, n1, k1, w1 = self.history[-1]
         dt = max(t1 - t0, 1e-9)
-        tokens_per_s = (k1 - k0) / dt
-        flops_per_s = (f1 - f0) / dt
         steps_per_s = (s1 - s0) / dt
         remaining = max(self.total_steps - step, 0)
         return {
             "samples_per_s": (n1 - n0) / dt,
-            "tokens_per_s": tokens_per_s,
-            "mfu": flops_per_s / self.peak if self.peak > 0 else 0.0,
+            "tokens_per_s": (k1 - k0) / dt,
+            "mfu": (w1 - w0) / dt,
             "eta_s": remaining / steps_per_s if steps_per_s > 0 else float("inf"),
             "mfu_steady_from_step": self.steady_from,
             "throughput_window_steps": s1 - s0,
         }
+
+
+def _peak_shares(flops: FlopCount, peak: float | Mapping[str, float]) -> list[tuple[FlopCount, float]]:
+    """(FLOPs, the peak they are measured against) per dtype; none when the peak is 0 (ranks that report no MFU)."""
+    if not isinstance(peak, Mapping):
+        return [(flops, float(peak))] if peak > 0 else []
+    parts = flops.by_dtype()
+    missing = sorted(d or "(no dtype)" for d in parts if not peak.get(d))
+    if missing:
+        raise ValueError(f"Throughput: no peak FLOP/s for {', '.join(missing)}; the model's FLOPs compute in "
+                         f"{', '.join(d or '(no dtype)' for d in parts)} and the peaks given cover {', '.join(peak)}")
+    return [(part, float(peak[d])) for d, part in parts.items()]
 
 
 def drop_records_after(path: Path, step: int) -> int:

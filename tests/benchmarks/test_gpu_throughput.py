@@ -46,16 +46,6 @@ def test_peak_comes_from_the_trainers_datasheet_table():
     assert flops > 0 and "probe" in source
 
 
-def test_step_flops_accounting():
-    from common import step_flops
-
-    base = step_flops(real_tokens=100, images=2, llm_params=1000, vision_params=50, vision_seq=5, connector_params=7,
-                      image_tokens=4)
-    assert base == 4 * 1000 * 100 + 2 * 50 * 5 * 2 + 6 * 7 * 4 * 2
-    ckpt = step_flops(100, 2, 1000, 50, 5, 7, 4, checkpointing=True)
-    assert ckpt - base == 2 * 1000 * 100
-
-
 def test_union_bytes_counts_overlapping_views_once():
     import torch
     from memory_per_rank import union_bytes
@@ -69,14 +59,14 @@ def test_union_bytes_counts_overlapping_views_once():
 
 
 def test_bare_benchmark_counts_flops_like_the_trainer():
-    """gpu_throughput's MFU is the trainer's count (metrics.flop_count), per step, over its batches."""
+    """gpu_throughput's MFU is the model's own count (the bar's), per step, over its batches."""
     import gpu_throughput
-
-    from mmdist.training.metrics import flop_count
 
     res = gpu_throughput.run(tiny=True, steps=1, warmup=0, micro_batch=2, seq_len=64)
     model, _ = gpu_throughput.build(True, torch.device("cpu"), "fp32", True)
     batch = gpu_throughput.make_batch(model, 2, 64, torch.device("cpu"), torch.Generator().manual_seed(0))
     c = model.batch_counts(batch)
-    assert res["flops_per_step"] == pytest.approx(flop_count(model, "fuse").step(c.tokens, c.supervised_tokens, c.image_tokens))
+    count = model.flop_count()
+    assert res["flops_per_step"] == pytest.approx(count.step(c.tokens, c.supervised_tokens, c.image_tokens, c.images,
+                                                             c.samples))
     assert res["mfu_4n"] == pytest.approx(res["flops_per_step"] / res["step_s"] / res["peak_flops"])

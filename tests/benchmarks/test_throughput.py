@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +26,7 @@ def test_help_runs():
 
 def test_mmdist_side_takes_optimizer_steps_through_train_step(monkeypatch, tmp_path):
     """Two micro-batches per step (accumulation 2): the trainable connector changes, the frozen LLM does not,
-    the step counts its real tokens, and close() leaves no process group behind."""
+    the step counts its real tokens and FLOPs, and close() leaves no process group behind."""
     import torch.distributed as tdist
     from common import BenchShape, make_samples
     from throughput import MmdistLoop
@@ -52,6 +53,10 @@ def test_mmdist_side_takes_optimizer_steps_through_train_step(monkeypatch, tmp_p
         llm = dict(loop.model.llm.named_parameters())
         assert all(torch.equal(llm[n], v) for n, v in frozen.items())
         assert loop.frozen_params_with_grad() == 0
+        from common import shape_flops
+
+        # the reference is charged mmdist's count of the same model, counted on the meta device: the bar's count
+        assert shape_flops(shape).rates() == pytest.approx(loop.count.rates()) and loop.count.any()
     finally:
         loop.close()
     assert not tdist.is_initialized()

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mmdist.models.contract import BatchCounts
+from mmdist.models.flops import FlopCount, part_flops
 from mmdist.models.freeze import Part
 
 IN_DIM, HIDDEN, OUT_DIM = 8, 16, 4
@@ -83,6 +84,11 @@ class ToyModel(nn.Module):
         """One sample, one token, one supervised position per row of ``x``; no images; micro-batches weigh the same."""
         rows = int(batch["x"].shape[0])
         return BatchCounts(samples=rows, tokens=rows, supervised_tokens=rows, images=0, image_tokens=0)
+
+    def flop_count(self, *, vision_runs: bool = True, text_runs: bool = True) -> FlopCount:
+        """Per row of ``x`` (one token): the frozen backbone forward only, the projector with both gradients (the
+        trainable norm below it needs its input's)."""
+        return part_flops(self.backbone, "per_token", 1) + part_flops(self.projector, "per_token", 1, input_grad=True)
 
     def trainable_groups(self) -> dict:
         return {"projector": list(self.projector.parameters()), "stage1": list(self.norm.parameters()), "temperature": [self.log_scale]}
