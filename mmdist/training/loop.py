@@ -5,9 +5,9 @@ the resolved config, build the engine and the loaders, resume, step until the bu
 is spent (logging, evaluating, checkpointing), then the last checkpoint, the export
 and a clean teardown. Preemption signals only set a flag that all ranks agree on
 after each step (docs/operations.md); a watchdog is beaten after every step.
-Running out of device memory ends the run with :class:`~mmdist.training.oom.OutOfMemoryStop`:
-where it ran out, the planner's largest micro-batch, the settings to change
-(``mmdist train`` exits with :data:`~mmdist.training.oom.OOM_EXIT`).
+Running out of device memory (building the engine, in a step, an evaluation or the export) ends
+the run with :class:`~mmdist.training.oom.OutOfMemoryStop`: where it ran out, the sizes, the
+settings to change (``mmdist train`` exits with :data:`~mmdist.training.oom.OOM_EXIT`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from mmdist.training.checkpoint import CheckpointManager, capture_rng
 from mmdist.training.ds_config import fit_micro_batch
 from mmdist.training.engine import build_engine
 from mmdist.training.metrics import WARMUP_STEPS, MetricsLogger, Throughput, flop_count
-from mmdist.training.oom import OutOfMemoryStop, oom_advice
+from mmdist.training.oom import OutOfMemoryStop, evaluation_guard, export_guard, oom_advice
 from mmdist.training.run_setup import (
     Run,
     compute_dtype,
@@ -259,9 +259,16 @@ def _phase(run: Run, name: str) -> Any:
     return run.watchdog.phase(name) if run.watchdog is not None else contextlib.nullcontext()
 
 
+def _evaluate_guarded(run: Run, step: int) -> Optional[dict]:
+    """:func:`_evaluate` under the watchdog's longer limit; out of memory there stops the run with a message."""
+    with _phase(run, "evaluation"), evaluation_guard(run.cfg, step, world_size=run.world_size,
+                                                     last_checkpoint=run.last_checkpoint or run.resumed_from,
+                                                     checkpoint_root=run.checkpoints.root):
+        return _evaluate(run)
+
+
 def _evaluate_and_log(run: Run, step: int) -> None:
-    with _phase(run, "evaluation"):
-        run.last_eval = _evaluate(run)
+    run.last_eval = _evaluate_guarded(run, step)
     if run.last_eval is not None:
         run.logger.log(step, run.last_eval, prefix="eval")
         run.logger.print(f"[mmdist] step {step}: eval loss {run.last_eval['loss']:.4f}")
@@ -302,12 +309,13 @@ def _finish(run: Run, state: TrainState, seconds: float) -> dict:
     elif run.last_checkpoint is None and resumed is not None:
         run.last_checkpoint = resumed  # nothing new since the resume: the loaded checkpoint is the last one
     if finished:
-        with _phase(run, "evaluation"):
-            run.last_eval = _evaluate(run) or run.last_eval
+        run.last_eval = _evaluate_guarded(run, state.step) or run.last_eval
         if run.last_eval is not None:
             run.logger.log(state.step, run.last_eval, prefix="eval")
         if cfg.checkpoint.export:
-            with _phase(run, "export"):
+            with _phase(run, "export"), export_guard(cfg, run.bundle.model, state.step,
+                                                     last_checkpoint=run.last_checkpoint,
+                                                     checkpoint_root=run.checkpoints.root):
                 export_dir = export_trainable(run.bundle.model, run.bundle.read_gather, run.run_dir / "export",
                                               fp32_master=cfg.engine.precision != "fp32")
             if export_dir is not None:
