@@ -18,12 +18,17 @@ import torch
 from mmdist.data.collate import pack_rows
 from mmdist.models import packed_attention
 from mmdist.models.llm import LLMConfig, load_llm
-from mmdist.models.packed_attention import document_block_mask, flex_length, spans_from_sequence_ids, use_packed_attention
+from mmdist.models.packed_attention import (
+    document_block_mask,
+    flex_length,
+    spans_from_sequence_ids,
+    use_packed_attention,
+)
 
 pytest.importorskip("torch.nn.attention.flex_attention")
 
-QWEN2_GQA = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+QWEN2_GQA = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
 MAX_LEN, SAMPLES_PER_STEP, STEPS = 64, 6, 20
 
 
@@ -66,7 +71,8 @@ def test_twenty_steps_of_changing_packs_compile_one_graph_per_padded_length(monk
 
     torch._dynamo.reset()
     monkeypatch.setattr(packed_attention, "_compiled_flex", None)
-    monkeypatch.setattr(packed_attention, "_flex_kernel", lambda device: packed_attention.compiled_flex())  # as on a GPU
+    # the kernel a GPU runs, here on the CPU
+    monkeypatch.setattr(packed_attention, "_flex_kernel", lambda device: packed_attention.compiled_flex())
     llm = load_llm(LLMConfig(init_config=dict(QWEN2_GQA), dtype="fp32", attn_implementation="sdpa"))
     assert use_packed_attention(llm)
     llm.eval()
@@ -78,7 +84,8 @@ def test_twenty_steps_of_changing_packs_compile_one_graph_per_padded_length(monk
         shapes.add(tuple(seq.shape))
         lengths.add(flex_length(seq.numel()))
         embeds = torch.randn(*seq.shape, llm.config.hidden_size)
-        common = {"inputs_embeds": embeds, "position_ids": position_ids(seq), "use_cache": False, "attention_mask": None}
+        common = {"inputs_embeds": embeds, "position_ids": position_ids(seq), "use_cache": False,
+                  "attention_mask": None}
         with torch.no_grad():
             flex = llm(**common, mmdist_block_mask=document_block_mask(seq)).logits
             per_sample = llm(**common, mmdist_spans=spans_from_sequence_ids(seq)).logits
@@ -87,4 +94,4 @@ def test_twenty_steps_of_changing_packs_compile_one_graph_per_padded_length(monk
     graphs = compiled_graph_count() - before
     assert len(shapes) >= 10, shapes  # the packs really changed shape: a static compile would build one per shape
     assert len(lengths) <= 3 and lengths <= {128, 256, 512}, lengths
-    assert graphs == len(lengths), f"{graphs} graphs compiled for {len(shapes)} packed shapes, {len(lengths)} lengths"
+    assert graphs == len(lengths), f"{graphs} graphs for {len(shapes)} packed shapes, {len(lengths)} lengths"
