@@ -86,7 +86,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 # The package order: a module may import its own tier or a lower one.
 TIERS = ("core", "models", "data", "training", "commands")
 CORE = {"mmdist", "mmdist.settings", "mmdist.atomic", "mmdist.console", "mmdist.hardware", "mmdist.precision", "mmdist.configs",
-        "mmdist.distributed"}
+        "mmdist.distributed", "mmdist.oom"}
 MODELS = {"mmdist.export", "mmdist.materialize"}
 
 

@@ -4,3 +4,40 @@ One module per command, each with ``main(argv) -> int``; ``cli.py`` dispatches.
 The library below never parses argv and reports through logging; this layer
 imports from every other one and nothing imports it.
 """
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+__all__ = ["exits_on_oom"]
+
+Main = Callable[[Optional[Sequence[str]]], int]
+
+
+def exits_on_oom(main: Main) -> Main:
+    """A command's ``main`` that prints an out-of-memory stop and returns ``mmdist.oom.OOM_EXIT`` (76).
+
+    The library's phases raise :class:`mmdist.oom.OutOfMemoryStop` with their own sizes and
+    settings; an out-of-memory error from a phase without a guard gets the command's name and
+    the device's memory. mmdist.oom (and so torch) is imported when the command runs, so
+    ``mmdist config`` does not pay for torch.
+    """
+    command = main.__module__.rpartition(".")[2]
+
+    @functools.wraps(main)
+    def run(argv: Optional[Sequence[str]] = None) -> int:
+        from mmdist.oom import OOM_EXIT, OutOfMemoryStop, oom_guard
+
+        settings = ["the model's dtype (model.<part>.dtype=bf16 where it is fp32)", "smaller batches or shorter rows",
+                    "a device with more memory"]
+        try:
+            with oom_guard(f"`mmdist {command}`", settings=settings):
+                return main(argv)
+        except OutOfMemoryStop as exc:
+            print(exc, file=sys.stderr, flush=True)
+            return OOM_EXIT
+
+    return run

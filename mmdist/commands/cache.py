@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from mmdist.commands import exits_on_oom
 from mmdist.config.run import load_config
 from mmdist.data.cache import build_feature_cache
 from mmdist.hardware import default_device
@@ -14,6 +15,7 @@ from mmdist.materialize import build_run_encoder
 from mmdist.precision import precision_lines, resolve_precision
 
 
+@exits_on_oom
 def main(argv: Sequence[str] | None = None) -> int:
     """``mmdist cache --config C [key=value ...] --out DIR``: precompute frozen encoder features for data.train / data.eval.
 

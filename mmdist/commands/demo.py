@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from mmdist.commands import cache as cache_command
+from mmdist.commands import exits_on_oom
 from mmdist.commands.generate import load_model
 from mmdist.config import ConfigError, load_config
 from mmdist.config.recipes import packaged_recipes, recipe_path
@@ -206,6 +207,7 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
     return metrics
 
 
+@exits_on_oom
 def main(argv: Sequence[str] | None = None) -> int:
     """``mmdist demo [--run-dir runs/demo] [--quick] [--overwrite]``."""
     parser = argparse.ArgumentParser(prog="mmdist demo", description=__doc__.splitlines()[0])

@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
+from mmdist.commands import exits_on_oom
 from mmdist.data import build_loader
 from mmdist.evaluation import MATCHERS, eval_config, evaluate_model, summary_line
 from mmdist.export import resolve_export_dir
 from mmdist.hardware import default_device
 from mmdist.materialize import EVAL_SUBFOLDERS, load_export_model
+from mmdist.oom import oom_guard, parameter_count
 from mmdist.training import dist
 from mmdist.training.launch_env import strip_local_rank
 
@@ -31,6 +33,14 @@ def _output_dir(path: str, model: Any) -> Path:
     return run / "eval"
 
 
+def _memory_settings(args: argparse.Namespace) -> list[str]:
+    """What lowers an evaluation's memory, as this command's flags and overrides."""
+    return [f"--batch-size {args.batch_size} -> smaller", f"--max-new-tokens {args.max_new_tokens} -> fewer (stage 2: "
+            "the answers' KV cache)", "model.llm.dtype=bf16 (an override; fp32 frozen weights take twice the memory)",
+            "--device cpu (host memory; slower)"]
+
+
+@exits_on_oom
 def main(argv: Sequence[str] | None = None) -> int:
     """``mmdist eval --run RUN --data SHARDS``: the stage's metrics on held-out shards; single process or under torchrun."""
     argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
@@ -56,18 +66,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = args.device or default_device()
         if device == "cuda" and distributed:
             device = f"cuda:{env.local_rank % max(torch.cuda.device_count(), 1)}"
-        try:
-            model = load_export_model(args.run, args.overrides, device)
-        except (FileNotFoundError, ValueError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        model.to(device)
-        cfg = eval_config(model.run_config, args.batch_size, args.data)
-        loader = build_loader(cfg, model.processors, "eval", env.rank, env.world_size)
-        out = Path(args.out) if args.out else _output_dir(args.run, model)
-        metrics = evaluate_model(model, cfg, loader, max_samples=args.max_samples, max_new_tokens=args.max_new_tokens,
-                                 normalise=MATCHERS[args.match](),
-                                 jsonl_path=out / "answers.jsonl" if cfg.stage == "fuse" else None)
+        with oom_guard("the evaluation (`mmdist eval`)", sizes={"batch": args.batch_size},
+                       settings=_memory_settings(args), device=device) as sizes:
+            try:
+                model = load_export_model(args.run, args.overrides, device)
+            except (FileNotFoundError, ValueError) as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+            sizes["model"] = parameter_count(model)
+            model.to(device)
+            cfg = eval_config(model.run_config, args.batch_size, args.data)
+            sizes.update({"sequence": cfg.data.max_len, "answers up to": f"{args.max_new_tokens} tokens"})
+            loader = build_loader(cfg, model.processors, "eval", env.rank, env.world_size)
+            out = Path(args.out) if args.out else _output_dir(args.run, model)
+            metrics = evaluate_model(model, cfg, loader, max_samples=args.max_samples,
+                                     max_new_tokens=args.max_new_tokens, normalise=MATCHERS[args.match](),
+                                     jsonl_path=out / "answers.jsonl" if cfg.stage == "fuse" else None)
         metrics.pop("records", None)
         metrics = {"stage": cfg.stage, "data": list(args.data), **metrics}
         if env.rank == 0:

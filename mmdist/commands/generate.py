@@ -13,10 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
+from mmdist.commands import exits_on_oom
 from mmdist.generate import answer_images
 from mmdist.hardware import default_device
 from mmdist.materialize import load_inference_model
 from mmdist.models.fused import FusedVLM
+from mmdist.oom import oom_guard, parameter_count
 from mmdist.precision import precision_lines
 
 
@@ -31,6 +33,7 @@ def load_model(path: str | Path, overrides: Optional[list[str]] = None, device: 
     return model
 
 
+@exits_on_oom
 def main(argv: Sequence[str] | None = None) -> int:
     """``mmdist generate --run RUN_DIR --image IMG --prompt TEXT``: print the model's answer."""
     parser = argparse.ArgumentParser(prog="mmdist generate", description=__doc__.splitlines()[0])
@@ -41,10 +44,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="where the model runs (default: the GPU when there is one, else cpu)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the stored config, e.g. model.llm.dtype=auto")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    settings = [f"--max-new-tokens {args.max_new_tokens} -> fewer (the KV cache grows with it)",
+                f"fewer --image per call ({len(args.image)} answered in one batch)" if len(args.image) > 1 else None,
+                "model.llm.dtype=bf16 (an override; fp32 weights take twice the memory)",
+                "model.llm.quantize=int8 or nf4 (an override: the frozen LLM in 1 or 1/2 byte a weight)",
+                "--device cpu (host memory; slower)"]
+    device = args.device or default_device()
+    sizes = {"images": len(args.image), "answers up to": f"{args.max_new_tokens} tokens"}
+    with oom_guard("generation (`mmdist generate`)", sizes=sizes, settings=[s for s in settings if s], device=device):
+        return _answer(args, device, sizes)
+
+
+def _answer(args: argparse.Namespace, device: str, sizes: dict) -> int:
+    """Load the model, read the images, print one answer per image; ``sizes`` learns the model's size."""
     from PIL import Image
 
     try:
-        model = load_model(args.run, args.overrides, args.device)
+        model = load_model(args.run, args.overrides, device)
+        sizes["model"] = parameter_count(model)
         images = []
         for path in args.image:
             try:
@@ -58,8 +75,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path, text in zip(args.image, answers):
         print(f"{path}: {text}" if len(args.image) > 1 else text)
     return 0
-
-
 
 
 if __name__ == "__main__":

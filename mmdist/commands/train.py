@@ -11,21 +11,24 @@ import math
 import sys
 from collections.abc import Sequence
 
+from mmdist.commands import exits_on_oom
 from mmdist.config import ConfigError, load_config
 from mmdist.training import loop, preemption
+from mmdist.training.checkpoint import CheckpointError
 from mmdist.training.launch_env import strip_local_rank
-from mmdist.training.oom import OOM_EXIT, OutOfMemoryStop
 
 __all__ = ["main"]
 
 
+@exits_on_oom
 def main(argv: Sequence[str] | None = None) -> int:
     """``mmdist train --config FILE [key.path=value ...]`` (a trailing ``--local_rank=N`` is accepted).
 
-    Exit codes: 0 done, 2 a bad config, ``preemption.PREEMPTED_EXIT`` (75) stopped on a
-    signal with a checkpoint (the Slurm scripts requeue; a rerun resumes), ``oom.OOM_EXIT``
-    (76) out of device memory (the message says what to change; the last checkpoint is
-    intact), 124 ended by the watchdog.
+    Exit codes: 0 done, 1 a checkpoint that cannot be written or read (the message says what to do), 2 a bad
+    config or a run folder that cannot take checkpoints (read-only, full), ``preemption.PREEMPTED_EXIT`` (75)
+    stopped on a signal with a checkpoint (the Slurm scripts requeue; a rerun resumes), ``mmdist.oom.OOM_EXIT``
+    (76) out of device memory in any phase (the message says what to change; the last checkpoint is intact),
+    124 ended by the watchdog.
     """
     argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(prog="mmdist train", description="Train one stage (align or fuse) from a config.")
@@ -38,10 +41,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     try:
-        summary = loop.train(cfg)
-    except OutOfMemoryStop as exc:
-        print(exc, file=sys.stderr, flush=True)
-        return OOM_EXIT
+        summary = loop.train(cfg)  # out of memory: exits_on_oom prints the message and returns 76
+    except ConfigError as exc:  # settings the run cannot start with (a read-only or full run_dir)
+        print(exc, file=sys.stderr)
+        return 2
+    except CheckpointError as exc:  # a checkpoint that cannot be written or read: the message says what to do
+        print(f"[mmdist] {exc}", file=sys.stderr)
+        return 1
     if summary.get("preempted"):
         return preemption.PREEMPTED_EXIT  # checkpointed: slurm/_launch.sh requeues, a rerun resumes
     if summary.get("rank", 0) == 0:  # not os.environ: dist.shutdown() has restored it by now

@@ -17,8 +17,9 @@ checkpointing replays, so the recomputed forward sees the same spans. Without
 The other kernel (``model.llm.packed_attention: flex``) is one FlexAttention call
 per layer over the whole batch, with a document mask (causal and same sample)
 given as a ``BlockMask`` built once per forward (``mmdist_block_mask``): a few
-large kernels instead of rows x samples x layers small ones on a GPU. torch has
-no FlexAttention backward on CPU, so there it serves inference and tests only.
+large kernels instead of rows x samples x layers small ones on a GPU, compiled
+once for every packed shape (:func:`compiled_flex`). torch has no FlexAttention
+backward on CPU, so there it serves inference and tests only.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 IMPLEMENTATION = "mmdist_packed_sdpa"
 _registered = False
 _compiled_flex: Optional[Callable[..., torch.Tensor]] = None
+FLEX_BLOCK = 128  # FlexAttention's block size: the flex row is 128 x a power of two tokens long
 
 
 def spans_from_sequence_ids(sequence_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
@@ -100,35 +102,68 @@ def resolve_packed_kernel(setting: str) -> str:
     return "sdpa_per_sample"
 
 
+def flex_length(tokens: int) -> int:
+    """The padded length of a batch's flex row: the next power of two times :data:`FLEX_BLOCK` that holds ``tokens``."""
+    length = FLEX_BLOCK
+    while length < tokens:
+        length *= 2
+    return length
+
+
 def document_block_mask(sequence_ids: torch.Tensor) -> Any:
     """[B, T] packed-sample index per token (-1 = padding) -> FlexAttention ``BlockMask`` of the document mask.
 
-    A token sees earlier tokens of its own sample; a padding token sees only itself
-    (no empty row, so no NaN; its output is never supervised), as ``block_causal_mask``.
-    Built once per forward: every layer and the checkpointed recompute reuse it.
+    The batch's rows are laid end to end as one row, padded to :func:`flex_length`
+    (``B * T`` rounded up to 128 x a power of two), so the compiled kernel sees a few
+    lengths, whatever the packs (:func:`compiled_flex`); a sample is told apart by its
+    row and index. A token sees earlier tokens of its own sample; a padding token sees
+    only itself (no empty row, so no NaN; its output is never supervised), as
+    ``block_causal_mask``. Padding costs one diagonal block per 128 tokens: flex skips
+    the others. Built once per forward: every layer and the checkpointed recompute reuse it.
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
-    doc = sequence_ids.to(torch.int32).contiguous()
+    b, t = sequence_ids.shape
+    ids = sequence_ids.to(torch.int64)
+    per_row = int(ids.max()) + 1 if ids.numel() else 1
+    rows = torch.arange(b, device=ids.device).unsqueeze(1) * per_row
+    flat = torch.where(ids >= 0, ids + rows, -1).reshape(-1)
+    doc = F.pad(flat, (0, flex_length(b * t) - b * t), value=-1).to(torch.int32).contiguous()
 
     def same_sample_causal(b, h, q_idx, kv_idx):
-        kv_doc = doc[b, kv_idx]
-        return ((doc[b, q_idx] == kv_doc) & (q_idx >= kv_idx) & (kv_doc >= 0)) | (q_idx == kv_idx)
+        kv_doc = doc[kv_idx]
+        return ((doc[q_idx] == kv_doc) & (q_idx >= kv_idx) & (kv_doc >= 0)) | (q_idx == kv_idx)
 
-    b, t = doc.shape
-    return create_block_mask(same_sample_causal, b, None, t, t, device=doc.device)
+    length = doc.shape[0]
+    return create_block_mask(same_sample_causal, 1, None, length, length, device=doc.device)
 
 
-def _flex_kernel(device: torch.device) -> Callable[..., torch.Tensor]:
-    """flex_attention compiled once per process on GPUs (eager it materialises every score); eager on CPU."""
+def compiled_flex() -> Callable[..., torch.Tensor]:
+    """flex_attention compiled once per process, for every packed layout: a bounded number of graphs.
+
+    Packed batches change shape every step (the number of rows, the fullest row's
+    width). Specialised to each shape, every new one would be a recompile until
+    torch.compile's recompile limit, after which it falls back, silently, to eager
+    flex, which materialises every score. So the flex path lays the rows end to end
+    and pads them to :func:`flex_length`: one graph per power of two of 128 tokens
+    (7 from 128 to 8 x 2048 tokens a micro-batch, within torch's default limit of 8).
+    Compiled static (``dynamic=False``): torch 2.13's CPU flex template fails to compile
+    symbolic sizes, and a static kernel is the fast one.
+    """
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
-    if device.type == "cpu":
-        return flex_attention
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
     return _compiled_flex
+
+
+def _flex_kernel(device: torch.device) -> Callable[..., torch.Tensor]:
+    """The compiled kernel on GPUs (eager flex materialises every score); eager on CPU, where torch has no
+    FlexAttention backward and a compile costs more than it saves."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention if device.type == "cpu" else compiled_flex()
 
 
 def packed_flex_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -138,12 +173,20 @@ def packed_flex_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if dropout and module.training:
         raise ValueError(f"model.llm.packed_attention=flex: FlexAttention has no attention dropout, the LLM has {dropout}; "
                          f"use sdpa_per_sample (or auto) for an LLM trained with attention dropout")
+    b, heads, t, d = query.shape
+    length = block_mask.seq_lengths[0]  # the rows end to end, padded (document_block_mask)
+
+    def one_row(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, D] -> [1, H, length, D]
+        flat = x.transpose(0, 1).reshape(1, x.shape[1], b * t, d)
+        return F.pad(flat, (0, 0, 0, length - b * t))
+
+    query, key, value = one_row(query), one_row(key), one_row(value)
     try:
         out = _flex_kernel(query.device)(query, key, value, block_mask=block_mask, scale=scaling,
                                          enable_gqa=query.shape[1] != key.shape[1])
     except NotImplementedError as exc:  # e.g. torch has no FlexAttention backward on CPU
         raise NotImplementedError(f"model.llm.packed_attention=flex: {exc} Use auto or sdpa_per_sample here.") from exc
-    return out.transpose(1, 2).contiguous(), None
+    return out[0, :, : b * t].reshape(heads, b, t, d).permute(1, 2, 0, 3).contiguous(), None
 
 
 def register() -> str:

@@ -7,14 +7,21 @@ the loader's position; rank 0 adds the world-size-independent
 ``trainable_state.pt`` (mmdist.training.trainable_state) so another number of ranks
 can resume. Saves go to ``.tmp-step_N/``, are renamed when complete and only then
 named by ``latest``, so a crash or a full disk never leaves a half checkpoint
-that a resume would pick; the folder must be shared by every rank. The stage export is
-mmdist.export.export_trainable's.
+that a resume would pick; the folder must be shared by every rank. Rank 0 lists every
+file with its size and SHA-256 (``checkpoint_files.json``) before the rename: a resume
+checks the checkpoint against it, and a truncated or corrupted one is passed over for
+the newest complete one, saying so. A storage fault while saving is agreed by every
+rank (:class:`CheckpointStorageError` on all of them), so the trainer can go on. The
+stage export is mmdist.export.export_trainable's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
+import logging
 import os
 import random
 import re
@@ -37,6 +44,7 @@ from mmdist.training.trainable_state import (
 __all__ = [
     "CheckpointError",
     "CheckpointManager",
+    "CheckpointStorageError",
     "capture_rng",
     "restore_rng",
     "TRAINABLE_STATE",
@@ -44,7 +52,17 @@ __all__ = [
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
+FILE_LIST = "checkpoint_files.json"  # every file of a complete checkpoint: relative path -> bytes, sha256
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointStorageError(CheckpointError):
+    """Saving failed on storage (disk full, read-only, vanished folder) on some rank; raised on every rank.
+
+    The partial folder is removed and ``latest`` still names the previous checkpoint.
+    """
 
 
 # Module-level seams: tests replace _world_size to load a checkpoint as if this run had another number of ranks.
@@ -155,6 +173,7 @@ class CheckpointManager:
     def __init__(self, root: str | os.PathLike, keep_last: int = 2):
         self.root = Path(root)
         self.keep_last = keep_last
+        self.resume_notes: list[str] = []  # what resolve_resume passed over, for the run's log
 
     @staticmethod
     def tag(step: int) -> str:
@@ -199,26 +218,29 @@ class CheckpointManager:
     def save(self, engine: Any, step: int, client_state: dict) -> Path:
         """Write checkpoint ``step`` on every rank (collective); returns its final path.
 
-        A storage fault (disk full, read-only or vanished folder) raises
-        :class:`CheckpointError` naming the folder and the errno; the partial
-        ``.tmp-`` folder is removed and ``latest`` still names the previous
+        A storage fault (disk full, read-only or vanished folder) on any rank raises
+        :class:`CheckpointStorageError` on every rank, naming the folder and the errno;
+        the partial ``.tmp-`` folder is removed and ``latest`` still names the previous
         checkpoint, untouched.
         """
         name = self.tag(step)
         tmp = self.root / (TMP_PREFIX + name)
         rank = dist.rank()
-        if rank == 0:
-            with self._storage_faults(name, tmp):
-                self.root.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
         import torch
 
-        with self._storage_faults(name, tmp):
+        def prepare() -> None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+        self._agree(_storage_fault_of(prepare) if rank == 0 else None, name, tmp)
+        # collective, so before any write: a rank whose write fails must not leave the others waiting inside it
+        # (stand-in engines of tests have no optimizer: nothing to gather)
+        full_engine = hasattr(engine, "optimizer") and hasattr(engine, "module")
+        consolidated = gather_trainable_state(engine) if full_engine else None
+
+        def write() -> None:
             with _frozen_aliases_excluded(engine):
                 engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False, exclude_frozen_parameters=True)
-            # collective: every rank, before rank 0 writes (stand-in engines of tests have no optimizer: nothing to gather)
-            consolidated = gather_trainable_state(engine) if hasattr(engine, "optimizer") and hasattr(engine, "module") else None
             if rank == 0 and consolidated is not None:
                 torch.save(consolidated, str(tmp / TRAINABLE_STATE) + ".part")
                 os.replace(str(tmp / TRAINABLE_STATE) + ".part", tmp / TRAINABLE_STATE)
@@ -230,14 +252,35 @@ class CheckpointManager:
             os.replace(str(target) + ".part", target)
             if self.fail_after_engine_save is not None:
                 type(self).fail_after_engine_save(step)
-        dist.barrier()
+
+        self._agree(_storage_fault_of(write), name, tmp)
         _require_shared_folder(tmp)  # collective
         final = self.root / name
-        if rank == 0:
-            with self._storage_faults(name, tmp):
-                self._publish(tmp, final)
-        dist.barrier()
+
+        def publish() -> None:
+            _write_file_list(tmp, step)
+            self._publish(tmp, final)
+
+        self._agree(_storage_fault_of(publish) if rank == 0 else None, name, tmp)
         return final
+
+    def _agree(self, fault: Optional[BaseException], name: str, tmp: Path) -> None:
+        """Every rank learns whether any rank's storage failed, and then all raise (collective: a barrier).
+
+        The error carries the first failing rank's cause; rank 0 removes the partial folder.
+        """
+        message = self._fault_message(fault, name, tmp) if fault is not None else None
+        if dist.world_size() > 1:
+            reports = dist.all_gather_object(message)
+            failed = [(r, m) for r, m in enumerate(reports) if m is not None]
+            if not failed:
+                return
+            message = message or f"{failed[0][1]} (on rank {failed[0][0]})"
+        elif message is None:
+            return
+        if dist.rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a half-written save must not fill a full disk further
+        raise CheckpointStorageError(message) from fault
 
     def _publish(self, tmp: Path, final: Path) -> None:
         """Rename the finished ``.tmp-`` folder into place, then point ``latest`` at it, then prune."""
@@ -257,21 +300,12 @@ class CheckpointManager:
             shutil.rmtree(retired, ignore_errors=True)
         self._prune(keep=final)
 
-    @contextlib.contextmanager
-    def _storage_faults(self, name: str, tmp: Path) -> Iterator[None]:
-        """Turn a failed write into an error that says where, why, and that the previous checkpoint is safe."""
-        try:
-            yield
-        except Exception as exc:
-            if not _is_storage_fault(exc):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # a half-written save must not fill a full disk further
-            raise CheckpointError(
-                f"saving checkpoint {name} into {self.root} failed: {_describe_fault(exc)}; {_free_space(self.root)}. "
+    def _fault_message(self, exc: BaseException, name: str, tmp: Path) -> str:
+        """What failed where, why, that the previous checkpoint is safe, and what to do."""
+        return (f"saving checkpoint {name} into {self.root} failed: {_describe_fault(exc)}; {_free_space(self.root)}. "
                 f"The partial folder {tmp.name} was removed. {self._previous_state()} "
                 f"Free space or make {self.root} writable (or set run_dir elsewhere), then restart: the run resumes "
-                "from the latest complete checkpoint."
-            ) from exc
+                "from the latest complete checkpoint.")
 
     def _previous_state(self) -> str:
         pointer = self.root / LATEST
@@ -290,15 +324,40 @@ class CheckpointManager:
     # -- resuming ---------------------------------------------------------
 
     def resolve_resume(self, resume: str) -> Optional[Path]:
-        """The checkpoint to resume from for ``checkpoint.resume`` = 'auto' | 'never' | a path."""
+        """The checkpoint to resume from for ``checkpoint.resume`` = 'auto' | 'never' | a path.
+
+        'auto' takes the one ``latest`` names if it is whole (:func:`damage`), else the newest
+        complete one before it; each one passed over is logged and kept in ``resume_notes``.
+        A path given by hand must be whole.
+        """
+        self.resume_notes = []
         if resume == "never":
             return None
-        if resume == "auto":
-            return self.latest()
-        path = Path(resume)
-        if not path.is_dir():
-            raise CheckpointError(f"checkpoint.resume={resume!r}: no such checkpoint folder")
-        return path
+        if resume != "auto":
+            path = Path(resume)
+            if not path.is_dir():
+                raise CheckpointError(f"checkpoint.resume={resume!r}: no such checkpoint folder")
+            problem = damage(path)
+            if problem:
+                raise CheckpointError(f"checkpoint.resume={resume!r}: the checkpoint is damaged: {problem}. Name an "
+                                      "earlier one, or checkpoint.resume=auto to take the newest complete one")
+            return path
+        latest = self.latest()
+        if latest is None:
+            return None
+        newest = _step_of(latest)
+        skipped = []
+        for path in [latest, *(p for p in reversed(self.complete()) if _step_of(p) < newest)]:
+            problem = damage(path)
+            if problem is None:
+                if skipped:
+                    self.resume_notes.append(f"[mmdist] passed over damaged checkpoint(s) {'; '.join(skipped)}: "
+                                             f"resuming from {path.name}, the newest complete one")
+                    log.warning("%s", self.resume_notes[-1])
+                return path
+            skipped.append(f"{path.name} ({problem})")
+        raise CheckpointError(f"no complete checkpoint to resume in {self.root}: {'; '.join(skipped)}. Set "
+                              "checkpoint.resume=never to start over (or restore the files)")
 
     def load(self, engine: Any, path: Path) -> dict:
         """Load the DeepSpeed state and this rank's client state from ``path`` (collective).
@@ -368,6 +427,63 @@ class CheckpointManager:
         client = dict(states[min(dist.rank(), saved_world - 1)])
         client.update(saved_world_size=saved_world, client_states=states)
         return client
+
+
+def _step_of(path: Path) -> int:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def _storage_fault_of(action: Callable[[], None]) -> Optional[BaseException]:
+    """Run ``action``; a storage fault is returned (for the ranks to agree on), any other error raised as it is."""
+    try:
+        action()
+    except Exception as exc:
+        if not _is_storage_fault(exc):
+            raise
+        return exc
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_file_list(folder: Path, step: int) -> None:
+    """Every file of the finished ``folder`` with its size and SHA-256, read back from storage (rank 0)."""
+    files = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != FILE_LIST}
+    write_text_atomic(folder / FILE_LIST, json.dumps({"step": step, "files": files}, indent=1))
+
+
+def damage(path: Path) -> Optional[str]:
+    """What is wrong with checkpoint ``path`` (a missing, truncated or changed file), or None when it is whole.
+
+    A checkpoint written before file lists were kept is checked for its client states only.
+    """
+    listing = path / FILE_LIST
+    if not listing.is_file():
+        if not any(path.glob("client_state_rank*.pt")):
+            return "no client_state_rank*.pt (not a complete mmdist checkpoint)"
+        return None
+    try:
+        files = json.loads(listing.read_text())["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        return f"{FILE_LIST} is unreadable ({exc})"
+    for name, want in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            return f"{name} has {size:,} bytes, {want['bytes']:,} were written (truncated)"
+        if _sha256(file) != want["sha256"]:
+            return f"{name} differs from what was written (its SHA-256 changed: corrupted)"
+    return None
 
 
 def _is_storage_fault(exc: BaseException) -> bool:

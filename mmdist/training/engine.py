@@ -25,6 +25,7 @@ from mmdist.models.gather import null_gather
 from mmdist.precision import concrete
 from mmdist.training import dist
 from mmdist.training.ds_config import deepspeed_config, total_steps
+from mmdist.training.oom import engine_build_guard
 from mmdist.training.optimizer import build_optimizer_groups
 from mmdist.training.teardown import release_deepspeed
 
@@ -155,14 +156,17 @@ def build_engine(
     ``HfDeepSpeedConfig`` alive and inside ``deepspeed.zero.Init``, so every
     parameter is partitioned as it is created or loaded. The caller ends with
     :meth:`EngineBundle.close`; when building fails, DeepSpeed's state is
-    released here (:func:`release_deepspeed`) before the error propagates.
+    released here (:func:`release_deepspeed`) before the error propagates; running out
+    of device memory raises :class:`~mmdist.oom.OutOfMemoryStop` with the model's size and
+    the settings that shrink it.
     """
     try:
         if cfg.engine.zero_stage == "auto":  # callers other than the trainer (benchmarks, notebooks): resolve here
             from mmdist.plan.auto import resolve_zero_stage
 
             cfg = resolve_zero_stage(cfg, world_size or dist.world_size(), default_device())[0]
-        return _build_engine(concrete(cfg), world_size, model_builder)
+        with engine_build_guard(cfg, world_size or dist.world_size()):  # out of memory: a message, not a traceback
+            return _build_engine(concrete(cfg), world_size, model_builder)
     except BaseException:
         release_deepspeed()
         raise

@@ -5,9 +5,9 @@ the resolved config, build the engine and the loaders, resume, step until the bu
 is spent (logging, evaluating, checkpointing), then the last checkpoint, the export
 and a clean teardown. Preemption signals only set a flag that all ranks agree on
 after each step (docs/operations.md); a watchdog is beaten after every step.
-Running out of device memory ends the run with :class:`~mmdist.training.oom.OutOfMemoryStop`:
-where it ran out, the planner's largest micro-batch, the settings to change
-(``mmdist train`` exits with :data:`~mmdist.training.oom.OOM_EXIT`).
+Running out of device memory (building the engine, in a step, an evaluation or the export) ends
+the run with :class:`~mmdist.training.oom.OutOfMemoryStop`: where it ran out, the sizes, the
+settings to change (``mmdist train`` exits with :data:`~mmdist.training.oom.OOM_EXIT`).
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ from mmdist.hardware import peak_flops
 from mmdist.models.freeze import param_table
 from mmdist.precision import precision_lines
 from mmdist.training import dist, preemption
-from mmdist.training.checkpoint import CheckpointManager, capture_rng
+from mmdist.training.checkpoint import CheckpointManager, CheckpointStorageError, capture_rng
 from mmdist.training.ds_config import fit_micro_batch
 from mmdist.training.engine import build_engine
 from mmdist.training.metrics import WARMUP_STEPS, FlopCount, MetricsLogger, Throughput
-from mmdist.training.oom import OutOfMemoryStop, oom_advice
+from mmdist.training.oom import OutOfMemoryStop, evaluation_guard, export_guard, oom_advice
 from mmdist.training.run_setup import (
     Run,
+    check_run_dir,
     compute_dtype,
     default_loader_builder,
     resolve_precision_agreed,
@@ -81,6 +82,7 @@ def train(
         # 1. setup: the process group, the run directory, the engine, the data
         env = dist.init(backend=cfg.engine.backend)
         teardown.callback(dist.shutdown)
+        check_run_dir(cfg, env.rank)  # a read-only folder or a full disk is refused before any work
         flag = preemption.install()  # from here on SIGUSR1/SIGTERM only set a flag
         teardown.callback(flag.uninstall)
         dog = Watchdog.from_config(cfg.watchdog, rank=env.rank, run_dir=cfg.run_dir).start()
@@ -135,7 +137,7 @@ def train(
             if _due(cfg.train.eval_every, state.step) and state.step < run.total_steps:
                 _evaluate_and_log(run, state.step)
             if _due(cfg.checkpoint.save_every, state.step):
-                _save(run, state)
+                _save(run, state, may_fail=True)  # a full disk: a warning, and the next save tries again
 
         # 4. the end: a final checkpoint, the last evaluation, the export, the summary
         return _finish(run, state, time.perf_counter() - started)
@@ -271,16 +273,28 @@ def _phase(run: Run, name: str) -> Any:
     return run.watchdog.phase(name) if run.watchdog is not None else contextlib.nullcontext()
 
 
+def _evaluate_guarded(run: Run, step: int) -> Optional[dict]:
+    """:func:`_evaluate` under the watchdog's longer limit; out of memory there stops the run with a message."""
+    with _phase(run, "evaluation"), evaluation_guard(run.cfg, step, world_size=run.world_size,
+                                                     last_checkpoint=run.last_checkpoint or run.resumed_from,
+                                                     checkpoint_root=run.checkpoints.root):
+        return _evaluate(run)
+
+
 def _evaluate_and_log(run: Run, step: int) -> None:
-    with _phase(run, "evaluation"):
-        run.last_eval = _evaluate(run)
+    run.last_eval = _evaluate_guarded(run, step)
     if run.last_eval is not None:
         run.logger.log(step, run.last_eval, prefix="eval")
         run.logger.print(f"[mmdist] step {step}: eval loss {run.last_eval['loss']:.4f}")
 
 
-def _save(run: Run, state: TrainState) -> None:
-    """A checkpoint of this step: the engine, the loop state, this rank's RNG and data position (collective)."""
+def _save(run: Run, state: TrainState, *, may_fail: bool = False) -> None:
+    """A checkpoint of this step: the engine, the loop state, this rank's RNG and data position (collective).
+
+    With ``may_fail`` (the periodic saves) a storage fault is a warning and training goes on: the previous
+    checkpoint is intact and the next save tries again. The saves that end a run (the last step, a signal)
+    cannot be skipped: their CheckpointStorageError stops the run with its message.
+    """
     client = dict(
         state.state_dict(),
         world_size=run.world_size,
@@ -288,7 +302,16 @@ def _save(run: Run, state: TrainState) -> None:
         loader=run.loader.state_dict() if hasattr(run.loader, "state_dict") else None,
     )
     with _phase(run, "saving a checkpoint"):
-        run.last_checkpoint = run.checkpoints.save(run.bundle.engine, state.step, client)
+        try:
+            run.last_checkpoint = run.checkpoints.save(run.bundle.engine, state.step, client)
+        except CheckpointStorageError as exc:
+            if not may_fail:
+                raise
+            run.logger.print(f"[mmdist] warning: step {state.step}: {exc} Training goes on without this checkpoint "
+                             f"(the work since {run.last_checkpoint or run.resumed_from or 'the start'} is not saved "
+                             f"yet); the next save, {run.cfg.checkpoint.save_every} steps on, tries again.")
+            run.logger.log(state.step, {"checkpoint_failed": 1})
+            return
     run.logger.print(f"[mmdist] checkpoint {run.last_checkpoint}")
 
 
@@ -314,12 +337,13 @@ def _finish(run: Run, state: TrainState, seconds: float) -> dict:
     elif run.last_checkpoint is None and resumed is not None:
         run.last_checkpoint = resumed  # nothing new since the resume: the loaded checkpoint is the last one
     if finished:
-        with _phase(run, "evaluation"):
-            run.last_eval = _evaluate(run) or run.last_eval
+        run.last_eval = _evaluate_guarded(run, state.step) or run.last_eval
         if run.last_eval is not None:
             run.logger.log(state.step, run.last_eval, prefix="eval")
         if cfg.checkpoint.export:
-            with _phase(run, "export"):
+            with _phase(run, "export"), export_guard(cfg, run.bundle.model, state.step,
+                                                     last_checkpoint=run.last_checkpoint,
+                                                     checkpoint_root=run.checkpoints.root):
                 export_dir = export_trainable(run.bundle.model, run.bundle.read_gather, run.run_dir / "export",
                                               fp32_master=cfg.engine.precision != "fp32")
             if export_dir is not None:

@@ -1,11 +1,13 @@
 """Out of device memory during training: a message a person can act on, not a traceback.
 
-The step raises :class:`~mmdist.training.step.StepOutOfMemoryError` (which step,
-which micro-batch, the device's allocated/reserved/total memory); the loop turns
-it into :class:`OutOfMemoryStop` with :func:`oom_advice`: the planner's largest
-micro-batch that fits these settings on this device (mmdist.plan), and the
-settings that lower memory. ``mmdist train`` prints it and exits with
-:data:`OOM_EXIT`. No checkpoint is written on the way out: the last one is intact.
+The trainer's phases in the shape of mmdist.oom's message: the engine build
+(:func:`engine_build_guard`), the step, the evaluation (:func:`evaluation_guard`) and the
+export (:func:`export_guard`). The step raises
+:class:`~mmdist.training.step.StepOutOfMemoryError` (which step, which micro-batch, the
+device's memory then); the loop turns it into :class:`OutOfMemoryStop` with
+:func:`oom_advice`: the planner's largest micro-batch that fits these settings on this
+device (mmdist.plan), and the settings that lower memory. ``mmdist train`` prints it
+and exits with :data:`OOM_EXIT`. No checkpoint is written on the way out: the last one is intact.
 With several ranks, the rank that ran out exits with OOM_EXIT and the launcher
 (``srun --kill-on-bad-exit``, torchrun) ends the others, which wait in the step's
 next collective (else the watchdog ends them with 124).
@@ -13,24 +15,21 @@ next collective (else the watchdog ends them with 124).
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
 from mmdist.config import RunConfig
+from mmdist.oom import OOM_EXIT, OutOfMemoryStop, human_count, oom_guard, oom_message, parameter_count
 from mmdist.training.step import StepOutOfMemoryError
 
-__all__ = ["OOM_EXIT", "OutOfMemoryStop", "oom_advice", "planner_line"]
+__all__ = ["OOM_EXIT", "OutOfMemoryStop", "engine_build_guard", "evaluation_guard", "export_guard", "oom_advice",
+           "planner_line"]
 
-#: Exit code of a run that ran out of device memory: distinct from a crash (1), a bad config (2),
-#: a preempted run (75, requeued) and the watchdog (124), so scripts never requeue a run that
-#: would run out again. 76 is free in sysexits.h's range (EX_PROTOCOL is unused by mmdist).
-OOM_EXIT = 76
-
-
-class OutOfMemoryStop(RuntimeError):
-    """The run ran out of device memory; the message says where and what to change."""
+# the planner's module names (mmdist.plan.model_shapes) -> the settings section of that module
+_SECTION = {"vision_encoder": "model.vision", "text_encoder": "model.text", "llm": "model.llm"}
 
 
 def _device_budget(device: torch.device) -> Optional[int]:
@@ -85,11 +84,88 @@ def oom_advice(cfg: RunConfig, error: StepOutOfMemoryError, *, world_size: int, 
         settings.insert(0, "model.llm.gradient_checkpointing=true (activations of one layer at a time; ~1/3 more compute)")
     if cfg.stage == "fuse":
         settings.append(f"data.max_len={cfg.data.max_len} -> shorter rows (activation memory grows with it)")
-    lines = [
-        f"[mmdist] {error}",
-        f"[mmdist] last checkpoint: {last_checkpoint or f'none yet in {checkpoint_root}'} (intact: nothing was written after it)",
-        f"[mmdist] {planner_line(cfg, world_size, _device_budget(device))}",
-        "[mmdist] settings that lower memory: " + "; ".join(settings),
-        f"[mmdist] exit code {OOM_EXIT}: change a setting and start the same command again to resume",
-    ]
-    return "\n".join(lines)
+    phase = (f"the training step (step {error.step}, micro-batch {error.micro_batch} of {error.accumulation}, "
+             f"in the {error.phase})")
+    sizes = {"micro-batch": cfg.train.micro_batch_size, "sequence": cfg.data.max_len,
+             "accumulation": error.accumulation, "world size": world_size, "ZeRO stage": cfg.engine.zero_stage}
+    notes = [_checkpoint_note(last_checkpoint, checkpoint_root), planner_line(cfg, world_size, _device_budget(device))]
+    return oom_message(phase, sizes=sizes, settings=settings, device=device, notes=notes, memory=error.memory)
+
+
+def _checkpoint_note(last_checkpoint: Optional[Path], checkpoint_root: Path) -> str:
+    where = last_checkpoint or f"none yet in {checkpoint_root}"
+    return f"last checkpoint: {where} (intact: nothing was written after it)"
+
+
+def engine_build_guard(cfg: RunConfig, world_size: int) -> AbstractContextManager:
+    """Building the model and its DeepSpeed engine: the planned model size, and the settings that shrink what a rank
+    holds (asked of mmdist.plan only when memory ran out)."""
+    planned: list = []
+
+    def shapes() -> list:
+        if not planned:
+            from mmdist.plan import model_shapes
+
+            try:
+                planned.append(model_shapes(cfg))
+            except Exception:  # a model the planner cannot size: the settings below still apply
+                planned.append([])
+        return planned[0]
+
+    def model() -> Optional[str]:
+        parts = shapes()
+        if not parts:
+            return None
+        each = ", ".join(f"{m.name} {human_count(m.params)} {m.dtype}{' trained' if m.trainable else ''}"
+                         for m in parts)
+        return f"{human_count(sum(m.params for m in parts))} parameters ({each})"
+
+    def settings() -> list[str]:
+        zero = cfg.engine.zero_stage
+        out = []
+        if zero != 3 and world_size > 1:
+            out.append(f"engine.zero_stage={zero} -> 3 (each of the {world_size} ranks builds and keeps 1/{world_size} "
+                       "of the frozen weights)")
+        if not cfg.engine.offload_params:
+            out.append("engine.zero_stage=3 with engine.offload_params=true (parameters in CPU memory)")
+        for m in shapes():
+            section = _SECTION.get(m.name)
+            if section is None or m.trainable:
+                continue
+            if m.dtype == "fp32":
+                out.append(f"{section}.dtype=fp32 -> bf16 (half the bytes a frozen weight)")
+            quantize = str(getattr(getattr(cfg.model, section.split(".")[1], None), "quantize", "none"))
+            if zero != 3 and quantize == "none":
+                out.append(f"{section}.quantize=int8 or nf4 (frozen weights in 1 or 1/2 byte; ZeRO 0-2)")
+        if not cfg.engine.offload_optimizer:
+            out.append("engine.offload_optimizer=true (optimizer states in CPU memory)")
+        return out
+
+    sizes = {"model": model, "world size": world_size, "ZeRO stage": cfg.engine.zero_stage,
+             "precision": cfg.engine.precision}
+    return oom_guard("the engine build (loading the model, wrapping it in DeepSpeed)", sizes=sizes, settings=settings)
+
+
+def evaluation_guard(cfg: RunConfig, step: int, *, world_size: int, last_checkpoint: Optional[Path],
+                     checkpoint_root: Path) -> AbstractContextManager:
+    """The trainer's held-out evaluation at ``step``: its batch and sequence, and the settings that shrink them."""
+    settings = [f"train.micro_batch_size={cfg.train.micro_batch_size} -> smaller (held-out batches have as many rows; "
+                "the global batch stays)",
+                f"data.max_len={cfg.data.max_len} -> shorter rows"]
+    if cfg.train.eval_metrics:
+        settings.append("train.eval_metrics=false (greedy answers keep a KV cache of every row; `mmdist eval` on the "
+                        "export measures them after the run)")
+    sizes = {"batch": cfg.train.micro_batch_size, "sequence": cfg.data.max_len, "batches": cfg.train.eval_batches,
+             "world size": world_size, "ZeRO stage": cfg.engine.zero_stage}
+    return oom_guard(f"the evaluation at step {step}", sizes=sizes, settings=settings,
+                     notes=[_checkpoint_note(last_checkpoint, checkpoint_root)])
+
+
+def export_guard(cfg: RunConfig, model: Any, step: int, *, last_checkpoint: Optional[Path],
+                 checkpoint_root: Path) -> AbstractContextManager:
+    """The export at the end of training: gathering the trainable weights whole (every rank, under ZeRO-3)."""
+    sizes = {"trainable": lambda: parameter_count(model, trainable_only=True), "ZeRO stage": cfg.engine.zero_stage}
+    notes = [_checkpoint_note(last_checkpoint, checkpoint_root),
+             "start the same command again to retry the export from that checkpoint"]
+    return oom_guard(f"the export of the trainable weights at step {step}", sizes=sizes, notes=notes,
+                     settings=["checkpoint.export=false (finish without the export; the checkpoint holds the weights)"])

@@ -8,8 +8,12 @@ each step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import os
 import random
+import shutil
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +27,7 @@ from mmdist.atomic import write_text_atomic
 from mmdist.config import ConfigError, RunConfig, dump_config
 from mmdist.hardware import default_device
 from mmdist.precision import precision_lines, resolve_precision
+from mmdist.settings import Problem
 from mmdist.training import dist
 from mmdist.training.checkpoint import CheckpointError, CheckpointManager, restore_rng
 from mmdist.training.engine import EngineBundle
@@ -31,8 +36,13 @@ from mmdist.training.metrics import MetricsLogger, Throughput
 from mmdist.training.step import TrainState
 from mmdist.training.watchdog import Watchdog
 
-__all__ = ["Run", "compute_dtype", "default_loader_builder", "resolve_precision_agreed", "resolve_zero_stage_agreed", "resume",
-           "setup", "write_run_dir"]
+__all__ = ["Run", "check_run_dir", "compute_dtype", "default_loader_builder", "resolve_precision_agreed",
+           "resolve_zero_stage_agreed", "resume", "setup", "write_run_dir"]
+
+PROBE_BYTES = 1 << 20  # what each rank writes (and removes) to show the run folder takes data
+# A checkpoint holds each trainable parameter's weight (<= 4 bytes), DeepSpeed's fp32 master and two Adam moments
+# (12) and the consolidated copy of those three (12, mmdist.training.trainable_state): Adam's state, not a fit.
+CHECKPOINT_BYTES_PER_TRAINABLE = 4 + 12 + 12
 
 
 def default_loader_builder(cfg: RunConfig, processors: Any, split: str, rank: int, world_size: int) -> Iterable:
@@ -158,6 +168,56 @@ def write_run_dir(cfg: RunConfig, rank: int, precision: Sequence = (), notes: Se
         write_text_atomic(path, "".join(f"# {line}\n" for line in notes) + path.read_text())
 
 
+def check_run_dir(cfg: RunConfig, rank: int) -> None:
+    """Refuse, before any work, a run folder that some rank cannot write or whose disk cannot hold a checkpoint.
+
+    Every rank writes (and removes) a small file in ``run_dir/checkpoints`` (each rank
+    saves its part of a checkpoint there), then all agree (collective): a read-only
+    folder or a full disk raises the same :class:`ConfigError` (key ``run_dir``) everywhere.
+    """
+    folder = Path(cfg.run_dir) / "checkpoints"
+    problem = _storage_problem(folder, rank, _checkpoint_bytes(cfg))
+    found = [problem] if dist.world_size() == 1 else [f"rank {r}: {p}" for r, p in
+                                                       enumerate(dist.all_gather_object(problem)) if p]
+    if any(found):
+        raise ConfigError([Problem("run_dir", "; ".join(p for p in found if p))])
+
+
+def _checkpoint_bytes(cfg: RunConfig) -> Optional[int]:
+    """About how large one checkpoint of this model is (from the planner's parameter counts); None if unknown."""
+    try:
+        from mmdist.plan import model_shapes
+
+        trainable = sum(m.params for m in model_shapes(cfg) if m.trainable)
+    except Exception:  # a model the planner cannot size: the write probe still runs
+        return None
+    return trainable * CHECKPOINT_BYTES_PER_TRAINABLE
+
+
+def _storage_problem(folder: Path, rank: int, need: Optional[int]) -> Optional[str]:
+    """Why ``folder`` cannot take this rank's checkpoint files, or None."""
+    probe = folder / f".write-probe-rank{rank:05d}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as fh:
+            fh.write(bytes(PROBE_BYTES))
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        why = errno.errorcode.get(exc.errno or 0, "?")
+        return (f"{folder} cannot be written ([Errno {exc.errno} {why}] {exc.strerror or exc}): make it writable, "
+                "free space, or set run_dir to a folder on another file system; nothing was started")
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    free = shutil.disk_usage(folder).free
+    if need is not None and free < need:
+        return (f"{free / 2**20:,.1f} MiB free on the file system of {folder}, and one checkpoint of this model needs "
+                f"about {need / 2**20:,.1f} MiB (trainable parameters x {CHECKPOINT_BYTES_PER_TRAINABLE} bytes): free "
+                "space or set run_dir elsewhere; nothing was started")
+    return None
+
+
 def setup(cfg: RunConfig, env: DistEnv, bundle: EngineBundle, loader_builder: Callable) -> Run:
     """The training loader, the checkpoint folder (stale temporaries removed), this rank's seeds."""
     loader = loader_builder(cfg, bundle.model.processors, "train", env.rank, env.world_size)
@@ -176,6 +236,7 @@ def resume(run: Run) -> TrainState:
     run.resumed_from = _agreed_resume(run.checkpoints.resolve_resume(run.cfg.checkpoint.resume))
     if run.resumed_from is None:
         return state
+    damaged = "\n".join(run.checkpoints.resume_notes)  # damaged checkpoints passed over: said first
     client = run.checkpoints.load(run.bundle.engine, run.resumed_from)
     state.load_state_dict(client)
     elastic = client.get("saved_world_size") is not None  # written by another number of ranks
@@ -203,6 +264,8 @@ def resume(run: Run) -> TrainState:
                            f"{client['saved_world_size']}: trainable state from its consolidated copy"
                            + ("; data: the rest of the epoch, merged from every saved rank's record"
                               if hasattr(run.loader, "load_elastic_state") else ""))
+    if damaged:
+        run.logger_note = damaged + (f"\n{run.logger_note}" if run.logger_note else "")
     return state
 
 

@@ -27,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 from mmdist.models.contract import BatchCounts, TrainableModel
+from mmdist.oom import memory_summary
 from mmdist.training import dist
 
 __all__ = ["Batches", "NonFiniteLossError", "PhaseTimer", "StepOutOfMemoryError", "TrainState", "float_dtype", "phases",
@@ -43,17 +44,6 @@ class StepOutOfMemoryError(RuntimeError):
     def __init__(self, step: int, micro_batch: int, accumulation: int, phase: str, memory: str):
         self.step, self.micro_batch, self.accumulation, self.phase, self.memory = step, micro_batch, accumulation, phase, memory
         super().__init__(f"out of memory at step {step}, micro-batch {micro_batch} of {accumulation}, in the {phase}: {memory}")
-
-
-def memory_summary(device: Any) -> str:
-    """The device, and its allocated / reserved / total memory (GiB) where torch counts them."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_available():
-        gib = 2**30
-        total = torch.cuda.get_device_properties(device).total_memory
-        return (f"{torch.cuda.get_device_name(device)} ({device}) allocated {torch.cuda.memory_allocated(device) / gib:.2f} GiB, "
-                f"reserved {torch.cuda.memory_reserved(device) / gib:.2f} GiB, total {total / gib:.2f} GiB")
-    return f"{device} (torch keeps no allocated/reserved counters for this device)"
 
 
 @dataclass

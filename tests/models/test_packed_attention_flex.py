@@ -16,7 +16,12 @@ from helpers.tiny import make_cfg, make_model, sample
 
 from mmdist.models.fused import FusedVLM, block_causal_mask
 from mmdist.models.llm import LLMConfig, load_llm
-from mmdist.models.packed_attention import document_block_mask, spans_from_sequence_ids, use_packed_attention
+from mmdist.models.packed_attention import (
+    document_block_mask,
+    flex_length,
+    spans_from_sequence_ids,
+    use_packed_attention,
+)
 from mmdist.settings import ConfigError
 
 pytest.importorskip("torch.nn.attention.flex_attention")
@@ -139,9 +144,15 @@ def test_document_block_mask_is_the_dense_block_causal_mask():
     from torch.nn.attention.flex_attention import create_mask
 
     block_mask = document_block_mask(SEQUENCE_IDS)
-    t = SEQUENCE_IDS.shape[1]
-    dense = create_mask(block_mask.mask_mod, SEQUENCE_IDS.shape[0], 1, t, t, device="cpu")
-    assert torch.equal(dense, block_causal_mask(SEQUENCE_IDS, torch.float32) == 0)
+    b, t = SEQUENCE_IDS.shape
+    length = flex_length(b * t)  # the rows end to end, padded to 128 x a power of two
+    assert block_mask.seq_lengths == (length, length) == (128, 128)
+    dense = create_mask(block_mask.mask_mod, 1, 1, length, length, device="cpu")[0, 0]
+    expected = torch.eye(length, dtype=torch.bool)  # padding sees itself; no row sees another
+    rows = block_causal_mask(SEQUENCE_IDS, torch.float32) == 0
+    for r in range(b):
+        expected[r * t:(r + 1) * t, r * t:(r + 1) * t] = rows[r, 0]
+    assert torch.equal(dense, expected)
 
 
 def packed_batch(model: FusedVLM) -> dict:

@@ -237,8 +237,9 @@ def test_resume_with_another_world_size_is_refused(tmp_path, monkeypatch):
     _train(toy_config(str(run), train={"max_steps": 2}, checkpoint={"save_every": 2}))
     import mmdist.training.checkpoint as checkpoint
 
-    # a checkpoint from before trainable_state.pt (the world-size-independent copy) existed
+    # a checkpoint from before trainable_state.pt (the world-size-independent copy) and the file list existed
     (run / "checkpoints" / "step_000002" / checkpoint.TRAINABLE_STATE).unlink()
+    (run / "checkpoints" / "step_000002" / checkpoint.FILE_LIST).unlink()
     monkeypatch.setattr(checkpoint, "_world_size", lambda: 2)  # as if relaunched on 2 ranks
     with pytest.raises(CheckpointError, match=r"written by 1 rank\(s\) and this run has 2, and it has no trainable_state.pt"):
         _train(toy_config(str(run), train={"max_steps": 4}, checkpoint={"save_every": 2}))

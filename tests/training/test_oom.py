@@ -24,7 +24,8 @@ def test_oom_in_step_two_is_a_message_and_the_checkpoint_survives(tmp_path):
     with pytest.raises(oom.OutOfMemoryStop) as info:
         train(cfg, model_builder=toy_model_builder, loader_builder=toy_loader_builder(hooks={"oom": {"rank": 0, "batch": 3}}))
     message = str(info.value)
-    assert "out of memory at step 2, micro-batch 2 of 2, in the forward" in message
+    assert "out of memory in the training step (step 2, micro-batch 2 of 2, in the forward)" in message
+    assert "sizes: micro-batch 2, sequence" in message and "world size 1, ZeRO stage 3" in message
     assert "cpu (torch keeps no allocated/reserved counters" in message  # on a GPU: allocated / reserved / total GiB
     assert f"last checkpoint: {run / 'checkpoints' / 'step_000001'}" in message
     assert "planner:" in message and "mmdist plan --config" in message  # no GPU total to plan against: the command
