@@ -185,7 +185,7 @@ def worker(config: str, overrides: list[str], out_dir: str) -> None:
         cfg = load_config(config, overrides)
         bundle = build_engine(cfg)
         engine, model = bundle.engine, bundle.model
-        if cfg.stage != "fuse":
+        if not cfg.stage.builds("llm"):
             raise SystemExit("memory_per_rank measures the fuse stage (stage 2); give a fuse config")
         engine.train()
         accumulation = bundle.ds_config["gradient_accumulation_steps"]

@@ -132,7 +132,7 @@ def tiny_demo(tmp_path_factory):
         return model
 
     def interrupted_stage(cfg):
-        if cfg.stage == "fuse":
+        if cfg.stage.name == "fuse":
             train(cfg, stop_after=2)
             raise KeyboardInterrupt
         return original_train_stage(cfg)

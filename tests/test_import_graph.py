@@ -92,7 +92,8 @@ MODELS = {"mmdist.export", "mmdist.materialize"}
 
 def tier(module: str) -> int:
     """0 core, 1 models, 2 data, 3 training (and the library above the trainer), 4 commands."""
-    if module in CORE or module == "mmdist.config" or module.startswith("mmdist.config.") or module.endswith(".settings"):
+    if (module in CORE or module == "mmdist.config" or module.startswith(("mmdist.config.", "mmdist.stages"))
+            or module.endswith(".settings")):
         return 0
     if module.startswith("mmdist.models.") or module == "mmdist.models" or module in MODELS:
         return 1

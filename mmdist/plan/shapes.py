@@ -54,16 +54,16 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     vision_dim = vdims["hidden"]
     image_tokens = vdims["tokens"]
     text_dim = 0
-    if cfg.stage == "align" or conn.type == "qformer":
+    if cfg.stage.builds("text") or conn.type == "qformer":
         text = cfg.model.text
         tconf = hf_config("model.text", text.name_or_path, text.init_config)
-        if cfg.stage == "align":
+        if cfg.stage.builds("text"):
             params, largest = count_parameters(meta_model(tconf, causal_lm=False))
             out.append(ModuleShape("text_encoder", params, not text.freeze, text.dtype, largest, _text_dims(tconf)))
         text_dim = tconf.hidden_size
 
     stage1_params, stage1_out, image_tokens = _stage1_module(cfg, vision_dim, text_dim, image_tokens)
-    if cfg.stage == "align":
+    if not cfg.stage.builds("llm"):
         out.append(ModuleShape("stage1", stage1_params, True, "fp32", stage1_params,
                                {"tokens": image_tokens, "width": stage1_out, **_resampler_dims(cfg, conn.type == "resampler", vdims)}))
         return out
@@ -156,10 +156,10 @@ def _stage1_module(cfg: RunConfig, vision_dim: int, text_dim: int, image_tokens:
     import torch
 
     conn = cfg.model.connector
-    text_for_module = text_dim if (cfg.stage == "align" or conn.type == "qformer") else None
+    text_for_module = text_dim if (cfg.stage.builds("text") or conn.type == "qformer") else None
     with torch.device("meta"):
         module = build_stage1_module(conn, vision_dim, image_tokens, text_for_module or None)
-    params = count_parameters(module)[0] + (1 if cfg.stage == "align" else 0)
+    params = count_parameters(module)[0] + (1 if cfg.stage.builds("text") else 0)  # the contrastive temperature
     return params, int(module.out_dim), int(module.num_tokens)
 
 

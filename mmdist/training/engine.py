@@ -233,7 +233,7 @@ def _build_engine(cfg: RunConfig, world_size: Optional[int], model_builder: Opti
         with build_device():  # ZeRO 0-2: weights are created (or loaded) on the GPU, never whole on the CPU first
             model = builder(cfg, gather)
 
-    if cfg.stage == "fuse" and cfg.model.llm.gradient_checkpointing:
+    if cfg.stage.llm_checkpointing(cfg.model):
         enable_frozen_gradient_checkpointing(model)
 
     groups = build_optimizer_groups(model, cfg.train)

@@ -169,13 +169,13 @@ def _open_logs(run: Run, state: TrainState) -> None:
         peak, source = 0.0, ""
     if peak:
         logger.print(f"[mmdist] MFU against {peak / 1e12:.3g} TFLOP/s per device x {run.world_size} ({source})")
-    flops = flop_count(bundle.model, cfg.stage, vision_runs=not cfg.data.feature_cache, text_runs=not _cache_holds_text(cfg))
+    flops = flop_count(bundle.model, cfg.stage.name, vision_runs=not cfg.data.feature_cache, text_runs=not _cache_holds_text(cfg))
     run.throughput = Throughput(flops, peak * run.world_size, run.total_steps, start_step=state.step, warmup_steps=WARMUP_STEPS)
 
 
 def _cache_holds_text(cfg: RunConfig) -> bool:
     """True when the run's feature cache stores pooled caption features (stage 1 then never runs the text encoder)."""
-    if not cfg.data.feature_cache or cfg.stage != "align":
+    if not cfg.data.feature_cache or not cfg.stage.builds("text"):
         return False
     from mmdist.data.cache import read_cache_key
 

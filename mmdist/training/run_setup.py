@@ -50,7 +50,7 @@ def compute_dtype(cfg: RunConfig) -> str:
     """
     if cfg.engine.precision != "fp32":
         return cfg.engine.precision
-    return cfg.model.llm.dtype if cfg.stage == "fuse" else cfg.model.vision.dtype
+    return getattr(cfg.model, cfg.stage.heavy_part).dtype
 
 
 @dataclass

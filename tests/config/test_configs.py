@@ -23,7 +23,7 @@ def test_configs_folder_is_not_empty():
 def test_every_shipped_config_validates(path: Path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
-    assert cfg.stage in ("align", "fuse")
+    assert cfg.stage.name in ("align", "fuse")
 
 
 # A minimal valid stage-2 config; each bad case below breaks one thing.
