@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mmdist.training.launch_env import free_port
+from mmdist.launch_env import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -175,8 +175,8 @@ def _batch(model: Any, samples: int, seed: int = 0) -> dict:
 
 def worker(config: str, overrides: list[str], out_dir: str) -> None:
     """One rank: build, one optimizer step (grads counted before it; params and optimizer after it), write JSON."""
+    from mmdist import distributed as dist
     from mmdist.config.run import load_config
-    from mmdist.training import dist
     from mmdist.training.engine import build_engine
 
     env = dist.init(backend="gloo")

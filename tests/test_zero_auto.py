@@ -195,7 +195,7 @@ def test_why_zero0_is_left_out_with_bf16(tmp_path, monkeypatch):
     from helpers.trainer_toy import toy_config, toy_loader_builder, toy_model_builder
     from safetensors.torch import load_file
 
-    from mmdist.config import load_config
+    from mmdist.config.run import load_config
     from mmdist.training.loop import train
 
     cfg = load_config(base=toy_config(str(tmp_path), train={"max_steps": 2}, engine={"zero_stage": 0, "precision": "bf16"}))

@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from mmdist.data import build_loader
+from mmdist import distributed as dist
+from mmdist.data.loader import build_loader
 from mmdist.evaluation import MATCHERS, eval_config, evaluate_model, summary_line
 from mmdist.export import resolve_export_dir
 from mmdist.hardware import default_device
+from mmdist.launch_env import strip_local_rank
 from mmdist.materialize import EVAL_SUBFOLDERS, load_export_model
 from mmdist.stages import Measure
-from mmdist.training import dist
-from mmdist.training.launch_env import strip_local_rank
 
 
 def _output_dir(path: str, model: Any) -> Path:

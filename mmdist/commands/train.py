@@ -11,9 +11,9 @@ import math
 import sys
 from collections.abc import Sequence
 
-from mmdist.config import ConfigError, load_config
+from mmdist.config.run import ConfigError, load_config
+from mmdist.launch_env import strip_local_rank
 from mmdist.training import loop, preemption
-from mmdist.training.launch_env import strip_local_rank
 from mmdist.training.oom import OOM_EXIT, OutOfMemoryStop
 
 __all__ = ["main"]

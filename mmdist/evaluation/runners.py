@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 import torch.distributed as tdist
 
+from mmdist import distributed as dist
 from mmdist import generate
+from mmdist.data.collate import to_device
 from mmdist.data.settings import SourceConfig
 from mmdist.evaluation.metrics import IGNORE_INDEX, RECALL_AT, normalise_answer, retrieval_metrics, score_answer
 from mmdist.stages import Measure, Stage
-from mmdist.training import dist
-from mmdist.training.step import to_device
 
 if TYPE_CHECKING:
     from mmdist.config.run import RunConfig

@@ -18,12 +18,12 @@ from typing import Any, Optional
 
 from torch import nn
 
-from mmdist.config import RunConfig
+from mmdist import distributed as dist
+from mmdist.config.run import RunConfig
 from mmdist.hardware import default_device
 from mmdist.models.contract import TrainableModel
 from mmdist.models.gather import null_gather
 from mmdist.precision import concrete
-from mmdist.training import dist
 from mmdist.training.ds_config import deepspeed_config, total_steps
 from mmdist.training.optimizer import build_optimizer_groups
 from mmdist.training.teardown import release_deepspeed
@@ -119,7 +119,7 @@ class EngineBundle:
     def close(self) -> None:
         """Release what DeepSpeed set up in this process (see :func:`release_deepspeed`); idempotent.
 
-        Call it before ``mmdist.training.dist.shutdown()``: the shm buffer's name holds
+        Call it before ``mmdist.distributed.shutdown()``: the shm buffer's name holds
         the master address and port that shutdown() takes out of the environment.
         """
         self.hf_ds_config = None

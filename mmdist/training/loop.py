@@ -21,12 +21,14 @@ from typing import Any, Optional
 
 import torch
 
-from mmdist.config import RunConfig
+from mmdist import distributed as dist
+from mmdist.config.run import RunConfig
+from mmdist.data.collate import to_device
 from mmdist.export import export_trainable
 from mmdist.hardware import peak_flops
 from mmdist.models.freeze import param_table
 from mmdist.precision import precision_lines
-from mmdist.training import dist, preemption
+from mmdist.training import preemption
 from mmdist.training.checkpoint import CheckpointManager, capture_rng
 from mmdist.training.ds_config import fit_micro_batch
 from mmdist.training.engine import build_engine
@@ -49,7 +51,6 @@ from mmdist.training.step import (
     TrainState,
     float_dtype,
     phases,
-    to_device,
     train_step,
 )
 from mmdist.training.watchdog import Watchdog
@@ -68,7 +69,7 @@ def train(
 
     ``model_builder(cfg, gather)`` and ``loader_builder(cfg, processors, split,
     rank, world_size)`` default to ``mmdist.export.build_run_model`` and
-    ``mmdist.data.build_loader``; tests pass small ones. ``stop_after`` ends the
+    ``mmdist.data.loader.build_loader``; tests pass small ones. ``stop_after`` ends the
     run after that many optimizer steps of the configured schedule (with a
     checkpoint), as a job hitting its time limit would.
 

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from mmdist.config import RunConfig
+from mmdist.config.run import RunConfig
 from mmdist.training.step import StepOutOfMemoryError
 
 __all__ = ["OOM_EXIT", "OutOfMemoryStop", "oom_advice", "planner_line"]

@@ -19,14 +19,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from mmdist import distributed as dist
 from mmdist.atomic import write_text_atomic
-from mmdist.config import ConfigError, RunConfig, dump_config
+from mmdist.config.run import ConfigError, RunConfig, dump_config
 from mmdist.hardware import default_device
+from mmdist.launch_env import DistEnv
 from mmdist.precision import precision_lines, resolve_precision
-from mmdist.training import dist
 from mmdist.training.checkpoint import CheckpointError, CheckpointManager, restore_rng
 from mmdist.training.engine import EngineBundle
-from mmdist.training.launch_env import DistEnv
 from mmdist.training.metrics import MetricsLogger, Throughput
 from mmdist.training.step import TrainState
 from mmdist.training.watchdog import Watchdog
@@ -36,7 +36,7 @@ __all__ = ["Run", "compute_dtype", "default_loader_builder", "resolve_precision_
 
 
 def default_loader_builder(cfg: RunConfig, processors: Any, split: str, rank: int, world_size: int) -> Iterable:
-    from mmdist.data import build_loader
+    from mmdist.data.loader import build_loader
 
     return build_loader(cfg, processors, split, rank, world_size)
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mmdist.commands.config import format_explain
-from mmdist.config import ConfigError, RunConfig, dump_config, load_config
+from mmdist.config.run import ConfigError, RunConfig, dump_config, load_config
 from mmdist.settings import explain
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"

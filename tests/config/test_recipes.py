@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mmdist.config import ConfigError, load_config
 from mmdist.config.recipes import packaged_recipes, recipe_path
+from mmdist.config.run import ConfigError, load_config
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

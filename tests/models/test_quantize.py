@@ -14,8 +14,8 @@ import pytest
 import torch
 from helpers.configs import RECIPES, TEST_OVERRIDES, tiny_run_config
 
-from mmdist.config import ConfigError, load_config
 from mmdist.config.quantization import hf_export_problem
+from mmdist.config.run import ConfigError, load_config
 from mmdist.models import quantize as quantize_mod
 from mmdist.models.build import build_model
 from mmdist.models.freeze import param_table, quantized_kind
@@ -131,8 +131,8 @@ def test_gradients_reach_the_projector_through_a_quantized_llm(method, backend):
 @pytest.mark.parametrize("method,backend", COMBOS)
 def test_quantized_weights_survive_a_bf16_deepspeed_engine_and_its_step(tmp_path, method, backend):
     """A bf16 engine casts every floating parameter, frozen ones too: the packed weights must stay packed and unchanged."""
+    from mmdist import distributed as dist
     from mmdist.precision import resolve_precision
-    from mmdist.training import dist
     from mmdist.training.engine import build_engine
 
     cfg, _ = resolve_precision(recipe("engine.zero_stage=2", "engine.precision=bf16", "engine.torch_adam=true", "train.lr_scheduler=constant",
