@@ -59,9 +59,10 @@ def build_run_encoder(cfg: RunConfig) -> nn.Module:
 
 
 def build_run_model(cfg: RunConfig, gather: Gather = null_gather) -> nn.Module:
-    """The model of run ``cfg``: `build_model` on its parts and, for stage 2 with
-    ``model.connector.stage1_weights``, the stage-1 export checked and loaded. An ``auto`` dtype is
-    resolved for this machine (mmdist.precision.concrete)."""
+    """The model of run ``cfg``: `build_model` on its parts and, for a stage that loads an earlier one's export
+    (``model.connector.stage1_weights``), that export checked and loaded. A resolved config (the trainer's, from
+    mmdist.training.resolve) is used as it is and becomes ``model.run_config``; an ``auto`` dtype left by a caller
+    without a resolve step (tests, notebooks) is resolved for this machine (mmdist.precision.concrete)."""
     cfg = concrete(cfg)
     source = state = stage1_manifest = None
     if cfg.stage.loads is not None and cfg.model.connector.stage1_weights:

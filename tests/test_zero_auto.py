@@ -125,7 +125,8 @@ def test_step_flops_use_the_progress_bars_formula():
 
 def test_run_dir_holds_the_resolved_stage_and_why(tmp_path, monkeypatch):
     from mmdist.config.run import load_config
-    from mmdist.training.run_setup import resolve_zero_stage_agreed, write_run_dir
+    from mmdist.training.resolve import resolve_zero_stage_agreed
+    from mmdist.training.run_setup import write_run_dir
 
     monkeypatch.delenv(DEVICE_MEMORY_ENV, raising=False)
     cfg = tiny_run_config("fuse", "engine.zero_stage=auto", f"run_dir={tmp_path}")

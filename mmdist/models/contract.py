@@ -17,7 +17,7 @@ from torch import nn
 
 from mmdist.models.freeze import Part
 
-__all__ = ["BatchCounts", "TrainableModel", "count_samples", "leading_size"]
+__all__ = ["BatchCounts", "TrainableModel", "contract_members", "count_samples", "leading_size", "require_trainable"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,26 @@ class TrainableModel(Protocol):
     def batch_counts(self, batch: dict) -> BatchCounts:
         """What ``batch`` counts, before the forward (the trainer sums these over micro-batches and ranks)."""
         ...
+
+
+def contract_members() -> tuple[str, ...]:
+    """The members :class:`TrainableModel` names: its attributes and its methods, read from the Protocol itself."""
+    names = set(TrainableModel.__annotations__)
+    names |= {name for name, value in vars(TrainableModel).items() if not name.startswith("_") and callable(value)}
+    return tuple(sorted(names))
+
+
+def require_trainable(model: Any, where: str) -> None:
+    """Refuse ``model`` at ``where`` (the engine, the trainer) unless it has every member of the contract.
+
+    The error names what is missing, so a custom ``model_builder``'s model fails where it enters, not deep in a
+    step with an AttributeError.
+    """
+    missing = [name for name in contract_members() if not hasattr(model, name)]
+    if missing:
+        raise TypeError(f"{type(model).__name__} cannot enter {where}: it lacks {', '.join(missing)} of the model "
+                        "contract (mmdist.models.contract.TrainableModel; docs/design.md, 'Model side'). Add "
+                        f"{'it' if len(missing) == 1 else 'them'} to the model, or build an mmdist model")
 
 
 def count_samples(batch: dict, *keys: str) -> int:

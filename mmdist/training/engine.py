@@ -21,11 +21,11 @@ from torch import nn
 from mmdist import distributed as dist
 from mmdist.config.run import RunConfig
 from mmdist.hardware import default_device
-from mmdist.models.contract import TrainableModel
+from mmdist.models.contract import TrainableModel, require_trainable
 from mmdist.models.gather import null_gather
-from mmdist.precision import concrete
 from mmdist.training.ds_config import deepspeed_config, total_steps
 from mmdist.training.optimizer import build_optimizer_groups
+from mmdist.training.resolve import is_resolved, resolve_run
 from mmdist.training.teardown import release_deepspeed
 
 __all__ = [
@@ -156,13 +156,13 @@ def build_engine(
     parameter is partitioned as it is created or loaded. The caller ends with
     :meth:`EngineBundle.close`; when building fails, DeepSpeed's state is
     released here (:func:`release_deepspeed`) before the error propagates.
+    The trainer passes the config of its resolve step, used as it is; a config
+    that still says ``auto`` is resolved first (mmdist.training.resolve).
     """
     try:
-        if cfg.engine.zero_stage == "auto":  # callers other than the trainer (benchmarks, notebooks): resolve here
-            from mmdist.plan.auto import resolve_zero_stage
-
-            cfg = resolve_zero_stage(cfg, world_size or dist.world_size(), default_device())[0]
-        return _build_engine(concrete(cfg), world_size, model_builder)
+        if not is_resolved(cfg):  # a caller without the trainer's start-up (benchmarks, notebooks): its resolve step
+            cfg = resolve_run(cfg, world_size or dist.world_size(), fit_micro_batch_to_world=False).config
+        return _build_engine(cfg, world_size, model_builder)
     except BaseException:
         release_deepspeed()
         raise
@@ -233,6 +233,7 @@ def _build_engine(cfg: RunConfig, world_size: Optional[int], model_builder: Opti
         with build_device():  # ZeRO 0-2: weights are created (or loaded) on the GPU, never whole on the CPU first
             model = builder(cfg, gather)
 
+    require_trainable(model, "the engine")
     if cfg.stage.llm_checkpointing(cfg.model):
         enable_frozen_gradient_checkpointing(model)
 

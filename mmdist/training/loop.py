@@ -30,16 +30,14 @@ from mmdist.models.freeze import param_table
 from mmdist.precision import precision_lines
 from mmdist.training import preemption
 from mmdist.training.checkpoint import CheckpointManager, capture_rng
-from mmdist.training.ds_config import fit_micro_batch
 from mmdist.training.engine import build_engine
 from mmdist.training.metrics import WARMUP_STEPS, MetricsLogger, Throughput, flop_count
 from mmdist.training.oom import OutOfMemoryStop, oom_advice
+from mmdist.training.resolve import resolve_run
 from mmdist.training.run_setup import (
     Run,
     compute_dtype,
     default_loader_builder,
-    resolve_precision_agreed,
-    resolve_zero_stage_agreed,
     resume,
     setup,
     write_run_dir,
@@ -86,19 +84,18 @@ def train(
         teardown.callback(flag.uninstall)
         dog = Watchdog.from_config(cfg.watchdog, rank=env.rank, run_dir=cfg.run_dir).start()
         teardown.callback(dog.stop)
-        cfg, zero_note = resolve_zero_stage_agreed(cfg, env.world_size)  # `auto` -> the planner's fastest stage that fits
-        if zero_note and env.rank == 0:
-            print(f"[mmdist] {zero_note}", flush=True)
-        cfg, precision = resolve_precision_agreed(cfg)  # `auto` -> concrete dtypes, before anything is built
-        cfg, fitted = fit_micro_batch(cfg, env.world_size)  # the global batch stays on any number of ranks
-        if fitted and env.rank == 0:
-            print(fitted, flush=True)
-        write_run_dir(cfg, env.rank, precision, [zero_note] if zero_note else [])
+        resolved = resolve_run(cfg, env.world_size)  # the config the run is, decided once before anything is built
+        cfg = resolved.config
+        if resolved.zero_stage_note and env.rank == 0:
+            print(f"[mmdist] {resolved.zero_stage_note}", flush=True)
+        if resolved.micro_batch_note and env.rank == 0:
+            print(resolved.micro_batch_note, flush=True)  # a whole line of its own, "[mmdist] train.micro_batch_size: ..."
+        write_run_dir(cfg, env.rank, resolved.precision, [n for n in (resolved.zero_stage_note,) if n])
         with dog.phase("building the engine"):
             bundle = build_engine(cfg, world_size=env.world_size, model_builder=model_builder)
         teardown.callback(bundle.close)  # before dist.shutdown: DeepSpeed's groups, the shm buffer
         run = setup(cfg, env, bundle, loader_builder or default_loader_builder)
-        run.precision = precision
+        run.precision = resolved.precision
         run.watchdog = dog
 
         # 2. resume, then the logs (they drop records a resumed run will write again)

@@ -21,18 +21,16 @@ import torch
 
 from mmdist import distributed as dist
 from mmdist.atomic import write_text_atomic
-from mmdist.config.run import ConfigError, RunConfig, dump_config
-from mmdist.hardware import default_device
+from mmdist.config.run import RunConfig, dump_config
 from mmdist.launch_env import DistEnv
-from mmdist.precision import precision_lines, resolve_precision
+from mmdist.precision import precision_lines
 from mmdist.training.checkpoint import CheckpointError, CheckpointManager, restore_rng
 from mmdist.training.engine import EngineBundle
 from mmdist.training.metrics import MetricsLogger, Throughput
 from mmdist.training.step import TrainState
 from mmdist.training.watchdog import Watchdog
 
-__all__ = ["Run", "compute_dtype", "default_loader_builder", "resolve_precision_agreed", "resolve_zero_stage_agreed", "resume",
-           "setup", "write_run_dir"]
+__all__ = ["Run", "compute_dtype", "default_loader_builder", "resume", "setup", "write_run_dir"]
 
 
 def default_loader_builder(cfg: RunConfig, processors: Any, split: str, rank: int, world_size: int) -> Iterable:
@@ -89,49 +87,6 @@ class Run:
         """A non-finite micro-batch was dropped (train_step's ``on_skip``)."""
         self.logger.print(f"[mmdist] step {state.step + 1}: non-finite loss ({loss}) on some rank; batch skipped ({state.nonfinite_in_row} in a row)")
         self.logger.log(state.step, {"nonfinite_loss": 1, "nonfinite_in_row": state.nonfinite_in_row, "nonfinite_total": state.nonfinite_total})
-
-
-def resolve_precision_agreed(cfg: RunConfig) -> tuple[RunConfig, list]:
-    """``cfg`` with concrete dtypes for this node's device (mmdist.precision); rank 0's answer on every rank.
-
-    Ranks must agree: where the CPU's flags cannot be read a matmul probe decides, and two probes may not.
-    """
-    device = default_device()
-    if dist.world_size() == 1:
-        return resolve_precision(cfg, device)
-    answer: Any = None
-    if dist.rank() == 0:
-        try:
-            answer = resolve_precision(cfg, device)
-        except ConfigError as exc:
-            answer = exc
-    answer = dist.broadcast_object(answer, src=0)
-    if isinstance(answer, Exception):
-        raise answer
-    return answer
-
-
-def resolve_zero_stage_agreed(cfg: RunConfig, world_size: int) -> tuple[RunConfig, Optional[str]]:
-    """``cfg`` with ``engine.zero_stage: auto`` made concrete (mmdist.plan.auto), and the reason; rank 0's answer
-    on every rank (ranks must run the same stage). Unchanged, with None, when the stage is not ``auto``."""
-    if cfg.engine.zero_stage != "auto":
-        return cfg, None
-    from mmdist.plan.auto import resolve_zero_stage
-
-    device = default_device()
-    if dist.world_size() == 1:
-        return resolve_zero_stage(cfg, world_size, device)
-    answer: Any = None
-    if dist.rank() == 0:
-        try:
-            answer = resolve_zero_stage(cfg, world_size, device)
-        except (ConfigError, ValueError) as exc:
-            answer = exc
-    answer = dist.broadcast_object(answer, src=0)
-    if isinstance(answer, Exception):
-        raise answer
-    stage, line = answer[0].engine.zero_stage, answer[1]
-    return dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, zero_stage=stage)), line
 
 
 def write_run_dir(cfg: RunConfig, rank: int, precision: Sequence = (), notes: Sequence[str] = ()) -> None:
