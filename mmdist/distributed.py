@@ -192,7 +192,8 @@ def _roll_call(env: DistEnv) -> None:
         nodes: dict[tuple[int, str], list[int]] = {}
         for rank, index, name in everyone:
             nodes.setdefault((index, name), []).append(rank)
-        where = "; ".join(f"node {index} ({name}): rank(s) {','.join(map(str, ranks))}" for (index, name), ranks in sorted(nodes.items()))
+        where = "; ".join(f"node {index} ({name}): rank(s) {','.join(map(str, ranks))}"
+                          for (index, name), ranks in sorted(nodes.items()))
         print(f"[mmdist] {env.world_size} ranks on {len(nodes)} node(s) ({env.launcher}, master "
               f"{env.master_addr}:{env.master_port}): {where}", flush=True)
 

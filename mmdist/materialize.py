@@ -72,8 +72,8 @@ def build_run_model(cfg: RunConfig, gather: Gather = null_gather) -> nn.Module:
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"model.connector.stage1_weights: {exc}") from None
         state, stage1_manifest = read_export(source)
-    model = build_model(cfg.model, stage=cfg.stage, template=cfg.data.template, uses_feature_cache=bool(cfg.data.feature_cache),
-                        gather=gather, stage1_manifest=stage1_manifest)
+    model = build_model(cfg.model, stage=cfg.stage, template=cfg.data.template,
+                        uses_feature_cache=bool(cfg.data.feature_cache), gather=gather, stage1_manifest=stage1_manifest)
     if state is not None:
         compare_stage1(stage1_manifest, cfg.model, model.vision, source, expected=cfg.stage.loads)
         load_stage1(model, state, gather, source=source)
@@ -116,8 +116,8 @@ def load_fused_model(path: str | os.PathLike, gather: Gather = null_gather, over
     if precision is not None:
         cfg, resolved = precision(cfg)
     stage1_manifest = manifest.get("stage1")
-    model = build_model(cfg.model, stage=cfg.stage, template=cfg.data.template, uses_feature_cache=bool(cfg.data.feature_cache),
-                        gather=gather, stage1_manifest=stage1_manifest)
+    model = build_model(cfg.model, stage=cfg.stage, template=cfg.data.template,
+                        uses_feature_cache=bool(cfg.data.feature_cache), gather=gather, stage1_manifest=stage1_manifest)
     if stage1_manifest is not None:
         compare_stage1(stage1_manifest, cfg.model, model.vision, "(embedded manifest)", expected=cfg.stage.loads)
     load_weights(model, state, gather, source=folder, required=("projector.", "stage1."), refused=() if merged_lora else ("llm.",))

@@ -177,7 +177,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str, problems: list[Problem])
         except (KeyError, TypeError):
             close = difflib.get_close_matches(str(value), list(tp.names()), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(Problem(key, f"{value!r} is not one of {', '.join(repr(n) for n in tp.names())}{hint}", source))
+            choices = ", ".join(repr(n) for n in tp.names())
+            problems.append(Problem(key, f"{value!r} is not one of {choices}{hint}", source))
             return value
     if origin is Literal:
         choices = get_args(tp)

@@ -178,9 +178,11 @@ def test_tiers_are_what_the_layout_says():
 
 
 def test_no_package_init_resolves_names_lazily():
-    """A package imports eagerly what it offers (or nothing, and callers import the submodule): no module __getattr__."""
-    lazy = [name for name, path in all_modules().items() if path.name == "__init__.py"
-            and any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in ast.parse(path.read_text()).body)]
+    """A package imports eagerly what it offers (or nothing: callers import the submodule); no module __getattr__."""
+    def lazy_getattr(path: Path) -> bool:
+        return any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in ast.parse(path.read_text()).body)
+
+    lazy = [name for name, path in all_modules().items() if path.name == "__init__.py" and lazy_getattr(path)]
     assert not lazy, f"module-level __getattr__ in {lazy}"
 
 

@@ -41,16 +41,23 @@ def _names_in(node: ast.AST, names: set[str]) -> bool:
     return False
 
 
+def comparisons_in(tree: ast.AST, names: set[str]) -> list[int]:
+    """Lines of every comparison with one of ``names`` as a literal, and of every ``match`` case on one."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(_names_in(n, names) for n in (node.left, *node.comparators)):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.MatchValue) and _names_in(node.value, names):
+            lines.append(node.value.lineno)
+    return lines
+
+
 def stage_name_comparisons(names: set[str]) -> list[tuple[str, int]]:
-    """(file, line) of every comparison with a stage-name literal and every ``match`` case on one, in mmdist/."""
+    """(file, line) of every comparison with a stage-name literal in mmdist/."""
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         rel = path.relative_to(PACKAGE.parent).as_posix()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.Compare) and any(_names_in(n, names) for n in (node.left, *node.comparators)):
-                found.append((rel, node.lineno))
-            elif isinstance(node, ast.MatchValue) and _names_in(node.value, names):
-                found.append((rel, node.value.lineno))
+        found += [(rel, line) for line in comparisons_in(ast.parse(path.read_text(), str(path)), names)]
     return found
 
 
@@ -68,13 +75,7 @@ def test_stage_names_are_compared_only_where_the_config_is_parsed():
 def test_the_guard_sees_comparisons_and_match_cases():
     code = ('if cfg.stage == "fuse": pass\nif x in ("align", "other"): pass\nif y != "elsewhere": pass\n'
             'match z:\n    case "align": pass\n')
-    lines = []
-    for node in ast.walk(ast.parse(code)):
-        if isinstance(node, ast.Compare) and any(_names_in(n, {"align", "fuse"}) for n in (node.left, *node.comparators)):
-            lines.append(node.lineno)
-        elif isinstance(node, ast.MatchValue) and _names_in(node.value, {"align", "fuse"}):
-            lines.append(node.value.lineno)
-    assert sorted(lines) == [1, 2, 5]
+    assert sorted(comparisons_in(ast.parse(code), {"align", "fuse"})) == [1, 2, 5]
 
 
 def test_the_yaml_name_is_parsed_once_into_the_one_object_and_written_back(tmp_path):

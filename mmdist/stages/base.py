@@ -58,7 +58,7 @@ class Stage(NamedSetting):
     name: ClassVar[str]  # the YAML value of `stage`, and what an export's manifest records
     number: ClassVar[int]  # its place in the recipe: "stage 1"
     summary: ClassVar[str]  # one line for `mmdist config --explain` and the docs
-    parts: ClassVar[tuple[str, ...]]  # the model sections it builds (keys under `model`), in the precision table's order
+    parts: ClassVar[tuple[str, ...]]  # the model sections it builds (keys under `model`), precision table order
     heavy_part: ClassVar[str]  # the frozen part that runs most of a step's FLOPs: MFU's dtype, ZeRO-3's engine dtype
     batch: ClassVar[Batch]
     measures: ClassVar[Measure]
@@ -123,8 +123,8 @@ class Stage(NamedSetting):
         if self.builds("llm") and not model.llm.name_or_path and not model.llm.init_config:
             out.append(("model.llm.name_or_path", f"stage {self} needs an LLM: a hub id / local path, or init_config"))
         if self.builds("text") and not model.text.name_or_path and not model.text.init_config:
-            out.append(("model.text.name_or_path", f"stage {self} needs a text encoder: a hub id / local path ('minilm' "
-                                                   "for the packaged one), or init_config"))
+            out.append(("model.text.name_or_path", f"stage {self} needs a text encoder: a hub id / local path "
+                                                   "('minilm' for the packaged one), or init_config"))
         if not self.tiles and data.image_tiling.enabled:
             out.append(("data.image_tiling.enabled", f"tiling feeds the LLM (stage fuse); stage {self} takes one whole "
                                                      "image per caption"))

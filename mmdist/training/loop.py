@@ -89,7 +89,7 @@ def train(
         if resolved.zero_stage_note and env.rank == 0:
             print(f"[mmdist] {resolved.zero_stage_note}", flush=True)
         if resolved.micro_batch_note and env.rank == 0:
-            print(resolved.micro_batch_note, flush=True)  # a whole line of its own, "[mmdist] train.micro_batch_size: ..."
+            print(resolved.micro_batch_note, flush=True)  # a whole line: "[mmdist] train.micro_batch_size: ..."
         write_run_dir(cfg, env.rank, resolved.precision, [n for n in (resolved.zero_stage_note,) if n])
         with dog.phase("building the engine"):
             bundle = build_engine(cfg, world_size=env.world_size, model_builder=model_builder)
@@ -167,7 +167,8 @@ def _open_logs(run: Run, state: TrainState) -> None:
         peak, source = 0.0, ""
     if peak:
         logger.print(f"[mmdist] MFU against {peak / 1e12:.3g} TFLOP/s per device x {run.world_size} ({source})")
-    flops = flop_count(bundle.model, cfg.stage.name, vision_runs=not cfg.data.feature_cache, text_runs=not _cache_holds_text(cfg))
+    flops = flop_count(bundle.model, cfg.stage.name, vision_runs=not cfg.data.feature_cache,
+                       text_runs=not _cache_holds_text(cfg))
     run.throughput = Throughput(flops, peak * run.world_size, run.total_steps, start_step=state.step, warmup_steps=WARMUP_STEPS)
 
 

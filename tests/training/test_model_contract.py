@@ -108,7 +108,7 @@ def test_the_engine_refuses_a_model_without_a_contract_member_and_names_it(tmp_p
             return {}
 
     require_trainable(ToyModel(), "the engine")  # the toy passes
-    with pytest.raises(TypeError, match=r"NoCounts cannot enter the trainer: it lacks batch_counts of the model contract"):
+    with pytest.raises(TypeError, match=r"NoCounts cannot enter the trainer: it lacks batch_counts of the model"):
         require_trainable(NoCounts(), "the trainer")
     cfg = load_config(base=toy_config(str(tmp_path / "run"), engine={"zero_stage": 2}))
     dist.init(backend="gloo")
