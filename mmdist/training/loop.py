@@ -90,7 +90,8 @@ def train(
             print(f"[mmdist] {resolved.zero_stage_note}", flush=True)
         if resolved.micro_batch_note and env.rank == 0:
             print(resolved.micro_batch_note, flush=True)  # a whole line: "[mmdist] train.micro_batch_size: ..."
-        write_run_dir(cfg, env.rank, resolved.precision, [n for n in (resolved.zero_stage_note,) if n])
+        notes = [resolved.zero_stage_note] if resolved.zero_stage_note else []
+        write_run_dir(cfg, env.rank, resolved.precision, notes)
         with dog.phase("building the engine"):
             bundle = build_engine(cfg, world_size=env.world_size, model_builder=model_builder)
         teardown.callback(bundle.close)  # before dist.shutdown: DeepSpeed's groups, the shm buffer

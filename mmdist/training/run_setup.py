@@ -1,9 +1,9 @@
-"""Everything before the first step: the resolved config and run folder, the run's parts, and the resume.
+"""Everything before the first step: the run folder with its config, the run's parts, and the resume.
 
 Split from the loop (``mmdist.training.loop``) so that reads as the job does; the
-pieces here decide what a run *is* (concrete dtypes and worker counts written into
-``config.yaml``, which checkpoint every rank resumes from) rather than what it does
-each step.
+pieces here set up what a run *is* (the config of the resolve step,
+mmdist.training.resolve, written into ``config.yaml`` with the worker count; which
+checkpoint every rank resumes from) rather than what it does each step.
 """
 
 from __future__ import annotations
