@@ -293,12 +293,23 @@ CLOSE_PROBE = textwrap.dedent("""
     from mmdist.training.teardown import deepspeed_shm_buffer
 
     class Head(torch.nn.Module):
+        processors = None  # the model contract's members; the engine never steps this model
+
         def __init__(self):
             super().__init__()
             self.projector = torch.nn.Linear(2, 2)
 
         def trainable_groups(self):
             return {"projector": list(self.projector.parameters())}
+
+        def parts(self):
+            return []
+
+        def export_state_dict(self):
+            return {}
+
+        def batch_counts(self, batch):
+            raise NotImplementedError
 
     def failing(cfg, gather):
         raise ValueError("no model today")
