@@ -32,8 +32,7 @@ from mmdist.training.settings import CheckpointConfig, EngineConfig, LogConfig, 
 class RunConfig(SettingsBase):
     """One training run of one stage."""
 
-    stage: Stage = setting(FUSE, "the stage this run trains: 'align' (stage 1: image encoder vs text encoder) or "
-                                 "'fuse' (stage 2: into the LLM); read as its object (mmdist/stages)")
+    stage: Stage = setting(FUSE, "'align' (stage 1: image encoder vs text encoder) or 'fuse' (stage 2: into the LLM)")
     name: str = setting("run", "run name used in logs")
     run_dir: str = setting("runs/run", "folder for the resolved config, logs, checkpoints and exports")
     model: ModelConfig = setting(doc="backbones and connectors", factory=ModelConfig)
