@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from mmdist.config import load_config  # noqa: E402
+from mmdist.config.run import load_config  # noqa: E402
 from mmdist.data.loader import build_loader  # noqa: E402
 from mmdist.models.processors import ImageTransform, Processors  # noqa: E402
 

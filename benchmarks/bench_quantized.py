@@ -80,10 +80,10 @@ def model_config(which: str, method: str) -> Any:
 
 
 def build(which: str, method: str) -> Any:
-    from mmdist.models import build_model
+    from mmdist.models.build import build_model
 
     cfg = model_config(which, method)
-    return build_model(cfg.model, stage="fuse"), cfg
+    return build_model(cfg.model, stage=cfg.stage), cfg
 
 
 def prompt_ids(model: Any, which: str, text: str) -> torch.Tensor:

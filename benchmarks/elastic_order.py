@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _leg(spec_file: str) -> None:
     """One part of a run, as a torchrun rank (``--leg SPEC``)."""
-    from mmdist.config import load_config
+    from mmdist.config.run import load_config
     from mmdist.training.loop import train
 
     spec = json.loads(Path(spec_file).read_text())
@@ -52,7 +52,7 @@ def _run(out: Path, name: str, recipe: dict, world: int, stop_after: int | None 
 
 
 def _port() -> int:
-    from mmdist.training.launch_env import free_port
+    from mmdist.launch_env import free_port
 
     return free_port()
 

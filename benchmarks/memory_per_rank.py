@@ -36,7 +36,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from mmdist.training.launch_env import free_port
+from mmdist.launch_env import free_port
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -175,8 +175,8 @@ def _batch(model: Any, samples: int, seed: int = 0) -> dict:
 
 def worker(config: str, overrides: list[str], out_dir: str) -> None:
     """One rank: build, one optimizer step (grads counted before it; params and optimizer after it), write JSON."""
+    from mmdist import distributed as dist
     from mmdist.config.run import load_config
-    from mmdist.training import dist
     from mmdist.training.engine import build_engine
 
     env = dist.init(backend="gloo")
@@ -185,7 +185,7 @@ def worker(config: str, overrides: list[str], out_dir: str) -> None:
         cfg = load_config(config, overrides)
         bundle = build_engine(cfg)
         engine, model = bundle.engine, bundle.model
-        if cfg.stage != "fuse":
+        if not cfg.stage.builds("llm"):
             raise SystemExit("memory_per_rank measures the fuse stage (stage 2); give a fuse config")
         engine.train()
         accumulation = bundle.ds_config["gradient_accumulation_steps"]

@@ -6,7 +6,7 @@ frozen CLIP vision tower (64 image tokens), a trainable 2-layer GELU projector,
 the same variable-length samples (answers of 8 to 160 tokens), the same global
 batch, fp32 on CPU, the same thread count.
 
-* mmdist: ``mmdist.models.build_model`` (FusedVLM), ``mmdist.data.collate.collate_fuse``
+* mmdist: ``mmdist.models.build.build_model`` (FusedVLM), ``mmdist.data.collate.collate_fuse``
   with packing, ``mmdist.training.engine.build_engine`` (DeepSpeed, ZeRO-0,
   torch AdamW) and the trainer's own optimizer step,
   ``mmdist.training.step.train_step``.
@@ -31,7 +31,7 @@ import torch
 from common import BenchShape, Sample, format_table, make_samples, matmul_peak, mmdist_config, set_threads
 from reference_llava import ReferenceLoop
 
-from mmdist.training.launch_env import free_port
+from mmdist.launch_env import free_port
 
 
 class MmdistLoop:
@@ -44,7 +44,7 @@ class MmdistLoop:
                  checkpointing: bool = False):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        from mmdist.training import dist
+        from mmdist import distributed as dist
         from mmdist.training.engine import build_engine
         from mmdist.training.step import TrainState
 
@@ -84,7 +84,7 @@ class MmdistLoop:
         return sum(1 for p in self.model.parameters() if not p.requires_grad and p.grad is not None)
 
     def close(self) -> None:
-        from mmdist.training import dist
+        from mmdist import distributed as dist
 
         self.bundle.close()
         dist.shutdown()

@@ -2,7 +2,7 @@
 
 Thin on purpose: the same as `mmdist train`, usable with deepspeed, torchrun, srun and mpiexec
 (the deepspeed launcher's trailing `--local_rank=N` is accepted and ignored; ranks come from
-mmdist.training.launch_env).
+mmdist.launch_env).
 """
 
 import os

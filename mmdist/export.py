@@ -32,6 +32,7 @@ from mmdist.models.llm import llm_fingerprint
 from mmdist.models.settings import ModelConfig
 from mmdist.models.text import text_fingerprint
 from mmdist.models.vision import vision_fingerprint
+from mmdist.stages import Stage, manifest_stage
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ def build_manifest(model: Any, cfg: Optional[RunConfig] = None) -> dict:
         text_hidden = ((getattr(model, "stage1_manifest", None) or {}).get("text") or {}).get("hidden_size")
     out: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
-        "stage": cfg.stage,
+        "stage": cfg.stage.name,
         "vision": vision_section(settings, model.vision),
         "connector": connector_section(settings, model.stage1),
         "text": text_section(settings, text_hidden),
@@ -124,7 +125,7 @@ def build_manifest(model: Any, cfg: Optional[RunConfig] = None) -> dict:
         "template": cfg.data.template,
         "config": config_to_dict(cfg),
     }
-    if cfg.stage == "fuse":
+    if cfg.stage.builds("llm"):
         llm = settings.llm
         tok = model.processors.tokenizer
         out["llm"] = {"name_or_path": llm.name_or_path, "gguf_file": llm.gguf_file, "fingerprint": llm_fingerprint(llm),
@@ -140,13 +141,15 @@ def build_manifest(model: Any, cfg: Optional[RunConfig] = None) -> dict:
     return out
 
 
-def compare_stage1(stage1: dict, settings: ModelConfig, vision: Any, source: str) -> None:
-    """Refuse a stage-1 manifest that does not fit these model settings; the error names the field."""
+def compare_stage1(stage1: dict, settings: ModelConfig, vision: Any, source: str, *, expected: Stage) -> None:
+    """Refuse a stage-1 manifest that does not fit these model settings; the error names the field.
+
+    ``expected`` is the stage whose export the run loads (its stage's ``loads``)."""
     problems = []
     if stage1.get("format") != MANIFEST_FORMAT:
         problems.append(f"format: export has {stage1.get('format')!r}, this version reads {MANIFEST_FORMAT}")
-    if stage1.get("stage") != "align":
-        problems.append(f"stage: export was made by stage {stage1.get('stage')!r}, expected 'align'")
+    if manifest_stage(stage1) is not expected:
+        problems.append(f"stage: export was made by stage {stage1.get('stage')!r}, expected {expected.name!r}")
     own_vision = vision_section(settings, vision)
     for key in VISION_FIELDS:
         theirs = stage1.get("vision", {}).get(key)
@@ -259,7 +262,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], gather: Gathe
 def load_stage1(model: FusedVLM, state_or_path: Any, gather: Gather = null_gather, *, source: Optional[str] = None) -> dict:
     """Copy the stage-1 export's ``stage1.*`` weights into ``model.stage1`` (inside ``gather``).
 
-    Accepts a state dict or an export/run folder (whose manifest is checked first).
+    Accepts a state dict or an export/run folder (whose manifest is checked first, against the model's run config).
     Export keys the stage-2 module does not have (the stage-1 text head, ITM/ITG
     heads) are ignored and listed; keys it needs but the export lacks, or of
     another shape, are errors naming them.
@@ -267,7 +270,7 @@ def load_stage1(model: FusedVLM, state_or_path: Any, gather: Gather = null_gathe
     if isinstance(state_or_path, (str, os.PathLike)):
         source = resolve_export_dir(state_or_path)
         state, manifest = read_export(source)
-        compare_stage1(manifest, model.settings, model.vision, source)
+        compare_stage1(manifest, model.settings, model.vision, source, expected=run_config_of(model).stage.loads)
     else:
         state = state_or_path
     if model.stage1 is None:

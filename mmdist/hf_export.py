@@ -36,6 +36,7 @@ from mmdist.hardware import default_device
 from mmdist.materialize import load_inference_model, manifest_config
 from mmdist.models.vision import HF_HAS_CLS
 from mmdist.precision import precision_lines
+from mmdist.stages import manifest_stage
 
 # Vision towers whose tokens are (image_size / patch_size)^2, plus one class token where they have one.
 log = logging.getLogger(__name__)
@@ -343,7 +344,8 @@ def check_hf_exportable(folder: str) -> tuple[FoldedProjector, FeatureSelection,
     """
 
     state, manifest = read_export(folder)
-    if manifest.get("stage") != "fuse":
+    stage = manifest_stage(manifest)
+    if stage is None or not stage.builds("llm"):
         raise ExportRefused(f"{folder} is a stage-{manifest.get('stage')!r} export; --format hf needs a stage-2 (fuse) export")
     tiling = manifest.get("config", {}).get("data", {}).get("image_tiling", {})
     if tiling.get("enabled"):

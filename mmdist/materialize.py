@@ -36,6 +36,7 @@ from mmdist.models.fused import FusedVLM
 from mmdist.models.gather import Gather, null_gather
 from mmdist.precision import concrete, resolve_precision
 from mmdist.settings import from_dict
+from mmdist.stages import Stage, manifest_stage
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ EVAL_SUBFOLDERS = ("export", os.path.join("fuse", "export"), os.path.join("align
 def build_run_encoder(cfg: RunConfig) -> nn.Module:
     """What ``mmdist cache`` runs images through: the whole stage-1 model (no LLM there), or for stage 2 only the
     vision tower and processors (models.build.build_image_encoder), with the stage-1 manifest deciding the token count."""
-    if cfg.stage != "fuse":
+    if not cfg.stage.builds("llm"):
         return build_run_model(cfg)
     manifest = None
     if cfg.model.connector.stage1_weights:
@@ -58,22 +59,23 @@ def build_run_encoder(cfg: RunConfig) -> nn.Module:
 
 
 def build_run_model(cfg: RunConfig, gather: Gather = null_gather) -> nn.Module:
-    """The model of run ``cfg``: `build_model` on its parts and, for stage 2 with
-    ``model.connector.stage1_weights``, the stage-1 export checked and loaded. An ``auto`` dtype is
-    resolved for this machine (mmdist.precision.concrete)."""
+    """The model of run ``cfg``: `build_model` on its parts and, for a stage that loads an earlier one's export
+    (``model.connector.stage1_weights``), that export checked and loaded. A resolved config (the trainer's, from
+    mmdist.training.resolve) is used as it is and becomes ``model.run_config``; an ``auto`` dtype left by a caller
+    without a resolve step (tests, notebooks) is resolved for this machine (mmdist.precision.concrete)."""
     cfg = concrete(cfg)
     source = state = stage1_manifest = None
-    if cfg.stage == "fuse" and cfg.model.connector.stage1_weights:
+    if cfg.stage.loads is not None and cfg.model.connector.stage1_weights:
         # Before the LLM loads: a wrong path should fail in seconds, not after loading a 14B model.
         try:
             source = resolve_export_dir(cfg.model.connector.stage1_weights)
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"model.connector.stage1_weights: {exc}") from None
         state, stage1_manifest = read_export(source)
-    model = build_model(cfg.model, stage=cfg.stage, template=cfg.data.template, uses_feature_cache=bool(cfg.data.feature_cache),
-                        gather=gather, stage1_manifest=stage1_manifest)
+    model = build_model(cfg.model, stage=cfg.stage, template=cfg.data.template,
+                        uses_feature_cache=bool(cfg.data.feature_cache), gather=gather, stage1_manifest=stage1_manifest)
     if state is not None:
-        compare_stage1(stage1_manifest, cfg.model, model.vision, source)
+        compare_stage1(stage1_manifest, cfg.model, model.vision, source, expected=cfg.stage.loads)
         load_stage1(model, state, gather, source=source)
     model.run_config = cfg
     return model
@@ -104,7 +106,8 @@ def load_fused_model(path: str | os.PathLike, gather: Gather = null_gather, over
     """
     folder = resolve_export_dir(path)
     state, manifest = read_export(folder)
-    if manifest.get("stage") != "fuse":
+    stage = manifest_stage(manifest)
+    if stage is None or not stage.builds("llm"):
         raise ValueError(f"{folder}: this is a stage-{manifest.get('stage')!r} export; inference needs a stage 'fuse' export")
     merged_lora = bool(manifest["config"]["model"]["llm"]["lora"]["enabled"])
     # the export holds the LLM with its LoRA delta merged in: build it without adapters
@@ -113,10 +116,10 @@ def load_fused_model(path: str | os.PathLike, gather: Gather = null_gather, over
     if precision is not None:
         cfg, resolved = precision(cfg)
     stage1_manifest = manifest.get("stage1")
-    model = build_model(cfg.model, stage="fuse", template=cfg.data.template, uses_feature_cache=bool(cfg.data.feature_cache),
-                        gather=gather, stage1_manifest=stage1_manifest)
+    model = build_model(cfg.model, stage=cfg.stage, template=cfg.data.template,
+                        uses_feature_cache=bool(cfg.data.feature_cache), gather=gather, stage1_manifest=stage1_manifest)
     if stage1_manifest is not None:
-        compare_stage1(stage1_manifest, cfg.model, model.vision, "(embedded manifest)")
+        compare_stage1(stage1_manifest, cfg.model, model.vision, "(embedded manifest)", expected=cfg.stage.loads)
     load_weights(model, state, gather, source=folder, required=("projector.", "stage1."), refused=() if merged_lora else ("llm.",))
     model.run_config = cfg
     model.precision = resolved
@@ -152,14 +155,15 @@ def load_export_model(path: str | os.PathLike, overrides: Optional[list[str]] = 
     """
     folder = resolve_export_dir(path, subfolders=EVAL_SUBFOLDERS)
     _, manifest = read_export(folder)
-    stage = manifest.get("stage")
-    if stage == "fuse":
+    stage = manifest_stage(manifest)
+    if stage is None:
+        raise ValueError(f"{folder}: the manifest names stage {manifest.get('stage')!r}; mmdist eval knows "
+                         f"{' and '.join(map(repr, Stage.names()))} exports")
+    if stage.builds("llm"):
         model = load_fused_model(folder, overrides=overrides, precision=lambda cfg: resolve_precision(cfg, device))
-    elif stage == "align":
+    else:
         cfg, _ = resolve_precision(manifest_config(folder, manifest, overrides), device)
         model = load_align_model(cfg, folder)
         model.run_config = cfg
-    else:
-        raise ValueError(f"{folder}: the manifest names stage {stage!r}; mmdist eval knows 'align' and 'fuse' exports")
     model.export_dir = folder
     return model

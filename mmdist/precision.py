@@ -51,14 +51,9 @@ PART_KEYS = {"llm": "model.llm.dtype", "vision": "model.vision.dtype", "text": "
 ENGINE_KEY = "engine.precision"
 
 
-def _built_parts(cfg: RunConfig) -> tuple[str, ...]:
-    """The model sections the stage builds (stage 2 has no text encoder, stage 1 no LLM)."""
-    return ("vision", "llm") if cfg.stage == "fuse" else ("vision", "text")
-
-
 def frozen_parts(cfg: RunConfig) -> list[str]:
     """The sections the stage builds frozen: their dtype is what runs (and what DeepSpeed may override)."""
-    return [name for name in _built_parts(cfg) if getattr(cfg.model, name).freeze]
+    return cfg.stage.frozen_parts(cfg.model)
 
 
 def _engine_decides(zero_stage: int, engine_dtype: str) -> bool:
@@ -106,8 +101,9 @@ def resolve_precision(cfg: RunConfig, device: Any = "cpu") -> tuple[Any, list[tu
     engine = resolve(resolve_engine_precision, cfg.engine.precision, ENGINE_KEY)
     zero3 = str(cfg.engine.zero_stage) == "3"
     if str(cfg.engine.precision) == "auto" and zero3 and engine.dtype == "fp32":
-        # ZeRO-3 holds every tensor in the engine's precision: take the frozen parts' hardware dtype (the LLM's in stage 2).
-        heavy = "llm" if cfg.stage == "fuse" else "vision"
+        # ZeRO-3 holds every tensor in the engine's precision: take the hardware dtype of the frozen part that
+        # carries the stage's FLOPs (the LLM in stage 2).
+        heavy = cfg.stage.heavy_part
         auto_frozen = [n for n in frozen if str(getattr(cfg.model, n).dtype) == "auto"]
         if auto_frozen and parts[heavy].dtype != "fp32" and (heavy in auto_frozen):
             engine = resolve_engine_precision(parts[heavy].dtype, device, ENGINE_KEY)
@@ -128,8 +124,7 @@ def resolve_precision(cfg: RunConfig, device: Any = "cpu") -> tuple[Any, list[tu
         problems.extend(check_precision(out))
     if problems:
         raise ConfigError(problems)
-    used = [n for n in _built_parts(cfg)]
-    return out, [(ENGINE_KEY, engine)] + [(PART_KEYS[n], parts[n]) for n in used]
+    return out, [(ENGINE_KEY, engine)] + [(PART_KEYS[n], parts[n]) for n in cfg.stage.parts]
 
 
 def concrete(cfg: RunConfig, device: Any = None) -> Any:

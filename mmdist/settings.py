@@ -31,6 +31,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 __all__ = [
     "ConfigError",
+    "NamedSetting",
     "Problem",
     "SettingsBase",
     "setting",
@@ -88,6 +89,27 @@ class SettingsBase:
         return []
 
 
+class NamedSetting:
+    """Base of a setting written in YAML as a name and held as the object of that name (the run's stage).
+
+    The name is parsed once, where the config is read (:func:`from_dict`); code
+    that reads the config gets the object and asks it for facts. :func:`to_dict`
+    writes the name back. Subclasses give :meth:`named` and :meth:`names`.
+    """
+
+    name: str
+
+    @classmethod
+    def named(cls, name: str) -> NamedSetting:
+        """The object called ``name``; KeyError for an unknown one."""
+        raise NotImplementedError
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        """Every name :meth:`named` knows, in the order a person reads them."""
+        raise NotImplementedError
+
+
 # ---------------------------------------------------------------------------
 # type helpers
 
@@ -112,6 +134,8 @@ def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
+    if _is_named(tp):
+        return " | ".join(repr(n) for n in tp.names())
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin in (list, tuple):
@@ -122,6 +146,10 @@ def _type_name(tp: Any) -> str:
     if dataclasses.is_dataclass(tp):
         return "section"
     return getattr(tp, "__name__", str(tp))
+
+
+def _is_named(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, NamedSetting)
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str, problems: list[Problem]) -> Any:
@@ -141,6 +169,17 @@ def _coerce(value: Any, tp: Any, key: str, source: str, problems: list[Problem])
             problems.append(Problem(key, f"expected a section (mapping), got {type(value).__name__}", source))
             return tp()
         return _build(tp, value, key, source, problems)
+    if _is_named(tp):
+        if isinstance(value, tp):
+            return value
+        try:
+            return tp.named(value)
+        except (KeyError, TypeError):
+            close = difflib.get_close_matches(str(value), list(tp.names()), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            choices = ", ".join(repr(n) for n in tp.names())
+            problems.append(Problem(key, f"{value!r} is not one of {choices}{hint}", source))
+            return value
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
@@ -259,9 +298,13 @@ def collect_problems(obj: Any, source: str = "") -> list[Problem]:
     return problems
 
 
+def _plain(items: list[tuple[str, Any]]) -> dict:
+    return {key: value.name if isinstance(value, NamedSetting) else value for key, value in items}
+
+
 def to_dict(obj: Any) -> dict:
-    """Plain-dict form of a settings tree (what is dumped as the resolved config)."""
-    return dataclasses.asdict(obj)
+    """Plain-dict form of a settings tree (what is dumped as the resolved config); a named setting as its name."""
+    return dataclasses.asdict(obj, dict_factory=_plain)
 
 
 def explain(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
@@ -276,7 +319,9 @@ def explain(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
             rows.append((key, "section", "", f.metadata.get("doc", "")))
             rows += explain(inner, key)
             continue
-        if f.default is not dataclasses.MISSING:
+        if isinstance(f.default, NamedSetting):
+            default = repr(f.default.name)
+        elif f.default is not dataclasses.MISSING:
             default = repr(f.default)
         elif f.default_factory is not dataclasses.MISSING:
             default = repr(f.default_factory())

@@ -54,7 +54,7 @@ if [[ ! -f "$CONFIG" ]]; then
 fi
 
 # --- rendezvous: the first node of the allocation is the master ---------------------------------
-# (mmdist.training.launch_env.master_address derives the same values itself; exporting them makes the log
+# (mmdist.launch_env.master_address derives the same values itself; exporting them makes the log
 # show them.) Its name when that resolves; otherwise (node names that are aliases, not host names) the
 # address Slurm reaches the node by, NodeAddr from `scontrol show node`; failing both, the name.
 if [[ -z "${MASTER_ADDR:-}" ]]; then

@@ -132,7 +132,7 @@ def tiny_demo(tmp_path_factory):
         return model
 
     def interrupted_stage(cfg):
-        if cfg.stage == "fuse":
+        if cfg.stage.name == "fuse":
             train(cfg, stop_after=2)
             raise KeyboardInterrupt
         return original_train_stage(cfg)
@@ -182,7 +182,7 @@ def test_tiny_demo_writes_every_file(tiny_demo):
 
 
 def test_tiny_demo_trains_only_trainable_weights(tiny_demo):
-    stages = [stage for stage, _, _ in tiny_demo["built"]]
+    stages = [stage.name for stage, _, _ in tiny_demo["built"]]
     assert stages.count("align") == 1 and stages.count("fuse") == 2  # fuse: the interrupted run and its resume
     for stage, model, before in tiny_demo["built"]:
         changed_trainable = 0
@@ -195,7 +195,7 @@ def test_tiny_demo_trains_only_trainable_weights(tiny_demo):
                 assert torch_equal(param, start), f"{stage}: frozen {name} changed"
         trainable_names = [n for n, (_, t) in before.items() if t]
         assert trainable_names and changed_trainable == len(trainable_names), f"{stage}: some trainable weights never moved"
-        frozen_prefixes = {"align": ("vision.", "text."), "fuse": ("vision.", "llm.")}[stage]
+        frozen_prefixes = {"align": ("vision.", "text."), "fuse": ("vision.", "llm.")}[stage.name]
         assert not any(n.startswith(frozen_prefixes) for n in trainable_names)
 
 

@@ -135,7 +135,7 @@ def _merge(into: dict, extra: dict) -> dict:
 
 
 def _config(case: Case, stage: str, root: Path, shards: dict[str, str], **extra):
-    from mmdist.config import load_config
+    from mmdist.config.run import load_config
 
     recipe = yaml.safe_load((REPO / "configs" / f"tiny_{stage}.yaml").read_text())
     qformer = case.connector == "qformer"
@@ -184,7 +184,7 @@ def test_train_both_stages_then_generate_eval_and_export(case: Case, shards, tmp
     from mmdist.commands import eval as eval_command
     from mmdist.commands import export as export_command
     from mmdist.commands import generate as generate_command
-    from mmdist.config import dump_config
+    from mmdist.config.run import dump_config
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
 

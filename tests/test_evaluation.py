@@ -75,7 +75,7 @@ def test_retrieval_metrics_count_a_repeated_caption_once():
 
 
 def _train(stage: str, root: Path, *over: str) -> Path:
-    from mmdist.config import load_config
+    from mmdist.config.run import load_config
     from mmdist.training.loop import train
 
     cfg = load_config(REPO / "configs" / f"tiny_{stage}.yaml", [
@@ -105,7 +105,7 @@ def tiny_runs(tmp_path_factory):
 
 
 def _loader(model, shards, batch_size):
-    from mmdist.data import build_loader
+    from mmdist.data.loader import build_loader
 
     cfg = evaluation.eval_config(model.run_config, batch_size, [shards])
     return cfg, build_loader(cfg, model.processors, "eval")
@@ -209,7 +209,7 @@ def test_eval_cli_refuses_a_folder_without_export(tmp_path, capsys):
 DIST_SCRIPT = """
 import sys
 import torch.distributed
-from mmdist.training import dist
+from mmdist import distributed as dist
 from mmdist.commands import eval as eval_command
 dist.init(backend="gloo")
 for stage, out in (("align", sys.argv[2]), ("fuse", sys.argv[3])):
@@ -229,7 +229,7 @@ def test_distributed_eval_equals_single_process(tiny_runs, tmp_path):
         assert eval_command.main(["--run", str(tiny_runs[stage]), "--data", tiny_runs["eval"], "--batch-size", "4",
                                     "--max-new-tokens", "4", "--device", "cpu", "--out", str(one / stage), "data.num_workers=0"]) == 0
     env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    from mmdist.training.launch_env import free_port
+    from mmdist.launch_env import free_port
 
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
                            str(script), str(tiny_runs["root"]), str(two / "align"), str(two / "fuse"), tiny_runs["eval"]],

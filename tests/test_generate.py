@@ -38,7 +38,7 @@ def tiny_export(tmp_path_factory):
     import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from mmdist.config import load_config
+    from mmdist.config.run import load_config
     from mmdist.data.shards import write_demo_shards
     from mmdist.training.loop import train
 
@@ -56,7 +56,7 @@ def tiny_export(tmp_path_factory):
 
 
 def test_prompt_is_rendered_as_in_training(tiny_export):
-    from mmdist.data import build_loader
+    from mmdist.data.loader import build_loader
 
     model = generate_command.load_model(tiny_export / "fuse")
     batch = next(iter(build_loader(model.run_config, model.processors, "eval")))

@@ -1,4 +1,4 @@
-"""Imports inside mmdist flow one way: settings -> models -> data -> training -> commands, and never in a cycle.
+"""Imports inside mmdist flow one way: core -> config -> models -> data -> library -> training -> commands, no cycle.
 
 Every import of an mmdist module counts, at module level and inside functions
 alike, so a function-local import can hide neither a cycle nor an upward tie.
@@ -84,23 +84,47 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 # The package order: a module may import its own tier or a lower one.
-TIERS = ("core", "models", "data", "training", "commands")
-CORE = {"mmdist", "mmdist.settings", "mmdist.atomic", "mmdist.console", "mmdist.hardware", "mmdist.precision", "mmdist.configs",
-        "mmdist.distributed", "mmdist.oom"}
+#   core      leaves every other tier uses: the settings machinery, atomic writes, the console, hardware detection,
+#             where this process sits in a job and its process group (launch_env, distributed)
+#   config    every settings dataclass (a `*.settings` module belongs here whatever its package: settings sit beside
+#             the code they configure, and mmdist.config.run composes them into the RunConfig), the stages, the
+#             config's own rules (mmdist.config.*) and precision resolution over the config
+#   models    the models and the one place that builds them (materialize) and reads/writes their exports
+#   data      the data pipeline
+#   library   what runs over a model and its data without training it: evaluation, generation, the llava-hf
+#             conversion, the planner, the demo's pieces; the trainer evaluates and plans, so they sit below it
+#   training  the engine, the trainer and what it checkpoints
+#   commands  argument parsing, printing and exit codes
+TIERS = ("core", "config", "models", "data", "library", "training", "commands")
+CORE = {"mmdist", "mmdist.settings", "mmdist.atomic", "mmdist.console", "mmdist.hardware", "mmdist.configs",
+        "mmdist.distributed", "mmdist.launch_env", "mmdist.oom"}
+CONFIG_PACKAGES = ("mmdist.config", "mmdist.stages")
 MODELS = {"mmdist.export", "mmdist.materialize"}
+LIBRARY_PACKAGES = ("mmdist.evaluation", "mmdist.plan", "mmdist.demo")
+LIBRARY = {"mmdist.generate", "mmdist.hf_export"}
+
+
+def _in(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
 
 
 def tier(module: str) -> int:
-    """0 core, 1 models, 2 data, 3 training (and the library above the trainer), 4 commands."""
-    if module in CORE or module == "mmdist.config" or module.startswith("mmdist.config.") or module.endswith(".settings"):
+    """The index in TIERS of ``module``."""
+    if module in CORE:
         return 0
-    if module.startswith("mmdist.models.") or module == "mmdist.models" or module in MODELS:
+    if _in(module, CONFIG_PACKAGES) or module.endswith(".settings") or module == "mmdist.precision":
         return 1
-    if module.startswith("mmdist.data.") or module == "mmdist.data":
+    if _in(module, ("mmdist.models",)) or module in MODELS:
         return 2
-    if module.startswith("mmdist.commands.") or module in ("mmdist.commands", "mmdist.__main__"):
+    if _in(module, ("mmdist.data",)):
+        return 3
+    if _in(module, LIBRARY_PACKAGES) or module in LIBRARY:
         return 4
-    return 3  # mmdist.training.*, evaluation, generate, hf_export, plan, the demo library
+    if _in(module, ("mmdist.training",)):
+        return 5
+    if _in(module, ("mmdist.commands",)) or module == "mmdist.__main__":
+        return 6
+    raise AssertionError(f"{module}: no tier; add it to one in tests/test_import_graph.py")
 
 
 # (importer, imported) -> why this upward import is allowed.
@@ -123,20 +147,39 @@ def upward_imports(graph: dict[str, set[str]]) -> list[str]:
 def test_the_walker_sees_module_level_and_function_local_imports():
     graph = import_graph()
     assert "mmdist.settings" in graph["mmdist.data.settings"]  # module level
-    assert "mmdist.data.loader" in graph["mmdist.data"]  # inside a function (the lazy __getattr__)
+    assert "mmdist.data.loader" in graph["mmdist.training.run_setup"]  # inside a function (default_loader_builder)
     assert graph["mmdist.settings"] == set()  # the leaf
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
 def test_tiers_are_what_the_layout_says():
-    assert [tier(m) for m in ("mmdist.config.run", "mmdist.training.settings", "mmdist.data.settings", "mmdist.precision")] == [0] * 4
-    assert [tier(m) for m in ("mmdist.models.fused", "mmdist.export", "mmdist.materialize")] == [1] * 3
-    assert tier("mmdist.data.loader") == 2
-    assert [tier(m) for m in ("mmdist.training.loop", "mmdist.evaluation", "mmdist.generate", "mmdist.plan", "mmdist.demo.state")] == [3] * 5
-    assert [tier(m) for m in ("mmdist.commands.cli", "mmdist.__main__")] == [4, 4]
-    assert upward_imports({"mmdist.data.loader": {"mmdist.training.dist"}}) == [
-        "mmdist.data.loader (data) -> mmdist.training.dist (training)"]
+    def tiers(*modules: str) -> list[str]:
+        return [TIERS[tier(m)] for m in modules]
+
+    assert tiers("mmdist.settings", "mmdist.distributed", "mmdist.launch_env") == ["core"] * 3
+    assert tiers("mmdist.config.run", "mmdist.training.settings", "mmdist.data.settings", "mmdist.stages.fuse",
+                 "mmdist.precision") == ["config"] * 5
+    assert tiers("mmdist.models.fused", "mmdist.export", "mmdist.materialize") == ["models"] * 3
+    assert tiers("mmdist.data.loader") == ["data"]
+    assert tiers("mmdist.evaluation", "mmdist.generate", "mmdist.plan.auto", "mmdist.demo.state",
+                 "mmdist.hf_export") == ["library"] * 5
+    assert tiers("mmdist.training.loop", "mmdist.training.engine") == ["training"] * 2
+    assert tiers("mmdist.commands.cli", "mmdist.__main__") == ["commands"] * 2
+    assert all(isinstance(tier(m), int) for m in all_modules())  # every module has a tier
+    assert upward_imports({"mmdist.data.loader": {"mmdist.training.step"}}) == [
+        "mmdist.data.loader (data) -> mmdist.training.step (training)"]
+    assert upward_imports({"mmdist.plan.auto": {"mmdist.training.engine"}}) == [
+        "mmdist.plan.auto (library) -> mmdist.training.engine (training)"]
+
+
+def test_no_package_init_resolves_names_lazily():
+    """A package imports eagerly what it offers (or nothing: callers import the submodule); no module __getattr__."""
+    def lazy_getattr(path: Path) -> bool:
+        return any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in ast.parse(path.read_text()).body)
+
+    lazy = [name for name, path in all_modules().items() if path.name == "__init__.py" and lazy_getattr(path)]
+    assert not lazy, f"module-level __getattr__ in {lazy}"
 
 
 def test_imports_only_go_to_the_same_or_a_lower_tier():

@@ -19,7 +19,7 @@ QFORMER = ("model.connector.type=qformer", "model.text.freeze=false")
 
 
 def _train(stage: str, root: Path, *over: str) -> Path:
-    from mmdist.config import load_config
+    from mmdist.config.run import load_config
     from mmdist.training.loop import train
 
     cfg = load_config(REPO / "configs" / f"tiny_{stage}.yaml", [

@@ -129,7 +129,8 @@ def test_step_flops_are_the_models_own_count(stage, connector):
 
 def test_run_dir_holds_the_resolved_stage_and_why(tmp_path, monkeypatch):
     from mmdist.config.run import load_config
-    from mmdist.training.run_setup import resolve_zero_stage_agreed, write_run_dir
+    from mmdist.training.resolve import resolve_zero_stage_agreed
+    from mmdist.training.run_setup import write_run_dir
 
     monkeypatch.delenv(DEVICE_MEMORY_ENV, raising=False)
     cfg = tiny_run_config("fuse", "engine.zero_stage=auto", f"run_dir={tmp_path}")
@@ -199,7 +200,7 @@ def test_why_zero0_is_left_out_with_bf16(tmp_path, monkeypatch):
     from helpers.trainer_toy import toy_config, toy_loader_builder, toy_model_builder
     from safetensors.torch import load_file
 
-    from mmdist.config import load_config
+    from mmdist.config.run import load_config
     from mmdist.training.loop import train
 
     cfg = load_config(base=toy_config(str(tmp_path), train={"max_steps": 2}, engine={"zero_stage": 0, "precision": "bf16"}))

@@ -23,8 +23,8 @@ import torch
 from mmdist.commands import cache as cache_command
 from mmdist.commands import exits_on_oom
 from mmdist.commands.generate import load_model
-from mmdist.config import ConfigError, load_config
 from mmdist.config.recipes import packaged_recipes, recipe_path
+from mmdist.config.run import ConfigError, load_config
 from mmdist.demo.digits import make_shards, shard_overrides
 from mmdist.demo.evaluate import heldout_answers, heldout_gallery, heldout_retrieval
 from mmdist.demo.report import loss_curve, write_report

@@ -15,15 +15,16 @@ from typing import Any
 
 import torch
 
+from mmdist import distributed as dist
 from mmdist.commands import exits_on_oom
-from mmdist.data import build_loader
+from mmdist.data.loader import build_loader
 from mmdist.evaluation import MATCHERS, eval_config, evaluate_model, summary_line
 from mmdist.export import resolve_export_dir
 from mmdist.hardware import default_device
+from mmdist.launch_env import strip_local_rank
 from mmdist.materialize import EVAL_SUBFOLDERS, load_export_model
 from mmdist.oom import oom_guard, parameter_count
-from mmdist.training import dist
-from mmdist.training.launch_env import strip_local_rank
+from mmdist.stages import Measure
 
 
 def _output_dir(path: str, model: Any) -> Path:
@@ -79,17 +80,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             sizes.update({"sequence": cfg.data.max_len, "answers up to": f"{args.max_new_tokens} tokens"})
             loader = build_loader(cfg, model.processors, "eval", env.rank, env.world_size)
             out = Path(args.out) if args.out else _output_dir(args.run, model)
+            answers = cfg.stage.measures is Measure.ANSWERS  # rank 0 also writes every answer
             metrics = evaluate_model(model, cfg, loader, max_samples=args.max_samples,
                                      max_new_tokens=args.max_new_tokens, normalise=MATCHERS[args.match](),
-                                     jsonl_path=out / "answers.jsonl" if cfg.stage == "fuse" else None)
+                                     jsonl_path=out / "answers.jsonl" if answers else None)
         metrics.pop("records", None)
-        metrics = {"stage": cfg.stage, "data": list(args.data), **metrics}
+        metrics = {"stage": cfg.stage.name, "data": list(args.data), **metrics}
         if env.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
             print(f"[mmdist] eval {summary_line(cfg.stage, metrics)}")
             print(json.dumps(metrics, sort_keys=True))
-            print(f"[mmdist] wrote {out / 'metrics.json'}" + (f" and {out / 'answers.jsonl'}" if cfg.stage == "fuse" else ""))
+            print(f"[mmdist] wrote {out / 'metrics.json'}" + (f" and {out / 'answers.jsonl'}" if answers else ""))
         if distributed:
             # Leave together: a rank that tears its group down while rank 0 still writes was seen to abort
             # ("terminate called without an active exception") on a loaded machine.

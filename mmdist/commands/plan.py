@@ -55,10 +55,10 @@ def main(argv: Sequence[str]) -> int:
     ds = None if args.no_deepspeed else deepspeed_estimates(shapes, world)
     link = interconnect_for(args.gpu, args.intra_gbps, args.inter_gbps, args.gpus_per_node)
     inputs = step_inputs(cfg, shapes, world, args.gpu)
-    configured_ckpt = cfg.stage == "fuse" and cfg.model.llm.gradient_checkpointing
+    configured_ckpt = bool(cfg.stage.llm_checkpointing(cfg.model))
     half = cfg.engine.precision in ("bf16", "fp16")  # no ZeRO-0 then: see mmdist.plan.auto.ZERO0_HALF_PRECISION
     usable = [e for e in estimates if not (half and e.setting.zero_stage == 0)]
-    fastest, _ = choose(usable, inputs, world, link, budget, [False, True] if cfg.stage == "fuse" else [False])
+    fastest, _ = choose(usable, inputs, world, link, budget, [False, True] if cfg.stage.builds("llm") else [False])
     if auto_note:
         print(auto_note)
     print(format_plan(cfg, shapes, estimates, world, budget, ds, fastest if fastest.fits else None))

@@ -12,10 +12,10 @@ import sys
 from collections.abc import Sequence
 
 from mmdist.commands import exits_on_oom
-from mmdist.config import ConfigError, load_config
+from mmdist.config.run import ConfigError, load_config
+from mmdist.launch_env import strip_local_rank
 from mmdist.training import loop, preemption
 from mmdist.training.checkpoint import CheckpointError
-from mmdist.training.launch_env import strip_local_rank
 
 __all__ = ["main"]
 

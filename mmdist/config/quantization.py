@@ -15,7 +15,7 @@ __all__ = ["hf_export_problem", "quantization_problems"]
 def quantization_problems(cfg: Any) -> list[tuple[str, str]]:
     """Combinations of a run config that cannot work, as (key, reason) pairs for ``RunConfig.check``."""
     out: list[tuple[str, str]] = []
-    parts = [("llm", cfg.model.llm)] if cfg.stage == "fuse" else []
+    parts = [("llm", cfg.model.llm)] if cfg.stage.builds("llm") else []
     parts.append(("vision", cfg.model.vision))
     zero = cfg.engine.zero_stage  # "auto" never resolves to 3 for a quantized run (mmdist.plan.auto)
     for name, part in parts:

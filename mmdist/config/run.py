@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 
@@ -24,6 +24,7 @@ from mmdist.config.recipes import recipe_path
 from mmdist.data.settings import DataConfig
 from mmdist.models.settings import ModelConfig
 from mmdist.settings import ConfigError, Problem, SettingsBase, from_dict, setting, to_dict
+from mmdist.stages import FUSE, Stage
 from mmdist.training.settings import CheckpointConfig, EngineConfig, LogConfig, TrainConfig, WatchdogConfig
 
 
@@ -31,7 +32,7 @@ from mmdist.training.settings import CheckpointConfig, EngineConfig, LogConfig, 
 class RunConfig(SettingsBase):
     """One training run of one stage."""
 
-    stage: Literal["align", "fuse"] = setting("fuse", "'align' (stage 1: image encoder vs text encoder) or 'fuse' (stage 2: into the LLM)")
+    stage: Stage = setting(FUSE, "'align' (stage 1: image encoder vs text encoder) or 'fuse' (stage 2: into the LLM)")
     name: str = setting("run", "run name used in logs")
     run_dir: str = setting("runs/run", "folder for the resolved config, logs, checkpoints and exports")
     model: ModelConfig = setting(doc="backbones and connectors", factory=ModelConfig)
@@ -43,25 +44,14 @@ class RunConfig(SettingsBase):
     watchdog: WatchdogConfig = setting(doc="hang detection: stack dump and exit when no step finishes in time", factory=WatchdogConfig)
 
     def check(self) -> list[tuple[str, str]]:
-        out = []
-        llm, text = self.model.llm, self.model.text
-        if self.stage == "fuse" and not llm.name_or_path and not llm.init_config:
-            out.append(("model.llm.name_or_path", "stage fuse needs an LLM: a hub id / local path, or init_config"))
-        if self.stage == "align" and not text.name_or_path and not text.init_config:
-            out.append(("model.text.name_or_path", "stage align needs a text encoder: a hub id / local path ('minilm' for the packaged one), or init_config"))
-        if self.stage == "align":
-            if self.model.connector.type == "qformer" and self.model.text.freeze:
-                out.append(("model.text.freeze", "a Q-Former trains with its text side: set model.text.freeze=false (or use connector.type=linear/mlp)"))
-            if self.model.connector.type != "qformer" and not self.model.text.freeze:
-                out.append(("model.connector.type", "a trainable text encoder is aligned through a Q-Former: set model.connector.type=qformer (or model.text.freeze=true)"))
-        if self.stage == "fuse" and self.model.connector.stage1_weights is None and self.model.connector.type == "qformer":
-            out.append(("model.connector.stage1_weights", "a Q-Former must be trained in stage 1 first; give the stage-1 export folder"))
+        llm, staged = self.model.llm, isinstance(self.stage, Stage)  # not staged: an unknown name, reported already
+        out = self.stage.check(self.model, self.data) if staged else []
         if not self.data.train:
             out.append(("data.train", "needs at least one source (shards)"))
-        if self.stage == "align" and self.data.image_tiling.enabled:
-            out.append(("data.image_tiling.enabled", "tiling feeds the LLM (stage fuse); stage align takes one whole image per caption"))
+        if not staged:
+            return out
         out += quantization_problems(self)
-        if self.stage == "fuse" and llm.name_or_path and not llm.gguf_file:
+        if self.stage.builds("llm") and llm.name_or_path and not llm.gguf_file:
             # Local folders and cached/known hub configs only: validation never reaches the network.
             problem = qwen1_max_len_problem(llm.name_or_path, self.data.max_len)
             if problem is not None:

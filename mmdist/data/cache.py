@@ -72,7 +72,7 @@ def cache_key_parts(cfg: RunConfig, processors: Any, encoder_key: Optional[dict]
 
 def text_cache_parts(cfg: RunConfig, processors: Any) -> Optional[dict]:
     """What cached text features depend on, or None when the text side is not cached (stage fuse, trainable text encoder)."""
-    if cfg.stage != "align" or not cfg.model.text.freeze or cfg.model.connector.type == "qformer":
+    if not cfg.stage.builds("text") or not cfg.model.text.freeze or cfg.model.connector.type == "qformer":
         return None
 
     text = cfg.model.text

@@ -8,6 +8,7 @@
   (-1 on padding) so the model builds a block-diagonal mask.
 * :func:`collate_align`: images stacked, captions padded, ``caption_group`` marks equal captions.
 * :func:`group_by_length`: reorders a pool of samples into batches of similar length.
+* :func:`to_device`: a batch on the device the model runs on.
 
 A batch always holds the same number of samples (micro batch), packed or not, so
 the number of batches per epoch is known in advance and equal on every rank.
@@ -175,3 +176,17 @@ def pad_id_of(tokenizer: Any) -> int:
         if value is not None:
             return int(value)
     return 0
+
+
+def to_device(batch: dict, device: Any, dtype: Optional[torch.dtype] = None) -> dict:
+    """The batch's tensors on ``device``, floating-point ones cast to ``dtype`` (None: kept); other values as they are.
+
+    What the trainer's step, its evaluation and ``mmdist eval`` do to every batch before the forward."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if value.is_floating_point() and dtype is not None:
+                value = value.to(dtype)
+        out[key] = value
+    return out

@@ -68,6 +68,7 @@ from mmdist.data.reader import (
 )
 from mmdist.data.selfcheck import self_check
 from mmdist.data.stream import ShardStream
+from mmdist.stages import Batch
 
 if TYPE_CHECKING:
     from mmdist.config.run import RunConfig
@@ -356,14 +357,15 @@ def build_loader(cfg: RunConfig, processors: Any, split: str = "train", rank: in
     else:
         sources = _sources(cfg, split, mode)
     preprocess = make_preprocessor(cfg, processors, use_features=use_features)
-    tokenizer = processors.tokenizer if cfg.stage == "fuse" else processors.text_tokenizer
+    captions = cfg.stage.batch is Batch.CAPTIONS  # captions: the text encoder's tokens; else the LLM's
+    tokenizer = processors.text_tokenizer if captions else processors.tokenizer
     if tokenizer is None:
-        raise ValueError(f"stage {cfg.stage} needs processors.{'tokenizer' if cfg.stage == 'fuse' else 'text_tokenizer'}")
+        raise ValueError(f"stage {cfg.stage} needs processors.{'text_tokenizer' if captions else 'tokenizer'}")
     train = split == "train"
     data = replace(data, num_workers=resolve_num_workers(data.num_workers, announce=rank == 0 and train))
     dataset = ShardStream(
         data, sources=sources, preprocess=preprocess, rank=rank, world_size=world_size, batch_size=cfg.train.micro_batch_size,
-        mode=mode, shuffle=train, pack=data.packing and cfg.stage == "fuse", pad_token_id=pad_id_of(tokenizer),
+        mode=mode, shuffle=train, pack=data.packing and cfg.stage.packs, pad_token_id=pad_id_of(tokenizer),
         text_features=text_features,
     )
     if mode == "epoch":

@@ -35,6 +35,7 @@ from mmdist.data.reader import BadSample, decode_images
 from mmdist.data.settings import ImageTilingConfig
 from mmdist.data.tiling import image_layout, max_tiled_image_tokens, select_grid, tile_image, tiled_draft_size
 from mmdist.models.processors import ORIGINAL_SIZE_KEY
+from mmdist.stages import Batch, Stage
 
 if TYPE_CHECKING:
     from mmdist.config.run import RunConfig
@@ -66,7 +67,7 @@ class Preprocessor:
     """Turns decoded samples into model-ready pieces for one stage; built once per loader (picklable)."""
 
     processors: Any
-    stage: str
+    stage: Stage
     template: str
     max_len: int
     data_format: str = "auto"
@@ -89,8 +90,8 @@ class Preprocessor:
 
     @property
     def tiling(self) -> bool:
-        """Whether images are tiled (stage fuse with ``data.image_tiling.enabled``)."""
-        return self.stage == "fuse" and self.image_tiling.enabled
+        """Whether images are tiled (a stage that tiles, with ``data.image_tiling.enabled``)."""
+        return self.stage.tiles and self.image_tiling.enabled
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -287,7 +288,7 @@ class Preprocessor:
     # ----------------------------------------------------------------- entry
     def __call__(self, sample: dict) -> dict:
         n_images = _feature_count(sample["features"]) if self.use_features else len(sample["image_bytes"])
-        if self.stage == "align":
+        if self.stage.batch is Batch.CAPTIONS:
             return self._align(sample, n_images)
         if self.tiling:
             return self._tiled(sample, self.conversation_of(sample, n_images), n_images)
@@ -359,7 +360,7 @@ def make_preprocessor(cfg: RunConfig, processors: Any, use_features: bool = Fals
     """The preprocessor of a run config (stage, template, lengths) and the model's processors."""
     data = cfg.data
     stage = cfg.stage
-    template = resolve_template(data.template, processors) if stage == "fuse" else "plain"
+    template = resolve_template(data.template, processors) if stage.batch is Batch.CONVERSATIONS else "plain"
     image_token = getattr(processors, "image_token", None) or cfg.model.llm.image_token
     return Preprocessor(
         processors=processors,

@@ -14,6 +14,7 @@ from typing import Any
 
 from mmdist.data.preprocess import IGNORE_INDEX
 from mmdist.data.reader import BadSampleCounter, read_tar
+from mmdist.stages import Batch
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def self_check(dataset: Any, processors: Any, num_samples: int) -> list[dict]:
                 "data.format, data.max_len and that the samples have assistant answers"
             )
         raise RuntimeError(f"self-check: none of the first samples of {dataset.shards[0].url} could be used (bad samples: {reasons})")
-    if pre.stage == "align":
+    if pre.stage.batch is Batch.CAPTIONS:
         return rendered
     if not any(any(t != IGNORE_INDEX for t in s["labels"]) for s in rendered):
         raise RuntimeError(

@@ -35,6 +35,7 @@ from mmdist.data.reader import (
     shuffle_samples,
 )
 from mmdist.data.settings import DataConfig
+from mmdist.stages import Batch
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class ShardStream(IterableDataset):
 
     # ------------------------------------------------------------------ batches
     def _collate(self, samples: list[dict]) -> dict:
-        if self.preprocess.stage == "align":
+        if self.preprocess.stage.batch is Batch.CAPTIONS:
             batch = collate_align(samples, self.pad_token_id)
             if self.text_features:
                 batch["text_features"] = torch.stack([s["text_features"] for s in samples])

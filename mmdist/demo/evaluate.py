@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from mmdist import evaluation
-from mmdist.data import build_loader
+from mmdist.data.loader import build_loader
 from mmdist.data.reader import list_shards, read_tar
 from mmdist.data.shards import DIGIT_NAMES
 from mmdist.demo.state import DemoError

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 import torch.distributed as tdist
 
+from mmdist import distributed as dist
 from mmdist import generate
+from mmdist.data.collate import to_device
 from mmdist.data.settings import SourceConfig
 from mmdist.evaluation.metrics import IGNORE_INDEX, RECALL_AT, normalise_answer, retrieval_metrics, score_answer
-from mmdist.training import dist
-from mmdist.training.step import to_device
+from mmdist.stages import Measure, Stage
 
 if TYPE_CHECKING:
     from mmdist.config.run import RunConfig
@@ -277,11 +278,11 @@ def eval_config(cfg: RunConfig, batch_size: Optional[int] = None, shards: Option
 def evaluate_model(model: Any, cfg: RunConfig, loader: Iterable, *, max_samples: Optional[int] = None, max_new_tokens: int = 32,
                    normalise: Callable[[str], Any] = normalise_answer, prepare: Optional[Callable[[dict], dict]] = None,
                    synced_gpus: bool = False, jsonl_path: Optional[str | os.PathLike] = None) -> dict:
-    """The stage's metrics (retrieval for align, answers for fuse) of ``model`` on ``loader``."""
+    """What the stage measures (retrieval for align, answers for fuse) of ``model`` on ``loader``."""
     was_training = model.training
     model.eval()
     try:
-        if cfg.stage == "align":
+        if cfg.stage.measures is Measure.RETRIEVAL:
             return evaluate_retrieval(model, loader, max_samples=max_samples, prepare=prepare)
         return evaluate_answers(model, loader, max_samples=max_samples, max_new_tokens=max_new_tokens, normalise=normalise,
                                 prepare=prepare, synced_gpus=synced_gpus, jsonl_path=jsonl_path)
@@ -289,9 +290,9 @@ def evaluate_model(model: Any, cfg: RunConfig, loader: Iterable, *, max_samples:
         model.train(was_training)
 
 
-def summary_line(stage: str, metrics: dict) -> str:
+def summary_line(stage: Stage, metrics: dict) -> str:
     """One line for the progress log."""
-    if stage == "align":
+    if stage.measures is Measure.RETRIEVAL:
         return (f"retrieval over {metrics['samples']} images / {metrics['captions']} captions: i2t R@1/5/10 "
                 f"{metrics['i2t_r1']:.3f}/{metrics['i2t_r5']:.3f}/{metrics['i2t_r10']:.3f}, t2i R@1/5/10 "
                 f"{metrics['t2i_r1']:.3f}/{metrics['t2i_r5']:.3f}/{metrics['t2i_r10']:.3f}")

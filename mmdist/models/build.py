@@ -1,4 +1,4 @@
-"""Build a model from its settings: `build_model(settings, stage=...)` -> AlignModel (stage align) or FusedVLM (stage fuse).
+"""Build a model from its settings: `build_model(settings, stage=...)` -> the model that takes the stage's batches.
 
 This is the one place where backbones are loaded, the tokenizer gets its image
 placeholder and LoRA is attached. It takes the model's own settings and the few
@@ -28,11 +28,12 @@ from mmdist.models.processors import ImageTransform, Processors
 from mmdist.models.settings import ModelConfig
 from mmdist.models.text import TextEncoder, load_text_tokenizer
 from mmdist.models.vision import VisionTower, vision_fingerprint
+from mmdist.stages import Batch, Stage
 
 
-def build_model(settings: ModelConfig, *, stage: str, template: str = "auto", uses_feature_cache: bool = False,
+def build_model(settings: ModelConfig, *, stage: Stage, template: str = "auto", uses_feature_cache: bool = False,
                 gather: Gather = null_gather, stage1_manifest: Optional[dict] = None) -> nn.Module:
-    """The model of ``stage`` ('align' or 'fuse') with its ``processors``.
+    """The model of ``stage`` with its ``processors``: AlignModel for caption batches, FusedVLM for conversations.
 
     ``template`` is the chat template the processors render (data.template);
     ``uses_feature_cache`` tells stage 2 that batches hold cached vision features
@@ -42,10 +43,8 @@ def build_model(settings: ModelConfig, *, stage: str, template: str = "auto", us
     """
     vision = VisionTower(settings.vision, gather)
     transform = vision.image_transform()
-    if stage == "align":
+    if stage.batch is Batch.CAPTIONS:
         return _build_align(settings, vision, transform, template, gather)
-    if stage != "fuse":
-        raise ValueError(f"stage={stage!r} is not one of 'align', 'fuse'")
     return _build_fused(settings, vision, transform, template, uses_feature_cache, gather, stage1_manifest)
 
 

@@ -19,7 +19,8 @@ from torch import nn
 from mmdist.models.flops import FlopCount
 from mmdist.models.freeze import Part
 
-__all__ = ["BatchCounts", "CountsOwnFlops", "FlopCount", "TrainableModel", "count_samples", "leading_size"]
+__all__ = ["BatchCounts", "CountsOwnFlops", "FlopCount", "TrainableModel", "contract_members", "count_samples",
+           "leading_size", "require_trainable"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,26 @@ class CountsOwnFlops(Protocol):
 
     def flop_count(self) -> FlopCount:
         ...
+
+
+def contract_members() -> tuple[str, ...]:
+    """The members :class:`TrainableModel` names: its attributes and its methods, read from the Protocol itself."""
+    names = set(TrainableModel.__annotations__)
+    names |= {name for name, value in vars(TrainableModel).items() if not name.startswith("_") and callable(value)}
+    return tuple(sorted(names))
+
+
+def require_trainable(model: Any, where: str) -> None:
+    """Refuse ``model`` at ``where`` (the engine, the trainer) unless it has every member of the contract.
+
+    The error names what is missing, so a custom ``model_builder``'s model fails where it enters, not deep in a
+    step with an AttributeError.
+    """
+    missing = [name for name in contract_members() if not hasattr(model, name)]
+    if missing:
+        raise TypeError(f"{type(model).__name__} cannot enter {where}: it lacks {', '.join(missing)} of the model "
+                        "contract (mmdist.models.contract.TrainableModel; docs/design.md, 'Model side'). Add "
+                        f"{'it' if len(missing) == 1 else 'them'} to the model, or build an mmdist model")
 
 
 def count_samples(batch: dict, *keys: str) -> int:

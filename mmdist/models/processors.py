@@ -1,7 +1,7 @@
 """What the data pipeline needs from the model: image transform, tokenizers, image-token facts.
 
 `Processors` is built by the model (it knows the vision encoder's resolution and
-normalisation and the LLM's tokenizer) and handed to `mmdist.data.build_loader`.
+normalisation and the LLM's tokenizer) and handed to `mmdist.data.loader.build_loader`.
 Everything here is picklable so DataLoader workers can hold it, and
 `fingerprint()` names the preprocessing exactly so a feature cache built with
 other settings is never reused by mistake.

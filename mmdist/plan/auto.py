@@ -99,7 +99,7 @@ def resolve_zero_stage(cfg: RunConfig, world_size: int, device: str = "cpu") -> 
     estimates = estimate(planned, shapes, world_size, settings=auto_candidates(cfg, planned.engine.precision))
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or min(world_size, 8))
     link = interconnect_for(name, gpus_per_node=max(1, per_node))
-    ckpt = cfg.stage == "fuse" and cfg.model.llm.gradient_checkpointing
+    ckpt = bool(cfg.stage.llm_checkpointing(cfg.model))
     best, candidates = choose(estimates, step_inputs(planned, shapes, world_size, name), world_size, link, budget, [ckpt])
     stage = best.setting.zero_stage
     out = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, zero_stage=stage))

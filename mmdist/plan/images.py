@@ -38,7 +38,7 @@ class SampleImages:
 def sample_images(cfg: RunConfig, tokens_per_image: int) -> SampleImages:
     """One sample's images for ``cfg``: tiled at the costliest candidate grid when ``data.image_tiling`` is on (stage fuse)."""
     tiling = cfg.data.image_tiling
-    if cfg.stage != "fuse" or not tiling.enabled:
+    if not (cfg.stage.tiles and tiling.enabled):
         return SampleImages(1, tokens_per_image, tokens_per_image, tokens_per_image)
     sep, note = separator_tokens(cfg)
     images = 1 + max(rows * cols for rows, cols in candidate_grids(tiling))

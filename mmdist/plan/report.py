@@ -70,7 +70,7 @@ def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estim
     p_frozen = sum(s.params for s in shapes if not s.trainable)
     lines.append(f"mmdist plan: stage {cfg.stage}, {world} GPU(s) of {_g(budget)} GiB, precision {cfg.engine.precision}, "
                  f"micro-batch {cfg.train.micro_batch_size} samples, each counted as a full row of {cfg.data.max_len} tokens "
-                 f"({'packed' if cfg.data.packing and cfg.stage == 'fuse' else 'padded'}: at most "
+                 f"({'packed' if cfg.data.packing and cfg.stage.packs else 'padded'}: at most "
                  f"{cfg.train.micro_batch_size * cfg.data.max_len:,} tokens)")
     lines += image_lines(cfg, shapes)
     lines.append("")
@@ -102,7 +102,7 @@ def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estim
         lines.append(f"recommended: {best.setting.label}, gradient_checkpointing={'true' if ckpt else 'false'}; {why}"
                      f"largest micro-batch that fits: {best.max_micro_batch(budget, ckpt)} "
                      f"(configured {cfg.train.micro_batch_size}; {_g(best.total(ckpt))} GiB of {_g(budget)} GiB)")
-        ckpt_override = f" model.llm.gradient_checkpointing={str(ckpt).lower()}" if cfg.stage == "fuse" else ""
+        ckpt_override = f" model.llm.gradient_checkpointing={str(ckpt).lower()}" if cfg.stage.builds("llm") else ""
         lines.append(f"  overrides: engine.zero_stage={best.setting.zero_stage} engine.offload_optimizer="
                      f"{str(best.setting.offload_optimizer).lower()} engine.offload_params={str(best.setting.offload_params).lower()}"
                      + ckpt_override)

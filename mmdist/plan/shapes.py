@@ -62,10 +62,10 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     image_tokens = vdims["tokens"]
     text_dim = 0
     text_model = None
-    if cfg.stage == "align" or conn.type == "qformer":
+    if cfg.stage.builds("text") or conn.type == "qformer":
         text = cfg.model.text
         tconf = hf_config("model.text", text.name_or_path, text.init_config)
-        if cfg.stage == "align":
+        if cfg.stage.builds("text"):
             text_model = meta_model(tconf, causal_lm=False).requires_grad_(not text.freeze)
             params, largest = count_parameters(text_model)
             out.append(ModuleShape("text_encoder", params, not text.freeze, text.dtype, largest, _text_dims(tconf)))
@@ -74,7 +74,7 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     stage1_module, stage1_params = _stage1_module(cfg, vision_dim, text_dim, image_tokens, text_model)
     stage1_out, image_tokens = int(stage1_module.out_dim), int(stage1_module.num_tokens)
     vision_flops = _vision_flops(cfg, vision, vision_model)
-    if cfg.stage == "align":
+    if not cfg.stage.builds("llm"):
         dims = {"tokens": image_tokens, "width": stage1_out, **_resampler_dims(cfg, conn.type == "resampler", vdims)}
         out.append(ModuleShape("stage1", stage1_params, True, "fp32", stage1_params, dims,
                                flops=align_flop_count(vision_flops, text_model, stage1_module)))
@@ -177,12 +177,12 @@ def _stage1_module(cfg: RunConfig, vision_dim: int, text_dim: int, image_tokens:
     import torch
 
     conn = cfg.model.connector
-    text_for_module = text_dim if (cfg.stage == "align" or conn.type == "qformer") else None
+    text_for_module = text_dim if (cfg.stage.builds("text") or conn.type == "qformer") else None
     text_encoder = None
     if text_model is not None and conn.type == "qformer":  # the Q-Former reads TextEncoder's ``.model`` to build
         text_encoder = torch.nn.Module()
         text_encoder.model = text_model
     with torch.device("meta"):
         module = build_stage1_module(conn, vision_dim, image_tokens, text_for_module or None, text_encoder=text_encoder)
-    params = count_parameters(module)[0] + (1 if cfg.stage == "align" else 0)
+    params = count_parameters(module)[0] + (1 if cfg.stage.builds("text") else 0)  # the contrastive temperature
     return module, params

@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Optional
 
+from mmdist import distributed as dist
 from mmdist.atomic import write_text_atomic
-from mmdist.training import dist
 from mmdist.training.trainable_state import (
     TRAINABLE_STATE,
     CheckpointError,

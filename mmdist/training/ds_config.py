@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator
 from typing import Any, Optional
 
-from mmdist.config import RunConfig
+from mmdist.config.run import RunConfig
 from mmdist.settings import ConfigError, Problem
 
 __all__ = ["batch_layout", "deepspeed_config", "fit_micro_batch", "total_steps"]

@@ -18,15 +18,15 @@ from typing import Any, Optional
 
 from torch import nn
 
-from mmdist.config import RunConfig
+from mmdist import distributed as dist
+from mmdist.config.run import RunConfig
 from mmdist.hardware import default_device
-from mmdist.models.contract import TrainableModel
+from mmdist.models.contract import TrainableModel, require_trainable
 from mmdist.models.gather import null_gather
-from mmdist.precision import concrete
-from mmdist.training import dist
 from mmdist.training.ds_config import deepspeed_config, total_steps
 from mmdist.training.oom import engine_build_guard
 from mmdist.training.optimizer import build_optimizer_groups
+from mmdist.training.resolve import is_resolved, resolve_run
 from mmdist.training.teardown import release_deepspeed
 
 __all__ = [
@@ -120,7 +120,7 @@ class EngineBundle:
     def close(self) -> None:
         """Release what DeepSpeed set up in this process (see :func:`release_deepspeed`); idempotent.
 
-        Call it before ``mmdist.training.dist.shutdown()``: the shm buffer's name holds
+        Call it before ``mmdist.distributed.shutdown()``: the shm buffer's name holds
         the master address and port that shutdown() takes out of the environment.
         """
         self.hf_ds_config = None
@@ -158,15 +158,14 @@ def build_engine(
     :meth:`EngineBundle.close`; when building fails, DeepSpeed's state is
     released here (:func:`release_deepspeed`) before the error propagates; running out
     of device memory raises :class:`~mmdist.oom.OutOfMemoryStop` with the model's size and
-    the settings that shrink it.
+    the settings that shrink it. The trainer passes the config of its resolve step, used as
+    it is; a config that still says ``auto`` is resolved first (mmdist.training.resolve).
     """
     try:
-        if cfg.engine.zero_stage == "auto":  # callers other than the trainer (benchmarks, notebooks): resolve here
-            from mmdist.plan.auto import resolve_zero_stage
-
-            cfg = resolve_zero_stage(cfg, world_size or dist.world_size(), default_device())[0]
+        if not is_resolved(cfg):  # a caller without the trainer's start-up (benchmarks, notebooks): its resolve step
+            cfg = resolve_run(cfg, world_size or dist.world_size(), fit_micro_batch_to_world=False).config
         with engine_build_guard(cfg, world_size or dist.world_size()):  # out of memory: a message, not a traceback
-            return _build_engine(concrete(cfg), world_size, model_builder)
+            return _build_engine(cfg, world_size, model_builder)
     except BaseException:
         release_deepspeed()
         raise
@@ -237,7 +236,8 @@ def _build_engine(cfg: RunConfig, world_size: Optional[int], model_builder: Opti
         with build_device():  # ZeRO 0-2: weights are created (or loaded) on the GPU, never whole on the CPU first
             model = builder(cfg, gather)
 
-    if cfg.stage == "fuse" and cfg.model.llm.gradient_checkpointing:
+    require_trainable(model, "the engine")
+    if cfg.stage.llm_checkpointing(cfg.model):
         enable_frozen_gradient_checkpointing(model)
 
     groups = build_optimizer_groups(model, cfg.train)

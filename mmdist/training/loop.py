@@ -21,24 +21,24 @@ from typing import Any, Optional
 
 import torch
 
-from mmdist.config import RunConfig
+from mmdist import distributed as dist
+from mmdist.config.run import RunConfig
+from mmdist.data.collate import to_device
 from mmdist.export import export_trainable
 from mmdist.hardware import peak_flops
 from mmdist.models.freeze import param_table
 from mmdist.precision import precision_lines
-from mmdist.training import dist, preemption
+from mmdist.training import preemption
 from mmdist.training.checkpoint import CheckpointManager, CheckpointStorageError, capture_rng
-from mmdist.training.ds_config import fit_micro_batch
 from mmdist.training.engine import build_engine
 from mmdist.training.metrics import WARMUP_STEPS, FlopCount, MetricsLogger, Throughput
 from mmdist.training.oom import OutOfMemoryStop, evaluation_guard, export_guard, oom_advice
+from mmdist.training.resolve import resolve_run
 from mmdist.training.run_setup import (
     Run,
     check_run_dir,
     compute_dtype,
     default_loader_builder,
-    resolve_precision_agreed,
-    resolve_zero_stage_agreed,
     resume,
     setup,
     write_run_dir,
@@ -50,7 +50,6 @@ from mmdist.training.step import (
     TrainState,
     float_dtype,
     phases,
-    to_device,
     train_step,
 )
 from mmdist.training.watchdog import Watchdog
@@ -69,7 +68,7 @@ def train(
 
     ``model_builder(cfg, gather)`` and ``loader_builder(cfg, processors, split,
     rank, world_size)`` default to ``mmdist.materialize.build_run_model`` and
-    ``mmdist.data.build_loader``; tests pass small ones. ``stop_after`` ends the
+    ``mmdist.data.loader.build_loader``; tests pass small ones. ``stop_after`` ends the
     run after that many optimizer steps of the configured schedule (with a
     checkpoint), as a job hitting its time limit would.
 
@@ -87,19 +86,19 @@ def train(
         teardown.callback(flag.uninstall)
         dog = Watchdog.from_config(cfg.watchdog, rank=env.rank, run_dir=cfg.run_dir).start()
         teardown.callback(dog.stop)
-        cfg, zero_note = resolve_zero_stage_agreed(cfg, env.world_size)  # `auto` -> the planner's fastest stage that fits
-        if zero_note and env.rank == 0:
-            print(f"[mmdist] {zero_note}", flush=True)
-        cfg, precision = resolve_precision_agreed(cfg)  # `auto` -> concrete dtypes, before anything is built
-        cfg, fitted = fit_micro_batch(cfg, env.world_size)  # the global batch stays on any number of ranks
-        if fitted and env.rank == 0:
-            print(fitted, flush=True)
-        write_run_dir(cfg, env.rank, precision, [zero_note] if zero_note else [])
+        resolved = resolve_run(cfg, env.world_size)  # the config the run is, decided once before anything is built
+        cfg = resolved.config
+        if resolved.zero_stage_note and env.rank == 0:
+            print(f"[mmdist] {resolved.zero_stage_note}", flush=True)
+        if resolved.micro_batch_note and env.rank == 0:
+            print(resolved.micro_batch_note, flush=True)  # a whole line: "[mmdist] train.micro_batch_size: ..."
+        notes = [resolved.zero_stage_note] if resolved.zero_stage_note else []
+        write_run_dir(cfg, env.rank, resolved.precision, notes)
         with dog.phase("building the engine"):
             bundle = build_engine(cfg, world_size=env.world_size, model_builder=model_builder)
         teardown.callback(bundle.close)  # before dist.shutdown: DeepSpeed's groups, the shm buffer
         run = setup(cfg, env, bundle, loader_builder or default_loader_builder)
-        run.precision = precision
+        run.precision = resolved.precision
         run.watchdog = dog
 
         # 2. resume, then the logs (they drop records a resumed run will write again)
@@ -189,7 +188,7 @@ def _peaks(run: Run, flops: FlopCount) -> dict[str, float] | float:
 
 def _cache_holds_text(cfg: RunConfig) -> bool:
     """True when the run's feature cache stores pooled caption features (stage 1 then never runs the text encoder)."""
-    if not cfg.data.feature_cache or cfg.stage != "align":
+    if not cfg.data.feature_cache or not cfg.stage.builds("text"):
         return False
     from mmdist.data.cache import read_cache_key
 

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 import torch
 
-from mmdist.config import RunConfig
+from mmdist.config.run import RunConfig
 from mmdist.oom import OOM_EXIT, OutOfMemoryStop, human_count, oom_guard, oom_message, parameter_count
 from mmdist.training.step import StepOutOfMemoryError
 
@@ -58,11 +58,11 @@ def planner_line(cfg: RunConfig, world_size: int, budget: Optional[int]) -> str:
             return f"planner: ZeRO stage {zero!r} is not resolved yet; {ask}"
         setting = Setting(zero, bool(cfg.engine.offload_optimizer), bool(cfg.engine.offload_params))
         (est,) = estimate(cfg, model_shapes(cfg), world_size, settings=[setting])
-        ckpt = bool(cfg.model.llm.gradient_checkpointing) if cfg.stage == "fuse" else False
+        ckpt = bool(cfg.stage.llm_checkpointing(cfg.model))
         fits = est.max_micro_batch(budget, ckpt)
         line = (f"planner: largest micro-batch that fits {setting.label} on {budget / 2**30:.0f} GiB: {fits} "
                 f"(train.micro_batch_size={cfg.train.micro_batch_size}")
-        if cfg.stage == "fuse" and not ckpt:
+        if cfg.stage.builds("llm") and not ckpt:
             line += f"; with model.llm.gradient_checkpointing=true: {est.max_micro_batch(budget, True)}"
         return line + ")"
     except Exception as exc:  # the planner is advice: never let it hide the out-of-memory report
@@ -74,7 +74,7 @@ def oom_advice(cfg: RunConfig, error: StepOutOfMemoryError, *, world_size: int, 
     """The whole message: what ran out where, the last checkpoint, the planner's figure, the settings to change."""
     device = torch.device(device) if device is not None else (
         torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu"))
-    ckpt = bool(cfg.model.llm.gradient_checkpointing) if cfg.stage == "fuse" else None
+    ckpt = cfg.stage.llm_checkpointing(cfg.model)
     settings = [
         f"train.micro_batch_size={cfg.train.micro_batch_size} -> smaller (the global batch stays: accumulation grows)",
         f"engine.zero_stage={cfg.engine.zero_stage} -> 3 partitions the frozen weights too" if cfg.engine.zero_stage != 3
@@ -82,7 +82,7 @@ def oom_advice(cfg: RunConfig, error: StepOutOfMemoryError, *, world_size: int, 
     ]
     if ckpt is False:
         settings.insert(0, "model.llm.gradient_checkpointing=true (activations of one layer at a time; ~1/3 more compute)")
-    if cfg.stage == "fuse":
+    if cfg.stage.builds("llm"):
         settings.append(f"data.max_len={cfg.data.max_len} -> shorter rows (activation memory grows with it)")
     phase = (f"the training step (step {error.step}, micro-batch {error.micro_batch} of {error.accumulation}, "
              f"in the {error.phase})")

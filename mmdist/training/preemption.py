@@ -35,8 +35,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Optional, Union
 
+from mmdist import distributed as dist
 from mmdist.atomic import write_text_atomic
-from mmdist.training import dist
 
 __all__ = [
     "DEFAULT_SIGNALS",

@@ -1,9 +1,9 @@
-"""Everything before the first step: the resolved config and run folder, the run's parts, and the resume.
+"""Everything before the first step: the run folder with its config, the run's parts, and the resume.
 
 Split from the loop (``mmdist.training.loop``) so that reads as the job does; the
-pieces here decide what a run *is* (concrete dtypes and worker counts written into
-``config.yaml``, which checkpoint every rank resumes from) rather than what it does
-each step.
+pieces here set up what a run *is* (the config of the resolve step,
+mmdist.training.resolve, written into ``config.yaml`` with the worker count; which
+checkpoint every rank resumes from) rather than what it does each step.
 """
 
 from __future__ import annotations
@@ -23,21 +23,19 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from mmdist import distributed as dist
 from mmdist.atomic import write_text_atomic
-from mmdist.config import ConfigError, RunConfig, dump_config
-from mmdist.hardware import default_device
-from mmdist.precision import precision_lines, resolve_precision
-from mmdist.settings import Problem
-from mmdist.training import dist
+from mmdist.config.run import RunConfig, dump_config
+from mmdist.launch_env import DistEnv
+from mmdist.precision import precision_lines
+from mmdist.settings import ConfigError, Problem
 from mmdist.training.checkpoint import CheckpointError, CheckpointManager, restore_rng
 from mmdist.training.engine import EngineBundle
-from mmdist.training.launch_env import DistEnv
 from mmdist.training.metrics import MetricsLogger, Throughput
 from mmdist.training.step import TrainState
 from mmdist.training.watchdog import Watchdog
 
-__all__ = ["Run", "check_run_dir", "compute_dtype", "default_loader_builder", "resolve_precision_agreed",
-           "resolve_zero_stage_agreed", "resume", "setup", "write_run_dir"]
+__all__ = ["Run", "check_run_dir", "compute_dtype", "default_loader_builder", "resume", "setup", "write_run_dir"]
 
 PROBE_BYTES = 1 << 20  # what each rank writes (and removes) to show the run folder takes data
 # A checkpoint holds each trainable parameter's weight (<= 4 bytes), DeepSpeed's fp32 master and two Adam moments
@@ -46,7 +44,7 @@ CHECKPOINT_BYTES_PER_TRAINABLE = 4 + 12 + 12
 
 
 def default_loader_builder(cfg: RunConfig, processors: Any, split: str, rank: int, world_size: int) -> Iterable:
-    from mmdist.data import build_loader
+    from mmdist.data.loader import build_loader
 
     return build_loader(cfg, processors, split, rank, world_size)
 
@@ -60,7 +58,7 @@ def compute_dtype(cfg: RunConfig) -> str:
     """
     if cfg.engine.precision != "fp32":
         return cfg.engine.precision
-    return cfg.model.llm.dtype if cfg.stage == "fuse" else cfg.model.vision.dtype
+    return getattr(cfg.model, cfg.stage.heavy_part).dtype
 
 
 @dataclass
@@ -99,49 +97,6 @@ class Run:
         """A non-finite micro-batch was dropped (train_step's ``on_skip``)."""
         self.logger.print(f"[mmdist] step {state.step + 1}: non-finite loss ({loss}) on some rank; batch skipped ({state.nonfinite_in_row} in a row)")
         self.logger.log(state.step, {"nonfinite_loss": 1, "nonfinite_in_row": state.nonfinite_in_row, "nonfinite_total": state.nonfinite_total})
-
-
-def resolve_precision_agreed(cfg: RunConfig) -> tuple[RunConfig, list]:
-    """``cfg`` with concrete dtypes for this node's device (mmdist.precision); rank 0's answer on every rank.
-
-    Ranks must agree: where the CPU's flags cannot be read a matmul probe decides, and two probes may not.
-    """
-    device = default_device()
-    if dist.world_size() == 1:
-        return resolve_precision(cfg, device)
-    answer: Any = None
-    if dist.rank() == 0:
-        try:
-            answer = resolve_precision(cfg, device)
-        except ConfigError as exc:
-            answer = exc
-    answer = dist.broadcast_object(answer, src=0)
-    if isinstance(answer, Exception):
-        raise answer
-    return answer
-
-
-def resolve_zero_stage_agreed(cfg: RunConfig, world_size: int) -> tuple[RunConfig, Optional[str]]:
-    """``cfg`` with ``engine.zero_stage: auto`` made concrete (mmdist.plan.auto), and the reason; rank 0's answer
-    on every rank (ranks must run the same stage). Unchanged, with None, when the stage is not ``auto``."""
-    if cfg.engine.zero_stage != "auto":
-        return cfg, None
-    from mmdist.plan.auto import resolve_zero_stage
-
-    device = default_device()
-    if dist.world_size() == 1:
-        return resolve_zero_stage(cfg, world_size, device)
-    answer: Any = None
-    if dist.rank() == 0:
-        try:
-            answer = resolve_zero_stage(cfg, world_size, device)
-        except (ConfigError, ValueError) as exc:
-            answer = exc
-    answer = dist.broadcast_object(answer, src=0)
-    if isinstance(answer, Exception):
-        raise answer
-    stage, line = answer[0].engine.zero_stage, answer[1]
-    return dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, zero_stage=stage)), line
 
 
 def write_run_dir(cfg: RunConfig, rank: int, precision: Sequence = (), notes: Sequence[str] = ()) -> None:

@@ -26,12 +26,13 @@ from typing import Any, Optional
 
 import torch
 
+from mmdist import distributed as dist
+from mmdist.data.collate import to_device
 from mmdist.models.contract import BatchCounts, TrainableModel
 from mmdist.oom import memory_summary
-from mmdist.training import dist
 
 __all__ = ["Batches", "NonFiniteLossError", "PhaseTimer", "StepOutOfMemoryError", "TrainState", "float_dtype", "phases",
-           "to_device", "train_step"]
+           "train_step"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -264,18 +265,6 @@ def float_dtype(engine: Any) -> Optional[torch.dtype]:
     if engine.bfloat16_enabled():
         return torch.bfloat16
     return torch.float16 if engine.fp16_enabled() else None
-
-
-def to_device(batch: dict, device: Any, dtype: Optional[torch.dtype] = None) -> dict:
-    """The batch's tensors on ``device``, floating-point ones cast to ``dtype`` (None: kept); other values as they are."""
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            if value.is_floating_point() and dtype is not None:
-                value = value.to(dtype)
-        out[key] = value
-    return out
 
 
 def _fingerprint(batch: dict) -> str:

@@ -1,7 +1,7 @@
 """Undo what DeepSpeed sets up in a process, so a second run in it starts clean and no run leaks shared memory.
 
 The ZeRO-3 setting transformers reads, DeepSpeed's process groups, the patched
-``F.linear`` and the /dev/shm buffer of its CPU all-reduce. ``mmdist.training.dist``
+``F.linear`` and the /dev/shm buffer of its CPU all-reduce. ``mmdist.distributed``
 only creates and destroys the torch process group; this is the DeepSpeed side.
 """
 
@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
-from mmdist.training import dist
+from mmdist import distributed as dist
 
 __all__ = ["deepspeed_shm_buffer", "release_deepspeed", "remove_deepspeed_shm_buffer"]
 

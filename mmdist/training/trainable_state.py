@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from mmdist.training import dist
+from mmdist import distributed as dist
 
 __all__ = ["CheckpointError", "OPTIMIZER_KEYS", "TRAINABLE_STATE", "gather_trainable_state", "load_trainable_state"]
 

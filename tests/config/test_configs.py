@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mmdist.commands.config import format_explain
-from mmdist.config import ConfigError, RunConfig, dump_config, load_config
+from mmdist.config.run import ConfigError, RunConfig, dump_config, load_config
 from mmdist.settings import explain
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -23,7 +23,7 @@ def test_configs_folder_is_not_empty():
 def test_every_shipped_config_validates(path: Path):
     cfg = load_config(path)
     assert isinstance(cfg, RunConfig)
-    assert cfg.stage in ("align", "fuse")
+    assert cfg.stage.name in ("align", "fuse")
 
 
 # A minimal valid stage-2 config; each bad case below breaks one thing.

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mmdist.config import ConfigError, load_config
 from mmdist.config.recipes import packaged_recipes, recipe_path
+from mmdist.config.run import ConfigError, load_config
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -33,7 +33,7 @@ def test_a_recipe_name_elsewhere_is_the_packaged_recipe(tmp_path, monkeypatch, g
     monkeypatch.chdir(tmp_path)  # no configs/ here
     assert recipe_path(given) == packaged_recipes() / "tiny_fuse.yaml"
     cfg = load_config(given, ["train.max_steps=3"])
-    assert cfg.stage == "fuse" and cfg.train.max_steps == 3
+    assert cfg.stage.name == "fuse" and cfg.train.max_steps == 3
 
 
 def test_missing_recipe_names_where_it_looked(tmp_path, monkeypatch):

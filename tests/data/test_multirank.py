@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers.data_fixtures import write_caption_shards
 
-from mmdist.training.launch_env import free_port
+from mmdist.launch_env import free_port
 
 pytestmark = pytest.mark.multiproc
 

@@ -51,7 +51,7 @@ def shards(tmp_path_factory) -> dict[str, str]:
 
 def recipe(stage: str, run_dir: Path, shards: dict[str, str], *overrides: str):
     """configs/tiny_<stage>.yaml on the demo shards, on this device, a few steps, every checkpoint and export."""
-    from mmdist.config import load_config
+    from mmdist.config.run import load_config
 
     backend = "nccl" if DEVICE == "cuda" else "gloo"
     base = yaml.safe_load((REPO / "configs" / f"tiny_{stage}.yaml").read_text())
@@ -106,7 +106,7 @@ def test_both_stages_train_at_each_zero_stage_with_auto_precision(shards, align_
 def test_cache_generate_and_eval_on_the_device(shards, align_export, tmp_path):
     cfg_path = tmp_path / "fuse.yaml"
     cfg = recipe("fuse", tmp_path / "fuse", shards, "engine.zero_stage=2", f"model.connector.stage1_weights={align_export}")
-    from mmdist.config import dump_config
+    from mmdist.config.run import dump_config
 
     dump_config(cfg, cfg_path)
     mmdist("cache", "--config", str(cfg_path), "--out", str(tmp_path / "cache"), "--device", DEVICE)

@@ -239,7 +239,7 @@ def probe(cfg: Any, pretrained_dir: str | None = None) -> dict:
     """Build the engine under ZeRO-3 and report, per rank, how much of each model this rank holds."""
     import torch.distributed as tdist
 
-    from mmdist.training import dist
+    from mmdist import distributed as dist
     from mmdist.training.engine import build_engine
 
     env = dist.init(backend="gloo")
@@ -288,8 +288,8 @@ def stage1_probe(cfg: Any) -> dict:
     import torch.distributed as tdist
     from safetensors.torch import load_file
 
+    from mmdist import distributed as dist
     from mmdist.export import resolve_export_dir
-    from mmdist.training import dist
     from mmdist.training.engine import build_engine
 
     env = dist.init(backend="gloo")
@@ -315,8 +315,7 @@ def stage1_probe(cfg: Any) -> dict:
 def recording_loader_builder(folder: str) -> Callable:
     """mmdist's own loaders; every training batch handed out appends its sample keys to FOLDER/keys.jsonl
     (one JSON line per batch: world size, rank, epoch, keys), so a test can check which samples a run trained on."""
-    from mmdist.data import build_loader
-    from mmdist.data.loader import StreamingLoader
+    from mmdist.data.loader import StreamingLoader, build_loader
 
     class Recording(StreamingLoader):
         def __iter__(self):
@@ -367,7 +366,7 @@ def replay_loader_builder(steps: list[list[str]]) -> Callable:
     """Single-process loaders that hand out the recorded ``steps`` one sample per micro-batch, in step order:
     with train.micro_batch_size 1 and the global batch of the recording, every step trains on the same samples
     as the recorded one did. The batches come from mmdist's own loader (micro-batch 1, the whole epoch)."""
-    from mmdist.data import build_loader
+    from mmdist.data.loader import build_loader
 
     def build(cfg: Any, processors: Any, split: str, rank: int, world_size: int):
         if split != "train":
@@ -384,7 +383,7 @@ def replay_loader_builder(steps: list[list[str]]) -> Callable:
 def main(argv: list[str]) -> int:
     import os
 
-    from mmdist.config import load_config
+    from mmdist.config.run import load_config
     from mmdist.training.loop import train
     from mmdist.training.preemption import PREEMPTED_EXIT
 
@@ -432,7 +431,7 @@ def launch(workdir: Any, spec: dict, nproc: int = 2, timeout: float = 240, expec
     import subprocess
     from pathlib import Path
 
-    from mmdist.training.launch_env import free_port
+    from mmdist.launch_env import free_port
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -484,7 +483,7 @@ def launch_nodes(workdir: Any, spec: dict, nnodes: int = 2, nproc_per_node: int 
     import subprocess
     import uuid
 
-    from mmdist.training.launch_env import free_port
+    from mmdist.launch_env import free_port
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

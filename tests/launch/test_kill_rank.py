@@ -26,7 +26,7 @@ from helpers.launch_harness import (
     train_args,
 )
 
-from mmdist.training.launch_env import free_port
+from mmdist.launch_env import free_port
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
 STEPS, SAVE_EVERY = 40, 2  # a step takes ~0.1 s: enough steps that the kill lands mid-run

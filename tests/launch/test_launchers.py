@@ -3,7 +3,7 @@
 Each launcher describes the job differently (torchrun's variables, the deepspeed
 launcher's ``--local_rank`` argument, MPICH's PMI variables with the master
 address broadcast over mpi4py, Slurm's task variables); a passing run means
-``mmdist.training.launch_env`` found a consistent world of 2 in each.
+``mmdist.launch_env`` found a consistent world of 2 in each.
 
 torchrun's run of this kind is tests/launch/test_kill_rank.py's (the same command, checked the same way after its
 restart), and `sbatch slurm/stage2.sh` on one node is the chained-jobs test below: neither runs twice.
@@ -17,7 +17,7 @@ import pytest
 import yaml
 from helpers.launch_harness import REPO, TRAIN_SCRIPT, check_run, common_overrides, environment, python, run, train_args
 
-from mmdist.training.launch_env import free_port
+from mmdist.launch_env import free_port
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]  # end-to-end runs, 30-60 s each
 STEPS, SAVE_EVERY = 8, 4

@@ -1,4 +1,4 @@
-"""The local Slurm cluster runs a two-task step, and every task finds its rank through mmdist.training.launch_env."""
+"""The local Slurm cluster runs a two-task step, and every task finds its rank through mmdist.launch_env."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from mmdist.training.launch_env import expand_hostlist
+from mmdist.launch_env import expand_hostlist
 
 pytestmark = [pytest.mark.slurm, pytest.mark.multiproc]
 
@@ -15,11 +15,13 @@ pytestmark = [pytest.mark.slurm, pytest.mark.multiproc]
 def test_srun_tasks_discover_their_ranks(slurm_cluster, tmp_path):
     script = tmp_path / "probe.sh"
     out = tmp_path / "probe-%j.out"
+    probe = ("import json, sys; from mmdist.launch_env import discover; "
+             "print(sys.argv[1], json.dumps(discover([]).__dict__))")
     script.write_text(f"""#!/bin/bash
 #SBATCH --nodes=1 --ntasks-per-node=2 --time=00:02:00 --output={out}
 # The batch script itself is one process, whatever SLURM_NTASKS says.
-python -c 'import json; from mmdist.training.launch_env import discover; e = discover([]); print("BATCH", json.dumps(e.__dict__))'
-srun --kill-on-bad-exit=1 python -c 'import json; from mmdist.training.launch_env import discover; e = discover([]); print("TASK", json.dumps(e.__dict__))'
+python -c '{probe}' BATCH
+srun --kill-on-bad-exit=1 python -c '{probe}' TASK
 """)
     job = slurm_cluster.sbatch(script, env={"PYTHONPATH": os.getcwd()}, cwd=tmp_path)
     info = slurm_cluster.wait(job, timeout=120)

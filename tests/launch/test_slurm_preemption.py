@@ -20,7 +20,7 @@ import torch
 from helpers.launch_harness import REPO, TRAIN_SCRIPT, environment, python, run, train_args, train_records
 from safetensors.torch import load_file
 
-from mmdist.training.launch_env import free_port
+from mmdist.launch_env import free_port
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.multiproc]
 STEPS = 24

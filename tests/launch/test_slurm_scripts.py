@@ -131,7 +131,7 @@ def test_stage2_hands_srun_one_rank_per_task_with_the_knobs(tmp_path):
                             "train.max_steps=5", "data.train=[a,b]"]
     assert call["cwd"] == str(REPO)
     env = call["env"]
-    # Master: first host of the node list, port derived from the job id (what mmdist.training.launch_env derives too).
+    # Master: first host of the node list, port derived from the job id (what mmdist.launch_env derives too).
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("gpu07", str(20000 + 12345 % 20000))
     assert env["OMP_NUM_THREADS"] == "12"
     assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1" and env["NCCL_ASYNC_ERROR_HANDLING"] == "1"

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from mmdist.launch_env import free_port
 from mmdist.models.losses import itc_loss
-from mmdist.training.launch_env import free_port
 
 B, D, WORLD = 3, 5, 2
 

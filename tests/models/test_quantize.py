@@ -14,13 +14,14 @@ import pytest
 import torch
 from helpers.configs import RECIPES, TEST_OVERRIDES, tiny_run_config
 
-from mmdist.config import ConfigError, load_config
 from mmdist.config.quantization import hf_export_problem
-from mmdist.models import build_model
+from mmdist.config.run import ConfigError, load_config
 from mmdist.models import quantize as quantize_mod
+from mmdist.models.build import build_model
 from mmdist.models.freeze import param_table, quantized_kind
 from mmdist.models.quantize import quantized_bytes, quantized_kinds, quantized_tensors, resolve_backend
 from mmdist.models.quantized_embedding import NF4_CODE, QuantizedEmbedding, QuantizedHead, QuantizedTable
+from mmdist.stages import FUSE
 
 HAS = {name: importlib.util.find_spec(name) is not None for name in ("bitsandbytes", "torchao")}
 COMBOS = [pytest.param(m, b, marks=pytest.mark.skipif(not HAS[b], reason=f"{b} not installed (extra mmdist[quant])"))
@@ -112,7 +113,7 @@ def test_hf_export_of_a_quantized_run_needs_dequantize():
 @pytest.mark.parametrize("method,backend", COMBOS)
 def test_gradients_reach_the_projector_through_a_quantized_llm(method, backend):
     model = build_model(tiny_run_config("fuse", f"model.llm.quantize={method}", f"model.llm.quantize_backend={backend}").model,
-                        stage="fuse")
+                        stage=FUSE)
     before = quantized_state(model.llm)
     assert before, "no weight was quantized"
     model.train()
@@ -130,8 +131,8 @@ def test_gradients_reach_the_projector_through_a_quantized_llm(method, backend):
 @pytest.mark.parametrize("method,backend", COMBOS)
 def test_quantized_weights_survive_a_bf16_deepspeed_engine_and_its_step(tmp_path, method, backend):
     """A bf16 engine casts every floating parameter, frozen ones too: the packed weights must stay packed and unchanged."""
+    from mmdist import distributed as dist
     from mmdist.precision import resolve_precision
-    from mmdist.training import dist
     from mmdist.training.engine import build_engine
 
     cfg, _ = resolve_precision(recipe("engine.zero_stage=2", "engine.precision=bf16", "engine.torch_adam=true", "train.lr_scheduler=constant",
@@ -161,7 +162,7 @@ def test_quantized_weights_survive_a_bf16_deepspeed_engine_and_its_step(tmp_path
 @pytest.mark.skipif(not HAS["bitsandbytes"], reason="bitsandbytes not installed (extra mmdist[quant])")
 def test_qlora_trains_adapters_on_bitsandbytes_layers_and_exports_only_trainable_weights():
     model = build_model(tiny_run_config("fuse", "model.llm.quantize=nf4", "model.llm.lora.enabled=true",
-                                        "model.llm.lora.r=4").model, stage="fuse")
+                                        "model.llm.lora.r=4").model, stage=FUSE)
     assert "lora" in model.trainable_groups()
     model.train()
     model(batch_for(model))["loss"].backward()
@@ -177,9 +178,9 @@ def test_qlora_trains_adapters_on_bitsandbytes_layers_and_exports_only_trainable
 def test_quantized_bytes_shrink(method, backend):
     """Every matrix of the tiny fp32 LLM is quantized, the tied embedding/head once: the only fp32 left are the
     norms (and a bias, if any); the 135M model's ratios are asserted by the slow SmolLM2 test below."""
-    plain = build_model(tiny_run_config("fuse").model, stage="fuse")
+    plain = build_model(tiny_run_config("fuse").model, stage=FUSE)
     quant = build_model(tiny_run_config("fuse", f"model.llm.quantize={method}", f"model.llm.quantize_backend={backend}").model,
-                        stage="fuse")
+                        stage=FUSE)
     matrices = sum(p.numel() for p in plain.llm.parameters() if p.dim() == 2)  # unique: the tied matrix once
     rest = quantized_bytes(plain.llm) - 4 * matrices
     per_weight = quantized_bytes(quant.llm) - rest
@@ -266,7 +267,7 @@ def test_an_embedding_that_is_not_a_plain_nn_embedding_stays_as_loaded_with_the_
         def forward(self, ids):
             return super().forward(ids) * 2.0
 
-    llm = build_model(tiny_run_config("fuse").model, stage="fuse").llm
+    llm = build_model(tiny_run_config("fuse").model, stage=FUSE).llm
     loaded = llm.get_input_embeddings()
     scaled = ScaledEmbedding(loaded.num_embeddings, loaded.embedding_dim)
     scaled.weight = loaded.weight
@@ -290,7 +291,7 @@ def test_quantized_table_follows_device_moves_not_dtype_casts():
 
 @pytest.mark.skipif(not HAS["bitsandbytes"], reason="bitsandbytes not installed (extra mmdist[quant])")
 def test_vision_tower_quantizes_too():
-    model = build_model(tiny_run_config("fuse", "model.vision.quantize=int8").model, stage="fuse")
+    model = build_model(tiny_run_config("fuse", "model.vision.quantize=int8").model, stage=FUSE)
     assert any(quantized_kind(t) == "int8" for _, t in quantized_tensors(model.vision))
     assert model.encode_images(torch.randn(1, 3, 16, 16)).shape[0] == 1
     assert model.processors.identity["quantize"] == "int8"  # a feature cache of the unquantized tower is not reused

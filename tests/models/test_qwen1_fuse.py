@@ -60,7 +60,7 @@ def test_two_rank_zero3_fuse_run_on_a_qwen1_checkpoint(tmp_path):
     pytest.importorskip("sklearn")
     from helpers.launch_harness import TRAIN_SCRIPT, check_run, python, run, train_args, write_recipes
 
-    from mmdist.training.launch_env import free_port
+    from mmdist.launch_env import free_port
 
     folder = write_qwen1_checkpoint(tmp_path / "qwen1", qwen1_state_dict(), "safetensors", "early", chat=True)
     shutil.copy(needs_tiktoken_file(), folder / "qwen.tiktoken")

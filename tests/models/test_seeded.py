@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from mmdist.config import load_config
+from mmdist.config.run import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -19,7 +19,7 @@ def _frozen_weights(recipe: dict, zero_stage: int) -> dict[str, torch.Tensor]:
     """Every backbone's parameters (LoRA adapters included), gathered whole, as the engine of ``zero_stage`` builds them."""
     import deepspeed
 
-    from mmdist.training import dist
+    from mmdist import distributed as dist
     from mmdist.training.engine import build_engine
 
     cfg = copy.deepcopy(recipe)

@@ -93,6 +93,7 @@ def test_resnet_preprocessing_defaults_overrides_and_processor_folder(tmp_path):
 
 def test_conv_tower_in_a_fused_model_is_frozen_cached_and_fingerprinted():
     from mmdist.export import build_manifest, compare_stage1
+    from mmdist.stages import FUSE
 
     vision = {"source": "hf", "init_config": RESNET, "image_size": 16, "dtype": "bf16", "feature_grid": 2}
     model = make_model("fuse", model={"vision": vision})
@@ -117,10 +118,10 @@ def test_conv_tower_in_a_fused_model_is_frozen_cached_and_fingerprinted():
     assert section["feature_grid"] == 2 and section["feature_stage"] is None and section["num_tokens"] == 4
     manifest = {"format": build_manifest(model)["format"], "stage": "align", "vision": section,
                 "connector": build_manifest(model)["connector"]}
-    compare_stage1(manifest, model.settings, model.vision, "here")  # itself: accepted
+    compare_stage1(manifest, model.settings, model.vision, "here", expected=FUSE.loads)  # itself: accepted
     other = make_model("fuse", model={"vision": {**vision, "feature_stage": 1}})
     with pytest.raises(ValueError, match="vision.feature_stage: stage-1 export has None, this run has 1"):
-        compare_stage1(manifest, other.settings, other.vision, "here")
+        compare_stage1(manifest, other.settings, other.vision, "here", expected=FUSE.loads)
     # ... and the feature-cache key changes with them.
     assert other.processors.fingerprint() != model.processors.fingerprint()
 

@@ -12,7 +12,7 @@ import torch
 from helpers.trainer_toy import ToyModel, launch, toy_config, toy_loader_builder, toy_model_builder
 from safetensors.torch import load_file
 
-from mmdist.config import load_config
+from mmdist.config.run import load_config
 from mmdist.training.checkpoint import CheckpointError, CheckpointManager
 from mmdist.training.loop import train
 

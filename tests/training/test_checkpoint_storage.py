@@ -154,7 +154,7 @@ def test_a_really_full_disk(tiny_tmpfs):
 def test_trainer_reports_a_full_disk_and_resumes_from_the_previous_checkpoint(tmp_path, monkeypatch):
     from helpers.trainer_toy import toy_config, toy_loader_builder, toy_model_builder
 
-    from mmdist.config import load_config
+    from mmdist.config.run import load_config
     from mmdist.training.loop import train
 
     run = tmp_path / "run"

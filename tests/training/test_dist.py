@@ -10,8 +10,9 @@ import textwrap
 
 import pytest
 
-from mmdist.training import dist, launch_env
-from mmdist.training.launch_env import DistEnv, DistError, discover, expand_hostlist, hostnames, tasks_per_node
+from mmdist import distributed as dist
+from mmdist import launch_env
+from mmdist.launch_env import DistEnv, DistError, discover, expand_hostlist, hostnames, tasks_per_node
 
 # --- torchrun / deepspeed -----------------------------------------------------
 
@@ -306,7 +307,8 @@ def test_uncaught_exception_still_destroys_the_group(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent("""
         import atexit, os, sys, torch, torch.distributed as tdist
-        from mmdist.training import dist, launch_env
+        from mmdist import distributed as dist
+        from mmdist import launch_env
         # atexit runs handlers last-registered first: this probe, registered before init(), runs after shutdown().
         atexit.register(lambda: print(f"rank{os.environ['RANK']} group_alive_at_exit={tdist.is_initialized()}", flush=True))
         env = dist.init(launch_env.discover(), timeout_s=20)
@@ -335,7 +337,8 @@ def test_uncaught_exception_still_destroys_the_group(tmp_path):
 
 _PROBE = textwrap.dedent("""
     import json, os, sys, torch, torch.distributed as tdist
-    from mmdist.training import dist, launch_env
+    from mmdist import distributed as dist
+    from mmdist import launch_env
     env = dist.init(launch_env.discover(), timeout_s=60)
     t = torch.tensor([float(env.rank + 1)])
     tdist.all_reduce(t)

@@ -15,7 +15,7 @@ import yaml
 from helpers.trainer_toy import launch, recorded_steps, recording_loader_builder, replay_loader_builder
 from safetensors.torch import load_file
 
-from mmdist.config import load_config
+from mmdist.config.run import load_config
 from mmdist.training.loop import train
 
 REPO = Path(__file__).resolve().parents[2]

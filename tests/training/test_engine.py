@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers.trainer_toy import ToyModel, launch, toy_config
 
-from mmdist.config import ConfigError, load_config
+from mmdist.config.run import ConfigError, load_config
 from mmdist.training.ds_config import deepspeed_config, total_steps
 from mmdist.training.engine import enable_frozen_gradient_checkpointing
 from mmdist.training.optimizer import build_optimizer_groups
@@ -287,18 +287,29 @@ CLOSE_PROBE = textwrap.dedent("""
     import torch.distributed as tdist
     ORIGINAL_LINEAR = torch.nn.functional.linear
     from transformers.integrations import is_deepspeed_zero3_enabled
-    from mmdist.config import load_config
-    from mmdist.training import dist
+    from mmdist.config.run import load_config
+    from mmdist import distributed as dist
     from mmdist.training.engine import build_engine
     from mmdist.training.teardown import deepspeed_shm_buffer
 
     class Head(torch.nn.Module):
+        processors = None  # the model contract's members; the engine never steps this model
+
         def __init__(self):
             super().__init__()
             self.projector = torch.nn.Linear(2, 2)
 
         def trainable_groups(self):
             return {"projector": list(self.projector.parameters())}
+
+        def parts(self):
+            return []
+
+        def export_state_dict(self):
+            return {}
+
+        def batch_counts(self, batch):
+            raise NotImplementedError
 
     def failing(cfg, gather):
         raise ValueError("no model today")

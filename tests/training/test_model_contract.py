@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers.tiny import PAD_ID, align_batch, make_model, sample
 from helpers.trainer_toy import ToyModel
 
 from mmdist.data.collate import collate_fuse
-from mmdist.models.contract import BatchCounts, TrainableModel
+from mmdist.models.contract import BatchCounts, TrainableModel, contract_members, require_trainable
 
 
 def _fuse_samples(model) -> list[dict]:
@@ -76,3 +77,44 @@ def test_the_toy_model_satisfies_it_and_a_model_without_batch_counts_does_not():
             return {}
 
     assert not isinstance(NoCounts(), TrainableModel)
+
+
+def test_the_contract_members_are_read_from_the_protocol():
+    assert contract_members() == ("batch_counts", "export_state_dict", "forward", "parts", "processors",
+                                  "trainable_groups")
+
+
+def test_the_engine_refuses_a_model_without_a_contract_member_and_names_it(tmp_path):
+    from helpers.trainer_toy import toy_config
+
+    from mmdist import distributed as dist
+    from mmdist.config.run import load_config
+    from mmdist.training.engine import build_engine
+
+    class ForwardOnly(torch.nn.Module):
+        def forward(self, batch):
+            return {}
+
+    class NoCounts(ForwardOnly):
+        processors = None
+
+        def parts(self):
+            return []
+
+        def trainable_groups(self):
+            return {}
+
+        def export_state_dict(self):
+            return {}
+
+    require_trainable(ToyModel(), "the engine")  # the toy passes
+    with pytest.raises(TypeError, match=r"NoCounts cannot enter the trainer: it lacks batch_counts of the model"):
+        require_trainable(NoCounts(), "the trainer")
+    cfg = load_config(base=toy_config(str(tmp_path / "run"), engine={"zero_stage": 2}))
+    dist.init(backend="gloo")
+    try:
+        with pytest.raises(TypeError, match=r"ForwardOnly cannot enter the engine: it lacks batch_counts, "
+                                            r"export_state_dict, parts, processors, trainable_groups of the model"):
+            build_engine(cfg, world_size=1, model_builder=lambda cfg, gather: ForwardOnly())
+    finally:
+        dist.shutdown()

@@ -11,7 +11,7 @@ import torch
 from helpers.trainer_toy import toy_config, toy_loader_builder, toy_model_builder
 
 from mmdist.commands import train as train_command
-from mmdist.config import load_config
+from mmdist.config.run import load_config
 from mmdist.training import oom
 from mmdist.training.loop import train
 from mmdist.training.step import StepOutOfMemoryError

@@ -13,7 +13,7 @@ import torch
 import yaml
 from helpers.configs import RECIPES, TEST_OVERRIDES
 
-from mmdist.config import ConfigError, load_config
+from mmdist.config.run import ConfigError, load_config
 from mmdist.precision import resolve_precision
 
 TORCH = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -27,7 +27,7 @@ def recipe(stage: str, *overrides: str):
 @pytest.fixture
 def process_group():
     """One-rank gloo group per engine: EngineBundle.close() destroys it through DeepSpeed."""
-    from mmdist.training import dist
+    from mmdist import distributed as dist
 
     env = dist.init(dist.discover(argv=[], environ={}), backend="gloo", timeout_s=60)
     yield env

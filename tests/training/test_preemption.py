@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from mmdist.launch_env import free_port
 from mmdist.training import preemption
-from mmdist.training.launch_env import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

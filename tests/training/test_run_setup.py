@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 from helpers.trainer_toy import toy_config
 
-from mmdist.config import load_config
+from mmdist.config.run import load_config
 from mmdist.data.loader import MAX_AUTO_WORKERS
 from mmdist.training.run_setup import write_run_dir
 

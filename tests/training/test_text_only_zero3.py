@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mmdist.training.launch_env import free_port
+from mmdist.launch_env import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,7 +23,7 @@ PROBE = textwrap.dedent("""
     import json, sys, torch
     from helpers.configs import tiny_run_config
     from helpers.tiny import pad_batch, sample
-    from mmdist.training import dist
+    from mmdist import distributed as dist
     from mmdist.training.engine import build_engine
 
     env = dist.init(backend="gloo")

@@ -13,7 +13,7 @@ from helpers.trainer_toy import ToyLoader, launch, toy_config, toy_loader_builde
 from safetensors.torch import load_file
 
 from mmdist.commands.train import main as cli_main
-from mmdist.config import load_config
+from mmdist.config.run import load_config
 from mmdist.training.loop import train
 from mmdist.training.step import NonFiniteLossError, TrainState, train_step
 
@@ -88,7 +88,7 @@ def test_too_many_nonfinite_losses_in_a_row_stop_the_run(tmp_path):
 @pytest.fixture
 def toy_engine(tmp_path):
     """A single-process ZeRO-2 engine around the toy model (accumulation 2), released after the test."""
-    from mmdist.training import dist
+    from mmdist import distributed as dist
     from mmdist.training.engine import build_engine
 
     cfg = load_config(base=toy_config(str(tmp_path / "run"), engine={"zero_stage": 2}))

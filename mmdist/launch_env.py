@@ -18,7 +18,7 @@ its own variables:
 :func:`discover` reads them (explicit ``MASTER_ADDR``/``MASTER_PORT`` always win)
 and returns one :class:`DistEnv`; it has no side effects except the MPI broadcast,
 so it is unit-tested with fake environments. Joining the process group with that
-``DistEnv`` is :mod:`mmdist.training.dist`'s job.
+``DistEnv`` is :mod:`mmdist.distributed`'s job.
 
 This module imports neither torch nor deepspeed (mpi4py only for an MPI launch
 that does not name its rank or master).
