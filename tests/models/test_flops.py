@@ -14,9 +14,10 @@ import torch
 from helpers.configs import tiny_run_config
 from torch import nn
 
-from mmdist.models import build_model
+from mmdist.models.build import build_model
 from mmdist.models.flops import FlopCount, compute_dtype, matmul_layers, part_flops, train_flops
 from mmdist.models.quantized_embedding import QuantizedHead
+from mmdist.stages import FUSE
 
 HAS = {name: importlib.util.find_spec(name) is not None for name in ("bitsandbytes", "torchao")}
 COMBOS = [pytest.param(m, b, marks=pytest.mark.skipif(not HAS[b], reason=f"{b} not installed (extra mmdist[quant])"))
@@ -25,7 +26,7 @@ COMBOS = [pytest.param(m, b, marks=pytest.mark.skipif(not HAS[b], reason=f"{b} n
 
 def _fuse(*overrides: str):
     torch.manual_seed(0)
-    return build_model(tiny_run_config("fuse", *overrides).model, stage="fuse")
+    return build_model(tiny_run_config("fuse", *overrides).model, stage=FUSE)
 
 
 def _assert_same_count(quantized: FlopCount, plain: FlopCount) -> None:

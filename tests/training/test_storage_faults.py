@@ -18,7 +18,8 @@ import yaml
 from helpers.trainer_toy import toy_config, toy_loader_builder, toy_model_builder
 
 from mmdist.commands import train as train_command
-from mmdist.config import ConfigError, load_config
+from mmdist.config.run import load_config
+from mmdist.settings import ConfigError
 from mmdist.training import checkpoint as checkpoint_module
 from mmdist.training.checkpoint import CheckpointManager, CheckpointStorageError, damage
 from mmdist.training.loop import train
