@@ -17,9 +17,10 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = [
     "CHECKED_VERSIONS",
@@ -39,6 +40,8 @@ __all__ = [
     "zero3_flat_fp32_partitions",
     "zero3_init",
     "zero_dim_parameters_broadcast_by_us",
+    "zero_optimizer_tensors",
+    "ZERO_OPTIMIZER_TENSORS",
 ]
 
 #: The versions every workaround below was checked on (the GPU machine runs torch 2.11).
@@ -275,6 +278,24 @@ def fragment_mapped(param: Any) -> bool:
     (the private ``_hp_mapping``, None on a rank that holds no piece of it), which
     ``deepspeed.utils.safe_set_full_optimizer_state`` writes through."""
     return hasattr(param, "_hp_mapping")
+
+
+#: Where DeepSpeed 0.19's optimizer wrappers keep their own tensors, by kind (attribute names, undocumented):
+#: ZeRO-1/2 (stage_1_and_2), ZeRO-3 (stage3), the bf16 optimizer and ZeRO-0's fp16 optimizers (fused, unfused).
+ZERO_OPTIMIZER_TENSORS = {
+    "fp32_partitions": ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat",
+                        "fp32_groups_flat_partition"),
+    "fp32_whole": ("fp32_groups_flat", "fp32_groups"),
+    "low_precision": ("bit16_groups", "fp16_groups", "bf16_groups"),
+    "gradients": ("averaged_gradients", "grad_partitions_flat_buffer"),
+}
+
+
+def zero_optimizer_tensors(optimizer: Any, kind: str) -> list:
+    """The values (tensors, or lists of them) of the wrapper attributes of ``kind`` in :data:`ZERO_OPTIMIZER_TENSORS`
+    that ``optimizer`` has: for memory accounting (benchmarks/memory_per_rank.py). Public API it stands in for:
+    none (DeepSpeed's ``see_memory_usage`` reports the allocator's totals, not which buffer holds what)."""
+    return [value for name in ZERO_OPTIMIZER_TENSORS[kind] if (value := getattr(optimizer, name, None)) is not None]
 
 
 def link_optimizer_fragments(engine: Any) -> None:
