@@ -6,10 +6,10 @@ call these functions and never read a private attribute themselves, so a new
 DeepSpeed or torch is checked here and in tests/training/test_deepspeed_compat.py
 (which fails when an internal used here changes shape), not across the package.
 
-Checked on deepspeed 0.19.8 with torch 2.13.0 (CPU) and torch 2.11 (the GPU
-machine), transformers 5.24. Patches that stay installed come with their undo:
-a context manager, or an ``enable_*``/``disable_*`` pair. DeepSpeed is imported
-inside functions only: importing it picks an accelerator.
+Checked on deepspeed 0.19.8 with torch 2.13.0 (CPU) and transformers 5.24; the GPU
+machine runs torch 2.11, where that test is the check to run. Patches that stay
+installed come with their undo: a context manager, or an ``enable_*``/``disable_*``
+pair. DeepSpeed is imported inside functions only: importing it picks an accelerator.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ __all__ = [
     "ZERO_OPTIMIZER_TENSORS",
 ]
 
-#: The versions every workaround below was checked on (the GPU machine runs torch 2.11).
-CHECKED_VERSIONS = {"deepspeed": ("0.19.8",), "torch": ("2.11", "2.13.0"), "transformers": ("5.24",)}
+#: The versions every workaround below was checked on (the GPU machine's torch 2.11: run the test there).
+CHECKED_VERSIONS = {"deepspeed": ("0.19.8",), "torch": ("2.13.0",), "transformers": ("5.24",)}
 
 OPTIMIZER_STATE_KEYS = ("exp_avg", "exp_avg_sq")  # Adam/AdamW moments (DeepSpeed's fused Adam names them alike)
 
