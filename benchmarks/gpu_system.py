@@ -44,6 +44,7 @@ import os
 os.environ["MMDIST_STEP_PHASES"] = "1"  # read once when mmdist.training.step is imported, below
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import resource  # noqa: E402
@@ -111,31 +112,20 @@ def time_vision(model: torch.nn.Module, device: torch.device) -> None:
     model.vision.register_forward_hook(after)
 
 
-def time_zero3_hooks() -> None:
-    """Add the host time of ZeRO-3's fetch_sub_module/release_sub_module (the forward and backward hooks that gather
-    and free each module's parameters, waits for the gathers included) to the ``zero3_fetch_release`` phase.
+def time_zero3_hooks(cfg) -> contextlib.AbstractContextManager:
+    """Within the block, the host time of ZeRO-3's fetch_sub_module/release_sub_module (the forward and backward hooks
+    that gather and free each module's parameters, waits for the gathers included) goes to the
+    ``zero3_fetch_release`` phase; the hooks are put back afterwards (mmdist.training.deepspeed_compat).
 
     Wall-clock on the host, no synchronize (one per module would serialize the gathers this measures): where the
     GPU waits for the host, this is the time those hooks cost; where it does not, it overlaps the kernels.
     """
-    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
-
+    if cfg.engine.zero_stage not in (3, "auto"):  # auto is resolved inside train(); the hooks cost nothing off ZeRO-3
+        return contextlib.nullcontext()
+    from mmdist.training.deepspeed_compat import timed_zero3_fetch_release
     from mmdist.training.step import phases
 
-    for name in ("fetch_sub_module", "release_sub_module"):
-        original = getattr(Coordinator, name)
-        if getattr(original, "_bench_timed", False):
-            continue
-
-        def timed(self, *args, _original=original, **kwargs):
-            t = time.perf_counter()
-            try:
-                return _original(self, *args, **kwargs)
-            finally:
-                phases.add("zero3_fetch_release", time.perf_counter() - t)
-
-        timed._bench_timed = True
-        setattr(Coordinator, name, timed)
+    return timed_zero3_fetch_release(lambda seconds: phases.add("zero3_fetch_release", seconds))
 
 
 def run_trainer(cfg, device: torch.device) -> tuple[list[dict], dict]:
@@ -148,12 +138,11 @@ def run_trainer(cfg, device: torch.device) -> tuple[list[dict], dict]:
         time_vision(model, device)
         return model
 
-    if cfg.engine.zero_stage in (3, "auto"):  # auto is resolved inside train(); the hooks cost nothing off ZeRO-3
-        time_zero3_hooks()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    train(cfg, model_builder=builder)
+    with time_zero3_hooks(cfg):
+        train(cfg, model_builder=builder)
     wall = time.perf_counter() - t0
     records = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
     written = yaml.safe_load((Path(cfg.run_dir) / "config.yaml").read_text())  # the stage `auto` resolved to

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mmdist.launch_env import free_port
+from mmdist.training.deepspeed_compat import zero_optimizer_tensors
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -122,19 +123,18 @@ def count_params(model: Any) -> dict:
 
 def count_grads(model: Any, optimizer: Any) -> int:
     tensors = [p.grad for p in model.parameters() if p.grad is not None]
-    for name in ("averaged_gradients", "grad_partitions_flat_buffer"):
-        tensors += list(_tensors(getattr(optimizer, name, None)))
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
-        tensors += [t.grad for t in _tensors(getattr(optimizer, name, None)) if t.grad is not None]
+    for value in zero_optimizer_tensors(optimizer, "gradients"):
+        tensors += list(_tensors(value))
+    for value in zero_optimizer_tensors(optimizer, "fp32_partitions"):
+        tensors += [t.grad for t in _tensors(value) if t.grad is not None]
     return union_bytes(tensors)
 
 
 def count_optimizer(model: Any, optimizer: Any) -> int:
     base = getattr(optimizer, "optimizer", optimizer)
     tensors = list(_tensors(list(base.state.values())))
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition",
-                 "fp32_groups_flat", "fp32_groups"):
-        tensors += list(_tensors(getattr(optimizer, name, None)))
+    for value in zero_optimizer_tensors(optimizer, "fp32_partitions") + zero_optimizer_tensors(optimizer, "fp32_whole"):
+        tensors += list(_tensors(value))
     own = [t for p in model.parameters() for t in _param_tensors(p)]
     return union_bytes(tensors, exclude=own)
 
@@ -143,8 +143,8 @@ def frozen_in_optimizer(model: Any, optimizer: Any) -> int:
     """Frozen parameters that the optimizer (or ZeRO's low-precision groups) holds."""
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}
     held = set()
-    for name in ("bit16_groups", "fp16_groups", "bf16_groups"):
-        held |= {id(t) for t in _tensors(getattr(optimizer, name, None))}
+    for value in zero_optimizer_tensors(optimizer, "low_precision"):
+        held |= {id(t) for t in _tensors(value)}
     base = getattr(optimizer, "optimizer", optimizer)
     held |= {id(p) for g in base.param_groups for p in g["params"]}
     held |= {id(p) for p in base.state}

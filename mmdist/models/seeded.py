@@ -1,21 +1,20 @@
-"""Random-init backbones (``init_config``, a custom encoder without a checkpoint) with the same weights on every ZeRO stage.
+"""Random-init backbones (``init_config``, a custom encoder without a checkpoint): the same weights on every ZeRO stage.
 
-Under ZeRO-3 the engine builds the model inside ``deepspeed.zero.Init``:
-transformers then constructs without initialising and initialises afterwards
-through per-module gathers, and plain torch layers are partitioned as they are
-made. The same seed gives other random values there than in a plain build
-(up to 0.14 apart in the tiny recipes), while the run's fingerprint of such a
+Under ZeRO-3 the engine builds the model partitioned (parameters are split across
+ranks as they are created, and transformers initialises afterwards through
+per-module gathers). The same seed gives other random values there than in a plain
+build (up to 0.14 apart in the tiny recipes), while the run's fingerprint of such a
 backbone is its config and seed. So a tiny stage-1 export trained on ZeRO-2 would
 be accepted by a ZeRO-3 stage 2 whose frozen tower is another one.
 
-:func:`build_seeded` builds such a model plain first (outside ``zero.Init`` and
-transformers' ZeRO-3 switch) and gives the partitioned model its values, for
-models up to :data:`MAX_REPRODUCIBLE_PARAMS` parameters; a larger random model
-is a shape study (throughput, memory) whose values do not matter, and is built
-partitioned only. A leaf module: torch, and DeepSpeed/transformers
-internals only when ``zero.Init`` is active.
+:func:`build_seeded` builds such a model plain first and gives the partitioned model
+its values, for models up to :data:`MAX_REPRODUCIBLE_PARAMS` parameters; a larger
+random model is a shape study (throughput, memory) whose values do not matter, and
+is built partitioned only. This module knows nothing of DeepSpeed: the engine
+declares a partitioned build with :func:`partitioned_build`, handing over how to
+step outside partitioning for a moment (mmdist.training.deepspeed_compat.zero3_init).
 
-Outside ``zero.Init`` the model is built where torch's default device points (the
+Outside a partitioned build the model is built where torch's default device points (the
 engine sets a ``torch.device("cuda:N")`` context for ZeRO 0-2, so a 14B shape study is
 built on the GPU in seconds, not on the CPU): a model up to that size is still built
 on the CPU, so its values do not depend on the device's RNG, and a larger one directly
@@ -26,10 +25,10 @@ its final dtype: an fp32 14B model would not fit next to its bf16 copy).
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from typing import Any, Optional
+from contextlib import AbstractContextManager, contextmanager
+from contextvars import ContextVar
+from typing import Optional
 
 import torch
 
@@ -38,26 +37,22 @@ from mmdist.models.gather import Gather, null_gather
 MAX_REPRODUCIBLE_PARAMS = 200_000_000  # a plain copy is built whole on every rank for a moment (0.8 GB in fp32)
 
 
-def _zero_init_module() -> Any:
-    """DeepSpeed's partition_parameters module when a ``zero.Init`` context is active, else None."""
-    module = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
-    return module if module is not None and getattr(module, "top_level_context", None) is not None else None
+#: Set by :func:`partitioned_build`: a factory of the context in which a module is built whole, or None.
+_UNPARTITIONED: ContextVar[Optional[Callable[[], AbstractContextManager]]] = ContextVar("unpartitioned", default=None)
 
 
 @contextmanager
-def _outside_zero_init(partition_parameters: Any) -> Iterator[None]:
-    """Suspend ``zero.Init`` and transformers' ZeRO-3 switch (its weakref to the HfDeepSpeedConfig) for a plain build."""
-    from transformers.integrations import deepspeed as hf_deepspeed
+def partitioned_build(unpartitioned: Callable[[], AbstractContextManager]) -> Iterator[None]:
+    """Declare that modules built inside this block are partitioned; ``unpartitioned()`` builds them whole meanwhile.
 
-    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
-    partition_parameters.shutdown_init_context()
-    hf_deepspeed.unset_hf_deepspeed_config()
+    The engine enters it around a ZeRO-3 build (its ``unpartitioned`` suspends DeepSpeed's partitioning), so
+    :func:`build_seeded` can build the plain copy it copies values from.
+    """
+    token = _UNPARTITIONED.set(unpartitioned)
     try:
         yield
     finally:
-        if ref is not None and ref() is not None:
-            hf_deepspeed.set_hf_deepspeed_config(ref())
-        partition_parameters.restore_init_context()
+        _UNPARTITIONED.reset(token)
 
 
 def _no_init_weights() -> contextlib.AbstractContextManager:
@@ -83,22 +78,22 @@ def build_seeded(build: Callable[[], torch.nn.Module], seed: int, gather: Gather
                  build_large: Optional[Callable[[], torch.nn.Module]] = None) -> torch.nn.Module:
     """``build()`` with torch's RNG seeded by ``seed`` (and left as it was), the same values on every ZeRO stage.
 
-    ``gather`` is the engine's (``GatheredParameters`` under ZeRO-3): the plain values
+    ``gather`` is the engine's (a gather of the partitioned parameters under ZeRO-3): the plain values
     are written into the partitioned parameters through it. ``build_large`` replaces
     ``build`` for a model over :data:`MAX_REPRODUCIBLE_PARAMS` built on a device other
     than the CPU (see the module doc).
     """
-    partition_parameters = _zero_init_module()
+    unpartitioned = _UNPARTITIONED.get()
     with torch.random.fork_rng(devices=[]):
         plain = None
-        if partition_parameters is None and default_build_device().type != "cpu":
+        if unpartitioned is None and default_build_device().type != "cpu":
             torch.manual_seed(seed)
             if _params_on_meta(build) <= MAX_REPRODUCIBLE_PARAMS:
                 with torch.device("cpu"):  # the values of a plain CPU build, whatever the device
                     return build()
             return (build_large or build)()
-        if partition_parameters is not None:
-            with _outside_zero_init(partition_parameters):
+        if unpartitioned is not None:
+            with unpartitioned():
                 size = _params_on_meta(build)  # a class that cannot be built on meta: partitioned only
                 if size <= MAX_REPRODUCIBLE_PARAMS:
                     torch.manual_seed(seed)

@@ -17,7 +17,6 @@ stage export is mmdist.export.export_trainable's.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import json
@@ -26,12 +25,13 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
 from mmdist import distributed as dist
 from mmdist.atomic import write_text_atomic
+from mmdist.training.deepspeed_compat import frozen_aliases_excluded
 from mmdist.training.trainable_state import (
     TRAINABLE_STATE,
     CheckpointError,
@@ -133,33 +133,6 @@ def restore_rng(state: dict) -> None:
 # checkpoints
 
 
-@contextlib.contextmanager
-def _frozen_aliases_excluded(engine: Any) -> Iterator[None]:
-    """Make DeepSpeed's ``exclude_frozen_parameters`` also drop tied aliases of frozen weights.
-
-    DeepSpeed 0.19 filters the state dict with ``named_parameters()``, which lists a
-    tied weight once (``embed_tokens.weight``) while ``state_dict()`` holds it under
-    every name: a frozen LLM's tied ``lm_head.weight`` (the whole vocabulary
-    embedding) was written into every checkpoint. We filter with
-    ``remove_duplicate=False`` for the duration of the save.
-    """
-    original = engine.module_state_dict
-
-    def module_state_dict(*args: Any, exclude_frozen_parameters: bool = False, **kwargs: Any) -> dict:
-        state = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
-        if exclude_frozen_parameters:
-            for name, param in engine.module.named_parameters(remove_duplicate=False):
-                if not param.requires_grad:
-                    state.pop(name, None)
-        return state
-
-    engine.module_state_dict = module_state_dict
-    try:
-        yield
-    finally:
-        del engine.module_state_dict  # back to the class's method
-
-
 class CheckpointManager:
     """Saves, prunes and finds checkpoints under ``RUN_DIR/checkpoints``.
 
@@ -239,7 +212,7 @@ class CheckpointManager:
         consolidated = gather_trainable_state(engine) if full_engine else None
 
         def write() -> None:
-            with _frozen_aliases_excluded(engine):
+            with frozen_aliases_excluded(engine):
                 engine.save_checkpoint(str(self.root), tag=tmp.name, save_latest=False, exclude_frozen_parameters=True)
             if rank == 0 and consolidated is not None:
                 torch.save(consolidated, str(tmp / TRAINABLE_STATE) + ".part")

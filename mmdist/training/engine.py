@@ -16,13 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from torch import nn
-
 from mmdist import distributed as dist
 from mmdist.config.run import RunConfig
 from mmdist.hardware import default_device
 from mmdist.models.contract import TrainableModel, require_trainable
 from mmdist.models.gather import null_gather
+from mmdist.training.deepspeed_compat import (
+    enable_frozen_gradient_checkpointing,
+    zero3_init,
+    zero_dim_parameters_broadcast_by_us,
+)
 from mmdist.training.ds_config import deepspeed_config, total_steps
 from mmdist.training.oom import engine_build_guard
 from mmdist.training.optimizer import build_optimizer_groups
@@ -33,50 +36,9 @@ __all__ = [
     "EngineBundle",
     "build_device",
     "build_engine",
-    "enable_frozen_gradient_checkpointing",
     "gather_for",
     "read_gather_for",
 ]
-
-
-# ---------------------------------------------------------------------------
-# gradient checkpointing of the frozen LLM
-
-
-def enable_frozen_gradient_checkpointing(model: nn.Module) -> int:
-    """Recompute the activations of every transformers decoder layer in backward; returns the layer count.
-
-    transformers only checkpoints a layer whose ``training`` flag is set, and the
-    frozen LLM stays in ``eval()`` (dropout off). So each layer's ``forward`` is
-    wrapped in non-reentrant ``torch.utils.checkpoint`` directly: gradients still
-    reach ``inputs_embeds`` (the projector) whether or not the inputs require
-    grad, and ZeRO-3's gather hooks run again during the recompute. A layer whose
-    transformers checkpointing is already active (enabled and in train mode) is
-    left to it, so activations are never recomputed twice.
-    """
-    import torch
-    import torch.utils.checkpoint as tcp
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    count = 0
-    for module in model.modules():
-        if not isinstance(module, GradientCheckpointingLayer) or getattr(module, "_mmdist_checkpointed", False):
-            continue
-        inner = module.forward
-
-        def forward(*args: Any, __inner: Callable = inner, __layer: Any = module, **kwargs: Any) -> Any:
-            # When transformers' own checkpointing is on and active (layer in train mode), let it do the work.
-            hf_active = getattr(__layer, "gradient_checkpointing", False) and __layer.training
-            if torch.is_grad_enabled() and not hf_active:
-                if kwargs.get("use_cache"):
-                    kwargs["use_cache"] = False
-                return tcp.checkpoint(__inner, *args, use_reentrant=False, **kwargs)
-            return __inner(*args, **kwargs)
-
-        module.forward = forward
-        module._mmdist_checkpointed = True
-        count += 1
-    return count
 
 
 # ---------------------------------------------------------------------------
@@ -184,17 +146,6 @@ def build_device() -> Any:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _import_before_zero_init() -> None:
-    """Import what transformers' model loading imports lazily, before ``zero.Init`` patches tensor creation.
-
-    On torch 2.13 + DeepSpeed 0.19.8 the first import of ``torch._dynamo`` (pulled in by
-    ``transformers.masking_utils`` and the model modules) inside ``zero.Init`` fails.
-    """
-    import torch._dynamo  # noqa: F401
-    import transformers.masking_utils  # noqa: F401
-    import transformers.modeling_utils  # noqa: F401
-
-
 def _build_engine(cfg: RunConfig, world_size: Optional[int], model_builder: Optional[Callable[[Any, Callable], Any]]) -> EngineBundle:
     _ensure_cpu_accelerator()
     import deepspeed
@@ -220,9 +171,8 @@ def _build_engine(cfg: RunConfig, world_size: Optional[int], model_builder: Opti
     if zero3:
         # transformers reads this through a weakref: it must outlive from_pretrained (kept in the bundle).
         hf_ds_config = HfDeepSpeedConfig(ds_config)
-        _import_before_zero_init()
         try:
-            with deepspeed.zero.Init(config_dict_or_path=ds_config):
+            with zero3_init(ds_config):  # partitioned as created; the models' seeded init steps out for a moment
                 model = builder(cfg, gather)
         except RuntimeError as exc:
             if "cannot be 0 to view" not in str(exc):
@@ -253,25 +203,16 @@ def _build_engine(cfg: RunConfig, world_size: Optional[int], model_builder: Opti
         "warmup_steps": warmup,
         "optimizer_groups": [(g["name"], sum(int(getattr(p, "ds_numel", p.numel())) for p in g["params"]), g["lr"]) for g in groups],
     }
-    scalars = [p for p in model.parameters() if p.dim() == 0 and not hasattr(p, "ds_id")]
-    for p in scalars:
-        # DeepSpeed 0.19 broadcasts parameters as byte views, which fails for 0-dim tensors (a learnable
-        # temperature): we broadcast those ourselves and mark them so DeepSpeed's broadcast skips them
-        # (`ds_optim_param` only matters to OptimizedLinear offload, which we do not use).
-        if dist.is_initialized() and world_size > 1:
-            tdist.broadcast(p.data, src=0)
-        p.ds_optim_param = True
     optimizer = None
     if cfg.engine.torch_adam:
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
-    engine, ds_optimizer, _, scheduler = deepspeed.initialize(
-        model=model,
-        model_parameters=groups,
-        optimizer=optimizer,
-        lr_scheduler=make_scheduler,
-        config=ds_config,
-        dist_init_required=False,
-    )
-    for p in scalars:
-        del p.ds_optim_param
+    with zero_dim_parameters_broadcast_by_us(model, world_size):  # DeepSpeed 0.19 cannot broadcast 0-dim parameters
+        engine, ds_optimizer, _, scheduler = deepspeed.initialize(
+            model=model,
+            model_parameters=groups,
+            optimizer=optimizer,
+            lr_scheduler=make_scheduler,
+            config=ds_config,
+            dist_init_required=False,
+        )
     return EngineBundle(engine, model, ds_optimizer, scheduler, ds_config, world_size, steps, gather, read_gather, hf_ds_config, info)

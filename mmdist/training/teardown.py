@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from mmdist import distributed as dist
+from mmdist.training.deepspeed_compat import restore_torch_linear
 
 __all__ = ["deepspeed_shm_buffer", "release_deepspeed", "remove_deepspeed_shm_buffer"]
 
@@ -28,21 +29,15 @@ def release_deepspeed() -> None:
       dead process group). DeepSpeed cannot drop them alone: the default torch group
       goes with them, and ``dist.shutdown()`` afterwards finds nothing left to destroy.
     * This rank's /dev/shm all-reduce buffer is unlinked (:func:`remove_deepspeed_shm_buffer`).
-    * ``torch.nn.functional.linear`` is restored: ZeRO-3's ``zero.Init`` replaces it with its
-      memory-efficient wrapper and leaves it so ("persists unless manually reset"), which
-      changed every later linear layer of the process (inference after training, the tests).
+    * ``torch.nn.functional.linear`` is restored (:func:`~mmdist.training.deepspeed_compat.restore_torch_linear`):
+      ZeRO-3's ``zero.Init`` replaces it and leaves it so, which changed every later linear layer of the process.
 
     Safe to call any number of times, and when DeepSpeed was never imported.
     """
     hf_deepspeed = sys.modules.get("transformers.integrations.deepspeed")
     if hf_deepspeed is not None:
         hf_deepspeed.unset_hf_deepspeed_config()
-    zero_init = sys.modules.get("deepspeed.runtime.zero.partition_parameters")
-    original_linear = getattr(getattr(zero_init, "InsertPostInitMethodToModuleSubClasses", None), "linear_bk", None)
-    if original_linear is not None:
-        import torch.nn.functional as F
-
-        F.linear = original_linear
+    restore_torch_linear()
     comm = sys.modules.get("deepspeed.comm")
     if comm is None:
         return

@@ -6,7 +6,8 @@ parameter, gathered whole (DeepSpeed's ``safe_get_full_*``; under ZeRO-3 each ca
 is a collective), with the optimizer's step count and the LR scheduler. Another
 world size (or another optimizer-group layout) loads it into a fresh engine here.
 The trainable side is small (connector, stage-1 module, LoRA), so this costs three
-fp32 copies of it. The fixes for DeepSpeed 0.19's gaps live here too.
+fp32 copies of it. The private DeepSpeed internals this needs (ZeRO-3 partitions, ZeRO-1/2
+fragments) are mmdist.training.deepspeed_compat's.
 """
 
 from __future__ import annotations
@@ -14,11 +15,20 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from mmdist import distributed as dist
+from mmdist.training.deepspeed_compat import (
+    OPTIMIZER_STATE_KEYS,
+    base_optimizer,
+    fragment_mapped,
+    link_optimizer_fragments,
+    load_scheduler_state_for_new_groups,
+    set_zero3_partition,
+    zero3_flat_fp32_partitions,
+)
 
 __all__ = ["CheckpointError", "OPTIMIZER_KEYS", "TRAINABLE_STATE", "gather_trainable_state", "load_trainable_state"]
 
 TRAINABLE_STATE = "trainable_state.pt"
-OPTIMIZER_KEYS = ("exp_avg", "exp_avg_sq")  # Adam/AdamW moments (DeepSpeed's fused Adam and torch's AdamW name them alike)
+OPTIMIZER_KEYS = OPTIMIZER_STATE_KEYS  # the Adam/AdamW moments saved
 
 
 class CheckpointError(RuntimeError):
@@ -26,7 +36,7 @@ class CheckpointError(RuntimeError):
 
 
 def group_names(engine: Any) -> list[str]:
-    return [str(g.get("name", i)) for i, g in enumerate(_base_optimizer(engine).param_groups)]
+    return [str(g.get("name", i)) for i, g in enumerate(base_optimizer(engine).param_groups)]
 
 
 def groups_changed(engine: Any, saved: Optional[list[str]]) -> bool:
@@ -47,17 +57,12 @@ def _trainable(engine: Any) -> list[tuple[str, Any]]:
     return sorted(((n, p) for n, p in engine.module.named_parameters() if p.requires_grad), key=lambda item: item[0])
 
 
-def _base_optimizer(engine: Any) -> Any:
-    optimizer = engine.optimizer
-    return getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO/bf16 wrappers hold torch's optimizer here
-
-
 def _optimizer_step(engine: Any) -> Optional[int]:
     """Adam's step count (the bias correction), the same in every state entry of the base optimizer."""
-    for state in _base_optimizer(engine).state.values():
+    for state in base_optimizer(engine).state.values():
         if "step" in state:
             return int(state["step"])
-    for group in _base_optimizer(engine).param_groups:  # DeepSpeed's fused Adam counts in the group
+    for group in base_optimizer(engine).param_groups:  # DeepSpeed's fused Adam counts in the group
         if "step" in group:
             return int(group["step"])
     return None
@@ -69,8 +74,8 @@ def gather_trainable_state(engine: Any) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     params, moments = {}, {k: {} for k in OPTIMIZER_KEYS}
-    plain = _base_optimizer(engine).state
-    _link_optimizer_fragments(engine)  # torch's AdamW creates its state after DeepSpeed mapped the fragments
+    plain = base_optimizer(engine).state
+    link_optimizer_fragments(engine)  # torch's AdamW creates its state after DeepSpeed mapped the fragments
     for name, param in _trainable(engine):
         full = safe_get_full_fp32_param(param)
         params[name] = (full if full is not None else param.detach()).float().cpu().clone()
@@ -102,10 +107,10 @@ def _ensure_adam_state(engine: Any) -> None:
     """
     import torch
 
-    optimizer = _base_optimizer(engine)
+    optimizer = base_optimizer(engine)
     amsgrad = any(group.get("amsgrad") for group in optimizer.param_groups)
     tensors = [p for group in optimizer.param_groups for p in group["params"]]
-    tensors += list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", []) or [])
+    tensors += zero3_flat_fp32_partitions(engine)
     for p in tensors:
         if not optimizer.state.get(p):
             entry = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
@@ -113,36 +118,7 @@ def _ensure_adam_state(engine: Any) -> None:
             if amsgrad:
                 entry["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             optimizer.state[p] = entry
-    _link_optimizer_fragments(engine)
-
-
-def _link_optimizer_fragments(engine: Any) -> None:
-    """Point ZeRO-1/2's per-parameter views at the optimizer's flat state (see below); no-op elsewhere."""
-    optimizer = _base_optimizer(engine)
-    # ZeRO-1/2 (and DeepSpeed's bf16 optimizer) map each parameter to views of the flat state when the engine is
-    # built; a state created later (torch's AdamW at its first step, or here) must be mapped too, or
-    # safe_get/set_full_optimizer_state find no fragment.
-    wrapper = engine.optimizer
-    flats = getattr(wrapper, "single_partition_of_fp32_groups", None) or getattr(wrapper, "fp32_groups_flat_partition", None) or []
-    lows = getattr(wrapper, "bit16_groups", None) or getattr(wrapper, "bf16_groups", None) or []
-    for flat, params in zip(flats, lows):
-        for lp in params:
-            if getattr(lp, "_hp_mapping", None) is not None and flat in optimizer.state:
-                lp._hp_mapping.set_optim_state_fragment(flat, optimizer.state[flat])
-
-
-def _set_zero3_partition(param: Any, value: Any, key: Optional[str] = None) -> None:
-    """This rank's slice of a whole fp32 tensor into ZeRO-3's fp32 partition (the master weight, or an Adam moment).
-
-    DeepSpeed 0.19's ``safe_set_full_fp32_param``/``safe_set_full_optimizer_state`` slice the unpadded value with the
-    padded partition size, which fails on the last ranks whenever a parameter's size is not a multiple of the world
-    size (a [1] temperature on 3 ranks). Same private calls, with the slice clipped to what exists (no NVMe swap).
-    """
-    optimizer = param._z3_optimizer
-    part, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
-    start = optimizer._get_param_partition_rank(param) * param.ds_tensor.ds_numel
-    piece = value.flatten()[start : start + part.numel()]
-    part.data[: piece.numel()].copy_(piece.to(part.device, part.dtype))
+    link_optimizer_fragments(engine)
 
 
 def load_trainable_state(engine: Any, state: dict, *, source: Any = TRAINABLE_STATE) -> None:
@@ -162,7 +138,7 @@ def load_trainable_state(engine: Any, state: dict, *, source: Any = TRAINABLE_ST
         raise CheckpointError(f"{source}: trainable parameters differ from this model's (missing {missing[:5]}, unknown "
                               f"{unknown[:5]}): the checkpoint belongs to another model or freezing setup")
     _ensure_adam_state(engine)
-    plain = _base_optimizer(engine).state
+    plain = base_optimizer(engine).state
     for name, param in trainable:
         value = state["params"][name]
         shape = tuple(getattr(param, "ds_shape", param.shape))
@@ -170,7 +146,7 @@ def load_trainable_state(engine: Any, state: dict, *, source: Any = TRAINABLE_ST
             raise CheckpointError(f"{source}: {name} has shape {tuple(value.shape)}, this model's is {shape}")
         device = engine.device
         if hasattr(param, "ds_id"):
-            _set_zero3_partition(param, value)
+            set_zero3_partition(param, value)
         else:
             safe_set_full_fp32_param(param, value.to(device))
         for key in OPTIMIZER_KEYS:
@@ -178,8 +154,8 @@ def load_trainable_state(engine: Any, state: dict, *, source: Any = TRAINABLE_ST
             if moment is None:
                 continue
             if hasattr(param, "ds_id"):
-                _set_zero3_partition(param, moment, key)
-            elif hasattr(param, "_hp_mapping"):
+                set_zero3_partition(param, moment, key)
+            elif fragment_mapped(param):
                 safe_set_full_optimizer_state(param, moment.to(device), key)
             elif param in plain and key in plain[param]:
                 plain[param][key].copy_(moment.to(plain[param][key].device))
@@ -195,7 +171,7 @@ def load_trainable_state(engine: Any, state: dict, *, source: Any = TRAINABLE_ST
                 param.data.copy_(value.to(param.device, param.dtype))
     step = state.get("optimizer_step")
     if step is not None:
-        optimizer = _base_optimizer(engine)
+        optimizer = base_optimizer(engine)
         for entry in optimizer.state.values():
             if "step" in entry:
                 entry["step"] = torch.full_like(entry["step"], step) if torch.is_tensor(entry["step"]) else step
@@ -206,11 +182,8 @@ def load_trainable_state(engine: Any, state: dict, *, source: Any = TRAINABLE_ST
     if scheduler is not None and state.get("lr_scheduler") is not None:
         saved = dict(state["lr_scheduler"])
         groups = getattr(scheduler, "optimizer", engine.optimizer).param_groups
-        if len(saved.get("base_lrs", groups)) != len(groups) and hasattr(scheduler, "lr_lambdas"):  # other groups: this run's base lrs
-            saved.pop("base_lrs", None)
-            saved.pop("_last_lr", None)
-            scheduler.load_state_dict(saved)
-            scheduler._last_lr = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+        if len(saved.get("base_lrs", groups)) != len(groups) and hasattr(scheduler, "lr_lambdas"):  # other groups
+            load_scheduler_state_for_new_groups(scheduler, saved)
         else:
             scheduler.load_state_dict(saved)
         # the optimizer's groups carry the lr of the step to come (DeepSpeed's own load restores them from its files)

@@ -20,7 +20,8 @@ import torch.distributed as dist  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 from mmdist.models.llm import LLMConfig, load_llm  # noqa: E402
-from mmdist.training.engine import _import_before_zero_init, gather_for, read_gather_for  # noqa: E402
+from mmdist.training.deepspeed_compat import zero3_init  # noqa: E402
+from mmdist.training.engine import gather_for, read_gather_for  # noqa: E402
 
 IDS = torch.tensor([[1, 9707, 1879, 0, 220, 3837, 17, 42, 5, 33]])
 
@@ -31,13 +32,12 @@ def main(out: str, specs: list[str]) -> None:
     rank = dist.get_rank()
     ds_config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
     keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers reads it through a weakref)
-    _import_before_zero_init()
     found = {}
     for spec in specs:
         label, source = spec.split("=", 1)
         path, _, gguf = source.partition("::")
         cfg = LLMConfig(name_or_path=path, gguf_file=gguf or None, dtype="fp32", attn_implementation="eager")
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        with zero3_init(ds_config):  # the engine's zero.Init
             model = load_llm(cfg, gather_for(3))
         params = list(model.parameters())
         local = sum(p.ds_tensor.numel() for p in params)

@@ -20,7 +20,8 @@ from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 from mmdist.models.vision import VisionConfig, VisionTower  # noqa: E402
 from mmdist.settings import from_dict  # noqa: E402
-from mmdist.training.engine import _import_before_zero_init, gather_for, read_gather_for  # noqa: E402
+from mmdist.training.deepspeed_compat import zero3_init  # noqa: E402
+from mmdist.training.engine import gather_for, read_gather_for  # noqa: E402
 
 
 def pixels(size: int) -> torch.Tensor:
@@ -34,10 +35,9 @@ def main(out: str, specs: str) -> None:
     ds_config = {"train_micro_batch_size_per_gpu": 1,
                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (transformers reads it through a weakref)
-    _import_before_zero_init()
     found = {}
     for label, settings in json.loads(specs):
-        with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        with zero3_init(ds_config):  # the engine's zero.Init
             tower = VisionTower(from_dict(VisionConfig, settings), gather_for(3))
         tower.eval()
         params = list(tower.parameters())

@@ -203,7 +203,7 @@ def test_tied_alias_of_a_frozen_weight_is_not_saved():
     """DeepSpeed's own filter misses a frozen weight's tied alias (lm_head.weight = embed_tokens.weight)."""
     from deepspeed.runtime.engine import DeepSpeedEngine
 
-    from mmdist.training.checkpoint import _frozen_aliases_excluded
+    from mmdist.training.deepspeed_compat import frozen_aliases_excluded
 
     class Tied(torch.nn.Module):
         def __init__(self):
@@ -226,7 +226,7 @@ def test_tied_alias_of_a_frozen_weight_is_not_saved():
     engine = Engine()
     plain = engine.module_state_dict(exclude_frozen_parameters=True)
     assert "head.weight" in plain  # the DeepSpeed behaviour this guards against
-    with _frozen_aliases_excluded(engine):
+    with frozen_aliases_excluded(engine):
         filtered = engine.module_state_dict(exclude_frozen_parameters=True)
     assert set(filtered) == {"projector.weight", "projector.bias"}
     assert "head.weight" in engine.module_state_dict(exclude_frozen_parameters=True)  # restored afterwards

@@ -15,8 +15,8 @@ import torch
 from helpers.trainer_toy import ToyModel, launch, toy_config
 
 from mmdist.config.run import ConfigError, load_config
+from mmdist.training.deepspeed_compat import enable_frozen_gradient_checkpointing
 from mmdist.training.ds_config import deepspeed_config, total_steps
-from mmdist.training.engine import enable_frozen_gradient_checkpointing
 from mmdist.training.optimizer import build_optimizer_groups
 
 
