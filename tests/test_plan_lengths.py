@@ -94,3 +94,18 @@ def test_without_statistics_the_plan_says_what_it_used(tmp_path):
     assert "data.mean_tokens_per_sample=100" in mean.note
     missing = tiny_run_config("fuse", data={"train": [{"shards": [str(tmp_path / "gone-{000000..000003}.tar")]}]})
     assert "not on this machine" in batch_tokens(missing, model_shapes(missing)).note
+
+
+def test_unreadable_statistics_fall_back_and_say_so(tmp_path):
+    import json
+
+    from mmdist.data.shard_stats import STATS_FILE
+
+    write_shards(skewed_samples(20), tmp_path, samples_per_shard=10)
+    stats = json.loads((tmp_path / STATS_FILE).read_text())
+    for entry in stats.values():  # another tool's file: the groups lack the summaries the planner reads
+        entry["by_images"] = {k: {"samples": g["samples"]} for k, g in entry["by_images"].items()}
+    (tmp_path / STATS_FILE).write_text(json.dumps(stats))
+    cfg = _config(str(tmp_path / "shard-{000000..000001}.tar"), True, 8)
+    planned = batch_tokens(cfg, model_shapes(cfg))
+    assert planned.source == "worst case" and "could not be read (KeyError" in planned.note

@@ -27,6 +27,8 @@ Samples longer than ``max_len`` are counted at ``max_len`` (the preprocessor tru
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
 import math
 import random
 from collections.abc import Sequence
@@ -38,12 +40,14 @@ from mmdist.data.shard_stats import QUANTILES, read_shard_stats
 from mmdist.data.tiling import select_grid
 from mmdist.plan.backbones import ModuleShape
 
+log = logging.getLogger(__name__)
+
 __all__ = ["BatchTokens", "DEFAULT_CHARS_PER_TOKEN", "DEFAULT_CHAT_TOKENS_PER_MESSAGE", "TextTokens", "batch_tokens",
            "planner_tokenizer", "text_tokens", "worst_case"]
 
 DEFAULT_CHARS_PER_TOKEN = 4.0  # a default, not a measurement of your data: English prose in a BPE vocabulary
 DEFAULT_CHAT_TOKENS_PER_MESSAGE = 5  # a default: ChatML's "<|im_start|>role\n ... <|im_end|>\n" around each message
-DRAWS = 400  # simulated micro-batches per plan
+DRAWS = (64, 400, 6400)  # simulated micro-batches per plan: at least, at most, and about this many samples in all
 PEAK_QUANTILE = 0.99  # memory is sized for the micro-batch that 99% of the simulated ones stay under
 
 
@@ -187,8 +191,14 @@ def text_tokens(cfg: RunConfig, entries: Sequence[dict]) -> TextTokens:
         per_char, units = 1 / DEFAULT_CHARS_PER_TOKEN, "chars"
         how = (f"{DEFAULT_CHARS_PER_TOKEN:g} characters per token (a default: {name or 'the tokenizer'} is not on this "
                "machine; `mmdist shard --tokenizer` records tokens)")
+    measured = None
     if tokenizer is not None:
-        per_message, conversation, caption, template = _template_tokens(cfg, tokenizer)
+        try:
+            measured = _template_tokens(cfg, tokenizer)
+        except ValueError:  # data.template=chat with a tokenizer that has none: the trainer refuses it too
+            measured = None
+    if measured is not None:
+        per_message, conversation, caption, template = measured
         how += f"; {template} template: {per_message:g} tokens per message, measured"
     elif cfg.data.template == "plain":
         prompt = len(cfg.data.caption_prompt) * per_char
@@ -267,17 +277,18 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def from_stats(cfg: RunConfig, shapes: Sequence[ModuleShape], sources: Sequence[tuple[float, list[dict]]], note: str,
-               draws: int = DRAWS, seed: int = 0) -> BatchTokens:
+               draws: Optional[int] = None, seed: int = 0) -> BatchTokens:
     """Micro-batches drawn from the statistics and laid out by the collator (see the module's docstring)."""
     b, length, packing = cfg.train.micro_batch_size, cfg.data.max_len, cfg.data.packing
     conv = text_tokens(cfg, [e for _, entries in sources for e in entries])
     components = _components(cfg, shapes, sources, conv)
-    weights = [c.weight for c in components]
+    weights = list(itertools.accumulate(c.weight for c in components))
+    draws = draws or min(DRAWS[1], max(DRAWS[0], DRAWS[2] // max(1, b)))
     rng = random.Random(seed)
     real, image_tokens, tower, positions, rows_seen = [], [], [], [], []
     for _ in range(draws):
         lengths, feats, towers = [], 0, 0
-        for comp in rng.choices(components, weights, k=b):
+        for comp in rng.choices(components, cum_weights=weights, k=b):
             n = comp.text(rng.random())
             for layout in (rng.choices(comp.layouts, comp.layout_weights, k=comp.images) if comp.images else ()):
                 n += layout[0]
@@ -342,7 +353,14 @@ def batch_tokens(cfg: RunConfig, shapes: Sequence[ModuleShape], shards: Optional
         note = f"stats.json of {counted} of the {total} shard(s) of {where}"
         if missing:
             note += f" ({missing} without statistics are taken to be alike)"
-        return from_stats(cfg, shapes, sources, note)
+        try:
+            return from_stats(cfg, shapes, sources, note)
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # a stats.json from another tool or version
+            why = f"the stats.json of {where} could not be read ({type(exc).__name__}: {exc}); rewrite it with `mmdist shard`"
+            log.warning("planning without shard statistics: %s", why)
+            if cfg.data.mean_tokens_per_sample:
+                return from_mean(cfg, shapes, cfg.data.mean_tokens_per_sample, why)
+            return worst_case(cfg, shapes, why)
     if absent == total and total:
         why = f"the {total} shard(s) of {where} are not on this machine"
     elif total:
