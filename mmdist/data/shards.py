@@ -73,12 +73,13 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 class ShardWriter:
     """Writes samples ({"__key__": str, ext: bytes}) into ``{prefix}-{index:06d}.tar`` files of N samples each.
 
-    ``tokenizer`` (with its ``tokenizer_name``, e.g. the LLM's hub id) adds text tokens to the length statistics.
+    ``tokenizer`` (with its ``tokenizer_name``, e.g. the LLM's hub id) adds text tokens to the length statistics;
+    ``length_stats=False`` writes none (a feature cache: its samples hold features, not the images they came from).
     """
 
     def __init__(self, out_dir: str | os.PathLike, prefix: str = "shard", samples_per_shard: int = 1000, overwrite: bool = False,
                  verify_images: bool = True, max_image_pixels: int = 89_478_485, tokenizer: Any = None,
-                 tokenizer_name: str = ""):
+                 tokenizer_name: str = "", length_stats: bool = True):
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.samples_per_shard = samples_per_shard
@@ -98,7 +99,7 @@ class ShardWriter:
         self.summary = WriteSummary(str(self.out_dir))
         self.sizes: dict[str, int] = {}
         self.stats: dict[str, ShardStats] = {}
-        self.tokenizer, self.tokenizer_name = tokenizer, tokenizer_name
+        self.tokenizer, self.tokenizer_name, self.length_stats = tokenizer, tokenizer_name, length_stats
         self._tar: Optional[tarfile.TarFile] = None
         self._name = ""
         self._count = 0
@@ -110,7 +111,8 @@ class ShardWriter:
         self._tar = tarfile.open(self.out_dir / (self._name + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
         self._count = 0
         self.sizes[self._name] = 0
-        self.stats[self._name] = ShardStats(self.tokenizer, self.tokenizer_name)
+        if self.length_stats:
+            self.stats[self._name] = ShardStats(self.tokenizer, self.tokenizer_name)
 
     def _close_current(self) -> None:
         if self._tar is not None:
@@ -151,7 +153,8 @@ class ShardWriter:
                 value = json.dumps(value).encode("utf-8")
             _add_member(self._tar, f"{key}.{ext}", value)
         self._keys.add(key)
-        self.stats[self._name].add(sample)
+        if self.length_stats:
+            self.stats[self._name].add(sample)
         self._count += 1
         self.sizes[self._name] += 1
         self.summary.written += 1
@@ -167,7 +170,8 @@ class ShardWriter:
             except ValueError:
                 old = {}
         sizes_path.write_text(json.dumps({**old, **self.sizes}, indent=1, sort_keys=True))
-        merge_stats_file(self.out_dir, self.prefix, {name: stats.summary() for name, stats in self.stats.items()})
+        if self.length_stats:
+            merge_stats_file(self.out_dir, self.prefix, {name: stats.summary() for name, stats in self.stats.items()})
         return self.summary
 
     def __enter__(self) -> ShardWriter:
