@@ -63,7 +63,8 @@ def test_planned_tokens_are_within_10_percent_of_the_collated(shards, processors
     for key in ("tokens", "positions", "tower_images"):
         assert getattr(planned, key) == pytest.approx(built[key], rel=0.10), (key, getattr(planned, key), built[key])
     print(f"{data} packing={packing} tiling={tiling}: planned {planned.tokens:.0f} tokens, {planned.positions:.0f} "
-          f"positions, {planned.tower_images:.1f} tower images; collated {built['tokens']:.0f}, {built['positions']:.0f}, "
+          f"positions, {planned.tower_images:.1f} tower images; "
+          f"collated {built['tokens']:.0f}, {built['positions']:.0f}, "
           f"{built['tower_images']:.1f}")
     # memory is sized above the mean micro-batch and never above every sample at max_len
     assert planned.positions <= planned.peak_positions <= micro * cfg.data.max_len
@@ -73,7 +74,8 @@ def test_planned_tokens_are_within_10_percent_of_the_collated(shards, processors
 
 def test_mixture_is_skewed_as_intended(shards, processors):
     """The mixture's kinds really differ in length: tiling adds positions, text-only rows are the longest."""
-    plain, tiled = (batch_tokens(c, model_shapes(c)) for c in (_config(shards["mixed"], True, 8, t) for t in (False, True)))
+    configs = (_config(shards["mixed"], True, 8, tiling) for tiling in (False, True))
+    plain, tiled = (batch_tokens(c, model_shapes(c)) for c in configs)
     assert tiled.tokens > 1.15 * plain.tokens and tiled.tower_images > 1.3 * plain.tower_images
 
 

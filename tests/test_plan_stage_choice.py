@@ -31,7 +31,8 @@ CLIP_L_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate
 
 @pytest.fixture(scope="module")
 def mixture(tmp_path_factory):
-    return shard_pattern(write_shards(skewed_samples(200, seed=1), tmp_path_factory.mktemp("mix"), samples_per_shard=100))
+    folder = tmp_path_factory.mktemp("mix")
+    return shard_pattern(write_shards(skewed_samples(200, seed=1), folder, samples_per_shard=100))
 
 
 @pytest.mark.parametrize("gpus", [1, 8])

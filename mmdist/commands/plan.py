@@ -38,8 +38,9 @@ def main(argv: Sequence[str]) -> int:
                                                                      "(default: from --gpu, e.g. 360 for H100/H200 NVLink)")
     parser.add_argument("--inter-gbps", type=float, default=None, help="NCCL bus bandwidth per GPU across nodes, GB/s "
                                                                      "(default: from --gpu, e.g. 40 for one 400G NIC per GPU)")
-    parser.add_argument("--pcie-gbps", type=float, default=None, help="host <-> GPU copies per GPU for offload, GB/s "
-                                                                    "(default 25, a PCIe Gen4 x16 figure, not a measurement)")
+    parser.add_argument("--pcie-gbps", type=float, default=None,
+                        help="host <-> GPU copies per GPU for offload, GB/s (default 25, a PCIe Gen4 x16 figure, "
+                             "not a measurement)")
     parser.add_argument("--data", nargs="+", default=None, metavar="SHARDS",
                         help="shard patterns whose stats.json sizes the micro-batch (default: the config's data.train; "
                              "without statistics: data.mean_tokens_per_sample, else full data.max_len rows)")
@@ -78,8 +79,8 @@ def main(argv: Sequence[str]) -> int:
     if half:
         print(f"  (not recommended: {ZERO0_HALF_PRECISION})")
     auto_settings = {s.label for s in auto_candidates(cfg, cfg.engine.precision)}
-    auto_pick, auto_all = choose([e for e in estimates if e.setting.label in auto_settings], inputs, world, link, budget,
-                                 [configured_ckpt])
+    auto_pick, auto_all = choose([e for e in estimates if e.setting.label in auto_settings], inputs, world, link,
+                                 budget, [configured_ckpt])
     print(f"engine.zero_stage=auto on {world} GPU(s) of this size picks ZeRO-{auto_pick.setting.zero_stage} "
           f"(gradient_checkpointing={str(configured_ckpt).lower()} as configured"
           f"{'' if auto_pick.fits else '; nothing fits, the least memory'})")

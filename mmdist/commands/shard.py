@@ -19,8 +19,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     common.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar file")
     common.add_argument("--overwrite", action="store_true", help="replace existing shards in the output folder")
     common.add_argument("--prefix", default="shard", help="shard file prefix (demo: train/eval)")
-    common.add_argument("--tokenizer", default="", help="the LLM's tokenizer (hub id, local folder or mmdist:tiny-bytes): "
-                                                        "stats.json then records text tokens, not only characters and words")
+    common.add_argument("--tokenizer", default="",
+                        help="the LLM's tokenizer (hub id, local folder or mmdist:tiny-bytes): stats.json then records "
+                             "text tokens, not only characters and words")
     demo = sub.add_parser("demo", parents=[common], help="scikit-learn digits: train/ and held-out eval/ shards")
     demo.add_argument("--image-size", type=int, default=28, help="side of the upscaled PNG digits")
     demo.set_defaults(samples_per_shard=200)
@@ -43,8 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         samples = llava_samples(args.json, args.images) if args.source == "llava" else folder_samples(args.images, args.captions)
         tokenizer = _tokenizer(args.tokenizer) if args.tokenizer else None
-        summary = write_shards(samples, args.out, args.prefix, args.samples_per_shard, args.overwrite, tokenizer=tokenizer,
-                               tokenizer_name=args.tokenizer)
+        summary = write_shards(samples, args.out, args.prefix, args.samples_per_shard, args.overwrite,
+                               tokenizer=tokenizer, tokenizer_name=args.tokenizer)
     except ShardsExist as exc:
         print(f"error: {exc}")
         return 2

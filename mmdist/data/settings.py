@@ -73,9 +73,9 @@ class DataConfig(SettingsBase):
     caption_prompt: str = setting("", "plain template: prompt text placed after the image for caption samples")
     max_len: int = setting(512, "longest token sequence (image tokens included); longer samples are truncated, never inside an image")
     packing: bool = setting(False, "pack several samples into one sequence of max_len (attention kept inside each sample)")
-    mean_tokens_per_sample: Optional[int] = setting(None, "the planner's mean LLM tokens per sample (text, template and image "
-                                                          "tokens) where the shards have no stats.json; null: their "
-                                                          "statistics, else every sample counted as a full max_len row")
+    mean_tokens_per_sample: Optional[int] = setting(
+        None, "the planner's mean LLM tokens per sample (text, template and image tokens) where the shards have no "
+              "stats.json; null: their statistics, else every sample counted as a full max_len row")
     group_by_length: bool = setting(False, "pad-to-longest batches built from samples of similar length")
     shuffle_buffer: int = setting(1000, "samples held in the shuffle buffer (0 disables sample shuffling)")
     num_workers: Optional[int] = setting(None, "DataLoader worker processes per rank; null (auto): the CPUs this rank owns "

@@ -322,7 +322,8 @@ def demo_samples(indices: Sequence[int], image_size: int = 28) -> Iterator[dict]
 
 
 def write_demo_shards(out_dir: str | os.PathLike, image_size: int = 28, samples_per_shard: int = 200, overwrite: bool = False,
-                      limit: Optional[int] = None, tokenizer: Any = None, tokenizer_name: str = "") -> dict[str, WriteSummary]:
+                      limit: Optional[int] = None, tokenizer: Any = None,
+                      tokenizer_name: str = "") -> dict[str, WriteSummary]:
     """Write the demo digits as ``out_dir/train`` and ``out_dir/eval`` shards (the eval split is never trained on).
 
     Returns {"train": summary, "eval": summary}; shard patterns are ``train/train-*.tar`` and ``eval/eval-*.tar``.

@@ -60,7 +60,8 @@ from mmdist.plan.shapes import DTYPE_BYTES, GiB, ModuleShape, builtin_config, co
 
 __all__ = [
     "ALL_SETTINGS", "BatchTokens", "DTYPE_BYTES", "Estimate", "GiB", "IMAGES_PER_CORE", "ModuleShape", "Setting",
-    "TOWER_MFU", "activation_bytes", "activation_bytes_per_sample", "batch_tokens", "builtin_config", "deepspeed_bucket_settings", "count_parameters", "deepspeed_estimates", "estimate", "format_plan",
+    "TOWER_MFU", "activation_bytes", "activation_bytes_per_sample", "batch_tokens", "builtin_config",
+    "deepspeed_bucket_settings", "count_parameters", "deepspeed_estimates", "estimate", "format_plan",
     "held_dtype", "input_line", "llm_activation_bytes", "model_shapes", "model_state_bytes", "parse_bytes", "recommend",
     "resolve_auto_for_gpu",
 ]

@@ -100,7 +100,8 @@ def resolve_zero_stage(cfg: RunConfig, world_size: int, device: str = "cpu") -> 
         raise ConfigError([Problem("engine.zero_stage", f"auto needs the planner's parameter counts, which failed: {exc}. "
                                                         "Name a stage (0-3) instead")]) from None
     tokens = batch_tokens(planned, shapes)
-    estimates = estimate(planned, shapes, world_size, settings=auto_candidates(cfg, planned.engine.precision), tokens=tokens)
+    estimates = estimate(planned, shapes, world_size, settings=auto_candidates(cfg, planned.engine.precision),
+                         tokens=tokens)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or min(world_size, 8))
     link = interconnect_for(name, gpus_per_node=max(1, per_node))
     ckpt = cfg.stage == "fuse" and cfg.model.llm.gradient_checkpointing
@@ -114,7 +115,8 @@ def resolve_zero_stage(cfg: RunConfig, world_size: int, device: str = "cpu") -> 
     return out, reason
 
 
-def auto_reason(best: Choice, candidates: list[Choice], budget: int, source: str, world: int, tokens: BatchTokens) -> str:
+def auto_reason(best: Choice, candidates: list[Choice], budget: int, source: str, world: int,
+                tokens: BatchTokens) -> str:
     """The line saying which stage ``auto`` takes and why: the fastest that fits, or the least memory when none does."""
     need = best.estimate.total(best.checkpointing)
     batch = f" (micro-batch of {tokens.samples} samples, {tokens.tokens:,.0f} tokens, from the {tokens.source})"
@@ -125,4 +127,5 @@ def auto_reason(best: Choice, candidates: list[Choice], budget: int, source: str
         return (head + f"nothing fits {budget / GiB:.1f} GiB ({source}); ZeRO-{best.setting.zero_stage} needs the least "
                 f"({need / GiB:.1f} GiB predicted{batch}). Lower train.micro_batch_size or data.max_len, or add GPUs")
     return (head + f"predicted fastest of the stages that fit {budget / GiB:.1f} GiB ({source}) on {world} rank(s): "
-            f"{best.time.step_s:.3g} s/step, {need / GiB:.1f} GiB predicted{batch}" + (f"; others: {others}" if others else ""))
+            f"{best.time.step_s:.3g} s/step, {need / GiB:.1f} GiB predicted{batch}"
+            + (f"; others: {others}" if others else ""))

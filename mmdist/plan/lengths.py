@@ -88,7 +88,8 @@ def _image_dims(shapes: Sequence[ModuleShape]) -> tuple[int, int, int]:
     """(LLM tokens per tower image, tower images per sample at the costliest grid, positions per sample's image)."""
     by_name = {s.name: s for s in shapes}
     proj = by_name["projector"].dims
-    return int(proj["tokens_per_image"]), int(proj.get("images", 1)), int(proj.get("positions", proj["tokens_per_image"]))
+    tokens = int(proj["tokens_per_image"])
+    return tokens, int(proj.get("images", 1)), int(proj.get("positions", tokens))
 
 
 def worst_case(cfg: RunConfig, shapes: Sequence[ModuleShape], why: str = "") -> BatchTokens:
@@ -98,7 +99,8 @@ def worst_case(cfg: RunConfig, shapes: Sequence[ModuleShape], why: str = "") -> 
     if any(s.name == "projector" for s in shapes):
         tpi, images, _ = _image_dims(shapes)
         image_tokens = tpi * images
-    note = f"worst case: every sample counted as a full row of data.max_len={length} tokens" + (f" ({why})" if why else "")
+    note = f"worst case: every sample counted as a full row of data.max_len={length} tokens"
+    note += f" ({why})" if why else ""
     return BatchTokens(b, float(b * length), float(b * image_tokens), float(b * images), float(b * length), float(b),
                        b * length, b * images, length, "worst case", note)
 
@@ -118,8 +120,8 @@ def from_mean(cfg: RunConfig, shapes: Sequence[ModuleShape], mean: int, why: str
         how = f"padded rows counted at data.max_len={length} (a mean cannot bound the longest)"
     note = (f"configured mean: data.mean_tokens_per_sample={mean} tokens per sample ({b * mean:,} per micro-batch, "
             f"{how})" + (f"; {why}" if why else ""))
-    return BatchTokens(b, float(b * mean), float(b * image_tokens), float(b * images), positions_mean, float(rows), peak,
-                       b * images, length, "configured mean", note)
+    return BatchTokens(b, float(b * mean), float(b * image_tokens), float(b * images), positions_mean, float(rows),
+                       peak, b * images, length, "configured mean", note)
 
 
 # ----------------------------------------------------------------------------------------------- text tokens
@@ -144,7 +146,8 @@ def planner_tokenizer(cfg: RunConfig) -> tuple[Any, str]:
             return load_tokenizer(llm), name
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=llm.trust_remote_code), name
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=llm.trust_remote_code)
+        return tok, name
     except Exception:  # not on this machine (the hub is not asked): the planner's defaults apply
         return None, name
 
@@ -231,7 +234,8 @@ class _Component:
         return max(0.0, self.quantiles[lo] + (self.quantiles[lo + 1] - self.quantiles[lo]) * (x - lo) + self.shift)
 
 
-def _layouts(cfg: RunConfig, shapes: Sequence[ModuleShape], sizes: dict) -> tuple[list[tuple[int, int, int]], list[float]]:
+def _layouts(cfg: RunConfig, shapes: Sequence[ModuleShape],
+             sizes: dict) -> tuple[list[tuple[int, int, int]], list[float]]:
     tpi = _image_dims(shapes)[0]
     tiling = cfg.data.image_tiling
     if not tiling.enabled or not sizes:
@@ -305,14 +309,17 @@ def from_stats(cfg: RunConfig, shapes: Sequence[ModuleShape], sources: Sequence[
     mean = sum(real) / draws
     peak = int(_percentile(positions, PEAK_QUANTILE))
     text = (f"shard statistics: {note}; {mean / b:,.0f} tokens per sample on average, {mean:,.0f} per micro-batch "
-            f"({'packed' if packing else 'padded'} into {sum(rows_seen) / draws:.1f} row(s), {sum(positions) / draws:,.0f} "
+            f"({'packed' if packing else 'padded'} into {sum(rows_seen) / draws:.1f} row(s), "
+            f"{sum(positions) / draws:,.0f} "
             f"positions; memory sized for {peak:,}, the {PEAK_QUANTILE:.0%} point); {conv.note}")
     return BatchTokens(b, mean, sum(image_tokens) / draws, sum(tower) / draws, sum(positions) / draws,
-                       sum(rows_seen) / draws, peak, int(_percentile(tower, PEAK_QUANTILE)), length, "shard statistics", text)
+                       sum(rows_seen) / draws, peak, int(_percentile(tower, PEAK_QUANTILE)), length, "shard statistics",
+                       text)
 
 
 def _source_stats(patterns: Sequence[Sequence[str]]) -> tuple[list[list[dict]], int, int, int]:
-    """Per source: the stats entries of its shards; and how many shards in all, without statistics, not on this machine."""
+    """Per source: the stats entries of its shards; and how many shards in all, how many without statistics, how
+    many of those not on this machine."""
     import os
 
     from mmdist.data.reader import _expand_pattern  # the reader's own pattern expansion (brace patterns, .txt lists)
@@ -356,7 +363,8 @@ def batch_tokens(cfg: RunConfig, shapes: Sequence[ModuleShape], shards: Optional
         try:
             return from_stats(cfg, shapes, sources, note)
         except (KeyError, TypeError, ValueError, IndexError) as exc:  # a stats.json from another tool or version
-            why = f"the stats.json of {where} could not be read ({type(exc).__name__}: {exc}); rewrite it with `mmdist shard`"
+            why = (f"the stats.json of {where} could not be read ({type(exc).__name__}: {exc}); "
+                   "rewrite it with `mmdist shard`")
             log.warning("planning without shard statistics: %s", why)
             if cfg.data.mean_tokens_per_sample:
                 return from_mean(cfg, shapes, cfg.data.mean_tokens_per_sample, why)
@@ -364,7 +372,8 @@ def batch_tokens(cfg: RunConfig, shapes: Sequence[ModuleShape], shards: Optional
     if absent == total and total:
         why = f"the {total} shard(s) of {where} are not on this machine"
     elif total:
-        why = f"none of the {total} shard(s) of {where} has a stats.json entry (written before `mmdist shard` kept them?)"
+        why = (f"none of the {total} shard(s) of {where} has a stats.json entry "
+               "(written before `mmdist shard` kept them?)")
     if cfg.data.mean_tokens_per_sample:
         return from_mean(cfg, shapes, cfg.data.mean_tokens_per_sample, why)
     return worst_case(cfg, shapes, why + "; set data.mean_tokens_per_sample, or pass shards with statistics")

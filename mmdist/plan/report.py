@@ -63,7 +63,8 @@ def image_lines(cfg: RunConfig, shapes: list[ModuleShape]) -> list[str]:
 
 
 def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estimate], world: int, budget: int,
-                ds: Optional[dict] = None, fastest: Optional[Choice] = None, tokens: Optional[BatchTokens] = None) -> str:
+                ds: Optional[dict] = None, fastest: Optional[Choice] = None,
+                tokens: Optional[BatchTokens] = None) -> str:
     """The plan a person reads; ``fastest`` (mmdist.plan.speed.choose) is the recommendation by predicted step
     time among what fits, else the first setting that fits in :func:`recommend`'s order; ``tokens`` the
     micro-batch the estimates were made for (mmdist.plan.lengths; default every sample a full row)."""
@@ -77,8 +78,9 @@ def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estim
                      f"({'packed' if cfg.data.packing and cfg.stage == 'fuse' else 'padded'}: at most "
                      f"{cfg.train.micro_batch_size * cfg.data.max_len:,} tokens)")
     else:
-        lines.append(head + f" of {tokens.per_sample_tokens:,.0f} tokens on average ({tokens.tokens:,.0f} per micro-batch, "
-                     f"{tokens.positions:,.0f} positions in {tokens.rows:.1f} row(s); memory for {tokens.peak_positions:,})")
+        lines.append(head + f" of {tokens.per_sample_tokens:,.0f} tokens on average ({tokens.tokens:,.0f} per "
+                     f"micro-batch, {tokens.positions:,.0f} positions in {tokens.rows:.1f} row(s); memory for "
+                     f"{tokens.peak_positions:,})")
     if tokens is not None:
         lines.append(f"micro-batch tokens from the {tokens.note}")
     lines += image_lines(cfg, shapes)

@@ -146,8 +146,8 @@ def choose(estimates: Sequence[Estimate], inputs: StepInputs, world: int, interc
     the least memory is returned with ``fits`` false.
     """
     candidates = [Choice(est, ckpt, est.total(ckpt) <= budget,
-                         predict(inputs, est.setting.zero_stage, world, interconnect, ckpt, est.setting.offload_optimizer,
-                                 est.setting.offload_params))
+                         predict(inputs, est.setting.zero_stage, world, interconnect, ckpt,
+                                 est.setting.offload_optimizer, est.setting.offload_params))
                   for ckpt in checkpointing for est in estimates]
     fitting = [c for c in candidates if c.fits]
     if not fitting:

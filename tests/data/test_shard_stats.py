@@ -1,4 +1,4 @@
-"""stats.json: the shard writer records each shard's lengths; shards without them read as None; the CLI's --tokenizer."""
+"""stats.json: the shard writer records each shard's lengths; shards without them read as None; shard --tokenizer."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from mmdist.data.shards import write_shards
 
 
 def _conversation(key: str, question: str, answer: str, images: list[bytes]) -> dict:
-    sample = {"__key__": key, "json": {"conversations": [{"from": "human", "value": "<image>\n" * len(images) + question},
-                                                         {"from": "gpt", "value": answer}]}}
+    turns = [{"from": "human", "value": "<image>\n" * len(images) + question}, {"from": "gpt", "value": answer}]
+    sample = {"__key__": key, "json": {"conversations": turns}}
     if len(images) == 1:
         sample["png"] = images[0]
     for i, image in enumerate(images if len(images) > 1 else []):
@@ -27,8 +27,8 @@ def test_sample_length_counts_what_the_preprocessor_reads():
     assert sorted(conv.image_sizes) == [(8, 8), (12, 12)]
     caption = sample_length({"__key__": "b", "jpg": png(0, 4), "txt": " <image>two words "})
     assert (caption.caption, caption.chars, caption.words, caption.image_sizes) == (True, 9, 2, [(4, 4)])
-    text_only = sample_length({"__key__": "c", "json": json.dumps({"conversations": [{"from": "human", "value": "hi"},
-                                                                                      {"from": "gpt", "value": "hello"}]})})
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
+    text_only = sample_length({"__key__": "c", "json": json.dumps({"conversations": turns})})
     assert (text_only.chars, text_only.image_sizes) == (7, [])
 
 
@@ -51,7 +51,8 @@ def test_writer_records_per_shard_statistics_grouped_by_images(tmp_path):
     assert first["text_sample"][:2] == ["x" * 10, "y" * 5]
     # a second prefix in the same folder keeps the first one's entries (as sizes.json does)
     write_shards([_conversation("e0", "q", "a", [])], tmp_path, prefix="other")
-    assert set(json.loads((tmp_path / STATS_FILE).read_text())) == {"mix-000000.tar", "mix-000001.tar", "other-000000.tar"}
+    names = set(json.loads((tmp_path / STATS_FILE).read_text()))
+    assert names == {"mix-000000.tar", "mix-000001.tar", "other-000000.tar"}
 
 
 def test_writer_records_tokens_with_a_tokenizer(tmp_path):

@@ -1,4 +1,4 @@
-"""A skewed mixture of samples for the planner's tests: text-only, one image, wide or tall images (tiled), three images."""
+"""A skewed mixture of samples for the planner's tests: text-only, one image, wide or tall (tiled), three images."""
 
 from __future__ import annotations
 
