@@ -17,7 +17,8 @@ from mmdist.plan import (
     parse_bytes,
     resolve_auto_for_gpu,
 )
-from mmdist.plan.auto import ZERO0_HALF_PRECISION, auto_candidates
+from mmdist.plan.auto import ZERO0_HALF_PRECISION, auto_candidates, auto_reason
+from mmdist.plan.lengths import batch_tokens
 from mmdist.plan.quantized import plan_lines
 from mmdist.plan.speed import choose, step_inputs
 from mmdist.plan.step_time import interconnect_for, scaling_table
@@ -37,6 +38,12 @@ def main(argv: Sequence[str]) -> int:
                                                                      "(default: from --gpu, e.g. 360 for H100/H200 NVLink)")
     parser.add_argument("--inter-gbps", type=float, default=None, help="NCCL bus bandwidth per GPU across nodes, GB/s "
                                                                      "(default: from --gpu, e.g. 40 for one 400G NIC per GPU)")
+    parser.add_argument("--pcie-gbps", type=float, default=None,
+                        help="host <-> GPU copies per GPU for offload, GB/s (default 25, a PCIe Gen4 x16 figure, "
+                             "not a measurement)")
+    parser.add_argument("--data", nargs="+", default=None, metavar="SHARDS",
+                        help="shard patterns whose stats.json sizes the micro-batch (default: the config's data.train; "
+                             "without statistics: data.mean_tokens_per_sample, else full data.max_len rows)")
     parser.add_argument("--cpus-per-node", type=int, default=0, help="CPU cores per node; warns when they cannot feed the GPUs")
     parser.add_argument("--images-per-core", type=float, default=IMAGES_PER_CORE, help="measured loader images/s per core")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
@@ -51,26 +58,33 @@ def main(argv: Sequence[str]) -> int:
         print(exc, file=sys.stderr)
         return 2
     world = args.gpus or 8
-    estimates = estimate(cfg, shapes, world, reserve_bytes=reserve)
+    try:
+        tokens = batch_tokens(cfg, shapes, args.data)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: cannot plan from the shards' statistics ({args.data or 'data.train'}): {exc}", file=sys.stderr)
+        return 2
+    estimates = estimate(cfg, shapes, world, reserve_bytes=reserve, tokens=tokens)
     ds = None if args.no_deepspeed else deepspeed_estimates(shapes, world)
-    link = interconnect_for(args.gpu, args.intra_gbps, args.inter_gbps, args.gpus_per_node)
-    inputs = step_inputs(cfg, shapes, world, args.gpu)
+    link = interconnect_for(args.gpu, args.intra_gbps, args.inter_gbps, args.gpus_per_node, args.pcie_gbps)
+    inputs = step_inputs(cfg, shapes, world, args.gpu, tokens=tokens)
     configured_ckpt = bool(cfg.stage.llm_checkpointing(cfg.model))
     half = cfg.engine.precision in ("bf16", "fp16")  # no ZeRO-0 then: see mmdist.plan.auto.ZERO0_HALF_PRECISION
     usable = [e for e in estimates if not (half and e.setting.zero_stage == 0)]
     fastest, _ = choose(usable, inputs, world, link, budget, [False, True] if cfg.stage.builds("llm") else [False])
     if auto_note:
         print(auto_note)
-    print(format_plan(cfg, shapes, estimates, world, budget, ds, fastest if fastest.fits else None))
+    print(format_plan(cfg, shapes, estimates, world, budget, ds, fastest if fastest.fits else None, tokens))
     for line in plan_lines(cfg, shapes, estimates, budget):  # quantized frozen bytes, or the quantization that fits
         print(line)
     if half:
         print(f"  (not recommended: {ZERO0_HALF_PRECISION})")
     auto_settings = {s.label for s in auto_candidates(cfg, cfg.engine.precision)}
-    auto_pick, _ = choose([e for e in estimates if e.setting.label in auto_settings], inputs, world, link, budget, [configured_ckpt])
+    auto_pick, auto_all = choose([e for e in estimates if e.setting.label in auto_settings], inputs, world, link,
+                                 budget, [configured_ckpt])
     print(f"engine.zero_stage=auto on {world} GPU(s) of this size picks ZeRO-{auto_pick.setting.zero_stage} "
           f"(gradient_checkpointing={str(configured_ckpt).lower()} as configured"
           f"{'' if auto_pick.fits else '; nothing fits, the least memory'})")
+    print("  why: " + auto_reason(auto_pick, auto_all, budget, f"--gpu-memory {args.gpu_memory}", world, tokens))
     per_pass = cfg.train.micro_batch_size * world
     if cfg.train.global_batch_size < per_pass:
         print(f"\nnote: train.global_batch_size={cfg.train.global_batch_size} is smaller than micro-batch x GPUs = {per_pass}: "
@@ -83,7 +97,8 @@ def main(argv: Sequence[str]) -> int:
             print(f"step time (gradient_checkpointing={str(ckpt).lower()}): no setting without offload fits")
             continue
         print(f"step time of the stages that fit on {world} GPU(s), gradient_checkpointing={str(ckpt).lower()} "
-              f"({inputs.micro_batches} micro-batch(es) of {cfg.train.micro_batch_size} x {cfg.data.max_len} tokens per rank "
+              f"({inputs.micro_batches} micro-batch(es) of {cfg.train.micro_batch_size} samples, "
+              f"{tokens.positions:,.0f} positions, per rank "
               f"and step: {(inputs.model_flops + (inputs.recompute_flops if ckpt else 0)) / 1e12:,.0f} TFLOP by the "
               "progress bar's formula, recomputation included):")
         print("\n".join(scaling_table(inputs, fitting, link, ckpt, worlds=(1, 8, 64, 512))))

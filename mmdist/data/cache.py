@@ -133,7 +133,8 @@ def build_feature_cache(cfg: RunConfig, model_or_encoder_fn: Any, src_shards: Se
                          "and a model with encode_text; the text side of this run cannot be cached")
     shards = list_shards(list(src_shards), need_sizes=False)
     out = Path(out_dir)
-    with ShardWriter(out, prefix="features", samples_per_shard=samples_per_shard, overwrite=overwrite, verify_images=False) as writer:
+    with ShardWriter(out, prefix="features", samples_per_shard=samples_per_shard, overwrite=overwrite,
+                     verify_images=False, length_stats=False) as writer:
         if cache_text:
             parts["text"] = text_parts
             _write_image_text_features(cfg, processors, encode, encode_text, shards, writer, batch_size)

@@ -73,6 +73,9 @@ class DataConfig(SettingsBase):
     caption_prompt: str = setting("", "plain template: prompt text placed after the image for caption samples")
     max_len: int = setting(512, "longest token sequence (image tokens included); longer samples are truncated, never inside an image")
     packing: bool = setting(False, "pack several samples into one sequence of max_len (attention kept inside each sample)")
+    mean_tokens_per_sample: Optional[int] = setting(
+        None, "the planner's mean LLM tokens per sample (text, template and image tokens) where the shards have no "
+              "stats.json; null: their statistics, else every sample counted as a full max_len row")
     group_by_length: bool = setting(False, "pad-to-longest batches built from samples of similar length")
     shuffle_buffer: int = setting(1000, "samples held in the shuffle buffer (0 disables sample shuffling)")
     num_workers: Optional[int] = setting(None, "DataLoader worker processes per rank; null (auto): the CPUs this rank owns "
@@ -102,6 +105,9 @@ class DataConfig(SettingsBase):
             out.append(("samples_per_epoch", "resampled mode needs samples_per_epoch"))
         if self.max_len < 8:
             out.append(("max_len", "must be at least 8"))
+        if self.mean_tokens_per_sample is not None and not 1 <= self.mean_tokens_per_sample <= self.max_len:
+            out.append(("mean_tokens_per_sample", f"{self.mean_tokens_per_sample} must be between 1 and data.max_len="
+                        f"{self.max_len}, or null"))
         if self.num_workers is not None and self.num_workers < 0:
             out.append(("num_workers", "must be >= 0"))
         if not 0.0 <= self.max_bad_fraction <= 1.0:

@@ -8,8 +8,9 @@ separate ``eval`` shards that training never sees).
 
 Every shard holds N samples (``{key}.png``/``.jpg`` + ``.txt`` or ``.json``), a
 ``sizes.json`` beside the shards gives the counts (the reader's epoch planning
-uses it), every image is decoded and verified before it is written, and a
-summary of what was skipped and why is logged. Existing shards are never
+uses it), a ``stats.json`` their length statistics (the planner sizes micro-batches
+from them: mmdist/data/shard_stats.py), every image is decoded and verified before
+it is written, and a summary of what was skipped and why is logged. Existing shards are never
 overwritten unless asked (``overwrite``). Tar members are written with fixed
 metadata (mtime 0, uid 0), so the same input gives byte-identical shards.
 """
@@ -31,6 +32,7 @@ from typing import Any, Optional
 from PIL import Image
 
 from mmdist.data.reader import IMAGE_EXTS, BadSample, decode_image
+from mmdist.data.shard_stats import ShardStats, merge_stats_file
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +71,15 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 class ShardWriter:
-    """Writes samples ({"__key__": str, ext: bytes}) into ``{prefix}-{index:06d}.tar`` files of N samples each."""
+    """Writes samples ({"__key__": str, ext: bytes}) into ``{prefix}-{index:06d}.tar`` files of N samples each.
+
+    ``tokenizer`` (with its ``tokenizer_name``, e.g. the LLM's hub id) adds text tokens to the length statistics;
+    ``length_stats=False`` writes none (a feature cache: its samples hold features, not the images they came from).
+    """
 
     def __init__(self, out_dir: str | os.PathLike, prefix: str = "shard", samples_per_shard: int = 1000, overwrite: bool = False,
-                 verify_images: bool = True, max_image_pixels: int = 89_478_485):
+                 verify_images: bool = True, max_image_pixels: int = 89_478_485, tokenizer: Any = None,
+                 tokenizer_name: str = "", length_stats: bool = True):
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.samples_per_shard = samples_per_shard
@@ -91,6 +98,8 @@ class ShardWriter:
             path.unlink()
         self.summary = WriteSummary(str(self.out_dir))
         self.sizes: dict[str, int] = {}
+        self.stats: dict[str, ShardStats] = {}
+        self.tokenizer, self.tokenizer_name, self.length_stats = tokenizer, tokenizer_name, length_stats
         self._tar: Optional[tarfile.TarFile] = None
         self._name = ""
         self._count = 0
@@ -102,6 +111,8 @@ class ShardWriter:
         self._tar = tarfile.open(self.out_dir / (self._name + ".tmp"), "w", format=tarfile.USTAR_FORMAT)
         self._count = 0
         self.sizes[self._name] = 0
+        if self.length_stats:
+            self.stats[self._name] = ShardStats(self.tokenizer, self.tokenizer_name)
 
     def _close_current(self) -> None:
         if self._tar is not None:
@@ -142,6 +153,8 @@ class ShardWriter:
                 value = json.dumps(value).encode("utf-8")
             _add_member(self._tar, f"{key}.{ext}", value)
         self._keys.add(key)
+        if self.length_stats:
+            self.stats[self._name].add(sample)
         self._count += 1
         self.sizes[self._name] += 1
         self.summary.written += 1
@@ -157,6 +170,8 @@ class ShardWriter:
             except ValueError:
                 old = {}
         sizes_path.write_text(json.dumps({**old, **self.sizes}, indent=1, sort_keys=True))
+        if self.length_stats:
+            merge_stats_file(self.out_dir, self.prefix, {name: stats.summary() for name, stats in self.stats.items()})
         return self.summary
 
     def __enter__(self) -> ShardWriter:
@@ -167,9 +182,11 @@ class ShardWriter:
 
 
 def write_shards(samples: Iterable[dict], out_dir: str | os.PathLike, prefix: str = "shard", samples_per_shard: int = 1000,
-                 overwrite: bool = False, verify_images: bool = True) -> WriteSummary:
+                 overwrite: bool = False, verify_images: bool = True, tokenizer: Any = None,
+                 tokenizer_name: str = "") -> WriteSummary:
     """Write an iterable of samples into shards; returns the summary (also printed by the CLI)."""
-    with ShardWriter(out_dir, prefix, samples_per_shard, overwrite, verify_images) as writer:
+    with ShardWriter(out_dir, prefix, samples_per_shard, overwrite, verify_images, tokenizer=tokenizer,
+                     tokenizer_name=tokenizer_name) as writer:
         for sample in samples:
             if "__skip__" in sample:
                 writer.skip(sample["__skip__"], str(sample.get("__key__", "?")), sample.get("__detail__", ""))
@@ -305,7 +322,8 @@ def demo_samples(indices: Sequence[int], image_size: int = 28) -> Iterator[dict]
 
 
 def write_demo_shards(out_dir: str | os.PathLike, image_size: int = 28, samples_per_shard: int = 200, overwrite: bool = False,
-                      limit: Optional[int] = None) -> dict[str, WriteSummary]:
+                      limit: Optional[int] = None, tokenizer: Any = None,
+                      tokenizer_name: str = "") -> dict[str, WriteSummary]:
     """Write the demo digits as ``out_dir/train`` and ``out_dir/eval`` shards (the eval split is never trained on).
 
     Returns {"train": summary, "eval": summary}; shard patterns are ``train/train-*.tar`` and ``eval/eval-*.tar``.
@@ -320,7 +338,7 @@ def write_demo_shards(out_dir: str | os.PathLike, image_size: int = 28, samples_
     result = {}
     for split, idx in (("train", train_idx), ("eval", eval_idx)):
         result[split] = write_shards(demo_samples(idx, image_size), out / split, prefix=split, samples_per_shard=samples_per_shard,
-                                     overwrite=overwrite)
+                                     overwrite=overwrite, tokenizer=tokenizer, tokenizer_name=tokenizer_name)
     return result
 
 

@@ -22,9 +22,11 @@ How it works, without loading a single weight:
    tests/test_plan.py): module weights in the compute dtype (ZeRO-3: one
    1/N partition), gradients, fp32 master copy plus Adam m and v for trainable
    parameters only (ZeRO >= 1: 1/N each).
-3. Activations for the configured micro-batch and ``data.max_len``, with and
-   without gradient checkpointing of the LLM, including the fp32 logits the
-   loss reads; communication buffers from the ZeRO bucket sizes.
+3. Activations for the configured micro-batch, with and without gradient
+   checkpointing of the LLM, including the fp32 logits the loss reads;
+   communication buffers from the ZeRO bucket sizes. The micro-batch's tokens
+   come from the shards' length statistics, ``data.mean_tokens_per_sample``, or
+   full ``data.max_len`` rows, in that order (``lengths``).
 4. What fits in ``--gpu-memory``, the largest micro-batch that fits per
    setting, and one recommended setting.
 
@@ -34,13 +36,16 @@ the model-state figures are exact up to DeepSpeed's padding.
 
 The steps are modules: ``shapes`` (1, with ``backbones`` for the configs and
 meta builds, ``towers`` for the vision tower, ``images`` for a sample's images and
-tiles), ``memory`` (2-3), ``report`` (4); the names below are the package's API.
+tiles), ``lengths`` (a micro-batch's tokens) and ``memory`` (2-3), ``report`` (4);
+the names below are the package's API.
 """
 
+from mmdist.plan.lengths import BatchTokens, batch_tokens
 from mmdist.plan.memory import (
     ALL_SETTINGS,
     Estimate,
     Setting,
+    activation_bytes,
     activation_bytes_per_sample,
     deepspeed_bucket_settings,
     deepspeed_estimates,
@@ -62,9 +67,10 @@ from mmdist.plan.shapes import (
 )
 
 __all__ = [
-    "ALL_SETTINGS", "DTYPE_BYTES", "Estimate", "GiB", "IMAGES_PER_CORE", "ModuleShape", "Setting", "TOWER_MFU",
-    "activation_bytes_per_sample", "builtin_config", "deepspeed_bucket_settings", "count_parameters", "deepspeed_estimates", "estimate", "format_plan",
-    "held_dtype", "input_line", "llm_activation_bytes", "model_flops",
-    "model_shapes", "model_state_bytes", "parse_bytes", "recommend",
+    "ALL_SETTINGS", "BatchTokens", "DTYPE_BYTES", "Estimate", "GiB", "IMAGES_PER_CORE", "ModuleShape", "Setting",
+    "TOWER_MFU", "activation_bytes", "activation_bytes_per_sample", "batch_tokens", "builtin_config",
+    "deepspeed_bucket_settings", "count_parameters", "deepspeed_estimates", "estimate", "format_plan",
+    "held_dtype", "input_line", "llm_activation_bytes", "model_flops", "model_shapes", "model_state_bytes",
+    "parse_bytes", "recommend",
     "resolve_auto_for_gpu",
 ]

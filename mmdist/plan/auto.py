@@ -20,13 +20,15 @@ import os
 from typing import Optional
 
 from mmdist.config.run import RunConfig
+from mmdist.plan.lengths import BatchTokens, batch_tokens
 from mmdist.plan.memory import Setting, estimate, parse_bytes
 from mmdist.plan.shapes import GiB, model_shapes
 from mmdist.plan.speed import Choice, choose, step_inputs
 from mmdist.plan.step_time import interconnect_for
 from mmdist.settings import ConfigError, Problem
 
-__all__ = ["DEVICE_MEMORY_ENV", "ZERO0_HALF_PRECISION", "auto_candidates", "device_budget", "resolve_zero_stage"]
+__all__ = ["DEVICE_MEMORY_ENV", "ZERO0_HALF_PRECISION", "auto_candidates", "auto_reason", "device_budget",
+           "resolve_zero_stage"]
 
 DEVICE_MEMORY_ENV = "MMDIST_DEVICE_MEMORY"
 """A memory budget per device for ``engine.zero_stage: auto`` (e.g. ``80GB``), instead of the device's own."""
@@ -83,7 +85,8 @@ def resolve_zero_stage(cfg: RunConfig, world_size: int, device: str = "cpu") -> 
     """(``cfg`` with a concrete ``engine.zero_stage``, the line saying why) — ``(cfg, None)`` unless it says ``auto``.
 
     Among the candidate settings whose predicted memory (mmdist.plan.estimate, with
-    the configured micro-batch and checkpointing) fits the budget, the lowest
+    the configured micro-batch as mmdist.plan.lengths counts it from the shards'
+    statistics of ``data.train``, and the configured checkpointing) fits the budget, the lowest
     predicted step time on ``world_size`` ranks wins; ties go to the lower stage.
     When none fits, the one needing least memory is taken and the line says so.
     """
@@ -96,26 +99,33 @@ def resolve_zero_stage(cfg: RunConfig, world_size: int, device: str = "cpu") -> 
     except ValueError as exc:  # a custom vision encoder without hidden_size, an unreadable model config
         raise ConfigError([Problem("engine.zero_stage", f"auto needs the planner's parameter counts, which failed: {exc}. "
                                                         "Name a stage (0-3) instead")]) from None
-    estimates = estimate(planned, shapes, world_size, settings=auto_candidates(cfg, planned.engine.precision))
+    tokens = batch_tokens(planned, shapes)
+    estimates = estimate(planned, shapes, world_size, settings=auto_candidates(cfg, planned.engine.precision),
+                         tokens=tokens)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or min(world_size, 8))
     link = interconnect_for(name, gpus_per_node=max(1, per_node))
     ckpt = bool(cfg.stage.llm_checkpointing(cfg.model))
-    best, candidates = choose(estimates, step_inputs(planned, shapes, world_size, name), world_size, link, budget, [ckpt])
+    inputs = step_inputs(planned, shapes, world_size, name, tokens=tokens)
+    best, candidates = choose(estimates, inputs, world_size, link, budget, [ckpt])
     stage = best.setting.zero_stage
     out = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, zero_stage=stage))
-    reason = _reason(best, candidates, budget, source, world_size)
+    reason = auto_reason(best, candidates, budget, source, world_size, tokens)
     if planned.engine.precision in ("bf16", "fp16") and not cfg.engine.offload_optimizer:
         reason += " (ZeRO-0 is not a candidate with a bf16/fp16 engine: its fp32 masters cannot be exported)"
     return out, reason
 
 
-def _reason(best: Choice, candidates: list[Choice], budget: int, source: str, world: int) -> str:
+def auto_reason(best: Choice, candidates: list[Choice], budget: int, source: str, world: int,
+                tokens: BatchTokens) -> str:
+    """The line saying which stage ``auto`` takes and why: the fastest that fits, or the least memory when none does."""
     need = best.estimate.total(best.checkpointing)
+    batch = f" (micro-batch of {tokens.samples} samples, {tokens.tokens:,.0f} tokens, from the {tokens.source})"
     others = ", ".join(f"ZeRO-{c.setting.zero_stage} {c.time.step_s:.3g} s{'' if c.fits else ' (does not fit)'}"
                        for c in candidates if c is not best)
     head = f"engine.zero_stage = {best.setting.zero_stage} (auto): "
     if not best.fits:
         return (head + f"nothing fits {budget / GiB:.1f} GiB ({source}); ZeRO-{best.setting.zero_stage} needs the least "
-                f"({need / GiB:.1f} GiB predicted). Lower train.micro_batch_size or data.max_len, or add GPUs")
+                f"({need / GiB:.1f} GiB predicted{batch}). Lower train.micro_batch_size or data.max_len, or add GPUs")
     return (head + f"predicted fastest of the stages that fit {budget / GiB:.1f} GiB ({source}) on {world} rank(s): "
-            f"{best.time.step_s:.3g} s/step, {need / GiB:.1f} GiB predicted" + (f"; others: {others}" if others else ""))
+            f"{best.time.step_s:.3g} s/step, {need / GiB:.1f} GiB predicted{batch}"
+            + (f"; others: {others}" if others else ""))

@@ -6,7 +6,8 @@ plus a grid of tiles, each one more tower forward and ``tokens_per_image`` more 
 tokens, and each row of tiles is followed by the separator's tokens. The planner takes
 the costliest candidate grid: ``max_tiled_image_tokens``, the figure the preprocessor
 checks against ``data.max_len``; the packer packs the expanded lengths, which the plan
-bounds by ``data.max_len`` per sample (mmdist.plan.speed.micro_batch_tokens).
+bounds by ``data.max_len`` per sample when it has no shard statistics (mmdist.plan.lengths,
+which with statistics picks each image's grid from its recorded size).
 """
 
 from __future__ import annotations

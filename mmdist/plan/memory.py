@@ -11,10 +11,13 @@ import dataclasses
 import math
 import re
 from collections.abc import Sequence
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from mmdist.config.run import RunConfig
 from mmdist.plan.shapes import DTYPE_BYTES, GiB, ModuleShape
+
+if TYPE_CHECKING:
+    from mmdist.plan.lengths import BatchTokens
 
 
 @dataclasses.dataclass
@@ -165,35 +168,42 @@ def resampler_activation_bytes(r: dict) -> int:
 
 
 def activation_bytes_per_sample(shapes: list[ModuleShape], cfg: RunConfig, checkpointing: bool) -> int:
-    """Activation bytes of one sample, counted as a full row of ``data.max_len`` tokens (an upper bound:
-    padded rows are at most that long, packed rows hold several samples in that length).
+    """Activation bytes of one sample, counted as a full row of ``data.max_len`` tokens holding the costliest image
+    (an upper bound: padded rows are at most that long, packed rows hold several samples in that length)."""
+    images = {s.name: s for s in shapes}["vision_encoder"].dims.get("images", 1)
+    return activation_bytes(shapes, cfg, checkpointing, cfg.data.max_len, images, cfg.data.max_len)
+
+
+def activation_bytes(shapes: list[ModuleShape], cfg: RunConfig, checkpointing: bool, positions: float,
+                     tower_images: float, row_len: int) -> int:
+    """Activation bytes of a micro-batch whose LLM runs on ``positions`` positions (rows x width, in rows of at most
+    ``row_len``) and whose vision tower reads ``tower_images`` images (base images and tiles).
 
     The LLM part is :func:`llm_activation_bytes`; the loss adds the logits, their
     fp32 copy and log-softmax (e + 8 bytes per vocabulary entry per token); the
     connector keeps its inputs and outputs in fp32 (a training Q-Former or resampler
     its layers' tensors too); the frozen vision encoder runs without grad (one layer's
-    working set per image); a text encoder (stage 1) keeps its own. Everything on the
-    image side counts every image of the sample: with data.image_tiling the base image
-    and the tiles of the largest grid (mmdist.plan.images).
+    working set per image); a text encoder (stage 1) keeps its own, per sample.
     """
     by_name = {s.name: s for s in shapes}
     e = DTYPE_BYTES[cfg.engine.precision]
-    seq = cfg.data.max_len
-    total = 0
+    seq = positions
+    total = 0.0
     llm = by_name.get("llm")
     if llm is not None:
         d = llm.dims
-        kept = llm_activation_bytes(d, seq, e, trains=llm.trainable or cfg.model.llm.lora.enabled,
-                                    eager=cfg.model.llm.attn_implementation == "eager", checkpointing=checkpointing)
+        eager = cfg.model.llm.attn_implementation == "eager"
+        kept = llm_activation_bytes(d, row_len, e, trains=llm.trainable or cfg.model.llm.lora.enabled, eager=eager,
+                                    checkpointing=checkpointing) * seq / row_len
         h = d["hidden"]
         total += kept + seq * d["vocab"] * (e + 8) + seq * h * e * 2  # + inputs_embeds and its grad
     proj = by_name.get("projector") or by_name.get("stage1")
     vision = by_name["vision_encoder"]
     v = vision.dims
+    images = tower_images
     if proj is not None:
-        tokens = proj.dims.get("tokens", v["tokens"])
-        total += tokens * (proj.dims.get("in", v["hidden"]) + 2 * (llm.dims["hidden"] if llm else 256)) * 4
-    images = v.get("images", 1)  # tower images per sample: the base image and its tiles (mmdist.plan.images)
+        per_image = proj.dims.get("tokens", v["tokens"]) / max(1, proj.dims.get("images", 1))
+        total += images * per_image * (proj.dims.get("in", v["hidden"]) + 2 * (llm.dims["hidden"] if llm else 256)) * 4
     stage1 = by_name.get("stage1")
     if stage1 is not None and stage1.trainable and cfg.model.connector.type == "qformer":
         # a training Q-Former keeps, per layer, its queries' attention/FFN tensors and (in cross-attention
@@ -214,7 +224,7 @@ def activation_bytes_per_sample(shapes: list[ModuleShape], cfg: RunConfig, check
         per = (2 * td["hidden"] + 2 * td["hidden"] + 2 * td["hidden"] + 3 * td["intermediate"])
         if text.trainable:
             per += 3 * td["hidden"] + td["intermediate"] + td["heads"] * tokens
-        total += tokens * td["layers"] * per * e
+        total += tokens * td["layers"] * per * e * tower_images
     return int(total)
 
 
@@ -234,15 +244,23 @@ def deepspeed_bucket_settings(cfg: RunConfig) -> dict:
 
 
 def estimate(cfg: RunConfig, shapes: list[ModuleShape], world: int, settings: Sequence[Setting] = ALL_SETTINGS,
-             reserve_bytes: int = int(1.5 * GiB)) -> list[Estimate]:
-    """One :class:`Estimate` per setting for ``world`` ranks (micro-batch and max_len from the config)."""
+             reserve_bytes: int = int(1.5 * GiB), tokens: Optional[BatchTokens] = None) -> list[Estimate]:
+    """One :class:`Estimate` per setting for ``world`` ranks: activations for the micro-batch ``tokens`` plans
+    (mmdist.plan.lengths: its peak positions and tower images), or, without it, ``micro_batch_size`` full
+    ``data.max_len`` rows. ``per_sample`` (the largest micro-batch that fits) is the micro-batch's share per sample."""
     b = cfg.train.micro_batch_size
-    per = activation_bytes_per_sample(shapes, cfg, checkpointing=False)
-    per_ckpt = activation_bytes_per_sample(shapes, cfg, checkpointing=True)
+    if tokens is None:
+        per = activation_bytes_per_sample(shapes, cfg, checkpointing=False)
+        per_ckpt = activation_bytes_per_sample(shapes, cfg, checkpointing=True)
+        act, act_ckpt = b * per, b * per_ckpt
+    else:
+        act, act_ckpt = (activation_bytes(shapes, cfg, ckpt, tokens.peak_positions, tokens.peak_tower_images,
+                                          tokens.row_len) for ckpt in (False, True))
+        per, per_ckpt = -(-act // max(1, b)), -(-act_ckpt // max(1, b))
     out = []
     for s in settings:
         ms = model_state_bytes(shapes, s, world, cfg.engine.precision, deepspeed_bucket_settings(cfg))
-        out.append(Estimate(s, ms["frozen"], ms["trainable"], ms["gradients"], ms["optimizer"], b * per, b * per_ckpt,
+        out.append(Estimate(s, ms["frozen"], ms["trainable"], ms["gradients"], ms["optimizer"], act, act_ckpt,
                             ms["comm"], ms["cpu"], per, per_ckpt, reserve_bytes))
     return out
 

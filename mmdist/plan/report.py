@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from mmdist.config.run import RunConfig, load_config
 from mmdist.hardware import datasheet_peak
+from mmdist.plan.lengths import BatchTokens
 from mmdist.plan.memory import Estimate
 from mmdist.plan.shapes import GiB, ModuleShape
 from mmdist.plan.speed import Choice
@@ -62,16 +63,26 @@ def image_lines(cfg: RunConfig, shapes: list[ModuleShape]) -> list[str]:
 
 
 def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estimate], world: int, budget: int,
-                ds: Optional[dict] = None, fastest: Optional[Choice] = None) -> str:
+                ds: Optional[dict] = None, fastest: Optional[Choice] = None,
+                tokens: Optional[BatchTokens] = None) -> str:
     """The plan a person reads; ``fastest`` (mmdist.plan.speed.choose) is the recommendation by predicted step
-    time among what fits, else the first setting that fits in :func:`recommend`'s order."""
+    time among what fits, else the first setting that fits in :func:`recommend`'s order; ``tokens`` the
+    micro-batch the estimates were made for (mmdist.plan.lengths; default every sample a full row)."""
     lines = []
     p_train = sum(s.params for s in shapes if s.trainable)
     p_frozen = sum(s.params for s in shapes if not s.trainable)
-    lines.append(f"mmdist plan: stage {cfg.stage}, {world} GPU(s) of {_g(budget)} GiB, precision {cfg.engine.precision}, "
-                 f"micro-batch {cfg.train.micro_batch_size} samples, each counted as a full row of {cfg.data.max_len} tokens "
-                 f"({'packed' if cfg.data.packing and cfg.stage.packs else 'padded'}: at most "
-                 f"{cfg.train.micro_batch_size * cfg.data.max_len:,} tokens)")
+    head = (f"mmdist plan: stage {cfg.stage}, {world} GPU(s) of {_g(budget)} GiB, precision {cfg.engine.precision}, "
+            f"micro-batch {cfg.train.micro_batch_size} samples")
+    if tokens is None or tokens.source == "worst case":
+        lines.append(head + f", each counted as a full row of {cfg.data.max_len} tokens "
+                     f"({'packed' if cfg.data.packing and cfg.stage.packs else 'padded'}: at most "
+                     f"{cfg.train.micro_batch_size * cfg.data.max_len:,} tokens)")
+    else:
+        lines.append(head + f" of {tokens.per_sample_tokens:,.0f} tokens on average ({tokens.tokens:,.0f} per "
+                     f"micro-batch, {tokens.positions:,.0f} positions in {tokens.rows:.1f} row(s); memory for "
+                     f"{tokens.peak_positions:,})")
+    if tokens is not None:
+        lines.append(f"micro-batch tokens from the {tokens.note}")
     lines += image_lines(cfg, shapes)
     lines.append("")
     lines.append(f"{'module':<16}{'params':>16}{'trainable':>11}{'dtype':>7}")

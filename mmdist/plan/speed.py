@@ -7,23 +7,27 @@ weight per token) when gradient checkpointing recomputes it. One peak for all of
 the engine precision's.
 
 A micro-batch is what the trainer means by it: ``train.micro_batch_size`` samples.
-The plan counts each as a full row of ``data.max_len`` tokens holding one image,
-the most such a batch can hold, packed or not (:func:`micro_batch_tokens`; with
-packing the collator puts the samples in at most that many rows of at most
-``max_len`` tokens). Memory must fit that worst case; the time is an upper bound.
+Its tokens come from mmdist.plan.lengths (:class:`~mmdist.plan.lengths.BatchTokens`:
+the shards' statistics, a configured mean, or every sample a full ``data.max_len``
+row, the worst case, which is also what is assumed when no ``tokens`` are given).
+The LLM's FLOPs count the positions it runs on (padding included), the vision side
+the image tokens, the LM head the text tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from mmdist.config.run import RunConfig
 from mmdist.hardware import datasheet_peak
 from mmdist.plan.memory import Estimate, Setting
 from mmdist.plan.shapes import DTYPE_BYTES, ModuleShape, model_flops
 from mmdist.plan.step_time import Interconnect, StepInputs, StepTime, predict
+
+if TYPE_CHECKING:
+    from mmdist.plan.lengths import BatchTokens
 
 __all__ = ["Choice", "choose", "micro_batch_tokens", "peak_for", "step_inputs", "TIE", "ZERO3_OVERHEAD"]
 
@@ -36,14 +40,17 @@ ZERO3_OVERHEAD = 34 / 16
 CPU_PEAK = 1e12  # a placeholder peak where no datasheet row applies: only ratios between settings matter then
 
 
-def micro_batch_tokens(cfg: RunConfig) -> int:
-    """Tokens of the largest micro-batch the trainer can build: ``micro_batch_size`` samples of ``max_len`` tokens.
+def micro_batch_tokens(cfg: RunConfig, tokens: Optional[BatchTokens] = None) -> int:
+    """Positions the LLM runs on per micro-batch: the mean ``tokens`` plans (mmdist.plan.lengths), else the most the
+    trainer can build, ``micro_batch_size`` samples of ``max_len`` tokens.
 
-    Unpacked, that is ``micro_batch_size`` rows padded to at most ``max_len``; packed
+    Unpacked, that bound is ``micro_batch_size`` rows padded to at most ``max_len``; packed
     (``data.packing``), ``pack_rows`` puts the same samples in at most as many rows of
     at most ``max_len`` tokens, so the bound is the same (tests/test_plan.py checks it
     against the real collator).
     """
+    if tokens is not None:
+        return int(round(tokens.positions))
     return cfg.train.micro_batch_size * cfg.data.max_len
 
 
@@ -56,17 +63,22 @@ def peak_for(gpu: str, precision: str) -> float:
     return float(value or CPU_PEAK)
 
 
-def _micro_batch_flops(cfg: RunConfig, shapes: Sequence[ModuleShape]) -> tuple[float, float]:
-    """(training FLOPs, recompute FLOPs under checkpointing) of one micro-batch on one rank."""
+def _micro_batch_flops(cfg: RunConfig, shapes: Sequence[ModuleShape],
+                       batch: Optional[BatchTokens] = None) -> tuple[float, float]:
+    """(training FLOPs, recompute FLOPs under checkpointing) of one micro-batch on one rank (``batch``: its tokens)."""
     by_name = {s.name: s for s in shapes}
     samples = cfg.train.micro_batch_size
     flops = model_flops(shapes)
     projector = by_name.get("projector")
     if projector is not None:  # stage 2: micro_batch_tokens LLM positions, the images' tokens among them
-        image_tokens = samples * projector.dims.get("tokens", 0)
-        images = samples * projector.dims.get("images", 1)
-        tokens = micro_batch_tokens(cfg)
-        supervised = max(0, tokens - image_tokens)  # at most every text token is an answer token
+        if batch is None:
+            image_tokens = samples * projector.dims.get("tokens", 0)
+            images = samples * projector.dims.get("images", 1)
+        else:  # the planned micro-batch (shard statistics or a configured mean)
+            image_tokens, images = batch.image_tokens, batch.tower_images
+        tokens = micro_batch_tokens(cfg, batch)
+        real = tokens if batch is None else batch.tokens
+        supervised = max(0, real - image_tokens)  # at most every text token is an answer token
         recompute = (flops.per_token + flops.per_supervised_token) / 2 * tokens  # one more forward: 2 per weight
         return flops.step(tokens, supervised, image_tokens, images, samples), recompute
     # stage 1: one image and a caption of up to text.max_length tokens per sample
@@ -74,8 +86,9 @@ def _micro_batch_flops(cfg: RunConfig, shapes: Sequence[ModuleShape]) -> tuple[f
 
 
 def step_inputs(cfg: RunConfig, shapes: Sequence[ModuleShape], world: int, gpu: str,
-                micro_batches: Optional[int] = None) -> StepInputs:
-    """What one optimizer step costs one rank, from the config and the planner's shapes.
+                micro_batches: Optional[int] = None, tokens: Optional[BatchTokens] = None) -> StepInputs:
+    """What one optimizer step costs one rank, from the config, the planner's shapes and the micro-batch's ``tokens``
+    (mmdist.plan.lengths; default every sample a full ``data.max_len`` row).
 
     ``micro_batches`` defaults to the gradient accumulation on ``world`` ranks
     (global batch / (micro-batch x world), at least 1).
@@ -84,7 +97,7 @@ def step_inputs(cfg: RunConfig, shapes: Sequence[ModuleShape], world: int, gpu: 
     e = DTYPE_BYTES.get(precision, 4)
     if micro_batches is None:
         micro_batches = max(1, cfg.train.global_batch_size // max(1, cfg.train.micro_batch_size * world))
-    flops, recompute = _micro_batch_flops(cfg, shapes)
+    flops, recompute = _micro_batch_flops(cfg, shapes, tokens)
     weights = 0
     p_train = 0
     for s in shapes:
@@ -96,7 +109,7 @@ def step_inputs(cfg: RunConfig, shapes: Sequence[ModuleShape], world: int, gpu: 
             weights += s.params * DTYPE_BYTES.get(dt, 4)
     return StepInputs(model_flops=flops * micro_batches, recompute_flops=recompute * micro_batches, weight_bytes=weights,
                       trainable_bytes=p_train * e, gradient_bytes=p_train * e, micro_batches=micro_batches,
-                      peak_flops=peak_for(gpu, precision), zero3_overhead=ZERO3_OVERHEAD)
+                      peak_flops=peak_for(gpu, precision), zero3_overhead=ZERO3_OVERHEAD, trainable_params=p_train)
 
 
 @dataclasses.dataclass
@@ -118,11 +131,13 @@ def choose(estimates: Sequence[Estimate], inputs: StepInputs, world: int, interc
     """(the fastest candidate that fits, every candidate), over ``estimates`` x ``checkpointing``.
 
     Among what fits, the lowest predicted step time wins; times within :data:`TIE`
-    are a tie, won by no offload (PCIe time is not in the model), then the lower
+    are a tie, won by no offload (the CPU's Adam step is not in the model), then the lower
     ZeRO stage, then no checkpointing. When nothing fits, the candidate needing
     the least memory is returned with ``fits`` false.
     """
-    candidates = [Choice(est, ckpt, est.total(ckpt) <= budget, predict(inputs, est.setting.zero_stage, world, interconnect, ckpt))
+    candidates = [Choice(est, ckpt, est.total(ckpt) <= budget,
+                         predict(inputs, est.setting.zero_stage, world, interconnect, ckpt,
+                                 est.setting.offload_optimizer, est.setting.offload_params))
                   for ckpt in checkpointing for est in estimates]
     fitting = [c for c in candidates if c.fits]
     if not fitting:

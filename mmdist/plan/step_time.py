@@ -15,6 +15,11 @@ The model is deliberately small (every term is printed by the planner):
   step; every stage reduces the trainable gradients;
 - a fraction ``overlap`` of the communication hides behind compute (DeepSpeed
   prefetches the next layer's gather while this one computes);
+- offload moves bytes over PCIe (``Interconnect.pcie``, :data:`PCIE_DEFAULT` unless given):
+  optimizer offload sends the rank's gradient partition to the CPU (fp32) and brings the
+  updated weights back once per step, after backward and not overlapped; parameter
+  offload fetches the rank's weight partition from the CPU at every gather, in line
+  with the all-gathers (overlapped as they are). The CPU's own Adam step is not modelled;
 - ZeRO-3's compute runs ``zero3_overhead`` times slower than the bare model's even
   on one rank, where nothing moves: its per-module fetch/release hooks and
   partitioned-parameter bookkeeping (16% vs 34% MFU measured on one H200, docs/benchmarks.md).
@@ -39,6 +44,7 @@ class Interconnect:
     intra_node: float
     inter_node: float
     gpus_per_node: int = 8
+    pcie: float = 0.0  # host <-> GPU bytes/s per GPU for offload; 0: PCIE_DEFAULT
 
     def bandwidth(self, world: int) -> float:
         """A ring over ``world`` ranks runs at the speed of its slowest hop."""
@@ -53,10 +59,13 @@ INTERCONNECTS: tuple[tuple[str, Interconnect], ...] = (
     (r"\bA100\b|\bA800\b", Interconnect("NVLink3 + 200G HDR per GPU", 230 * GB, 20 * GB)),
 )
 PCIE_NODE = Interconnect("PCIe + 100G Ethernet per node", 20 * GB, 1.5 * GB)
+# A default, not a measurement: what a PCIe Gen4 x16 link (32 GB/s per direction on paper) carries in practice for
+# pinned host copies. H100/H200 SXM hosts are Gen5 (about twice that); `mmdist plan --pcie-gbps` sets the figure.
+PCIE_DEFAULT = 25 * GB
 
 
 def interconnect_for(gpu: str, intra_gbps: Optional[float] = None, inter_gbps: Optional[float] = None,
-                     gpus_per_node: int = 8) -> Interconnect:
+                     gpus_per_node: int = 8, pcie_gbps: Optional[float] = None) -> Interconnect:
     """The interconnect of a GPU name from the table (PCIe-only nodes otherwise), with GB/s overrides."""
     found = PCIE_NODE
     if "pcie" not in gpu.lower():  # a PCIe card has no NVLink switch, whatever its chip
@@ -66,6 +75,7 @@ def interconnect_for(gpu: str, intra_gbps: Optional[float] = None, inter_gbps: O
         intra_node=intra_gbps * GB if intra_gbps else found.intra_node,
         inter_node=inter_gbps * GB if inter_gbps else found.inter_node,
         gpus_per_node=gpus_per_node,
+        pcie=pcie_gbps * GB if pcie_gbps else found.pcie or PCIE_DEFAULT,
     )
 
 
@@ -83,6 +93,7 @@ class StepInputs:
     utilisation: float = 0.5  # hardware-FLOPs utilisation of the compute itself; measured 0.51 (HFU) on one H200
     overlap: float = 0.8  # fraction of communication hidden behind compute
     zero3_overhead: float = 1.0  # ZeRO-3 compute time / the bare model's, from its hooks alone (1.0: none)
+    trainable_params: int = 0  # for optimizer offload's fp32 gradients (0: counted in the compute dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +107,7 @@ class StepTime:
     comm_bytes: float
     step_s: float
     bare_compute_s: float = 0.0  # the same FLOPs without ZeRO-3's hook overhead: the bare model's time
+    pcie_s: float = 0.0  # offload's host <-> GPU copies (included in step_s)
 
     @property
     def efficiency(self) -> float:
@@ -118,15 +130,32 @@ def comm_bytes(inputs: StepInputs, zero_stage: int, world: int, checkpointing: b
     return grads
 
 
-def predict(inputs: StepInputs, zero_stage: int, world: int, interconnect: Interconnect, checkpointing: bool) -> StepTime:
-    """The step time of one setting on ``world`` GPUs."""
+def offload_bytes(inputs: StepInputs, world: int, checkpointing: bool, offload_optimizer: bool,
+                  offload_params: bool) -> tuple[float, float]:
+    """(bytes over PCIe per step for optimizer offload, for parameter offload) of one rank."""
+    n = max(1, world)
+    # gradients go down as fp32 (4 bytes per parameter), the updated weights come back in the compute dtype
+    down = 4 * inputs.trainable_params if inputs.trainable_params else inputs.gradient_bytes
+    optimizer = (down + inputs.trainable_bytes) / n if offload_optimizer else 0.0
+    gathers = 2 + (1 if checkpointing else 0)  # forward, backward, recompute: each fetches the rank's partition
+    params = inputs.weight_bytes / n * gathers * inputs.micro_batches if offload_params else 0.0
+    return optimizer, params
+
+
+def predict(inputs: StepInputs, zero_stage: int, world: int, interconnect: Interconnect, checkpointing: bool,
+            offload_optimizer: bool = False, offload_params: bool = False) -> StepTime:
+    """The step time of one setting on ``world`` GPUs (with offload: its PCIe copies, see the module's docstring)."""
     flops = inputs.model_flops + (inputs.recompute_flops if checkpointing else 0.0)
     bare = flops / (inputs.peak_flops * inputs.utilisation)
     compute = bare * (inputs.zero3_overhead if zero_stage == 3 else 1.0)
     moved = comm_bytes(inputs, zero_stage, world, checkpointing)
     comm = moved / interconnect.bandwidth(world) if moved else 0.0
-    step = max(compute, comm) + (1.0 - inputs.overlap) * min(compute, comm)
-    return StepTime(zero_stage, world, compute, comm, moved, step, bare)
+    pcie = interconnect.pcie or PCIE_DEFAULT
+    opt_bytes, param_bytes = offload_bytes(inputs, world, checkpointing, offload_optimizer, offload_params)
+    comm += param_bytes / pcie
+    serial = opt_bytes / pcie
+    step = max(compute, comm) + (1.0 - inputs.overlap) * min(compute, comm) + serial
+    return StepTime(zero_stage, world, compute, comm, moved, step, bare, serial + param_bytes / pcie)
 
 
 def scaling_table(inputs: StepInputs, zero_stages: list[int], interconnect: Interconnect, checkpointing: bool,
