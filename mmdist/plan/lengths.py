@@ -167,7 +167,7 @@ def _template_tokens(cfg: RunConfig, tokenizer: Any) -> tuple[float, float, floa
     processors = SimpleNamespace(tokenizer=tokenizer, image_token_id=-1, num_image_tokens=0, template="auto",
                                  image_transform=None)
     template = resolve_template(cfg.data.template, processors)
-    pre = Preprocessor(processors, "fuse", template, max_len=1 << 30, caption_prompt=cfg.data.caption_prompt)
+    pre = Preprocessor(processors, cfg.stage, template, max_len=1 << 30, caption_prompt=cfg.data.caption_prompt)
     render = pre._render_chat if template == "chat" else pre._render_plain
     word = "x"
     content = len(pre._encode(word))
