@@ -72,7 +72,7 @@ def make_step(qformer, text, logit_scale, batch: dict, lr: float):
                                    text)
         out["loss"].backward()
         optimizer.step()
-        return float(out["loss"])
+        return float(out["loss"].detach())
 
     return step
 
@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="steps per turn")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--batch", type=int, default=64, help="the demo's stage-1 batch")
+    parser.add_argument("--bf16", action="store_true", help="also time this checkout's step cast to bf16")
     parser.add_argument("--set", action="append", default=[], help="recipe override (repeatable)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -110,6 +111,9 @@ def main(argv=None) -> int:
     old_scale = torch.nn.Parameter(model.logit_scale.detach().clone())
     steps = {"baseline": make_step(old, old_text, old_scale, batch, 1e-5),
              "this checkout": make_step(new, model.text, model.logit_scale, batch, 1e-5)}
+    if args.bf16:  # engine.precision=bf16: DeepSpeed casts the module to bf16 (its fp32 master copy is not timed)
+        bf16 = copy.deepcopy(model).to(torch.bfloat16)
+        steps["this, bf16"] = make_step(bf16.stage1, bf16.text, bf16.logit_scale, batch, 1e-5)
     for step in steps.values():  # warm-up
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
@@ -122,11 +126,10 @@ def main(argv=None) -> int:
     counted = new.flop_count(caption_len=ids.shape[1], batch_size=ids.shape[0]).step(ids.shape[0], ids.numel())
     print(f"\nQ-Former stage-1 train step, batch {args.batch} x {ids.shape[1]} caption tokens, "
           f"{args.threads} torch threads, load average {os.getloadavg()[0]:.1f} (a shared machine: see the rounds)")
-    print(f"{'':16s}{'median s/step':>14s}{'min s/step':>12s}")
+    print(f"{'':16s}{'median s/step':>14s}{'min s/step':>12s}{'speed-up':>10s}")
     for name, t in times.items():
-        print(f"{name:16s}{medians[name]:14.3f}{min(t):12.3f}")
-    print(f"speed-up (median): {medians['baseline'] / medians['this checkout']:.2f}x; "
-          f"counted Q-Former FLOPs per step (text encoder not included): {counted / 1e9:.1f} G "
+        print(f"{name:16s}{medians[name]:14.3f}{min(t):12.3f}{medians['baseline'] / medians[name]:9.2f}x")
+    print(f"counted Q-Former FLOPs per step (text encoder not included): {counted / 1e9:.1f} G "
           f"= {counted / medians['this checkout'] / 1e9:.1f} GFLOP/s")
     return 0
 
