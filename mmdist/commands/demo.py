@@ -224,7 +224,8 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     write_report(run_dir, metrics, fuse_metrics["gallery"])
-    print(f"[demo] done: {run_dir / 'report.md'} ({connector} connector, stage 1 top-1 {align_metrics['heldout_retrieval_top1']:.1%}, "
+    print(f"[demo] done: {run_dir / 'report.md'} ({connector} connector, "
+          f"stage 1 top-1 {align_metrics['heldout_retrieval_top1']:.1%}, "
           f"stage 2 accuracy {fuse_metrics['heldout_answer_accuracy']:.1%}, {timings['total'] / 60:.1f} min)")
     return metrics
 
@@ -238,7 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core, or 1 when the load average is already over 2 per core)")
     parser.add_argument("--connector", choices=sorted(CONNECTORS), default="linear",
                         help="stage-1 module: linear (the recipes as shipped: frozen MiniLM, Linear heads) or qformer "
-                             "(the reference recipe's BLIP-2 Q-Former, trained with the MiniLM; 32 image tokens in stage 2)")
+                             "(the reference recipe's BLIP-2 Q-Former, trained with the MiniLM; 32 image tokens in "
+                             "stage 2)")
     parser.add_argument("--align-config", default=str(DEFAULT_ALIGN_CONFIG), help="stage-1 recipe")
     parser.add_argument("--fuse-config", default=str(DEFAULT_FUSE_CONFIG), help="stage-2 recipe")
     parser.add_argument("--align-set", action="append", default=[], metavar="KEY=VALUE", help="override in the stage-1 recipe (repeatable)")

@@ -269,7 +269,8 @@ class QFormer(nn.Module):
         if not hasattr(self, "lm_head") or not caption_len:
             pairs = length = 0
         else:
-            align, vocab, text_dim = self.vision_proj.out_features, self.lm_head.out_features, self.text_proj.in_features
+            align, vocab = self.vision_proj.out_features, self.lm_head.out_features
+            text_dim = self.text_proj.in_features
 
         def lin(n_rows: float, d_in: int, d_out: int) -> float:
             return 2.0 * n_rows * d_in * d_out
@@ -283,7 +284,8 @@ class QFormer(nn.Module):
             image += 4 * lin(rows_q, d, d) + attn(rows_q, q) + lin(b * q, d, 4 * d) * 2
             if has_cross:  # keys and values of this batch's images and of the negatives
                 image += 2 * lin((2 if pairs else 1) * b * tokens, vision_dim, d)
-                image += (2 * lin(b * q, d, d) + attn(b * q, tokens)) + (2 * lin(pairs * q, d, d) + attn(pairs * q, tokens))
+                image += 2 * lin(b * q, d, d) + attn(b * q, tokens)  # the queries' pass
+                image += 2 * lin(pairs * q, d, d) + attn(pairs * q, tokens)  # the ITM pairs' query rows
             if not pairs:
                 continue
             last = i == len(cross) - 1

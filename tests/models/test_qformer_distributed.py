@@ -78,7 +78,8 @@ def test_two_ranks_draw_global_negatives_and_match_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for r, got in enumerate(ranks):
         sl = slice(r * B, (r + 1) * B)
-        assert torch.equal(got["neg_text"], whole["neg_text"][sl]) and torch.equal(got["neg_image"], whole["neg_image"][sl])
+        assert torch.equal(got["neg_text"], whole["neg_text"][sl])
+        assert torch.equal(got["neg_image"], whole["neg_image"][sl])
     drawn = torch.cat([torch.cat([got["neg_text"], got["neg_image"]]) // B != r for r, got in enumerate(ranks)])
     assert bool(drawn.any()), "no negative came from the other rank"
     for r, got in enumerate(ranks):  # "a red cat" (rows 0 and 4, one on each rank) is never the other's negative
