@@ -328,3 +328,36 @@ def test_quick_demo_from_the_installed_wheel(tmp_path):
     answer = _run([bin_dir / "mmdist", "generate", "--run", "run", "--image", run / "images" / first["image"], "--max-new-tokens", "8"],
                   cwd=elsewhere)
     assert answer.endswith(first["answer"] + "\n")
+
+
+QFORMER_BOTH = ["--align-set", "model.connector.type=qformer", "--align-set", "model.text.freeze=false",
+                "--fuse-set", "model.connector.type=qformer", "--fuse-set", "model.text.freeze=false"]
+
+
+def test_demo_refuses_stage2_without_room_for_text_before_any_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "missing_packages", lambda needed: [])
+    run = tmp_path / "run"
+    assert demo.main(["--run-dir", str(run), *QFORMER_BOTH]) == 2  # 32 queries, the recipe's data.max_len=32
+    err = capsys.readouterr().err
+    assert "data.max_len=32" in err and "32 image tokens" in err and "model.connector.qformer.num_queries" in err
+    assert not run.exists()
+    assert demo.main(["--run-dir", str(run), "--align-set", "model.connector.type=qformer",
+                      "--align-set", "model.text.freeze=false"]) == 2  # stage 2 left at the linear head
+    assert "stage 1 trains with model.connector.type='qformer'" in capsys.readouterr().err and not run.exists()
+
+
+def test_connector_qformer_sets_both_stages_and_says_which_ran(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "missing_packages", lambda needed: [])
+    seen = {}
+
+    def stop(run_dir, fingerprint, overwrite):
+        seen.update(fingerprint)
+        raise DemoError("stopped after the checks")
+
+    monkeypatch.setattr(demo.DemoState, "open", staticmethod(stop))
+    assert demo.main(["--run-dir", str(tmp_path / "run"), "--connector", "qformer"]) == 2
+    out = capsys.readouterr()
+    assert "stopped after the checks" in out.err and "stage-1 connector: qformer" in out.out
+    align, fuse = " ".join(seen["extra_overrides"]).split(" | ")
+    assert "model.connector.type=qformer" in align and "text: 0.1" in align and "model.text.freeze=false" in align
+    assert "model.connector.type=qformer" in fuse and "data.max_len=64" in fuse

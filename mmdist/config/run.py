@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from mmdist.atomic import write_text_atomic
+from mmdist.config.capacity import image_token_problems
 from mmdist.config.quantization import quantization_problems
 from mmdist.config.qwen1 import qwen1_max_len_problem
 from mmdist.config.recipes import recipe_path
@@ -51,6 +52,7 @@ class RunConfig(SettingsBase):
         if not staged:
             return out
         out += quantization_problems(self)
+        out += image_token_problems(self)
         if self.stage.builds("llm") and llm.name_or_path and not llm.gguf_file:
             # Local folders and cached/known hub configs only: validation never reaches the network.
             problem = qwen1_max_len_problem(llm.name_or_path, self.data.max_len)

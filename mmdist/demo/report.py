@@ -53,6 +53,7 @@ def write_report(run_dir: Path, metrics: dict, gallery: list[dict]) -> Path:
         "",
         "| figure | value |",
         "|---|---|",
+        f"| stage-1 connector (`mmdist demo --connector`) | {metrics.get('connector', 'linear')} |",
         f"| stage 1: held-out image->text retrieval top-1 (10 captions, chance 10%) | {a['heldout_retrieval_top1']:.1%} ({a['heldout_samples']} digits) |",
         f"| stage 2: held-out answer accuracy, greedy generation (chance 10%) | {f['heldout_answer_accuracy']:.1%} ({f['heldout_samples']} digits) |",
         f"| wall time, shards to report | {t.get('total', 0.0) / 60:.1f} min |",

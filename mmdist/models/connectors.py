@@ -185,7 +185,7 @@ def _build_heads(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text
 
 
 def _build_qformer(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None, gather=None) -> nn.Module:
-    return QFormer(cfg, vision_dim, text_dim, text_encoder=text_encoder, gather=gather)
+    return QFormer(cfg, vision_dim, text_dim, text_encoder=text_encoder, gather=gather, vision_tokens=vision_tokens)
 
 
 def _build_resampler(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None, gather=None) -> nn.Module:

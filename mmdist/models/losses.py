@@ -79,13 +79,49 @@ def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
     return (loss_i2t + loss_t2i) / 2, acc
 
 
+def gather_rows(x: torch.Tensor, pad: float = 0) -> torch.Tensor:
+    """Every rank's ``x`` concatenated along dim 0, without gradient (rank order); dim 1 is padded on the right
+    with ``pad`` to the widest rank's (captions padded to each rank's own longest)."""
+    world = distributed.world_size()
+    if world == 1:
+        return x
+    x = x.detach().contiguous()
+    if x.dim() >= 2:
+        width = torch.tensor([x.shape[1]], device=x.device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)
+        if int(width) > x.shape[1]:
+            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, int(width) - x.shape[1]), value=pad)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, 0)
+
+
+def rank_offset(batch_size: int) -> int:
+    """Where this rank's rows start in :func:`gather_rows`' output (equal batches on every rank)."""
+    return distributed.rank() * batch_size
+
+
+def draw_negatives(logits: torch.Tensor, excluded: torch.Tensor, itself: torch.Tensor,
+                   uniforms: torch.Tensor) -> torch.Tensor:
+    """One index per row, drawn with probability softmax(``logits``) over the columns not ``excluded``.
+
+    A row whose columns are all excluded draws uniformly from those that are not ``itself``. ``uniforms`` [B]
+    in [0, 1) are the random numbers (inverse-CDF draw), so the caller decides where the randomness comes from.
+    """
+    weights = torch.softmax(logits.float(), 1).masked_fill(excluded, 0.0)
+    weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, (~itself).float())
+    cdf = weights.cumsum(1)
+    target = uniforms.to(cdf.dtype)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=logits.shape[1] - 1)
+
+
 def sample_hard_negatives(sims: torch.Tensor, caption_group: Optional[torch.Tensor] = None,
                           sharpness: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image a negative caption, for each caption a negative image, drawn with probability softmax(sharpness * sim).
 
     ``sims`` [B, B] image-to-text similarities. The pair itself and captions of the
     same ``caption_group`` are never drawn; a row with no candidate left falls back
-    to any other index.
+    to any other index. (The Q-Former draws from every rank's batch: QFormer.hard_negatives.)
     """
     b = sims.shape[0]
     eye = torch.eye(b, dtype=torch.bool, device=sims.device)
@@ -93,9 +129,6 @@ def sample_hard_negatives(sims: torch.Tensor, caption_group: Optional[torch.Tens
     if caption_group is not None:
         g = caption_group.to(sims.device)
         same |= g[:, None] == g[None, :]
-    weights_t = torch.softmax(sims * sharpness, 1).masked_fill(same, 0.0)
-    weights_i = torch.softmax(sims.t() * sharpness, 1).masked_fill(same, 0.0)
-    others = (~eye).float()
-    weights_t = torch.where(weights_t.sum(1, keepdim=True) > 0, weights_t, others)
-    weights_i = torch.where(weights_i.sum(1, keepdim=True) > 0, weights_i, others)
-    return torch.multinomial(weights_t, 1).squeeze(1), torch.multinomial(weights_i, 1).squeeze(1)
+    uniforms = torch.rand(b, 2, device=sims.device)
+    return (draw_negatives(sims * sharpness, same, eye, uniforms[:, 0]),
+            draw_negatives(sims.t() * sharpness, same, eye, uniforms[:, 1]))

@@ -22,6 +22,7 @@ transformers' Blip2QFormerModel because that class has no text path for ITM/ITG.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -29,11 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmdist.models.gather import Gather, null_gather
-from mmdist.models.losses import itc_loss, sample_hard_negatives
+from mmdist.models.losses import draw_negatives, gather_rows, itc_loss, rank_offset
+
+KV = tuple[torch.Tensor, torch.Tensor]
 
 
 class Attention(nn.Module):
-    """Multi-head attention with BERT's post-norm residual: LN(x + O(attn(x, ctx)))."""
+    """Multi-head attention with BERT's post-norm residual: LN(x + O(attn(x, ctx))).
+
+    ``kv`` and ``attend`` are the two halves of ``forward``, so that keys and
+    values computed once (the image's, the queries') serve several passes.
+    """
 
     def __init__(self, dim: int, heads: int, kv_dim: Optional[int] = None, eps: float = 1e-12):
         super().__init__()
@@ -43,17 +50,27 @@ class Attention(nn.Module):
         self.out = nn.Linear(dim, dim)
         self.norm = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
-        context = x if context is None else context
-        b, t, d = x.shape
-        h = self.heads
+    def split(self, y: torch.Tensor) -> torch.Tensor:
+        """[N, T, dim] -> [N, heads, T, dim / heads]."""
+        n, t, _ = y.shape
+        return y.view(n, t, self.heads, -1).transpose(1, 2)
 
-        def split(y: torch.Tensor) -> torch.Tensor:
-            return y.view(b, -1, h, d // h).transpose(1, 2)
+    def kv(self, context: torch.Tensor) -> KV:
+        """Keys and values of ``context`` [N, T, kv_dim], split into heads."""
+        return self.split(self.key(context)), self.split(self.value(context))
 
-        mask = None if allowed is None else allowed[:, None]
-        attn = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(context)), split(self.value(context)), attn_mask=mask)
-        return self.norm(x + self.out(attn.transpose(1, 2).reshape(b, t, d)))
+    def attend(self, x: torch.Tensor, kv: KV, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """LN(x + O(attn(Q(x), kv))); ``mask`` broadcasts to [N, heads, T, keys] (True = may attend)."""
+        n, t, d = x.shape
+        k, v = kv
+        if k.shape[0] != n:  # keys shared by the whole batch (the first layer's queries)
+            k, v = k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)
+        attn = F.scaled_dot_product_attention(self.split(self.query(x)), k, v, attn_mask=mask)
+        return self.norm(x + self.out(attn.transpose(1, 2).reshape(n, t, d)))
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.attend(x, self.kv(x if context is None else context), None if allowed is None else allowed[:, None])
 
 
 class FeedForward(nn.Module):
@@ -75,15 +92,48 @@ class QFormerLayer(nn.Module):
         self.ffn_query = FeedForward(dim, 4 * dim)
         self.ffn_text = FeedForward(dim, 4 * dim) if with_text else None
 
-    def forward(self, x: torch.Tensor, n_queries: int, image: torch.Tensor, allowed: Optional[torch.Tensor]) -> torch.Tensor:
-        x = self.self_attn(x, allowed=allowed)
-        queries, text = x[:, :n_queries], x[:, n_queries:]
+    def forward(self, x: torch.Tensor, n_queries: int, image: torch.Tensor,
+                allowed: Optional[torch.Tensor]) -> torch.Tensor:
+        image_kv = self.cross_attn.kv(image) if self.cross_attn is not None else None
+        return self.joint(x, n_queries, image_kv, None if allowed is None else allowed[:, None])
+
+    def joint(self, x: torch.Tensor, n_queries: int, image_kv: Optional[KV], mask: Optional[torch.Tensor],
+              queries_only: bool = False) -> torch.Tensor:
+        """Queries and text [N, Q + L, dim] through the layer; ``queries_only``: return the query rows alone
+        (the ITM head reads nothing else after the last layer)."""
+        kv = self.self_attn.kv(x)
+        if queries_only:
+            queries, text = self.self_attn.attend(x[:, :n_queries], kv, mask), x[:, :0]
+        else:
+            x = self.self_attn.attend(x, kv, mask)
+            queries, text = x[:, :n_queries], x[:, n_queries:]
         if self.cross_attn is not None:
-            queries = self.cross_attn(queries, context=image)
+            queries = self.cross_attn.attend(queries, image_kv)
         queries = self.ffn_query(queries)
         if text.shape[1]:
             text = self.ffn_text(text)
-        return torch.cat([queries, text], 1)
+        return torch.cat([queries, text], 1) if text.shape[1] else queries
+
+    def queries_step(self, queries: torch.Tensor, image_kv: Optional[KV], batch: int) -> tuple[torch.Tensor, KV]:
+        """Queries alone (ITC, stage 2); returns them and their self-attention keys and values (what ITG's text
+        attends to). ``queries`` may be [1, Q, dim] (the learnable queries before any image): the self-attention
+        then runs once for the whole batch of ``batch`` images."""
+        kv = self.self_attn.kv(queries)
+        queries = self.self_attn.attend(queries, kv)
+        if queries.shape[0] != batch:
+            queries = queries.expand(batch, -1, -1)
+        if self.cross_attn is not None:
+            queries = self.cross_attn.attend(queries, image_kv)
+        return self.ffn_query(queries), kv
+
+    def text_step(self, text: torch.Tensor, queries_kv: KV, mask: torch.Tensor) -> torch.Tensor:
+        """Caption rows alone, attending to the queries' keys and values (from :meth:`queries_step`) and to
+        themselves under ``mask`` [N, 1, L, Q + L] (ITG: the queries never see the caption, so theirs are ITC's)."""
+        n = text.shape[0]
+        k_text, v_text = self.self_attn.kv(text)
+        k_q, v_q = queries_kv
+        kv = (torch.cat([k_q.expand(n, -1, -1, -1), k_text], 2), torch.cat([v_q.expand(n, -1, -1, -1), v_text], 2))
+        return self.ffn_text(self.self_attn.attend(text, kv, mask))
 
 
 class QFormer(nn.Module):
@@ -93,7 +143,8 @@ class QFormer(nn.Module):
     text parts (ITC text projection, ITM and LM heads) and initialises the layers.
     """
 
-    def __init__(self, cfg: Any, vision_dim: int, text_dim: Optional[int], text_encoder: Any = None, gather: Optional[Gather] = None):
+    def __init__(self, cfg: Any, vision_dim: int, text_dim: Optional[int], text_encoder: Any = None,
+                 gather: Optional[Gather] = None, vision_tokens: Optional[int] = None):
         super().__init__()
         q = cfg.qformer
         self.cfg = cfg
@@ -101,6 +152,7 @@ class QFormer(nn.Module):
         if dim % q.num_heads:
             raise ValueError(f"model.connector.qformer.num_heads={q.num_heads} does not divide the Q-Former width {dim}")
         self.dim, self.num_tokens, self.out_dim = dim, q.num_queries, dim
+        self.vision_tokens = vision_tokens  # per image, for flop_count
         with_text = text_encoder is not None
         self.queries = nn.Parameter(torch.randn(1, q.num_queries, dim) * 0.02)
         self.image_norm = nn.LayerNorm(vision_dim)
@@ -151,16 +203,18 @@ class QFormer(nn.Module):
     # -- forward pieces ---------------------------------------------------
 
     def forward(self, image_features: torch.Tensor, text_states: Optional[torch.Tensor] = None,
-                allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+                allowed: Optional[torch.Tensor] = None, *, stage1: Optional[Stage1Inputs] = None) -> Any:
         """Queries (+ text states) through the layers; returns [N, Q (+ L), dim].
 
-        Always reached through ``self(...)``: under ZeRO-3 the module call is what
-        gathers ``self.queries``.
+        With ``stage1`` it returns the stage-1 losses instead (:meth:`align_losses`). Always
+        reached through ``self(...)``: under ZeRO-3 the module call is what gathers ``self.queries``.
         """
+        if stage1 is not None:
+            return self._stage1_losses(image_features, stage1)
         image = self.image_norm(image_features.to(self.queries.dtype))
-        x = self.queries.expand(image.shape[0], -1, -1)
-        if text_states is not None:
-            x = torch.cat([x, self.text_in(text_states.to(x.dtype))], 1)
+        if text_states is None:
+            return self._queries_pass(self._image_kv(image), image.shape[0])[0]
+        x = torch.cat([self.queries.expand(image.shape[0], -1, -1), self.text_in(text_states.to(image.dtype))], 1)
         for layer in self.layers:
             x = layer(x, self.num_tokens, image, allowed)
         return x
@@ -168,6 +222,18 @@ class QFormer(nn.Module):
     def image_tokens_of(self, features: torch.Tensor) -> torch.Tensor:
         """Vision features [N, n, Dv] -> query outputs [N, num_queries, dim] (what stage 2 projects)."""
         return self(features)
+
+    def _image_kv(self, image: torch.Tensor) -> list[Optional[KV]]:
+        """Each cross-attention layer's keys and values of the (normed) image tokens, computed once per image."""
+        return [layer.cross_attn.kv(image) if layer.cross_attn is not None else None for layer in self.layers]
+
+    def _queries_pass(self, image_kv: list[Optional[KV]], batch: int) -> tuple[torch.Tensor, list[KV]]:
+        """The queries alone through every layer: [N, Q, dim] and each layer's query keys and values."""
+        x, queries_kv = self.queries, []
+        for layer, kv in zip(self.layers, image_kv):
+            x, own = layer.queries_step(x, kv, batch)
+            queries_kv.append(own)
+        return x, queries_kv
 
     def _masks(self, text_mask: torch.Tensor, kind: str) -> torch.Tensor:
         """Boolean [B, Q+L, Q+L] (True = may attend) for 'itm' (bidirectional) or 'itg' (multimodal causal)."""
@@ -181,49 +247,229 @@ class QFormer(nn.Module):
             allowed[:, q:, q:] &= causal
         return allowed
 
+    # -- work -----------------------------------------------------------
+
+    def flop_count(self, caption_len: int = 0, batch_size: int = 1, world: int = 1,
+                   image_tokens: Optional[int] = None) -> QFormerFlops:
+        """Training FLOPs of :meth:`align_losses` from the module's shapes, as it runs (see :class:`QFormerFlops`).
+
+        Every matmul counts 2 x in x out per row forward and twice that backward (all inputs carry a gradient:
+        the queries and the normed image are trainable functions); attention counts 4 x keys x width per query
+        row forward, 8 backward. The hard-negative similarities run without gradient (forward only).
+        ``batch_size``: samples per rank; ``world``: ranks (ITC and the negatives compare with all of them);
+        ``image_tokens``: vision tokens per image (default: the tower's, given at construction). Without a text
+        side (stage 2) or with ``caption_len`` 0, only the queries' pass (``image_tokens_of``) is counted, trained.
+        """
+        b, length, q, d = batch_size, caption_len, self.num_tokens, self.dim
+        n_all, pairs, rows = batch_size * world, 3 * batch_size, self.num_tokens + caption_len
+        vision_dim, tokens = self.image_norm.normalized_shape[0], image_tokens or self.vision_tokens
+        if not tokens:
+            raise ValueError("QFormer.flop_count needs image_tokens (the vision tower's tokens per image)")
+        cross = [layer.cross_attn is not None for layer in self.layers]
+        if not hasattr(self, "lm_head") or not caption_len:
+            pairs = length = 0
+        else:
+            align, vocab = self.vision_proj.out_features, self.lm_head.out_features
+            text_dim = self.text_proj.in_features
+
+        def lin(n_rows: float, d_in: int, d_out: int) -> float:
+            return 2.0 * n_rows * d_in * d_out
+
+        def attn(n_rows: float, keys: float) -> float:
+            return 4.0 * n_rows * keys * d
+
+        image = text = 0.0  # forward FLOPs of the trained graph, per step
+        for i, has_cross in enumerate(cross):
+            rows_q = q if i == 0 else b * q  # the first self-attention runs once for the batch
+            image += 4 * lin(rows_q, d, d) + attn(rows_q, q) + lin(b * q, d, 4 * d) * 2
+            if has_cross:  # keys and values of this batch's images and of the negatives
+                image += 2 * lin((2 if pairs else 1) * b * tokens, vision_dim, d)
+                image += 2 * lin(b * q, d, d) + attn(b * q, tokens)  # the queries' pass
+                image += 2 * lin(pairs * q, d, d) + attn(pairs * q, tokens)  # the ITM pairs' query rows
+            if not pairs:
+                continue
+            last = i == len(cross) - 1
+            image += 2 * lin(pairs * q, d, d) + lin(pairs * q, d, 4 * d) * 2  # ITM query rows: K, V; FFN
+            image += 2 * lin(pairs * q, d, d) + attn(pairs * q, rows)  # ITM query rows: Q, O, scores
+            text += 2 * lin(pairs * length, d, d)  # ITM caption rows: K, V
+            if not last:
+                text += 2 * lin(pairs * length, d, d) + attn(pairs * length, rows) + lin(pairs * length, d, 4 * d) * 2
+            text += 4 * lin(b * length, d, d) + attn(b * length, rows) + lin(b * length, d, 4 * d) * 2  # ITG
+        if not pairs:
+            return QFormerFlops(per_image=3 * image / b, per_caption_token=0.0, per_itg_target=0.0)
+        if not isinstance(self.text_in, nn.Identity):
+            text += lin(4 * b * length, text_dim, d)
+        image += lin(b * q, d, align) + lin(b, text_dim, align) + 2.0 * n_all * n_all * q * align  # ITC
+        image += lin(pairs * q, d, 2)  # ITM head
+        no_grad = 4.0 * b * n_all * q * align  # hard-negative similarities
+        return QFormerFlops(per_image=(3 * image + no_grad) / b, per_caption_token=3 * text / (b * length),
+                            per_itg_target=3 * lin(1, d, vocab))
+
     # -- stage-1 losses ---------------------------------------------------
 
     def align_losses(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, logit_scale: torch.Tensor,
                      caption_group: Optional[torch.Tensor], text_encoder: Any) -> dict:
+        """ITC + ITM + ITG of a batch: ``{"loss", "metrics"}`` (through the module call, see :meth:`forward`)."""
+        return self(features, stage1=Stage1Inputs(ids, mask, logit_scale, caption_group, text_encoder))
+
+    def _stage1_losses(self, features: torch.Tensor, s: Stage1Inputs) -> dict:
+        """Each piece runs once: the image's cross-attention keys and values serve ITC, ITM and ITG; the queries'
+        pass serves ITC and ITG (ITG's queries never see the caption, so they are ITC's); the text encoder runs once."""
         q = self.cfg.qformer
-        queries = self.image_tokens_of(features)
-        _, pooled = text_encoder(ids, mask)
+        image = self.image_norm(features.to(self.queries.dtype))
+        image_kv = self._image_kv(image)
+        queries, queries_kv = self._queries_pass(image_kv, features.shape[0])
+        _, pooled = s.text_encoder(s.ids, s.mask)
         image_emb = self.vision_proj(queries)  # [B, Q, D]
         text_emb = self.text_proj(pooled.to(image_emb.dtype))
-        itc, acc = itc_loss(image_emb, text_emb, logit_scale, caption_group)
-        text_states = text_encoder.model.embeddings(input_ids=ids)
-        itm, itm_acc = self.itm_loss(features, text_states, mask, image_emb, text_emb, caption_group)
-        itg = self.itg_loss(features, text_states, ids, mask)
+        itc, acc = itc_loss(image_emb, text_emb, s.logit_scale, s.caption_group)
+        embed = s.text_encoder.embeddings()
+        text_states = embed(input_ids=s.ids)
+        itm, itm_acc = self._itm_loss(features, image_kv, text_states, s, image_emb, text_emb, embed)
+        itg = self._itg_loss(queries_kv, text_states, s.ids, s.mask)
         loss = itc + q.itm_weight * itm + q.itg_weight * itg
         metrics = {"itc": itc.detach(), "itm": itm.detach(), "itg": itg.detach(), "acc": acc, "itm_acc": itm_acc,
-                   "temperature": (1.0 / logit_scale.detach().exp()).reshape(())}
+                   "temperature": (1.0 / s.logit_scale.detach().exp()).reshape(())}
         return {"loss": loss, "metrics": metrics}
 
     def itm_logits(self, features: torch.Tensor, text_states: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Match logits [N, 2] for image/text pairs (queries and text attend to each other)."""
-        out = self(features, text_states, self._masks(text_mask, "itm"))
-        return self.itm_head(out[:, : self.num_tokens]).mean(1)
+        image_kv = self._image_kv(self.image_norm(features.to(self.queries.dtype)))
+        return self._itm_logits(image_kv, self.text_in(text_states.to(self.queries.dtype)), text_mask)
 
-    def itm_loss(self, features, text_states, text_mask, image_emb, text_emb, caption_group) -> tuple[torch.Tensor, torch.Tensor]:
-        """BLIP-2 ITM: B positives, B (image, hard negative text), B (hard negative image, text)."""
+    def _itm_logits(self, image_kv: list[Optional[KV]], text: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        n, q = text.shape[0], self.num_tokens
+        keys = None  # no padding in the batch: attention needs no mask
+        if not bool(text_mask.bool().all()):
+            keys = torch.cat([text_mask.new_ones(n, q, dtype=torch.bool), text_mask.bool()], 1)[:, None, None, :]
+        x = torch.cat([self.queries.expand(n, -1, -1), text], 1)
+        last = len(self.layers) - 1
+        for i, (layer, kv) in enumerate(zip(self.layers, image_kv)):
+            x = layer.joint(x, q, kv, keys, queries_only=i == last)
+        return self.itm_head(x[:, :q]).mean(1)
+
+    def _itm_loss(self, features: torch.Tensor, image_kv: list[Optional[KV]], text_states: torch.Tensor,
+                  s: Stage1Inputs, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                  embed: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """BLIP-2 ITM: B positives, B (image, hard negative caption), B (hard negative image, caption).
+
+        Negatives come from every rank's batch (the global similarity, as BLIP-2): a negative caption's token ids
+        and a negative image's features are gathered from the rank that holds them. The image keys and values
+        are computed once per distinct image and indexed per pair, not copied in with the features.
+        """
         b = features.shape[0]
-        if b < 2:
-            zero = (self.itm_head.weight.sum() * 0.0)
-            return zero, torch.tensor(float("nan"))
-        with torch.no_grad():
-            sims = torch.einsum("iqd,jd->ijq", F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1)).amax(-1)
-            neg_text, neg_image = sample_hard_negatives(sims, caption_group)
-        all_features = torch.cat([features, features, features[neg_image]], 0)
-        all_text = torch.cat([text_states, text_states[neg_text], text_states], 0)
-        all_mask = torch.cat([text_mask, text_mask[neg_text], text_mask], 0)
-        logits = self.itm_logits(all_features, all_text, all_mask)
+        neg_text, neg_image, ids_all, mask_all, features_all = self.hard_negatives(
+            features, s.ids, s.mask, image_emb, text_emb, s.caption_group)
+        if neg_text is None:
+            return self.itm_head.weight.sum() * 0.0, torch.tensor(float("nan"))
+        width = ids_all.shape[1]
+        ids, mask = _pad_to(s.ids, width, 0), _pad_to(s.mask, width, 0)
+        if width != s.ids.shape[1]:
+            text_states = embed(input_ids=ids)
+        neg_states = embed(input_ids=ids_all[neg_text])
+        text = self.text_in(torch.cat([text_states, neg_states, text_states], 0).to(self.queries.dtype))
+        text_mask = torch.cat([mask, mask_all[neg_text], mask], 0)
+        neg_kv = self._image_kv(self.image_norm(features_all[neg_image].to(self.queries.dtype)))
+        pairs = torch.cat([torch.arange(b), torch.arange(b), b + torch.arange(b)]).to(features.device)
+        pair_kv = [None if kv is None else (torch.cat([kv[0], nkv[0]])[pairs], torch.cat([kv[1], nkv[1]])[pairs])
+                   for kv, nkv in zip(image_kv, neg_kv)]
+        logits = self._itm_logits(pair_kv, text, text_mask)
         labels = torch.cat([torch.ones(b), torch.zeros(2 * b)]).long().to(logits.device)
         loss = F.cross_entropy(logits.float(), labels)
         return loss, (logits.argmax(1) == labels).float().mean().detach()
 
-    def itg_loss(self, features: torch.Tensor, text_states: torch.Tensor, ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """Image-grounded generation: next caption token from queries + earlier tokens (pad ignored)."""
-        out = self(features, text_states, self._masks(text_mask, "itg"))
-        logits = self.lm_head(out[:, self.num_tokens :])[:, :-1]
-        targets = ids[:, 1:].masked_fill(text_mask[:, 1:] == 0, -100)
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    @torch.no_grad()
+    def hard_negatives(self, features: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, image_emb: torch.Tensor,
+                       text_emb: torch.Tensor, caption_group: Optional[torch.Tensor] = None, sharpness: float = 10.0):
+        """For each local image a negative caption, for each local caption a negative image, drawn from every
+        rank's batch with probability softmax(sharpness * similarity); the pair itself and identical captions
+        (equal token ids, or equal ``caption_group`` on this rank) are never drawn.
+
+        Returns (negative caption index, negative image index, every rank's ids, masks and features), the indices
+        into the gathered rows; (None, ...) when the whole batch holds fewer than 2 samples. The random draw
+        takes [global batch, 2] uniforms from torch's generator and keeps this rank's rows, so ranks seeded alike
+        draw what one process holding the whole batch would.
+        """
+        b = features.shape[0]
+        ids_all, mask_all = gather_rows(ids, pad=0), gather_rows(mask, pad=0)
+        features_all = gather_rows(features)
+        n = ids_all.shape[0]
+        if n < 2:
+            return None, None, ids_all, mask_all, features_all
+        image_n = F.normalize(image_emb.float(), dim=-1)
+        text_n = F.normalize(text_emb.float(), dim=-1)
+        images_all, texts_all = gather_rows(image_n), gather_rows(text_n)
+        sims_i2t = torch.einsum("iqd,jd->ijq", image_n, texts_all).amax(-1)  # local images x all captions
+        sims_t2i = torch.einsum("iqd,jd->jiq", images_all, text_n).amax(-1)  # local captions x all images
+        offset = rank_offset(b)
+        width = ids_all.shape[1]
+        local = _pad_to(ids, width, 0) * _pad_to(mask, width, 0)
+        same = (local[:, None, :] == (ids_all * mask_all)[None, :, :]).all(-1)  # identical captions, any rank
+        same[torch.arange(b), offset + torch.arange(b)] = True
+        if caption_group is not None:
+            g = caption_group.to(same.device)
+            same[:, offset : offset + b] |= g[:, None] == g[None, :]
+        uniforms = torch.rand(n, 2, device=same.device)[offset : offset + b]
+        self_mask = torch.zeros_like(same)
+        self_mask[torch.arange(b), offset + torch.arange(b)] = True
+        neg_text = draw_negatives(sims_i2t * sharpness, same, self_mask, uniforms[:, 0])
+        neg_image = draw_negatives(sims_t2i * sharpness, same, self_mask, uniforms[:, 1])
+        return neg_text, neg_image, ids_all, mask_all, features_all
+
+    def _itg_loss(self, queries_kv: list[KV], text_states: torch.Tensor, ids: torch.Tensor,
+                  text_mask: torch.Tensor) -> torch.Tensor:
+        """Image-grounded generation: next caption token from the queries + earlier tokens (pad ignored); the
+        LM head runs at the supervised positions only."""
+        b, length = ids.shape
+        q = self.num_tokens
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril() & text_mask.bool()[:, None, :]
+        allowed = torch.cat([causal.new_ones(b, length, q), causal], 2)[:, None]
+        x = self.text_in(text_states.to(self.queries.dtype))
+        for layer, kv in zip(self.layers, queries_kv):
+            x = layer.text_step(x, kv, allowed)
+        keep = text_mask[:, 1:].bool()
+        logits = self.lm_head(x[:, :-1][keep])
+        return F.cross_entropy(logits.float(), ids[:, 1:][keep])
+
+    def itg_loss(self, features: torch.Tensor, text_states: torch.Tensor, ids: torch.Tensor,
+                 text_mask: torch.Tensor) -> torch.Tensor:
+        """ITG alone (the queries' pass included), as :meth:`align_losses` computes it."""
+        image_kv = self._image_kv(self.image_norm(features.to(self.queries.dtype)))
+        return self._itg_loss(self._queries_pass(image_kv, features.shape[0])[1], text_states, ids, text_mask)
+
+
+@dataclass(frozen=True)
+class QFormerFlops:
+    """Training FLOPs (forward and backward) of one stage-1 step of the Q-Former, the text encoder excluded.
+
+    ``per_image``: per sample (image side, queries, ITC, the ITM pairs' query rows, hard negatives);
+    ``per_caption_token``: per padded caption position (batch x caption length: the caption rows of ITM and
+    ITG); ``per_itg_target``: the LM head, per predicted caption token. Terms quadratic in the caption length
+    or the global batch are folded in for the ``caption_len`` and ``world`` they were counted at.
+    """
+
+    per_image: float
+    per_caption_token: float
+    per_itg_target: float
+
+    def step(self, images: int, caption_tokens: int, itg_targets: Optional[int] = None) -> float:
+        """A step's FLOPs: ``caption_tokens`` = images x caption length; ``itg_targets`` default: no padding."""
+        if itg_targets is None:
+            itg_targets = caption_tokens - images
+        return self.per_image * images + self.per_caption_token * caption_tokens + self.per_itg_target * itg_targets
+
+
+@dataclass
+class Stage1Inputs:
+    """What the stage-1 losses need beside the image features."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    logit_scale: torch.Tensor
+    caption_group: Optional[torch.Tensor]
+    text_encoder: Any
+
+
+def _pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """Pad dim 1 of ``x`` on the right to ``width``."""
+    return x if x.shape[1] >= width else F.pad(x, (0, width - x.shape[1]), value=value)
