@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from mmdist.config import ConfigError, load_config
 from mmdist.config.capacity import image_token_problems, image_tokens_per_image, stage_pair_problems
+from mmdist.config.run import load_config
+from mmdist.settings import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 QFORMER = ["model.connector.type=qformer", "model.text.freeze=false"]

@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 from helpers.tiny import make_model
 
-from mmdist.training.launch_env import free_port
+from mmdist.launch_env import free_port
 
 WORLD, B = 2, 4
 # Rank 0's captions are shorter than rank 1's (each rank pads to its own longest); "a red cat" is on both ranks.
