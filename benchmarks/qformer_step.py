@@ -5,7 +5,7 @@ trainable text encoder; ``--set`` adds overrides), loads the Q-Former of git rev
 (its mmdist/models/qformer.py and losses.py, run beside this checkout's) with the same weights, and times
 one train step (forward, backward, AdamW step) of each on the same batch of cached-feature shape, taking
 turns for ``--rounds`` rounds so that a shared machine's drifting load hits both alike. Prints the median
-seconds per step of each, their ratio, and the counted FLOPs (QFormer.flop_count) per second of the new one.
+seconds per step of each, their ratio, and the counted FLOPs (QFormer.work) per second of the new one.
 
     python benchmarks/qformer_step.py --baseline <rev> [--rounds 5] [--steps 3] [--threads 2]
 """
@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         print(f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()), flush=True)
     medians = {name: statistics.median(t) for name, t in times.items()}
     ids = batch["ids"]
-    counted = new.flop_count(caption_len=ids.shape[1], batch_size=ids.shape[0]).step(ids.shape[0], ids.numel())
+    counted = new.work(caption_len=ids.shape[1], batch_size=ids.shape[0]).step(ids.shape[0], ids.numel())
     print(f"\nQ-Former stage-1 train step, batch {args.batch} x {ids.shape[1]} caption tokens, "
           f"{args.threads} torch threads, load average {os.getloadavg()[0]:.1f} (a shared machine: see the rounds)")
     print(f"{'':16s}{'median s/step':>14s}{'min s/step':>12s}{'speed-up':>10s}")

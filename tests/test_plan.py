@@ -13,6 +13,7 @@ from helpers.configs import tiny_run_config
 from mmdist import plan
 from mmdist.commands import plan as plan_command
 from mmdist.config.run import load_config
+from mmdist.settings import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -503,9 +504,14 @@ def test_tiling_is_planned_as_the_preprocessor_lays_out_a_sample():
         cfg.train.micro_batch_size * 4 * per_tile)
 
 
-def test_tiling_past_max_len_is_announced_in_the_plan():
-    cfg = tiny_run_config("fuse", "data.image_tiling.enabled=true", "data.max_len=64")
+def test_tiling_past_max_len_is_refused_before_the_plan():
+    """Tiles whose image tokens leave no room for text are refused when the config is checked, naming the numbers;
+    a max_len with room plans the tiles' tokens without a warning."""
+    with pytest.raises(ConfigError) as err:
+        tiny_run_config("fuse", "data.image_tiling.enabled=true", "data.max_len=64")
+    assert "80 image tokens" in str(err.value) and "data.max_len=64" in str(err.value)
+    cfg = tiny_run_config("fuse", "data.image_tiling.enabled=true", "data.max_len=128")
     shapes = plan.model_shapes(cfg)
     text = plan.format_plan(cfg, shapes, plan.estimate(cfg, shapes, 1), 1, plan.parse_bytes("80GB"))
-    assert "up to 5 images per sample (base + 4 tiles) = 80 image tokens, 82 positions" in text
-    assert "more than data.max_len=64" in text
+    assert "up to 5 images per sample (base + 4 tiles) = 80 image tokens" in text
+    assert "more than data.max_len" not in text

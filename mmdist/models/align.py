@@ -26,6 +26,7 @@ from mmdist.models.flops import FlopCount, module_flops, part_flops
 from mmdist.models.freeze import FrozenAwareModule, Part
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.losses import itc_loss
+from mmdist.models.qformer import QFormer
 from mmdist.models.settings import ModelConfig
 from mmdist.models.text import TextEncoder
 from mmdist.models.vision import VisionTower
@@ -120,7 +121,7 @@ class AlignModel(FrozenAwareModule):
         """The training FLOPs of a step's parts where they run (:func:`align_flop_count`; mmdist.models.contract)."""
         runs = vision_runs or any(p.requires_grad for p in self.vision.parameters())
         return align_flop_count(self.vision.flop_count() if runs else FlopCount(), self.text, self.stage1,
-                                text_runs=text_runs)
+                                text_runs=text_runs, caption_len=self.settings.text.max_length)
 
     # -- export -----------------------------------------------------------
 
@@ -134,7 +135,8 @@ class AlignModel(FrozenAwareModule):
 
 
 
-def align_flop_count(vision: FlopCount, text: nn.Module, stage1: nn.Module, *, text_runs: bool = True) -> FlopCount:
+def align_flop_count(vision: FlopCount, text: nn.Module, stage1: nn.Module, *, text_runs: bool = True,
+                     caption_len: int = 0) -> FlopCount:
     """Stage 1's training FLOPs by where each part runs (mmdist.models.flops for the rules); also what the planner
     counts on meta-device modules.
 
@@ -143,11 +145,18 @@ def align_flop_count(vision: FlopCount, text: nn.Module, stage1: nn.Module, *, t
     - the text encoder per caption token: forward only when frozen, 6 per weight when it trains (its trainable
       embeddings put a gradient under every layer); nothing when a frozen encoder's pooled features are cached;
     - the stage-1 module by its own ``flop_count()`` (the linear/MLP heads: the image head at each image token, the
-      text head per caption); a module without one by its shapes, once per image (counted low).
+      text head per caption); a module without one by its shapes, once per image (counted low);
+    - a Q-Former by :meth:`QFormer.stage1_flop_count <mmdist.models.qformer.QFormer.stage1_flop_count>`: its
+      queries, cross-attention, ITC, every ITM pair and the ITG pass, per image and per caption token, with the
+      attention terms at ``caption_len`` (captions of at most ``model.text.max_length`` tokens) and one sample
+      per rank (the first layer's shared self-attention counted per image, the similarity over the global batch
+      per own sample: both small beside the per-image work).
     The learnable temperature does no matmul.
     """
     count = vision
     text_trains = any(p.requires_grad for p in text.parameters())
     if text_runs or text_trains:
         count += part_flops(text, "per_token", 1, input_grad=text_trains)
+    if isinstance(stage1, QFormer) and caption_len:
+        return count + stage1.stage1_flop_count(caption_len)
     return count + module_flops(stage1, "per_image", 1)

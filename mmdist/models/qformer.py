@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmdist.models.flops import FlopCount, compute_dtype
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.losses import draw_negatives, gather_rows, itc_loss, rank_offset
 
@@ -152,7 +153,7 @@ class QFormer(nn.Module):
         if dim % q.num_heads:
             raise ValueError(f"model.connector.qformer.num_heads={q.num_heads} does not divide the Q-Former width {dim}")
         self.dim, self.num_tokens, self.out_dim = dim, q.num_queries, dim
-        self.vision_tokens = vision_tokens  # per image, for flop_count
+        self.vision_tokens = vision_tokens  # per image, for the FLOP count (work)
         with_text = text_encoder is not None
         self.queries = nn.Parameter(torch.randn(1, q.num_queries, dim) * 0.02)
         self.image_norm = nn.LayerNorm(vision_dim)
@@ -249,8 +250,23 @@ class QFormer(nn.Module):
 
     # -- work -----------------------------------------------------------
 
-    def flop_count(self, caption_len: int = 0, batch_size: int = 1, world: int = 1,
-                   image_tokens: Optional[int] = None) -> QFormerFlops:
+    def flop_count(self) -> FlopCount:
+        """Stage 2 (mmdist.models.contract.CountsOwnFlops): the queries' pass per image, forward and backward where
+        the Q-Former trains, forward only where it is frozen (the gradient stops at the projector above it)."""
+        per_image = self.work().per_image
+        trains = any(p.requires_grad for p in self.parameters())
+        return FlopCount.of(compute_dtype(self), per_image=per_image if trains else per_image / 3)
+
+    def stage1_flop_count(self, caption_len: int, batch_size: int = 1, world: int = 1) -> FlopCount:
+        """Stage 1: :meth:`work` as rates over the align model's batch counts: per image, and per caption token
+        (``BatchCounts.tokens``: the real caption tokens, so padding is left out and the count is low, never high).
+        The ITG head's targets (one fewer than the caption's tokens) are folded into both rates."""
+        work = self.work(caption_len=caption_len, batch_size=batch_size, world=world)
+        return FlopCount.of(compute_dtype(self), per_image=work.per_image - work.per_itg_target,
+                            per_token=work.per_caption_token + work.per_itg_target)
+
+    def work(self, caption_len: int = 0, batch_size: int = 1, world: int = 1,
+             image_tokens: Optional[int] = None) -> QFormerFlops:
         """Training FLOPs of :meth:`align_losses` from the module's shapes, as it runs (see :class:`QFormerFlops`).
 
         Every matmul counts 2 x in x out per row forward and twice that backward (all inputs carry a gradient:
@@ -264,7 +280,7 @@ class QFormer(nn.Module):
         n_all, pairs, rows = batch_size * world, 3 * batch_size, self.num_tokens + caption_len
         vision_dim, tokens = self.image_norm.normalized_shape[0], image_tokens or self.vision_tokens
         if not tokens:
-            raise ValueError("QFormer.flop_count needs image_tokens (the vision tower's tokens per image)")
+            raise ValueError("QFormer.work needs image_tokens (the vision tower's tokens per image)")
         cross = [layer.cross_attn is not None for layer in self.layers]
         if not hasattr(self, "lm_head") or not caption_len:
             pairs = length = 0

@@ -77,7 +77,8 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     if not cfg.stage.builds("llm"):
         dims = {"tokens": image_tokens, "width": stage1_out, **_resampler_dims(cfg, conn.type == "resampler", vdims)}
         out.append(ModuleShape("stage1", stage1_params, True, "fp32", stage1_params, dims,
-                               flops=align_flop_count(vision_flops, text_model, stage1_module)))
+                               flops=align_flop_count(vision_flops, text_model, stage1_module,
+                                                        caption_len=cfg.model.text.max_length)))
         return out
 
     llm = cfg.model.llm

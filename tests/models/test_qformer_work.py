@@ -46,7 +46,7 @@ def test_flop_count_matches_torch_flop_counter(shape):
     text_encoder = _measured(lambda: model.text(ids, mask)[1].sum().backward())  # counted by its own rule
     measured = total - text_encoder
     b, length = ids.shape
-    counted = model.stage1.flop_count(caption_len=length, batch_size=b).step(b, b * length, int(mask[:, 1:].sum()))
+    counted = model.stage1.work(caption_len=length, batch_size=b).step(b, b * length, int(mask[:, 1:].sum()))
     assert measured > 0
     assert abs(counted - measured) <= 0.1 * measured, (counted, measured)
 
@@ -56,7 +56,7 @@ def test_flop_count_of_a_stage2_qformer_is_the_queries_pass():
     qf = model.stage1
     feats = _features_batch(model)["image_features"]
     measured = _measured(lambda: qf.image_tokens_of(feats).sum().backward())
-    counted = qf.flop_count(batch_size=feats.shape[0]).per_image * feats.shape[0]
+    counted = qf.work(batch_size=feats.shape[0]).per_image * feats.shape[0]
     assert abs(counted - measured) <= 0.1 * measured, (counted, measured)
 
 
@@ -125,3 +125,19 @@ def test_hard_negatives_never_draw_the_same_caption():
         for i in range(4):
             same = {0, 2} if i in (0, 2) else {i}
             assert int(neg_text[i]) not in same and int(neg_image[i]) not in same
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_the_align_models_count_of_a_qformer_step_matches_torch_flop_counter(shape):
+    """What the progress bar charges a stage-1 Q-Former step (the model's ``flop_count`` at the batch's counts:
+    text encoder, queries, cross-attention, ITC, ITM pairs, ITG) against every FLOP torch counts in it."""
+    model = make_model("align", "qformer", model={"connector": {"qformer": SHAPES[shape]}})
+    model.train()
+    batch = _features_batch(model)
+    torch.manual_seed(0)
+    measured = _measured(lambda: model(batch)["loss"].backward())
+    c = model.batch_counts(batch)
+    counted = model.flop_count(vision_runs=False).step(c.tokens, c.supervised_tokens, c.image_tokens, c.images,
+                                                       c.samples)
+    assert measured > 0
+    assert abs(counted - measured) <= 0.1 * measured, (counted, measured, counted / measured)

@@ -22,6 +22,7 @@ import importlib.util
 import pytest
 import torch
 from helpers.configs import tiny_run_config
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmdist.materialize import build_run_model
@@ -201,15 +202,19 @@ def test_throughput_leaves_the_warmup_steps_out(monkeypatch):
     assert out["mfu_steady_from_step"] == 2 and out["throughput_window_steps"] == 2
 
 
-def test_stage1_qformer_counts_the_trained_text_encoder_at_six_and_never_above_what_ran():
+def test_stage1_qformer_counts_the_trained_text_encoder_at_six_and_stays_within_10_percent_of_what_ran():
     torch.manual_seed(0)
     qformer = build_run_model(tiny_run_config("align", connector="qformer"))
     count = qformer.flop_count(vision_runs=False, text_runs=False)  # a trained encoder runs regardless
-    assert count.per_token == 6 * _linear_weights(qformer.text) > 0
+    own = qformer.stage1.stage1_flop_count(qformer.settings.text.max_length)  # the Q-Former's caption rows
+    assert count.per_token == pytest.approx(6 * _linear_weights(qformer.text) + own.per_token)
+    assert 6 * _linear_weights(qformer.text) > 0
     batch = _align_batch(qformer)
-    ran, _, _ = executed_flops(qformer, batch)
+    with sdpa_kernel(SDPBackend.MATH):  # the counter has no entry for the CPU flash kernel's attention FLOPs
+        ran, _, _ = executed_flops(qformer, batch)
     c = qformer.batch_counts(batch)
-    assert qformer.flop_count().step(c.tokens, c.supervised_tokens, c.image_tokens, c.images, c.samples) <= ran
+    counted = qformer.flop_count().step(c.tokens, c.supervised_tokens, c.image_tokens, c.images, c.samples)
+    assert abs(counted - ran) <= 0.1 * ran, (counted, ran)
 
 
 def test_the_loop_reads_from_the_cache_key_whether_text_features_are_cached(tmp_path):
