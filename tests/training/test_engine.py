@@ -311,6 +311,9 @@ CLOSE_PROBE = textwrap.dedent("""
         def batch_counts(self, batch):
             raise NotImplementedError
 
+        def flop_count(self, *, vision_runs=True, text_runs=True):
+            raise NotImplementedError
+
     def failing(cfg, gather):
         raise ValueError("no model today")
 

@@ -80,7 +80,7 @@ def test_the_toy_model_satisfies_it_and_a_model_without_batch_counts_does_not():
 
 
 def test_the_contract_members_are_read_from_the_protocol():
-    assert contract_members() == ("batch_counts", "export_state_dict", "forward", "parts", "processors",
+    assert contract_members() == ("batch_counts", "export_state_dict", "flop_count", "forward", "parts", "processors",
                                   "trainable_groups")
 
 
@@ -107,6 +107,9 @@ def test_the_engine_refuses_a_model_without_a_contract_member_and_names_it(tmp_p
         def export_state_dict(self):
             return {}
 
+        def flop_count(self, *, vision_runs=True, text_runs=True):
+            return None
+
     require_trainable(ToyModel(), "the engine")  # the toy passes
     with pytest.raises(TypeError, match=r"NoCounts cannot enter the trainer: it lacks batch_counts of the model"):
         require_trainable(NoCounts(), "the trainer")
@@ -114,7 +117,8 @@ def test_the_engine_refuses_a_model_without_a_contract_member_and_names_it(tmp_p
     dist.init(backend="gloo")
     try:
         with pytest.raises(TypeError, match=r"ForwardOnly cannot enter the engine: it lacks batch_counts, "
-                                            r"export_state_dict, parts, processors, trainable_groups of the model"):
+                                            r"export_state_dict, flop_count, parts, processors, trainable_groups of "
+                                            r"the model"):
             build_engine(cfg, world_size=1, model_builder=lambda cfg, gather: ForwardOnly())
     finally:
         dist.shutdown()

@@ -515,7 +515,7 @@ def test_resume_on_other_world_sizes_equals_uninterrupted(tmp_path, zero_stage, 
 
 def test_checkpoint_without_consolidated_state_is_refused_on_another_world_size(tmp_path):
     """A checkpoint from before trainable_state.pt existed resumes only on its own world size, and says so."""
-    from mmdist.training.checkpoint import TRAINABLE_STATE, CheckpointError
+    from mmdist.training.checkpoint import FILE_LIST, TRAINABLE_STATE, CheckpointError
 
     run = tmp_path / "run"
     _train(toy_config(str(run), train={"max_steps": 2}))
@@ -525,6 +525,7 @@ def test_checkpoint_without_consolidated_state_is_refused_on_another_world_size(
     client = torch.load(ckpt / "client_state_rank00000.pt", weights_only=False)
     torch.save(dict(client, world_size=2), ckpt / "client_state_rank00000.pt")  # as if 2 ranks had written it
     torch.save(dict(client, world_size=2), ckpt / "client_state_rank00001.pt")
+    (ckpt / FILE_LIST).unlink()  # that version wrote no list of the checkpoint's files
     with pytest.raises(CheckpointError, match=r"written by 2 rank\(s\) and this run has 1, and it has no trainable_state.pt"):
         _train(toy_config(str(run), train={"max_steps": 4}))
 
@@ -534,7 +535,7 @@ def test_zero3_checkpoint_with_the_old_optimizer_groups_resumes_by_parameter_nam
     partition's 1-D shape) and did not record the groups resumes through its consolidated copy into this run's groups,
     and the run ends where an uninterrupted one does (weight decay 0, so the groups change nothing numerically)."""
     import mmdist.training.optimizer as optimizer_module
-    from mmdist.training.checkpoint import TRAINABLE_STATE
+    from mmdist.training.checkpoint import FILE_LIST, TRAINABLE_STATE
 
     def config(run):
         return toy_config(str(tmp_path / run), train={"max_steps": 4, "lr_scheduler": "cosine", "warmup_ratio": 0.25},
@@ -549,6 +550,7 @@ def test_zero3_checkpoint_with_the_old_optimizer_groups_resumes_by_parameter_nam
     client = torch.load(client_file, weights_only=False)
     assert all(name.endswith(".no_decay") for name in client.pop("optimizer_groups"))  # that version's layout
     torch.save(client, client_file)  # as that version wrote it: no record of the groups
+    (ckpt / FILE_LIST).unlink()  # nor a list of the checkpoint's files
     capsys.readouterr()
     resumed = _train(config("split"))
     assert "optimizer groups differ from this run's" in capsys.readouterr().out
