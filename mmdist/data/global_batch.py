@@ -22,8 +22,8 @@ The position is global too: the steps handed out and where every stream stands
 (part, raw samples used), so a checkpoint resumes on any number of ranks, any
 micro-batch and any worker count, and continues with exactly the batches the
 uninterrupted run would have trained on (``load_elastic_state`` merges the
-streams of every saved rank). An iteration is endless; ``len()`` is one epoch's
-micro-batches on this rank.
+streams of every saved rank). An iteration runs to the end of an epoch (``len()``
+micro-batches from an epoch's start); the next one goes on from the same workers.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ class GlobalBatchLoader:
         self.worker_counts: dict[int, tuple[int, dict]] = {}
         self.last_keys: list[str] = []
         self.last_report: dict = {}
+        self._stream: Optional[Iterator[dict]] = None  # the endless micro-batch generator iterations continue
 
     # -------------------------------------------------------------- sizes
     def __len__(self) -> int:
@@ -93,6 +94,17 @@ class GlobalBatchLoader:
 
     # -------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[dict]:
+        """The micro-batches to the end of the current epoch (``len()`` of them from an epoch's start); the next
+        iteration continues with the next epoch from the same workers."""
+        if self._stream is None:
+            self._stream = self._micro_batches()
+        end = (self.epoch + 1) * self.steps_per_epoch
+        for batch in self._stream:
+            yield batch
+            if self.micro_done == 0 and self.step >= end:
+                return
+
+    def _micro_batches(self) -> Iterator[dict]:
         d = self.dataset
         d.hosted, d.start_step = list(self.hosted), self.step
         d.positions = {sid: self.positions.get(sid, (0, 0)) for sid in self.hosted}
@@ -242,3 +254,4 @@ class GlobalBatchLoader:
                         "again from its start", micro, step + 1, step + 1)
             micro = 0
         self.step, self.micro_done, self.positions = step, micro, positions
+        self._stream = None

@@ -22,9 +22,14 @@ def _loaders(pattern, world: int, micro: int, global_batch: int = 12, **data):
     return [build_loader(cfg, make_processors(), "train", r, world) for r in range(world)]
 
 
+def _endless(loader):
+    while True:  # an iteration is one epoch; the trainer's Batches goes on the same way
+        yield from loader
+
+
 def _steps(loaders, steps: int, iterators=None) -> list[list[list[str]]]:
     """Per step, per rank, the keys of its micro-batches in order (``iterators`` continue earlier iterations)."""
-    iterators = iterators or [iter(loader) for loader in loaders]
+    iterators = iterators or [_endless(loader) for loader in loaders]
     out = []
     for _ in range(steps):
         ranks = []
@@ -47,6 +52,8 @@ def test_steps_hold_the_same_samples_on_any_world_micro_batch_and_workers(tmp_pa
     pattern = write_caption_shards(tmp_path, SHARDS)
     reference = _step_keys(_steps(_loaders(pattern, 1, 12), 8))
     assert Counter(k for step in reference[:6] for k in step) == Counter(f"s{i:06d}" for i in range(72))  # an epoch, once
+    one_epoch = _loaders(pattern, 1, 12)[0]
+    assert len(one_epoch) == 6 and len(list(one_epoch)) == 6 and len(list(one_epoch)) == 6  # then the next epoch
     steps = _steps(_loaders(pattern, world, micro, num_workers=workers), 8)
     assert _step_keys(steps) == reference
     for step in steps:  # ranks disjoint, every micro-batch of every rank holds a sample
@@ -79,14 +86,14 @@ def test_same_size_resume_inside_a_step_gives_the_same_next_batches(tmp_path):
     pattern = write_caption_shards(tmp_path, SHARDS)
     loaders = _loaders(pattern, 2, 2, num_workers=2)
     loader = loaders[1]
-    it = iter(loader)
+    it = _endless(loader)
     for _ in range(7):  # two steps of 3 micro-batches and one micro-batch into the third
         next(it)
     state = pickle.loads(pickle.dumps(loader.state_dict()))
     want = [next(it) for _ in range(5)]
     again = _loaders(pattern, 2, 2, num_workers=2)[1]
     again.load_state_dict(state)
-    got = [b for b, _ in zip(iter(again), range(5))]
+    got = [b for b, _ in zip(_endless(again), range(5))]
     assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(want, got))
 
 
