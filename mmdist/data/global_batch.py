@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mmdist.data.balance import loads_of, split_global_batch
-from mmdist.data.cost import imbalance, sample_tokens
+from mmdist.data.cost import imbalance
 from mmdist.data.exchange import Exchange
 from mmdist.data.reader import check_bad_fraction
 from mmdist.data.streams import HostedStreams, Position
@@ -57,11 +57,11 @@ class GlobalBatchLoader:
     """This rank's micro-batches of every global step, in order; ``state_dict()`` / ``load_state_dict()`` /
     ``load_elastic_state()`` move the position between any world sizes (see the module docstring)."""
 
-    def __init__(self, dataset: HostedStreams, *, rank: int, world_size: int, accumulation: int,
+    def __init__(self, dataset: HostedStreams, *, rank: int, world_size: int, accumulation: int, micro_batch: int,
                  exchange: Optional[Exchange], num_workers: int, prefetch_factor: int,
                  max_bad_fraction: float, split: str, balance: bool, group_by_length: bool, epoch_samples: int):
         self.dataset = dataset
-        self.rank, self.world_size, self.accumulation = rank, world_size, accumulation
+        self.rank, self.world_size, self.accumulation, self.micro_batch = rank, world_size, accumulation, micro_batch
         self.exchange = exchange
         self.num_workers = num_workers
         self.auto_workers = False  # set by build_loader; the worker count never changes the batches here
@@ -144,7 +144,7 @@ class GlobalBatchLoader:
 
     def _distribute(self, hosted: list[tuple[int, int, dict]]) -> tuple[list[list[dict]], dict]:
         """This rank's micro-batches of one step from the samples it read, and the step's balance report."""
-        mine_meta = [(slot, s["__cost__"], sample_tokens(s), sid) for slot, sid, s in hosted]
+        mine_meta = [(slot, s["__cost__"], len(s["input_ids"]) if "input_ids" in s else None, sid) for slot, sid, s in hosted]
         gathered = [mine_meta] if self.exchange is None else self.exchange.all_gather(mine_meta)
         table = sorted(item for meta in gathered for item in meta)
         slots = [t[0] for t in table]
@@ -153,8 +153,13 @@ class GlobalBatchLoader:
                                f"{self.dataset.global_batch}: their stream positions disagree (a checkpoint mixed?)")
         costs = [t[1] for t in table]
         hosts = [sid % self.world_size for *_, sid in table]  # the rank that hosts the stream (here, or simulated)
+        pipeline = self.dataset.pipeline
+        if any(t[2] is None for t in table):  # image-caption pairs: the images, not the captions, take the memory
+            lengths, budget, packed = [1] * len(table), self.micro_batch, True
+        else:
+            lengths, budget, packed = [t[2] for t in table], self.micro_batch * pipeline.max_len, pipeline.pack
         assignment = split_global_batch(costs, self.world_size, self.accumulation, hosts=hosts, by_cost=self.balance,
-                                        lengths=[t[2] for t in table] if self.group_by_length else None)
+                                        lengths=lengths, group_by_length=self.group_by_length, budget=budget, packed=packed)
         where = dict(zip(slots, assignment))
         if self.exchange is None:
             mine = [(slot, s) for slot, _, s in hosted if where[slot][0] == self.rank]

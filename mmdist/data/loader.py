@@ -395,7 +395,7 @@ def _global_loader(cfg: RunConfig, data: DataConfig, pipeline: ShardStream, num_
     cost = cost_model(data.image_row_cost, num_image_tokens)
     dataset = HostedStreams(pipeline, streams=streams, global_batch=batch, cost=cost)
     epoch_samples = data.samples_per_epoch if pipeline.mode == "resampled" else sum(s.size or 0 for s in pipeline.shards)
-    return GlobalBatchLoader(dataset, rank=rank, world_size=world_size, accumulation=batch // (micro * world_size),
+    return GlobalBatchLoader(dataset, rank=rank, world_size=world_size, accumulation=batch // (micro * world_size), micro_batch=micro,
                              exchange=Exchange.for_world(world_size), num_workers=data.num_workers,
                              prefetch_factor=data.prefetch_factor, max_bad_fraction=data.max_bad_fraction, split="train",
                              balance=data.balance, group_by_length=data.group_by_length, epoch_samples=epoch_samples or batch)

@@ -54,24 +54,48 @@ def test_split_is_deterministic_and_keeps_hosted_samples_where_it_can():
 
 def test_every_micro_batch_gets_a_sample_even_when_one_sample_outweighs_a_rank():
     costs = [1000.0] + [1.0] * 15
-    assignment = split_global_batch(costs, 2, 4, hosts=[0] * 16)
-    bins = {(r, m): 0 for r in range(2) for m in range(4)}
-    for a in assignment:
-        bins[a] += 1
-    assert min(bins.values()) == 1
-    with pytest.raises(ValueError, match="one sample each"):
+    for packed, fewest in ((True, 1), (False, 2)):  # packed: any count that fits; else the micro-batch's 2
+        assignment = split_global_batch(costs, 2, 4, hosts=[0] * 16, lengths=[int(c) for c in costs], budget=2 * 1024,
+                                        packed=packed)
+        bins = {(r, m): 0 for r in range(2) for m in range(4)}
+        for a in assignment:
+            bins[a] += 1
+        assert min(bins.values()) == fewest and sum(bins.values()) == 16
+    with pytest.raises(ValueError, match="equal size"):
         split_global_batch([1.0] * 7, 2, 4)
 
 
-def test_length_runs_are_sorted_and_balanced():
+def test_micro_batches_cost_the_same_at_every_index_and_hold_what_a_count_split_holds():
+    """Ranks meet after every micro-batch: micro-batch m should cost about the same on every rank. Pad-to-longest
+    micro-batches keep micro_batch samples; packed ones any samples whose tokens fit micro_batch x max_len."""
+    rng = random.Random(2)
+    lengths = [rng.choice([30, 40, 60, 200, 250]) for _ in range(64)]
+    costs = [float(n) for n in lengths]
+    micro, max_len = 4, 256
+    for packed in (False, True):
+        assignment = split_global_batch(costs, 4, 4, hosts=[i % 4 for i in range(64)], lengths=lengths,
+                                        budget=micro * max_len, packed=packed)
+        ranks, micro_loads = loads_of(assignment, costs, 4, 4)
+        step = sum(max(micro_loads[r * 4 + m] for r in range(4)) for m in range(4))  # the ranks wait at each index
+        assert imbalance(ranks) <= 1.02 and step / (sum(costs) / 4) <= 1.10
+        sizes = set()
+        for r in range(4):
+            for m in range(4):
+                rows = [lengths[i] for i, a in enumerate(assignment) if a == (r, m)]
+                sizes.add(len(rows))
+                assert rows and sum(rows) <= micro * max_len
+        assert sizes == {micro} if not packed else len(sizes) > 1
+
+
+def test_length_runs_are_sorted_and_even_across_ranks():
     rng = random.Random(5)
     lengths = [rng.randrange(10, 500) for _ in range(64)]
     costs = [float(n) for n in lengths]
-    assignment = split_global_batch(costs, 2, 4, lengths=lengths)
-    for rank in range(2):
-        runs = [[lengths[i] for i, a in enumerate(assignment) if a == (rank, m)] for m in range(4)]
-        assert all(runs)
-        assert all(max(runs[m]) <= min(runs[m + 1]) for m in range(3))  # runs of similar length, shortest first
+    assignment = split_global_batch(costs, 2, 4, lengths=lengths, group_by_length=True)
+    runs = {a: sorted(lengths[i] for i, b in enumerate(assignment) if b == a) for a in set(assignment)}
+    assert len(runs) == 8 and {len(r) for r in runs.values()} == {8}  # equal pad-to-longest batches
+    for m in range(3):  # micro-batch m on every rank holds shorter samples than micro-batch m + 1 anywhere
+        assert max(max(runs[(r, m)]) for r in range(2)) <= min(min(runs[(r, m + 1)]) for r in range(2))
     assert imbalance(loads_of(assignment, costs, 2, 4)[0]) <= 1.05
 
 
