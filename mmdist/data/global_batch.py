@@ -112,8 +112,8 @@ class GlobalBatchLoader:
         kwargs: dict = {}
         if self.num_workers > 0:
             kwargs = {"persistent_workers": False, "prefetch_factor": self.prefetch_factor}
-        loader = DataLoader(d, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                            pin_memory=torch.cuda.is_available(), **kwargs)
+        loader = DataLoader(d, batch_size=None, num_workers=self.num_workers, collate_fn=_identity, **kwargs)
+        pin = torch.cuda.is_available()  # pinned host memory makes the trainer's copies to the GPU asynchronous
         items = iter(loader)
         workers = max(1, self.num_workers)
         while True:
@@ -133,6 +133,8 @@ class GlobalBatchLoader:
                 if m < skip:
                     continue
                 batch = self.dataset.pipeline._collate(samples)
+                if pin:
+                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 self.last_keys = [s["key"] for s in samples]
                 self.micro_done = m + 1
                 if m + 1 == self.accumulation:  # the step is handed out: the position moves past it
