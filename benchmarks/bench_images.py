@@ -127,7 +127,7 @@ def mmdist_loader(pattern: str, processors: Processors, workers: int, batch: int
         "stage": "fuse",
         "model": {"llm": {"init_config": {"model_type": "llama"}, "tokenizer": "mmdist:tiny-bytes"},
                   "vision": {"init_config": {"model_type": "vit"}}},
-        "data": {"train": [{"shards": [pattern]}], "shuffle_buffer": 0, "persistent_workers": False,
+        "data": {"train": [{"shards": [pattern]}], "shuffle_buffer": 0, "persistent_workers": False, "order": "per_rank",
                  "num_workers": workers, "max_len": 64, "self_check_samples": 0},
         "train": {"max_steps": 1, "micro_batch_size": batch, "global_batch_size": batch},
     })

@@ -1,6 +1,6 @@
 """How far an elastic resume's other data order moves the weights, beside how far the order alone moves them.
 
-    python benchmarks/elastic_order.py [--out runs/bench-elastic] [--zero 3] [--worlds 2,1,3]
+    python benchmarks/elastic_order.py [--out runs/bench-elastic] [--zero 3] [--worlds 2,1,3] [--order per_rank]
 
 The tiny fuse recipe (configs/tiny_fuse.yaml) on 72 demo samples (6 shards of 12),
 global batch 12, micro-batch 4, 6 steps = one epoch, gloo on this CPU. Four runs:
@@ -12,7 +12,9 @@ global batch 12, micro-batch 4, 6 steps = one epoch, gloo on this CPU. Four runs
 
 Printed: ``|w_a - w_b| / |w_b - w0|`` over every trainable weight, for elastic vs
 full-N and for full-1 vs full-N. Every run trains on each sample once; the
-distances are the effect of which samples share a step. The elastic run's exact
+distances are the effect of which samples share a step. They measure the
+per-rank order (``data.order=per_rank``, the default here); with ``--order
+global`` every run trains on the same steps and both distances are float noise. The elastic run's exact
 continuation (same batches -> same weights) is checked by
 tests/training/test_elastic_data_position.py, not here.
 """
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-elastic")
     parser.add_argument("--zero", type=int, default=3)
     parser.add_argument("--worlds", default="2,1,3")
+    parser.add_argument("--order", default="per_rank", choices=["per_rank", "global"], help="data.order of every run")
     parser.add_argument("--leg", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.leg:
@@ -83,7 +86,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     shards = write_demo_shards(out / "demo", image_size=16, samples_per_shard=12, limit=72, overwrite=True)
     recipe = yaml.safe_load((REPO / "configs" / "tiny_fuse.yaml").read_text())
-    recipe["data"].update({"train": [{"shards": [shard_pattern(shards["train"])]}], "eval": [], "num_workers": 1})
+    recipe["data"].update({"train": [{"shards": [shard_pattern(shards["train"])]}], "eval": [], "num_workers": 1,
+                           "order": args.order})
     recipe["train"].update({"max_steps": 6, "global_batch_size": 12, "micro_batch_size": 4, "eval_every": 0})
     recipe["engine"]["zero_stage"] = args.zero
     recipe["checkpoint"].update({"save_every": 2})
@@ -104,7 +108,8 @@ def main() -> None:
     w0 = _weights(out / "init")
     full_n, full_1, elastic = _weights(out / f"full-{worlds[0]}"), _weights(out / "full-1"), _weights(out / "elastic")
     moved = (full_n - w0).norm()
-    print(f"tiny fuse, ZeRO-{args.zero}, 6 steps x global batch 12, elastic {'->'.join(map(str, worlds))} ranks; "
+    print(f"tiny fuse, ZeRO-{args.zero}, data.order={args.order}, 6 steps x global batch 12, elastic "
+          f"{'->'.join(map(str, worlds))} ranks; "
           f"{time.time() - started:.0f} s")
     print(f"|w_full{worlds[0]} - w0|                          {moved:.4f}")
     print(f"elastic vs uninterrupted on {worlds[0]} ranks (relative)   {(elastic - full_n).norm() / moved:.3f}")

@@ -28,8 +28,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 
-from mmdist.config import load_config  # noqa: E402
 from mmdist.config.recipes import packaged_recipes  # noqa: E402
+from mmdist.config.run import load_config  # noqa: E402
 from mmdist.materialize import build_run_model  # noqa: E402
 
 DIGITS = "zero one two three four five six seven eight nine".split()

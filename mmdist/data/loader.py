@@ -52,6 +52,9 @@ from torch.utils.data import DataLoader
 from mmdist import hardware
 from mmdist.data.cache import open_feature_cache
 from mmdist.data.collate import pad_id_of
+from mmdist.data.cost import cost_model
+from mmdist.data.exchange import Exchange
+from mmdist.data.global_batch import GlobalBatchLoader
 from mmdist.data.plan import (
     Consumed,
     decode_consumed,
@@ -67,7 +70,9 @@ from mmdist.data.reader import (
     list_shards,
 )
 from mmdist.data.selfcheck import self_check
+from mmdist.data.settings import DataConfig
 from mmdist.data.stream import ShardStream
+from mmdist.data.streams import HostedStreams, stream_count
 from mmdist.stages import Batch
 
 if TYPE_CHECKING:
@@ -368,12 +373,34 @@ def build_loader(cfg: RunConfig, processors: Any, split: str = "train", rank: in
         mode=mode, shuffle=train, pack=data.packing and cfg.stage.packs, pad_token_id=pad_id_of(tokenizer),
         text_features=text_features,
     )
+    if train and data.order == "global":
+        self_check(dataset, processors, data.self_check_samples)
+        return _global_loader(cfg, data, dataset, processors.num_image_tokens, rank, world_size)
     if mode == "epoch":
         dataset.batches_per_rank(0)  # fails early (fewer shards than ranks, empty shards)
     self_check(dataset, processors, data.self_check_samples)
     loader = StreamingLoader(dataset, data.num_workers, data.persistent_workers, data.prefetch_factor, data.max_bad_fraction, split)
     loader.auto_workers = cfg.data.num_workers is None
     return loader
+
+
+def _global_loader(cfg: RunConfig, data: DataConfig, pipeline: ShardStream, num_image_tokens: int, rank: int,
+                   world_size: int) -> GlobalBatchLoader:
+    """data.order=global: this rank's micro-batches of the world-size-independent global batches (global_batch.py)."""
+    batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
+    if batch % (micro * world_size):
+        raise ValueError(f"train.global_batch_size={batch} is not micro_batch_size={micro} x accumulation x {world_size} "
+                         "rank(s); set train.fit_micro_batch or a global batch that the world size divides")
+    streams = stream_count(data.streams, pipeline.shards, pipeline.mode)
+    if streams < data.streams and rank == 0:
+        log.info("data.streams=%d: %d shard(s), so %d logical streams", data.streams, len(pipeline.shards), streams)
+    cost = cost_model(data.image_row_cost, num_image_tokens)
+    dataset = HostedStreams(pipeline, streams=streams, global_batch=batch, cost=cost)
+    epoch_samples = data.samples_per_epoch if pipeline.mode == "resampled" else sum(s.size or 0 for s in pipeline.shards)
+    return GlobalBatchLoader(dataset, rank=rank, world_size=world_size, accumulation=batch // (micro * world_size), micro_batch=micro,
+                             exchange=Exchange.for_world(world_size), num_workers=data.num_workers,
+                             prefetch_factor=data.prefetch_factor, max_bad_fraction=data.max_bad_fraction, split="train",
+                             balance=data.balance, group_by_length=data.group_by_length, epoch_samples=epoch_samples or batch)
 
 
 MAX_AUTO_WORKERS = 8

@@ -208,8 +208,8 @@ def shuffle_shards(shards: Sequence[Shard], seed: int, epoch: int, shuffle: bool
     return shards
 
 
-def _balanced_split(shards: Sequence[Shard], parts: int) -> list[list[Shard]]:
-    # Greedy: next shard to the part with the fewest samples so far (ties: lowest index). Deterministic.
+def balanced_split(shards: Sequence[Shard], parts: int) -> list[list[Shard]]:
+    """``shards`` in order into ``parts`` lists: each to the part with the fewest samples so far (ties: lowest index)."""
     out: list[list[Shard]] = [[] for _ in range(parts)]
     load = [0] * parts
     for shard in shards:
@@ -226,12 +226,12 @@ def split_by_node(shards: Sequence[Shard], rank: int, world_size: int) -> list[S
             f"{len(shards)} shard(s) for {world_size} ranks: epoch mode needs at least one shard per rank. "
             f"Write smaller shards (`mmdist shard --samples-per-shard`), or use data.mode=resampled."
         )
-    return _balanced_split(shards, world_size)[rank]
+    return balanced_split(shards, world_size)[rank]
 
 
 def split_by_worker(shards: Sequence[Shard], worker: int, num_workers: int) -> list[Shard]:
     """The shards of one DataLoader worker of a rank (may be empty when a rank has fewer shards than workers)."""
-    return _balanced_split(shards, max(1, num_workers))[worker]
+    return balanced_split(shards, max(1, num_workers))[worker]
 
 
 # ---------------------------------------------------------------------------

@@ -67,6 +67,18 @@ class DataConfig(SettingsBase):
     train: list[SourceConfig] = setting(doc="training sources (each: shards, weight)", factory=list)
     eval: list[SourceConfig] = setting(doc="held-out sources for periodic evaluation (never trained on)", factory=list)
     mode: Literal["epoch", "resampled"] = setting("epoch", "'epoch': every sample once per epoch across ranks; 'resampled': draw shards with replacement")
+    order: Literal["global", "per_rank"] = setting("global", "training data order. 'global': the samples of every optimizer step "
+                                                   "depend on data.seed, the step and the data settings only, not on the number "
+                                                   "of ranks, the micro-batch or the workers (mmdist/data/global_batch.py); "
+                                                   "'per_rank': every rank streams its own shards, nothing moves between ranks")
+    streams: int = setting(64, "order global: logical streams the shards are dealt into, each read in order, hosted by the ranks "
+                               "(at most one per shard); a run resized to another number of ranks keeps its order when this "
+                               "stays; best a multiple of the world sizes used")
+    balance: bool = setting(True, "order global: split every global batch over ranks and micro-batches by predicted cost "
+                                  "(mmdist/data/cost.py) instead of by sample count")
+    image_row_cost: Optional[float] = setting(None, "order global, balance: cost of one image row (base image or tile) in the "
+                                                    "vision tower, in LLM tokens; null: the image's placeholder count, i.e. a "
+                                                    "tower token costs one LLM token (uncalibrated default)")
     samples_per_epoch: Optional[int] = setting(None, "resampled mode: samples per (virtual) epoch across all ranks")
     format: Literal["auto", "caption", "conversation"] = setting("auto", "sample format: jpg+txt captions, jpg+json LLaVA conversations, or detect per sample")
     template: str = setting("auto", "chat template: 'auto' (the tokenizer's own if it has one), 'plain' (captioning / short answers)")
@@ -76,8 +88,10 @@ class DataConfig(SettingsBase):
     mean_tokens_per_sample: Optional[int] = setting(
         None, "the planner's mean LLM tokens per sample (text, template and image tokens) where the shards have no "
               "stats.json; null: their statistics, else every sample counted as a full max_len row")
-    group_by_length: bool = setting(False, "pad-to-longest batches built from samples of similar length")
-    shuffle_buffer: int = setting(1000, "samples held in the shuffle buffer (0 disables sample shuffling)")
+    group_by_length: bool = setting(False, "pad-to-longest batches built from samples of similar length (order global: "
+                                           "each micro-batch is cut from its step's samples sorted by length)")
+    shuffle_buffer: int = setting(1000, "samples held in the shuffle buffer (0 disables sample shuffling); order global: "
+                                        "shared evenly by the logical streams")
     num_workers: Optional[int] = setting(None, "DataLoader worker processes per rank; null (auto): the CPUs this rank owns "
                                                "(affinity, cgroup quota, Slurm --cpus-per-task, shared by local ranks) minus one, "
                                                "at most 8; printed at start-up")
@@ -87,7 +101,8 @@ class DataConfig(SettingsBase):
     max_image_pixels: int = setting(89_478_485, "images with more pixels are skipped as decompression bombs")
     max_caption_chars: int = setting(20_000, "captions/conversations longer than this are skipped as bad")
     feature_cache: Optional[str] = setting(None, "folder of a frozen-feature cache (mmdist cache); the run reads features instead of pixels")
-    length_group_batches: int = setting(16, "group_by_length: batches' worth of samples sorted together by length")
+    length_group_batches: int = setting(16, "order per_rank, group_by_length: batches' worth of samples sorted together by "
+                                            "length (order global sorts within each global batch)")
     self_check_samples: int = setting(4, "samples rendered at start-up to check masking and image tokens (0 disables)")
     log_bad_samples: int = setting(20, "bad samples logged one by one per reason and worker (later ones are only counted)")
     prefetch_factor: int = setting(2, "batches prefetched per worker")
@@ -103,6 +118,10 @@ class DataConfig(SettingsBase):
                                 "weights apply in resampled mode (set data.mode=resampled and data.samples_per_epoch)"))
         if self.mode == "resampled" and not self.samples_per_epoch:
             out.append(("samples_per_epoch", "resampled mode needs samples_per_epoch"))
+        if not isinstance(self.streams, int) or self.streams < 1:
+            out.append(("streams", "must be a positive integer"))
+        if self.image_row_cost is not None and self.image_row_cost < 0:
+            out.append(("image_row_cost", "must be >= 0 (or null for the image's placeholder count)"))
         if self.max_len < 8:
             out.append(("max_len", "must be at least 8"))
         if self.mean_tokens_per_sample is not None and not 1 <= self.mean_tokens_per_sample <= self.max_len:

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import random
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -340,6 +341,37 @@ def write_demo_shards(out_dir: str | os.PathLike, image_size: int = 28, samples_
         result[split] = write_shards(demo_samples(idx, image_size), out / split, prefix=split, samples_per_shard=samples_per_shard,
                                      overwrite=overwrite, tokenizer=tokenizer, tokenizer_name=tokenizer_name)
     return result
+
+
+MIXTURE_KINDS = ("text", "image", "tiled", "three_images")
+
+
+def mixture_samples(count: int, image_size: int = 16, seed: int = 0) -> Iterator[dict]:
+    """A skewed mixture of LLaVA conversations, cycling through :data:`MIXTURE_KINDS`: a text-only turn, one
+    small image, one image twice the size (5 rows with ``data.image_tiling`` on a 2x2 grid: the base image and 4
+    tiles) and three small images; question and answer lengths vary. For tests and benchmarks of the balancer."""
+    import numpy as np
+
+    rng = random.Random(seed)
+    words = "the a digit image shows number small large picture of one two three left right top bottom".split()
+
+    def text(low: int, high: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(rng.randrange(low, high)))
+
+    def image(size: int) -> bytes:
+        pixels = np.random.default_rng(rng.randrange(2**31)).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        return png_bytes(Image.fromarray(pixels))
+
+    for i in range(count):
+        kind = MIXTURE_KINDS[i % len(MIXTURE_KINDS)]
+        sample: dict = {"__key__": f"mix{i:06d}"}
+        n_images = {"text": 0, "image": 1, "tiled": 1, "three_images": 3}[kind]
+        for j in range(n_images):
+            sample[f"{j}.png"] = image(2 * image_size if kind == "tiled" else image_size)
+        question = "<image>\n" * n_images + text(3, 12) + "?"
+        sample["json"] = {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": text(2, 10)}],
+                          "kind": kind}
+        yield sample
 
 
 def shard_pattern(summary: WriteSummary) -> str:

@@ -204,6 +204,9 @@ def _log_step(run: Run, state: TrainState, record: dict, end_step: int) -> None:
     cfg, scheduler = run.cfg, run.bundle.scheduler
     lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.train.lr
     record.update(lr=lr, samples=state.samples, nonfinite_total=state.nonfinite_total)
+    if hasattr(run.loader, "step_report"):  # the global batch's split: per-rank cost max/mean (mmdist/data/balance.py)
+        record.update(run.loader.step_report())
+    run.balance.add(record)
     # the step's counts stay in the record: what a step held (a packed step's real tokens) is worth logging
     record.update(run.throughput.update(state.step, record["step_samples"], record["step_tokens"],
                                         record.get("step_supervised_tokens", 0), record.get("step_image_tokens", 0),
@@ -347,6 +350,8 @@ def _finish(run: Run, state: TrainState, seconds: float) -> dict:
                                               fp32_master=cfg.engine.precision != "fp32")
             if export_dir is not None:
                 run.logger.print(f"[mmdist] exported trainable weights to {export_dir}")
+    if run.balance.steps:
+        run.logger.print(f"[mmdist] balance: {run.balance.line()}")
     return {
         "step": state.step,
         "finished": finished,
@@ -362,4 +367,5 @@ def _finish(run: Run, state: TrainState, seconds: float) -> dict:
         "rank": run.rank,
         "resumed_from": str(resumed) if resumed else None,
         "seconds": seconds,
+        "balance": run.balance.summary(),
     }

@@ -35,6 +35,7 @@ from mmdist.training.settings import LogConfig
 
 __all__ = [
     "WARMUP_STEPS",
+    "BalanceSummary",
     "FlopCount",
     "MetricsLogger",
     "Throughput",
@@ -239,3 +240,36 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/inf
     return value
+
+
+class BalanceSummary:
+    """How even the ranks' work was over a run: per-rank cost max/mean of the steps (from the loader's split) and the
+    seconds ranks waited for each other at the step's all-reduces (from train_step), for the end-of-run summary."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.imbalance: list[float] = []
+        self.wait = 0.0
+        self.wait_max = 0.0
+
+    def add(self, record: dict) -> None:
+        self.steps += 1
+        if "cost_imbalance" in record:
+            self.imbalance.append(float(record["cost_imbalance"]))
+        self.wait += float(record.get("allreduce_wait_s", 0.0))
+        self.wait_max += float(record.get("allreduce_wait_max_s", 0.0))
+
+    def summary(self) -> dict:
+        out = {"steps": self.steps, "allreduce_wait_s_per_step": self.wait / max(self.steps, 1),
+               "allreduce_wait_max_s_per_step": self.wait_max / max(self.steps, 1)}
+        if self.imbalance:
+            out.update(cost_imbalance_mean=sum(self.imbalance) / len(self.imbalance), cost_imbalance_max=max(self.imbalance))
+        return out
+
+    def line(self) -> str:
+        s = self.summary()
+        cost = (f"per-rank cost max/mean {s['cost_imbalance_mean']:.3f} on average, {s['cost_imbalance_max']:.3f} at worst; "
+                if self.imbalance else "")
+        return (f"{cost}ranks waited {s['allreduce_wait_s_per_step'] * 1e3:.1f} ms a step at the all-reduces "
+                f"(mean over ranks; the longest-waiting rank {s['allreduce_wait_max_s_per_step'] * 1e3:.1f} ms), "
+                f"over {self.steps} step(s)")

@@ -31,7 +31,7 @@ from mmdist.precision import precision_lines
 from mmdist.settings import ConfigError, Problem
 from mmdist.training.checkpoint import CheckpointError, CheckpointManager, restore_rng
 from mmdist.training.engine import EngineBundle
-from mmdist.training.metrics import MetricsLogger, Throughput
+from mmdist.training.metrics import BalanceSummary, MetricsLogger, Throughput
 from mmdist.training.step import TrainState
 from mmdist.training.watchdog import Watchdog
 
@@ -84,6 +84,7 @@ class Run:
     last_eval: Optional[dict] = None
     history: list[dict] = field(default_factory=list)
     precision: list = field(default_factory=list)  # [(key, hardware.Resolved)] from resolve_precision
+    balance: BalanceSummary = field(default_factory=lambda: BalanceSummary())
 
     @property
     def run_dir(self) -> Path:

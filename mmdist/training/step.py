@@ -138,8 +138,9 @@ def train_step(
     ``state`` advances by one step and the step's samples and tokens. Returned, over
     every rank: the mean ``loss`` and model metrics, ``step_samples``, ``step_tokens``,
     ``step_supervised_tokens`` and ``step_image_tokens``, ``grad_norm`` when the engine
-    reports one, and with ``fingerprint`` a hash of every rank's batches (skipped ones
-    included) as ``data``.
+    reports one, the seconds ranks waited for each other (``allreduce_wait_s``, mean over
+    ranks, and ``allreduce_wait_max_s``; :meth:`_StepStats.reduce` says how), and with
+    ``fingerprint`` a hash of every rank's batches (skipped ones included) as ``data``.
     """
     accumulation = engine.gradient_accumulation_steps()
     half = float_dtype(engine)
@@ -180,7 +181,7 @@ def train_step(
             loss = out["loss"]
             where = "non-finite check"
             with phases.phase("host_sync"):
-                finite = _finite_everywhere(loss, engine.device)
+                finite = stats.timed_wait(_finite_everywhere, loss, engine.device)
             if finite:
                 where = "backward"
                 with phases.phase("backward"):
@@ -227,6 +228,7 @@ class _StepStats:
 
     def __init__(self) -> None:
         self.micro, self.loss, self.samples, self.tokens = 0, 0.0, 0, 0
+        self.wait = 0.0  # seconds this rank waited for the others at the step's sync points (see reduce)
         self.term_loss, self.terms = 0.0, 0  # loss x terms and terms, of micro-batches weighted by their loss terms
         self.supervised, self.image_tokens, self.images = 0, 0, 0
         self.metrics: dict[str, float] = {}
@@ -246,17 +248,38 @@ class _StepStats:
         for key, value in (out.get("metrics") or {}).items():
             self.metrics[key] = self.metrics.get(key, 0.0) + float(value)
 
+    def timed_wait(self, collective: Callable, *args: Any) -> Any:
+        """Run ``collective`` after the device's queued work, adding its time to :attr:`wait` (several ranks only)."""
+        if dist.world_size() == 1:
+            return collective(*args)
+        if torch.device(args[-1]).type == "cuda":
+            torch.cuda.synchronize(args[-1])  # the forward's kernels are this rank's work, not waiting
+        started = time.perf_counter()
+        try:
+            return collective(*args)
+        finally:
+            self.wait += time.perf_counter() - started
+
     def reduce(self, device: Any) -> dict:
         """The loss (the mean over every loss term where micro-batches are weighted, else over micro-batches) and
-        the mean model metrics over every rank's micro-batches, global samples and tokens."""
+        the mean model metrics over every rank's micro-batches, global samples and tokens.
+
+        Also the time ranks waited for each other: each rank times the step's collectives that do no work of
+        their own, the non-finite check after every forward and a barrier here after the optimizer step, so a
+        rank that finished its share early shows the time it waited for the slowest (``allreduce_wait_s``: the
+        mean over ranks, ``allreduce_wait_max_s``: the rank that waited longest). Waits inside DeepSpeed's own
+        gradient reduction are not separated from its transfer time and are not counted."""
+        self.timed_wait(dist.all_reduce, [0.0], device)
         keys = sorted(self.metrics)  # the same model on every rank reports the same keys
         total = dist.all_reduce([self.loss, self.micro, self.samples, self.tokens, self.supervised, self.image_tokens,
-                                 self.term_loss, self.terms, self.images] + [self.metrics[k] for k in keys], device)
+                                 self.term_loss, self.terms, self.images, self.wait] + [self.metrics[k] for k in keys], device)
+        longest = dist.all_reduce([self.wait], device, op="max")[0]
         count = max(total[1], 1)
         loss = total[6] / total[7] if total[7] > 0 else total[0] / count
         out = {"loss": loss, "step_samples": int(total[2]), "step_tokens": int(total[3]),
-               "step_supervised_tokens": int(total[4]), "step_image_tokens": int(total[5]), "step_images": int(total[8])}
-        out.update({k: v / count for k, v in zip(keys, total[9:])})
+               "step_supervised_tokens": int(total[4]), "step_image_tokens": int(total[5]), "step_images": int(total[8]),
+               "allreduce_wait_s": total[9] / dist.world_size(), "allreduce_wait_max_s": longest}
+        out.update({k: v / count for k, v in zip(keys, total[10:])})
         return out
 
 

@@ -83,15 +83,19 @@ def make_processors(num_image_tokens: int = 4, chat: bool = True, template: str 
 
 
 def make_config(shards: list[str] | str, stage: str = "fuse", eval_shards: Optional[list[str]] = None, **data: Any):
-    """A validated RunConfig whose data section reads ``shards``; ``data`` overrides data.* keys (train.* via micro_batch_size)."""
+    """A validated RunConfig whose data section reads ``shards``; ``data`` overrides data.* keys (train.* via
+    micro_batch_size and global_batch_size, which defaults to the micro-batch). The order is per rank unless
+    ``order="global"`` is given: most data tests check what one rank's own stream does."""
     micro = data.pop("micro_batch_size", 2)
+    global_batch = data.pop("global_batch_size", micro)
+    data.setdefault("order", "per_rank")
     base = {
         "stage": stage,
         "model": {"llm": {"init_config": {"model_type": "llama"}, "tokenizer": "mmdist:tiny-bytes"}, "vision": {"init_config": {"model_type": "vit"}},
                   "text": {"init_config": {"model_type": "bert"}, "tokenizer": "mmdist:tiny-wordpiece"}},
         "data": {"train": [{"shards": [shards] if isinstance(shards, str) else shards}], "num_workers": 0,
                  "shuffle_buffer": 0, "max_len": 64, **data},
-        "train": {"max_steps": 1, "micro_batch_size": micro, "global_batch_size": micro},
+        "train": {"max_steps": 1, "micro_batch_size": micro, "global_batch_size": global_batch},
     }
     if eval_shards:
         base["data"]["eval"] = [{"shards": eval_shards}]

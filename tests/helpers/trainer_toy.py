@@ -315,12 +315,13 @@ def stage1_probe(cfg: Any) -> dict:
 def recording_loader_builder(folder: str) -> Callable:
     """mmdist's own loaders; every training batch handed out appends its sample keys to FOLDER/keys.jsonl
     (one JSON line per batch: world size, rank, epoch, keys), so a test can check which samples a run trained on."""
-    from mmdist.data.loader import StreamingLoader, build_loader
+    from mmdist.data.loader import build_loader
 
-    class Recording(StreamingLoader):
+    class Recording:  # mixed into the loader's own class (per-rank StreamingLoader or GlobalBatchLoader)
         def __iter__(self):
+            where = self if hasattr(self, "world_size") else self.dataset
             for batch in super().__iter__():
-                line = {"world": self.dataset.world_size, "rank": self.dataset.rank, "epoch": self.epoch, "keys": list(self.last_keys)}
+                line = {"world": where.world_size, "rank": where.rank, "epoch": self.epoch, "keys": list(self.last_keys)}
                 with open(Path(folder) / "keys.jsonl", "a") as fh:
                     fh.write(json.dumps(line) + "\n")
                 yield batch
@@ -328,7 +329,7 @@ def recording_loader_builder(folder: str) -> Callable:
     def build(cfg: Any, processors: Any, split: str, rank: int, world_size: int):
         loader = build_loader(cfg, processors, split, rank, world_size)
         if split == "train":
-            loader.__class__ = Recording
+            loader.__class__ = type(f"Recording{type(loader).__name__}", (Recording, type(loader)), {})
         return loader
 
     return build
@@ -373,7 +374,7 @@ def replay_loader_builder(steps: list[list[str]]) -> Callable:
             return build_loader(cfg, processors, split, rank, world_size)
         single = build_loader(cfg, processors, split, 0, 1)
         by_key = {}
-        for batch in single:
+        for batch, _ in zip(single, range(len(single))):  # one epoch (a global-order loader is endless)
             by_key[single.last_keys[0]] = batch
         return [by_key[k] for step in steps for k in step]
 

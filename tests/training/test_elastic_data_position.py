@@ -1,5 +1,6 @@
-"""Elastic resume with the real model and the real WebDataset loader: 2 -> 1 -> 3 ranks (ZeRO-3) and 3 -> 1 -> 2
-(ZeRO-2) within one epoch read every sample once, and the final weights are an uninterrupted run's on the same batches."""
+"""Elastic resume with the real model and the per-rank WebDataset order (data.order=per_rank): 2 -> 1 -> 3 ranks
+(ZeRO-3) and 3 -> 1 -> 2 (ZeRO-2) within one epoch read every sample once, and the final weights are an uninterrupted
+run's on the same batches."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def test_real_loader_moves_between_world_sizes_reading_every_sample_once(tmp_pat
 
     shards = write_demo_shards(tmp_path / "demo", image_size=16, samples_per_shard=12, limit=72)  # 6 shards, 72 samples
     recipe = yaml.safe_load((REPO / "configs" / "tiny_fuse.yaml").read_text())
-    recipe["data"].update({"train": [{"shards": [shard_pattern(shards["train"])]}], "eval": [], "num_workers": 1})
+    recipe["data"].update({"train": [{"shards": [shard_pattern(shards["train"])]}], "eval": [], "num_workers": 1,
+                           "order": "per_rank"})  # the global order's resize: tests/training/test_global_batch_training.py
     recipe["train"].update({"max_steps": 6, "global_batch_size": 12, "micro_batch_size": 4, "eval_every": 0})
     recipe["engine"]["zero_stage"] = zero_stage
     recipe["checkpoint"].update({"save_every": 2})
