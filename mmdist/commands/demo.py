@@ -53,12 +53,13 @@ INSTALL = {
 # --connector: the stage-1 module the demo trains, as (stage-1 overrides, stage-2 overrides) on the recipes.
 # linear: the recipes as shipped (a frozen MiniLM, Linear heads). qformer: the reference recipe's BLIP-2 Q-Former
 # (configs/align.yaml): the MiniLM trains with it at 0.1x the learning rate, as align.yaml moves its pretrained
-# BERT; stage 2 hands 32 query tokens to the LLM, so its data.max_len holds them and the question and answer.
+# BERT. The demo's tower gives 4 patch tokens per digit, so 8 queries (BLIP-2: 32 for 257 patches) summarise it;
+# stage 2 hands those 8 tokens to the LLM, and its data.max_len holds them, the question and the answer.
+QFORMER_DEMO = ["model.connector.type=qformer", "model.text.freeze=false", "model.connector.qformer.num_queries=8"]
 CONNECTORS = {
     "linear": ([], []),
-    "qformer": (["model.connector.type=qformer", "model.text.freeze=false",
-                 "train.lr_multipliers={stage1: 1.0, text: 0.1, temperature: 1.0}"],
-                ["model.connector.type=qformer", "model.text.freeze=false", "data.max_len=64"]),
+    "qformer": ([*QFORMER_DEMO, "train.lr_multipliers={stage1: 1.0, text: 0.1, temperature: 1.0}"],
+                [*QFORMER_DEMO, "data.max_len=64"]),
 }
 
 # --quick: a few steps per stage on a slice of the digits (tests, a first look); the slice is digits.QUICK_SHARD_LIMIT.
@@ -241,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core, or 1 when the load average is already over 2 per core)")
     parser.add_argument("--connector", choices=sorted(CONNECTORS), default="linear",
                         help="stage-1 module: linear (the recipes as shipped: frozen MiniLM, Linear heads) or qformer "
-                             "(the reference recipe's BLIP-2 Q-Former, trained with the MiniLM; 32 image tokens in "
+                             "(the reference recipe's BLIP-2 Q-Former, trained with the MiniLM; 8 image tokens in "
                              "stage 2)")
     parser.add_argument("--align-config", default=str(DEFAULT_ALIGN_CONFIG), help="stage-1 recipe")
     parser.add_argument("--fuse-config", default=str(DEFAULT_FUSE_CONFIG), help="stage-2 recipe")
