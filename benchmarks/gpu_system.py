@@ -337,6 +337,7 @@ def run(shape: str = "gpu", steps: int = 6, warmup: int = 1, micro_batch: int | 
         max_len: int | None = None, zero_stage: int | str = "auto", checkpointing: bool = True,
         device: str | None = None, workdir: str | None = None, workers: int | None = None,
         packed_attention: str | None = None) -> dict:
+    from mmdist.data.loader import resolve_num_workers
     from mmdist.data.shards import shard_pattern, write_demo_shards
     from mmdist.training.metrics import WARMUP_STEPS
 
@@ -367,7 +368,7 @@ def run(shape: str = "gpu", steps: int = 6, warmup: int = 1, micro_batch: int | 
     accumulation = len(trainer_batches.batches) // max(len(trainer_steps), 1)
     if accumulation != 1 or len(trainer_batches.batches) != len(trainer_steps):
         raise RuntimeError(f"the trainer's model ran {len(trainer_batches.batches)} forwards in {len(trainer_steps)} "
-                           "steps; the bare side replays one batch a step (a skipped non-finite loss, or accumulation?)")
+                           "steps; the bare side replays one batch a step (a non-finite loss skipped, or accumulation)")
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -393,7 +394,7 @@ def run(shape: str = "gpu", steps: int = 6, warmup: int = 1, micro_batch: int | 
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "shape": shape, "shapes": spec.name, "zero_stage": resolved_stage, "zero_stage_setting": zero_stage,
         "checkpointing": checkpointing, "micro_batch": micro_batch, "max_len": max_len, "steps": steps,
-        "workers": cfg.data.num_workers,
+        "workers": resolve_num_workers(cfg.data.num_workers),
         "packed_attention": cfg.model.llm.packed_attention, "packed_attention_flag": packed_attention,
         "attn_implementation": cfg.model.llm.attn_implementation, "attention_paths": attention,
         "same_batches": identical, "torch_threads": torch.get_num_threads(),
@@ -448,7 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None,
                         help="steps left out of every figure (at least the trainer's 1; default 1, cpu: 2)")
     parser.add_argument("--micro-batch", type=int, default=None, help="samples per step, default 16 (cpu: 8, tiny: 2)")
-    parser.add_argument("--max-len", type=int, default=None, help="packed row length, default 2048 (cpu: 512, tiny: 128)")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="packed row length, default 2048 (cpu: 512, tiny: 128)")
     parser.add_argument("--zero-stage", default="auto", choices=["auto", "0", "1", "2", "3"],
                         help="the trainer's engine.zero_stage; auto (default): what `mmdist plan` picks for this device")
     parser.add_argument("--no-checkpointing", action="store_true")

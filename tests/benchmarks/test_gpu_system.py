@@ -17,8 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-PRINTED = ["device", "rows", "steady_steps", "real_tokens", "images", "samples", "tokens_per_s", "ratio", "mfu", "hfu", "trainer_reported",
-           "peak_memory_gib", "step_s"]
+PRINTED = ["device", "rows", "steady_steps", "real_tokens", "images", "samples", "tokens_per_s", "ratio", "mfu", "hfu",
+           "trainer_reported", "peak_memory_gib", "step_s"]
 PHASES = ["data_wait", "to_device", "vision", "llm_forward", "backward", "optimizer", "host_sync", "logging", "other"]
 
 
