@@ -1,25 +1,58 @@
 #!/usr/bin/env bash
-# The checks of a new GPU node in one run (on a node without internet access, benchmarks/gpu_wheels.sh gives the
-# wheels and the install line that precede this script). Each step has its own time limit so one slow step
-# cannot take the others' figures with it; everything lands in $OUT (or gpu_out/ when $OUT is unset):
-#   1. nvidia-smi and the versions;
-#   2. the single-GPU smoke tier, `pytest -m gpu` (tests/gpu/);
-#   3. benchmarks/gpu_system.py: the trainer against its own model at the Qwen-14B + CLIP-L/336 shape
-#      (tokens/s ratio, steady MFU/HFU, peak memory, the per-phase breakdown), as JSON and text.
-#      PACKED=sdpa_per_sample|flex|auto passes --packed-attention $PACKED (both sides, bare rows packed) and
-#      names the files gpu_system_$PACKED.{json,txt}; unset (the default): no flag, gpu_system.{json,txt}.
+# The checks of a new GPU node in one run of under 8 minutes on one H100/H200 (on a node without internet access,
+# benchmarks/gpu_wheels.sh gives the wheels and the install line that precede this script). Each step has its own
+# time limit, cut to what is left of BUDGET_S (default 460 s), so one slow step cannot take the others' figures with
+# it; a step cut below 30 s by the budget is skipped and said so. Everything lands in $OUT (default gpu_out/):
+#   machine.txt                  nvidia-smi and the versions;
+#   pytest_gpu.txt               the GPU tier, `pytest -m gpu` (tests/gpu/);
+#   gpu_system_z{1,3}_{sdpa_per_sample,flex}.{txt,json}
+#                                benchmarks/gpu_system.py at the Qwen-14B + CLIP-L/336 shape, the trainer at ZeRO-1
+#                                and ZeRO-3 against its bare model on the same packed rows, with each packed-attention
+#                                kernel on both sides: tokens/s ratio, steady MFU/HFU, peak memory, the phases;
+#   session.txt                  each step's command, limit, exit code and seconds.
+# DRY_RUN=1 prints the steps and their limits, as if each took its whole limit, and runs nothing. SMOKE_S and
+# SYSTEM_S set the per-step limits, SYSTEM_STEPS the steps of each gpu_system run (warm-up included), RUNS a subset
+# in the order given (e.g. RUNS="z1_flex z3_sdpa_per_sample"); the default order puts the ZeRO-1/3 comparison first.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
-{ nvidia-smi; python3 -c 'import torch, transformers, deepspeed; print(torch.__version__, torch.version.cuda, transformers.__version__, deepspeed.__version__)'; } \
-    > "$out/machine.txt" 2>&1
-timeout "${SMOKE_S:-200}" python3 -m pytest -m gpu -q -rs --durations=10 2>&1 | tee "$out/pytest_gpu.txt"
-echo "pytest -m gpu exit ${PIPESTATUS[0]}" | tee -a "$out/pytest_gpu.txt"
-packed_args=()
-[ -n "${PACKED:-}" ] && packed_args=(--packed-attention "$PACKED")
-system=gpu_system${PACKED:+_$PACKED}
-timeout "${SYSTEM_S:-330}" python3 benchmarks/gpu_system.py ${packed_args[@]+"${packed_args[@]}"} --json "$out/$system.json" 2>&1 \
-    | tee "$out/$system.txt"
-echo "gpu_system${PACKED:+ --packed-attention $PACKED} exit ${PIPESTATUS[0]}" | tee -a "$out/$system.txt"
+budget=${BUDGET_S:-460}
+start=$SECONDS
+spent=0  # DRY_RUN: the seconds the steps before would take at their limits
+runs=${RUNS:-z1_sdpa_per_sample z3_sdpa_per_sample z1_flex z3_flex}
+
+# step NAME LIMIT_S LOG COMMAND...: COMMAND under min(LIMIT_S, what is left), its output to the terminal and LOG.
+step() {
+    local name=$1 asked=$2 limit=$2 log=$3 left
+    shift 3
+    left=$((budget - (SECONDS - start) - spent - 5))
+    (( limit > left )) && limit=$left
+    if (( limit < 30 && limit < asked )); then  # cut below 30 s by the budget: not worth starting
+        echo "${DRY_RUN:+[dry run] }$name skipped: ${left} s of the ${budget} s budget left" | tee -a "$out/session.txt"
+        return 0
+    fi
+    if [[ -n "${DRY_RUN:-}" ]]; then
+        echo "[dry run] $name: limit ${limit} s: $* > $log"
+        spent=$((spent + limit))
+        return 0
+    fi
+    local t0=$SECONDS rc
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$log"
+    rc=${PIPESTATUS[0]}
+    echo "$name exit $rc after $((SECONDS - t0)) s (limit $limit s): $*" | tee -a "$out/session.txt" "$log"
+}
+
+: > "$out/session.txt"
+step machine 20 "$out/machine.txt" bash -c 'nvidia-smi; python3 -c "import torch, transformers, deepspeed; \
+print(torch.__version__, torch.version.cuda, transformers.__version__, deepspeed.__version__)"'
+step pytest_gpu "${SMOKE_S:-150}" "$out/pytest_gpu.txt" \
+    python3 -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider
+for run in $runs; do
+    stage=${run%%_*}; kernel=${run#*_}
+    step "gpu_system_$run" "${SYSTEM_S:-100}" "$out/gpu_system_$run.txt" python3 benchmarks/gpu_system.py \
+        --zero-stage "${stage#z}" --packed-attention "$kernel" --steps "${SYSTEM_STEPS:-4}" \
+        --workdir "/tmp/gpu_system_$run" --json "$out/gpu_system_$run.json"
+done
+echo "session: $((SECONDS - start)) s of the ${budget} s budget" | tee -a "$out/session.txt"

@@ -66,12 +66,13 @@ def barrier() -> None:
 
 def all_reduce(values: list[float], device: Any, op: str = "sum") -> list[float]:
     """``values`` (float64) reduced over every rank with ``op`` (sum, min or max); as they are on one rank."""
+    if world_size() == 1:  # no tensor: on a GPU that would be a copy to the device and a sync back, every step
+        return [float(v) for v in values]
     import torch
     import torch.distributed as tdist
 
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if world_size() > 1:
-        tdist.all_reduce(tensor, op={"sum": tdist.ReduceOp.SUM, "min": tdist.ReduceOp.MIN, "max": tdist.ReduceOp.MAX}[op])
+    tdist.all_reduce(tensor, op={"sum": tdist.ReduceOp.SUM, "min": tdist.ReduceOp.MIN, "max": tdist.ReduceOp.MAX}[op])
     return tensor.tolist()
 
 

@@ -233,26 +233,40 @@ class FusedVLM(FrozenAwareModule):
             # parameter (zero gradients, not missing ones) in the order an image batch takes.
             embeds = embeds + (0.0 * dummy.float().sum()).to(embeds.dtype)
         inputs: dict[str, Any] = {"inputs_embeds": embeds, "use_cache": False}
-        if batch.get("sequence_ids") is not None and self.settings.llm.attn_implementation == "flash_attention_2":
+        path = self.attention_path(batch)
+        if path == "flash_varlen":
             # FlashAttention takes no 4-D mask: transformers derives the packed sequences
             # from position_ids restarting at 0 when no attention_mask is given.
             # (Not exercised by the CPU tests.)
             if batch.get("position_ids") is None:
                 raise ValueError("packed batches for flash_attention_2 need position_ids (restarting at 0 per sample)")
             inputs["attention_mask"] = None
-        elif batch.get("sequence_ids") is not None and self.packed_attention and self.packed_kernel == "flex":
+        elif path == "flex":
             inputs["attention_mask"] = None  # built here once, reused by every layer and the checkpointed recompute
             inputs["mmdist_block_mask"] = document_block_mask(batch["sequence_ids"])
-        elif batch.get("sequence_ids") is not None and self.packed_attention:
+        elif path == "sdpa_per_sample":
             inputs["attention_mask"] = None
             inputs["mmdist_spans"] = spans_from_sequence_ids(batch["sequence_ids"])
-        elif batch.get("sequence_ids") is not None:
+        elif path == "block_mask":
             inputs["attention_mask"] = block_causal_mask(batch["sequence_ids"], embeds.dtype)
-        elif batch.get("attention_mask") is not None:
+        elif path == "padding_mask":
             inputs["attention_mask"] = batch["attention_mask"]
         if batch.get("position_ids") is not None:
             inputs["position_ids"] = batch["position_ids"]
         return inputs
+
+    def attention_path(self, batch: dict) -> str:
+        """How the LLM attends over ``batch``'s rows (what :meth:`forward` runs, read by benchmarks/gpu_system.py):
+        packed rows (``sequence_ids``) take ``flash_varlen`` (flash_attention_2, samples from ``position_ids``),
+        ``flex`` or ``sdpa_per_sample`` (mmdist/models/packed_attention.py) or ``block_mask`` (a dense 4-D mask);
+        other rows ``padding_mask``, or ``none`` without an attention mask."""
+        if batch.get("sequence_ids") is not None:
+            if self.settings.llm.attn_implementation == "flash_attention_2":
+                return "flash_varlen"
+            if self.packed_attention:
+                return self.packed_kernel
+            return "block_mask"
+        return "padding_mask" if batch.get("attention_mask") is not None else "none"
 
     def _dummy_image_embeddings(self, device: torch.device) -> torch.Tensor:
         """Image embeddings of a zero image, for a batch without images.

@@ -235,18 +235,22 @@ class _StepStats:
         self.fingerprints: list[str] = []
 
     def add(self, loss: torch.Tensor, counts: BatchCounts, out: dict, weighted: bool = False) -> None:
+        metrics = out.get("metrics") or {}
+        # one read from the device for the loss, its term count and the metrics (one sync on a GPU, not one each)
+        scalars = [loss.detach()] + ([out["num_tokens"]] if weighted else []) + list(metrics.values())
+        values = torch.stack([torch.as_tensor(v, device=loss.device).float().reshape(()) for v in scalars]).tolist()
         self.micro += 1
-        self.loss += float(loss.detach())
+        self.loss += values[0]
         if weighted:
-            self.term_loss += float(loss.detach()) * int(out["num_tokens"])
-            self.terms += int(out["num_tokens"])
+            self.term_loss += values[0] * int(values[1])
+            self.terms += int(values[1])
         self.samples += counts.samples
         self.tokens += counts.tokens
         self.supervised += counts.supervised_tokens
         self.image_tokens += counts.image_tokens
         self.images += counts.images
-        for key, value in (out.get("metrics") or {}).items():
-            self.metrics[key] = self.metrics.get(key, 0.0) + float(value)
+        for key, value in zip(metrics, values[2 if weighted else 1:]):
+            self.metrics[key] = self.metrics.get(key, 0.0) + value
 
     def timed_wait(self, collective: Callable, *args: Any) -> Any:
         """Run ``collective`` after the device's queued work, adding its time to :attr:`wait` (several ranks only)."""

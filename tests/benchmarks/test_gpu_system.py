@@ -1,7 +1,8 @@
 """benchmarks/gpu_system.py at its tiny CPU shape: the real trainer and the bare model side by side.
 
-Asserts the printed fields, the ratio's arithmetic, that both sides processed the
-same real tokens and images over the same steady steps, and that the trainer's own
+Asserts the printed fields, the ratio's arithmetic, that both sides ran the same rows
+(the trainer's packed batches replayed on the bare model: tokens per step, rows x
+width and the attention path equal step for step), and that the trainer's own
 metrics.jsonl figure (the bar's) is the benchmark's.
 """
 
@@ -16,8 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-PRINTED = ["device", "steady_steps", "real_tokens", "images", "samples", "tokens_per_s", "ratio", "mfu", "hfu", "trainer_reported",
-           "peak_memory_gib", "step_s"]
+PRINTED = ["device", "rows", "steady_steps", "real_tokens", "images", "samples", "tokens_per_s", "ratio", "mfu", "hfu",
+           "trainer_reported", "peak_memory_gib", "step_s"]
 PHASES = ["data_wait", "to_device", "vision", "llm_forward", "backward", "optimizer", "host_sync", "logging", "other"]
 
 
@@ -42,7 +43,25 @@ def test_prints_every_field_and_the_breakdown(tiny_result):
     table = {line.split("|")[1].strip() for line in stdout.splitlines() if line.startswith("| ")}
     assert set(PHASES) <= table, stdout
     assert res["device"] == "cpu" and res["warmup_steps"] == 1
-    assert res["packed_attention"] == "auto" and res["bare_rows_packed"] is False  # no flag: default, unpacked
+    assert res["packed_attention"] == "auto" and res["attn_implementation"] == "sdpa"  # no flag: the trainer's default
+    assert set(res["fixed_cost_ms"]) == set(PHASES)
+
+
+def test_both_sides_ran_the_same_rows(tiny_result):
+    """The bare model replays the trainer's packed batches: per steady step the same tokens, the same rows x width,
+    the same attention path, and tensor-equal batches."""
+    _, res, folder = tiny_result
+    t, b = res["trainer"], res["bare"]
+    assert res["same_batches"] is True
+    assert t["step_tokens"] == b["step_tokens"] and len(t["step_tokens"]) == 2 and min(t["step_tokens"]) > 0
+    assert [(s["rows"], s["width"]) for s in t["layouts"]] == [(s["rows"], s["width"]) for s in b["layouts"]]
+    assert t["layouts"] == b["layouts"]  # samples, images and answer tokens too
+    assert res["attention_paths"] == ["mmdist_packed_sdpa/sdpa_per_sample"]  # packed rows, the same kernel
+    for shape in t["layouts"]:
+        assert shape["tokens"] <= shape["rows"] * shape["width"] <= shape["rows"] * 128  # packed rows of max_len
+    records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in records if r["split"] == "train" and r["step"] > 1]
+    assert [r["step_tokens"] for r in steady] == b["step_tokens"]  # what the trainer counted, what the bare model got
 
 
 def test_both_sides_processed_the_same_real_tokens(tiny_result):
@@ -92,38 +111,44 @@ def test_zero_stage_auto_records_what_the_trainer_resolved(tiny_result, tmp_path
     assert f"ZeRO-{res['zero_stage']} (auto)" in proc.stdout
 
 
-def test_bare_rows_pack_the_trainers_samples(monkeypatch):
-    """With --packed-attention the bare rows hold the trainer's samples: same tokens, images, answers and samples."""
-    from types import SimpleNamespace
-
+def test_same_batches_tells_a_changed_row_apart(monkeypatch):
+    """The fairness flag compares tensor for tensor: one token, one extra key or one step fewer makes it False."""
     import torch
 
     monkeypatch.setenv("MMDIST_STEP_PHASES", "1")  # gpu_system sets it on import; restored after the test
     import gpu_system
 
-    from mmdist.models.contract import count_samples
-    from mmdist.models.fused import supervised_mask
+    steps = [{"input_ids": torch.arange(6).view(1, 6), "sequence_ids": torch.tensor([[0, 0, 0, 1, 1, -1]])}
+             for _ in range(2)]
+    copy = [{k: v.clone() for k, v in batch.items()} for batch in steps]
+    assert gpu_system.same_batches(steps, copy)
+    copy[1]["input_ids"][0, 3] = 9
+    assert not gpu_system.same_batches(steps, copy)
+    assert not gpu_system.same_batches(steps, steps[:1])
+    assert not gpu_system.same_batches(steps, [dict(batch, position_ids=batch["input_ids"]) for batch in steps])
+    wider = [{"input_ids": torch.arange(7).view(1, 7), "sequence_ids": batch["sequence_ids"]} for batch in steps]
+    assert not gpu_system.same_batches(steps, wider)
 
-    embedding = SimpleNamespace(weight=torch.zeros(100, 1))
-    model = SimpleNamespace(num_image_tokens=4, image_token_id=99, vision=SimpleNamespace(image_size=8),
-                            llm=SimpleNamespace(get_input_embeddings=lambda: embedding))
-    batch = gpu_system.bare_batch(model, 2, 60, 3, 7, torch.device("cpu"), torch.Generator().manual_seed(0), samples=5)
-    assert int(batch["attention_mask"].sum()) == 60 and batch["pixel_values"].shape[0] == 3
-    assert int((batch["input_ids"] == 99).sum()) == 3 * 4
-    assert count_samples(batch, "input_ids") == 5
-    assert [int(row.max()) + 1 for row in batch["sequence_ids"]] == [3, 2]  # dealt round-robin
-    assert int(supervised_mask(batch).sum()) == 7  # no cut falls inside the answers
-    real = batch["sequence_ids"] >= 0
-    assert torch.equal(real, batch["attention_mask"].bool())
-    starts = real & torch.nn.functional.pad(batch["sequence_ids"][:, 1:] != batch["sequence_ids"][:, :-1], (1, 0), value=True)
-    assert torch.equal(batch["position_ids"][starts], torch.zeros(int(starts.sum()), dtype=torch.long))  # restart per sample
-    unpacked = gpu_system.bare_batch(model, 2, 60, 3, 7, torch.device("cpu"), torch.Generator().manual_seed(0))
-    assert "sequence_ids" not in unpacked and torch.equal(unpacked["input_ids"], batch["input_ids"])
+
+def test_cpu_shape_is_a_valid_run_config(monkeypatch, tmp_path):
+    """--cpu's mid-size shape builds a valid trainer config (the run itself takes minutes: not a unit test)."""
+    import torch
+
+    monkeypatch.setenv("MMDIST_STEP_PHASES", "1")
+    import gpu_system
+
+    shape = gpu_system.SHAPES["cpu"]
+    cfg = gpu_system.run_config(shape, torch.device("cpu"), tmp_path, "x-{000000..000001}.tar",
+                                micro_batch=shape.micro_batch, max_len=shape.max_len, steps=8, zero_stage="auto",
+                                checkpointing=True, peak=1e11, workers=shape.workers)
+    assert cfg.model.llm.init_config["hidden_size"] == 512 and cfg.data.packing and cfg.data.max_len == 512
+    assert cfg.data.num_workers is None  # the trainer's own auto
+    assert cfg.train.micro_batch_size == cfg.train.global_batch_size == 8
 
 
 def test_packed_attention_runs_on_both_sides_and_is_recorded(tmp_path):
-    """--packed-attention goes into the trainer's config and the bare model's (the same cfg.model), on sdpa, with the
-    bare rows packed like the trainer's; the result and the header name it. (flex itself trains on a GPU only.)"""
+    """--packed-attention goes into the trainer's config and the bare model's (the same cfg.model), on sdpa; both
+    sides take it over the same rows, and the result names it. (flex itself trains on a GPU only.)"""
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "gpu_system.py"), "--tiny", "--steps", "2", "--packed-attention",
          "sdpa_per_sample", "--workdir", str(tmp_path), "--json", str(tmp_path / "result.json")],
@@ -131,12 +156,13 @@ def test_packed_attention_runs_on_both_sides_and_is_recorded(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "result.json").read_text())
-    assert (res["packed_attention"], res["attn_implementation"], res["bare_rows_packed"]) == ("sdpa_per_sample", "sdpa", True)
+    assert (res["packed_attention"], res["attn_implementation"]) == ("sdpa_per_sample", "sdpa")
     assert "packed_attention: sdpa_per_sample" in (tmp_path / "run" / "config.yaml").read_text()
-    header = next(line for line in proc.stdout.splitlines() if line.startswith("device "))
-    assert "attention sdpa, packed attention sdpa_per_sample (both sides, bare rows packed)" in header
+    rows = next(line for line in proc.stdout.splitlines() if line.startswith("rows "))
+    assert "same batches on both sides: True" in rows and "attention mmdist_packed_sdpa/sdpa_per_sample" in rows
     assert res["trainer"]["samples"] == res["bare"]["samples"] > 0
     assert res["trainer"]["real_tokens"] == res["bare"]["real_tokens"]
+    assert res["same_batches"] is True and res["attention_paths"] == ["mmdist_packed_sdpa/sdpa_per_sample"]
 
 
 def test_flex_on_the_cpu_is_refused_before_any_work(tmp_path):

@@ -35,6 +35,29 @@ def test_gpu_system_toy_shapes_on_the_gpu(tmp_path):
     assert res["device"] != "cpu" and t["real_tokens"] == b["real_tokens"] > 0
     assert res["ratio"] == pytest.approx(t["tokens_per_s"] / b["tokens_per_s"])
     assert 0 < t["mfu"] <= 1 and 0 < b["mfu"] <= 1 and t["peak_memory_gib"] > 0 and b["peak_memory_gib"] > 0
+    # fair: the bare model got the trainer's batches (on the GPU, cast), step for step, through the same kernel
+    assert res["same_batches"] is True and t["step_tokens"] == b["step_tokens"]
+    assert t["layouts"] == b["layouts"] and len(res["attention_paths"]) == 1
+    assert res["attention_paths"][0].endswith(("/sdpa_per_sample", "/flash_varlen")), res["attention_paths"]
+
+
+@pytest.mark.parametrize("kernel", ["sdpa_per_sample", "flex"])
+def test_gpu_system_packed_kernels_on_both_sides(tmp_path, kernel):
+    """--packed-attention puts the kernel on both sides: the same packed rows through the same attention path."""
+    pytest.importorskip("sklearn")
+    env = dict(os.environ, DS_ACCELERATOR="cuda")
+    env.pop("MMDIST_CPU_BF16", None)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_system.py"), "--tiny", "--device", "cuda", "--steps", "3",
+         "--packed-attention", kernel, "--workdir", str(tmp_path), "--json", str(tmp_path / "result.json")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    t, b = res["trainer"], res["bare"]
+    assert res["same_batches"] is True and t["step_tokens"] == b["step_tokens"] and t["layouts"] == b["layouts"]
+    assert res["attention_paths"] == [f"mmdist_packed_sdpa/{kernel}"]
+    assert 0 < t["mfu"] <= 1 and 0 < b["mfu"] <= 1
 
 
 def test_out_of_memory_report_reads_the_gpu():
