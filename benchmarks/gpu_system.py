@@ -323,7 +323,8 @@ def run(tiny: bool = False, steps: int = 6, warmup: int = 1, micro_batch: int = 
     steady_t = [s for s in trainer_steps if s["step"] > warmup]
     steady_b = [s for s in bare_steps if s["step"] > warmup]
     times = [r["time"] for r in trainer_steps]
-    trainer_seconds = [times[i] - times[i - 1] for i in range(warmup, len(times))]  # record to record: the loop's period
+    # record to record: the loop's period
+    trainer_seconds = [times[i] - times[i - 1] for i in range(warmup, len(times))]
     bare_model_flops = bare_info.pop("flops")
     trainer = side_summary(steady_t, trainer_seconds, bare_model_flops, peak, checkpointing)
     bare = side_summary(steady_b, [s["step_s"] for s in steady_b], bare_model_flops, peak, checkpointing)

@@ -58,7 +58,8 @@ def frozen_parts(cfg: RunConfig) -> list[str]:
 
 def _engine_decides(zero_stage: int, engine_dtype: str) -> bool:
     """Whether DeepSpeed holds frozen parameters in the engine's precision (see the module doc)."""
-    return engine_dtype != "fp32" or str(zero_stage) == "3"  # an unresolved `auto` stage (generate, cache: no engine) is not 3
+    # an unresolved `auto` stage (generate, cache: no engine) is not 3
+    return engine_dtype != "fp32" or str(zero_stage) == "3"
 
 
 def check_precision(cfg: RunConfig) -> list[Problem]:

@@ -166,7 +166,8 @@ def test_tiny_demo_writes_every_file(tiny_demo):
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["align"]["heldout_retrieval_top1"] <= 1.0
     assert 0.0 <= metrics["fuse"]["heldout_answer_accuracy"] <= 1.0
-    assert metrics["align"]["heldout_samples"] == metrics["fuse"]["heldout_samples"] == 40  # every held-out digit of --quick
+    # every held-out digit of --quick
+    assert metrics["align"]["heldout_samples"] == metrics["fuse"]["heldout_samples"] == 40
     assert metrics["steps"] == {"align": 6, "fuse": 4}
     assert {"shards", "cache_align", "align", "fuse", "fuse_eval", "report", "total"} <= set(metrics["timings_s"])
     report = (run / "report.md").read_text()
@@ -225,7 +226,8 @@ def test_generate_answers_on_the_demo_output(tiny_demo, capsys):
     code = generate.main(["--run", str(run), "--image", str(run / "images" / first["image"]), "--prompt", QUESTION,
                               "--max-new-tokens", "8"])
     assert code == 0
-    assert capsys.readouterr().out.endswith(first["answer"] + "\n")  # the report's answer is what `mmdist generate` says
+    # the report's answer is what `mmdist generate` says
+    assert capsys.readouterr().out.endswith(first["answer"] + "\n")
 
 
 def test_mmdist_eval_reproduces_the_demo_heldout_numbers(tiny_demo, tmp_path):

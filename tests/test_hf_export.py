@@ -179,7 +179,8 @@ def test_transformers_reproduces_mmdist(name, exports, transformers_results):
     diff = float((theirs["logits"][:, :vocab] - logits).abs().max())
     print(f"{name}: max abs logit difference {diff:.2e}, pixel difference {pixel_diff:.2f} levels, answer ids {theirs['new_ids'].tolist()}")
     assert diff <= 1e-4
-    assert bool((theirs["logits"][:, vocab:] == 0).all())  # added placeholder rows are zero (and suppressed in generate)
+    # added placeholder rows are zero (and suppressed in generate)
+    assert bool((theirs["logits"][:, vocab:] == 0).all())
 
     ours = generate.answer_images(model, [image], PROMPT, max_new_tokens=MAX_NEW_TOKENS)[0]
     with torch.no_grad():
@@ -199,7 +200,8 @@ def test_hf_folder_layout(exports):
     a = json.loads((exports["clip-llama-linear-head"][1] / "config.json").read_text())
     assert a["vision_feature_select_strategy"] == "default" and a["projector_hidden_act"] == "gelu"
     generation = json.loads((exports["clip-llama-linear-head"][1] / "generation_config.json").read_text())
-    assert generation["suppress_tokens"] == [259] and generation["do_sample"] is False  # the image token row added to the tiny vocab
+    # the image token row added to the tiny vocab
+    assert generation["suppress_tokens"] == [259] and generation["do_sample"] is False
 
 
 def test_mmdist_format_copies_the_export(exports, tmp_path):

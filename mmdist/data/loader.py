@@ -306,7 +306,8 @@ class StreamingLoader:
         if earlier and int(earlier[0]) == epoch:
             before, total = int(earlier[1]), int(earlier[2])
         else:
-            per_rank = [max(1, d.samples_per_epoch // (len(states) * b)) for b in sizes]  # states without batches_in_epoch
+            # states without batches_in_epoch
+            per_rank = [max(1, d.samples_per_epoch // (len(states) * b)) for b in sizes]
             before, total = 0, sum(int(s.get("batches_in_epoch", n)) * b for s, n, b in zip(states, per_rank, sizes))
         done = before + sum(int(s.get("batches_done", 0)) * b for s, b in zip(states, sizes))
         if done == 0:  # nothing drawn yet: the epoch starts here as on any world size

@@ -357,7 +357,8 @@ class FusedVLM(FrozenAwareModule):
             attention_mask = torch.ones_like(input_ids)
         tok = self.processors.tokenizer
         kwargs.setdefault("do_sample", False)
-        kwargs.setdefault("use_cache", True)  # the KV cache: each new token attends to cached keys/values, not the whole prefix again
+        # the KV cache: each new token attends to cached keys/values, not the whole prefix again
+        kwargs.setdefault("use_cache", True)
         kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         stops = stop_token_ids(tok)  # Qwen1: <|im_end|> ends a ChatML answer, <|endoftext|> a document
         if stops:

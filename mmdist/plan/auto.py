@@ -66,7 +66,8 @@ def auto_candidates(cfg: RunConfig, precision: Optional[str] = None) -> list[Set
     if eng.offload_params:
         return [Setting(3, True, True)]
     quantized = any(str(getattr(part, "quantize", "none")) != "none" for part in (cfg.model.llm, cfg.model.vision))
-    stages = (1, 2) if quantized else (1, 2, 3)  # ZeRO-3 cannot partition quantized weights (mmdist.config.quantization)
+    # ZeRO-3 cannot partition quantized weights (mmdist.config.quantization)
+    stages = (1, 2) if quantized else (1, 2, 3)
     if eng.offload_optimizer:
         return [Setting(z, True) for z in stages]
     half = (precision or eng.precision) in ("bf16", "fp16")

@@ -258,7 +258,8 @@ class CheckpointManager:
     def _publish(self, tmp: Path, final: Path) -> None:
         """Rename the finished ``.tmp-`` folder into place, then point ``latest`` at it, then prune."""
         retired = None
-        if final.exists():  # re-saving the same step (after a resume): the old copy goes only once the new one is in place
+        if final.exists():
+            # re-saving the same step (after a resume): the old copy goes only once the new one is in place
             retired = self.root / f"{TMP_PREFIX}old-{final.name}"
             shutil.rmtree(retired, ignore_errors=True)
             os.rename(final, retired)

@@ -75,7 +75,8 @@ class Run:
     logger: Optional[MetricsLogger] = None
     throughput: Optional[Throughput] = None
     eval_loader: Optional[Iterable] = None  # built at the first evaluation
-    metrics_loader: Optional[Iterable] = None  # train.eval_metrics: unpacked held-out batches, built at the first evaluation
+    # train.eval_metrics: unpacked held-out batches, built at the first evaluation
+    metrics_loader: Optional[Iterable] = None
     resumed_from: Optional[Path] = None
     last_checkpoint: Optional[Path] = None
     watchdog: Optional[Watchdog] = None

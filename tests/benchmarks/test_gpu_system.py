@@ -116,7 +116,8 @@ def test_bare_rows_pack_the_trainers_samples(monkeypatch):
     real = batch["sequence_ids"] >= 0
     assert torch.equal(real, batch["attention_mask"].bool())
     starts = real & torch.nn.functional.pad(batch["sequence_ids"][:, 1:] != batch["sequence_ids"][:, :-1], (1, 0), value=True)
-    assert torch.equal(batch["position_ids"][starts], torch.zeros(int(starts.sum()), dtype=torch.long))  # restart per sample
+    # restart per sample
+    assert torch.equal(batch["position_ids"][starts], torch.zeros(int(starts.sum()), dtype=torch.long))
     unpacked = gpu_system.bare_batch(model, 2, 60, 3, 7, torch.device("cpu"), torch.Generator().manual_seed(0))
     assert "sequence_ids" not in unpacked and torch.equal(unpacked["input_ids"], batch["input_ids"])
 

@@ -153,7 +153,8 @@ def test_text_features_give_the_same_loss(tmp_path):
     with torch.no_grad():
         for a, b in zip(cached, plain):
             from_cache = model(a)["loss"]
-            without_text = model({k: v for k, v in a.items() if k != "text_features"})["loss"]  # text encoder on the tokens
+            # text encoder on the tokens
+            without_text = model({k: v for k, v in a.items() if k != "text_features"})["loss"]
             from_pixels = model(b)["loss"]
             torch.testing.assert_close(from_cache, without_text, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(from_cache, from_pixels, atol=1e-2, rtol=1e-2)  # image features are stored fp16

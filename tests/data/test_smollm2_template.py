@@ -47,4 +47,5 @@ def test_smollm2_chat_template_masks_all_but_the_answer(smollm2_tokenizer):
     image_id = processors.image_token_id
     expanded = [t for x in whole for t in ([x] * 3 if x == image_id else [x])]
     assert out["input_ids"] == expanded
-    assert "You are a helpful AI assistant" in tok.decode(out["input_ids"])  # the template's default system turn is kept
+    # the template's default system turn is kept
+    assert "You are a helpful AI assistant" in tok.decode(out["input_ids"])

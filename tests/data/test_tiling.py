@@ -337,10 +337,12 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_with_the_file_geometry():
     transform = ImageTransform(8, [0.5] * 3, [0.5] * 3)
     settings = ImageTilingConfig(enabled=True)
     y, x = np.mgrid[0:120, 0:400]
-    array = np.stack([x * 255 // 400, y * 255 // 120, np.full_like(x, 90)], axis=-1).astype(np.uint8)  # smooth: JPEG keeps it
+    # smooth: JPEG keeps it
+    array = np.stack([x * 255 // 400, y * 255 // 120, np.full_like(x, 90)], axis=-1).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", quality=95)
-    assert tiled_draft_size(transform, settings, 400, 120) == (24, 8)  # the 1 x 3 grid's fit (24 x 8) covers the 8 x 8 base
+    # the 1 x 3 grid's fit (24 x 8) covers the 8 x 8 base
+    assert tiled_draft_size(transform, settings, 400, 120) == (24, 8)
     drafted = decode_image(buf.getvalue(), 10**8, lambda w, h: tiled_draft_size(transform, settings, w, h))
     full = decode_image(buf.getvalue(), 10**8)
     assert drafted.size[0] < 400 and drafted.info[ORIGINAL_SIZE_KEY] == (400, 120)
@@ -376,7 +378,8 @@ def test_generate_tiles_each_image_as_in_training(tmp_path, monkeypatch):
 
     def spy(model, prompts, *, pixel_values=None, **kwargs):
         seen.append((list(prompts[0]), pixel_values.shape[0]))
-        return real(model, prompts, pixel_values=pixel_values, **kwargs)  # the model checks placeholders == rows x tokens
+        # the model checks placeholders == rows x tokens
+        return real(model, prompts, pixel_values=pixel_values, **kwargs)
 
     monkeypatch.setattr(generate, "answer_batch", spy)
     wide, tall = Image.new("RGB", (64, 16), (250, 0, 0)), Image.new("RGB", (16, 48), (0, 250, 0))

@@ -91,7 +91,8 @@ def test_warning_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_re
     ref = run(cmd, 400)
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
     got, want = train_records(run_dir), train_records(reference)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # each step once: the resumed run dropped nothing twice
+    # each step once: the resumed run dropped nothing twice
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["data"] for r in got] == [r["data"] for r in want]  # the same batches: the same sample multiset
     a, b = load_file(str(run_dir / "export" / "model.safetensors")), load_file(str(reference / "export" / "model.safetensors"))
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -166,7 +166,8 @@ def test_qlora_trains_adapters_on_bitsandbytes_layers_and_exports_only_trainable
     assert "lora" in model.trainable_groups()
     model.train()
     model(batch_for(model))["loss"].backward()
-    lora = dict((n, p) for n, p in model.llm.named_parameters() if "lora_B" in n)  # B starts at zero, so A's gradient is zero
+    # B starts at zero, so A's gradient is zero
+    lora = dict((n, p) for n, p in model.llm.named_parameters() if "lora_B" in n)
     assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
     state = model.export_state_dict()
     merged = [k for k in state if k.startswith("llm.")]
@@ -312,7 +313,8 @@ def test_plan_counts_quantized_frozen_bytes_and_says_what_fits(capsys):
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("quantized: model.llm.quantize=nf4"))
     ratio = float(line.split("(")[1].split("x)")[0])
-    assert 0.27 < ratio <= 0.29 and "fits at" in out  # 0.5 byte + a 4-byte absmax per 64 on every weight, embeddings too
+    # 0.5 byte + a 4-byte absmax per 64 on every weight, embeddings too
+    assert 0.27 < ratio <= 0.29 and "fits at" in out
 
 
 def test_planned_bytes_per_param():

@@ -164,7 +164,8 @@ def test_timm_cnn_from_architecture_and_local_file(tmp_path):
     t = tower(gather, source="timm", name_or_path="resnet10t", checkpoint=str(path), image_size=64)
     own = t.model.state_dict()
     assert not [k for k in own if not torch.equal(own[k], state[k])]  # every weight is the file's
-    assert not any(k.startswith("fc.") for k in own) and t.load_report["unexpected"] == []  # classifier dropped, as timm does
+    # classifier dropped, as timm does
+    assert not any(k.startswith("fc.") for k in own) and t.load_report["unexpected"] == []
     assert {id(p) for p in t.model.parameters()} in gather.calls  # loaded inside the gather (ZeRO-3)
     assert (t.kind, t.has_cls, t.num_tokens, t.hidden_size) == ("timm", False, 4, 512)  # 64 px / 32 = 2x2 map
     transform = t.image_transform()  # resolve_data_config: ImageNet statistics, bicubic, crop_pct 0.875

@@ -60,7 +60,8 @@ def test_zero_stage_offload_precision_and_clipping(tmp_path):
 
     bf16 = deepspeed_config(_cfg(tmp_path, engine={"zero_stage": 1, "precision": "bf16"}), 1)
     assert bf16["bf16"]["enabled"] is True and bf16["fp16"]["enabled"] is False
-    assert "offload_optimizer" not in bf16["zero_optimization"] and "optimizer" not in bf16  # torch_adam: client optimizer
+    # torch_adam: client optimizer
+    assert "offload_optimizer" not in bf16["zero_optimization"] and "optimizer" not in bf16
     assert bf16["zero_allow_untested_optimizer"] is True
 
 
@@ -352,7 +353,8 @@ def test_close_releases_deepspeed_groups_zero3_setting_and_shm_buffer(tmp_path):
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("first", "second", "failed"))]
     assert lines == [
         "first built True True", "first closed False False False True",
-        "second built False True", "second closed False False False True",  # DeepSpeed makes its buffer once per process
+        # DeepSpeed makes its buffer once per process
+        "second built False True", "second closed False False False True",
         "failed closed False False False True",
     ], out.stdout[-2000:] + out.stderr[-2000:]
 

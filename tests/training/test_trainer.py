@@ -125,7 +125,8 @@ def test_train_step_updates_weights_and_refills_a_skipped_micro_batch(toy_engine
     assert all(torch.equal(params[n], v) for n, v in frozen.items())
     assert state.state_dict() == {"step": 1, "samples": 4, "tokens": 4, "nonfinite_total": 1}
     resumed = TrainState()
-    resumed.load_state_dict({"step": 5, "samples": 20, "nonfinite_total": 2, "rng": {}})  # a checkpoint without "tokens"
+    # a checkpoint without "tokens"
+    resumed.load_state_dict({"step": 5, "samples": 20, "nonfinite_total": 2, "rng": {}})
     assert (resumed.step, resumed.samples, resumed.tokens, resumed.nonfinite_total) == (5, 20, 0, 2)
 
 
@@ -401,7 +402,8 @@ def test_packed_rows_count_their_samples_and_mfu_uses_the_compute_dtype():
     assert count_samples({"input_ids": torch.zeros(4, 6, dtype=torch.long)}, "input_ids") == 4
     cfg = tiny_run_config("fuse", "engine.precision=fp32", "model.llm.dtype=bf16")
     assert compute_dtype(cfg) == "bf16"  # fp32 engine, bf16 frozen LLM: the LLM's FLOPs dominate
-    cfg = tiny_run_config("fuse", "engine.precision=bf16", "model.llm.dtype=auto")  # a frozen fp32 LLM is refused: DeepSpeed would cast it
+    # a frozen fp32 LLM is refused: DeepSpeed would cast it
+    cfg = tiny_run_config("fuse", "engine.precision=bf16", "model.llm.dtype=auto")
     assert compute_dtype(cfg) == "bf16"
 
 
@@ -448,7 +450,8 @@ def test_signal_on_one_rank_stops_both_at_one_step_and_the_rerun_equals_uninterr
     assert second["resumed_from"].endswith("step_000004") and second["step"] == 12 and second["finished"]
     history = first["history"] + second["history"]
     assert [h["step"] for h in history] == list(range(1, 13))
-    assert [h["data"] for h in history] == [h["data"] for h in full["history"]]  # the same batches: the same sample multiset
+    # the same batches: the same sample multiset
+    assert [h["data"] for h in history] == [h["data"] for h in full["history"]]
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in full["history"]], abs=1e-6)
     a, b = _export(run), _export(full_dir)
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
