@@ -67,8 +67,21 @@ PHASES = ("data_wait", "to_device", "vision", "llm_forward", "backward", "optimi
 INSIDE = ("zero3_fetch_release",)
 
 
-def run_config(tiny: bool, device: torch.device, workdir: Path, shards: str, *, micro_batch: int, max_len: int, steps: int,
-               zero_stage: int | str, checkpointing: bool, peak: float, workers: int, packed_attention: str | None = None):
+def run_config(
+    tiny: bool,
+    device: torch.device,
+    workdir: Path,
+    shards: str,
+    *,
+    micro_batch: int,
+    max_len: int,
+    steps: int,
+    zero_stage: int | str,
+    checkpointing: bool,
+    peak: float,
+    workers: int,
+    packed_attention: str | None = None,
+):
     """The reference run: tiny_fuse.yaml with the two shapes as init_config, packing, one micro-batch per step;
     ``packed_attention`` (when given) set as model.llm.packed_attention, on sdpa."""
     from mmdist.config.run import load_config
@@ -87,7 +100,13 @@ def run_config(tiny: bool, device: torch.device, workdir: Path, shards: str, *, 
                            warmup_ratio=0.0, lr_scheduler="constant")
     recipe["engine"].update(zero_stage=zero_stage, precision=half, backend="nccl" if device.type == "cuda" else "gloo")
     recipe["checkpoint"].update(save_every=0, export=False, resume="never")
-    recipe["log"] = {"log_every": 1, "progress_bar": False, "tensorboard": False, "param_table": False, "peak_flops": peak}
+    recipe["log"] = {
+        "log_every": 1,
+        "progress_bar": False,
+        "tensorboard": False,
+        "param_table": False,
+        "peak_flops": peak,
+    }
     recipe["run_dir"] = str(workdir / "run")
     return load_config(base=recipe)
 
@@ -191,7 +210,9 @@ def bare_batch(model, rows: int, tokens: int, images: int, supervised: int, devi
     n_img = model.num_image_tokens
     text = tokens - images * n_img
     if text < rows or supervised > text - rows:
-        raise ValueError(f"{tokens} tokens cannot hold {images} images of {n_img} tokens and {supervised} answers in {rows} rows")
+        raise ValueError(
+            f"{tokens} tokens cannot hold {images} images of {n_img} tokens and {supervised} answers in {rows} rows"
+        )
     vocab = model.llm.get_input_embeddings().weight.shape[0] - 1
     img_per_row = [images // rows + (r < images % rows) for r in range(rows)]
     text_per_row = [text // rows + (r < text % rows) for r in range(rows)]
@@ -240,8 +261,19 @@ def run_bare(cfg, device: torch.device, steps: list[dict], packed: bool = False)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.train.lr,
                                   fused=device.type == "cuda")
     gen = torch.Generator().manual_seed(0)
-    batches = [bare_batch(model, cfg.train.micro_batch_size, s["step_tokens"], s["step_images"], s["step_supervised_tokens"],
-                          device, gen, samples=s["step_samples"] if packed else None) for s in steps]
+    batches = [
+        bare_batch(
+            model,
+            cfg.train.micro_batch_size,
+            s["step_tokens"],
+            s["step_images"],
+            s["step_supervised_tokens"],
+            device,
+            gen,
+            samples=s["step_samples"] if packed else None,
+        )
+        for s in steps
+    ]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     phases.device = device
@@ -260,10 +292,19 @@ def run_bare(cfg, device: torch.device, steps: list[dict], packed: bool = False)
             value = float(loss.detach())
         seconds = time.perf_counter() - t
         counts = model.batch_counts(batch)
-        out.append({"step": step, "step_s": seconds, "loss": value, "step_tokens": counts.tokens, "step_images": counts.images,
-                    "step_samples": counts.samples,
-                    "step_supervised_tokens": counts.supervised_tokens, "step_image_tokens": counts.image_tokens,
-                    **{f"phase_{k}_s": v for k, v in phases.take().items()}})
+        out.append(
+            {
+                "step": step,
+                "step_s": seconds,
+                "loss": value,
+                "step_tokens": counts.tokens,
+                "step_images": counts.images,
+                "step_samples": counts.samples,
+                "step_supervised_tokens": counts.supervised_tokens,
+                "step_image_tokens": counts.image_tokens,
+                **{f"phase_{k}_s": v for k, v in phases.take().items()},
+            }
+        )
     memory = peak_memory(device)
     flops = model.flop_count()  # the structure the trainer built too: the FLOPs of both sides
     del model, optimizer, batches
@@ -288,9 +329,19 @@ def side_summary(steps: list[dict], step_seconds: list[float], flops, peak: floa
             "breakdown_s": breakdown}
 
 
-def run(tiny: bool = False, steps: int = 6, warmup: int = 1, micro_batch: int = 16, max_len: int = 2048,
-        zero_stage: int | str = "auto", checkpointing: bool = True, device: str | None = None, workdir: str | None = None,
-        workers: int | None = None, packed_attention: str | None = None) -> dict:
+def run(
+    tiny: bool = False,
+    steps: int = 6,
+    warmup: int = 1,
+    micro_batch: int = 16,
+    max_len: int = 2048,
+    zero_stage: int | str = "auto",
+    checkpointing: bool = True,
+    device: str | None = None,
+    workdir: str | None = None,
+    workers: int | None = None,
+    packed_attention: str | None = None,
+) -> dict:
     from mmdist.data.shards import shard_pattern, write_demo_shards
     from mmdist.training.metrics import WARMUP_STEPS
 
@@ -346,23 +397,25 @@ def run(tiny: bool = False, steps: int = 6, warmup: int = 1, micro_batch: int = 
 def report(res: dict) -> str:
     """The printed result: one line per figure (``name  trainer  bare``), then the step breakdown table."""
     t, b = res["trainer"], res["bare"]
-    lines = [f"device  {res['device']}  ({res['shapes']}, ZeRO-{res['zero_stage']} ({res.get('zero_stage_setting')}), micro-batch {res['micro_batch']}, "
-             f"max_len {res['max_len']}, checkpointing {res['checkpointing']}, peak {res['peak_flops']:.4g} FLOP/s "
-             f"from {res['peak_source']}, attention {res['attn_implementation']}, packed attention {res['packed_attention']}"
-             f" ({'both sides, bare rows packed' if res['bare_rows_packed'] else 'trainer only, bare rows one sample each'}))",
-             f"steady_steps  {t['steps']}  {b['steps']}  (first {res['warmup_steps']} left out)",
-             f"real_tokens  {t['real_tokens']}  {b['real_tokens']}",
-             f"images  {t['images']}  {b['images']}",
-             f"samples  {t['samples']}  {b['samples']}",
-             f"tokens_per_s  {t['tokens_per_s']:.6g}  {b['tokens_per_s']:.6g}",
-             f"ratio  {res['ratio']:.4f}  (trainer tokens/s over bare tokens/s)",
-             f"mfu  {t['mfu']:.4f}  {b['mfu']:.4f}",
-             f"hfu  {t['hfu']:.4f}  {b['hfu']:.4f}",
-             f"trainer_reported  tokens_per_s={t['reported_tokens_per_s']:.6g} mfu={t['reported_mfu']:.4f} "
-             f"(metrics.jsonl, steady from step {t['reported_mfu_steady_from_step']})",
-             f"peak_memory_gib  {t['peak_memory_gib']:.3f}  {b['peak_memory_gib']:.3f}",
-             f"step_s  {t['step_s']:.6g}  {b['step_s']:.6g}",
-             ""]
+    lines = [
+        f"device  {res['device']}  ({res['shapes']}, ZeRO-{res['zero_stage']} ({res.get('zero_stage_setting')}), micro-batch {res['micro_batch']}, "
+        f"max_len {res['max_len']}, checkpointing {res['checkpointing']}, peak {res['peak_flops']:.4g} FLOP/s "
+        f"from {res['peak_source']}, attention {res['attn_implementation']}, packed attention {res['packed_attention']}"
+        f" ({'both sides, bare rows packed' if res['bare_rows_packed'] else 'trainer only, bare rows one sample each'}))",
+        f"steady_steps  {t['steps']}  {b['steps']}  (first {res['warmup_steps']} left out)",
+        f"real_tokens  {t['real_tokens']}  {b['real_tokens']}",
+        f"images  {t['images']}  {b['images']}",
+        f"samples  {t['samples']}  {b['samples']}",
+        f"tokens_per_s  {t['tokens_per_s']:.6g}  {b['tokens_per_s']:.6g}",
+        f"ratio  {res['ratio']:.4f}  (trainer tokens/s over bare tokens/s)",
+        f"mfu  {t['mfu']:.4f}  {b['mfu']:.4f}",
+        f"hfu  {t['hfu']:.4f}  {b['hfu']:.4f}",
+        f"trainer_reported  tokens_per_s={t['reported_tokens_per_s']:.6g} mfu={t['reported_mfu']:.4f} "
+        f"(metrics.jsonl, steady from step {t['reported_mfu_steady_from_step']})",
+        f"peak_memory_gib  {t['peak_memory_gib']:.3f}  {b['peak_memory_gib']:.3f}",
+        f"step_s  {t['step_s']:.6g}  {b['step_s']:.6g}",
+        "",
+    ]
     rows = [{"phase (s/step)": k, "trainer": t["breakdown_s"][k], "bare": b["breakdown_s"][k]} for k in PHASES]
     rows += [{"phase (s/step)": f"({k}, inside the above)", "trainer": t["breakdown_s"][k], "bare": b["breakdown_s"][k]}
              for k in INSIDE]
@@ -374,11 +427,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="toy shapes on the CPU (the test mode)")
     parser.add_argument("--steps", type=int, default=6, help="steps a side, warm-up included")
-    parser.add_argument("--warmup", type=int, default=1, help="steps left out of every figure (at least the trainer's 1)")
+    parser.add_argument(
+        "--warmup", type=int, default=1, help="steps left out of every figure (at least the trainer's 1)"
+    )
     parser.add_argument("--micro-batch", type=int, default=None, help="rows per step, default 16 (tiny: 2)")
     parser.add_argument("--max-len", type=int, default=None, help="packed row length, default 2048 (tiny: 128)")
-    parser.add_argument("--zero-stage", default="auto", choices=["auto", "0", "1", "2", "3"],
-                        help="the trainer's engine.zero_stage; auto (default): what `mmdist plan` picks for this device")
+    parser.add_argument(
+        "--zero-stage",
+        default="auto",
+        choices=["auto", "0", "1", "2", "3"],
+        help="the trainer's engine.zero_stage; auto (default): what `mmdist plan` picks for this device",
+    )
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--packed-attention", choices=["auto", "sdpa_per_sample", "flex"], default=None,
                         help="model.llm.packed_attention on both sides, on sdpa, with the bare rows packed like the "
@@ -388,11 +447,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="where the demo shards and the run go (default: a temporary folder)")
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
-    res = run(tiny=args.tiny, steps=args.steps, warmup=args.warmup, micro_batch=args.micro_batch or (2 if args.tiny else 16),
-              max_len=args.max_len or (128 if args.tiny else 2048),
-              zero_stage=args.zero_stage if args.zero_stage == "auto" else int(args.zero_stage),
-              checkpointing=not args.no_checkpointing, device=args.device, workdir=args.workdir, workers=args.workers,
-              packed_attention=args.packed_attention)
+    res = run(
+        tiny=args.tiny,
+        steps=args.steps,
+        warmup=args.warmup,
+        micro_batch=args.micro_batch or (2 if args.tiny else 16),
+        max_len=args.max_len or (128 if args.tiny else 2048),
+        zero_stage=args.zero_stage if args.zero_stage == "auto" else int(args.zero_stage),
+        checkpointing=not args.no_checkpointing,
+        device=args.device,
+        workdir=args.workdir,
+        workers=args.workers,
+        packed_attention=args.packed_attention,
+    )
     print(report(res), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

@@ -71,7 +71,9 @@ def all_reduce(values: list[float], device: Any, op: str = "sum") -> list[float]
 
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if world_size() > 1:
-        tdist.all_reduce(tensor, op={"sum": tdist.ReduceOp.SUM, "min": tdist.ReduceOp.MIN, "max": tdist.ReduceOp.MAX}[op])
+        tdist.all_reduce(
+            tensor, op={"sum": tdist.ReduceOp.SUM, "min": tdist.ReduceOp.MIN, "max": tdist.ReduceOp.MAX}[op]
+        )
     return tensor.tolist()
 
 

@@ -108,7 +108,9 @@ def load_fused_model(path: str | os.PathLike, gather: Gather = null_gather, over
     state, manifest = read_export(folder)
     stage = manifest_stage(manifest)
     if stage is None or not stage.builds("llm"):
-        raise ValueError(f"{folder}: this is a stage-{manifest.get('stage')!r} export; inference needs a stage 'fuse' export")
+        raise ValueError(
+            f"{folder}: this is a stage-{manifest.get('stage')!r} export; inference needs a stage 'fuse' export"
+        )
     merged_lora = bool(manifest["config"]["model"]["llm"]["lora"]["enabled"])
     # the export holds the LLM with its LoRA delta merged in: build it without adapters
     cfg = manifest_config(folder, manifest, ["model.llm.lora.enabled=false", *(overrides or [])])
@@ -120,7 +122,14 @@ def load_fused_model(path: str | os.PathLike, gather: Gather = null_gather, over
                         uses_feature_cache=bool(cfg.data.feature_cache), gather=gather, stage1_manifest=stage1_manifest)
     if stage1_manifest is not None:
         compare_stage1(stage1_manifest, cfg.model, model.vision, "(embedded manifest)", expected=cfg.stage.loads)
-    load_weights(model, state, gather, source=folder, required=("projector.", "stage1."), refused=() if merged_lora else ("llm.",))
+    load_weights(
+        model,
+        state,
+        gather,
+        source=folder,
+        required=("projector.", "stage1."),
+        refused=() if merged_lora else ("llm.",),
+    )
     model.run_config = cfg
     model.precision = resolved
     model.eval()
@@ -136,7 +145,9 @@ def load_align_model(cfg: RunConfig, path: str | os.PathLike) -> AlignModel:
     return model.eval()
 
 
-def load_inference_model(path: str | os.PathLike, overrides: Optional[list[str]] = None, device: Any = "cpu") -> FusedVLM:
+def load_inference_model(
+    path: str | os.PathLike, overrides: Optional[list[str]] = None, device: Any = "cpu"
+) -> FusedVLM:
     """The trained FusedVLM of a stage-2 export / run / demo folder, in eval mode, on ``device``.
 
     An ``auto`` dtype is resolved for that device; ``model.precision`` lists what

@@ -132,7 +132,9 @@ def test_fit_and_largest_micro_batch():
         fixed = est.model_states + est.comm + est.fixed_reserve
         assert fixed + b * est.per_sample_ckpt <= budget < fixed + (b + 1) * est.per_sample_ckpt
         assert est.max_micro_batch(budget, checkpointing=False) <= b
-    assert small["ZeRO-3 offload=none"].max_micro_batch(budget, True) >= small["ZeRO-0 offload=none"].max_micro_batch(budget, True)
+    assert small["ZeRO-3 offload=none"].max_micro_batch(budget, True) >= small["ZeRO-0 offload=none"].max_micro_batch(
+        budget, True
+    )
     best, _ = plan.recommend(list(small.values()), budget, configured_ckpt=False)
     assert best.total(True) <= budget
 
@@ -186,7 +188,13 @@ def test_prediction_matches_measured_engines_within_10_percent():
     for row in rows + bf16:
         for kind in ("frozen", "trainable", "grads", "optim"):
             measured, predicted = row[f"{kind} B"], row[f"pred {kind} B"]
-            assert measured == pytest.approx(predicted, rel=0.10), (row["ranks"], row["zero"], kind, measured, predicted)
+            assert measured == pytest.approx(predicted, rel=0.10), (
+                row["ranks"],
+                row["zero"],
+                kind,
+                measured,
+                predicted,
+            )
         assert row["frozen w/ grad"] == 0 and row["frozen in optim"] == 0
         assert row["grads B"] < row["frozen B"]
     by = {(r["ranks"], r["zero"]): r for r in rows}
@@ -202,7 +210,11 @@ def test_input_line_sizes_the_cpu_side_of_the_vision_tower():
     assert vision.dims["seq"] == 577, "ViT-L/14-336: 24 x 24 patches and the class token"
     line = input_line(shapes, "H100 SXM", gpus_per_node=8, cpus_per_node=0, images_per_core=100.0)
     need = 0.4 * 989e12 / (2 * vision.params * 577)
-    assert f"{need:,.0f} images/s per GPU" in line[0] and f"{need / 100:.1f} CPU cores per GPU" in line[0] and len(line) == 1
+    assert (
+        f"{need:,.0f} images/s per GPU" in line[0]
+        and f"{need / 100:.1f} CPU cores per GPU" in line[0]
+        and len(line) == 1
+    )
     starved = input_line(shapes, "H100 SXM", gpus_per_node=8, cpus_per_node=64, images_per_core=100.0)
     assert "warning" in starved[1] and "8.0 per GPU" in starved[1]
     assert "unknown GPU" in input_line(shapes, "Voodoo 3", 8, 0)[0]
@@ -248,14 +260,22 @@ def test_a_micro_batch_means_the_same_samples_in_the_plan_and_the_trainer(packin
 
 TINY_RESNET = {"model_type": "resnet", "layer_type": "basic", "depths": [1, 1], "hidden_sizes": [8, 16],
                "embedding_size": 8, "num_channels": 3}
-TINY_CONVNEXT = {"model_type": "convnext", "num_stages": 2, "depths": [1, 1], "hidden_sizes": [8, 16], "num_channels": 3}
+TINY_CONVNEXT = {
+    "model_type": "convnext",
+    "num_stages": 2,
+    "depths": [1, 1],
+    "hidden_sizes": [8, 16],
+    "num_channels": 3,
+}
 
 
 def _with_tower(stage: str, init_config: dict, *overrides: str, connector: str = "mlp"):
     """The tiny recipe of ``stage`` with its ViT replaced by ``init_config`` (the whole dict, not merged)."""
     import json
 
-    return tiny_run_config(stage, f"model.vision.init_config={json.dumps(init_config)}", *overrides, connector=connector)
+    return tiny_run_config(
+        stage, f"model.vision.init_config={json.dumps(init_config)}", *overrides, connector=connector
+    )
 
 
 def _split(model) -> tuple[int, int]:
@@ -294,12 +314,17 @@ def test_a_conv_tower_in_a_fused_model_and_its_plan_line(capsys):
     shapes = plan.model_shapes(cfg)
     model = build_run_model(cfg)
     by = {s.name: s for s in shapes}
-    assert (sum(s.params for s in shapes if s.trainable), sum(s.params for s in shapes if not s.trainable)) == _split(model)
+    assert (sum(s.params for s in shapes if s.trainable), sum(s.params for s in shapes if not s.trainable)) == _split(
+        model
+    )
     assert by["projector"].dims["tokens"] == model.num_image_tokens == 9
     assert by["projector"].dims["in"] == model.vision.hidden_size == 16
     # the resolution comes from the tower's settings: a larger input gives a larger map and more FLOPs
     big = plan.model_shapes(_with_tower("fuse", TINY_RESNET, "model.vision.image_size=64"))[0]
-    assert big.dims["tokens"] == 4 * plan.model_shapes(_with_tower("fuse", TINY_RESNET, "model.vision.image_size=32"))[0].dims["tokens"]
+    assert (
+        big.dims["tokens"]
+        == 4 * plan.model_shapes(_with_tower("fuse", TINY_RESNET, "model.vision.image_size=32"))[0].dims["tokens"]
+    )
     assert big.dims["flops_per_image"] > by["vision_encoder"].dims["flops_per_image"]
     text = plan.format_plan(cfg, shapes, plan.estimate(cfg, shapes, 1), 1, plan.parse_bytes("80GB"))
     assert "the convolutional tower gives 9 tokens of width 16 per image at 32 px" in text
@@ -323,10 +348,14 @@ def test_timm_without_timm_is_a_clear_error(tmp_path, capsys):
     except Exception as exc:  # ImportError, or a torchvision built for another torch
         print(f"timm does not import here ({type(exc).__name__}): testing the planner's message")
     else:
-        pytest.skip("timm imports here: the planner counts timm towers (test_a_timm_tower_is_planned_as_the_built_tower)")
+        pytest.skip(
+            "timm imports here: the planner counts timm towers (test_a_timm_tower_is_planned_as_the_built_tower)"
+        )
     from mmdist.config.run import config_to_dict
 
-    cfg = tiny_run_config("fuse", "model.vision.source=timm", "model.vision.name_or_path=resnet18", "model.vision.init_config=null")
+    cfg = tiny_run_config(
+        "fuse", "model.vision.source=timm", "model.vision.name_or_path=resnet18", "model.vision.init_config=null"
+    )
     with pytest.raises(ValueError, match=r"model\.vision\.source=timm.*mmdist\[vision\].*meta device"):
         plan.model_shapes(cfg)
     path = tmp_path / "timm.yaml"
@@ -371,8 +400,14 @@ def _fake_timm(monkeypatch):
     timm.create_model = create_model
     data = types.ModuleType("timm.data")
     data.__spec__ = importlib.machinery.ModuleSpec("timm.data", None)
-    data.resolve_data_config = lambda args, model=None: {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3,
-                                                         "crop_pct": 1.0, "interpolation": "bicubic", "crop_mode": "center"}
+    data.resolve_data_config = lambda args, model=None: {
+        "input_size": (3, 32, 32),
+        "mean": (0.5,) * 3,
+        "std": (0.5,) * 3,
+        "crop_pct": 1.0,
+        "interpolation": "bicubic",
+        "crop_mode": "center",
+    }
     timm.data = data
     monkeypatch.setitem(sys.modules, "timm", timm)
     monkeypatch.setitem(sys.modules, "timm.data", data)
@@ -388,9 +423,15 @@ def test_a_timm_tower_is_planned_as_the_built_tower(monkeypatch, select):
     vision = plan.model_shapes(cfg)[0]
     tower = VisionTower(cfg.model.vision)
     assert vision.params == sum(p.numel() for p in tower.parameters()) == 8 * 3 * 9 + 8 + 20 * 8 * 9 + 20
-    assert (vision.dims["tokens"], vision.dims["hidden"], vision.dims["image_size"]) == (tower.num_tokens, tower.hidden_size, 32)
+    assert (vision.dims["tokens"], vision.dims["hidden"], vision.dims["image_size"]) == (
+        tower.num_tokens,
+        tower.hidden_size,
+        32,
+    )
     assert vision.dims["kind"] == "timm" and vision.dims["flops_per_image"] > 0
-    bad = tiny_run_config("fuse", "model.vision.source=timm", "model.vision.name_or_path=no_such_net", "model.vision.init_config=null")
+    bad = tiny_run_config(
+        "fuse", "model.vision.source=timm", "model.vision.name_or_path=no_such_net", "model.vision.init_config=null"
+    )
     with pytest.raises(ValueError, match="no timm architecture"):
         plan.model_shapes(bad)
 
@@ -400,11 +441,19 @@ def test_a_real_timm_resnet_is_planned_as_the_built_tower():
     try:
         import timm  # noqa: F401
     except Exception as exc:
-        pytest.skip(f"timm cannot be imported here ({type(exc).__name__}: {exc}); the stand-in test covers the code path")
+        pytest.skip(
+            f"timm cannot be imported here ({type(exc).__name__}: {exc}); the stand-in test covers the code path"
+        )
     from mmdist.models.vision import VisionTower
 
-    cfg = tiny_run_config("fuse", "model.vision.source=timm", "model.vision.name_or_path=resnet10t",
-                          "model.vision.init_config=null", "model.vision.feature_stage=2", "model.vision.feature_grid=2")
+    cfg = tiny_run_config(
+        "fuse",
+        "model.vision.source=timm",
+        "model.vision.name_or_path=resnet10t",
+        "model.vision.init_config=null",
+        "model.vision.feature_stage=2",
+        "model.vision.feature_grid=2",
+    )
     vision = plan.model_shapes(cfg)[0]
     tower = VisionTower(cfg.model.vision)
     assert vision.params == sum(p.numel() for p in tower.parameters())
@@ -427,22 +476,32 @@ def test_a_resampler_is_counted_where_the_fused_model_holds_it(overrides):
     assert (by["projector"].params, by["projector"].trainable, by["projector"].dtype) == (
         sum(p.numel() for p in model.projector.parameters()), True, "fp32")
     assert "stage1" not in by
-    assert (sum(s.params for s in shapes if s.trainable), sum(s.params for s in shapes if not s.trainable)) == _split(model)
+    assert (sum(s.params for s in shapes if s.trainable), sum(s.params for s in shapes if not s.trainable)) == _split(
+        model
+    )
     assert by["projector"].dims["tokens"] == model.num_image_tokens == 5
     assert by["projector"].dims["resampler"]["in_tokens"] == model.vision.num_tokens == 16
     plain = {s.name: s for s in plan.model_shapes(tiny_run_config("fuse"))}
-    assert plan.activation_bytes_per_sample(shapes, cfg, False) != plan.activation_bytes_per_sample(list(plain.values()), cfg, False)
+    assert plan.activation_bytes_per_sample(shapes, cfg, False) != plan.activation_bytes_per_sample(
+        list(plain.values()), cfg, False
+    )
 
 
 def test_a_stage1_resampler_is_counted_as_the_align_model_builds_it():
     from mmdist.materialize import build_run_model
 
-    cfg = tiny_run_config("align", "model.connector.resampler.num_queries=6", "model.connector.resampler.hidden_size=16",
-                          connector="resampler")
+    cfg = tiny_run_config(
+        "align",
+        "model.connector.resampler.num_queries=6",
+        "model.connector.resampler.hidden_size=16",
+        connector="resampler",
+    )
     shapes = plan.model_shapes(cfg)
     stage1 = next(s for s in shapes if s.name == "stage1")
     model = build_run_model(cfg)
-    assert (sum(s.params for s in shapes if s.trainable), sum(s.params for s in shapes if not s.trainable)) == _split(model)
+    assert (sum(s.params for s in shapes if s.trainable), sum(s.params for s in shapes if not s.trainable)) == _split(
+        model
+    )
     assert stage1.dims["tokens"] == model.stage1.num_tokens == 6
     assert stage1.params == sum(p.numel() for p in model.stage1.parameters()) + 1, "+ the learnable temperature"
 
@@ -492,7 +551,9 @@ def test_tiling_is_planned_as_the_preprocessor_lays_out_a_sample():
     # every tiled image is one more tower forward and n more image tokens: activations and FLOPs grow with them
     vision = next(s for s in shapes if s.name == "vision_encoder").dims
     assert vision["images"] == 5
-    act = plan.activation_bytes_per_sample(shapes, cfg, False) - plan.activation_bytes_per_sample(plain, plain_cfg, False)
+    act = plan.activation_bytes_per_sample(shapes, cfg, False) - plan.activation_bytes_per_sample(
+        plain, plain_cfg, False
+    )
     e = plan.DTYPE_BYTES[cfg.engine.precision]
     hidden_in, llm_hidden = proj["in"], next(s for s in shapes if s.name == "llm").dims["hidden"]
     assert act == 4 * vision["working_set"] * e + 4 * n * (hidden_in + 2 * llm_hidden) * 4

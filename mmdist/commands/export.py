@@ -19,11 +19,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmdist export", description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="export folder, run folder or demo run folder")
     parser.add_argument("--out", required=True, help="folder to write (must be new or empty for --format hf)")
-    parser.add_argument("--format", choices=("mmdist", "hf"), default="mmdist",
-                        help="mmdist: mmdist's own export (resume, hand-off); hf: LlavaForConditionalGeneration + LlavaProcessor")
-    parser.add_argument("--dequantize", action="store_true",
-                        help="--format hf of a run trained through a quantized LLM: write the LLM's full-precision weights")
-    parser.add_argument("overrides", nargs="*", help="--format hf: dotted overrides of the stored config, e.g. model.llm.dtype=fp32")
+    parser.add_argument(
+        "--format",
+        choices=("mmdist", "hf"),
+        default="mmdist",
+        help="mmdist: mmdist's own export (resume, hand-off); hf: LlavaForConditionalGeneration + LlavaProcessor",
+    )
+    parser.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="--format hf of a run trained through a quantized LLM: write the LLM's full-precision weights",
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="--format hf: dotted overrides of the stored config, e.g. model.llm.dtype=fp32"
+    )
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     # --format hf loads the whole model on the default device; mmdist copies tensors through host memory
     settings = ["CUDA_VISIBLE_DEVICES= (empty: the model loads into host memory instead)",

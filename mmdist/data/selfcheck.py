@@ -43,7 +43,9 @@ def self_check(dataset: Any, processors: Any, num_samples: int) -> list[dict]:
                 f"(template={pre.template!r}, max_len={pre.max_len}, bad samples: {reasons}); check data.template, "
                 "data.format, data.max_len and that the samples have assistant answers"
             )
-        raise RuntimeError(f"self-check: none of the first samples of {dataset.shards[0].url} could be used (bad samples: {reasons})")
+        raise RuntimeError(
+            f"self-check: none of the first samples of {dataset.shards[0].url} could be used (bad samples: {reasons})"
+        )
     if pre.stage.batch is Batch.CAPTIONS:
         return rendered
     if not any(any(t != IGNORE_INDEX for t in s["labels"]) for s in rendered):

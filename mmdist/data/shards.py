@@ -54,7 +54,12 @@ class WriteSummary:
     skipped: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
-        return {"out_dir": self.out_dir, "shards": len(self.shards), "written": self.written, "skipped": dict(self.skipped)}
+        return {
+            "out_dir": self.out_dir,
+            "shards": len(self.shards),
+            "written": self.written,
+            "skipped": dict(self.skipped),
+        }
 
     def __str__(self) -> str:
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
@@ -77,9 +82,18 @@ class ShardWriter:
     ``length_stats=False`` writes none (a feature cache: its samples hold features, not the images they came from).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, prefix: str = "shard", samples_per_shard: int = 1000, overwrite: bool = False,
-                 verify_images: bool = True, max_image_pixels: int = 89_478_485, tokenizer: Any = None,
-                 tokenizer_name: str = "", length_stats: bool = True):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        prefix: str = "shard",
+        samples_per_shard: int = 1000,
+        overwrite: bool = False,
+        verify_images: bool = True,
+        max_image_pixels: int = 89_478_485,
+        tokenizer: Any = None,
+        tokenizer_name: str = "",
+        length_stats: bool = True,
+    ):
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.samples_per_shard = samples_per_shard
@@ -130,7 +144,9 @@ class ShardWriter:
         """Write one sample; a sample with a broken image is skipped (and counted). Returns whether it was written."""
         key = str(sample["__key__"])
         if "." in key or "/" in key:
-            raise ValueError(f"sample key {key!r} must not contain '.' or '/' (webdataset splits member names at the first dot)")
+            raise ValueError(
+                f"sample key {key!r} must not contain '.' or '/' (webdataset splits member names at the first dot)"
+            )
         if key in self._keys:
             self.skip("duplicate_key", key)
             return False
@@ -166,7 +182,9 @@ class ShardWriter:
         old = {}
         if sizes_path.is_file():
             try:
-                old = {k: v for k, v in json.loads(sizes_path.read_text()).items() if not k.startswith(self.prefix + "-")}
+                old = {
+                    k: v for k, v in json.loads(sizes_path.read_text()).items() if not k.startswith(self.prefix + "-")
+                }
             except ValueError:
                 old = {}
         sizes_path.write_text(json.dumps({**old, **self.sizes}, indent=1, sort_keys=True))
@@ -181,9 +199,16 @@ class ShardWriter:
         self.close()
 
 
-def write_shards(samples: Iterable[dict], out_dir: str | os.PathLike, prefix: str = "shard", samples_per_shard: int = 1000,
-                 overwrite: bool = False, verify_images: bool = True, tokenizer: Any = None,
-                 tokenizer_name: str = "") -> WriteSummary:
+def write_shards(
+    samples: Iterable[dict],
+    out_dir: str | os.PathLike,
+    prefix: str = "shard",
+    samples_per_shard: int = 1000,
+    overwrite: bool = False,
+    verify_images: bool = True,
+    tokenizer: Any = None,
+    tokenizer_name: str = "",
+) -> WriteSummary:
     """Write an iterable of samples into shards; returns the summary (also printed by the CLI)."""
     with ShardWriter(out_dir, prefix, samples_per_shard, overwrite, verify_images, tokenizer=tokenizer,
                      tokenizer_name=tokenizer_name) as writer:
@@ -275,12 +300,16 @@ def _read_captions(path: Path) -> list[tuple[str, str]]:
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as fh:
             for n, row in enumerate(csv.DictReader(fh), start=2):
-                rows.append((pick(row, image_keys, "image", f"{path}:{n}"), pick(row, text_keys, "caption", f"{path}:{n}")))
+                rows.append(
+                    (pick(row, image_keys, "image", f"{path}:{n}"), pick(row, text_keys, "caption", f"{path}:{n}"))
+                )
     else:
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if line.strip():
                 row = json.loads(line)
-                rows.append((pick(row, image_keys, "image", f"{path}:{n}"), pick(row, text_keys, "caption", f"{path}:{n}")))
+                rows.append(
+                    (pick(row, image_keys, "image", f"{path}:{n}"), pick(row, text_keys, "caption", f"{path}:{n}"))
+                )
     return rows
 
 
@@ -316,14 +345,26 @@ def demo_samples(indices: Sequence[int], image_size: int = 28) -> Iterator[dict]
             "__key__": f"digit{i:05d}",
             "png": png_bytes(image),
             "txt": f"a handwritten digit {name}",
-            "json": {"conversations": [{"from": "human", "value": "<image>\nWhat digit is this?"}, {"from": "gpt", "value": name}],
-                     "label": int(digits.target[i]), "index": int(i)},
+            "json": {
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat digit is this?"},
+                    {"from": "gpt", "value": name},
+                ],
+                "label": int(digits.target[i]),
+                "index": int(i),
+            },
         }
 
 
-def write_demo_shards(out_dir: str | os.PathLike, image_size: int = 28, samples_per_shard: int = 200, overwrite: bool = False,
-                      limit: Optional[int] = None, tokenizer: Any = None,
-                      tokenizer_name: str = "") -> dict[str, WriteSummary]:
+def write_demo_shards(
+    out_dir: str | os.PathLike,
+    image_size: int = 28,
+    samples_per_shard: int = 200,
+    overwrite: bool = False,
+    limit: Optional[int] = None,
+    tokenizer: Any = None,
+    tokenizer_name: str = "",
+) -> dict[str, WriteSummary]:
     """Write the demo digits as ``out_dir/train`` and ``out_dir/eval`` shards (the eval split is never trained on).
 
     Returns {"train": summary, "eval": summary}; shard patterns are ``train/train-*.tar`` and ``eval/eval-*.tar``.
@@ -337,8 +378,15 @@ def write_demo_shards(out_dir: str | os.PathLike, image_size: int = 28, samples_
     out = Path(out_dir)
     result = {}
     for split, idx in (("train", train_idx), ("eval", eval_idx)):
-        result[split] = write_shards(demo_samples(idx, image_size), out / split, prefix=split, samples_per_shard=samples_per_shard,
-                                     overwrite=overwrite, tokenizer=tokenizer, tokenizer_name=tokenizer_name)
+        result[split] = write_shards(
+            demo_samples(idx, image_size),
+            out / split,
+            prefix=split,
+            samples_per_shard=samples_per_shard,
+            overwrite=overwrite,
+            tokenizer=tokenizer,
+            tokenizer_name=tokenizer_name,
+        )
     return result
 
 

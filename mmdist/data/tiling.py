@@ -36,7 +36,9 @@ def candidate_grids(settings: ImageTilingConfig) -> list[Grid]:
     return [(r, c) for r in range(1, n + 1) for c in range(1, n + 1) if 2 <= r * c <= n]
 
 
-def select_best_resolution(image_size_hw: tuple[int, int], resolutions_hw: Sequence[tuple[int, int]]) -> tuple[int, int]:
+def select_best_resolution(
+    image_size_hw: tuple[int, int], resolutions_hw: Sequence[tuple[int, int]]
+) -> tuple[int, int]:
     """LLaVA-NeXT's choice of resolution for an image of ``image_size_hw`` (height, width).
 
     The resolution whose aspect-preserving fit keeps the most of the image's pixels
@@ -84,7 +86,9 @@ def resize_and_pad(image: Any, target_hw: tuple[int, int], resample: str = "bicu
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
     pixels = pixels.permute(2, 0, 1).unsqueeze(0)
     if (image.height, image.width) != (new_h, new_w):
-        pixels = torch.nn.functional.interpolate(pixels, size=(new_h, new_w), mode=TORCH_MODE[resample], antialias=resample != "nearest")
+        pixels = torch.nn.functional.interpolate(
+            pixels, size=(new_h, new_w), mode=TORCH_MODE[resample], antialias=resample != "nearest"
+        )
     canvas = torch.zeros((3, *target_hw), dtype=torch.uint8)
     top, left = (target_hw[0] - new_h) // 2, (target_hw[1] - new_w) // 2
     canvas[:, top : top + new_h, left : left + new_w] = pixels[0]
@@ -103,7 +107,11 @@ def tile_image(image: Any, settings: ImageTilingConfig, transform: Any) -> tuple
     width, height = image.info.get(ORIGINAL_SIZE_KEY, image.size)
     rows, cols = select_grid((height, width), settings, size)
     canvas = resize_and_pad(image, (rows * size, cols * size), getattr(transform, "resample", "bicubic"))
-    tiles = [canvas[:, r * size : (r + 1) * size, c * size : (c + 1) * size].contiguous() for r in range(rows) for c in range(cols)]
+    tiles = [
+        canvas[:, r * size : (r + 1) * size, c * size : (c + 1) * size].contiguous()
+        for r in range(rows)
+        for c in range(cols)
+    ]
     return [transform.to_uint8(image), *tiles], (rows, cols)
 
 
@@ -147,7 +155,9 @@ def expand_image_runs(ids: Sequence[int], grids: Sequence[Grid], tokens_per_imag
             continue
         run = ids[i : i + tokens_per_image]
         if len(run) != tokens_per_image or any(t != image_token_id for t in run):
-            raise ValueError(f"image placeholders at position {i} are not a run of {tokens_per_image} (num_image_tokens)")
+            raise ValueError(
+                f"image placeholders at position {i} are not a run of {tokens_per_image} (num_image_tokens)"
+            )
         if image >= len(grids):
             raise ValueError(f"more images in the ids than the {len(grids)} grid(s) given")
         out += image_layout(grids[image], tokens_per_image, image_token_id, separator_ids)

@@ -53,8 +53,12 @@ def heldout_retrieval(cfg: RunConfig, export_dir: Path, eval_samples: int) -> di
         metrics = evaluation.evaluate_retrieval(model, build_loader(eval_cfg, model.processors, "eval"))
     except ValueError as exc:
         raise DemoError(f"held-out retrieval: {exc}") from None
-    return {"heldout_retrieval_top1": metrics["i2t_r1"], "heldout_samples": metrics["samples"], "chance": metrics["i2t_chance_r1"],
-            "retrieval": {k: v for k, v in metrics.items() if k.startswith(("i2t_r", "t2i_r"))}}
+    return {
+        "heldout_retrieval_top1": metrics["i2t_r1"],
+        "heldout_samples": metrics["samples"],
+        "chance": metrics["i2t_chance_r1"],
+        "retrieval": {k: v for k, v in metrics.items() if k.startswith(("i2t_r", "t2i_r"))},
+    }
 
 
 def heldout_answers(model: Any, eval_samples: int) -> dict:
@@ -69,8 +73,13 @@ def heldout_answers(model: Any, eval_samples: int) -> dict:
     except ValueError as exc:
         raise DemoError(f"held-out answers: {exc}") from None
     examples = [{"answer": r["answer"], "truth": r["reference"]} for r in metrics["records"][:12]]
-    return {"heldout_answer_accuracy": metrics["exact"], "heldout_samples": metrics["samples"], "unparsed_answers": metrics["unparsed"],
-            "chance": 0.1, "examples": examples}
+    return {
+        "heldout_answer_accuracy": metrics["exact"],
+        "heldout_samples": metrics["samples"],
+        "unparsed_answers": metrics["unparsed"],
+        "chance": 0.1,
+        "examples": examples,
+    }
 
 
 def heldout_gallery(run_dir: Path, eval_pattern: str, model: Any, n: int = REPORT_IMAGES) -> list[dict]:

@@ -64,15 +64,22 @@ def write_report(run_dir: Path, metrics: dict, gallery: list[dict]) -> Path:
         "",
         "![stage 1 loss](loss_align.png) ![stage 2 loss](loss_fuse.png)",
         "",
-        f"## Held-out digits and the model's answers to \"{QUESTION}\"",
+        f'## Held-out digits and the model\'s answers to "{QUESTION}"',
         "",
         "| image | truth | answer | |",
         "|---|---|---|---|",
     ]
     for item in gallery:
-        lines.append(f"| ![{item['key']}](images/{item['image']}) | {item['truth']} | {item['answer']!r} | {'ok' if item['correct'] else 'wrong'} |")
-    lines += ["", "Ask about any image:", "",
-              f"    mmdist generate --run {run_dir} --image {run_dir}/images/{gallery[0]['image'] if gallery else 'digit.png'} --prompt \"{QUESTION}\"", ""]
+        lines.append(
+            f"| ![{item['key']}](images/{item['image']}) | {item['truth']} | {item['answer']!r} | {'ok' if item['correct'] else 'wrong'} |"
+        )
+    lines += [
+        "",
+        "Ask about any image:",
+        "",
+        f'    mmdist generate --run {run_dir} --image {run_dir}/images/{gallery[0]["image"] if gallery else "digit.png"} --prompt "{QUESTION}"',
+        "",
+    ]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

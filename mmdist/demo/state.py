@@ -33,7 +33,12 @@ def run_fingerprint(align_path: Path, fuse_path: Path, quick: bool) -> dict:
         return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
     # The recipes' content, not their paths: the same recipe from another checkout is the same run.
-    return {"demo_version": DEMO_VERSION, "quick": quick, "align_config": digest(align_path), "fuse_config": digest(fuse_path)}
+    return {
+        "demo_version": DEMO_VERSION,
+        "quick": quick,
+        "align_config": digest(align_path),
+        "fuse_config": digest(fuse_path),
+    }
 
 
 class DemoState:

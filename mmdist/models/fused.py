@@ -104,8 +104,16 @@ def fused_flop_count(llm: nn.Module, projector: nn.Module, *, vision: FlopCount 
 class FusedVLM(FrozenAwareModule):
     """Stage-2 model. ``forward(batch) -> {loss, metrics, num_tokens}``; ``generate(...)`` for inference."""
 
-    def __init__(self, settings: ModelConfig, processors: Any, vision: nn.Module, llm: nn.Module, stage1: Optional[nn.Module] = None,
-                 *, uses_feature_cache: bool = False):
+    def __init__(
+        self,
+        settings: ModelConfig,
+        processors: Any,
+        vision: nn.Module,
+        llm: nn.Module,
+        stage1: Optional[nn.Module] = None,
+        *,
+        uses_feature_cache: bool = False,
+    ):
         """``uses_feature_cache``: batches carry cached vision features instead of pixels (the run reads a feature cache)."""
         super().__init__()
         self.uses_feature_cache = uses_feature_cache
@@ -163,7 +171,9 @@ class FusedVLM(FrozenAwareModule):
         return self
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
-        groups: dict[str, list[nn.Parameter]] = {"projector": [p for p in self.projector.parameters() if p.requires_grad]}
+        groups: dict[str, list[nn.Parameter]] = {
+            "projector": [p for p in self.projector.parameters() if p.requires_grad]
+        }
         if self.stage1 is not None:
             groups["stage1"] = [p for p in self.stage1.parameters() if p.requires_grad]
         lora = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" in n]
@@ -217,7 +227,9 @@ class FusedVLM(FrozenAwareModule):
             )
         if images:
             if image_embeds.shape[1] != self.num_image_tokens:
-                raise ValueError(f"image embeddings have {image_embeds.shape[1]} tokens, expected {self.num_image_tokens}")
+                raise ValueError(
+                    f"image embeddings have {image_embeds.shape[1]} tokens, expected {self.num_image_tokens}"
+                )
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
         return embeds
 
@@ -284,8 +296,9 @@ class FusedVLM(FrozenAwareModule):
         supervised = supervised_mask(batch)
         if not head_at_supervised_only(self.llm):
             logits = self.llm(**self._llm_inputs(batch)).logits[:, :-1].float()
-            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.masked_fill(~supervised, 0).reshape(-1),
-                                     reduction="none").view_as(labels)
+            losses = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.masked_fill(~supervised, 0).reshape(-1), reduction="none"
+            ).view_as(labels)
             return losses * supervised, supervised
         hidden = self.llm.get_decoder()(**self._llm_inputs(batch)).last_hidden_state
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][supervised]).float()
@@ -325,7 +338,11 @@ class FusedVLM(FrozenAwareModule):
         losses, supervised = self.token_losses(batch)
         num_tokens = supervised.sum()
         loss = losses.sum() / num_tokens.clamp(min=1)
-        return {"loss": loss, "num_tokens": num_tokens, "metrics": {"lm": loss.detach(), "tokens": num_tokens.detach().float()}}
+        return {
+            "loss": loss,
+            "num_tokens": num_tokens,
+            "metrics": {"lm": loss.detach(), "tokens": num_tokens.detach().float()},
+        }
 
     @torch.no_grad()
     def sample_losses(self, batch: dict) -> list[float]:
@@ -367,7 +384,9 @@ class FusedVLM(FrozenAwareModule):
             kwargs.setdefault("temperature", None)
             kwargs.setdefault("top_p", None)
             kwargs.setdefault("top_k", None)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+        return self.llm.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs
+        )
 
     # -- export -----------------------------------------------------------
 

@@ -31,7 +31,9 @@ def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, 0)
 
 
-def itc_targets(batch_size: int, caption_group: Optional[torch.Tensor], world: int, rank_ids: torch.Tensor) -> torch.Tensor:
+def itc_targets(
+    batch_size: int, caption_group: Optional[torch.Tensor], world: int, rank_ids: torch.Tensor
+) -> torch.Tensor:
     """Soft targets [B*world, B*world]: 1 for the pair itself and for equal caption groups on the same rank, row-normalised."""
     n = batch_size * world
     if caption_group is None:

@@ -68,7 +68,9 @@ def separator_tokens(cfg: RunConfig) -> tuple[int, str]:
             try:
                 from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=llm.trust_remote_code)
+                tokenizer = AutoTokenizer.from_pretrained(
+                    source, local_files_only=True, trust_remote_code=llm.trust_remote_code
+                )
             except Exception:  # not on this machine, or remote code refused: bound it instead
                 tokenizer = None
     if tokenizer is not None:

@@ -90,8 +90,10 @@ def vision_shape(cfg: RunConfig) -> tuple[ModuleShape, Optional[Any]]:
         kind, has_cls = hf_tower_kind(vconf.model_type)
         size = _hf_input_size(vis, vconf, kind)
     if vis.select_tokens == "cls" and not has_cls:
-        raise ValueError(f"model.vision.select_tokens=cls: this {vis.source} tower ({vis.name_or_path or 'init_config'}) "
-                         "has no class token; use 'patch'")
+        raise ValueError(
+            f"model.vision.select_tokens=cls: this {vis.source} tower ({vis.name_or_path or 'init_config'}) "
+            "has no class token; use 'patch'"
+        )
     params, largest = count_parameters(model)
     if kind == "tokens":
         dims = _vit_dims(model, vis, size, has_cls, params)
@@ -143,9 +145,11 @@ def _timm_on_meta(vis: VisionConfig) -> Any:
     try:
         timm = import_timm()
     except ImportError as exc:
-        raise ValueError(f"{exc}. The planner counts a timm tower's parameters and tokens by building the architecture "
-                         "on the meta device: run `mmdist plan` where timm imports (pip install 'mmdist[vision]' with a "
-                         "torchvision built for this torch)") from None
+        raise ValueError(
+            f"{exc}. The planner counts a timm tower's parameters and tokens by building the architecture "
+            "on the meta device: run `mmdist plan` where timm imports (pip install 'mmdist[vision]' with a "
+            "torchvision built for this torch)"
+        ) from None
     try:
         with torch.device("meta"):
             return timm.create_model(vis.name_or_path, pretrained=False, **{"num_classes": 0, **vis.timm_kwargs})

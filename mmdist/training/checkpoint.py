@@ -395,8 +395,12 @@ class CheckpointManager:
                 f"{saved_world} rank(s) once (its next checkpoint can move), or set checkpoint.resume=never"
             )
         if len(present) != saved_world:
-            raise CheckpointError(f"{path}: {len(present)} client_state_rank*.pt for {saved_world} saved ranks; the checkpoint is incomplete")
-        load_trainable_state(engine, torch.load(consolidated, map_location="cpu", weights_only=False), source=consolidated)
+            raise CheckpointError(
+                f"{path}: {len(present)} client_state_rank*.pt for {saved_world} saved ranks; the checkpoint is incomplete"
+            )
+        load_trainable_state(
+            engine, torch.load(consolidated, map_location="cpu", weights_only=False), source=consolidated
+        )
         states = [torch.load(p, map_location="cpu", weights_only=False) for p in present]
         client = dict(states[min(dist.rank(), saved_world - 1)])
         client.update(saved_world_size=saved_world, client_states=states)

@@ -155,7 +155,17 @@ def drop_records_after(path: Path, step: int) -> int:
 class MetricsLogger:
     """metrics.jsonl (+ TensorBoard, + W&B) and the tqdm bar, on rank 0 only."""
 
-    def __init__(self, run_dir: str | os.PathLike, log_cfg: LogConfig, *, enabled: bool, total_steps: int, initial_step: int = 0, run_name: str = "run", config: Optional[dict] = None):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        log_cfg: LogConfig,
+        *,
+        enabled: bool,
+        total_steps: int,
+        initial_step: int = 0,
+        run_name: str = "run",
+        config: Optional[dict] = None,
+    ):
         self.enabled = enabled
         self.bar = None
         self.tb = None
@@ -178,7 +188,9 @@ class MetricsLogger:
             try:
                 import wandb
 
-                self.wandb = wandb.init(project="mmdist", name=run_name, dir=str(run_dir), config=config or {}, resume="allow")
+                self.wandb = wandb.init(
+                    project="mmdist", name=run_name, dir=str(run_dir), config=config or {}, resume="allow"
+                )
             except Exception as exc:  # not installed, not logged in, offline
                 print(f"[mmdist] W&B logging off: {exc}")
         if log_cfg.progress_bar:
@@ -193,7 +205,11 @@ class MetricsLogger:
         record.update({k: _plain(v) for k, v in values.items()})
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        numeric = {f"{prefix}/{k}": v for k, v in record.items() if k not in ("step", "split", "time") and isinstance(v, (int, float)) and math.isfinite(v)}
+        numeric = {
+            f"{prefix}/{k}": v
+            for k, v in record.items()
+            if k not in ("step", "split", "time") and isinstance(v, (int, float)) and math.isfinite(v)
+        }
         if self.tb is not None:
             for key, value in numeric.items():
                 self.tb.add_scalar(key, value, step)
@@ -205,7 +221,13 @@ class MetricsLogger:
             return
         self.bar.n = step
         shown = {}
-        for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("samples_per_s", "{:.1f}"), ("tokens_per_s", "{:.0f}"), ("mfu", "{:.1%}")):
+        for key, fmt in (
+            ("loss", "{:.4f}"),
+            ("lr", "{:.2e}"),
+            ("samples_per_s", "{:.1f}"),
+            ("tokens_per_s", "{:.0f}"),
+            ("mfu", "{:.1%}"),
+        ):
             if key in values and isinstance(values[key], (int, float)) and math.isfinite(values[key]):
                 shown[key.replace("_per_s", "/s")] = fmt.format(values[key])
         if "eta_s" in values and math.isfinite(values["eta_s"]):

@@ -43,8 +43,16 @@ class StepOutOfMemoryError(RuntimeError):
     """The device ran out of memory during a step: which step and micro-batch, and the device's memory then."""
 
     def __init__(self, step: int, micro_batch: int, accumulation: int, phase: str, memory: str):
-        self.step, self.micro_batch, self.accumulation, self.phase, self.memory = step, micro_batch, accumulation, phase, memory
-        super().__init__(f"out of memory at step {step}, micro-batch {micro_batch} of {accumulation}, in the {phase}: {memory}")
+        self.step, self.micro_batch, self.accumulation, self.phase, self.memory = (
+            step,
+            micro_batch,
+            accumulation,
+            phase,
+            memory,
+        )
+        super().__init__(
+            f"out of memory at step {step}, micro-batch {micro_batch} of {accumulation}, in the {phase}: {memory}"
+        )
 
 
 @dataclass
@@ -97,7 +105,12 @@ class TrainState:
 
     def state_dict(self) -> dict:
         """The checkpoint's client-state keys (``step`` is written by CheckpointManager.save as well)."""
-        return {"step": self.step, "samples": self.samples, "tokens": self.tokens, "nonfinite_total": self.nonfinite_total}
+        return {
+            "step": self.step,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "nonfinite_total": self.nonfinite_total,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Older checkpoints lack ``tokens`` (and the oldest ``samples``/``nonfinite_total``): those restart at 0."""
@@ -189,7 +202,9 @@ def train_step(
                 with phases.phase("optimizer"):
                     engine.step()
         except torch.OutOfMemoryError as exc:  # the memory figures are those at the failure
-            raise StepOutOfMemoryError(state.step + 1, stats.micro + 1, accumulation, where, memory_summary(engine.device)) from exc
+            raise StepOutOfMemoryError(
+                state.step + 1, stats.micro + 1, accumulation, where, memory_summary(engine.device)
+            ) from exc
         if not finite:
             # dropped before backward on every rank: no gradient, no optimizer update
             state.nonfinite_in_row += 1
@@ -254,8 +269,14 @@ class _StepStats:
                                  self.term_loss, self.terms, self.images] + [self.metrics[k] for k in keys], device)
         count = max(total[1], 1)
         loss = total[6] / total[7] if total[7] > 0 else total[0] / count
-        out = {"loss": loss, "step_samples": int(total[2]), "step_tokens": int(total[3]),
-               "step_supervised_tokens": int(total[4]), "step_image_tokens": int(total[5]), "step_images": int(total[8])}
+        out = {
+            "loss": loss,
+            "step_samples": int(total[2]),
+            "step_tokens": int(total[3]),
+            "step_supervised_tokens": int(total[4]),
+            "step_image_tokens": int(total[5]),
+            "step_images": int(total[8]),
+        }
         out.update({k: v / count for k, v in zip(keys, total[9:])})
         return out
 
@@ -309,4 +330,6 @@ class Batches:
                 return next(self.iterator)
             except StopIteration:
                 self.iterator = None
-        raise RuntimeError("the training loader yields no batches: check data.train (every shard empty or filtered out?)")
+        raise RuntimeError(
+            "the training loader yields no batches: check data.train (every shard empty or filtered out?)"
+        )

@@ -16,8 +16,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-PRINTED = ["device", "steady_steps", "real_tokens", "images", "samples", "tokens_per_s", "ratio", "mfu", "hfu", "trainer_reported",
-           "peak_memory_gib", "step_s"]
+PRINTED = [
+    "device",
+    "steady_steps",
+    "real_tokens",
+    "images",
+    "samples",
+    "tokens_per_s",
+    "ratio",
+    "mfu",
+    "hfu",
+    "trainer_reported",
+    "peak_memory_gib",
+    "step_s",
+]
 PHASES = ["data_wait", "to_device", "vision", "llm_forward", "backward", "optimizer", "host_sync", "logging", "other"]
 
 
@@ -26,9 +38,23 @@ def tiny_result(tmp_path_factory):
     pytest.importorskip("sklearn")  # the demo digits
     folder = tmp_path_factory.mktemp("gpu_system")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_system.py"), "--tiny", "--steps", "3", "--zero-stage", "3", "--workdir", str(folder),
-         "--json", str(folder / "result.json")],
-        capture_output=True, text=True, timeout=900, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_system.py"),
+            "--tiny",
+            "--steps",
+            "3",
+            "--zero-stage",
+            "3",
+            "--workdir",
+            str(folder),
+            "--json",
+            str(folder / "result.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads((folder / "result.json").read_text()), folder
@@ -70,8 +96,11 @@ def test_ratio_and_rates_add_up(tiny_result):
     assert t["reported_mfu"] == pytest.approx(t["mfu"], rel=0.02)
     assert t["reported_mfu_steady_from_step"] == 2
     # ZeRO-3's fetch/release hooks run inside the trainer's forward and backward only
-    assert 0 < t["breakdown_s"]["zero3_fetch_release"] < t["breakdown_s"]["llm_forward"] + t["breakdown_s"]["backward"] + \
-        t["breakdown_s"]["vision"]
+    assert (
+        0
+        < t["breakdown_s"]["zero3_fetch_release"]
+        < t["breakdown_s"]["llm_forward"] + t["breakdown_s"]["backward"] + t["breakdown_s"]["vision"]
+    )
     assert b["breakdown_s"]["zero3_fetch_release"] == 0
 
 
@@ -80,9 +109,21 @@ def test_zero_stage_auto_records_what_the_trainer_resolved(tiny_result, tmp_path
     _, explicit, _ = tiny_result
     assert (explicit["zero_stage"], explicit["zero_stage_setting"]) == (3, 3)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_system.py"), "--tiny", "--steps", "2", "--workdir", str(tmp_path),
-         "--json", str(tmp_path / "result.json")],
-        capture_output=True, text=True, timeout=900, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_system.py"),
+            "--tiny",
+            "--steps",
+            "2",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "result.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "result.json").read_text())
@@ -115,7 +156,9 @@ def test_bare_rows_pack_the_trainers_samples(monkeypatch):
     assert int(supervised_mask(batch).sum()) == 7  # no cut falls inside the answers
     real = batch["sequence_ids"] >= 0
     assert torch.equal(real, batch["attention_mask"].bool())
-    starts = real & torch.nn.functional.pad(batch["sequence_ids"][:, 1:] != batch["sequence_ids"][:, :-1], (1, 0), value=True)
+    starts = real & torch.nn.functional.pad(
+        batch["sequence_ids"][:, 1:] != batch["sequence_ids"][:, :-1], (1, 0), value=True
+    )
     # restart per sample
     assert torch.equal(batch["position_ids"][starts], torch.zeros(int(starts.sum()), dtype=torch.long))
     unpacked = gpu_system.bare_batch(model, 2, 60, 3, 7, torch.device("cpu"), torch.Generator().manual_seed(0))
@@ -132,7 +175,11 @@ def test_packed_attention_runs_on_both_sides_and_is_recorded(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "result.json").read_text())
-    assert (res["packed_attention"], res["attn_implementation"], res["bare_rows_packed"]) == ("sdpa_per_sample", "sdpa", True)
+    assert (res["packed_attention"], res["attn_implementation"], res["bare_rows_packed"]) == (
+        "sdpa_per_sample",
+        "sdpa",
+        True,
+    )
     assert "packed_attention: sdpa_per_sample" in (tmp_path / "run" / "config.yaml").read_text()
     header = next(line for line in proc.stdout.splitlines() if line.startswith("device "))
     assert "attention sdpa, packed attention sdpa_per_sample (both sides, bare rows packed)" in header

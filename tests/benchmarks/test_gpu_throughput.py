@@ -12,7 +12,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
-FIELDS = ["device", "tokens_per_s", "mfu_4n", "hfu", "peak_memory_gib", "step_s", "llm_params", "frozen_params_with_grad"]
+FIELDS = [
+    "device",
+    "tokens_per_s",
+    "mfu_4n",
+    "hfu",
+    "peak_memory_gib",
+    "step_s",
+    "llm_params",
+    "frozen_params_with_grad",
+]
 
 
 def test_tiny_cpu_mode_runs_and_prints_its_fields(tmp_path):

@@ -138,7 +138,9 @@ def start_cluster(home: Path | None = None, install_timeout: float = 900, start_
     if nodes == 1:
         cluster = SlurmCluster(home=home or DEFAULT_HOME, node=host)
     else:
-        cluster = SlurmCluster(home=home or TWO_NODE_HOME, node=TWO_NODE_NAMES[0], nodes=list(TWO_NODE_NAMES), host=host)
+        cluster = SlurmCluster(
+            home=home or TWO_NODE_HOME, node=TWO_NODE_NAMES[0], nodes=list(TWO_NODE_NAMES), host=host
+        )
     home = cluster.home
     home.mkdir(parents=True, exist_ok=True)
     for sub in ("state", "spool", "log", *(f"spool/{n}" for n in cluster.nodes if len(cluster.nodes) > 1)):
@@ -163,8 +165,10 @@ def start_cluster(home: Path | None = None, install_timeout: float = 900, start_
         time.sleep(1)
     state = cluster.run("sinfo", "-h", "-N", "-o", "%T %E").stdout.strip()
     cluster.stop()
-    raise SlurmUnavailable(f"node(s) {', '.join(cluster.nodes)} not idle after {start_timeout:.0f} s (sinfo: {state!r}); "
-                           f"logs in {home / 'log'}: {_tail(home / 'log' / (cluster.daemons[-1] + '.log'))}")
+    raise SlurmUnavailable(
+        f"node(s) {', '.join(cluster.nodes)} not idle after {start_timeout:.0f} s (sinfo: {state!r}); "
+        f"logs in {home / 'log'}: {_tail(home / 'log' / (cluster.daemons[-1] + '.log'))}"
+    )
 
 
 def _install_if_missing(timeout: float) -> None:

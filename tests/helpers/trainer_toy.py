@@ -91,7 +91,11 @@ class ToyModel(nn.Module):
         return part_flops(self.backbone, "per_token", 1) + part_flops(self.projector, "per_token", 1, input_grad=True)
 
     def trainable_groups(self) -> dict:
-        return {"projector": list(self.projector.parameters()), "stage1": list(self.norm.parameters()), "temperature": [self.log_scale]}
+        return {
+            "projector": list(self.projector.parameters()),
+            "stage1": list(self.norm.parameters()),
+            "temperature": [self.log_scale],
+        }
 
     def export_state_dict(self) -> dict:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
@@ -180,14 +184,29 @@ def toy_config(run_dir: str, **train_overrides: Any) -> dict:
         "stage": "align",
         "name": "toy",
         "run_dir": run_dir,
-        "model": {"text": {"init_config": {"model_type": "bert"}, "tokenizer": "mmdist:tiny-wordpiece"}, "vision": {"init_config": {"model_type": "vit"}}},
+        "model": {
+            "text": {"init_config": {"model_type": "bert"}, "tokenizer": "mmdist:tiny-wordpiece"},
+            "vision": {"init_config": {"model_type": "vit"}},
+        },
         "data": {"train": [{"shards": ["unused.tar"]}], "num_workers": 0},
         "train": train,
         # Persistence threshold 0: even these tiny parameters stay partitioned under ZeRO-3, as a 14B model's would.
-        "engine": {"zero_stage": 3, "precision": "fp32", "torch_adam": True, "backend": "gloo",
-                   "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
+        "engine": {
+            "zero_stage": 3,
+            "precision": "fp32",
+            "torch_adam": True,
+            "backend": "gloo",
+            "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+        },
         "checkpoint": {"save_every": 0, "keep_last": 2, "resume": "auto", "export": True},
-        "log": {"log_every": 1, "progress_bar": False, "tensorboard": False, "param_table": False, "peak_flops": 1e9, "data_fingerprint": True},
+        "log": {
+            "log_every": 1,
+            "progress_bar": False,
+            "tensorboard": False,
+            "param_table": False,
+            "peak_flops": 1e9,
+            "data_fingerprint": True,
+        },
     }
     for key, value in train_overrides.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
@@ -262,7 +281,9 @@ def probe(cfg: Any, pretrained_dir: str | None = None) -> dict:
             got = [p.detach().clone() for p in model.backbone.parameters()]
         ref = frozen_reference()
         report["gathered_shapes_ok"] = all(g.shape == r.shape for g, r in zip(got, ref))
-        report["gathered_max_err"] = max(float((g - r).abs().max()) for g, r in zip(got, ref)) if report["gathered_shapes_ok"] else None
+        report["gathered_max_err"] = (
+            max(float((g - r).abs().max()) for g, r in zip(got, ref)) if report["gathered_shapes_ok"] else None
+        )
         report["hf_saw_zero3"] = bool(model.hf_saw_zero3)
         if pretrained_dir:
             from safetensors.torch import load_file
@@ -270,7 +291,11 @@ def probe(cfg: Any, pretrained_dir: str | None = None) -> dict:
             saved = load_file(str(Path(pretrained_dir) / "model.safetensors"))
             named = dict(model.llm.named_parameters())
             with bundle.read_gather(list(named.values())):
-                diffs = {k: float((named[k].detach().float() - v.float()).abs().max()) for k, v in saved.items() if k in named}
+                diffs = {
+                    k: float((named[k].detach().float() - v.float()).abs().max())
+                    for k, v in saved.items()
+                    if k in named
+                }
             report["pretrained_compared"] = len(diffs)
             report["pretrained_max_err"] = max(diffs.values()) if diffs else None
         reports: list = [None] * env.world_size
@@ -301,8 +326,12 @@ def stage1_probe(cfg: Any) -> dict:
         with bundle.read_gather(list(stage1.parameters())):
             own = {k: v.detach().clone() for k, v in stage1.state_dict().items()}
         diffs = [float((own[k].float() - saved["stage1." + k].float()).abs().max()) for k in own if own[k].numel()]
-        report = {"rank": env.rank, "stage1_names": sorted(own), "empty": sorted(k for k, v in own.items() if v.numel() == 0),
-                  "max_abs_diff": max(diffs) if diffs else None}
+        report = {
+            "rank": env.rank,
+            "stage1_names": sorted(own),
+            "empty": sorted(k for k, v in own.items() if v.numel() == 0),
+            "max_abs_diff": max(diffs) if diffs else None,
+        }
         reports: list = [None] * env.world_size
         tdist.all_gather_object(reports, report)
         return {"ranks": reports}
@@ -320,7 +349,12 @@ def recording_loader_builder(folder: str) -> Callable:
     class Recording(StreamingLoader):
         def __iter__(self):
             for batch in super().__iter__():
-                line = {"world": self.dataset.world_size, "rank": self.dataset.rank, "epoch": self.epoch, "keys": list(self.last_keys)}
+                line = {
+                    "world": self.dataset.world_size,
+                    "rank": self.dataset.rank,
+                    "epoch": self.epoch,
+                    "keys": list(self.last_keys),
+                }
                 with open(Path(folder) / "keys.jsonl", "a") as fh:
                     fh.write(json.dumps(line) + "\n")
                 yield batch
@@ -354,7 +388,9 @@ def recorded_steps(folder: str, legs: Sequence[int]) -> list[list[str]]:
             per_rank.setdefault(line["rank"], []).append(line["keys"])
         for rank_lines in per_rank.values():
             if len(rank_lines) % n_steps:
-                raise AssertionError(f"{len(rank_lines)} micro-batches on a rank is not a whole number of {n_steps} steps")
+                raise AssertionError(
+                    f"{len(rank_lines)} micro-batches on a rank is not a whole number of {n_steps} steps"
+                )
         accumulation = len(next(iter(per_rank.values()))) // n_steps
         for step in range(n_steps):
             steps.append(sorted(k for rank_lines in per_rank.values()
@@ -421,7 +457,14 @@ if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
 
-def launch(workdir: Any, spec: dict, nproc: int = 2, timeout: float = 240, expect_rc: Optional[int] = 0, output: list | None = None) -> dict:
+def launch(
+    workdir: Any,
+    spec: dict,
+    nproc: int = 2,
+    timeout: float = 240,
+    expect_rc: Optional[int] = 0,
+    output: list | None = None,
+) -> dict:
     """Run this file's ``main`` under ``torchrun --nproc_per_node nproc``; returns rank 0's summary.
 
     ``expect_rc``: torchrun's exit code that counts as success (75 for a run stopped on a signal; None: any).
@@ -444,13 +487,25 @@ def launch(workdir: Any, spec: dict, nproc: int = 2, timeout: float = 240, expec
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           str(Path(__file__).resolve()), str(spec_file), str(out_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(Path(__file__).resolve()),
+        str(spec_file),
+        str(out_file),
+    ]
     proc = subprocess.run(cmd, env=env, cwd=str(repo), capture_output=True, text=True, timeout=timeout)
     if output is not None:
         output.append((proc.stdout, proc.stderr))
     if expect_rc is not None and proc.returncode != expect_rc:
-        raise AssertionError(f"torchrun exited {proc.returncode} (expected {expect_rc}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"torchrun exited {proc.returncode} (expected {expect_rc}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     if not out_file.exists():
         return {"returncode": proc.returncode}
     summary = json.loads(out_file.read_text())
@@ -506,8 +561,21 @@ def launch_nodes(workdir: Any, spec: dict, nnodes: int = 2, nproc_per_node: int 
             rdzv = ["--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]
         else:
             raise ValueError(f"rendezvous {rendezvous!r}: use c10d or static")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node",
-               str(nproc_per_node), "--max-restarts", "0", *rdzv, str(Path(__file__).resolve()), str(spec_file), str(out_file)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            str(nnodes),
+            "--nproc_per_node",
+            str(nproc_per_node),
+            "--max-restarts",
+            "0",
+            *rdzv,
+            str(Path(__file__).resolve()),
+            str(spec_file),
+            str(out_file),
+        ]
         if node_local:
             mounts = []
             for j, target in enumerate(node_local):
@@ -515,8 +583,22 @@ def launch_nodes(workdir: Any, spec: dict, nnodes: int = 2, nproc_per_node: int 
                 source.mkdir(parents=True, exist_ok=True)
                 Path(target).mkdir(parents=True, exist_ok=True)
                 mounts.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(str(target))} || exit 97")
-            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", "; ".join(mounts) + '; exec "$@"', "sh", *cmd]
-        procs.append(subprocess.Popen(cmd, env=agent_env, cwd=str(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            cmd = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "; ".join(mounts) + '; exec "$@"',
+                "sh",
+                *cmd,
+            ]
+        procs.append(
+            subprocess.Popen(
+                cmd, env=agent_env, cwd=str(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     outputs, codes = [], []
     try:
         for proc in procs:
@@ -531,7 +613,9 @@ def launch_nodes(workdir: Any, spec: dict, nnodes: int = 2, nproc_per_node: int 
     if not expect_ok:
         return {"returncodes": codes, "outputs": outputs}
     if any(codes):
-        detail = "\n".join(f"--- agent {i} (exit {c}):\n{o[-2000:]}\n{e[-4000:]}" for i, (c, (o, e)) in enumerate(zip(codes, outputs)))
+        detail = "\n".join(
+            f"--- agent {i} (exit {c}):\n{o[-2000:]}\n{e[-4000:]}" for i, (c, (o, e)) in enumerate(zip(codes, outputs))
+        )
         raise AssertionError(f"torchrun agents exited {codes}:\n{detail}")
     summary = json.loads(out_file.read_text())
     world = nnodes * nproc_per_node

@@ -56,10 +56,15 @@ def test_real_loader_moves_between_world_sizes_reading_every_sample_once(tmp_pat
     history = []
     for i, (world, stop) in enumerate(zip(worlds, (2, 4, None))):
         if world == 1:
-            part = train(load_config(base=recipe), loader_builder=recording_loader_builder(str(record)), stop_after=stop)
+            part = train(
+                load_config(base=recipe), loader_builder=recording_loader_builder(str(record)), stop_after=stop
+            )
         else:
-            part = launch(tmp_path / f"part{i}", {"mode": "real", "config": recipe, "stop_after": stop, "record_keys": str(record)},
-                          nproc=world)
+            part = launch(
+                tmp_path / f"part{i}",
+                {"mode": "real", "config": recipe, "stop_after": stop, "record_keys": str(record)},
+                nproc=world,
+            )
         if i:
             assert part["resumed_from"].endswith(f"step_{2 * i:06d}")
         history += part["history"]

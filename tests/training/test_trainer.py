@@ -56,7 +56,11 @@ def test_zero3_single_process_trains_and_writes_run_dir(tmp_path):
 
 
 def test_lr_schedule_warms_up_and_decays(tmp_path):
-    summary = _train(toy_config(str(tmp_path / "run"), train={"max_steps": 8, "lr": 0.1, "lr_scheduler": "cosine", "warmup_ratio": 0.25}))
+    summary = _train(
+        toy_config(
+            str(tmp_path / "run"), train={"max_steps": 8, "lr": 0.1, "lr_scheduler": "cosine", "warmup_ratio": 0.25}
+        )
+    )
     lrs = [h["lr"] for h in summary["history"]]
     # transformers' cosine schedule: 2 warmup steps (0.05, 0.1), then down towards 0
     assert lrs[0] == pytest.approx(0.05) and lrs[1] == pytest.approx(0.1)
@@ -65,7 +69,9 @@ def test_lr_schedule_warms_up_and_decays(tmp_path):
 
 def test_nonfinite_batches_are_skipped_without_update(tmp_path):
     """Two NaN micro-batches are dropped: the result equals a clean run that starts after them."""
-    poisoned = _train(toy_config(str(tmp_path / "nan"), train={"max_steps": 3}), loader=toy_loader_builder(poison_batches=(0, 1)))
+    poisoned = _train(
+        toy_config(str(tmp_path / "nan"), train={"max_steps": 3}), loader=toy_loader_builder(poison_batches=(0, 1))
+    )
     clean = _train(toy_config(str(tmp_path / "clean"), train={"max_steps": 3}), loader=toy_loader_builder(start=2))
     assert poisoned["nonfinite_total"] == 2 and clean["nonfinite_total"] == 0
     assert [h["loss"] for h in poisoned["history"]] == pytest.approx([h["loss"] for h in clean["history"]], abs=1e-6)
@@ -118,7 +124,9 @@ def test_train_step_updates_weights_and_refills_a_skipped_micro_batch(toy_engine
                         on_skip=lambda st, loss: skips.append((st.step, st.nonfinite_in_row, loss)))
     assert len(skips) == 1 and skips[0][:2] == (0, 1) and math.isnan(skips[0][2])
     assert (state.step, state.samples, state.tokens, state.nonfinite_total, state.nonfinite_in_row) == (1, 4, 4, 1, 0)
-    assert record["step_samples"] == 4 and math.isfinite(record["loss"]) and "mse" in record and len(record["data"]) == 16
+    assert (
+        record["step_samples"] == 4 and math.isfinite(record["loss"]) and "mse" in record and len(record["data"]) == 16
+    )
     assert int(next(loader)["index"][0]) == 6  # batches 0 and 2 trained (samples 0-1, 4-5), 1 was skipped: 3 consumed
     params = dict(model.named_parameters())
     assert all(not torch.equal(params[n], v) for n, v in trainable.items())
@@ -149,7 +157,10 @@ def test_cli_tolerates_local_rank_and_applies_overrides(tmp_path, monkeypatch):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(toy_config(str(tmp_path / "run"))))
     seen = {}
-    monkeypatch.setattr("mmdist.training.loop.train", lambda cfg: seen.setdefault("cfg", cfg) and {"history": [], "step": 0, "run_dir": cfg.run_dir})
+    monkeypatch.setattr(
+        "mmdist.training.loop.train",
+        lambda cfg: seen.setdefault("cfg", cfg) and {"history": [], "step": 0, "run_dir": cfg.run_dir},
+    )
     assert cli_main(["--config", str(path), "train.max_steps=3", "--local_rank=0"]) == 0
     assert seen["cfg"].train.max_steps == 3
     assert cli_main(["--config", str(path), "train.max_stepz=3"]) == 2
@@ -189,7 +200,11 @@ def test_resume_at_step_6_equals_uninterrupted_run(two_rank_run, tmp_path):
     full_dir, full = two_rank_run
     run = tmp_path / "run"
     first = launch(tmp_path, {"config": _long_config(run), "stop_after": 6}, nproc=2)
-    assert first["step"] == 6 and not first["finished"] and (run / "checkpoints" / "latest").read_text().strip() == "step_000006"
+    assert (
+        first["step"] == 6
+        and not first["finished"]
+        and (run / "checkpoints" / "latest").read_text().strip() == "step_000006"
+    )
     second = launch(tmp_path, {"config": _long_config(run)}, nproc=2)
     assert second["resumed_from"].endswith("step_000006") and second["step"] == 12
     history = first["history"] + second["history"]
@@ -208,7 +223,11 @@ def test_resume_at_step_6_equals_uninterrupted_run(two_rank_run, tmp_path):
 def test_bf16_training_exports_fp32_master_weights(tmp_path, zero_stage):
     """bf16 compute (DeepSpeed's CPU accelerator supports it) follows the fp32 run; the export holds fp32 masters."""
     fp32 = _train(toy_config(str(tmp_path / "fp32"), train={"max_steps": 4}, engine={"zero_stage": zero_stage}))
-    bf16 = _train(toy_config(str(tmp_path / "bf16"), train={"max_steps": 4}, engine={"zero_stage": zero_stage, "precision": "bf16"}))
+    bf16 = _train(
+        toy_config(
+            str(tmp_path / "bf16"), train={"max_steps": 4}, engine={"zero_stage": zero_stage, "precision": "bf16"}
+        )
+    )
     assert [h["loss"] for h in bf16["history"]] == pytest.approx([h["loss"] for h in fp32["history"]], abs=0.05)
     w16, w32 = _export(tmp_path / "bf16"), _export(tmp_path / "fp32")
     for name in w32:
@@ -221,18 +240,29 @@ def test_bf16_training_exports_fp32_master_weights(tmp_path, zero_stage):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16)"
+)
 def test_fp16_with_loss_scaling_on_gpu(tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cuda")
-    summary = _train(toy_config(str(tmp_path / "run"), train={"max_steps": 6}, engine={"zero_stage": 2, "precision": "fp16", "backend": "nccl"}))
+    summary = _train(
+        toy_config(
+            str(tmp_path / "run"),
+            train={"max_steps": 6},
+            engine={"zero_stage": 2, "precision": "fp16", "backend": "nccl"},
+        )
+    )
     losses = [h["loss"] for h in summary["history"]]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
 
 
 def test_periodic_evaluation_on_held_out_data(tmp_path):
     run = tmp_path / "run"
-    cfg = toy_config(str(run), train={"max_steps": 4, "eval_every": 2, "eval_batches": 3},
-                     data={"train": [{"shards": ["unused.tar"]}], "eval": [{"shards": ["held_out.tar"]}], "num_workers": 0})
+    cfg = toy_config(
+        str(run),
+        train={"max_steps": 4, "eval_every": 2, "eval_batches": 3},
+        data={"train": [{"shards": ["unused.tar"]}], "eval": [{"shards": ["held_out.tar"]}], "num_workers": 0},
+    )
     summary = _train(cfg)
     evals = [r for r in _metrics(run) if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [2, 4]  # every 2 steps, the last one at the end
@@ -283,12 +313,16 @@ def test_real_tiny_fuse_zero3_resume_equals_uninterrupted(tmp_path):
     from mmdist.data.shards import shard_pattern, write_demo_shards
 
     shards = write_demo_shards(tmp_path / "demo", image_size=16, samples_per_shard=50, limit=200)
-    recipe = yaml.safe_load(open(__import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "tiny_fuse.yaml"))
+    recipe = yaml.safe_load(
+        open(__import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "tiny_fuse.yaml")
+    )
     recipe["data"].update({"train": [{"shards": [shard_pattern(shards["train"])]}], "eval": [], "num_workers": 2})
     recipe["train"].update({"max_steps": 4, "eval_every": 0})
     recipe["engine"]["zero_stage"] = 3
     recipe["checkpoint"]["save_every"] = 2
-    recipe["log"].update({"progress_bar": False, "tensorboard": False, "param_table": False, "peak_flops": 1e9, "data_fingerprint": True})
+    recipe["log"].update(
+        {"progress_bar": False, "tensorboard": False, "param_table": False, "peak_flops": 1e9, "data_fingerprint": True}
+    )
 
     def run(name, stop_after=None):
         recipe["run_dir"] = str(tmp_path / name)
@@ -316,7 +350,9 @@ def test_step_gradient_is_the_mean_over_every_answer_token_however_the_batch_is_
     from mmdist.data.shards import shard_pattern, write_demo_shards
 
     shards = write_demo_shards(tmp_path / "demo", image_size=16, samples_per_shard=12, limit=12)
-    recipe = yaml.safe_load(open(__import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "tiny_fuse.yaml"))
+    recipe = yaml.safe_load(
+        open(__import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "tiny_fuse.yaml")
+    )
     recipe["data"].update({"train": [{"shards": [shard_pattern(shards["train"])]}], "eval": [], "num_workers": 0})
     recipe["log"].update({"progress_bar": False, "tensorboard": False, "param_table": False, "peak_flops": 1e9})
     recipe["checkpoint"].update({"export": False, "save_every": 0})
@@ -325,8 +361,14 @@ def test_step_gradient_is_the_mean_over_every_answer_token_however_the_batch_is_
         recipe["train"].update({"max_steps": 1, "global_batch_size": 6, "micro_batch_size": micro, "eval_every": 0})
         recipe["run_dir"] = str(tmp_path / f"micro{micro}")
         (tmp_path / f"keys{micro}").mkdir()
-        summary = train(load_config(base=recipe), loader_builder=recording_loader_builder(str(tmp_path / f"keys{micro}")))
-        keys = [k for line in (tmp_path / f"keys{micro}" / "keys.jsonl").read_text().splitlines() for k in json.loads(line)["keys"]]
+        summary = train(
+            load_config(base=recipe), loader_builder=recording_loader_builder(str(tmp_path / f"keys{micro}"))
+        )
+        keys = [
+            k
+            for line in (tmp_path / f"keys{micro}" / "keys.jsonl").read_text().splitlines()
+            for k in json.loads(line)["keys"]
+        ]
         step = [r for r in _metrics(tmp_path / f"micro{micro}") if r.get("step") == 1 and "grad_norm" in r]
         runs[micro] = (dict(summary["history"][0], grad_norm=step[0]["grad_norm"]), sorted(keys))
     assert runs[1][1] == runs[2][1] == runs[6][1]  # the same samples in the step
@@ -343,10 +385,18 @@ def test_zero3_setting_does_not_outlive_the_run(tmp_path):
     assert not is_deepspeed_zero3_enabled()  # a later from_pretrained in this process is not partitioned
 
 
-@pytest.mark.parametrize("engine", [{"zero_stage": 2, "offload_optimizer": True},
-                                    {"zero_stage": 3, "offload_optimizer": True, "offload_params": True}], ids=["zero2-offload", "zero3-offload"])
+@pytest.mark.parametrize(
+    "engine",
+    [
+        {"zero_stage": 2, "offload_optimizer": True},
+        {"zero_stage": 3, "offload_optimizer": True, "offload_params": True},
+    ],
+    ids=["zero2-offload", "zero3-offload"],
+)
 def test_cpu_offload_matches_no_offload(tmp_path, engine):
-    plain = _train(toy_config(str(tmp_path / "plain"), train={"max_steps": 4}, engine={"zero_stage": engine["zero_stage"]}))
+    plain = _train(
+        toy_config(str(tmp_path / "plain"), train={"max_steps": 4}, engine={"zero_stage": engine["zero_stage"]})
+    )
     offloaded = _train(toy_config(str(tmp_path / "offload"), train={"max_steps": 4}, engine=engine))
     assert [h["loss"] for h in offloaded["history"]] == pytest.approx([h["loss"] for h in plain["history"]], abs=1e-5)
     a, b = _export(tmp_path / "offload"), _export(tmp_path / "plain")
@@ -359,7 +409,9 @@ def test_real_tiny_fuse_with_lora_under_zero3_exports_merged_weights(tmp_path):
     from mmdist.data.shards import shard_pattern, write_demo_shards
 
     shards = write_demo_shards(tmp_path / "demo", image_size=16, samples_per_shard=50, limit=100)
-    recipe = yaml.safe_load(open(__import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "tiny_fuse.yaml"))
+    recipe = yaml.safe_load(
+        open(__import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "tiny_fuse.yaml")
+    )
     recipe["run_dir"] = str(tmp_path / "run")
     recipe["data"].update({"train": [{"shards": [shard_pattern(shards["train"])]}], "eval": [], "num_workers": 0})
     recipe["train"].update({"max_steps": 2, "eval_every": 0})
@@ -413,7 +465,9 @@ def test_resumed_run_does_not_log_steps_twice(tmp_path):
     from mmdist.training.metrics import drop_records_after
 
     path = tmp_path / "metrics.jsonl"
-    records = [{"step": s, "split": "train", "loss": 1.0 / s} for s in range(1, 9)] + [{"step": 6, "split": "eval", "loss": 0.5}]
+    records = [{"step": s, "split": "train", "loss": 1.0 / s} for s in range(1, 9)] + [
+        {"step": 6, "split": "eval", "loss": 0.5}
+    ]
     path.write_text("".join(json.dumps(r) + "\n" for r in records) + "not json\n")
     assert drop_records_after(path, 6) == 2  # steps 7 and 8 were logged after the checkpoint of step 6
     kept = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
@@ -435,14 +489,26 @@ def test_signal_on_one_rank_stops_both_at_one_step_and_the_rerun_equals_uninterr
     full_dir, full = two_rank_run
     run = tmp_path / "run"
     output: list = []
-    first = launch(tmp_path, {"config": _long_config(run), "signal": {"rank": 1, "batch": 3}}, nproc=2, expect_rc=None, output=output)
+    first = launch(
+        tmp_path,
+        {"config": _long_config(run), "signal": {"rank": 1, "batch": 3}},
+        nproc=2,
+        expect_rc=None,
+        output=output,
+    )
     stdout, stderr = output[0]
     assert first["returncode"] != 0  # torchrun reports the ranks' 75 as a failure; the Slurm scripts read the marker
-    assert f"exitcode  : {PREEMPTED_EXIT}" in stderr or f"exitcode: {PREEMPTED_EXIT}" in stderr.replace("  ", " "), stderr[-3000:]
-    assert [r["step"] for r in first["ranks"]] == [4, 4] and all(r["preempted"] and not r["finished"] for r in first["ranks"])
+    assert f"exitcode  : {PREEMPTED_EXIT}" in stderr or f"exitcode: {PREEMPTED_EXIT}" in stderr.replace("  ", " "), (
+        stderr[-3000:]
+    )
+    assert [r["step"] for r in first["ranks"]] == [4, 4] and all(
+        r["preempted"] and not r["finished"] for r in first["ranks"]
+    )
     assert "SIGUSR1 received" in stderr
     marker = read_marker(run)
-    assert marker["step"] == 4 and marker["checkpoint"].endswith("step_000004") and marker["signal"] == "on another rank"
+    assert (
+        marker["step"] == 4 and marker["checkpoint"].endswith("step_000004") and marker["signal"] == "on another rank"
+    )
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000004"
     assert not (run / "export").exists()  # a stopped run exports nothing
 
@@ -469,8 +535,14 @@ def test_stalled_rank_ends_the_job_with_a_stack_dump(tmp_path):
     cfg = _long_config(run, watchdog={"timeout_s": 2, "poll_s": 0.25, "phase_timeout_s": 120})
     output: list = []
     started = time.monotonic()
-    result = launch(tmp_path, {"config": cfg, "stall": {"rank": 1, "batch": 3, "seconds": 300}}, nproc=2, expect_rc=None,
-                    output=output, timeout=200)
+    result = launch(
+        tmp_path,
+        {"config": cfg, "stall": {"rank": 1, "batch": 3, "seconds": 300}},
+        nproc=2,
+        expect_rc=None,
+        output=output,
+        timeout=200,
+    )
     elapsed = time.monotonic() - started
     stdout, stderr = output[0]
     assert result["returncode"] != 0 and elapsed < 150, (result["returncode"], elapsed)
@@ -528,7 +600,9 @@ def test_checkpoint_without_consolidated_state_is_refused_on_another_world_size(
     client = torch.load(ckpt / "client_state_rank00000.pt", weights_only=False)
     torch.save(dict(client, world_size=2), ckpt / "client_state_rank00000.pt")  # as if 2 ranks had written it
     torch.save(dict(client, world_size=2), ckpt / "client_state_rank00001.pt")
-    with pytest.raises(CheckpointError, match=r"written by 2 rank\(s\) and this run has 1, and it has no trainable_state.pt"):
+    with pytest.raises(
+        CheckpointError, match=r"written by 2 rank\(s\) and this run has 1, and it has no trainable_state.pt"
+    ):
         _train(toy_config(str(run), train={"max_steps": 4}))
 
 
