@@ -112,7 +112,8 @@ def padding(pattern: str, processors, batch: int, max_len: int, **mode) -> float
 
 
 def _stage1_runs(cfg, base: dict, pattern: str, tmp: str, rounds: int = 3, warmup_batches: int = 2) -> dict:
-    """One stage-1 epoch (forward, backward, AdamW step) reading pixels, an image-feature cache, and an image+text cache."""
+    """One stage-1 epoch (forward, backward, AdamW step) reading
+    pixels, an image-feature cache, and an image+text cache."""
     import torch
 
     from mmdist.data.cache import build_feature_cache
@@ -197,7 +198,8 @@ def stage1_epoch_times(tmp: str, n_train: int, image_size: int, batch: int, roun
 
 
 def demo_stage1_epoch_times(tmp: str, n_train: int, rounds: int = 3) -> dict:
-    """The demo's own stage-1 recipe (configs/demo_align.yaml: 2-layer ViT on 28 px digits, frozen MiniLM, MLP heads, batch 64)."""
+    """The demo's own stage-1 recipe (configs/demo_align.yaml: 2-layer
+    ViT on 28 px digits, frozen MiniLM, MLP heads, batch 64)."""
     import yaml
 
     from mmdist.data.shards import shard_pattern, write_demo_shards
@@ -222,13 +224,16 @@ def _print_stage1(title: str, r: dict) -> None:
     print("-" * 75)
     print(f"{'pixels (encoders every step)':>34} | {r['pixels_s']:>9.2f} | {1.0:>7.1f}x | {'':>13}")
     print(
-        f"{'image-feature cache':>34} | {r['image_cache_s']:>9.2f} | {r['speedup_image']:>7.1f}x | {r['image_build_s']:>13.2f}"
+        f"{'image-feature cache':>34} | {r['image_cache_s']:>9.2f} "
+        f"| {r['speedup_image']:>7.1f}x | {r['image_build_s']:>13.2f}"
     )
     print(
-        f"{'image + text feature cache':>34} | {r['image_text_cache_s']:>9.2f} | {r['speedup_image_text']:>7.1f}x | {r['image_text_build_s']:>13.2f}"
+        f"{'image + text feature cache':>34} | {r['image_text_cache_s']:>9.2f} "
+        f"| {r['speedup_image_text']:>7.1f}x | {r['image_text_build_s']:>13.2f}"
     )
     print(
-        f"text cache on top of the image cache: {r['speedup_text_over_image']:.2f}x  (medians; every epoch: {r['rounds']})"
+        "text cache on top of the image cache: "
+        f"{r['speedup_text_over_image']:.2f}x  (medians; every epoch: {r['rounds']})"
     )
 
 
@@ -286,7 +291,8 @@ def main(argv=None) -> int:
     for label, rate, n in rows:
         print(f"{label:>20} | {rate:>10.1f} | {n:>8}")
     print(
-        f"\nnon-padding token fraction (variable-length captions, 64 image tokens, max_len {args.max_len}, batch {args.batch})"
+        "\nnon-padding token fraction (variable-length captions, "
+        f"64 image tokens, max_len {args.max_len}, batch {args.batch})"
     )
     print(f"{'collation':>26} | {'non-padding':>11}")
     print("-" * 40)
@@ -295,15 +301,18 @@ def main(argv=None) -> int:
     print(f"\npacking target >= 95%: {'met' if pad_pack >= 0.95 else 'NOT met'}")
     if stage1:
         _print_stage1(
-            f"stage-1 epoch ({stage1['samples']} demo digits 32px, frozen 6-layer ViT-192 + tiny BERT, MLP heads, batch 32, 1 worker)",
+            f"stage-1 epoch ({stage1['samples']} demo digits 32px, "
+            "frozen 6-layer ViT-192 + tiny BERT, MLP heads, batch 32, 1 worker)",
             stage1,
         )
         print(
-            f"speed-up of the image cache {stage1['speedup_image']:.1f}x (target >= 3x: {'met' if stage1['speedup_image'] >= 3 else 'NOT met'})"
+            f"speed-up of the image cache {stage1['speedup_image']:.1f}x (target >= 3x: "
+            f"{'met' if stage1['speedup_image'] >= 3 else 'NOT met'})"
         )
     if demo1:
         _print_stage1(
-            f"the demo's stage 1 (configs/demo_align.yaml: {demo1['samples']} digits 28px, 2-layer ViT-128, frozen MiniLM, "
+            "the demo's stage 1 (configs/demo_align.yaml: "
+            f"{demo1['samples']} digits 28px, 2-layer ViT-128, frozen MiniLM, "
             f"MLP heads, batch {demo1['batch']}, 0 workers)",
             demo1,
         )

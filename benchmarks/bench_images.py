@@ -146,7 +146,8 @@ def images_per_second(loader) -> tuple[float, int]:
 
 
 def pixel_check(pattern: str, processors: Processors, samples: int = 24) -> dict:
-    """mmdist's loader pixels (uint8, then the tower's normalisation) vs the processor on a full decode, in 0-255 levels."""
+    """mmdist's loader pixels (uint8, then the tower's normalisation)
+    vs the processor on a full decode, in 0-255 levels."""
     from mmdist.data.reader import decode_image, list_shards, read_tar
 
     processor = clip_processor()
@@ -211,7 +212,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         pattern = write_shards(Path(tmp), args.images, args.shards)
         print(
-            f"wrote {args.images} photo-like JPEGs (500x375 to 1024x768, q90) in {args.shards} shards in {time.perf_counter() - t0:.1f} s"
+            f"wrote {args.images} photo-like JPEGs (500x375 to 1024x768, "
+            f"q90) in {args.shards} shards in {time.perf_counter() - t0:.1f} s"
         )
         processors = mmdist_processors()
         check = pixel_check(pattern, processors)
@@ -244,16 +246,19 @@ def main(argv=None) -> int:
                 }
             )
         print(
-            f"\n{'cores':>5} {'usual img/s':>12} {'mmdist img/s':>13} {'usual /core':>12} {'mmdist /core':>13} {'ratio':>6}"
+            f"\n{'cores':>5} {'usual img/s':>12} {'mmdist img/s':>13} "
+            f"{'usual /core':>12} {'mmdist /core':>13} {'ratio':>6}"
         )
         for r in rows:
             print(
-                f"{r['cores']:>5} {r['usual_img_s']:>12} {r['mmdist_img_s']:>13} {r['usual_per_core']:>12} {r['mmdist_per_core']:>13} {r['ratio']:>5}x"
+                f"{r['cores']:>5} {r['usual_img_s']:>12} {r['mmdist_img_s']:>13} "
+                f"{r['usual_per_core']:>12} {r['mmdist_per_core']:>13} {r['ratio']:>5}x"
             )
         per_core = rows[0]["mmdist_per_core"]
         need = cores_per_gpu(per_core)
         print(
-            f"\nmmdist at {per_core} images/s per core (1 worker): a frozen ViT-L/14-336 (configs/align.yaml, configs/fuse.yaml) "
+            f"\nmmdist at {per_core} images/s per core (1 worker): "
+            "a frozen ViT-L/14-336 (configs/align.yaml, configs/fuse.yaml) "
             f"at {TOWER_MFU:.0%} of peak needs"
         )
         for gpu, n in need.items():

@@ -28,7 +28,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "configs"
 
 
 def tiny_recipe(stage: str) -> dict:
-    """configs/tiny_{stage}.yaml as a dict: a benchmark sets its own shapes and sizes on it, then calls load_config(base=...)."""
+    """configs/tiny_{stage}.yaml as a dict: a benchmark sets its own
+    shapes and sizes on it, then calls load_config(base=...)."""
     from mmdist.config.run import read_yaml
 
     return read_yaml(RECIPES / f"tiny_{stage}.yaml")

@@ -35,7 +35,8 @@ from mmdist.launch_env import free_port
 
 
 class MmdistLoop:
-    """mmdist's FusedVLM + packing + DeepSpeed engine, one optimizer step at a time through the trainer's ``train_step``.
+    """mmdist's FusedVLM + packing + DeepSpeed engine, one
+    optimizer step at a time through the trainer's ``train_step``.
 
     ``close()`` releases the engine (DeepSpeed's groups, its shm buffer) and the process group.
     """
@@ -187,7 +188,8 @@ def main() -> None:
                               "s/step"]))
     print(
         f"mmdist / reference tokens/s (median per round): {s['ratio']:.2f}x; matmul peak median {s['peak_gflops']:.1f} "
-        f"GFLOP/s {s['dtype']} (min {s['peak_min_gflops']:.1f}, max {s['peak_max_gflops']:.1f}), {s['threads']} thread(s); "
+        f"GFLOP/s {s['dtype']} (min {s['peak_min_gflops']:.1f}, "
+        f"max {s['peak_max_gflops']:.1f}), {s['threads']} thread(s); "
         f"frozen parameters holding a gradient: {s['frozen_params_with_grad']}"
     )
     if args.json:

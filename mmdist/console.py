@@ -122,7 +122,8 @@ def _count(n: int) -> str:
 
 
 def model_summary(what: str, model: Any, source: str, unused: Iterable[str] = (), why: str = "") -> str:
-    """One line for a loaded model: what, from where, parameters, dtype, device, and which weights were not used and why.
+    """One line for a loaded model: what, from where, parameters,
+    dtype, device, and which weights were not used and why.
 
     ``unused`` are checkpoint keys the model did not take; they are grouped by their first two name parts.
     """

@@ -196,13 +196,15 @@ def compare_stage1(stage1: dict, settings: ModelConfig, vision: Any, source: str
         for key in ("name_or_path", "fingerprint"):
             if stage1["text"].get(key) != own_text[key]:
                 problems.append(
-                    f"text.{key}: stage-1 export has {stage1['text'].get(key)!r}, this run has {own_text[key]!r} (model.text)"
+                    f"text.{key}: stage-1 export has {stage1['text'].get(key)!r}, "
+                    f"this run has {own_text[key]!r} (model.text)"
                 )
     if problems:
         raise ValueError(
             f"the stage-1 export {source} does not fit this run:\n  - "
             + "\n  - ".join(problems)
-            + "\nUse the same encoders and connector settings as stage 1, or point model.connector.stage1_weights at a matching export."
+            + "\nUse the same encoders and connector settings as stage 1, "
+            "or point model.connector.stage1_weights at a matching export."
         )
 
 
@@ -223,7 +225,8 @@ def resolve_export_dir(path: str | os.PathLike, subfolders: tuple[str, ...] = ("
 
 
 def resolve_fused_export(path: str | os.PathLike) -> str:
-    """A stage-2 export, run folder or demo run folder (``fuse/export``) -> the export folder (inference, conversion)."""
+    """A stage-2 export, run folder or demo run folder
+    (``fuse/export``) -> the export folder (inference, conversion)."""
     try:
         return resolve_export_dir(path, subfolders=("export", os.path.join("fuse", "export")))
     except FileNotFoundError:
@@ -293,7 +296,8 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], gather: Gathe
     needed = [k for k in shapes if required and k.startswith(required) and k not in state]
     if problems or needed:
         raise ValueError(
-            f"the export {source} does not fit this model: unknown or mis-shaped keys {problems[:20]}, missing {needed[:20]}"
+            f"the export {source} does not fit this model: "
+            f"unknown or mis-shaped keys {problems[:20]}, missing {needed[:20]}"
         )
     params = [p for n, p in model.named_parameters() if n in state]
     with gather(params):
@@ -331,7 +335,8 @@ def load_stage1(
     ignored = [k for k in theirs if k not in own_shapes]
     if missing or mismatched:
         raise ValueError(
-            f"stage-1 export {source or ''} does not fit the stage-2 module: missing {missing[:20]}, shape mismatch {mismatched[:20]}"
+            f"stage-1 export {source or ''} does not fit the stage-2 module: "
+            f"missing {missing[:20]}, shape mismatch {mismatched[:20]}"
         )
     load_weights(model.stage1, {k: theirs[k] for k in own_shapes}, gather, source=source or "")
     if ignored:
@@ -382,7 +387,8 @@ def export_trainable(
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
         raise ExportError(
-            f"export: {len(empty)} tensor(s) are empty after gathering (e.g. {empty[:3]}); a ZeRO-3 parameter was not gathered"
+            f"export: {len(empty)} tensor(s) are empty after gathering "
+            f"(e.g. {empty[:3]}); a ZeRO-3 parameter was not gathered"
         )
     if distributed.rank() != 0:
         distributed.barrier()

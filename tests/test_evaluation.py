@@ -1,4 +1,5 @@
-"""Evaluation that measures answers (mmdist/evaluation/): R@k, answer matching, batched KV-cache generation, `mmdist eval`.
+"""Evaluation that measures answers (mmdist/evaluation/): R@k,
+answer matching, batched KV-cache generation, `mmdist eval`.
 
 Tiny stage-1 and stage-2 exports come from a few steps of the tiny recipes on 40 demo digits (seconds).
 """

@@ -82,7 +82,8 @@ print("ok")
 
 
 def _cfg(stage: str, connector_type: str = "mlp", data: dict | None = None, **model) -> RunConfig:
-    """The tiny recipe of ``stage`` with ``model`` sections; an ``init_config`` given here replaces the recipe's whole."""
+    """The tiny recipe of ``stage`` with ``model`` sections; an
+    ``init_config`` given here replaces the recipe's whole."""
     model = {part: dict(settings) for part, settings in model.items()}
     replaced = [f"model.{part}.init_config={json.dumps(settings.pop('init_config'))}"
                 for part, settings in model.items() if "init_config" in settings]
@@ -130,7 +131,8 @@ def exports(tmp_path_factory):
     linear_head = _stage1_export(root, "linear", vision=CLIP_TOWER)
     mlp_head = _stage1_export(root, "mlp")
     cases = {
-        # CLIP tower, patches (strategy default), llama, linear stage-1 head folded into linear_1 + MLP projector, plain template
+        # CLIP tower, patches (strategy default), llama, linear stage-1
+        # head folded into linear_1 + MLP projector, plain template
         "clip-llama-linear-head": _fuse_export(
             root,
             "a",
@@ -138,12 +140,14 @@ def exports(tmp_path_factory):
             vision=CLIP_TOWER,
             connector={"type": "linear", "stage1_weights": str(linear_head)},
         ),
-        # CLIP tower, all tokens (strategy full), Qwen2 (untied, image token inside the vocabulary), MLP projector, LoRA,
+        # CLIP tower, all tokens (strategy full), Qwen2 (untied,
+        # image token inside the vocabulary), MLP projector, LoRA,
         # template 'auto' = the tiny tokenizer's ChatML chat template
         "clip-qwen2-lora": _fuse_export(
             root, "b", vision={**CLIP_TOWER, "select_tokens": "all", "select_layer": -1}, llm=QWEN2_LLM | LORA
         ),
-        # ViT tower, llama + LoRA, mlp stage-1 head (width 32 < 64) + linear projector: padded into linear_1 -> gelu -> linear_2
+        # ViT tower, llama + LoRA, mlp stage-1 head (width 32 < 64) +
+        # linear projector: padded into linear_1 -> gelu -> linear_2
         "vit-llama-mlp-head-lora": _fuse_export(
             root, "c", llm=LORA, connector={"type": "mlp", "stage1_weights": str(mlp_head), "projector_layers": 1}
         ),
@@ -204,7 +208,8 @@ def test_transformers_reproduces_mmdist(name, exports, transformers_results):
     vocab = logits.shape[-1]
     diff = float((theirs["logits"][:, :vocab] - logits).abs().max())
     print(
-        f"{name}: max abs logit difference {diff:.2e}, pixel difference {pixel_diff:.2f} levels, answer ids {theirs['new_ids'].tolist()}"
+        f"{name}: max abs logit difference {diff:.2e}, pixel difference "
+        f"{pixel_diff:.2f} levels, answer ids {theirs['new_ids'].tolist()}"
     )
     assert diff <= 1e-4
     # added placeholder rows are zero (and suppressed in generate)
@@ -314,7 +319,8 @@ def test_refusals_from_the_export(tmp_path, capsys):
     cases = {
         "two-gelus": (
             {"connector": {"type": "mlp", "stage1_weights": str(mlp_head)}},
-            r"stage-1 mlp head: Linear\(32->32\) -> GELU -> Linear\(32->32\), then projector \(2 layer\(s\)\): Linear\(32->64\)",
+            r"stage-1 mlp head: Linear\(32->32\) -> GELU -> Linear\(32->32\), "
+            r"then projector \(2 layer\(s\)\): Linear\(32->64\)",
         ),
         "pooling": (
             {"connector": {"image_tokens": 4}},

@@ -179,7 +179,8 @@ def test_llm_activation_estimate_matches_saved_tensors(dtype):
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_prediction_matches_measured_engines_within_10_percent():
-    """benchmarks/memory_per_rank.py: 1 and 2 ranks, ZeRO 0, 2, 3, fp32 and bf16, tiny fuse config, real DeepSpeed engines."""
+    """benchmarks/memory_per_rank.py: 1 and 2 ranks, ZeRO 0, 2, 3,
+    fp32 and bf16, tiny fuse config, real DeepSpeed engines."""
     import memory_per_rank
 
     rows = memory_per_rank.run(settings=[(1, 0), (2, 2), (1, 3), (2, 3)])

@@ -17,7 +17,8 @@ from mmdist.precision import precision_lines, resolve_precision
 
 @exits_on_oom
 def main(argv: Sequence[str] | None = None) -> int:
-    """``mmdist cache --config C [key=value ...] --out DIR``: precompute frozen encoder features for data.train / data.eval.
+    """``mmdist cache --config C [key=value ...] --out DIR``:
+    precompute frozen encoder features for data.train / data.eval.
 
     Stage align with a frozen text encoder caches the pooled caption features too.
     """

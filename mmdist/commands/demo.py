@@ -1,4 +1,5 @@
-"""`mmdist demo`: the whole product on a laptop CPU, from shards to a report: pretrained text models, a seeded random ViT.
+"""`mmdist demo`: the whole product on a laptop CPU, from shards
+to a report: pretrained text models, a seeded random ViT.
 
 The command and the order of its steps (mmdist/demo's package docstring has the
 design): check the optional packages, open the run folder, then shards, feature
@@ -131,7 +132,8 @@ def train_stage(cfg: RunConfig) -> dict:
     summary = train(cfg)
     if not summary.get("finished"):
         raise DemoError(
-            f"stage {cfg.stage} stopped at step {summary.get('step')} before its last step; run the demo again to continue"
+            f"stage {cfg.stage} stopped at step {summary.get('step')} "
+            "before its last step; run the demo again to continue"
         )
     return {
         "steps": summary["step"],
@@ -273,7 +275,7 @@ def run_demo(
 @exits_on_oom
 def main(argv: Sequence[str] | None = None) -> int:
     """``mmdist demo [--run-dir runs/demo] [--quick] [--overwrite]``."""
-    parser = argparse.ArgumentParser(prog="mmdist demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mmdist demo", description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--run-dir", default="runs/demo", help="folder for shards, both stages, metrics and the report")
     parser.add_argument(
         "--quick", action="store_true", help="a few steps per stage on a slice of the digits (a smoke run)"

@@ -1,4 +1,5 @@
-"""`mmdist eval --run RUN --data SHARDS`: the stage's metrics of an export on held-out shards, single process or under torchrun.
+"""`mmdist eval --run RUN --data SHARDS`: the stage's metrics of
+an export on held-out shards, single process or under torchrun.
 
 Stage 1 exports get retrieval R@1/5/10, stage 2 exports answer accuracy;
 ``RUN/eval/metrics.json`` (and ``answers.jsonl``) are written on rank 0.
@@ -43,9 +44,10 @@ def _memory_settings(args: argparse.Namespace) -> list[str]:
 
 @exits_on_oom
 def main(argv: Sequence[str] | None = None) -> int:
-    """``mmdist eval --run RUN --data SHARDS``: the stage's metrics on held-out shards; single process or under torchrun."""
+    """``mmdist eval --run RUN --data SHARDS``: the stage's metrics
+    on held-out shards; single process or under torchrun."""
     argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
-    parser = argparse.ArgumentParser(prog="mmdist eval", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mmdist eval", description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument(
         "--run",
         required=True,
@@ -63,7 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--match",
         choices=sorted(MATCHERS),
         default="normalised",
-        help="stage 2: how answers are compared: 'normalised' (SQuAD normalisation) or 'digit' (the demo's digit parser)",
+        help="stage 2: how answers are compared: 'normalised' (SQuAD "
+        "normalisation) or 'digit' (the demo's digit parser)",
     )
     parser.add_argument(
         "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when usable; under torchrun cuda:LOCAL_RANK)"

@@ -1,4 +1,5 @@
-"""`mmdist export --run RUN --out DIR [--format mmdist|hf]`: hand a trained model on (mmdist export or llava-hf folder)."""
+"""`mmdist export --run RUN --out DIR [--format mmdist|hf]`:
+hand a trained model on (mmdist export or llava-hf folder)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from mmdist.oom import oom_guard
 @exits_on_oom
 def main(argv: Sequence[str] | None = None) -> int:
     """``mmdist export --run RUN --out DIR [--format mmdist|hf] [overrides]``."""
-    parser = argparse.ArgumentParser(prog="mmdist export", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mmdist export", description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--run", required=True, help="export folder, run folder or demo run folder")
     parser.add_argument("--out", required=True, help="folder to write (must be new or empty for --format hf)")
     parser.add_argument(

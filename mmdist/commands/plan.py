@@ -106,7 +106,8 @@ def main(argv: Sequence[str]) -> int:
     per_pass = cfg.train.micro_batch_size * world
     if cfg.train.global_batch_size < per_pass:
         print(
-            f"\nnote: train.global_batch_size={cfg.train.global_batch_size} is smaller than micro-batch x GPUs = {per_pass}: "
+            f"\nnote: train.global_batch_size={cfg.train.global_batch_size} "
+            f"is smaller than micro-batch x GPUs = {per_pass}: "
             f"the trainer refuses it on {world} GPU(s); the times below assume one micro-batch per rank"
         )
     for ckpt in sorted({fastest.checkpointing, configured_ckpt}):

@@ -71,7 +71,8 @@ def cache_key_parts(cfg: RunConfig, processors: Any, encoder_key: Optional[dict]
 
 
 def text_cache_parts(cfg: RunConfig, processors: Any) -> Optional[dict]:
-    """What cached text features depend on, or None when the text side is not cached (stage fuse, trainable text encoder)."""
+    """What cached text features depend on, or None when the text
+    side is not cached (stage fuse, trainable text encoder)."""
     if not cfg.stage.builds("text") or not cfg.model.text.freeze or cfg.model.connector.type == "qformer":
         return None
 
@@ -108,7 +109,8 @@ def build_feature_cache(
     overwrite: bool = False,
     cache_text: Optional[bool] = None,
 ) -> WriteSummary:
-    """Encode every image of ``src_shards`` once and write feature shards + sizes.json + cache_key.json into ``out_dir``.
+    """Encode every image of ``src_shards`` once and write feature
+    shards + sizes.json + cache_key.json into ``out_dir``.
 
     ``model_or_encoder_fn`` is a model with ``encode_images(pixel_values)`` and a
     ``processors`` attribute, or a plain callable ``encode(pixel_values) -> [N, n, D]``.
@@ -195,7 +197,8 @@ def _text_members(sample: dict) -> dict:
 def _prepared_samples(
     shards: list, data: Any, writer: ShardWriter, prepare: Callable[[dict], Any]
 ) -> Iterator[tuple[dict, Any]]:
-    """(decoded sample, ``prepare(sample)``) for every sample of ``shards``; bad ones are recorded in ``writer`` and skipped."""
+    """(decoded sample, ``prepare(sample)``) for every sample of
+    ``shards``; bad ones are recorded in ``writer`` and skipped."""
     for shard in shards:
         for raw in read_tar(shard.url):
             try:
@@ -291,13 +294,15 @@ def read_cache_key(folder: str | os.PathLike) -> dict:
     path = Path(folder) / KEY_FILE
     if not path.is_file():
         raise CacheKeyMismatch(
-            f"{folder} is not a feature cache (no {KEY_FILE}); build one with `mmdist cache` or unset data.feature_cache"
+            f"{folder} is not a feature cache (no {KEY_FILE}); "
+            "build one with `mmdist cache` or unset data.feature_cache"
         )
     return json.loads(path.read_text())
 
 
 def check_cache(folder: str | os.PathLike, expected_parts: dict, ignore: Sequence[str] = ()) -> dict:
-    """Refuse a cache folder whose key differs from ``expected_parts`` (naming the parts that differ); returns its key file.
+    """Refuse a cache folder whose key differs from ``expected_parts``
+    (naming the parts that differ); returns its key file.
 
     ``ignore``: stored parts left out of the comparison (the ``text`` part when this
     run reads only the image features).
@@ -311,7 +316,8 @@ def check_cache(folder: str | os.PathLike, expected_parts: dict, ignore: Sequenc
     differ = _differing_parts(theirs, expected_parts)
     raise CacheKeyMismatch(
         f"feature cache {folder} was built for another setup: {', '.join(differ) or 'key'} differ(s) "
-        f"(cache: { {k: _part(theirs, k) for k in differ} }, this run: { {k: _part(expected_parts, k) for k in differ} }). "
+        f"(cache: { {k: _part(theirs, k) for k in differ} }, this run: "
+        f"{ {k: _part(expected_parts, k) for k in differ} }). "
         "Rebuild it with `mmdist cache` for this config, or unset data.feature_cache to read pixels."
     )
 
@@ -343,7 +349,8 @@ def _part(parts: dict, name: str) -> Any:
 def open_feature_cache(
     cfg: RunConfig, processors: Any, split: str, feature_key: Optional[dict] = None
 ) -> tuple[list, bool]:
-    """The shards of ``split`` in the configured feature cache after checking its key, and whether to read its text features."""
+    """The shards of ``split`` in the configured feature cache after
+    checking its key, and whether to read its text features."""
     root = Path(cfg.data.feature_cache)
     folder = root / split if (root / split).is_dir() else root
     if folder == root and split == "eval" and not (root / KEY_FILE).is_file():
@@ -358,7 +365,8 @@ def open_feature_cache(
         check_cache(folder, expected, ignore=("text",))
         if has_text:
             log.info(
-                "feature cache %s holds text features; this run's text encoder trains, so only its image features are read",
+                "feature cache %s holds text features; this run's text "
+                "encoder trains, so only its image features are read",
                 folder,
             )
         elif run_text is not None:

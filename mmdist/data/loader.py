@@ -99,7 +99,8 @@ class StreamingLoader:
         self.worker_state: dict[int, dict] = {}
         self.worker_counts: dict[int, tuple[int, dict]] = {}
         self.last_keys: list[str] = []
-        # samples handed out this epoch by this rank (shard url -> indices in the tar), for a resume on another world size
+        # samples handed out this epoch by this rank (shard url ->
+        # indices in the tar), for a resume on another world size
         self.consumed: dict[str, set[int]] = {}
         self._loader: Optional[DataLoader] = None
         self._resume_pending = False
@@ -231,8 +232,10 @@ class StreamingLoader:
         ):
             if state.get(key, mine if key == "batch_size" else None) != mine:  # a state without batch_size predates it
                 raise ValueError(
-                    f"data loader state was saved with {key}={state.get(key)!r} but this run has {key}={mine!r}; the data "
-                    f"split would change. Resume with the same setting, or start the data from a new epoch (drop the loader state)."
+                    f"data loader state was saved with {key}={state.get(key)!r} "
+                    f"but this run has {key}={mine!r}; the data "
+                    "split would change. Resume with the same setting, "
+                    "or start the data from a new epoch (drop the loader state)."
                 )
         self.epoch = int(state["epoch"])
         self.batches_done = int(state.get("batches_done", 0))
@@ -347,7 +350,8 @@ def _sources(cfg: RunConfig, split: str, mode: str) -> list[tuple[list[Shard], f
         out.append((list_shards(src.shards, source=name, need_sizes=mode == "epoch"), float(src.weight)))
     if mode == "epoch" and len({w for _, w in out}) > 1:
         log.warning(
-            "data.%s: source weights are ignored in epoch mode (every sample once); use data.mode=resampled to mix by weight",
+            "data.%s: source weights are ignored in epoch mode (every "
+            "sample once); use data.mode=resampled to mix by weight",
             split,
         )
     return out
@@ -409,7 +413,8 @@ MAX_AUTO_WORKERS = 8
 
 
 def resolve_num_workers(configured: Optional[int], announce: bool = False) -> int:
-    """``data.num_workers``, or for null (auto) the CPUs this rank owns minus one for the training process, at most 8."""
+    """``data.num_workers``, or for null (auto) the CPUs this
+    rank owns minus one for the training process, at most 8."""
     if configured is not None:
         return configured
 
@@ -417,7 +422,8 @@ def resolve_num_workers(configured: Optional[int], announce: bool = False) -> in
     workers = max(0, min(MAX_AUTO_WORKERS, cpus - 1))
     if announce:
         print(
-            f"[mmdist] data.num_workers: auto -> {workers} ({cpus} CPU(s) for this rank: {why}; one stays with training)",
+            f"[mmdist] data.num_workers: auto -> {workers} ({cpus} CPU(s) "
+            f"for this rank: {why}; one stays with training)",
             flush=True,
         )
     return workers

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-# The mark LLaVA-style data uses for an image; it places images whatever the placeholder token is (e.g. Qwen1's <|extra_0|>).
+# The mark LLaVA-style data uses for an image; it places images
+# whatever the placeholder token is (e.g. Qwen1's <|extra_0|>).
 DATA_IMAGE_MARK = "<image>"
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

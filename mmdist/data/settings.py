@@ -159,7 +159,8 @@ class DataConfig(SettingsBase):
                 (
                     "image_tiling.enabled",
                     "data.image_tiling is not supported with data.feature_cache: the cache holds one "
-                    "feature map per image, not one per tile; set data.image_tiling.enabled=false or data.feature_cache=null",
+                    "feature map per image, not one per tile; "
+                    "set data.image_tiling.enabled=false or data.feature_cache=null",
                 )
             )
         return out

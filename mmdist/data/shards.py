@@ -105,7 +105,8 @@ class ShardWriter:
         existing = sorted(self.out_dir.glob(f"{prefix}-*.tar"))
         if existing and not overwrite:
             raise ShardsExist(
-                f"{self.out_dir} already holds {len(existing)} shard(s) named {prefix}-*.tar (e.g. {existing[0].name}); "
+                f"{self.out_dir} already holds {len(existing)} shard(s) "
+                f"named {prefix}-*.tar (e.g. {existing[0].name}); "
                 "pass --overwrite (overwrite=True) to replace them, or choose another output folder"
             )
         for path in existing:
@@ -248,7 +249,8 @@ def _image_member(path: Path) -> tuple[str, bytes]:
 
 
 def _read_images(key: str, paths: list[Path]) -> dict:
-    """Image members for ``paths`` ('png' alone, or '0.png', '1.png', ... for several), or a skip record saying why not."""
+    """Image members for ``paths`` ('png' alone, or '0.png',
+    '1.png', ... for several), or a skip record saying why not."""
     members: dict = {}
     try:
         for j, path in enumerate(paths):

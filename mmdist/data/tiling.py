@@ -68,7 +68,8 @@ def select_grid(image_size_hw: tuple[int, int], settings: ImageTilingConfig, til
 
 
 def fitted_size(image_size_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
-    """(height, width) of the image scaled to fit ``target_hw`` keeping its aspect (LLaVA-NeXT's resize_and_pad_image)."""
+    """(height, width) of the image scaled to fit ``target_hw``
+    keeping its aspect (LLaVA-NeXT's resize_and_pad_image)."""
     height, width = image_size_hw
     target_h, target_w = target_hw
     scale_w, scale_h = target_w / width, target_h / height
@@ -78,8 +79,10 @@ def fitted_size(image_size_hw: tuple[int, int], target_hw: tuple[int, int]) -> t
 
 
 def resize_and_pad(image: Any, target_hw: tuple[int, int], resample: str = "bicubic") -> torch.Tensor:
-    """PIL RGB image -> uint8 [3, H, W] of ``target_hw``: fitted keeping its aspect, centred on black (as LLaVA-NeXT)."""
-    # A JPEG decoded at reduced scale keeps its file size in info: the geometry follows the file, as the base image's does.
+    """PIL RGB image -> uint8 [3, H, W] of ``target_hw``: fitted
+    keeping its aspect, centred on black (as LLaVA-NeXT)."""
+    # A JPEG decoded at reduced scale keeps its file size in info:
+    # the geometry follows the file, as the base image's does.
     width, height = image.info.get(ORIGINAL_SIZE_KEY, image.size)
     new_h, new_w = fitted_size((height, width), target_hw)
     # Channels-last uint8 as ImageTransform.to_uint8: torch's antialiased uint8 resize is vectorised for this layout.
@@ -116,7 +119,8 @@ def tile_image(image: Any, settings: ImageTilingConfig, transform: Any) -> tuple
 
 
 def tiled_draft_size(transform: Any, settings: ImageTilingConfig, width: int, height: int) -> Optional[tuple[int, int]]:
-    """The smallest (width, height) a JPEG may be decoded at for both the base image and the tiles, or None (full decode).
+    """The smallest (width, height) a JPEG may be decoded at for
+    both the base image and the tiles, or None (full decode).
 
     Like ``ImageTransform.draft_size``: worth it only when the file is at least twice
     that size on both sides (JPEG's DCT scaling halves, quarters or eighths).

@@ -27,7 +27,8 @@ def shard_overrides(shards: dict) -> list[str]:
 
 
 def make_shards(run_dir: Path, quick: bool) -> dict:
-    """The digit shards (as ``mmdist shard demo``) in RUN_DIR/data/shards; returns the train/eval shard patterns and counts."""
+    """The digit shards (as ``mmdist shard demo``) in RUN_DIR/data/shards;
+    returns the train/eval shard patterns and counts."""
     out = run_dir / "data" / "shards"
     # overwrite: a shard folder inside a demo run folder can only be this run's own, half-written before an interrupt.
     for split, summary in write_demo_shards(

@@ -282,7 +282,8 @@ def evaluate_answers(
 
 
 def eval_config(cfg: RunConfig, batch_size: Optional[int] = None, shards: Optional[Sequence[str]] = None) -> Any:
-    """A copy of ``cfg`` for metric evaluation: one sample per row (no packing), pixels unless a cache is kept, own batch."""
+    """A copy of ``cfg`` for metric evaluation: one sample per row
+    (no packing), pixels unless a cache is kept, own batch."""
 
     cfg = copy.deepcopy(cfg)
     cfg.data.packing = False

@@ -80,7 +80,8 @@ class AlignModel(FrozenAwareModule):
 
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled frozen text-encoder output [B, H], before the trainable head (what the cache stores as ``text_features``)."""
+        """Pooled frozen text-encoder output [B, H], before the
+        trainable head (what the cache stores as ``text_features``)."""
         return self.text(input_ids, attention_mask)[1]
 
     def image_features(self, batch: dict) -> torch.Tensor:
@@ -92,7 +93,8 @@ class AlignModel(FrozenAwareModule):
         return self.vision(batch["pixel_values"])
 
     def text_features(self, batch: dict) -> torch.Tensor:
-        """Pooled caption vectors [B, H]: precomputed ``text_features`` (feature cache) or the text encoder on the tokens."""
+        """Pooled caption vectors [B, H]: precomputed ``text_features``
+        (feature cache) or the text encoder on the tokens."""
         cached = batch.get("text_features")
         if cached is not None:
             if not self.settings.text.freeze:

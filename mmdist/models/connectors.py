@@ -59,7 +59,8 @@ class ConnectorConfig(SettingsBase):
 
     type: Literal["linear", "mlp", "qformer", "resampler"] = setting(
         "mlp",
-        "stage-1 module: 'linear'/'mlp' heads or 'resampler' (frozen text encoder), or 'qformer' (trainable text encoder)",
+        "stage-1 module: 'linear'/'mlp' heads or 'resampler' "
+        "(frozen text encoder), or 'qformer' (trainable text encoder)",
     )
     align_dim: int = setting(256, "width of the shared image-text space the stage-1 heads map into")
     image_tokens: int = setting(0, "linear/mlp: pool the patch grid to this many tokens (0 keeps every patch)")

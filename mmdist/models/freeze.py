@@ -37,7 +37,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def quantized_kind(param: torch.Tensor) -> Optional[str]:
-    """'int8' / 'nf4' for a weight quantized by mmdist/models/quantize.py (either backend, judged by its type), else None."""
+    """'int8' / 'nf4' for a weight quantized by mmdist/models/quantize.py
+    (either backend, judged by its type), else None."""
     kinds = {"Int8Params": "int8", "Params4bit": "nf4", "Int8Tensor": "int8", "NF4Tensor": "nf4"}
     return kinds.get(type(param).__name__) or kinds.get(type(getattr(param, "data", param)).__name__)
 

@@ -55,7 +55,8 @@ def block_causal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 def supervised_mask(batch: dict) -> torch.Tensor:
-    """[B, T-1] bool: the positions whose next token is a label (answer tokens), never across a packed-sample boundary."""
+    """[B, T-1] bool: the positions whose next token is a label
+    (answer tokens), never across a packed-sample boundary."""
     supervised = batch["labels"][:, 1:] != -100
     if batch.get("sequence_ids") is not None:
         seq = batch["sequence_ids"]
@@ -114,7 +115,8 @@ class FusedVLM(FrozenAwareModule):
         *,
         uses_feature_cache: bool = False,
     ):
-        """``uses_feature_cache``: batches carry cached vision features instead of pixels (the run reads a feature cache)."""
+        """``uses_feature_cache``: batches carry cached vision
+        features instead of pixels (the run reads a feature cache)."""
         super().__init__()
         self.uses_feature_cache = uses_feature_cache
         conn = settings.connector
@@ -134,7 +136,8 @@ class FusedVLM(FrozenAwareModule):
         fallback = pad if pad is not None and pad < rows else 0
         # The id used for the embedding lookup at placeholder positions (overwritten afterwards).
         self.lookup_id = self.image_token_id if self.image_token_id < rows else int(fallback)
-        # Packed rows: SDPA per sample, or FlexAttention, instead of a dense block-diagonal mask (see packed_attention.py).
+        # Packed rows: SDPA per sample, or FlexAttention, instead
+        # of a dense block-diagonal mask (see packed_attention.py).
         self.packed_attention = use_packed_attention(llm)
         self.packed_kernel = resolve_packed_kernel(settings.llm.packed_attention)
         if self.packed_kernel == "flex" and not self.packed_attention:

@@ -61,7 +61,8 @@ class LLMConfig(SettingsBase):
 
     name_or_path: str = setting(
         "",
-        "hub id or local folder of a Hugging Face causal LM (e.g. Qwen/Qwen2.5-14B); empty with init_config builds one from scratch",
+        "hub id or local folder of a Hugging Face causal LM (e.g. Qwen/Qwen2.5-14B); "
+        "empty with init_config builds one from scratch",
     )
     gguf_file: Optional[str] = setting(
         None, "GGUF file name inside name_or_path (or an absolute path); transformers dequantises it on load"
@@ -76,11 +77,13 @@ class LLMConfig(SettingsBase):
     )
     trust_remote_code: bool = setting(
         False,
-        "allow the model repository's own Python code; off unless you trust it (Qwen1 checkpoints such as Qwen/Qwen-14B load natively without it)",
+        "allow the model repository's own Python code; off unless you trust "
+        "it (Qwen1 checkpoints such as Qwen/Qwen-14B load natively without it)",
     )
     dtype: Dtype = setting(
         "auto",
-        "dtype of the frozen weights; auto: bf16 where the device computes it natively, fp16 on GPUs without bf16, else fp32",
+        "dtype of the frozen weights; auto: bf16 where the device "
+        "computes it natively, fp16 on GPUs without bf16, else fp32",
     )
     freeze: bool = setting(True, "freeze the LLM: requires_grad=False, eval(), no optimizer state")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting(
@@ -91,15 +94,20 @@ class LLMConfig(SettingsBase):
     )
     packed_attention: PackedAttention = setting(
         "auto",
-        "attention over packed rows with attn_implementation sdpa: sdpa_per_sample (causal SDPA on each sample's span), flex (one FlexAttention call per layer with a document mask; GPU only for training, torch has no CPU backward) or auto (sdpa_per_sample everywhere until flex is measured on a GPU: benchmarks/gpu_system.py --packed-attention flex)",
+        "attention over packed rows with attn_implementation sdpa: sdpa_per_sample (causal SDPA "
+        "on each sample's span), flex (one FlexAttention call per layer with a document mask; "
+        "GPU only for training, torch has no CPU backward) or auto (sdpa_per_sample everywhere "
+        "until flex is measured on a GPU: benchmarks/gpu_system.py --packed-attention flex)",
     )
     image_token: str = setting(
         "<image>",
-        "placeholder token added to the tokenizer; each one expands to the image's tokens (with a Qwen1 tokenizer the default becomes its reserved <|extra_0|>, so the vocabulary never grows)",
+        "placeholder token added to the tokenizer; each one expands to the image's tokens (with a "
+        "Qwen1 tokenizer the default becomes its reserved <|extra_0|>, so the vocabulary never grows)",
     )
     quantize: Quantize = setting(
         "none",
-        "quantize the frozen LLM's linear layers after loading: none, int8 or nf4 (needs the extra mmdist[quant]); computes in dtype",
+        "quantize the frozen LLM's linear layers after loading: none, "
+        "int8 or nf4 (needs the extra mmdist[quant]); computes in dtype",
     )
     quantize_backend: QuantizeBackend = setting(
         "auto",
@@ -226,7 +234,8 @@ def load_gguf_streamed(folder: str, gguf: str, dtype: Any, attn_implementation: 
         with gather([param]), torch.no_grad():
             if tuple(param.shape) != tuple(value.shape):
                 raise ValueError(
-                    f"{path}: tensor {tensor.name} -> {name} has shape {tuple(value.shape)}, the model's is {tuple(param.shape)}"
+                    f"{path}: tensor {tensor.name} -> {name} has shape "
+                    f"{tuple(value.shape)}, the model's is {tuple(param.shape)}"
                 )
             param.copy_(value)
         loaded.add(name)
@@ -335,7 +344,8 @@ def load_tokenizer(cfg: LLMConfig) -> Any:
     else:
         if cfg.init_config:
             raise ValueError(
-                "model.llm.tokenizer: an LLM built from init_config needs a tokenizer (hub id, folder, or 'mmdist:tiny-bytes')"
+                "model.llm.tokenizer: an LLM built from init_config needs "
+                "a tokenizer (hub id, folder, or 'mmdist:tiny-bytes')"
             )
         source, gguf = resolve_source(cfg)
         if gguf:

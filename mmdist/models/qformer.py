@@ -178,7 +178,8 @@ class QFormer(nn.Module):
 
     @torch.no_grad()
     def init_from_text(self, text_encoder: Any) -> int:
-        """Copy self-attention and FFN weights from the text encoder's first layers (BERT layout); returns layers copied."""
+        """Copy self-attention and FFN weights from the text encoder's
+        first layers (BERT layout); returns layers copied."""
         bert_layers = getattr(getattr(text_encoder.model, "encoder", None), "layer", None)
         if bert_layers is None:
             return 0

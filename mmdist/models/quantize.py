@@ -351,7 +351,8 @@ def _quant_state_bytes(state: Any) -> int:
 
 
 def param_bytes(param: torch.Tensor) -> int:
-    """Bytes a parameter really holds: packed data plus its scales (bitsandbytes SCB / quant_state, torchao's inner tensors)."""
+    """Bytes a parameter really holds: packed data plus its scales
+    (bitsandbytes SCB / quant_state, torchao's inner tensors)."""
     data = getattr(param, "data", param)
     if type(data).__name__ in ("Int8Tensor", "NF4Tensor", "AffineQuantizedTensor"):
         return _tensor_bytes(data)

@@ -301,7 +301,8 @@ def _build_backend(tiktoken_path: str) -> Any:
 
 
 def qwen1_tokenizer_backend(tiktoken_path: str) -> Any:
-    """The ``tokenizers.Tokenizer`` of a qwen.tiktoken file, cached by the file's SHA-256 (never beside the checkpoint)."""
+    """The ``tokenizers.Tokenizer`` of a qwen.tiktoken file,
+    cached by the file's SHA-256 (never beside the checkpoint)."""
     from tokenizers import Tokenizer
 
     digest = hashlib.sha256(Path(tiktoken_path).read_bytes()).hexdigest()[:32]

@@ -41,7 +41,8 @@ class ResamplerConfig(SettingsBase):
     num_heads: int = setting(4, "attention heads")
     before_projector: bool = setting(
         False,
-        "stage 2: a new trainable resampler between the stage-1 module (or the tower, without stage1_weights) and the projector",
+        "stage 2: a new trainable resampler between the stage-1 module "
+        "(or the tower, without stage1_weights) and the projector",
     )
 
     def check(self) -> list[tuple[str, str]]:

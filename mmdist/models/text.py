@@ -39,7 +39,8 @@ class TextConfig(SettingsBase):
     freeze: bool = setting(True, "frozen: Linear heads align the spaces; trainable: a Q-Former is trained (BLIP-2)")
     dtype: Dtype = setting(
         "auto",
-        "dtype of the encoder weights when frozen (a trainable encoder keeps fp32 master weights); auto: as model.llm.dtype",
+        "dtype of the encoder weights when frozen (a trainable "
+        "encoder keeps fp32 master weights); auto: as model.llm.dtype",
     )
     max_length: int = setting(64, "caption tokens kept by the text encoder's tokenizer")
     pooling: Literal["cls", "mean"] = setting("mean", "how a caption becomes one vector (mean over tokens, or [CLS])")
@@ -82,7 +83,8 @@ def load_text_tokenizer(cfg: TextConfig) -> Any:
     name = cfg.tokenizer or cfg.name_or_path
     if not name:
         raise ValueError(
-            "model.text.tokenizer: an encoder built from init_config needs a tokenizer (hub id, folder, or 'mmdist:tiny-wordpiece')"
+            "model.text.tokenizer: an encoder built from init_config "
+            "needs a tokenizer (hub id, folder, or 'mmdist:tiny-wordpiece')"
         )
     builtin = builtin_tokenizer(name)
     if builtin is not None:

@@ -1,4 +1,5 @@
-"""The frozen vision encoder: Hugging Face towers (CLIP, SigLIP, ViT, ResNet, ConvNeXt), timm models, or the user's own module.
+"""The frozen vision encoder: Hugging Face towers (CLIP, SigLIP,
+ViT, ResNet, ConvNeXt), timm models, or the user's own module.
 
 Settings live here (`VisionConfig`) with the wrapper `VisionTower`: it builds the
 tower (mmdist/models/vision_sources.py says how for each source), picks the
@@ -48,11 +49,13 @@ class VisionConfig(SettingsBase):
     )
     name_or_path: str = setting(
         "",
-        "hub id or local folder (source=hf), e.g. openai/clip-vit-large-patch14-336; the architecture name (source=timm), e.g. resnet50",
+        "hub id or local folder (source=hf), e.g. openai/clip-vit-large-patch14-336; "
+        "the architecture name (source=timm), e.g. resnet50",
     )
     init_config: Optional[dict] = setting(
         None,
-        "build a vision tower from this config dict (model_type: vit | clip_vision_model | siglip_vision_model | resnet | convnext)",
+        "build a vision tower from this config dict (model_type: "
+        "vit | clip_vision_model | siglip_vision_model | resnet | convnext)",
     )
     init_seed: int = setting(
         0, "seed for the weights of a tower built from init_config (fixed, so runs are repeatable)"
@@ -60,12 +63,14 @@ class VisionConfig(SettingsBase):
     custom_class: Optional[str] = setting(None, "'package.module:Class' of your encoder (source=custom)")
     custom_kwargs: dict = setting(doc="keyword arguments for custom_class", factory=dict)
     timm_kwargs: dict = setting(
-        doc="source=timm: keyword arguments for timm.create_model (e.g. img_size: 224); pretrained and num_classes are set by mmdist",
+        doc="source=timm: keyword arguments for timm.create_model (e.g. img_size: "
+        "224); pretrained and num_classes are set by mmdist",
         factory=dict,
     )
     checkpoint: Optional[str] = setting(
         None,
-        "weights file for the encoder (.safetensors, or torch.load with weights_only=True); source=timm: the model's weights, nothing is downloaded",
+        "weights file for the encoder (.safetensors, or torch.load with weights_only=True); "
+        "source=timm: the model's weights, nothing is downloaded",
     )
     checkpoint_key: Optional[str] = setting(
         None, "key of the state dict inside the checkpoint (e.g. 'state_dict', 'model'); default: auto"
@@ -76,19 +81,24 @@ class VisionConfig(SettingsBase):
     )
     select_layer: int = setting(
         -2,
-        "hidden layer whose output is used (-1 last, -2 penultimate as in LLaVA); ViT-like HF towers only (timm: forward_features, CNNs: feature_stage)",
+        "hidden layer whose output is used (-1 last, -2 penultimate as in LLaVA); "
+        "ViT-like HF towers only (timm: forward_features, CNNs: feature_stage)",
     )
     feature_stage: Optional[int] = setting(
         None,
-        "convolutional towers (HF ResNet/ConvNeXt, timm CNNs): the stage whose feature map is used (HF: index into hidden_states, 0 = stem, 1.. = stages; timm: forward_intermediates index; negative counts from the end); default: the last",
+        "convolutional towers (HF ResNet/ConvNeXt, timm CNNs): the stage whose feature "
+        "map is used (HF: index into hidden_states, 0 = stem, 1.. = stages; timm: "
+        "forward_intermediates index; negative counts from the end); default: the last",
     )
     feature_grid: Optional[int] = setting(
         None,
-        "adaptive-average-pool a feature map (or a square grid of patch tokens) to feature_grid x feature_grid tokens (default: every position)",
+        "adaptive-average-pool a feature map (or a square grid of patch tokens) "
+        "to feature_grid x feature_grid tokens (default: every position)",
     )
     select_tokens: Literal["patch", "cls", "all"] = setting(
         "patch",
-        "use patch tokens, the class token only, or both (HF towers; a custom encoder returns [N,D], [N,T,D] or a [N,C,H,W] map)",
+        "use patch tokens, the class token only, or both (HF towers; "
+        "a custom encoder returns [N,D], [N,T,D] or a [N,C,H,W] map)",
     )
     image_size: Optional[int] = setting(None, "input resolution; default: the encoder's own processor setting")
     image_mean: Optional[list[float]] = setting(None, "normalisation mean; default: the encoder's processor")
@@ -96,7 +106,8 @@ class VisionConfig(SettingsBase):
     pad_to_square: bool = setting(False, "pad images to a square with the mean colour before resizing (LLaVA-1.5)")
     dtype: Dtype = setting(
         "auto",
-        "dtype of the frozen weights; auto: bf16 where the device computes it natively, fp16 on GPUs without bf16, else fp32",
+        "dtype of the frozen weights; auto: bf16 where the device "
+        "computes it natively, fp16 on GPUs without bf16, else fp32",
     )
     freeze: bool = setting(True, "freeze the encoder (forward only, no optimizer state)")
     quantize: Quantize = setting(
@@ -131,7 +142,8 @@ class VisionConfig(SettingsBase):
                     out.append(
                         (
                             "timm_kwargs",
-                            f"{key} is not allowed: give the local weights file as model.vision.checkpoint (nothing is downloaded)",
+                            f"{key} is not allowed: give the local weights file "
+                            "as model.vision.checkpoint (nothing is downloaded)",
                         )
                     )
         if self.feature_grid is not None and self.feature_grid < 1:
@@ -197,7 +209,8 @@ class VisionTower(torch.nn.Module):
             settings = image_settings_hf(cfg, self.model.config)
         if cfg.select_tokens == "cls" and not self.has_cls:
             raise ValueError(
-                f"model.vision.select_tokens=cls: this {cfg.source} tower ({cfg.name_or_path or cfg.custom_class or 'init_config'}) "
+                f"model.vision.select_tokens=cls: this {cfg.source} tower "
+                f"({cfg.name_or_path or cfg.custom_class or 'init_config'}) "
                 "has no class token; use 'patch'"
             )
         size = cfg.image_size or settings["size"]
@@ -324,7 +337,8 @@ def select_tokens(hidden: torch.Tensor, cfg: VisionConfig, prefix: int) -> torch
 
 
 def timm_features(model: torch.nn.Module, cfg: VisionConfig, pixel_values: torch.Tensor) -> torch.Tensor:
-    """A timm model's tokens: the ``feature_stage`` map (forward_intermediates), else forward_features' map or tokens."""
+    """A timm model's tokens: the ``feature_stage`` map
+    (forward_intermediates), else forward_features' map or tokens."""
     if cfg.feature_stage is not None:
         maps = model.forward_intermediates(pixel_values, indices=[cfg.feature_stage], intermediates_only=True)
         return map_to_tokens(maps[-1], cfg.feature_grid)
@@ -337,7 +351,8 @@ def timm_features(model: torch.nn.Module, cfg: VisionConfig, pixel_values: torch
 def tower_features(
     model: torch.nn.Module, kind: str, cfg: VisionConfig, pixel_values: torch.Tensor, has_cls: bool
 ) -> torch.Tensor:
-    """Normalised pixels [N, C, H, W] in the tower's dtype -> [N, tokens, D] of the selected layer (or stage) and tokens."""
+    """Normalised pixels [N, C, H, W] in the tower's dtype -> [N,
+    tokens, D] of the selected layer (or stage) and tokens."""
     if kind == "custom":
         return as_tokens(model(pixel_values), cfg.feature_grid)
     if kind == "timm":
@@ -350,7 +365,8 @@ def tower_features(
 
 
 def vision_fingerprint(cfg: VisionConfig) -> str:
-    """Identity of the vision encoder's weights (files, or init_config / custom class / timm architecture + seed, plus checkpoint)."""
+    """Identity of the vision encoder's weights (files, or init_config
+    / custom class / timm architecture + seed, plus checkpoint)."""
     from mmdist.models.fingerprint import config_fingerprint, path_fingerprint
 
     if cfg.source == "custom":

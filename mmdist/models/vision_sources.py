@@ -116,7 +116,8 @@ def load_state_into(module: Any, state: dict, path: str, *, allow_partial: bool 
                 shown = ", ".join(keys[:15]) + (f", ... ({len(keys)} in all)" if len(keys) > 15 else "")
                 lines.append(f"  {what} keys ({len(keys)}): {shown}")
         lines.append(
-            f"Fix the checkpoint or {setting_prefix}.checkpoint_key, or set {setting_prefix}.allow_partial_load: true to accept it."
+            f"Fix the checkpoint or {setting_prefix}.checkpoint_key, "
+            f"or set {setting_prefix}.allow_partial_load: true to accept it."
         )
         raise ValueError("\n".join(lines))
     return report
@@ -143,7 +144,8 @@ def hf_config(cfg: Any) -> Any:
 
 
 def load_hf_tower(cfg: Any, gather: Gather) -> Any:
-    """An HF vision model from ``name_or_path`` (local folder or cache) or built from ``init_config`` with seeded weights."""
+    """An HF vision model from ``name_or_path`` (local folder or
+    cache) or built from ``init_config`` with seeded weights."""
     from transformers import AutoModel, CLIPVisionModel, SiglipVisionModel
 
     config = hf_config(cfg)
@@ -204,7 +206,8 @@ def image_settings_hf(cfg: Any, config: Any) -> dict:
         crop = dict(crop) if not isinstance(crop, int) else {"height": crop, "width": crop}
         crop_pct = getattr(proc, "crop_pct", None)
         if crop_pct and psize.get("shortest_edge") and not crop:
-            # ConvNeXt/ResNet: shortest edge to size / crop_pct then the centre square, below 384 px; a plain squash above
+            # ConvNeXt/ResNet: shortest edge to size / crop_pct then
+            # the centre square, below 384 px; a plain squash above
             if psize["shortest_edge"] < 384:
                 out["resize"], out["crop_pct"] = "shortest_edge", float(crop_pct)
             out["size"] = psize["shortest_edge"]
@@ -235,7 +238,8 @@ def import_timm() -> Any:
 
 
 def load_timm_model(cfg: Any, gather: Gather) -> tuple[Any, dict]:
-    """timm's ``name_or_path`` architecture (``pretrained=False``, no classifier) and the report of loading ``checkpoint``.
+    """timm's ``name_or_path`` architecture (``pretrained=False``,
+    no classifier) and the report of loading ``checkpoint``.
 
     The weights file is read here rather than through ``pretrained_cfg_overlay=dict(file=...)``
     so it is written inside ``gather`` (ZeRO-3 partitions the parameters at construction).

@@ -76,7 +76,8 @@ def plan_lines(cfg: RunConfig, shapes: list, estimates: list, budget: int) -> li
             if name in configured:
                 q = planned_frozen_bytes(s, configured[name], held(s))
                 lines.append(
-                    f"quantized: {what}: frozen {s.name} {q / gib:.2f} GiB instead of {s.params * held(s) / gib:.2f} GiB "
+                    f"quantized: {what}: frozen {s.name} {q / gib:.2f} "
+                    f"GiB instead of {s.params * held(s) / gib:.2f} GiB "
                     f"({q / max(1, s.params * held(s)):.2f}x); ZeRO-3 is refused with quantization"
                 )
         fit = best(configured)

@@ -93,7 +93,8 @@ def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estim
     for s in shapes:
         lines.append(f"{s.name:<16}{s.params:>16,}{'yes' if s.trainable else 'no':>11}{s.dtype:>7}")
     lines.append(
-        f"{'total':<16}{p_train + p_frozen:>16,}   trainable {p_train:,} ({100 * p_train / max(1, p_train + p_frozen):.3f}%)"
+        f"{'total':<16}{p_train + p_frozen:>16,}   trainable "
+        f"{p_train:,} ({100 * p_train / max(1, p_train + p_frozen):.3f}%)"
     )
     lines.append("")
     lines.append("per-GPU GiB (activations for the configured micro-batch; total includes a "
@@ -122,8 +123,8 @@ def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estim
         ckpt_override = f" model.llm.gradient_checkpointing={str(ckpt).lower()}" if cfg.stage.builds("llm") else ""
         lines.append(
             f"  overrides: engine.zero_stage={best.setting.zero_stage} engine.offload_optimizer="
-            f"{str(best.setting.offload_optimizer).lower()} engine.offload_params={str(best.setting.offload_params).lower()}"
-            + ckpt_override
+            f"{str(best.setting.offload_optimizer).lower()} "
+            f"engine.offload_params={str(best.setting.offload_params).lower()}" + ckpt_override
         )
     else:
         lines.append(
@@ -175,7 +176,8 @@ def input_line(shapes: list[ModuleShape], gpu: str, gpus_per_node: int, cpus_per
     ]
     if cpus_per_node and gpus_per_node and cpus_per_node / gpus_per_node < cores:
         lines.append(
-            f"  warning: {cpus_per_node} cores for {gpus_per_node} GPUs is {cpus_per_node / gpus_per_node:.1f} per GPU: "
+            f"  warning: {cpus_per_node} cores for {gpus_per_node} "
+            f"GPUs is {cpus_per_node / gpus_per_node:.1f} per GPU: "
             "the loader cannot keep the tower busy when it decodes pixels; cache the image features "
             "(mmdist cache) or move decoding to more nodes"
         )

@@ -46,7 +46,8 @@ class Probe:
 
 
 def probe_tower(model: Any, features: Callable[[Any], Any], size: int) -> Probe:
-    """Run ``features`` on one ``size`` x ``size`` zero image on the meta device (model in eval mode, as VisionTower probes)."""
+    """Run ``features`` on one ``size`` x ``size`` zero image on
+    the meta device (model in eval mode, as VisionTower probes)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -108,7 +109,8 @@ def vision_shape(cfg: RunConfig) -> tuple[ModuleShape, Optional[Any]]:
 
 
 def _vit_dims(model: Any, vis: VisionConfig, size: int, has_cls: bool, params: int) -> dict:
-    """A ViT-like tower: every patch (and the class token) runs through every layer; tokens as VisionTower selects them."""
+    """A ViT-like tower: every patch (and the class token) runs
+    through every layer; tokens as VisionTower selects them."""
     config = model.config
     patch = getattr(config, "patch_size", None)
     seq = (size // patch) ** 2 + int(has_cls) if isinstance(patch, int) else None
@@ -126,7 +128,8 @@ def _vit_dims(model: Any, vis: VisionConfig, size: int, has_cls: bool, params: i
 
 
 def _hf_input_size(vis: VisionConfig, vconf: Any, kind: str) -> int:
-    """The tower's input size: model.vision.image_size, else (a convolutional tower) its local processor's, else its config's.
+    """The tower's input size: model.vision.image_size, else (a
+    convolutional tower) its local processor's, else its config's.
 
     A hub id's processor is not fetched (the planner runs offline): such a conv tower is
     planned at its config's image_size, or 224 as VisionTower takes for a config without one.

@@ -54,9 +54,12 @@ def fit_micro_batch(cfg: RunConfig, world_size: int) -> tuple[RunConfig, Optiona
             [
                 Problem(
                     "train.global_batch_size",
-                    f"{global_batch} samples per step cannot be split evenly over {world_size} ranks whatever the micro-batch; "
-                    f"run on a number of ranks that divides {global_batch} ({', '.join(map(str, fits))}) or set a global batch "
-                    f"that {world_size} divides (a resumed run keeps its learning-rate schedule, but a new global batch changes the optimisation)",
+                    f"{global_batch} samples per step cannot be split evenly "
+                    f"over {world_size} ranks whatever the micro-batch; "
+                    f"run on a number of ranks that divides {global_batch} "
+                    f"({', '.join(map(str, fits))}) or set a global batch "
+                    f"that {world_size} divides (a resumed run keeps its learning-rate schedule, "
+                    "but a new global batch changes the optimisation)",
                 )
             ]
         )

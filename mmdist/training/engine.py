@@ -65,7 +65,8 @@ def read_gather_for(zero_stage: int) -> Callable[[list], Any]:
 
 @dataclass
 class EngineBundle:
-    """What :func:`build_engine` returns; ``hf_ds_config`` must stay referenced for ZeRO-3 (transformers keeps a weakref)."""
+    """What :func:`build_engine` returns; ``hf_ds_config`` must
+    stay referenced for ZeRO-3 (transformers keeps a weakref)."""
 
     engine: Any  # deepspeed.DeepSpeedEngine
     model: TrainableModel

@@ -169,7 +169,8 @@ def _open_logs(run: Run, state: TrainState) -> None:
     for line in precision_lines(run.precision):
         logger.print(f"[mmdist] precision {line}")
     logger.print(
-        f"[mmdist] stage={cfg.stage} world={run.world_size} steps={run.total_steps} global_batch={cfg.train.global_batch_size} "
+        f"[mmdist] stage={cfg.stage} world={run.world_size} "
+        f"steps={run.total_steps} global_batch={cfg.train.global_batch_size} "
         f"micro={cfg.train.micro_batch_size} accumulation={bundle.ds_config['gradient_accumulation_steps']} "
         f"zero={cfg.engine.zero_stage} precision={cfg.engine.precision}"
     )
@@ -260,7 +261,8 @@ def _evaluate(run: Run) -> Optional[dict]:
 
 
 def _evaluate_metrics(run: Run) -> dict:
-    """Retrieval R@k (align) or answer accuracy (fuse) on data.eval, on every rank (mmdist/evaluation/runners.py); the answers go to eval/."""
+    """Retrieval R@k (align) or answer accuracy (fuse) on data.eval, on
+    every rank (mmdist/evaluation/runners.py); the answers go to eval/."""
     from mmdist import evaluation
 
     cfg, engine, model = run.cfg, run.bundle.engine, run.bundle.model

@@ -16,7 +16,8 @@ measured against it.
 The peaks are ``log.peak_flops`` or, if unset, the datasheet's or a short matmul
 measured on this device at start (mmdist.hardware.peak_flops), one per dtype.
 The reported throughput leaves out the first :data:`WARMUP_STEPS` step(s) of a run
-(compilation, allocator growth, the first gathers): a record says from which step its window counts (``mfu_steady_from_step``).
+(compilation, allocator growth, the first gathers): a record says
+from which step its window counts (``mfu_steady_from_step``).
 """
 
 from __future__ import annotations

@@ -79,7 +79,8 @@ def oom_advice(cfg: RunConfig, error: StepOutOfMemoryError, *, world_size: int, 
         f"train.micro_batch_size={cfg.train.micro_batch_size} -> smaller (the global batch stays: accumulation grows)",
         f"engine.zero_stage={cfg.engine.zero_stage} -> 3 partitions the frozen weights too"
         if cfg.engine.zero_stage != 3
-        else "engine.zero_stage=3 already: engine.offload_params=true / engine.offload_optimizer=true move states to CPU",
+        else "engine.zero_stage=3 already: engine.offload_params=true "
+        "/ engine.offload_optimizer=true move states to CPU",
     ]
     if ckpt is False:
         settings.insert(

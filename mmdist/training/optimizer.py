@@ -39,12 +39,14 @@ def build_optimizer_groups(model: TrainableModel, train_cfg: TrainConfig) -> lis
     groups = model.trainable_groups()
     problems = []
     for key in train_cfg.lr_multipliers:
-        # A group this model happens not to have (stage1 without stage-1 weights) is fine; a name no model uses is a typo.
+        # A group this model happens not to have (stage1 without
+        # stage-1 weights) is fine; a name no model uses is a typo.
         if key not in groups and key not in KNOWN_GROUPS:
             problems.append(
                 Problem(
                     f"train.lr_multipliers.{key}",
-                    f"no such parameter group; this model has: {', '.join(sorted(groups)) or 'none'} (known group names: {', '.join(KNOWN_GROUPS)})",
+                    "no such parameter group; this model has: "
+                    f"{', '.join(sorted(groups)) or 'none'} (known group names: {', '.join(KNOWN_GROUPS)})",
                 )
             )
     seen: set[int] = set()
@@ -77,7 +79,8 @@ def build_optimizer_groups(model: TrainableModel, train_cfg: TrainConfig) -> lis
         problems.append(
             Problem(
                 "model",
-                f"{len(missing)} trainable parameter(s) are in no trainable group (e.g. {missing[:3]}); they would never be updated",
+                f"{len(missing)} trainable parameter(s) are in no trainable "
+                f"group (e.g. {missing[:3]}); they would never be updated",
             )
         )
     if not out and not problems:

@@ -97,7 +97,8 @@ class Run:
     def log_skip(self, state: TrainState, loss: float) -> None:
         """A non-finite micro-batch was dropped (train_step's ``on_skip``)."""
         self.logger.print(
-            f"[mmdist] step {state.step + 1}: non-finite loss ({loss}) on some rank; batch skipped ({state.nonfinite_in_row} in a row)"
+            f"[mmdist] step {state.step + 1}: non-finite loss ({loss}) "
+            f"on some rank; batch skipped ({state.nonfinite_in_row} in a row)"
         )
         self.logger.log(
             state.step,

@@ -42,11 +42,13 @@ class TrainConfig(SettingsBase):
     eval_batches: int = setting(20, "batches per evaluation")
     eval_metrics: bool = setting(
         False,
-        "at each evaluation also measure retrieval R@1/5/10 (align) or greedy-answer exact/contains accuracy (fuse) on data.eval (mmdist/evaluation/)",
+        "at each evaluation also measure retrieval R@1/5/10 (align) "
+        "or greedy-answer exact/contains accuracy (fuse) on data.eval (mmdist/evaluation/)",
     )
     eval_max_samples: Optional[int] = setting(
         None,
-        "eval_metrics: held-out samples measured (None: all of data.eval); answers use train.micro_batch_size per batch",
+        "eval_metrics: held-out samples measured (None: "
+        "all of data.eval); answers use train.micro_batch_size per batch",
     )
     seed: int = setting(0, "seed for initialisation and dropout")
     max_nonfinite_steps: int = setting(
@@ -93,7 +95,10 @@ class EngineConfig(SettingsBase):
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = setting(
         "auto",
-        "compute precision of the trainable side (fp32 master weights are kept); auto: bf16 on GPUs with bf16, fp16 (dynamic loss scaling) below compute capability 8.0, fp32 on the CPU. A bf16/fp16 engine, or ZeRO-3, holds frozen parts in this precision too: their model.*.dtype must then match (see mmdist/precision.py)",
+        "compute precision of the trainable side (fp32 master weights are kept); auto: "
+        "bf16 on GPUs with bf16, fp16 (dynamic loss scaling) below compute capability 8.0, "
+        "fp32 on the CPU. A bf16/fp16 engine, or ZeRO-3, holds frozen parts in this "
+        "precision too: their model.*.dtype must then match (see mmdist/precision.py)",
     )
     offload_optimizer: bool = setting(False, "keep optimizer states in CPU memory")
     offload_params: bool = setting(False, "ZeRO-3: keep parameters in CPU memory")
@@ -150,7 +155,8 @@ class LogConfig(SettingsBase):
     )
     data_fingerprint: bool = setting(
         False,
-        "log a hash of every optimizer step's batches (checks that a resumed run sees the same data; costs a copy to CPU)",
+        "log a hash of every optimizer step's batches (checks that "
+        "a resumed run sees the same data; costs a copy to CPU)",
     )
 
 

@@ -213,7 +213,8 @@ def train_step(
                 on_skip(state, float(loss.detach()))
             if state.nonfinite_in_row >= max_nonfinite_steps:
                 raise NonFiniteLossError(
-                    f"{state.nonfinite_in_row} non-finite losses in a row at step {state.step + 1} (train.max_nonfinite_steps="
+                    f"{state.nonfinite_in_row} non-finite losses in a row "
+                    f"at step {state.step + 1} (train.max_nonfinite_steps="
                     f"{max_nonfinite_steps}): lower train.lr, check the data (empty answers, bad images) or use "
                     "engine.precision=bf16/fp32"
                 )

@@ -194,7 +194,8 @@ class Watchdog:
 
 
 def _stderr() -> IO[str]:
-    """The process's real stderr (pytest and loggers may replace sys.stderr with an object without a file descriptor)."""
+    """The process's real stderr (pytest and loggers may replace
+    sys.stderr with an object without a file descriptor)."""
     for stream in (sys.stderr, sys.__stderr__):
         try:
             if stream is not None:

@@ -1,4 +1,5 @@
-"""benchmarks/bench_quantized.py --tiny: one row per method, bytes shrink, greedy answers compared with the unquantized run."""
+"""benchmarks/bench_quantized.py --tiny: one row per method, bytes
+shrink, greedy answers compared with the unquantized run."""
 
 from __future__ import annotations
 

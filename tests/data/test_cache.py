@@ -114,7 +114,8 @@ def test_cache_keeps_text_only_and_skips_bad_images(tmp_path):
 
 
 def _align_setup(tmp_path, connector="mlp", cache_text=None, **text):
-    """A tiny align model and a cache of its features for 8 caption samples (eval split: unshuffled, same order as pixels)."""
+    """A tiny align model and a cache of its features for 8 caption
+    samples (eval split: unshuffled, same order as pixels)."""
     from helpers.configs import tiny_run_config
 
     from mmdist.materialize import build_run_model

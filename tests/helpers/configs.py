@@ -65,5 +65,6 @@ def tiny_llm_config(**settings: Any) -> dict:
 
 
 def tiny_vision_config(**settings: Any) -> dict:
-    """model.vision of the tiny recipes (2-layer HF ViT, hidden 32, 16x16 images in 16 patches), with ``settings`` replaced."""
+    """model.vision of the tiny recipes (2-layer HF ViT, hidden 32,
+    16x16 images in 16 patches), with ``settings`` replaced."""
     return {**config_to_dict(tiny_run_config("fuse"))["model"]["vision"], **settings}

@@ -85,7 +85,8 @@ def make_processors(num_image_tokens: int = 4, chat: bool = True, template: str 
 
 
 def make_config(shards: list[str] | str, stage: str = "fuse", eval_shards: Optional[list[str]] = None, **data: Any):
-    """A validated RunConfig whose data section reads ``shards``; ``data`` overrides data.* keys (train.* via micro_batch_size)."""
+    """A validated RunConfig whose data section reads ``shards``;
+    ``data`` overrides data.* keys (train.* via micro_batch_size)."""
     micro = data.pop("micro_batch_size", 2)
     base = {
         "stage": stage,

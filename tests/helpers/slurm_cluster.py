@@ -127,7 +127,8 @@ class SlurmCluster:
 
 def start_cluster(home: Path | None = None, install_timeout: float = 900, start_timeout: float = 60,
                   nodes: int = 1) -> SlurmCluster:
-    """Install if needed, configure and start a cluster of ``nodes`` (1 or 2) nodes; return it once every node is idle."""
+    """Install if needed, configure and start a cluster of
+    ``nodes`` (1 or 2) nodes; return it once every node is idle."""
     if nodes not in (1, 2):
         raise ValueError(f"nodes={nodes}: the test cluster has 1 node (this host) or 2 (n1, n2 on this host)")
     if os.geteuid() != 0:

@@ -125,7 +125,8 @@ def test_sigkill_one_srun_task_fails_the_step_and_resubmission_resumes(slurm_clu
         f"{info.get('JobState')} {info.get('ExitCode')}\n{log[-3000:]}"
     )
     print(
-        f"job {job} {info['JobState']} ({info['ExitCode']}) {time.monotonic() - killed_at:.1f} s after SIGKILL of task 1"
+        f"job {job} {info['JobState']} ({info['ExitCode']}) "
+        f"{time.monotonic() - killed_at:.1f} s after SIGKILL of task 1"
     )
     saved = latest_checkpoint(run_dir)
     saved_step = int(re.search(r"(\d+)$", saved.name).group(1))

@@ -53,7 +53,8 @@ def test_mpiexec(tiny_recipe, tmp_path):
 
 @pytest.mark.slurm
 def test_stage1_then_stage2_chained_with_afterok(slurm_cluster, tiny_recipes, tmp_path):
-    """The documented chain: JOB1=$(sbatch --parsable slurm/stage1.sh); sbatch --dependency=afterok:$JOB1 slurm/stage2.sh.
+    """The documented chain: JOB1=$(sbatch --parsable slurm/stage1.sh);
+    sbatch --dependency=afterok:$JOB1 slurm/stage2.sh.
 
     Also the plain `sbatch slurm/stage2.sh` run on one node with 2 tasks (a test of its own before, which ran the same
     stage2.sh job without the stage-1 export; that variant runs in test_kill_rank's Slurm resubmission).

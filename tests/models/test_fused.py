@@ -1,4 +1,5 @@
-"""Stage 2 (FusedVLM): image tokens land at the placeholders, labels, multi-image and text-only batches, packing, generation."""
+"""Stage 2 (FusedVLM): image tokens land at the placeholders,
+labels, multi-image and text-only batches, packing, generation."""
 
 from __future__ import annotations
 

@@ -63,7 +63,8 @@ def test_image_token_is_added_once_as_a_special_token():
 
 @pytest.fixture(scope="module")
 def smollm2_vlm():
-    """The fused VLM on the packaged SmolLM2: its ``llm`` is what ``load_llm(smollm2, fp32)`` returned (the build calls it).
+    """The fused VLM on the packaged SmolLM2: its ``llm`` is what
+    ``load_llm(smollm2, fp32)`` returned (the build calls it).
 
     Built once for the module: one GGUF load costs 30 s on an idle 2-core machine, minutes on a busy one.
     """

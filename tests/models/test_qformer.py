@@ -1,4 +1,5 @@
-"""Q-Former: shapes, masks (ITM bidirectional, ITG multimodal causal), ITC over queries, hard negatives, losses, BERT init."""
+"""Q-Former: shapes, masks (ITM bidirectional, ITG multimodal
+causal), ITC over queries, hard negatives, losses, BERT init."""
 
 from __future__ import annotations
 

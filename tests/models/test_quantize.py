@@ -141,7 +141,8 @@ def test_gradients_reach_the_projector_through_a_quantized_llm(method, backend):
 
 @pytest.mark.parametrize("method,backend", COMBOS)
 def test_quantized_weights_survive_a_bf16_deepspeed_engine_and_its_step(tmp_path, method, backend):
-    """A bf16 engine casts every floating parameter, frozen ones too: the packed weights must stay packed and unchanged."""
+    """A bf16 engine casts every floating parameter, frozen ones
+    too: the packed weights must stay packed and unchanged."""
     from mmdist import distributed as dist
     from mmdist.precision import resolve_precision
     from mmdist.training.engine import build_engine

@@ -1,4 +1,5 @@
-"""The resampler connector: token grids and positions, shapes for any token count, gradients, stage 1 and stage 2 wiring,
+"""The resampler connector: token grids and positions, shapes
+for any token count, gradients, stage 1 and stage 2 wiring,
 the stage hand-off, and its refusal by the llava-hf export."""
 
 from __future__ import annotations

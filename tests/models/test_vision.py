@@ -1,4 +1,5 @@
-"""Vision encoders: HF towers (layer and token selection), a custom module with a checkpoint, mismatches, fingerprints."""
+"""Vision encoders: HF towers (layer and token selection), a
+custom module with a checkpoint, mismatches, fingerprints."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Elastic resume with the real model and the real WebDataset loader: 2 -> 1 -> 3 ranks (ZeRO-3) and 3 -> 1 -> 2
-(ZeRO-2) within one epoch read every sample once, and the final weights are an uninterrupted run's on the same batches."""
+(ZeRO-2) within one epoch read every sample once, and the final
+weights are an uninterrupted run's on the same batches."""
 
 from __future__ import annotations
 

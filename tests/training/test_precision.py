@@ -123,7 +123,8 @@ def test_trainable_text_encoder_dtype_is_not_a_contradiction():
 
 @pytest.mark.parametrize("native,expected", [("0", "fp32"), ("1", "bf16")])
 def test_tiny_fuse_recipe_resolves_auto_from_the_cpu(monkeypatch, native, expected):
-    """MMDIST_CPU_BF16 switches the branch on any machine; the shipped tiny fuse recipe (ZeRO-3) is `auto` throughout."""
+    """MMDIST_CPU_BF16 switches the branch on any machine; the
+    shipped tiny fuse recipe (ZeRO-3) is `auto` throughout."""
     monkeypatch.setenv("MMDIST_CPU_BF16", native)
     raw = load_config(RECIPES / "tiny_fuse.yaml")
     assert raw.engine.precision == raw.model.llm.dtype == raw.model.vision.dtype == "auto"
