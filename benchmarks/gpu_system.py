@@ -397,12 +397,13 @@ def run(
 def report(res: dict) -> str:
     """The printed result: one line per figure (``name  trainer  bare``), then the step breakdown table."""
     t, b = res["trainer"], res["bare"]
+    rows = "both sides, bare rows packed" if res["bare_rows_packed"] else "trainer only, bare rows one sample each"
     lines = [
         f"device  {res['device']}  ({res['shapes']}, ZeRO-{res['zero_stage']} "
         f"({res.get('zero_stage_setting')}), micro-batch {res['micro_batch']}, "
         f"max_len {res['max_len']}, checkpointing {res['checkpointing']}, peak {res['peak_flops']:.4g} FLOP/s "
         f"from {res['peak_source']}, attention {res['attn_implementation']}, packed attention {res['packed_attention']}"
-        f" ({'both sides, bare rows packed' if res['bare_rows_packed'] else 'trainer only, bare rows one sample each'}))",
+        f" ({rows}))",
         f"steady_steps  {t['steps']}  {b['steps']}  (first {res['warmup_steps']} left out)",
         f"real_tokens  {t['real_tokens']}  {b['real_tokens']}",
         f"images  {t['images']}  {b['images']}",

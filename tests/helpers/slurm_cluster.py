@@ -259,8 +259,9 @@ def _two_node_conf(cluster: SlurmCluster) -> str:
     h = cluster.home
     nodes = "".join(f"NodeName={name} NodeHostname={cluster.host} NodeAddr=127.0.0.1 Port={port} CPUs=1 State=UNKNOWN\n"
                     for name, port in zip(cluster.nodes, TWO_NODE_PORTS))
-    return f"""# Written by tests/helpers/slurm_cluster.py: a two-node test cluster on one host, no cgroups, no accounting.
-ClusterName=mmdist-test-2node
+    return (
+        "# Written by tests/helpers/slurm_cluster.py: a two-node test cluster on one host, no cgroups, no accounting.\n"
+        + f"""ClusterName=mmdist-test-2node
 SlurmctldHost={cluster.host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
@@ -286,6 +287,7 @@ MinJobAge=600
 KillWait=5
 {nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
+    )
 
 
 def _node_idle(cluster: SlurmCluster) -> bool:

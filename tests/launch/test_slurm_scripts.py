@@ -26,7 +26,8 @@ FAKE_SRUN = """#!/usr/bin/env python3
 import json, os, sys
 keys = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING",
         "NCCL_DEBUG", "DS_ACCELERATOR", "MMDIST_DIST_TIMEOUT", "PYTHONUNBUFFERED")
-print("SRUN " + json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": {k: os.environ.get(k) for k in keys}}), flush=True)
+env = {k: os.environ.get(k) for k in keys}
+print("SRUN " + json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": env}), flush=True)
 marker = os.environ.get("FAKE_SRUN_MARKER")
 
 def stop(signum, frame):  # what the ranks do on the warning signal: checkpoint, marker, PREEMPTED_EXIT

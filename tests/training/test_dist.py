@@ -316,7 +316,9 @@ def test_uncaught_exception_still_destroys_the_group(tmp_path):
         from mmdist import distributed as dist
         from mmdist import launch_env
         # atexit runs handlers last-registered first: this probe, registered before init(), runs after shutdown().
-        atexit.register(lambda: print(f"rank{os.environ['RANK']} group_alive_at_exit={tdist.is_initialized()}", flush=True))
+        atexit.register(
+            lambda: print(f"rank{os.environ['RANK']} group_alive_at_exit={tdist.is_initialized()}", flush=True)
+        )
         env = dist.init(launch_env.discover(), timeout_s=20)
         t = torch.tensor([float(env.rank + 1)])
         tdist.all_reduce(t)
