@@ -246,19 +246,10 @@ def image_processor_of(transform: Any) -> Any:
     square = {"height": transform.size, "width": transform.size}
     crop = transform.resize == "shortest_edge"  # CLIP: shortest edge to size, then the centre square
     return LlavaImageProcessorPil(
-        do_resize=True,
-        size={"shortest_edge": transform.size} if crop else square,
-        resample=resample,
-        do_center_crop=crop,
-        crop_size=square,
-        do_rescale=True,
-        rescale_factor=1 / 255,
-        do_normalize=True,
-        image_mean=list(transform.mean),
-        image_std=list(transform.std),
-        do_pad=transform.pad_to_square,
-        do_convert_rgb=True,
-    )
+        do_resize=True, size={"shortest_edge": transform.size} if crop else square, resample=resample,
+        do_center_crop=crop, crop_size=square, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(transform.mean), image_std=list(transform.std), do_pad=transform.pad_to_square,
+        do_convert_rgb=True)
 
 
 def _content_as_text(image_token: str) -> str:
