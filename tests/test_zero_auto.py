@@ -227,7 +227,7 @@ def demo_shards(tmp_path_factory):
 def test_two_cpu_ranks_train_the_tiny_fuse_recipe_with_auto(tmp_path, demo_shards):
     """auto at 2 CPU ranks: ZeRO-0 (fp32, a frozen LLM; no DeepSpeed partitioning), agreed by both ranks, trains and
     writes the concrete stage with its reason into config.yaml."""
-    from helpers.trainer_toy import launch
+    from helpers.toy_launch import launch
 
     recipe = yaml.safe_load(
         open(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "tiny_fuse.yaml")

@@ -9,7 +9,8 @@ import os
 
 import pytest
 import torch
-from helpers.trainer_toy import ToyModel, launch, toy_config, toy_loader_builder, toy_model_builder
+from helpers.toy_launch import launch
+from helpers.trainer_toy import ToyModel, toy_config, toy_loader_builder, toy_model_builder
 from safetensors.torch import load_file
 
 from mmdist.config.run import load_config

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.trainer_toy import ToyModel, launch, toy_config
+from helpers.toy_launch import launch
+from helpers.trainer_toy import ToyModel, toy_config
 
 from mmdist.config.run import ConfigError, load_config
 from mmdist.training.deepspeed_compat import enable_frozen_gradient_checkpointing

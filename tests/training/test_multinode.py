@@ -18,7 +18,8 @@ import json
 
 import pytest
 import torch
-from helpers.trainer_toy import launch, launch_nodes, node_local_supported, toy_config
+from helpers.toy_launch import launch, launch_nodes, node_local_supported
+from helpers.trainer_toy import toy_config
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
