@@ -72,14 +72,23 @@ def make_processors(image_size: int, num_image_tokens: int):
 
 def config(pattern: str, **data):
     micro = data.pop("micro_batch_size", 16)
-    return load_config(base={
-        "stage": "fuse",
-        "model": {"llm": {"init_config": {"model_type": "llama"}, "tokenizer": "mmdist:tiny-bytes"},
-                  "vision": {"init_config": {"model_type": "vit"}}},
-        "data": {"train": [{"shards": [pattern]}], "shuffle_buffer": 256, "persistent_workers": False, "order": "per_rank",
-                 **data},  # one rank's reader, as the published figures were measured
-        "train": {"max_steps": 1, "micro_batch_size": micro, "global_batch_size": micro},
-    })
+    return load_config(
+        base={
+            "stage": "fuse",
+            "model": {
+                "llm": {"init_config": {"model_type": "llama"}, "tokenizer": "mmdist:tiny-bytes"},
+                "vision": {"init_config": {"model_type": "vit"}},
+            },
+            "data": {
+                "train": [{"shards": [pattern]}],
+                "shuffle_buffer": 256,
+                "persistent_workers": False,
+                "order": "per_rank",
+                **data,
+            },  # one rank's reader, as the published figures were measured
+            "train": {"max_steps": 1, "micro_batch_size": micro, "global_batch_size": micro},
+        }
+    )
 
 
 def throughput(pattern: str, processors, workers: int, batch: int, threads: int = 0) -> tuple[float, int]:
@@ -88,7 +97,9 @@ def throughput(pattern: str, processors, workers: int, batch: int, threads: int 
     before = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    loader = build_loader(config(pattern, num_workers=workers, micro_batch_size=batch, max_len=1024), processors, "train", 0, 1)
+    loader = build_loader(
+        config(pattern, num_workers=workers, micro_batch_size=batch, max_len=1024), processors, "train", 0, 1
+    )
     start = time.perf_counter()
     n = 0
     for b in loader:
@@ -99,7 +110,9 @@ def throughput(pattern: str, processors, workers: int, batch: int, threads: int 
 
 
 def padding(pattern: str, processors, batch: int, max_len: int, **mode) -> float:
-    loader = build_loader(config(pattern, num_workers=0, micro_batch_size=batch, max_len=max_len, **mode), processors, "train", 0, 1)
+    loader = build_loader(
+        config(pattern, num_workers=0, micro_batch_size=batch, max_len=max_len, **mode), processors, "train", 0, 1
+    )
     real = total = 0
     for b in loader:
         mask = b["attention_mask"]
@@ -109,7 +122,8 @@ def padding(pattern: str, processors, batch: int, max_len: int, **mode) -> float
 
 
 def _stage1_runs(cfg, base: dict, pattern: str, tmp: str, rounds: int = 3, warmup_batches: int = 2) -> dict:
-    """One stage-1 epoch (forward, backward, AdamW step) reading pixels, an image-feature cache, and an image+text cache."""
+    """One stage-1 epoch (forward, backward, AdamW step) reading
+    pixels, an image-feature cache, and an image+text cache."""
     import torch
 
     from mmdist.data.cache import build_feature_cache
@@ -140,7 +154,9 @@ def _stage1_runs(cfg, base: dict, pattern: str, tmp: str, rounds: int = 3, warmu
     runs = {"pixels": cfg}
     for name, text in (("image", False), ("image_text", True)):
         start = time.perf_counter()
-        build_feature_cache(cfg, model, [pattern], Path(tmp) / f"cache_{name}" / "train", batch_size=64, cache_text=text)
+        build_feature_cache(
+            cfg, model, [pattern], Path(tmp) / f"cache_{name}" / "train", batch_size=64, cache_text=text
+        )
         out[f"{name}_build_s"] = time.perf_counter() - start
         runs[name] = cached(f"cache_{name}")
         probe = next(iter(build_loader(runs[name], model.processors, "train", 0, 1)))
@@ -170,9 +186,19 @@ def stage1_epoch_times(tmp: str, n_train: int, image_size: int, batch: int, roun
     demo = write_demo_shards(Path(tmp) / "demo", image_size=image_size, samples_per_shard=128, limit=n_train)
     pattern = shard_pattern(demo["train"])
     base = tiny_recipe("align")
-    base["model"]["vision"]["init_config"] = {"model_type": "vit", "hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 6,
-                                              "num_attention_heads": 6, "image_size": image_size, "patch_size": 4, "num_channels": 3}
-    base["data"].update({"train": [{"shards": [pattern]}], "eval": [], "num_workers": 1, "format": "caption", "shuffle_buffer": 64})
+    base["model"]["vision"]["init_config"] = {
+        "model_type": "vit",
+        "hidden_size": 192,
+        "intermediate_size": 768,
+        "num_hidden_layers": 6,
+        "num_attention_heads": 6,
+        "image_size": image_size,
+        "patch_size": 4,
+        "num_channels": 3,
+    }
+    base["data"].update(
+        {"train": [{"shards": [pattern]}], "eval": [], "num_workers": 1, "format": "caption", "shuffle_buffer": 64}
+    )
     base["train"].update({"micro_batch_size": batch, "global_batch_size": batch})
     cfg = load_config(base=base)
     out = _stage1_runs(cfg, base, pattern, str(Path(tmp) / "bench_recipe"), rounds)
@@ -182,7 +208,8 @@ def stage1_epoch_times(tmp: str, n_train: int, image_size: int, batch: int, roun
 
 
 def demo_stage1_epoch_times(tmp: str, n_train: int, rounds: int = 3) -> dict:
-    """The demo's own stage-1 recipe (configs/demo_align.yaml: 2-layer ViT on 28 px digits, frozen MiniLM, MLP heads, batch 64)."""
+    """The demo's own stage-1 recipe (configs/demo_align.yaml: 2-layer
+    ViT on 28 px digits, frozen MiniLM, MLP heads, batch 64)."""
     import yaml
 
     from mmdist.data.shards import shard_pattern, write_demo_shards
@@ -194,7 +221,11 @@ def demo_stage1_epoch_times(tmp: str, n_train: int, rounds: int = 3) -> dict:
     base["run_dir"] = str(Path(tmp) / "run")
     base["data"] = {**base["data"], "train": [{"shards": [pattern]}], "eval": []}
     cfg = load_config(base=base)
-    return {"samples": n_train, "batch": cfg.train.micro_batch_size, **_stage1_runs(cfg, base, pattern, str(Path(tmp) / "demo_recipe"), rounds)}
+    return {
+        "samples": n_train,
+        "batch": cfg.train.micro_batch_size,
+        **_stage1_runs(cfg, base, pattern, str(Path(tmp) / "demo_recipe"), rounds),
+    }
 
 
 def _print_stage1(title: str, r: dict) -> None:
@@ -202,9 +233,18 @@ def _print_stage1(title: str, r: dict) -> None:
     print(f"{'input':>34} | {'s / epoch':>9} | {'speed-up':>8} | {'cache build s':>13}")
     print("-" * 75)
     print(f"{'pixels (encoders every step)':>34} | {r['pixels_s']:>9.2f} | {1.0:>7.1f}x | {'':>13}")
-    print(f"{'image-feature cache':>34} | {r['image_cache_s']:>9.2f} | {r['speedup_image']:>7.1f}x | {r['image_build_s']:>13.2f}")
-    print(f"{'image + text feature cache':>34} | {r['image_text_cache_s']:>9.2f} | {r['speedup_image_text']:>7.1f}x | {r['image_text_build_s']:>13.2f}")
-    print(f"text cache on top of the image cache: {r['speedup_text_over_image']:.2f}x  (medians; every epoch: {r['rounds']})")
+    print(
+        f"{'image-feature cache':>34} | {r['image_cache_s']:>9.2f} "
+        f"| {r['speedup_image']:>7.1f}x | {r['image_build_s']:>13.2f}"
+    )
+    print(
+        f"{'image + text feature cache':>34} | {r['image_text_cache_s']:>9.2f} "
+        f"| {r['speedup_image_text']:>7.1f}x | {r['image_text_build_s']:>13.2f}"
+    )
+    print(
+        "text cache on top of the image cache: "
+        f"{r['speedup_text_over_image']:.2f}x  (medians; every epoch: {r['rounds']})"
+    )
 
 
 def main(argv=None) -> int:
@@ -213,8 +253,12 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-len", type=int, default=1024)
-    parser.add_argument("--stage1-samples", type=int, default=512, help="demo digits for the stage-1 cache timing (0 skips it)")
-    parser.add_argument("--stage1-rounds", type=int, default=3, help="epochs per input in the stage-1 timings (taking turns; medians)")
+    parser.add_argument(
+        "--stage1-samples", type=int, default=512, help="demo digits for the stage-1 cache timing (0 skips it)"
+    )
+    parser.add_argument(
+        "--stage1-rounds", type=int, default=3, help="epochs per input in the stage-1 timings (taking turns; medians)"
+    )
     parser.add_argument("--demo-stage1-samples", type=int, default=512,
                         help="digits for the timing of the demo's own stage-1 recipe (frozen MiniLM; 0 skips it)")
     parser.add_argument("--json", default=None, help="also write the figures here")
@@ -222,8 +266,13 @@ def main(argv=None) -> int:
 
     processors = make_processors(args.image_size, num_image_tokens=64)
     with tempfile.TemporaryDirectory() as tmp:
-        summary = write_shards(synthetic_samples(args.samples, args.image_size), tmp, prefix="bench", samples_per_shard=64,
-                               verify_images=False)
+        summary = write_shards(
+            synthetic_samples(args.samples, args.image_size),
+            tmp,
+            prefix="bench",
+            samples_per_shard=64,
+            verify_images=False,
+        )
         pattern = str(Path(tmp) / f"bench-{{000000..{len(summary.shards) - 1:06d}}}.tar")
         throughput(pattern, processors, 0, args.batch)  # warm-up: file cache, imports, lazy inits
         rows = []
@@ -235,26 +284,48 @@ def main(argv=None) -> int:
         pad_plain = padding(pattern, processors, args.batch, args.max_len)
         pad_group = padding(pattern, processors, args.batch, args.max_len, group_by_length=True)
         pad_pack = padding(pattern, processors, args.batch, args.max_len, packing=True)
-        stage1 = stage1_epoch_times(tmp, args.stage1_samples, 32, 32, args.stage1_rounds) if args.stage1_samples else None
-        demo1 = demo_stage1_epoch_times(tmp, args.demo_stage1_samples, args.stage1_rounds) if args.demo_stage1_samples else None
+        stage1 = (
+            stage1_epoch_times(tmp, args.stage1_samples, 32, 32, args.stage1_rounds) if args.stage1_samples else None
+        )
+        demo1 = (
+            demo_stage1_epoch_times(tmp, args.demo_stage1_samples, args.stage1_rounds)
+            if args.demo_stage1_samples
+            else None
+        )
 
-    print(f"\nread + decode + preprocess + collate ({args.samples} samples, {args.image_size}px JPEG, batch {args.batch})")
+    print(
+        f"\nread + decode + preprocess + collate ({args.samples} samples, {args.image_size}px JPEG, batch {args.batch})"
+    )
     print(f"{'workers':>20} | {'samples/s':>10} | {'samples':>8}")
     print("-" * 45)
     for label, rate, n in rows:
         print(f"{label:>20} | {rate:>10.1f} | {n:>8}")
-    print(f"\nnon-padding token fraction (variable-length captions, 64 image tokens, max_len {args.max_len}, batch {args.batch})")
+    print(
+        "\nnon-padding token fraction (variable-length captions, "
+        f"64 image tokens, max_len {args.max_len}, batch {args.batch})"
+    )
     print(f"{'collation':>26} | {'non-padding':>11}")
     print("-" * 40)
     for name, value in (("pad to longest", pad_plain), ("pad to longest + grouping", pad_group), ("packing", pad_pack)):
         print(f"{name:>26} | {value:>10.1%}")
     print(f"\npacking target >= 95%: {'met' if pad_pack >= 0.95 else 'NOT met'}")
     if stage1:
-        _print_stage1(f"stage-1 epoch ({stage1['samples']} demo digits 32px, frozen 6-layer ViT-192 + tiny BERT, MLP heads, batch 32, 1 worker)", stage1)
-        print(f"speed-up of the image cache {stage1['speedup_image']:.1f}x (target >= 3x: {'met' if stage1['speedup_image'] >= 3 else 'NOT met'})")
+        _print_stage1(
+            f"stage-1 epoch ({stage1['samples']} demo digits 32px, "
+            "frozen 6-layer ViT-192 + tiny BERT, MLP heads, batch 32, 1 worker)",
+            stage1,
+        )
+        print(
+            f"speed-up of the image cache {stage1['speedup_image']:.1f}x (target >= 3x: "
+            f"{'met' if stage1['speedup_image'] >= 3 else 'NOT met'})"
+        )
     if demo1:
-        _print_stage1(f"the demo's stage 1 (configs/demo_align.yaml: {demo1['samples']} digits 28px, 2-layer ViT-128, frozen MiniLM, "
-                      f"MLP heads, batch {demo1['batch']}, 0 workers)", demo1)
+        _print_stage1(
+            "the demo's stage 1 (configs/demo_align.yaml: "
+            f"{demo1['samples']} digits 28px, 2-layer ViT-128, frozen MiniLM, "
+            f"MLP heads, batch {demo1['batch']}, 0 workers)",
+            demo1,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({
             "throughput": [{"workers": w, "samples_per_s": r, "samples": n} for w, r, n in rows],

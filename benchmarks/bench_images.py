@@ -84,7 +84,9 @@ def write_shards(folder: Path, images: int, shards: int) -> str:
                     info = tarfile.TarInfo(f"{i:08d}.{ext}")
                     info.size = len(data)
                     tar.addfile(info, io.BytesIO(data))
-    (folder / "sizes.json").write_text(json.dumps({f"photos-{s:06d}.tar": min(images, (s + 1) * per) - s * per for s in range(shards)}))
+    (folder / "sizes.json").write_text(
+        json.dumps({f"photos-{s:06d}.tar": min(images, (s + 1) * per) - s * per for s in range(shards)})
+    )
     return str(folder / f"photos-{{000000..{shards - 1:06d}}}.tar")
 
 
@@ -123,14 +125,25 @@ def mmdist_processors() -> Processors:
 
 
 def mmdist_loader(pattern: str, processors: Processors, workers: int, batch: int):
-    cfg = load_config(base={
-        "stage": "fuse",
-        "model": {"llm": {"init_config": {"model_type": "llama"}, "tokenizer": "mmdist:tiny-bytes"},
-                  "vision": {"init_config": {"model_type": "vit"}}},
-        "data": {"train": [{"shards": [pattern]}], "shuffle_buffer": 0, "persistent_workers": False, "order": "per_rank",
-                 "num_workers": workers, "max_len": 64, "self_check_samples": 0},
-        "train": {"max_steps": 1, "micro_batch_size": batch, "global_batch_size": batch},
-    })
+    cfg = load_config(
+        base={
+            "stage": "fuse",
+            "model": {
+                "llm": {"init_config": {"model_type": "llama"}, "tokenizer": "mmdist:tiny-bytes"},
+                "vision": {"init_config": {"model_type": "vit"}},
+            },
+            "data": {
+                "train": [{"shards": [pattern]}],
+                "shuffle_buffer": 0,
+                "persistent_workers": False,
+                "order": "per_rank",
+                "num_workers": workers,
+                "max_len": 64,
+                "self_check_samples": 0,
+            },
+            "train": {"max_steps": 1, "micro_batch_size": batch, "global_batch_size": batch},
+        }
+    )
     return build_loader(cfg, processors, "train", 0, 1)
 
 
@@ -144,7 +157,8 @@ def images_per_second(loader) -> tuple[float, int]:
 
 
 def pixel_check(pattern: str, processors: Processors, samples: int = 24) -> dict:
-    """mmdist's loader pixels (uint8, then the tower's normalisation) vs the processor on a full decode, in 0-255 levels."""
+    """mmdist's loader pixels (uint8, then the tower's normalisation)
+    vs the processor on a full decode, in 0-255 levels."""
     from mmdist.data.reader import decode_image, list_shards, read_tar
 
     processor = clip_processor()
@@ -162,8 +176,12 @@ def pixel_check(pattern: str, processors: Processors, samples: int = 24) -> dict
                 theirs = processor(decode_image(raw["jpg"], 10**9), return_tensors="pt")["pixel_values"][0]
                 diffs.append(((ours[raw["__key__"]] - theirs) * torch.tensor(CLIP_STD).view(3, 1, 1) * 255).abs())
     levels = torch.stack(diffs)
-    return {"samples": len(diffs), "mean_levels": round(float(levels.mean()), 3),
-            "p99_levels": round(float(torch.quantile(levels.flatten()[:1_000_000], 0.99)), 2), "max_levels": round(float(levels.max()), 1)}
+    return {
+        "samples": len(diffs),
+        "mean_levels": round(float(levels.mean()), 3),
+        "p99_levels": round(float(torch.quantile(levels.flatten()[:1_000_000], 0.99)), 2),
+        "max_levels": round(float(levels.max()), 1),
+    }
 
 
 def cores_per_gpu(per_core: float) -> dict:
@@ -204,7 +222,10 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         pattern = write_shards(Path(tmp), args.images, args.shards)
-        print(f"wrote {args.images} photo-like JPEGs (500x375 to 1024x768, q90) in {args.shards} shards in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"wrote {args.images} photo-like JPEGs (500x375 to 1024x768, "
+            f"q90) in {args.shards} shards in {time.perf_counter() - t0:.1f} s"
+        )
         processors = mmdist_processors()
         check = pixel_check(pattern, processors)
         print(f"pixels vs CLIPImageProcessor (levels of 255, {check['samples']} images): mean {check['mean_levels']}, "
@@ -213,7 +234,11 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):
             for k in cores:
                 for name in ("usual", "mmdist"):
-                    loader = usual_loader(pattern, k, args.batch) if name == "usual" else mmdist_loader(pattern, processors, k, args.batch)
+                    loader = (
+                        usual_loader(pattern, k, args.batch)
+                        if name == "usual"
+                        else mmdist_loader(pattern, processors, k, args.batch)
+                    )
                     rate, n = images_per_second(loader)
                     if n != args.images:
                         raise RuntimeError(f"{name} with {k} workers read {n} images, expected {args.images}")
@@ -221,21 +246,49 @@ def main(argv=None) -> int:
         rows = []
         for k in cores:
             usual, ours = statistics.median(rates[("usual", k)]), statistics.median(rates[("mmdist", k)])
-            rows.append({"cores": k, "usual_img_s": round(usual, 1), "mmdist_img_s": round(ours, 1),
-                         "usual_per_core": round(usual / k, 1), "mmdist_per_core": round(ours / k, 1), "ratio": round(ours / usual, 2)})
-        print(f"\n{'cores':>5} {'usual img/s':>12} {'mmdist img/s':>13} {'usual /core':>12} {'mmdist /core':>13} {'ratio':>6}")
+            rows.append(
+                {
+                    "cores": k,
+                    "usual_img_s": round(usual, 1),
+                    "mmdist_img_s": round(ours, 1),
+                    "usual_per_core": round(usual / k, 1),
+                    "mmdist_per_core": round(ours / k, 1),
+                    "ratio": round(ours / usual, 2),
+                }
+            )
+        print(
+            f"\n{'cores':>5} {'usual img/s':>12} {'mmdist img/s':>13} "
+            f"{'usual /core':>12} {'mmdist /core':>13} {'ratio':>6}"
+        )
         for r in rows:
-            print(f"{r['cores']:>5} {r['usual_img_s']:>12} {r['mmdist_img_s']:>13} {r['usual_per_core']:>12} {r['mmdist_per_core']:>13} {r['ratio']:>5}x")
+            print(
+                f"{r['cores']:>5} {r['usual_img_s']:>12} {r['mmdist_img_s']:>13} "
+                f"{r['usual_per_core']:>12} {r['mmdist_per_core']:>13} {r['ratio']:>5}x"
+            )
         per_core = rows[0]["mmdist_per_core"]
         need = cores_per_gpu(per_core)
-        print(f"\nmmdist at {per_core} images/s per core (1 worker): a frozen ViT-L/14-336 (configs/align.yaml, configs/fuse.yaml) "
-              f"at {TOWER_MFU:.0%} of peak needs")
+        print(
+            f"\nmmdist at {per_core} images/s per core (1 worker): "
+            "a frozen ViT-L/14-336 (configs/align.yaml, configs/fuse.yaml) "
+            f"at {TOWER_MFU:.0%} of peak needs"
+        )
         for gpu, n in need.items():
             print(f"  {gpu}: {n['images_per_s_per_gpu']} images/s per GPU -> {n['cores_per_gpu']} cores per GPU "
                   f"(usual: {round(n['images_per_s_per_gpu'] / rows[0]['usual_per_core'], 1)})")
         if args.json:
-            Path(args.json).write_text(json.dumps({"machine": cpu_description(), "pixel_check": check, "rows": rows,
-                                                   "cores_per_gpu": need, "images": args.images, "rounds": args.rounds}, indent=2))
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "machine": cpu_description(),
+                        "pixel_check": check,
+                        "rows": rows,
+                        "cores_per_gpu": need,
+                        "images": args.images,
+                        "rounds": args.rounds,
+                    },
+                    indent=2,
+                )
+            )
     return 0
 
 

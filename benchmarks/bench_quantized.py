@@ -91,8 +91,11 @@ def prompt_ids(model: Any, which: str, text: str) -> torch.Tensor:
     n = model.num_image_tokens
     if which != "smollm2":
         g = torch.Generator().manual_seed(sum(map(ord, text)))
-        vocab = min(model.llm.get_input_embeddings().num_embeddings, len(model.processors.tokenizer)) if which == "tiny" \
+        vocab = (
+            min(model.llm.get_input_embeddings().num_embeddings, len(model.processors.tokenizer))
+            if which == "tiny"
             else LARGER["vocab_size"]
+        )
         ids = torch.randint(3, vocab - 3, (1, 12), generator=g)
     else:
         ids = torch.tensor([model.processors.tokenizer.encode(text)])
@@ -179,9 +182,18 @@ def measure(which: str, method: str, steps: int, batch: int, answer: int, new_to
         gen_s += time.perf_counter() - t
         gen_tokens += out.shape[1]
         continuations.append(out[0].tolist())
-    return {"model": which, "method": method, "llm_dtype": cfg.model.llm.dtype, "build_s": round(build_s, 1),
-            "frozen_bytes": frozen, "step_s": sorted(times)[len(times) // 2], "step_peak_mb": (rss.peak - rss.start) / 2**20,
-            "rss_mb": rss.start / 2**20, "gen_tok_s": gen_tokens / gen_s, "continuations": continuations}
+    return {
+        "model": which,
+        "method": method,
+        "llm_dtype": cfg.model.llm.dtype,
+        "build_s": round(build_s, 1),
+        "frozen_bytes": frozen,
+        "step_s": sorted(times)[len(times) // 2],
+        "step_peak_mb": (rss.peak - rss.start) / 2**20,
+        "rss_mb": rss.start / 2**20,
+        "gen_tok_s": gen_tokens / gen_s,
+        "continuations": continuations,
+    }
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
@@ -256,7 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=6)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="also write the rows here")
-    parser.add_argument("--run", default=None, help="a trained stage-2 run (or export / demo folder): held-out answers instead")
+    parser.add_argument(
+        "--run", default=None, help="a trained stage-2 run (or export / demo folder): held-out answers instead"
+    )
     parser.add_argument("--data", nargs="+", default=None, help="with --run: the held-out shards")
     parser.add_argument("--max-samples", type=int, default=None, help="with --run: answer at most this many")
     parser.add_argument("--child", nargs=2, default=None, help=argparse.SUPPRESS)
@@ -296,13 +310,19 @@ def main(argv: list[str] | None = None) -> int:
                 r["step_x"] = r["step_s"] / base["step_s"]
             r["frozen_mb"] = r["frozen_bytes"] / 2**20
             rows.append(r)
-            print(f"  {which} {method}: " + json.dumps({k: v for k, v in r.items() if k != "continuations"}), flush=True)
+            print(
+                f"  {which} {method}: " + json.dumps({k: v for k, v in r.items() if k != "continuations"}), flush=True
+            )
     columns = ["model", "method", "llm_dtype", "frozen_mb", "bytes_x", "step_s", "step_x", "step_peak_mb", "rss_mb",
                "gen_tok_s", "agree_%", "prefix"]
     print(format_table(rows, columns))
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine, "rows": [{k: v for k, v in r.items() if k != "continuations"}
-                                                                            for r in rows]}, indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {"machine": machine, "rows": [{k: v for k, v in r.items() if k != "continuations"} for r in rows]},
+                indent=1,
+            )
+        )
     return 0
 
 

@@ -28,16 +28,27 @@ RECIPES = Path(__file__).resolve().parents[1] / "configs"
 
 
 def tiny_recipe(stage: str) -> dict:
-    """configs/tiny_{stage}.yaml as a dict: a benchmark sets its own shapes and sizes on it, then calls load_config(base=...)."""
+    """configs/tiny_{stage}.yaml as a dict: a benchmark sets its own
+    shapes and sizes on it, then calls load_config(base=...)."""
     from mmdist.config.run import read_yaml
 
     return read_yaml(RECIPES / f"tiny_{stage}.yaml")
 
 
 # SmolLM2-135M's shape (random weights from config): the LLM of benchmarks 1 and 2.
-SMOLLM2_135M = dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, tie_word_embeddings=True,
-                    rms_norm_eps=1e-5, rope_theta=100000.0)
+SMOLLM2_135M = dict(
+    model_type="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+)
 # A small CLIP vision tower giving 8 x 8 = 64 patch tokens (the CLS token dropped, layer -2, as LLaVA does).
 SMALL_CLIP = dict(model_type="clip_vision_model", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                   num_attention_heads=4, image_size=128, patch_size=16, num_channels=3, projection_dim=256)

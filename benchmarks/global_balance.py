@@ -51,8 +51,18 @@ def _run(out: Path, name: str, recipe: dict) -> list[dict]:
     spec = out / f"{name}.json"
     spec.write_text(json.dumps({"config": recipe}))
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port", str(free_port()),
-           str(Path(__file__).resolve()), "--leg", str(spec)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(WORLD),
+        "--master_port",
+        str(free_port()),
+        str(Path(__file__).resolve()),
+        "--leg",
+        str(spec),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -122,12 +132,29 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     samples = WORLD * args.per_rank * args.steps
-    summary = write_shards(mixture_samples(samples), out / "mixture", prefix="train", samples_per_shard=16, overwrite=True)
+    summary = write_shards(
+        mixture_samples(samples), out / "mixture", prefix="train", samples_per_shard=16, overwrite=True
+    )
     recipe = yaml.safe_load((REPO / "configs" / "tiny_fuse.yaml").read_text())
-    recipe["data"].update({"train": [{"shards": [shard_pattern(summary)]}], "eval": [], "num_workers": 1, "max_len": 512,
-                           "order": "global", "image_tiling": {"enabled": True}, "shuffle_buffer": 64})
-    recipe["train"].update({"max_steps": args.steps, "global_batch_size": WORLD * args.per_rank, "micro_batch_size": MICRO,
-                            "eval_every": 0})
+    recipe["data"].update(
+        {
+            "train": [{"shards": [shard_pattern(summary)]}],
+            "eval": [],
+            "num_workers": 1,
+            "max_len": 512,
+            "order": "global",
+            "image_tiling": {"enabled": True},
+            "shuffle_buffer": 64,
+        }
+    )
+    recipe["train"].update(
+        {
+            "max_steps": args.steps,
+            "global_batch_size": WORLD * args.per_rank,
+            "micro_batch_size": MICRO,
+            "eval_every": 0,
+        }
+    )
     recipe["engine"].update({"zero_stage": 2, "precision": "fp32"})
     recipe["checkpoint"].update({"save_every": 0, "export": False})
     recipe["log"].update({"progress_bar": False, "tensorboard": False, "param_table": False, "peak_flops": 1e9})
@@ -142,23 +169,36 @@ def main() -> None:
     costs = _sample_costs(dict(recipe, run_dir=str(out / "costs")), samples)
     projected = {ranks: _projected(costs, ranks, args.per_rank, args.trials) for ranks in (WORLD, 64, 512)}
 
-    print(f"tiny fuse, skewed mixture (text / 1 image / 5 tiles / 3 images), {WORLD} gloo ranks, {args.per_rank} samples "
-          f"per rank and step in micro-batches of {MICRO}, {args.steps} steps; {time.time() - started:.0f} s")
-    print(f"predicted cost per sample: min {min(costs):.0f}, median {statistics.median(costs):.0f}, max {max(costs):.0f} "
-          f"(LLM tokens + image rows x placeholders)")
+    print(
+        f"tiny fuse, skewed mixture (text / 1 image / 5 tiles / 3 images), {WORLD} gloo ranks, {args.per_rank} samples "
+        f"per rank and step in micro-batches of {MICRO}, {args.steps} steps; {time.time() - started:.0f} s"
+    )
+    print(
+        f"predicted cost per sample: min {min(costs):.0f}, median {statistics.median(costs):.0f}, max {max(costs):.0f} "
+        f"(LLM tokens + image rows x placeholders)"
+    )
     print()
-    print("| split | per-rank cost max/mean (mean, worst step) | all-reduce wait per step (mean rank, longest) | step time |")
+    print(
+        "| split | per-rank cost max/mean (mean, worst step) "
+        "| all-reduce wait per step (mean rank, longest) | step time |"
+    )
     print("|---|---|---|---|")
     for name, label in (("balanced", "by predicted cost"), ("count", "by sample count")):
         m = measured[name]
-        print(f"| {label} | {m['imbalance']:.3f}, {m['worst']:.3f} | {m['wait'] * 1e3:.0f} ms, {m['wait_max'] * 1e3:.0f} ms "
-              f"| {m['step']:.2f} s |")
+        print(
+            f"| {label} | {m['imbalance']:.3f}, {m['worst']:.3f} | "
+            f"{m['wait'] * 1e3:.0f} ms, {m['wait_max'] * 1e3:.0f} ms "
+            f"| {m['step']:.2f} s |"
+        )
     print()
     print(f"| ranks ({args.per_rank} samples each) | by predicted cost: max/mean, avg rank waits | "
           "by sample count: max/mean, avg rank waits |")
     print("|---|---|---|")
     for ranks, p in projected.items():
-        print(f"| {ranks} | {p['balanced']:.3f}, {1 - 1 / p['balanced']:.1%} | {p['count']:.3f}, {1 - 1 / p['count']:.1%} |")
+        print(
+            f"| {ranks} | {p['balanced']:.3f}, {1 - 1 / p['balanced']:.1%} "
+            f"| {p['count']:.3f}, {1 - 1 / p['count']:.1%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -126,7 +126,13 @@ def run_config(shape: Shape, device: torch.device, workdir: Path, shards: str, *
                            warmup_ratio=0.0, lr_scheduler="constant")
     recipe["engine"].update(zero_stage=zero_stage, precision=half, backend="nccl" if device.type == "cuda" else "gloo")
     recipe["checkpoint"].update(save_every=0, export=False, resume="never")
-    recipe["log"] = {"log_every": 1, "progress_bar": False, "tensorboard": False, "param_table": False, "peak_flops": peak}
+    recipe["log"] = {
+        "log_every": 1,
+        "progress_bar": False,
+        "tensorboard": False,
+        "param_table": False,
+        "peak_flops": peak,
+    }
     recipe["run_dir"] = str(workdir / "run")
     return load_config(base=recipe)
 
@@ -371,7 +377,8 @@ def run(shape: str = "gpu", steps: int = 6, warmup: int = 1, micro_batch: int | 
     steady_t = [s for s in trainer_steps if s["step"] > warmup]
     steady_b = [s for s in bare_steps if s["step"] > warmup]
     times = [r["time"] for r in trainer_steps]
-    trainer_seconds = [times[i] - times[i - 1] for i in range(warmup, len(times))]  # record to record: the loop's period
+    # record to record: the loop's period
+    trainer_seconds = [times[i] - times[i - 1] for i in range(warmup, len(times))]
     trainer = side_summary(steady_t, trainer_seconds, bare_model_flops, peak, checkpointing)
     bare = side_summary(steady_b, [s["step_s"] for s in steady_b], bare_model_flops, peak, checkpointing)
     trainer.update(trainer_info, reported_tokens_per_s=steady_t[-1]["tokens_per_s"], reported_mfu=steady_t[-1]["mfu"],
@@ -440,8 +447,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch", type=int, default=None, help="samples per step, default 16 (cpu: 8, tiny: 2)")
     parser.add_argument("--max-len", type=int, default=None,
                         help="packed row length, default 2048 (cpu: 512, tiny: 128)")
-    parser.add_argument("--zero-stage", default="auto", choices=["auto", "0", "1", "2", "3"],
-                        help="the trainer's engine.zero_stage; auto (default): what `mmdist plan` picks for this device")
+    parser.add_argument(
+        "--zero-stage",
+        default="auto",
+        choices=["auto", "0", "1", "2", "3"],
+        help="the trainer's engine.zero_stage; auto (default): what `mmdist plan` picks for this device",
+    )
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--packed-attention", choices=["auto", "sdpa_per_sample", "flex"], default=None,
                         help="model.llm.packed_attention, on sdpa (default: not set: the trainer's default kernel); "

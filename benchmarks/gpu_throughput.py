@@ -186,9 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--json", help="also write the result here")
     args = parser.parse_args(argv)
-    res = run(tiny=args.tiny, steps=args.steps, warmup=args.warmup,
-              micro_batch=args.micro_batch or (2 if args.tiny else 4), seq_len=args.seq_len or (64 if args.tiny else 2048),
-              checkpointing=not args.no_checkpointing, device=args.device)
+    res = run(
+        tiny=args.tiny,
+        steps=args.steps,
+        warmup=args.warmup,
+        micro_batch=args.micro_batch or (2 if args.tiny else 4),
+        seq_len=args.seq_len or (64 if args.tiny else 2048),
+        checkpointing=not args.no_checkpointing,
+        device=args.device,
+    )
     width = max(len(k) for k in res)
     for key, value in res.items():
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -116,7 +116,13 @@ def count_params(model: Any) -> dict:
         if p.requires_grad:
             trainable += _param_tensors(p)
         else:
-            name = str(p.dtype).replace("torch.", "").replace("float32", "fp32").replace("bfloat16", "bf16").replace("float16", "fp16")
+            name = (
+                str(p.dtype)
+                .replace("torch.", "")
+                .replace("float32", "fp32")
+                .replace("bfloat16", "bf16")
+                .replace("float16", "fp16")
+            )
             frozen[name] = frozen.get(name, 0) + union_bytes(_param_tensors(p))
     return {"frozen": frozen, "trainable": union_bytes(trainable)}
 
@@ -223,14 +229,21 @@ def measure(config: str, ranks: int, zero_stage: int, extra: list[str] = (), tim
     overrides = BENCH_OVERRIDES + [f"engine.zero_stage={zero_stage}"] + list(extra)
     with tempfile.TemporaryDirectory() as tmp:
         overrides.append(f"run_dir={tmp}/run")
-        env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+        env = dict(
+            os.environ,
+            DS_ACCELERATOR="cpu",
+            OMP_NUM_THREADS="1",
+            PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}",
+        )
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", str(Path(__file__).resolve()), "--worker", "--config", config,
                "--out", tmp, *overrides]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         results = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
         if proc.returncode or len(results) != ranks:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+            )
     return results
 
 
@@ -247,8 +260,11 @@ def predicted(config: str, ranks: int, zero_stage: int, extra: list[str] = ()) -
                                   plan.deepspeed_bucket_settings(cfg))
 
 
-def run(config: str = str(DEFAULT_CONFIG), settings: Iterable[tuple[int, int]] = ((1, 0), (2, 0), (1, 2), (2, 2), (1, 3), (2, 3)),
-        extra: list[str] = ()) -> list[dict]:
+def run(
+    config: str = str(DEFAULT_CONFIG),
+    settings: Iterable[tuple[int, int]] = ((1, 0), (2, 0), (1, 2), (2, 2), (1, 3), (2, 3)),
+    extra: list[str] = (),
+) -> list[dict]:
     rows = []
     for ranks, stage in settings:
         measured = measure(config, ranks, stage, list(extra))

@@ -85,7 +85,14 @@ def summary_rows(tp: dict | None, mem: list | None, data: dict | None, images: d
         if "mmdist_fraction_of_peak_executed" in s:
             add("2 vs machine", "achieved / peak, executed FLOPs only", s["mmdist_fraction_of_peak_executed"], "", "",
                 None)
-        add("2 vs machine", f"matmul peak GFLOP/s ({s['dtype']})", s["peak_gflops"], f"{s['threads']} thread(s)", "", None)
+        add(
+            "2 vs machine",
+            f"matmul peak GFLOP/s ({s['dtype']})",
+            s["peak_gflops"],
+            f"{s['threads']} thread(s)",
+            "",
+            None,
+        )
     if mem:
         worst = 0.0
         for r in mem:
@@ -128,7 +135,14 @@ def summary_rows(tp: dict | None, mem: list | None, data: dict | None, images: d
             add("5 images", f"images/s per core, {r['cores']} core(s)", r["mmdist_per_core"], r["usual_per_core"],
                 "ratio >= 2.5", r["ratio"] >= 2.5)
         check = images["pixel_check"]
-        add("5 images", "pixels vs CLIPImageProcessor, mean / p99 levels", check["mean_levels"], check["p99_levels"], "", None)
+        add(
+            "5 images",
+            "pixels vs CLIPImageProcessor, mean / p99 levels",
+            check["mean_levels"],
+            check["p99_levels"],
+            "",
+            None,
+        )
         for gpu, need in images["cores_per_gpu"].items():
             add("5 images", f"CPU cores per {gpu} for ViT-L/14-336", need["cores_per_gpu"], "", "", None)
     return rows
@@ -137,8 +151,12 @@ def summary_rows(tp: dict | None, mem: list | None, data: dict | None, images: d
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and samples (a smoke run)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for benchmarks 1-2 (default: all cores)")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of benchmarks 1-2 (both sides)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for benchmarks 1-2 (default: all cores)"
+    )
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of benchmarks 1-2 (both sides)"
+    )
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "memory", "data", "images"])
     parser.add_argument("--markdown", help="also write the summary table here")
     args = parser.parse_args()

@@ -35,7 +35,8 @@ from mmdist.launch_env import free_port
 
 
 class MmdistLoop:
-    """mmdist's FusedVLM + packing + DeepSpeed engine, one optimizer step at a time through the trainer's ``train_step``.
+    """mmdist's FusedVLM + packing + DeepSpeed engine, one
+    optimizer step at a time through the trainer's ``train_step``.
 
     ``close()`` releases the engine (DeepSpeed's groups, its shm buffer) and the process group.
     """
@@ -43,7 +44,9 @@ class MmdistLoop:
     def __init__(self, shape: BenchShape, global_batch: int, micro_batch: int, max_len: int = 512,
                  checkpointing: bool = False):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+        )
         from mmdist import distributed as dist
         from mmdist.training.engine import build_engine
         from mmdist.training.step import TrainState
@@ -65,8 +68,14 @@ class MmdistLoop:
         from mmdist.training.step import train_step
 
         image_id = self.model.image_token_id
-        rows = [{"input_ids": [image_id if t < 0 else t for t in s.ids], "labels": s.labels, "pixel_values": [s.pixel_values]}
-                for s in group]
+        rows = [
+            {
+                "input_ids": [image_id if t < 0 else t for t in s.ids],
+                "labels": s.labels,
+                "pixel_values": [s.pixel_values],
+            }
+            for s in group
+        ]
         micro = [collate_fuse(rows[i:i + self.micro_batch], pad_token_id=0, pack=True, max_len=self.max_len)
                  for i in range(0, self.global_batch, self.micro_batch)]
         assert len(micro) == self.accumulation, (len(micro), self.accumulation)
@@ -160,18 +169,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps per contender (one more warms up)")
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--max-len", type=int, default=512,
-                        help="mmdist's packed row length (2-3 samples: SDPA computes the whole row x row block-diagonal mask)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads for everything (default: all allowed cores)")
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        default=512,
+        help="mmdist's packed row length (2-3 samples: SDPA computes the whole row x row block-diagonal mask)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for everything (default: all allowed cores)"
+    )
     parser.add_argument("--json", help="also write the rows and summary here")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of both contenders and of the matmul peak")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="dtype of both contenders and of the matmul peak"
+    )
     args = parser.parse_args()
     rows, s = run(args.steps, args.global_batch, args.micro_batch, args.max_len, args.threads, dtype=args.dtype)
     print(format_table(rows, ["contender", "real tokens/s", "real-token fraction", "GFLOP/s", "of matmul peak (median)",
                               "s/step"]))
-    print(f"mmdist / reference tokens/s (median per round): {s['ratio']:.2f}x; matmul peak median {s['peak_gflops']:.1f} "
-          f"GFLOP/s {s['dtype']} (min {s['peak_min_gflops']:.1f}, max {s['peak_max_gflops']:.1f}), {s['threads']} thread(s); "
-          f"frozen parameters holding a gradient: {s['frozen_params_with_grad']}")
+    print(
+        f"mmdist / reference tokens/s (median per round): {s['ratio']:.2f}x; matmul peak median {s['peak_gflops']:.1f} "
+        f"GFLOP/s {s['dtype']} (min {s['peak_min_gflops']:.1f}, "
+        f"max {s['peak_max_gflops']:.1f}), {s['threads']} thread(s); "
+        f"frozen parameters holding a gradient: {s['frozen_params_with_grad']}"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "summary": s}, indent=1, default=str))
 

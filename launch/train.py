@@ -14,5 +14,6 @@ from mmdist import console  # noqa: E402
 from mmdist.commands.train import main  # noqa: E402
 
 if __name__ == "__main__":
-    console.configure()  # as `mmdist train` does: one line per loaded model, third-party output only with MMDIST_VERBOSE=1
+    # as `mmdist train` does: one line per loaded model, third-party output only with MMDIST_VERBOSE=1
+    console.configure()
     sys.exit(main(sys.argv[1:]))

@@ -58,10 +58,14 @@ def configure(verbose: Optional[bool] = None, level: int = logging.INFO) -> None
         if isinstance(handler, TqdmLoggingHandler):
             root.removeHandler(handler)
     handler = TqdmLoggingHandler()
-    handler.setFormatter(logging.Formatter("%(message)s" if not is_verbose() else "%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        logging.Formatter("%(message)s" if not is_verbose() else "%(levelname)s %(name)s: %(message)s")
+    )
     root.addHandler(handler)
     # INFO lines (one per loaded model, ...) from the first rank only; every rank's warnings.
-    rank = next((os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID") if os.environ.get(k)), "0")
+    rank = next(
+        (os.environ[k] for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID") if os.environ.get(k)), "0"
+    )
     root.setLevel(level if rank == "0" or is_verbose() else logging.WARNING)
     logging.captureWarnings(True)  # warnings.warn -> the 'py.warnings' logger -> the handler above
     if not is_verbose():
@@ -118,7 +122,8 @@ def _count(n: int) -> str:
 
 
 def model_summary(what: str, model: Any, source: str, unused: Iterable[str] = (), why: str = "") -> str:
-    """One line for a loaded model: what, from where, parameters, dtype, device, and which weights were not used and why.
+    """One line for a loaded model: what, from where, parameters,
+    dtype, device, and which weights were not used and why.
 
     ``unused`` are checkpoint keys the model did not take; they are grouped by their first two name parts.
     """

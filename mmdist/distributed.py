@@ -50,7 +50,8 @@ def rank() -> int:
 
 
 def world_size() -> int:
-    """Ranks in the default group (mmdist runs data parallel only: every rank's gradients are averaged); 1 without one."""
+    """Ranks in the default group (mmdist runs data parallel
+    only: every rank's gradients are averaged); 1 without one."""
     import torch.distributed as tdist
 
     return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1

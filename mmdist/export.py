@@ -41,8 +41,18 @@ EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_MANIFEST = "manifest.json"
 
 # Fields compared between a stage-1 manifest and the stage-2 configuration.
-VISION_FIELDS = ("source", "name_or_path", "custom_class", "fingerprint", "select_layer", "select_tokens", "hidden_size", "num_tokens",
-                 "feature_stage", "feature_grid")
+VISION_FIELDS = (
+    "source",
+    "name_or_path",
+    "custom_class",
+    "fingerprint",
+    "select_layer",
+    "select_tokens",
+    "hidden_size",
+    "num_tokens",
+    "feature_stage",
+    "feature_grid",
+)
 CONNECTOR_FIELDS = ("type", "align_dim", "image_tokens", "qformer")
 TEXT_FIELDS = ("name_or_path", "fingerprint", "hidden_size")
 
@@ -71,8 +81,17 @@ def vision_section(settings: ModelConfig, vision: Any) -> dict:
 
 def connector_section(settings: ModelConfig, stage1: Optional[nn.Module]) -> dict:
     c = settings.connector
-    out = {"type": c.type, "align_dim": c.align_dim, "image_tokens": c.image_tokens,
-           "qformer": {k: getattr(c.qformer, k) for k in ("num_queries", "num_layers", "hidden_size", "num_heads", "cross_attention_every")} if c.type == "qformer" else None}
+    out = {
+        "type": c.type,
+        "align_dim": c.align_dim,
+        "image_tokens": c.image_tokens,
+        "qformer": {
+            k: getattr(c.qformer, k)
+            for k in ("num_queries", "num_layers", "hidden_size", "num_heads", "cross_attention_every")
+        }
+        if c.type == "qformer"
+        else None,
+    }
     if stage1 is not None:
         out["num_tokens"] = stage1.num_tokens
         out["out_dim"] = stage1.out_dim
@@ -92,8 +111,10 @@ def run_config_of(model: Any) -> RunConfig:
     """The run config ``model`` was built from (set by mmdist.materialize when it builds a model)."""
     cfg = getattr(model, "run_config", None)
     if cfg is None:
-        raise ValueError(f"this {type(model).__name__} carries no run config: build it with mmdist.materialize.build_run_model(cfg) "
-                         "(or pass the run config explicitly)")
+        raise ValueError(
+            f"this {type(model).__name__} carries no run config: build it with mmdist.materialize.build_run_model(cfg) "
+            "(or pass the run config explicitly)"
+        )
     return cfg
 
 
@@ -105,7 +126,9 @@ def build_manifest(model: Any, cfg: Optional[RunConfig] = None) -> dict:
     if not isinstance(model, (AlignModel, FusedVLM)):
         describe = getattr(model, "manifest", None)
         if describe is None:
-            raise TypeError(f"cannot export a {type(model).__name__}: it is no mmdist model and has no manifest() method")
+            raise TypeError(
+                f"cannot export a {type(model).__name__}: it is no mmdist model and has no manifest() method"
+            )
         return describe()
     cfg = cfg if cfg is not None else run_config_of(model)
     settings = cfg.model
@@ -136,7 +159,11 @@ def build_manifest(model: Any, cfg: Optional[RunConfig] = None) -> dict:
         out["tokenizer"] = {"name": llm.tokenizer or llm.name_or_path, "size": len(tok),
                             "image_token": model.processors.image_token or llm.image_token,
                             "image_token_id": model.processors.image_token_id}
-        out["projector"] = {"in_dim": model.projector.in_dim, "out_dim": model.projector.out_dim, "layers": model.projector.layers}
+        out["projector"] = {
+            "in_dim": model.projector.in_dim,
+            "out_dim": model.projector.out_dim,
+            "layers": model.projector.layers,
+        }
         out["stage1"] = getattr(model, "stage1_manifest", None)
     return out
 
@@ -154,20 +181,31 @@ def compare_stage1(stage1: dict, settings: ModelConfig, vision: Any, source: str
     for key in VISION_FIELDS:
         theirs = stage1.get("vision", {}).get(key)
         if theirs != own_vision[key]:
-            problems.append(f"vision.{key}: stage-1 export has {theirs!r}, this run has {own_vision[key]!r} (model.vision)")
+            problems.append(
+                f"vision.{key}: stage-1 export has {theirs!r}, this run has {own_vision[key]!r} (model.vision)"
+            )
     own_conn = connector_section(settings, None)
     for key in CONNECTOR_FIELDS:
         theirs = stage1.get("connector", {}).get(key)
         if theirs != own_conn[key]:
-            problems.append(f"connector.{key}: stage-1 export has {theirs!r}, this run has {own_conn[key]!r} (model.connector)")
+            problems.append(
+                f"connector.{key}: stage-1 export has {theirs!r}, this run has {own_conn[key]!r} (model.connector)"
+            )
     own_text = text_section(settings, None)
     if own_text is not None and stage1.get("text"):
         for key in ("name_or_path", "fingerprint"):
             if stage1["text"].get(key) != own_text[key]:
-                problems.append(f"text.{key}: stage-1 export has {stage1['text'].get(key)!r}, this run has {own_text[key]!r} (model.text)")
+                problems.append(
+                    f"text.{key}: stage-1 export has {stage1['text'].get(key)!r}, "
+                    f"this run has {own_text[key]!r} (model.text)"
+                )
     if problems:
-        raise ValueError(f"the stage-1 export {source} does not fit this run:\n  - " + "\n  - ".join(problems)
-                         + "\nUse the same encoders and connector settings as stage 1, or point model.connector.stage1_weights at a matching export.")
+        raise ValueError(
+            f"the stage-1 export {source} does not fit this run:\n  - "
+            + "\n  - ".join(problems)
+            + "\nUse the same encoders and connector settings as stage 1, "
+            "or point model.connector.stage1_weights at a matching export."
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -187,7 +225,8 @@ def resolve_export_dir(path: str | os.PathLike, subfolders: tuple[str, ...] = ("
 
 
 def resolve_fused_export(path: str | os.PathLike) -> str:
-    """A stage-2 export, run folder or demo run folder (``fuse/export``) -> the export folder (inference, conversion)."""
+    """A stage-2 export, run folder or demo run folder
+    (``fuse/export``) -> the export folder (inference, conversion)."""
     try:
         return resolve_export_dir(path, subfolders=("export", os.path.join("fuse", "export")))
     except FileNotFoundError:
@@ -222,7 +261,11 @@ def write_export(state: dict[str, torch.Tensor], manifest: dict, folder: str | o
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / EXPORT_WEIGHTS), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in state.items()},
+        str(tmp / EXPORT_WEIGHTS),
+        metadata={"format": "pt"},
+    )
     (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     if folder.exists():
         shutil.rmtree(folder)
@@ -247,10 +290,15 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], gather: Gathe
     keys starting with a ``refused`` prefix may not be.
     """
     shapes = module_shapes(model)  # full shapes even when ZeRO-3 has partitioned the parameters
-    problems = [k for k in state if k not in shapes or shapes[k] != list(state[k].shape) or (refused and k.startswith(refused))]
+    problems = [
+        k for k in state if k not in shapes or shapes[k] != list(state[k].shape) or (refused and k.startswith(refused))
+    ]
     needed = [k for k in shapes if required and k.startswith(required) and k not in state]
     if problems or needed:
-        raise ValueError(f"the export {source} does not fit this model: unknown or mis-shaped keys {problems[:20]}, missing {needed[:20]}")
+        raise ValueError(
+            f"the export {source} does not fit this model: "
+            f"unknown or mis-shaped keys {problems[:20]}, missing {needed[:20]}"
+        )
     params = [p for n, p in model.named_parameters() if n in state]
     with gather(params):
         own = model.state_dict(keep_vars=True)
@@ -259,7 +307,9 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], gather: Gathe
                 own[k].data.copy_(v.to(own[k].dtype))
 
 
-def load_stage1(model: FusedVLM, state_or_path: Any, gather: Gather = null_gather, *, source: Optional[str] = None) -> dict:
+def load_stage1(
+    model: FusedVLM, state_or_path: Any, gather: Gather = null_gather, *, source: Optional[str] = None
+) -> dict:
     """Copy the stage-1 export's ``stage1.*`` weights into ``model.stage1`` (inside ``gather``).
 
     Accepts a state dict or an export/run folder (whose manifest is checked first, against the model's run config).
@@ -274,7 +324,9 @@ def load_stage1(model: FusedVLM, state_or_path: Any, gather: Gather = null_gathe
     else:
         state = state_or_path
     if model.stage1 is None:
-        raise ValueError("this model has no stage-1 module (model.connector.stage1_weights was not set when it was built)")
+        raise ValueError(
+            "this model has no stage-1 module (model.connector.stage1_weights was not set when it was built)"
+        )
     theirs = {k[len("stage1."):]: v for k, v in state.items() if k.startswith("stage1.")}
     own_shapes = module_shapes(model.stage1)  # full shapes even when ZeRO-3 has partitioned the parameters
     missing = [k for k in own_shapes if k not in theirs]
@@ -282,7 +334,10 @@ def load_stage1(model: FusedVLM, state_or_path: Any, gather: Gather = null_gathe
                   for k in own_shapes if k in theirs and list(theirs[k].shape) != own_shapes[k]]
     ignored = [k for k in theirs if k not in own_shapes]
     if missing or mismatched:
-        raise ValueError(f"stage-1 export {source or ''} does not fit the stage-2 module: missing {missing[:20]}, shape mismatch {mismatched[:20]}")
+        raise ValueError(
+            f"stage-1 export {source or ''} does not fit the stage-2 module: "
+            f"missing {missing[:20]}, shape mismatch {mismatched[:20]}"
+        )
     load_weights(model.stage1, {k: theirs[k] for k in own_shapes}, gather, source=source or "")
     if ignored:
         log.info("stage-1 export: %d key(s) not used in stage 2: %s", len(ignored), ", ".join(ignored[:10]))
@@ -297,7 +352,9 @@ class ExportError(RuntimeError):
     """A trained model could not be exported."""
 
 
-def export_trainable(model: Any, read_gather: Callable[[list], Any], out_dir: str | os.PathLike, *, fp32_master: bool = False) -> Optional[Path]:
+def export_trainable(
+    model: Any, read_gather: Callable[[list], Any], out_dir: str | os.PathLike, *, fp32_master: bool = False
+) -> Optional[Path]:
     """Gather ``model.export_state_dict()`` and write it with its manifest (collective).
 
     Every rank takes part in the gather; rank 0 writes ``out_dir``
@@ -329,7 +386,10 @@ def export_trainable(model: Any, read_gather: Callable[[list], Any], out_dir: st
                     state[name] = full.detach().float().cpu().clone().reshape(state[name].shape)
     empty = [k for k, v in state.items() if v.numel() == 0]
     if empty:
-        raise ExportError(f"export: {len(empty)} tensor(s) are empty after gathering (e.g. {empty[:3]}); a ZeRO-3 parameter was not gathered")
+        raise ExportError(
+            f"export: {len(empty)} tensor(s) are empty after gathering "
+            f"(e.g. {empty[:3]}); a ZeRO-3 parameter was not gathered"
+        )
     if distributed.rank() != 0:
         distributed.barrier()
         return None

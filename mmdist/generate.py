@@ -38,8 +38,12 @@ def prompt_ids(model: Any, prompt: str, num_images: int = 1) -> list[int]:
     cfg.data.image_tiling.enabled = False  # rendered with one run per image; answer_images expands tiled images
     pre = make_preprocessor(cfg, processors, use_features=True)
     # Render a conversation whose answer is empty: the prompt is everything before the first supervised token.
-    sample = {"key": "prompt", "text": None, "json": {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}]},
-              "features": np.zeros((num_images, 1, 1), dtype=np.float16)}
+    sample = {
+        "key": "prompt",
+        "text": None,
+        "json": {"conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": ""}]},
+        "features": np.zeros((num_images, 1, 1), dtype=np.float16),
+    }
     out = pre(sample)
     labels = out["labels"]
     start = next((i for i, t in enumerate(labels) if t != -100), len(labels))

@@ -293,8 +293,15 @@ def resolve_dtype(requested: str, device: Any = "cpu", key: str = "model.llm.dty
                 return Resolved("bf16", f"{where} computes bf16 natively")
             return Resolved("fp16", f"{where} has no bf16; fp16 runs on its tensor cores")
         if value == "bf16" and not has_bf16:
-            raise ConfigError([Problem(key, f"bf16 needs a GPU of compute capability 8.0 (Ampere) or newer, and {where} "
-                                            f"has none: set {key}=auto (fp16 here) or {key}=fp16")])
+            raise ConfigError(
+                [
+                    Problem(
+                        key,
+                        f"bf16 needs a GPU of compute capability 8.0 (Ampere) or newer, and {where} "
+                        f"has none: set {key}=auto (fp16 here) or {key}=fp16",
+                    )
+                ]
+            )
         return Resolved(value, f"{key}={value} as configured on {where}")
     if kind != "cpu":
         if value == "auto":

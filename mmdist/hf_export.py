@@ -98,7 +98,9 @@ def _mlp_layers(state: dict[str, torch.Tensor], prefix: str, where: str) -> list
         out.append(Linear(state[f"{prefix}.{index}.weight"].double(), state[f"{prefix}.{index}.bias"].double(), where))
         index += 2
     if not out:
-        raise ExportRefused(f"the export holds no weights under {prefix!r}; is it a stage-2 (fuse) export of a linear/mlp connector?")
+        raise ExportRefused(
+            f"the export holds no weights under {prefix!r}; is it a stage-2 (fuse) export of a linear/mlp connector?"
+        )
     return out
 
 
@@ -152,13 +154,17 @@ def fold_chain(chain: list, llm_dim: int) -> FoldedProjector:
     described = describe_chain(chain)
     gelus = merged.count(GELU)
     if gelus > 1:
-        raise ExportRefused(f"the connector chain {described} has {gelus} nonlinearities; Llava's multi_modal_projector "
-                            "(linear_1 -> act -> linear_2) has one, so it cannot hold this chain exactly")
+        raise ExportRefused(
+            f"the connector chain {described} has {gelus} nonlinearities; Llava's multi_modal_projector "
+            "(linear_1 -> act -> linear_2) has one, so it cannot hold this chain exactly"
+        )
     f32 = torch.float32
     if gelus == 0:
         (only,) = merged
         eye = torch.eye(llm_dim, dtype=f32)
-        return FoldedProjector((only.weight.to(f32), only.bias.to(f32)), "linear", (eye, torch.zeros(llm_dim, dtype=f32)))
+        return FoldedProjector(
+            (only.weight.to(f32), only.bias.to(f32)), "linear", (eye, torch.zeros(llm_dim, dtype=f32))
+        )
     first, _, second = merged
     hidden = first.weight.shape[0]
     if hidden > llm_dim:
@@ -193,23 +199,37 @@ def feature_selection(manifest: dict, vision_config: Any = None) -> FeatureSelec
     vision = cfg["vision"]
     section = manifest["vision"]
     if vision["source"] != "hf":
-        raise ExportRefused(f"model.vision.source={vision['source']!r}: a custom encoder ({vision.get('custom_class')}) has no "
-                            "transformers class for Llava's vision_tower; only Hugging Face towers (CLIP, SigLIP, ViT) export")
+        raise ExportRefused(
+            f"model.vision.source={vision['source']!r}: a custom encoder ({vision.get('custom_class')}) has no "
+            "transformers class for Llava's vision_tower; only Hugging Face towers (CLIP, SigLIP, ViT) export"
+        )
     image_tokens = cfg["connector"]["image_tokens"]
     if image_tokens and image_tokens != section["num_tokens"]:
-        raise ExportRefused(f"model.connector.image_tokens={image_tokens} pools the vision tower's {section['num_tokens']} tokens "
-                            f"of width {section['hidden_size']} to {image_tokens}; Llava projects every selected token, "
-                            "so the pooling cannot be expressed")
-    model_type = vision_config.model_type if vision_config is not None else (vision.get("init_config") or {}).get("model_type", "")
+        raise ExportRefused(
+            f"model.connector.image_tokens={image_tokens} pools the vision tower's {section['num_tokens']} tokens "
+            f"of width {section['hidden_size']} to {image_tokens}; Llava projects every selected token, "
+            "so the pooling cannot be expressed"
+        )
+    model_type = (
+        vision_config.model_type
+        if vision_config is not None
+        else (vision.get("init_config") or {}).get("model_type", "")
+    )
     has_cls = HF_HAS_CLS.get(model_type, True)
     if vision["select_tokens"] == "cls":
         raise ExportRefused("model.vision.select_tokens=cls hands on the class token alone; Llava's "
                             "vision_feature_select_strategy is 'default' (patches) or 'full' (all tokens)")
     strategy = "default" if vision["select_tokens"] == "patch" and has_cls else "full"
-    patch = getattr(vision_config, "patch_size", None) if vision_config is not None else (vision.get("init_config") or {}).get("patch_size")
+    patch = (
+        getattr(vision_config, "patch_size", None)
+        if vision_config is not None
+        else (vision.get("init_config") or {}).get("patch_size")
+    )
     if vision_config is not None and model_type not in PATCH_GRID_TOWERS:
-        raise ExportRefused(f"vision tower {model_type!r}: the LlavaProcessor counts image tokens as (size / patch_size)^2 "
-                            "(+ class token), which holds for CLIP, SigLIP and ViT towers only")
+        raise ExportRefused(
+            f"vision tower {model_type!r}: the LlavaProcessor counts image tokens as (size / patch_size)^2 "
+            "(+ class token), which holds for CLIP, SigLIP and ViT towers only"
+        )
     return FeatureSelection(int(vision["select_layer"]), strategy, 1 if has_cls else 0, int(patch or 0))
 
 
@@ -218,7 +238,8 @@ def feature_selection(manifest: dict, vision_config: Any = None) -> FeatureSelec
 
 
 def image_processor_of(transform: Any) -> Any:
-    """A LlavaImageProcessor (PIL backend) doing what mmdist's ImageTransform does: pad?, resize (+ centre crop), rescale, normalise."""
+    """A LlavaImageProcessor (PIL backend) doing what mmdist's ImageTransform
+    does: pad?, resize (+ centre crop), rescale, normalise."""
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     resample = {"bicubic": 3, "bilinear": 2, "nearest": 0}[transform.resample]  # PIL.Image.Resampling values
@@ -227,12 +248,13 @@ def image_processor_of(transform: Any) -> Any:
     return LlavaImageProcessorPil(
         do_resize=True, size={"shortest_edge": transform.size} if crop else square, resample=resample,
         do_center_crop=crop, crop_size=square, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(transform.mean), image_std=list(transform.std), do_pad=transform.pad_to_square, do_convert_rgb=True,
-    )
+        image_mean=list(transform.mean), image_std=list(transform.std), do_pad=transform.pad_to_square,
+        do_convert_rgb=True)
 
 
 def _content_as_text(image_token: str) -> str:
-    """Jinja: ``content`` = the message's text, each {'type': 'image'} item as '<image>\\n' (as `mmdist generate` places images)."""
+    """Jinja: ``content`` = the message's text, each {'type': 'image'}
+    item as '<image>\\n' (as `mmdist generate` places images)."""
     return (
         "{%- if message['content'] is string -%}{%- set content = message['content'] -%}"
         "{%- else -%}{%- set parts = namespace(text='') -%}{%- for item in message['content'] -%}"
@@ -250,9 +272,12 @@ def chat_template_of(template: str, tokenizer: Any, image_token: str) -> str:
     """
     if template == "plain":
         return (
-            "{%- for message in messages -%}" + _content_as_text(image_token)
+            "{%- for message in messages -%}"
+            + _content_as_text(image_token)
             + "{%- if message['role'] == 'assistant' -%}{{ content }}{{ eos_token or '' }}"
-            "{%- else -%}{{ content }}{%- if content | replace('" + image_token + "', '') | trim -%}{{ '\n' }}{%- endif -%}"
+            "{%- else -%}{{ content }}{%- if content | replace('"
+            + image_token
+            + "', '') | trim -%}{{ '\n' }}{%- endif -%}"
             "{%- endif -%}{%- endfor -%}"
         )
     return (
@@ -271,8 +296,10 @@ def _tokenizer_without_added_specials(tokenizer: Any) -> Any:
             if getattr(tok, flag, False):
                 setattr(tok, flag, False)
     if tok(probe)["input_ids"] != tok(probe, add_special_tokens=False)["input_ids"]:
-        raise ExportRefused(f"the tokenizer {type(tok).__name__} adds special tokens {tok(probe)['input_ids']} to every text and "
-                            "they cannot be switched off; mmdist never adds them, so the processor would not reproduce its prompts")
+        raise ExportRefused(
+            f"the tokenizer {type(tok).__name__} adds special tokens {tok(probe)['input_ids']} to every text and "
+            "they cannot be switched off; mmdist never adds them, so the processor would not reproduce its prompts"
+        )
     return tok
 
 
@@ -293,10 +320,15 @@ def llava_config(model: Any, selection: FeatureSelection, projector: FoldedProje
     vision.pop("_attn_implementation", None)
     vision["dtype"] = str(model.vision.dtype).removeprefix("torch.")
     return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=int(model.image_token_id),
-        image_seq_length=int(model.num_image_tokens), projector_hidden_act=projector.act,
-        vision_feature_layer=selection.layer, vision_feature_select_strategy=selection.strategy,
-        multimodal_projector_bias=True, tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)),
+        vision_config=vision,
+        text_config=text,
+        image_token_index=int(model.image_token_id),
+        image_seq_length=int(model.num_image_tokens),
+        projector_hidden_act=projector.act,
+        vision_feature_layer=selection.layer,
+        vision_feature_select_strategy=selection.strategy,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(model.llm.config, "tie_word_embeddings", False)),
         dtype=text["dtype"],
     )
 
@@ -346,19 +378,25 @@ def check_hf_exportable(folder: str) -> tuple[FoldedProjector, FeatureSelection,
     state, manifest = read_export(folder)
     stage = manifest_stage(manifest)
     if stage is None or not stage.builds("llm"):
-        raise ExportRefused(f"{folder} is a stage-{manifest.get('stage')!r} export; --format hf needs a stage-2 (fuse) export")
+        raise ExportRefused(
+            f"{folder} is a stage-{manifest.get('stage')!r} export; --format hf needs a stage-2 (fuse) export"
+        )
     tiling = manifest.get("config", {}).get("data", {}).get("image_tiling", {})
     if tiling.get("enabled"):
-        raise ExportRefused("data.image_tiling: this model was trained on any-resolution tiles (base image + a grid of "
-                            "tiles with row separators), the LLaVA-NeXT layout; llava-hf's LlavaForConditionalGeneration "
-                            "sees one image per <image>, so its answers would differ. Use the mmdist export "
-                            "(mmdist generate / mmdist eval tile as in training)")
+        raise ExportRefused(
+            "data.image_tiling: this model was trained on any-resolution tiles (base image + a grid of "
+            "tiles with row separators), the LLaVA-NeXT layout; llava-hf's LlavaForConditionalGeneration "
+            "sees one image per <image>, so its answers would differ. Use the mmdist export "
+            "(mmdist generate / mmdist eval tile as in training)"
+        )
     selection = feature_selection(manifest)
     llm_dim = int(manifest["projector"]["out_dim"])
     return fold_chain(connector_chain(state, manifest), llm_dim), selection, manifest
 
 
-def export_hf(run: str | Path, out: str | Path, overrides: Optional[list[str]] = None, dequantize: bool = False) -> Path:
+def export_hf(
+    run: str | Path, out: str | Path, overrides: Optional[list[str]] = None, dequantize: bool = False
+) -> Path:
     """Write the stage-2 model of ``run`` as a LlavaForConditionalGeneration folder + LlavaProcessor into ``out``.
 
     The folder is written beside ``out`` first and its processor is checked against mmdist's own
@@ -383,8 +421,10 @@ def export_hf(run: str | Path, out: str | Path, overrides: Optional[list[str]] =
     grid = (model.vision.image_size // selection.patch_size) ** 2 if selection.patch_size else 0
     counted = grid + selection.additional_tokens - (1 if selection.strategy == "default" else 0)
     if counted != model.num_image_tokens:
-        raise ExportRefused(f"the LlavaProcessor would expand <image> to {counted} tokens ({model.vision.image_size}px images, "
-                            f"patch {selection.patch_size}), the model uses {model.num_image_tokens}")
+        raise ExportRefused(
+            f"the LlavaProcessor would expand <image> to {counted} tokens ({model.vision.image_size}px images, "
+            f"patch {selection.patch_size}), the model uses {model.num_image_tokens}"
+        )
     processors = model.processors
     rows = int(model.llm.get_input_embeddings().num_embeddings)
     vocab_rows = max(rows, len(processors.tokenizer), int(model.image_token_id) + 1)
@@ -434,14 +474,18 @@ def verify_processor(model: Any, folder: str | Path) -> None:
     inputs = processor(images=image, text=text, return_tensors="pt")
     ours = prompt_ids(model, prompt)
     if inputs["input_ids"][0].tolist() != ours:
-        raise ExportRefused(f"the exported processor renders {prompt!r} as {inputs['input_ids'][0].tolist()}, mmdist as {ours}; "
-                            "the chat template or tokenizer cannot reproduce mmdist's prompt")
+        raise ExportRefused(
+            f"the exported processor renders {prompt!r} as {inputs['input_ids'][0].tolist()}, mmdist as {ours}; "
+            "the chat template or tokenizer cannot reproduce mmdist's prompt"
+        )
     # mmdist resizes with torch's uint8 kernels, the PIL backend with PIL's: the same filters, within 2 levels of 255.
     transform = model.processors.image_transform
     levels = ((inputs["pixel_values"][0] - transform(image)) * torch.tensor(transform.std).view(3, 1, 1) * 255).abs()
     if float(levels.max()) > 2 + 1e-3 or float(levels.mean()) > 0.25:
-        raise ExportRefused(f"the exported image processor differs from mmdist's image transform by up to "
-                            f"{float(levels.max()):.1f} levels of 255 (mean {float(levels.mean()):.2f}; 2 and 0.25 allowed)")
+        raise ExportRefused(
+            f"the exported image processor differs from mmdist's image transform by up to "
+            f"{float(levels.max()):.1f} levels of 255 (mean {float(levels.mean()):.2f}; 2 and 0.25 allowed)"
+        )
 
 
 def export_mmdist(run: str | Path, out: str | Path) -> Path:

@@ -302,7 +302,9 @@ def node_address(node: str, environ: Optional[Mapping[str, str]] = None) -> Opti
         return None
     env = {**os.environ, **(environ or {})}
     try:
-        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=30, env=env)
+        out = subprocess.run(
+            ["scontrol", "show", "node", "-o", node], capture_output=True, text=True, timeout=30, env=env
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     m = re.search(r"(?:^|\s)NodeAddr=(\S+)", out.stdout) if out.returncode == 0 else None

@@ -46,7 +46,8 @@ EVAL_SUBFOLDERS = ("export", os.path.join("fuse", "export"), os.path.join("align
 
 def build_run_encoder(cfg: RunConfig) -> nn.Module:
     """What ``mmdist cache`` runs images through: the whole stage-1 model (no LLM there), or for stage 2 only the
-    vision tower and processors (models.build.build_image_encoder), with the stage-1 manifest deciding the token count."""
+    vision tower and processors (models.build.build_image_encoder),
+    with the stage-1 manifest deciding the token count."""
     if not cfg.stage.builds("llm"):
         return build_run_model(cfg)
     manifest = None
@@ -82,7 +83,8 @@ def build_run_model(cfg: RunConfig, gather: Gather = null_gather) -> nn.Module:
 
 
 def manifest_config(folder: str | os.PathLike, manifest: dict, overrides: Optional[list[str]] = None) -> RunConfig:
-    """The run config an export's manifest carries, with dotted ``overrides`` applied (e.g. ``model.llm.dtype=fp32``)."""
+    """The run config an export's manifest carries, with dotted
+    ``overrides`` applied (e.g. ``model.llm.dtype=fp32``)."""
     data = copy.deepcopy(manifest["config"])
     for keys, value in parse_overrides(overrides or []):
         node = data
@@ -108,7 +110,9 @@ def load_fused_model(path: str | os.PathLike, gather: Gather = null_gather, over
     state, manifest = read_export(folder)
     stage = manifest_stage(manifest)
     if stage is None or not stage.builds("llm"):
-        raise ValueError(f"{folder}: this is a stage-{manifest.get('stage')!r} export; inference needs a stage 'fuse' export")
+        raise ValueError(
+            f"{folder}: this is a stage-{manifest.get('stage')!r} export; inference needs a stage 'fuse' export"
+        )
     merged_lora = bool(manifest["config"]["model"]["llm"]["lora"]["enabled"])
     # the export holds the LLM with its LoRA delta merged in: build it without adapters
     cfg = manifest_config(folder, manifest, ["model.llm.lora.enabled=false", *(overrides or [])])
@@ -120,7 +124,14 @@ def load_fused_model(path: str | os.PathLike, gather: Gather = null_gather, over
                         uses_feature_cache=bool(cfg.data.feature_cache), gather=gather, stage1_manifest=stage1_manifest)
     if stage1_manifest is not None:
         compare_stage1(stage1_manifest, cfg.model, model.vision, "(embedded manifest)", expected=cfg.stage.loads)
-    load_weights(model, state, gather, source=folder, required=("projector.", "stage1."), refused=() if merged_lora else ("llm.",))
+    load_weights(
+        model,
+        state,
+        gather,
+        source=folder,
+        required=("projector.", "stage1."),
+        refused=() if merged_lora else ("llm.",),
+    )
     model.run_config = cfg
     model.precision = resolved
     model.eval()
@@ -136,7 +147,9 @@ def load_align_model(cfg: RunConfig, path: str | os.PathLike) -> AlignModel:
     return model.eval()
 
 
-def load_inference_model(path: str | os.PathLike, overrides: Optional[list[str]] = None, device: Any = "cpu") -> FusedVLM:
+def load_inference_model(
+    path: str | os.PathLike, overrides: Optional[list[str]] = None, device: Any = "cpu"
+) -> FusedVLM:
     """The trained FusedVLM of a stage-2 export / run / demo folder, in eval mode, on ``device``.
 
     An ``auto`` dtype is resolved for that device; ``model.precision`` lists what

@@ -58,7 +58,8 @@ def frozen_parts(cfg: RunConfig) -> list[str]:
 
 def _engine_decides(zero_stage: int, engine_dtype: str) -> bool:
     """Whether DeepSpeed holds frozen parameters in the engine's precision (see the module doc)."""
-    return engine_dtype != "fp32" or str(zero_stage) == "3"  # an unresolved `auto` stage (generate, cache: no engine) is not 3
+    # an unresolved `auto` stage (generate, cache: no engine) is not 3
+    return engine_dtype != "fp32" or str(zero_stage) == "3"
 
 
 def check_precision(cfg: RunConfig) -> list[Problem]:
@@ -73,9 +74,14 @@ def check_precision(cfg: RunConfig) -> list[Problem]:
             continue
         why = ("ZeRO-3 partitions every tensor in the engine's precision" if engine == "fp32"
                else "a bf16/fp16 DeepSpeed engine casts every parameter, frozen ones too")
-        problems.append(Problem(key, f"{key}={value} with {ENGINE_KEY}={engine} (engine.zero_stage={cfg.engine.zero_stage}): "
-                                     f"{why}, so the frozen {name} would run in {engine}. Set {key}={engine} (or auto), "
-                                     f"or {ENGINE_KEY}=fp32 with engine.zero_stage<=2 to keep it in {value}"))
+        problems.append(
+            Problem(
+                key,
+                f"{key}={value} with {ENGINE_KEY}={engine} (engine.zero_stage={cfg.engine.zero_stage}): "
+                f"{why}, so the frozen {name} would run in {engine}. Set {key}={engine} (or auto), "
+                f"or {ENGINE_KEY}=fp32 with engine.zero_stage<=2 to keep it in {value}",
+            )
+        )
     return problems
 
 
@@ -107,14 +113,24 @@ def resolve_precision(cfg: RunConfig, device: Any = "cpu") -> tuple[Any, list[tu
         auto_frozen = [n for n in frozen if str(getattr(cfg.model, n).dtype) == "auto"]
         if auto_frozen and parts[heavy].dtype != "fp32" and (heavy in auto_frozen):
             engine = resolve_engine_precision(parts[heavy].dtype, device, ENGINE_KEY)
-            engine = dataclasses.replace(engine, reason=f"ZeRO-3 partitions every tensor in the engine's precision, "
-                                                        f"so the engine takes the frozen {heavy}'s: {parts[heavy].reason}",
-                                         warning=None)
+            engine = dataclasses.replace(
+                engine,
+                reason=f"ZeRO-3 partitions every tensor in the engine's precision, "
+                f"so the engine takes the frozen {heavy}'s: {parts[heavy].reason}",
+                warning=None,
+            )
     for name in PART_KEYS:
-        if str(getattr(cfg.model, name).dtype) == "auto" and name in frozen and _engine_decides(cfg.engine.zero_stage, engine.dtype):
+        if (
+            str(getattr(cfg.model, name).dtype) == "auto"
+            and name in frozen
+            and _engine_decides(cfg.engine.zero_stage, engine.dtype)
+        ):
             if parts[name].dtype != engine.dtype:
-                parts[name] = Resolved(engine.dtype, f"follows {ENGINE_KEY}={engine.dtype}: DeepSpeed holds frozen weights in "
-                                                     f"the engine's precision here ({parts[name].dtype} on its own: {parts[name].reason})")
+                parts[name] = Resolved(
+                    engine.dtype,
+                    f"follows {ENGINE_KEY}={engine.dtype}: DeepSpeed holds frozen weights in "
+                    f"the engine's precision here ({parts[name].dtype} on its own: {parts[name].reason})",
+                )
     out = copy.deepcopy(cfg)
     out.engine = dataclasses.replace(out.engine, precision=engine.dtype)
     model = out.model

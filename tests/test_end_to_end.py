@@ -31,9 +31,20 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-TINY_QWEN2 = {"model_type": "qwen2", "vocab_size": 259, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
-              "tie_word_embeddings": True, "bos_token_id": 257, "eos_token_id": 258, "pad_token_id": 256}
+TINY_QWEN2 = {
+    "model_type": "qwen2",
+    "vocab_size": 259,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+    "bos_token_id": 257,
+    "eos_token_id": 258,
+    "pad_token_id": 256,
+}
 TINY_CLIP = {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 4, "image_size": 16, "patch_size": 4, "num_channels": 3}
 TINY_RESNET = {"model_type": "resnet", "layer_type": "basic", "depths": [1, 1], "hidden_sizes": [16, 32],
@@ -139,20 +150,41 @@ def _config(case: Case, stage: str, root: Path, shards: dict[str, str], **extra)
 
     recipe = yaml.safe_load((REPO / "configs" / f"tiny_{stage}.yaml").read_text())
     qformer = case.connector == "qformer"
-    _merge(recipe, {
-        "run_dir": str(root / stage),
-        "model": {"vision": _vision_section(case, root),
-                  "text": {"freeze": not qformer},
-                  "connector": {"type": case.connector, **({"qformer": {"num_queries": 4, "hidden_size": 32}} if qformer else {}),
-                                **({"resampler": {"num_queries": 4, "hidden_size": 32, "num_heads": 4}}
-                                   if case.connector == "resampler" else {})}},
-        "data": {"train": [{"shards": [shards["train"]]}], "eval": [{"shards": [shards["eval"]]}], "template": "plain"},
-        "train": {"max_steps": 4, "global_batch_size": 4, "micro_batch_size": 2, "lr": 5e-3, "warmup_ratio": 0.0,
-                  "eval_every": 0},
-        "engine": {"zero_stage": case.zero},
-        "checkpoint": {"save_every": 0},
-        "log": {"progress_bar": False, "tensorboard": False, "param_table": False},
-    })
+    _merge(
+        recipe,
+        {
+            "run_dir": str(root / stage),
+            "model": {
+                "vision": _vision_section(case, root),
+                "text": {"freeze": not qformer},
+                "connector": {
+                    "type": case.connector,
+                    **({"qformer": {"num_queries": 4, "hidden_size": 32}} if qformer else {}),
+                    **(
+                        {"resampler": {"num_queries": 4, "hidden_size": 32, "num_heads": 4}}
+                        if case.connector == "resampler"
+                        else {}
+                    ),
+                },
+            },
+            "data": {
+                "train": [{"shards": [shards["train"]]}],
+                "eval": [{"shards": [shards["eval"]]}],
+                "template": "plain",
+            },
+            "train": {
+                "max_steps": 4,
+                "global_batch_size": 4,
+                "micro_batch_size": 2,
+                "lr": 5e-3,
+                "warmup_ratio": 0.0,
+                "eval_every": 0,
+            },
+            "engine": {"zero_stage": case.zero},
+            "checkpoint": {"save_every": 0},
+            "log": {"progress_bar": False, "tensorboard": False, "param_table": False},
+        },
+    )
     if stage == "fuse":
         _merge(recipe, {"model": {"llm": _llm_section(case, root)}})
     return load_config(base=_merge(recipe, extra))
@@ -201,7 +233,9 @@ def test_train_both_stages_then_generate_eval_and_export(case: Case, shards, tmp
         assert cache_command.main(["--config", str(tmp_path / "fuse_for_cache.yaml"), "--out", str(tmp_path / "cache"),
                                    "--device", "cpu"]) == 0
         assert list((tmp_path / "cache" / "train").glob("*.tar")), "mmdist cache wrote no feature shards"
-        fuse_cfg = _config(case, "fuse", tmp_path, shards, **fuse_extra, data={"feature_cache": str(tmp_path / "cache")})
+        fuse_cfg = _config(
+            case, "fuse", tmp_path, shards, **fuse_extra, data={"feature_cache": str(tmp_path / "cache")}
+        )
     fuse = _train(fuse_cfg)
     losses = [h["loss"] for h in fuse["history"]]
     assert len(losses) == 4 and all(v == v for v in losses), losses
@@ -214,8 +248,12 @@ def test_train_both_stages_then_generate_eval_and_export(case: Case, shards, tmp
     assert not any(k.startswith(("llm.", "vision.")) for k in step3["params"]), "a frozen weight is in the optimizer"
     projector = [k for k in after if k.startswith("projector.")]
     assert projector and set(projector) <= set(step3["params"]), (projector, sorted(step3["params"])[:5])
-    assert any(not torch.equal(after[k].float(), step3["params"][k]) for k in projector), "step 4 left the projector as it was"
-    assert all(float(step3["optimizer"]["exp_avg"][k].abs().sum()) > 0 for k in projector), "no gradient reached the projector"
+    assert any(not torch.equal(after[k].float(), step3["params"][k]) for k in projector), (
+        "step 4 left the projector as it was"
+    )
+    assert all(float(step3["optimizer"]["exp_avg"][k].abs().sum()) > 0 for k in projector), (
+        "no gradient reached the projector"
+    )
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["connector"]["type"] == case.connector and manifest["stage1"]["stage"] == "align"
     if case.tiling:  # every sample carried its tiles: more image tokens than one image's per sample

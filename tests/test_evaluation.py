@@ -1,4 +1,5 @@
-"""Evaluation that measures answers (mmdist/evaluation/): R@k, answer matching, batched KV-cache generation, `mmdist eval`.
+"""Evaluation that measures answers (mmdist/evaluation/): R@k,
+answer matching, batched KV-cache generation, `mmdist eval`.
 
 Tiny stage-1 and stage-2 exports come from a few steps of the tiny recipes on 40 demo digits (seconds).
 """
@@ -78,12 +79,23 @@ def _train(stage: str, root: Path, *over: str) -> Path:
     from mmdist.config.run import load_config
     from mmdist.training.loop import train
 
-    cfg = load_config(REPO / "configs" / f"tiny_{stage}.yaml", [
-        f"run_dir={root / stage}", "train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=4",
-        "engine.zero_stage=2", "log.progress_bar=false", "log.tensorboard=false", "checkpoint.save_every=0", "train.eval_every=0",
-        f"data.train=[{{shards: ['{root / 'shards' / 'train' / 'train-000000.tar'}']}}]",
-        f"data.eval=[{{shards: ['{root / 'shards' / 'eval' / 'eval-000000.tar'}']}}]", *over,
-    ])
+    cfg = load_config(
+        REPO / "configs" / f"tiny_{stage}.yaml",
+        [
+            f"run_dir={root / stage}",
+            "train.max_steps=2",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=4",
+            "engine.zero_stage=2",
+            "log.progress_bar=false",
+            "log.tensorboard=false",
+            "checkpoint.save_every=0",
+            "train.eval_every=0",
+            f"data.train=[{{shards: ['{root / 'shards' / 'train' / 'train-000000.tar'}']}}]",
+            f"data.eval=[{{shards: ['{root / 'shards' / 'eval' / 'eval-000000.tar'}']}}]",
+            *over,
+        ],
+    )
     assert train(cfg)["finished"]
     return root / stage
 
@@ -117,7 +129,14 @@ def test_training_logs_the_metrics(tiny_runs):
         evals = [r for r in records if f"eval/{key}" in r or r.get("split") == "eval" and key in r]
         assert evals, f"no eval/{key} in {tiny_runs[stage] / 'metrics.jsonl'}: {records[-1]}"
     lines = (tiny_runs["fuse"] / "eval" / "answers_step000002.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and set(json.loads(lines[0])) == {"key", "question", "reference", "answer", "exact", "contains"}
+    assert len(lines) == 4 and set(json.loads(lines[0])) == {
+        "key",
+        "question",
+        "reference",
+        "answer",
+        "exact",
+        "contains",
+    }
 
 
 def test_retrieval_equals_brute_force(tiny_runs):
@@ -179,20 +198,47 @@ def test_batched_cached_generation_equals_one_by_one_without_cache(tiny_runs):
     model = load_export_model(tiny_runs["fuse"])
     _, loader = _loader(model, tiny_runs["eval"], 8)
     batch = next(iter(loader))
-    prompts = [evaluation.split_last_turn(i, lab, m)[0] for i, lab, m in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])]
+    prompts = [
+        evaluation.split_last_turn(i, lab, m)[0]
+        for i, lab, m in zip(batch["input_ids"], batch["labels"], batch["attention_mask"])
+    ]
     prompts[1] = prompts[1][:-1]  # unequal lengths: left padding is exercised
     batched = answer_batch(model, prompts, pixel_values=batch["pixel_values"], max_new_tokens=6)
     for row, prompt in enumerate(prompts):
-        alone = answer_batch(model, [prompt], pixel_values=batch["pixel_values"][row : row + 1], max_new_tokens=6, use_cache=False)
+        alone = answer_batch(
+            model, [prompt], pixel_values=batch["pixel_values"][row : row + 1], max_new_tokens=6, use_cache=False
+        )
         assert alone == [batched[row]]
 
 
 def test_eval_cli_writes_metrics_and_answers(tiny_runs, tmp_path, capsys):
     out = tmp_path / "fuse"
-    assert eval_command.main(["--run", str(tiny_runs["fuse"]), "--data", tiny_runs["eval"], "--batch-size", "8",
-                                "--max-new-tokens", "4", "--device", "cpu", "--out", str(out), "data.num_workers=0"]) == 0
+    assert (
+        eval_command.main(
+            [
+                "--run",
+                str(tiny_runs["fuse"]),
+                "--data",
+                tiny_runs["eval"],
+                "--batch-size",
+                "8",
+                "--max-new-tokens",
+                "4",
+                "--device",
+                "cpu",
+                "--out",
+                str(out),
+                "data.num_workers=0",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["stage"] == "fuse" and metrics["samples"] == tiny_runs["n_eval"] and 0.0 <= metrics["exact"] <= metrics["contains"] <= 1.0
+    assert (
+        metrics["stage"] == "fuse"
+        and metrics["samples"] == tiny_runs["n_eval"]
+        and 0.0 <= metrics["exact"] <= metrics["contains"] <= 1.0
+    )
     assert len((out / "answers.jsonl").read_text().splitlines()) == tiny_runs["n_eval"]
     assert eval_command.main(["--run", str(tiny_runs["align"]), "--data", tiny_runs["eval"], "--max-samples", "5",
                                 "--device", "cpu", "data.num_workers=0"]) == 0
@@ -226,14 +272,54 @@ def test_distributed_eval_equals_single_process(tiny_runs, tmp_path):
     script.write_text(DIST_SCRIPT)
     one, two = tmp_path / "one", tmp_path / "two"
     for stage in ("align", "fuse"):
-        assert eval_command.main(["--run", str(tiny_runs[stage]), "--data", tiny_runs["eval"], "--batch-size", "4",
-                                    "--max-new-tokens", "4", "--device", "cpu", "--out", str(one / stage), "data.num_workers=0"]) == 0
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+        assert (
+            eval_command.main(
+                [
+                    "--run",
+                    str(tiny_runs[stage]),
+                    "--data",
+                    tiny_runs["eval"],
+                    "--batch-size",
+                    "4",
+                    "--max-new-tokens",
+                    "4",
+                    "--device",
+                    "cpu",
+                    "--out",
+                    str(one / stage),
+                    "data.num_workers=0",
+                ]
+            )
+            == 0
+        )
+    env = dict(
+        os.environ,
+        PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+    )
     from mmdist.launch_env import free_port
 
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-                           str(script), str(tiny_runs["root"]), str(two / "align"), str(two / "fuse"), tiny_runs["eval"]],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(script),
+            str(tiny_runs["root"]),
+            str(two / "align"),
+            str(two / "fuse"),
+            tiny_runs["eval"],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in ("align", "fuse"):
         a = json.loads((one / stage / "metrics.json").read_text())

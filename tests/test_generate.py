@@ -78,12 +78,24 @@ def test_generate_cli_answers_on_the_export(tiny_export, capsys):
         member = next(m for m in tar.getmembers() if m.name.endswith(".png"))
         (tiny_export / "digit.png").write_bytes(tar.extractfile(member).read())
     for run in (tiny_export / "fuse", tiny_export / "fuse" / "export"):  # a run folder or its export
-        code = generate_command.main(["--run", str(run), "--image", str(tiny_export / "digit.png"), "--prompt", "What digit is this?",
-                                  "--max-new-tokens", "4"])
+        code = generate_command.main(
+            [
+                "--run",
+                str(run),
+                "--image",
+                str(tiny_export / "digit.png"),
+                "--prompt",
+                "What digit is this?",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
         assert code == 0
         printed = capsys.readouterr().out
         model = generate_command.load_model(run)
-        expected = generate.answer_images(model, [Image.open(tiny_export / "digit.png")], "What digit is this?", max_new_tokens=4)[0]
+        expected = generate.answer_images(
+            model, [Image.open(tiny_export / "digit.png")], "What digit is this?", max_new_tokens=4
+        )[0]
         assert printed.endswith(expected + "\n")  # greedy: the CLI prints exactly the model's answer
 
 

@@ -232,7 +232,9 @@ def test_explicit_fp32_and_fp16_on_a_gpu_are_kept(monkeypatch):
     assert hardware.resolve_dtype("fp32", "cuda").dtype == "fp32"
 
 
-@pytest.mark.parametrize("available, accelerator, expected", [(True, None, "cuda"), (False, None, "cpu"), (True, "cpu", "cpu")])
+@pytest.mark.parametrize(
+    "available, accelerator, expected", [(True, None, "cuda"), (False, None, "cpu"), (True, "cpu", "cpu")]
+)
 def test_default_device(monkeypatch, available, accelerator, expected):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
     if accelerator:
@@ -280,9 +282,14 @@ def test_fp32_peak_follows_the_tf32_setting(monkeypatch):
         torch.set_float32_matmul_precision(before)
 
 
-@pytest.mark.parametrize("name, dtype, why", [("NVIDIA Mystery GPU 9000", "bf16", "not in the datasheet table"),
-                                              ("Tesla V100-SXM2-32GB", "bf16", "no datasheet bf16 figure for V100 SXM2"),
-                                              ("NVIDIA A10G", "fp16", "no datasheet fp16 figure for A10G")])
+@pytest.mark.parametrize(
+    "name, dtype, why",
+    [
+        ("NVIDIA Mystery GPU 9000", "bf16", "not in the datasheet table"),
+        ("Tesla V100-SXM2-32GB", "bf16", "no datasheet bf16 figure for V100 SXM2"),
+        ("NVIDIA A10G", "fp16", "no datasheet fp16 figure for A10G"),
+    ],
+)
 def test_probe_is_the_fallback_where_the_table_has_no_figure(monkeypatch, name, dtype, why):
     fake_gpu(monkeypatch, name, (8, 6))
     calls = fake_probe(monkeypatch, bf16=50_000.0, fp16=60_000.0)
@@ -306,8 +313,16 @@ def test_cpus_for_this_rank_reads_cgroup_slurm_and_local_ranks(tmp_path, monkeyp
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     (tmp_path / "cpu.max").write_text("max 100000\n")
     assert cpus_for_this_rank({}, str(tmp_path))[0] == 16
-    assert cpus_for_this_rank({"LOCAL_WORLD_SIZE": "8"}, str(tmp_path)) == (2, "16 in this process's affinity, shared by 8 local ranks (LOCAL_WORLD_SIZE)")
-    assert cpus_for_this_rank({"SLURM_CPUS_PER_TASK": "6", "SLURM_STEP_ID": "0", "LOCAL_WORLD_SIZE": "8"}, str(tmp_path))[0] == 6
+    assert cpus_for_this_rank({"LOCAL_WORLD_SIZE": "8"}, str(tmp_path)) == (
+        2,
+        "16 in this process's affinity, shared by 8 local ranks (LOCAL_WORLD_SIZE)",
+    )
+    assert (
+        cpus_for_this_rank({"SLURM_CPUS_PER_TASK": "6", "SLURM_STEP_ID": "0", "LOCAL_WORLD_SIZE": "8"}, str(tmp_path))[
+            0
+        ]
+        == 6
+    )
     (tmp_path / "cpu.max").write_text("400000 100000\n")
     cpus, why = cpus_for_this_rank({}, str(tmp_path))
     assert cpus == 4 and "cgroup quota 4" in why

@@ -26,9 +26,22 @@ from mmdist.materialize import build_run_model
 
 PROMPT = "What digit is this?"
 MAX_NEW_TOKENS = 8
-CLIP_TOWER = {"source": "hf", "init_config": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-                                              "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 16, "patch_size": 4},
-              "select_layer": -2, "select_tokens": "patch", "image_mean": [0.5], "image_std": [0.25]}
+CLIP_TOWER = {
+    "source": "hf",
+    "init_config": {
+        "model_type": "clip_vision_model",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "image_size": 16,
+        "patch_size": 4,
+    },
+    "select_layer": -2,
+    "select_tokens": "patch",
+    "image_mean": [0.5],
+    "image_std": [0.25],
+}
 QWEN2_LLM = {"init_config": {"model_type": "qwen2", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
                              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                              "max_position_embeddings": 512, "tie_word_embeddings": False,
@@ -69,7 +82,8 @@ print("ok")
 
 
 def _cfg(stage: str, connector_type: str = "mlp", data: dict | None = None, **model) -> RunConfig:
-    """The tiny recipe of ``stage`` with ``model`` sections; an ``init_config`` given here replaces the recipe's whole."""
+    """The tiny recipe of ``stage`` with ``model`` sections; an
+    ``init_config`` given here replaces the recipe's whole."""
     model = {part: dict(settings) for part, settings in model.items()}
     replaced = [f"model.{part}.init_config={json.dumps(settings.pop('init_config'))}"
                 for part, settings in model.items() if "init_config" in settings]
@@ -117,16 +131,26 @@ def exports(tmp_path_factory):
     linear_head = _stage1_export(root, "linear", vision=CLIP_TOWER)
     mlp_head = _stage1_export(root, "mlp")
     cases = {
-        # CLIP tower, patches (strategy default), llama, linear stage-1 head folded into linear_1 + MLP projector, plain template
-        "clip-llama-linear-head": _fuse_export(root, "a", data={"template": "plain"}, vision=CLIP_TOWER,
-                                               connector={"type": "linear", "stage1_weights": str(linear_head)}),
-        # CLIP tower, all tokens (strategy full), Qwen2 (untied, image token inside the vocabulary), MLP projector, LoRA,
-    # template 'auto' = the tiny tokenizer's ChatML chat template
-        "clip-qwen2-lora": _fuse_export(root, "b", vision={**CLIP_TOWER, "select_tokens": "all", "select_layer": -1},
-                                        llm=QWEN2_LLM | LORA),
-        # ViT tower, llama + LoRA, mlp stage-1 head (width 32 < 64) + linear projector: padded into linear_1 -> gelu -> linear_2
-        "vit-llama-mlp-head-lora": _fuse_export(root, "c", llm=LORA,
-                                                connector={"type": "mlp", "stage1_weights": str(mlp_head), "projector_layers": 1}),
+        # CLIP tower, patches (strategy default), llama, linear stage-1
+        # head folded into linear_1 + MLP projector, plain template
+        "clip-llama-linear-head": _fuse_export(
+            root,
+            "a",
+            data={"template": "plain"},
+            vision=CLIP_TOWER,
+            connector={"type": "linear", "stage1_weights": str(linear_head)},
+        ),
+        # CLIP tower, all tokens (strategy full), Qwen2 (untied,
+        # image token inside the vocabulary), MLP projector, LoRA,
+        # template 'auto' = the tiny tokenizer's ChatML chat template
+        "clip-qwen2-lora": _fuse_export(
+            root, "b", vision={**CLIP_TOWER, "select_tokens": "all", "select_layer": -1}, llm=QWEN2_LLM | LORA
+        ),
+        # ViT tower, llama + LoRA, mlp stage-1 head (width 32 < 64) +
+        # linear projector: padded into linear_1 -> gelu -> linear_2
+        "vit-llama-mlp-head-lora": _fuse_export(
+            root, "c", llm=LORA, connector={"type": "mlp", "stage1_weights": str(mlp_head), "projector_layers": 1}
+        ),
     }
     out = {}
     for name, export in cases.items():
@@ -142,8 +166,14 @@ def transformers_results(exports, tmp_path_factory):
     image = _image(root / "image.png")
     request = {"image": str(image), "prompt": PROMPT, "max_new_tokens": MAX_NEW_TOKENS,
                "exports": [[str(hf), str(root / f"{name}.pt")] for name, (_, hf) in exports.items()]}
-    done = subprocess.run([sys.executable, "-I", "-c", CHILD, json.dumps(request)], cwd=root, capture_output=True, text=True,
-                          timeout=600, env={"PATH": "/usr/bin:/bin", "HOME": str(root)})
+    done = subprocess.run(
+        [sys.executable, "-I", "-c", CHILD, json.dumps(request)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(root)},
+    )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
     return image, {name: torch.load(root / f"{name}.pt") for name in exports}
 
@@ -177,9 +207,13 @@ def test_transformers_reproduces_mmdist(name, exports, transformers_results):
         logits = model.llm(inputs_embeds=embeds, attention_mask=torch.ones_like(input_ids)).logits[0]
     vocab = logits.shape[-1]
     diff = float((theirs["logits"][:, :vocab] - logits).abs().max())
-    print(f"{name}: max abs logit difference {diff:.2e}, pixel difference {pixel_diff:.2f} levels, answer ids {theirs['new_ids'].tolist()}")
+    print(
+        f"{name}: max abs logit difference {diff:.2e}, pixel difference "
+        f"{pixel_diff:.2f} levels, answer ids {theirs['new_ids'].tolist()}"
+    )
     assert diff <= 1e-4
-    assert bool((theirs["logits"][:, vocab:] == 0).all())  # added placeholder rows are zero (and suppressed in generate)
+    # added placeholder rows are zero (and suppressed in generate)
+    assert bool((theirs["logits"][:, vocab:] == 0).all())
 
     ours = generate.answer_images(model, [image], PROMPT, max_new_tokens=MAX_NEW_TOKENS)[0]
     with torch.no_grad():
@@ -199,7 +233,8 @@ def test_hf_folder_layout(exports):
     a = json.loads((exports["clip-llama-linear-head"][1] / "config.json").read_text())
     assert a["vision_feature_select_strategy"] == "default" and a["projector_hidden_act"] == "gelu"
     generation = json.loads((exports["clip-llama-linear-head"][1] / "generation_config.json").read_text())
-    assert generation["suppress_tokens"] == [259] and generation["do_sample"] is False  # the image token row added to the tiny vocab
+    # the image token row added to the tiny vocab
+    assert generation["suppress_tokens"] == [259] and generation["do_sample"] is False
 
 
 def test_mmdist_format_copies_the_export(exports, tmp_path):
@@ -209,7 +244,9 @@ def test_mmdist_format_copies_the_export(exports, tmp_path):
 
     original, copied = load_file(export / "model.safetensors"), load_file(tmp_path / "copy" / "model.safetensors")
     assert set(original) == set(copied) and all(torch.equal(original[k], copied[k]) for k in original)
-    assert json.loads((tmp_path / "copy" / "manifest.json").read_text()) == json.loads((export / "manifest.json").read_text())
+    assert json.loads((tmp_path / "copy" / "manifest.json").read_text()) == json.loads(
+        (export / "manifest.json").read_text()
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -218,7 +255,11 @@ def test_mmdist_format_copies_the_export(exports, tmp_path):
 
 def _linear(n_in: int, n_out: int, where: str, seed: int) -> Linear:
     gen = torch.Generator().manual_seed(seed)
-    return Linear(torch.randn(n_out, n_in, generator=gen, dtype=torch.float64), torch.randn(n_out, generator=gen, dtype=torch.float64), where)
+    return Linear(
+        torch.randn(n_out, n_in, generator=gen, dtype=torch.float64),
+        torch.randn(n_out, generator=gen, dtype=torch.float64),
+        where,
+    )
 
 
 @pytest.mark.parametrize("chain_kind", ["linear", "linear+mlp", "mlp+linear", "mlp"])
@@ -226,10 +267,18 @@ def test_fold_is_exact(chain_kind):
     """Each foldable chain computes the same as its Llava projector (fp32, 1e-5)."""
     from transformers.activations import ACT2FN
 
-    head = {"linear": [], "linear+mlp": [_linear(8, 6, "head", 1)], "mlp+linear": [_linear(8, 5, "head", 1), "GELU", _linear(5, 5, "head", 2)],
-            "mlp": []}[chain_kind]
+    head = {
+        "linear": [],
+        "linear+mlp": [_linear(8, 6, "head", 1)],
+        "mlp+linear": [_linear(8, 5, "head", 1), "GELU", _linear(5, 5, "head", 2)],
+        "mlp": [],
+    }[chain_kind]
     width = 8 if not head else head[-1].weight.shape[0]
-    tail = [_linear(width, 12, "proj", 3)] if chain_kind in ("linear", "mlp+linear") else [_linear(width, 12, "proj", 3), "GELU", _linear(12, 12, "proj", 4)]
+    tail = (
+        [_linear(width, 12, "proj", 3)]
+        if chain_kind in ("linear", "mlp+linear")
+        else [_linear(width, 12, "proj", 3), "GELU", _linear(12, 12, "proj", 4)]
+    )
     chain = head + tail
     folded = fold_chain(chain, 12)
     x = torch.randn(3, 8, dtype=torch.float64)
@@ -254,7 +303,12 @@ def test_two_nonlinearities_are_refused_naming_the_shapes():
 
 
 def test_hidden_wider_than_the_llm_is_refused():
-    chain = [_linear(32, 128, "stage-1 mlp head", 1), "GELU", _linear(128, 128, "stage-1 mlp head", 2), _linear(128, 64, "projector (1 layer(s))", 3)]
+    chain = [
+        _linear(32, 128, "stage-1 mlp head", 1),
+        "GELU",
+        _linear(128, 128, "stage-1 mlp head", 2),
+        _linear(128, 64, "projector (1 layer(s))", 3),
+    ]
     with pytest.raises(ExportRefused, match=r"hidden width of 128 .* LLM's width 64"):
         fold_chain(chain, 64)
 
@@ -263,9 +317,15 @@ def test_refusals_from_the_export(tmp_path, capsys):
     """Refused from the export alone (before any backbone loads), with the reason on stderr and exit code 2."""
     mlp_head = _stage1_export(tmp_path, "mlp")
     cases = {
-        "two-gelus": ({"connector": {"type": "mlp", "stage1_weights": str(mlp_head)}},
-                      r"stage-1 mlp head: Linear\(32->32\) -> GELU -> Linear\(32->32\), then projector \(2 layer\(s\)\): Linear\(32->64\)"),
-        "pooling": ({"connector": {"image_tokens": 4}}, r"image_tokens=4 pools the vision tower's 16 tokens of width 32"),
+        "two-gelus": (
+            {"connector": {"type": "mlp", "stage1_weights": str(mlp_head)}},
+            r"stage-1 mlp head: Linear\(32->32\) -> GELU -> Linear\(32->32\), "
+            r"then projector \(2 layer\(s\)\): Linear\(32->64\)",
+        ),
+        "pooling": (
+            {"connector": {"image_tokens": 4}},
+            r"image_tokens=4 pools the vision tower's 16 tokens of width 32",
+        ),
         "cls": ({"vision": {"select_tokens": "cls"}}, r"select_tokens=cls"),
     }
     for name, (model, pattern) in cases.items():
@@ -280,7 +340,12 @@ def test_refusals_from_the_export(tmp_path, capsys):
 def test_qformer_is_refused_with_the_reason(tmp_path):
     align = build_run_model(_cfg("align", "qformer"))
     stage1 = save_export(align, str(tmp_path / "s1"))
-    export = _fuse_export(tmp_path, "q", text={"freeze": False}, connector={"type": "qformer", "stage1_weights": str(stage1), "projector_layers": 1})
+    export = _fuse_export(
+        tmp_path,
+        "q",
+        text={"freeze": False},
+        connector={"type": "qformer", "stage1_weights": str(stage1), "projector_layers": 1},
+    )
     with pytest.raises(ExportRefused, match=r"Blip2QFormerModel\.layernorm"):
         check_hf_exportable(str(export))
 

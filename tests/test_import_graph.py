@@ -38,7 +38,9 @@ def imported_modules(path: Path, name: str, modules: set[str]) -> set[str]:
                 source = ".".join(base + ([node.module] if node.module else []))
             else:
                 source = node.module or ""
-            targets = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source for alias in node.names]
+            targets = [
+                f"{source}.{alias.name}" if f"{source}.{alias.name}" in modules else source for alias in node.names
+            ]
         else:
             continue
         for target in targets:
@@ -184,7 +186,10 @@ def test_no_package_init_resolves_names_lazily():
 
 def test_imports_only_go_to_the_same_or_a_lower_tier():
     offenders = upward_imports(import_graph())
-    assert not offenders, "upward imports (move the shared piece down, or name the exception in ALLOWED_UPWARD):\n  " + "\n  ".join(offenders)
+    assert not offenders, (
+        "upward imports (move the shared piece down, or name the exception in ALLOWED_UPWARD):\n  "
+        + "\n  ".join(offenders)
+    )
 
 
 def test_every_allowed_exception_is_still_needed():

@@ -22,12 +22,24 @@ def _train(stage: str, root: Path, *over: str) -> Path:
     from mmdist.config.run import load_config
     from mmdist.training.loop import train
 
-    cfg = load_config(REPO / "configs" / f"tiny_{stage}.yaml", [
-        f"run_dir={root / stage}", "train.max_steps=2", "train.global_batch_size=4", "train.micro_batch_size=4",
-        "engine.zero_stage=2", "log.progress_bar=false", "log.tensorboard=false", "checkpoint.save_every=0", "train.eval_every=0",
-        f"data.train=[{{shards: ['{root / 'shards' / 'train' / 'train-000000.tar'}']}}]",
-        f"data.eval=[{{shards: ['{root / 'shards' / 'eval' / 'eval-000000.tar'}']}}]", *QFORMER, *over,
-    ])
+    cfg = load_config(
+        REPO / "configs" / f"tiny_{stage}.yaml",
+        [
+            f"run_dir={root / stage}",
+            "train.max_steps=2",
+            "train.global_batch_size=4",
+            "train.micro_batch_size=4",
+            "engine.zero_stage=2",
+            "log.progress_bar=false",
+            "log.tensorboard=false",
+            "checkpoint.save_every=0",
+            "train.eval_every=0",
+            f"data.train=[{{shards: ['{root / 'shards' / 'train' / 'train-000000.tar'}']}}]",
+            f"data.eval=[{{shards: ['{root / 'shards' / 'eval' / 'eval-000000.tar'}']}}]",
+            *QFORMER,
+            *over,
+        ],
+    )
     assert train(cfg)["finished"]
     return root / stage
 
@@ -51,13 +63,38 @@ def test_generate_and_eval_on_a_qformer_stage2_export(tmp_path, capsys):
         (tmp_path / "digit.png").write_bytes(tar.extractfile(member).read())
     capsys.readouterr()
     image = str(tmp_path / "digit.png")
-    assert generate_command.main(["--run", str(fuse), "--image", image, image, "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert (
+        generate_command.main(["--run", str(fuse), "--image", image, image, "--max-new-tokens", "4", "--device", "cpu"])
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all(line.startswith(f"{image}: ") for line in lines), lines  # one answer per image
 
-    assert eval_command.main(["--run", str(fuse), "--data", str(eval_shard), "--max-samples", "4", "--batch-size", "4",
-                              "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path / "eval"), "data.num_workers=0"]) == 0
+    assert (
+        eval_command.main(
+            [
+                "--run",
+                str(fuse),
+                "--data",
+                str(eval_shard),
+                "--max-samples",
+                "4",
+                "--batch-size",
+                "4",
+                "--max-new-tokens",
+                "4",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path / "eval"),
+                "data.num_workers=0",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert metrics["stage"] == "fuse" and metrics["samples"] == 4 and 0.0 <= metrics["exact"] <= metrics["contains"] <= 1.0
+    assert (
+        metrics["stage"] == "fuse" and metrics["samples"] == 4 and 0.0 <= metrics["exact"] <= metrics["contains"] <= 1.0
+    )
     answers = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 4 and all(isinstance(a["answer"], str) and a["reference"] for a in answers)

@@ -75,7 +75,9 @@ def test_offload_flags_limit_the_candidates():
     assert [s.zero_stage for s in auto_candidates(tiny_run_config("fuse", "engine.zero_stage=auto"))] == [0, 1, 2, 3]
     opt = tiny_run_config("fuse", "engine.zero_stage=auto", "engine.offload_optimizer=true")
     assert [s.zero_stage for s in auto_candidates(opt)] == [1, 2, 3]
-    params = tiny_run_config("fuse", "engine.zero_stage=auto", "engine.offload_optimizer=true", "engine.offload_params=true")
+    params = tiny_run_config(
+        "fuse", "engine.zero_stage=auto", "engine.offload_optimizer=true", "engine.offload_params=true"
+    )
     assert [s.label for s in auto_candidates(params)] == ["ZeRO-3 offload=opt+param"]
 
 
@@ -203,7 +205,9 @@ def test_why_zero0_is_left_out_with_bf16(tmp_path, monkeypatch):
     from mmdist.config.run import load_config
     from mmdist.training.loop import train
 
-    cfg = load_config(base=toy_config(str(tmp_path), train={"max_steps": 2}, engine={"zero_stage": 0, "precision": "bf16"}))
+    cfg = load_config(
+        base=toy_config(str(tmp_path), train={"max_steps": 2}, engine={"zero_stage": 0, "precision": "bf16"})
+    )
     train(cfg, model_builder=toy_model_builder, loader_builder=toy_loader_builder())
     exported = load_file(str(tmp_path / "export" / "model.safetensors"))
     assert {v.dtype for v in exported.values()} == {torch.bfloat16}
@@ -223,9 +227,11 @@ def demo_shards(tmp_path_factory):
 def test_two_cpu_ranks_train_the_tiny_fuse_recipe_with_auto(tmp_path, demo_shards):
     """auto at 2 CPU ranks: ZeRO-0 (fp32, a frozen LLM; no DeepSpeed partitioning), agreed by both ranks, trains and
     writes the concrete stage with its reason into config.yaml."""
-    from helpers.trainer_toy import launch
+    from helpers.toy_launch import launch
 
-    recipe = yaml.safe_load(open(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "tiny_fuse.yaml"))
+    recipe = yaml.safe_load(
+        open(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs" / "tiny_fuse.yaml")
+    )
     recipe.update(run_dir=str(tmp_path / "run"))
     recipe["data"].update(train=[{"shards": [demo_shards[0]]}], eval=[{"shards": [demo_shards[1]]}])
     recipe["train"].update(max_steps=2, eval_every=0, eval_batches=1)

@@ -17,7 +17,8 @@ from mmdist.precision import precision_lines, resolve_precision
 
 @exits_on_oom
 def main(argv: Sequence[str] | None = None) -> int:
-    """``mmdist cache --config C [key=value ...] --out DIR``: precompute frozen encoder features for data.train / data.eval.
+    """``mmdist cache --config C [key=value ...] --out DIR``:
+    precompute frozen encoder features for data.train / data.eval.
 
     Stage align with a frozen text encoder caches the pooled caption features too.
     """
@@ -27,8 +28,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="images per encoder forward")
     parser.add_argument("--samples-per-shard", type=int, default=1000, help="samples per feature shard")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing cache")
-    parser.add_argument("--no-text", action="store_true", help="stage align: cache image features only (the frozen text encoder then runs every step)")
-    parser.add_argument("--device", default=None, help="where the frozen encoders run (default: the GPU when there is one, else cpu)")
+    parser.add_argument(
+        "--no-text",
+        action="store_true",
+        help="stage align: cache image features only (the frozen text encoder then runs every step)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="where the frozen encoders run (default: the GPU when there is one, else cpu)"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.vision.select_layer=-1")
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

@@ -18,12 +18,24 @@ from mmdist import console
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "config": ("mmdist.commands.config:main", "validate a config, print the resolved config, or explain every setting"),
     "train": ("mmdist.commands.train:main", "train one stage (align or fuse) from a config"),
-    "shard": ("mmdist.commands.shard:main", "write WebDataset shards (LLaVA JSON, image folder + captions, or the demo digits)"),
+    "shard": (
+        "mmdist.commands.shard:main",
+        "write WebDataset shards (LLaVA JSON, image folder + captions, or the demo digits)",
+    ),
     "cache": ("mmdist.commands.cache:main", "precompute frozen-encoder features into new shards"),
-    "demo": ("mmdist.commands.demo:main", "build the digits shards, train both stages on CPU, evaluate, write a report"),
+    "demo": (
+        "mmdist.commands.demo:main",
+        "build the digits shards, train both stages on CPU, evaluate, write a report",
+    ),
     "generate": ("mmdist.commands.generate:main", "answer a prompt about an image with an exported stage-2 model"),
-    "export": ("mmdist.commands.export:main", "write a trained model as an mmdist export or a Hugging Face LLaVA folder (--format hf)"),
-    "eval": ("mmdist.commands.eval:main", "measure an export on held-out shards: retrieval R@1/5/10 (stage 1) or answer accuracy (stage 2)"),
+    "export": (
+        "mmdist.commands.export:main",
+        "write a trained model as an mmdist export or a Hugging Face LLaVA folder (--format hf)",
+    ),
+    "eval": (
+        "mmdist.commands.eval:main",
+        "measure an export on held-out shards: retrieval R@1/5/10 (stage 1) or answer accuracy (stage 2)",
+    ),
     "plan": ("mmdist.commands.plan:main", "predict per-GPU memory for each ZeRO stage before submitting a job"),
 }
 
@@ -36,12 +48,17 @@ def _resolve(target: str) -> Callable[[list[str]], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="mmdist", description=__doc__.splitlines()[0])
-    parser.add_argument("--verbose", action="store_true",
-                        help="show third-party output too (transformers' load reports, conversion bars); also MMDIST_VERBOSE=1")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show third-party output too (transformers' load reports, conversion bars); also MMDIST_VERBOSE=1",
+    )
     verbose = bool(argv) and argv[0] == "--verbose"
     argv = argv[verbose:]
     console.configure(verbose=True if verbose else None)
-    parser.add_argument("command", choices=sorted(SUBCOMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in SUBCOMMANDS.items()))
+    parser.add_argument(
+        "command", choices=sorted(SUBCOMMANDS), help="; ".join(f"{k}: {v[1]}" for k, v in SUBCOMMANDS.items())
+    )
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2

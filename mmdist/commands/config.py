@@ -27,7 +27,13 @@ def format_explain(prefix: str = "") -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mmdist config", description=__doc__)
     parser.add_argument("--config", help="YAML run config to validate and print resolved")
-    parser.add_argument("--explain", nargs="?", const="", metavar="PREFIX", help="print every setting with its doc (optionally only keys under PREFIX)")
+    parser.add_argument(
+        "--explain",
+        nargs="?",
+        const="",
+        metavar="PREFIX",
+        help="print every setting with its doc (optionally only keys under PREFIX)",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.llm.dtype=bf16")
     args = parser.parse_args(argv)
     if args.explain is not None:

@@ -1,4 +1,5 @@
-"""`mmdist demo`: the whole product on a laptop CPU, from shards to a report: pretrained text models, a seeded random ViT.
+"""`mmdist demo`: the whole product on a laptop CPU, from shards
+to a report: pretrained text models, a seeded random ViT.
 
 The command and the order of its steps (mmdist/demo's package docstring has the
 design): check the optional packages, open the run folder, then shards, feature
@@ -64,7 +65,12 @@ CONNECTORS = {
 
 # --quick: a few steps per stage on a slice of the digits (tests, a first look); the slice is digits.QUICK_SHARD_LIMIT.
 QUICK = {
-    "align": ["train.max_steps=6", "train.global_batch_size=16", "train.micro_batch_size=16", "checkpoint.save_every=3"],
+    "align": [
+        "train.max_steps=6",
+        "train.global_batch_size=16",
+        "train.micro_batch_size=16",
+        "checkpoint.save_every=3",
+    ],
     "fuse": ["train.max_steps=4", "train.global_batch_size=8", "train.micro_batch_size=8", "checkpoint.save_every=2"],
 }
 
@@ -126,19 +132,36 @@ def train_stage(cfg: RunConfig) -> dict:
     """One stage through the library trainer (DeepSpeed engine, world size 1); resumes from the run dir's checkpoint."""
     summary = train(cfg)
     if not summary.get("finished"):
-        raise DemoError(f"stage {cfg.stage} stopped at step {summary.get('step')} before its last step; run the demo again to continue")
-    return {"steps": summary["step"], "export": summary["export"], "final_loss": summary["history"][-1]["loss"] if summary["history"] else None,
-            "resumed_from": summary.get("resumed_from"), "train_seconds": round(summary["seconds"], 2)}
+        raise DemoError(
+            f"stage {cfg.stage} stopped at step {summary.get('step')} "
+            "before its last step; run the demo again to continue"
+        )
+    return {
+        "steps": summary["step"],
+        "export": summary["export"],
+        "final_loss": summary["history"][-1]["loss"] if summary["history"] else None,
+        "resumed_from": summary.get("resumed_from"),
+        "train_seconds": round(summary["seconds"], 2),
+    }
 
 
 # ---------------------------------------------------------------------------
 # the command
 
 
-def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, overwrite: bool = False,
-             align_config: str | os.PathLike = DEFAULT_ALIGN_CONFIG, fuse_config: str | os.PathLike = DEFAULT_FUSE_CONFIG,
-             extra_align: Sequence[str] = (), extra_fuse: Sequence[str] = (), threads: Optional[int] = None,
-             device: Optional[str] = None, connector: str = "linear") -> dict:
+def run_demo(
+    run_dir: str | os.PathLike = "runs/demo",
+    *,
+    quick: bool = False,
+    overwrite: bool = False,
+    align_config: str | os.PathLike = DEFAULT_ALIGN_CONFIG,
+    fuse_config: str | os.PathLike = DEFAULT_FUSE_CONFIG,
+    extra_align: Sequence[str] = (),
+    extra_fuse: Sequence[str] = (),
+    threads: Optional[int] = None,
+    device: Optional[str] = None,
+    connector: str = "linear",
+) -> dict:
     """Run (or continue) the demo into ``run_dir`` on ``device`` (default: the GPU when there is one, else cpu)
     with the stage-1 ``connector`` (a key of CONNECTORS); returns the metrics written to metrics.json."""
     if device is None:
@@ -171,7 +194,9 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
     state = DemoState.open(run_dir, fingerprint, overwrite)
     wall_start = time.perf_counter()
 
-    shards = state.run("shards", "1/6 writing the digit shards (mmdist shard demo)", lambda: make_shards(run_dir, quick))
+    shards = state.run(
+        "shards", "1/6 writing the digit shards (mmdist shard demo)", lambda: make_shards(run_dir, quick)
+    )
     data = shard_overrides(shards)
     align_over = [f"run_dir={run_dir / 'align'}", *data, f"data.feature_cache={run_dir / 'data' / 'cache_align'}",
                   *(QUICK["align"] if quick else []), *extra_align]
@@ -189,13 +214,25 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
             state.add_time(name, time.perf_counter() - started)
             raise
 
-    state.run("align", "3/6 stage 1: align (trainer + DeepSpeed, 1 CPU process)", lambda: stage("align", align_path, align_over))
-    align_metrics = state.run("align_eval", "   stage 1: held-out retrieval",
-                              lambda: heldout_retrieval(resolve_precision(load_config(align_path, align_over), device)[0],
-                                                        run_dir / "align" / "export", shards["eval_samples"]))
+    state.run(
+        "align",
+        "3/6 stage 1: align (trainer + DeepSpeed, 1 CPU process)",
+        lambda: stage("align", align_path, align_over),
+    )
+    align_metrics = state.run(
+        "align_eval",
+        "   stage 1: held-out retrieval",
+        lambda: heldout_retrieval(
+            resolve_precision(load_config(align_path, align_over), device)[0],
+            run_dir / "align" / "export",
+            shards["eval_samples"],
+        ),
+    )
     print(f"[demo] stage 1 held-out retrieval top-1: {align_metrics['heldout_retrieval_top1']:.1%} "
           f"over {align_metrics['heldout_samples']} digits (chance 10%)")
-    state.run("fuse", "4/6 stage 2: fuse (trainer + DeepSpeed, 1 CPU process)", lambda: stage("fuse", fuse_path, fuse_over))
+    state.run(
+        "fuse", "4/6 stage 2: fuse (trainer + DeepSpeed, 1 CPU process)", lambda: stage("fuse", fuse_path, fuse_over)
+    )
 
     def evaluate_fuse() -> dict:
         model = load_model(run_dir / "fuse" / "export", device=device)  # the export, as `mmdist generate` loads it
@@ -208,8 +245,12 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
           f"over {fuse_metrics['heldout_samples']} digits (chance 10%)")
 
     def curves() -> dict:
-        return {"curves": [loss_curve(run_dir / "align", run_dir / "loss_align.png", "stage 1 (align): ITC loss"),
-                           loss_curve(run_dir / "fuse", run_dir / "loss_fuse.png", "stage 2 (fuse): answer-token loss")]}
+        return {
+            "curves": [
+                loss_curve(run_dir / "align", run_dir / "loss_align.png", "stage 1 (align): ITC loss"),
+                loss_curve(run_dir / "fuse", run_dir / "loss_fuse.png", "stage 2 (fuse): answer-token loss"),
+            ]
+        }
 
     state.run("report", "6/6 loss curves and report", curves)
     timings = dict(state.data["timings_s"])
@@ -235,25 +276,57 @@ def run_demo(run_dir: str | os.PathLike = "runs/demo", *, quick: bool = False, o
 @exits_on_oom
 def main(argv: Sequence[str] | None = None) -> int:
     """``mmdist demo [--run-dir runs/demo] [--quick] [--overwrite]``."""
-    parser = argparse.ArgumentParser(prog="mmdist demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mmdist demo", description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--run-dir", default="runs/demo", help="folder for shards, both stages, metrics and the report")
-    parser.add_argument("--quick", action="store_true", help="a few steps per stage on a slice of the digits (a smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="a few steps per stage on a slice of the digits (a smoke run)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="delete the run folder first and start over")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core, or 1 when the load average is already over 2 per core)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: one per core, or 1 when the load average is already over 2 per core)",
+    )
     parser.add_argument("--connector", choices=sorted(CONNECTORS), default="linear",
                         help="stage-1 module: linear (the recipes as shipped: frozen MiniLM, Linear heads) or qformer "
                              "(the reference recipe's BLIP-2 Q-Former, trained with the MiniLM; 8 image tokens in "
                              "stage 2)")
     parser.add_argument("--align-config", default=str(DEFAULT_ALIGN_CONFIG), help="stage-1 recipe")
     parser.add_argument("--fuse-config", default=str(DEFAULT_FUSE_CONFIG), help="stage-2 recipe")
-    parser.add_argument("--align-set", action="append", default=[], metavar="KEY=VALUE", help="override in the stage-1 recipe (repeatable)")
-    parser.add_argument("--fuse-set", action="append", default=[], metavar="KEY=VALUE", help="override in the stage-2 recipe (repeatable)")
-    parser.add_argument("--device", default=None, help="where the encoders, training and generation run (default: the GPU when there is one, else cpu)")
+    parser.add_argument(
+        "--align-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override in the stage-1 recipe (repeatable)",
+    )
+    parser.add_argument(
+        "--fuse-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override in the stage-2 recipe (repeatable)",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="where the encoders, training and generation run (default: the GPU when there is one, else cpu)",
+    )
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        run_demo(args.run_dir, quick=args.quick, overwrite=args.overwrite, align_config=args.align_config, fuse_config=args.fuse_config,
-                 extra_align=args.align_set, extra_fuse=args.fuse_set, threads=args.threads, device=args.device,
-                 connector=args.connector)
+        run_demo(
+            args.run_dir,
+            quick=args.quick,
+            overwrite=args.overwrite,
+            align_config=args.align_config,
+            fuse_config=args.fuse_config,
+            extra_align=args.align_set,
+            extra_fuse=args.fuse_set,
+            threads=args.threads,
+            device=args.device,
+            connector=args.connector,
+        )
     except (DemoError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

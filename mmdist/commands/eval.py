@@ -1,4 +1,5 @@
-"""`mmdist eval --run RUN --data SHARDS`: the stage's metrics of an export on held-out shards, single process or under torchrun.
+"""`mmdist eval --run RUN --data SHARDS`: the stage's metrics of
+an export on held-out shards, single process or under torchrun.
 
 Stage 1 exports get retrieval R@1/5/10, stage 2 exports answer accuracy;
 ``RUN/eval/metrics.json`` (and ``answers.jsonl``) are written on rank 0.
@@ -43,19 +44,39 @@ def _memory_settings(args: argparse.Namespace) -> list[str]:
 
 @exits_on_oom
 def main(argv: Sequence[str] | None = None) -> int:
-    """``mmdist eval --run RUN --data SHARDS``: the stage's metrics on held-out shards; single process or under torchrun."""
+    """``mmdist eval --run RUN --data SHARDS``: the stage's metrics
+    on held-out shards; single process or under torchrun."""
     argv = strip_local_rank(list(sys.argv[1:] if argv is None else argv))
-    parser = argparse.ArgumentParser(prog="mmdist eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", required=True, help="export folder, run folder, or demo run folder (its stage 2; give RUN/align for stage 1)")
-    parser.add_argument("--data", required=True, nargs="+", help="held-out shards: brace patterns, tar paths or a .txt list")
-    parser.add_argument("--max-samples", type=int, default=None, help="evaluate at most this many samples (default: all)")
+    parser = argparse.ArgumentParser(prog="mmdist eval", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    parser.add_argument(
+        "--run",
+        required=True,
+        help="export folder, run folder, or demo run folder (its stage 2; give RUN/align for stage 1)",
+    )
+    parser.add_argument(
+        "--data", required=True, nargs="+", help="held-out shards: brace patterns, tar paths or a .txt list"
+    )
+    parser.add_argument(
+        "--max-samples", type=int, default=None, help="evaluate at most this many samples (default: all)"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="samples per batch on each rank")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="stage 2: longest answer in tokens")
-    parser.add_argument("--match", choices=sorted(MATCHERS), default="normalised",
-                        help="stage 2: how answers are compared: 'normalised' (SQuAD normalisation) or 'digit' (the demo's digit parser)")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when usable; under torchrun cuda:LOCAL_RANK)")
+    parser.add_argument(
+        "--match",
+        choices=sorted(MATCHERS),
+        default="normalised",
+        help="stage 2: how answers are compared: 'normalised' (SQuAD "
+        "normalisation) or 'digit' (the demo's digit parser)",
+    )
+    parser.add_argument(
+        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda when usable; under torchrun cuda:LOCAL_RANK)"
+    )
     parser.add_argument("--out", default=None, help="folder for metrics.json (and answers.jsonl); default RUN/eval")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides of the stored config, e.g. model.llm.dtype=fp32 data.num_workers=0")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted overrides of the stored config, e.g. model.llm.dtype=fp32 data.num_workers=0",
+    )
     args = parser.parse_args(argv)
 
     env = dist.discover()

@@ -39,9 +39,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mmdist generate", description=__doc__.splitlines()[0])
     parser.add_argument("--run", required=True, help="stage-2 export folder, stage-2 run folder, or demo run folder")
     parser.add_argument("--image", required=True, nargs="+", help="image file(s); each gets its own answer")
-    parser.add_argument("--prompt", default="What digit is this?", help="the question (an <image> mark places the image)")
+    parser.add_argument(
+        "--prompt", default="What digit is this?", help="the question (an <image> mark places the image)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32, help="longest answer in tokens")
-    parser.add_argument("--device", default=None, help="where the model runs (default: the GPU when there is one, else cpu)")
+    parser.add_argument(
+        "--device", default=None, help="where the model runs (default: the GPU when there is one, else cpu)"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides of the stored config, e.g. model.llm.dtype=auto")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     settings = [f"--max-new-tokens {args.max_new_tokens} -> fewer (the KV cache grows with it)",

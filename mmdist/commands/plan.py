@@ -30,22 +30,40 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--config", required=True, help="YAML run config (nothing is loaded but the model configs)")
     parser.add_argument("--gpus", type=int, default=None, help="data-parallel ranks (default: 8)")
     parser.add_argument("--gpu-memory", default="80GB", help="memory per GPU, e.g. 80GB, 141GB (GB = GiB)")
-    parser.add_argument("--reserve", default="1.5GB", help="per-GPU memory kept back for the CUDA context and allocator")
-    parser.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's own estimators (avoids importing it)")
-    parser.add_argument("--gpu", default="H100 SXM", help="GPU model for the input estimate (a datasheet name, e.g. H100, A100, L40S)")
+    parser.add_argument(
+        "--reserve", default="1.5GB", help="per-GPU memory kept back for the CUDA context and allocator"
+    )
+    parser.add_argument(
+        "--no-deepspeed", action="store_true", help="skip DeepSpeed's own estimators (avoids importing it)"
+    )
+    parser.add_argument(
+        "--gpu", default="H100 SXM", help="GPU model for the input estimate (a datasheet name, e.g. H100, A100, L40S)"
+    )
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (input and step-time estimates)")
-    parser.add_argument("--intra-gbps", type=float, default=None, help="NCCL bus bandwidth per GPU inside a node, GB/s "
-                                                                     "(default: from --gpu, e.g. 360 for H100/H200 NVLink)")
-    parser.add_argument("--inter-gbps", type=float, default=None, help="NCCL bus bandwidth per GPU across nodes, GB/s "
-                                                                     "(default: from --gpu, e.g. 40 for one 400G NIC per GPU)")
+    parser.add_argument(
+        "--intra-gbps",
+        type=float,
+        default=None,
+        help="NCCL bus bandwidth per GPU inside a node, GB/s (default: from --gpu, e.g. 360 for H100/H200 NVLink)",
+    )
+    parser.add_argument(
+        "--inter-gbps",
+        type=float,
+        default=None,
+        help="NCCL bus bandwidth per GPU across nodes, GB/s (default: from --gpu, e.g. 40 for one 400G NIC per GPU)",
+    )
     parser.add_argument("--pcie-gbps", type=float, default=None,
                         help="host <-> GPU copies per GPU for offload, GB/s (default 25, a PCIe Gen4 x16 figure, "
                              "not a measurement)")
     parser.add_argument("--data", nargs="+", default=None, metavar="SHARDS",
                         help="shard patterns whose stats.json sizes the micro-batch (default: the config's data.train; "
                              "without statistics: data.mean_tokens_per_sample, else full data.max_len rows)")
-    parser.add_argument("--cpus-per-node", type=int, default=0, help="CPU cores per node; warns when they cannot feed the GPUs")
-    parser.add_argument("--images-per-core", type=float, default=IMAGES_PER_CORE, help="measured loader images/s per core")
+    parser.add_argument(
+        "--cpus-per-node", type=int, default=0, help="CPU cores per node; warns when they cannot feed the GPUs"
+    )
+    parser.add_argument(
+        "--images-per-core", type=float, default=IMAGES_PER_CORE, help="measured loader images/s per core"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
     args = parser.parse_args(list(argv))
     try:
@@ -87,8 +105,11 @@ def main(argv: Sequence[str]) -> int:
     print("  why: " + auto_reason(auto_pick, auto_all, budget, f"--gpu-memory {args.gpu_memory}", world, tokens))
     per_pass = cfg.train.micro_batch_size * world
     if cfg.train.global_batch_size < per_pass:
-        print(f"\nnote: train.global_batch_size={cfg.train.global_batch_size} is smaller than micro-batch x GPUs = {per_pass}: "
-              f"the trainer refuses it on {world} GPU(s); the times below assume one micro-batch per rank")
+        print(
+            f"\nnote: train.global_batch_size={cfg.train.global_batch_size} "
+            f"is smaller than micro-batch x GPUs = {per_pass}: "
+            f"the trainer refuses it on {world} GPU(s); the times below assume one micro-batch per rank"
+        )
     for ckpt in sorted({fastest.checkpointing, configured_ckpt}):
         fitting = sorted({e.setting.zero_stage for e in estimates
                           if not (e.setting.offload_optimizer or e.setting.offload_params) and e.total(ckpt) <= budget})

@@ -7,7 +7,14 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from mmdist.data.shards import ShardsExist, folder_samples, llava_samples, shard_pattern, write_demo_shards, write_shards
+from mmdist.data.shards import (
+    ShardsExist,
+    folder_samples,
+    llava_samples,
+    shard_pattern,
+    write_demo_shards,
+    write_shards,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,7 +49,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for split, summary in summaries.items():
                 print(f"{split}: {summary}")
             return 0
-        samples = llava_samples(args.json, args.images) if args.source == "llava" else folder_samples(args.images, args.captions)
+        samples = (
+            llava_samples(args.json, args.images)
+            if args.source == "llava"
+            else folder_samples(args.images, args.captions)
+        )
         tokenizer = _tokenizer(args.tokenizer) if args.tokenizer else None
         summary = write_shards(samples, args.out, args.prefix, args.samples_per_shard, args.overwrite,
                                tokenizer=tokenizer, tokenizer_name=args.tokenizer)

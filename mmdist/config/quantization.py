@@ -33,9 +33,14 @@ def quantization_problems(cfg: Any) -> list[tuple[str, str]]:
             out.append((key, f"{key}={method} with engine.zero_stage=3: {why}; use engine.zero_stage<=2 (a quantized "
                              f"frozen part is small enough to replicate) or {key}=none"))
         if name == "llm" and part.lora.enabled and str(part.quantize_backend) == "torchao":
-            out.append(("model.llm.quantize_backend", "model.llm.lora.enabled=true with model.llm.quantize_backend=torchao: "
-                                                      "peft has no LoRA layer for torchao's quantized linears; use "
-                                                      "quantize_backend=bitsandbytes (QLoRA) or auto"))
+            out.append(
+                (
+                    "model.llm.quantize_backend",
+                    "model.llm.lora.enabled=true with model.llm.quantize_backend=torchao: "
+                    "peft has no LoRA layer for torchao's quantized linears; use "
+                    "quantize_backend=bitsandbytes (QLoRA) or auto",
+                )
+            )
     return out
 
 

@@ -51,10 +51,23 @@ def checkpoint_file(name_or_path: str, filename: str, local_only: bool = False) 
 # seq_length to 8192; Qwen-14B's is 2048.
 QWEN1_KNOWN_CONFIGS: dict[str, dict] = {
     "qwen/qwen-14b": {
-        "model_type": "qwen", "architectures": ["QWenLMHeadModel"], "hidden_size": 5120, "num_attention_heads": 40,
-        "num_hidden_layers": 40, "intermediate_size": 27392, "kv_channels": 128, "vocab_size": 152064,
-        "seq_length": 2048, "max_position_embeddings": 8192, "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000,
-        "rotary_pct": 1.0, "no_bias": True, "tie_word_embeddings": False, "use_dynamic_ntk": True, "use_logn_attn": True,
+        "model_type": "qwen",
+        "architectures": ["QWenLMHeadModel"],
+        "hidden_size": 5120,
+        "num_attention_heads": 40,
+        "num_hidden_layers": 40,
+        "intermediate_size": 27392,
+        "kv_channels": 128,
+        "vocab_size": 152064,
+        "seq_length": 2048,
+        "max_position_embeddings": 8192,
+        "layer_norm_epsilon": 1e-6,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 1.0,
+        "no_bias": True,
+        "tie_word_embeddings": False,
+        "use_dynamic_ntk": True,
+        "use_logn_attn": True,
     },
 }
 QWEN1_KNOWN_CONFIGS["qwen/qwen-14b-chat"] = dict(QWEN1_KNOWN_CONFIGS["qwen/qwen-14b"])

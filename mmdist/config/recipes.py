@@ -54,8 +54,10 @@ def recipe_path(path: str | os.PathLike) -> Path:
         return packaged
     if names_a_recipe:
         shipped = sorted(p.name for p in packaged_recipes().glob("*.yaml"))
-        message = (f"config file not found: {given} (relative to {Path.cwd()}), and mmdist ships no recipe {given.name} "
-                   f"(the packaged recipes in {packaged.parent}: {', '.join(shipped) or 'none'})")
+        message = (
+            f"config file not found: {given} (relative to {Path.cwd()}), and mmdist ships no recipe {given.name} "
+            f"(the packaged recipes in {packaged.parent}: {', '.join(shipped) or 'none'})"
+        )
     else:
         message = f"config file not found: {given}" + ("" if given.is_absolute() else f" (relative to {Path.cwd()})")
     raise ConfigError([Problem("", message, str(given))])

@@ -42,7 +42,9 @@ class RunConfig(SettingsBase):
     engine: EngineConfig = setting(doc="DeepSpeed engine", factory=EngineConfig)
     checkpoint: CheckpointConfig = setting(doc="checkpoints and export", factory=CheckpointConfig)
     log: LogConfig = setting(doc="metrics and console output", factory=LogConfig)
-    watchdog: WatchdogConfig = setting(doc="hang detection: stack dump and exit when no step finishes in time", factory=WatchdogConfig)
+    watchdog: WatchdogConfig = setting(
+        doc="hang detection: stack dump and exit when no step finishes in time", factory=WatchdogConfig
+    )
 
     def check(self) -> list[tuple[str, str]]:
         llm, staged = self.model.llm, isinstance(self.stage, Stage)  # not staged: an unknown name, reported already
@@ -107,7 +109,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = (), base: dict | None = None) -> RunConfig:
+def load_config(
+    path: str | os.PathLike | None = None, overrides: Sequence[str] = (), base: dict | None = None
+) -> RunConfig:
     """Defaults, then the YAML at ``path`` (or ``base``), then dotted ``overrides``; validated.
 
     A ``path`` like ``configs/fuse.yaml`` that is not there relative to the working

@@ -32,9 +32,18 @@ from typing import Optional
 __all__ = ["split_global_batch", "loads_of"]
 
 
-def split_global_batch(costs: Sequence[float], world_size: int, accumulation: int, *, hosts: Optional[Sequence[int]] = None,
-                       by_cost: bool = True, lengths: Optional[Sequence[int]] = None, group_by_length: bool = False,
-                       budget: Optional[int] = None, packed: bool = False) -> list[tuple[int, int]]:
+def split_global_batch(
+    costs: Sequence[float],
+    world_size: int,
+    accumulation: int,
+    *,
+    hosts: Optional[Sequence[int]] = None,
+    by_cost: bool = True,
+    lengths: Optional[Sequence[int]] = None,
+    group_by_length: bool = False,
+    budget: Optional[int] = None,
+    packed: bool = False,
+) -> list[tuple[int, int]]:
     """``(rank, micro-batch)`` of every sample of one global batch; deterministic (ties go to the lower index).
 
     ``len(costs)`` is ``world_size x accumulation x micro_batch``. ``hosts[i]``: the rank that read sample i
@@ -63,7 +72,8 @@ def split_global_batch(costs: Sequence[float], world_size: int, accumulation: in
         size = len(members) // accumulation
         micro = (_Bins(costs, members, accumulation, lengths, budget) if flexible else
                  _Bins(costs, members, accumulation, None, None, min_count=size, capacity=size)).split(None)
-        micro.sort(key=lambda items: (sum(costs[i] for i in items), items))  # micro-batch m: the m-th lightest everywhere
+        # micro-batch m: the m-th lightest everywhere
+        micro.sort(key=lambda items: (sum(costs[i] for i in items), items))
         for m, items in enumerate(micro):
             for i in items:
                 out[i] = (rank, m)
@@ -181,7 +191,11 @@ class _Bins:
                     if 0 <= j < len(lo_sorted) and 0 < costs[a] - lo_costs[j] < gap:
                         b = lo_sorted[j]
                         cand = (max(load[hi] - costs[a] + costs[b], load[lo] + costs[a] - costs[b]), a, b)
-                        if (best is None or cand[0] < best[0]) and self.fits(lo, a, drop=b) and self.fits(hi, b, drop=a):
+                        if (
+                            (best is None or cand[0] < best[0])
+                            and self.fits(lo, a, drop=b)
+                            and self.fits(hi, b, drop=a)
+                        ):
                             best = cand
             if best is None or best[0] >= load[hi]:
                 return

@@ -71,7 +71,8 @@ def cache_key_parts(cfg: RunConfig, processors: Any, encoder_key: Optional[dict]
 
 
 def text_cache_parts(cfg: RunConfig, processors: Any) -> Optional[dict]:
-    """What cached text features depend on, or None when the text side is not cached (stage fuse, trainable text encoder)."""
+    """What cached text features depend on, or None when the text
+    side is not cached (stage fuse, trainable text encoder)."""
     if not cfg.stage.builds("text") or not cfg.model.text.freeze or cfg.model.connector.type == "qformer":
         return None
 
@@ -95,11 +96,21 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def build_feature_cache(cfg: RunConfig, model_or_encoder_fn: Any, src_shards: Sequence[str], out_dir: str | os.PathLike, *,
-                        processors: Any = None, encoder_key: Optional[dict] = None, batch_size: int = 32,
-                        samples_per_shard: int = 1000, overwrite: bool = False,
-                        cache_text: Optional[bool] = None) -> WriteSummary:
-    """Encode every image of ``src_shards`` once and write feature shards + sizes.json + cache_key.json into ``out_dir``.
+def build_feature_cache(
+    cfg: RunConfig,
+    model_or_encoder_fn: Any,
+    src_shards: Sequence[str],
+    out_dir: str | os.PathLike,
+    *,
+    processors: Any = None,
+    encoder_key: Optional[dict] = None,
+    batch_size: int = 32,
+    samples_per_shard: int = 1000,
+    overwrite: bool = False,
+    cache_text: Optional[bool] = None,
+) -> WriteSummary:
+    """Encode every image of ``src_shards`` once and write feature
+    shards + sizes.json + cache_key.json into ``out_dir``.
 
     ``model_or_encoder_fn`` is a model with ``encode_images(pixel_values)`` and a
     ``processors`` attribute, or a plain callable ``encode(pixel_values) -> [N, n, D]``.
@@ -118,7 +129,9 @@ def build_feature_cache(cfg: RunConfig, model_or_encoder_fn: Any, src_shards: Se
     else:
         encode = model_or_encoder_fn
     if processors is None:
-        raise ValueError("build_feature_cache needs processors (the image transform and fingerprint) with a plain encoder callable")
+        raise ValueError(
+            "build_feature_cache needs processors (the image transform and fingerprint) with a plain encoder callable"
+        )
     parts = cache_key_parts(cfg, processors, encoder_key)
     text_parts = text_cache_parts(cfg, processors)
     encode_text = getattr(model_or_encoder_fn, "encode_text", None)
@@ -129,8 +142,10 @@ def build_feature_cache(cfg: RunConfig, model_or_encoder_fn: Any, src_shards: Se
     if cache_text is None:
         cache_text = text_parts is not None and encode_text is not None
     elif cache_text and (text_parts is None or encode_text is None):
-        raise ValueError("cache_text=True needs stage align, a frozen text encoder (model.text.freeze=true, connector linear/mlp) "
-                         "and a model with encode_text; the text side of this run cannot be cached")
+        raise ValueError(
+            "cache_text=True needs stage align, a frozen text encoder (model.text.freeze=true, connector linear/mlp) "
+            "and a model with encode_text; the text side of this run cannot be cached"
+        )
     shards = list_shards(list(src_shards), need_sizes=False)
     out = Path(out_dir)
     with ShardWriter(out, prefix="features", samples_per_shard=samples_per_shard, overwrite=overwrite,
@@ -141,8 +156,20 @@ def build_feature_cache(cfg: RunConfig, model_or_encoder_fn: Any, src_shards: Se
         else:
             _write_image_features(cfg, processors, encode, shards, writer, batch_size)
     member = "features.safetensors" if cache_text else "features.npy"
-    (out / KEY_FILE).write_text(json.dumps({"key": cache_key(parts), "parts": parts, "dtype": "float16", "member": member,
-                                            "text_features": bool(cache_text)}, indent=1, sort_keys=True, default=str))
+    (out / KEY_FILE).write_text(
+        json.dumps(
+            {
+                "key": cache_key(parts),
+                "parts": parts,
+                "dtype": "float16",
+                "member": member,
+                "text_features": bool(cache_text),
+            },
+            indent=1,
+            sort_keys=True,
+            default=str,
+        )
+    )
     return writer.summary
 
 
@@ -167,8 +194,11 @@ def _text_members(sample: dict) -> dict:
     return record
 
 
-def _prepared_samples(shards: list, data: Any, writer: ShardWriter, prepare: Callable[[dict], Any]) -> Iterator[tuple[dict, Any]]:
-    """(decoded sample, ``prepare(sample)``) for every sample of ``shards``; bad ones are recorded in ``writer`` and skipped."""
+def _prepared_samples(
+    shards: list, data: Any, writer: ShardWriter, prepare: Callable[[dict], Any]
+) -> Iterator[tuple[dict, Any]]:
+    """(decoded sample, ``prepare(sample)``) for every sample of
+    ``shards``; bad ones are recorded in ``writer`` and skipped."""
     for shard in shards:
         for raw in read_tar(shard.url):
             try:
@@ -180,7 +210,9 @@ def _prepared_samples(shards: list, data: Any, writer: ShardWriter, prepare: Cal
             yield sample, prepared
 
 
-def _write_image_features(cfg: RunConfig, processors: Any, encode: Callable, shards: list, writer: ShardWriter, batch_size: int) -> None:
+def _write_image_features(
+    cfg: RunConfig, processors: Any, encode: Callable, shards: list, writer: ShardWriter, batch_size: int
+) -> None:
     """Every sample (text-only ones too) with its images replaced by ``features.npy``."""
     import torch
 
@@ -236,7 +268,13 @@ def _write_image_text_features(cfg: RunConfig, processors: Any, encode: Callable
         batch = collate_align([item for _, item in pending], pad_id)
         with torch.no_grad():
             image = encode(batch["pixel_values"]).detach().to(torch.float16).cpu().numpy()
-            text = encode_text(batch["text_input_ids"], batch["text_attention_mask"]).detach().to(torch.float32).cpu().numpy()
+            text = (
+                encode_text(batch["text_input_ids"], batch["text_attention_mask"])
+                .detach()
+                .to(torch.float32)
+                .cpu()
+                .numpy()
+            )
         for i, (sample, _) in enumerate(pending):
             record = _text_members(sample)
             record["features.safetensors"] = st_save({"image_features": np.ascontiguousarray(image[i : i + 1]),
@@ -255,12 +293,16 @@ def read_cache_key(folder: str | os.PathLike) -> dict:
     """The ``cache_key.json`` of a cache folder (key, parts, member, text_features)."""
     path = Path(folder) / KEY_FILE
     if not path.is_file():
-        raise CacheKeyMismatch(f"{folder} is not a feature cache (no {KEY_FILE}); build one with `mmdist cache` or unset data.feature_cache")
+        raise CacheKeyMismatch(
+            f"{folder} is not a feature cache (no {KEY_FILE}); "
+            "build one with `mmdist cache` or unset data.feature_cache"
+        )
     return json.loads(path.read_text())
 
 
 def check_cache(folder: str | os.PathLike, expected_parts: dict, ignore: Sequence[str] = ()) -> dict:
-    """Refuse a cache folder whose key differs from ``expected_parts`` (naming the parts that differ); returns its key file.
+    """Refuse a cache folder whose key differs from ``expected_parts``
+    (naming the parts that differ); returns its key file.
 
     ``ignore``: stored parts left out of the comparison (the ``text`` part when this
     run reads only the image features).
@@ -274,7 +316,8 @@ def check_cache(folder: str | os.PathLike, expected_parts: dict, ignore: Sequenc
     differ = _differing_parts(theirs, expected_parts)
     raise CacheKeyMismatch(
         f"feature cache {folder} was built for another setup: {', '.join(differ) or 'key'} differ(s) "
-        f"(cache: { {k: _part(theirs, k) for k in differ} }, this run: { {k: _part(expected_parts, k) for k in differ} }). "
+        f"(cache: { {k: _part(theirs, k) for k in differ} }, this run: "
+        f"{ {k: _part(expected_parts, k) for k in differ} }). "
         "Rebuild it with `mmdist cache` for this config, or unset data.feature_cache to read pixels."
     )
 
@@ -303,8 +346,11 @@ def _part(parts: dict, name: str) -> Any:
     return value.get(sub) if sub and isinstance(value, dict) else value
 
 
-def open_feature_cache(cfg: RunConfig, processors: Any, split: str, feature_key: Optional[dict] = None) -> tuple[list, bool]:
-    """The shards of ``split`` in the configured feature cache after checking its key, and whether to read its text features."""
+def open_feature_cache(
+    cfg: RunConfig, processors: Any, split: str, feature_key: Optional[dict] = None
+) -> tuple[list, bool]:
+    """The shards of ``split`` in the configured feature cache after
+    checking its key, and whether to read its text features."""
     root = Path(cfg.data.feature_cache)
     folder = root / split if (root / split).is_dir() else root
     if folder == root and split == "eval" and not (root / KEY_FILE).is_file():
@@ -318,11 +364,17 @@ def open_feature_cache(cfg: RunConfig, processors: Any, split: str, feature_key:
     else:
         check_cache(folder, expected, ignore=("text",))
         if has_text:
-            log.info("feature cache %s holds text features; this run's text encoder trains, so only its image features are read", folder)
+            log.info(
+                "feature cache %s holds text features; this run's text "
+                "encoder trains, so only its image features are read",
+                folder,
+            )
         elif run_text is not None:
             log.info("feature cache %s holds image features only: the frozen text encoder runs every step "
                      "(rebuild it with `mmdist cache` to cache the text side too)", folder)
-    shards = list_shards([str(p) for p in sorted(folder.glob("*.tar"))] or [str(folder / "features-000000.tar")], source=f"cache:{split}")
+    shards = list_shards(
+        [str(p) for p in sorted(folder.glob("*.tar"))] or [str(folder / "features-000000.tar")], source=f"cache:{split}"
+    )
     return [(shards, 1.0)], has_text and run_text is not None
 
 

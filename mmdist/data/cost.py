@@ -41,7 +41,8 @@ def sample_image_rows(sample: dict) -> int:
 
 
 def cost_model(image_row_cost: Optional[float], num_image_tokens: Any) -> CostModel:
-    """The run's cost model: ``data.image_row_cost``, or for null one LLM token per tower token (the placeholder count)."""
+    """The run's cost model: ``data.image_row_cost``, or for null
+    one LLM token per tower token (the placeholder count)."""
     if image_row_cost is None:
         image_row_cost = float(num_image_tokens or 0)
     return CostModel(token_cost=1.0, image_row_cost=float(image_row_cost))

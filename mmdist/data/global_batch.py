@@ -146,13 +146,17 @@ class GlobalBatchLoader:
 
     def _distribute(self, hosted: list[tuple[int, int, dict]]) -> tuple[list[list[dict]], dict]:
         """This rank's micro-batches of one step from the samples it read, and the step's balance report."""
-        mine_meta = [(slot, s["__cost__"], len(s["input_ids"]) if "input_ids" in s else None, sid) for slot, sid, s in hosted]
+        mine_meta = [
+            (slot, s["__cost__"], len(s["input_ids"]) if "input_ids" in s else None, sid) for slot, sid, s in hosted
+        ]
         gathered = [mine_meta] if self.exchange is None else self.exchange.all_gather(mine_meta)
         table = sorted(item for meta in gathered for item in meta)
         slots = [t[0] for t in table]
         if len(set(slots)) != len(slots) or len(slots) != self.dataset.global_batch:
-            raise RuntimeError(f"the ranks read {len(slots)} samples ({len(set(slots))} distinct) for a global batch of "
-                               f"{self.dataset.global_batch}: their stream positions disagree (a checkpoint mixed?)")
+            raise RuntimeError(
+                f"the ranks read {len(slots)} samples ({len(set(slots))} distinct) for a global batch of "
+                f"{self.dataset.global_batch}: their stream positions disagree (a checkpoint mixed?)"
+            )
         costs = [t[1] for t in table]
         hosts = [sid % self.world_size for *_, sid in table]  # the rank that hosts the stream (here, or simulated)
         pipeline = self.dataset.pipeline
@@ -160,8 +164,17 @@ class GlobalBatchLoader:
             lengths, budget, packed = [1] * len(table), self.micro_batch, True
         else:
             lengths, budget, packed = [t[2] for t in table], self.micro_batch * pipeline.max_len, pipeline.pack
-        assignment = split_global_batch(costs, self.world_size, self.accumulation, hosts=hosts, by_cost=self.balance,
-                                        lengths=lengths, group_by_length=self.group_by_length, budget=budget, packed=packed)
+        assignment = split_global_batch(
+            costs,
+            self.world_size,
+            self.accumulation,
+            hosts=hosts,
+            by_cost=self.balance,
+            lengths=lengths,
+            group_by_length=self.group_by_length,
+            budget=budget,
+            packed=packed,
+        )
         where = dict(zip(slots, assignment))
         if self.exchange is None:
             mine = [(slot, s) for slot, _, s in hosted if where[slot][0] == self.rank]
@@ -212,27 +225,41 @@ class GlobalBatchLoader:
                 "samples_per_epoch": p.samples_per_epoch if p.mode == "resampled" else None}
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, **self._identity(), "step": self.step, "micro": self.micro_done,
-                "rank": self.rank, "world_size": self.world_size, "accumulation": self.accumulation,
-                "epoch": self.epoch, "positions": {str(sid): list(self.positions.get(sid, (0, 0))) for sid in self.hosted}}
+        return {
+            "version": STATE_VERSION,
+            **self._identity(),
+            "step": self.step,
+            "micro": self.micro_done,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "accumulation": self.accumulation,
+            "epoch": self.epoch,
+            "positions": {str(sid): list(self.positions.get(sid, (0, 0))) for sid in self.hosted},
+        }
 
     def _check_identity(self, states: list[dict]) -> None:
         mine = self._identity()
         for state in states:
             if state.get("order") != "global":
-                raise ValueError("the saved data position is per rank (data.order=per_rank, or an mmdist from before the "
-                                 "global order): resume with data.order=per_rank, or start the data afresh")
+                raise ValueError(
+                    "the saved data position is per rank (data.order=per_rank, or an mmdist from before the "
+                    "global order): resume with data.order=per_rank, or start the data afresh"
+                )
             for key, value in mine.items():
                 if state.get(key) != value:
-                    raise ValueError(f"the data position was saved with {key}={state.get(key)!r} but this run has "
-                                     f"{key}={value!r}: the global order would change. Resume with the same setting, or "
-                                     "start the data afresh (drop the loader state)")
+                    raise ValueError(
+                        f"the data position was saved with {key}={state.get(key)!r} but this run has "
+                        f"{key}={value!r}: the global order would change. Resume with the same setting, or "
+                        "start the data afresh (drop the loader state)"
+                    )
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` (this rank's, same world size) stopped."""
         if int(state.get("world_size", self.world_size)) != self.world_size:
-            raise ValueError(f"loader state of {state.get('world_size')} ranks given to a run of {self.world_size}: use "
-                             "load_elastic_state with every saved rank's state")
+            raise ValueError(
+                f"loader state of {state.get('world_size')} ranks given to a run of {self.world_size}: use "
+                "load_elastic_state with every saved rank's state"
+            )
         self.load_elastic_state([state], own=True)
 
     def load_elastic_state(self, states: list[dict], own: bool = False) -> None:
@@ -242,23 +269,34 @@ class GlobalBatchLoader:
         self._check_identity(states)
         steps = {(int(s["step"]), int(s.get("micro", 0))) for s in states}
         if len(steps) != 1:
-            raise ValueError(f"the saved ranks stopped at different steps {sorted(steps)}; the checkpoint is inconsistent")
+            raise ValueError(
+                f"the saved ranks stopped at different steps {sorted(steps)}; the checkpoint is inconsistent"
+            )
         step, micro = steps.pop()
         positions: dict[int, Position] = {}
         for state in states:
             for key, pos in state.get("positions", {}).items():
                 pos = (int(pos[0]), int(pos[1]))
                 if positions.setdefault(int(key), pos) != pos:
-                    raise ValueError(f"two saved ranks disagree on where stream {key} stands; the checkpoint is inconsistent")
+                    raise ValueError(
+                        f"two saved ranks disagree on where stream {key} stands; the checkpoint is inconsistent"
+                    )
         missing = sorted(set(range(self.dataset.streams)) - set(positions)) if not own else \
             sorted(set(self.hosted) - set(positions))
         if missing and step > 0:
-            raise ValueError(f"the saved loader states leave the position of stream(s) {missing[:8]} unknown: pass every "
-                             "saved rank's state")
+            raise ValueError(
+                f"the saved loader states leave the position of stream(s) {missing[:8]} unknown: pass every "
+                "saved rank's state"
+            )
         same_split = int(states[0].get("accumulation", -1)) == self.accumulation and own
         if micro and not same_split:
-            log.warning("the checkpoint was written %d micro-batch(es) into step %d with another split; step %d is read "
-                        "again from its start", micro, step + 1, step + 1)
+            log.warning(
+                "the checkpoint was written %d micro-batch(es) into step %d with another split; step %d is read "
+                "again from its start",
+                micro,
+                step + 1,
+                step + 1,
+            )
             micro = 0
         self.step, self.micro_done, self.positions = step, micro, positions
         self._stream = None

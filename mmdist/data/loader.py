@@ -104,7 +104,8 @@ class StreamingLoader:
         self.worker_state: dict[int, dict] = {}
         self.worker_counts: dict[int, tuple[int, dict]] = {}
         self.last_keys: list[str] = []
-        # samples handed out this epoch by this rank (shard url -> indices in the tar), for a resume on another world size
+        # samples handed out this epoch by this rank (shard url ->
+        # indices in the tar), for a resume on another world size
         self.consumed: dict[str, set[int]] = {}
         self._loader: Optional[DataLoader] = None
         self._resume_pending = False
@@ -206,7 +207,9 @@ class StreamingLoader:
             # another world size consumed), so the whole epoch's position can move to another world size
             "consumed": encode_consumed(self._consumed_in_epoch()) if d.mode == "epoch" else {},
             "base": encode_consumed(d.consumed_base) if d.base_epoch == self.epoch else {},
-            "resampled_from": list(d.resampled_from) if d.resampled_from and d.resampled_from[0] == self.epoch else None,
+            "resampled_from": list(d.resampled_from)
+            if d.resampled_from and d.resampled_from[0] == self.epoch
+            else None,
         }
 
     def _consumed_in_epoch(self) -> Consumed:
@@ -225,12 +228,19 @@ class StreamingLoader:
             self.num_workers = saved_workers
             self.persistent = self.persistent_setting and saved_workers > 0
             d.worker_map = list(range(d.num_workers))
-        for key, mine in (("world_size", d.world_size), ("num_workers", d.num_workers), ("seed", d.seed), ("mode", d.mode),
-                          ("batch_size", d.batch_size)):
+        for key, mine in (
+            ("world_size", d.world_size),
+            ("num_workers", d.num_workers),
+            ("seed", d.seed),
+            ("mode", d.mode),
+            ("batch_size", d.batch_size),
+        ):
             if state.get(key, mine if key == "batch_size" else None) != mine:  # a state without batch_size predates it
                 raise ValueError(
-                    f"data loader state was saved with {key}={state.get(key)!r} but this run has {key}={mine!r}; the data "
-                    f"split would change. Resume with the same setting, or start the data from a new epoch (drop the loader state)."
+                    f"data loader state was saved with {key}={state.get(key)!r} "
+                    f"but this run has {key}={mine!r}; the data "
+                    "split would change. Resume with the same setting, "
+                    "or start the data from a new epoch (drop the loader state)."
                 )
         self.epoch = int(state["epoch"])
         self.batches_done = int(state.get("batches_done", 0))
@@ -265,11 +275,15 @@ class StreamingLoader:
         for key, mine in (("seed", d.seed), ("mode", d.mode), ("split", self.split)):
             theirs = {s.get(key) for s in states}
             if theirs != {mine}:
-                raise ValueError(f"data loader states were saved with {key}={sorted(map(str, theirs))} but this run has "
-                                 f"{key}={mine!r}; resume with the same setting, or start the data afresh (drop the loader state)")
+                raise ValueError(
+                    f"data loader states were saved with {key}={sorted(map(str, theirs))} but this run has "
+                    f"{key}={mine!r}; resume with the same setting, or start the data afresh (drop the loader state)"
+                )
         epochs = {int(s["epoch"]) for s in states}
         if len(epochs) != 1:
-            raise ValueError(f"the saved ranks stopped in different epochs {sorted(epochs)}; the checkpoint is inconsistent")
+            raise ValueError(
+                f"the saved ranks stopped in different epochs {sorted(epochs)}; the checkpoint is inconsistent"
+            )
         epoch = epochs.pop()
         self.batches_done = 0
         self.worker_state = {}
@@ -286,16 +300,20 @@ class StreamingLoader:
             self._continue_resampled(states, epoch)
             return
         if any(int(s.get("version", 1)) < 2 for s in states):
-            raise ValueError("the data loader state predates the global data position (loader state version 1 records per-rank "
-                             "positions only); resume it once on the world size that wrote it")
+            raise ValueError(
+                "the data loader state predates the global data position (loader state version 1 records per-rank "
+                "positions only); resume it once on the world size that wrote it"
+            )
         if finished:  # every saved rank had handed out its whole epoch (its last batch was the checkpoint's)
             self.epoch = epoch + 1
             return
         consumed = merge_consumed(*(decode_consumed(s.get("consumed", {})) for s in states))
         unknown = sorted(set(consumed) - {shard.url for shard in d.shards})
         if unknown:  # moved or renamed shards: every sample would be read again
-            raise ValueError(f"the saved data position names {len(unknown)} shard(s) this run does not read (e.g. {unknown[:3]}); "
-                             "the position is keyed by shard URL: give data.train the same shard paths as the saved run")
+            raise ValueError(
+                f"the saved data position names {len(unknown)} shard(s) this run does not read (e.g. {unknown[:3]}); "
+                "the position is keyed by shard URL: give data.train the same shard paths as the saved run"
+            )
         self.epoch = epoch
         if consumed:
             d.consumed_base, d.base_epoch = consumed, epoch
@@ -311,7 +329,8 @@ class StreamingLoader:
         if earlier and int(earlier[0]) == epoch:
             before, total = int(earlier[1]), int(earlier[2])
         else:
-            per_rank = [max(1, d.samples_per_epoch // (len(states) * b)) for b in sizes]  # states without batches_in_epoch
+            # states without batches_in_epoch
+            per_rank = [max(1, d.samples_per_epoch // (len(states) * b)) for b in sizes]
             before, total = 0, sum(int(s.get("batches_in_epoch", n)) * b for s, n, b in zip(states, per_rank, sizes))
         done = before + sum(int(s.get("batches_done", 0)) * b for s, b in zip(states, sizes))
         if done == 0:  # nothing drawn yet: the epoch starts here as on any world size
@@ -335,7 +354,11 @@ def _sources(cfg: RunConfig, split: str, mode: str) -> list[tuple[list[Shard], f
         name = src.name or src.shards[0]
         out.append((list_shards(src.shards, source=name, need_sizes=mode == "epoch"), float(src.weight)))
     if mode == "epoch" and len({w for _, w in out}) > 1:
-        log.warning("data.%s: source weights are ignored in epoch mode (every sample once); use data.mode=resampled to mix by weight", split)
+        log.warning(
+            "data.%s: source weights are ignored in epoch mode (every "
+            "sample once); use data.mode=resampled to mix by weight",
+            split,
+        )
     return out
 
 
@@ -369,8 +392,16 @@ def build_loader(cfg: RunConfig, processors: Any, split: str = "train", rank: in
     train = split == "train"
     data = replace(data, num_workers=resolve_num_workers(data.num_workers, announce=rank == 0 and train))
     dataset = ShardStream(
-        data, sources=sources, preprocess=preprocess, rank=rank, world_size=world_size, batch_size=cfg.train.micro_batch_size,
-        mode=mode, shuffle=train, pack=data.packing and cfg.stage.packs, pad_token_id=pad_id_of(tokenizer),
+        data,
+        sources=sources,
+        preprocess=preprocess,
+        rank=rank,
+        world_size=world_size,
+        batch_size=cfg.train.micro_batch_size,
+        mode=mode,
+        shuffle=train,
+        pack=data.packing and cfg.stage.packs,
+        pad_token_id=pad_id_of(tokenizer),
         text_features=text_features,
     )
     if train and data.order == "global":
@@ -379,7 +410,9 @@ def build_loader(cfg: RunConfig, processors: Any, split: str = "train", rank: in
     if mode == "epoch":
         dataset.batches_per_rank(0)  # fails early (fewer shards than ranks, empty shards)
     self_check(dataset, processors, data.self_check_samples)
-    loader = StreamingLoader(dataset, data.num_workers, data.persistent_workers, data.prefetch_factor, data.max_bad_fraction, split)
+    loader = StreamingLoader(
+        dataset, data.num_workers, data.persistent_workers, data.prefetch_factor, data.max_bad_fraction, split
+    )
     loader.auto_workers = cfg.data.num_workers is None
     return loader
 
@@ -389,33 +422,52 @@ def _global_loader(cfg: RunConfig, data: DataConfig, pipeline: ShardStream, num_
     """data.order=global: this rank's micro-batches of the world-size-independent global batches (global_batch.py)."""
     batch, micro = cfg.train.global_batch_size, cfg.train.micro_batch_size
     if batch % (micro * world_size):
-        raise ValueError(f"train.global_batch_size={batch} is not micro_batch_size={micro} x accumulation x {world_size} "
-                         "rank(s); set train.fit_micro_batch or a global batch that the world size divides")
+        raise ValueError(
+            f"train.global_batch_size={batch} is not micro_batch_size={micro} x accumulation x {world_size} "
+            "rank(s); set train.fit_micro_batch or a global batch that the world size divides"
+        )
     streams = stream_count(data.streams, pipeline.shards, pipeline.mode)
     if streams < data.streams and rank == 0:
         log.info("data.streams=%d: %d shard(s), so %d logical streams", data.streams, len(pipeline.shards), streams)
     cost = cost_model(data.image_row_cost, num_image_tokens)
     dataset = HostedStreams(pipeline, streams=streams, global_batch=batch, cost=cost)
-    epoch_samples = data.samples_per_epoch if pipeline.mode == "resampled" else sum(s.size or 0 for s in pipeline.shards)
-    return GlobalBatchLoader(dataset, rank=rank, world_size=world_size, accumulation=batch // (micro * world_size), micro_batch=micro,
-                             exchange=Exchange.for_world(world_size), num_workers=data.num_workers,
-                             prefetch_factor=data.prefetch_factor, max_bad_fraction=data.max_bad_fraction, split="train",
-                             balance=data.balance, group_by_length=data.group_by_length, epoch_samples=epoch_samples or batch)
+    epoch_samples = (
+        data.samples_per_epoch if pipeline.mode == "resampled" else sum(s.size or 0 for s in pipeline.shards)
+    )
+    return GlobalBatchLoader(
+        dataset,
+        rank=rank,
+        world_size=world_size,
+        accumulation=batch // (micro * world_size),
+        micro_batch=micro,
+        exchange=Exchange.for_world(world_size),
+        num_workers=data.num_workers,
+        prefetch_factor=data.prefetch_factor,
+        max_bad_fraction=data.max_bad_fraction,
+        split="train",
+        balance=data.balance,
+        group_by_length=data.group_by_length,
+        epoch_samples=epoch_samples or batch,
+    )
 
 
 MAX_AUTO_WORKERS = 8
 
 
 def resolve_num_workers(configured: Optional[int], announce: bool = False) -> int:
-    """``data.num_workers``, or for null (auto) the CPUs this rank owns minus one for the training process, at most 8."""
+    """``data.num_workers``, or for null (auto) the CPUs this
+    rank owns minus one for the training process, at most 8."""
     if configured is not None:
         return configured
 
     cpus, why = hardware.cpus_for_this_rank()
     workers = max(0, min(MAX_AUTO_WORKERS, cpus - 1))
     if announce:
-        print(f"[mmdist] data.num_workers: auto -> {workers} ({cpus} CPU(s) for this rank: {why}; one stays with training)",
-              flush=True)
+        print(
+            f"[mmdist] data.num_workers: auto -> {workers} ({cpus} CPU(s) "
+            f"for this rank: {why}; one stays with training)",
+            flush=True,
+        )
     return workers
 
 

@@ -43,7 +43,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-# The mark LLaVA-style data uses for an image; it places images whatever the placeholder token is (e.g. Qwen1's <|extra_0|>).
+# The mark LLaVA-style data uses for an image; it places images
+# whatever the placeholder token is (e.g. Qwen1's <|extra_0|>).
 DATA_IMAGE_MARK = "<image>"
 ROLE_MAP = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -80,13 +81,21 @@ class Preprocessor:
 
     def __post_init__(self) -> None:
         if self.tiling and self.use_features:
-            raise ValueError("data.image_tiling needs pixels: it cannot render samples from image features "
-                             "(data.feature_cache, or a prompt rendered without its images); set data.image_tiling.enabled=false")
+            raise ValueError(
+                "data.image_tiling needs pixels: it cannot render samples from image features "
+                "(data.feature_cache, or a prompt rendered without its images); set data.image_tiling.enabled=false"
+            )
         if self.tiling and self.processors.num_image_tokens:
-            worst = max_tiled_image_tokens(self.image_tiling, self.processors.num_image_tokens, len(self._encode(self.image_tiling.separator)))
+            worst = max_tiled_image_tokens(
+                self.image_tiling, self.processors.num_image_tokens, len(self._encode(self.image_tiling.separator))
+            )
             if worst > self.max_len:
-                log.warning("data.image_tiling: an image on the largest grid takes %d positions, more than data.max_len=%d; "
-                            "such samples lose the image to truncation (raise data.max_len or drop large grids)", worst, self.max_len)
+                log.warning(
+                    "data.image_tiling: an image on the largest grid takes %d positions, more than data.max_len=%d; "
+                    "such samples lose the image to truncation (raise data.max_len or drop large grids)",
+                    worst,
+                    self.max_len,
+                )
 
     @property
     def tiling(self) -> bool:
@@ -105,7 +114,9 @@ class Preprocessor:
         """``text`` with the data's ``<image>`` marks written as the placeholder token (when that is another token)."""
         return text.replace(DATA_IMAGE_MARK, self.image_token) if self.image_token != DATA_IMAGE_MARK else text
 
-    def _encode_with_images(self, text: str, layouts: Optional[list[list[int]]] = None, first: int = 0) -> tuple[list[int], int]:
+    def _encode_with_images(
+        self, text: str, layouts: Optional[list[list[int]]] = None, first: int = 0
+    ) -> tuple[list[int], int]:
         """Token ids of ``text`` with every image placeholder expanded; returns (ids, images used).
 
         ``layouts`` (tiling) holds the ids each image of the sample expands to; ``first`` is
@@ -139,9 +150,15 @@ class Preprocessor:
                 raise BadSample("missing_keys", "'conversations' is not a non-empty list")
             messages = []
             for turn in turns:
-                if not isinstance(turn, dict) or "value" not in turn or turn.get("from", turn.get("role")) not in ROLE_MAP:
+                if (
+                    not isinstance(turn, dict)
+                    or "value" not in turn
+                    or turn.get("from", turn.get("role")) not in ROLE_MAP
+                ):
                     raise BadSample("missing_keys", f"conversation turn without 'from'/'value': {str(turn)[:80]}")
-                messages.append({"role": ROLE_MAP[turn.get("from", turn.get("role"))], "content": self._marked(str(turn["value"]))})
+                messages.append(
+                    {"role": ROLE_MAP[turn.get("from", turn.get("role"))], "content": self._marked(str(turn["value"]))}
+                )
             marks = sum(m["content"].count(self.image_token) for m in messages)
             if marks == 0 and n_images:
                 first_user = next((m for m in messages if m["role"] == "user"), None)
@@ -149,7 +166,9 @@ class Preprocessor:
                     raise BadSample("missing_keys", "conversation has images but no human turn")
                 first_user["content"] = (self.image_token + "\n") * n_images + first_user["content"]
             elif marks != n_images:
-                raise BadSample("image_count_mismatch", f"{marks} '{self.image_token}' marks for {n_images} image member(s)")
+                raise BadSample(
+                    "image_count_mismatch", f"{marks} '{self.image_token}' marks for {n_images} image member(s)"
+                )
             if not any(m["role"] == "assistant" for m in messages):
                 raise BadSample("missing_keys", "conversation has no gpt/assistant turn")
             return messages
@@ -163,7 +182,9 @@ class Preprocessor:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": caption}]
 
     # ----------------------------------------------------------------- templates
-    def _render_plain(self, messages: list[dict], layouts: Optional[list[list[int]]] = None) -> tuple[list[int], list[int], int]:
+    def _render_plain(
+        self, messages: list[dict], layouts: Optional[list[list[int]]] = None
+    ) -> tuple[list[int], list[int], int]:
         ids: list[int] = []
         labels: list[int] = []
         used = 0
@@ -183,7 +204,9 @@ class Preprocessor:
                 labels += [IGNORE_INDEX] * len(piece)
         return ids, labels, used
 
-    def _render_chat(self, messages: list[dict], layouts: Optional[list[list[int]]] = None) -> tuple[list[int], list[int], int]:
+    def _render_chat(
+        self, messages: list[dict], layouts: Optional[list[list[int]]] = None
+    ) -> tuple[list[int], list[int], int]:
         tok = self.tokenizer
 
         def render(msgs: list[dict], gen: bool) -> str:
@@ -246,7 +269,9 @@ class Preprocessor:
             pos = end
         return spans
 
-    def _truncate_tiled(self, ids: list[int], labels: list[int], spans: list[tuple[int, int]]) -> tuple[list[int], list[int], int]:
+    def _truncate_tiled(
+        self, ids: list[int], labels: list[int], spans: list[tuple[int, int]]
+    ) -> tuple[list[int], list[int], int]:
         """Cut to max_len, moving the cut back to the start of a tiled image it would split; returns images kept."""
         cut = len(ids)
         if cut > self.max_len:
@@ -267,7 +292,9 @@ class Preprocessor:
         for image in images:
             width, height = image.info.get(ORIGINAL_SIZE_KEY, image.size)
             grids.append(select_grid((height, width), self.image_tiling, transform.size))
-        layouts = [image_layout(g, self.processors.num_image_tokens, self.processors.image_token_id, separator) for g in grids]
+        layouts = [
+            image_layout(g, self.processors.num_image_tokens, self.processors.image_token_id, separator) for g in grids
+        ]
         render = self._render_chat if self.template == "chat" else self._render_plain
         ids, labels, used = render(messages, layouts)
         if used != n_images:
@@ -277,7 +304,9 @@ class Preprocessor:
             labels[start:end] = [IGNORE_INDEX] * (end - start)
         ids, labels, kept = self._truncate_tiled(ids, labels, spans)
         if not any(t != IGNORE_INDEX for t in labels):
-            raise BadSample("no_supervised_tokens", f"nothing left to learn after masking/truncation to max_len={self.max_len}")
+            raise BadSample(
+                "no_supervised_tokens", f"nothing left to learn after masking/truncation to max_len={self.max_len}"
+            )
         pixel_values = []
         for image in images[:kept]:
             rows, _ = tile_image(image, self.image_tiling, transform)
@@ -301,7 +330,9 @@ class Preprocessor:
             raise BadSample("image_count_mismatch", f"template placed {used} images, sample has {n_images}")
         ids, labels, kept = self.truncate(ids, labels, n_images)
         if not any(t != IGNORE_INDEX for t in labels):
-            raise BadSample("no_supervised_tokens", f"nothing left to learn after masking/truncation to max_len={self.max_len}")
+            raise BadSample(
+                "no_supervised_tokens", f"nothing left to learn after masking/truncation to max_len={self.max_len}"
+            )
         out = {"input_ids": ids, "labels": labels, "num_images": kept, "key": sample["key"]}
         if self.use_features:
             if kept:
@@ -320,7 +351,11 @@ class Preprocessor:
             caption = self._marked(sample["text"]).replace(self.image_token, "").strip()
         elif isinstance(sample["json"], dict) and "conversations" in sample["json"]:
             turns = sample["json"]["conversations"]
-            caption = " ".join(str(t.get("value", "")) for t in turns if isinstance(t, dict) and ROLE_MAP.get(t.get("from", t.get("role"))) == "assistant").strip()
+            caption = " ".join(
+                str(t.get("value", ""))
+                for t in turns
+                if isinstance(t, dict) and ROLE_MAP.get(t.get("from", t.get("role"))) == "assistant"
+            ).strip()
         else:
             caption = ""
         if not caption:
@@ -334,7 +369,9 @@ class Preprocessor:
             out["image_features"] = _feature_tensor(sample["features"])[0]
         else:
             transform = self.processors.image_transform
-            out["pixel_values"] = transform.to_uint8(decode_images(sample, self.max_image_pixels, transform.draft_size)[0])
+            out["pixel_values"] = transform.to_uint8(
+                decode_images(sample, self.max_image_pixels, transform.draft_size)[0]
+            )
         return out
 
 

@@ -88,7 +88,14 @@ class BadSampleCounter:
             self.seen += 1
         self.bad[reason] += 1
         if self.bad[reason] <= self.log_first:
-            log.warning("skipped bad sample (%s) in shard %s, key %s%s%s", reason, shard, key, f": {detail}" if detail else "", f" [{self.where}]" if self.where else "")
+            log.warning(
+                "skipped bad sample (%s) in shard %s, key %s%s%s",
+                reason,
+                shard,
+                key,
+                f": {detail}" if detail else "",
+                f" [{self.where}]" if self.where else "",
+            )
         self.check()
 
     def check(self) -> None:
@@ -182,7 +189,9 @@ def list_shards(patterns: Sequence[str], source: str = "", need_sizes: bool = Tr
     shards = []
     for url in urls:
         if not _is_remote(url) and not os.path.isfile(url):
-            raise FileNotFoundError(f"shard {url} (source {source or patterns[0]}) does not exist; check data.train/data.eval shards")
+            raise FileNotFoundError(
+                f"shard {url} (source {source or patterns[0]}) does not exist; check data.train/data.eval shards"
+            )
         size = None
         if need_sizes:
             sizes = _sizes_from_folder(os.path.dirname(url), folder_cache)
@@ -209,7 +218,8 @@ def shuffle_shards(shards: Sequence[Shard], seed: int, epoch: int, shuffle: bool
 
 
 def balanced_split(shards: Sequence[Shard], parts: int) -> list[list[Shard]]:
-    """``shards`` in order into ``parts`` lists: each to the part with the fewest samples so far (ties: lowest index)."""
+    """``shards`` in order into ``parts`` lists: each to the
+    part with the fewest samples so far (ties: lowest index)."""
     out: list[list[Shard]] = [[] for _ in range(parts)]
     load = [0] * parts
     for shard in shards:
@@ -329,7 +339,9 @@ def _image_index(ext: str) -> Optional[tuple[int, str]]:
     return (int(digits[-1]) if digits else 0), last
 
 
-def decode_image(data: bytes, max_pixels: int, draft: Optional[Callable[[int, int], Optional[tuple[int, int]]]] = None) -> Image.Image:
+def decode_image(
+    data: bytes, max_pixels: int, draft: Optional[Callable[[int, int], Optional[tuple[int, int]]]] = None
+) -> Image.Image:
     """Decode one image from bytes, refusing empty, corrupt and oversized ('decompression bomb') images.
 
     ``draft(width, height)`` (``ImageTransform.draft_size``) may return the smallest size
@@ -394,7 +406,9 @@ def decode_sample(raw: dict, max_pixels: int, max_text_chars: int) -> dict:
             except UnicodeDecodeError as exc:
                 raise BadSample("bad_text_encoding", f"{ext} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
             if len(text) > max_text_chars:
-                raise BadSample("text_too_long", f"{ext} has {len(text)} characters > data.max_caption_chars={max_text_chars}")
+                raise BadSample(
+                    "text_too_long", f"{ext} has {len(text)} characters > data.max_caption_chars={max_text_chars}"
+                )
         elif last in JSON_EXTS:
             if len(value) > 8 * max_text_chars:
                 raise BadSample("text_too_long", f"{ext} has {len(value)} bytes")
@@ -430,6 +444,8 @@ def decode_sample(raw: dict, max_pixels: int, max_text_chars: int) -> dict:
     }
 
 
-def decode_images(sample: dict, max_pixels: int, draft: Optional[Callable[[int, int], Optional[tuple[int, int]]]] = None) -> list[Image.Image]:
+def decode_images(
+    sample: dict, max_pixels: int, draft: Optional[Callable[[int, int], Optional[tuple[int, int]]]] = None
+) -> list[Image.Image]:
     """Decode the image members of a decoded sample (kept separate so a cache reader can skip pixels)."""
     return [decode_image(data, max_pixels, draft) for data in sample["image_bytes"]]

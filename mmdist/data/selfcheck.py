@@ -43,19 +43,23 @@ def self_check(dataset: Any, processors: Any, num_samples: int) -> list[dict]:
                 f"(template={pre.template!r}, max_len={pre.max_len}, bad samples: {reasons}); check data.template, "
                 "data.format, data.max_len and that the samples have assistant answers"
             )
-        raise RuntimeError(f"self-check: none of the first samples of {dataset.shards[0].url} could be used (bad samples: {reasons})")
+        raise RuntimeError(
+            f"self-check: none of the first samples of {dataset.shards[0].url} could be used (bad samples: {reasons})"
+        )
     if pre.stage.batch is Batch.CAPTIONS:
         return rendered
     if not any(any(t != IGNORE_INDEX for t in s["labels"]) for s in rendered):
         raise RuntimeError(
-            f"self-check: masking leaves no supervised tokens in {len(rendered)} rendered samples (template={pre.template!r}); "
+            "self-check: masking leaves no supervised tokens in "
+            f"{len(rendered)} rendered samples (template={pre.template!r}); "
             "check data.template / data.format and that the samples have assistant answers"
         )
     image_id, n_tok = processors.image_token_id, processors.num_image_tokens
     probe = pre._encode(pre.image_token)
     if probe != [image_id]:
         raise RuntimeError(
-            f"self-check: the tokenizer turns the image placeholder {pre.image_token!r} into {probe}, not the single id "
+            "self-check: the tokenizer turns the image placeholder "
+            f"{pre.image_token!r} into {probe}, not the single id "
             f"image_token_id={image_id}; the placeholder token must be added to the tokenizer"
         )
     for s in rendered:

@@ -55,7 +55,12 @@ class WriteSummary:
     skipped: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
-        return {"out_dir": self.out_dir, "shards": len(self.shards), "written": self.written, "skipped": dict(self.skipped)}
+        return {
+            "out_dir": self.out_dir,
+            "shards": len(self.shards),
+            "written": self.written,
+            "skipped": dict(self.skipped),
+        }
 
     def __str__(self) -> str:
         skipped = ", ".join(f"{k}={v}" for k, v in sorted(self.skipped.items())) or "none"
@@ -78,9 +83,18 @@ class ShardWriter:
     ``length_stats=False`` writes none (a feature cache: its samples hold features, not the images they came from).
     """
 
-    def __init__(self, out_dir: str | os.PathLike, prefix: str = "shard", samples_per_shard: int = 1000, overwrite: bool = False,
-                 verify_images: bool = True, max_image_pixels: int = 89_478_485, tokenizer: Any = None,
-                 tokenizer_name: str = "", length_stats: bool = True):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        prefix: str = "shard",
+        samples_per_shard: int = 1000,
+        overwrite: bool = False,
+        verify_images: bool = True,
+        max_image_pixels: int = 89_478_485,
+        tokenizer: Any = None,
+        tokenizer_name: str = "",
+        length_stats: bool = True,
+    ):
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         self.samples_per_shard = samples_per_shard
@@ -92,7 +106,8 @@ class ShardWriter:
         existing = sorted(self.out_dir.glob(f"{prefix}-*.tar"))
         if existing and not overwrite:
             raise ShardsExist(
-                f"{self.out_dir} already holds {len(existing)} shard(s) named {prefix}-*.tar (e.g. {existing[0].name}); "
+                f"{self.out_dir} already holds {len(existing)} shard(s) "
+                f"named {prefix}-*.tar (e.g. {existing[0].name}); "
                 "pass --overwrite (overwrite=True) to replace them, or choose another output folder"
             )
         for path in existing:
@@ -131,7 +146,9 @@ class ShardWriter:
         """Write one sample; a sample with a broken image is skipped (and counted). Returns whether it was written."""
         key = str(sample["__key__"])
         if "." in key or "/" in key:
-            raise ValueError(f"sample key {key!r} must not contain '.' or '/' (webdataset splits member names at the first dot)")
+            raise ValueError(
+                f"sample key {key!r} must not contain '.' or '/' (webdataset splits member names at the first dot)"
+            )
         if key in self._keys:
             self.skip("duplicate_key", key)
             return False
@@ -167,7 +184,9 @@ class ShardWriter:
         old = {}
         if sizes_path.is_file():
             try:
-                old = {k: v for k, v in json.loads(sizes_path.read_text()).items() if not k.startswith(self.prefix + "-")}
+                old = {
+                    k: v for k, v in json.loads(sizes_path.read_text()).items() if not k.startswith(self.prefix + "-")
+                }
             except ValueError:
                 old = {}
         sizes_path.write_text(json.dumps({**old, **self.sizes}, indent=1, sort_keys=True))
@@ -182,9 +201,16 @@ class ShardWriter:
         self.close()
 
 
-def write_shards(samples: Iterable[dict], out_dir: str | os.PathLike, prefix: str = "shard", samples_per_shard: int = 1000,
-                 overwrite: bool = False, verify_images: bool = True, tokenizer: Any = None,
-                 tokenizer_name: str = "") -> WriteSummary:
+def write_shards(
+    samples: Iterable[dict],
+    out_dir: str | os.PathLike,
+    prefix: str = "shard",
+    samples_per_shard: int = 1000,
+    overwrite: bool = False,
+    verify_images: bool = True,
+    tokenizer: Any = None,
+    tokenizer_name: str = "",
+) -> WriteSummary:
     """Write an iterable of samples into shards; returns the summary (also printed by the CLI)."""
     with ShardWriter(out_dir, prefix, samples_per_shard, overwrite, verify_images, tokenizer=tokenizer,
                      tokenizer_name=tokenizer_name) as writer:
@@ -224,7 +250,8 @@ def _image_member(path: Path) -> tuple[str, bytes]:
 
 
 def _read_images(key: str, paths: list[Path]) -> dict:
-    """Image members for ``paths`` ('png' alone, or '0.png', '1.png', ... for several), or a skip record saying why not."""
+    """Image members for ``paths`` ('png' alone, or '0.png',
+    '1.png', ... for several), or a skip record saying why not."""
     members: dict = {}
     try:
         for j, path in enumerate(paths):
@@ -276,12 +303,16 @@ def _read_captions(path: Path) -> list[tuple[str, str]]:
     if path.suffix.lower() == ".csv":
         with path.open(newline="", encoding="utf-8") as fh:
             for n, row in enumerate(csv.DictReader(fh), start=2):
-                rows.append((pick(row, image_keys, "image", f"{path}:{n}"), pick(row, text_keys, "caption", f"{path}:{n}")))
+                rows.append(
+                    (pick(row, image_keys, "image", f"{path}:{n}"), pick(row, text_keys, "caption", f"{path}:{n}"))
+                )
     else:
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             if line.strip():
                 row = json.loads(line)
-                rows.append((pick(row, image_keys, "image", f"{path}:{n}"), pick(row, text_keys, "caption", f"{path}:{n}")))
+                rows.append(
+                    (pick(row, image_keys, "image", f"{path}:{n}"), pick(row, text_keys, "caption", f"{path}:{n}"))
+                )
     return rows
 
 
@@ -317,14 +348,26 @@ def demo_samples(indices: Sequence[int], image_size: int = 28) -> Iterator[dict]
             "__key__": f"digit{i:05d}",
             "png": png_bytes(image),
             "txt": f"a handwritten digit {name}",
-            "json": {"conversations": [{"from": "human", "value": "<image>\nWhat digit is this?"}, {"from": "gpt", "value": name}],
-                     "label": int(digits.target[i]), "index": int(i)},
+            "json": {
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat digit is this?"},
+                    {"from": "gpt", "value": name},
+                ],
+                "label": int(digits.target[i]),
+                "index": int(i),
+            },
         }
 
 
-def write_demo_shards(out_dir: str | os.PathLike, image_size: int = 28, samples_per_shard: int = 200, overwrite: bool = False,
-                      limit: Optional[int] = None, tokenizer: Any = None,
-                      tokenizer_name: str = "") -> dict[str, WriteSummary]:
+def write_demo_shards(
+    out_dir: str | os.PathLike,
+    image_size: int = 28,
+    samples_per_shard: int = 200,
+    overwrite: bool = False,
+    limit: Optional[int] = None,
+    tokenizer: Any = None,
+    tokenizer_name: str = "",
+) -> dict[str, WriteSummary]:
     """Write the demo digits as ``out_dir/train`` and ``out_dir/eval`` shards (the eval split is never trained on).
 
     Returns {"train": summary, "eval": summary}; shard patterns are ``train/train-*.tar`` and ``eval/eval-*.tar``.
@@ -338,8 +381,15 @@ def write_demo_shards(out_dir: str | os.PathLike, image_size: int = 28, samples_
     out = Path(out_dir)
     result = {}
     for split, idx in (("train", train_idx), ("eval", eval_idx)):
-        result[split] = write_shards(demo_samples(idx, image_size), out / split, prefix=split, samples_per_shard=samples_per_shard,
-                                     overwrite=overwrite, tokenizer=tokenizer, tokenizer_name=tokenizer_name)
+        result[split] = write_shards(
+            demo_samples(idx, image_size),
+            out / split,
+            prefix=split,
+            samples_per_shard=samples_per_shard,
+            overwrite=overwrite,
+            tokenizer=tokenizer,
+            tokenizer_name=tokenizer_name,
+        )
     return result
 
 
@@ -369,8 +419,10 @@ def mixture_samples(count: int, image_size: int = 16, seed: int = 0) -> Iterator
         for j in range(n_images):
             sample[f"{j}.png"] = image(2 * image_size if kind == "tiled" else image_size)
         question = "<image>\n" * n_images + text(3, 12) + "?"
-        sample["json"] = {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": text(2, 10)}],
-                          "kind": kind}
+        sample["json"] = {
+            "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": text(2, 10)}],
+            "kind": kind,
+        }
         yield sample
 
 

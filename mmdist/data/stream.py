@@ -53,9 +53,21 @@ class _CounterProxy:
 class ShardStream(IterableDataset):
     """One rank's stream of batches; each DataLoader worker produces its own share (see module docstring)."""
 
-    def __init__(self, data: DataConfig, *, sources: list[tuple[list[Shard], float]], preprocess: Preprocessor, rank: int,
-                 world_size: int, batch_size: int, mode: str, shuffle: bool, pack: bool, pad_token_id: int,
-                 text_features: bool = False):
+    def __init__(
+        self,
+        data: DataConfig,
+        *,
+        sources: list[tuple[list[Shard], float]],
+        preprocess: Preprocessor,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        mode: str,
+        shuffle: bool,
+        pack: bool,
+        pad_token_id: int,
+        text_features: bool = False,
+    ):
         """``data`` gives every pipeline setting; the arguments are what the split, stage and rank decide.
 
         ``mode`` is ``data.mode`` for training and ``epoch`` for evaluation, ``shuffle``
@@ -102,11 +114,32 @@ class ShardStream(IterableDataset):
 
     def _plan(self, epoch: int) -> tuple[list[WorkerPlan], int]:
         if epoch != self.base_epoch:
-            return plan_epoch(self.shards, self.seed, epoch, self.rank, self.world_size, self.num_workers, self.batch_size, self.shuffle)
+            return plan_epoch(
+                self.shards,
+                self.seed,
+                epoch,
+                self.rank,
+                self.world_size,
+                self.num_workers,
+                self.batch_size,
+                self.shuffle,
+            )
         key = (epoch, self.world_size, self.num_workers)
         if self._plan_cache is None or self._plan_cache[0] != key:
-            self._plan_cache = (key, plan_remaining(self.shards, self.consumed_base, self.seed, epoch, self.rank, self.world_size,
-                                                    self.num_workers, self.batch_size, self.shuffle))
+            self._plan_cache = (
+                key,
+                plan_remaining(
+                    self.shards,
+                    self.consumed_base,
+                    self.seed,
+                    epoch,
+                    self.rank,
+                    self.world_size,
+                    self.num_workers,
+                    self.batch_size,
+                    self.shuffle,
+                ),
+            )
         return self._plan_cache[1]
 
     def worker_plan(self, epoch: int, worker: int) -> WorkerPlan:
@@ -130,7 +163,9 @@ class ShardStream(IterableDataset):
             if pass_ > 0 and self.shuffle:
                 rng.shuffle(order)
             produced = 0
-            chained = (sample for shard in order for sample in _indexed(read_tar(shard.url, counter), plan.keep, shard.url))
+            chained = (
+                sample for shard in order for sample in _indexed(read_tar(shard.url, counter), plan.keep, shard.url)
+            )
             if plan.stride is not None:
                 modulus, slot = plan.stride
                 chained = (sample for j, sample in enumerate(chained) if j % modulus == slot)
@@ -138,7 +173,9 @@ class ShardStream(IterableDataset):
                 produced += 1
                 yield sample
             if produced == 0:
-                raise RuntimeError(f"rank {self.rank} worker {worker}: no readable samples in shards {[s.url for s in order]}")
+                raise RuntimeError(
+                    f"rank {self.rank} worker {worker}: no readable samples in shards {[s.url for s in order]}"
+                )
 
     def _resampled_raw(self, epoch: int, worker: int, counter: _CounterProxy) -> Iterator[dict]:
         if self.resampled_from is not None and self.resampled_from[0] == epoch:
@@ -152,7 +189,10 @@ class ShardStream(IterableDataset):
             while True:  # webdataset's ResampledShards, seeded per worker and source
                 yield from read_tar(srng.choice(shards).url, counter)
 
-        streams = [shuffle_samples(source_stream(i), self.shuffle_buffer, self._rng("buffer", epoch, worker, i)) for i in range(len(self.sources))]
+        streams = [
+            shuffle_samples(source_stream(i), self.shuffle_buffer, self._rng("buffer", epoch, worker, i))
+            for i in range(len(self.sources))
+        ]
         while True:
             index = rng.choices(range(len(streams)), weights=weights)[0] if len(streams) > 1 else 0
             yield next(streams[index])
@@ -171,7 +211,9 @@ class ShardStream(IterableDataset):
         try:
             sample = decode_sample(raw, self.max_image_pixels, self.max_text_chars)
             if sample["unsafe_members"]:
-                log.debug("ignored pickle-like members %s of %s (never unpickled)", sample["unsafe_members"], sample["key"])
+                log.debug(
+                    "ignored pickle-like members %s of %s (never unpickled)", sample["unsafe_members"], sample["key"]
+                )
             out = self.preprocess(sample)
             if self.text_features:
                 out["text_features"] = _cached_text_features(sample)
@@ -252,8 +294,15 @@ class ShardStream(IterableDataset):
                     "pool_seen": counter.seen if last else pool_seen,
                     "pool_bad": dict(counter.bad) if last else pool_bad,
                 }
-                batch["_meta"] = {"worker": worker, "epoch": epoch, "state": state, "seen": counter.seen, "bad": dict(counter.bad),
-                                  "keys": [s["key"] for s in samples], "positions": [s.get("__pos__") for s in samples]}
+                batch["_meta"] = {
+                    "worker": worker,
+                    "epoch": epoch,
+                    "state": state,
+                    "seen": counter.seen,
+                    "bad": dict(counter.bad),
+                    "keys": [s["key"] for s in samples],
+                    "positions": [s.get("__pos__") for s in samples],
+                }
                 yield batch
             skip_in_pool = 0
             emitted = pool_emitted_start + len(batches)
@@ -272,5 +321,7 @@ def _cached_text_features(sample: dict) -> torch.Tensor:
     """The pooled caption vector [H] (fp32) stored by ``build_feature_cache`` beside the image features."""
     feats = sample["features"]
     if not isinstance(feats, dict) or "text_features" not in feats:
-        raise BadSample("missing_keys", "feature cache sample without text_features (its cache_key.json says it has them)")
+        raise BadSample(
+            "missing_keys", "feature cache sample without text_features (its cache_key.json says it has them)"
+        )
     return torch.from_numpy(np.asarray(feats["text_features"], dtype=np.float32))

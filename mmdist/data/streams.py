@@ -64,7 +64,12 @@ class Schedule:
     """Which stream fills each slot of each global step: the epochs' interleaves one after the other."""
 
     def __init__(self, pipeline: ShardStream, streams: int, global_batch: int, part_samples: int):
-        self.pipeline, self.streams, self.global_batch, self.part_samples = pipeline, streams, global_batch, part_samples
+        self.pipeline, self.streams, self.global_batch, self.part_samples = (
+            pipeline,
+            streams,
+            global_batch,
+            part_samples,
+        )
         self._cache: dict[int, np.ndarray] = {}
 
     def epoch_length(self) -> int:
@@ -78,7 +83,10 @@ class Schedule:
             if p.mode == "resampled":
                 sizes = [self.part_samples] * self.streams
             else:
-                sizes = [sum(s.size or 0 for s in part) for part in deal_shards(p.shards, p.seed, epoch, self.streams, p.shuffle)]
+                sizes = [
+                    sum(s.size or 0 for s in part)
+                    for part in deal_shards(p.shards, p.seed, epoch, self.streams, p.shuffle)
+                ]
             if len(self._cache) > 2:
                 self._cache.pop(min(self._cache))
             self._cache[epoch] = interleave(sizes)
@@ -88,7 +96,9 @@ class Schedule:
         """The stream of every slot of global step ``step`` (length ``global_batch``)."""
         n = self.epoch_length()
         if n <= 0:
-            raise ValueError(f"the shards hold no samples ({[s.url for s in self.pipeline.shards][:3]}...): check sizes.json")
+            raise ValueError(
+                f"the shards hold no samples ({[s.url for s in self.pipeline.shards][:3]}...): check sizes.json"
+            )
         start, end = step * self.global_batch, (step + 1) * self.global_batch
         pieces = []
         for epoch in range(start // n, (end - 1) // n + 1):
@@ -143,7 +153,8 @@ class HostedStreams(IterableDataset):
             yield next(subs[mix.choices(range(len(subs)), weights=weights)[0] if len(subs) > 1 else 0])
 
     def raw_from(self, stream: int, position: Position, counter: BadSampleCounter) -> Iterator[tuple[dict, Position]]:
-        """``stream``'s raw samples after ``position``, each with the position after it; earlier ones replayed unread."""
+        """``stream``'s raw samples after ``position``, each with
+        the position after it; earlier ones replayed unread."""
         start_part, skip = position
         proxy = _CounterProxy(BadSampleCounter(1.0, 0) if skip else counter)  # a replay counts nothing twice
         empty = 0
@@ -161,7 +172,9 @@ class HostedStreams(IterableDataset):
                 raise RuntimeError(f"logical stream {stream} read no samples in two parts in a row (shards: "
                                    f"{[s.url for s in self.pipeline.shards][:5]}...); check the shards and sizes.json")
 
-    def usable_from(self, stream: int, position: Position, counter: BadSampleCounter) -> Iterator[tuple[dict, Position]]:
+    def usable_from(
+        self, stream: int, position: Position, counter: BadSampleCounter
+    ) -> Iterator[tuple[dict, Position]]:
         """Decoded, preprocessed and priced samples of ``stream`` (bad ones counted and skipped)."""
         p = self.pipeline
         patience = 10_000
@@ -183,7 +196,9 @@ class HostedStreams(IterableDataset):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         mine = self.hosted[worker::workers]
-        counter = BadSampleCounter(self.pipeline.max_bad_fraction, self.pipeline.log_bad, where=f"worker {worker} streams {mine}")
+        counter = BadSampleCounter(
+            self.pipeline.max_bad_fraction, self.pipeline.log_bad, where=f"worker {worker} streams {mine}"
+        )
         readers = {sid: self.usable_from(sid, self.positions.get(sid, (0, 0)), counter) for sid in mine}
         positions = {sid: self.positions.get(sid, (0, 0)) for sid in mine}
         for step in itertools.count(self.start_step):

@@ -36,7 +36,9 @@ def candidate_grids(settings: ImageTilingConfig) -> list[Grid]:
     return [(r, c) for r in range(1, n + 1) for c in range(1, n + 1) if 2 <= r * c <= n]
 
 
-def select_best_resolution(image_size_hw: tuple[int, int], resolutions_hw: Sequence[tuple[int, int]]) -> tuple[int, int]:
+def select_best_resolution(
+    image_size_hw: tuple[int, int], resolutions_hw: Sequence[tuple[int, int]]
+) -> tuple[int, int]:
     """LLaVA-NeXT's choice of resolution for an image of ``image_size_hw`` (height, width).
 
     The resolution whose aspect-preserving fit keeps the most of the image's pixels
@@ -66,7 +68,8 @@ def select_grid(image_size_hw: tuple[int, int], settings: ImageTilingConfig, til
 
 
 def fitted_size(image_size_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
-    """(height, width) of the image scaled to fit ``target_hw`` keeping its aspect (LLaVA-NeXT's resize_and_pad_image)."""
+    """(height, width) of the image scaled to fit ``target_hw``
+    keeping its aspect (LLaVA-NeXT's resize_and_pad_image)."""
     height, width = image_size_hw
     target_h, target_w = target_hw
     scale_w, scale_h = target_w / width, target_h / height
@@ -76,15 +79,19 @@ def fitted_size(image_size_hw: tuple[int, int], target_hw: tuple[int, int]) -> t
 
 
 def resize_and_pad(image: Any, target_hw: tuple[int, int], resample: str = "bicubic") -> torch.Tensor:
-    """PIL RGB image -> uint8 [3, H, W] of ``target_hw``: fitted keeping its aspect, centred on black (as LLaVA-NeXT)."""
-    # A JPEG decoded at reduced scale keeps its file size in info: the geometry follows the file, as the base image's does.
+    """PIL RGB image -> uint8 [3, H, W] of ``target_hw``: fitted
+    keeping its aspect, centred on black (as LLaVA-NeXT)."""
+    # A JPEG decoded at reduced scale keeps its file size in info:
+    # the geometry follows the file, as the base image's does.
     width, height = image.info.get(ORIGINAL_SIZE_KEY, image.size)
     new_h, new_w = fitted_size((height, width), target_hw)
     # Channels-last uint8 as ImageTransform.to_uint8: torch's antialiased uint8 resize is vectorised for this layout.
     pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
     pixels = pixels.permute(2, 0, 1).unsqueeze(0)
     if (image.height, image.width) != (new_h, new_w):
-        pixels = torch.nn.functional.interpolate(pixels, size=(new_h, new_w), mode=TORCH_MODE[resample], antialias=resample != "nearest")
+        pixels = torch.nn.functional.interpolate(
+            pixels, size=(new_h, new_w), mode=TORCH_MODE[resample], antialias=resample != "nearest"
+        )
     canvas = torch.zeros((3, *target_hw), dtype=torch.uint8)
     top, left = (target_hw[0] - new_h) // 2, (target_hw[1] - new_w) // 2
     canvas[:, top : top + new_h, left : left + new_w] = pixels[0]
@@ -103,12 +110,17 @@ def tile_image(image: Any, settings: ImageTilingConfig, transform: Any) -> tuple
     width, height = image.info.get(ORIGINAL_SIZE_KEY, image.size)
     rows, cols = select_grid((height, width), settings, size)
     canvas = resize_and_pad(image, (rows * size, cols * size), getattr(transform, "resample", "bicubic"))
-    tiles = [canvas[:, r * size : (r + 1) * size, c * size : (c + 1) * size].contiguous() for r in range(rows) for c in range(cols)]
+    tiles = [
+        canvas[:, r * size : (r + 1) * size, c * size : (c + 1) * size].contiguous()
+        for r in range(rows)
+        for c in range(cols)
+    ]
     return [transform.to_uint8(image), *tiles], (rows, cols)
 
 
 def tiled_draft_size(transform: Any, settings: ImageTilingConfig, width: int, height: int) -> Optional[tuple[int, int]]:
-    """The smallest (width, height) a JPEG may be decoded at for both the base image and the tiles, or None (full decode).
+    """The smallest (width, height) a JPEG may be decoded at for
+    both the base image and the tiles, or None (full decode).
 
     Like ``ImageTransform.draft_size``: worth it only when the file is at least twice
     that size on both sides (JPEG's DCT scaling halves, quarters or eighths).
@@ -147,7 +159,9 @@ def expand_image_runs(ids: Sequence[int], grids: Sequence[Grid], tokens_per_imag
             continue
         run = ids[i : i + tokens_per_image]
         if len(run) != tokens_per_image or any(t != image_token_id for t in run):
-            raise ValueError(f"image placeholders at position {i} are not a run of {tokens_per_image} (num_image_tokens)")
+            raise ValueError(
+                f"image placeholders at position {i} are not a run of {tokens_per_image} (num_image_tokens)"
+            )
         if image >= len(grids):
             raise ValueError(f"more images in the ids than the {len(grids)} grid(s) given")
         out += image_layout(grids[image], tokens_per_image, image_token_id, separator_ids)

@@ -1,4 +1,5 @@
-"""`mmdist demo`: the whole product on a laptop CPU, from shards to a report: pretrained text models, a seeded random ViT.
+"""`mmdist demo`: the whole product on a laptop CPU, from shards
+to a report: pretrained text models, a seeded random ViT.
 
 A newcomer's first command. It composes the same pieces a cluster run uses and
 adds no training code of its own:

@@ -29,7 +29,8 @@ REPORT_IMAGES = 10
 
 
 def _eval_batch_size(n: int, limit: int = 64) -> int:
-    """The largest batch <= limit that divides n, so every held-out sample is evaluated (epoch mode keeps full batches)."""
+    """The largest batch <= limit that divides n, so every held-out
+    sample is evaluated (epoch mode keeps full batches)."""
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
@@ -42,7 +43,8 @@ def _align_model_from_export(cfg: RunConfig, export_dir: Path) -> Any:
 
 
 def heldout_retrieval(cfg: RunConfig, export_dir: Path, eval_samples: int) -> dict:
-    """Held-out image->text retrieval top-1 (R@1) with the exported stage-1 weights (mmdist.evaluation, as `mmdist eval`).
+    """Held-out image->text retrieval top-1 (R@1) with the exported
+    stage-1 weights (mmdist.evaluation, as `mmdist eval`).
 
     The candidates are the distinct captions of the held-out digits (the ten digit
     captions when every digit is present); an image is right when its own caption ranks first.
@@ -53,12 +55,17 @@ def heldout_retrieval(cfg: RunConfig, export_dir: Path, eval_samples: int) -> di
         metrics = evaluation.evaluate_retrieval(model, build_loader(eval_cfg, model.processors, "eval"))
     except ValueError as exc:
         raise DemoError(f"held-out retrieval: {exc}") from None
-    return {"heldout_retrieval_top1": metrics["i2t_r1"], "heldout_samples": metrics["samples"], "chance": metrics["i2t_chance_r1"],
-            "retrieval": {k: v for k, v in metrics.items() if k.startswith(("i2t_r", "t2i_r"))}}
+    return {
+        "heldout_retrieval_top1": metrics["i2t_r1"],
+        "heldout_samples": metrics["samples"],
+        "chance": metrics["i2t_chance_r1"],
+        "retrieval": {k: v for k, v in metrics.items() if k.startswith(("i2t_r", "t2i_r"))},
+    }
 
 
 def heldout_answers(model: Any, eval_samples: int) -> dict:
-    """Held-out answer accuracy by greedy generation with the exported stage-2 model (mmdist.evaluation, as `mmdist eval --match digit`).
+    """Held-out answer accuracy by greedy generation with the exported
+    stage-2 model (mmdist.evaluation, as `mmdist eval --match digit`).
 
     An answer is right when the digit it names (parse_digit: its first word) is the reference's.
     """
@@ -69,12 +76,18 @@ def heldout_answers(model: Any, eval_samples: int) -> dict:
     except ValueError as exc:
         raise DemoError(f"held-out answers: {exc}") from None
     examples = [{"answer": r["answer"], "truth": r["reference"]} for r in metrics["records"][:12]]
-    return {"heldout_answer_accuracy": metrics["exact"], "heldout_samples": metrics["samples"], "unparsed_answers": metrics["unparsed"],
-            "chance": 0.1, "examples": examples}
+    return {
+        "heldout_answer_accuracy": metrics["exact"],
+        "heldout_samples": metrics["samples"],
+        "unparsed_answers": metrics["unparsed"],
+        "chance": 0.1,
+        "examples": examples,
+    }
 
 
 def heldout_gallery(run_dir: Path, eval_pattern: str, model: Any, n: int = REPORT_IMAGES) -> list[dict]:
-    """Save ``n`` held-out digits (one per digit) as PNGs and ask the exported model about each file (the `mmdist generate` path)."""
+    """Save ``n`` held-out digits (one per digit) as PNGs and ask the
+    exported model about each file (the `mmdist generate` path)."""
     folder = run_dir / "images"
     folder.mkdir(exist_ok=True)
     items: list[dict] = []

@@ -47,15 +47,18 @@ def write_report(run_dir: Path, metrics: dict, gallery: list[dict]) -> Path:
     lines = [
         "# mmdist demo report",
         "",
-        "Frozen seeded ViT (no pretrained vision weights offline) + frozen all-MiniLM-L6-v2 (stage 1, align) and frozen",
+        "Frozen seeded ViT (no pretrained vision weights offline) "
+        "+ frozen all-MiniLM-L6-v2 (stage 1, align) and frozen",
         "SmolLM2-135M-Instruct (stage 2, fuse) on scikit-learn's handwritten digits; only the stage-1 heads and the",
         "projector train. The held-out digits (every 5th) are never trained on.",
         "",
         "| figure | value |",
         "|---|---|",
         f"| stage-1 connector (`mmdist demo --connector`) | {metrics.get('connector', 'linear')} |",
-        f"| stage 1: held-out image->text retrieval top-1 (10 captions, chance 10%) | {a['heldout_retrieval_top1']:.1%} ({a['heldout_samples']} digits) |",
-        f"| stage 2: held-out answer accuracy, greedy generation (chance 10%) | {f['heldout_answer_accuracy']:.1%} ({f['heldout_samples']} digits) |",
+        "| stage 1: held-out image->text retrieval top-1 (10 captions, chance 10%) "
+        f"| {a['heldout_retrieval_top1']:.1%} ({a['heldout_samples']} digits) |",
+        "| stage 2: held-out answer accuracy, greedy generation (chance 10%) "
+        f"| {f['heldout_answer_accuracy']:.1%} ({f['heldout_samples']} digits) |",
         f"| wall time, shards to report | {t.get('total', 0.0) / 60:.1f} min |",
         "",
         "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items() if k != "total"),
@@ -64,15 +67,24 @@ def write_report(run_dir: Path, metrics: dict, gallery: list[dict]) -> Path:
         "",
         "![stage 1 loss](loss_align.png) ![stage 2 loss](loss_fuse.png)",
         "",
-        f"## Held-out digits and the model's answers to \"{QUESTION}\"",
+        f'## Held-out digits and the model\'s answers to "{QUESTION}"',
         "",
         "| image | truth | answer | |",
         "|---|---|---|---|",
     ]
     for item in gallery:
-        lines.append(f"| ![{item['key']}](images/{item['image']}) | {item['truth']} | {item['answer']!r} | {'ok' if item['correct'] else 'wrong'} |")
-    lines += ["", "Ask about any image:", "",
-              f"    mmdist generate --run {run_dir} --image {run_dir}/images/{gallery[0]['image'] if gallery else 'digit.png'} --prompt \"{QUESTION}\"", ""]
+        lines.append(
+            f"| ![{item['key']}](images/{item['image']}) | {item['truth']} "
+            f"| {item['answer']!r} | {'ok' if item['correct'] else 'wrong'} |"
+        )
+    lines += [
+        "",
+        "Ask about any image:",
+        "",
+        f"    mmdist generate --run {run_dir} --image "
+        f'{run_dir}/images/{gallery[0]["image"] if gallery else "digit.png"} --prompt "{QUESTION}"',
+        "",
+    ]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path

@@ -33,7 +33,12 @@ def run_fingerprint(align_path: Path, fuse_path: Path, quick: bool) -> dict:
         return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
     # The recipes' content, not their paths: the same recipe from another checkout is the same run.
-    return {"demo_version": DEMO_VERSION, "quick": quick, "align_config": digest(align_path), "fuse_config": digest(fuse_path)}
+    return {
+        "demo_version": DEMO_VERSION,
+        "quick": quick,
+        "align_config": digest(align_path),
+        "fuse_config": digest(fuse_path),
+    }
 
 
 class DemoState:
@@ -58,8 +63,9 @@ class DemoState:
             theirs = stored.get("fingerprint", {})
             differ = [k for k in sorted(set(theirs) | set(fingerprint)) if theirs.get(k) != fingerprint.get(k)]
             if differ:
+                settings = ", ".join(f"{k}: {theirs.get(k)!r} there, {fingerprint.get(k)!r} now" for k in differ)
                 raise DemoError(
-                    f"{run_dir} holds a demo run with other settings ({', '.join(f'{k}: {theirs.get(k)!r} there, {fingerprint.get(k)!r} now' for k in differ)}); "
+                    f"{run_dir} holds a demo run with other settings ({settings}); "
                     "running into it would mix two runs. Use another --run-dir, or --overwrite to start over"
                 )
             state.data = stored

@@ -72,7 +72,8 @@ def recall_at_k(similarity: torch.Tensor, correct: torch.Tensor, ks: Sequence[in
 
 def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, caption_index: torch.Tensor,
                       ks: Sequence[int] = RECALL_AT) -> dict[str, float]:
-    """R@k both ways. ``image_emb`` [N, D] or [N, Q, D], ``text_emb`` [M, D] (distinct captions), ``caption_index`` [N] in [0, M)."""
+    """R@k both ways. ``image_emb`` [N, D] or [N, Q, D], ``text_emb``
+    [M, D] (distinct captions), ``caption_index`` [N] in [0, M)."""
 
     sim = contrastive_logits(F.normalize(image_emb.float(), dim=-1), F.normalize(text_emb.float(), dim=-1))  # [N, M]
     correct = caption_index[:, None] == torch.arange(text_emb.shape[0], device=caption_index.device)[None, :]

@@ -146,7 +146,9 @@ def evaluate_retrieval(model: Any, loader: Iterable, *, max_samples: Optional[in
         for ids, mask in zip(batch["text_input_ids"], batch["text_attention_mask"]):
             captions.append(tok.decode(ids[mask.bool()].tolist(), skip_special_tokens=True).strip())
     if not images:
-        raise ValueError("the evaluation data gave no batches on this rank (check data.eval shards and their sizes.json)")
+        raise ValueError(
+            "the evaluation data gave no batches on this rank (check data.eval shards and their sizes.json)"
+        )
     image_all = gather_rows(torch.cat(images))
     text_all = gather_rows(torch.cat(texts))
     keys, captions = gather_list(keys), gather_list(captions)
@@ -197,14 +199,26 @@ def _prompt_images(batch: dict, prompts: list[list[int]], image_token_id: int, t
     for name in ("pixel_values", "image_features"):
         value = batch.get(name)
         if value is not None:
-            out[name] = value if len(kept) == value.shape[0] else value[torch.tensor(kept, dtype=torch.long, device=value.device)]
+            out[name] = (
+                value
+                if len(kept) == value.shape[0]
+                else value[torch.tensor(kept, dtype=torch.long, device=value.device)]
+            )
     return out
 
 
 @torch.no_grad()
-def evaluate_answers(model: Any, loader: Iterable, *, max_samples: Optional[int] = None, max_new_tokens: int = 32,
-                     normalise: Callable[[str], Any] = normalise_answer, prepare: Optional[Callable[[dict], dict]] = None,
-                     synced_gpus: bool = False, jsonl_path: Optional[str | os.PathLike] = None) -> dict:
+def evaluate_answers(
+    model: Any,
+    loader: Iterable,
+    *,
+    max_samples: Optional[int] = None,
+    max_new_tokens: int = 32,
+    normalise: Callable[[str], Any] = normalise_answer,
+    prepare: Optional[Callable[[dict], dict]] = None,
+    synced_gpus: bool = False,
+    jsonl_path: Optional[str | os.PathLike] = None,
+) -> dict:
     """Stage-2 greedy answers on every rank's share of ``loader``; exact / contains accuracy over the gathered set.
 
     ``synced_gpus``: keep every rank generating until all are done (needed when
@@ -231,8 +245,14 @@ def evaluate_answers(model: Any, loader: Iterable, *, max_samples: Optional[int]
             prompts.append(prompt)
             references.append(tok.decode(reference, skip_special_tokens=True).strip())
         images = prepare(_prompt_images(batch, prompts, image_token_id, model.num_image_tokens))
-        answers = generate.answer_batch(model, prompts, pixel_values=images.get("pixel_values"), image_features=images.get("image_features"),
-                               max_new_tokens=max_new_tokens, **gen_kwargs)
+        answers = generate.answer_batch(
+            model,
+            prompts,
+            pixel_values=images.get("pixel_values"),
+            image_features=images.get("image_features"),
+            max_new_tokens=max_new_tokens,
+            **gen_kwargs,
+        )
         for key, prompt, reference, answer in zip(keys, prompts, references, answers):
             question = tok.decode([t for t in prompt if t != image_token_id], skip_special_tokens=True).strip()
             records.append({"key": key, "question": question, "reference": reference, "answer": answer})
@@ -262,7 +282,8 @@ def evaluate_answers(model: Any, loader: Iterable, *, max_samples: Optional[int]
 
 
 def eval_config(cfg: RunConfig, batch_size: Optional[int] = None, shards: Optional[Sequence[str]] = None) -> Any:
-    """A copy of ``cfg`` for metric evaluation: one sample per row (no packing), pixels unless a cache is kept, own batch."""
+    """A copy of ``cfg`` for metric evaluation: one sample per row
+    (no packing), pixels unless a cache is kept, own batch."""
 
     cfg = copy.deepcopy(cfg)
     cfg.data.packing = False
@@ -275,17 +296,34 @@ def eval_config(cfg: RunConfig, batch_size: Optional[int] = None, shards: Option
     return cfg
 
 
-def evaluate_model(model: Any, cfg: RunConfig, loader: Iterable, *, max_samples: Optional[int] = None, max_new_tokens: int = 32,
-                   normalise: Callable[[str], Any] = normalise_answer, prepare: Optional[Callable[[dict], dict]] = None,
-                   synced_gpus: bool = False, jsonl_path: Optional[str | os.PathLike] = None) -> dict:
+def evaluate_model(
+    model: Any,
+    cfg: RunConfig,
+    loader: Iterable,
+    *,
+    max_samples: Optional[int] = None,
+    max_new_tokens: int = 32,
+    normalise: Callable[[str], Any] = normalise_answer,
+    prepare: Optional[Callable[[dict], dict]] = None,
+    synced_gpus: bool = False,
+    jsonl_path: Optional[str | os.PathLike] = None,
+) -> dict:
     """What the stage measures (retrieval for align, answers for fuse) of ``model`` on ``loader``."""
     was_training = model.training
     model.eval()
     try:
         if cfg.stage.measures is Measure.RETRIEVAL:
             return evaluate_retrieval(model, loader, max_samples=max_samples, prepare=prepare)
-        return evaluate_answers(model, loader, max_samples=max_samples, max_new_tokens=max_new_tokens, normalise=normalise,
-                                prepare=prepare, synced_gpus=synced_gpus, jsonl_path=jsonl_path)
+        return evaluate_answers(
+            model,
+            loader,
+            max_samples=max_samples,
+            max_new_tokens=max_new_tokens,
+            normalise=normalise,
+            prepare=prepare,
+            synced_gpus=synced_gpus,
+            jsonl_path=jsonl_path,
+        )
     finally:
         model.train(was_training)
 
@@ -296,7 +334,9 @@ def summary_line(stage: Stage, metrics: dict) -> str:
         return (f"retrieval over {metrics['samples']} images / {metrics['captions']} captions: i2t R@1/5/10 "
                 f"{metrics['i2t_r1']:.3f}/{metrics['i2t_r5']:.3f}/{metrics['i2t_r10']:.3f}, t2i R@1/5/10 "
                 f"{metrics['t2i_r1']:.3f}/{metrics['t2i_r5']:.3f}/{metrics['t2i_r10']:.3f}")
-    return f"answers over {metrics['samples']} samples: exact {metrics['exact']:.3f}, contains {metrics['contains']:.3f}"
+    return (
+        f"answers over {metrics['samples']} samples: exact {metrics['exact']:.3f}, contains {metrics['contains']:.3f}"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -308,4 +348,7 @@ def _digit_parser() -> Callable[[str], Any]:
 
 
 # --match NAME -> a factory of the normalise function (imported only when chosen)
-MATCHERS: dict[str, Callable[[], Callable[[str], Any]]] = {"normalised": lambda: normalise_answer, "digit": _digit_parser}
+MATCHERS: dict[str, Callable[[], Callable[[str], Any]]] = {
+    "normalised": lambda: normalise_answer,
+    "digit": _digit_parser,
+}

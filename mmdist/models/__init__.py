@@ -1,4 +1,5 @@
-"""Model core: backbones (LLM, vision, text), connectors, the stage-1 align model and the stage-2 fused VLM. No DeepSpeed here.
+"""Model core: backbones (LLM, vision, text), connectors, the
+stage-1 align model and the stage-2 fused VLM. No DeepSpeed here.
 
 Import the module you need (``from mmdist.models.build import build_model``): this
 package imports nothing, so that reading a config (which imports the settings

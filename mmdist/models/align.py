@@ -35,14 +35,23 @@ from mmdist.models.vision import VisionTower
 class AlignModel(FrozenAwareModule):
     """Stage-1 model: frozen vision encoder, text encoder, stage-1 module, learnable temperature."""
 
-    def __init__(self, settings: ModelConfig, processors: Any, vision: VisionTower, text: TextEncoder, gather: Gather = null_gather):
+    def __init__(
+        self,
+        settings: ModelConfig,
+        processors: Any,
+        vision: VisionTower,
+        text: TextEncoder,
+        gather: Gather = null_gather,
+    ):
         super().__init__()
         conn = settings.connector
         self.settings = settings
         self.processors = processors
         self.vision = vision
         self.text = text
-        self.stage1 = build_stage1_module(conn, vision.hidden_size, vision.num_tokens, text.hidden_size, text_encoder=text, gather=gather)
+        self.stage1 = build_stage1_module(
+            conn, vision.hidden_size, vision.num_tokens, text.hidden_size, text_encoder=text, gather=gather
+        )
         # Shape [1], not []: DeepSpeed 0.19's ZeRO-3 cannot broadcast 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / conn.temperature)]))
         self.apply_policy()
@@ -71,7 +80,8 @@ class AlignModel(FrozenAwareModule):
 
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Pooled frozen text-encoder output [B, H], before the trainable head (what the cache stores as ``text_features``)."""
+        """Pooled frozen text-encoder output [B, H], before the
+        trainable head (what the cache stores as ``text_features``)."""
         return self.text(input_ids, attention_mask)[1]
 
     def image_features(self, batch: dict) -> torch.Tensor:
@@ -83,12 +93,15 @@ class AlignModel(FrozenAwareModule):
         return self.vision(batch["pixel_values"])
 
     def text_features(self, batch: dict) -> torch.Tensor:
-        """Pooled caption vectors [B, H]: precomputed ``text_features`` (feature cache) or the text encoder on the tokens."""
+        """Pooled caption vectors [B, H]: precomputed ``text_features``
+        (feature cache) or the text encoder on the tokens."""
         cached = batch.get("text_features")
         if cached is not None:
             if not self.settings.text.freeze:
-                raise ValueError("batch has precomputed text_features but model.text.freeze=false: a trainable text encoder "
-                                 "needs token ids; rebuild the feature cache without text features (`mmdist cache` with this config)")
+                raise ValueError(
+                    "batch has precomputed text_features but model.text.freeze=false: a trainable text encoder "
+                    "needs token ids; rebuild the feature cache without text features (`mmdist cache` with this config)"
+                )
             return cached
         ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
         if self.settings.text.freeze:
@@ -114,8 +127,13 @@ class AlignModel(FrozenAwareModule):
         whole, so micro-batches are not weighted (``loss_terms`` None) and no position is supervised token by token."""
         samples = count_samples(batch, "text_input_ids", "pixel_values", "image_features")
         mask = batch.get("text_attention_mask")
-        return BatchCounts(samples=samples, tokens=int(mask.sum()) if mask is not None else samples, supervised_tokens=0,
-                           images=leading_size(batch, "pixel_values", "image_features"), image_tokens=0)
+        return BatchCounts(
+            samples=samples,
+            tokens=int(mask.sum()) if mask is not None else samples,
+            supervised_tokens=0,
+            images=leading_size(batch, "pixel_values", "image_features"),
+            image_tokens=0,
+        )
 
     def flop_count(self, *, vision_runs: bool = True, text_runs: bool = True) -> FlopCount:
         """The training FLOPs of a step's parts where they run (:func:`align_flop_count`; mmdist.models.contract)."""

@@ -48,11 +48,18 @@ def build_model(settings: ModelConfig, *, stage: Stage, template: str = "auto", 
     return _build_fused(settings, vision, transform, template, uses_feature_cache, gather, stage1_manifest)
 
 
-def _build_align(settings: ModelConfig, vision: VisionTower, transform: ImageTransform, template: str, gather: Gather) -> AlignModel:
+def _build_align(
+    settings: ModelConfig, vision: VisionTower, transform: ImageTransform, template: str, gather: Gather
+) -> AlignModel:
     text = TextEncoder(settings.text, gather)
-    processors = Processors(image_transform=transform, num_image_tokens=0, text_tokenizer=load_text_tokenizer(settings.text),
-                            template=template, text_max_length=settings.text.max_length,
-                            identity=_identity(settings))
+    processors = Processors(
+        image_transform=transform,
+        num_image_tokens=0,
+        text_tokenizer=load_text_tokenizer(settings.text),
+        template=template,
+        text_max_length=settings.text.max_length,
+        identity=_identity(settings),
+    )
     model = AlignModel(settings, processors, vision, text, gather)
     processors.num_image_tokens = model.stage1.num_tokens
     return model
@@ -77,8 +84,15 @@ def resamples_before_projector(settings: ModelConfig, stage1_manifest: Optional[
     return conn.resampler.before_projector or (conn.type == "resampler" and stage1_manifest is None)
 
 
-def _build_fused(settings: ModelConfig, vision: VisionTower, transform: ImageTransform, template: str, uses_feature_cache: bool,
-                 gather: Gather, stage1_manifest: Optional[dict]) -> FusedVLM:
+def _build_fused(
+    settings: ModelConfig,
+    vision: VisionTower,
+    transform: ImageTransform,
+    template: str,
+    uses_feature_cache: bool,
+    gather: Gather,
+    stage1_manifest: Optional[dict],
+) -> FusedVLM:
     llm_cfg = settings.llm
     tokenizer = load_tokenizer(llm_cfg)
     image_token = resolve_image_token(tokenizer, llm_cfg.image_token)
@@ -125,7 +139,9 @@ class ImageEncoder(nn.Module):
         return self.vision(pixel_values)
 
 
-def build_image_encoder(settings: ModelConfig, *, template: str = "auto", stage1_manifest: Optional[dict] = None) -> ImageEncoder:
+def build_image_encoder(
+    settings: ModelConfig, *, template: str = "auto", stage1_manifest: Optional[dict] = None
+) -> ImageEncoder:
     """Stage 2's vision tower and processors (the LLM's tokenizer, not its weights): the same features and the same
     preprocessing fingerprint as the FusedVLM that :func:`build_model` would build, for a feature cache."""
     vision = VisionTower(settings.vision, null_gather)

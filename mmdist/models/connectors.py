@@ -38,7 +38,9 @@ class QFormerConfig(SettingsBase):
     hidden_size: int = setting(256, "width of the Q-Former (taken from the text encoder when init_from_text)")
     num_heads: int = setting(4, "attention heads")
     cross_attention_every: int = setting(1, "insert cross-attention to the image every N layers (BLIP-2: 2)")
-    init_from_text: bool = setting(True, "initialise self-attention/FFN weights from the text encoder's first layers, as BLIP-2 does")
+    init_from_text: bool = setting(
+        True, "initialise self-attention/FFN weights from the text encoder's first layers, as BLIP-2 does"
+    )
     itm_weight: float = setting(1.0, "weight of image-text matching (hard negatives) in stage 1")
     itg_weight: float = setting(1.0, "weight of image-grounded text generation in stage 1")
 
@@ -55,15 +57,25 @@ class QFormerConfig(SettingsBase):
 class ConnectorConfig(SettingsBase):
     """The trainable pieces: stage-1 alignment module and the stage-2 projector into the LLM."""
 
-    type: Literal["linear", "mlp", "qformer", "resampler"] = setting("mlp", "stage-1 module: 'linear'/'mlp' heads or 'resampler' (frozen text encoder), or 'qformer' (trainable text encoder)")
+    type: Literal["linear", "mlp", "qformer", "resampler"] = setting(
+        "mlp",
+        "stage-1 module: 'linear'/'mlp' heads or 'resampler' "
+        "(frozen text encoder), or 'qformer' (trainable text encoder)",
+    )
     align_dim: int = setting(256, "width of the shared image-text space the stage-1 heads map into")
     image_tokens: int = setting(0, "linear/mlp: pool the patch grid to this many tokens (0 keeps every patch)")
     projector_layers: int = setting(2, "stage-2 projector depth: 1 = Linear, N = MLP with GELU (LLaVA-1.5: 2)")
     temperature: float = setting(0.07, "initial ITC temperature (learnable)")
-    stage1_weights: Optional[str] = setting(None, "stage 2: path of the stage-1 export (folder with model.safetensors + manifest.json)")
-    train_stage1_module: bool = setting(True, "stage 2: keep training the stage-1 module with the projector (False freezes it)")
+    stage1_weights: Optional[str] = setting(
+        None, "stage 2: path of the stage-1 export (folder with model.safetensors + manifest.json)"
+    )
+    train_stage1_module: bool = setting(
+        True, "stage 2: keep training the stage-1 module with the projector (False freezes it)"
+    )
     qformer: QFormerConfig = setting(doc="Q-Former settings (type=qformer)", factory=QFormerConfig)
-    resampler: ResamplerConfig = setting(doc="resampler settings (type=resampler, or resampler.before_projector in stage 2)", factory=ResamplerConfig)
+    resampler: ResamplerConfig = setting(
+        doc="resampler settings (type=resampler, or resampler.before_projector in stage 2)", factory=ResamplerConfig
+    )
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -76,9 +88,19 @@ class ConnectorConfig(SettingsBase):
         if not 0.0 < self.temperature < 1.0:
             out.append(("temperature", "must be in (0, 1)"))
         if self.type == "resampler" and self.resampler.before_projector:
-            out.append(("resampler.before_projector", "type=resampler already resamples: before_projector is for linear/mlp/qformer stage-1 modules"))
+            out.append(
+                (
+                    "resampler.before_projector",
+                    "type=resampler already resamples: before_projector is for linear/mlp/qformer stage-1 modules",
+                )
+            )
         if self.type == "resampler" and self.image_tokens:
-            out.append(("image_tokens", "type=resampler gives resampler.num_queries tokens; image_tokens pools for linear/mlp only"))
+            out.append(
+                (
+                    "image_tokens",
+                    "type=resampler gives resampler.num_queries tokens; image_tokens pools for linear/mlp only",
+                )
+            )
         return out
 
 
@@ -180,15 +202,21 @@ class ResampledProjector(nn.Module):
         return self.net(self.resampler(tokens))
 
 
-def _build_heads(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None, gather=None) -> nn.Module:
+def _build_heads(
+    cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None, gather=None
+) -> nn.Module:
     return AlignHeads(cfg, vision_dim, vision_tokens, text_dim)
 
 
-def _build_qformer(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None, gather=None) -> nn.Module:
+def _build_qformer(
+    cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None, gather=None
+) -> nn.Module:
     return QFormer(cfg, vision_dim, text_dim, text_encoder=text_encoder, gather=gather, vision_tokens=vision_tokens)
 
 
-def _build_resampler(cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None, gather=None) -> nn.Module:
+def _build_resampler(
+    cfg: ConnectorConfig, vision_dim: int, vision_tokens: int, text_dim: Optional[int], text_encoder=None, gather=None
+) -> nn.Module:
     text_head = mlp(text_dim, cfg.align_dim, 2) if text_dim else None  # as the mlp heads' text side
     return Resampler(cfg.resampler, vision_dim, cfg.align_dim, text_head)
 

@@ -127,7 +127,8 @@ def require_trainable(model: Any, where: str) -> None:
 
 
 def count_samples(batch: dict, *keys: str) -> int:
-    """Samples in a batch: packed rows count theirs (``sequence_ids``), else the leading size of the first of ``keys`` present."""
+    """Samples in a batch: packed rows count theirs (``sequence_ids``),
+    else the leading size of the first of ``keys`` present."""
     seq = batch.get("sequence_ids")
     if seq is not None and seq.numel():
         return int((seq.amax(dim=1) + 1).clamp(min=0).sum())
@@ -135,7 +136,8 @@ def count_samples(batch: dict, *keys: str) -> int:
 
 
 def leading_size(batch: dict, *keys: str) -> int:
-    """The leading size of the first of ``keys`` present in ``batch`` (images: ``pixel_values``/``image_features``); 0 if none."""
+    """The leading size of the first of ``keys`` present in ``batch``
+    (images: ``pixel_values``/``image_features``); 0 if none."""
     for key in keys:
         value = batch.get(key)
         if value is not None:

@@ -37,7 +37,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def quantized_kind(param: torch.Tensor) -> Optional[str]:
-    """'int8' / 'nf4' for a weight quantized by mmdist/models/quantize.py (either backend, judged by its type), else None."""
+    """'int8' / 'nf4' for a weight quantized by mmdist/models/quantize.py
+    (either backend, judged by its type), else None."""
     kinds = {"Int8Params": "int8", "Params4bit": "nf4", "Int8Tensor": "int8", "NF4Tensor": "nf4"}
     return kinds.get(type(param).__name__) or kinds.get(type(getattr(param, "data", param)).__name__)
 
@@ -101,7 +102,9 @@ class FrozenAwareModule(nn.Module):
 
 def _dtype_name(dtypes: set) -> str:
     names = {v: k for k, v in DTYPES.items()}
-    return "/".join(sorted(d if isinstance(d, str) else names.get(d, str(d).replace("torch.", "")) for d in dtypes)) or "-"
+    return (
+        "/".join(sorted(d if isinstance(d, str) else names.get(d, str(d).replace("torch.", "")) for d in dtypes)) or "-"
+    )
 
 
 def _numel(p: torch.Tensor) -> int:
@@ -154,7 +157,11 @@ def param_table(model: nn.Module) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = []
     for i, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:3], widths[1:3])] + [row[3].ljust(widths[3]), row[4]]
+        cells = (
+            [row[0].ljust(widths[0])]
+            + [c.rjust(w) for c, w in zip(row[1:3], widths[1:3])]
+            + [row[3].ljust(widths[3]), row[4]]
+        )
         lines.append("  ".join(cells).rstrip())
         if i == 0 or i == len(rows) - 2:
             lines.append("-" * len(lines[0]))

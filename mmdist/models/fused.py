@@ -55,7 +55,8 @@ def block_causal_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.T
 
 
 def supervised_mask(batch: dict) -> torch.Tensor:
-    """[B, T-1] bool: the positions whose next token is a label (answer tokens), never across a packed-sample boundary."""
+    """[B, T-1] bool: the positions whose next token is a label
+    (answer tokens), never across a packed-sample boundary."""
     supervised = batch["labels"][:, 1:] != -100
     if batch.get("sequence_ids") is not None:
         seq = batch["sequence_ids"]
@@ -104,9 +105,18 @@ def fused_flop_count(llm: nn.Module, projector: nn.Module, *, vision: FlopCount 
 class FusedVLM(FrozenAwareModule):
     """Stage-2 model. ``forward(batch) -> {loss, metrics, num_tokens}``; ``generate(...)`` for inference."""
 
-    def __init__(self, settings: ModelConfig, processors: Any, vision: nn.Module, llm: nn.Module, stage1: Optional[nn.Module] = None,
-                 *, uses_feature_cache: bool = False):
-        """``uses_feature_cache``: batches carry cached vision features instead of pixels (the run reads a feature cache)."""
+    def __init__(
+        self,
+        settings: ModelConfig,
+        processors: Any,
+        vision: nn.Module,
+        llm: nn.Module,
+        stage1: Optional[nn.Module] = None,
+        *,
+        uses_feature_cache: bool = False,
+    ):
+        """``uses_feature_cache``: batches carry cached vision
+        features instead of pixels (the run reads a feature cache)."""
         super().__init__()
         self.uses_feature_cache = uses_feature_cache
         conn = settings.connector
@@ -126,7 +136,8 @@ class FusedVLM(FrozenAwareModule):
         fallback = pad if pad is not None and pad < rows else 0
         # The id used for the embedding lookup at placeholder positions (overwritten afterwards).
         self.lookup_id = self.image_token_id if self.image_token_id < rows else int(fallback)
-        # Packed rows: SDPA per sample, or FlexAttention, instead of a dense block-diagonal mask (see packed_attention.py).
+        # Packed rows: SDPA per sample, or FlexAttention, instead
+        # of a dense block-diagonal mask (see packed_attention.py).
         self.packed_attention = use_packed_attention(llm)
         self.packed_kernel = resolve_packed_kernel(settings.llm.packed_attention)
         if self.packed_kernel == "flex" and not self.packed_attention:
@@ -163,7 +174,9 @@ class FusedVLM(FrozenAwareModule):
         return self
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
-        groups: dict[str, list[nn.Parameter]] = {"projector": [p for p in self.projector.parameters() if p.requires_grad]}
+        groups: dict[str, list[nn.Parameter]] = {
+            "projector": [p for p in self.projector.parameters() if p.requires_grad]
+        }
         if self.stage1 is not None:
             groups["stage1"] = [p for p in self.stage1.parameters() if p.requires_grad]
         lora = [p for n, p in self.llm.named_parameters() if p.requires_grad and "lora_" in n]
@@ -217,7 +230,9 @@ class FusedVLM(FrozenAwareModule):
             )
         if images:
             if image_embeds.shape[1] != self.num_image_tokens:
-                raise ValueError(f"image embeddings have {image_embeds.shape[1]} tokens, expected {self.num_image_tokens}")
+                raise ValueError(
+                    f"image embeddings have {image_embeds.shape[1]} tokens, expected {self.num_image_tokens}"
+                )
             embeds = embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
         return embeds
 
@@ -298,8 +313,9 @@ class FusedVLM(FrozenAwareModule):
         supervised = supervised_mask(batch)
         if not head_at_supervised_only(self.llm):
             logits = self.llm(**self._llm_inputs(batch)).logits[:, :-1].float()
-            losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.masked_fill(~supervised, 0).reshape(-1),
-                                     reduction="none").view_as(labels)
+            losses = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.masked_fill(~supervised, 0).reshape(-1), reduction="none"
+            ).view_as(labels)
             return losses * supervised, supervised
         hidden = self.llm.get_decoder()(**self._llm_inputs(batch)).last_hidden_state
         logits = self.llm.get_output_embeddings()(hidden[:, :-1][supervised]).float()
@@ -339,7 +355,11 @@ class FusedVLM(FrozenAwareModule):
         losses, supervised = self.token_losses(batch)
         num_tokens = supervised.sum()
         loss = losses.sum() / num_tokens.clamp(min=1)
-        return {"loss": loss, "num_tokens": num_tokens, "metrics": {"lm": loss.detach(), "tokens": num_tokens.detach().float()}}
+        return {
+            "loss": loss,
+            "num_tokens": num_tokens,
+            "metrics": {"lm": loss.detach(), "tokens": num_tokens.detach().float()},
+        }
 
     @torch.no_grad()
     def sample_losses(self, batch: dict) -> list[float]:
@@ -371,7 +391,8 @@ class FusedVLM(FrozenAwareModule):
             attention_mask = torch.ones_like(input_ids)
         tok = self.processors.tokenizer
         kwargs.setdefault("do_sample", False)
-        kwargs.setdefault("use_cache", True)  # the KV cache: each new token attends to cached keys/values, not the whole prefix again
+        # the KV cache: each new token attends to cached keys/values, not the whole prefix again
+        kwargs.setdefault("use_cache", True)
         kwargs.setdefault("pad_token_id", tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
         stops = stop_token_ids(tok)  # Qwen1: <|im_end|> ends a ChatML answer, <|endoftext|> a document
         if stops:
@@ -380,7 +401,9 @@ class FusedVLM(FrozenAwareModule):
             kwargs.setdefault("temperature", None)
             kwargs.setdefault("top_p", None)
             kwargs.setdefault("top_k", None)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+        return self.llm.generate(
+            inputs_embeds=embeds, attention_mask=attention_mask, max_new_tokens=max_new_tokens, **kwargs
+        )
 
     # -- export -----------------------------------------------------------
 

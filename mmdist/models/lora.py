@@ -29,7 +29,9 @@ def add_lora(model: Any, cfg: LoRAConfig, gather: Gather = null_gather) -> None:
     """
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), bias="none")
+    config = LoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), bias="none"
+    )
     try:
         peft_model = get_peft_model(model.llm, config)
     except ValueError as exc:

@@ -31,8 +31,11 @@ def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, 0)
 
 
-def itc_targets(batch_size: int, caption_group: Optional[torch.Tensor], world: int, rank_ids: torch.Tensor) -> torch.Tensor:
-    """Soft targets [B*world, B*world]: 1 for the pair itself and for equal caption groups on the same rank, row-normalised."""
+def itc_targets(
+    batch_size: int, caption_group: Optional[torch.Tensor], world: int, rank_ids: torch.Tensor
+) -> torch.Tensor:
+    """Soft targets [B*world, B*world]: 1 for the pair itself and
+    for equal caption groups on the same rank, row-normalised."""
     n = batch_size * world
     if caption_group is None:
         return torch.eye(n, device=rank_ids.device)
@@ -117,7 +120,8 @@ def draw_negatives(logits: torch.Tensor, excluded: torch.Tensor, itself: torch.T
 
 def sample_hard_negatives(sims: torch.Tensor, caption_group: Optional[torch.Tensor] = None,
                           sharpness: float = 10.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each image a negative caption, for each caption a negative image, drawn with probability softmax(sharpness * sim).
+    """For each image a negative caption, for each caption a
+    negative image, drawn with probability softmax(sharpness * sim).
 
     ``sims`` [B, B] image-to-text similarities. The pair itself and captions of the
     same ``caption_group`` are never drawn; a row with no candidate left falls back

@@ -67,7 +67,9 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
     if spans is None or query.shape[2] != key.shape[2]:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     groups = getattr(module, "num_key_value_groups", 1)
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
@@ -166,13 +168,22 @@ def _flex_kernel(device: torch.device) -> Callable[..., torch.Tensor]:
     return flex_attention if device.type == "cpu" else compiled_flex()
 
 
-def packed_flex_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          block_mask: Any, dropout: float = 0.0, scaling: Optional[float] = None) -> tuple[torch.Tensor, None]:
+def packed_flex_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_mask: Any,
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+) -> tuple[torch.Tensor, None]:
     """One FlexAttention call over the batch under ``block_mask``; query [B, H, T, D], key/value [B, H_kv, T, D]
     -> ([B, T, H, D], None). Grouped-query heads are shared by flex_attention itself (``enable_gqa``)."""
     if dropout and module.training:
-        raise ValueError(f"model.llm.packed_attention=flex: FlexAttention has no attention dropout, the LLM has {dropout}; "
-                         f"use sdpa_per_sample (or auto) for an LLM trained with attention dropout")
+        raise ValueError(
+            f"model.llm.packed_attention=flex: FlexAttention has no attention dropout, the LLM has {dropout}; "
+            f"use sdpa_per_sample (or auto) for an LLM trained with attention dropout"
+        )
     b, heads, t, d = query.shape
     length = block_mask.seq_lengths[0]  # the rows end to end, padded (document_block_mask)
 

@@ -57,7 +57,9 @@ class ImageTransform:
         if not 0.0 < self.crop_pct <= 1.0:
             raise ValueError(f"ImageTransform.crop_pct={self.crop_pct}: expected a fraction in (0, 1]")
         if self.crop_pct != 1.0 and self.resize != "shortest_edge":
-            raise ValueError("ImageTransform.crop_pct < 1 needs resize='shortest_edge' (the crop is taken from the resized image)")
+            raise ValueError(
+                "ImageTransform.crop_pct < 1 needs resize='shortest_edge' (the crop is taken from the resized image)"
+            )
 
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after the resize step, before any crop (transformers' formula for shortest_edge)."""
@@ -106,8 +108,12 @@ class ImageTransform:
         pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).view(image.height, image.width, 3)
         pixels = pixels.permute(2, 0, 1).unsqueeze(0)
         if (image.width, image.height) != target:
-            pixels = torch.nn.functional.interpolate(pixels, size=(target[1], target[0]), mode=TORCH_MODE[self.resample],
-                                                     antialias=self.resample != "nearest")
+            pixels = torch.nn.functional.interpolate(
+                pixels,
+                size=(target[1], target[0]),
+                mode=TORCH_MODE[self.resample],
+                antialias=self.resample != "nearest",
+            )
         left, top = (target[0] - self.size) // 2, (target[1] - self.size) // 2  # transformers' centre-crop offsets
         return pixels[0, :, top : top + self.size, left : left + self.size].contiguous()
 

@@ -151,7 +151,9 @@ class QFormer(nn.Module):
         self.cfg = cfg
         dim = text_dim if (q.init_from_text and text_dim) else q.hidden_size
         if dim % q.num_heads:
-            raise ValueError(f"model.connector.qformer.num_heads={q.num_heads} does not divide the Q-Former width {dim}")
+            raise ValueError(
+                f"model.connector.qformer.num_heads={q.num_heads} does not divide the Q-Former width {dim}"
+            )
         self.dim, self.num_tokens, self.out_dim = dim, q.num_queries, dim
         self.vision_tokens = vision_tokens  # per image, for the FLOP count (work)
         with_text = text_encoder is not None
@@ -176,19 +178,26 @@ class QFormer(nn.Module):
 
     @torch.no_grad()
     def init_from_text(self, text_encoder: Any) -> int:
-        """Copy self-attention and FFN weights from the text encoder's first layers (BERT layout); returns layers copied."""
+        """Copy self-attention and FFN weights from the text encoder's
+        first layers (BERT layout); returns layers copied."""
         bert_layers = getattr(getattr(text_encoder.model, "encoder", None), "layer", None)
         if bert_layers is None:
             return 0
         copied = 0
         for ours, theirs in zip(self.layers, bert_layers):
             pairs = [
-                (ours.self_attn.query, theirs.attention.self.query), (ours.self_attn.key, theirs.attention.self.key),
-                (ours.self_attn.value, theirs.attention.self.value), (ours.self_attn.out, theirs.attention.output.dense),
+                (ours.self_attn.query, theirs.attention.self.query),
+                (ours.self_attn.key, theirs.attention.self.key),
+                (ours.self_attn.value, theirs.attention.self.value),
+                (ours.self_attn.out, theirs.attention.output.dense),
                 (ours.self_attn.norm, theirs.attention.output.LayerNorm),
             ]
             for ffn in (ours.ffn_query, ours.ffn_text):
-                pairs += [(ffn.inter, theirs.intermediate.dense), (ffn.out, theirs.output.dense), (ffn.norm, theirs.output.LayerNorm)]
+                pairs += [
+                    (ffn.inter, theirs.intermediate.dense),
+                    (ffn.out, theirs.output.dense),
+                    (ffn.norm, theirs.output.LayerNorm),
+                ]
             if any(a.weight.shape != b.weight.shape for a, b in pairs):
                 continue
             for a, b in pairs:

@@ -54,8 +54,15 @@ log = logging.getLogger(__name__)
 BACKENDS = ("bitsandbytes", "torchao")
 EXTRA = "pip install 'mmdist[quant]' (bitsandbytes and torchao, see constraints.txt)"
 NF4_BLOCK = 64
-__all__ = ["quantize_part", "quantize_module", "resolve_backend", "quantized_bytes", "quantized_kind", "quantized_kinds",
-           "is_quantized"]
+__all__ = [
+    "quantize_part",
+    "quantize_module",
+    "resolve_backend",
+    "quantized_bytes",
+    "quantized_kind",
+    "quantized_kinds",
+    "is_quantized",
+]
 
 
 # ---------------------------------------------------------------------------
@@ -82,7 +89,9 @@ def resolve_backend(method: str, backend: str, key: str, device: Any = "cpu") ->
         reason = f"bitsandbytes is not installed; torchao runs {method} weight-only on {device.type} (no LoRA on it)"
         chosen = "torchao"
     else:
-        raise ValueError(f"{key.rsplit('.', 1)[0]}.quantize={method} needs bitsandbytes or torchao, neither is installed; {EXTRA}")
+        raise ValueError(
+            f"{key.rsplit('.', 1)[0]}.quantize={method} needs bitsandbytes or torchao, neither is installed; {EXTRA}"
+        )
     log.info("%s = %s (auto): %s", key, chosen, reason)
     return chosen
 
@@ -166,7 +175,9 @@ class _Int8WeightOnly(torch.autograd.Function):
     weight lives through the step). The gradient goes to ``x`` only: the weight is frozen."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> torch.Tensor:
         ctx.save_for_backward(data, scale)
         return nn.functional.linear(x, int8_rows(data, scale, x.dtype), bias)
 
@@ -233,7 +244,9 @@ def _torchao_linear(linear: nn.Linear, method: str, compute_dtype: torch.dtype) 
 
     weight = linear.weight.data
     if weight.numel() % NF4_BLOCK:
-        raise ValueError(f"nf4 through torchao needs weights whose size divides by {NF4_BLOCK}; got {tuple(weight.shape)}")
+        raise ValueError(
+            f"nf4 through torchao needs weights whose size divides by {NF4_BLOCK}; got {tuple(weight.shape)}"
+        )
     blocks = weight.numel() // NF4_BLOCK
     return TorchaoLinear(to_nf4(weight, NF4_BLOCK, 256 if blocks % 256 == 0 else blocks), bias)
 
@@ -270,8 +283,12 @@ def quantize_module(module: nn.Module, method: str, backend: str, compute_dtype:
         setattr(parent, attr, layer)
     tables = _quantize_vocabulary(module, method, compute_dtype, device)
     module.mmdist_quantized = (method, backend)
-    vocabulary = "the tied input embedding/output head (one matrix)" if tied else f"{tables} of input embedding/output head"
-    log.info("%s = %s through %s: %d linear layers, and through mmdist %s", key, method, backend, len(targets), vocabulary)
+    vocabulary = (
+        "the tied input embedding/output head (one matrix)" if tied else f"{tables} of input embedding/output head"
+    )
+    log.info(
+        "%s = %s through %s: %d linear layers, and through mmdist %s", key, method, backend, len(targets), vocabulary
+    )
     return module
 
 
@@ -334,7 +351,8 @@ def _quant_state_bytes(state: Any) -> int:
 
 
 def param_bytes(param: torch.Tensor) -> int:
-    """Bytes a parameter really holds: packed data plus its scales (bitsandbytes SCB / quant_state, torchao's inner tensors)."""
+    """Bytes a parameter really holds: packed data plus its scales
+    (bitsandbytes SCB / quant_state, torchao's inner tensors)."""
     data = getattr(param, "data", param)
     if type(data).__name__ in ("Int8Tensor", "NF4Tensor", "AffineQuantizedTensor"):
         return _tensor_bytes(data)

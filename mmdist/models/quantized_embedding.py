@@ -82,7 +82,9 @@ class QuantizedTable(nn.Module):
         values = nn.functional.embedding(data.int(), self.code).view(*data.shape[:-1], -1, self.block)
         return (values * scale[..., None]).flatten(-2)[..., :self.num_cols].to(dtype)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: Optional[int] = None) -> torch.Tensor:
+    def dequantize(
+        self, dtype: torch.dtype = torch.float32, start: int = 0, stop: Optional[int] = None
+    ) -> torch.Tensor:
         """Rows ``start:stop`` of the full-precision matrix."""
         stop = self.num_rows if stop is None else stop
         return self.rows(torch.arange(start, stop, device=self.data.device), dtype)
@@ -97,7 +99,9 @@ class QuantizedTable(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"{self.num_rows}, {self.num_cols}, method={self.method}" + (f", block={self.block}" if self.method == "nf4" else "")
+        return f"{self.num_rows}, {self.num_cols}, method={self.method}" + (
+            f", block={self.block}" if self.method == "nf4" else ""
+        )
 
 
 class QuantizedEmbedding(nn.Module):
@@ -153,7 +157,9 @@ class _HeadMatmul(torch.autograd.Function):
         for start in range(0, table.num_rows, chunk):
             stop = min(start + chunk, table.num_rows)
             if table.method == "int8":
-                part = (grad[..., start:stop] * table.scale[start:stop].to(grad.dtype)) @ table.data[start:stop].to(grad.dtype)
+                part = (grad[..., start:stop] * table.scale[start:stop].to(grad.dtype)) @ table.data[start:stop].to(
+                    grad.dtype
+                )
             else:
                 part = grad[..., start:stop] @ table.dequantize(grad.dtype, start, stop)
             grad_x = part if grad_x is None else grad_x + part

@@ -64,7 +64,8 @@ logger = logging.getLogger(__name__)
 
 # Qwen1's tokenizer (tokenization_qwen.py): split pattern, special tokens and their ids.
 QWEN1_PATTERN = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 QWEN1_SPECIAL_START = 151643
@@ -233,8 +234,15 @@ def load_qwen1_llm(name_or_path: str, dtype: Any = None, attn_implementation: st
     # Saved, the model is a plain Qwen2 checkpoint: do not revert the keys to Qwen1 names next to a Qwen2 config.json.
     model._weight_conversions = []
     model.config.qwen1_source = True
-    logger.info(console.model_summary("LLM", model, f"{name_or_path} (Qwen1 checkpoint read as Qwen2)",
-                                      info.get("unexpected_keys", []), "rotary inverse frequencies: Qwen2 recomputes them"))
+    logger.info(
+        console.model_summary(
+            "LLM",
+            model,
+            f"{name_or_path} (Qwen1 checkpoint read as Qwen2)",
+            info.get("unexpected_keys", []),
+            "rotary inverse frequencies: Qwen2 recomputes them",
+        )
+    )
     return model
 
 
@@ -271,7 +279,9 @@ def _build_backend(tiktoken_path: str) -> Any:
     if len(set(ranks.values())) != len(ranks) or max(ranks.values()) != len(ranks) - 1:
         raise ValueError(f"{tiktoken_path}: ranks are not 0..{len(ranks) - 1} without gaps")
     if len(ranks) != QWEN1_SPECIAL_START:
-        raise ValueError(f"{tiktoken_path}: {len(ranks)} ranks, Qwen1 has {QWEN1_SPECIAL_START} (special tokens start there)")
+        raise ValueError(
+            f"{tiktoken_path}: {len(ranks)} ranks, Qwen1 has {QWEN1_SPECIAL_START} (special tokens start there)"
+        )
 
     class _RanksConverter(TikTokenConverter):
         # TikTokenConverter derives the merges from the ranks (each pair that forms a token, ordered by that
@@ -287,12 +297,15 @@ def _build_backend(tiktoken_path: str) -> Any:
     for offset, token in enumerate(QWEN1_SPECIAL_TOKENS):
         got = backend.token_to_id(token)
         if got != QWEN1_SPECIAL_START + offset:
-            raise ValueError(f"{tiktoken_path}: special token {token} got id {got}, expected {QWEN1_SPECIAL_START + offset}")
+            raise ValueError(
+                f"{tiktoken_path}: special token {token} got id {got}, expected {QWEN1_SPECIAL_START + offset}"
+            )
     return backend
 
 
 def qwen1_tokenizer_backend(tiktoken_path: str) -> Any:
-    """The ``tokenizers.Tokenizer`` of a qwen.tiktoken file, cached by the file's SHA-256 (never beside the checkpoint)."""
+    """The ``tokenizers.Tokenizer`` of a qwen.tiktoken file,
+    cached by the file's SHA-256 (never beside the checkpoint)."""
     from tokenizers import Tokenizer
 
     digest = hashlib.sha256(Path(tiktoken_path).read_bytes()).hexdigest()[:32]

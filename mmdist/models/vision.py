@@ -1,4 +1,5 @@
-"""The frozen vision encoder: Hugging Face towers (CLIP, SigLIP, ViT, ResNet, ConvNeXt), timm models, or the user's own module.
+"""The frozen vision encoder: Hugging Face towers (CLIP, SigLIP,
+ViT, ResNet, ConvNeXt), timm models, or the user's own module.
 
 Settings live here (`VisionConfig`) with the wrapper `VisionTower`: it builds the
 tower (mmdist/models/vision_sources.py says how for each source), picks the
@@ -43,29 +44,80 @@ from mmdist.settings import SettingsBase, setting
 class VisionConfig(SettingsBase):
     """Which image encoder to load, which of its outputs to use, and how images are prepared."""
 
-    source: Literal["hf", "timm", "custom"] = setting("hf", "'hf' for a Hugging Face vision model, 'timm' for a timm architecture, 'custom' for your own nn.Module")
-    name_or_path: str = setting("", "hub id or local folder (source=hf), e.g. openai/clip-vit-large-patch14-336; the architecture name (source=timm), e.g. resnet50")
-    init_config: Optional[dict] = setting(None, "build a vision tower from this config dict (model_type: vit | clip_vision_model | siglip_vision_model | resnet | convnext)")
-    init_seed: int = setting(0, "seed for the weights of a tower built from init_config (fixed, so runs are repeatable)")
+    source: Literal["hf", "timm", "custom"] = setting(
+        "hf", "'hf' for a Hugging Face vision model, 'timm' for a timm architecture, 'custom' for your own nn.Module"
+    )
+    name_or_path: str = setting(
+        "",
+        "hub id or local folder (source=hf), e.g. openai/clip-vit-large-patch14-336; "
+        "the architecture name (source=timm), e.g. resnet50",
+    )
+    init_config: Optional[dict] = setting(
+        None,
+        "build a vision tower from this config dict (model_type: "
+        "vit | clip_vision_model | siglip_vision_model | resnet | convnext)",
+    )
+    init_seed: int = setting(
+        0, "seed for the weights of a tower built from init_config (fixed, so runs are repeatable)"
+    )
     custom_class: Optional[str] = setting(None, "'package.module:Class' of your encoder (source=custom)")
     custom_kwargs: dict = setting(doc="keyword arguments for custom_class", factory=dict)
-    timm_kwargs: dict = setting(doc="source=timm: keyword arguments for timm.create_model (e.g. img_size: 224); pretrained and num_classes are set by mmdist", factory=dict)
-    checkpoint: Optional[str] = setting(None, "weights file for the encoder (.safetensors, or torch.load with weights_only=True); source=timm: the model's weights, nothing is downloaded")
-    checkpoint_key: Optional[str] = setting(None, "key of the state dict inside the checkpoint (e.g. 'state_dict', 'model'); default: auto")
+    timm_kwargs: dict = setting(
+        doc="source=timm: keyword arguments for timm.create_model (e.g. img_size: "
+        "224); pretrained and num_classes are set by mmdist",
+        factory=dict,
+    )
+    checkpoint: Optional[str] = setting(
+        None,
+        "weights file for the encoder (.safetensors, or torch.load with weights_only=True); "
+        "source=timm: the model's weights, nothing is downloaded",
+    )
+    checkpoint_key: Optional[str] = setting(
+        None, "key of the state dict inside the checkpoint (e.g. 'state_dict', 'model'); default: auto"
+    )
     allow_partial_load: bool = setting(False, "accept missing/unexpected checkpoint keys (they are still listed)")
-    hidden_size: Optional[int] = setting(None, "feature width of a custom encoder; default: read from the module or a probe forward")
-    select_layer: int = setting(-2, "hidden layer whose output is used (-1 last, -2 penultimate as in LLaVA); ViT-like HF towers only (timm: forward_features, CNNs: feature_stage)")
-    feature_stage: Optional[int] = setting(None, "convolutional towers (HF ResNet/ConvNeXt, timm CNNs): the stage whose feature map is used (HF: index into hidden_states, 0 = stem, 1.. = stages; timm: forward_intermediates index; negative counts from the end); default: the last")
-    feature_grid: Optional[int] = setting(None, "adaptive-average-pool a feature map (or a square grid of patch tokens) to feature_grid x feature_grid tokens (default: every position)")
-    select_tokens: Literal["patch", "cls", "all"] = setting("patch", "use patch tokens, the class token only, or both (HF towers; a custom encoder returns [N,D], [N,T,D] or a [N,C,H,W] map)")
+    hidden_size: Optional[int] = setting(
+        None, "feature width of a custom encoder; default: read from the module or a probe forward"
+    )
+    select_layer: int = setting(
+        -2,
+        "hidden layer whose output is used (-1 last, -2 penultimate as in LLaVA); "
+        "ViT-like HF towers only (timm: forward_features, CNNs: feature_stage)",
+    )
+    feature_stage: Optional[int] = setting(
+        None,
+        "convolutional towers (HF ResNet/ConvNeXt, timm CNNs): the stage whose feature "
+        "map is used (HF: index into hidden_states, 0 = stem, 1.. = stages; timm: "
+        "forward_intermediates index; negative counts from the end); default: the last",
+    )
+    feature_grid: Optional[int] = setting(
+        None,
+        "adaptive-average-pool a feature map (or a square grid of patch tokens) "
+        "to feature_grid x feature_grid tokens (default: every position)",
+    )
+    select_tokens: Literal["patch", "cls", "all"] = setting(
+        "patch",
+        "use patch tokens, the class token only, or both (HF towers; "
+        "a custom encoder returns [N,D], [N,T,D] or a [N,C,H,W] map)",
+    )
     image_size: Optional[int] = setting(None, "input resolution; default: the encoder's own processor setting")
     image_mean: Optional[list[float]] = setting(None, "normalisation mean; default: the encoder's processor")
     image_std: Optional[list[float]] = setting(None, "normalisation std; default: the encoder's processor")
     pad_to_square: bool = setting(False, "pad images to a square with the mean colour before resizing (LLaVA-1.5)")
-    dtype: Dtype = setting("auto", "dtype of the frozen weights; auto: bf16 where the device computes it natively, fp16 on GPUs without bf16, else fp32")
+    dtype: Dtype = setting(
+        "auto",
+        "dtype of the frozen weights; auto: bf16 where the device "
+        "computes it natively, fp16 on GPUs without bf16, else fp32",
+    )
     freeze: bool = setting(True, "freeze the encoder (forward only, no optimizer state)")
-    quantize: Quantize = setting("none", "quantize the frozen encoder's linear layers after loading: none, int8 or nf4 (needs the extra mmdist[quant])")
-    quantize_backend: QuantizeBackend = setting("auto", "library that quantizes: auto (bitsandbytes if installed, else torchao; logged), bitsandbytes or torchao")
+    quantize: Quantize = setting(
+        "none",
+        "quantize the frozen encoder's linear layers after loading: none, int8 or nf4 (needs the extra mmdist[quant])",
+    )
+    quantize_backend: QuantizeBackend = setting(
+        "auto",
+        "library that quantizes: auto (bitsandbytes if installed, else torchao; logged), bitsandbytes or torchao",
+    )
 
     def check(self) -> list[tuple[str, str]]:
         out = []
@@ -75,12 +127,25 @@ class VisionConfig(SettingsBase):
             out.append(("init_config", "give either name_or_path or init_config, not both"))
         if self.source == "timm":
             if not self.name_or_path:
-                out.append(("name_or_path", "source=timm needs the architecture name, e.g. resnet50 or vit_base_patch16_224"))
+                out.append(
+                    ("name_or_path", "source=timm needs the architecture name, e.g. resnet50 or vit_base_patch16_224")
+                )
             if self.init_config:
-                out.append(("init_config", "source=timm is built from name_or_path and timm_kwargs; init_config is for source=hf"))
+                out.append(
+                    (
+                        "init_config",
+                        "source=timm is built from name_or_path and timm_kwargs; init_config is for source=hf",
+                    )
+                )
             for key in ("pretrained", "pretrained_cfg_overlay", "checkpoint_path"):
                 if key in self.timm_kwargs:
-                    out.append(("timm_kwargs", f"{key} is not allowed: give the local weights file as model.vision.checkpoint (nothing is downloaded)"))
+                    out.append(
+                        (
+                            "timm_kwargs",
+                            f"{key} is not allowed: give the local weights file "
+                            "as model.vision.checkpoint (nothing is downloaded)",
+                        )
+                    )
         if self.feature_grid is not None and self.feature_grid < 1:
             out.append(("feature_grid", "must be a positive grid side (or null for every position)"))
         if self.source == "custom":
@@ -119,7 +184,14 @@ class VisionTower(torch.nn.Module):
         super().__init__()
         gather = gather or null_gather
         self.cfg = cfg
-        settings = {"size": None, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "resize": "squash", "resample": "bicubic", "crop_pct": 1.0}
+        settings = {
+            "size": None,
+            "mean": IMAGENET_MEAN,
+            "std": IMAGENET_STD,
+            "resize": "squash",
+            "resample": "bicubic",
+            "crop_pct": 1.0,
+        }
         self.load_report: dict = {}
         if cfg.source == "custom":
             cls = import_object(cfg.custom_class, "model.vision.custom_class")
@@ -136,13 +208,20 @@ class VisionTower(torch.nn.Module):
             self.kind, self.has_cls = hf_tower_kind(self.model.config.model_type)
             settings = image_settings_hf(cfg, self.model.config)
         if cfg.select_tokens == "cls" and not self.has_cls:
-            raise ValueError(f"model.vision.select_tokens=cls: this {cfg.source} tower ({cfg.name_or_path or cfg.custom_class or 'init_config'}) "
-                             "has no class token; use 'patch'")
+            raise ValueError(
+                f"model.vision.select_tokens=cls: this {cfg.source} tower "
+                f"({cfg.name_or_path or cfg.custom_class or 'init_config'}) "
+                "has no class token; use 'patch'"
+            )
         size = cfg.image_size or settings["size"]
         if not size:
             raise ValueError("model.vision.image_size: a custom encoder needs the input resolution")
         self.image_size = int(size)
-        self.image_resize, self.image_resample, self.image_crop_pct = settings["resize"], settings["resample"], settings["crop_pct"]
+        self.image_resize, self.image_resample, self.image_crop_pct = (
+            settings["resize"],
+            settings["resample"],
+            settings["crop_pct"],
+        )
         self.image_mean = list(cfg.image_mean or settings["mean"])
         self.image_std = list(cfg.image_std or settings["std"])
         if len(self.image_mean) == 1:
@@ -155,7 +234,9 @@ class VisionTower(torch.nn.Module):
                 self.load_report = load_checkpoint_into(self.model, cfg.checkpoint, key=cfg.checkpoint_key,
                                                         allow_partial=cfg.allow_partial_load)
         quantize_part(self.model, cfg, "model.vision")
-        known = shape_from_config(self.model.config, cfg, self.image_size, self.has_cls) if self.kind == "tokens" else None
+        known = (
+            shape_from_config(self.model.config, cfg, self.image_size, self.has_cls) if self.kind == "tokens" else None
+        )
         if known is not None:
             self.num_tokens, width = known
         else:
@@ -207,8 +288,16 @@ def hf_tower_kind(model_type: str) -> tuple[str, bool]:
 
 def shape_from_config(config, cfg: VisionConfig, image_size: int, has_cls: bool) -> Optional[tuple[int, int]]:
     """(tokens, width) of a ViT-like HF tower from its config; None when it cannot be read (then probe)."""
-    patch, size, width = getattr(config, "patch_size", None), getattr(config, "image_size", None), getattr(config, "hidden_size", None)
-    if not (isinstance(patch, int) and isinstance(size, int) and width) or size != image_size or config.model_type not in CONFIG_SHAPED:
+    patch, size, width = (
+        getattr(config, "patch_size", None),
+        getattr(config, "image_size", None),
+        getattr(config, "hidden_size", None),
+    )
+    if (
+        not (isinstance(patch, int) and isinstance(size, int) and width)
+        or size != image_size
+        or config.model_type not in CONFIG_SHAPED
+    ):
         return None
     if cfg.feature_grid:
         return None
@@ -248,7 +337,8 @@ def select_tokens(hidden: torch.Tensor, cfg: VisionConfig, prefix: int) -> torch
 
 
 def timm_features(model: torch.nn.Module, cfg: VisionConfig, pixel_values: torch.Tensor) -> torch.Tensor:
-    """A timm model's tokens: the ``feature_stage`` map (forward_intermediates), else forward_features' map or tokens."""
+    """A timm model's tokens: the ``feature_stage`` map
+    (forward_intermediates), else forward_features' map or tokens."""
     if cfg.feature_stage is not None:
         maps = model.forward_intermediates(pixel_values, indices=[cfg.feature_stage], intermediates_only=True)
         return map_to_tokens(maps[-1], cfg.feature_grid)
@@ -258,8 +348,11 @@ def timm_features(model: torch.nn.Module, cfg: VisionConfig, pixel_values: torch
     return select_tokens(out, cfg, int(getattr(model, "num_prefix_tokens", 0) or 0))
 
 
-def tower_features(model: torch.nn.Module, kind: str, cfg: VisionConfig, pixel_values: torch.Tensor, has_cls: bool) -> torch.Tensor:
-    """Normalised pixels [N, C, H, W] in the tower's dtype -> [N, tokens, D] of the selected layer (or stage) and tokens."""
+def tower_features(
+    model: torch.nn.Module, kind: str, cfg: VisionConfig, pixel_values: torch.Tensor, has_cls: bool
+) -> torch.Tensor:
+    """Normalised pixels [N, C, H, W] in the tower's dtype -> [N,
+    tokens, D] of the selected layer (or stage) and tokens."""
     if kind == "custom":
         return as_tokens(model(pixel_values), cfg.feature_grid)
     if kind == "timm":
@@ -272,7 +365,8 @@ def tower_features(model: torch.nn.Module, kind: str, cfg: VisionConfig, pixel_v
 
 
 def vision_fingerprint(cfg: VisionConfig) -> str:
-    """Identity of the vision encoder's weights (files, or init_config / custom class / timm architecture + seed, plus checkpoint)."""
+    """Identity of the vision encoder's weights (files, or init_config
+    / custom class / timm architecture + seed, plus checkpoint)."""
     from mmdist.models.fingerprint import config_fingerprint, path_fingerprint
 
     if cfg.source == "custom":

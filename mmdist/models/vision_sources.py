@@ -39,7 +39,9 @@ def import_object(spec: str, key: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ImportError(f"{key}={spec!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from None
+        raise ImportError(
+            f"{key}={spec!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?"
+        ) from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -80,7 +82,9 @@ def _pick_state_dict(obj: Any, key: Optional[str], path: str, setting_key: str) 
                 obj = obj[candidate]
                 break
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a state dict (mapping of tensors), found {type(obj).__name__}; set {setting_key}")
+        raise ValueError(
+            f"{path}: expected a state dict (mapping of tensors), found {type(obj).__name__}; set {setting_key}"
+        )
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     for prefix in ("module.", "model.", "_orig_mod."):
         if tensors and all(k.startswith(prefix) for k in tensors):
@@ -100,14 +104,21 @@ def load_state_into(module: Any, state: dict, path: str, *, allow_partial: bool 
                   for k, v in state.items() if k in own and own[k].shape != v.shape]
     state = {k: v for k, v in state.items() if not (k in own and own[k].shape != v.shape)}
     result = module.load_state_dict(state, strict=False)
-    report = {"missing": list(result.missing_keys), "unexpected": list(result.unexpected_keys), "mismatched": mismatched}
+    report = {
+        "missing": list(result.missing_keys),
+        "unexpected": list(result.unexpected_keys),
+        "mismatched": mismatched,
+    }
     if any(report.values()) and not allow_partial:
         lines = [f"{setting_prefix}.checkpoint: {path} does not match {type(module).__name__}:"]
         for what, keys in report.items():
             if keys:
                 shown = ", ".join(keys[:15]) + (f", ... ({len(keys)} in all)" if len(keys) > 15 else "")
                 lines.append(f"  {what} keys ({len(keys)}): {shown}")
-        lines.append(f"Fix the checkpoint or {setting_prefix}.checkpoint_key, or set {setting_prefix}.allow_partial_load: true to accept it.")
+        lines.append(
+            f"Fix the checkpoint or {setting_prefix}.checkpoint_key, "
+            f"or set {setting_prefix}.allow_partial_load: true to accept it."
+        )
         raise ValueError("\n".join(lines))
     return report
 
@@ -133,7 +144,8 @@ def hf_config(cfg: Any) -> Any:
 
 
 def load_hf_tower(cfg: Any, gather: Gather) -> Any:
-    """An HF vision model from ``name_or_path`` (local folder or cache) or built from ``init_config`` with seeded weights."""
+    """An HF vision model from ``name_or_path`` (local folder or
+    cache) or built from ``init_config`` with seeded weights."""
     from transformers import AutoModel, CLIPVisionModel, SiglipVisionModel
 
     config = hf_config(cfg)
@@ -155,7 +167,11 @@ def load_hf_tower(cfg: Any, gather: Gather) -> Any:
     with console.quiet_loading():
         model, info = cls.from_pretrained(cfg.name_or_path, output_loading_info=True)
     unused = list(info.get("unexpected_keys", []))
-    why = "the text tower of the dual encoder: only the vision tower is used" if model_type in ("clip", "siglip") else "not part of the tower"
+    why = (
+        "the text tower of the dual encoder: only the vision tower is used"
+        if model_type in ("clip", "siglip")
+        else "not part of the tower"
+    )
     logger.info(console.model_summary("vision tower", model, cfg.name_or_path, unused, why) + frozen)
     return model
 
@@ -190,7 +206,8 @@ def image_settings_hf(cfg: Any, config: Any) -> dict:
         crop = dict(crop) if not isinstance(crop, int) else {"height": crop, "width": crop}
         crop_pct = getattr(proc, "crop_pct", None)
         if crop_pct and psize.get("shortest_edge") and not crop:
-            # ConvNeXt/ResNet: shortest edge to size / crop_pct then the centre square, below 384 px; a plain squash above
+            # ConvNeXt/ResNet: shortest edge to size / crop_pct then
+            # the centre square, below 384 px; a plain squash above
             if psize["shortest_edge"] < 384:
                 out["resize"], out["crop_pct"] = "shortest_edge", float(crop_pct)
             out["size"] = psize["shortest_edge"]
@@ -221,7 +238,8 @@ def import_timm() -> Any:
 
 
 def load_timm_model(cfg: Any, gather: Gather) -> tuple[Any, dict]:
-    """timm's ``name_or_path`` architecture (``pretrained=False``, no classifier) and the report of loading ``checkpoint``.
+    """timm's ``name_or_path`` architecture (``pretrained=False``,
+    no classifier) and the report of loading ``checkpoint``.
 
     The weights file is read here rather than through ``pretrained_cfg_overlay=dict(file=...)``
     so it is written inside ``gather`` (ZeRO-3 partitions the parameters at construction).
@@ -232,11 +250,15 @@ def load_timm_model(cfg: Any, gather: Gather) -> tuple[Any, dict]:
     timm = import_timm()
     kwargs = {"num_classes": 0, **cfg.timm_kwargs}
     try:
-        model = build_seeded(lambda: timm.create_model(cfg.name_or_path, pretrained=False, **kwargs), cfg.init_seed, gather)
+        model = build_seeded(
+            lambda: timm.create_model(cfg.name_or_path, pretrained=False, **kwargs), cfg.init_seed, gather
+        )
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
-            raise ValueError(f"model.vision.name_or_path={cfg.name_or_path!r} is no timm architecture "
-                             "(timm.list_models() names them)") from None
+            raise ValueError(
+                f"model.vision.name_or_path={cfg.name_or_path!r} is no timm architecture "
+                "(timm.list_models() names them)"
+            ) from None
         raise
     if not cfg.checkpoint:
         return model, {}
@@ -270,10 +292,16 @@ def image_settings_timm(cfg: Any, model: Any) -> dict:
         size = int(img_size if isinstance(img_size, int) else img_size[-1])
     squash = data.get("crop_mode") == "squash"
     crop_pct = 1.0 if squash else min(1.0, float(data.get("crop_pct") or 1.0))
-    return {"size": size, "mean": list(data["mean"]), "std": list(data["std"]),
-            "resize": "squash" if squash else "shortest_edge",
-            "resample": data.get("interpolation", "bicubic") if data.get("interpolation") in ("bicubic", "bilinear", "nearest") else "bicubic",
-            "crop_pct": crop_pct}
+    return {
+        "size": size,
+        "mean": list(data["mean"]),
+        "std": list(data["std"]),
+        "resize": "squash" if squash else "shortest_edge",
+        "resample": data.get("interpolation", "bicubic")
+        if data.get("interpolation") in ("bicubic", "bilinear", "nearest")
+        else "bicubic",
+        "crop_pct": crop_pct,
+    }
 
 
 # ---------------------------------------------------------------------------
@@ -302,7 +330,9 @@ def as_tokens(out: Any, grid: Optional[int] = None) -> torch.Tensor:
     if out.dim() == 4:  # CNN feature map [N, C, H, W] -> [N, H*W, C]
         return map_to_tokens(out, grid)
     if out.dim() != 3:
-        raise ValueError(f"the custom vision encoder returned shape {tuple(out.shape)}; expected [N,D], [N,T,D] or [N,C,H,W]")
+        raise ValueError(
+            f"the custom vision encoder returned shape {tuple(out.shape)}; expected [N,D], [N,T,D] or [N,C,H,W]"
+        )
     if grid and grid * grid != out.shape[1] and math.isqrt(out.shape[1]) ** 2 == out.shape[1]:
         side = math.isqrt(out.shape[1])
         return map_to_tokens(out.transpose(1, 2).reshape(out.shape[0], out.shape[2], side, side), grid)

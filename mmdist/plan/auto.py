@@ -66,7 +66,8 @@ def auto_candidates(cfg: RunConfig, precision: Optional[str] = None) -> list[Set
     if eng.offload_params:
         return [Setting(3, True, True)]
     quantized = any(str(getattr(part, "quantize", "none")) != "none" for part in (cfg.model.llm, cfg.model.vision))
-    stages = (1, 2) if quantized else (1, 2, 3)  # ZeRO-3 cannot partition quantized weights (mmdist.config.quantization)
+    # ZeRO-3 cannot partition quantized weights (mmdist.config.quantization)
+    stages = (1, 2) if quantized else (1, 2, 3)
     if eng.offload_optimizer:
         return [Setting(z, True) for z in stages]
     half = (precision or eng.precision) in ("bf16", "fp16")
@@ -97,8 +98,14 @@ def resolve_zero_stage(cfg: RunConfig, world_size: int, device: str = "cpu") -> 
     try:
         shapes = model_shapes(planned)
     except ValueError as exc:  # a custom vision encoder without hidden_size, an unreadable model config
-        raise ConfigError([Problem("engine.zero_stage", f"auto needs the planner's parameter counts, which failed: {exc}. "
-                                                        "Name a stage (0-3) instead")]) from None
+        raise ConfigError(
+            [
+                Problem(
+                    "engine.zero_stage",
+                    f"auto needs the planner's parameter counts, which failed: {exc}. Name a stage (0-3) instead",
+                )
+            ]
+        ) from None
     tokens = batch_tokens(planned, shapes)
     estimates = estimate(planned, shapes, world_size, settings=auto_candidates(cfg, planned.engine.precision),
                          tokens=tokens)
@@ -124,8 +131,10 @@ def auto_reason(best: Choice, candidates: list[Choice], budget: int, source: str
                        for c in candidates if c is not best)
     head = f"engine.zero_stage = {best.setting.zero_stage} (auto): "
     if not best.fits:
-        return (head + f"nothing fits {budget / GiB:.1f} GiB ({source}); ZeRO-{best.setting.zero_stage} needs the least "
-                f"({need / GiB:.1f} GiB predicted{batch}). Lower train.micro_batch_size or data.max_len, or add GPUs")
+        return (
+            head + f"nothing fits {budget / GiB:.1f} GiB ({source}); ZeRO-{best.setting.zero_stage} needs the least "
+            f"({need / GiB:.1f} GiB predicted{batch}). Lower train.micro_batch_size or data.max_len, or add GPUs"
+        )
     return (head + f"predicted fastest of the stages that fit {budget / GiB:.1f} GiB ({source}) on {world} rank(s): "
             f"{best.time.step_s:.3g} s/step, {need / GiB:.1f} GiB predicted{batch}"
             + (f"; others: {others}" if others else ""))

@@ -1,4 +1,5 @@
-"""What one sample's images cost the plan: tower forwards and LLM positions, with ``data.image_tiling`` as the packer counts it.
+"""What one sample's images cost the plan: tower forwards and LLM
+positions, with ``data.image_tiling`` as the packer counts it.
 
 Without tiling a sample holds one image of ``tokens_per_image`` LLM tokens. With
 ``data.image_tiling`` (stage fuse, mmdist/data/tiling.py) every image is the base image
@@ -37,7 +38,8 @@ class SampleImages:
 
 
 def sample_images(cfg: RunConfig, tokens_per_image: int) -> SampleImages:
-    """One sample's images for ``cfg``: tiled at the costliest candidate grid when ``data.image_tiling`` is on (stage fuse)."""
+    """One sample's images for ``cfg``: tiled at the costliest
+    candidate grid when ``data.image_tiling`` is on (stage fuse)."""
     tiling = cfg.data.image_tiling
     if not (cfg.stage.tiles and tiling.enabled):
         return SampleImages(1, tokens_per_image, tokens_per_image, tokens_per_image)
@@ -68,7 +70,9 @@ def separator_tokens(cfg: RunConfig) -> tuple[int, str]:
             try:
                 from transformers import AutoTokenizer
 
-                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=llm.trust_remote_code)
+                tokenizer = AutoTokenizer.from_pretrained(
+                    source, local_files_only=True, trust_remote_code=llm.trust_remote_code
+                )
             except Exception:  # not on this machine, or remote code refused: bound it instead
                 tokenizer = None
     if tokenizer is not None:

@@ -135,7 +135,9 @@ def model_state_bytes(shapes: list[ModuleShape], setting: Setting, world: int, p
         prefetch = int(bucket.get("stage3_prefetch_bucket_size", 5e7))
         # gathered weights of the module running now and the prefetched next ones, plus the reduce bucket
         comm = (largest + prefetch) * e + min(reduce_bucket, p_train) * e
-    return dict(frozen=frozen, trainable=trainable, gradients=grads, optimizer=optim, comm=comm, cpu=cpu, p_train=p_train)
+    return dict(
+        frozen=frozen, trainable=trainable, gradients=grads, optimizer=optim, comm=comm, cpu=cpu, p_train=p_train
+    )
 
 
 def llm_activation_bytes(dims: dict, seq: int, e: int, trains: bool = False, eager: bool = False,
@@ -240,7 +242,9 @@ def parse_bytes(text: str) -> int:
 def deepspeed_bucket_settings(cfg: RunConfig) -> dict:
     """Bucket sizes from the raw DeepSpeed keys of the config (defaults otherwise)."""
     zero = dict(cfg.engine.deepspeed.get("zero_optimization", {}))
-    return {k: zero[k] for k in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size") if k in zero}
+    return {
+        k: zero[k] for k in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size") if k in zero
+    }
 
 
 def estimate(cfg: RunConfig, shapes: list[ModuleShape], world: int, settings: Sequence[Setting] = ALL_SETTINGS,

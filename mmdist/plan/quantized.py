@@ -55,7 +55,9 @@ def plan_lines(cfg: RunConfig, shapes: list, estimates: list, budget: int) -> li
         return element.get(dtype, 2)
 
     def saving(methods: dict) -> int:
-        return sum(s.params * held(s) - planned_frozen_bytes(s, methods.get(name, "none"), held(s)) for s, name, _ in frozen)
+        return sum(
+            s.params * held(s) - planned_frozen_bytes(s, methods.get(name, "none"), held(s)) for s, name, _ in frozen
+        )
 
     def best(methods: dict) -> Optional[tuple[Any, bool, int]]:
         cut = saving(methods)
@@ -73,18 +75,27 @@ def plan_lines(cfg: RunConfig, shapes: list, estimates: list, budget: int) -> li
         for s, name, _ in frozen:
             if name in configured:
                 q = planned_frozen_bytes(s, configured[name], held(s))
-                lines.append(f"quantized: {what}: frozen {s.name} {q / gib:.2f} GiB instead of {s.params * held(s) / gib:.2f} GiB "
-                             f"({q / max(1, s.params * held(s)):.2f}x); ZeRO-3 is refused with quantization")
+                lines.append(
+                    f"quantized: {what}: frozen {s.name} {q / gib:.2f} "
+                    f"GiB instead of {s.params * held(s) / gib:.2f} GiB "
+                    f"({q / max(1, s.params * held(s)):.2f}x); ZeRO-3 is refused with quantization"
+                )
         fit = best(configured)
-        lines.append(f"  with it: {fit[0].setting.label}, gradient_checkpointing={str(fit[1]).lower()} fits at "
-                     f"{fit[2] / gib:.1f} GiB of {budget / gib:.1f} GiB" if fit else "  with it nothing at ZeRO 0-2 fits either")
+        lines.append(
+            f"  with it: {fit[0].setting.label}, gradient_checkpointing={str(fit[1]).lower()} fits at "
+            f"{fit[2] / gib:.1f} GiB of {budget / gib:.1f} GiB"
+            if fit
+            else "  with it nothing at ZeRO 0-2 fits either"
+        )
         return lines
     if best({}) is not None:
         return []  # fits unquantized at ZeRO 0-2: no reason to quantize
     for method in ("int8", "nf4"):
         fit = best({"llm": method})
         if fit:
-            return lines + [f"quantization: the frozen LLM at {cfg.engine.precision} does not fit at ZeRO 0-2; with "
-                            f"model.llm.quantize={method} {fit[0].setting.label}, gradient_checkpointing={str(fit[1]).lower()} "
-                            f"fits at {fit[2] / gib:.1f} GiB of {budget / gib:.1f} GiB (ZeRO-3 partitioning is the other way)"]
+            return lines + [
+                f"quantization: the frozen LLM at {cfg.engine.precision} does not fit at ZeRO 0-2; with "
+                f"model.llm.quantize={method} {fit[0].setting.label}, gradient_checkpointing={str(fit[1]).lower()} "
+                f"fits at {fit[2] / gib:.1f} GiB of {budget / gib:.1f} GiB (ZeRO-3 partitioning is the other way)"
+            ]
     return lines + ["quantization: neither int8 nor nf4 makes the frozen LLM fit at ZeRO 0-2"]

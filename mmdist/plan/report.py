@@ -52,13 +52,17 @@ def image_lines(cfg: RunConfig, shapes: list[ModuleShape]) -> list[str]:
     d = proj.dims
     line = tower + f"; the LLM gets {d['tokens_per_image']} per image"
     if d["images"] > 1:
-        line += (f"; tiled (data.image_tiling): up to {d['images']} images per sample (base + {d['images'] - 1} tiles) = "
-                 f"{d['tokens']} image tokens, {d['positions']} positions with separators ({d['separator_tokens']} tokens "
-                 f"each: {d['separator_note']})")
+        line += (
+            f"; tiled (data.image_tiling): up to {d['images']} images per sample (base + {d['images'] - 1} tiles) = "
+            f"{d['tokens']} image tokens, {d['positions']} positions with separators ({d['separator_tokens']} tokens "
+            f"each: {d['separator_note']})"
+        )
     lines = [line]
     if d["positions"] > cfg.data.max_len:
-        lines.append(f"  warning: one image takes up to {d['positions']} positions, more than data.max_len={cfg.data.max_len}: "
-                     "such samples lose the image to truncation (raise data.max_len or drop large grids)")
+        lines.append(
+            f"  warning: one image takes up to {d['positions']} positions, more than data.max_len={cfg.data.max_len}: "
+            "such samples lose the image to truncation (raise data.max_len or drop large grids)"
+        )
     return lines
 
 
@@ -88,7 +92,10 @@ def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estim
     lines.append(f"{'module':<16}{'params':>16}{'trainable':>11}{'dtype':>7}")
     for s in shapes:
         lines.append(f"{s.name:<16}{s.params:>16,}{'yes' if s.trainable else 'no':>11}{s.dtype:>7}")
-    lines.append(f"{'total':<16}{p_train + p_frozen:>16,}   trainable {p_train:,} ({100 * p_train / max(1, p_train + p_frozen):.3f}%)")
+    lines.append(
+        f"{'total':<16}{p_train + p_frozen:>16,}   trainable "
+        f"{p_train:,} ({100 * p_train / max(1, p_train + p_frozen):.3f}%)"
+    )
     lines.append("")
     lines.append("per-GPU GiB (activations for the configured micro-batch; total includes a "
                  f"{_g(estimates[0].fixed_reserve)} GiB CUDA context/allocator reserve)")
@@ -114,15 +121,21 @@ def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estim
                      f"largest micro-batch that fits: {best.max_micro_batch(budget, ckpt)} "
                      f"(configured {cfg.train.micro_batch_size}; {_g(best.total(ckpt))} GiB of {_g(budget)} GiB)")
         ckpt_override = f" model.llm.gradient_checkpointing={str(ckpt).lower()}" if cfg.stage.builds("llm") else ""
-        lines.append(f"  overrides: engine.zero_stage={best.setting.zero_stage} engine.offload_optimizer="
-                     f"{str(best.setting.offload_optimizer).lower()} engine.offload_params={str(best.setting.offload_params).lower()}"
-                     + ckpt_override)
+        lines.append(
+            f"  overrides: engine.zero_stage={best.setting.zero_stage} engine.offload_optimizer="
+            f"{str(best.setting.offload_optimizer).lower()} "
+            f"engine.offload_params={str(best.setting.offload_params).lower()}" + ckpt_override
+        )
     else:
-        lines.append(f"nothing fits micro-batch {cfg.train.micro_batch_size}: closest is {best.setting.label} with "
-                     f"checkpointing at {_g(best.total(True))} GiB; lower train.micro_batch_size or data.max_len, or add GPUs")
+        lines.append(
+            f"nothing fits micro-batch {cfg.train.micro_batch_size}: closest is {best.setting.label} with "
+            f"checkpointing at {_g(best.total(True))} GiB; lower train.micro_batch_size or data.max_len, or add GPUs"
+        )
     if ds:
         lines.append("")
-        lines.append("DeepSpeed's estimators (every parameter counted as trainable) vs this plan, model states per GPU, GiB:")
+        lines.append(
+            "DeepSpeed's estimators (every parameter counted as trainable) vs this plan, model states per GPU, GiB:"
+        )
         lines.append(f"{'setting':<26}{'deepspeed gpu':>14}{'mmdist gpu':>12}{'deepspeed cpu':>15}{'mmdist cpu':>12}")
         for est in estimates:
             if est.setting.label in ds:
@@ -156,13 +169,18 @@ def input_line(shapes: list[ModuleShape], gpu: str, gpus_per_node: int, cpus_per
            else f"{vision.params / 1e6:.0f}M params at {vision.dims['image_size']} px")
     tiled = (f" = {need / images:,.0f} decoded images/s of {images} tower images each (base + tiles; at least, as "
              "tiling adds resizing)" if images > 1 else "")
-    lines = [f"input: the vision tower ({how} = {flops / 1e12:.2f} TFLOP/image) at {TOWER_MFU:.0%} of a {row.label}'s "
-             f"peak eats {need:,.0f} images/s per GPU{tiled}; at {images_per_core:.0f} images/s per core (mmdist's loader) "
-             f"that is {cores:.1f} CPU cores per GPU"]
+    lines = [
+        f"input: the vision tower ({how} = {flops / 1e12:.2f} TFLOP/image) at {TOWER_MFU:.0%} of a {row.label}'s "
+        f"peak eats {need:,.0f} images/s per GPU{tiled}; at {images_per_core:.0f} images/s per core (mmdist's loader) "
+        f"that is {cores:.1f} CPU cores per GPU"
+    ]
     if cpus_per_node and gpus_per_node and cpus_per_node / gpus_per_node < cores:
-        lines.append(f"  warning: {cpus_per_node} cores for {gpus_per_node} GPUs is {cpus_per_node / gpus_per_node:.1f} per GPU: "
-                     "the loader cannot keep the tower busy when it decodes pixels; cache the image features "
-                     "(mmdist cache) or move decoding to more nodes")
+        lines.append(
+            f"  warning: {cpus_per_node} cores for {gpus_per_node} "
+            f"GPUs is {cpus_per_node / gpus_per_node:.1f} per GPU: "
+            "the loader cannot keep the tower busy when it decodes pixels; cache the image features "
+            "(mmdist cache) or move decoding to more nodes"
+        )
     return lines
 
 

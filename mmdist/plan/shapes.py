@@ -35,9 +35,14 @@ from mmdist.plan.towers import vision_shape
 def _text_dims(config: Any) -> dict:
     c = getattr(config, "text_config", None) or config
     heads = getattr(c, "num_attention_heads", 1)
-    return dict(hidden=c.hidden_size, layers=c.num_hidden_layers, intermediate=getattr(c, "intermediate_size", 4 * c.hidden_size),
-                heads=heads, kv_heads=getattr(c, "num_key_value_heads", None) or heads,
-                vocab=getattr(c, "vocab_size", 0))
+    return dict(
+        hidden=c.hidden_size,
+        layers=c.num_hidden_layers,
+        intermediate=getattr(c, "intermediate_size", 4 * c.hidden_size),
+        heads=heads,
+        kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+        vocab=getattr(c, "vocab_size", 0),
+    )
 
 
 def _lora_params(model: Any, cfg: RunConfig) -> int:
@@ -91,8 +96,14 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
         out.append(ModuleShape("lora", _lora_params(lmodel, cfg), True, "fp32"))
     stage1 = None
     if conn.stage1_weights is not None:
-        stage1 = ModuleShape("stage1", stage1_params, conn.train_stage1_module, "fp32", stage1_params,
-                             {"tokens": image_tokens, "width": stage1_out, **_resampler_dims(cfg, conn.type == "resampler", vdims)})
+        stage1 = ModuleShape(
+            "stage1",
+            stage1_params,
+            conn.train_stage1_module,
+            "fp32",
+            stage1_params,
+            {"tokens": image_tokens, "width": stage1_out, **_resampler_dims(cfg, conn.type == "resampler", vdims)},
+        )
         out.append(stage1)
         proj_in = stage1_out
     else:

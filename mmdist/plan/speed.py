@@ -107,9 +107,17 @@ def step_inputs(cfg: RunConfig, shapes: Sequence[ModuleShape], world: int, gpu: 
         else:
             dt = precision if precision in ("bf16", "fp16") else s.dtype
             weights += s.params * DTYPE_BYTES.get(dt, 4)
-    return StepInputs(model_flops=flops * micro_batches, recompute_flops=recompute * micro_batches, weight_bytes=weights,
-                      trainable_bytes=p_train * e, gradient_bytes=p_train * e, micro_batches=micro_batches,
-                      peak_flops=peak_for(gpu, precision), zero3_overhead=ZERO3_OVERHEAD, trainable_params=p_train)
+    return StepInputs(
+        model_flops=flops * micro_batches,
+        recompute_flops=recompute * micro_batches,
+        weight_bytes=weights,
+        trainable_bytes=p_train * e,
+        gradient_bytes=p_train * e,
+        micro_batches=micro_batches,
+        peak_flops=peak_for(gpu, precision),
+        zero3_overhead=ZERO3_OVERHEAD,
+        trainable_params=p_train,
+    )
 
 
 @dataclasses.dataclass

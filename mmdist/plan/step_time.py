@@ -124,7 +124,10 @@ def comm_bytes(inputs: StepInputs, zero_stage: int, world: int, checkpointing: b
     grads = 2 * ring * inputs.gradient_bytes  # ZeRO-0: all-reduce; 1/2/3: reduce-scatter (+ the gather below)
     if zero_stage == 3:
         gathers = 2 + (1 if checkpointing else 0)  # forward, backward, recompute
-        return ring * inputs.weight_bytes * gathers * inputs.micro_batches + ring * inputs.gradient_bytes * inputs.micro_batches
+        return (
+            ring * inputs.weight_bytes * gathers * inputs.micro_batches
+            + ring * inputs.gradient_bytes * inputs.micro_batches
+        )
     if zero_stage in (1, 2):
         return ring * inputs.gradient_bytes * inputs.micro_batches + ring * inputs.trainable_bytes
     return grads
@@ -161,18 +164,22 @@ def predict(inputs: StepInputs, zero_stage: int, world: int, interconnect: Inter
 def scaling_table(inputs: StepInputs, zero_stages: list[int], interconnect: Interconnect, checkpointing: bool,
                   worlds: tuple[int, ...] = (1, 8, 64, 512)) -> list[str]:
     """Printable lines: predicted step time and scaling efficiency of each stage at each world size."""
-    lines = [f"predicted step time per rank (same micro-batches per rank; {interconnect.label}: "
-             f"{interconnect.intra_node / GB:.0f} GB/s in a node, {interconnect.inter_node / GB:.0f} GB/s across; "
-             f"compute at {inputs.utilisation:.0%} of peak"
-             + (f", ZeRO-3's at {inputs.utilisation / inputs.zero3_overhead:.0%}" if inputs.zero3_overhead != 1.0 else "")
-             + f", {inputs.overlap:.0%} of communication overlapped)",
-             f"{'setting':<10}" + "".join(f"{f'{w} GPU':>20}" for w in worlds)]
+    lines = [
+        f"predicted step time per rank (same micro-batches per rank; {interconnect.label}: "
+        f"{interconnect.intra_node / GB:.0f} GB/s in a node, {interconnect.inter_node / GB:.0f} GB/s across; "
+        f"compute at {inputs.utilisation:.0%} of peak"
+        + (f", ZeRO-3's at {inputs.utilisation / inputs.zero3_overhead:.0%}" if inputs.zero3_overhead != 1.0 else "")
+        + f", {inputs.overlap:.0%} of communication overlapped)",
+        f"{'setting':<10}" + "".join(f"{f'{w} GPU':>20}" for w in worlds),
+    ]
     for stage in zero_stages:
         cells = []
         for w in worlds:
             t = predict(inputs, stage, w, interconnect, checkpointing)
             cells.append(f"{t.step_s:7.2f} s {t.efficiency:5.0%}   ")
         lines.append(f"{f'ZeRO-{stage}':<10}" + "".join(f"{c:>20}" for c in cells))
-    lines.append("  (seconds per optimizer step, and the bare model's compute time / step time; ZeRO-3 re-gathers every weight "
-                 "per micro-batch)")
+    lines.append(
+        "  (seconds per optimizer step, and the bare model's compute time / step time; ZeRO-3 re-gathers every weight "
+        "per micro-batch)"
+    )
     return lines

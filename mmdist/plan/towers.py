@@ -46,7 +46,8 @@ class Probe:
 
 
 def probe_tower(model: Any, features: Callable[[Any], Any], size: int) -> Probe:
-    """Run ``features`` on one ``size`` x ``size`` zero image on the meta device (model in eval mode, as VisionTower probes)."""
+    """Run ``features`` on one ``size`` x ``size`` zero image on
+    the meta device (model in eval mode, as VisionTower probes)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -90,8 +91,10 @@ def vision_shape(cfg: RunConfig) -> tuple[ModuleShape, Optional[Any]]:
         kind, has_cls = hf_tower_kind(vconf.model_type)
         size = _hf_input_size(vis, vconf, kind)
     if vis.select_tokens == "cls" and not has_cls:
-        raise ValueError(f"model.vision.select_tokens=cls: this {vis.source} tower ({vis.name_or_path or 'init_config'}) "
-                         "has no class token; use 'patch'")
+        raise ValueError(
+            f"model.vision.select_tokens=cls: this {vis.source} tower ({vis.name_or_path or 'init_config'}) "
+            "has no class token; use 'patch'"
+        )
     params, largest = count_parameters(model)
     if kind == "tokens":
         dims = _vit_dims(model, vis, size, has_cls, params)
@@ -106,7 +109,8 @@ def vision_shape(cfg: RunConfig) -> tuple[ModuleShape, Optional[Any]]:
 
 
 def _vit_dims(model: Any, vis: VisionConfig, size: int, has_cls: bool, params: int) -> dict:
-    """A ViT-like tower: every patch (and the class token) runs through every layer; tokens as VisionTower selects them."""
+    """A ViT-like tower: every patch (and the class token) runs
+    through every layer; tokens as VisionTower selects them."""
     config = model.config
     patch = getattr(config, "patch_size", None)
     seq = (size // patch) ** 2 + int(has_cls) if isinstance(patch, int) else None
@@ -124,7 +128,8 @@ def _vit_dims(model: Any, vis: VisionConfig, size: int, has_cls: bool, params: i
 
 
 def _hf_input_size(vis: VisionConfig, vconf: Any, kind: str) -> int:
-    """The tower's input size: model.vision.image_size, else (a convolutional tower) its local processor's, else its config's.
+    """The tower's input size: model.vision.image_size, else (a
+    convolutional tower) its local processor's, else its config's.
 
     A hub id's processor is not fetched (the planner runs offline): such a conv tower is
     planned at its config's image_size, or 224 as VisionTower takes for a config without one.
@@ -143,9 +148,11 @@ def _timm_on_meta(vis: VisionConfig) -> Any:
     try:
         timm = import_timm()
     except ImportError as exc:
-        raise ValueError(f"{exc}. The planner counts a timm tower's parameters and tokens by building the architecture "
-                         "on the meta device: run `mmdist plan` where timm imports (pip install 'mmdist[vision]' with a "
-                         "torchvision built for this torch)") from None
+        raise ValueError(
+            f"{exc}. The planner counts a timm tower's parameters and tokens by building the architecture "
+            "on the meta device: run `mmdist plan` where timm imports (pip install 'mmdist[vision]' with a "
+            "torchvision built for this torch)"
+        ) from None
     try:
         with torch.device("meta"):
             return timm.create_model(vis.name_or_path, pretrained=False, **{"num_classes": 0, **vis.timm_kwargs})

@@ -98,7 +98,8 @@ def _require_shared_folder(tmp: Path) -> None:
     if missing:
         raise CheckpointError(
             f"checkpoint {tmp.name}: rank 0 (on {host}) does not see the files rank(s) {', '.join(map(str, missing))} "
-            f"wrote into {tmp} within {wait:g} s (${SHARED_WAIT_ENV}): the run folder is not shared by every node (node-local "
+            f"wrote into {tmp} within {wait:g} s (${SHARED_WAIT_ENV}): "
+            "the run folder is not shared by every node (node-local "
             "storage?). Put run_dir on a filesystem that every node mounts at the same path; nothing was published"
         )
 
@@ -171,7 +172,8 @@ class CheckpointManager:
         if not path.is_dir():
             raise CheckpointError(
                 f"{pointer} names {name!r} but {path} does not exist; delete {pointer} to start over or "
-                f"write the name of a complete checkpoint ({', '.join(p.name for p in self.complete()) or 'none'}) into it"
+                "write the name of a complete checkpoint "
+                f"({', '.join(p.name for p in self.complete()) or 'none'}) into it"
             )
         return path
 
@@ -258,7 +260,8 @@ class CheckpointManager:
     def _publish(self, tmp: Path, final: Path) -> None:
         """Rename the finished ``.tmp-`` folder into place, then point ``latest`` at it, then prune."""
         retired = None
-        if final.exists():  # re-saving the same step (after a resume): the old copy goes only once the new one is in place
+        if final.exists():
+            # re-saving the same step (after a resume): the old copy goes only once the new one is in place
             retired = self.root / f"{TMP_PREFIX}old-{final.name}"
             shutil.rmtree(retired, ignore_errors=True)
             os.rename(final, retired)
@@ -384,18 +387,25 @@ class CheckpointManager:
             raise CheckpointError(
                 f"{path} holds the optimizer state for other parameter groups than this run's {group_names(engine)} "
                 f"(changed group settings, or an mmdist from before ZeRO-3 weights got weight decay, which put every "
-                f"ZeRO-3 parameter in a .no_decay group) and has no {TRAINABLE_STATE} to load by parameter name: resume "
+                "ZeRO-3 parameter in a .no_decay group) "
+                f"and has no {TRAINABLE_STATE} to load by parameter name: resume "
                 "it with the settings and mmdist version that wrote it, or set checkpoint.resume=never"
             )
         if not consolidated.is_file():
             raise CheckpointError(
-                f"{path} was written by {saved_world} rank(s) and this run has {world}, and it has no {TRAINABLE_STATE} "
+                f"{path} was written by {saved_world} rank(s) "
+                f"and this run has {world}, and it has no {TRAINABLE_STATE} "
                 "(it predates resuming on another world size): ZeRO partitions are per rank; resume it with "
                 f"{saved_world} rank(s) once (its next checkpoint can move), or set checkpoint.resume=never"
             )
         if len(present) != saved_world:
-            raise CheckpointError(f"{path}: {len(present)} client_state_rank*.pt for {saved_world} saved ranks; the checkpoint is incomplete")
-        load_trainable_state(engine, torch.load(consolidated, map_location="cpu", weights_only=False), source=consolidated)
+            raise CheckpointError(
+                f"{path}: {len(present)} client_state_rank*.pt for "
+                f"{saved_world} saved ranks; the checkpoint is incomplete"
+            )
+        load_trainable_state(
+            engine, torch.load(consolidated, map_location="cpu", weights_only=False), source=consolidated
+        )
         states = [torch.load(p, map_location="cpu", weights_only=False) for p in present]
         client = dict(states[min(dist.rank(), saved_world - 1)])
         client.update(saved_world_size=saved_world, client_states=states)

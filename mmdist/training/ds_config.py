@@ -50,18 +50,27 @@ def fit_micro_batch(cfg: RunConfig, world_size: int) -> tuple[RunConfig, Optiona
         return cfg, None
     if global_batch % world_size:
         fits = [w for w in range(1, global_batch + 1) if global_batch % w == 0 and w <= 64]
-        raise ConfigError([Problem(
-            "train.global_batch_size",
-            f"{global_batch} samples per step cannot be split evenly over {world_size} ranks whatever the micro-batch; "
-            f"run on a number of ranks that divides {global_batch} ({', '.join(map(str, fits))}) or set a global batch "
-            f"that {world_size} divides (a resumed run keeps its learning-rate schedule, but a new global batch changes the optimisation)",
-        )])
+        raise ConfigError(
+            [
+                Problem(
+                    "train.global_batch_size",
+                    f"{global_batch} samples per step cannot be split evenly "
+                    f"over {world_size} ranks whatever the micro-batch; "
+                    f"run on a number of ranks that divides {global_batch} "
+                    f"({', '.join(map(str, fits))}) or set a global batch "
+                    f"that {world_size} divides (a resumed run keeps its learning-rate schedule, "
+                    "but a new global batch changes the optimisation)",
+                )
+            ]
+        )
     per_rank = global_batch // world_size
     fitted = max(m for m in range(1, micro + 1) if per_rank % m == 0)
     out = copy.deepcopy(cfg)
     out.train = dataclasses.replace(out.train, micro_batch_size=fitted)
-    return out, (f"[mmdist] train.micro_batch_size: {micro} -> {fitted}, so that global batch {global_batch} = {fitted} x "
-                 f"{per_rank // fitted} accumulation x {world_size} ranks (train.fit_micro_batch=false refuses instead)")
+    return out, (
+        f"[mmdist] train.micro_batch_size: {micro} -> {fitted}, so that global batch {global_batch} = {fitted} x "
+        f"{per_rank // fitted} accumulation x {world_size} ranks (train.fit_micro_batch=false refuses instead)"
+    )
 
 
 def _typed_config(cfg: RunConfig, world_size: int) -> tuple[dict, dict[tuple[str, ...], str]]:

@@ -65,7 +65,8 @@ def read_gather_for(zero_stage: int) -> Callable[[list], Any]:
 
 @dataclass
 class EngineBundle:
-    """What :func:`build_engine` returns; ``hf_ds_config`` must stay referenced for ZeRO-3 (transformers keeps a weakref)."""
+    """What :func:`build_engine` returns; ``hf_ds_config`` must
+    stay referenced for ZeRO-3 (transformers keeps a weakref)."""
 
     engine: Any  # deepspeed.DeepSpeedEngine
     model: TrainableModel
@@ -146,7 +147,9 @@ def build_device() -> Any:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def _build_engine(cfg: RunConfig, world_size: Optional[int], model_builder: Optional[Callable[[Any, Callable], Any]]) -> EngineBundle:
+def _build_engine(
+    cfg: RunConfig, world_size: Optional[int], model_builder: Optional[Callable[[Any, Callable], Any]]
+) -> EngineBundle:
     _ensure_cpu_accelerator()
     import deepspeed
     import torch
@@ -201,11 +204,15 @@ def _build_engine(cfg: RunConfig, world_size: Optional[int], model_builder: Opti
         "world_size": world_size,
         "gradient_accumulation_steps": ds_config["gradient_accumulation_steps"],
         "warmup_steps": warmup,
-        "optimizer_groups": [(g["name"], sum(int(getattr(p, "ds_numel", p.numel())) for p in g["params"]), g["lr"]) for g in groups],
+        "optimizer_groups": [
+            (g["name"], sum(int(getattr(p, "ds_numel", p.numel())) for p in g["params"]), g["lr"]) for g in groups
+        ],
     }
     optimizer = None
     if cfg.engine.torch_adam:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
+        optimizer = torch.optim.AdamW(
+            groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay
+        )
     with zero_dim_parameters_broadcast_by_us(model, world_size):  # DeepSpeed 0.19 cannot broadcast 0-dim parameters
         engine, ds_optimizer, _, scheduler = deepspeed.initialize(
             model=model,
@@ -215,4 +222,6 @@ def _build_engine(cfg: RunConfig, world_size: Optional[int], model_builder: Opti
             config=ds_config,
             dist_init_required=False,
         )
-    return EngineBundle(engine, model, ds_optimizer, scheduler, ds_config, world_size, steps, gather, read_gather, hf_ds_config, info)
+    return EngineBundle(
+        engine, model, ds_optimizer, scheduler, ds_config, world_size, steps, gather, read_gather, hf_ds_config, info
+    )

@@ -76,7 +76,9 @@ def train(
     every rank (the summary says ``preempted``); no final evaluation or export.
     """
     # DeepSpeed 0.19 calls collectives torch 2.13 has renamed; one warning per call would flood the log.
-    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+    )
     with contextlib.ExitStack() as teardown:  # undone in reverse order, also on an error
         # 1. setup: the process group, the run directory, the engine, the data
         env = dist.init(backend=cfg.engine.backend)
@@ -116,14 +118,25 @@ def train(
         while state.step < end_step:
             try:
                 with dog.phase("the first step") if state.step + 1 == first_step else contextlib.nullcontext():
-                    record = train_step(bundle.engine, batches, state, max_nonfinite_steps=cfg.train.max_nonfinite_steps,
-                                        fingerprint=cfg.log.data_fingerprint, on_skip=run.log_skip)
+                    record = train_step(
+                        bundle.engine,
+                        batches,
+                        state,
+                        max_nonfinite_steps=cfg.train.max_nonfinite_steps,
+                        fingerprint=cfg.log.data_fingerprint,
+                        on_skip=run.log_skip,
+                    )
             except NonFiniteLossError as exc:
                 exc.add_note(f"the last checkpoint is in {run.checkpoints.root}")
                 raise
             except StepOutOfMemoryError as exc:
-                message = oom_advice(cfg, exc, world_size=env.world_size, last_checkpoint=run.last_checkpoint or run.resumed_from,
-                                     checkpoint_root=run.checkpoints.root)
+                message = oom_advice(
+                    cfg,
+                    exc,
+                    world_size=env.world_size,
+                    last_checkpoint=run.last_checkpoint or run.resumed_from,
+                    checkpoint_root=run.checkpoints.root,
+                )
                 raise OutOfMemoryStop(message) from exc  # mmdist train prints it and exits with OOM_EXIT
             dog.beat(state.step)
             logged = time.perf_counter()
@@ -156,7 +169,8 @@ def _open_logs(run: Run, state: TrainState) -> None:
     for line in precision_lines(run.precision):
         logger.print(f"[mmdist] precision {line}")
     logger.print(
-        f"[mmdist] stage={cfg.stage} world={run.world_size} steps={run.total_steps} global_batch={cfg.train.global_batch_size} "
+        f"[mmdist] stage={cfg.stage} world={run.world_size} "
+        f"steps={run.total_steps} global_batch={cfg.train.global_batch_size} "
         f"micro={cfg.train.micro_batch_size} accumulation={bundle.ds_config['gradient_accumulation_steps']} "
         f"zero={cfg.engine.zero_stage} precision={cfg.engine.precision}"
     )
@@ -211,7 +225,9 @@ def _log_step(run: Run, state: TrainState, record: dict, end_step: int) -> None:
     record.update(run.throughput.update(state.step, record["step_samples"], record["step_tokens"],
                                         record.get("step_supervised_tokens", 0), record.get("step_image_tokens", 0),
                                         record.get("step_images", 0)))
-    run.history.append({"step": state.step, "loss": record["loss"], "lr": lr, **({"data": record["data"]} if "data" in record else {})})
+    run.history.append(
+        {"step": state.step, "loss": record["loss"], "lr": lr, **({"data": record["data"]} if "data" in record else {})}
+    )
     run.logger.progress(state.step, record)
     if state.step % max(cfg.log.log_every, 1) == 0 or state.step == end_step or cfg.log.data_fingerprint:
         run.logger.log(state.step, record)
@@ -248,7 +264,8 @@ def _evaluate(run: Run) -> Optional[dict]:
 
 
 def _evaluate_metrics(run: Run) -> dict:
-    """Retrieval R@k (align) or answer accuracy (fuse) on data.eval, on every rank (mmdist/evaluation/runners.py); the answers go to eval/."""
+    """Retrieval R@k (align) or answer accuracy (fuse) on data.eval, on
+    every rank (mmdist/evaluation/runners.py); the answers go to eval/."""
     from mmdist import evaluation
 
     cfg, engine, model = run.cfg, run.bundle.engine, run.bundle.model
@@ -333,8 +350,14 @@ def _finish(run: Run, state: TrainState, seconds: float) -> dict:
     cfg = run.cfg
     finished = state.step >= run.total_steps and not run.preempted
     resumed = run.resumed_from
-    resumed_step = int(resumed.name.split("_")[-1]) if resumed is not None and resumed.name.startswith("step_") else None
-    if state.step > 0 and state.step != resumed_step and (run.last_checkpoint is None or not run.last_checkpoint.name.endswith(f"{state.step:06d}")):
+    resumed_step = (
+        int(resumed.name.split("_")[-1]) if resumed is not None and resumed.name.startswith("step_") else None
+    )
+    if (
+        state.step > 0
+        and state.step != resumed_step
+        and (run.last_checkpoint is None or not run.last_checkpoint.name.endswith(f"{state.step:06d}"))
+    ):
         _save(run, state)
     elif run.last_checkpoint is None and resumed is not None:
         run.last_checkpoint = resumed  # nothing new since the resume: the loaded checkpoint is the last one

@@ -16,7 +16,8 @@ measured against it.
 The peaks are ``log.peak_flops`` or, if unset, the datasheet's or a short matmul
 measured on this device at start (mmdist.hardware.peak_flops), one per dtype.
 The reported throughput leaves out the first :data:`WARMUP_STEPS` step(s) of a run
-(compilation, allocator growth, the first gathers): a record says from which step its window counts (``mfu_steady_from_step``).
+(compilation, allocator growth, the first gathers): a record says
+from which step its window counts (``mfu_steady_from_step``).
 """
 
 from __future__ import annotations
@@ -156,7 +157,17 @@ def drop_records_after(path: Path, step: int) -> int:
 class MetricsLogger:
     """metrics.jsonl (+ TensorBoard, + W&B) and the tqdm bar, on rank 0 only."""
 
-    def __init__(self, run_dir: str | os.PathLike, log_cfg: LogConfig, *, enabled: bool, total_steps: int, initial_step: int = 0, run_name: str = "run", config: Optional[dict] = None):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        log_cfg: LogConfig,
+        *,
+        enabled: bool,
+        total_steps: int,
+        initial_step: int = 0,
+        run_name: str = "run",
+        config: Optional[dict] = None,
+    ):
         self.enabled = enabled
         self.bar = None
         self.tb = None
@@ -179,7 +190,9 @@ class MetricsLogger:
             try:
                 import wandb
 
-                self.wandb = wandb.init(project="mmdist", name=run_name, dir=str(run_dir), config=config or {}, resume="allow")
+                self.wandb = wandb.init(
+                    project="mmdist", name=run_name, dir=str(run_dir), config=config or {}, resume="allow"
+                )
             except Exception as exc:  # not installed, not logged in, offline
                 print(f"[mmdist] W&B logging off: {exc}")
         if log_cfg.progress_bar:
@@ -194,7 +207,11 @@ class MetricsLogger:
         record.update({k: _plain(v) for k, v in values.items()})
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        numeric = {f"{prefix}/{k}": v for k, v in record.items() if k not in ("step", "split", "time") and isinstance(v, (int, float)) and math.isfinite(v)}
+        numeric = {
+            f"{prefix}/{k}": v
+            for k, v in record.items()
+            if k not in ("step", "split", "time") and isinstance(v, (int, float)) and math.isfinite(v)
+        }
         if self.tb is not None:
             for key, value in numeric.items():
                 self.tb.add_scalar(key, value, step)
@@ -206,7 +223,13 @@ class MetricsLogger:
             return
         self.bar.n = step
         shown = {}
-        for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("samples_per_s", "{:.1f}"), ("tokens_per_s", "{:.0f}"), ("mfu", "{:.1%}")):
+        for key, fmt in (
+            ("loss", "{:.4f}"),
+            ("lr", "{:.2e}"),
+            ("samples_per_s", "{:.1f}"),
+            ("tokens_per_s", "{:.0f}"),
+            ("mfu", "{:.1%}"),
+        ):
             if key in values and isinstance(values[key], (int, float)) and math.isfinite(values[key]):
                 shown[key.replace("_per_s", "/s")] = fmt.format(values[key])
         if "eta_s" in values and math.isfinite(values["eta_s"]):
@@ -263,13 +286,19 @@ class BalanceSummary:
         out = {"steps": self.steps, "allreduce_wait_s_per_step": self.wait / max(self.steps, 1),
                "allreduce_wait_max_s_per_step": self.wait_max / max(self.steps, 1)}
         if self.imbalance:
-            out.update(cost_imbalance_mean=sum(self.imbalance) / len(self.imbalance), cost_imbalance_max=max(self.imbalance))
+            out.update(
+                cost_imbalance_mean=sum(self.imbalance) / len(self.imbalance), cost_imbalance_max=max(self.imbalance)
+            )
         return out
 
     def line(self) -> str:
         s = self.summary()
-        cost = (f"per-rank cost max/mean {s['cost_imbalance_mean']:.3f} on average, {s['cost_imbalance_max']:.3f} at worst; "
-                if self.imbalance else "")
+        cost = (
+            f"per-rank cost max/mean {s['cost_imbalance_mean']:.3f} "
+            f"on average, {s['cost_imbalance_max']:.3f} at worst; "
+            if self.imbalance
+            else ""
+        )
         return (f"{cost}ranks waited {s['allreduce_wait_s_per_step'] * 1e3:.1f} ms a step at the all-reduces "
                 f"(mean over ranks; the longest-waiting rank {s['allreduce_wait_max_s_per_step'] * 1e3:.1f} ms), "
                 f"over {self.steps} step(s)")

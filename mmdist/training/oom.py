@@ -77,11 +77,15 @@ def oom_advice(cfg: RunConfig, error: StepOutOfMemoryError, *, world_size: int, 
     ckpt = cfg.stage.llm_checkpointing(cfg.model)
     settings = [
         f"train.micro_batch_size={cfg.train.micro_batch_size} -> smaller (the global batch stays: accumulation grows)",
-        f"engine.zero_stage={cfg.engine.zero_stage} -> 3 partitions the frozen weights too" if cfg.engine.zero_stage != 3
-        else "engine.zero_stage=3 already: engine.offload_params=true / engine.offload_optimizer=true move states to CPU",
+        f"engine.zero_stage={cfg.engine.zero_stage} -> 3 partitions the frozen weights too"
+        if cfg.engine.zero_stage != 3
+        else "engine.zero_stage=3 already: engine.offload_params=true "
+        "/ engine.offload_optimizer=true move states to CPU",
     ]
     if ckpt is False:
-        settings.insert(0, "model.llm.gradient_checkpointing=true (activations of one layer at a time; ~1/3 more compute)")
+        settings.insert(
+            0, "model.llm.gradient_checkpointing=true (activations of one layer at a time; ~1/3 more compute)"
+        )
     if cfg.stage.builds("llm"):
         settings.append(f"data.max_len={cfg.data.max_len} -> shorter rows (activation memory grows with it)")
     phase = (f"the training step (step {error.step}, micro-batch {error.micro_batch} of {error.accumulation}, "

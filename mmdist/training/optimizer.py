@@ -39,12 +39,16 @@ def build_optimizer_groups(model: TrainableModel, train_cfg: TrainConfig) -> lis
     groups = model.trainable_groups()
     problems = []
     for key in train_cfg.lr_multipliers:
-        # A group this model happens not to have (stage1 without stage-1 weights) is fine; a name no model uses is a typo.
+        # A group this model happens not to have (stage1 without
+        # stage-1 weights) is fine; a name no model uses is a typo.
         if key not in groups and key not in KNOWN_GROUPS:
-            problems.append(Problem(
-                f"train.lr_multipliers.{key}",
-                f"no such parameter group; this model has: {', '.join(sorted(groups)) or 'none'} (known group names: {', '.join(KNOWN_GROUPS)})",
-            ))
+            problems.append(
+                Problem(
+                    f"train.lr_multipliers.{key}",
+                    "no such parameter group; this model has: "
+                    f"{', '.join(sorted(groups)) or 'none'} (known group names: {', '.join(KNOWN_GROUPS)})",
+                )
+            )
     seen: set[int] = set()
     out = []
     for group_name, params in groups.items():
@@ -53,7 +57,9 @@ def build_optimizer_groups(model: TrainableModel, train_cfg: TrainConfig) -> lis
         for p in params:
             name = named.get(id(p), f"{group_name}.<unnamed>")
             if not p.requires_grad:
-                problems.append(Problem("model", f"trainable_groups()['{group_name}'] holds the frozen parameter {name}"))
+                problems.append(
+                    Problem("model", f"trainable_groups()['{group_name}'] holds the frozen parameter {name}")
+                )
                 continue
             if id(p) in seen:
                 problems.append(Problem("model", f"parameter {name} is in two trainable groups"))
@@ -70,7 +76,13 @@ def build_optimizer_groups(model: TrainableModel, train_cfg: TrainConfig) -> lis
                 })
     missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
     if missing:
-        problems.append(Problem("model", f"{len(missing)} trainable parameter(s) are in no trainable group (e.g. {missing[:3]}); they would never be updated"))
+        problems.append(
+            Problem(
+                "model",
+                f"{len(missing)} trainable parameter(s) are in no trainable "
+                f"group (e.g. {missing[:3]}); they would never be updated",
+            )
+        )
     if not out and not problems:
         problems.append(Problem("model", "the model has no trainable parameters: nothing to train"))
     if problems:

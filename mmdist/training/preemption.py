@@ -154,7 +154,11 @@ def stop_agreed(flag: Union[PreemptionFlag, bool], device: Any = None) -> bool:
     import torch.distributed as tdist
 
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(tdist.get_backend()) else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if "nccl" in str(tdist.get_backend())
+            else torch.device("cpu")
+        )
     return dist.all_reduce([1.0 if local else 0.0], device, op="max")[0] > 0
 
 

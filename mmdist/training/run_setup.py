@@ -75,7 +75,8 @@ class Run:
     logger: Optional[MetricsLogger] = None
     throughput: Optional[Throughput] = None
     eval_loader: Optional[Iterable] = None  # built at the first evaluation
-    metrics_loader: Optional[Iterable] = None  # train.eval_metrics: unpacked held-out batches, built at the first evaluation
+    # train.eval_metrics: unpacked held-out batches, built at the first evaluation
+    metrics_loader: Optional[Iterable] = None
     resumed_from: Optional[Path] = None
     last_checkpoint: Optional[Path] = None
     watchdog: Optional[Watchdog] = None
@@ -96,8 +97,14 @@ class Run:
 
     def log_skip(self, state: TrainState, loss: float) -> None:
         """A non-finite micro-batch was dropped (train_step's ``on_skip``)."""
-        self.logger.print(f"[mmdist] step {state.step + 1}: non-finite loss ({loss}) on some rank; batch skipped ({state.nonfinite_in_row} in a row)")
-        self.logger.log(state.step, {"nonfinite_loss": 1, "nonfinite_in_row": state.nonfinite_in_row, "nonfinite_total": state.nonfinite_total})
+        self.logger.print(
+            f"[mmdist] step {state.step + 1}: non-finite loss ({loss}) "
+            f"on some rank; batch skipped ({state.nonfinite_in_row} in a row)"
+        )
+        self.logger.log(
+            state.step,
+            {"nonfinite_loss": 1, "nonfinite_in_row": state.nonfinite_in_row, "nonfinite_total": state.nonfinite_total},
+        )
 
 
 def write_run_dir(cfg: RunConfig, rank: int, precision: Sequence = (), notes: Sequence[str] = ()) -> None:

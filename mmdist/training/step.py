@@ -43,8 +43,16 @@ class StepOutOfMemoryError(RuntimeError):
     """The device ran out of memory during a step: which step and micro-batch, and the device's memory then."""
 
     def __init__(self, step: int, micro_batch: int, accumulation: int, phase: str, memory: str):
-        self.step, self.micro_batch, self.accumulation, self.phase, self.memory = step, micro_batch, accumulation, phase, memory
-        super().__init__(f"out of memory at step {step}, micro-batch {micro_batch} of {accumulation}, in the {phase}: {memory}")
+        self.step, self.micro_batch, self.accumulation, self.phase, self.memory = (
+            step,
+            micro_batch,
+            accumulation,
+            phase,
+            memory,
+        )
+        super().__init__(
+            f"out of memory at step {step}, micro-batch {micro_batch} of {accumulation}, in the {phase}: {memory}"
+        )
 
 
 @dataclass
@@ -97,7 +105,12 @@ class TrainState:
 
     def state_dict(self) -> dict:
         """The checkpoint's client-state keys (``step`` is written by CheckpointManager.save as well)."""
-        return {"step": self.step, "samples": self.samples, "tokens": self.tokens, "nonfinite_total": self.nonfinite_total}
+        return {
+            "step": self.step,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "nonfinite_total": self.nonfinite_total,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Older checkpoints lack ``tokens`` (and the oldest ``samples``/``nonfinite_total``): those restart at 0."""
@@ -190,7 +203,9 @@ def train_step(
                 with phases.phase("optimizer"):
                     engine.step()
         except torch.OutOfMemoryError as exc:  # the memory figures are those at the failure
-            raise StepOutOfMemoryError(state.step + 1, stats.micro + 1, accumulation, where, memory_summary(engine.device)) from exc
+            raise StepOutOfMemoryError(
+                state.step + 1, stats.micro + 1, accumulation, where, memory_summary(engine.device)
+            ) from exc
         if not finite:
             # dropped before backward on every rank: no gradient, no optimizer update
             state.nonfinite_in_row += 1
@@ -199,7 +214,8 @@ def train_step(
                 on_skip(state, float(loss.detach()))
             if state.nonfinite_in_row >= max_nonfinite_steps:
                 raise NonFiniteLossError(
-                    f"{state.nonfinite_in_row} non-finite losses in a row at step {state.step + 1} (train.max_nonfinite_steps="
+                    f"{state.nonfinite_in_row} non-finite losses in a row "
+                    f"at step {state.step + 1} (train.max_nonfinite_steps="
                     f"{max_nonfinite_steps}): lower train.lr, check the data (empty answers, bad images) or use "
                     "engine.precision=bf16/fp32"
                 )
@@ -275,14 +291,35 @@ class _StepStats:
         gradient reduction are not separated from its transfer time and are not counted."""
         self.timed_wait(dist.all_reduce, [0.0], device)
         keys = sorted(self.metrics)  # the same model on every rank reports the same keys
-        total = dist.all_reduce([self.loss, self.micro, self.samples, self.tokens, self.supervised, self.image_tokens,
-                                 self.term_loss, self.terms, self.images, self.wait] + [self.metrics[k] for k in keys], device)
+        total = dist.all_reduce(
+            [
+                self.loss,
+                self.micro,
+                self.samples,
+                self.tokens,
+                self.supervised,
+                self.image_tokens,
+                self.term_loss,
+                self.terms,
+                self.images,
+                self.wait,
+            ]
+            + [self.metrics[k] for k in keys],
+            device,
+        )
         longest = dist.all_reduce([self.wait], device, op="max")[0]
         count = max(total[1], 1)
         loss = total[6] / total[7] if total[7] > 0 else total[0] / count
-        out = {"loss": loss, "step_samples": int(total[2]), "step_tokens": int(total[3]),
-               "step_supervised_tokens": int(total[4]), "step_image_tokens": int(total[5]), "step_images": int(total[8]),
-               "allreduce_wait_s": total[9] / dist.world_size(), "allreduce_wait_max_s": longest}
+        out = {
+            "loss": loss,
+            "step_samples": int(total[2]),
+            "step_tokens": int(total[3]),
+            "step_supervised_tokens": int(total[4]),
+            "step_image_tokens": int(total[5]),
+            "step_images": int(total[8]),
+            "allreduce_wait_s": total[9] / dist.world_size(),
+            "allreduce_wait_max_s": longest,
+        }
         out.update({k: v / count for k, v in zip(keys, total[10:])})
         return out
 
@@ -336,4 +373,6 @@ class Batches:
                 return next(self.iterator)
             except StopIteration:
                 self.iterator = None
-        raise RuntimeError("the training loader yields no batches: check data.train (every shard empty or filtered out?)")
+        raise RuntimeError(
+            "the training loader yields no batches: check data.train (every shard empty or filtered out?)"
+        )

@@ -135,8 +135,10 @@ def load_trainable_state(engine: Any, state: dict, *, source: Any = TRAINABLE_ST
     names = [n for n, _ in trainable]
     missing, unknown = sorted(set(names) - set(state["params"])), sorted(set(state["params"]) - set(names))
     if missing or unknown:
-        raise CheckpointError(f"{source}: trainable parameters differ from this model's (missing {missing[:5]}, unknown "
-                              f"{unknown[:5]}): the checkpoint belongs to another model or freezing setup")
+        raise CheckpointError(
+            f"{source}: trainable parameters differ from this model's (missing {missing[:5]}, unknown "
+            f"{unknown[:5]}): the checkpoint belongs to another model or freezing setup"
+        )
     _ensure_adam_state(engine)
     plain = base_optimizer(engine).state
     for name, param in trainable:

@@ -84,7 +84,13 @@ class Watchdog:
 
     @classmethod
     def from_config(cls, cfg: WatchdogConfig, *, rank: int, run_dir: Union[str, os.PathLike]) -> Watchdog:
-        return cls(cfg.timeout_s, rank=rank, dump_dir=Path(run_dir) / "stacks", phase_timeout_s=cfg.phase_timeout_s, poll_s=cfg.poll_s)
+        return cls(
+            cfg.timeout_s,
+            rank=rank,
+            dump_dir=Path(run_dir) / "stacks",
+            phase_timeout_s=cfg.phase_timeout_s,
+            poll_s=cfg.poll_s,
+        )
 
     @property
     def enabled(self) -> bool:
@@ -153,8 +159,10 @@ class Watchdog:
         where = f"in phase {self._phase!r}" if self._phase else "in the training loop"
         last = f"after step {self.step}" if self.step is not None else "before the first step"
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        header = (f"[mmdist] watchdog: rank {self.rank} ({socket.gethostname()}, pid {os.getpid()}) made no progress for "
-                  f"{idle:.0f} s (limit {limit:g} s) {where}, {last}; stacks of every thread follow")
+        header = (
+            f"[mmdist] watchdog: rank {self.rank} ({socket.gethostname()}, pid {os.getpid()}) made no progress for "
+            f"{idle:.0f} s (limit {limit:g} s) {where}, {last}; stacks of every thread follow"
+        )
         err = _stderr()
         dump_file = None
         try:
@@ -176,15 +184,18 @@ class Watchdog:
                 err.write(f"[mmdist] watchdog: could not write the stack dump into {self.dump_dir}: {exc}\n")
                 dump_file = None
         try:
-            err.write(f"[mmdist] error: rank {self.rank} hung {where} {last} for {idle:.0f} s (limit {limit:g} s); "
-                      f"stacks above{f' and in {dump_file}' if dump_file else ''}; exiting with code {self.exit_code}\n")
+            err.write(
+                f"[mmdist] error: rank {self.rank} hung {where} {last} for {idle:.0f} s (limit {limit:g} s); "
+                f"stacks above{f' and in {dump_file}' if dump_file else ''}; exiting with code {self.exit_code}\n"
+            )
             err.flush()
         finally:
             os._exit(self.exit_code)
 
 
 def _stderr() -> IO[str]:
-    """The process's real stderr (pytest and loggers may replace sys.stderr with an object without a file descriptor)."""
+    """The process's real stderr (pytest and loggers may replace
+    sys.stderr with an object without a file descriptor)."""
     for stream in (sys.stderr, sys.__stderr__):
         try:
             if stream is not None:

@@ -27,9 +27,23 @@ def tiny_result(tmp_path_factory):
     pytest.importorskip("sklearn")  # the demo digits
     folder = tmp_path_factory.mktemp("gpu_system")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_system.py"), "--tiny", "--steps", "3", "--zero-stage", "3", "--workdir", str(folder),
-         "--json", str(folder / "result.json")],
-        capture_output=True, text=True, timeout=900, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_system.py"),
+            "--tiny",
+            "--steps",
+            "3",
+            "--zero-stage",
+            "3",
+            "--workdir",
+            str(folder),
+            "--json",
+            str(folder / "result.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout, json.loads((folder / "result.json").read_text()), folder
@@ -89,8 +103,11 @@ def test_ratio_and_rates_add_up(tiny_result):
     assert t["reported_mfu"] == pytest.approx(t["mfu"], rel=0.02)
     assert t["reported_mfu_steady_from_step"] == 2
     # ZeRO-3's fetch/release hooks run inside the trainer's forward and backward only
-    assert 0 < t["breakdown_s"]["zero3_fetch_release"] < t["breakdown_s"]["llm_forward"] + t["breakdown_s"]["backward"] + \
-        t["breakdown_s"]["vision"]
+    assert (
+        0
+        < t["breakdown_s"]["zero3_fetch_release"]
+        < t["breakdown_s"]["llm_forward"] + t["breakdown_s"]["backward"] + t["breakdown_s"]["vision"]
+    )
     assert b["breakdown_s"]["zero3_fetch_release"] == 0
 
 
@@ -99,9 +116,21 @@ def test_zero_stage_auto_records_what_the_trainer_resolved(tiny_result, tmp_path
     _, explicit, _ = tiny_result
     assert (explicit["zero_stage"], explicit["zero_stage_setting"]) == (3, 3)
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_system.py"), "--tiny", "--steps", "2", "--workdir", str(tmp_path),
-         "--json", str(tmp_path / "result.json")],
-        capture_output=True, text=True, timeout=900, cwd=ROOT,
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_system.py"),
+            "--tiny",
+            "--steps",
+            "2",
+            "--workdir",
+            str(tmp_path),
+            "--json",
+            str(tmp_path / "result.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "result.json").read_text())

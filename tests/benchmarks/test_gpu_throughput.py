@@ -12,7 +12,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
-FIELDS = ["device", "tokens_per_s", "mfu_4n", "hfu", "peak_memory_gib", "step_s", "llm_params", "frozen_params_with_grad"]
+FIELDS = [
+    "device",
+    "tokens_per_s",
+    "mfu_4n",
+    "hfu",
+    "peak_memory_gib",
+    "step_s",
+    "llm_params",
+    "frozen_params_with_grad",
+]
 
 
 def test_tiny_cpu_mode_runs_and_prints_its_fields(tmp_path):
@@ -35,7 +44,8 @@ def test_tiny_cpu_mode_runs_and_prints_its_fields(tmp_path):
 
 
 def test_peak_comes_from_the_trainers_datasheet_table():
-    """The benchmark and the trainer's MFU read one table (mmdist.hardware); longer names match first (L40S before L40)."""
+    """The benchmark and the trainer's MFU read one table
+    (mmdist.hardware); longer names match first (L40S before L40)."""
     import gpu_throughput
 
     from mmdist.hardware import datasheet_peak

@@ -1,4 +1,5 @@
-"""benchmarks/throughput.py: its command line, and mmdist's side stepping through the trainer's train_step at a tiny shape."""
+"""benchmarks/throughput.py: its command line, and mmdist's side
+stepping through the trainer's train_step at a tiny shape."""
 
 from __future__ import annotations
 

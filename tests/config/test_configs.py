@@ -57,26 +57,51 @@ BAD_CASES = {
     "bad stage": ({"stage": "fusion"}, "stage", "did you mean 'fuse'"),
     "wrong type": ({"train": {"micro_batch_size": "eight"}}, "train.micro_batch_size", "expected an integer"),
     "no budget": ({"train": {"max_steps": None}}, "train.max_steps", "set max_steps or max_samples"),
-    "batch smaller than micro": ({"train": {"global_batch_size": 2, "micro_batch_size": 4}}, "train.global_batch_size", "smaller than"),
-    "offload params without zero3": ({"engine": {"offload_params": True, "zero_stage": 2}}, "engine.offload_params", "zero_stage=3"),
+    "batch smaller than micro": (
+        {"train": {"global_batch_size": 2, "micro_batch_size": 4}},
+        "train.global_batch_size",
+        "smaller than",
+    ),
+    "offload params without zero3": (
+        {"engine": {"offload_params": True, "zero_stage": 2}},
+        "engine.offload_params",
+        "zero_stage=3",
+    ),
     "no shards": ({"data": {"train": []}}, "data.train", "at least one source"),
-    "source weight in epoch mode": ({"data": {"train": [{"shards": ["a.tar"]}, {"shards": ["b.tar"], "weight": 0.3}]}},
-                                    "data.train[1].weight", "resampled mode"),
-    "qformer without stage1 weights": ({"model": {"connector": {"type": "qformer"}}}, "model.connector.stage1_weights", "stage 1 first"),
+    "source weight in epoch mode": (
+        {"data": {"train": [{"shards": ["a.tar"]}, {"shards": ["b.tar"], "weight": 0.3}]}},
+        "data.train[1].weight",
+        "resampled mode",
+    ),
+    "qformer without stage1 weights": (
+        {"model": {"connector": {"type": "qformer"}}},
+        "model.connector.stage1_weights",
+        "stage 1 first",
+    ),
     "qformer with frozen text": (
         {"stage": "align", "model": {"text": {"name_or_path": "minilm"}, "connector": {"type": "qformer"}}},
         "model.text.freeze",
         "Q-Former",
     ),
-    "llm given twice": ({"model": {"llm": {"name_or_path": "x", "init_config": {"model_type": "llama"}}}}, "model.llm.init_config", "not both"),
-    "custom vision without class": ({"model": {"vision": {"source": "custom", "init_config": None}}}, "model.vision.custom_class", "package.module:Class"),
+    "llm given twice": (
+        {"model": {"llm": {"name_or_path": "x", "init_config": {"model_type": "llama"}}}},
+        "model.llm.init_config",
+        "not both",
+    ),
+    "custom vision without class": (
+        {"model": {"vision": {"source": "custom", "init_config": None}}},
+        "model.vision.custom_class",
+        "package.module:Class",
+    ),
 }
 
 
 def _merge(base: dict, patch: dict) -> dict:
     out = dict(base)
     for key, value in patch.items():
-        out[key] = _merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _merge(out.get(key, {}), value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
     return out
 
 

@@ -38,7 +38,9 @@ def test_a_recipe_name_elsewhere_is_the_packaged_recipe(tmp_path, monkeypatch, g
 
 def test_missing_recipe_names_where_it_looked(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(ConfigError, match=r"configs/nope.yaml \(relative to .*\), and mmdist ships no recipe nope.yaml") as err:
+    with pytest.raises(
+        ConfigError, match=r"configs/nope.yaml \(relative to .*\), and mmdist ships no recipe nope.yaml"
+    ) as err:
         recipe_path("configs/nope.yaml")
     assert "tiny_fuse.yaml" in str(err.value)  # lists the recipes it does ship
 

@@ -27,7 +27,9 @@ def _good(i: int) -> dict:
 
 def _write_mixed(tmp_path):
     """Shard 0: truncated tar (2 good samples survive). Shard 1: one sample of every bad kind + good ones."""
-    whole = write_tar(tmp_path / "tmp-full.tar", [_good(0), _good(1), {"__key__": "good002", "png": _big_png(64), "txt": "a digit"}])
+    whole = write_tar(
+        tmp_path / "tmp-full.tar", [_good(0), _good(1), {"__key__": "good002", "png": _big_png(64), "txt": "a digit"}]
+    )
     data = whole.read_bytes()
     # cut inside the third sample's image member (its header is after the first two samples' 4 members)
     (tmp_path / "eval-000000.tar").write_bytes(data[: 4 * 1024 + 700])
@@ -138,8 +140,13 @@ def test_decompression_bomb_header_is_refused_before_decoding(tmp_path, processo
 def test_all_bad_shard_stops_instead_of_looping(tmp_path, processors):
     write_tar(tmp_path / "z-000000.tar", [{"__key__": f"b{i}", "png": b"", "txt": "a"} for i in range(5)])
     write_tar(tmp_path / "z-000001.tar", [_good(i) for i in range(5)])
-    cfg = make_config(str(tmp_path / "z-{000000..000001}.tar"), max_bad_fraction=1.0, self_check_samples=0, num_workers=2,
-                      persistent_workers=False)
+    cfg = make_config(
+        str(tmp_path / "z-{000000..000001}.tar"),
+        max_bad_fraction=1.0,
+        self_check_samples=0,
+        num_workers=2,
+        persistent_workers=False,
+    )
     with pytest.raises(RuntimeError, match="none of the last"):
         for _ in build_loader(cfg, processors, "train", 0, 1):
             pass

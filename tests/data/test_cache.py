@@ -36,7 +36,10 @@ def test_cache_round_trip_fuse(tmp_path):
     members = read_tar(summary.shards[0])
     first = next(members)
     assert "features.npy" in first and "png" not in first and first["txt"]
-    assert json.loads((tmp_path / "cache" / "train" / "sizes.json").read_text()) == {"features-000000.tar": 4, "features-000001.tar": 4}
+    assert json.loads((tmp_path / "cache" / "train" / "sizes.json").read_text()) == {
+        "features-000000.tar": 4,
+        "features-000001.tar": 4,
+    }
 
     cfg.data.feature_cache = str(tmp_path / "cache")
     cfg.train.micro_batch_size = 1
@@ -85,13 +88,23 @@ def test_cache_key_mismatch_is_refused(tmp_path):
 
 def test_cache_keeps_text_only_and_skips_bad_images(tmp_path):
     processors = make_processors()
-    write_tar(tmp_path / "src" / "m-000000.tar", [
-        {"__key__": "a", "png": png(1), "txt": "a cat"},
-        {"__key__": "broken", "png": b"\x89PNG nope", "txt": "a dog"},
-        {"__key__": "t", "json": {"conversations": [{"from": "human", "value": "what is this ?"}, {"from": "gpt", "value": "text"}]}},
-    ])
+    write_tar(
+        tmp_path / "src" / "m-000000.tar",
+        [
+            {"__key__": "a", "png": png(1), "txt": "a cat"},
+            {"__key__": "broken", "png": b"\x89PNG nope", "txt": "a dog"},
+            {
+                "__key__": "t",
+                "json": {
+                    "conversations": [{"from": "human", "value": "what is this ?"}, {"from": "gpt", "value": "text"}]
+                },
+            },
+        ],
+    )
     cfg = make_config(str(tmp_path / "src" / "m-000000.tar"))
-    summary = build_feature_cache(cfg, encode, [str(tmp_path / "src" / "m-000000.tar")], tmp_path / "c", processors=processors)
+    summary = build_feature_cache(
+        cfg, encode, [str(tmp_path / "src" / "m-000000.tar")], tmp_path / "c", processors=processors
+    )
     assert summary.written == 2 and dict(summary.skipped) == {"corrupt_image": 1}
     samples = list(read_tar(summary.shards[0]))
     assert [s["__key__"] for s in samples] == ["a", "t"] and "features.npy" not in samples[1]
@@ -101,7 +114,8 @@ def test_cache_keeps_text_only_and_skips_bad_images(tmp_path):
 
 
 def _align_setup(tmp_path, connector="mlp", cache_text=None, **text):
-    """A tiny align model and a cache of its features for 8 caption samples (eval split: unshuffled, same order as pixels)."""
+    """A tiny align model and a cache of its features for 8 caption
+    samples (eval split: unshuffled, same order as pixels)."""
     from helpers.configs import tiny_run_config
 
     from mmdist.materialize import build_run_model
@@ -113,7 +127,9 @@ def _align_setup(tmp_path, connector="mlp", cache_text=None, **text):
                           train={"micro_batch_size": 4, "global_batch_size": 4})
     torch.manual_seed(0)
     model = build_run_model(cfg).eval()
-    summary = build_feature_cache(cfg, model, [pattern], tmp_path / "cache", batch_size=3, samples_per_shard=4, cache_text=cache_text)
+    summary = build_feature_cache(
+        cfg, model, [pattern], tmp_path / "cache", batch_size=3, samples_per_shard=4, cache_text=cache_text
+    )
     return cfg, model, summary
 
 
@@ -153,7 +169,8 @@ def test_text_features_give_the_same_loss(tmp_path):
     with torch.no_grad():
         for a, b in zip(cached, plain):
             from_cache = model(a)["loss"]
-            without_text = model({k: v for k, v in a.items() if k != "text_features"})["loss"]  # text encoder on the tokens
+            # text encoder on the tokens
+            without_text = model({k: v for k, v in a.items() if k != "text_features"})["loss"]
             from_pixels = model(b)["loss"]
             torch.testing.assert_close(from_cache, without_text, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(from_cache, from_pixels, atol=1e-2, rtol=1e-2)  # image features are stored fp16
@@ -234,7 +251,9 @@ def test_mmdist_cache_of_a_stage2_config_never_loads_the_llm(tmp_path, monkeypat
     from mmdist.materialize import build_run_model
 
     pattern = write_caption_shards(tmp_path / "src", [3])
-    cfg = tiny_run_config("fuse", data={"train": [{"shards": [pattern]}], "eval": [], "num_workers": 0, "format": "caption"})
+    cfg = tiny_run_config(
+        "fuse", data={"train": [{"shards": [pattern]}], "eval": [], "num_workers": 0, "format": "caption"}
+    )
     path = tmp_path / "fuse.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(cfg)))
     real_load_llm = build.load_llm

@@ -32,7 +32,9 @@ def _epoch_keys(loader) -> list[str]:
     return keys
 
 
-@pytest.mark.parametrize("before,after,num_workers,group", [(2, 1, 0, False), (2, 3, 2, False), (2, 3, 2, True), (3, 2, 1, False)])
+@pytest.mark.parametrize(
+    "before,after,num_workers,group", [(2, 1, 0, False), (2, 3, 2, False), (2, 3, 2, True), (3, 2, 1, False)]
+)
 def test_epoch_continues_on_another_world_size_without_repeats_or_gaps(tmp_path, before, after, num_workers, group):
     processors = make_processors()
     # 72 samples: an uninterrupted run sees each once on 1, 2 or 3 ranks with micro-batch 2
@@ -195,8 +197,16 @@ def test_checkpoint_at_the_last_batch_of_an_epoch_moves_on_to_the_next(tmp_path)
 
 def test_position_of_other_shards_is_refused(tmp_path):
     processors = make_processors()
-    first = [build_loader(make_config(write_caption_shards(tmp_path / "a", [10, 10]), num_workers=0, micro_batch_size=2),
-                          processors, "train", r, 2) for r in range(2)]
+    first = [
+        build_loader(
+            make_config(write_caption_shards(tmp_path / "a", [10, 10]), num_workers=0, micro_batch_size=2),
+            processors,
+            "train",
+            r,
+            2,
+        )
+        for r in range(2)
+    ]
     for loader in first:
         _read(loader, 1)
     moved = build_loader(make_config(write_caption_shards(tmp_path / "b", [10, 10]), num_workers=0, micro_batch_size=2),

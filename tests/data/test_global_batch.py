@@ -51,7 +51,8 @@ def _step_keys(steps) -> list[list[str]]:
 def test_steps_hold_the_same_samples_on_any_world_micro_batch_and_workers(tmp_path, world, micro, workers):
     pattern = write_caption_shards(tmp_path, SHARDS)
     reference = _step_keys(_steps(_loaders(pattern, 1, 12), 8))
-    assert Counter(k for step in reference[:6] for k in step) == Counter(f"s{i:06d}" for i in range(72))  # an epoch, once
+    # an epoch, once
+    assert Counter(k for step in reference[:6] for k in step) == Counter(f"s{i:06d}" for i in range(72))
     one_epoch = _loaders(pattern, 1, 12)[0]
     assert len(one_epoch) == 6 and len(list(one_epoch)) == 6 and len(list(one_epoch)) == 6  # then the next epoch
     steps = _steps(_loaders(pattern, world, micro, num_workers=workers), 8)

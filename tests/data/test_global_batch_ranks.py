@@ -22,7 +22,7 @@ STEPS = 3
 DATA = {"order": "global", "micro_batch_size": 3, "global_batch_size": 48, "max_len": 256, "shuffle_buffer": 8,
         "image_tiling": {"enabled": True}, "max_bad_fraction": 0.0}
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, os, sys
     import torch.distributed as dist
     from helpers.data_fixtures import make_config, make_processors
@@ -31,7 +31,8 @@ SCRIPT = textwrap.dedent('''
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        loader = build_loader(make_config({pattern!r}, num_workers=1, **{data!r}), make_processors(), "train", rank, world)
+        cfg = make_config({pattern!r}, num_workers=1, **{data!r})
+        loader = build_loader(cfg, make_processors(), "train", rank, world)
         assert loader.exchange is not None
         it, micro, reports = (b for _ in range(99) for b in loader), [], []
         for _ in range({steps} * loader.accumulation):
@@ -42,20 +43,31 @@ SCRIPT = textwrap.dedent('''
         json.dump({{"micro": micro, "reports": reports}}, open({out!r} + f".{{rank}}", "w"))
     finally:
         dist.destroy_process_group()
-''')
+""")
 
 
 def test_four_ranks_exchange_to_the_same_micro_batches_balanced_by_cost(tmp_path):
-    summary = write_shards(mixture_samples(144, image_size=8), tmp_path / "mixture", prefix="train", samples_per_shard=12)
+    summary = write_shards(
+        mixture_samples(144, image_size=8), tmp_path / "mixture", prefix="train", samples_per_shard=12
+    )
     pattern, out = shard_pattern(summary), str(tmp_path / "result")
     script = tmp_path / "run.py"
     script.write_text(SCRIPT.format(pattern=pattern, data=DATA, steps=STEPS, out=out))
     repo = Path(__file__).resolve().parents[2]
     port, procs = free_port(), []
     for rank in range(4):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH", "")])}
-        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "WORLD_SIZE": "4",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH", "")]),
+        }
+        procs.append(
+            subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
     outputs = []
     for p in procs:
         try:
@@ -81,7 +93,9 @@ def test_four_ranks_exchange_to_the_same_micro_batches_balanced_by_cost(tmp_path
         assert len({r["cost_imbalance"] for r in reports}) == 1  # every rank computed the same split
         assert reports[0]["cost_imbalance"] <= 1.05
         assert sum(r["samples_moved"] for r in reports) < 48  # most samples stay where they were read
-    by_count = build_loader(make_config(pattern, num_workers=0, **{**DATA, "balance": False}), make_processors(), "train", 0, 4)
+    by_count = build_loader(
+        make_config(pattern, num_workers=0, **{**DATA, "balance": False}), make_processors(), "train", 0, 4
+    )
     it = (b for _ in range(99) for b in by_count)
     worst = 1.0
     for _ in range(STEPS * by_count.accumulation):

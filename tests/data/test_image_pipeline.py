@@ -49,7 +49,9 @@ def test_clip_geometry_matches_the_clip_processor(size):
 def test_siglip_geometry_matches_the_siglip_processor(resample):
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
-    processor = SiglipImageProcessorPil(size={"height": 224, "width": 224}, resample={"bilinear": 2, "bicubic": 3}[resample])
+    processor = SiglipImageProcessorPil(
+        size={"height": 224, "width": 224}, resample={"bilinear": 2, "bicubic": 3}[resample]
+    )
     transform = ImageTransform(224, [0.5] * 3, [0.5] * 3, resize="squash", resample=resample)
     image = decode_image(photo_jpeg(640, 480), 10**9)
     theirs = processor(image, return_tensors="pt")["pixel_values"][0]
@@ -82,8 +84,18 @@ def test_small_sources_and_padded_transforms_decode_in_full():
 def test_vision_tower_normalises_uint8_on_its_device():
     from mmdist.models.vision import VisionConfig, VisionTower
 
-    cfg = VisionConfig(init_config={"model_type": "vit", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-                                    "intermediate_size": 64, "image_size": 32, "patch_size": 16}, dtype="fp32")
+    cfg = VisionConfig(
+        init_config={
+            "model_type": "vit",
+            "hidden_size": 32,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "image_size": 32,
+            "patch_size": 16,
+        },
+        dtype="fp32",
+    )
     tower = VisionTower(cfg).eval()
     transform = tower.image_transform()
     image = decode_image(photo_jpeg(64, 48), 10**9)

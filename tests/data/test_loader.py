@@ -70,7 +70,9 @@ def test_equal_batch_counts_across_ranks_with_uneven_shards(tmp_path, processors
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_fewer_shards_than_ranks_splits_by_sample(tmp_path, processors, num_workers):
     pattern = write_caption_shards(tmp_path, [12])
-    cfg = make_config(pattern, eval_shards=[pattern], num_workers=num_workers, micro_batch_size=2, persistent_workers=False)
+    cfg = make_config(
+        pattern, eval_shards=[pattern], num_workers=num_workers, micro_batch_size=2, persistent_workers=False
+    )
     seen: Counter = Counter()
     for rank in range(3):
         loader = build_loader(cfg, processors, "eval", rank, 3)
@@ -90,8 +92,13 @@ def test_persistent_workers_run_several_epochs(tmp_path, processors):
     assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == 32 for e in epochs)
     assert epochs[0] != epochs[1] != epochs[2]
     # a loader built fresh at epoch 2 (no persistent workers) agrees with the persistent one
-    other = build_loader(make_config(pattern, num_workers=2, persistent_workers=False, shuffle_buffer=4, micro_batch_size=4),
-                         processors, "train", 0, 1)
+    other = build_loader(
+        make_config(pattern, num_workers=2, persistent_workers=False, shuffle_buffer=4, micro_batch_size=4),
+        processors,
+        "train",
+        0,
+        1,
+    )
     other.load_state_dict({**loader.state_dict(), "epoch": 2, "workers": {}})
     assert _one_epoch(other) == epochs[2]
 
@@ -100,12 +107,17 @@ def test_shard_list_file_and_img2dataset_stats(tmp_path, processors):
     import json
 
     pattern = write_caption_shards(tmp_path / "d", [3, 5], sizes=False)
-    (tmp_path / "d" / "train-000000_stats.json").write_text(json.dumps({"count": 4, "successes": 3, "failed_to_download": 1}))
+    (tmp_path / "d" / "train-000000_stats.json").write_text(
+        json.dumps({"count": 4, "successes": 3, "failed_to_download": 1})
+    )
     (tmp_path / "list.txt").write_text("# shards\nd/train-000000.tar\nd/train-000001.tar\n")
     cfg = make_config(str(tmp_path / "list.txt"), micro_batch_size=2)
     loader = build_loader(cfg, processors, "train", 0, 1)
     assert [s.size for s in loader.dataset.shards] == [3, 5]  # stats file, then counted from the tar
-    assert [s.url for s in loader.dataset.shards] == [str(tmp_path / "d" / "train-000000.tar"), str(tmp_path / "d" / "train-000001.tar")]
+    assert [s.url for s in loader.dataset.shards] == [
+        str(tmp_path / "d" / "train-000000.tar"),
+        str(tmp_path / "d" / "train-000001.tar"),
+    ]
     assert len(loader) == 4 and pattern.endswith(".tar")
 
 

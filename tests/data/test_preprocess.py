@@ -14,7 +14,14 @@ from mmdist.data.reader import BadSample, decode_sample
 
 
 def _decoded(raw: dict) -> dict:
-    raw = {"__key__": "k", "__url__": "mem.tar", **{k: (v.encode() if isinstance(v, str) else json.dumps(v).encode() if isinstance(v, dict) else v) for k, v in raw.items()}}
+    raw = {
+        "__key__": "k",
+        "__url__": "mem.tar",
+        **{
+            k: (v.encode() if isinstance(v, str) else json.dumps(v).encode() if isinstance(v, dict) else v)
+            for k, v in raw.items()
+        },
+    }
     return decode_sample(raw, 10**8, 10_000)
 
 
@@ -52,7 +59,9 @@ def test_chat_conversation_loss_only_on_assistant_turns():
     assert toks.count("<image>") == 4
     assert _supervised(processors, out) == ["seven", "<|im_end|>", "a", "digit", "<|im_end|>"]
     # prompt turns (user role and the assistant header) are masked
-    assert all(lab == IGNORE_INDEX for t, lab in zip(toks, out["labels"]) if t in ("user", "assistant", "what", "<image>"))
+    assert all(
+        lab == IGNORE_INDEX for t, lab in zip(toks, out["labels"]) if t in ("user", "assistant", "what", "<image>")
+    )
 
 
 def test_llava_without_image_mark_gets_it_before_first_question():
@@ -64,12 +73,30 @@ def test_llava_without_image_mark_gets_it_before_first_question():
 
 def test_several_images_in_order_and_text_only():
     processors, pre = _pre("chat")
-    conv = {"conversations": [{"from": "human", "value": "<image> and <image> what is this ?"}, {"from": "gpt", "value": "two"}]}
+    conv = {
+        "conversations": [
+            {"from": "human", "value": "<image> and <image> what is this ?"},
+            {"from": "gpt", "value": "two"},
+        ]
+    }
     out = pre(_decoded({"0.png": png(10), "1.png": png(200), "json": conv}))
     assert out["num_images"] == 2 and len(out["pixel_values"]) == 2
     assert out["pixel_values"][0].dtype == torch.uint8, "workers ship uint8; the tower normalises"
-    assert out["pixel_values"][0].float().mean() < out["pixel_values"][1].float().mean(), "images follow their member index"
-    text_only = pre(_decoded({"json": {"conversations": [{"from": "human", "value": "what is this ?"}, {"from": "gpt", "value": "text only"}]}}))
+    assert out["pixel_values"][0].float().mean() < out["pixel_values"][1].float().mean(), (
+        "images follow their member index"
+    )
+    text_only = pre(
+        _decoded(
+            {
+                "json": {
+                    "conversations": [
+                        {"from": "human", "value": "what is this ?"},
+                        {"from": "gpt", "value": "text only"},
+                    ]
+                }
+            }
+        )
+    )
     assert text_only["num_images"] == 0 and text_only["pixel_values"] == []
     assert processors.image_token_id not in text_only["input_ids"]
     with pytest.raises(BadSample) as info:
@@ -116,7 +143,12 @@ def _shard(tmp_path, samples):
 
 def test_self_check_stops_when_masking_leaves_nothing(tmp_path, processors):
     # a long prompt and max_len=8: truncation leaves only prompt and image tokens, nothing to learn
-    conv = {"conversations": [{"from": "human", "value": "<image> what is this ? what is this ?"}, {"from": "gpt", "value": "seven"}]}
+    conv = {
+        "conversations": [
+            {"from": "human", "value": "<image> what is this ? what is this ?"},
+            {"from": "gpt", "value": "seven"},
+        ]
+    }
     path = _shard(tmp_path, [{"__key__": f"k{i}", "png": png(i), "json": conv} for i in range(6)])
     with pytest.raises(RuntimeError, match="masking leaves no supervised tokens"):
         build_loader(make_config(path, max_len=8), processors, "train", 0, 1)

@@ -21,7 +21,9 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("num_workers,group,done", [(0, False, 40), (2, False, 40), (2, False, 41), (2, True, 40), (2, True, 41)])
+@pytest.mark.parametrize(
+    "num_workers,group,done", [(0, False, 40), (2, False, 40), (2, False, 41), (2, True, 40), (2, True, 41)]
+)
 def test_resume_after_40_batches_gives_the_same_next_8(tmp_path, num_workers, group, done):
     processors = make_processors()
     pattern = write_caption_shards(tmp_path, [57, 43, 61, 39, 50])  # uneven: workers wrap/stop at different points
@@ -46,7 +48,9 @@ def test_resume_after_40_batches_gives_the_same_next_8(tmp_path, num_workers, gr
 def test_resume_in_resampled_mode(tmp_path):
     processors = make_processors()
     pattern = write_caption_shards(tmp_path, [7, 9, 11])
-    cfg = make_config(pattern, mode="resampled", samples_per_epoch=200, num_workers=2, shuffle_buffer=8, persistent_workers=False)
+    cfg = make_config(
+        pattern, mode="resampled", samples_per_epoch=200, num_workers=2, shuffle_buffer=8, persistent_workers=False
+    )
     reference = build_loader(cfg, processors, "train", 0, 2)
     it = iter(reference)
     _take(it, 21)
@@ -99,7 +103,9 @@ def test_packing_layout():
     rng = random.Random(0)
     samples = [_fake_sample(rng, n, 99, 3, i % 2 == 0) for i, n in enumerate([5, 20, 9, 14, 3, 11, 7])]
     batch = collate_fuse(samples, pad_token_id=0, pack=True, max_len=32)
-    ids, labels, pos, seq, mask = (batch[k] for k in ("input_ids", "labels", "position_ids", "sequence_ids", "attention_mask"))
+    ids, labels, pos, seq, mask = (
+        batch[k] for k in ("input_ids", "labels", "position_ids", "sequence_ids", "attention_mask")
+    )
     assert ids.shape[1] <= 32 and ids.shape[0] < len(samples)
     found = []
     for r in range(ids.shape[0]):
@@ -111,7 +117,9 @@ def test_packing_layout():
         pad = seq[r] == -1
         assert (mask[r][pad] == 0).all() and (labels[r][pad] == -100).all() and (mask[r][~pad] == 1).all()
     # every sample appears exactly once with its own ids and labels
-    assert sorted((tuple(i), tuple(lab)) for _, i, lab in found) == sorted((tuple(s["input_ids"]), tuple(s["labels"])) for s in samples)
+    assert sorted((tuple(i), tuple(lab)) for _, i, lab in found) == sorted(
+        (tuple(s["input_ids"]), tuple(s["labels"])) for s in samples
+    )
     # images in row-major order of appearance
     order = [tuple(i) for _, i, _ in found]
     image_samples = [s for o in order for s in samples if tuple(s["input_ids"]) == o and s["pixel_values"]]
@@ -160,6 +168,8 @@ def test_auto_worker_count_follows_the_checkpoint(tmp_path, monkeypatch, capsys)
     resumed.load_state_dict(state)
     assert resumed.num_workers == 2 and "as the checkpoint was written with" in capsys.readouterr().out
     assert all(_same(a, b) for a, b in zip(expected, _take(iter(resumed), 6)))
-    explicit = build_loader(make_config(pattern, num_workers=0, shuffle_buffer=8, micro_batch_size=2), processors, "train", 0, 1)
+    explicit = build_loader(
+        make_config(pattern, num_workers=0, shuffle_buffer=8, micro_batch_size=2), processors, "train", 0, 1
+    )
     with pytest.raises(ValueError, match="num_workers"):
         explicit.load_state_dict(state)  # an explicit count is the user's: a different one stays an error

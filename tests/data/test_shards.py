@@ -33,21 +33,51 @@ def _all_samples(folder):
 def test_llava_round_trip(tmp_path, capsys):
     _images(tmp_path / "imgs", 5)
     (tmp_path / "imgs" / "broken.jpg").write_bytes(b"not a jpeg")
-    records = [{"id": f"q.{i}", "image": f"img{i}.jpg", "conversations": [
-        {"from": "human", "value": "<image>\nwhat is this ?"}, {"from": "gpt", "value": f"digit {i}"}]} for i in range(5)]
+    records = [
+        {
+            "id": f"q.{i}",
+            "image": f"img{i}.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat is this ?"},
+                {"from": "gpt", "value": f"digit {i}"},
+            ],
+        }
+        for i in range(5)
+    ]
     records.append({"id": "two", "image": ["img1.png", "img2.png"], "conversations": [
         {"from": "human", "value": "<image> and <image>"}, {"from": "gpt", "value": "two"}]})
-    records.append({"id": "textonly", "conversations": [{"from": "human", "value": "what is this ?"}, {"from": "gpt", "value": "text"}]})
+    records.append(
+        {
+            "id": "textonly",
+            "conversations": [{"from": "human", "value": "what is this ?"}, {"from": "gpt", "value": "text"}],
+        }
+    )
     records.append({"id": "gone", "image": "missing.jpg", "conversations": records[0]["conversations"]})
     records.append({"id": "bad", "image": "broken.jpg", "conversations": records[0]["conversations"]})
     records.append({"id": "noconv", "image": "img0.jpg"})
     (tmp_path / "llava.json").write_text(json.dumps(records))
     out = tmp_path / "shards"
-    rc = cli_main(["llava", "--json", str(tmp_path / "llava.json"), "--images", str(tmp_path / "imgs"), "--out", str(out),
-                   "--samples-per-shard", "3"])
+    rc = cli_main(
+        [
+            "llava",
+            "--json",
+            str(tmp_path / "llava.json"),
+            "--images",
+            str(tmp_path / "imgs"),
+            "--out",
+            str(out),
+            "--samples-per-shard",
+            "3",
+        ]
+    )
     assert rc == 0
     text = capsys.readouterr().out
-    assert "7 samples in 3 shard(s)" in text and "missing_image=1" in text and "corrupt_image=1" in text and "missing_keys=1" in text
+    assert (
+        "7 samples in 3 shard(s)" in text
+        and "missing_image=1" in text
+        and "corrupt_image=1" in text
+        and "missing_keys=1" in text
+    )
     sizes = json.loads((out / "sizes.json").read_text())
     assert sizes == {"shard-000000.tar": 3, "shard-000001.tar": 3, "shard-000002.tar": 1}
     samples = {s["__key__"]: s for s in _all_samples(out)}
@@ -73,9 +103,37 @@ def shard_pattern_of(folder):
 def test_folder_with_csv_and_jsonl(tmp_path):
     _images(tmp_path / "imgs", 4)
     (tmp_path / "caps.csv").write_text("image,caption\nimg0.png,a red cat\nimg1.jpg,a blue dog\nnope.png,gone\n")
-    (tmp_path / "caps.jsonl").write_text("\n".join(json.dumps({"file": f"img{i}.png", "text": f"digit {i}"}) for i in range(4)))
-    assert cli_main(["folder", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "caps.csv"), "--out", str(tmp_path / "a")]) == 0
-    assert cli_main(["folder", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "caps.jsonl"), "--out", str(tmp_path / "b")]) == 0
+    (tmp_path / "caps.jsonl").write_text(
+        "\n".join(json.dumps({"file": f"img{i}.png", "text": f"digit {i}"}) for i in range(4))
+    )
+    assert (
+        cli_main(
+            [
+                "folder",
+                "--images",
+                str(tmp_path / "imgs"),
+                "--captions",
+                str(tmp_path / "caps.csv"),
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli_main(
+            [
+                "folder",
+                "--images",
+                str(tmp_path / "imgs"),
+                "--captions",
+                str(tmp_path / "caps.jsonl"),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
     a = _all_samples(tmp_path / "a")
     assert [s["txt"] for s in a] == [b"a red cat", b"a blue dog"] and "jpg" in a[1]
     b = _all_samples(tmp_path / "b")
@@ -86,7 +144,15 @@ def test_folder_with_csv_and_jsonl(tmp_path):
 def test_refuses_to_overwrite(tmp_path, capsys):
     _images(tmp_path / "imgs", 2)
     (tmp_path / "c.csv").write_text("image,caption\nimg0.png,a cat\n")
-    args = ["folder", "--images", str(tmp_path / "imgs"), "--captions", str(tmp_path / "c.csv"), "--out", str(tmp_path / "o")]
+    args = [
+        "folder",
+        "--images",
+        str(tmp_path / "imgs"),
+        "--captions",
+        str(tmp_path / "c.csv"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert cli_main(args) == 0
     before = (tmp_path / "o" / "shard-000000.tar").read_bytes()
     assert cli_main(args) == 2
@@ -98,8 +164,15 @@ def test_refuses_to_overwrite(tmp_path, capsys):
 def test_writer_verifies_images(tmp_path):
     from mmdist.data.shards import write_shards
 
-    summary = write_shards([{"__key__": "ok", "png": png(1), "txt": "a"}, {"__key__": "bad", "png": b"\x89PNG broken", "txt": "b"},
-                            {"__key__": "empty", "jpg": b"", "txt": "c"}], tmp_path, samples_per_shard=10)
+    summary = write_shards(
+        [
+            {"__key__": "ok", "png": png(1), "txt": "a"},
+            {"__key__": "bad", "png": b"\x89PNG broken", "txt": "b"},
+            {"__key__": "empty", "jpg": b"", "txt": "c"},
+        ],
+        tmp_path,
+        samples_per_shard=10,
+    )
     assert summary.written == 1 and dict(summary.skipped) == {"corrupt_image": 1, "empty_image": 1}
     with tarfile.open(tmp_path / "shard-000000.tar") as tar:
         assert tar.getnames() == ["ok.png", "ok.txt"]

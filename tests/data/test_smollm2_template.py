@@ -34,8 +34,14 @@ def test_smollm2_chat_template_masks_all_but_the_answer(smollm2_tokenizer):
     processors = FakeProcessors(FakeTransform(8), 3, tokenizer=tok, image_token_id=tok.convert_tokens_to_ids("<image>"))
     pre = make_preprocessor(make_config("unused.tar", max_len=256), processors)
     assert pre.template == "chat"
-    conv = {"conversations": [{"from": "human", "value": "<image>\nWhat digit is this?"}, {"from": "gpt", "value": "seven"},
-                              {"from": "human", "value": "Are you sure?"}, {"from": "gpt", "value": "Yes, seven."}]}
+    conv = {
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat digit is this?"},
+            {"from": "gpt", "value": "seven"},
+            {"from": "human", "value": "Are you sure?"},
+            {"from": "gpt", "value": "Yes, seven."},
+        ]
+    }
     raw = {"__key__": "k", "__url__": "m.tar", "png": png(1), "json": json.dumps(conv).encode()}
     out = pre(decode_sample(raw, 10**8, 10_000))
     supervised = [t for t, lab in zip(out["input_ids"], out["labels"]) if lab != IGNORE_INDEX]
@@ -47,4 +53,5 @@ def test_smollm2_chat_template_masks_all_but_the_answer(smollm2_tokenizer):
     image_id = processors.image_token_id
     expanded = [t for x in whole for t in ([x] * 3 if x == image_id else [x])]
     assert out["input_ids"] == expanded
-    assert "You are a helpful AI assistant" in tok.decode(out["input_ids"])  # the template's default system turn is kept
+    # the template's default system turn is kept
+    assert "You are a helpful AI assistant" in tok.decode(out["input_ids"])

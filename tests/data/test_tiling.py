@@ -69,8 +69,14 @@ def _image_bytes(array: np.ndarray) -> bytes:
 
 
 def _decoded(raw: dict) -> dict:
-    raw = {"__key__": "k", "__url__": "mem.tar",
-           **{k: (json.dumps(v).encode() if isinstance(v, dict) else v.encode() if isinstance(v, str) else v) for k, v in raw.items()}}
+    raw = {
+        "__key__": "k",
+        "__url__": "mem.tar",
+        **{
+            k: (json.dumps(v).encode() if isinstance(v, dict) else v.encode() if isinstance(v, str) else v)
+            for k, v in raw.items()
+        },
+    }
     return decode_sample(raw, 10**8, 10_000)
 
 
@@ -101,12 +107,23 @@ def test_grid_choice_matches_llava_next_on_random_sizes(tile_size):
         for _ in range(500):
             width, height = rng.randint(1, 5 * tile_size), rng.randint(1, 5 * tile_size)
             rows, cols = select_grid((height, width), settings, tile_size)
-            assert (cols * tile_size, rows * tile_size) == llava_next_select_best_resolution((width, height), resolutions_wh), (width, height, grids)
+            assert (cols * tile_size, rows * tile_size) == llava_next_select_best_resolution(
+                (width, height), resolutions_wh
+            ), (width, height, grids)
             checked += 1
         # the tower's own size, its multiples and extreme aspects, where ties are decided
-        for width, height in [(tile_size, tile_size), (2 * tile_size, tile_size), (tile_size, 3 * tile_size), (1, 1), (4000, 3), (3, 4000)]:
+        for width, height in [
+            (tile_size, tile_size),
+            (2 * tile_size, tile_size),
+            (tile_size, 3 * tile_size),
+            (1, 1),
+            (4000, 3),
+            (3, 4000),
+        ]:
             rows, cols = select_grid((height, width), settings, tile_size)
-            assert (cols * tile_size, rows * tile_size) == llava_next_select_best_resolution((width, height), resolutions_wh)
+            assert (cols * tile_size, rows * tile_size) == llava_next_select_best_resolution(
+                (width, height), resolutions_wh
+            )
     assert checked == 3000
 
 
@@ -115,7 +132,9 @@ def test_fitted_size_matches_llava_next():
     for _ in range(2000):
         width, height = rng.randint(1, 3000), rng.randint(1, 3000)
         target_w, target_h = rng.choice([(672, 336), (336, 672), (672, 672), (1008, 336), (336, 1008)])
-        assert fitted_size((height, width), (target_h, target_w))[::-1] == llava_next_fitted_size((width, height), (target_w, target_h))
+        assert fitted_size((height, width), (target_h, target_w))[::-1] == llava_next_fitted_size(
+            (width, height), (target_w, target_h)
+        )
 
 
 def test_default_grids_are_llava_next_and_empty_means_every_grid_up_to_max_tiles():
@@ -127,8 +146,11 @@ def test_default_grids_are_llava_next_and_empty_means_every_grid_up_to_max_tiles
 # ----------------------------------------------------------------------------- tiles
 
 
-@pytest.mark.parametrize("transform", [ImageTransform(8, [0.5] * 3, [0.5] * 3), ImageTransform(8, [0.5] * 3, [0.5] * 3, resize="shortest_edge")],
-                         ids=["squash", "shortest_edge"])
+@pytest.mark.parametrize(
+    "transform",
+    [ImageTransform(8, [0.5] * 3, [0.5] * 3), ImageTransform(8, [0.5] * 3, [0.5] * 3, resize="shortest_edge")],
+    ids=["squash", "shortest_edge"],
+)
 def test_tiles_are_row_major_after_the_base_image(transform):
     array, colours = _blocks(2, 3, 8)
     image = Image.fromarray(array)
@@ -136,9 +158,13 @@ def test_tiles_are_row_major_after_the_base_image(transform):
     rows, grid = tile_image(image, settings, transform)
     assert grid == (2, 3) and len(rows) == 7
     assert all(r.dtype == torch.uint8 and r.shape == (3, 8, 8) for r in rows)
-    assert torch.equal(rows[0], transform.to_uint8(image)), "the base image comes first: the whole image through the tower's transform"
+    assert torch.equal(rows[0], transform.to_uint8(image)), (
+        "the base image comes first: the whole image through the tower's transform"
+    )
     for tile, colour in zip(rows[1:], colours):
-        assert torch.equal(tile, torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8)), "tiles in row-major order"
+        assert torch.equal(tile, torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1).expand(3, 8, 8)), (
+            "tiles in row-major order"
+        )
 
 
 def test_an_elongated_image_is_fitted_and_padded_black_as_llava_next():
@@ -164,7 +190,12 @@ def _tiled_pre(template: str = "chat", max_len: int = 256, **tiling):
 def test_one_image_becomes_base_then_rows_of_tiles_with_separators(template):
     processors, pre = _tiled_pre(template)
     array, _ = _blocks(2, 2, 8)  # 16 x 16: grid 2 x 2
-    conv = {"conversations": [{"from": "human", "value": "<image>\nwhat is this ?"}, {"from": "gpt", "value": "red and blue"}]}
+    conv = {
+        "conversations": [
+            {"from": "human", "value": "<image>\nwhat is this ?"},
+            {"from": "gpt", "value": "red and blue"},
+        ]
+    }
     out = pre(_decoded({"png": _image_bytes(array), "json": conv}))
     n, iid = processors.num_image_tokens, processors.image_token_id
     sep = processors.tokenizer.convert_tokens_to_ids(",")
@@ -175,7 +206,9 @@ def test_one_image_becomes_base_then_rows_of_tiles_with_separators(template):
     assert ids[start : start + 2 * n + 1 + 2 * n + 1 + n] == [iid] * n + [iid] * 2 * n + [sep] + [iid] * 2 * n + [sep]
     assert ids.count(sep) == 2, "one separator after each row of tiles"
     supervised = processors.tokenizer.convert_ids_to_tokens([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
-    assert supervised[:3] == ["red", "and", "blue"] and iid not in [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    assert supervised[:3] == ["red", "and", "blue"] and iid not in [
+        t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX
+    ]
     assert all(lab == IGNORE_INDEX for lab in labels[: ids.index(processors.tokenizer.convert_tokens_to_ids("red"))])
     assert sum(t in (iid, sep) for t in ids) == tiled_image_tokens((16, 16), pre.image_tiling, n, 1, tile_size=8)
 
@@ -184,7 +217,12 @@ def test_several_images_each_tiled_in_order():
     processors, pre = _tiled_pre()
     wide, wide_colours = _blocks(1, 2, 8, seed=1)
     tall, tall_colours = _blocks(3, 1, 8, seed=2)
-    conv = {"conversations": [{"from": "human", "value": "<image> and <image> what is this ?"}, {"from": "gpt", "value": "two"}]}
+    conv = {
+        "conversations": [
+            {"from": "human", "value": "<image> and <image> what is this ?"},
+            {"from": "gpt", "value": "two"},
+        ]
+    }
     out = pre(_decoded({"0.png": _image_bytes(wide), "1.png": _image_bytes(tall), "json": conv}))
     assert out["image_grids"] == [(1, 2), (3, 1)] and out["num_images"] == (1 + 2) + (1 + 3)
     tiles = [out["pixel_values"][i] for i in (1, 2, 4, 5, 6)]  # rows 0 and 3 are the base images
@@ -196,8 +234,14 @@ def test_several_images_each_tiled_in_order():
 def test_truncation_drops_a_tiled_image_whole():
     processors, pre = _tiled_pre(max_len=30)  # a 2 x 2 image takes 5 x 4 + 2 = 22 positions
     array, _ = _blocks(2, 2, 8)
-    conv = {"conversations": [{"from": "human", "value": "what is this ?"}, {"from": "gpt", "value": "a picture"},
-                              {"from": "human", "value": "<image>\ndescribe the image"}, {"from": "gpt", "value": "red and blue"}]}
+    conv = {
+        "conversations": [
+            {"from": "human", "value": "what is this ?"},
+            {"from": "gpt", "value": "a picture"},
+            {"from": "human", "value": "<image>\ndescribe the image"},
+            {"from": "gpt", "value": "red and blue"},
+        ]
+    }
     out = pre(_decoded({"png": _image_bytes(array), "json": conv}))
     assert len(out["input_ids"]) <= 30
     assert out["num_images"] == 0 and out["pixel_values"] == [] and out["image_grids"] == []
@@ -218,17 +262,34 @@ def test_a_prompt_rendered_without_tiling_expands_to_the_tiled_layout():
     processors, pre = _tiled_pre()
     plain = make_preprocessor(make_config("unused.tar", max_len=256), processors)
     wide, tall = _blocks(1, 2, 8, seed=1)[0], _blocks(3, 1, 8, seed=2)[0]
-    conv = {"conversations": [{"from": "human", "value": "<image> and <image> what is this ?"}, {"from": "gpt", "value": "two"}]}
+    conv = {
+        "conversations": [
+            {"from": "human", "value": "<image> and <image> what is this ?"},
+            {"from": "gpt", "value": "two"},
+        ]
+    }
     raw = {"0.png": _image_bytes(wide), "1.png": _image_bytes(tall), "json": conv}
     tiled, untiled = pre(_decoded(raw)), plain(_decoded(raw))
     sep = processors.tokenizer.convert_tokens_to_ids(",")
-    expanded = expand_image_runs(untiled["input_ids"], tiled["image_grids"], processors.num_image_tokens, processors.image_token_id, [sep])
+    expanded = expand_image_runs(
+        untiled["input_ids"], tiled["image_grids"], processors.num_image_tokens, processors.image_token_id, [sep]
+    )
     assert expanded == tiled["input_ids"]
     with pytest.raises(ValueError, match=r"more images in the ids than the 1 grid\(s\) given"):
-        expand_image_runs(untiled["input_ids"], tiled["image_grids"][:1], processors.num_image_tokens, processors.image_token_id, [sep])
+        expand_image_runs(
+            untiled["input_ids"],
+            tiled["image_grids"][:1],
+            processors.num_image_tokens,
+            processors.image_token_id,
+            [sep],
+        )
     with pytest.raises(ValueError, match=r"2 grid\(s\) for 1 image\(s\)"):
-        first_only = untiled["input_ids"][: untiled["input_ids"].index(processors.image_token_id) + processors.num_image_tokens]
-        expand_image_runs(first_only, tiled["image_grids"], processors.num_image_tokens, processors.image_token_id, [sep])
+        first_only = untiled["input_ids"][
+            : untiled["input_ids"].index(processors.image_token_id) + processors.num_image_tokens
+        ]
+        expand_image_runs(
+            first_only, tiled["image_grids"], processors.num_image_tokens, processors.image_token_id, [sep]
+        )
 
 
 def test_token_counts_for_the_planner():
@@ -261,20 +322,40 @@ def test_config_refuses_tiling_with_a_feature_cache_and_in_stage_align(tmp_path)
     with pytest.raises(ConfigError, match=r"grid_pinpoints\[1\]: \[3, 3\] has 9 tiles, more than max_tiles=4"):
         make_config("unused.tar", image_tiling={"grid_pinpoints": [[1, 2], [3, 3]]})
     with pytest.raises(ValueError, match="data.image_tiling needs pixels"):
-        make_preprocessor(make_config("unused.tar", image_tiling={"enabled": True}), make_processors(), use_features=True)
+        make_preprocessor(
+            make_config("unused.tar", image_tiling={"enabled": True}), make_processors(), use_features=True
+        )
 
 
 def test_loader_batches_hold_every_tile_and_pass_the_self_check(tmp_path):
     processors = make_processors(template="chat")
     samples = []
     for i, (rows, cols) in enumerate([(1, 2), (2, 2), (3, 1), (1, 1)]):
-        conv = {"conversations": [{"from": "human", "value": "<image>\nwhat is this ?"}, {"from": "gpt", "value": "a picture"}]}
+        conv = {
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat is this ?"},
+                {"from": "gpt", "value": "a picture"},
+            ]
+        }
         samples.append({"__key__": f"s{i}", "png": _image_bytes(_blocks(rows, cols, 8, seed=i)[0]), "json": conv})
-    samples.append({"__key__": "s4", "png": png(3), "json": {"conversations": [{"from": "human", "value": "what is this ?"},
-                                                                                 {"from": "gpt", "value": "text only"}]}})
+    samples.append(
+        {
+            "__key__": "s4",
+            "png": png(3),
+            "json": {
+                "conversations": [{"from": "human", "value": "what is this ?"}, {"from": "gpt", "value": "text only"}]
+            },
+        }
+    )
     write_tar(tmp_path / "t-000000.tar", samples)
-    cfg = make_config(str(tmp_path / "t-000000.tar"), max_len=128, micro_batch_size=5, packing=True, self_check_samples=5,
-                      image_tiling={"enabled": True, "separator": ","})
+    cfg = make_config(
+        str(tmp_path / "t-000000.tar"),
+        max_len=128,
+        micro_batch_size=5,
+        packing=True,
+        self_check_samples=5,
+        image_tiling={"enabled": True, "separator": ","},
+    )
     batch = next(iter(build_loader(cfg, processors, "train", 0, 1)))
     rows = batch["pixel_values"].shape[0]
     # (1, 2), (2, 2), (3, 1) pick themselves; an 8 x 8 image upscales to the smallest grid (1, 2); a 4 x 4 one too
@@ -291,7 +372,12 @@ def _tiny_tiled_run(tmp_path, **data):
 
     samples = []
     for i, (height, width) in enumerate([(16, 32), (40, 20), (48, 48), (10, 60)]):
-        conv = {"conversations": [{"from": "human", "value": "<image>\nwhat is this?"}, {"from": "gpt", "value": f"picture {i}"}]}
+        conv = {
+            "conversations": [
+                {"from": "human", "value": "<image>\nwhat is this?"},
+                {"from": "gpt", "value": f"picture {i}"},
+            ]
+        }
         pixels = np.random.default_rng(i).integers(0, 256, (height, width, 3), dtype=np.uint8)
         samples.append({"__key__": f"s{i}", "png": _image_bytes(pixels), "json": conv})
     shard = str(write_tar(tmp_path / "t-000000.tar", samples))
@@ -326,7 +412,10 @@ def test_tiny_fuse_model_trains_on_a_tiled_batch(tmp_path):
     assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     # the loader makes the same batch (self-check included)
     loader_batch = next(iter(build_loader(cfg, processors, "train", 0, 1)))
-    assert int((loader_batch["input_ids"] == processors.image_token_id).sum()) == loader_batch["pixel_values"].shape[0] * 16
+    assert (
+        int((loader_batch["input_ids"] == processors.image_token_id).sum())
+        == loader_batch["pixel_values"].shape[0] * 16
+    )
 
 
 def test_a_large_jpeg_is_decoded_at_reduced_scale_with_the_file_geometry():
@@ -337,10 +426,12 @@ def test_a_large_jpeg_is_decoded_at_reduced_scale_with_the_file_geometry():
     transform = ImageTransform(8, [0.5] * 3, [0.5] * 3)
     settings = ImageTilingConfig(enabled=True)
     y, x = np.mgrid[0:120, 0:400]
-    array = np.stack([x * 255 // 400, y * 255 // 120, np.full_like(x, 90)], axis=-1).astype(np.uint8)  # smooth: JPEG keeps it
+    # smooth: JPEG keeps it
+    array = np.stack([x * 255 // 400, y * 255 // 120, np.full_like(x, 90)], axis=-1).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", quality=95)
-    assert tiled_draft_size(transform, settings, 400, 120) == (24, 8)  # the 1 x 3 grid's fit (24 x 8) covers the 8 x 8 base
+    # the 1 x 3 grid's fit (24 x 8) covers the 8 x 8 base
+    assert tiled_draft_size(transform, settings, 400, 120) == (24, 8)
     drafted = decode_image(buf.getvalue(), 10**8, lambda w, h: tiled_draft_size(transform, settings, w, h))
     full = decode_image(buf.getvalue(), 10**8)
     assert drafted.size[0] < 400 and drafted.info[ORIGINAL_SIZE_KEY] == (400, 120)
@@ -359,7 +450,9 @@ def test_answer_evaluation_runs_on_tiled_batches(tmp_path):
     torch.manual_seed(0)
     model = build_run_model(cfg).eval()
     # the prompt keeps every row of pixel_values its images stand for (rows = placeholders / num_image_tokens)
-    metrics = evaluate_answers(model, build_loader(cfg, model.processors, "eval", 0, 1), max_samples=4, max_new_tokens=2)
+    metrics = evaluate_answers(
+        model, build_loader(cfg, model.processors, "eval", 0, 1), max_samples=4, max_new_tokens=2
+    )
     assert metrics["samples"] == 4 and len(metrics["records"]) == 4
 
 
@@ -376,7 +469,8 @@ def test_generate_tiles_each_image_as_in_training(tmp_path, monkeypatch):
 
     def spy(model, prompts, *, pixel_values=None, **kwargs):
         seen.append((list(prompts[0]), pixel_values.shape[0]))
-        return real(model, prompts, pixel_values=pixel_values, **kwargs)  # the model checks placeholders == rows x tokens
+        # the model checks placeholders == rows x tokens
+        return real(model, prompts, pixel_values=pixel_values, **kwargs)
 
     monkeypatch.setattr(generate, "answer_batch", spy)
     wide, tall = Image.new("RGB", (64, 16), (250, 0, 0)), Image.new("RGB", (16, 48), (0, 250, 0))

@@ -22,7 +22,9 @@ def _cfg(stage, demo, **data):
     from helpers.configs import tiny_run_config
 
     train, held = demo
-    return tiny_run_config(stage, data={"train": [{"shards": [train]}], "eval": [{"shards": [held]}], "num_workers": 0, **data})
+    return tiny_run_config(
+        stage, data={"train": [{"shards": [train]}], "eval": [{"shards": [held]}], "num_workers": 0, **data}
+    )
 
 
 @pytest.mark.parametrize("stage", ["align", "fuse"])
@@ -37,7 +39,9 @@ def test_demo_batches_feed_the_model(demo, stage):
     assert torch.isfinite(out["loss"]) and out["loss"] > 0
     if stage == "fuse":
         ids = batch["input_ids"]
-        assert (ids == model.processors.image_token_id).sum() == batch["pixel_values"].shape[0] * model.processors.num_image_tokens
+        assert (ids == model.processors.image_token_id).sum() == batch["pixel_values"].shape[
+            0
+        ] * model.processors.num_image_tokens
 
 
 def test_packed_and_unpacked_batches_give_the_same_loss(demo):
@@ -78,7 +82,9 @@ def test_mmdist_cache_cli_and_training_on_features(demo, tmp_path):
     path = tmp_path / "align.yaml"
     path.write_text(yaml.safe_dump(config_to_dict(cfg)))
     assert cli_main(["--config", str(path), "--out", str(tmp_path / "cache"), "--batch-size", "16"]) == 0
-    assert (tmp_path / "cache" / "train" / "cache_key.json").is_file() and (tmp_path / "cache" / "eval" / "sizes.json").is_file()
+    assert (tmp_path / "cache" / "train" / "cache_key.json").is_file() and (
+        tmp_path / "cache" / "eval" / "sizes.json"
+    ).is_file()
 
     cfg.data.feature_cache = str(tmp_path / "cache")
     model = build_run_model(cfg)  # a fresh model: same weights fingerprint, so the key matches

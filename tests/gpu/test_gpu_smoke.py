@@ -57,9 +57,21 @@ def recipe(stage: str, run_dir: Path, shards: dict[str, str], *overrides: str):
     base = yaml.safe_load((REPO / "configs" / f"tiny_{stage}.yaml").read_text())
     base["data"]["train"] = [{"shards": [shards["train"]]}]
     base["data"]["eval"] = [{"shards": [shards["eval"]]}]
-    return load_config(base=base, overrides=[
-        f"run_dir={run_dir}", f"engine.backend={backend}", "train.max_steps=4", "train.eval_every=0", "checkpoint.save_every=2",
-        "train.lr=0.005", "train.warmup_ratio=0.0", "log.progress_bar=false", "log.tensorboard=false", *overrides])
+    return load_config(
+        base=base,
+        overrides=[
+            f"run_dir={run_dir}",
+            f"engine.backend={backend}",
+            "train.max_steps=4",
+            "train.eval_every=0",
+            "checkpoint.save_every=2",
+            "train.lr=0.005",
+            "train.warmup_ratio=0.0",
+            "log.progress_bar=false",
+            "log.tensorboard=false",
+            *overrides,
+        ],
+    )
 
 
 def train(cfg) -> dict:
@@ -98,28 +110,42 @@ def test_both_stages_train_at_each_zero_stage_with_auto_precision(shards, align_
         assert all(math.isfinite(v) for v in losses(summary)) and len(losses(summary)) == 4
     assert losses(fuse)[-1] < losses(fuse)[0]
     resolved = yaml.safe_load((tmp_path / "fuse" / "config.yaml").read_text())
-    expected = "bf16" if DEVICE == "cuda" and torch.cuda.is_bf16_supported() else ("fp16" if DEVICE == "cuda" else "fp32")
+    expected = (
+        "bf16" if DEVICE == "cuda" and torch.cuda.is_bf16_supported() else ("fp16" if DEVICE == "cuda" else "fp32")
+    )
     assert resolved["engine"]["precision"] == expected  # auto, resolved for this device and recorded
     assert (tmp_path / "fuse" / "export" / "manifest.json").is_file()
 
 
 def test_cache_generate_and_eval_on_the_device(shards, align_export, tmp_path):
     cfg_path = tmp_path / "fuse.yaml"
-    cfg = recipe("fuse", tmp_path / "fuse", shards, "engine.zero_stage=2", f"model.connector.stage1_weights={align_export}")
+    cfg = recipe(
+        "fuse", tmp_path / "fuse", shards, "engine.zero_stage=2", f"model.connector.stage1_weights={align_export}"
+    )
     from mmdist.config.run import dump_config
 
     dump_config(cfg, cfg_path)
     mmdist("cache", "--config", str(cfg_path), "--out", str(tmp_path / "cache"), "--device", DEVICE)
     assert list((tmp_path / "cache" / "train").glob("*.tar"))
-    cached = train(recipe("fuse", tmp_path / "fuse", shards, "engine.zero_stage=2", f"model.connector.stage1_weights={align_export}",
-                          f"data.feature_cache={tmp_path / 'cache'}"))
+    cached = train(
+        recipe(
+            "fuse",
+            tmp_path / "fuse",
+            shards,
+            "engine.zero_stage=2",
+            f"model.connector.stage1_weights={align_export}",
+            f"data.feature_cache={tmp_path / 'cache'}",
+        )
+    )
     assert all(math.isfinite(v) for v in losses(cached))
     from PIL import Image
 
     images = [tmp_path / "light.png", tmp_path / "dark.png"]
     for path, grey in zip(images, (200, 30)):
         Image.new("RGB", (16, 16), (grey, grey, grey)).save(path)
-    out = mmdist("generate", "--run", str(tmp_path / "fuse"), "--image", *map(str, images), "--prompt", "What digit is this?")
+    out = mmdist(
+        "generate", "--run", str(tmp_path / "fuse"), "--image", *map(str, images), "--prompt", "What digit is this?"
+    )
     answered = [line for line in out.stdout.splitlines() if line.startswith(tuple(f"{p}:" for p in images))]
     assert len(answered) == 2, f"one answer line per image expected:\n{out.stdout}"  # a 4-step model may answer ""
     mmdist("eval", "--run", str(tmp_path / "fuse"), "--data", shards["eval"])
@@ -135,12 +161,18 @@ def test_packed_attention_equals_unpacked_on_the_device(checkpointing, kernel):
     from helpers.tiny import make_model, pad_batch, sample
 
     if kernel == "flex" and DEVICE == "cpu":
-        pytest.skip("torch has no FlexAttention backward on CPU (tests/models/test_packed_attention_flex.py covers it there)")
+        pytest.skip(
+            "torch has no FlexAttention backward on CPU (tests/models/test_packed_attention_flex.py covers it there)"
+        )
     model = make_model("fuse", model={"llm": {"attn_implementation": "sdpa", "gradient_checkpointing": checkpointing,
                                               "packed_attention": kernel}})
     model = model.to(DEVICE).train()
     assert model.packed_kernel == ("flex" if kernel == "flex" else "sdpa_per_sample")
-    samples = [sample(model, 1, [10, 11], [12, 13, 14]), sample(model, 0, [20, 21], [22, 23]), sample(model, 1, [30], [31, 32])]
+    samples = [
+        sample(model, 1, [10, 11], [12, 13, 14]),
+        sample(model, 0, [20, 21], [22, 23]),
+        sample(model, 1, [30], [31, 32]),
+    ]
     pixels = torch.randn(2, 3, 16, 16)
     unpacked = pad_batch(samples, pad_id=256)
     unpacked["pixel_values"] = pixels
@@ -163,7 +195,9 @@ def test_packed_attention_equals_unpacked_on_the_device(checkpointing, kernel):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="fp16 with loss scaling needs CUDA (DeepSpeed's CPU accelerator has no fp16)")
+@pytest.mark.skipif(
+    DEVICE != "cuda", reason="fp16 with loss scaling needs CUDA (DeepSpeed's CPU accelerator has no fp16)"
+)
 def test_fp16_with_loss_scaling(shards, tmp_path):
     summary = train(recipe("fuse", tmp_path / "fp16", shards, "engine.zero_stage=2", "engine.precision=fp16",
                            "model.llm.dtype=fp16", "model.vision.dtype=fp16", "train.max_steps=6"))

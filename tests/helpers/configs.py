@@ -35,7 +35,9 @@ def tiny_run_config(stage: str = "fuse", *overrides: str, connector: str = "mlp"
     a Q-Former trains the text encoder), nested ``sections`` (e.g. ``model={"llm": {"dtype": "bf16"}}``,
     merged key by key) and then dotted ``overrides``."""
     stage_overrides = [f"model.connector.type={connector}", f"model.text.freeze={str(connector != 'qformer').lower()}"]
-    cfg = load_config(RECIPES / f"tiny_{stage}.yaml", [*TEST_OVERRIDES, *stage_overrides, *dotted(sections), *overrides])
+    cfg = load_config(
+        RECIPES / f"tiny_{stage}.yaml", [*TEST_OVERRIDES, *stage_overrides, *dotted(sections), *overrides]
+    )
     # The recipes say `auto`: resolved for the CPU as every command does at start-up (fp32 under the tests'
     # MMDIST_CPU_BF16=0), so models built straight from this config get concrete dtypes.
     return resolve_precision(cfg, "cpu")[0]
@@ -63,5 +65,6 @@ def tiny_llm_config(**settings: Any) -> dict:
 
 
 def tiny_vision_config(**settings: Any) -> dict:
-    """model.vision of the tiny recipes (2-layer HF ViT, hidden 32, 16x16 images in 16 patches), with ``settings`` replaced."""
+    """model.vision of the tiny recipes (2-layer HF ViT, hidden 32,
+    16x16 images in 16 patches), with ``settings`` replaced."""
     return {**config_to_dict(tiny_run_config("fuse"))["model"]["vision"], **settings}

@@ -19,8 +19,10 @@ from PIL import Image
 
 from mmdist.config.run import load_config
 
-WORDS = ("a handwritten digit zero one two three four five six seven eight nine what is this ? . , user assistant system "
-         "describe the image picture of number shows cat dog red blue green and with text only question answer").split()
+WORDS = (
+    "a handwritten digit zero one two three four five six seven eight nine what is this ? . , user assistant system "
+    "describe the image picture of number shows cat dog red blue green and with text only question answer"
+).split()
 SPECIALS = ["<pad>", "</s>", "<image>", "<|im_start|>", "<|im_end|>"]
 CHATML = (
     "{% for message in messages %}"
@@ -91,10 +93,18 @@ def make_config(shards: list[str] | str, stage: str = "fuse", eval_shards: Optio
     data.setdefault("order", "per_rank")
     base = {
         "stage": stage,
-        "model": {"llm": {"init_config": {"model_type": "llama"}, "tokenizer": "mmdist:tiny-bytes"}, "vision": {"init_config": {"model_type": "vit"}},
-                  "text": {"init_config": {"model_type": "bert"}, "tokenizer": "mmdist:tiny-wordpiece"}},
-        "data": {"train": [{"shards": [shards] if isinstance(shards, str) else shards}], "num_workers": 0,
-                 "shuffle_buffer": 0, "max_len": 64, **data},
+        "model": {
+            "llm": {"init_config": {"model_type": "llama"}, "tokenizer": "mmdist:tiny-bytes"},
+            "vision": {"init_config": {"model_type": "vit"}},
+            "text": {"init_config": {"model_type": "bert"}, "tokenizer": "mmdist:tiny-wordpiece"},
+        },
+        "data": {
+            "train": [{"shards": [shards] if isinstance(shards, str) else shards}],
+            "num_workers": 0,
+            "shuffle_buffer": 0,
+            "max_len": 64,
+            **data,
+        },
         "train": {"max_steps": 1, "micro_batch_size": micro, "global_batch_size": global_batch},
     }
     if eval_shards:
@@ -139,7 +149,9 @@ def caption_sample(i: int, ext: str = "png") -> dict:
     return {"__key__": f"s{i:06d}", ext: png(i) if ext == "png" else jpg(i), "txt": f"{words} {WORDS[3 + i % 10]}"}
 
 
-def write_caption_shards(folder: Path, counts: list[int], prefix: str = "train", sizes: bool = True, start: int = 0) -> str:
+def write_caption_shards(
+    folder: Path, counts: list[int], prefix: str = "train", sizes: bool = True, start: int = 0
+) -> str:
     """Shards of caption samples with keys s{start}, s{start+1}, ...; returns a brace pattern."""
     folder.mkdir(parents=True, exist_ok=True)
     index = start

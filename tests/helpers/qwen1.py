@@ -45,11 +45,22 @@ def needs_tiktoken_file() -> Path:
 
 def qwen1_config(spelling: str) -> dict:
     common = {
-        "model_type": "qwen", "architectures": ["QWenLMHeadModel"],
-        "auto_map": {"AutoConfig": "configuration_qwen.QWenConfig", "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel"},
-        "layer_norm_epsilon": 1e-6, "rotary_emb_base": 10000, "rotary_pct": 1.0, "seq_length": SEQ_LENGTH,
-        "kv_channels": HIDDEN // HEADS, "no_bias": True, "tie_word_embeddings": False,
-        "use_dynamic_ntk": True, "use_logn_attn": True, "max_position_embeddings": 8192,
+        "model_type": "qwen",
+        "architectures": ["QWenLMHeadModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_qwen.QWenConfig",
+            "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+        },
+        "layer_norm_epsilon": 1e-6,
+        "rotary_emb_base": 10000,
+        "rotary_pct": 1.0,
+        "seq_length": SEQ_LENGTH,
+        "kv_channels": HIDDEN // HEADS,
+        "no_bias": True,
+        "tie_word_embeddings": False,
+        "use_dynamic_ntk": True,
+        "use_logn_attn": True,
+        "max_position_embeddings": 8192,
     }
     if spelling == "early":  # the first Qwen-7B release
         return {**common, "n_embd": HIDDEN, "n_head": HEADS, "n_layer": LAYERS, "ffn_hidden_size": FFN,

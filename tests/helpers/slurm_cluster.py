@@ -127,7 +127,8 @@ class SlurmCluster:
 
 def start_cluster(home: Path | None = None, install_timeout: float = 900, start_timeout: float = 60,
                   nodes: int = 1) -> SlurmCluster:
-    """Install if needed, configure and start a cluster of ``nodes`` (1 or 2) nodes; return it once every node is idle."""
+    """Install if needed, configure and start a cluster of
+    ``nodes`` (1 or 2) nodes; return it once every node is idle."""
     if nodes not in (1, 2):
         raise ValueError(f"nodes={nodes}: the test cluster has 1 node (this host) or 2 (n1, n2 on this host)")
     if os.geteuid() != 0:
@@ -138,7 +139,9 @@ def start_cluster(home: Path | None = None, install_timeout: float = 900, start_
     if nodes == 1:
         cluster = SlurmCluster(home=home or DEFAULT_HOME, node=host)
     else:
-        cluster = SlurmCluster(home=home or TWO_NODE_HOME, node=TWO_NODE_NAMES[0], nodes=list(TWO_NODE_NAMES), host=host)
+        cluster = SlurmCluster(
+            home=home or TWO_NODE_HOME, node=TWO_NODE_NAMES[0], nodes=list(TWO_NODE_NAMES), host=host
+        )
     home = cluster.home
     home.mkdir(parents=True, exist_ok=True)
     for sub in ("state", "spool", "log", *(f"spool/{n}" for n in cluster.nodes if len(cluster.nodes) > 1)):
@@ -163,8 +166,10 @@ def start_cluster(home: Path | None = None, install_timeout: float = 900, start_
         time.sleep(1)
     state = cluster.run("sinfo", "-h", "-N", "-o", "%T %E").stdout.strip()
     cluster.stop()
-    raise SlurmUnavailable(f"node(s) {', '.join(cluster.nodes)} not idle after {start_timeout:.0f} s (sinfo: {state!r}); "
-                           f"logs in {home / 'log'}: {_tail(home / 'log' / (cluster.daemons[-1] + '.log'))}")
+    raise SlurmUnavailable(
+        f"node(s) {', '.join(cluster.nodes)} not idle after {start_timeout:.0f} s (sinfo: {state!r}); "
+        f"logs in {home / 'log'}: {_tail(home / 'log' / (cluster.daemons[-1] + '.log'))}"
+    )
 
 
 def _install_if_missing(timeout: float) -> None:
@@ -254,8 +259,9 @@ def _two_node_conf(cluster: SlurmCluster) -> str:
     h = cluster.home
     nodes = "".join(f"NodeName={name} NodeHostname={cluster.host} NodeAddr=127.0.0.1 Port={port} CPUs=1 State=UNKNOWN\n"
                     for name, port in zip(cluster.nodes, TWO_NODE_PORTS))
-    return f"""# Written by tests/helpers/slurm_cluster.py: a two-node test cluster on one host, no cgroups, no accounting.
-ClusterName=mmdist-test-2node
+    return (
+        "# Written by tests/helpers/slurm_cluster.py: a two-node test cluster on one host, no cgroups, no accounting.\n"
+        + f"""ClusterName=mmdist-test-2node
 SlurmctldHost={cluster.host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
@@ -281,6 +287,7 @@ MinJobAge=600
 KillWait=5
 {nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
+    )
 
 
 def _node_idle(cluster: SlurmCluster) -> bool:

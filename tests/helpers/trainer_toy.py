@@ -8,8 +8,8 @@ micro-batches such that every optimizer step sees the same global batch for
 any world size, and is checkpointable (state_dict / load_state_dict).
 
 Also a worker entry point: ``python tests/helpers/trainer_toy.py CONFIG_JSON OUT_JSON``
-(run under torchrun) trains with the toy parts; rank 0 writes the summary to OUT_JSON, every
-rank to OUT_JSON.rankN. The spec's test hooks (never product features): ``signal``
+(run under torchrun by tests/helpers/toy_launch.py) trains with the toy parts; rank 0 writes the summary to
+OUT_JSON, every rank to OUT_JSON.rankN. The spec's test hooks (never product features): ``signal``
 ``{"rank": R, "batch": B}`` makes rank R send itself SIGUSR1 when it draws its B-th
 micro-batch (0-based), as Slurm's warning signal would; ``stall`` ``{"rank": R, "batch": B,
 "seconds": S}`` makes rank R sleep S seconds there, as a stuck rank would; ``oom`` ``{"rank": R,
@@ -23,7 +23,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,7 +91,11 @@ class ToyModel(nn.Module):
         return part_flops(self.backbone, "per_token", 1) + part_flops(self.projector, "per_token", 1, input_grad=True)
 
     def trainable_groups(self) -> dict:
-        return {"projector": list(self.projector.parameters()), "stage1": list(self.norm.parameters()), "temperature": [self.log_scale]}
+        return {
+            "projector": list(self.projector.parameters()),
+            "stage1": list(self.norm.parameters()),
+            "temperature": [self.log_scale],
+        }
 
     def export_state_dict(self) -> dict:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
@@ -180,14 +184,29 @@ def toy_config(run_dir: str, **train_overrides: Any) -> dict:
         "stage": "align",
         "name": "toy",
         "run_dir": run_dir,
-        "model": {"text": {"init_config": {"model_type": "bert"}, "tokenizer": "mmdist:tiny-wordpiece"}, "vision": {"init_config": {"model_type": "vit"}}},
+        "model": {
+            "text": {"init_config": {"model_type": "bert"}, "tokenizer": "mmdist:tiny-wordpiece"},
+            "vision": {"init_config": {"model_type": "vit"}},
+        },
         "data": {"train": [{"shards": ["unused.tar"]}], "num_workers": 0},
         "train": train,
         # Persistence threshold 0: even these tiny parameters stay partitioned under ZeRO-3, as a 14B model's would.
-        "engine": {"zero_stage": 3, "precision": "fp32", "torch_adam": True, "backend": "gloo",
-                   "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
+        "engine": {
+            "zero_stage": 3,
+            "precision": "fp32",
+            "torch_adam": True,
+            "backend": "gloo",
+            "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+        },
         "checkpoint": {"save_every": 0, "keep_last": 2, "resume": "auto", "export": True},
-        "log": {"log_every": 1, "progress_bar": False, "tensorboard": False, "param_table": False, "peak_flops": 1e9, "data_fingerprint": True},
+        "log": {
+            "log_every": 1,
+            "progress_bar": False,
+            "tensorboard": False,
+            "param_table": False,
+            "peak_flops": 1e9,
+            "data_fingerprint": True,
+        },
     }
     for key, value in train_overrides.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
@@ -262,7 +281,9 @@ def probe(cfg: Any, pretrained_dir: str | None = None) -> dict:
             got = [p.detach().clone() for p in model.backbone.parameters()]
         ref = frozen_reference()
         report["gathered_shapes_ok"] = all(g.shape == r.shape for g, r in zip(got, ref))
-        report["gathered_max_err"] = max(float((g - r).abs().max()) for g, r in zip(got, ref)) if report["gathered_shapes_ok"] else None
+        report["gathered_max_err"] = (
+            max(float((g - r).abs().max()) for g, r in zip(got, ref)) if report["gathered_shapes_ok"] else None
+        )
         report["hf_saw_zero3"] = bool(model.hf_saw_zero3)
         if pretrained_dir:
             from safetensors.torch import load_file
@@ -270,7 +291,11 @@ def probe(cfg: Any, pretrained_dir: str | None = None) -> dict:
             saved = load_file(str(Path(pretrained_dir) / "model.safetensors"))
             named = dict(model.llm.named_parameters())
             with bundle.read_gather(list(named.values())):
-                diffs = {k: float((named[k].detach().float() - v.float()).abs().max()) for k, v in saved.items() if k in named}
+                diffs = {
+                    k: float((named[k].detach().float() - v.float()).abs().max())
+                    for k, v in saved.items()
+                    if k in named
+                }
             report["pretrained_compared"] = len(diffs)
             report["pretrained_max_err"] = max(diffs.values()) if diffs else None
         reports: list = [None] * env.world_size
@@ -301,8 +326,12 @@ def stage1_probe(cfg: Any) -> dict:
         with bundle.read_gather(list(stage1.parameters())):
             own = {k: v.detach().clone() for k, v in stage1.state_dict().items()}
         diffs = [float((own[k].float() - saved["stage1." + k].float()).abs().max()) for k in own if own[k].numel()]
-        report = {"rank": env.rank, "stage1_names": sorted(own), "empty": sorted(k for k, v in own.items() if v.numel() == 0),
-                  "max_abs_diff": max(diffs) if diffs else None}
+        report = {
+            "rank": env.rank,
+            "stage1_names": sorted(own),
+            "empty": sorted(k for k, v in own.items() if v.numel() == 0),
+            "max_abs_diff": max(diffs) if diffs else None,
+        }
         reports: list = [None] * env.world_size
         tdist.all_gather_object(reports, report)
         return {"ranks": reports}
@@ -321,7 +350,12 @@ def recording_loader_builder(folder: str) -> Callable:
         def __iter__(self):
             where = self if hasattr(self, "world_size") else self.dataset
             for batch in super().__iter__():
-                line = {"world": where.world_size, "rank": where.rank, "epoch": self.epoch, "keys": list(self.last_keys)}
+                line = {
+                    "world": where.world_size,
+                    "rank": where.rank,
+                    "epoch": self.epoch,
+                    "keys": list(self.last_keys),
+                }
                 with open(Path(folder) / "keys.jsonl", "a") as fh:
                     fh.write(json.dumps(line) + "\n")
                 yield batch
@@ -355,7 +389,9 @@ def recorded_steps(folder: str, legs: Sequence[int]) -> list[list[str]]:
             per_rank.setdefault(line["rank"], []).append(line["keys"])
         for rank_lines in per_rank.values():
             if len(rank_lines) % n_steps:
-                raise AssertionError(f"{len(rank_lines)} micro-batches on a rank is not a whole number of {n_steps} steps")
+                raise AssertionError(
+                    f"{len(rank_lines)} micro-batches on a rank is not a whole number of {n_steps} steps"
+                )
         accumulation = len(next(iter(per_rank.values()))) // n_steps
         for step in range(n_steps):
             steps.append(sorted(k for rank_lines in per_rank.values()
@@ -379,6 +415,27 @@ def replay_loader_builder(steps: list[list[str]]) -> Callable:
         return [by_key[k] for step in steps for k in step]
 
     return build
+
+
+def train_toy(cfg_dict: dict, **kwargs: Any) -> dict:
+    """``train`` in this process with the toy model and loader (``loader``: another loader builder)."""
+    from mmdist.config.run import load_config
+    from mmdist.training.loop import train
+
+    return train(load_config(base=cfg_dict), model_builder=toy_model_builder,
+                 loader_builder=kwargs.pop("loader", toy_loader_builder()), **kwargs)
+
+
+def read_export(run_dir: Path) -> dict:
+    """The exported trainable weights of a run folder."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "export" / "model.safetensors"))
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of a run folder's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def main(argv: list[str]) -> int:
@@ -420,133 +477,3 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
-
-
-def launch(workdir: Any, spec: dict, nproc: int = 2, timeout: float = 240, expect_rc: Optional[int] = 0, output: list | None = None) -> dict:
-    """Run this file's ``main`` under ``torchrun --nproc_per_node nproc``; returns rank 0's summary.
-
-    ``expect_rc``: torchrun's exit code that counts as success (75 for a run stopped on a signal; None: any).
-    The summary also holds every rank's (``ranks``) and the exit code (``returncode``).
-    ``output``: a list that gets torchrun's (stdout, stderr). """
-    import os
-    import subprocess
-    from pathlib import Path
-
-    from mmdist.launch_env import free_port
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    import uuid
-
-    tag = uuid.uuid4().hex[:8]
-    spec_file, out_file = workdir / f"spec-{tag}.json", workdir / f"out-{tag}.json"
-    spec_file.write_text(json.dumps(spec))
-    repo = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(repo), OMP_NUM_THREADS="1")
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(free_port()),
-           str(Path(__file__).resolve()), str(spec_file), str(out_file)]
-    proc = subprocess.run(cmd, env=env, cwd=str(repo), capture_output=True, text=True, timeout=timeout)
-    if output is not None:
-        output.append((proc.stdout, proc.stderr))
-    if expect_rc is not None and proc.returncode != expect_rc:
-        raise AssertionError(f"torchrun exited {proc.returncode} (expected {expect_rc}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    if not out_file.exists():
-        return {"returncode": proc.returncode}
-    summary = json.loads(out_file.read_text())
-    ranks = [Path(f"{out_file}.rank{r}") for r in range(nproc)]
-    if all(p.exists() for p in ranks):  # training runs; the probes write rank 0's file only
-        summary["ranks"] = [json.loads(p.read_text()) for p in ranks]
-    summary["returncode"] = proc.returncode
-    return summary
-
-
-def launch_nodes(workdir: Any, spec: dict, nnodes: int = 2, nproc_per_node: int = 1, timeout: float = 300,
-                 rendezvous: str = "c10d", expect_ok: bool = True, env: dict | None = None,
-                 node_local: Sequence[Any] = ()) -> dict:
-    """Run this file's ``main`` as a ``nnodes``-node job on this machine: one ``torchrun`` agent per "node".
-
-    Each agent gets ``--nnodes nnodes`` and its ``--node_rank``; ``rendezvous="c10d"`` joins them through a
-    c10d rendezvous on 127.0.0.1 (what slurm/_launch.sh's torchrun mode does across real nodes, where the
-    rendezvous assigns the node ranks), ``"static"`` through ``--master_addr/--master_port`` and the given
-    node ranks. Every agent has its own TMPDIR (``workdir/node{i}-tmp``, its node-local scratch) and
-    ``MMDIST_TEST_NODE=i``; the run folder, in ``spec["config"]``, is shared as on a cluster filesystem.
-    Returns rank 0's summary with every rank's (``ranks``), the agents' exit codes (``returncodes``) and
-    their output (``outputs``: (stdout, stderr) per agent). Raises when an agent fails, unless ``expect_ok``
-    is False: then returns only ``returncodes`` and ``outputs``. ``env``: extra variables for every agent.
-    ``node_local``: paths that are node-local storage: each agent runs in its own mount namespace
-    (``unshare --mount``, root only; see :func:`node_local_supported`) where the path is a bind mount of
-    ``workdir/node{i}-local/{j}``, so the same path holds other files on each "node", as on a cluster.
-    """
-    import os
-    import shlex
-    import subprocess
-    import uuid
-
-    from mmdist.launch_env import free_port
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    spec_file, out_file = workdir / f"spec-{tag}.json", workdir / f"out-{tag}.json"
-    spec_file.write_text(json.dumps(spec))
-    repo = Path(__file__).resolve().parents[2]
-    port = free_port()
-    procs = []
-    for node in range(nnodes):
-        scratch = workdir / f"node{node}-tmp"
-        scratch.mkdir(exist_ok=True)
-        agent_env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(repo), OMP_NUM_THREADS="1",
-                         MMDIST_TEST_NODE=str(node), TMPDIR=str(scratch), **(env or {}))
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
-            agent_env.pop(key, None)
-        if rendezvous == "c10d":
-            rdzv = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"toy-{tag}"]
-        elif rendezvous == "static":
-            rdzv = ["--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port)]
-        else:
-            raise ValueError(f"rendezvous {rendezvous!r}: use c10d or static")
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc_per_node",
-               str(nproc_per_node), "--max-restarts", "0", *rdzv, str(Path(__file__).resolve()), str(spec_file), str(out_file)]
-        if node_local:
-            mounts = []
-            for j, target in enumerate(node_local):
-                source = workdir / f"node{node}-local" / str(j)
-                source.mkdir(parents=True, exist_ok=True)
-                Path(target).mkdir(parents=True, exist_ok=True)
-                mounts.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(str(target))} || exit 97")
-            cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", "; ".join(mounts) + '; exec "$@"', "sh", *cmd]
-        procs.append(subprocess.Popen(cmd, env=agent_env, cwd=str(repo), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outputs, codes = [], []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=timeout)
-            outputs.append((out, err))
-            codes.append(proc.returncode)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    if not expect_ok:
-        return {"returncodes": codes, "outputs": outputs}
-    if any(codes):
-        detail = "\n".join(f"--- agent {i} (exit {c}):\n{o[-2000:]}\n{e[-4000:]}" for i, (c, (o, e)) in enumerate(zip(codes, outputs)))
-        raise AssertionError(f"torchrun agents exited {codes}:\n{detail}")
-    summary = json.loads(out_file.read_text())
-    world = nnodes * nproc_per_node
-    summary["ranks"] = [json.loads(Path(f"{out_file}.rank{r}").read_text()) for r in range(world)]
-    summary["returncodes"], summary["outputs"] = codes, outputs
-    return summary
-
-
-def node_local_supported() -> bool:
-    """Whether :func:`launch_nodes` can give each agent its own mount namespace (root with ``unshare``)."""
-    import shutil
-    import subprocess
-
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, timeout=30)
-    return probe.returncode == 0

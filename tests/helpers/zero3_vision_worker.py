@@ -43,8 +43,13 @@ def main(out: str, specs: str) -> None:
         params = list(tower.parameters())
         with read_gather_for(3)(params), torch.no_grad():
             features = tower(pixels(tower.image_size))
-        found[label] = {"local": sum(p.ds_tensor.numel() for p in params), "full": sum(p.ds_numel for p in params),
-                        "tokens": tower.num_tokens, "width": tower.hidden_size, "features": features.flatten()[:64].tolist()}
+        found[label] = {
+            "local": sum(p.ds_tensor.numel() for p in params),
+            "full": sum(p.ds_numel for p in params),
+            "tokens": tower.num_tokens,
+            "width": tower.hidden_size,
+            "features": features.flatten()[:64].tolist(),
+        }
     with open(f"{out}.{rank}", "w") as fh:
         json.dump(found, fh)
     dist.barrier()

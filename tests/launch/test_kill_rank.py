@@ -61,7 +61,9 @@ def test_sigkill_one_rank_ends_the_job_and_restart_resumes(tiny_recipe, tmp_path
     try:
         deadline = time.monotonic() + 600
         while latest_checkpoint(run_dir) is None:
-            assert proc.poll() is None, f"the run ended ({proc.returncode}) before its first checkpoint:\n" + log_path.read_text()[-4000:]
+            assert proc.poll() is None, (
+                f"the run ended ({proc.returncode}) before its first checkpoint:\n" + log_path.read_text()[-4000:]
+            )
             assert time.monotonic() < deadline, "no checkpoint within 600 s"
             time.sleep(0.05)
         victims = rank_pids(str(run_dir), rank=1)
@@ -72,7 +74,9 @@ def test_sigkill_one_rank_ends_the_job_and_restart_resumes(tiny_recipe, tmp_path
         try:
             returncode = proc.wait(timeout=EXIT_BOUND_S)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"the job still runs {EXIT_BOUND_S} s after rank 1 was killed (hang):\n" + log_path.read_text()[-4000:])
+            pytest.fail(
+                f"the job still runs {EXIT_BOUND_S} s after rank 1 was killed (hang):\n" + log_path.read_text()[-4000:]
+            )
         exit_s = time.monotonic() - killed_at
     finally:
         if proc.poll() is None:
@@ -117,8 +121,13 @@ def test_sigkill_one_srun_task_fails_the_step_and_resubmission_resumes(slurm_clu
     killed_at = time.monotonic()
     info = slurm_cluster.wait(job, timeout=EXIT_BOUND_S)  # raises (and cancels) if the step hangs
     log = (tmp_path / f"slurm-{job}.out").read_text()
-    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", f"{info.get('JobState')} {info.get('ExitCode')}\n{log[-3000:]}"
-    print(f"job {job} {info['JobState']} ({info['ExitCode']}) {time.monotonic() - killed_at:.1f} s after SIGKILL of task 1")
+    assert info["JobState"] == "FAILED" and info["ExitCode"] != "0:0", (
+        f"{info.get('JobState')} {info.get('ExitCode')}\n{log[-3000:]}"
+    )
+    print(
+        f"job {job} {info['JobState']} ({info['ExitCode']}) "
+        f"{time.monotonic() - killed_at:.1f} s after SIGKILL of task 1"
+    )
     saved = latest_checkpoint(run_dir)
     saved_step = int(re.search(r"(\d+)$", saved.name).group(1))
     assert 0 < saved_step < STEPS

@@ -38,7 +38,14 @@ def test_deepspeed_launcher(tiny_recipe, tmp_path):
 def test_mpiexec(tiny_recipe, tmp_path):
     run_dir = tmp_path / "run"
     # No MASTER_ADDR/PORT: rank 0 picks them and broadcasts them over mpi4py.
-    cmd = [shutil.which("mpiexec"), "-n", "2", python(), str(TRAIN_SCRIPT), *train_args(tiny_recipe, run_dir, STEPS, SAVE_EVERY)]
+    cmd = [
+        shutil.which("mpiexec"),
+        "-n",
+        "2",
+        python(),
+        str(TRAIN_SCRIPT),
+        *train_args(tiny_recipe, run_dir, STEPS, SAVE_EVERY),
+    ]
     out = run(cmd, TIMEOUT)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     check_run(run_dir, STEPS, out.stdout + out.stderr)
@@ -46,7 +53,8 @@ def test_mpiexec(tiny_recipe, tmp_path):
 
 @pytest.mark.slurm
 def test_stage1_then_stage2_chained_with_afterok(slurm_cluster, tiny_recipes, tmp_path):
-    """The documented chain: JOB1=$(sbatch --parsable slurm/stage1.sh); sbatch --dependency=afterok:$JOB1 slurm/stage2.sh.
+    """The documented chain: JOB1=$(sbatch --parsable slurm/stage1.sh);
+    sbatch --dependency=afterok:$JOB1 slurm/stage2.sh.
 
     Also the plain `sbatch slurm/stage2.sh` run on one node with 2 tasks (a test of its own before, which ran the same
     stage2.sh job without the stage-1 export; that variant runs in test_kill_rank's Slurm resubmission).
@@ -55,15 +63,31 @@ def test_stage1_then_stage2_chained_with_afterok(slurm_cluster, tiny_recipes, tm
     sbatch_args = ["--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=00:15:00",
                    f"--output={tmp_path}/slurm-%j.out"]
     common = dict(MMDIST_REPO=str(REPO), TRAIN_SCRIPT=str(TRAIN_SCRIPT), PYTHON=python())
-    job1 = slurm_cluster.sbatch(REPO / "slurm" / "stage1.sh", *sbatch_args, cwd=tmp_path, env=environment(
-        CONFIG=str(tiny_recipes["align"]), RUN_DIR=str(align_dir), OVERRIDES=" ".join(["train.max_steps=4", *common_overrides(4)]),
-        **common))
+    job1 = slurm_cluster.sbatch(
+        REPO / "slurm" / "stage1.sh",
+        *sbatch_args,
+        cwd=tmp_path,
+        env=environment(
+            CONFIG=str(tiny_recipes["align"]),
+            RUN_DIR=str(align_dir),
+            OVERRIDES=" ".join(["train.max_steps=4", *common_overrides(4)]),
+            **common,
+        ),
+    )
     # Submitted at once: the export does not exist yet; stage2.sh checks it when the job starts.
-    job2 = slurm_cluster.sbatch(REPO / "slurm" / "stage2.sh", f"--dependency=afterok:{job1}", *sbatch_args, cwd=tmp_path,
-                                env=environment(CONFIG=str(tiny_recipes["fuse"]), RUN_DIR=str(fuse_dir),
-                                                STAGE1_EXPORT=str(align_dir / "export"),
-                                                OVERRIDES=" ".join(train_args(tiny_recipes["fuse"], fuse_dir, STEPS, SAVE_EVERY)[2:]),
-                                                **common))
+    job2 = slurm_cluster.sbatch(
+        REPO / "slurm" / "stage2.sh",
+        f"--dependency=afterok:{job1}",
+        *sbatch_args,
+        cwd=tmp_path,
+        env=environment(
+            CONFIG=str(tiny_recipes["fuse"]),
+            RUN_DIR=str(fuse_dir),
+            STAGE1_EXPORT=str(align_dir / "export"),
+            OVERRIDES=" ".join(train_args(tiny_recipes["fuse"], fuse_dir, STEPS, SAVE_EVERY)[2:]),
+            **common,
+        ),
+    )
     waiting = slurm_cluster.job_info(job2)
     assert waiting.get("JobState") == "PENDING", waiting
     info1 = slurm_cluster.wait(job1, timeout=TIMEOUT)
@@ -76,5 +100,7 @@ def test_stage1_then_stage2_chained_with_afterok(slurm_cluster, tiny_recipes, tm
         assert f"master {slurm_cluster.node}:" in log  # each script found the master from the node list
     assert (align_dir / "export" / "manifest.json").exists() and (align_dir / "export" / "model.safetensors").exists()
     assert f"model.connector.stage1_weights={align_dir / 'export'}" in log2
-    assert yaml.safe_load((fuse_dir / "config.yaml").read_text())["model"]["connector"]["stage1_weights"] == str(align_dir / "export")
+    assert yaml.safe_load((fuse_dir / "config.yaml").read_text())["model"]["connector"]["stage1_weights"] == str(
+        align_dir / "export"
+    )
     check_run(fuse_dir, STEPS, log2)

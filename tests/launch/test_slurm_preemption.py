@@ -57,13 +57,24 @@ def _start_requeued_now(cluster, job: str, timeout: float) -> None:
         time.sleep(0.5)
 
 
-def test_warning_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(slurm_cluster, tiny_recipe, tmp_path):
+def test_warning_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_result(
+    slurm_cluster, tiny_recipe, tmp_path
+):
     run_dir = tmp_path / "run"
     overrides = " ".join(train_args(tiny_recipe, run_dir, STEPS, 0, *EXTRA)[2:])
     env = environment(CONFIG=str(tiny_recipe), RUN_DIR=str(run_dir), OVERRIDES=overrides, STAGE1_EXPORT="",
                       MMDIST_REPO=str(REPO), TRAIN_SCRIPT=str(TRAIN_SCRIPT), PYTHON=python())
-    job = slurm_cluster.sbatch(REPO / "slurm" / "stage2.sh", "--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0",
-                               "--cpus-per-task=1", "--time=00:15:00", f"--output={tmp_path}/slurm-%j.out", env=env, cwd=tmp_path)
+    job = slurm_cluster.sbatch(
+        REPO / "slurm" / "stage2.sh",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--time=00:15:00",
+        f"--output={tmp_path}/slurm-%j.out",
+        env=env,
+        cwd=tmp_path,
+    )
     log_file = tmp_path / f"slurm-{job}.out"
     try:
         _wait_for_step(run_dir, 2, timeout=240)
@@ -91,7 +102,11 @@ def test_warning_signal_checkpoints_requeues_and_resumes_to_the_uninterrupted_re
     ref = run(cmd, 400)
     assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
     got, want = train_records(run_dir), train_records(reference)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))  # each step once: the resumed run dropped nothing twice
+    # each step once: the resumed run dropped nothing twice
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert [r["data"] for r in got] == [r["data"] for r in want]  # the same batches: the same sample multiset
-    a, b = load_file(str(run_dir / "export" / "model.safetensors")), load_file(str(reference / "export" / "model.safetensors"))
+    a, b = (
+        load_file(str(run_dir / "export" / "model.safetensors")),
+        load_file(str(reference / "export" / "model.safetensors")),
+    )
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

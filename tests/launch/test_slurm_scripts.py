@@ -26,7 +26,8 @@ FAKE_SRUN = """#!/usr/bin/env python3
 import json, os, sys
 keys = ("MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_ASYNC_ERROR_HANDLING",
         "NCCL_DEBUG", "DS_ACCELERATOR", "MMDIST_DIST_TIMEOUT", "PYTHONUNBUFFERED")
-print("SRUN " + json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": {k: os.environ.get(k) for k in keys}}), flush=True)
+env = {k: os.environ.get(k) for k in keys}
+print("SRUN " + json.dumps({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": env}), flush=True)
 marker = os.environ.get("FAKE_SRUN_MARKER")
 
 def stop(signum, frame):  # what the ranks do on the warning signal: checkpoint, marker, PREEMPTED_EXIT
@@ -93,10 +94,22 @@ def _fake_job(tmp_path, script: Path, **env: str) -> tuple[list[str], dict]:
     for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod((bin_dir / name).stat().st_mode | stat.S_IEXEC)
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "OMP_", "NCCL_", "TORCH_NCCL"))}
-    base.update({"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "12345", "SLURM_JOB_NODELIST": "gpu[07-08]",
-                 "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "16", "SLURM_NTASKS_PER_NODE": "8", "SLURM_CPUS_PER_TASK": "12",
-                 "SLURM_SUBMIT_DIR": str(REPO), "SCONTROL_LOG": str(tmp_path / "scontrol.log")})
+    base = {
+        k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MASTER_", "OMP_", "NCCL_", "TORCH_NCCL"))
+    }
+    base.update(
+        {
+            "PATH": f"{bin_dir}:{os.environ['PATH']}",
+            "SLURM_JOB_ID": "12345",
+            "SLURM_JOB_NODELIST": "gpu[07-08]",
+            "SLURM_JOB_NUM_NODES": "2",
+            "SLURM_NTASKS": "16",
+            "SLURM_NTASKS_PER_NODE": "8",
+            "SLURM_CPUS_PER_TASK": "12",
+            "SLURM_SUBMIT_DIR": str(REPO),
+            "SCONTROL_LOG": str(tmp_path / "scontrol.log"),
+        }
+    )
     base.update(env)
     return ["bash", str(script)], base
 
@@ -127,8 +140,14 @@ def test_stage2_hands_srun_one_rank_per_task_with_the_knobs(tmp_path):
     argv = call["argv"]
     assert "--kill-on-bad-exit=1" in argv and "--cpus-per-task=12" in argv
     i = argv.index("launch/train.py")
-    assert argv[i + 1:] == ["--config", "configs/fuse.yaml", "run_dir=runs/x", f"model.connector.stage1_weights={export}",
-                            "train.max_steps=5", "data.train=[a,b]"]
+    assert argv[i + 1 :] == [
+        "--config",
+        "configs/fuse.yaml",
+        "run_dir=runs/x",
+        f"model.connector.stage1_weights={export}",
+        "train.max_steps=5",
+        "data.train=[a,b]",
+    ]
     assert call["cwd"] == str(REPO)
     env = call["env"]
     # Master: first host of the node list, port derived from the job id (what mmdist.launch_env derives too).
@@ -149,8 +168,13 @@ def test_settings_are_overridable_by_environment(tmp_path):
     assert call["argv"][-4:] == ["launch/train.py", "--config", str(cfg), "run_dir=r"]
     assert "python3.11" in call["argv"]
     env = call["env"]
-    assert (env["MASTER_ADDR"], env["MASTER_PORT"], env["OMP_NUM_THREADS"], env["DS_ACCELERATOR"], env["NCCL_DEBUG"]) == (
-        "10.0.0.1", "31000", "3", "cpu", "INFO")
+    assert (
+        env["MASTER_ADDR"],
+        env["MASTER_PORT"],
+        env["OMP_NUM_THREADS"],
+        env["DS_ACCELERATOR"],
+        env["NCCL_DEBUG"],
+    ) == ("10.0.0.1", "31000", "3", "cpu", "INFO")
 
 
 def test_torchrun_per_node_mode(tmp_path):
@@ -253,6 +277,8 @@ def test_failures_and_stale_markers_do_not_requeue(tmp_path):
 @pytest.mark.parametrize(("env", "says"), [({"REQUEUE": "0"}, "REQUEUE=0: not requeueing"),
                                            ({"SLURM_RESTART_COUNT": "50"}, "already requeued 50 time(s)")])
 def test_requeue_can_be_turned_off_and_is_bounded(tmp_path, env, says):
-    out = _run_in_fake_job(tmp_path, SCRIPTS["fuse"], RUN_DIR=str(tmp_path / "run"), STAGE1_EXPORT="", FAKE_SRUN_EXIT="75", **env)
+    out = _run_in_fake_job(
+        tmp_path, SCRIPTS["fuse"], RUN_DIR=str(tmp_path / "run"), STAGE1_EXPORT="", FAKE_SRUN_EXIT="75", **env
+    )
     assert out.returncode == 75 and _requeued(tmp_path) == []
     assert says in out.stdout + out.stderr

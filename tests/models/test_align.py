@@ -66,7 +66,8 @@ def test_align_with_pooled_image_tokens():
 
 
 def test_precomputed_text_features_give_the_same_loss(align_model):
-    """``text_features`` (the pooled frozen text-encoder output, as the feature cache stores it) replace the token ids exactly."""
+    """``text_features`` (the pooled frozen text-encoder output, as
+    the feature cache stores it) replace the token ids exactly."""
     batch = align_batch(align_model)
     align_model.eval()
     with torch.no_grad():

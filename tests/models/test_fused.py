@@ -1,4 +1,5 @@
-"""Stage 2 (FusedVLM): image tokens land at the placeholders, labels, multi-image and text-only batches, packing, generation."""
+"""Stage 2 (FusedVLM): image tokens land at the placeholders,
+labels, multi-image and text-only batches, packing, generation."""
 
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ def test_image_tokens_land_exactly_at_placeholders(fused_model):
     model = fused_model
     n = model.num_image_tokens
     assert n == 16  # 16x16 image, 4x4 patches, patch tokens
-    samples = [sample(model, 2, [10, 11], [12, 13]), sample(model, 0, [20, 21, 22], [23]), sample(model, 1, [30], [31, 32])]
+    samples = [
+        sample(model, 2, [10, 11], [12, 13]),
+        sample(model, 0, [20, 21, 22], [23]),
+        sample(model, 1, [30], [31, 32]),
+    ]
     batch = pad_batch(samples, pad_id=256)
     pixel_values = torch.randn(3, 3, 16, 16)
     image_embeds = model.image_embeddings(pixel_values)
@@ -109,7 +114,11 @@ def test_block_causal_mask_keeps_attention_inside_samples():
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_rows_give_the_same_per_sample_loss(attn):
     model = make_model("fuse", model={"llm": {"attn_implementation": attn}})
-    samples = [sample(model, 1, [10, 11], [12, 13, 14]), sample(model, 0, [20, 21], [22, 23]), sample(model, 1, [30], [31, 32, 33])]
+    samples = [
+        sample(model, 1, [10, 11], [12, 13, 14]),
+        sample(model, 0, [20, 21], [22, 23]),
+        sample(model, 1, [30], [31, 32, 33]),
+    ]
     pixels = torch.randn(2, 3, 16, 16)
     unpacked = pad_batch(samples, pad_id=256)
     unpacked["pixel_values"] = pixels
@@ -124,8 +133,14 @@ def test_packed_rows_give_the_same_per_sample_loss(attn):
     labels += [-100] * 3
     seq += [-1] * 3
     pos += [0] * 3
-    packed = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "sequence_ids": torch.tensor([seq]),
-              "position_ids": torch.tensor([pos]), "attention_mask": (torch.tensor([seq]) >= 0).long(), "pixel_values": pixels}
+    packed = {
+        "input_ids": torch.tensor([ids]),
+        "labels": torch.tensor([labels]),
+        "sequence_ids": torch.tensor([seq]),
+        "position_ids": torch.tensor([pos]),
+        "attention_mask": (torch.tensor([seq]) >= 0).long(),
+        "pixel_values": pixels,
+    }
     assert model.packed_attention == (attn == "sdpa")  # sdpa: per-sample spans; eager: the dense block mask
     a = model.sample_losses(unpacked)
     b = model.sample_losses(packed)
@@ -142,7 +157,11 @@ def test_packed_span_attention_equals_the_dense_block_mask_in_loss_and_gradients
     model = make_model("fuse", model={"llm": {"attn_implementation": "sdpa", "gradient_checkpointing": checkpointing}})
     model.train()
     assert model.packed_attention
-    samples = [sample(model, 1, [10, 11], [12, 13, 14]), sample(model, 0, [20, 21], [22, 23]), sample(model, 1, [30], [31, 32])]
+    samples = [
+        sample(model, 1, [10, 11], [12, 13, 14]),
+        sample(model, 0, [20, 21], [22, 23]),
+        sample(model, 1, [30], [31, 32]),
+    ]
     ids, labels, seq, pos = [], [], [], []
     for k, (s_ids, s_labels) in enumerate(samples):
         ids, labels = ids + s_ids, labels + s_labels
@@ -151,9 +170,11 @@ def test_packed_span_attention_equals_the_dense_block_mask_in_loss_and_gradients
     batch = {"input_ids": torch.tensor([ids, ids]), "labels": torch.tensor([labels, labels]),
              "sequence_ids": torch.tensor([seq, seq]), "position_ids": torch.tensor([pos, pos]),
              "pixel_values": torch.randn(4, 3, 16, 16)}
-    assert spans_from_sequence_ids(batch["sequence_ids"])[0] == [(2, 2 + len(samples[0][0])),
-                                                                  (2 + len(samples[0][0]), 2 + len(samples[0][0]) + len(samples[1][0])),
-                                                                  (2 + len(samples[0][0]) + len(samples[1][0]), len(ids))]
+    assert spans_from_sequence_ids(batch["sequence_ids"])[0] == [
+        (2, 2 + len(samples[0][0])),
+        (2 + len(samples[0][0]), 2 + len(samples[0][0]) + len(samples[1][0])),
+        (2 + len(samples[0][0]) + len(samples[1][0]), len(ids)),
+    ]
     results = []
     for packed in (True, False):
         model.packed_attention = packed

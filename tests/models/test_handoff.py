@@ -63,7 +63,9 @@ def test_stage1_weights_load_into_stage2(stage1_export):
 
 def test_frozen_stage1_module_in_stage2(stage1_export):
     folder, _ = stage1_export
-    model = make_model("fuse", "mlp", model={"connector": {"stage1_weights": str(folder), "train_stage1_module": False}})
+    model = make_model(
+        "fuse", "mlp", model={"connector": {"stage1_weights": str(folder), "train_stage1_module": False}}
+    )
     assert set(model.trainable_groups()) == {"projector"}
     assert not any(p.requires_grad for p in model.stage1.parameters())
 

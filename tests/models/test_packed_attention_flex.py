@@ -28,8 +28,16 @@ pytest.importorskip("torch.nn.attention.flex_attention")
 
 LLAMA = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 128}
-QWEN2_GQA = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+QWEN2_GQA = {
+    "model_type": "qwen2",
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
 
 # Two packed rows of 18 tokens: three samples then padding; padding first then two samples.
 SEQUENCE_IDS = torch.tensor([[0] * 6 + [1] * 5 + [2] * 4 + [-1] * 3,
@@ -68,7 +76,12 @@ def position_ids(sequence_ids: torch.Tensor) -> torch.Tensor:
 
 
 def packed_logits(llm, embeds: torch.Tensor, kernel: str) -> torch.Tensor:
-    inputs = {"inputs_embeds": embeds, "position_ids": position_ids(SEQUENCE_IDS), "use_cache": False, "attention_mask": None}
+    inputs = {
+        "inputs_embeds": embeds,
+        "position_ids": position_ids(SEQUENCE_IDS),
+        "use_cache": False,
+        "attention_mask": None,
+    }
     if kernel == "flex":
         inputs["mmdist_block_mask"] = document_block_mask(SEQUENCE_IDS)
     else:
@@ -156,7 +169,11 @@ def test_document_block_mask_is_the_dense_block_causal_mask():
 
 
 def packed_batch(model: FusedVLM) -> dict:
-    samples = [sample(model, 1, [10, 11], [12, 13, 14]), sample(model, 0, [20, 21], [22, 23]), sample(model, 1, [30], [31, 32])]
+    samples = [
+        sample(model, 1, [10, 11], [12, 13, 14]),
+        sample(model, 0, [20, 21], [22, 23]),
+        sample(model, 1, [30], [31, 32]),
+    ]
     ids, labels, seq, pos = [], [], [], []
     for k, (s_ids, s_labels) in enumerate(samples):
         ids, labels = ids + s_ids, labels + s_labels
@@ -208,7 +225,9 @@ def test_flex_is_refused_at_config_check_naming_the_key(monkeypatch):
     with pytest.raises(ConfigError, match=r"model\.llm\.packed_attention: flex replaces sdpa's packed path"):
         make_cfg("fuse", model={"llm": {"packed_attention": "flex", "attn_implementation": "eager"}})
     monkeypatch.setattr("mmdist.models.llm.flex_attention_available", lambda: False)
-    with pytest.raises(ConfigError, match=r"model\.llm\.packed_attention: flex needs torch\.nn\.attention\.flex_attention"):
+    with pytest.raises(
+        ConfigError, match=r"model\.llm\.packed_attention: flex needs torch\.nn\.attention\.flex_attention"
+    ):
         make_cfg("fuse", model={"llm": {"packed_attention": "flex"}})
     make_cfg("fuse", model={"llm": {"packed_attention": "sdpa_per_sample"}})  # the others need nothing
 

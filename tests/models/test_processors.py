@@ -34,12 +34,24 @@ def test_pad_to_square_uses_the_mean_colour():
 
 def test_processors_pickle_and_fingerprint():
     tok = tiny_byte_tokenizer()
-    p = Processors(ImageTransform(16, [0.5] * 3, [0.5] * 3), num_image_tokens=16, tokenizer=tok, image_token="<image>", image_token_id=259)
+    p = Processors(
+        ImageTransform(16, [0.5] * 3, [0.5] * 3),
+        num_image_tokens=16,
+        tokenizer=tok,
+        image_token="<image>",
+        image_token_id=259,
+    )
     clone = pickle.loads(pickle.dumps(p))
     assert clone.fingerprint() == p.fingerprint()
     assert clone.tokenizer("ab").input_ids == tok("ab").input_ids
     other = Processors(ImageTransform(16, [0.5] * 3, [0.5] * 3, pad_to_square=True), num_image_tokens=16, tokenizer=tok,
                        image_token="<image>", image_token_id=259)
     assert other.fingerprint() != p.fingerprint()
-    fewer = Processors(ImageTransform(16, [0.5] * 3, [0.5] * 3), num_image_tokens=4, tokenizer=tok, image_token="<image>", image_token_id=259)
+    fewer = Processors(
+        ImageTransform(16, [0.5] * 3, [0.5] * 3),
+        num_image_tokens=4,
+        tokenizer=tok,
+        image_token="<image>",
+        image_token_id=259,
+    )
     assert fewer.fingerprint() != p.fingerprint()

@@ -1,4 +1,5 @@
-"""Q-Former: shapes, masks (ITM bidirectional, ITG multimodal causal), ITC over queries, hard negatives, losses, BERT init."""
+"""Q-Former: shapes, masks (ITM bidirectional, ITG multimodal
+causal), ITC over queries, hard negatives, losses, BERT init."""
 
 from __future__ import annotations
 
@@ -31,7 +32,9 @@ def test_shapes_and_bert_initialisation():
 
 
 def test_cross_attention_every_n_layers():
-    model = make_model("align", "qformer", model={"connector": {"qformer": {"num_layers": 4, "cross_attention_every": 2}}})
+    model = make_model(
+        "align", "qformer", model={"connector": {"qformer": {"num_layers": 4, "cross_attention_every": 2}}}
+    )
     assert [layer.cross_attn is not None for layer in model.stage1.layers] == [True, False, True, False]
 
 
@@ -72,7 +75,9 @@ def test_itc_over_queries_equals_hand_computation():
 
 def test_hard_negatives_avoid_positives_and_prefer_similar():
     torch.manual_seed(0)
-    sims = torch.tensor([[1.0, 0.9, -1.0, -1.0], [0.9, 1.0, -1.0, -1.0], [-1.0, -1.0, 1.0, 0.95], [-1.0, -1.0, 0.95, 1.0]])
+    sims = torch.tensor(
+        [[1.0, 0.9, -1.0, -1.0], [0.9, 1.0, -1.0, -1.0], [-1.0, -1.0, 1.0, 0.95], [-1.0, -1.0, 0.95, 1.0]]
+    )
     for _ in range(20):
         neg_t, neg_i = sample_hard_negatives(sims, sharpness=50.0)
         assert neg_t.tolist() == [1, 0, 3, 2] and neg_i.tolist() == [1, 0, 3, 2]

@@ -38,7 +38,12 @@ def batch_for(model) -> dict:
     ids = torch.cat([torch.full((1, n), model.image_token_id), torch.tensor([[65, 66, 67, 68]])], 1)
     labels = ids.clone()
     labels[:, :n] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "pixel_values": torch.randn(1, 3, 16, 16)}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "pixel_values": torch.randn(1, 3, 16, 16),
+    }
 
 
 def quantized_state(llm) -> dict:
@@ -79,7 +84,9 @@ def test_unknown_quantize_value_is_refused():
 
 
 def test_quantized_combinations_that_work_are_accepted():
-    cfg = recipe("model.llm.quantize=nf4", "model.llm.lora.enabled=true", "model.vision.quantize=int8", "engine.zero_stage=2")
+    cfg = recipe(
+        "model.llm.quantize=nf4", "model.llm.lora.enabled=true", "model.vision.quantize=int8", "engine.zero_stage=2"
+    )
     assert cfg.model.llm.quantize == "nf4" and cfg.model.vision.quantize == "int8"
 
 
@@ -102,7 +109,9 @@ def test_auto_backend_prefers_bitsandbytes_and_says_why(monkeypatch, caplog):
 
 def test_hf_export_of_a_quantized_run_needs_dequantize():
     cfg = recipe("model.llm.quantize=int8")
-    assert "dequantize" in hf_export_problem(cfg, dequantize=False) and "model.llm.quantize=int8" in hf_export_problem(cfg, False)
+    assert "dequantize" in hf_export_problem(cfg, dequantize=False) and "model.llm.quantize=int8" in hf_export_problem(
+        cfg, False
+    )
     assert hf_export_problem(cfg, dequantize=True) is None and hf_export_problem(recipe(), dequantize=False) is None
 
 
@@ -112,8 +121,10 @@ def test_hf_export_of_a_quantized_run_needs_dequantize():
 
 @pytest.mark.parametrize("method,backend", COMBOS)
 def test_gradients_reach_the_projector_through_a_quantized_llm(method, backend):
-    model = build_model(tiny_run_config("fuse", f"model.llm.quantize={method}", f"model.llm.quantize_backend={backend}").model,
-                        stage=FUSE)
+    model = build_model(
+        tiny_run_config("fuse", f"model.llm.quantize={method}", f"model.llm.quantize_backend={backend}").model,
+        stage=FUSE,
+    )
     before = quantized_state(model.llm)
     assert before, "no weight was quantized"
     model.train()
@@ -130,15 +141,25 @@ def test_gradients_reach_the_projector_through_a_quantized_llm(method, backend):
 
 @pytest.mark.parametrize("method,backend", COMBOS)
 def test_quantized_weights_survive_a_bf16_deepspeed_engine_and_its_step(tmp_path, method, backend):
-    """A bf16 engine casts every floating parameter, frozen ones too: the packed weights must stay packed and unchanged."""
+    """A bf16 engine casts every floating parameter, frozen ones
+    too: the packed weights must stay packed and unchanged."""
     from mmdist import distributed as dist
     from mmdist.precision import resolve_precision
     from mmdist.training.engine import build_engine
 
-    cfg, _ = resolve_precision(recipe("engine.zero_stage=2", "engine.precision=bf16", "engine.torch_adam=true", "train.lr_scheduler=constant",
-                                      "train.global_batch_size=2",
-                                      f"model.llm.quantize={method}", f"model.llm.quantize_backend={backend}",
-                                      f"run_dir={tmp_path}"), "cpu")
+    cfg, _ = resolve_precision(
+        recipe(
+            "engine.zero_stage=2",
+            "engine.precision=bf16",
+            "engine.torch_adam=true",
+            "train.lr_scheduler=constant",
+            "train.global_batch_size=2",
+            f"model.llm.quantize={method}",
+            f"model.llm.quantize_backend={backend}",
+            f"run_dir={tmp_path}",
+        ),
+        "cpu",
+    )
     dist.init(dist.discover(argv=[], environ={}), backend="gloo", timeout_s=60)
     bundle = build_engine(cfg, world_size=1)
     try:
@@ -166,7 +187,8 @@ def test_qlora_trains_adapters_on_bitsandbytes_layers_and_exports_only_trainable
     assert "lora" in model.trainable_groups()
     model.train()
     model(batch_for(model))["loss"].backward()
-    lora = dict((n, p) for n, p in model.llm.named_parameters() if "lora_B" in n)  # B starts at zero, so A's gradient is zero
+    # B starts at zero, so A's gradient is zero
+    lora = dict((n, p) for n, p in model.llm.named_parameters() if "lora_B" in n)
     assert lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
     state = model.export_state_dict()
     merged = [k for k in state if k.startswith("llm.")]
@@ -179,8 +201,10 @@ def test_quantized_bytes_shrink(method, backend):
     """Every matrix of the tiny fp32 LLM is quantized, the tied embedding/head once: the only fp32 left are the
     norms (and a bias, if any); the 135M model's ratios are asserted by the slow SmolLM2 test below."""
     plain = build_model(tiny_run_config("fuse").model, stage=FUSE)
-    quant = build_model(tiny_run_config("fuse", f"model.llm.quantize={method}", f"model.llm.quantize_backend={backend}").model,
-                        stage=FUSE)
+    quant = build_model(
+        tiny_run_config("fuse", f"model.llm.quantize={method}", f"model.llm.quantize_backend={backend}").model,
+        stage=FUSE,
+    )
     matrices = sum(p.numel() for p in plain.llm.parameters() if p.dim() == 2)  # unique: the tied matrix once
     rest = quantized_bytes(plain.llm) - 4 * matrices
     per_weight = quantized_bytes(quant.llm) - rest
@@ -312,7 +336,8 @@ def test_plan_counts_quantized_frozen_bytes_and_says_what_fits(capsys):
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("quantized: model.llm.quantize=nf4"))
     ratio = float(line.split("(")[1].split("x)")[0])
-    assert 0.27 < ratio <= 0.29 and "fits at" in out  # 0.5 byte + a 4-byte absmax per 64 on every weight, embeddings too
+    # 0.5 byte + a 4-byte absmax per 64 on every weight, embeddings too
+    assert 0.27 < ratio <= 0.29 and "fits at" in out
 
 
 def test_planned_bytes_per_param():
@@ -346,7 +371,9 @@ def smollm2_reference():
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS["bitsandbytes"], reason="bitsandbytes not installed (extra mmdist[quant])")
 @pytest.mark.parametrize("method,most,max_kl,min_top1", [("int8", 0.55, 0.05, 0.95), ("nf4", 0.35, 1.0, 0.5)])
-def test_smollm2_quantized_meets_the_byte_targets_and_keeps_its_logits(smollm2_reference, method, most, max_kl, min_top1):
+def test_smollm2_quantized_meets_the_byte_targets_and_keeps_its_logits(
+    smollm2_reference, method, most, max_kl, min_top1
+):
     """The targets: at most 0.55x (int8) / 0.35x (nf4) of the bf16 LLM's bytes. Logits on a 21-token text
     prompt, as the mean KL(bf16 || quantized) of the next-token distributions and the share of positions whose
     greedy token is the same. Measured (bitsandbytes, 2026-12-04): int8 KL 0.0075, 100% same; nf4 KL 0.44, 62%
@@ -361,6 +388,8 @@ def test_smollm2_quantized_meets_the_byte_targets_and_keeps_its_logits(smollm2_r
     assert llm.get_output_embeddings().table is llm.get_input_embeddings().table  # tied: stored once
     with torch.no_grad():
         logits = llm(ids).logits.float()
-    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1)
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(
+        -1
+    )
     assert kl.mean() < max_kl
     assert (logits.argmax(-1) == ref.argmax(-1)).float().mean() >= min_top1

@@ -101,7 +101,9 @@ def test_qwen1_checkpoint_loads_as_qwen2_with_qwen1_logits(fmt, qwen1_folders, q
     layer = model.model.layers[1]
     q, k, v = qwen1_weights["transformer.h.1.attn.c_attn.weight"].split(HIDDEN)
     assert torch.equal(layer.self_attn.q_proj.weight, q) and torch.equal(layer.self_attn.v_proj.weight, v)
-    assert torch.equal(layer.self_attn.k_proj.bias, qwen1_weights["transformer.h.1.attn.c_attn.bias"][HIDDEN:2 * HIDDEN])
+    assert torch.equal(
+        layer.self_attn.k_proj.bias, qwen1_weights["transformer.h.1.attn.c_attn.bias"][HIDDEN : 2 * HIDDEN]
+    )
     assert layer.self_attn.o_proj.bias is None
     assert torch.equal(layer.mlp.gate_proj.weight, qwen1_weights["transformer.h.1.mlp.w2.weight"])
     assert torch.equal(layer.mlp.up_proj.weight, qwen1_weights["transformer.h.1.mlp.w1.weight"])
@@ -227,8 +229,9 @@ def test_token_ids_equal_qwen1_tiktoken(qwen1_tokenizer, tiktoken_reference):
 def test_special_tokens_and_ids(qwen1_tokenizer):
     tok = qwen1_tokenizer
     assert len(tok) == 151851
-    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|extra_0|>", "<|extra_204|>"]) == [
-        151643, 151644, 151645, 151646, 151850]
+    assert tok.convert_tokens_to_ids(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|extra_0|>", "<|extra_204|>"]
+    ) == [151643, 151644, 151645, 151646, 151850]
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token_id == 151643
     assert tok("a<|extra_3|>b", add_special_tokens=False)["input_ids"][1] == 151649
 

@@ -56,7 +56,8 @@ def test_stage1_to_qwen1_stage2_keeps_the_vocabulary_and_learns(tmp_path):
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_two_rank_zero3_fuse_run_on_a_qwen1_checkpoint(tmp_path):
-    """torchrun, 2 CPU ranks, ZeRO-3: the Qwen1 checkpoint is partitioned as it loads, the loss falls, the export is written."""
+    """torchrun, 2 CPU ranks, ZeRO-3: the Qwen1 checkpoint is
+    partitioned as it loads, the loss falls, the export is written."""
     pytest.importorskip("sklearn")
     from helpers.launch_harness import TRAIN_SCRIPT, check_run, python, run, train_args, write_recipes
 

@@ -1,4 +1,5 @@
-"""The resampler connector: token grids and positions, shapes for any token count, gradients, stage 1 and stage 2 wiring,
+"""The resampler connector: token grids and positions, shapes
+for any token count, gradients, stage 1 and stage 2 wiring,
 the stage hand-off, and its refusal by the llava-hf export."""
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ def test_stage1_resampler_hands_over_to_stage2(tmp_path):
     stage1 = resampler_model("align")
     save_export(stage1, str(tmp_path / "s1"))
     assert build_manifest(stage1)["connector"]["num_tokens"] == 4
-    fused = make_model("fuse", "resampler", model={"connector": {"resampler": TINY, "stage1_weights": str(tmp_path / "s1")}})
+    fused = make_model(
+        "fuse", "resampler", model={"connector": {"resampler": TINY, "stage1_weights": str(tmp_path / "s1")}}
+    )
     assert isinstance(fused.stage1, Resampler) and fused.stage1.text_head is None
     assert not isinstance(fused.projector, ResampledProjector) and fused.projector.in_dim == 32  # align_dim
     assert torch.equal(fused.stage1.queries, stage1.stage1.queries)
@@ -122,8 +125,10 @@ def test_the_llava_export_refuses_resamplers(tmp_path):
     from mmdist.export import save_export
     from mmdist.hf_export import ExportRefused, check_hf_exportable
 
-    for name, model in {"type": resampler_model("fuse"),
-                        "before_projector": make_model("fuse", model={"connector": {"resampler": {**TINY, "before_projector": True}}})}.items():
+    for name, model in {
+        "type": resampler_model("fuse"),
+        "before_projector": make_model("fuse", model={"connector": {"resampler": {**TINY, "before_projector": True}}}),
+    }.items():
         save_export(model, str(tmp_path / name))
         with pytest.raises(ExportRefused, match="resampler connector .* has no Llava form"):
             check_hf_exportable(str(tmp_path / name))

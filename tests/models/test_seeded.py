@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _frozen_weights(recipe: dict, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Every backbone's parameters (LoRA adapters included), gathered whole, as the engine of ``zero_stage`` builds them."""
+    """Every backbone's parameters (LoRA adapters included),
+    gathered whole, as the engine of ``zero_stage`` builds them."""
     import deepspeed
 
     from mmdist import distributed as dist

@@ -1,4 +1,5 @@
-"""Vision encoders: HF towers (layer and token selection), a custom module with a checkpoint, mismatches, fingerprints."""
+"""Vision encoders: HF towers (layer and token selection), a
+custom module with a checkpoint, mismatches, fingerprints."""
 
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ def test_seeded_init_is_repeatable_and_seed_dependent():
     assert torch.equal(wa, wb) and not torch.equal(wa, wc)
 
 
-@pytest.mark.parametrize("model_type,has_cls,tokens", [("clip_vision_model", True, 16), ("siglip_vision_model", False, 16)])
+@pytest.mark.parametrize(
+    "model_type,has_cls,tokens", [("clip_vision_model", True, 16), ("siglip_vision_model", False, 16)]
+)
 def test_clip_and_siglip_towers(model_type, has_cls, tokens):
     init = {"model_type": model_type, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
             "num_attention_heads": 4, "image_size": 16, "patch_size": 4}

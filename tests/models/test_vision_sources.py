@@ -62,7 +62,9 @@ def test_resnet_stage_and_grid_selection():
         maps = last.model(pixel_values=pixels, output_hidden_states=True).hidden_states
         torch.testing.assert_close(last(pixels), maps[-1].flatten(2).transpose(1, 2))  # row-major positions
         torch.testing.assert_close(early(pixels), maps[1].flatten(2).transpose(1, 2))  # same seed, same weights
-        torch.testing.assert_close(pooled(pixels), torch.nn.functional.adaptive_avg_pool2d(maps[-1], 2).flatten(2).transpose(1, 2))
+        torch.testing.assert_close(
+            pooled(pixels), torch.nn.functional.adaptive_avg_pool2d(maps[-1], 2).flatten(2).transpose(1, 2)
+        )
     for t in (last, early, pooled, stem):
         assert t(pixels).shape[1:] == (t.num_tokens, t.hidden_size)
     with pytest.raises(ValueError, match="no class token"):
@@ -80,10 +82,17 @@ def test_resnet_preprocessing_defaults_overrides_and_processor_folder(tmp_path):
     # A saved ResNet with the ConvNeXt processor it ships with: shortest edge to 224 / 0.875 = 256, centre crop 224.
     params = {k: v for k, v in RESNET.items() if k != "model_type"}
     ResNetModel(ResNetConfig(**params)).save_pretrained(tmp_path)
-    ConvNextImageProcessorPil(size={"shortest_edge": 224}, crop_pct=0.875, image_mean=[0.1, 0.2, 0.3]).save_pretrained(tmp_path)
+    ConvNextImageProcessorPil(size={"shortest_edge": 224}, crop_pct=0.875, image_mean=[0.1, 0.2, 0.3]).save_pretrained(
+        tmp_path
+    )
     t = tower(source="hf", name_or_path=str(tmp_path))
     transform = t.image_transform()
-    assert (transform.size, transform.resize, transform.crop_pct, transform.mean) == (224, "shortest_edge", 0.875, [0.1, 0.2, 0.3])
+    assert (transform.size, transform.resize, transform.crop_pct, transform.mean) == (
+        224,
+        "shortest_edge",
+        0.875,
+        [0.1, 0.2, 0.3],
+    )
     assert transform.resized_size(640, 480) == (341, 256)
     assert transform.describe()["crop_pct"] == 0.875
     from PIL import Image
@@ -164,22 +173,33 @@ def test_timm_cnn_from_architecture_and_local_file(tmp_path):
     t = tower(gather, source="timm", name_or_path="resnet10t", checkpoint=str(path), image_size=64)
     own = t.model.state_dict()
     assert not [k for k in own if not torch.equal(own[k], state[k])]  # every weight is the file's
-    assert not any(k.startswith("fc.") for k in own) and t.load_report["unexpected"] == []  # classifier dropped, as timm does
+    # classifier dropped, as timm does
+    assert not any(k.startswith("fc.") for k in own) and t.load_report["unexpected"] == []
     assert {id(p) for p in t.model.parameters()} in gather.calls  # loaded inside the gather (ZeRO-3)
     assert (t.kind, t.has_cls, t.num_tokens, t.hidden_size) == ("timm", False, 4, 512)  # 64 px / 32 = 2x2 map
     transform = t.image_transform()  # resolve_data_config: ImageNet statistics, bicubic, crop_pct 0.875
-    assert transform.mean == [0.485, 0.456, 0.406] and transform.crop_pct == 0.875 and transform.resize == "shortest_edge"
+    assert (
+        transform.mean == [0.485, 0.456, 0.406] and transform.crop_pct == 0.875 and transform.resize == "shortest_edge"
+    )
     pixels = torch.randn(2, 3, 64, 64)
     t.eval()
     with torch.no_grad():
         torch.testing.assert_close(t(pixels), t.model.forward_features(pixels).flatten(2).transpose(1, 2))
-    staged = tower(source="timm", name_or_path="resnet10t", checkpoint=str(path), image_size=64, feature_stage=2, feature_grid=2)
+    staged = tower(
+        source="timm", name_or_path="resnet10t", checkpoint=str(path), image_size=64, feature_stage=2, feature_grid=2
+    )
     assert (staged.num_tokens, staged.hidden_size) == (4, 128)
     # The fingerprint follows the architecture, its kwargs and the file.
     cfg = from_dict(VisionConfig, {"source": "timm", "name_or_path": "resnet10t", "checkpoint": str(path)})
-    assert vision_fingerprint(cfg) != vision_fingerprint(from_dict(VisionConfig, {"source": "timm", "name_or_path": "resnet10t"}))
-    assert vision_fingerprint(cfg) != vision_fingerprint(from_dict(VisionConfig, {"source": "timm", "name_or_path": "resnet10t",
-                                                                                  "checkpoint": str(path), "timm_kwargs": {"drop_rate": 0.1}}))
+    assert vision_fingerprint(cfg) != vision_fingerprint(
+        from_dict(VisionConfig, {"source": "timm", "name_or_path": "resnet10t"})
+    )
+    assert vision_fingerprint(cfg) != vision_fingerprint(
+        from_dict(
+            VisionConfig,
+            {"source": "timm", "name_or_path": "resnet10t", "checkpoint": str(path), "timm_kwargs": {"drop_rate": 0.1}},
+        )
+    )
 
 
 def test_timm_vit_tokens_from_a_safetensors_file(tmp_path):
@@ -187,7 +207,13 @@ def test_timm_vit_tokens_from_a_safetensors_file(tmp_path):
     kwargs = {"img_size": 32, "depth": 2}
     path, state = _timm_file(timm, tmp_path, "vit_tiny_patch16_224", "safetensors", **kwargs)
     patch = tower(source="timm", name_or_path="vit_tiny_patch16_224", timm_kwargs=kwargs, checkpoint=str(path))
-    cls = tower(source="timm", name_or_path="vit_tiny_patch16_224", timm_kwargs=kwargs, checkpoint=str(path), select_tokens="cls")
+    cls = tower(
+        source="timm",
+        name_or_path="vit_tiny_patch16_224",
+        timm_kwargs=kwargs,
+        checkpoint=str(path),
+        select_tokens="cls",
+    )
     own = patch.model.state_dict()
     assert all(torch.equal(own[k], state[k]) for k in own)
     assert patch.image_size == 32 and patch.has_cls  # the size it was built for, not pretrained_cfg's 224
@@ -205,7 +231,10 @@ def test_timm_settings_and_errors(tmp_path):
     from mmdist.models.settings import ModelConfig
 
     with pytest.raises(ConfigError, match="timm_kwargs.*nothing is downloaded"):
-        from_dict(ModelConfig, {"vision": {"source": "timm", "name_or_path": "resnet10t", "timm_kwargs": {"pretrained": True}}}).validate()
+        from_dict(
+            ModelConfig,
+            {"vision": {"source": "timm", "name_or_path": "resnet10t", "timm_kwargs": {"pretrained": True}}},
+        ).validate()
     with pytest.raises(ValueError, match="is no timm architecture"):
         tower(source="timm", name_or_path="no_such_net")
     path, _ = _timm_file(timm, tmp_path, "resnet10t", "pth")

@@ -32,13 +32,27 @@ def one_process(settings: dict) -> tuple[int, int, list[float]]:
 @pytest.mark.slow
 def test_vision_towers_build_partitioned_under_zero3(tmp_path):
     torch.manual_seed(4)
-    reference = VisionTower(from_dict(VisionConfig, {"source": "hf", "init_config": RESNET, "image_size": 32, "init_seed": 7}))
+    reference = VisionTower(
+        from_dict(VisionConfig, {"source": "hf", "init_config": RESNET, "image_size": 32, "init_seed": 7})
+    )
     torch.save(reference.model.state_dict(), tmp_path / "resnet.pth")
     torch.save(TinyCNN().state_dict(), tmp_path / "tiny.pth")
     towers = [
-        ("resnet_seeded", {"source": "hf", "init_config": RESNET, "image_size": 32, "feature_grid": 2, "dtype": "fp32"}),
-        ("resnet_file", {"source": "hf", "init_config": RESNET, "image_size": 32, "checkpoint": str(tmp_path / "resnet.pth"),
-                         "feature_stage": 1, "dtype": "fp32"}),
+        (
+            "resnet_seeded",
+            {"source": "hf", "init_config": RESNET, "image_size": 32, "feature_grid": 2, "dtype": "fp32"},
+        ),
+        (
+            "resnet_file",
+            {
+                "source": "hf",
+                "init_config": RESNET,
+                "image_size": 32,
+                "checkpoint": str(tmp_path / "resnet.pth"),
+                "feature_stage": 1,
+                "dtype": "fp32",
+            },
+        ),
         ("custom", tiny_custom_vision_config(str(tmp_path / "tiny.pth"))),
     ]
     try:

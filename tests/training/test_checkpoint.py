@@ -9,7 +9,8 @@ import os
 
 import pytest
 import torch
-from helpers.trainer_toy import ToyModel, launch, toy_config, toy_loader_builder, toy_model_builder
+from helpers.toy_launch import launch
+from helpers.trainer_toy import ToyModel, toy_config, toy_loader_builder, toy_model_builder
 from safetensors.torch import load_file
 
 from mmdist.config.run import load_config
@@ -18,7 +19,9 @@ from mmdist.training.loop import train
 
 
 def _train(cfg_dict: dict, **kwargs) -> dict:
-    return train(load_config(base=cfg_dict), model_builder=toy_model_builder, loader_builder=toy_loader_builder(), **kwargs)
+    return train(
+        load_config(base=cfg_dict), model_builder=toy_model_builder, loader_builder=toy_loader_builder(), **kwargs
+    )
 
 
 def _tensors_in(path) -> dict[str, torch.Tensor]:
@@ -56,7 +59,9 @@ def test_frozen_parameters_are_not_in_checkpoint_files(tmp_path, zero_stage):
             # no saved float tensor equals a frozen weight under another name
             for ref in frozen_values:
                 if tensor.is_floating_point() and tensor.numel() == ref.numel():
-                    assert not torch.equal(tensor.flatten().float(), ref), f"{path.name}:{name} is a copy of a frozen weight"
+                    assert not torch.equal(tensor.flatten().float(), ref), (
+                        f"{path.name}:{name} is a copy of a frozen weight"
+                    )
     model_states = [p for p in files if "model_states" in p.name]
     module = torch.load(model_states[0], map_location="cpu", weights_only=False)["module"]
     assert set(module) <= {"norm.weight", "norm.bias", "projector.weight", "projector.bias", "log_scale"}
@@ -165,10 +170,20 @@ def test_stage1_export_loads_into_stage2_under_zero3(tmp_path, demo_shards):
     """Stage 1 (align, 2 ranks, ZeRO-3) exports; stage 2 (fuse, 2 ranks, ZeRO-3) loads it: the gathered
     stage-1 weights equal the file on both ranks; a manifest that differs is refused naming the field."""
     align_dir = tmp_path / "align"
-    launch(tmp_path, {"config": _tiny("align", align_dir, demo_shards, **{"engine.zero_stage": 3}), "mode": "real"}, nproc=2, timeout=400)
+    launch(
+        tmp_path,
+        {"config": _tiny("align", align_dir, demo_shards, **{"engine.zero_stage": 3}), "mode": "real"},
+        nproc=2,
+        timeout=400,
+    )
     export = align_dir / "export"
     assert (export / "model.safetensors").is_file() and (export / "manifest.json").is_file()
-    fuse = _tiny("fuse", tmp_path / "fuse", demo_shards, **{"engine.zero_stage": 3, "model.connector.stage1_weights": str(export)})
+    fuse = _tiny(
+        "fuse",
+        tmp_path / "fuse",
+        demo_shards,
+        **{"engine.zero_stage": 3, "model.connector.stage1_weights": str(export)},
+    )
     report = launch(tmp_path, {"config": fuse, "mode": "stage1_probe"}, nproc=2, timeout=400)
     saved = load_file(str(export / "model.safetensors"))
     assert report["ranks"][0]["stage1_names"], "the fused model has no stage-1 weights"
@@ -182,7 +197,12 @@ def test_stage1_export_loads_into_stage2_under_zero3(tmp_path, demo_shards):
     (bad / "model.safetensors").write_bytes((export / "model.safetensors").read_bytes())
     manifest["vision"]["select_layer"] = -7  # as if stage 1 had used another layer of the encoder
     (bad / "manifest.json").write_text(json.dumps(manifest))
-    fuse_bad = _tiny("fuse", tmp_path / "fuse_bad", demo_shards, **{"engine.zero_stage": 3, "model.connector.stage1_weights": str(bad)})
+    fuse_bad = _tiny(
+        "fuse",
+        tmp_path / "fuse_bad",
+        demo_shards,
+        **{"engine.zero_stage": 3, "model.connector.stage1_weights": str(bad)},
+    )
     with pytest.raises(AssertionError, match=r"vision\.select_layer: stage-1 export has -7"):
         launch(tmp_path, {"config": fuse_bad, "mode": "stage1_probe"}, nproc=2, timeout=400)
 
@@ -241,5 +261,7 @@ def test_resume_with_another_world_size_is_refused(tmp_path, monkeypatch):
     (run / "checkpoints" / "step_000002" / checkpoint.TRAINABLE_STATE).unlink()
     (run / "checkpoints" / "step_000002" / checkpoint.FILE_LIST).unlink()
     monkeypatch.setattr(checkpoint, "_world_size", lambda: 2)  # as if relaunched on 2 ranks
-    with pytest.raises(CheckpointError, match=r"written by 1 rank\(s\) and this run has 2, and it has no trainable_state.pt"):
+    with pytest.raises(
+        CheckpointError, match=r"written by 1 rank\(s\) and this run has 2, and it has no trainable_state.pt"
+    ):
         _train(toy_config(str(run), train={"max_steps": 4}, checkpoint={"save_every": 2}))

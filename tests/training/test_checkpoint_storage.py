@@ -31,7 +31,9 @@ class FileEngine:
     def module_state_dict(self, exclude_frozen_parameters: bool = False) -> dict:
         return {"weight": self.weight}
 
-    def save_checkpoint(self, save_dir: str, tag: str, save_latest: bool = False, exclude_frozen_parameters: bool = False) -> None:
+    def save_checkpoint(
+        self, save_dir: str, tag: str, save_latest: bool = False, exclude_frozen_parameters: bool = False
+    ) -> None:
         folder = os.path.join(save_dir, tag)
         os.makedirs(folder, exist_ok=True)
         torch.save({"module": self.module_state_dict()}, os.path.join(folder, "mp_rank_00_model_states.pt"))
@@ -62,7 +64,9 @@ def _assert_previous_intact(manager: CheckpointManager, weight: torch.Tensor, fa
 def test_disk_full_while_writing_names_the_folder_and_errno(tmp_path):
     manager, engine, weight = _first_checkpoint(tmp_path)
     engine.weight = engine.weight + 1
-    engine.fail = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(manager.root / ".tmp-step_000002" / "optim_states.pt"))
+    engine.fail = OSError(
+        errno.ENOSPC, os.strerror(errno.ENOSPC), str(manager.root / ".tmp-step_000002" / "optim_states.pt")
+    )
     with pytest.raises(CheckpointError) as info:
         manager.save(engine, 2, {"samples": 16})
     message = str(info.value)
@@ -108,7 +112,9 @@ def test_failed_resave_of_the_same_step_puts_the_old_copy_back(tmp_path, monkeyp
 
 def test_a_crash_that_is_not_a_storage_fault_is_passed_through(tmp_path, monkeypatch):
     manager, engine, _ = _first_checkpoint(tmp_path)
-    monkeypatch.setattr(CheckpointManager, "fail_after_engine_save", lambda step: (_ for _ in ()).throw(ValueError("bug")))
+    monkeypatch.setattr(
+        CheckpointManager, "fail_after_engine_save", lambda step: (_ for _ in ()).throw(ValueError("bug"))
+    )
     with pytest.raises(ValueError, match="bug"):
         manager.save(engine, 2, {})
     assert (manager.root / ".tmp-step_000002").is_dir()  # left for clean_stale, as a killed process would leave it

@@ -118,7 +118,9 @@ def _fake_scontrol(tmp_path, monkeypatch, answer: str) -> None:
 
 def test_slurm_master_is_the_first_nodes_address_when_its_name_does_not_resolve(tmp_path, monkeypatch):
     """Node names that are not host names (n1, n2 on one host; aliases on real clusters): NodeAddr is the master."""
-    _fake_scontrol(tmp_path, monkeypatch, "NodeName=zz-unresolvable-n1 Arch=x86_64 NodeAddr=10.9.8.7 NodeHostName=vm Port=7818")
+    _fake_scontrol(
+        tmp_path, monkeypatch, "NodeName=zz-unresolvable-n1 Arch=x86_64 NodeAddr=10.9.8.7 NodeHostName=vm Port=7818"
+    )
     got = discover(argv=[], environ=_srun_env(SLURM_JOB_NODELIST="zz-unresolvable-n[1-2]"))
     assert got.master_addr == "10.9.8.7"
     assert (tmp_path / "calls").read_text().split() == ["show", "node", "-o", "zz-unresolvable-n1"]
@@ -135,7 +137,10 @@ def test_slurm_master_name_that_resolves_is_used_as_is(tmp_path, monkeypatch):
 
 def test_slurm_master_falls_back_to_the_name_without_an_answer(tmp_path, monkeypatch):
     _fake_scontrol(tmp_path, monkeypatch, "")
-    assert discover(argv=[], environ=_srun_env(SLURM_JOB_NODELIST="zz-unresolvable-n1")).master_addr == "zz-unresolvable-n1"
+    assert (
+        discover(argv=[], environ=_srun_env(SLURM_JOB_NODELIST="zz-unresolvable-n1")).master_addr
+        == "zz-unresolvable-n1"
+    )
 
 
 def test_slurm_batch_script_itself_is_a_single_process():
@@ -305,19 +310,23 @@ def test_uncaught_exception_still_destroys_the_group(tmp_path):
     # Two real ranks over gloo; rank 1 raises after init. Both must exit without an abort
     # ("terminate called ..."), rank 1 with the exception's status, and the group must be gone at exit.
     script = tmp_path / "worker.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import atexit, os, sys, torch, torch.distributed as tdist
         from mmdist import distributed as dist
         from mmdist import launch_env
         # atexit runs handlers last-registered first: this probe, registered before init(), runs after shutdown().
-        atexit.register(lambda: print(f"rank{os.environ['RANK']} group_alive_at_exit={tdist.is_initialized()}", flush=True))
+        atexit.register(
+            lambda: print(f"rank{os.environ['RANK']} group_alive_at_exit={tdist.is_initialized()}", flush=True)
+        )
         env = dist.init(launch_env.discover(), timeout_s=20)
         t = torch.tensor([float(env.rank + 1)])
         tdist.all_reduce(t)
         print(f"rank{env.rank} sum={t.item()}", flush=True)
         if env.rank == 1:
             raise RuntimeError("boom")
-    """))
+    """)
+    )
     port = launch_env.free_port()
     procs = []
     for rank in range(2):
@@ -385,7 +394,9 @@ def test_torchrun_ranks(tmp_path):
 @pytest.mark.multiproc
 @pytest.mark.skipif(shutil.which("deepspeed") is None, reason="deepspeed launcher not on PATH")
 def test_deepspeed_launcher_ranks(tmp_path):
-    probes = _launch_probe(tmp_path, [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(launch_env.free_port())])
+    probes = _launch_probe(
+        tmp_path, [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(launch_env.free_port())]
+    )
     assert {p["launcher"] for p in probes} == {"deepspeed"}
     # The launcher puts --local_rank=N in front of the script's own arguments.
     assert sorted(p["args"][0] for p in probes) == ["--local_rank=0", "--local_rank=1"]

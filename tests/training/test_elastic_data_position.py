@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers.trainer_toy import launch, recorded_steps, recording_loader_builder, replay_loader_builder
+from helpers.toy_launch import launch
+from helpers.trainer_toy import recorded_steps, recording_loader_builder, replay_loader_builder
 from safetensors.torch import load_file
 
 from mmdist.config.run import load_config
@@ -46,7 +47,8 @@ def test_real_loader_moves_between_world_sizes_reading_every_sample_once(tmp_pat
     shards = write_demo_shards(tmp_path / "demo", image_size=16, samples_per_shard=12, limit=72)  # 6 shards, 72 samples
     recipe = yaml.safe_load((REPO / "configs" / "tiny_fuse.yaml").read_text())
     recipe["data"].update({"train": [{"shards": [shard_pattern(shards["train"])]}], "eval": [], "num_workers": 1,
-                           "order": "per_rank"})  # the global order's resize: tests/training/test_global_batch_training.py
+                           # the global order's resize: tests/training/test_global_batch_training.py
+                           "order": "per_rank"})
     recipe["train"].update({"max_steps": 6, "global_batch_size": 12, "micro_batch_size": 4, "eval_every": 0})
     recipe["engine"]["zero_stage"] = zero_stage
     recipe["checkpoint"].update({"save_every": 2})
@@ -58,10 +60,15 @@ def test_real_loader_moves_between_world_sizes_reading_every_sample_once(tmp_pat
     history = []
     for i, (world, stop) in enumerate(zip(worlds, (2, 4, None))):
         if world == 1:
-            part = train(load_config(base=recipe), loader_builder=recording_loader_builder(str(record)), stop_after=stop)
+            part = train(
+                load_config(base=recipe), loader_builder=recording_loader_builder(str(record)), stop_after=stop
+            )
         else:
-            part = launch(tmp_path / f"part{i}", {"mode": "real", "config": recipe, "stop_after": stop, "record_keys": str(record)},
-                          nproc=world)
+            part = launch(
+                tmp_path / f"part{i}",
+                {"mode": "real", "config": recipe, "stop_after": stop, "record_keys": str(record)},
+                nproc=world,
+            )
         if i:
             assert part["resumed_from"].endswith(f"step_{2 * i:06d}")
         history += part["history"]

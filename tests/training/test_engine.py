@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.trainer_toy import ToyModel, launch, toy_config
+from helpers.toy_launch import launch
+from helpers.trainer_toy import ToyModel, toy_config
 
 from mmdist.config.run import ConfigError, load_config
 from mmdist.training.deepspeed_compat import enable_frozen_gradient_checkpointing
@@ -28,7 +29,9 @@ def _cfg(tmp_path, **sections):
 # deepspeed_config
 
 
-@pytest.mark.parametrize("world,micro,global_batch,accumulation", [(1, 2, 4, 2), (2, 2, 4, 1), (8, 4, 256, 8), (3, 1, 6, 2)])
+@pytest.mark.parametrize(
+    "world,micro,global_batch,accumulation", [(1, 2, 4, 2), (2, 2, 4, 1), (8, 4, 256, 8), (3, 1, 6, 2)]
+)
 def test_accumulation_is_global_over_micro_times_world(tmp_path, world, micro, global_batch, accumulation):
     cfg = _cfg(tmp_path, train={"micro_batch_size": micro, "global_batch_size": global_batch})
     ds = deepspeed_config(cfg, world)
@@ -47,8 +50,18 @@ def test_indivisible_global_batch_names_keys_and_world(tmp_path):
 
 
 def test_zero_stage_offload_precision_and_clipping(tmp_path):
-    cfg = _cfg(tmp_path, engine={"zero_stage": 3, "offload_optimizer": True, "offload_params": True, "precision": "fp16",
-                                 "fp16_initial_scale_power": 12, "torch_adam": False}, train={"grad_clip": 0.5})
+    cfg = _cfg(
+        tmp_path,
+        engine={
+            "zero_stage": 3,
+            "offload_optimizer": True,
+            "offload_params": True,
+            "precision": "fp16",
+            "fp16_initial_scale_power": 12,
+            "torch_adam": False,
+        },
+        train={"grad_clip": 0.5},
+    )
     ds = deepspeed_config(cfg, 2)
     zero = ds["zero_optimization"]
     assert zero["stage"] == 3
@@ -60,12 +73,16 @@ def test_zero_stage_offload_precision_and_clipping(tmp_path):
 
     bf16 = deepspeed_config(_cfg(tmp_path, engine={"zero_stage": 1, "precision": "bf16"}), 1)
     assert bf16["bf16"]["enabled"] is True and bf16["fp16"]["enabled"] is False
-    assert "offload_optimizer" not in bf16["zero_optimization"] and "optimizer" not in bf16  # torch_adam: client optimizer
+    # torch_adam: client optimizer
+    assert "offload_optimizer" not in bf16["zero_optimization"] and "optimizer" not in bf16
     assert bf16["zero_allow_untested_optimizer"] is True
 
 
 def test_raw_keys_are_merged(tmp_path):
-    cfg = _cfg(tmp_path, engine={"deepspeed": {"zero_optimization": {"reduce_bucket_size": 12345}, "comms_logger": {"enabled": False}}})
+    cfg = _cfg(
+        tmp_path,
+        engine={"deepspeed": {"zero_optimization": {"reduce_bucket_size": 12345}, "comms_logger": {"enabled": False}}},
+    )
     ds = deepspeed_config(cfg, 2)
     assert ds["zero_optimization"]["reduce_bucket_size"] == 12345
     assert ds["zero_optimization"]["stage"] == 3  # typed value kept next to the raw one
@@ -106,7 +123,10 @@ def test_optimizer_groups_only_trainable_with_multipliers_and_no_decay(tmp_path)
     groups = {g["name"]: g for g in build_optimizer_groups(model, cfg.train)}
     assert set(groups) == {"projector", "projector.no_decay", "stage1.no_decay", "temperature.no_decay"}
     assert groups["projector"]["params"] == [model.projector.weight] and groups["projector"]["weight_decay"] == 0.01
-    assert groups["projector.no_decay"]["params"] == [model.projector.bias] and groups["projector.no_decay"]["weight_decay"] == 0.0
+    assert (
+        groups["projector.no_decay"]["params"] == [model.projector.bias]
+        and groups["projector.no_decay"]["weight_decay"] == 0.0
+    )
     assert groups["stage1.no_decay"]["lr"] == pytest.approx(0.05) and groups["projector"]["lr"] == pytest.approx(0.1)
     in_groups = {id(p) for g in groups.values() for p in g["params"]}
     assert not any(id(p) in in_groups for p in model.backbone.parameters())  # frozen: no optimizer state
@@ -141,8 +161,15 @@ def _tiny_llama():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = AutoModelForCausalLM.from_config(config).float()
     model.requires_grad_(False)
     return model.eval()  # frozen: eval, dropout off
@@ -192,7 +219,11 @@ def test_zero3_partitions_frozen_llm_and_gathers_written_weights(tmp_path):
     torch.manual_seed(1)
     pretrained = tmp_path / "tiny_llama"
     AutoModelForCausalLM.from_config(tiny_llama_config()).save_pretrained(pretrained)
-    result = launch(tmp_path, {"config": toy_config(str(tmp_path / "run")), "mode": "probe", "pretrained_dir": str(pretrained)}, nproc=2)
+    result = launch(
+        tmp_path,
+        {"config": toy_config(str(tmp_path / "run")), "mode": "probe", "pretrained_dir": str(pretrained)},
+        nproc=2,
+    )
     ranks = result["ranks"]
     assert len(ranks) == 2
     for r in ranks:
@@ -226,7 +257,11 @@ def test_zero_dim_parameter_trains_under_zero2(tmp_path):
 REFERENCE_RECIPES = ("align.yaml", "fuse.yaml")
 
 
-@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    sorted((__import__("pathlib").Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")),
+    ids=lambda p: p.name,
+)
 def test_every_shipped_recipe_gives_a_deepspeed_config(path, monkeypatch):
     """The reference recipes on their 8 GPUs of 80 GB, the tiny twins on 2 CPU ranks (and 1), any other recipe on 1."""
     from mmdist.plan.auto import DEVICE_MEMORY_ENV, resolve_zero_stage
@@ -241,7 +276,9 @@ def test_every_shipped_recipe_gives_a_deepspeed_config(path, monkeypatch):
     worlds = (8,) if path.name in REFERENCE_RECIPES else (1, 2) if path.name.startswith("tiny_") else (1,)
     for world in worlds:
         ds = deepspeed_config(cfg, world)
-        assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+        assert (
+            ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world
+        )
     if path.name in REFERENCE_RECIPES:
         assert cfg.engine.zero_stage == 1 and cfg.engine.precision == "bf16"  # bf16: no ZeRO-0 (mmdist.plan.auto)
     elif path.name.startswith("tiny_"):
@@ -249,10 +286,19 @@ def test_every_shipped_recipe_gives_a_deepspeed_config(path, monkeypatch):
 
 
 def test_raw_keys_may_tune_defaults_that_no_typed_setting_decides(tmp_path):
-    cfg = _cfg(tmp_path, engine={"precision": "fp16", "zero_stage": 3, "torch_adam": False,
-                                 "deepspeed": {"fp16": {"loss_scale_window": 200, "hysteresis": 4},
-                                               "optimizer": {"params": {"eps": 1e-6}},
-                                               "zero_optimization": {"stage3_gather_16bit_weights_on_model_save": True}}})
+    cfg = _cfg(
+        tmp_path,
+        engine={
+            "precision": "fp16",
+            "zero_stage": 3,
+            "torch_adam": False,
+            "deepspeed": {
+                "fp16": {"loss_scale_window": 200, "hysteresis": 4},
+                "optimizer": {"params": {"eps": 1e-6}},
+                "zero_optimization": {"stage3_gather_16bit_weights_on_model_save": True},
+            },
+        },
+    )
     ds = deepspeed_config(cfg, 2)
     assert ds["fp16"]["loss_scale_window"] == 200 and ds["fp16"]["hysteresis"] == 4 and ds["fp16"]["enabled"] is True
     assert ds["optimizer"]["params"]["eps"] == 1e-6 and ds["optimizer"]["params"]["lr"] == cfg.train.lr
@@ -318,7 +364,7 @@ CLOSE_PROBE = textwrap.dedent("""
         raise ValueError("no model today")
 
     cfg = load_config(base=json.loads(sys.argv[1]))
-    for attempt, builder in (("first", lambda cfg, gather: Head()), ("second", lambda cfg, gather: Head()), ("failed", failing)):
+    for attempt, builder in (("first", head), ("second", head), ("failed", failing)):
         env = dist.init(dist.discover(argv=[], environ={}), backend="gloo", timeout_s=30)
         buffer = deepspeed_shm_buffer(env.rank)
         try:
@@ -350,12 +396,15 @@ def test_close_releases_deepspeed_groups_zero3_setting_and_shm_buffer(tmp_path):
     env["DS_ACCELERATOR"] = "cpu"
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[2]), env.get("PYTHONPATH", "")])
     cfg = toy_config(str(tmp_path / "run"), train={"max_steps": 1})
-    out = subprocess.run([sys.executable, str(script), json.dumps(cfg)], env=env, capture_output=True, text=True, timeout=180)
+    out = subprocess.run(
+        [sys.executable, str(script), json.dumps(cfg)], env=env, capture_output=True, text=True, timeout=180
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith(("first", "second", "failed"))]
     assert lines == [
         "first built True True", "first closed False False False True",
-        "second built False True", "second closed False False False True",  # DeepSpeed makes its buffer once per process
+        # DeepSpeed makes its buffer once per process
+        "second built False True", "second closed False False False True",
         "failed closed False False False True",
     ], out.stdout[-2000:] + out.stderr[-2000:]
 
@@ -378,7 +427,9 @@ def test_micro_batch_fits_the_global_batch_on_any_world_size(tmp_path, world, mi
 def test_global_batch_that_the_world_does_not_divide_is_refused_with_the_sizes_that_work(tmp_path):
     from mmdist.training.ds_config import fit_micro_batch
 
-    with pytest.raises(ConfigError, match=r"12 samples per step cannot be split evenly over 5 ranks.*\(1, 2, 3, 4, 6, 12\)"):
+    with pytest.raises(
+        ConfigError, match=r"12 samples per step cannot be split evenly over 5 ranks.*\(1, 2, 3, 4, 6, 12\)"
+    ):
         fit_micro_batch(_cfg(tmp_path, train={"micro_batch_size": 2, "global_batch_size": 12}), 5)
     strict = _cfg(tmp_path, train={"micro_batch_size": 4, "global_batch_size": 12, "fit_micro_batch": False})
     assert fit_micro_batch(strict, 2) == (strict, None)  # left to batch_layout, which refuses

@@ -25,8 +25,18 @@ def mixture_recipe(tmp_path: Path, samples: int = 96, per_shard: int = 12) -> di
     """configs/tiny_fuse.yaml on a skewed mixture with tiled images, the global order, ZeRO-2, fp32, global batch 12."""
     summary = write_shards(mixture_samples(samples), tmp_path / "mixture", prefix="train", samples_per_shard=per_shard)
     recipe = yaml.safe_load((REPO / "configs" / "tiny_fuse.yaml").read_text())
-    recipe["data"].update({"train": [{"shards": [shard_pattern(summary)]}], "eval": [], "num_workers": 1, "max_len": 512,
-                           "order": "global", "streams": 4, "shuffle_buffer": 8, "image_tiling": {"enabled": True}})
+    recipe["data"].update(
+        {
+            "train": [{"shards": [shard_pattern(summary)]}],
+            "eval": [],
+            "num_workers": 1,
+            "max_len": 512,
+            "order": "global",
+            "streams": 4,
+            "shuffle_buffer": 8,
+            "image_tiling": {"enabled": True},
+        }
+    )
     recipe["train"].update({"max_steps": 6, "global_batch_size": 12, "micro_batch_size": 12, "eval_every": 0})
     recipe["engine"].update({"zero_stage": 2, "precision": "fp32"})
     recipe["checkpoint"].update({"save_every": 2})
@@ -59,8 +69,12 @@ def test_resize_4_2_3_ranks_trains_on_the_uninterrupted_runs_batches(tmp_path):
     history, legs = [], [(4, 3, 2), (2, 2, 4), (3, 2, None)]
     for i, (world, micro, stop) in enumerate(legs):
         recipe["train"]["micro_batch_size"] = micro
-        part = launch(tmp_path / f"leg{i}", {"mode": "real", "config": recipe, "stop_after": stop, "record_keys": str(record)},
-                      nproc=world, timeout=600)
+        part = launch(
+            tmp_path / f"leg{i}",
+            {"mode": "real", "config": recipe, "stop_after": stop, "record_keys": str(record)},
+            nproc=world,
+            timeout=600,
+        )
         if i:
             assert part["resumed_from"].endswith(f"step_{2 * i:06d}")
         history += part["history"]

@@ -169,7 +169,8 @@ def test_stage1_count_matches_the_flops_that_ran_within_ten_percent(aligned):
 
 @pytest.mark.slow
 def test_measured_stage1_run_reports_mfu_at_most_one(tmp_path):
-    """The tiny align recipe trained on demo shards, MFU against this CPU's measured matmul peak (log.peak_flops unset)."""
+    """The tiny align recipe trained on demo shards, MFU against
+    this CPU's measured matmul peak (log.peak_flops unset)."""
     import json
 
     from mmdist.data.shards import shard_pattern, write_demo_shards

@@ -16,7 +16,9 @@ def _fuse_samples(model) -> list[dict]:
     out = []
     for n_images, prompt, answer in ((1, [10, 11], [12, 13]), (2, [20], [21, 22, 23]), (0, [30], [31])):
         ids, labels = sample(model, n_images, prompt, answer)
-        out.append({"input_ids": ids, "labels": labels, "pixel_values": [torch.randn(3, 16, 16) for _ in range(n_images)]})
+        out.append(
+            {"input_ids": ids, "labels": labels, "pixel_values": [torch.randn(3, 16, 16) for _ in range(n_images)]}
+        )
     return out
 
 
@@ -50,8 +52,14 @@ def test_align_model_satisfies_the_contract_and_counts_its_batches():
     batch = align_batch(model)
     counts = model.batch_counts(batch)
     # one image per caption; the contrastive loss is a mean over the batch, so micro-batches are not weighted
-    assert counts == BatchCounts(samples=4, tokens=int(batch["text_attention_mask"].sum()), supervised_tokens=0, images=4,
-                                 image_tokens=0, loss_terms=None)
+    assert counts == BatchCounts(
+        samples=4,
+        tokens=int(batch["text_attention_mask"].sum()),
+        supervised_tokens=0,
+        images=4,
+        image_tokens=0,
+        loss_terms=None,
+    )
     cached = dict(batch, image_features=model.encode_images(batch.pop("pixel_values")))
     assert model.batch_counts(cached) == counts  # cached features count as the images they came from
     with torch.no_grad():

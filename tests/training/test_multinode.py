@@ -18,7 +18,8 @@ import json
 
 import pytest
 import torch
-from helpers.trainer_toy import launch, launch_nodes, node_local_supported, toy_config
+from helpers.toy_launch import launch, launch_nodes, node_local_supported
+from helpers.trainer_toy import toy_config
 from safetensors.torch import load_file
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
@@ -40,12 +41,16 @@ def _check_written_once(run_dir, steps: list[int], world: int) -> None:
         folder = ckpts / f"step_{step:06d}"
         names = sorted(p.name for p in folder.iterdir())
         assert names.count("trainable_state.pt") == 1
-        assert [n for n in names if n.startswith("client_state_rank")] == [f"client_state_rank{r:05d}.pt" for r in range(world)]
+        assert [n for n in names if n.startswith("client_state_rank")] == [
+            f"client_state_rank{r:05d}.pt" for r in range(world)
+        ]
         for kind in ("model", "optim"):  # one ZeRO-3 partition per rank
             assert [n for n in names if n.endswith(f"_{kind}_states.pt")] == [
                 f"zero_pp_rank_{r}_mp_rank_00_{kind}_states.pt" for r in range(world)]
         assert not [n for n in names if n.endswith(".part")], names
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.startswith("{")]
+    records = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.startswith("{")
+    ]
     train_steps = [r["step"] for r in records if r.get("split", "train") == "train" and "loss" in r]
     assert train_steps == sorted(set(train_steps)), train_steps  # one record per step: one writer
     assert (run_dir / "config.yaml").is_file()
@@ -57,12 +62,18 @@ def test_two_torchrun_agents_rendezvous_checkpoint_and_resume(tmp_path):
     first = launch_nodes(tmp_path / "part1", {"config": _config(run), "stop_after": SAVE_AT})
     ranks = first["ranks"]
     assert sorted(int(r["launch"]["RANK"]) for r in ranks) == [0, 1]
-    assert {r["launch"]["WORLD_SIZE"] for r in ranks} == {"2"} and {r["launch"]["LOCAL_WORLD_SIZE"] for r in ranks} == {"1"}
+    assert {r["launch"]["WORLD_SIZE"] for r in ranks} == {"2"} and {r["launch"]["LOCAL_WORLD_SIZE"] for r in ranks} == {
+        "1"
+    }
     # one rank per agent: the rendezvous gave the two nodes distinct node ranks, and each rank came from another agent
     assert sorted(int(r["launch"]["GROUP_RANK"]) for r in ranks) == [0, 1]
     assert sorted(r["launch"]["MMDIST_TEST_NODE"] for r in ranks) == ["0", "1"]
     roll_call = "".join(out for out, _ in first["outputs"])
-    assert "[mmdist] 2 ranks on 2 node(s) (torchrun, master " in roll_call and "node 0 (" in roll_call and "node 1 (" in roll_call
+    assert (
+        "[mmdist] 2 ranks on 2 node(s) (torchrun, master " in roll_call
+        and "node 0 (" in roll_call
+        and "node 1 (" in roll_call
+    )
     assert first["step"] == SAVE_AT and not first["finished"]
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{SAVE_AT:06d}"
     _check_written_once(run, [SAVE_AT], world=2)
@@ -86,7 +97,10 @@ def test_two_torchrun_agents_rendezvous_checkpoint_and_resume(tmp_path):
     assert [h["data"] for h in history] == [h["data"] for h in ref["history"]]
     assert [h["loss"] for h in history] == pytest.approx([h["loss"] for h in ref["history"]], abs=1e-6)
     assert [h["lr"] for h in history] == pytest.approx([h["lr"] for h in ref["history"]], rel=1e-9)
-    a, b = load_file(str(run / "export" / "model.safetensors")), load_file(str(ref_dir / "export" / "model.safetensors"))
+    a, b = (
+        load_file(str(run / "export" / "model.safetensors")),
+        load_file(str(ref_dir / "export" / "model.safetensors")),
+    )
     assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 

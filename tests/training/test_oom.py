@@ -22,7 +22,11 @@ def test_oom_in_step_two_is_a_message_and_the_checkpoint_survives(tmp_path):
     # global 4, micro 2, one rank: two micro-batches a step; micro-batch 3 (0-based) is step 2's second
     cfg = load_config(base=toy_config(str(run), train={"max_steps": 4}, checkpoint={"save_every": 1}))
     with pytest.raises(oom.OutOfMemoryStop) as info:
-        train(cfg, model_builder=toy_model_builder, loader_builder=toy_loader_builder(hooks={"oom": {"rank": 0, "batch": 3}}))
+        train(
+            cfg,
+            model_builder=toy_model_builder,
+            loader_builder=toy_loader_builder(hooks={"oom": {"rank": 0, "batch": 3}}),
+        )
     message = str(info.value)
     assert "out of memory in the training step (step 2, micro-batch 2 of 2, in the forward)" in message
     assert "sizes: micro-batch 2, sequence" in message and "world size 1, ZeRO stage 3" in message

@@ -80,11 +80,26 @@ def test_frozen_part_keeps_its_own_dtype_under_an_fp32_engine_at_zero2(process_g
         bundle.close()
 
 
-@pytest.mark.parametrize("overrides,key,other", [
-    (("engine.zero_stage=3", "engine.precision=fp32", "model.llm.dtype=bf16"), "model.llm.dtype", "engine.precision=fp32"),
-    (("engine.zero_stage=2", "engine.precision=bf16", "model.llm.dtype=fp32"), "model.llm.dtype", "engine.precision=bf16"),
-    (("engine.zero_stage=0", "engine.precision=bf16", "model.vision.dtype=fp32"), "model.vision.dtype", "engine.precision=bf16"),
-])
+@pytest.mark.parametrize(
+    "overrides,key,other",
+    [
+        (
+            ("engine.zero_stage=3", "engine.precision=fp32", "model.llm.dtype=bf16"),
+            "model.llm.dtype",
+            "engine.precision=fp32",
+        ),
+        (
+            ("engine.zero_stage=2", "engine.precision=bf16", "model.llm.dtype=fp32"),
+            "model.llm.dtype",
+            "engine.precision=bf16",
+        ),
+        (
+            ("engine.zero_stage=0", "engine.precision=bf16", "model.vision.dtype=fp32"),
+            "model.vision.dtype",
+            "engine.precision=bf16",
+        ),
+    ],
+)
 def test_contradictory_frozen_dtype_is_refused_naming_both_keys(overrides, key, other):
     with pytest.raises(ConfigError) as err:
         resolve_precision(recipe("fuse", *overrides), "cpu")
@@ -92,14 +107,24 @@ def test_contradictory_frozen_dtype_is_refused_naming_both_keys(overrides, key, 
 
 
 def test_trainable_text_encoder_dtype_is_not_a_contradiction():
-    cfg, _ = resolve_precision(recipe("align", "engine.precision=bf16", "model.connector.type=qformer", "model.text.freeze=false",
-                                      "model.text.dtype=fp32", "model.connector.qformer.num_queries=4"), "cpu")
+    cfg, _ = resolve_precision(
+        recipe(
+            "align",
+            "engine.precision=bf16",
+            "model.connector.type=qformer",
+            "model.text.freeze=false",
+            "model.text.dtype=fp32",
+            "model.connector.qformer.num_queries=4",
+        ),
+        "cpu",
+    )
     assert cfg.engine.precision == "bf16" and cfg.model.text.dtype == "fp32"
 
 
 @pytest.mark.parametrize("native,expected", [("0", "fp32"), ("1", "bf16")])
 def test_tiny_fuse_recipe_resolves_auto_from_the_cpu(monkeypatch, native, expected):
-    """MMDIST_CPU_BF16 switches the branch on any machine; the shipped tiny fuse recipe (ZeRO-3) is `auto` throughout."""
+    """MMDIST_CPU_BF16 switches the branch on any machine; the
+    shipped tiny fuse recipe (ZeRO-3) is `auto` throughout."""
     monkeypatch.setenv("MMDIST_CPU_BF16", native)
     raw = load_config(RECIPES / "tiny_fuse.yaml")
     assert raw.engine.precision == raw.model.llm.dtype == raw.model.vision.dtype == "auto"

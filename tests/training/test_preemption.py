@@ -99,7 +99,9 @@ def test_two_ranks_stop_after_the_same_step_when_only_rank_one_is_signalled(tmp_
     try:
         progress = tmp_path / "progress.1"
         deadline = time.time() + 60
-        while time.time() < deadline and not (progress.is_file() and progress.read_text().strip() not in ("", "1", "2")):
+        while time.time() < deadline and not (
+            progress.is_file() and progress.read_text().strip() not in ("", "1", "2")
+        ):
             assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
             time.sleep(0.05)
         os.kill(procs[1].pid, signal.SIGUSR1)

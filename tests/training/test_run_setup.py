@@ -31,4 +31,5 @@ def test_config_yaml_keeps_a_set_worker_count_and_other_ranks_write_nothing(tmp_
     assert not (tmp_path / "run" / "config.yaml").exists()
     write_run_dir(cfg, rank=0)
     text = (tmp_path / "run" / "config.yaml").read_text()
-    assert yaml.safe_load(text)["data"]["num_workers"] == 2 and "num_workers = " not in text  # no note: nothing was resolved
+    # no note: nothing was resolved
+    assert yaml.safe_load(text)["data"]["num_workers"] == 2 and "num_workers = " not in text

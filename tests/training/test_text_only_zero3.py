@@ -53,8 +53,17 @@ def test_text_only_and_image_micro_batches_step_together_under_zero3(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     out = tmp_path / "losses"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MMDIST_DIST_TIMEOUT="60", PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    env.update(
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+        MMDIST_DIST_TIMEOUT="60",
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),
+    )
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(script), str(out)]
     try:

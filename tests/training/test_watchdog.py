@@ -30,7 +30,9 @@ dog = Watchdog(float(os.environ.get("TIMEOUT", "2")), rank=3, dump_dir=os.enviro
 def _run(tmp_path, body: str, timeout: float = 60, **env: str) -> tuple[subprocess.CompletedProcess, float]:
     full_env = dict(os.environ, PYTHONPATH=str(REPO), DUMP_DIR=str(tmp_path / "stacks"), **env)
     started = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", PRELUDE + body], env=full_env, capture_output=True, text=True, timeout=timeout)
+    out = subprocess.run(
+        [sys.executable, "-c", PRELUDE + body], env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     return out, time.monotonic() - started
 
 
@@ -49,7 +51,9 @@ def test_a_stalled_step_ends_the_process_with_every_stack_dumped(tmp_path):
 
 
 def test_a_process_that_beats_stays_alive(tmp_path):
-    body = "for step in range(1, 31):\n    fake_all_reduce(0.1)\n    dog.beat(step)\ndog.stop()\nprint('done', dog.step)\n"
+    body = (
+        "for step in range(1, 31):\n    fake_all_reduce(0.1)\n    dog.beat(step)\ndog.stop()\nprint('done', dog.step)\n"
+    )
     out, seconds = _run(tmp_path, body, TIMEOUT="1")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "done 30" and seconds >= 3  # ran three times the limit
@@ -72,7 +76,9 @@ def test_sigusr2_dumps_stacks_without_stopping(tmp_path):
             "for step in range(1, 41):\n    fake_all_reduce(0.05)\n    dog.beat(step)\nprint('finished')\n")
     ready = tmp_path / "ready"
     env = dict(os.environ, PYTHONPATH=str(REPO), DUMP_DIR=str(tmp_path / "stacks"), TIMEOUT="5", READY=str(ready))
-    proc = subprocess.Popen([sys.executable, "-c", PRELUDE + body], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PRELUDE + body], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 30
         while not ready.exists() and time.time() < deadline:
