@@ -33,6 +33,7 @@ __all__ = [
     "import_before_zero_init",
     "link_optimizer_fragments",
     "load_scheduler_state_for_new_groups",
+    "restore_scheduler",
     "restore_torch_linear",
     "set_zero3_partition",
     "suspended_zero3_init",
@@ -347,6 +348,21 @@ def load_scheduler_state_for_new_groups(scheduler: Any, saved: dict) -> None:
     saved = {k: v for k, v in saved.items() if k not in ("base_lrs", "_last_lr")}
     scheduler.load_state_dict(saved)
     scheduler._last_lr = [base * fn(scheduler.last_epoch) for fn, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+
+
+def restore_scheduler(scheduler: Any, saved: dict, param_groups: list) -> None:
+    """Load a scheduler's saved state, with this run's optimizer groups where they differ from the saved ones
+    (:func:`load_scheduler_state_for_new_groups`), and give the groups the learning rate of the step to come.
+
+    Why here: the groups' rates come from the scheduler's last computed rates, which the private ``_last_lr``
+    holds; DeepSpeed's own checkpoint load restores them from its files, mmdist's consolidated state does not.
+    """
+    if len(saved.get("base_lrs", param_groups)) != len(param_groups) and hasattr(scheduler, "lr_lambdas"):
+        load_scheduler_state_for_new_groups(scheduler, saved)
+    else:
+        scheduler.load_state_dict(saved)
+    for group, lr in zip(param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr
 
 
 # ---------------------------------------------------------------------------

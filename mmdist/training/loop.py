@@ -216,7 +216,8 @@ def _cache_holds_text(cfg: RunConfig) -> bool:
 def _log_step(run: Run, state: TrainState, record: dict, end_step: int) -> None:
     """The step's record (train_step's metrics, lr, counters, throughput) to the bar, the history and the log."""
     cfg, scheduler = run.cfg, run.bundle.scheduler
-    lr = scheduler.get_last_lr()[0] if scheduler is not None else cfg.train.lr
+    # the first optimizer group's rate as the scheduler set it last (other groups scale it by train.lr_multipliers)
+    lr = scheduler.optimizer.param_groups[0]["lr"] if scheduler is not None else cfg.train.lr
     record.update(lr=lr, samples=state.samples, nonfinite_total=state.nonfinite_total)
     if hasattr(run.loader, "step_report"):  # the global batch's split: per-rank cost max/mean (mmdist/data/balance.py)
         record.update(run.loader.step_report())

@@ -20,7 +20,7 @@ from mmdist.training.deepspeed_compat import (
     base_optimizer,
     fragment_mapped,
     link_optimizer_fragments,
-    load_scheduler_state_for_new_groups,
+    restore_scheduler,
     set_zero3_partition,
     zero3_flat_fp32_partitions,
 )
@@ -183,13 +183,6 @@ def load_trainable_state(engine: Any, state: dict, *, source: Any = TRAINABLE_ST
     scheduler = getattr(engine, "lr_scheduler", None)
     if scheduler is not None and state.get("lr_scheduler") is not None:
         saved = dict(state["lr_scheduler"])
-        groups = getattr(scheduler, "optimizer", engine.optimizer).param_groups
-        if len(saved.get("base_lrs", groups)) != len(groups) and hasattr(scheduler, "lr_lambdas"):  # other groups
-            load_scheduler_state_for_new_groups(scheduler, saved)
-        else:
-            scheduler.load_state_dict(saved)
-        # the optimizer's groups carry the lr of the step to come (DeepSpeed's own load restores them from its files)
-        for group, lr in zip(getattr(scheduler, "optimizer", engine.optimizer).param_groups, scheduler.get_last_lr()):
-            group["lr"] = lr
+        restore_scheduler(scheduler, saved, getattr(scheduler, "optimizer", engine.optimizer).param_groups)
     engine.global_steps = int(state.get("global_steps", 0))
     engine.global_samples = int(state.get("global_samples", 0))
