@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers.trainer_toy import launch, recorded_steps, recording_loader_builder
+from helpers.toy_launch import launch
+from helpers.trainer_toy import recorded_steps, recording_loader_builder
 from safetensors.torch import load_file
 
 from mmdist.config.run import load_config
