@@ -363,6 +363,9 @@ CLOSE_PROBE = textwrap.dedent("""
     def failing(cfg, gather):
         raise ValueError("no model today")
 
+    def head(cfg, gather):
+        return Head()
+
     cfg = load_config(base=json.loads(sys.argv[1]))
     for attempt, builder in (("first", head), ("second", head), ("failed", failing)):
         env = dist.init(dist.discover(argv=[], environ={}), backend="gloo", timeout_s=30)
