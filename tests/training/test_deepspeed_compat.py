@@ -247,7 +247,8 @@ PROBE = textwrap.dedent("""
     ORIGINAL_LINEAR = F.linear
     import deepspeed
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-    from mmdist.training import deepspeed_compat as compat, dist
+    from mmdist import distributed as dist
+    from mmdist.training import deepspeed_compat as compat
 
     dist.init(dist.discover(argv=[], environ={}), backend="gloo", timeout_s=60)
     deepspeed.init_distributed(dist_backend="gloo", dist_init_required=False)
