@@ -376,6 +376,9 @@ def _finish(run: Run, state: TrainState, seconds: float) -> dict:
                 run.logger.print(f"[mmdist] exported trainable weights to {export_dir}")
     if run.balance.steps:
         run.logger.print(f"[mmdist] balance: {run.balance.line()}")
+    # Leave together: a rank that tears its process group down while another still uses it (rank 0 writing the
+    # export) was seen to abort at exit on a loaded machine ("terminate called without an active exception").
+    dist.barrier()
     return {
         "step": state.step,
         "finished": finished,
