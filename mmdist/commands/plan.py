@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ from mmdist.plan import (
     resolve_auto_for_gpu,
 )
 from mmdist.plan.auto import ZERO0_HALF_PRECISION, auto_candidates, auto_reason
+from mmdist.plan.calibration import CALIBRATION_ENV, load_calibration
 from mmdist.plan.lengths import batch_tokens
 from mmdist.plan.quantized import plan_lines
 from mmdist.plan.speed import choose, step_inputs
@@ -64,8 +66,22 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--images-per-core", type=float, default=IMAGES_PER_CORE, help="measured loader images/s per core"
     )
+    parser.add_argument("--calibrate", metavar="OUT", default=None,
+                        help="measure this node's rates for the step-time model on --gpus local ranks (default 1) "
+                             "with this config (a few steps at ZeRO-1 and ZeRO-3), write them to OUT (JSON) and stop")
+    parser.add_argument("--calibrate-steps", type=int, default=8, help="steps per calibration run (default 8)")
+    parser.add_argument("--calibration", metavar="FILE", default=os.environ.get(CALIBRATION_ENV) or None,
+                        help="predict step times with the rates in FILE (from --calibrate; default $"
+                             f"{CALIBRATION_ENV}, else the shipped defaults, printed as such)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_size=4")
     args = parser.parse_args(list(argv))
+    if args.calibrate:
+        return _calibrate(args)
+    try:
+        calibration = load_calibration(args.calibration) if args.calibration else None
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     try:
         cfg = load_config(args.config, args.overrides)
         cfg, auto_note = resolve_auto_for_gpu(cfg, args.gpu, args.config, args.overrides)
@@ -84,7 +100,7 @@ def main(argv: Sequence[str]) -> int:
     estimates = estimate(cfg, shapes, world, reserve_bytes=reserve, tokens=tokens)
     ds = None if args.no_deepspeed else deepspeed_estimates(shapes, world)
     link = interconnect_for(args.gpu, args.intra_gbps, args.inter_gbps, args.gpus_per_node, args.pcie_gbps)
-    inputs = step_inputs(cfg, shapes, world, args.gpu, tokens=tokens)
+    inputs = step_inputs(cfg, shapes, world, args.gpu, tokens=tokens, calibration=calibration)
     configured_ckpt = bool(cfg.stage.llm_checkpointing(cfg.model))
     half = cfg.engine.precision in ("bf16", "fp16")  # no ZeRO-0 then: see mmdist.plan.auto.ZERO0_HALF_PRECISION
     usable = [e for e in estimates if not (half and e.setting.zero_stage == 0)]
@@ -125,4 +141,21 @@ def main(argv: Sequence[str]) -> int:
         print("\n".join(scaling_table(inputs, fitting, link, ckpt, worlds=(1, 8, 64, 512))))
     if not cfg.data.feature_cache:
         print("\n".join(input_line(shapes, args.gpu, args.gpus_per_node, args.cpus_per_node, args.images_per_core)))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    """``--calibrate OUT``: measure, write, print the rates and where each came from."""
+    from mmdist.commands.calibrate import calibrate
+
+    try:
+        cal, _ = calibrate(args.config, args.overrides, args.gpus or 1, args.calibrate, steps=args.calibrate_steps)
+    except (ConfigError, ValueError, RuntimeError, OSError) as exc:
+        print(f"error: calibration failed: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.calibrate}: rates of {cal.machine} on {cal.world} rank(s)")
+    for name, source in cal.sources.items():
+        print(f"  {name:<18} {getattr(cal, name):<12.4g} {source}")
+    print(f"use it: mmdist plan --calibration {args.calibrate} ..., or {CALIBRATION_ENV}={args.calibrate} for "
+          "engine.zero_stage=auto at start-up")
     return 0

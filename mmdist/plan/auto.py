@@ -5,7 +5,8 @@ on a GPU, the machine's RAM on the CPU (generous on purpose: CPU runs are tests 
 demos, and every stage fits there), or ``MMDIST_DEVICE_MEMORY`` (``24GB``, ``512MB``)
 when set, which is how a test makes ZeRO-3 the only stage that fits. The step times
 come from mmdist.plan.speed (mmdist.plan.step_time); the interconnect is the GPU's
-(:func:`mmdist.plan.step_time.interconnect_for`), with ``LOCAL_WORLD_SIZE`` GPUs per node.
+(:func:`mmdist.plan.step_time.interconnect_for`), with ``LOCAL_WORLD_SIZE`` GPUs per node; the rates are the
+calibration file ``MMDIST_CALIBRATION`` names (``mmdist plan --calibrate``), else the shipped defaults.
 
 Offload settings stay the config's: with ``engine.offload_optimizer`` only stages
 1-3 are candidates, with ``engine.offload_params`` only 3. A bf16/fp16 engine never
@@ -20,6 +21,7 @@ import os
 from typing import Optional
 
 from mmdist.config.run import RunConfig
+from mmdist.plan.calibration import CALIBRATION_ENV, load_calibration
 from mmdist.plan.lengths import BatchTokens, batch_tokens
 from mmdist.plan.memory import Setting, estimate, parse_bytes
 from mmdist.plan.shapes import GiB, model_shapes
@@ -27,8 +29,8 @@ from mmdist.plan.speed import Choice, choose, step_inputs
 from mmdist.plan.step_time import interconnect_for
 from mmdist.settings import ConfigError, Problem
 
-__all__ = ["DEVICE_MEMORY_ENV", "ZERO0_HALF_PRECISION", "auto_candidates", "auto_reason", "device_budget",
-           "resolve_zero_stage"]
+__all__ = ["DEVICE_MEMORY_ENV", "ZERO0_HALF_PRECISION", "auto_candidates", "auto_reason", "calibration_from_env",
+           "device_budget", "planned_precision", "resolve_zero_stage"]
 
 DEVICE_MEMORY_ENV = "MMDIST_DEVICE_MEMORY"
 """A memory budget per device for ``engine.zero_stage: auto`` (e.g. ``80GB``), instead of the device's own."""
@@ -49,6 +51,18 @@ def device_budget(device: str) -> tuple[int, str, str]:
         return parse_bytes(forced), name, f"{DEVICE_MEMORY_ENV}={forced}"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return int(ram), name, "this machine's RAM"
+
+
+def calibration_from_env():
+    """The calibration :data:`~mmdist.plan.calibration.CALIBRATION_ENV` names (None: the shipped defaults); a file
+    that cannot be read is a ConfigError naming it."""
+    path = os.environ.get(CALIBRATION_ENV)
+    if not path:
+        return None
+    try:
+        return load_calibration(path)
+    except ValueError as exc:
+        raise ConfigError([Problem("engine.zero_stage", f"auto: {CALIBRATION_ENV}: {exc}")]) from None
 
 
 ZERO0_HALF_PRECISION = (
@@ -74,7 +88,7 @@ def auto_candidates(cfg: RunConfig, precision: Optional[str] = None) -> list[Set
     return [Setting(z) for z in (stages if half else (0, *stages))]
 
 
-def _planned_precision(cfg: RunConfig, device: str) -> RunConfig:
+def planned_precision(cfg: RunConfig, device: str) -> RunConfig:
     """``cfg`` with the precision the run will have (resolved as if below ZeRO-3), for the memory and time estimate."""
     from mmdist.precision import resolve_precision
 
@@ -94,7 +108,7 @@ def resolve_zero_stage(cfg: RunConfig, world_size: int, device: str = "cpu") -> 
     if cfg.engine.zero_stage != "auto":
         return cfg, None
     budget, name, source = device_budget(device)
-    planned = _planned_precision(cfg, device)
+    planned = planned_precision(cfg, device)
     try:
         shapes = model_shapes(planned)
     except ValueError as exc:  # a custom vision encoder without hidden_size, an unreadable model config
@@ -112,7 +126,7 @@ def resolve_zero_stage(cfg: RunConfig, world_size: int, device: str = "cpu") -> 
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or min(world_size, 8))
     link = interconnect_for(name, gpus_per_node=max(1, per_node))
     ckpt = bool(cfg.stage.llm_checkpointing(cfg.model))
-    inputs = step_inputs(planned, shapes, world_size, name, tokens=tokens)
+    inputs = step_inputs(planned, shapes, world_size, name, tokens=tokens, calibration=calibration_from_env())
     best, candidates = choose(estimates, inputs, world_size, link, budget, [ckpt])
     stage = best.setting.zero_stage
     out = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, zero_stage=stage))

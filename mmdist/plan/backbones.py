@@ -73,6 +73,7 @@ class ModuleShape:
     # the last entry of mmdist.plan.shapes.model_shapes: the whole model's training FLOP rates as the progress bar
     # counts them (the model code's own count on the meta-device modules)
     flops: Optional[FlopCount] = None
+    modules: int = 0  # submodules holding parameters of their own: what ZeRO-3 fetches one by one
 
 
 def hf_config(section: str, name_or_path: str, init_config: Optional[dict], gguf_file: Optional[str] = None,
@@ -114,6 +115,11 @@ def meta_model(hf_config: Any, causal_lm: bool) -> Any:
         if hf_config.model_type == "bert":
             return AutoModel.from_config(hf_config, add_pooling_layer=False)
         return AutoModel.from_config(hf_config)
+
+
+def param_modules(module: Any) -> int:
+    """Submodules holding parameters of their own: ZeRO-3 gathers each one's weights, in one call, per pass."""
+    return sum(1 for m in module.modules() if next(m.parameters(recurse=False), None) is not None)
 
 
 def count_parameters(module: Any) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from mmdist.plan.backbones import (  # noqa: F401  (DTYPE_BYTES, GiB, builtin_co
     count_parameters,
     hf_config,
     meta_model,
+    param_modules,
 )
 from mmdist.plan.images import sample_images
 from mmdist.plan.towers import vision_shape
@@ -84,7 +85,7 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
         out.append(ModuleShape("stage1", stage1_params, True, "fp32", stage1_params, dims,
                                flops=align_flop_count(vision_flops, text_model, stage1_module,
                                                         caption_len=cfg.model.text.max_length)))
-        return out
+        return _count_modules(cfg, out, vision_model, text_model, stage1_module, None, None)
 
     llm = cfg.model.llm
     lconf = hf_config("model.llm", llm.name_or_path, llm.init_config, llm.gguf_file, llm.trust_remote_code)
@@ -120,7 +121,23 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
     if stage1 is not None:
         stage1.dims["images"] = per_sample.images
     out.append(projector)
-    return out
+    return _count_modules(cfg, out, vision_model, text_model, stage1_module if stage1 else None, lmodel,
+                          projector_module)
+
+
+def _count_modules(cfg: RunConfig, shapes: list[ModuleShape], *modules: Any) -> list[ModuleShape]:
+    """``shapes`` with each entry's :attr:`ModuleShape.modules` (ZeRO-3's fetch units) from its meta-device module,
+    in the order vision, text, stage1, llm, projector; a tower the run does not run (cached features) fetches none."""
+    by_name = {s.name: s for s in shapes}
+    names = ("vision_encoder", "text_encoder", "stage1", "llm", "projector")
+    for name, module in zip(names, modules):
+        shape = by_name.get(name)
+        if shape is None or module is None:
+            continue
+        if name == "vision_encoder" and cfg.data.feature_cache and not shape.trainable:
+            continue
+        shape.modules = param_modules(module)
+    return shapes
 
 
 def _projector_shape(cfg: RunConfig, proj_in: int, llm_dim: int, image_tokens: int) -> tuple[ModuleShape, Any]:

@@ -12,6 +12,11 @@ the shards' statistics, a configured mean, or every sample a full ``data.max_len
 row, the worst case, which is also what is assumed when no ``tokens`` are given).
 The LLM's FLOPs count the positions it runs on (padding included), the vision side
 the image tokens, the LM head the text tokens.
+
+The machine's rates are a :class:`~mmdist.plan.step_time.Calibration`: the file
+``mmdist plan --calibrate`` wrote (``--calibration FILE``, or :data:`CALIBRATION_ENV` for
+``auto`` at start-up), else the shipped defaults (half the datasheet peak, and the defaults
+named in mmdist.plan.step_time), which the plan prints as such.
 """
 
 from __future__ import annotations
@@ -24,19 +29,14 @@ from mmdist.config.run import RunConfig
 from mmdist.hardware import datasheet_peak
 from mmdist.plan.memory import Estimate, Setting
 from mmdist.plan.shapes import DTYPE_BYTES, ModuleShape, model_flops
-from mmdist.plan.step_time import Interconnect, StepInputs, StepTime, predict
+from mmdist.plan.step_time import Calibration, Interconnect, StepInputs, StepTime, predict
 
 if TYPE_CHECKING:
     from mmdist.plan.lengths import BatchTokens
 
-__all__ = ["Choice", "choose", "micro_batch_tokens", "peak_for", "step_inputs", "TIE", "ZERO3_OVERHEAD"]
+__all__ = ["Choice", "choose", "micro_batch_tokens", "peak_for", "step_inputs", "TIE"]
 
 TIE = 0.01  # predicted step times within 1% are a tie: the lower stage (less to go wrong, smaller checkpoints) wins
-# ZeRO-3 step time / the bare model's on ONE rank, where nothing moves: the trainer at ZeRO-3 on one
-# H200 at the Qwen-14B shape (stage3_param_persistence_threshold 0, checkpointing, micro-batch 16 packed samples) at
-# 16% MFU against 34% for the same model without DeepSpeed (docs/benchmarks.md). One measurement; benchmarks on GPUs
-# should refine it.
-ZERO3_OVERHEAD = 34 / 16
 CPU_PEAK = 1e12  # a placeholder peak where no datasheet row applies: only ratios between settings matter then
 
 
@@ -86,9 +86,11 @@ def _micro_batch_flops(cfg: RunConfig, shapes: Sequence[ModuleShape],
 
 
 def step_inputs(cfg: RunConfig, shapes: Sequence[ModuleShape], world: int, gpu: str,
-                micro_batches: Optional[int] = None, tokens: Optional[BatchTokens] = None) -> StepInputs:
+                micro_batches: Optional[int] = None, tokens: Optional[BatchTokens] = None,
+                calibration: Optional[Calibration] = None) -> StepInputs:
     """What one optimizer step costs one rank, from the config, the planner's shapes and the micro-batch's ``tokens``
-    (mmdist.plan.lengths; default every sample a full ``data.max_len`` row).
+    (mmdist.plan.lengths; default every sample a full ``data.max_len`` row), at the machine's rates
+    (``calibration``; default the shipped defaults for ``gpu``'s peak).
 
     ``micro_batches`` defaults to the gradient accumulation on ``world`` ranks
     (global batch / (micro-batch x world), at least 1).
@@ -114,9 +116,10 @@ def step_inputs(cfg: RunConfig, shapes: Sequence[ModuleShape], world: int, gpu: 
         trainable_bytes=p_train * e,
         gradient_bytes=p_train * e,
         micro_batches=micro_batches,
-        peak_flops=peak_for(gpu, precision),
-        zero3_overhead=ZERO3_OVERHEAD,
+        calibration=calibration or Calibration.defaults(peak_for(gpu, precision)),
         trainable_params=p_train,
+        modules=sum(s.modules for s in shapes),
+        width=int(max(shapes, key=lambda s: s.params).dims.get("hidden", 0)) if shapes else 0,
     )
 
 

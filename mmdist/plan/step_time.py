@@ -1,28 +1,41 @@
-"""Predicted step time of a stage on N GPUs: compute at a measured utilisation, plus what each ZeRO stage moves.
+"""Predicted step time of a stage on N ranks: measured rates of this machine times what the model and its ZeRO stage do.
 
 `mmdist plan` answers "does it fit" with bytes; this module answers "which fitting
 setting is fastest, and how does it scale" with seconds, so that `engine.zero_stage:
 auto` can pick a setting and a job can be planned for 64 or 512 GPUs from one machine.
-The model is deliberately small (every term is printed by the planner):
+Every term is a count from the model's shapes times a rate of the machine. The rates
+are a :class:`Calibration`: measured on the machine at hand by ``mmdist plan
+--calibrate`` (mmdist.plan.calibration, mmdist/commands/calibrate.py), or the shipped
+defaults, each marked as a default in the calibration's ``sources``. Per optimizer step
+of one rank:
 
-- compute = hardware FLOPs of the rank's micro-batches / (peak x utilisation);
-  recomputation under gradient checkpointing adds one forward of the frozen LLM;
-- communication = bytes each collective moves per rank / the bus bandwidth of the
-  slowest link it crosses (NVLink inside a node, the network across nodes);
-  ZeRO-3 all-gathers every weight of the model for each micro-batch's forward, again
-  for its backward (the gradient flows back through the frozen LLM) and once more
-  for recomputation; ZeRO-1/2 gather only the updated trainable weights once per
-  step; every stage reduces the trainable gradients;
-- a fraction ``overlap`` of the communication hides behind compute (DeepSpeed
-  prefetches the next layer's gather while this one computes);
+- compute = the model's FLOPs (its own count, mmdist.models.flops, plus one more forward
+  of the frozen LLM under gradient checkpointing) / the rank's training FLOP/s at the model's
+  width: the calibration model's measured rate, scaled by how much faster this machine runs a
+  matmul of this width than one of the calibration model's (a measured table: small widths
+  use a CPU's or GPU's matmul units less well);
+- collectives = for each call, its latency, plus the bytes it moves / the bus bandwidth
+  of the slowest link it crosses (NVLink or the measured figure inside a node, the network
+  across nodes). ZeRO-3 all-gathers each module's weights for every micro-batch's forward,
+  again for its backward (the gradient flows back through the frozen LLM) and once more
+  for recomputation: one call per module holding parameters and pass; ZeRO-1/2 reduce the
+  trainable gradients per micro-batch and gather the updated trainable weights once per step;
+  ZeRO-0 all-reduces the gradients once per step;
+- ZeRO-3's fixed cost per module fetch: its fetch/release hooks and partitioned-parameter
+  bookkeeping, on top of the gather itself (``zero3_module_s`` x modules x passes);
+- a fraction ``overlap`` of the collectives hides behind compute (DeepSpeed prefetches the
+  next module's gather while this one computes on a GPU);
+- the optimizer: seconds per trainable parameter the rank updates (its 1/N partition at
+  ZeRO >= 1, all of them at ZeRO-0);
+- the trainer's fixed cost per step (data hand-off, host syncs, logging);
 - offload moves bytes over PCIe (``Interconnect.pcie``, :data:`PCIE_DEFAULT` unless given):
   optimizer offload sends the rank's gradient partition to the CPU (fp32) and brings the
   updated weights back once per step, after backward and not overlapped; parameter
   offload fetches the rank's weight partition from the CPU at every gather, in line
-  with the all-gathers (overlapped as they are). The CPU's own Adam step is not modelled;
-- ZeRO-3's compute runs ``zero3_overhead`` times slower than the bare model's even
-  on one rank, where nothing moves: its per-module fetch/release hooks and
-  partitioned-parameter bookkeeping (16% vs 34% MFU measured on one H200, docs/benchmarks.md).
+  with the all-gathers (overlapped as they are). The CPU's own Adam step is not modelled.
+
+benchmarks/step_time_model.py checks the structure: calibrated on one model shape, it
+predicts the trainer's ZeRO-1/2/3 step times of another (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -31,7 +44,8 @@ import dataclasses
 import re
 from typing import Optional
 
-__all__ = ["Interconnect", "StepInputs", "StepTime", "interconnect_for", "predict", "scaling_table"]
+__all__ = ["Calibration", "GEMM_ROWS", "Interconnect", "StepInputs", "StepTime", "calibration_line", "collective_calls",
+           "comm_bytes", "gemm_rate", "interconnect_for", "predict", "scaling_table"]
 
 GB = 1e9
 
@@ -79,9 +93,77 @@ def interconnect_for(gpu: str, intra_gbps: Optional[float] = None, inter_gbps: O
     )
 
 
+#: Where no calibration file is given: defaults, not measurements of the machine the plan is for (the
+#: calibration's ``sources`` say so). ``mmdist plan --calibrate`` measures every one of them.
+DEFAULT_SOURCES = {
+    "flops_per_s": "default: half the datasheet dense peak of the precision",
+    "latency_s": "default: 50 us per collective call (not measured)",
+    "bus_bytes_per_s": "default: the interconnect table's bus bandwidth",
+    "zero3_module_s": "default: 0.3 ms per module fetch (not measured)",
+    "gemm_flops": "default: none (one rate for every width)",
+    "step_fixed_s": "default: 10 ms per step (not measured)",
+    "optimizer_param_s": "default: 0 (not measured)",
+    "overlap": "default: 80% of the collectives behind compute (not measured)",
+}
+DEFAULT_UTILISATION = 0.5
+GEMM_ROWS = 1024  # rows of the calibration's matmul probe (tokens of a micro-batch, roughly)
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """The machine's rates the step-time model multiplies its counts by; ``sources`` says where each came from."""
+
+    flops_per_s: float  # training FLOP/s of one rank on the model's own count (all ranks busy at once)
+    latency_s: float = 50e-6  # per collective call
+    bus_bytes_per_s: float = 0.0  # measured bus bandwidth inside a node; 0: the interconnect table's
+    zero3_module_s: float = 3e-4  # ZeRO-3 per module and pass, beyond its gather's latency and bytes
+    step_fixed_s: float = 0.01  # per optimizer step, whatever the stage
+    optimizer_param_s: float = 0.0  # optimizer seconds per trainable parameter the rank updates
+    overlap: float = 0.8  # fraction of the collectives hidden behind compute
+    # measured FLOP/s of one [GEMM_ROWS x w] @ [w x w] matmul per width w in the compute dtype; with it, a model of
+    # another width computes at flops_per_s x gemm(its width) / gemm(gemm_width): small widths run matmuls slower
+    gemm_flops: dict = dataclasses.field(default_factory=dict)
+    gemm_width: int = 0  # the width flops_per_s was measured at (the calibration model's)
+    machine: str = ""  # what it was measured on ("" for the defaults)
+    world: int = 0  # ranks it was measured with (0 for the defaults)
+    sources: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_SOURCES))
+
+    @classmethod
+    def defaults(cls, peak_flops: float) -> Calibration:
+        """The shipped defaults for a device of dense peak ``peak_flops``."""
+        return cls(flops_per_s=peak_flops * DEFAULT_UTILISATION)
+
+    def rate(self, width: int = 0) -> float:
+        """Training FLOP/s of a model whose matmuls are ``width`` wide (its hidden size; 0: as calibrated)."""
+        if not (width and self.gemm_width and self.gemm_flops):
+            return self.flops_per_s
+        return self.flops_per_s * gemm_rate(self.gemm_flops, width) / gemm_rate(self.gemm_flops, self.gemm_width)
+
+    @property
+    def measured(self) -> bool:
+        return any(v.startswith("measured") for v in self.sources.values())
+
+
+def gemm_rate(table: dict, width: int) -> float:
+    """FLOP/s at ``width`` from a {width: FLOP/s} table: linear in log(width) between measured widths, the nearest
+    measured one outside them."""
+    import math
+
+    points = sorted((int(w), float(f)) for w, f in table.items())
+    if width <= points[0][0]:
+        return points[0][1]
+    if width >= points[-1][0]:
+        return points[-1][1]
+    for (w0, f0), (w1, f1) in zip(points, points[1:]):
+        if w0 <= width <= w1:
+            t = (math.log(width) - math.log(w0)) / (math.log(w1) - math.log(w0))
+            return f0 + t * (f1 - f0)
+    raise AssertionError("unreachable")
+
+
 @dataclasses.dataclass(frozen=True)
 class StepInputs:
-    """What one optimizer step of one rank costs, independent of the ZeRO stage."""
+    """What one optimizer step of one rank does, independent of the ZeRO stage; the machine's rates ride along."""
 
     model_flops: float  # per rank per optimizer step, 4N/6N style (what MFU counts)
     recompute_flops: float  # extra forward FLOPs under gradient checkpointing (0 without)
@@ -89,11 +171,10 @@ class StepInputs:
     trainable_bytes: int  # trainable weights in the compute dtype
     gradient_bytes: int  # trainable gradients as reduced (compute dtype)
     micro_batches: int  # per rank per optimizer step (gradient accumulation)
-    peak_flops: float
-    utilisation: float = 0.5  # hardware-FLOPs utilisation of the compute itself; measured 0.51 (HFU) on one H200
-    overlap: float = 0.8  # fraction of communication hidden behind compute
-    zero3_overhead: float = 1.0  # ZeRO-3 compute time / the bare model's, from its hooks alone (1.0: none)
-    trainable_params: int = 0  # for optimizer offload's fp32 gradients (0: counted in the compute dtype)
+    calibration: Calibration
+    trainable_params: int = 0  # for optimizer offload's fp32 gradients and the optimizer's time
+    modules: int = 0  # modules holding parameters of their own: ZeRO-3 fetches each one per pass
+    width: int = 0  # hidden size of the model's largest part: what its matmuls' speed depends on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,18 +183,26 @@ class StepTime:
 
     zero_stage: int
     world: int
-    compute_s: float
-    comm_s: float
+    compute_s: float  # the model's FLOPs at the calibrated rate, plus ZeRO-3's per-module cost
+    comm_s: float  # collectives: latency per call plus bytes over the link
     comm_bytes: float
     step_s: float
-    bare_compute_s: float = 0.0  # the same FLOPs without ZeRO-3's hook overhead: the bare model's time
+    bare_compute_s: float = 0.0  # the FLOPs alone: the bare model's time
     pcie_s: float = 0.0  # offload's host <-> GPU copies (included in step_s)
+    zero3_s: float = 0.0  # ZeRO-3's per-module fetch cost (included in compute_s)
+    optimizer_s: float = 0.0
+    fixed_s: float = 0.0
 
     @property
     def efficiency(self) -> float:
         """The bare model's compute time / step time: 1.0 when all communication hides behind compute and the stage
-        adds no overhead of its own (ZeRO-3 on one rank: 1 / zero3_overhead)."""
+        adds nothing of its own."""
         return (self.bare_compute_s or self.compute_s) / self.step_s if self.step_s else 0.0
+
+
+def _gathers(zero_stage: int, checkpointing: bool) -> int:
+    """Module fetches per micro-batch under ZeRO-3: forward, backward, and recomputation (0 at other stages)."""
+    return (2 + (1 if checkpointing else 0)) if zero_stage == 3 else 0
 
 
 def comm_bytes(inputs: StepInputs, zero_stage: int, world: int, checkpointing: bool) -> float:
@@ -121,16 +210,23 @@ def comm_bytes(inputs: StepInputs, zero_stage: int, world: int, checkpointing: b
     if world <= 1:
         return 0.0
     ring = (world - 1) / world  # a ring all-gather or reduce-scatter moves (N-1)/N of the buffer per rank
-    grads = 2 * ring * inputs.gradient_bytes  # ZeRO-0: all-reduce; 1/2/3: reduce-scatter (+ the gather below)
     if zero_stage == 3:
-        gathers = 2 + (1 if checkpointing else 0)  # forward, backward, recompute
-        return (
-            ring * inputs.weight_bytes * gathers * inputs.micro_batches
-            + ring * inputs.gradient_bytes * inputs.micro_batches
-        )
+        return (ring * inputs.weight_bytes * _gathers(3, checkpointing) * inputs.micro_batches
+                + ring * inputs.gradient_bytes * inputs.micro_batches)
     if zero_stage in (1, 2):
         return ring * inputs.gradient_bytes * inputs.micro_batches + ring * inputs.trainable_bytes
-    return grads
+    return 2 * ring * inputs.gradient_bytes  # ZeRO-0: one all-reduce of the gradients per step
+
+
+def collective_calls(inputs: StepInputs, zero_stage: int, world: int, checkpointing: bool) -> int:
+    """Collective calls one rank makes per optimizer step (each pays the link's latency once)."""
+    if world <= 1:
+        return 0
+    if zero_stage == 3:  # one gather per module and pass, one gradient reduce-scatter per micro-batch
+        return (max(1, inputs.modules) * _gathers(3, checkpointing) + 1) * inputs.micro_batches
+    if zero_stage in (1, 2):
+        return inputs.micro_batches + 1
+    return 1
 
 
 def offload_bytes(inputs: StepInputs, world: int, checkpointing: bool, offload_optimizer: bool,
@@ -147,18 +243,26 @@ def offload_bytes(inputs: StepInputs, world: int, checkpointing: bool, offload_o
 
 def predict(inputs: StepInputs, zero_stage: int, world: int, interconnect: Interconnect, checkpointing: bool,
             offload_optimizer: bool = False, offload_params: bool = False) -> StepTime:
-    """The step time of one setting on ``world`` GPUs (with offload: its PCIe copies, see the module's docstring)."""
+    """The step time of one setting on ``world`` ranks (see the module's docstring for each term)."""
+    cal = inputs.calibration
     flops = inputs.model_flops + (inputs.recompute_flops if checkpointing else 0.0)
-    bare = flops / (inputs.peak_flops * inputs.utilisation)
-    compute = bare * (inputs.zero3_overhead if zero_stage == 3 else 1.0)
+    bare = flops / cal.rate(inputs.width)
+    zero3 = cal.zero3_module_s * inputs.modules * _gathers(zero_stage, checkpointing) * inputs.micro_batches
+    compute = bare + zero3
     moved = comm_bytes(inputs, zero_stage, world, checkpointing)
-    comm = moved / interconnect.bandwidth(world) if moved else 0.0
+    measured_link = cal.bus_bytes_per_s and world <= interconnect.gpus_per_node
+    bandwidth = cal.bus_bytes_per_s if measured_link else interconnect.bandwidth(world)
+    comm = collective_calls(inputs, zero_stage, world, checkpointing) * cal.latency_s
+    comm += moved / bandwidth if moved else 0.0
     pcie = interconnect.pcie or PCIE_DEFAULT
     opt_bytes, param_bytes = offload_bytes(inputs, world, checkpointing, offload_optimizer, offload_params)
     comm += param_bytes / pcie
     serial = opt_bytes / pcie
-    step = max(compute, comm) + (1.0 - inputs.overlap) * min(compute, comm) + serial
-    return StepTime(zero_stage, world, compute, comm, moved, step, bare, serial + param_bytes / pcie)
+    updated = inputs.trainable_params / (max(1, world) if zero_stage >= 1 else 1)
+    optimizer = cal.optimizer_param_s * updated
+    step = (max(compute, comm) + (1.0 - cal.overlap) * min(compute, comm) + serial + optimizer + cal.step_fixed_s)
+    return StepTime(zero_stage, world, compute, comm, moved, step, bare, serial + param_bytes / pcie, zero3,
+                    optimizer, cal.step_fixed_s)
 
 
 def scaling_table(inputs: StepInputs, zero_stages: list[int], interconnect: Interconnect, checkpointing: bool,
@@ -167,9 +271,7 @@ def scaling_table(inputs: StepInputs, zero_stages: list[int], interconnect: Inte
     lines = [
         f"predicted step time per rank (same micro-batches per rank; {interconnect.label}: "
         f"{interconnect.intra_node / GB:.0f} GB/s in a node, {interconnect.inter_node / GB:.0f} GB/s across; "
-        f"compute at {inputs.utilisation:.0%} of peak"
-        + (f", ZeRO-3's at {inputs.utilisation / inputs.zero3_overhead:.0%}" if inputs.zero3_overhead != 1.0 else "")
-        + f", {inputs.overlap:.0%} of communication overlapped)",
+        + calibration_line(inputs.calibration, inputs.width) + ")",
         f"{'setting':<10}" + "".join(f"{f'{w} GPU':>20}" for w in worlds),
     ]
     for stage in zero_stages:
@@ -183,3 +285,12 @@ def scaling_table(inputs: StepInputs, zero_stages: list[int], interconnect: Inte
         "per micro-batch)"
     )
     return lines
+
+
+def calibration_line(cal: Calibration, width: int = 0) -> str:
+    """The rates a prediction used (the compute rate at ``width``), and whether they were measured (where) or are
+    the shipped defaults."""
+    where = f"measured on {cal.machine} with {cal.world} rank(s)" if cal.measured else "shipped defaults"
+    return (f"rates {where}: {cal.rate(width) / 1e12:.3g} TFLOP/s per rank, {cal.latency_s * 1e6:.0f} us per "
+            f"collective, ZeRO-3 {cal.zero3_module_s * 1e3:.2g} ms per module fetch, {cal.overlap:.0%} of collectives "
+            f"overlapped, {cal.step_fixed_s * 1e3:.3g} ms fixed per step")

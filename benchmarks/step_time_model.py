@@ -1,0 +1,132 @@
+"""The step-time model against the trainer: calibrate on one model shape, predict another's ZeRO-1/2/3 step times.
+
+    python benchmarks/step_time_model.py [--worlds 2 4] [--steps 8] [--out runs/bench-step-time]
+
+For each world size (gloo ranks on this machine, DS_ACCELERATOR=cpu, fp32 throughout:
+MMDIST_CPU_BF16=0 so that every stage computes alike), on configs/tiny_fuse.yaml with a
+random-weight llama LLM and the skewed mixture of mmdist.data.shards.mixture_samples
+(text only, one image, tiled, three images; packed rows, the global order):
+
+1. ``mmdist plan --calibrate`` (mmdist/commands/calibrate.py) on the calibration shape
+   (:data:`CALIBRATE`): the all-gather probe and a few trainer steps at ZeRO-1 and ZeRO-3;
+2. the trainer on the other shape (:data:`PREDICT`: other hidden size, depth and micro-batch)
+   at ZeRO-1, 2 and 3, ``--steps`` steps each: the median step time after the first two;
+3. the planner's prediction for that shape from the calibration (mmdist.plan.speed.step_inputs
+   with the shards' statistics, mmdist.plan.step_time.predict), printed beside the measurement
+   with the error, and whether the stages rank alike. Measured times within :data:`TIE_BAND` of
+   each other are a tie, which either order of the predictions matches.
+
+The machine's load changes the figures (4 ranks on 2 cores share them): run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+#: (hidden, intermediate, layers, heads, kv heads, micro-batch): the calibration shape and the predicted one
+CALIBRATE = dict(hidden=192, intermediate=512, layers=4, heads=4, kv=2, micro=4)
+PREDICT = dict(hidden=320, intermediate=864, layers=6, heads=4, kv=2, micro=6)
+TIE_BAND = 0.05
+TARGET = 0.25
+
+
+def recipe(shape: dict, world: int, shards: str, run_dir: Path) -> dict:
+    import yaml
+
+    r = yaml.safe_load((REPO / "configs" / "tiny_fuse.yaml").read_text())
+    r["model"]["llm"]["init_config"].update(hidden_size=shape["hidden"], intermediate_size=shape["intermediate"],
+                                            num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                                            num_key_value_heads=shape["kv"])
+    r["model"]["llm"]["gradient_checkpointing"] = False
+    r["data"].update(train=[{"shards": [shards]}], eval=[], num_workers=1, max_len=256, order="global",
+                     packing=True, image_tiling={"enabled": True}, shuffle_buffer=64)
+    r["train"].update(global_batch_size=2 * shape["micro"] * world, micro_batch_size=shape["micro"])
+    r["engine"].update(precision="fp32", zero_stage=1)
+    r["log"].update(progress_bar=False, tensorboard=False, param_table=False)
+    r["run_dir"] = str(run_dir)
+    return r
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--out", default="runs/bench-step-time")
+    args = parser.parse_args()
+    os.environ.update(MMDIST_CPU_BF16="0", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    import yaml
+
+    from mmdist.commands.calibrate import _launch, calibrate, leg_overrides
+    from mmdist.config.run import load_config
+    from mmdist.data.shards import mixture_samples, shard_pattern, write_shards
+    from mmdist.plan.calibration import machine_label, steady_phases
+    from mmdist.plan.lengths import batch_tokens
+    from mmdist.plan.shapes import model_shapes
+    from mmdist.plan.speed import step_inputs
+    from mmdist.plan.step_time import interconnect_for, predict
+
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    summary = write_shards(mixture_samples(1024), out / "mixture", prefix="train", samples_per_shard=64,
+                           overwrite=True)
+    shards = shard_pattern(summary)
+    started = time.time()
+    rows = []
+    for world in args.worlds:
+        cal_file = out / f"calibration-{world}.yaml"
+        cal_file.write_text(yaml.safe_dump(recipe(CALIBRATE, world, shards, out / "cal-run")))
+        cal, raw = calibrate(str(cal_file), [], world, out / f"calibration-{world}.json", steps=args.steps)
+        print(f"[{world} ranks] calibrated: {json.dumps({k: v for k, v in raw.items() if k != 'overrides'})}")
+        pred_file = out / f"predict-{world}.yaml"
+        pred_file.write_text(yaml.safe_dump(recipe(PREDICT, world, shards, out / "pred-run")))
+        cfg = load_config(str(pred_file))
+        shapes = model_shapes(cfg)
+        inputs = step_inputs(cfg, shapes, world, "cpu", tokens=batch_tokens(cfg, shapes), calibration=cal)
+        link = interconnect_for("cpu")
+        for stage in (1, 2, 3):
+            run_dir = out / f"predict-{world}-zero{stage}"
+            _launch(world, ["-m", "mmdist", "train", "--config", str(pred_file),
+                            *leg_overrides(stage, args.steps, run_dir)],
+                    dict(os.environ, MMDIST_STEP_PHASES="1"), f"ZeRO-{stage} on {world} ranks")
+            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            measured = steady_phases(records)
+            t = predict(inputs, stage, world, link, checkpointing=False)
+            rows.append(dict(world=world, stage=stage, predicted=t.step_s, measured=measured.step_s,
+                             compute=t.compute_s, comm=t.comm_s, zero3=t.zero3_s, fixed=t.fixed_s,
+                             measured_fwd_bwd=measured.compute_s))
+            print(f"[{world} ranks] ZeRO-{stage}: predicted {t.step_s:.3f} s, measured {measured.step_s:.3f} s",
+                  flush=True)
+    print(f"\n{machine_label()}; torch threads 1 per rank; {time.time() - started:.0f} s")
+    print(f"calibrated on llama {CALIBRATE}; predicted llama {PREDICT}; fp32, gloo, {args.steps} steps a run")
+    print(f"{'ranks':>5} {'stage':>6} {'predicted s':>12} {'measured s':>11} {'error':>7}  "
+          f"{'compute':>8} {'comm':>7} {'zero3':>7}")
+    worst = 0.0
+    ranked = True
+    for world in args.worlds:
+        mine = [r for r in rows if r["world"] == world]
+        for r in mine:
+            err = r["predicted"] / r["measured"] - 1
+            worst = max(worst, abs(err))
+            print(f"{world:>5} {'ZeRO-' + str(r['stage']):>6} {r['predicted']:>12.3f} {r['measured']:>11.3f} "
+                  f"{err:>+7.1%}  {r['compute']:>8.3f} {r['comm']:>7.3f} {r['zero3']:>7.3f}")
+        for a in mine:
+            for b in mine:
+                apart = b["measured"] > a["measured"] * (1 + TIE_BAND)
+                if apart and not b["predicted"] > a["predicted"]:
+                    ranked = False
+                    print(f"  misranked: ZeRO-{a['stage']} measured faster than ZeRO-{b['stage']}, predicted not")
+    print(f"worst error {worst:.1%} (target {TARGET:.0%}): {'PASS' if worst <= TARGET else 'FAIL'}; "
+          f"stages ranked {'right' if ranked else 'WRONG'} (measured within {TIE_BAND:.0%} = a tie)")
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

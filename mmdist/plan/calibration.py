@@ -1,0 +1,239 @@
+"""The step-time model's rates, measured on the machine at hand (``mmdist plan --calibrate``), and their file.
+
+The step-time model (mmdist.plan.step_time) counts what a step does from the model's
+shapes; a :class:`~mmdist.plan.step_time.Calibration` says how fast this machine does
+each kind of work. ``mmdist plan --calibrate`` (mmdist/commands/calibrate.py) measures
+them on ``world`` ranks of this node, all busy at once as in training, and this module
+turns the measurements into rates:
+
+- ``latency_s``, ``bus_bytes_per_s``: all-gathers of two sizes on the run's backend
+  (:func:`collective_probe`), the line through the two points (time = latency + bytes /
+  bandwidth, bytes as a ring moves them per rank);
+- ``gemm_flops``: matmuls of each width (64 to 8192, as far as a short time allows) in the
+  compute dtype, every rank at once (:func:`gemm_probe`): how much faster this machine runs a
+  wide model's matmuls than a narrow one's;
+- ``flops_per_s``: the trainer at ZeRO-1 on the config for a few steps (phase timer on):
+  the model's own FLOP count of a step / its forward + backward seconds, less the
+  collectives the model places there;
+- ``optimizer_param_s``: the ZeRO-1 optimizer phase, less its gather of the updated weights,
+  per trainable parameter the rank updates;
+- ``step_fixed_s``: the ZeRO-1 step less its forward, backward and optimizer phases;
+- ``zero3_module_s``: the trainer at ZeRO-3 on the same config: its forward + backward less
+  the compute above and its gathers' latency and bytes, per module fetch;
+- ``overlap``: not separable from ``zero3_module_s`` with one ZeRO-3 run, so it is fixed,
+  and the calibration says so: 0 on the CPU (gloo runs each collective to completion
+  before the next module computes: DeepSpeed's CPU accelerator has no streams to overlap
+  on), the default 0.8 on a GPU.
+
+Each rate is measured on the configured model at its configured micro-batch; the
+benchmark benchmarks/step_time_model.py calibrates on one shape and predicts the trainer's
+ZeRO-1/2/3 step times on another (docs/benchmarks.md has the table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mmdist.plan.step_time import DEFAULT_SOURCES, GEMM_ROWS, Calibration, StepInputs, collective_calls, comm_bytes
+
+__all__ = ["CALIBRATION_ENV", "PROBE_BYTES", "StepPhases", "collective_probe", "fit", "gemm_probe", "load_calibration",
+           "machine_label", "save_calibration", "steady_phases"]
+
+CALIBRATION_ENV = "MMDIST_CALIBRATION"
+"""A calibration file (``mmdist plan --calibrate``) that ``engine.zero_stage: auto`` predicts with at start-up."""
+
+PROBE_BYTES = (64 * 1024, 16 * 1024 * 1024)  # per rank: a latency-bound and a bandwidth-bound all-gather
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPhases:
+    """Median seconds of a run's steady steps: the whole step and the phases the trainer's phase timer records."""
+
+    step_s: float
+    forward_s: float
+    backward_s: float
+    optimizer_s: float
+    steps: int = 0
+
+    @property
+    def compute_s(self) -> float:
+        return self.forward_s + self.backward_s
+
+
+def steady_phases(records: Sequence[Mapping], skip: int = 2) -> StepPhases:
+    """:class:`StepPhases` from metrics.jsonl's train records (``MMDIST_STEP_PHASES=1``), leaving out the first
+    ``skip`` steps (start-up, the first collectives). Step time: the median gap between consecutive records."""
+    train = [r for r in records if r.get("split") == "train" and "loss" in r]
+    if len(train) < skip + 3:
+        raise ValueError(f"{len(train)} train steps in metrics.jsonl: need at least {skip + 3} to time steady steps")
+    missing = [k for k in ("phase_forward_s", "phase_backward_s", "phase_optimizer_s") if k not in train[-1]]
+    if missing:
+        raise ValueError(f"metrics.jsonl has no {', '.join(missing)}: run the trainer with MMDIST_STEP_PHASES=1")
+    steady = train[skip:]
+    gaps = [b["time"] - a["time"] for a, b in zip(train[skip - 1:], steady)]
+    med = lambda key: statistics.median(r.get(key, 0.0) for r in steady)  # noqa: E731
+    return StepPhases(statistics.median(gaps), med("phase_forward_s"), med("phase_backward_s"),
+                      med("phase_optimizer_s"), len(steady))
+
+
+def collective_probe(world: int, device: Any, repeats: int = 10) -> dict:
+    """(run on every rank of an initialised process group) Seconds per all-gather of each :data:`PROBE_BYTES` size,
+    the median over ``repeats`` after one warm-up; every rank returns the same figures (the slowest rank's)."""
+    import torch
+    import torch.distributed as dist
+
+    # torch 2.13 renames the call (the old name warns); the GPU machines' torch 2.11 has only the old one
+    all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    out = {}
+    for size in PROBE_BYTES:
+        part = torch.ones(size // 4, dtype=torch.float32, device=device)
+        whole = torch.empty(part.numel() * world, dtype=torch.float32, device=device)
+        times = []
+        for i in range(repeats + 1):
+            dist.barrier()
+            start = time.perf_counter()
+            all_gather(whole, part)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:
+                times.append(time.perf_counter() - start)
+        slowest = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        out[size] = float(slowest.item())
+    return out
+
+
+GEMM_WIDTHS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def gemm_probe(device: Any, dtype: Any, budget_s: float = 0.25, repeats: int = 5) -> dict:
+    """(run on every rank at once) FLOP/s of a [GEMM_ROWS x w] @ [w x w] matmul for each width of
+    :data:`GEMM_WIDTHS`, the median of ``repeats``, up to the first width whose matmul takes over ``budget_s``;
+    every rank returns the slowest rank's figure."""
+    import torch
+    import torch.distributed as dist
+
+    out = {}
+    for width in GEMM_WIDTHS:
+        a = torch.randn(GEMM_ROWS, width, device=device, dtype=dtype)
+        b = torch.randn(width, width, device=device, dtype=dtype)
+        times = []
+        for i in range(repeats + 1):
+            start = time.perf_counter()
+            (a @ b).sum().item()
+            if i:
+                times.append(time.perf_counter() - start)
+        seconds = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        out[width] = 2 * GEMM_ROWS * width * width / float(seconds.item())
+        if seconds.item() > budget_s:
+            break
+    return out
+
+
+def _line(probe: Mapping[int, float], world: int) -> tuple[float, float]:
+    """(latency s, bus bytes/s) through the probe's two points; the bytes are what a ring moves per rank."""
+    (small, t_small), (big, t_big) = sorted((int(k), float(v)) for k, v in probe.items())
+    ring = (world - 1) / world
+    moved_small, moved_big = ring * small * world, ring * big * world  # an all-gather's buffer is world x the part
+    slope = (t_big - t_small) / (moved_big - moved_small)
+    if slope <= 0:
+        raise ValueError(f"all-gather probe: {big} bytes took no longer than {small} ({t_big:.3g} vs {t_small:.3g} s)")
+    return max(0.0, t_small - moved_small * slope), 1.0 / slope
+
+
+def fit(inputs: StepInputs, world: int, zero1: StepPhases, zero3: StepPhases, probe: Mapping[int, float],
+        checkpointing: bool, device: str, machine: str, gemm: Mapping[int, float] = ()) -> Calibration:
+    """The rates that make the step-time model reproduce the ZeRO-1 and ZeRO-3 runs of ``inputs``' config on
+    ``world`` ranks (see the module's docstring for which measurement gives which rate)."""
+    latency, bandwidth = _line(probe, world) if world > 1 else (0.0, 0.0)
+    link = lambda stage: (collective_calls(inputs, stage, world, checkpointing) * latency  # noqa: E731
+                          + (comm_bytes(inputs, stage, world, checkpointing) / bandwidth if bandwidth else 0.0))
+    flops = inputs.model_flops + (inputs.recompute_flops if checkpointing else 0.0)
+    # ZeRO-1: the gradient reduction runs in backward, the gather of the updated weights in the optimizer phase
+    ring = (world - 1) / world if world > 1 else 0.0
+    gather_s = (latency + ring * inputs.trainable_bytes / bandwidth) if world > 1 else 0.0
+    compute = zero1.compute_s - max(0.0, link(1) - gather_s)
+    if compute <= 0:
+        raise ValueError(f"ZeRO-1 forward+backward {zero1.compute_s:.3g} s is no longer than its predicted collectives")
+    updated = inputs.trainable_params / max(1, world)
+    optimizer = max(0.0, zero1.optimizer_s - gather_s) / updated if updated else 0.0
+    fixed = max(0.0, zero1.step_s - zero1.compute_s - zero1.optimizer_s)
+    fetches = inputs.modules * (3 if checkpointing else 2) * inputs.micro_batches
+    extra = zero3.compute_s - compute - link(3)
+    module_s = max(0.0, extra) / fetches if fetches else 0.0
+    overlap = 0.0 if device == "cpu" else Calibration.overlap
+    where = f"{world} rank(s)"
+    sources = dict(DEFAULT_SOURCES)
+    sources.update(
+        flops_per_s=f"measured: ZeRO-1 forward+backward, {where}",
+        latency_s=f"measured: all-gather of {PROBE_BYTES[0]} and {PROBE_BYTES[1]} bytes, {where}",
+        bus_bytes_per_s=f"measured: the same all-gathers, {where}",
+        optimizer_param_s=f"measured: ZeRO-1 optimizer phase, {where}",
+        step_fixed_s=f"measured: ZeRO-1 step less its timed phases, {where}",
+        zero3_module_s=f"measured: ZeRO-3 forward+backward less compute and gathers, {where}",
+        overlap=("fixed: 0 on the CPU (gloo collectives run in line; no streams)" if device == "cpu"
+                 else sources["overlap"]),
+    )
+    if gemm:
+        sources["gemm_flops"] = f"measured: [{GEMM_ROWS} x w] @ [w x w] matmuls, all {world} rank(s) at once"
+    return Calibration(flops_per_s=flops / compute, gemm_flops={int(k): float(v) for k, v in dict(gemm).items()},
+                       gemm_width=inputs.width if gemm else 0, latency_s=latency, bus_bytes_per_s=bandwidth,
+                       zero3_module_s=module_s, step_fixed_s=fixed, optimizer_param_s=optimizer, overlap=overlap,
+                       machine=machine, world=world, sources=sources)
+
+
+def machine_label(device: str = "cpu") -> str:
+    """What the rates were measured on: the GPU's name, or the CPU's model, cores and bf16 flags."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.cuda.current_device())
+    from mmdist.hardware import BF16_CPU_FLAGS, cpu_flags
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    flags = cpu_flags()[0] or frozenset()
+    bf16 = ", ".join(f for f in BF16_CPU_FLAGS if f in flags) or "no native bf16"
+    return f"{model}, {os.cpu_count()} CPUs ({bf16})"
+
+
+def save_calibration(cal: Calibration, path: str | Path, measurements: Mapping[str, Any]) -> Path:
+    """Write ``cal`` and the raw ``measurements`` it came from as JSON; returns the path."""
+    from mmdist.atomic import write_text_atomic
+
+    fields = {f.name: getattr(cal, f.name) for f in dataclasses.fields(cal)}
+    path = Path(path)
+    write_text_atomic(path, json.dumps({"calibration": fields, "measurements": measurements}, indent=2) + "\n")
+    return path
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    """The :class:`Calibration` in ``path``; a ValueError naming the file and the key when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())["calibration"]
+        names = {f.name for f in dataclasses.fields(Calibration)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise KeyError(f"unknown keys {unknown}")
+        cal = Calibration(**data)
+        if not cal.flops_per_s > 0:
+            raise KeyError("flops_per_s must be > 0")
+        return cal
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a calibration written by `mmdist plan --calibrate` ({exc})") from None

@@ -1,0 +1,140 @@
+"""The step-time model's calibration: which measurement gives which rate, its file, and who reads it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from mmdist.plan.calibration import (
+    CALIBRATION_ENV,
+    StepPhases,
+    collective_probe,
+    fit,
+    gemm_probe,
+    load_calibration,
+    save_calibration,
+    steady_phases,
+)
+from mmdist.plan.step_time import GB, Calibration, Interconnect, StepInputs, collective_calls, comm_bytes, predict
+
+NET = Interconnect("test", intra_node=100 * GB, inter_node=10 * GB, gpus_per_node=8)
+TRUE = Calibration(flops_per_s=40e9, latency_s=4e-4, bus_bytes_per_s=0.5e9, zero3_module_s=6e-4, step_fixed_s=0.03,
+                   optimizer_param_s=2e-8, overlap=0.0, gemm_flops={128: 20e9, 512: 40e9}, gemm_width=512)
+
+
+def inputs(width: int = 512, modules: int = 60, micro_batches: int = 2, flops: float = 8e9) -> StepInputs:
+    return StepInputs(model_flops=flops, recompute_flops=flops / 2, weight_bytes=int(40e6), trainable_bytes=int(2e5),
+                      gradient_bytes=int(2e5), micro_batches=micro_batches, calibration=TRUE,
+                      trainable_params=50_000, modules=modules, width=width)
+
+
+def synthetic_runs(inp: StepInputs, world: int, ckpt: bool) -> tuple[StepPhases, StepPhases, dict]:
+    """The phases a machine with the rates of TRUE would time, as the trainer's phase timer splits them."""
+    def link(stage):
+        return (collective_calls(inp, stage, world, ckpt) * TRUE.latency_s
+                + comm_bytes(inp, stage, world, ckpt) / TRUE.bus_bytes_per_s)
+
+    compute = (inp.model_flops + (inp.recompute_flops if ckpt else 0)) / TRUE.rate(inp.width)
+    gather = TRUE.latency_s + (world - 1) / world * inp.trainable_bytes / TRUE.bus_bytes_per_s
+    update = TRUE.optimizer_param_s * inp.trainable_params / world
+    z1_compute = compute + link(1) - gather  # ZeRO-1/2 gather the updated weights in the optimizer phase
+    zero1 = StepPhases(z1_compute + update + gather + TRUE.step_fixed_s, z1_compute / 2, z1_compute / 2,
+                       update + gather)
+    z3_compute = compute + TRUE.zero3_module_s * inp.modules * (3 if ckpt else 2) * inp.micro_batches + link(3)
+    zero3 = StepPhases(z3_compute + update + TRUE.step_fixed_s, z3_compute / 2, z3_compute / 2, update)
+    ring = (world - 1) / world
+    probe = {size: TRUE.latency_s + ring * size * world / TRUE.bus_bytes_per_s for size in (65536, 16 * 2**20)}
+    return zero1, zero3, probe
+
+
+@pytest.mark.parametrize("world,ckpt", [(2, False), (4, True)])
+def test_fit_recovers_the_rates_that_made_the_measurements(world, ckpt):
+    inp = inputs()
+    zero1, zero3, probe = synthetic_runs(inp, world, ckpt)
+    cal = fit(inp, world, zero1, zero3, probe, ckpt, "cpu", "test CPU", gemm=TRUE.gemm_flops)
+    for name in ("flops_per_s", "latency_s", "bus_bytes_per_s", "zero3_module_s", "step_fixed_s", "optimizer_param_s"):
+        assert getattr(cal, name) == pytest.approx(getattr(TRUE, name), rel=1e-6), name
+    assert cal.overlap == 0.0 and cal.world == world and cal.gemm_width == 512 and cal.measured
+    assert cal.sources["overlap"].startswith("fixed") and cal.sources["zero3_module_s"].startswith("measured")
+    # and so the model reproduces both runs' step times, and predicts ZeRO-2 and other shapes from the same rates
+    fitted = dataclasses.replace(inp, calibration=cal)
+    assert predict(fitted, 1, world, NET, ckpt).step_s == pytest.approx(zero1.step_s, rel=1e-6)
+    assert predict(fitted, 3, world, NET, ckpt).step_s == pytest.approx(zero3.step_s, rel=1e-6)
+    other = inputs(width=128, modules=90, micro_batches=3, flops=3e9)
+    z1, z3, _ = synthetic_runs(other, world, ckpt)  # narrower: its matmuls run at TRUE's 128-wide rate
+    assert predict(dataclasses.replace(other, calibration=cal), 3, world, NET, ckpt).step_s == pytest.approx(z3.step_s)
+    assert predict(dataclasses.replace(other, calibration=cal), 1, world, NET, ckpt).step_s == pytest.approx(z1.step_s)
+
+
+def test_fit_refuses_runs_the_model_cannot_explain():
+    inp = inputs()
+    zero1, zero3, probe = synthetic_runs(inp, 2, False)
+    with pytest.raises(ValueError, match="no longer than its predicted collectives"):
+        fit(inp, 2, dataclasses.replace(zero1, forward_s=0.0, backward_s=0.0), zero3, probe, False, "cpu", "x")
+    with pytest.raises(ValueError, match="took no longer"):
+        fit(inp, 2, zero1, zero3, {65536: 0.01, 2**24: 0.01}, False, "cpu", "x")
+
+
+def test_steady_phases_leave_out_start_up_and_take_medians():
+    records = [{"split": "train", "loss": 1.0, "time": t, "phase_forward_s": f, "phase_backward_s": 2 * f,
+                "phase_optimizer_s": 0.01} for t, f in [(0, 9.0), (5, 9.0), (6, 0.3), (7, 0.3), (8.5, 0.4), (9.5, 0.3)]]
+    records.insert(2, {"split": "eval", "loss": 2.0, "time": 5.5})
+    phases = steady_phases(records)
+    assert phases.step_s == pytest.approx(1.0) and phases.forward_s == pytest.approx(0.3) and phases.steps == 4
+    assert phases.compute_s == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="MMDIST_STEP_PHASES=1"):
+        steady_phases([{k: v for k, v in r.items() if k != "phase_backward_s"} for r in records])
+    with pytest.raises(ValueError, match="need at least"):
+        steady_phases(records[:3])
+
+
+def test_calibration_file_round_trip_and_bad_files(tmp_path):
+    path = save_calibration(dataclasses.replace(TRUE, machine="m", world=2), tmp_path / "cal.json", {"raw": 1})
+    back = load_calibration(path)
+    assert back.rate(128) == pytest.approx(TRUE.rate(128)) and back.machine == "m" and back.world == 2
+    assert json.loads(path.read_text())["measurements"] == {"raw": 1}
+    bad = tmp_path / "bad.json"
+    for text in ("not json", json.dumps({"calibration": {"flops_per_s": 1, "speed": 2}}),
+                 json.dumps({"calibration": {"flops_per_s": 0}}), json.dumps({"other": {}})):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=r"bad\.json: not a calibration"):
+            load_calibration(bad)
+    with pytest.raises(ValueError, match="missing.json"):
+        load_calibration(tmp_path / "missing.json")
+
+
+def test_probes_run_on_a_process_group(tmp_path):
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        times = collective_probe(1, torch.device("cpu"), repeats=2)
+        gemm = gemm_probe(torch.device("cpu"), torch.float32, budget_s=0.01, repeats=1)
+    finally:
+        dist.destroy_process_group()
+    assert set(times) == {65536, 16 * 2**20} and all(t > 0 for t in times.values())
+    assert 64 in gemm and all(f > 0 for f in gemm.values())
+
+
+def test_plan_and_auto_use_the_calibration_file(tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from mmdist.commands.plan import main
+    from mmdist.plan.auto import calibration_from_env
+    from mmdist.settings import ConfigError
+
+    path = save_calibration(dataclasses.replace(TRUE, machine="the test node", world=2, sources={
+        "flops_per_s": "measured: here"}), tmp_path / "cal.json", {})
+    fuse = str(Path(__file__).resolve().parents[1] / "configs" / "fuse.yaml")
+    assert main(["--config", fuse, "--gpus", "8", "--no-deepspeed", "--calibration", str(path)]) == 0
+    assert "rates measured on the test node with 2 rank(s)" in capsys.readouterr().out
+    assert main(["--config", fuse, "--gpus", "8", "--no-deepspeed"]) == 0
+    assert "rates shipped defaults" in capsys.readouterr().out
+    monkeypatch.setenv(CALIBRATION_ENV, str(path))
+    assert calibration_from_env().machine == "the test node"
+    monkeypatch.setenv(CALIBRATION_ENV, str(tmp_path / "nope.json"))
+    with pytest.raises(ConfigError, match="nope.json"):
+        calibration_from_env()
