@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
-import time
 from collections import Counter
 
 import pytest
 import torch
-from helpers.data_fixtures import make_config, make_processors, write_caption_shards, write_tar
+from helpers.data_fixtures import (
+    make_config,
+    make_processors,
+    new_workers,
+    stopped_within,
+    write_caption_shards,
+    write_tar,
+)
 
 from mmdist.data.loader import build_loader
 from mmdist.data.streams import HostedStreams
@@ -180,17 +186,6 @@ def test_state_of_another_order_or_setting_is_refused(tmp_path):
         other.load_elastic_state([loader.state_dict()] * 2)
 
 
-def _new_workers(before: set) -> list:
-    return [p for p in multiprocessing.active_children() if p not in before]
-
-
-def _stopped_within(workers: list, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return not any(w.is_alive() for w in workers)
-
-
 def test_close_stops_the_workers_at_once_and_the_next_iteration_goes_on_where_it_stopped(tmp_path):
     pattern = write_caption_shards(tmp_path, SHARDS)
     reference = _loaders(pattern, 1, 3)[0]
@@ -198,10 +193,10 @@ def test_close_stops_the_workers_at_once_and_the_next_iteration_goes_on_where_it
     before = set(multiprocessing.active_children())
     loader = _loaders(pattern, 1, 3, num_workers=2)[0]
     got = [list(loader.last_keys) for _ in zip(range(5), _endless(loader))]  # a step and one micro-batch
-    workers = _new_workers(before)
+    workers = new_workers(before)
     assert len(workers) == 2 and all(w.is_alive() for w in workers)
     loader.close()
-    assert _stopped_within(workers, 1.0), "close() left data workers running"
+    assert stopped_within(workers, 1.0), "close() left data workers running"
     got += [list(loader.last_keys) for _ in zip(range(5), _endless(loader))]  # new workers, the same batches
     assert got == want
     loader.close()
@@ -221,11 +216,11 @@ def test_a_data_worker_error_leaves_no_workers_behind_while_the_error_is_kept(tm
     before = set(multiprocessing.active_children())
     batches = iter(loader)
     next(batches)
-    workers = _new_workers(before)
+    workers = new_workers(before)
     assert len(workers) == 2 and all(w.is_alive() for w in workers)
     with pytest.raises(OSError, match="went away") as error:
         for _ in batches:  # the step's other micro-batches, then the next step's read fails
             pass
     loader.close()
-    assert _stopped_within(workers, 1.0), "the kept error holds the data workers"
+    assert stopped_within(workers, 1.0), "the kept error holds the data workers"
     assert "the shard store went away" in str(error.value)
