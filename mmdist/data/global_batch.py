@@ -170,9 +170,10 @@ class GlobalBatchLoader:
                     yield batch
                 skip = 0
         finally:
-            # torch stops an iterator's workers when the iterator is freed: here, at once, by dropping its one
-            # reference (see close()); left to a later collection of this generator, torch's queues would be
-            # closed first and every worker's join would wait out its 5 s timeout
+            # The DataLoader has no public shutdown (``_shutdown_workers`` is private): torch stops an iterator's
+            # workers when the iterator is freed. Here that is at once, on dropping its one reference (close());
+            # left to a later collection of this generator's cycle, torch's queues are closed first and every
+            # worker's join waits out its 5 s timeout.
             del items
 
     def _distribute(self, hosted: list[tuple[int, int, dict]]) -> tuple[list[list[dict]], dict]:
