@@ -205,9 +205,11 @@ def test_close_stops_the_workers_at_once_and_the_next_iteration_goes_on_where_it
 
 def test_a_data_worker_error_leaves_no_workers_behind_while_the_error_is_kept(tmp_path, monkeypatch):
     reads = HostedStreams.__iter__
+    go = multiprocessing.get_context("fork").Event()  # the workers fork with it: they fail once the test has them
 
     def store_gone_after_a_step(self):
         yield next(reads(self))
+        go.wait(60)
         raise OSError("the shard store went away")
 
     pattern = write_caption_shards(tmp_path, SHARDS)
@@ -218,6 +220,7 @@ def test_a_data_worker_error_leaves_no_workers_behind_while_the_error_is_kept(tm
     next(batches)
     workers = new_workers(before)
     assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    go.set()
     with pytest.raises(OSError, match="went away") as error:
         for _ in batches:  # the step's other micro-batches, then the next step's read fails
             pass
