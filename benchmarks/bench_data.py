@@ -23,6 +23,7 @@ transform) with the built-in byte-level tokenizer, so no download is needed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import random
@@ -135,17 +136,18 @@ def _stage1_runs(cfg, base: dict, pattern: str, tmp: str, rounds: int = 3, warmu
     optimizer = torch.optim.AdamW(params, lr=1e-3)
 
     def epoch(run_cfg, max_batches: int = 0) -> float:
-        loader = build_loader(run_cfg, model.processors, "train", 0, 1)
-        model.train()
-        start = time.perf_counter()
-        for i, b in enumerate(loader):
-            if max_batches and i >= max_batches:
-                break
-            loss = model(b)["loss"]
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+        # closed at once: a global-order loader's workers left to garbage collection stall a later epoch 5 s each
+        with contextlib.closing(build_loader(run_cfg, model.processors, "train", 0, 1)) as loader:
+            model.train()
+            start = time.perf_counter()
+            for i, b in enumerate(loader):
+                if max_batches and i >= max_batches:
+                    break
+                loss = model(b)["loss"]
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return time.perf_counter() - start
 
     def cached(folder: str):
         return load_config(base={**base, "data": {**base["data"], "feature_cache": str(Path(tmp) / folder)}})
@@ -159,7 +161,8 @@ def _stage1_runs(cfg, base: dict, pattern: str, tmp: str, rounds: int = 3, warmu
         )
         out[f"{name}_build_s"] = time.perf_counter() - start
         runs[name] = cached(f"cache_{name}")
-        probe = next(iter(build_loader(runs[name], model.processors, "train", 0, 1)))
+        with contextlib.closing(build_loader(runs[name], model.processors, "train", 0, 1)) as loader:
+            probe = next(iter(loader))
         assert ("text_features" in probe) == text, f"cache_{name}: text_features in batch = {'text_features' in probe}"
     for run_cfg in runs.values():
         epoch(run_cfg, warmup_batches)  # lazy inits, file cache

@@ -24,6 +24,7 @@ micro-batch and any worker count, and continues with exactly the batches the
 uninterrupted run would have trained on (``load_elastic_state`` merges the
 streams of every saved rank). An iteration runs to the end of an epoch (``len()``
 micro-batches from an epoch's start); the next one goes on from the same workers.
+``close()`` stops the workers (a run's end); a later iteration starts new ones at the position.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import hashlib
 import logging
 import math
 import time
+import traceback
 from collections import Counter
 from collections.abc import Iterator
 from typing import Optional
@@ -51,6 +53,18 @@ STATE_VERSION = 3
 
 def _identity(item: dict) -> dict:
     return item
+
+
+def _next_step(items: Iterator[dict], workers: int) -> list[dict]:
+    """The next item of each of the ``workers`` data workers (one step's samples each)."""
+    try:
+        return [next(items) for _ in range(workers)]
+    except BaseException as exc:
+        # The traceback's frames (a worker's error re-raised by torch, an interrupt) hold the DataLoader iterator,
+        # so its workers would live as long as the error is kept: drop their locals (the traceback prints the same).
+        del items
+        traceback.clear_frames(exc.__traceback__)
+        raise
 
 
 class GlobalBatchLoader:
@@ -104,6 +118,15 @@ class GlobalBatchLoader:
             if self.micro_done == 0 and self.step >= end:
                 return
 
+    def close(self) -> None:
+        """Stop the data workers now; an iteration after this starts them again at the position handed out.
+
+        The trainer calls it when a run ends, on an error too. Without it the workers stop only when the
+        loader is garbage collected, and torch then waits 5 s on every worker."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
     def _micro_batches(self) -> Iterator[dict]:
         d = self.dataset
         d.hosted, d.start_step = list(self.hosted), self.step
@@ -116,33 +139,42 @@ class GlobalBatchLoader:
         pin = torch.cuda.is_available()  # pinned host memory makes the trainer's copies to the GPU asynchronous
         items = iter(loader)
         workers = max(1, self.num_workers)
-        while True:
-            parts = [next(items) for _ in range(workers)]  # the DataLoader takes the workers in turn: one step each
-            step = parts[0]["step"]
-            if any(p["step"] != step for p in parts):
-                raise RuntimeError(f"data workers out of step: {[p['step'] for p in parts]}")
-            for p in parts:
-                self.worker_counts[p["worker"]] = (p["seen"], p["bad"])
-            self._check_bad()
-            started = time.perf_counter()
-            hosted = sorted(((slot, sid, s) for p in parts for slot, sid, s in p["samples"]), key=lambda t: t[0])
-            micro, report = self._distribute(hosted)
-            report["data_exchange_s"] = time.perf_counter() - started
-            positions = {sid: pos for p in parts for sid, pos in p["positions"].items()}
-            for m, samples in enumerate(micro):
-                if m < skip:
-                    continue
-                batch = self.dataset.pipeline._collate(samples)
-                if pin:
-                    batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-                self.last_keys = [s["key"] for s in samples]
-                self.micro_done = m + 1
-                if m + 1 == self.accumulation:  # the step is handed out: the position moves past it
-                    self.step, self.micro_done = step + 1, 0
-                    self.positions.update(positions)
-                    self.last_report = report
-                yield batch
-            skip = 0
+        try:
+            while True:
+                parts = _next_step(items, workers)  # the DataLoader takes the workers in turn: one step each
+                step = parts[0]["step"]
+                if any(p["step"] != step for p in parts):
+                    raise RuntimeError(f"data workers out of step: {[p['step'] for p in parts]}")
+                for p in parts:
+                    self.worker_counts[p["worker"]] = (p["seen"], p["bad"])
+                self._check_bad()
+                started = time.perf_counter()
+                hosted = sorted(((slot, sid, s) for p in parts for slot, sid, s in p["samples"]),
+                                key=lambda t: t[0])
+                micro, report = self._distribute(hosted)
+                report["data_exchange_s"] = time.perf_counter() - started
+                positions = {sid: pos for p in parts for sid, pos in p["positions"].items()}
+                for m, samples in enumerate(micro):
+                    if m < skip:
+                        continue
+                    batch = self.dataset.pipeline._collate(samples)
+                    if pin:
+                        batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v
+                                 for k, v in batch.items()}
+                    self.last_keys = [s["key"] for s in samples]
+                    self.micro_done = m + 1
+                    if m + 1 == self.accumulation:  # the step is handed out: the position moves past it
+                        self.step, self.micro_done = step + 1, 0
+                        self.positions.update(positions)
+                        self.last_report = report
+                    yield batch
+                skip = 0
+        finally:
+            # The DataLoader has no public shutdown (``_shutdown_workers`` is private): torch stops an iterator's
+            # workers when the iterator is freed. Here that is at once, on dropping its one reference (close());
+            # left to a later collection of this generator's cycle, torch's queues are closed first and every
+            # worker's join waits out its 5 s timeout.
+            del items
 
     def _distribute(self, hosted: list[tuple[int, int, dict]]) -> tuple[list[list[dict]], dict]:
         """This rank's micro-batches of one step from the samples it read, and the step's balance report."""
@@ -298,5 +330,5 @@ class GlobalBatchLoader:
                 step + 1,
             )
             micro = 0
+        self.close()  # the workers read from the old position
         self.step, self.micro_done, self.positions = step, micro, positions
-        self._stream = None

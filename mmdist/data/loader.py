@@ -40,6 +40,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import traceback
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
@@ -108,6 +110,7 @@ class StreamingLoader:
         # indices in the tar), for a resume on another world size
         self.consumed: dict[str, set[int]] = {}
         self._loader: Optional[DataLoader] = None
+        self._iteration: Optional[weakref.ref] = None  # the iteration in progress, if any
         self._resume_pending = False
         self._in_epoch = False
 
@@ -155,18 +158,37 @@ class StreamingLoader:
         self._resume_pending = False
 
     def __iter__(self) -> Iterator[dict]:
+        iteration = self._epoch_batches()
+        self._iteration = weakref.ref(iteration)  # for close(); a strong one would tie the loader in a cycle
+        return iteration
+
+    def close(self) -> None:
+        """Stop the data workers now (the trainer calls it when a run ends, on an error too); an iteration after
+        this starts the next epoch, as after an abandoned one. Without it the workers stop when the loader is
+        garbage collected, and torch then waits 5 s on every worker."""
+        iteration = self._iteration() if self._iteration is not None else None
+        if iteration is not None:
+            iteration.close()  # its frame held the DataLoader's iterator: freed now, torch stops the workers
+        self._iteration = None
+        self._loader = None  # persistent workers: the DataLoader holds their iterator
+
+    def _epoch_batches(self) -> Iterator[dict]:
         self._prepare_epoch()
-        for batch in self._loader:
-            meta = batch.pop("_meta")
-            self.worker_state[meta["worker"]] = meta["state"]
-            self.worker_counts[meta["worker"]] = (meta["seen"], meta["bad"])
-            self.last_keys = meta["keys"]
-            for url, index in meta["positions"]:
-                if index >= 0:
-                    self.consumed.setdefault(url, set()).add(index)
-            self.batches_done += 1
-            self._check_bad()
-            yield batch
+        try:
+            for batch in self._loader:
+                meta = batch.pop("_meta")
+                self.worker_state[meta["worker"]] = meta["state"]
+                self.worker_counts[meta["worker"]] = (meta["seen"], meta["bad"])
+                self.last_keys = meta["keys"]
+                for url, index in meta["positions"]:
+                    if index >= 0:
+                        self.consumed.setdefault(url, set()).add(index)
+                self.batches_done += 1
+                self._check_bad()
+                yield batch
+        except BaseException as exc:  # a worker's error re-raised: torch's frames in it hold the workers
+            traceback.clear_frames(exc.__traceback__)
+            raise
         self.epoch += 1
         self._in_epoch = False
         self.batches_done = 0

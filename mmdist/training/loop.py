@@ -100,6 +100,7 @@ def train(
             bundle = build_engine(cfg, world_size=env.world_size, model_builder=model_builder)
         teardown.callback(bundle.close)  # before dist.shutdown: DeepSpeed's groups, the shm buffer
         run = setup(cfg, env, bundle, loader_builder or default_loader_builder)
+        teardown.callback(run.close_loaders)  # the data workers stop at the end, not at a later garbage collection
         run.precision = resolved.precision
         run.watchdog = dog
 

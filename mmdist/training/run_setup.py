@@ -95,6 +95,13 @@ class Run:
     def total_steps(self) -> int:
         return self.bundle.total_steps
 
+    def close_loaders(self) -> None:
+        """Stop the data workers of every loader the run built, at its end and on an error (see the loaders'
+        ``close()``: left to garbage collection, torch waits 5 s on every worker); loaders without one are left."""
+        for loader in (self.loader, self.eval_loader, self.metrics_loader):
+            if hasattr(loader, "close"):
+                loader.close()
+
     def log_skip(self, state: TrainState, loss: float) -> None:
         """A non-finite micro-batch was dropped (train_step's ``on_skip``)."""
         self.logger.print(

@@ -3,23 +3,44 @@ micro-batch, accumulation or workers; the position moves between any of them (on
 
 from __future__ import annotations
 
+import multiprocessing
 import pickle
 from collections import Counter
 
 import pytest
 import torch
-from helpers.data_fixtures import make_config, make_processors, write_caption_shards, write_tar
+from helpers.data_fixtures import (
+    make_config,
+    make_processors,
+    new_workers,
+    stopped_within,
+    write_caption_shards,
+    write_tar,
+)
 
 from mmdist.data.loader import build_loader
+from mmdist.data.streams import HostedStreams
 
 SHARDS = [12, 9, 15, 12, 10, 14]  # 72 samples, uneven shards
+
+
+_BUILT: list = []  # every loader a test built, closed when it ends (as the trainer closes its own)
+
+
+@pytest.fixture(autouse=True)
+def _close_loaders():
+    yield
+    while _BUILT:
+        _BUILT.pop().close()
 
 
 def _loaders(pattern, world: int, micro: int, global_batch: int = 12, **data):
     data.setdefault("shuffle_buffer", 16)
     data.setdefault("num_workers", 0)
     cfg = make_config(pattern, order="global", micro_batch_size=micro, global_batch_size=global_batch, **data)
-    return [build_loader(cfg, make_processors(), "train", r, world) for r in range(world)]
+    loaders = [build_loader(cfg, make_processors(), "train", r, world) for r in range(world)]
+    _BUILT.extend(loaders)
+    return loaders
 
 
 def _endless(loader):
@@ -163,3 +184,46 @@ def test_state_of_another_order_or_setting_is_refused(tmp_path):
     other = _loaders(pattern, 2, 2, streams=3)[0]
     with pytest.raises(ValueError, match="streams=6 but this run has streams=3"):
         other.load_elastic_state([loader.state_dict()] * 2)
+
+
+def test_close_stops_the_workers_at_once_and_the_next_iteration_goes_on_where_it_stopped(tmp_path):
+    pattern = write_caption_shards(tmp_path, SHARDS)
+    reference = _loaders(pattern, 1, 3)[0]
+    want = [list(reference.last_keys) for _ in zip(range(10), _endless(reference))]
+    before = set(multiprocessing.active_children())
+    loader = _loaders(pattern, 1, 3, num_workers=2)[0]
+    got = [list(loader.last_keys) for _ in zip(range(5), _endless(loader))]  # a step and one micro-batch
+    workers = new_workers(before)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    loader.close()
+    assert stopped_within(workers, 1.0), "close() left data workers running"
+    got += [list(loader.last_keys) for _ in zip(range(5), _endless(loader))]  # new workers, the same batches
+    assert got == want
+    loader.close()
+    loader.close()  # idempotent
+
+
+def test_a_data_worker_error_leaves_no_workers_behind_while_the_error_is_kept(tmp_path, monkeypatch):
+    reads = HostedStreams.__iter__
+    go = multiprocessing.get_context("fork").Event()  # the workers fork with it: they fail once the test has them
+
+    def store_gone_after_a_step(self):
+        yield next(reads(self))
+        go.wait(60)
+        raise OSError("the shard store went away")
+
+    pattern = write_caption_shards(tmp_path, SHARDS)
+    loader = _loaders(pattern, 1, 3, num_workers=2)[0]
+    monkeypatch.setattr(HostedStreams, "__iter__", store_gone_after_a_step)  # the workers fork after this
+    before = set(multiprocessing.active_children())
+    batches = iter(loader)
+    next(batches)
+    workers = new_workers(before)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    go.set()
+    with pytest.raises(OSError, match="went away") as error:
+        for _ in batches:  # the step's other micro-batches, then the next step's read fails
+            pass
+    loader.close()
+    assert stopped_within(workers, 1.0), "the kept error holds the data workers"
+    assert "the shard store went away" in str(error.value)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from collections import Counter
 
 import pytest
 import torch
-from helpers.data_fixtures import make_config, make_processors, write_caption_shards
+from helpers.data_fixtures import make_config, make_processors, new_workers, stopped_within, write_caption_shards
 
 from mmdist.data.loader import build_loader
+from mmdist.data.stream import ShardStream
 
 
 def _epoch_keys(cfg, processors, rank, world):
@@ -194,3 +196,43 @@ def test_abandoned_epochs_with_persistent_workers(tmp_path, processors):
     assert train.epoch == 0
     full = list(train)  # a new iteration after an abandoned one is the next epoch, complete
     assert train.epoch == 2 and len(full) == len(train) == 16
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_close_stops_the_workers_at_once(tmp_path, processors, persistent):
+    pattern = write_caption_shards(tmp_path, [8, 8, 8, 8])
+    cfg = make_config(pattern, num_workers=2, persistent_workers=persistent, micro_batch_size=2)
+    loader = build_loader(cfg, processors, "train", 0, 1)
+    before = set(multiprocessing.active_children())
+    batches = iter(loader)
+    next(batches)  # an epoch left part-way, as a run's end leaves it
+    workers = new_workers(before)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    loader.close()
+    assert stopped_within(workers, 1.0), "close() left data workers running"
+    assert len(list(loader)) == len(loader) == 16 and loader.epoch == 2  # then the next epoch, whole, new workers
+    loader.close()
+
+
+def test_a_data_worker_error_leaves_no_workers_behind_once_closed(tmp_path, processors, monkeypatch):
+    reads = ShardStream.worker_batches
+
+    def store_gone_after_a_batch(self, *args, **kwargs):
+        yield next(reads(self, *args, **kwargs))
+        raise OSError("the shard store went away")
+
+    pattern = write_caption_shards(tmp_path, [8, 8, 8, 8])
+    cfg = make_config(pattern, num_workers=2, persistent_workers=True, micro_batch_size=2)
+    loader = build_loader(cfg, processors, "train", 0, 1)
+    monkeypatch.setattr(ShardStream, "worker_batches", store_gone_after_a_batch)  # the workers fork after this
+    before = set(multiprocessing.active_children())
+    batches = iter(loader)
+    next(batches)
+    workers = new_workers(before)
+    assert len(workers) == 2
+    with pytest.raises(OSError, match="went away") as error:
+        for _ in batches:
+            pass
+    loader.close()
+    assert stopped_within(workers, 1.0), "the kept error holds the data workers"
+    assert "the shard store went away" in str(error.value)

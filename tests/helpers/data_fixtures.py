@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import tarfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -167,3 +169,16 @@ def write_caption_shards(
 
 def batch_keys(loader) -> list[str]:
     return list(loader.last_keys)
+
+
+def new_workers(before: set) -> list:
+    """This process's live children that ``before`` (a set of ``multiprocessing.active_children()``) lacks."""
+    return [p for p in multiprocessing.active_children() if p not in before]
+
+
+def stopped_within(workers: list, seconds: float) -> bool:
+    """Whether every process of ``workers`` has ended within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not any(w.is_alive() for w in workers)

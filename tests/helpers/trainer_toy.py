@@ -412,6 +412,7 @@ def replay_loader_builder(steps: list[list[str]]) -> Callable:
         by_key = {}
         for batch, _ in zip(single, range(len(single))):  # one epoch (a global-order loader is endless)
             by_key[single.last_keys[0]] = batch
+        single.close()  # its workers stop now, not at a garbage collection later in the run
         return [by_key[k] for step in steps for k in step]
 
     return build

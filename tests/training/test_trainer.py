@@ -80,9 +80,22 @@ def test_too_many_nonfinite_losses_in_a_row_stop_the_run(tmp_path):
     import torch.distributed as tdist
 
     cfg = toy_config(str(tmp_path / "run"), train={"max_steps": 3, "max_nonfinite_steps": 3})
+    closed = []
     with pytest.raises(NonFiniteLossError, match=r"3 non-finite losses in a row.*train\.max_nonfinite_steps=3"):
-        train_toy(cfg, loader=toy_loader_builder(poison_batches=(2, 3, 4)))
+        train_toy(cfg, loader=_closing(toy_loader_builder(poison_batches=(2, 3, 4)), closed))
     assert not tdist.is_initialized()  # destroyed on the error path too
+    assert closed == ["train"]  # and the data workers stopped
+
+
+def _closing(builder, closed: list):
+    """``builder``'s loaders, each recording its split in ``closed`` when the trainer closes it."""
+
+    def build(cfg, processors, split, rank, world_size):
+        loader = builder(cfg, processors, split, rank, world_size)
+        loader.close = lambda: closed.append(split)
+        return loader
+
+    return build
 
 
 @pytest.fixture
@@ -204,7 +217,9 @@ def test_periodic_evaluation_on_held_out_data(tmp_path):
         train={"max_steps": 4, "eval_every": 2, "eval_batches": 3},
         data={"train": [{"shards": ["unused.tar"]}], "eval": [{"shards": ["held_out.tar"]}], "num_workers": 0},
     )
-    summary = train_toy(cfg)
+    closed = []
+    summary = train_toy(cfg, loader=_closing(toy_loader_builder(), closed))
+    assert sorted(closed) == ["eval", "train"]  # the run's end stops every loader's data workers
     evals = [r for r in read_metrics(run) if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [2, 4]  # every 2 steps, the last one at the end
     assert all(r["batches"] == 3 and math.isfinite(r["loss"]) for r in evals)
