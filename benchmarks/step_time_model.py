@@ -46,7 +46,7 @@ def recipe(shape: dict, world: int, shards: str, run_dir: Path) -> dict:
                                             num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
                                             num_key_value_heads=shape["kv"])
     r["model"]["llm"]["gradient_checkpointing"] = False
-    r["data"].update(train=[{"shards": [shards]}], eval=[], num_workers=1, max_len=256, order="global",
+    r["data"].update(train=[{"shards": [shards]}], eval=[], num_workers=0, max_len=256, order="global",
                      packing=True, image_tiling={"enabled": True}, shuffle_buffer=64)
     r["train"].update(global_batch_size=2 * shape["micro"] * world, micro_batch_size=shape["micro"])
     r["engine"].update(precision="fp32", zero_stage=1)

@@ -12,7 +12,7 @@ from mmdist.plan.calibration import (
     StepPhases,
     collective_probe,
     fit,
-    gemm_probe,
+    layer_probe,
     load_calibration,
     save_calibration,
     steady_phases,
@@ -21,7 +21,7 @@ from mmdist.plan.step_time import GB, Calibration, Interconnect, StepInputs, col
 
 NET = Interconnect("test", intra_node=100 * GB, inter_node=10 * GB, gpus_per_node=8)
 TRUE = Calibration(flops_per_s=40e9, latency_s=4e-4, bus_bytes_per_s=0.5e9, zero3_module_s=6e-4, step_fixed_s=0.03,
-                   optimizer_param_s=2e-8, overlap=0.0, gemm_flops={128: 20e9, 512: 40e9}, gemm_width=512)
+                   optimizer_param_s=2e-8, overlap=0.0, layer_flops={128: 20e9, 512: 40e9}, layer_width=512)
 
 
 def inputs(width: int = 512, modules: int = 60, micro_batches: int = 2, flops: float = 8e9) -> StepInputs:
@@ -53,17 +53,17 @@ def synthetic_runs(inp: StepInputs, world: int, ckpt: bool) -> tuple[StepPhases,
 def test_fit_recovers_the_rates_that_made_the_measurements(world, ckpt):
     inp = inputs()
     zero1, zero3, probe = synthetic_runs(inp, world, ckpt)
-    cal = fit(inp, world, zero1, zero3, probe, ckpt, "cpu", "test CPU", gemm=TRUE.gemm_flops)
+    cal = fit(inp, world, zero1, zero3, probe, ckpt, "cpu", "test CPU", layers=TRUE.layer_flops)
     for name in ("flops_per_s", "latency_s", "bus_bytes_per_s", "zero3_module_s", "step_fixed_s", "optimizer_param_s"):
         assert getattr(cal, name) == pytest.approx(getattr(TRUE, name), rel=1e-6), name
-    assert cal.overlap == 0.0 and cal.world == world and cal.gemm_width == 512 and cal.measured
+    assert cal.overlap == 0.0 and cal.world == world and cal.layer_width == 512 and cal.measured
     assert cal.sources["overlap"].startswith("fixed") and cal.sources["zero3_module_s"].startswith("measured")
     # and so the model reproduces both runs' step times, and predicts ZeRO-2 and other shapes from the same rates
     fitted = dataclasses.replace(inp, calibration=cal)
     assert predict(fitted, 1, world, NET, ckpt).step_s == pytest.approx(zero1.step_s, rel=1e-6)
     assert predict(fitted, 3, world, NET, ckpt).step_s == pytest.approx(zero3.step_s, rel=1e-6)
     other = inputs(width=128, modules=90, micro_batches=3, flops=3e9)
-    z1, z3, _ = synthetic_runs(other, world, ckpt)  # narrower: its matmuls run at TRUE's 128-wide rate
+    z1, z3, _ = synthetic_runs(other, world, ckpt)  # narrower: it runs at TRUE's 128-wide rate
     assert predict(dataclasses.replace(other, calibration=cal), 3, world, NET, ckpt).step_s == pytest.approx(z3.step_s)
     assert predict(dataclasses.replace(other, calibration=cal), 1, world, NET, ckpt).step_s == pytest.approx(z1.step_s)
 
@@ -112,11 +112,11 @@ def test_probes_run_on_a_process_group(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         times = collective_probe(1, torch.device("cpu"), repeats=2)
-        gemm = gemm_probe(torch.device("cpu"), torch.float32, budget_s=0.01, repeats=1)
+        layers = layer_probe(torch.device("cpu"), torch.float32, budget_s=0.01, min_s=0.01)
     finally:
         dist.destroy_process_group()
     assert set(times) == {65536, 16 * 2**20} and all(t > 0 for t in times.values())
-    assert 64 in gemm and all(f > 0 for f in gemm.values())
+    assert 64 in layers and all(f > 0 for f in layers.values())
 
 
 def test_plan_and_auto_use_the_calibration_file(tmp_path, monkeypatch, capsys):

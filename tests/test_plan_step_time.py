@@ -11,8 +11,8 @@ from mmdist.plan.step_time import (
     StepInputs,
     collective_calls,
     comm_bytes,
-    gemm_rate,
     interconnect_for,
+    layer_rate,
     predict,
     scaling_table,
 )
@@ -121,13 +121,13 @@ def test_a_measured_link_replaces_the_table_inside_a_node_only():
     assert predict(inp, 3, 64, NET, False).comm_s == pytest.approx(comm_bytes(inp, 3, 64, False) / (10 * GB))
 
 
-def test_compute_rate_follows_the_measured_matmul_table_across_widths():
+def test_compute_rate_follows_the_measured_layer_table_across_widths():
     import dataclasses
 
     table = {256: 20e9, 1024: 40e9, 4096: 80e9}
-    assert gemm_rate(table, 512) == pytest.approx(30e9)  # halfway in log(width)
-    assert gemm_rate(table, 64) == 20e9 and gemm_rate(table, 8192) == 80e9  # the nearest outside the table
-    cal = dataclasses.replace(PLAIN, flops_per_s=10e9, gemm_flops=table, gemm_width=256)
+    assert layer_rate(table, 512) == pytest.approx(30e9)  # halfway in log(width)
+    assert layer_rate(table, 64) == 20e9 and layer_rate(table, 8192) == 80e9  # the nearest outside the table
+    cal = dataclasses.replace(PLAIN, flops_per_s=10e9, layer_flops=table, layer_width=256)
     assert cal.rate(256) == pytest.approx(10e9) and cal.rate(1024) == pytest.approx(20e9)
     assert cal.rate(0) == 10e9 and PLAIN.rate(1024) == PLAIN.flops_per_s  # no table: one rate
     inp = dataclasses.replace(qwen14b_like(calibration=cal), width=1024)

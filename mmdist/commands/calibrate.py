@@ -29,7 +29,7 @@ from mmdist.launch_env import free_port
 from mmdist.plan.calibration import (
     collective_probe,
     fit,
-    gemm_probe,
+    layer_probe,
     machine_label,
     save_calibration,
     steady_phases,
@@ -90,10 +90,10 @@ def calibrate(config: str, overrides: Sequence[str], world: int, out: str | Path
         probe_file = scratch / "probe.json"
         dtype = next(p for p in pins if p.startswith("engine.precision=")).partition("=")[2]
         _launch(world, ["-m", "mmdist.commands.calibrate", "--probe", str(probe_file), "--dtype", dtype], env,
-                "all-gather and matmul probe")
+                "all-gather and layer probes")
         probed = json.loads(probe_file.read_text())
         probe = {int(k): v for k, v in probed["all_gather"].items()}
-        gemm = {int(k): v for k, v in probed["gemm"].items()}
+        layers = {int(k): v for k, v in probed["layers"].items()}
         phases = {}
         for stage in (1, 3):
             log(f"calibrating: the trainer at ZeRO-{stage}, {steps} steps")
@@ -110,9 +110,9 @@ def calibrate(config: str, overrides: Sequence[str], world: int, out: str | Path
     inputs = step_inputs(planned, shapes, world, machine_label(device), tokens=batch_tokens(planned, shapes))
     ckpt = bool(planned.stage.llm_checkpointing(planned.model))
     machine = machine_label(device)
-    cal = fit(inputs, world, phases[1], phases[3], probe, ckpt, device, machine, gemm)
+    cal = fit(inputs, world, phases[1], phases[3], probe, ckpt, device, machine, layers)
     raw = {"world": world, "device": device, "config": str(config), "overrides": [*overrides, *pins],
-           "all_gather_s": {str(k): v for k, v in probe.items()}, "gemm_flops": {str(k): v for k, v in gemm.items()},
+           "all_gather_s": {str(k): v for k, v in probe.items()}, "layer_flops": {str(k): v for k, v in layers.items()},
            "zero1": dataclasses.asdict(phases[1]), "zero3": dataclasses.asdict(phases[3]),
            "step_flops": inputs.model_flops + (inputs.recompute_flops if ckpt else 0.0),
            "modules": inputs.modules, "trainable_params": inputs.trainable_params}
@@ -121,7 +121,7 @@ def calibrate(config: str, overrides: Sequence[str], world: int, out: str | Path
 
 
 def _probe_rank(out: str, dtype: str) -> int:
-    """One rank of the all-gather and matmul probes (``python -m mmdist.commands.calibrate --probe OUT`` under
+    """One rank of the all-gather and layer probes (``python -m mmdist.commands.calibrate --probe OUT`` under
     torchrun); ``dtype``: the engine precision the runs compute in."""
     import torch
 
@@ -131,10 +131,10 @@ def _probe_rank(out: str, dtype: str) -> int:
     device = torch.device(f"cuda:{env.local_rank}" if torch.cuda.is_available() else "cpu")
     try:
         figures = collective_probe(env.world_size, device)
-        gemm = gemm_probe(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32))
+        layers = layer_probe(device, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype, torch.float32))
         if env.rank == 0:
             Path(out).write_text(json.dumps({"all_gather": {str(k): v for k, v in figures.items()},
-                                             "gemm": {str(k): v for k, v in gemm.items()}}))
+                                             "layers": {str(k): v for k, v in layers.items()}}))
     finally:
         dist.shutdown()
     return 0
@@ -145,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m mmdist.commands.calibrate")
     parser.add_argument("--probe", required=True, help="where rank 0 writes the probes' figures")
-    parser.add_argument("--dtype", default="fp32", help="the matmul probe's dtype (the engine precision)")
+    parser.add_argument("--dtype", default="fp32", help="the layer probe's dtype (the engine precision)")
     args = parser.parse_args(argv)
     return _probe_rank(args.probe, args.dtype)
 

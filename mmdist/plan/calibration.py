@@ -9,9 +9,10 @@ turns the measurements into rates:
 - ``latency_s``, ``bus_bytes_per_s``: all-gathers of two sizes on the run's backend
   (:func:`collective_probe`), the line through the two points (time = latency + bytes /
   bandwidth, bytes as a ring moves them per rank);
-- ``gemm_flops``: matmuls of each width (64 to 8192, as far as a short time allows) in the
-  compute dtype, every rank at once (:func:`gemm_probe`): how much faster this machine runs a
-  wide model's matmuls than a narrow one's;
+- ``layer_flops``: a frozen decoder layer of each width (64 to 8192, as far as a short time
+  allows; forward and backward to its input, in the compute dtype), every rank at once
+  (:func:`layer_probe`): how much faster this machine runs a wide model's layers than a narrow
+  one's (matmul units better used, norms and activations a smaller share);
 - ``flops_per_s``: the trainer at ZeRO-1 on the config for a few steps (phase timer on):
   the model's own FLOP count of a step / its forward + backward seconds, less the
   collectives the model places there;
@@ -42,9 +43,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mmdist.plan.step_time import DEFAULT_SOURCES, GEMM_ROWS, Calibration, StepInputs, collective_calls, comm_bytes
+from mmdist.plan.step_time import DEFAULT_SOURCES, PROBE_TOKENS, Calibration, StepInputs, collective_calls, comm_bytes
 
-__all__ = ["CALIBRATION_ENV", "PROBE_BYTES", "StepPhases", "collective_probe", "fit", "gemm_probe", "load_calibration",
+__all__ = ["CALIBRATION_ENV", "PROBE_BYTES", "StepPhases", "collective_probe", "fit", "layer_probe", "load_calibration",
            "machine_label", "save_calibration", "steady_phases"]
 
 CALIBRATION_ENV = "MMDIST_CALIBRATION"
@@ -111,30 +112,72 @@ def collective_probe(world: int, device: Any, repeats: int = 10) -> dict:
     return out
 
 
-GEMM_WIDTHS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+PROBE_WIDTHS = (64, 128, 256, 512, 1024, 2048, 4096, 8192)
+PROBE_ROWS = 4  # PROBE_TOKENS in rows of PROBE_TOKENS / PROBE_ROWS, causal attention within each
 
 
-def gemm_probe(device: Any, dtype: Any, budget_s: float = 0.25, repeats: int = 5) -> dict:
-    """(run on every rank at once) FLOP/s of a [GEMM_ROWS x w] @ [w x w] matmul for each width of
-    :data:`GEMM_WIDTHS`, the median of ``repeats``, up to the first width whose matmul takes over ``budget_s``;
-    every rank returns the slowest rank's figure."""
+def _probe_layer(width: int, device: Any, dtype: Any) -> tuple[Any, int]:
+    """A pre-norm decoder layer of ``width`` (attention in heads of 64, a gated MLP 8/3 as wide, RMS norms), frozen;
+    (the module, its parameters). What a frozen LLM's layer computes, without any one model's code."""
+    import torch
+    from torch import nn
+
+    heads = max(1, width // 64)
+    inner = 64 * round(8 * width / 3 / 64) or width
+
+    class Layer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm1, self.norm2 = nn.RMSNorm(width), nn.RMSNorm(width)
+            self.qkv, self.out = nn.Linear(width, 3 * width, bias=False), nn.Linear(width, width, bias=False)
+            self.gate_up, self.down = nn.Linear(width, 2 * inner, bias=False), nn.Linear(inner, width, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, t, _ = x.shape
+            q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+            a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.out(a.transpose(1, 2).reshape(b, t, width))
+            g, u = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
+            return x + self.down(nn.functional.silu(g) * u)
+
+    layer = Layer().to(device=device, dtype=dtype).requires_grad_(False)
+    return layer, sum(p.numel() for p in layer.parameters())
+
+
+def layer_probe(device: Any, dtype: Any, budget_s: float = 0.5, min_s: float = 0.2) -> dict:
+    """(run on every rank at once) Training FLOP/s of a frozen decoder layer of each width of :data:`PROBE_WIDTHS`
+    on :data:`PROBE_TOKENS` tokens: forward, and backward to its input only (what the frozen LLM does), counted as the
+    model counts it (4 per weight per token, plus attention's scores); each figure averages repeats over at least
+    ``min_s`` (so that ranks sharing cores see their share), up to the first width whose pass takes over
+    ``budget_s``. Every rank returns the slowest rank's figure."""
     import torch
     import torch.distributed as dist
 
     out = {}
-    for width in GEMM_WIDTHS:
-        a = torch.randn(GEMM_ROWS, width, device=device, dtype=dtype)
-        b = torch.randn(width, width, device=device, dtype=dtype)
-        times = []
-        for i in range(repeats + 1):
-            start = time.perf_counter()
-            (a @ b).sum().item()
-            if i:
-                times.append(time.perf_counter() - start)
-        seconds = torch.tensor([statistics.median(times)], dtype=torch.float64, device=device)
+    rows, seq = PROBE_ROWS, PROBE_TOKENS // PROBE_ROWS
+    for width in PROBE_WIDTHS:
+        layer, params = _probe_layer(width, device, dtype)
+        x = torch.randn(rows, seq, width, device=device, dtype=dtype, requires_grad=True)
+
+        def once(layer: Any = layer, x: Any = x) -> None:
+            layer(x).float().sum().backward()
+            x.grad = None
+
+        once()  # warm-up
+        runs, start = 0, time.perf_counter()
+        while True:
+            once()
+            runs += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_s or elapsed / runs > budget_s:
+                break
+        seconds = torch.tensor([elapsed / runs], dtype=torch.float64, device=device)
         if dist.is_initialized():
             dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-        out[width] = 2 * GEMM_ROWS * width * width / float(seconds.item())
+        attention = 2 * 2 * rows * seq * seq * width  # causal scores and weighted sum: half of 2 x 2 x S^2 x w, x2
+        out[width] = (4 * params * PROBE_TOKENS + attention) / float(seconds.item())
         if seconds.item() > budget_s:
             break
     return out
@@ -152,7 +195,7 @@ def _line(probe: Mapping[int, float], world: int) -> tuple[float, float]:
 
 
 def fit(inputs: StepInputs, world: int, zero1: StepPhases, zero3: StepPhases, probe: Mapping[int, float],
-        checkpointing: bool, device: str, machine: str, gemm: Mapping[int, float] = ()) -> Calibration:
+        checkpointing: bool, device: str, machine: str, layers: Mapping[int, float] = ()) -> Calibration:
     """The rates that make the step-time model reproduce the ZeRO-1 and ZeRO-3 runs of ``inputs``' config on
     ``world`` ranks (see the module's docstring for which measurement gives which rate)."""
     latency, bandwidth = _line(probe, world) if world > 1 else (0.0, 0.0)
@@ -184,10 +227,10 @@ def fit(inputs: StepInputs, world: int, zero1: StepPhases, zero3: StepPhases, pr
         overlap=("fixed: 0 on the CPU (gloo collectives run in line; no streams)" if device == "cpu"
                  else sources["overlap"]),
     )
-    if gemm:
-        sources["gemm_flops"] = f"measured: [{GEMM_ROWS} x w] @ [w x w] matmuls, all {world} rank(s) at once"
-    return Calibration(flops_per_s=flops / compute, gemm_flops={int(k): float(v) for k, v in dict(gemm).items()},
-                       gemm_width=inputs.width if gemm else 0, latency_s=latency, bus_bytes_per_s=bandwidth,
+    if layers:
+        sources["layer_flops"] = f"measured: a frozen decoder layer per width, {PROBE_TOKENS} tokens, {where} at once"
+    return Calibration(flops_per_s=flops / compute, layer_flops={int(k): float(v) for k, v in dict(layers).items()},
+                       layer_width=inputs.width if layers else 0, latency_s=latency, bus_bytes_per_s=bandwidth,
                        zero3_module_s=module_s, step_fixed_s=fixed, optimizer_param_s=optimizer, overlap=overlap,
                        machine=machine, world=world, sources=sources)
 

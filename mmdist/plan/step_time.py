@@ -12,8 +12,9 @@ of one rank:
 - compute = the model's FLOPs (its own count, mmdist.models.flops, plus one more forward
   of the frozen LLM under gradient checkpointing) / the rank's training FLOP/s at the model's
   width: the calibration model's measured rate, scaled by how much faster this machine runs a
-  matmul of this width than one of the calibration model's (a measured table: small widths
-  use a CPU's or GPU's matmul units less well);
+  frozen decoder layer of this width than one of the calibration model's (a measured table:
+  narrow layers use a CPU's or GPU's matmul units less well, and spend more of their time in
+  norms and activations);
 - collectives = for each call, its latency, plus the bytes it moves / the bus bandwidth
   of the slowest link it crosses (NVLink or the measured figure inside a node, the network
   across nodes). ZeRO-3 all-gathers each module's weights for every micro-batch's forward,
@@ -44,8 +45,8 @@ import dataclasses
 import re
 from typing import Optional
 
-__all__ = ["Calibration", "GEMM_ROWS", "Interconnect", "StepInputs", "StepTime", "calibration_line", "collective_calls",
-           "comm_bytes", "gemm_rate", "interconnect_for", "predict", "scaling_table"]
+__all__ = ["Calibration", "Interconnect", "PROBE_TOKENS", "StepInputs", "StepTime", "calibration_line",
+           "collective_calls", "comm_bytes", "interconnect_for", "layer_rate", "predict", "scaling_table"]
 
 GB = 1e9
 
@@ -100,13 +101,13 @@ DEFAULT_SOURCES = {
     "latency_s": "default: 50 us per collective call (not measured)",
     "bus_bytes_per_s": "default: the interconnect table's bus bandwidth",
     "zero3_module_s": "default: 0.3 ms per module fetch (not measured)",
-    "gemm_flops": "default: none (one rate for every width)",
+    "layer_flops": "default: none (one rate for every width)",
     "step_fixed_s": "default: 10 ms per step (not measured)",
     "optimizer_param_s": "default: 0 (not measured)",
     "overlap": "default: 80% of the collectives behind compute (not measured)",
 }
 DEFAULT_UTILISATION = 0.5
-GEMM_ROWS = 1024  # rows of the calibration's matmul probe (tokens of a micro-batch, roughly)
+PROBE_TOKENS = 1024  # tokens of the calibration's layer probe (a micro-batch's, roughly)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,10 +121,10 @@ class Calibration:
     step_fixed_s: float = 0.01  # per optimizer step, whatever the stage
     optimizer_param_s: float = 0.0  # optimizer seconds per trainable parameter the rank updates
     overlap: float = 0.8  # fraction of the collectives hidden behind compute
-    # measured FLOP/s of one [GEMM_ROWS x w] @ [w x w] matmul per width w in the compute dtype; with it, a model of
-    # another width computes at flops_per_s x gemm(its width) / gemm(gemm_width): small widths run matmuls slower
-    gemm_flops: dict = dataclasses.field(default_factory=dict)
-    gemm_width: int = 0  # the width flops_per_s was measured at (the calibration model's)
+    # measured training FLOP/s of a frozen decoder layer per width w (mmdist.plan.calibration.layer_probe); with it, a
+    # model of another width computes at flops_per_s x layer(its width) / layer(layer_width)
+    layer_flops: dict = dataclasses.field(default_factory=dict)
+    layer_width: int = 0  # the width flops_per_s was measured at (the calibration model's)
     machine: str = ""  # what it was measured on ("" for the defaults)
     world: int = 0  # ranks it was measured with (0 for the defaults)
     sources: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_SOURCES))
@@ -134,17 +135,17 @@ class Calibration:
         return cls(flops_per_s=peak_flops * DEFAULT_UTILISATION)
 
     def rate(self, width: int = 0) -> float:
-        """Training FLOP/s of a model whose matmuls are ``width`` wide (its hidden size; 0: as calibrated)."""
-        if not (width and self.gemm_width and self.gemm_flops):
+        """Training FLOP/s of a model ``width`` wide (its hidden size; 0: the calibration model's rate)."""
+        if not (width and self.layer_width and self.layer_flops):
             return self.flops_per_s
-        return self.flops_per_s * gemm_rate(self.gemm_flops, width) / gemm_rate(self.gemm_flops, self.gemm_width)
+        return self.flops_per_s * layer_rate(self.layer_flops, width) / layer_rate(self.layer_flops, self.layer_width)
 
     @property
     def measured(self) -> bool:
         return any(v.startswith("measured") for v in self.sources.values())
 
 
-def gemm_rate(table: dict, width: int) -> float:
+def layer_rate(table: dict, width: int) -> float:
     """FLOP/s at ``width`` from a {width: FLOP/s} table: linear in log(width) between measured widths, the nearest
     measured one outside them."""
     import math
@@ -174,7 +175,7 @@ class StepInputs:
     calibration: Calibration
     trainable_params: int = 0  # for optimizer offload's fp32 gradients and the optimizer's time
     modules: int = 0  # modules holding parameters of their own: ZeRO-3 fetches each one per pass
-    width: int = 0  # hidden size of the model's largest part: what its matmuls' speed depends on
+    width: int = 0  # hidden size of the model's largest part: what its layers' speed depends on
 
 
 @dataclasses.dataclass(frozen=True)
