@@ -138,3 +138,33 @@ def test_plan_and_auto_use_the_calibration_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(CALIBRATION_ENV, str(tmp_path / "nope.json"))
     with pytest.raises(ConfigError, match="nope.json"):
         calibration_from_env()
+
+
+@pytest.mark.multiproc
+def test_calibrate_command_measures_a_config_on_two_ranks(tmp_path, monkeypatch):
+    """`mmdist plan --calibrate` end to end on the tiny fuse recipe: three torchrun launches, a file of rates that
+    the plan then reads, each rate marked measured."""
+    from pathlib import Path
+
+    import yaml
+
+    from mmdist.commands.plan import main
+    from mmdist.data.shards import mixture_samples, shard_pattern, write_shards
+
+    repo = Path(__file__).resolve().parents[1]
+    shards = shard_pattern(write_shards(mixture_samples(128), tmp_path / "mix", prefix="train", samples_per_shard=32))
+    recipe = yaml.safe_load((repo / "configs" / "tiny_fuse.yaml").read_text())
+    recipe["data"].update(train=[{"shards": [shards]}], eval=[], num_workers=0, packing=True)
+    recipe["train"].update(global_batch_size=4, micro_batch_size=2)
+    recipe["log"].update(progress_bar=False, tensorboard=False)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(recipe))
+    monkeypatch.setenv("PYTHONPATH", str(repo))
+    monkeypatch.setenv("MMDIST_CPU_BF16", "0")
+    out = tmp_path / "cal.json"
+    assert main(["--config", str(config), "--gpus", "2", "--calibrate", str(out), "--calibrate-steps", "5"]) == 0
+    cal = load_calibration(out)
+    assert cal.world == 2 and cal.flops_per_s > 0 and cal.bus_bytes_per_s > 0 and cal.layer_flops
+    assert cal.sources["flops_per_s"].startswith("measured") and cal.sources["zero3_module_s"].startswith("measured")
+    raw = json.loads(out.read_text())["measurements"]
+    assert raw["zero3"]["step_s"] > 0 and raw["zero1"]["steps"] == 3 and raw["modules"] > 0

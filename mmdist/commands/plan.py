@@ -155,7 +155,10 @@ def _calibrate(args: argparse.Namespace) -> int:
         return 2
     print(f"wrote {args.calibrate}: rates of {cal.machine} on {cal.world} rank(s)")
     for name, source in cal.sources.items():
-        print(f"  {name:<18} {getattr(cal, name):<12.4g} {source}")
+        value = getattr(cal, name)
+        shown = (", ".join(f"{w}: {f / 1e9:.3g}G" for w, f in value.items()) if isinstance(value, dict)
+                 else f"{value:.4g}")
+        print(f"  {name:<18} {shown:<12} {source}")
     print(f"use it: mmdist plan --calibration {args.calibrate} ..., or {CALIBRATION_ENV}={args.calibrate} for "
           "engine.zero_stage=auto at start-up")
     return 0
