@@ -4,12 +4,12 @@ A training step on the CPU allocates the same large temporaries every step: logi
 their gradients, the head's and the embedding table's weight gradients, DeepSpeed's gradient buckets (tens of MB
 each). glibc's malloc serves a block over its mmap threshold (32 MiB at most) with its own ``mmap`` and unmaps it on
 ``free``, and hands the heap's free top back to the kernel past ``M_TRIM_THRESHOLD``; the next step then faults the
-same pages in again, each zero-filled by the kernel. On the Q-Former demo's stage 1 that was about 275,000 page
-faults a step, and setting the two options below took its step from 1.8 to 1.25-1.45 s on a 2-core CPU-B
-(docs/benchmarks.md). ``M_MMAP_MAX=0`` serves every block from the heap and ``M_TRIM_THRESHOLD=-1`` never trims it,
-so freed blocks stay in the process for the next step. The price is resident memory up to the heap's high-water
-mark (that stage: 2.5 GB instead of 1.5 GB). PyTorch's CPU tuning guide gets the same from jemalloc or tcmalloc,
-preloaded before the process starts; ``mallopt`` sets glibc's malloc from inside the process.
+same pages in again, each zero-filled by the kernel: about 350,000 page faults a step on the Q-Former demo's
+stage 1, a quarter of its step on a 2-core CPU (docs/benchmarks.md). ``M_MMAP_MAX=0`` serves every block from the
+heap and ``M_TRIM_THRESHOLD=-1`` never trims it, so freed blocks stay in the process for the next step. The price is
+resident memory up to the heap's high-water mark (that stage: 2.5 GB instead of 1.9 GB). PyTorch's CPU tuning guide
+gets the same from jemalloc or tcmalloc, preloaded before the process starts; ``mallopt`` sets glibc's malloc from
+inside the process.
 
 A setting of the process, not of a model: applied once, before the model is built, by the trainer on a CPU device
 (``engine.cpu_keep_freed_memory``), and left alone under any other C library.
