@@ -11,8 +11,8 @@ resident memory up to the heap's high-water mark (that stage: 2.5 GB instead of 
 gets the same from jemalloc or tcmalloc, preloaded before the process starts; ``mallopt`` sets glibc's malloc from
 inside the process.
 
-A setting of the process, not of a model: applied once, before the model is built, by the trainer on a CPU device
-(``engine.cpu_keep_freed_memory``), and left alone under any other C library.
+A setting of the process, not of a model: applied once, on a CPU device, by ``build_engine`` before it builds the
+model (``engine.cpu_keep_freed_memory``; the trainer prints the reason), and left alone under any other C library.
 """
 
 from __future__ import annotations

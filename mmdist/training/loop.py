@@ -25,12 +25,11 @@ from mmdist import distributed as dist
 from mmdist.config.run import RunConfig
 from mmdist.data.collate import to_device
 from mmdist.export import export_trainable
-from mmdist.hardware import default_device, peak_flops
+from mmdist.hardware import peak_flops
 from mmdist.models.freeze import param_table
 from mmdist.precision import precision_lines
 from mmdist.training import preemption
 from mmdist.training.checkpoint import CheckpointManager, CheckpointStorageError, capture_rng
-from mmdist.training.cpu_memory import keep_freed_memory
 from mmdist.training.engine import build_engine
 from mmdist.training.metrics import WARMUP_STEPS, FlopCount, MetricsLogger, Throughput
 from mmdist.training.oom import OutOfMemoryStop, evaluation_guard, export_guard, oom_advice
@@ -96,10 +95,6 @@ def train(
         if resolved.micro_batch_note and env.rank == 0:
             print(resolved.micro_batch_note, flush=True)  # a whole line: "[mmdist] train.micro_batch_size: ..."
         notes = [resolved.zero_stage_note] if resolved.zero_stage_note else []
-        if cfg.engine.cpu_keep_freed_memory and default_device() == "cpu":  # before the model's blocks are allocated
-            why = keep_freed_memory()[1]
-            if env.rank == 0:
-                print(f"[mmdist] CPU memory: {why} (engine.cpu_keep_freed_memory)", flush=True)
         write_run_dir(cfg, env.rank, resolved.precision, notes)
         with dog.phase("building the engine"):
             bundle = build_engine(cfg, world_size=env.world_size, model_builder=model_builder)
@@ -179,6 +174,8 @@ def _open_logs(run: Run, state: TrainState) -> None:
         f"micro={cfg.train.micro_batch_size} accumulation={bundle.ds_config['gradient_accumulation_steps']} "
         f"zero={cfg.engine.zero_stage} precision={cfg.engine.precision}"
     )
+    if bundle.info["cpu_memory"]:
+        logger.print(f"[mmdist] CPU memory: {bundle.info['cpu_memory']} (engine.cpu_keep_freed_memory)")
     for name, numel, lr in bundle.info["optimizer_groups"]:
         logger.print(f"[mmdist] optimizer group {name}: {numel:,} parameters, lr {lr:.3g}")
     flops = bundle.model.flop_count(vision_runs=not cfg.data.feature_cache, text_runs=not _cache_holds_text(cfg))

@@ -1,5 +1,6 @@
 """A CPU training process keeps freed memory (mmdist/training/cpu_memory.py): a large block freed and allocated
-again is not page-faulted in again; the trainer sets it on a CPU device unless engine.cpu_keep_freed_memory is off."""
+again is not page-faulted in again; the engine sets it on a CPU device unless engine.cpu_keep_freed_memory is off,
+and the trainer says so."""
 
 from __future__ import annotations
 
@@ -51,9 +52,9 @@ def test_another_c_library_is_left_alone(monkeypatch):
 
 
 @pytest.mark.parametrize("keep", [True, False])
-def test_the_trainer_sets_it_on_a_cpu_device_unless_switched_off(tmp_path, monkeypatch, capsys, keep):
+def test_the_engine_sets_it_on_a_cpu_device_unless_switched_off(tmp_path, monkeypatch, capsys, keep):
     calls = []
-    monkeypatch.setattr("mmdist.training.loop.keep_freed_memory", lambda: calls.append(1) or (True, "kept"))
+    monkeypatch.setattr("mmdist.training.engine.keep_freed_memory", lambda: calls.append(1) or (True, "kept"))
     assert train_toy(toy_config(str(tmp_path / "run"), train={"max_steps": 1},
                                 engine={"cpu_keep_freed_memory": keep}))["finished"]
     assert len(calls) == int(keep)
