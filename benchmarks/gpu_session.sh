@@ -9,10 +9,16 @@
 #                                benchmarks/gpu_system.py at the Qwen-14B + CLIP-L/336 shape, the trainer at ZeRO-1
 #                                and ZeRO-3 against its bare model on the same packed rows, with each packed-attention
 #                                kernel on both sides: tokens/s ratio, steady MFU/HFU, peak memory, the phases;
+#   step_time_model.txt, calibration/
+#                                benchmarks/step_time_model.py --gpu: `mmdist plan --calibrate` on this GPU (the
+#                                rates file calibration/calibration-1.json, for `mmdist plan --calibration`), then
+#                                another shape's ZeRO-1/2/3 step times predicted against the trainer's;
 #   session.txt                  each step's command, limit, exit code and seconds.
-# DRY_RUN=1 prints the steps and their limits, as if each took its whole limit, and runs nothing. SMOKE_S and
-# SYSTEM_S set the per-step limits, SYSTEM_STEPS the steps of each gpu_system run (warm-up included), RUNS a subset
-# in the order given (e.g. RUNS="z1_flex z3_sdpa_per_sample"); the default order puts the ZeRO-1/3 comparison first.
+# DRY_RUN=1 prints the steps and their limits, as if each took its whole limit, and runs nothing. ORDER lists the
+# steps to run, in order (default: machine, the ZeRO-1 system run, the calibration, the ZeRO-3 system run, the GPU
+# tests, then the flex runs: the figures the plan is checked against come first); a system run is named
+# z{stage}_{kernel}. SMOKE_S, SYSTEM_S and CALIBRATE_S set the per-step limits, SYSTEM_STEPS the steps of each
+# gpu_system run (warm-up included), CALIBRATE_STEPS the steps of each calibration and prediction run.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 out=${OUT:-gpu_out}
@@ -21,7 +27,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 budget=${BUDGET_S:-460}
 start=$SECONDS
 spent=0  # DRY_RUN: the seconds the steps before would take at their limits
-runs=${RUNS:-z1_sdpa_per_sample z3_sdpa_per_sample z1_flex z3_flex}
+order=${ORDER:-machine z1_sdpa_per_sample calibrate z3_sdpa_per_sample pytest_gpu z1_flex z3_flex}
 
 # step NAME LIMIT_S LOG COMMAND...: COMMAND under min(LIMIT_S, what is left), its output to the terminal and LOG.
 step() {
@@ -45,14 +51,23 @@ step() {
 }
 
 : > "$out/session.txt"
-step machine 20 "$out/machine.txt" bash -c 'nvidia-smi; python3 -c "import torch, transformers, deepspeed; \
-print(torch.__version__, torch.version.cuda, transformers.__version__, deepspeed.__version__)"'
-step pytest_gpu "${SMOKE_S:-150}" "$out/pytest_gpu.txt" \
-    python3 -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider
-for run in $runs; do
-    stage=${run%%_*}; kernel=${run#*_}
-    step "gpu_system_$run" "${SYSTEM_S:-100}" "$out/gpu_system_$run.txt" python3 benchmarks/gpu_system.py \
-        --zero-stage "${stage#z}" --packed-attention "$kernel" --steps "${SYSTEM_STEPS:-4}" \
-        --workdir "/tmp/gpu_system_$run" --json "$out/gpu_system_$run.json"
+for name in $order; do
+    case $name in
+    machine)
+        step machine 20 "$out/machine.txt" bash -c 'nvidia-smi; nproc; python3 -c "import torch, transformers, \
+deepspeed; print(torch.__version__, torch.version.cuda, transformers.__version__, deepspeed.__version__)"' ;;
+    pytest_gpu)
+        step pytest_gpu "${SMOKE_S:-100}" "$out/pytest_gpu.txt" \
+            python3 -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider ;;
+    calibrate)
+        step calibrate "${CALIBRATE_S:-120}" "$out/step_time_model.txt" python3 benchmarks/step_time_model.py --gpu \
+            --steps "${CALIBRATE_STEPS:-6}" --out "$out/calibration" ;;
+    z[0-3]_*)
+        stage=${name%%_*}; kernel=${name#*_}
+        step "gpu_system_$name" "${SYSTEM_S:-120}" "$out/gpu_system_$name.txt" python3 benchmarks/gpu_system.py \
+            --zero-stage "${stage#z}" --packed-attention "$kernel" --steps "${SYSTEM_STEPS:-4}" \
+            --workdir "/tmp/gpu_system_$name" --json "$out/gpu_system_$name.json" ;;
+    *) echo "unknown step $name (ORDER)" | tee -a "$out/session.txt" ;;
+    esac
 done
 echo "session: $((SECONDS - start)) s of the ${budget} s budget" | tee -a "$out/session.txt"

@@ -17,6 +17,10 @@ random-weight llama LLM and the skewed mixture of mmdist.data.shards.mixture_sam
    each other are a tie, which either order of the predictions matches.
 
 The machine's load changes the figures (4 ranks on 2 cores share them): run it on a quiet machine.
+
+``--gpu``: the same on this node's GPUs (default one rank), bf16 and NCCL, at larger shapes
+(:data:`CALIBRATE_GPU`, :data:`PREDICT_GPU`); the calibration file it writes
+(``calibration-N.json``) is the one to give ``mmdist plan --calibration`` for that node.
 """
 
 from __future__ import annotations
@@ -34,11 +38,14 @@ sys.path.insert(0, str(REPO))
 #: (hidden, intermediate, layers, heads, kv heads, micro-batch): the calibration shape and the predicted one
 CALIBRATE = dict(hidden=192, intermediate=512, layers=4, heads=4, kv=2, micro=4)
 PREDICT = dict(hidden=320, intermediate=864, layers=6, heads=4, kv=2, micro=6)
+#: On a GPU: shapes whose steps are real work for one device (the model's count: about 4 and 33 TFLOP a step)
+CALIBRATE_GPU = dict(hidden=1024, intermediate=2816, layers=8, heads=16, kv=8, micro=32)
+PREDICT_GPU = dict(hidden=2048, intermediate=5632, layers=12, heads=16, kv=8, micro=48)
 TIE_BAND = 0.05
 TARGET = 0.25
 
 
-def recipe(shape: dict, world: int, shards: str, run_dir: Path) -> dict:
+def recipe(shape: dict, world: int, shards: str, run_dir: Path, gpu: bool = False) -> dict:
     import yaml
 
     r = yaml.safe_load((REPO / "configs" / "tiny_fuse.yaml").read_text())
@@ -49,7 +56,10 @@ def recipe(shape: dict, world: int, shards: str, run_dir: Path) -> dict:
     r["data"].update(train=[{"shards": [shards]}], eval=[], num_workers=0, max_len=256, order="global",
                      packing=True, image_tiling={"enabled": True}, shuffle_buffer=64)
     r["train"].update(global_batch_size=2 * shape["micro"] * world, micro_batch_size=shape["micro"])
-    r["engine"].update(precision="fp32", zero_stage=1)
+    r["engine"].update(precision="bf16" if gpu else "fp32", zero_stage=1, backend="nccl" if gpu else "gloo")
+    if gpu:
+        for part in ("llm", "vision", "text"):
+            r["model"][part]["dtype"] = "bf16"
     r["log"].update(progress_bar=False, tensorboard=False, param_table=False)
     r["run_dir"] = str(run_dir)
     return r
@@ -57,11 +67,16 @@ def recipe(shape: dict, world: int, shards: str, run_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--worlds", type=int, nargs="+", default=None, help="rank counts (default 2 4; --gpu: 1)")
+    parser.add_argument("--gpu", action="store_true", help="on this node's GPUs: bf16, NCCL, the larger shapes")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--out", default="runs/bench-step-time")
     args = parser.parse_args()
-    os.environ.update(MMDIST_CPU_BF16="0", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    worlds = args.worlds or ([1] if args.gpu else [2, 4])
+    calibrate_shape, predict_shape = (CALIBRATE_GPU, PREDICT_GPU) if args.gpu else (CALIBRATE, PREDICT)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    if not args.gpu:
+        os.environ.update(MMDIST_CPU_BF16="0", DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     import yaml
 
     from mmdist.commands.calibrate import _launch, calibrate, leg_overrides
@@ -80,17 +95,18 @@ def main() -> None:
     shards = shard_pattern(summary)
     started = time.time()
     rows = []
-    for world in args.worlds:
+    for world in worlds:
         cal_file = out / f"calibration-{world}.yaml"
-        cal_file.write_text(yaml.safe_dump(recipe(CALIBRATE, world, shards, out / "cal-run")))
+        cal_file.write_text(yaml.safe_dump(recipe(calibrate_shape, world, shards, out / "cal-run", args.gpu)))
         cal, raw = calibrate(str(cal_file), [], world, out / f"calibration-{world}.json", steps=args.steps)
         print(f"[{world} ranks] calibrated: {json.dumps({k: v for k, v in raw.items() if k != 'overrides'})}")
         pred_file = out / f"predict-{world}.yaml"
-        pred_file.write_text(yaml.safe_dump(recipe(PREDICT, world, shards, out / "pred-run")))
+        pred_file.write_text(yaml.safe_dump(recipe(predict_shape, world, shards, out / "pred-run", args.gpu)))
         cfg = load_config(str(pred_file))
         shapes = model_shapes(cfg)
-        inputs = step_inputs(cfg, shapes, world, "cpu", tokens=batch_tokens(cfg, shapes), calibration=cal)
-        link = interconnect_for("cpu")
+        machine = machine_label("cuda") if args.gpu else "cpu"
+        inputs = step_inputs(cfg, shapes, world, machine, tokens=batch_tokens(cfg, shapes), calibration=cal)
+        link = interconnect_for(machine)
         for stage in (1, 2, 3):
             run_dir = out / f"predict-{world}-zero{stage}"
             _launch(world, ["-m", "mmdist", "train", "--config", str(pred_file),
@@ -104,13 +120,15 @@ def main() -> None:
                              measured_fwd_bwd=measured.compute_s))
             print(f"[{world} ranks] ZeRO-{stage}: predicted {t.step_s:.3f} s, measured {measured.step_s:.3f} s",
                   flush=True)
-    print(f"\n{machine_label()}; torch threads 1 per rank; {time.time() - started:.0f} s")
-    print(f"calibrated on llama {CALIBRATE}; predicted llama {PREDICT}; fp32, gloo, {args.steps} steps a run")
+    label = machine_label("cuda") if args.gpu else f"{machine_label()}; torch threads 1 per rank"
+    print(f"\n{label}; {time.time() - started:.0f} s")
+    print(f"calibrated on llama {calibrate_shape}; predicted llama {predict_shape}; "
+          f"{'bf16, nccl' if args.gpu else 'fp32, gloo'}, {args.steps} steps a run")
     print(f"{'ranks':>5} {'stage':>6} {'predicted s':>12} {'measured s':>11} {'error':>7}  "
           f"{'compute':>8} {'comm':>7} {'zero3':>7}")
     worst = 0.0
     ranked = True
-    for world in args.worlds:
+    for world in worlds:
         mine = [r for r in rows if r["world"] == world]
         for r in mine:
             err = r["predicted"] / r["measured"] - 1
