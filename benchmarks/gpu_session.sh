@@ -57,8 +57,11 @@ for name in $order; do
         step machine 20 "$out/machine.txt" bash -c 'nvidia-smi; nproc; python3 -c "import torch, transformers, \
 deepspeed; print(torch.__version__, torch.version.cuda, transformers.__version__, deepspeed.__version__)"' ;;
     pytest_gpu)
-        step pytest_gpu "${SMOKE_S:-100}" "$out/pytest_gpu.txt" \
-            python3 -m pytest -m gpu -q -rs --durations=10 -p no:cacheprovider ;;
+        # each test under its own limit where pytest-timeout is installed, so that one slow test cannot hide
+        # the others' failures (pytest prints them only at the end)
+        per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo "--timeout=90")
+        step pytest_gpu "${SMOKE_S:-200}" "$out/pytest_gpu.txt" \
+            python3 -m pytest -m gpu -q -rfEs --tb=short --durations=10 -p no:cacheprovider $per_test ;;
     calibrate)
         step calibrate "${CALIBRATE_S:-120}" "$out/step_time_model.txt" python3 benchmarks/step_time_model.py --gpu \
             --steps "${CALIBRATE_STEPS:-6}" --out "$out/calibration" ;;

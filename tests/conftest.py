@@ -10,6 +10,17 @@ import pytest
 # so results do not depend on the CI machine's CPU. Tests of the other branch set MMDIST_CPU_BF16=1 themselves.
 os.environ.setdefault("MMDIST_CPU_BF16", "0")
 
+_DS_ACCELERATOR_AT_START = os.environ.get("DS_ACCELERATOR")
+
+
+def pytest_collection_finish(session):
+    """No test file may set DS_ACCELERATOR when it is imported: DeepSpeed keeps the first accelerator it picks for
+    the process, so a value set while collecting would put every later test (the GPU tier's too) on it."""
+    now = os.environ.get("DS_ACCELERATOR")
+    if now != _DS_ACCELERATOR_AT_START:
+        raise pytest.UsageError(f"collecting the tests changed DS_ACCELERATOR from {_DS_ACCELERATOR_AT_START!r} to "
+                                f"{now!r}: set it in a fixture (monkeypatch), not at a test file's import")
+
 
 @pytest.fixture(scope="session")
 def slurm_cluster():

@@ -103,7 +103,12 @@ def _train(stage: str, root: Path, *over: str) -> Path:
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     """Stage-1 and stage-2 exports of the tiny recipes, the stage-2 run measuring its answers while it trains."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with pytest.MonkeyPatch.context() as patch:  # DeepSpeed's CPU accelerator for these runs, not for later tests
+        patch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
+        return _tiny_runs(tmp_path_factory)
+
+
+def _tiny_runs(tmp_path_factory):
     from mmdist.data.shards import write_demo_shards
 
     root = tmp_path_factory.mktemp("evalruns")

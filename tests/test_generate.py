@@ -37,7 +37,12 @@ def tiny_export(tmp_path_factory):
     """A stage-2 export of the tiny recipe trained for a few steps on the demo shards (seconds)."""
     import os
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    with pytest.MonkeyPatch.context() as patch:  # DeepSpeed's CPU accelerator for this run, not for later tests
+        patch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))
+        return _tiny_export(tmp_path_factory)
+
+
+def _tiny_export(tmp_path_factory):
     from mmdist.config.run import load_config
     from mmdist.data.shards import write_demo_shards
     from mmdist.training.loop import train

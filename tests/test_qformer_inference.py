@@ -44,8 +44,8 @@ def _train(stage: str, root: Path, *over: str) -> Path:
     return root / stage
 
 
-def test_generate_and_eval_on_a_qformer_stage2_export(tmp_path, capsys):
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+def test_generate_and_eval_on_a_qformer_stage2_export(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DS_ACCELERATOR", os.environ.get("DS_ACCELERATOR", "cpu"))  # for this test only
     from mmdist.commands import eval as eval_command
     from mmdist.commands import generate as generate_command
     from mmdist.data.shards import write_demo_shards

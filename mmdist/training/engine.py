@@ -100,6 +100,22 @@ def _ensure_cpu_accelerator() -> None:
         os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def check_accelerator(backend: str) -> None:
+    """Refuse a run whose process group and DeepSpeed's accelerator disagree. DeepSpeed keeps the accelerator it
+    picks first in a process (``DS_ACCELERATOR``, else what it finds), so a process that once ran on the CPU
+    accelerator fails deep inside DeepSpeed when it later builds an NCCL run; this says why, before the model is
+    built."""
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name().split(":")[0]
+    if backend == "nccl" and name != "cuda":
+        raise RuntimeError(
+            f"engine.backend resolves to nccl (a GPU run) but DeepSpeed's accelerator in this process is {name!r} "
+            f"(DS_ACCELERATOR={os.environ.get('DS_ACCELERATOR')!r}): unset DS_ACCELERATOR, or set it to cuda, "
+            "before DeepSpeed is first imported, and start the run in a fresh process"
+        )
+
+
 def default_model_builder(cfg: RunConfig, gather: Callable[[list], Any]) -> TrainableModel:
     from mmdist.materialize import build_run_model
 
@@ -160,6 +176,7 @@ def _build_engine(
     if world_size is None:
         world_size = dist.world_size()
     if dist.is_initialized():
+        check_accelerator(tdist.get_backend())
         # DeepSpeed's own comm layer must wrap the existing group before zero.Init reads the world size.
         deepspeed.init_distributed(dist_backend=tdist.get_backend(), dist_init_required=False)
     ds_config = deepspeed_config(cfg, world_size)

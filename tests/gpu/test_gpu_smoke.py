@@ -33,11 +33,16 @@ pytestmark = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _accelerator(monkeypatch):
-    monkeypatch.setenv("DS_ACCELERATOR", "cuda" if DEVICE == "cuda" else "cpu")
-    if DEVICE == "cuda":
-        monkeypatch.delenv("MMDIST_CPU_BF16", raising=False)
+@pytest.fixture(scope="module", autouse=True)
+def _accelerator():
+    """This device's DeepSpeed accelerator for the whole module, set before the module's own fixtures train (an
+    autouse fixture of module scope runs first): a session that collected other test files may hold
+    DS_ACCELERATOR=cpu, and DeepSpeed keeps the accelerator it first picks for the rest of the process."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DS_ACCELERATOR", "cuda" if DEVICE == "cuda" else "cpu")
+        if DEVICE == "cuda":
+            patch.delenv("MMDIST_CPU_BF16", raising=False)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -164,10 +169,14 @@ def test_packed_attention_equals_unpacked_on_the_device(checkpointing, kernel):
         pytest.skip(
             "torch has no FlexAttention backward on CPU (tests/models/test_packed_attention_flex.py covers it there)"
         )
+    # fp32 throughout: the check is of the masks, and `auto` would be bf16 on a GPU, whose rounding differs
+    # between a packed and a padded row by more than these tolerances
     model = make_model("fuse", model={"llm": {"attn_implementation": "sdpa", "gradient_checkpointing": checkpointing,
-                                              "packed_attention": kernel}})
+                                              "packed_attention": kernel, "dtype": "fp32"},
+                                      "vision": {"dtype": "fp32"}})
     model = model.to(DEVICE).train()
     assert model.packed_kernel == ("flex" if kernel == "flex" else "sdpa_per_sample")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
     samples = [
         sample(model, 1, [10, 11], [12, 13, 14]),
         sample(model, 0, [20, 21], [22, 23]),

@@ -37,3 +37,8 @@ def tiny_custom_vision_config(checkpoint: Optional[str] = None, **settings: Any)
         "dtype": "fp32",
         **settings,
     }
+
+
+def pixels(size: int) -> torch.Tensor:
+    """Fixed pixels (2 images of ``size`` x ``size``) to compare a tower's features across processes."""
+    return torch.linspace(-1, 1, 2 * 3 * size * size).reshape(2, 3, size, size)

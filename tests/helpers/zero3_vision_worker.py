@@ -18,14 +18,11 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
+from helpers.custom_vision import pixels  # noqa: E402
 from mmdist.models.vision import VisionConfig, VisionTower  # noqa: E402
 from mmdist.settings import from_dict  # noqa: E402
 from mmdist.training.deepspeed_compat import zero3_init  # noqa: E402
 from mmdist.training.engine import gather_for, read_gather_for  # noqa: E402
-
-
-def pixels(size: int) -> torch.Tensor:
-    return torch.linspace(-1, 1, 2 * 3 * size * size).reshape(2, 3, size, size)
 
 
 def main(out: str, specs: str) -> None:

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.custom_vision import TinyCNN, tiny_custom_vision_config
+from helpers.custom_vision import TinyCNN, pixels, tiny_custom_vision_config
 from helpers.qwen1 import REPO_ROOT
-from helpers.zero3_vision_worker import pixels
 
 from mmdist.models.vision import VisionConfig, VisionTower
 from mmdist.settings import from_dict

@@ -24,7 +24,16 @@ from mmdist.training import deepspeed_compat as compat
 REPO = Path(__file__).resolve().parents[2]
 COMPAT = REPO / "mmdist" / "training" / "deepspeed_compat.py"
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cpu_accelerator():
+    """DeepSpeed's CPU accelerator for this module's tests only (set at import, it would leak into every test
+    collected with this file, the GPU tier's too)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if "DS_ACCELERATOR" not in os.environ:
+            patch.setenv("DS_ACCELERATOR", "cpu")
+        yield
 
 
 def _params(function) -> list[str]:

@@ -438,3 +438,20 @@ def test_global_batch_that_the_world_does_not_divide_is_refused_with_the_sizes_t
     assert fit_micro_batch(strict, 2) == (strict, None)  # left to batch_layout, which refuses
     with pytest.raises(ConfigError, match="not divisible"):
         deepspeed_config(strict, 2)
+
+
+def test_an_nccl_run_in_a_process_on_the_cpu_accelerator_is_refused_naming_ds_accelerator():
+    """DeepSpeed keeps its first accelerator for the process: an NCCL run after it is refused, saying why."""
+    code = textwrap.dedent("""
+        from mmdist.training.engine import check_accelerator
+        check_accelerator("gloo")  # the CPU accelerator's own backend: accepted
+        try:
+            check_accelerator("nccl")
+        except RuntimeError as exc:
+            print("refused:", exc)
+    """)
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "refused: engine.backend resolves to nccl" in proc.stdout
+    assert "DS_ACCELERATOR='cpu'" in proc.stdout
