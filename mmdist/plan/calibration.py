@@ -19,12 +19,15 @@ turns the measurements into rates:
 - ``optimizer_param_s``: the ZeRO-1 optimizer phase, less its gather of the updated weights,
   per trainable parameter the rank updates;
 - ``step_fixed_s``: the ZeRO-1 step less its forward, backward and optimizer phases;
-- ``zero3_module_s``: the trainer at ZeRO-3 on the same config: its forward + backward less
-  the compute above and its gathers' latency and bytes, per module fetch;
-- ``overlap``: not separable from ``zero3_module_s`` with one ZeRO-3 run, so it is fixed,
-  and the calibration says so: 0 on the CPU (gloo runs each collective to completion
-  before the next module computes: DeepSpeed's CPU accelerator has no streams to overlap
-  on), the default 0.8 on a GPU.
+- ``zero3_module_s`` and ``overlap`` (the share of collective time hidden behind compute): the
+  trainer at ZeRO-3 on the same config. One run cannot tell the two apart, so the one that the
+  run asks for is taken: where ZeRO-3 added less to forward + backward than its extra collectives
+  take in the probe, they were partly hidden (on a GPU behind kernels on other streams; on a CPU
+  with more ranks than cores, behind the ranks that compute while others wait in a collective):
+  ``overlap`` is that share and the per-module cost 0; otherwise ``overlap`` keeps its default
+  (0 on the CPU, where gloo runs each collective to completion before the module computes; 0.8
+  on a GPU) and the rest of ZeRO-3's added time, per module fetch, is ``zero3_module_s``. The
+  calibration file says which.
 
 Each rate is measured on the configured model at its configured micro-batch; the
 benchmark benchmarks/step_time_model.py calibrates on one shape and predicts the trainer's
@@ -205,16 +208,28 @@ def fit(inputs: StepInputs, world: int, zero1: StepPhases, zero3: StepPhases, pr
     # ZeRO-1: the gradient reduction runs in backward, the gather of the updated weights in the optimizer phase
     ring = (world - 1) / world if world > 1 else 0.0
     gather_s = (latency + ring * inputs.trainable_bytes / bandwidth) if world > 1 else 0.0
-    compute = zero1.compute_s - max(0.0, link(1) - gather_s)
+    in_pass1, in_pass3 = max(0.0, link(1) - gather_s), link(3)  # collectives inside forward+backward
+    # Two runs, three unknowns (compute, ZeRO-3's cost per module fetch, the share of collectives hidden behind
+    # compute): where ZeRO-3 added less time than its collectives take in the probe, the collectives were partly
+    # hidden (on a GPU behind kernels on other streams; on a CPU with more ranks than cores, behind the ranks that
+    # compute while others wait) and the per-module cost is taken as 0; where it added more, the default overlap
+    # holds and the rest is per-module cost.
+    added = zero3.compute_s - zero1.compute_s
+    default_overlap = 0.0 if device == "cpu" else Calibration.overlap
+    if in_pass3 > in_pass1 and added < (1.0 - default_overlap) * (in_pass3 - in_pass1):
+        overlap = min(1.0, max(0.0, 1.0 - added / (in_pass3 - in_pass1)))
+        overlap_source = f"measured: ZeRO-3 added {added:.3g} s to forward+backward, its collectives {in_pass3:.3g} s"
+    else:
+        overlap, overlap_source = default_overlap, None
+    compute = zero1.compute_s - (1.0 - overlap) * in_pass1
     if compute <= 0:
         raise ValueError(f"ZeRO-1 forward+backward {zero1.compute_s:.3g} s is no longer than its predicted collectives")
     updated = inputs.trainable_params / max(1, world)
     optimizer = max(0.0, zero1.optimizer_s - gather_s) / updated if updated else 0.0
     fixed = max(0.0, zero1.step_s - zero1.compute_s - zero1.optimizer_s)
     fetches = inputs.modules * (3 if checkpointing else 2) * inputs.micro_batches
-    extra = zero3.compute_s - compute - link(3)
+    extra = zero3.compute_s - compute - (1.0 - overlap) * in_pass3
     module_s = max(0.0, extra) / fetches if fetches else 0.0
-    overlap = 0.0 if device == "cpu" else Calibration.overlap
     where = f"{world} rank(s)"
     sources = dict(DEFAULT_SOURCES)
     sources.update(
@@ -224,8 +239,8 @@ def fit(inputs: StepInputs, world: int, zero1: StepPhases, zero3: StepPhases, pr
         optimizer_param_s=f"measured: ZeRO-1 optimizer phase, {where}",
         step_fixed_s=f"measured: ZeRO-1 step less its timed phases, {where}",
         zero3_module_s=f"measured: ZeRO-3 forward+backward less compute and gathers, {where}",
-        overlap=("fixed: 0 on the CPU (gloo collectives run in line; no streams)" if device == "cpu"
-                 else sources["overlap"]),
+        overlap=overlap_source or ("fixed: 0 on the CPU (ZeRO-3 added no less than its collectives)"
+                                   if device == "cpu" else sources["overlap"]),
     )
     if layers:
         sources["layer_flops"] = f"measured: a frozen decoder layer per width, {PROBE_TOKENS} tokens, {where} at once"
