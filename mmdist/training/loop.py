@@ -175,6 +175,8 @@ def _open_logs(run: Run, state: TrainState) -> None:
         f"micro={cfg.train.micro_batch_size} accumulation={bundle.ds_config['gradient_accumulation_steps']} "
         f"zero={cfg.engine.zero_stage} precision={cfg.engine.precision}"
     )
+    if bundle.info["cpu_memory"]:
+        logger.print(f"[mmdist] CPU memory: {bundle.info['cpu_memory']} (engine.cpu_keep_freed_memory)")
     for name, numel, lr in bundle.info["optimizer_groups"]:
         logger.print(f"[mmdist] optimizer group {name}: {numel:,} parameters, lr {lr:.3g}")
     flops = bundle.model.flop_count(vision_runs=not cfg.data.feature_cache, text_runs=not _cache_holds_text(cfg))
