@@ -2,10 +2,11 @@
 
 Builds the demo's Q-Former stage 1 (configs/demo_align.yaml with ``mmdist demo --connector qformer``'s overrides,
 ``--set`` adds more) in a DeepSpeed engine, and times ``train_step`` (forward, backward, the engine's optimizer step)
-on one batch of the feature cache's shape. Each variant runs in its own process (the engine sets glibc's malloc once
-per process under ``engine.cpu_keep_freed_memory``, mmdist/training/cpu_memory.py), the variants taking turns for
-``--rounds`` rounds so that a shared machine's drifting load hits them alike. Prints each variant's median seconds
-per step, CPU seconds per step, page faults per step, and resident memory.
+on one batch of the feature cache's shape. Each variant runs in its own process, which sets glibc's malloc as a
+training process's entry point does (``engine.cpu_keep_freed_memory``, mmdist/training/cpu_memory.py: once per
+process), the variants taking turns for ``--rounds`` rounds so that a shared machine's drifting load hits them
+alike. Prints each variant's median seconds per step, CPU seconds per step, page faults per step, and resident
+memory.
 
     python benchmarks/qformer_engine_step.py [--precision fp32 bf16] [--memory default keep] [--rounds 2]
 
@@ -41,6 +42,7 @@ def one_variant(precision: str, memory: str, steps: int, threads: int, overrides
     from mmdist.config.recipes import packaged_recipes
     from mmdist.config.run import load_config
     from mmdist.precision import resolve_precision
+    from mmdist.training import cpu_memory
     from mmdist.training.engine import build_engine
     from mmdist.training.step import TrainState, train_step
 
@@ -53,6 +55,7 @@ def one_variant(precision: str, memory: str, steps: int, threads: int, overrides
     over = [*CONNECTORS["qformer"][0], f"engine.precision={precision}", f"run_dir={run_dir}",
             f"engine.cpu_keep_freed_memory={str(memory == 'keep').lower()}", *overrides]
     cfg, _ = resolve_precision(load_config(packaged_recipes() / "demo_align.yaml", over), "cpu")
+    cpu_memory.for_training_process(cfg.engine)  # as `mmdist train` does, before the model is built
     torch.manual_seed(0)
     bundle = build_engine(cfg, world_size=1)
     model = bundle.model

@@ -34,6 +34,7 @@ from mmdist.demo.state import DemoError, DemoState, run_fingerprint
 from mmdist.hardware import cpu_bf16_native, default_device
 from mmdist.precision import resolve_precision
 from mmdist.settings import Problem
+from mmdist.training import cpu_memory
 from mmdist.training.loop import train
 
 if TYPE_CHECKING:
@@ -181,9 +182,14 @@ def run_demo(
     threads: Optional[int] = None,
     device: Optional[str] = None,
     connector: str = "linear",
+    training_process: bool = False,
 ) -> dict:
     """Run (or continue) the demo into ``run_dir`` on ``device`` (default: the GPU when there is one, else cpu)
-    with the stage-1 ``connector`` (a key of CONNECTORS); returns the metrics written to metrics.json."""
+    with the stage-1 ``connector`` (a key of CONNECTORS); returns the metrics written to metrics.json.
+
+    ``training_process``: the process exists to run the demo (``process_main``), so on a CPU it keeps freed memory
+    for both stages (``engine.cpu_keep_freed_memory``, mmdist/training/cpu_memory.py); off, the caller's process
+    keeps its allocator as it is."""
     if device is None:
         device = default_device()
     if str(device).startswith("cpu"):
@@ -213,6 +219,8 @@ def run_demo(
     problems = missing_packages(packages_for(align_cfg, fuse_cfg))
     if problems:
         raise DemoError("\n".join(problems))
+    if training_process:  # before any model is built; one setting for the process, so both stages must want it
+        cpu_memory.for_training_process(align_cfg.engine, fuse_cfg.engine)  # the trainer prints the reason
     fingerprint = run_fingerprint(align_path, fuse_path, quick)
     fingerprint["extra_overrides"] = list(extra_align) + ["|"] + list(extra_fuse)
     state = DemoState.open(run_dir, fingerprint, overwrite)
@@ -298,8 +306,8 @@ def run_demo(
 
 
 @exits_on_oom
-def main(argv: Sequence[str] | None = None) -> int:
-    """``mmdist demo [--run-dir runs/demo] [--quick] [--overwrite]``."""
+def main(argv: Sequence[str] | None = None, *, training_process: bool = False) -> int:
+    """``mmdist demo [--run-dir runs/demo] [--quick] [--overwrite]``; ``training_process``: see ``run_demo``."""
     parser = argparse.ArgumentParser(prog="mmdist demo", description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--run-dir", default="runs/demo", help="folder for shards, both stages, metrics and the report")
     parser.add_argument(
@@ -350,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads=args.threads,
             device=args.device,
             connector=args.connector,
+            training_process=training_process,
         )
     except (DemoError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -361,5 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def process_main(argv: Sequence[str] | None = None) -> int:
+    """``mmdist demo`` as the job of its process (the ``mmdist`` command): ``main`` with ``training_process=True``."""
+    return main(argv, training_process=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_main())

@@ -21,7 +21,6 @@ from mmdist.config.run import RunConfig
 from mmdist.hardware import default_device
 from mmdist.models.contract import TrainableModel, require_trainable
 from mmdist.models.gather import null_gather
-from mmdist.training.cpu_memory import keep_freed_memory
 from mmdist.training.deepspeed_compat import (
     enable_frozen_gradient_checkpointing,
     zero3_init,
@@ -170,9 +169,6 @@ def _build_engine(
     read_gather = read_gather_for(cfg.engine.zero_stage)
     builder = model_builder or default_model_builder
 
-    cpu_memory = None
-    if cfg.engine.cpu_keep_freed_memory and default_device() == "cpu":  # before the model's blocks are allocated
-        cpu_memory = keep_freed_memory()[1]
     torch.manual_seed(cfg.train.seed)
     hf_ds_config = None
     if zero3:
@@ -211,7 +207,6 @@ def _build_engine(
         "optimizer_groups": [
             (g["name"], sum(int(getattr(p, "ds_numel", p.numel())) for p in g["params"]), g["lr"]) for g in groups
         ],
-        "cpu_memory": cpu_memory,  # why freed memory is kept (mmdist.training.cpu_memory), None where it is not set
     }
     optimizer = None
     if cfg.engine.torch_adam:

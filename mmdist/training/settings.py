@@ -108,9 +108,9 @@ class EngineConfig(SettingsBase):
     backend: Literal["auto", "nccl", "gloo"] = setting("auto", "process-group backend: auto = nccl on GPU, gloo on CPU")
     cpu_keep_freed_memory: bool = setting(
         True,
-        "on a CPU device, glibc's malloc keeps freed memory for the next step instead of page-faulting a "
-        "step's large temporaries in again (resident memory stays at its high-water mark; "
-        "mmdist/training/cpu_memory.py)",
+        "on a CPU device, a training process (mmdist train, mmdist demo, launch/train.py) has glibc's malloc keep "
+        "freed memory for the next step instead of page-faulting a step's large temporaries in again (resident "
+        "memory stays at its high-water mark; mmdist/training/cpu_memory.py)",
     )
     fp16_initial_scale_power: int = setting(16, "fp16: initial loss scale 2**N")
     deepspeed: dict = setting(
