@@ -11,9 +11,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout without install
 
 from mmdist import console  # noqa: E402
-from mmdist.commands.train import main  # noqa: E402
+from mmdist.commands.train import process_main  # noqa: E402
 
 if __name__ == "__main__":
     # as `mmdist train` does: one line per loaded model, third-party output only with MMDIST_VERBOSE=1
     console.configure()
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(process_main(sys.argv[1:]))  # a training process: keeps freed memory on a CPU device

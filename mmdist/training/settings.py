@@ -106,6 +106,12 @@ class EngineConfig(SettingsBase):
         False, "use torch's AdamW instead of DeepSpeed's fused Adam (CPU tests: avoids an ~80 s JIT build)"
     )
     backend: Literal["auto", "nccl", "gloo"] = setting("auto", "process-group backend: auto = nccl on GPU, gloo on CPU")
+    cpu_keep_freed_memory: bool = setting(
+        True,
+        "on a CPU device, a training process (mmdist train, mmdist demo, launch/train.py) has glibc's malloc keep "
+        "freed memory for the next step instead of page-faulting a step's large temporaries in again (resident "
+        "memory stays at its high-water mark; mmdist/training/cpu_memory.py)",
+    )
     fp16_initial_scale_power: int = setting(16, "fp16: initial loss scale 2**N")
     deepspeed: dict = setting(
         doc="raw DeepSpeed config keys merged into the generated JSON (conflicts with typed settings are errors)",
