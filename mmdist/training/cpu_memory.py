@@ -4,10 +4,11 @@ A training step on the CPU allocates the same large temporaries every step: logi
 their gradients, the head's and the embedding table's weight gradients, DeepSpeed's gradient buckets (tens of MB
 each). glibc's malloc serves a block over its mmap threshold (32 MiB at most) with its own ``mmap`` and unmaps it on
 ``free``, and hands the heap's free top back to the kernel past ``M_TRIM_THRESHOLD``; the next step then faults the
-same pages in again, each zero-filled by the kernel: about 350,000 page faults a step on the Q-Former demo's
-stage 1, a quarter of its step on a 2-core CPU (benchmarks/qformer_engine_step.py measures it). ``M_MMAP_MAX=0``
-serves every block from the heap and ``M_TRIM_THRESHOLD=-1`` never trims it, so freed blocks stay in the process for
-the next step. The price is resident memory up to the heap's high-water mark (that stage: 2.5 GB instead of 1.9 GB).
+same pages in again, each zero-filled by the kernel: about 270,000 page faults a step on the Q-Former demo's
+stage 1 (benchmarks/qformer_engine_step.py; docs/benchmarks.md has the figures). ``M_MMAP_MAX=0`` serves every
+block from the heap and ``M_TRIM_THRESHOLD=-1`` never trims it, so freed blocks stay in the process for the next
+step: that step went from 2.35 to 1.63 s on a 2-core CPU. The price is resident memory up to the heap's high-water
+mark (that process: 2.24 GB instead of 1.76 GB).
 PyTorch's CPU tuning guide gets the same from jemalloc or tcmalloc, preloaded before the process starts; ``mallopt``
 sets glibc's malloc from inside the process.
 
