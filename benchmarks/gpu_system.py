@@ -269,6 +269,9 @@ def run_bare(cfg, device: torch.device, batches: list[dict]) -> tuple[list[dict]
     from mmdist.training.optimizer import build_optimizer_groups
     from mmdist.training.step import phases
 
+    # what the process still holds of the trainer's side (its recorded batches, anything not yet freed): part of
+    # the bare side's peak below, not of its own use
+    held = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
     t0 = time.perf_counter()
     model = build_bare(cfg, device)
     build_s = time.perf_counter() - t0
@@ -307,7 +310,7 @@ def run_bare(cfg, device: torch.device, batches: list[dict]) -> tuple[list[dict]
         record.update(step_tokens=counts.tokens, step_images=counts.images, step_samples=counts.samples,
                       step_supervised_tokens=counts.supervised_tokens, step_image_tokens=counts.image_tokens)
     del model, optimizer
-    return out, {"peak_memory_gib": memory, "build_s": build_s, "flops": flops}, recorder
+    return out, {"peak_memory_gib": memory, "held_before_gib": held, "build_s": build_s, "flops": flops}, recorder
 
 
 def side_summary(steps: list[dict], step_seconds: list[float], flops, peak: float, checkpointing: bool) -> dict:
@@ -421,7 +424,8 @@ def report(res: dict) -> str:
              f"hfu  {t['hfu']:.4f}  {b['hfu']:.4f}",
              f"trainer_reported  tokens_per_s={t['reported_tokens_per_s']:.6g} mfu={t['reported_mfu']:.4f} "
              f"(metrics.jsonl, steady from step {t['reported_mfu_steady_from_step']})",
-             f"peak_memory_gib  {t['peak_memory_gib']:.3f}  {b['peak_memory_gib']:.3f}",
+             f"peak_memory_gib  {t['peak_memory_gib']:.3f}  {b['peak_memory_gib']:.3f}  (bare: "
+             f"{b.get('held_before_gib', 0.0):.3f} of it still held from the trainer's side when it started)",
              f"step_s  {t['step_s']:.6g}  {b['step_s']:.6g}",
              ""]
     table = [{"phase (ms/step)": k, "trainer": 1e3 * t["breakdown_s"][k], "bare": 1e3 * b["breakdown_s"][k],
