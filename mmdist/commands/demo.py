@@ -56,14 +56,11 @@ INSTALL = {
 # linear: the recipes as shipped (a frozen MiniLM, Linear heads). qformer: the reference recipe's BLIP-2 Q-Former
 # (configs/align.yaml): the MiniLM trains with it at 0.1x the learning rate, as align.yaml moves its pretrained
 # BERT. The demo's tower gives 4 patch tokens per digit, so 8 queries (BLIP-2: 32 for 257 patches) summarise it;
-# stage 2 hands those 8 tokens to the LLM, and its data.max_len holds them, the question and the answer. Stage 1's
-# ZeRO stage is the planner's (engine.zero_stage=auto): on one process ZeRO-0 for an fp32 engine, ZeRO-1 for bf16,
-# where the recipe's ZeRO-2 only copies each gradient into buckets (measured: ZeRO-0 4-8% faster a step, 0.6 GB less).
+# stage 2 hands those 8 tokens to the LLM, and its data.max_len holds them, the question and the answer.
 QFORMER_DEMO = ["model.connector.type=qformer", "model.text.freeze=false", "model.connector.qformer.num_queries=8"]
 CONNECTORS = {
     "linear": ([], []),
-    "qformer": ([*QFORMER_DEMO, "train.lr_multipliers={stage1: 1.0, text: 0.1, temperature: 1.0}",
-                 "engine.zero_stage=auto"],
+    "qformer": ([*QFORMER_DEMO, "train.lr_multipliers={stage1: 1.0, text: 0.1, temperature: 1.0}"],
                 [*QFORMER_DEMO, "data.max_len=64"]),
 }
 
