@@ -46,6 +46,7 @@ from mmdist.data.cost import imbalance
 from mmdist.data.exchange import Exchange
 from mmdist.data.reader import check_bad_fraction
 from mmdist.data.streams import HostedStreams, Position
+from mmdist.data.workers import forking_workers
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 3
@@ -137,7 +138,8 @@ class GlobalBatchLoader:
             kwargs = {"persistent_workers": False, "prefetch_factor": self.prefetch_factor}
         loader = DataLoader(d, batch_size=None, num_workers=self.num_workers, collate_fn=_identity, **kwargs)
         pin = torch.cuda.is_available()  # pinned host memory makes the trainer's copies to the GPU asynchronous
-        items = iter(loader)
+        with forking_workers():  # the workers start here
+            items = iter(loader)
         workers = max(1, self.num_workers)
         try:
             while True:

@@ -75,6 +75,7 @@ from mmdist.data.selfcheck import self_check
 from mmdist.data.settings import DataConfig
 from mmdist.data.stream import ShardStream
 from mmdist.data.streams import HostedStreams, stream_count
+from mmdist.data.workers import forking_workers
 from mmdist.stages import Batch
 
 if TYPE_CHECKING:
@@ -174,8 +175,11 @@ class StreamingLoader:
 
     def _epoch_batches(self) -> Iterator[dict]:
         self._prepare_epoch()
+        batches = None
         try:
-            for batch in self._loader:
+            with forking_workers():  # the workers start here (persistent ones: at the first epoch)
+                batches = iter(self._loader)
+            for batch in batches:
                 meta = batch.pop("_meta")
                 self.worker_state[meta["worker"]] = meta["state"]
                 self.worker_counts[meta["worker"]] = (meta["seen"], meta["bad"])
@@ -187,6 +191,7 @@ class StreamingLoader:
                 self._check_bad()
                 yield batch
         except BaseException as exc:  # a worker's error re-raised: torch's frames in it hold the workers
+            batches = None  # and so does this frame's reference to the DataLoader's iterator, kept by the traceback
             traceback.clear_frames(exc.__traceback__)
             raise
         self.epoch += 1
