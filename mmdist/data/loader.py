@@ -11,9 +11,8 @@ Equal batches on every rank: an epoch has a fixed per-rank budget of
 counts), split across a rank's workers in proportion to their samples. A worker
 that runs out wraps around to its own shards again (a new sample order); one with
 more samples than its budget stops early. So no rank waits forever on a
-collective, and with evenly sized shards every sample is seen exactly once.
-Resampled mode draws shards with replacement (weighted by source) for a budget
-of ``samples_per_epoch``.
+collective, and with evenly sized shards every sample is seen exactly once. Resampled
+mode draws shards with replacement (weighted by source) for ``samples_per_epoch``.
 
 Resume: each batch carries its worker's position (raw samples drawn, batches
 emitted, the start of the current length-grouping pool, bad-sample counts); the
