@@ -9,6 +9,9 @@ import pytest
 # The tests run the no-native-bf16 path on every machine (one with AMX too): `auto` precisions resolve to fp32,
 # so results do not depend on the CI machine's CPU. Tests of the other branch set MMDIST_CPU_BF16=1 themselves.
 os.environ.setdefault("MMDIST_CPU_BF16", "0")
+# Every process a test starts (torchrun ranks, Slurm tasks) prints its Python stacks if it dies on a fatal signal:
+# a rank that aborts in native code then says where in the CI log, not only "exitcode -6".
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 _DS_ACCELERATOR_AT_START = os.environ.get("DS_ACCELERATOR")
 

@@ -7,12 +7,13 @@ imports from every other one and nothing imports it.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
-__all__ = ["exits_on_oom"]
+__all__ = ["exits_on_oom", "reports_fatal_signals"]
 
 Main = Callable[..., int]  # main(argv, **keyword options) -> exit code
 
@@ -42,3 +43,15 @@ def exits_on_oom(main: Main) -> Main:
             return OOM_EXIT
 
     return run
+
+
+def reports_fatal_signals() -> None:
+    """Make this process print every thread's Python stack to stderr (the job log) if it dies on a fatal signal
+    (SIGSEGV, SIGABRT, SIGBUS, SIGFPE, SIGILL).
+
+    A rank killed inside native code (a collective, an allocator, a library's destructor at exit) otherwise leaves
+    only torchrun's "exitcode -6" and no line of where it was. Called by the training commands' ``process_main``:
+    the process exists to run the job, so it may install the handler for all of it.
+    """
+    if not faulthandler.is_enabled():
+        faulthandler.enable(file=sys.stderr, all_threads=True)

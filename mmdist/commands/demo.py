@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from mmdist.commands import cache as cache_command
-from mmdist.commands import exits_on_oom
+from mmdist.commands import exits_on_oom, reports_fatal_signals
 from mmdist.commands.generate import load_model
 from mmdist.config.capacity import stage_pair_problems
 from mmdist.config.recipes import packaged_recipes, recipe_path
@@ -372,6 +372,7 @@ def main(argv: Sequence[str] | None = None, *, training_process: bool = False) -
 
 def process_main(argv: Sequence[str] | None = None) -> int:
     """``mmdist demo`` as the job of its process (the ``mmdist`` command): ``main`` with ``training_process=True``."""
+    reports_fatal_signals()
     return main(argv, training_process=True)
 
 

@@ -11,7 +11,7 @@ import math
 import sys
 from collections.abc import Sequence
 
-from mmdist.commands import exits_on_oom
+from mmdist.commands import exits_on_oom, reports_fatal_signals
 from mmdist.config.run import ConfigError, load_config
 from mmdist.launch_env import strip_local_rank
 from mmdist.training import cpu_memory, loop, preemption
@@ -65,4 +65,5 @@ def main(argv: Sequence[str] | None = None, *, training_process: bool = False) -
 def process_main(argv: Sequence[str] | None = None) -> int:
     """``mmdist train`` as the job of its process: the ``mmdist`` command and ``launch/train.py`` (so every rank that
     deepspeed, torchrun or srun starts) call this; ``main`` with ``training_process=True``."""
+    reports_fatal_signals()
     return main(argv, training_process=True)
