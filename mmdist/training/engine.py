@@ -170,8 +170,8 @@ def _build_engine(
     import deepspeed
     import torch
     import torch.distributed as tdist
-    from transformers import get_scheduler
-    from transformers.integrations import HfDeepSpeedConfig
+
+    from mmdist.training.schedule import build_scheduler
 
     if world_size is None:
         world_size = dist.world_size()
@@ -189,6 +189,8 @@ def _build_engine(
     torch.manual_seed(cfg.train.seed)
     hf_ds_config = None
     if zero3:
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig  # only here: ~1 s of imports
+
         # transformers reads this through a weakref: it must outlive from_pretrained (kept in the bundle).
         hf_ds_config = HfDeepSpeedConfig(ds_config)
         try:
@@ -214,7 +216,7 @@ def _build_engine(
     warmup = math.ceil(cfg.train.warmup_ratio * steps)
 
     def make_scheduler(optimizer: Any) -> Any:
-        return get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+        return build_scheduler(cfg.train.lr_scheduler, optimizer, warmup, steps)
 
     # Described before initialize: DeepSpeed flattens the groups' params and the schedule rewrites their lr.
     info = {

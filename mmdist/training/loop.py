@@ -83,7 +83,9 @@ def train(
         # 1. setup: the process group, the run directory, the engine, the data
         env = dist.init(backend=cfg.engine.backend)
         teardown.callback(dist.shutdown)
-        check_run_dir(cfg, env.rank)  # a read-only folder or a full disk is refused before any work
+        # a read-only folder or a full disk is refused before any work; a caller's model builder builds a model the
+        # config's model section does not describe, so its checkpoint is not sized from it
+        check_run_dir(cfg, env.rank, sized_by_config=model_builder is None)
         flag = preemption.install()  # from here on SIGUSR1/SIGTERM only set a flag
         teardown.callback(flag.uninstall)
         dog = Watchdog.from_config(cfg.watchdog, rank=env.rank, run_dir=cfg.run_dir).start()

@@ -138,15 +138,17 @@ def write_run_dir(cfg: RunConfig, rank: int, precision: Sequence = (), notes: Se
         write_text_atomic(path, "".join(f"# {line}\n" for line in notes) + path.read_text())
 
 
-def check_run_dir(cfg: RunConfig, rank: int) -> None:
+def check_run_dir(cfg: RunConfig, rank: int, sized_by_config: bool = True) -> None:
     """Refuse, before any work, a run folder that some rank cannot write or whose disk cannot hold a checkpoint.
 
     Every rank writes (and removes) a small file in ``run_dir/checkpoints`` (each rank
     saves its part of a checkpoint there), then all agree (collective): a read-only
     folder or a full disk raises the same :class:`ConfigError` (key ``run_dir``) everywhere.
+    ``sized_by_config``: the config's model section describes the model that trains, so a checkpoint's size is
+    estimated from it; False (a model from a caller's builder) runs the write probe only.
     """
     folder = Path(cfg.run_dir) / "checkpoints"
-    problem = _storage_problem(folder, rank, _checkpoint_bytes(cfg))
+    problem = _storage_problem(folder, rank, _checkpoint_bytes(cfg) if sized_by_config else None)
     found = [problem] if dist.world_size() == 1 else [f"rank {r}: {p}" for r, p in
                                                        enumerate(dist.all_gather_object(problem)) if p]
     if any(found):

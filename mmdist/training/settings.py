@@ -34,7 +34,9 @@ class TrainConfig(SettingsBase):
     weight_decay: float = setting(0.0, "AdamW weight decay (not applied to biases and norms)")
     betas: list[float] = setting(doc="AdamW betas", factory=lambda: [0.9, 0.999])
     lr_scheduler: str = setting(
-        "cosine", "any name transformers.get_scheduler accepts (cosine, linear, constant_with_warmup, ...)"
+        "cosine",
+        "cosine, linear, constant_with_warmup or constant (built in), or any other name transformers.get_scheduler "
+        "accepts",
     )
     warmup_ratio: float = setting(0.03, "fraction of the steps spent warming up")
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0 disables)")
