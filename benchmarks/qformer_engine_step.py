@@ -9,6 +9,10 @@ alike. Prints each variant's median seconds per step, CPU seconds per step, page
 memory.
 
     python benchmarks/qformer_engine_step.py [--precision fp32 bf16] [--memory default keep] [--rounds 2]
+        [--engine NAME=KEY=VALUE[,KEY=VALUE...] ...]
+
+``--engine`` adds variants that differ in settings (say ``zero0=engine.zero_stage=0``); ``recipe`` (no change) is
+always one of them.
 
 bf16 pays only on a CPU with native bf16 (``avx512_bf16``, AMX): elsewhere it is emulated and far slower.
 """
@@ -87,33 +91,44 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per turn")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--set", action="append", default=[], help="stage-1 recipe override (repeatable)")
+    parser.add_argument("--engine", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE...]",
+                        help="a variant with these settings besides the recipe's (repeatable)")
     parser.add_argument("--one", nargs=2, metavar=("PRECISION", "MEMORY"), help=argparse.SUPPRESS)  # a variant's turn
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(one_variant(*args.one, args.steps, args.threads, args.set)))
         return 0
-    variants = list(itertools.product(args.precision, args.memory))
-    results: dict[tuple[str, str], list[dict]] = {v: [] for v in variants}
+    engines = {"recipe": []}
+    for spec in args.engine:
+        name, _, settings = spec.partition("=")
+        if not name or "=" not in settings:
+            parser.error(f"--engine {spec!r}: use NAME=KEY=VALUE[,KEY=VALUE...]")
+        engines[name] = settings.split(",")
+    variants = list(itertools.product(args.precision, args.memory, engines))
+    results: dict[tuple[str, str, str], list[dict]] = {v: [] for v in variants}
     for r in range(args.rounds):
-        for precision, memory in variants:
+        for precision, memory, engine in variants:
+            sets = [*args.set, *engines[engine]]
             cmd = [sys.executable, __file__, "--one", precision, memory, "--steps", str(args.steps),
-                   "--threads", str(args.threads), *itertools.chain.from_iterable(("--set", s) for s in args.set)]
+                   "--threads", str(args.threads), *itertools.chain.from_iterable(("--set", s) for s in sets)]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 print(done.stderr[-3000:], file=sys.stderr)
                 return done.returncode
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            results[precision, memory].append(result)
-            print(f"round {r + 1}: {precision} {memory}: {result['s_per_step']:.3f} s/step, "
+            results[precision, memory, engine].append(result)
+            print(f"round {r + 1}: {precision} {memory} {engine}: {result['s_per_step']:.3f} s/step, "
                   f"{result['faults_per_step']:.0f} faults/step, load {os.getloadavg()[0]:.1f}", flush=True)
     print(f"\nQ-Former stage-1 train step through the engine (the demo's batch, {args.threads} torch threads), "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'precision':10s}{'memory':9s}{'median s/step':>14s}{'CPU s/step':>12s}{'faults/step':>13s}"
+    for name, settings in engines.items():
+        print(f"  {name}: {', '.join(settings) or 'the recipe as shipped'}")
+    print(f"{'precision':10s}{'memory':9s}{'engine':12s}{'median s/step':>14s}{'CPU s/step':>12s}{'faults/step':>13s}"
           f"{'max RSS GB':>12s}{'loss':>8s}")
-    for (precision, memory), runs in results.items():
+    for (precision, memory, engine), runs in results.items():
         median = {key: statistics.median(run[key] for run in runs)
                   for key in ("s_per_step", "cpu_s_per_step", "faults_per_step")}
-        print(f"{precision:10s}{memory:9s}{median['s_per_step']:14.3f}{median['cpu_s_per_step']:12.3f}"
+        print(f"{precision:10s}{memory:9s}{engine:12s}{median['s_per_step']:14.3f}{median['cpu_s_per_step']:12.3f}"
               f"{median['faults_per_step']:13.0f}{max(run['max_rss_gb'] for run in runs):12.2f}"
               f"{runs[-1]['loss']:8.3f}")
     return 0

@@ -55,6 +55,8 @@ class AlignModel(FrozenAwareModule):
         # Shape [1], not []: DeepSpeed 0.19's ZeRO-3 cannot broadcast 0-dim parameters.
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / conn.temperature)]))
         self.apply_policy()
+        if not settings.text.freeze and settings.text.freeze_word_embeddings:
+            self.text.word_embeddings().requires_grad_(False)  # the rest of the encoder trains
 
     def parts(self) -> list[Part]:
         m = self.settings

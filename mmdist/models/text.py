@@ -37,6 +37,12 @@ class TextConfig(SettingsBase):
         "tokenizer hub id or folder; default: same as name_or_path ('mmdist:tiny-wordpiece' = built-in test tokenizer)",
     )
     freeze: bool = setting(True, "frozen: Linear heads align the spaces; trainable: a Q-Former is trained (BLIP-2)")
+    freeze_word_embeddings: bool = setting(
+        False,
+        "with freeze=false: keep the token embedding table frozen while the rest of the encoder trains. Its "
+        "gradient is the whole [vocab, hidden] table every step (dense, as ZeRO needs it) for the few rows a batch's "
+        "captions use",
+    )
     dtype: Dtype = setting(
         "auto",
         "dtype of the encoder weights when frozen (a trainable "
@@ -53,6 +59,9 @@ class TextConfig(SettingsBase):
             out.append(("init_config", "needs a 'model_type' key (e.g. 'bert')"))
         if self.max_length < 4:
             out.append(("max_length", "must be at least 4"))
+        if self.freeze and self.freeze_word_embeddings:
+            out.append(("freeze_word_embeddings", "applies to a trained encoder (freeze=false); with freeze=true the "
+                                                  "whole encoder is frozen already"))
         return out
 
 
@@ -124,6 +133,10 @@ class TextEncoder(torch.nn.Module):
         else:
             raise ValueError("model.text: set name_or_path (hub id, folder, 'minilm') or init_config")
         self.hidden_size = int(self.model.config.hidden_size)
+
+    def word_embeddings(self) -> torch.nn.Module:
+        """The token embedding table (``model.text.freeze_word_embeddings``)."""
+        return self.model.get_input_embeddings()
 
     def embeddings(self) -> torch.nn.Module:
         """The token (+position) embedding module, reused by the Q-Former's text side."""

@@ -74,6 +74,10 @@ def model_shapes(cfg: RunConfig) -> list[ModuleShape]:
         if cfg.stage.builds("text"):
             text_model = meta_model(tconf, causal_lm=False).requires_grad_(not text.freeze)
             params, largest = count_parameters(text_model)
+            if not text.freeze and text.freeze_word_embeddings:  # a frozen table inside the trained encoder
+                table = text_model.get_input_embeddings().requires_grad_(False).weight.numel()
+                out.append(ModuleShape("text_word_embeddings", table, False, "fp32", table))
+                params -= table
             out.append(ModuleShape("text_encoder", params, not text.freeze, text.dtype, largest, _text_dims(tconf)))
         text_dim = tconf.hidden_size
 

@@ -76,3 +76,36 @@ def test_groups_cover_every_trainable_parameter_exactly_once(stage, connector, o
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert set(ids) == trainable
     assert all(p.dtype == torch.float32 for ps in groups.values() for p in ps)
+
+
+def test_a_trained_text_encoder_can_keep_its_word_embeddings_frozen():
+    """model.text.freeze_word_embeddings: the token table takes no gradient and no optimizer state, stays
+    bit-identical through steps, while the rest of the encoder trains; the planner counts the table as frozen."""
+    from helpers.tiny import make_cfg
+
+    from mmdist.config.run import ConfigError
+    from mmdist.plan import model_shapes
+
+    model = make_model("align", "qformer", model={"text": {"freeze_word_embeddings": True}})
+    table = model.text.word_embeddings().weight
+    trainable = {id(p) for ps in model.trainable_groups().values() for p in ps}
+    assert not table.requires_grad and id(table) not in trainable
+    others = [p for n, p in model.text.named_parameters() if p is not table]
+    assert others and all(p.requires_grad and id(p) in trainable for p in others)
+    before_table, before_other = table.detach().clone(), others[-1].detach().clone()
+    optimizer = torch.optim.AdamW([p for ps in model.trainable_groups().values() for p in ps], lr=1e-2)
+    model.train()
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(align_batch(model))["loss"].backward()
+        assert table.grad is None
+        optimizer.step()
+    assert torch.equal(table.detach(), before_table) and not torch.equal(others[-1].detach(), before_other)
+
+    cfg = make_cfg("align", "qformer", model={"text": {"freeze_word_embeddings": True}})
+    shapes = {s.name: s for s in model_shapes(cfg)}
+    assert shapes["text_word_embeddings"].params == table.numel() and not shapes["text_word_embeddings"].trainable
+    assert shapes["text_encoder"].trainable and shapes["text_encoder"].params == sum(p.numel() for p in others)
+
+    with pytest.raises(ConfigError, match="model.text.freeze_word_embeddings"):  # a frozen encoder: nothing to do
+        make_cfg("align", "mlp", model={"text": {"freeze_word_embeddings": True}})
