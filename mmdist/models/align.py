@@ -23,7 +23,7 @@ from torch import nn
 from mmdist.models.connectors import build_stage1_module
 from mmdist.models.contract import BatchCounts, count_samples, leading_size
 from mmdist.models.flops import FlopCount, module_flops, part_flops
-from mmdist.models.freeze import FrozenAwareModule, Part
+from mmdist.models.freeze import FrozenAwareModule, Part, freeze
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.losses import itc_loss
 from mmdist.models.qformer import QFormer
@@ -56,7 +56,7 @@ class AlignModel(FrozenAwareModule):
         self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / conn.temperature)]))
         self.apply_policy()
         if not settings.text.freeze and settings.text.freeze_word_embeddings:
-            self.text.word_embeddings().requires_grad_(False)  # the rest of the encoder trains
+            freeze(self.text.word_embeddings())  # fp32 as the rest of the encoder, which trains
 
     def parts(self) -> list[Part]:
         m = self.settings
