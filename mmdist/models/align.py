@@ -66,6 +66,12 @@ class AlignModel(FrozenAwareModule):
             Part("stage1", trainable=True, dtype="fp32"),
         ]
 
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """The Q-Former's tied LM head reads the text encoder's token table (contract.ReadsOthersParameters)."""
+        if getattr(self.stage1, "tied_lm_head", False):
+            return [(self.stage1, self.text.word_embeddings().weight)]
+        return []
+
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         groups = {"stage1": [p for p in self.stage1.parameters() if p.requires_grad],
                   "temperature": [self.logit_scale]}
@@ -170,7 +176,8 @@ def align_flop_count(vision: FlopCount, text: nn.Module, stage1: nn.Module, *, t
       queries, cross-attention, ITC, every ITM pair and the ITG pass, per image and per caption token, with the
       attention terms at ``caption_len`` (captions of at most ``model.text.max_length`` tokens) and one sample
       per rank (the first layer's shared self-attention counted per image, the similarity over the global batch
-      per own sample: both small beside the per-image work).
+      per own sample: both small beside the per-image work); its tied LM head's weight gradient only where the
+      encoder's token table trains.
     The learnable temperature does no matmul.
     """
     count = vision
@@ -178,5 +185,7 @@ def align_flop_count(vision: FlopCount, text: nn.Module, stage1: nn.Module, *, t
     if text_runs or text_trains:
         count += part_flops(text, "per_token", 1, input_grad=text_trains)
     if isinstance(stage1, QFormer) and caption_len:
-        return count + stage1.stage1_flop_count(caption_len)
+        table = text.get_input_embeddings() if hasattr(text, "get_input_embeddings") else text.word_embeddings()
+        head_trains = table.weight.requires_grad if stage1.tied_lm_head else None
+        return count + stage1.stage1_flop_count(caption_len, head_trains=head_trains)
     return count + module_flops(stage1, "per_image", 1)

@@ -41,6 +41,12 @@ class QFormerConfig(SettingsBase):
     init_from_text: bool = setting(
         True, "initialise self-attention/FFN weights from the text encoder's first layers, as BLIP-2 does"
     )
+    tie_lm_head: bool = setting(
+        True, "ITG's output layer is the text encoder's token table (and a trained bias), as BLIP-2 ties its decoder "
+              "to the word embeddings: it trains with the table and is frozen with model.text.freeze_word_embeddings; "
+              "needs the Q-Former at the text encoder's width. false: a separate head of vocabulary x width weights, "
+              "initialised from the table, that always trains"
+    )
     itm_weight: float = setting(1.0, "weight of image-text matching (hard negatives) in stage 1")
     itg_weight: float = setting(1.0, "weight of image-grounded text generation in stage 1")
 

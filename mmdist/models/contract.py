@@ -19,8 +19,8 @@ from torch import nn
 from mmdist.models.flops import FlopCount
 from mmdist.models.freeze import Part
 
-__all__ = ["BatchCounts", "CountsOwnFlops", "FlopCount", "TrainableModel", "contract_members", "count_samples",
-           "leading_size", "require_trainable"]
+__all__ = ["BatchCounts", "CountsOwnFlops", "FlopCount", "ReadsOthersParameters", "TrainableModel",
+           "contract_members", "count_samples", "leading_size", "require_trainable"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,20 @@ class CountsOwnFlops(Protocol):
     """
 
     def flop_count(self) -> FlopCount:
+        ...
+
+
+@runtime_checkable
+class ReadsOthersParameters(Protocol):
+    """A model some of whose modules read, in their forward, a parameter another module owns (the Q-Former's tied
+    LM head reads the text encoder's token table). Optional: a model without the method shares nothing.
+
+    Under ZeRO-3 a parameter holds only this rank's partition outside its owner's forward; the engine registers
+    each pair with DeepSpeed (``register_external_parameter``) so that ``module``'s forward and backward gather it.
+    """
+
+    def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs: ``module``'s forward reads ``parameter``, which it does not own."""
         ...
 
 

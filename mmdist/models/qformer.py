@@ -11,7 +11,11 @@ shared self-attention may see is decided by a mask per objective:
   query outputs says match / no match, with hard negatives sampled from the
   ITC similarities;
 * ITG: queries see only queries, text sees all queries and earlier text (the
-  multimodal causal mask); an LM head predicts the next caption token.
+  multimodal causal mask); an LM head predicts the next caption token. As in
+  BLIP-2 (whose decoder is tied to the word embeddings) the head is the text
+  encoder's token table with a bias of its own (``tie_lm_head``): it trains
+  with the table, and a frozen table (``model.text.freeze_word_embeddings``)
+  leaves only the bias to train and no vocabulary-sized weight gradient.
 
 Layers are initialised from the text encoder's first layers when
 ``init_from_text`` (as BLIP-2 initialises from BERT-base); the cross-attention is
@@ -32,116 +36,17 @@ from torch import nn
 from mmdist.models.flops import FlopCount, compute_dtype
 from mmdist.models.gather import Gather, null_gather
 from mmdist.models.losses import draw_negatives, gather_rows, itc_loss, rank_offset
-
-KV = tuple[torch.Tensor, torch.Tensor]
-
-
-class Attention(nn.Module):
-    """Multi-head attention with BERT's post-norm residual: LN(x + O(attn(x, ctx))).
-
-    ``kv`` and ``attend`` are the two halves of ``forward``, so that keys and
-    values computed once (the image's, the queries') serve several passes.
-    """
-
-    def __init__(self, dim: int, heads: int, kv_dim: Optional[int] = None, eps: float = 1e-12):
-        super().__init__()
-        kv_dim = kv_dim or dim
-        self.heads = heads
-        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(kv_dim, dim), nn.Linear(kv_dim, dim)
-        self.out = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim, eps=eps)
-
-    def split(self, y: torch.Tensor) -> torch.Tensor:
-        """[N, T, dim] -> [N, heads, T, dim / heads]."""
-        n, t, _ = y.shape
-        return y.view(n, t, self.heads, -1).transpose(1, 2)
-
-    def kv(self, context: torch.Tensor) -> KV:
-        """Keys and values of ``context`` [N, T, kv_dim], split into heads."""
-        return self.split(self.key(context)), self.split(self.value(context))
-
-    def attend(self, x: torch.Tensor, kv: KV, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """LN(x + O(attn(Q(x), kv))); ``mask`` broadcasts to [N, heads, T, keys] (True = may attend)."""
-        n, t, d = x.shape
-        k, v = kv
-        if k.shape[0] != n:  # keys shared by the whole batch (the first layer's queries)
-            k, v = k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)
-        attn = F.scaled_dot_product_attention(self.split(self.query(x)), k, v, attn_mask=mask)
-        return self.norm(x + self.out(attn.transpose(1, 2).reshape(n, t, d)))
-
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
-                allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.attend(x, self.kv(x if context is None else context), None if allowed is None else allowed[:, None])
-
-
-class FeedForward(nn.Module):
-    """BERT FFN block: LN(x + W2 gelu(W1 x))."""
-
-    def __init__(self, dim: int, hidden: int, eps: float = 1e-12):
-        super().__init__()
-        self.inter, self.out, self.norm = nn.Linear(dim, hidden), nn.Linear(hidden, dim), nn.LayerNorm(dim, eps=eps)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.out(F.gelu(self.inter(x))))
-
-
-class QFormerLayer(nn.Module):
-    def __init__(self, dim: int, heads: int, vision_dim: int, cross: bool, with_text: bool):
-        super().__init__()
-        self.self_attn = Attention(dim, heads)
-        self.cross_attn = Attention(dim, heads, kv_dim=vision_dim) if cross else None
-        self.ffn_query = FeedForward(dim, 4 * dim)
-        self.ffn_text = FeedForward(dim, 4 * dim) if with_text else None
-
-    def forward(self, x: torch.Tensor, n_queries: int, image: torch.Tensor,
-                allowed: Optional[torch.Tensor]) -> torch.Tensor:
-        image_kv = self.cross_attn.kv(image) if self.cross_attn is not None else None
-        return self.joint(x, n_queries, image_kv, None if allowed is None else allowed[:, None])
-
-    def joint(self, x: torch.Tensor, n_queries: int, image_kv: Optional[KV], mask: Optional[torch.Tensor],
-              queries_only: bool = False) -> torch.Tensor:
-        """Queries and text [N, Q + L, dim] through the layer; ``queries_only``: return the query rows alone
-        (the ITM head reads nothing else after the last layer)."""
-        kv = self.self_attn.kv(x)
-        if queries_only:
-            queries, text = self.self_attn.attend(x[:, :n_queries], kv, mask), x[:, :0]
-        else:
-            x = self.self_attn.attend(x, kv, mask)
-            queries, text = x[:, :n_queries], x[:, n_queries:]
-        if self.cross_attn is not None:
-            queries = self.cross_attn.attend(queries, image_kv)
-        queries = self.ffn_query(queries)
-        if text.shape[1]:
-            text = self.ffn_text(text)
-        return torch.cat([queries, text], 1) if text.shape[1] else queries
-
-    def queries_step(self, queries: torch.Tensor, image_kv: Optional[KV], batch: int) -> tuple[torch.Tensor, KV]:
-        """Queries alone (ITC, stage 2); returns them and their self-attention keys and values (what ITG's text
-        attends to). ``queries`` may be [1, Q, dim] (the learnable queries before any image): the self-attention
-        then runs once for the whole batch of ``batch`` images."""
-        kv = self.self_attn.kv(queries)
-        queries = self.self_attn.attend(queries, kv)
-        if queries.shape[0] != batch:
-            queries = queries.expand(batch, -1, -1)
-        if self.cross_attn is not None:
-            queries = self.cross_attn.attend(queries, image_kv)
-        return self.ffn_query(queries), kv
-
-    def text_step(self, text: torch.Tensor, queries_kv: KV, mask: torch.Tensor) -> torch.Tensor:
-        """Caption rows alone, attending to the queries' keys and values (from :meth:`queries_step`) and to
-        themselves under ``mask`` [N, 1, L, Q + L] (ITG: the queries never see the caption, so theirs are ITC's)."""
-        n = text.shape[0]
-        k_text, v_text = self.self_attn.kv(text)
-        k_q, v_q = queries_kv
-        kv = (torch.cat([k_q.expand(n, -1, -1, -1), k_text], 2), torch.cat([v_q.expand(n, -1, -1, -1), v_text], 2))
-        return self.ffn_text(self.self_attn.attend(text, kv, mask))
+from mmdist.models.qformer_layers import KV, QFormerLayer
 
 
 class QFormer(nn.Module):
     """Learnable queries -> image tokens [N, num_queries, hidden]; in stage 1 also ITC/ITM/ITG.
 
     ``text_dim`` is the text encoder's width; ``text_encoder`` (stage 1 only) adds the
-    text parts (ITC text projection, ITM and LM heads) and initialises the layers.
+    text parts (ITC text projection, ITM and LM heads) and initialises the layers. With
+    ``tie_lm_head`` the LM head's weight is the text encoder's token table, which the
+    Q-Former does not own: it reads it from the encoder it is given at each step
+    (:meth:`lm_logits`; under ZeRO-3 the model lists it in ``external_parameters``).
     """
 
     def __init__(self, cfg: Any, vision_dim: int, text_dim: Optional[int], text_encoder: Any = None,
@@ -157,6 +62,8 @@ class QFormer(nn.Module):
         self.dim, self.num_tokens, self.out_dim = dim, q.num_queries, dim
         self.vision_tokens = vision_tokens  # per image, for the FLOP count (work)
         with_text = text_encoder is not None
+        self.with_text = with_text
+        self.tied_lm_head = with_text and q.tie_lm_head
         self.queries = nn.Parameter(torch.randn(1, q.num_queries, dim) * 0.02)
         self.image_norm = nn.LayerNorm(vision_dim)
         self.layers = nn.ModuleList(
@@ -169,7 +76,16 @@ class QFormer(nn.Module):
             self.vision_proj = nn.Linear(dim, cfg.align_dim)
             self.text_proj = nn.Linear(text_dim, cfg.align_dim)
             self.itm_head = nn.Linear(dim, 2)
-            self.lm_head = nn.Linear(dim, vocab)
+            if self.tied_lm_head:
+                if dim != text_dim:
+                    raise ValueError(
+                        f"model.connector.qformer.tie_lm_head: the LM head is the text encoder's token table "
+                        f"({text_dim} wide), the Q-Former is {dim} wide; set init_from_text=true (or "
+                        f"hidden_size={text_dim}), or tie_lm_head=false for a head of its own"
+                    )
+                self.lm_bias = nn.Parameter(torch.zeros(vocab))
+            else:
+                self.lm_head = nn.Linear(dim, vocab)
             if q.init_from_text:
                 with (gather or null_gather)(list(self.parameters()) + list(text_encoder.parameters())):
                     self.init_from_text(text_encoder)
@@ -205,7 +121,7 @@ class QFormer(nn.Module):
                 a.bias.copy_(b.bias)
             copied += 1
         word = text_encoder.model.embeddings.word_embeddings.weight
-        if self.lm_head.weight.shape == word.shape:
+        if not self.tied_lm_head and self.lm_head.weight.shape == word.shape:
             self.lm_head.weight.copy_(word)
         self.layers_initialised_from_text = copied
         return copied
@@ -266,16 +182,17 @@ class QFormer(nn.Module):
         trains = any(p.requires_grad for p in self.parameters())
         return FlopCount.of(compute_dtype(self), per_image=per_image if trains else per_image / 3)
 
-    def stage1_flop_count(self, caption_len: int, batch_size: int = 1, world: int = 1) -> FlopCount:
+    def stage1_flop_count(self, caption_len: int, batch_size: int = 1, world: int = 1,
+                          head_trains: Optional[bool] = None) -> FlopCount:
         """Stage 1: :meth:`work` as rates over the align model's batch counts: per image, and per caption token
         (``BatchCounts.tokens``: the real caption tokens, so padding is left out and the count is low, never high).
         The ITG head's targets (one fewer than the caption's tokens) are folded into both rates."""
-        work = self.work(caption_len=caption_len, batch_size=batch_size, world=world)
+        work = self.work(caption_len=caption_len, batch_size=batch_size, world=world, head_trains=head_trains)
         return FlopCount.of(compute_dtype(self), per_image=work.per_image - work.per_itg_target,
                             per_token=work.per_caption_token + work.per_itg_target)
 
     def work(self, caption_len: int = 0, batch_size: int = 1, world: int = 1,
-             image_tokens: Optional[int] = None) -> QFormerFlops:
+             image_tokens: Optional[int] = None, head_trains: Optional[bool] = None) -> QFormerFlops:
         """Training FLOPs of :meth:`align_losses` from the module's shapes, as it runs (see :class:`QFormerFlops`).
 
         Every matmul counts 2 x in x out per row forward and twice that backward (all inputs carry a gradient:
@@ -284,6 +201,8 @@ class QFormer(nn.Module):
         ``batch_size``: samples per rank; ``world``: ranks (ITC and the negatives compare with all of them);
         ``image_tokens``: vision tokens per image (default: the tower's, given at construction). Without a text
         side (stage 2) or with ``caption_len`` 0, only the queries' pass (``image_tokens_of``) is counted, trained.
+        ``head_trains``: whether the LM head's weight gets a gradient (a third matmul per target); default: an
+        untied head's ``requires_grad``, a tied head's table assumed trained (the align model says, from its encoder).
         """
         b, length, q, d = batch_size, caption_len, self.num_tokens, self.dim
         n_all, pairs, rows = batch_size * world, 3 * batch_size, self.num_tokens + caption_len
@@ -291,11 +210,13 @@ class QFormer(nn.Module):
         if not tokens:
             raise ValueError("QFormer.work needs image_tokens (the vision tower's tokens per image)")
         cross = [layer.cross_attn is not None for layer in self.layers]
-        if not hasattr(self, "lm_head") or not caption_len:
+        if not self.with_text or not caption_len:
             pairs = length = 0
         else:
-            align, vocab = self.vision_proj.out_features, self.lm_head.out_features
-            text_dim = self.text_proj.in_features
+            align, text_dim = self.vision_proj.out_features, self.text_proj.in_features
+            vocab = self.lm_bias.shape[0] if self.tied_lm_head else self.lm_head.out_features
+            if head_trains is None:
+                head_trains = self.tied_lm_head or self.lm_head.weight.requires_grad
 
         def lin(n_rows: float, d_in: int, d_out: int) -> float:
             return 2.0 * n_rows * d_in * d_out
@@ -328,7 +249,7 @@ class QFormer(nn.Module):
         image += lin(pairs * q, d, 2)  # ITM head
         no_grad = 4.0 * b * n_all * q * align  # hard-negative similarities
         return QFormerFlops(per_image=(3 * image + no_grad) / b, per_caption_token=3 * text / (b * length),
-                            per_itg_target=3 * lin(1, d, vocab))
+                            per_itg_target=(3 if head_trains else 2) * lin(1, d, vocab))
 
     # -- stage-1 losses ---------------------------------------------------
 
@@ -351,7 +272,7 @@ class QFormer(nn.Module):
         embed = s.text_encoder.embeddings()
         text_states = embed(input_ids=s.ids)
         itm, itm_acc = self._itm_loss(features, image_kv, text_states, s, image_emb, text_emb, embed)
-        itg = self._itg_loss(queries_kv, text_states, s.ids, s.mask)
+        itg = self._itg_loss(queries_kv, text_states, s.ids, s.mask, s.text_encoder)
         loss = itc + q.itm_weight * itm + q.itg_weight * itg
         metrics = {"itc": itc.detach(), "itm": itm.detach(), "itg": itg.detach(), "acc": acc, "itm_acc": itm_acc,
                    "temperature": (1.0 / s.logit_scale.detach().exp()).reshape(())}
@@ -441,8 +362,16 @@ class QFormer(nn.Module):
         neg_image = draw_negatives(sims_t2i * sharpness, same, self_mask, uniforms[:, 1])
         return neg_text, neg_image, ids_all, mask_all, features_all
 
+    def lm_logits(self, x: torch.Tensor, text_encoder: Any) -> torch.Tensor:
+        """ITG's next-token logits of the rows ``x`` [..., dim]: the tied head (the token table of ``text_encoder``,
+        :meth:`TextEncoder.word_embeddings <mmdist.models.text.TextEncoder.word_embeddings>`, and ``lm_bias``) or
+        the head of its own."""
+        if not self.tied_lm_head:
+            return self.lm_head(x)
+        return F.linear(x, text_encoder.word_embeddings().weight.to(x.dtype), self.lm_bias.to(x.dtype))
+
     def _itg_loss(self, queries_kv: list[KV], text_states: torch.Tensor, ids: torch.Tensor,
-                  text_mask: torch.Tensor) -> torch.Tensor:
+                  text_mask: torch.Tensor, text_encoder: Any) -> torch.Tensor:
         """Image-grounded generation: next caption token from the queries + earlier tokens (pad ignored); the
         LM head runs at the supervised positions only."""
         b, length = ids.shape
@@ -453,14 +382,15 @@ class QFormer(nn.Module):
         for layer, kv in zip(self.layers, queries_kv):
             x = layer.text_step(x, kv, allowed)
         keep = text_mask[:, 1:].bool()
-        logits = self.lm_head(x[:, :-1][keep])
+        logits = self.lm_logits(x[:, :-1][keep], text_encoder)
         return F.cross_entropy(logits.float(), ids[:, 1:][keep])
 
     def itg_loss(self, features: torch.Tensor, text_states: torch.Tensor, ids: torch.Tensor,
-                 text_mask: torch.Tensor) -> torch.Tensor:
+                 text_mask: torch.Tensor, text_encoder: Any) -> torch.Tensor:
         """ITG alone (the queries' pass included), as :meth:`align_losses` computes it."""
         image_kv = self._image_kv(self.image_norm(features.to(self.queries.dtype)))
-        return self._itg_loss(self._queries_pass(image_kv, features.shape[0])[1], text_states, ids, text_mask)
+        return self._itg_loss(self._queries_pass(image_kv, features.shape[0])[1], text_states, ids, text_mask,
+                              text_encoder)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any, Optional
 from mmdist import distributed as dist
 from mmdist.config.run import RunConfig
 from mmdist.hardware import default_device
-from mmdist.models.contract import TrainableModel, require_trainable
+from mmdist.models.contract import ReadsOthersParameters, TrainableModel, require_trainable
 from mmdist.models.gather import null_gather
 from mmdist.training.deepspeed_compat import (
     enable_frozen_gradient_checkpointing,
@@ -209,6 +209,9 @@ def _build_engine(
             model = builder(cfg, gather)
 
     require_trainable(model, "the engine")
+    if zero3 and isinstance(model, ReadsOthersParameters):
+        for module, param in model.external_parameters():  # gathered for that module's forward and backward
+            deepspeed.zero.register_external_parameter(module, param)
     if cfg.stage.llm_checkpointing(cfg.model):
         enable_frozen_gradient_checkpointing(model)
 

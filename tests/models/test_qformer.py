@@ -102,10 +102,10 @@ def test_losses_itg_by_hand_and_training_reduces_them():
     feats = model.encode_images(batch["pixel_values"])
     with torch.no_grad():
         states = model.text.model.embeddings(input_ids=ids)
-        logits = qf.lm_head(qf(feats, states, qf._masks(mask, "itg"))[:, qf.num_tokens :])
+        logits = qf.lm_logits(qf(feats, states, qf._masks(mask, "itg"))[:, qf.num_tokens :], model.text)
         keep = mask[:, 1:].bool()
         expected = F.cross_entropy(logits[:, :-1][keep], ids[:, 1:][keep])
-        torch.testing.assert_close(qf.itg_loss(feats, states, ids, mask), expected)
+        torch.testing.assert_close(qf.itg_loss(feats, states, ids, mask, model.text), expected)
     total = out["loss"]
     torch.testing.assert_close(total.detach(), out["metrics"]["itc"] + out["metrics"]["itm"] + out["metrics"]["itg"])
     optimizer = torch.optim.AdamW([p for ps in model.trainable_groups().values() for p in ps], lr=5e-3)
@@ -122,7 +122,7 @@ def test_losses_itg_by_hand_and_training_reduces_them():
 def test_qformer_of_its_own_width_without_bert_init(tmp_path):
     from mmdist.export import save_export
 
-    q = {"hidden_size": 16, "num_heads": 2, "init_from_text": False, "num_queries": 3}
+    q = {"hidden_size": 16, "num_heads": 2, "init_from_text": False, "num_queries": 3, "tie_lm_head": False}
     model = make_model("align", "qformer", model={"connector": {"qformer": q}})
     qf = model.stage1
     assert not hasattr(qf, "layers_initialised_from_text")

@@ -13,11 +13,18 @@ from helpers.tiny import align_batch, make_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-SHAPES = {
-    "bert-width": {},
+SHAPES = {  # model settings: the Q-Former's (connector.qformer), and the text encoder's where given
+    "bert-width, tied head": {},
+    "bert-width, tied head, frozen table": {"text": {"freeze_word_embeddings": True}},
+    "bert-width, own head": {"tie_lm_head": False},
     "own-width, cross every 2": {"hidden_size": 16, "num_heads": 2, "init_from_text": False, "num_queries": 3,
-                                 "num_layers": 4, "cross_attention_every": 2},
+                                 "num_layers": 4, "cross_attention_every": 2, "tie_lm_head": False},
 }
+
+
+def _settings(shape: str) -> dict:
+    q = dict(SHAPES[shape])
+    return {"text": q.pop("text", {}), "connector": {"qformer": q}}
 
 
 def _features_batch(model) -> dict:
@@ -35,7 +42,7 @@ def _measured(fn) -> int:
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_flop_count_matches_torch_flop_counter(shape):
-    model = make_model("align", "qformer", model={"connector": {"qformer": SHAPES[shape]}})
+    model = make_model("align", "qformer", model=_settings(shape))
     model.train()
     batch = _features_batch(model)
     ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
@@ -62,7 +69,7 @@ def test_flop_count_of_a_stage2_qformer_is_the_queries_pass():
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_itm_logits_equal_the_plain_masked_forward(shape):
-    model = make_model("align", "qformer", model={"connector": {"qformer": SHAPES[shape]}}).eval()
+    model = make_model("align", "qformer", model=_settings(shape)).eval()
     qf = model.stage1
     batch = _features_batch(model)
     ids, mask = batch["text_input_ids"], batch["text_attention_mask"]
@@ -99,7 +106,7 @@ def test_stage1_losses_equal_the_plain_passes_with_the_same_negatives():
     pair_states, pair_mask = torch.cat([states, states[neg_text], states]), torch.cat([mask, mask[neg_text], mask])
     logits = qf.itm_head(qf(pair_feats, pair_states, qf._masks(pair_mask, "itm"))[:, : qf.num_tokens]).mean(1)
     itm = F.cross_entropy(logits, torch.tensor([1] * 4 + [0] * 8))
-    itg_logits = qf.lm_head(qf(feats, states, qf._masks(mask, "itg"))[:, qf.num_tokens : -1])
+    itg_logits = qf.lm_logits(qf(feats, states, qf._masks(mask, "itg"))[:, qf.num_tokens : -1], model.text)
     keep = mask[:, 1:].bool()
     itg = F.cross_entropy(itg_logits[keep], ids[:, 1:][keep])
     plain = itc + itm + itg
@@ -131,7 +138,7 @@ def test_hard_negatives_never_draw_the_same_caption():
 def test_the_align_models_count_of_a_qformer_step_matches_torch_flop_counter(shape):
     """What the progress bar charges a stage-1 Q-Former step (the model's ``flop_count`` at the batch's counts:
     text encoder, queries, cross-attention, ITC, ITM pairs, ITG) against every FLOP torch counts in it."""
-    model = make_model("align", "qformer", model={"connector": {"qformer": SHAPES[shape]}})
+    model = make_model("align", "qformer", model=_settings(shape))
     model.train()
     batch = _features_batch(model)
     torch.manual_seed(0)
@@ -141,3 +148,24 @@ def test_the_align_models_count_of_a_qformer_step_matches_torch_flop_counter(sha
                                                        c.samples)
     assert measured > 0
     assert abs(counted - measured) <= 0.1 * measured, (counted, measured, counted / measured)
+
+
+def test_a_frozen_token_table_takes_the_tied_heads_weight_gradient_out_of_the_count():
+    """The tied LM head is the text encoder's token table: frozen (model.text.freeze_word_embeddings), its weight
+    gradient (2 x width x vocabulary per predicted token) is not computed, and the model's count drops exactly it."""
+    step, count = {}, {}
+    for frozen in (False, True):
+        model = make_model("align", "qformer", model={"text": {"freeze_word_embeddings": frozen}})
+        model.train()
+        assert model.stage1.tied_lm_head and model.text.word_embeddings().weight.requires_grad is not frozen
+        batch = _features_batch(model)
+        torch.manual_seed(0)
+        step[frozen] = _measured(lambda m=model, b=batch: m(b)["loss"].backward())
+        c = model.batch_counts(batch)
+        count[frozen] = model.flop_count(vision_runs=False).step(c.tokens, c.supervised_tokens, c.image_tokens,
+                                                                 c.images, c.samples)
+    mask = batch["text_attention_mask"]
+    table = model.text.word_embeddings().weight
+    weight_grad = 2 * table.shape[0] * table.shape[1] * int(mask[:, 1:].sum())
+    assert step[False] - step[True] == weight_grad
+    assert count[False] - count[True] == pytest.approx(weight_grad)

@@ -187,3 +187,45 @@ def test_qformer_stage1_step_computes_in_bf16_on_fp32_master_weights(process_gro
         assert flops.by_dtype()["bf16"].rates() == flops.rates()
     finally:
         bundle.close()
+
+
+@pytest.mark.parametrize("frozen_table", [False, True])
+def test_qformer_tied_head_reads_the_token_table_under_zero3_as_under_zero0(tmp_path, frozen_table):
+    """The Q-Former's tied LM head reads the text encoder's token table, which it does not own: under ZeRO-3 the
+    table is a partition outside the encoder's forward, so the engine registers it with the Q-Former at build
+    (DeepSpeed would also register it on the first read through the module's attribute inside a forward; the engine
+    does not rely on how the model reads it). Two steps under ZeRO-3 give ZeRO-0's losses."""
+    from helpers.tiny import align_batch
+
+    from mmdist import distributed as dist
+    from mmdist.training.engine import build_engine
+    from mmdist.training.step import TrainState, train_step
+
+    records = {}
+    for zero in (0, 3):
+        overrides = [f"engine.zero_stage={zero}", "engine.precision=fp32", "model.connector.type=qformer",
+                     "model.text.freeze=false", f"model.text.freeze_word_embeddings={str(frozen_table).lower()}",
+                     "train.global_batch_size=4", "train.micro_batch_size=4", "train.warmup_ratio=0",
+                     # no parameter kept whole between forwards: the tiny table is below DeepSpeed's default 1e5
+                     "engine.deepspeed={zero_optimization: {stage3_param_persistence_threshold: 0}}"]
+        cfg, _ = resolve_precision(recipe("align", *overrides, f"run_dir={tmp_path / str(zero)}"), "cpu")
+        dist.init(dist.discover(argv=[], environ={}), backend="gloo", timeout_s=60)
+        bundle = build_engine(cfg, world_size=1)
+        try:
+            model = bundle.model
+            assert model.stage1.tied_lm_head and model.external_parameters()
+            if zero == 3:  # partitioned: empty outside a forward that gathers it; registered before any forward
+                table = model.text.word_embeddings().weight
+                assert table.numel() == 0
+                assert any(p is table for _, p in model.stage1.ds_external_parameters())
+            batch = align_batch(model)
+            state, out = TrainState(), []
+            for _ in range(2):
+                torch.manual_seed(0)  # the same hard negatives on both sides
+                record = train_step(bundle.engine, iter([batch]), state, max_nonfinite_steps=1)
+                out.append([float(record[k]) for k in ("loss", "itg")])
+            records[zero] = out
+        finally:
+            bundle.close()
+            dist.shutdown()
+    assert sum(records[3], []) == pytest.approx(sum(records[0], []), rel=1e-4)
