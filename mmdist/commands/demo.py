@@ -59,8 +59,9 @@ INSTALL = {
 # stage 2 hands those 8 tokens to the LLM, and its data.max_len holds them, the question and the answer.
 # Stage 1 keeps MiniLM's token table frozen (its dense 30,522 x 384 gradient every step, for the ten captions' few
 # rows) and lets the planner pick the ZeRO stage, as align.yaml does: on one process that is ZeRO-0, with nothing to
-# partition (ZeRO-2 there copies every gradient through its buckets). Together: stage 1 in 421 s instead of 482 s
-# on CPU-B, at 97.8% retrieval (docs/benchmarks.md, "The demo").
+# partition (ZeRO-2 there copies every gradient through its buckets). With the ITG head tied to that frozen table
+# (the Q-Former's default): stage 1 in 354 s instead of 482 s on CPU-B, at 98.1% retrieval (docs/benchmarks.md,
+# "The demo").
 QFORMER_DEMO = ["model.connector.type=qformer", "model.text.freeze=false", "model.connector.qformer.num_queries=8"]
 CONNECTORS = {
     "linear": ([], []),
