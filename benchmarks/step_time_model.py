@@ -13,10 +13,12 @@ random-weight llama LLM and the skewed mixture of mmdist.data.shards.mixture_sam
    at ZeRO-1, 2 and 3, ``--steps`` steps each: the median step time after the first two;
 3. the planner's prediction for that shape from the calibration (mmdist.plan.speed.step_inputs
    with the shards' statistics, mmdist.plan.step_time.predict), printed beside the measurement
-   with the error, and whether the stages rank alike. ZeRO-1 runs a second time after ZeRO-3: the
-   two runs of one setting show how far this machine's measurement moves by itself, and measured
-   times closer than that (at least :data:`TIE_BAND`) are a tie, which either order of the
-   predictions matches.
+   with the error, and whether the stages rank alike. Each stage runs ``--repeats`` times (default 2
+   on the CPU), in rounds (ZeRO-1, 2, 3, then again), so that a drift of the machine's speed hits
+   every stage alike; a stage's measurement is the median of its runs. How far the runs of one
+   setting lie apart shows how far this machine's measurement moves by itself: measured times
+   closer than the widest such spread (at least :data:`TIE_BAND`) are a tie, which either order of
+   the predictions matches.
 
 The machine's load changes the figures (4 ranks on 2 cores share them): run it on a quiet machine.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -74,9 +77,12 @@ def main() -> None:
     parser.add_argument("--calibration", default=None, help="a calibration file of one world size written earlier "
                                                            "by this benchmark: predict only")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="runs of each stage, in rounds (default 2; --gpu: 1, device time is short)")
     parser.add_argument("--out", default="runs/bench-step-time")
     args = parser.parse_args()
     worlds = args.worlds or ([1] if args.gpu else [2, 4])
+    repeats_per_stage = args.repeats or (1 if args.gpu else 2)
     calibrate_shape, predict_shape = (CALIBRATE_GPU, PREDICT_GPU) if args.gpu else (CALIBRATE, PREDICT)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     if not args.gpu:
@@ -99,7 +105,7 @@ def main() -> None:
     shards = shard_pattern(summary)
     started = time.time()
     rows = []
-    repeats = {}  # world -> the second ZeRO-1 run's step time
+    runs: dict[tuple[int, int], list[float]] = {}  # (world, stage) -> each run's step time
     for world in worlds:
         cal_file = out / f"calibration-{world}.yaml"
         cal_file.write_text(yaml.safe_dump(recipe(calibrate_shape, world, shards, out / "cal-run", args.gpu)))
@@ -116,27 +122,28 @@ def main() -> None:
         machine = machine_label("cuda") if args.gpu else "cpu"
         inputs = step_inputs(cfg, shapes, world, machine, tokens=batch_tokens(cfg, shapes), calibration=cal)
         link = interconnect_for(machine)
-        for leg, stage in enumerate((1, 2, 3, 1)):
-            run_dir = out / f"predict-{world}-zero{stage}" if leg < 3 else out / f"predict-{world}-zero1-again"
-            _launch(world, ["-m", "mmdist", "train", "--config", str(pred_file),
-                            *leg_overrides(stage, args.steps, run_dir)],
-                    dict(os.environ, MMDIST_STEP_PHASES="1"), f"ZeRO-{stage} on {world} ranks")
-            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            measured = steady_phases(records)
-            if leg == 3:
-                repeats[world] = measured.step_s
-                print(f"[{world} ranks] ZeRO-1 again: measured {measured.step_s:.3f} s", flush=True)
-                continue
+        fwd_bwd: dict[int, list[float]] = {}
+        for round_ in range(repeats_per_stage):
+            for stage in (1, 2, 3):
+                run_dir = out / f"predict-{world}-zero{stage}-run{round_ + 1}"
+                _launch(world, ["-m", "mmdist", "train", "--config", str(pred_file),
+                                *leg_overrides(stage, args.steps, run_dir)],
+                        dict(os.environ, MMDIST_STEP_PHASES="1"), f"ZeRO-{stage} on {world} ranks")
+                records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                measured = steady_phases(records)
+                runs.setdefault((world, stage), []).append(measured.step_s)
+                fwd_bwd.setdefault(stage, []).append(measured.compute_s)
+                print(f"[{world} ranks] ZeRO-{stage} run {round_ + 1}: measured {measured.step_s:.3f} s", flush=True)
+        for stage in (1, 2, 3):
             t = predict(inputs, stage, world, link, checkpointing=False)
-            rows.append(dict(world=world, stage=stage, predicted=t.step_s, measured=measured.step_s,
+            rows.append(dict(world=world, stage=stage, predicted=t.step_s,
+                             measured=statistics.median(runs[world, stage]), runs=runs[world, stage],
                              compute=t.compute_s, comm=t.comm_s, zero3=t.zero3_s, fixed=t.fixed_s,
-                             measured_fwd_bwd=measured.compute_s))
-            print(f"[{world} ranks] ZeRO-{stage}: predicted {t.step_s:.3f} s, measured {measured.step_s:.3f} s",
-                  flush=True)
+                             measured_fwd_bwd=statistics.median(fwd_bwd[stage])))
     label = machine_label("cuda") if args.gpu else f"{machine_label()}; torch threads 1 per rank"
     print(f"\n{label}; {time.time() - started:.0f} s")
     print(f"calibrated on llama {calibrate_shape}; predicted llama {predict_shape}; "
-          f"{'bf16, nccl' if args.gpu else 'fp32, gloo'}, {args.steps} steps a run")
+          f"{'bf16, nccl' if args.gpu else 'fp32, gloo'}, {args.steps} steps a run, {repeats_per_stage} run(s) a stage")
     print(f"{'ranks':>5} {'stage':>6} {'predicted s':>12} {'measured s':>11} {'error':>7}  "
           f"{'compute':>8} {'comm':>7} {'zero3':>7}")
     worst = 0.0
@@ -144,17 +151,17 @@ def main() -> None:
     bands = []
     for world in worlds:
         mine = [r for r in rows if r["world"] == world]
-        first = next(r["measured"] for r in mine if r["stage"] == 1)
-        spread = abs(repeats[world] / first - 1)
+        spread = max(max(r["runs"]) / min(r["runs"]) - 1 for r in mine)
         band = max(TIE_BAND, spread)
         bands.append(band)
-        print(f"{world:>5} ZeRO-1 twice: {first:.3f} and {repeats[world]:.3f} s ({spread:.1%} apart): "
-              f"measured times within {band:.1%} are a tie")
+        print(f"{world:>5} runs of one setting lie up to {spread:.1%} apart: measured times within {band:.1%} "
+              "are a tie")
         for r in mine:
             err = r["predicted"] / r["measured"] - 1
             worst = max(worst, abs(err))
+            each = " (runs: " + ", ".join(f"{x:.3f}" for x in r["runs"]) + ")" if len(r["runs"]) > 1 else ""
             print(f"{world:>5} {'ZeRO-' + str(r['stage']):>6} {r['predicted']:>12.3f} {r['measured']:>11.3f} "
-                  f"{err:>+7.1%}  {r['compute']:>8.3f} {r['comm']:>7.3f} {r['zero3']:>7.3f}")
+                  f"{err:>+7.1%}  {r['compute']:>8.3f} {r['comm']:>7.3f} {r['zero3']:>7.3f}{each}")
         for a in mine:
             for b in mine:
                 apart = b["measured"] > a["measured"] * (1 + band)
@@ -163,7 +170,7 @@ def main() -> None:
                     print(f"  misranked: ZeRO-{a['stage']} measured faster than ZeRO-{b['stage']}, predicted not")
     print(f"worst error {worst:.1%} (target {TARGET:.0%}): {'PASS' if worst <= TARGET else 'FAIL'}; "
           f"stages ranked {'right' if ranked else 'WRONG'} (ties: within {', '.join(f'{b:.1%}' for b in bands)})")
-    (out / "results.json").write_text(json.dumps({"rows": rows, "zero1_again": repeats}, indent=2))
+    (out / "results.json").write_text(json.dumps({"rows": rows, "repeats": repeats_per_stage}, indent=2))
 
 
 if __name__ == "__main__":
