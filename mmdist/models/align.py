@@ -68,7 +68,7 @@ class AlignModel(FrozenAwareModule):
 
     def external_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
         """The Q-Former's tied LM head reads the text encoder's token table (contract.ReadsOthersParameters)."""
-        if getattr(self.stage1, "tied_lm_head", False):
+        if isinstance(self.stage1, QFormer) and self.stage1.tied_lm_head:
             return [(self.stage1, self.text.word_embeddings().weight)]
         return []
 
@@ -146,7 +146,7 @@ class AlignModel(FrozenAwareModule):
     def flop_count(self, *, vision_runs: bool = True, text_runs: bool = True) -> FlopCount:
         """The training FLOPs of a step's parts where they run (:func:`align_flop_count`; mmdist.models.contract)."""
         runs = vision_runs or any(p.requires_grad for p in self.vision.parameters())
-        return align_flop_count(self.vision.flop_count() if runs else FlopCount(), self.text, self.stage1,
+        return align_flop_count(self.vision.flop_count() if runs else FlopCount(), self.text.model, self.stage1,
                                 text_runs=text_runs, caption_len=self.settings.text.max_length)
 
     # -- export -----------------------------------------------------------
@@ -164,7 +164,7 @@ class AlignModel(FrozenAwareModule):
 def align_flop_count(vision: FlopCount, text: nn.Module, stage1: nn.Module, *, text_runs: bool = True,
                      caption_len: int = 0) -> FlopCount:
     """Stage 1's training FLOPs by where each part runs (mmdist.models.flops for the rules); also what the planner
-    counts on meta-device modules.
+    counts on meta-device modules. ``text``: the text encoder's transformers model (``TextEncoder.model``).
 
     - ``vision``: the tower's count per image (mmdist.models.vision.tower_flop_count), nothing (``FlopCount()``)
       when its features are cached;
@@ -185,7 +185,6 @@ def align_flop_count(vision: FlopCount, text: nn.Module, stage1: nn.Module, *, t
     if text_runs or text_trains:
         count += part_flops(text, "per_token", 1, input_grad=text_trains)
     if isinstance(stage1, QFormer) and caption_len:
-        table = text.get_input_embeddings() if hasattr(text, "get_input_embeddings") else text.word_embeddings()
-        head_trains = table.weight.requires_grad if stage1.tied_lm_head else None
+        head_trains = text.get_input_embeddings().weight.requires_grad if stage1.tied_lm_head else None
         return count + stage1.stage1_flop_count(caption_len, head_trains=head_trains)
     return count + module_flops(stage1, "per_image", 1)
