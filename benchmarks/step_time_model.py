@@ -1,6 +1,6 @@
 """The step-time model against the trainer: calibrate on one model shape, predict another's ZeRO-1/2/3 step times.
 
-    python benchmarks/step_time_model.py [--worlds 2 4] [--steps 8] [--out runs/bench-step-time]
+    python benchmarks/step_time_model.py [--worlds 2 4] [--steps 12] [--out runs/bench-step-time]
 
 For each world size (gloo ranks on this machine, DS_ACCELERATOR=cpu, fp32 throughout:
 MMDIST_CPU_BF16=0 so that every stage computes alike), on configs/tiny_fuse.yaml with a
@@ -10,10 +10,14 @@ random-weight llama LLM and the skewed mixture of mmdist.data.shards.mixture_sam
 1. ``mmdist plan --calibrate`` (mmdist/commands/calibrate.py) on the calibration shape
    (:data:`CALIBRATE`): the all-gather probe and a few trainer steps at ZeRO-1 and ZeRO-3;
 2. the trainer on the other shape (:data:`PREDICT`: other hidden size, depth and micro-batch)
-   at ZeRO-1, 2 and 3, ``--steps`` steps each: the median step time after the first two;
+   at ZeRO-1, 2 and 3, ``--steps`` steps each: the mean step time after the first two (the
+   mixture's steps differ in work; the plan predicts the mean step);
 3. the planner's prediction for that shape from the calibration (mmdist.plan.speed.step_inputs
    with the shards' statistics, mmdist.plan.step_time.predict), printed beside the measurement
-   with the error, and whether the stages rank alike. Each stage runs ``--repeats`` times (default 2
+   with the error, and whether the stages rank alike. Beside it, the same model's prediction
+   for the work of the very steps measured (their FLOPs from metrics.jsonl's counts,
+   mmdist.plan.speed.record_flops): the difference between the two is how far the steps drawn
+   lie from the shards' mean, not an error of the time model. Each stage runs ``--repeats`` times (default 2
    on the CPU), in rounds (ZeRO-1, 2, 3, then again), so that a drift of the machine's speed hits
    every stage alike; a stage's measurement is the median of its runs. How far the runs of one
    setting lie apart shows how far this machine's measurement moves by itself: measured times
@@ -30,6 +34,8 @@ The machine's load changes the figures (4 ranks on 2 cores share them): run it o
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -70,13 +76,19 @@ def recipe(shape: dict, world: int, shards: str, run_dir: Path, gpu: bool = Fals
     return r
 
 
+def _train_flops(cfg, shapes, world: int, record: dict) -> float:
+    from mmdist.plan.speed import record_flops
+
+    return record_flops(cfg, shapes, record, world)[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=None, help="rank counts (default 2 4; --gpu: 1)")
     parser.add_argument("--gpu", action="store_true", help="on this node's GPUs: bf16, NCCL, the larger shapes")
     parser.add_argument("--calibration", default=None, help="a calibration file of one world size written earlier "
                                                            "by this benchmark: predict only")
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs of each stage, in rounds (default 2; --gpu: 1, device time is short)")
     parser.add_argument("--out", default="runs/bench-step-time")
@@ -122,7 +134,9 @@ def main() -> None:
         machine = machine_label("cuda") if args.gpu else "cpu"
         inputs = step_inputs(cfg, shapes, world, machine, tokens=batch_tokens(cfg, shapes), calibration=cal)
         link = interconnect_for(machine)
+        flops_of = functools.partial(_train_flops, cfg, shapes, world)
         fwd_bwd: dict[int, list[float]] = {}
+        drawn: dict[int, list[float]] = {}  # per stage: the FLOPs per rank of a mean step of each run
         for round_ in range(repeats_per_stage):
             for stage in (1, 2, 3):
                 run_dir = out / f"predict-{world}-zero{stage}-run{round_ + 1}"
@@ -130,13 +144,17 @@ def main() -> None:
                                 *leg_overrides(stage, args.steps, run_dir)],
                         dict(os.environ, MMDIST_STEP_PHASES="1"), f"ZeRO-{stage} on {world} ranks")
                 records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-                measured = steady_phases(records)
+                measured = steady_phases(records, flops_of=flops_of)
                 runs.setdefault((world, stage), []).append(measured.step_s)
                 fwd_bwd.setdefault(stage, []).append(measured.compute_s)
+                drawn.setdefault(stage, []).append(measured.flops)
                 print(f"[{world} ranks] ZeRO-{stage} run {round_ + 1}: measured {measured.step_s:.3f} s", flush=True)
         for stage in (1, 2, 3):
             t = predict(inputs, stage, world, link, checkpointing=False)
-            rows.append(dict(world=world, stage=stage, predicted=t.step_s,
+            own = predict(dataclasses.replace(inputs, model_flops=statistics.fmean(drawn[stage])), stage, world, link,
+                          checkpointing=False)
+            rows.append(dict(world=world, stage=stage, predicted=t.step_s, predicted_own=own.step_s,
+                             planned_flops=inputs.model_flops, drawn_flops=drawn[stage],
                              measured=statistics.median(runs[world, stage]), runs=runs[world, stage],
                              compute=t.compute_s, comm=t.comm_s, zero3=t.zero3_s, fixed=t.fixed_s,
                              measured_fwd_bwd=statistics.median(fwd_bwd[stage])))
@@ -144,9 +162,10 @@ def main() -> None:
     print(f"\n{label}; {time.time() - started:.0f} s")
     print(f"calibrated on llama {calibrate_shape}; predicted llama {predict_shape}; "
           f"{'bf16, nccl' if args.gpu else 'fp32, gloo'}, {args.steps} steps a run, {repeats_per_stage} run(s) a stage")
-    print(f"{'ranks':>5} {'stage':>6} {'predicted s':>12} {'measured s':>11} {'error':>7}  "
+    print("predicted: from the shards' statistics (what `auto` plans with); own: for the FLOPs of the steps measured")
+    print(f"{'ranks':>5} {'stage':>6} {'predicted s':>12} {'measured s':>11} {'error':>7} {'own s':>7} {'error':>7}  "
           f"{'compute':>8} {'comm':>7} {'zero3':>7}")
-    worst = 0.0
+    worst = worst_own = 0.0
     ranked = True
     bands = []
     for world in worlds:
@@ -158,16 +177,22 @@ def main() -> None:
               "are a tie")
         for r in mine:
             err = r["predicted"] / r["measured"] - 1
+            own_err = r["predicted_own"] / r["measured"] - 1
             worst = max(worst, abs(err))
+            worst_own = max(worst_own, abs(own_err))
             each = " (runs: " + ", ".join(f"{x:.3f}" for x in r["runs"]) + ")" if len(r["runs"]) > 1 else ""
             print(f"{world:>5} {'ZeRO-' + str(r['stage']):>6} {r['predicted']:>12.3f} {r['measured']:>11.3f} "
-                  f"{err:>+7.1%}  {r['compute']:>8.3f} {r['comm']:>7.3f} {r['zero3']:>7.3f}{each}")
+                  f"{err:>+7.1%} {r['predicted_own']:>7.3f} {own_err:>+7.1%}  {r['compute']:>8.3f} {r['comm']:>7.3f} "
+                  f"{r['zero3']:>7.3f}{each}")
+        planned, drawn_mean = mine[0]["planned_flops"], statistics.fmean(mine[0]["drawn_flops"])
+        print(f"      the steps measured did {drawn_mean / planned:.1%} of the planned mean step's FLOPs")
         for a in mine:
             for b in mine:
                 apart = b["measured"] > a["measured"] * (1 + band)
                 if apart and not b["predicted"] > a["predicted"]:
                     ranked = False
                     print(f"  misranked: ZeRO-{a['stage']} measured faster than ZeRO-{b['stage']}, predicted not")
+    print(f"for the steps' own FLOPs: worst error {worst_own:.1%}")
     print(f"worst error {worst:.1%} (target {TARGET:.0%}): {'PASS' if worst <= TARGET else 'FAIL'}; "
           f"stages ranked {'right' if ranked else 'WRONG'} (ties: within {', '.join(f'{b:.1%}' for b in bands)})")
     (out / "results.json").write_text(json.dumps({"rows": rows, "repeats": repeats_per_stage}, indent=2))

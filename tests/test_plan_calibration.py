@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -19,9 +20,11 @@ from mmdist.plan.calibration import (
 )
 from mmdist.plan.step_time import GB, Calibration, Interconnect, StepInputs, collective_calls, comm_bytes, predict
 
+ROOT = Path(__file__).resolve().parents[1]
 NET = Interconnect("test", intra_node=100 * GB, inter_node=10 * GB, gpus_per_node=8)
 TRUE = Calibration(flops_per_s=40e9, latency_s=4e-4, bus_bytes_per_s=0.5e9, zero3_module_s=6e-4, step_fixed_s=0.03,
-                   optimizer_param_s=2e-8, overlap=0.0, layer_flops={128: 20e9, 512: 40e9}, layer_width=512)
+                   optimizer_param_s=2e-8, overlap=0.0, layer_flops={128: 20e9, 512: 40e9}, layer_width=512,
+                   module_call_s=1e-4)
 
 
 def inputs(width: int = 512, modules: int = 60, micro_batches: int = 2, flops: float = 8e9) -> StepInputs:
@@ -39,7 +42,9 @@ def synthetic_runs(inp: StepInputs, world: int, ckpt: bool,
                 + comm_bytes(inp, stage, world, ckpt) / true.bus_bytes_per_s)
 
     shown = 1.0 - true.overlap
-    compute = (inp.model_flops + (inp.recompute_flops if ckpt else 0)) / true.rate(inp.width)
+    passes = 3 if ckpt else 2
+    compute = ((inp.model_flops + (inp.recompute_flops if ckpt else 0)) / true.rate(inp.width)
+               + true.module_call_s * inp.modules * passes * inp.micro_batches)
     gather = true.latency_s + (world - 1) / world * inp.trainable_bytes / true.bus_bytes_per_s
     update = true.optimizer_param_s * inp.trainable_params / world
     z1_compute = compute + shown * (link(1) - gather)  # ZeRO-1/2 gather the updated weights in the optimizer phase
@@ -58,10 +63,12 @@ def test_fit_recovers_the_rates_that_made_the_measurements(world, ckpt):
     inp = inputs()
     zero1, zero3, probe = synthetic_runs(inp, world, ckpt)
     cal = fit(inp, world, zero1, zero3, probe, ckpt, "cpu", "test CPU", layers=TRUE.layer_flops)
-    for name in ("flops_per_s", "latency_s", "bus_bytes_per_s", "zero3_module_s", "step_fixed_s", "optimizer_param_s"):
+    for name in ("flops_per_s", "latency_s", "bus_bytes_per_s", "zero3_module_s", "step_fixed_s", "optimizer_param_s",
+                 "module_call_s"):
         assert getattr(cal, name) == pytest.approx(getattr(TRUE, name), rel=1e-6), name
     assert cal.overlap == 0.0 and cal.world == world and cal.layer_width == 512 and cal.measured
     assert cal.sources["overlap"].startswith("fixed") and cal.sources["zero3_module_s"].startswith("measured")
+    assert cal.sources["module_call_s"].startswith("measured") and "layer probe" in cal.sources["flops_per_s"]
     # and so the model reproduces both runs' step times, and predicts ZeRO-2 and other shapes from the same rates
     fitted = dataclasses.replace(inp, calibration=cal)
     assert predict(fitted, 1, world, NET, ckpt).step_s == pytest.approx(zero1.step_s, rel=1e-6)
@@ -94,6 +101,20 @@ def test_fit_measures_overlap_where_zero3_adds_less_than_its_collectives(world, 
     # a machine whose ZeRO-3 added more than its collectives keeps overlap 0 on the CPU (the test above)
 
 
+def test_a_trainer_faster_than_the_layer_probe_keeps_its_own_rate_and_no_call_cost():
+    """A probe layer slower than the model's own (the probe's rates half the truth): the trainer's time has nothing
+    left beyond its FLOPs at the probe's rate, so no per-call cost, and the rate is the trainer's own."""
+    inp = inputs()
+    zero1, zero3, probe = synthetic_runs(inp, 2, False)
+    slow_probe = {w: f / 2 for w, f in TRUE.layer_flops.items()}
+    cal = fit(inp, 2, zero1, zero3, probe, False, "cpu", "test CPU", layers=slow_probe)
+    assert cal.module_call_s == 0.0 and cal.sources["module_call_s"].startswith("measured: 0")
+    # the module calls' time (0.024 s beside the FLOPs' 0.2 s) counted as FLOPs'
+    assert cal.flops_per_s == pytest.approx(TRUE.flops_per_s * 0.2 / 0.224, rel=1e-6)
+    fitted = dataclasses.replace(inp, calibration=cal)
+    assert predict(fitted, 1, 2, NET, False).step_s == pytest.approx(zero1.step_s, rel=1e-6)
+
+
 def test_fit_refuses_runs_the_model_cannot_explain():
     inp = inputs()
     zero1, zero3, probe = synthetic_runs(inp, 2, False)
@@ -103,17 +124,76 @@ def test_fit_refuses_runs_the_model_cannot_explain():
         fit(inp, 2, zero1, zero3, {65536: 0.01, 2**24: 0.01}, False, "cpu", "x")
 
 
-def test_steady_phases_leave_out_start_up_and_take_medians():
+def test_steady_phases_leave_out_start_up_and_take_means():
     records = [{"split": "train", "loss": 1.0, "time": t, "phase_forward_s": f, "phase_backward_s": 2 * f,
-                "phase_optimizer_s": 0.01} for t, f in [(0, 9.0), (5, 9.0), (6, 0.3), (7, 0.3), (8.5, 0.4), (9.5, 0.3)]]
+                "phase_optimizer_s": 0.01, "work": w}
+               for t, f, w in [(0, 9.0, 1), (5, 9.0, 1), (6, 0.3, 2), (7, 0.3, 2), (8.5, 0.5, 4), (9.5, 0.3, 2)]]
     records.insert(2, {"split": "eval", "loss": 2.0, "time": 5.5})
-    phases = steady_phases(records)
-    assert phases.step_s == pytest.approx(1.0) and phases.forward_s == pytest.approx(0.3) and phases.steps == 4
-    assert phases.compute_s == pytest.approx(0.9)
+    phases = steady_phases(records, flops_of=lambda r: 1e9 * r["work"])
+    # 4 steady steps from t=5 to t=9.5; the mean step, not the median: a step's time follows its batch
+    assert phases.step_s == pytest.approx(4.5 / 4) and phases.forward_s == pytest.approx(0.35) and phases.steps == 4
+    assert phases.compute_s == pytest.approx(1.05) and phases.flops == pytest.approx(2.5e9)
+    assert steady_phases(records).flops == 0.0  # not counted without a counter
     with pytest.raises(ValueError, match="MMDIST_STEP_PHASES=1"):
         steady_phases([{k: v for k, v in r.items() if k != "phase_backward_s"} for r in records])
     with pytest.raises(ValueError, match="need at least"):
         steady_phases(records[:3])
+
+
+@pytest.mark.parametrize("world,ckpt", [(2, False), (4, True)])
+def test_fit_takes_the_work_of_the_steps_it_timed(world, ckpt):
+    """The calibration's steps drew batches 30% heavier than the planned mean: with their own FLOPs the fit finds the
+    machine's rate; with the plan's it would be 30% slow (and every prediction 30% high)."""
+    planned = inputs()
+    heavier = dataclasses.replace(planned, model_flops=1.3 * planned.model_flops,
+                                  recompute_flops=1.3 * planned.recompute_flops)
+    zero1, zero3, probe = synthetic_runs(heavier, world, ckpt)
+    work = heavier.model_flops + (heavier.recompute_flops if ckpt else 0)
+    zero1, zero3 = dataclasses.replace(zero1, flops=work), dataclasses.replace(zero3, flops=work)
+    cal = fit(planned, world, zero1, zero3, probe, ckpt, "cpu", "test CPU", layers=TRUE.layer_flops)
+    for name in ("flops_per_s", "zero3_module_s", "step_fixed_s", "module_call_s"):
+        assert getattr(cal, name) == pytest.approx(getattr(TRUE, name), rel=1e-6), name
+    assert "the FLOPs of the steps timed" in cal.sources["module_call_s"]
+    # counted at the plan's mean step, the steps' extra work would be taken for per-call cost (with the layer probe)
+    # or for a slower machine (without it)
+    blind = [fit(planned, world, dataclasses.replace(zero1, flops=0.0), dataclasses.replace(zero3, flops=0.0), probe,
+                 ckpt, "cpu", "test CPU", layers=layers) for layers in (TRUE.layer_flops, {})]
+    assert blind[0].module_call_s > 2 * TRUE.module_call_s and "planned mean step" in blind[0].sources["module_call_s"]
+    assert blind[1].flops_per_s < TRUE.flops_per_s / 1.25 and blind[1].sources["flops_per_s"].endswith("mean step")
+
+
+@pytest.mark.parametrize("recipe", ["tiny_fuse", "tiny_align"])
+def test_a_records_flops_are_counted_as_the_plan_counts_a_step(recipe):
+    """record_flops (the work of a step the trainer ran, from its metrics.jsonl counts) and step_inputs (the work of
+    a planned step) are one count: a record holding the planned micro-batch's counts gives the planned FLOPs."""
+    from mmdist.config.run import load_config
+    from mmdist.plan.lengths import batch_tokens
+    from mmdist.plan.shapes import model_shapes
+    from mmdist.plan.speed import record_flops, step_inputs
+
+    world, micro_batches = 2, 3
+    cfg = load_config(ROOT / "configs" / f"{recipe}.yaml",
+                      ["data.mean_tokens_per_sample=100", "data.packing=true", "train.micro_batch_size=4",
+                       f"train.global_batch_size={4 * world * micro_batches}"])
+    shapes = model_shapes(cfg)
+    planned = batch_tokens(cfg, shapes, shards=[])
+    inp = step_inputs(cfg, shapes, world, "cpu", tokens=planned)
+    per_step = world * micro_batches  # a record sums every rank's micro-batches of the step
+    if recipe == "tiny_fuse":
+        record = dict(step_positions=planned.positions, step_tokens=planned.tokens,
+                      step_image_tokens=planned.image_tokens, step_images=planned.tower_images,
+                      step_samples=planned.samples)
+    else:  # stage 1: captions padded to text.max_length, one image each
+        samples = cfg.train.micro_batch_size
+        record = dict(step_positions=samples * cfg.model.text.max_length, step_tokens=samples * 7,
+                      step_images=samples, step_samples=samples)
+    record = {k: v * per_step for k, v in record.items()}
+    train, recompute = record_flops(cfg, shapes, record, world)
+    assert inp.micro_batches == micro_batches and train == pytest.approx(inp.model_flops, rel=1e-9)
+    assert recompute == pytest.approx(inp.recompute_flops, rel=1e-9)
+    # padding costs time: the same tokens in more positions count more
+    padded = record_flops(cfg, shapes, dict(record, step_positions=2 * record["step_positions"]), world)[0]
+    assert padded > train
 
 
 def test_calibration_file_round_trip_and_bad_files(tmp_path):

@@ -100,6 +100,24 @@ def test_zero3_pays_per_module_fetch_and_per_collective_call():
     assert collective_calls(small, 3, 1, True) == 0
 
 
+def test_every_stage_pays_per_module_call_and_pass():
+    """The trainer's cost per module call (dispatch, rotary, per-sample attention): at every stage, in the bare
+    model's time too (no engine saves it), once per module, pass and micro-batch."""
+    import dataclasses
+
+    cal = dataclasses.replace(PLAIN, module_call_s=2e-4)
+    inp = qwen14b_like(micro_batches=2, calibration=cal)
+    plain = predict(qwen14b_like(micro_batches=2), 1, 1, NET, checkpointing=True)
+    for stage in (0, 1, 2, 3):
+        t = predict(inp, stage, 1, NET, checkpointing=True)
+        assert t.step_s == pytest.approx(plain.step_s + 2e-4 * 400 * 3 * 2)  # modules x 3 passes x micro-batches
+        assert t.bare_compute_s == pytest.approx(plain.bare_compute_s + 2e-4 * 400 * 3 * 2)
+        assert t.efficiency == pytest.approx(1.0)
+    without_ckpt = predict(inp, 1, 1, NET, checkpointing=False)
+    assert without_ckpt.step_s == pytest.approx(predict(qwen14b_like(micro_batches=2), 1, 1, NET, False).step_s
+                                                + 2e-4 * 400 * 2 * 2)
+
+
 def test_optimizer_and_fixed_costs_and_the_partitioned_update():
     import dataclasses
 

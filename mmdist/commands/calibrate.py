@@ -36,7 +36,7 @@ from mmdist.plan.calibration import (
 )
 from mmdist.plan.lengths import batch_tokens
 from mmdist.plan.shapes import model_shapes
-from mmdist.plan.speed import step_inputs
+from mmdist.plan.speed import record_flops, step_inputs
 from mmdist.plan.step_time import Calibration
 from mmdist.precision import PART_KEYS, resolve_precision
 
@@ -94,6 +94,14 @@ def calibrate(config: str, overrides: Sequence[str], world: int, out: str | Path
         probed = json.loads(probe_file.read_text())
         probe = {int(k): v for k, v in probed["all_gather"].items()}
         layers = {int(k): v for k, v in probed["layers"].items()}
+        planned = load_config(config, [*overrides, *pins, "engine.zero_stage=1"])
+        shapes = model_shapes(planned)
+        ckpt = bool(planned.stage.llm_checkpointing(planned.model))
+
+        def flops_of(record: dict) -> float:
+            train, recompute = record_flops(planned, shapes, record, world)
+            return train + (recompute if ckpt else 0.0)
+
         phases = {}
         for stage in (1, 3):
             log(f"calibrating: the trainer at ZeRO-{stage}, {steps} steps")
@@ -102,19 +110,17 @@ def calibrate(config: str, overrides: Sequence[str], world: int, out: str | Path
                     *leg_overrides(stage, steps, run_dir)]
             _launch(world, args, env, f"run at ZeRO-{stage}")
             records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            phases[stage] = steady_phases(records)
+            phases[stage] = steady_phases(records, flops_of=flops_of)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    planned = load_config(config, [*overrides, *pins, "engine.zero_stage=1"])
-    shapes = model_shapes(planned)
     inputs = step_inputs(planned, shapes, world, machine_label(device), tokens=batch_tokens(planned, shapes))
-    ckpt = bool(planned.stage.llm_checkpointing(planned.model))
     machine = machine_label(device)
     cal = fit(inputs, world, phases[1], phases[3], probe, ckpt, device, machine, layers)
     raw = {"world": world, "device": device, "config": str(config), "overrides": [*overrides, *pins],
            "all_gather_s": {str(k): v for k, v in probe.items()}, "layer_flops": {str(k): v for k, v in layers.items()},
            "zero1": dataclasses.asdict(phases[1]), "zero3": dataclasses.asdict(phases[3]),
-           "step_flops": inputs.model_flops + (inputs.recompute_flops if ckpt else 0.0),
+           "step_flops": phases[1].flops,  # per rank, the mean of the steps timed
+           "planned_step_flops": inputs.model_flops + (inputs.recompute_flops if ckpt else 0.0),
            "modules": inputs.modules, "trainable_params": inputs.trainable_params}
     save_calibration(cal, out, raw)
     return cal, raw

@@ -141,6 +141,7 @@ class AlignModel(FrozenAwareModule):
             supervised_tokens=0,
             images=leading_size(batch, "pixel_values", "image_features"),
             image_tokens=0,
+            positions=int(batch["text_input_ids"].numel()) if "text_input_ids" in batch else 0,
         )
 
     def flop_count(self, *, vision_runs: bool = True, text_runs: bool = True) -> FlopCount:

@@ -36,6 +36,10 @@ class BatchCounts:
     # answer tokens: a step's gradient is then the mean over all of them); None when the loss is a mean over the batch
     # as a whole (contrastive losses): every micro-batch weighs the same.
     loss_terms: Optional[int] = None
+    # Positions the model runs on, padding included (stage 2: rows x row length; stage 1: captions x padded caption
+    # length); 0: the same as ``tokens``. What a step's time follows (the planner counts it; mmdist.plan.calibration
+    # reads it from metrics.jsonl), where ``tokens`` is what MFU counts.
+    positions: int = 0
 
 
 @runtime_checkable

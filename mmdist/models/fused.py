@@ -335,12 +335,13 @@ class FusedVLM(FrozenAwareModule):
 
     def batch_counts(self, batch: dict) -> BatchCounts:
         """Samples (a packed row counts its own), tokens under the attention mask, answer tokens (the loss terms),
-        images and the LLM positions they fill (mmdist.models.contract)."""
+        images and the LLM positions they fill, and the positions the LLM runs on: rows x row length (padding
+        included; mmdist.models.contract)."""
         images = leading_size(batch, "pixel_values", "image_features")
         terms = self.loss_terms(batch)
         return BatchCounts(samples=count_samples(batch, "input_ids"), tokens=int(batch["attention_mask"].sum()),
                            supervised_tokens=terms, images=images, image_tokens=images * self.num_image_tokens,
-                           loss_terms=terms)
+                           loss_terms=terms, positions=batch["input_ids"].numel())
 
     def flop_count(self, *, vision_runs: bool = True, text_runs: bool = True) -> FlopCount:
         """The training FLOPs of a step's parts where they run (:func:`fused_flop_count`; mmdist.models.contract).

@@ -13,9 +13,15 @@ turns the measurements into rates:
   allows; forward and backward to its input, in the compute dtype), every rank at once
   (:func:`layer_probe`): how much faster this machine runs a wide model's layers than a narrow
   one's (matmul units better used, norms and activations a smaller share);
-- ``flops_per_s``: the trainer at ZeRO-1 on the config for a few steps (phase timer on):
-  the model's own FLOP count of a step / its forward + backward seconds, less the
-  collectives the model places there;
+- ``flops_per_s`` and ``module_call_s``: the trainer at ZeRO-1 on the config for a few steps
+  (phase timer on): the FLOPs of the steps it timed (the planner's count,
+  mmdist.plan.speed.record_flops, at each step's own counts from metrics.jsonl: a mixture's
+  batches differ from the planned mean) and their forward + backward seconds, less the
+  collectives the model places there. The FLOPs run at the layer probe's rate for the
+  model's width; the seconds beyond that, per module call and pass, are ``module_call_s``
+  (so that a deeper model, or more micro-batches, pay it more often, and a wider one no
+  more per call). Where the trainer ran faster than the probe, its own rate and no
+  per-call cost;
 - ``optimizer_param_s``: the ZeRO-1 optimizer phase, less its gather of the updated weights,
   per trainable parameter the rank updates;
 - ``step_fixed_s``: the ZeRO-1 step less its forward, backward and optimizer phases;
@@ -42,11 +48,19 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from mmdist.plan.step_time import DEFAULT_SOURCES, PROBE_TOKENS, Calibration, StepInputs, collective_calls, comm_bytes
+from mmdist.plan.step_time import (
+    DEFAULT_SOURCES,
+    PROBE_TOKENS,
+    Calibration,
+    StepInputs,
+    collective_calls,
+    comm_bytes,
+    layer_rate,
+)
 
 __all__ = ["CALIBRATION_ENV", "PROBE_BYTES", "StepPhases", "collective_probe", "fit", "layer_probe", "load_calibration",
            "machine_label", "save_calibration", "steady_phases"]
@@ -59,22 +73,30 @@ PROBE_BYTES = (64 * 1024, 16 * 1024 * 1024)  # per rank: a latency-bound and a b
 
 @dataclasses.dataclass(frozen=True)
 class StepPhases:
-    """Median seconds of a run's steady steps: the whole step and the phases the trainer's phase timer records."""
+    """Mean seconds of a run's steady steps: the whole step and the phases the trainer's phase timer records; and
+    the FLOPs per rank of a mean step, counted at the run's own batch counts (0 where not counted)."""
 
     step_s: float
     forward_s: float
     backward_s: float
     optimizer_s: float
     steps: int = 0
+    flops: float = 0.0
 
     @property
     def compute_s(self) -> float:
         return self.forward_s + self.backward_s
 
 
-def steady_phases(records: Sequence[Mapping], skip: int = 2) -> StepPhases:
+def steady_phases(records: Sequence[Mapping], skip: int = 2,
+                  flops_of: Optional[Callable[[Mapping], float]] = None) -> StepPhases:
     """:class:`StepPhases` from metrics.jsonl's train records (``MMDIST_STEP_PHASES=1``), leaving out the first
-    ``skip`` steps (start-up, the first collectives). Step time: the median gap between consecutive records."""
+    ``skip`` steps (start-up, the first collectives); ``flops_of``: a step's FLOPs per rank from its record
+    (mmdist.plan.speed.record_flops).
+
+    Means, not medians: a step's time follows its batch (a mixture's steps differ by 2x in tokens), and the rate the
+    calibration wants, and the time a plan predicts, are those of the mean step: all the steps' work over all their
+    time. Step time: the span from the last start-up step to the last step, over the steps in it."""
     train = [r for r in records if r.get("split") == "train" and "loss" in r]
     if len(train) < skip + 3:
         raise ValueError(f"{len(train)} train steps in metrics.jsonl: need at least {skip + 3} to time steady steps")
@@ -82,10 +104,11 @@ def steady_phases(records: Sequence[Mapping], skip: int = 2) -> StepPhases:
     if missing:
         raise ValueError(f"metrics.jsonl has no {', '.join(missing)}: run the trainer with MMDIST_STEP_PHASES=1")
     steady = train[skip:]
-    gaps = [b["time"] - a["time"] for a, b in zip(train[skip - 1:], steady)]
-    med = lambda key: statistics.median(r.get(key, 0.0) for r in steady)  # noqa: E731
-    return StepPhases(statistics.median(gaps), med("phase_forward_s"), med("phase_backward_s"),
-                      med("phase_optimizer_s"), len(steady))
+    span = steady[-1]["time"] - train[skip - 1]["time"]
+    mean = lambda key: statistics.fmean(r.get(key, 0.0) for r in steady)  # noqa: E731
+    flops = statistics.fmean(flops_of(r) for r in steady) if flops_of else 0.0
+    return StepPhases(span / len(steady), mean("phase_forward_s"), mean("phase_backward_s"),
+                      mean("phase_optimizer_s"), len(steady), flops)
 
 
 def collective_probe(world: int, device: Any, repeats: int = 10) -> dict:
@@ -204,7 +227,10 @@ def fit(inputs: StepInputs, world: int, zero1: StepPhases, zero3: StepPhases, pr
     latency, bandwidth = _line(probe, world) if world > 1 else (0.0, 0.0)
     link = lambda stage: (collective_calls(inputs, stage, world, checkpointing) * latency  # noqa: E731
                           + (comm_bytes(inputs, stage, world, checkpointing) / bandwidth if bandwidth else 0.0))
-    flops = inputs.model_flops + (inputs.recompute_flops if checkpointing else 0.0)
+    # the work of the steps that were timed (their own batches), else of the planned mean step
+    planned = inputs.model_flops + (inputs.recompute_flops if checkpointing else 0.0)
+    flops = zero1.flops or planned
+    zero3_work = (zero3.flops or flops) / flops  # both runs read the same batches in the same order: 1 unless cut short
     # ZeRO-1: the gradient reduction runs in backward, the gather of the updated weights in the optimizer phase
     ring = (world - 1) / world if world > 1 else 0.0
     gather_s = (latency + ring * inputs.trainable_bytes / bandwidth) if world > 1 else 0.0
@@ -214,7 +240,7 @@ def fit(inputs: StepInputs, world: int, zero1: StepPhases, zero3: StepPhases, pr
     # hidden (on a GPU behind kernels on other streams; on a CPU with more ranks than cores, behind the ranks that
     # compute while others wait) and the per-module cost is taken as 0; where it added more, the default overlap
     # holds and the rest is per-module cost.
-    added = zero3.compute_s - zero1.compute_s
+    added = zero3.compute_s - zero1.compute_s * zero3_work
     default_overlap = 0.0 if device == "cpu" else Calibration.overlap
     if in_pass3 > in_pass1 and added < (1.0 - default_overlap) * (in_pass3 - in_pass1):
         overlap = min(1.0, max(0.0, 1.0 - added / (in_pass3 - in_pass1)))
@@ -224,16 +250,31 @@ def fit(inputs: StepInputs, world: int, zero1: StepPhases, zero3: StepPhases, pr
     compute = zero1.compute_s - (1.0 - overlap) * in_pass1
     if compute <= 0:
         raise ValueError(f"ZeRO-1 forward+backward {zero1.compute_s:.3g} s is no longer than its predicted collectives")
+    # The FLOPs at the layer probe's rate for this width; what the trainer took beyond that is a cost per module
+    # call and pass (the same for a small module as for a large one). A trainer faster than the probe (a probe
+    # layer less efficient than the model's): its own rate, and no such cost.
+    calls = inputs.modules * (3 if checkpointing else 2) * inputs.micro_batches
+    arithmetic = flops / layer_rate(layers, inputs.width) if layers and inputs.width else compute
+    if calls and arithmetic < compute:
+        rate, module_call_s = flops / arithmetic, (compute - arithmetic) / calls
+    else:
+        rate, module_call_s = flops / compute, 0.0
     updated = inputs.trainable_params / max(1, world)
     optimizer = max(0.0, zero1.optimizer_s - gather_s) / updated if updated else 0.0
     fixed = max(0.0, zero1.step_s - zero1.compute_s - zero1.optimizer_s)
-    fetches = inputs.modules * (3 if checkpointing else 2) * inputs.micro_batches
-    extra = zero3.compute_s - compute - (1.0 - overlap) * in_pass3
-    module_s = max(0.0, extra) / fetches if fetches else 0.0
+    extra = zero3.compute_s - compute * zero3_work - (1.0 - overlap) * in_pass3
+    module_s = max(0.0, extra) / calls if calls else 0.0  # ZeRO-3 fetches each module once per pass
     where = f"{world} rank(s)"
     sources = dict(DEFAULT_SOURCES)
     sources.update(
-        flops_per_s=f"measured: ZeRO-1 forward+backward, {where}",
+        flops_per_s=(f"measured: the layer probe at the model's width, {where}" if module_call_s else
+                     f"measured: ZeRO-1 forward+backward, {where}, "
+                     + ("the FLOPs of the steps timed" if zero1.flops else "the FLOPs of the planned mean step")),
+        module_call_s=("measured: ZeRO-1 forward+backward beyond the FLOPs at the layer probe's rate ("
+                       + ("the FLOPs of the steps timed" if zero1.flops else "the planned mean step")
+                       + f"), per module call and pass, {where}" if module_call_s else
+                       "measured: 0 (the trainer ran at the layer probe's rate or faster)" if layers else
+                       DEFAULT_SOURCES["module_call_s"]),
         latency_s=f"measured: all-gather of {PROBE_BYTES[0]} and {PROBE_BYTES[1]} bytes, {where}",
         bus_bytes_per_s=f"measured: the same all-gathers, {where}",
         optimizer_param_s=f"measured: ZeRO-1 optimizer phase, {where}",
@@ -244,7 +285,8 @@ def fit(inputs: StepInputs, world: int, zero1: StepPhases, zero3: StepPhases, pr
     )
     if layers:
         sources["layer_flops"] = f"measured: a frozen decoder layer per width, {PROBE_TOKENS} tokens, {where} at once"
-    return Calibration(flops_per_s=flops / compute, layer_flops={int(k): float(v) for k, v in dict(layers).items()},
+    return Calibration(flops_per_s=rate, module_call_s=module_call_s,
+                       layer_flops={int(k): float(v) for k, v in dict(layers).items()},
                        layer_width=inputs.width if layers else 0, latency_s=latency, bus_bytes_per_s=bandwidth,
                        zero3_module_s=module_s, step_fixed_s=fixed, optimizer_param_s=optimizer, overlap=overlap,
                        machine=machine, world=world, sources=sources)

@@ -34,7 +34,7 @@ from mmdist.plan.step_time import Calibration, Interconnect, StepInputs, StepTim
 if TYPE_CHECKING:
     from mmdist.plan.lengths import BatchTokens
 
-__all__ = ["Choice", "choose", "micro_batch_tokens", "peak_for", "step_inputs", "TIE"]
+__all__ = ["Choice", "choose", "micro_batch_tokens", "peak_for", "record_flops", "step_inputs", "TIE"]
 
 TIE = 0.01  # predicted step times within 1% are a tie: the lower stage (less to go wrong, smaller checkpoints) wins
 CPU_PEAK = 1e12  # a placeholder peak where no datasheet row applies: only ratios between settings matter then
@@ -63,26 +63,44 @@ def peak_for(gpu: str, precision: str) -> float:
     return float(value or CPU_PEAK)
 
 
+def _counted_flops(cfg: RunConfig, shapes: Sequence[ModuleShape], positions: float, real: float,
+                   image_tokens: float, images: float, samples: float) -> tuple[float, float]:
+    """(training FLOPs, recompute FLOPs under checkpointing) of work with these counts: ``positions`` the LLM (or
+    stage 1's text encoder) runs on, padding included; ``real`` tokens among them; the images and their positions."""
+    flops = model_flops(shapes)
+    if any(s.name == "projector" for s in shapes):  # stage 2: the LLM runs on every position, images among them
+        supervised = max(0.0, real - image_tokens)  # at most every text token is an answer token
+        recompute = (flops.per_token + flops.per_supervised_token) / 2 * positions  # one more forward: 2 per weight
+        return flops.step(positions, supervised, image_tokens, images, samples), recompute
+    return flops.step(positions, images=images, samples=samples), 0.0  # stage 1: captions and their images
+
+
 def _micro_batch_flops(cfg: RunConfig, shapes: Sequence[ModuleShape],
                        batch: Optional[BatchTokens] = None) -> tuple[float, float]:
     """(training FLOPs, recompute FLOPs under checkpointing) of one micro-batch on one rank (``batch``: its tokens)."""
-    by_name = {s.name: s for s in shapes}
     samples = cfg.train.micro_batch_size
-    flops = model_flops(shapes)
-    projector = by_name.get("projector")
-    if projector is not None:  # stage 2: micro_batch_tokens LLM positions, the images' tokens among them
-        if batch is None:
-            image_tokens = samples * projector.dims.get("tokens", 0)
-            images = samples * projector.dims.get("images", 1)
-        else:  # the planned micro-batch (shard statistics or a configured mean)
-            image_tokens, images = batch.image_tokens, batch.tower_images
-        tokens = micro_batch_tokens(cfg, batch)
-        real = tokens if batch is None else batch.tokens
-        supervised = max(0, real - image_tokens)  # at most every text token is an answer token
-        recompute = (flops.per_token + flops.per_supervised_token) / 2 * tokens  # one more forward: 2 per weight
-        return flops.step(tokens, supervised, image_tokens, images, samples), recompute
-    # stage 1: one image and a caption of up to text.max_length tokens per sample
-    return flops.step(samples * cfg.model.text.max_length, images=samples, samples=samples), 0.0
+    projector = next((s for s in shapes if s.name == "projector"), None)
+    if projector is None:  # stage 1: one image and a caption of up to text.max_length tokens per sample
+        return _counted_flops(cfg, shapes, samples * cfg.model.text.max_length, 0, 0, samples, samples)
+    if batch is None:  # the worst case: every sample a full row
+        image_tokens = samples * projector.dims.get("tokens", 0)
+        images = samples * projector.dims.get("images", 1)
+    else:  # the planned micro-batch (shard statistics or a configured mean)
+        image_tokens, images = batch.image_tokens, batch.tower_images
+    positions = micro_batch_tokens(cfg, batch)
+    return _counted_flops(cfg, shapes, positions, positions if batch is None else batch.tokens, image_tokens, images,
+                          samples)
+
+
+def record_flops(cfg: RunConfig, shapes: Sequence[ModuleShape], record: dict, world: int) -> tuple[float, float]:
+    """(training FLOPs, recompute FLOPs) per rank of one step the trainer ran, counted as :func:`step_inputs` counts
+    a planned one, at the counts of its metrics.jsonl ``record`` (every rank's together: ``step_positions``,
+    ``step_tokens``, ``step_image_tokens``, ``step_images``, ``step_samples``). How a calibration knows the work of
+    the very steps it timed, whose batches differ from the planned mean."""
+    positions = record.get("step_positions") or record["step_tokens"]
+    train, recompute = _counted_flops(cfg, shapes, positions, record["step_tokens"], record.get("step_image_tokens", 0),
+                                      record.get("step_images", 0), record.get("step_samples", 0))
+    return train / max(1, world), recompute / max(1, world)
 
 
 def step_inputs(cfg: RunConfig, shapes: Sequence[ModuleShape], world: int, gpu: str,

@@ -11,10 +11,13 @@ of one rank:
 
 - compute = the model's FLOPs (its own count, mmdist.models.flops, plus one more forward
   of the frozen LLM under gradient checkpointing) / the rank's training FLOP/s at the model's
-  width: the calibration model's measured rate, scaled by how much faster this machine runs a
-  frozen decoder layer of this width than one of the calibration model's (a measured table:
-  narrow layers use a CPU's or GPU's matmul units less well, and spend more of their time in
-  norms and activations);
+  width: the rate this machine runs a frozen decoder layer of that width at (a measured
+  table: narrow layers use a CPU's or GPU's matmul units less well, and spend more of their
+  time in norms and activations); plus a fixed cost per module call and pass
+  (``module_call_s`` x modules x passes x micro-batches): what the trainer does beyond the
+  layer's arithmetic whatever a module's size (dispatch and kernel launches, rotary
+  embeddings, attention over each packed sample, the loss), which a small model or a short
+  micro-batch does not amortise;
 - collectives = for each call, its latency, plus the bytes it moves / the bus bandwidth
   of the slowest link it crosses (NVLink or the measured figure inside a node, the network
   across nodes). ZeRO-3 all-gathers each module's weights for every micro-batch's forward,
@@ -105,6 +108,7 @@ DEFAULT_SOURCES = {
     "step_fixed_s": "default: 10 ms per step (not measured)",
     "optimizer_param_s": "default: 0 (not measured)",
     "overlap": "default: 80% of the collectives behind compute (not measured)",
+    "module_call_s": "default: 0 (not measured)",
 }
 DEFAULT_UTILISATION = 0.5
 PROBE_TOKENS = 1024  # tokens of the calibration's layer probe (a micro-batch's, roughly)
@@ -114,13 +118,16 @@ PROBE_TOKENS = 1024  # tokens of the calibration's layer probe (a micro-batch's,
 class Calibration:
     """The machine's rates the step-time model multiplies its counts by; ``sources`` says where each came from."""
 
-    flops_per_s: float  # training FLOP/s of one rank on the model's own count (all ranks busy at once)
+    # training FLOP/s of one rank on the model's own count (all ranks busy at once), at the calibration model's width:
+    # the layer probe's rate there, where the trainer was slower than it (the rest is module_call_s), else the trainer's
+    flops_per_s: float
     latency_s: float = 50e-6  # per collective call
     bus_bytes_per_s: float = 0.0  # measured bus bandwidth inside a node; 0: the interconnect table's
     zero3_module_s: float = 3e-4  # ZeRO-3 per module and pass, beyond its gather's latency and bytes
     step_fixed_s: float = 0.01  # per optimizer step, whatever the stage
     optimizer_param_s: float = 0.0  # optimizer seconds per trainable parameter the rank updates
     overlap: float = 0.8  # fraction of the collectives hidden behind compute
+    module_call_s: float = 0.0  # every stage: per module holding parameters, per pass, beyond its FLOPs at the rate
     # measured training FLOP/s of a frozen decoder layer per width w (mmdist.plan.calibration.layer_probe); with it, a
     # model of another width computes at flops_per_s x layer(its width) / layer(layer_width)
     layer_flops: dict = dataclasses.field(default_factory=dict)
@@ -188,7 +195,7 @@ class StepTime:
     comm_s: float  # collectives: latency per call plus bytes over the link
     comm_bytes: float
     step_s: float
-    bare_compute_s: float = 0.0  # the FLOPs alone: the bare model's time
+    bare_compute_s: float = 0.0  # the bare model's time: its FLOPs and its module calls, no ZeRO
     pcie_s: float = 0.0  # offload's host <-> GPU copies (included in step_s)
     zero3_s: float = 0.0  # ZeRO-3's per-module fetch cost (included in compute_s)
     optimizer_s: float = 0.0
@@ -201,9 +208,14 @@ class StepTime:
         return (self.bare_compute_s or self.compute_s) / self.step_s if self.step_s else 0.0
 
 
+def _passes(checkpointing: bool) -> int:
+    """Passes over every module per micro-batch: forward, backward, and the recomputing forward."""
+    return 2 + (1 if checkpointing else 0)
+
+
 def _gathers(zero_stage: int, checkpointing: bool) -> int:
     """Module fetches per micro-batch under ZeRO-3: forward, backward, and recomputation (0 at other stages)."""
-    return (2 + (1 if checkpointing else 0)) if zero_stage == 3 else 0
+    return _passes(checkpointing) if zero_stage == 3 else 0
 
 
 def comm_bytes(inputs: StepInputs, zero_stage: int, world: int, checkpointing: bool) -> float:
@@ -247,7 +259,8 @@ def predict(inputs: StepInputs, zero_stage: int, world: int, interconnect: Inter
     """The step time of one setting on ``world`` ranks (see the module's docstring for each term)."""
     cal = inputs.calibration
     flops = inputs.model_flops + (inputs.recompute_flops if checkpointing else 0.0)
-    bare = flops / cal.rate(inputs.width)
+    calls = cal.module_call_s * inputs.modules * _passes(checkpointing) * inputs.micro_batches
+    bare = flops / cal.rate(inputs.width) + calls
     zero3 = cal.zero3_module_s * inputs.modules * _gathers(zero_stage, checkpointing) * inputs.micro_batches
     compute = bare + zero3
     moved = comm_bytes(inputs, zero_stage, world, checkpointing)
@@ -293,5 +306,6 @@ def calibration_line(cal: Calibration, width: int = 0) -> str:
     the shipped defaults."""
     where = f"measured on {cal.machine} with {cal.world} rank(s)" if cal.measured else "shipped defaults"
     return (f"rates {where}: {cal.rate(width) / 1e12:.3g} TFLOP/s per rank, {cal.latency_s * 1e6:.0f} us per "
-            f"collective, ZeRO-3 {cal.zero3_module_s * 1e3:.2g} ms per module fetch, {cal.overlap:.0%} of collectives "
+            f"collective, {cal.module_call_s * 1e6:.3g} us per module call, ZeRO-3 {cal.zero3_module_s * 1e3:.2g} ms "
+            f"per module fetch, {cal.overlap:.0%} of collectives "
             f"overlapped, {cal.step_fixed_s * 1e3:.3g} ms fixed per step")

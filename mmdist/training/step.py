@@ -246,7 +246,7 @@ class _StepStats:
         self.micro, self.loss, self.samples, self.tokens = 0, 0.0, 0, 0
         self.wait = 0.0  # seconds this rank waited for the others at the step's sync points (see reduce)
         self.term_loss, self.terms = 0.0, 0  # loss x terms and terms, of micro-batches weighted by their loss terms
-        self.supervised, self.image_tokens, self.images = 0, 0, 0
+        self.supervised, self.image_tokens, self.images, self.positions = 0, 0, 0, 0
         self.metrics: dict[str, float] = {}
         self.fingerprints: list[str] = []
 
@@ -265,6 +265,7 @@ class _StepStats:
         self.supervised += counts.supervised_tokens
         self.image_tokens += counts.image_tokens
         self.images += counts.images
+        self.positions += counts.positions or counts.tokens
         for key, value in zip(metrics, values[2 if weighted else 1:]):
             self.metrics[key] = self.metrics.get(key, 0.0) + value
 
@@ -303,6 +304,7 @@ class _StepStats:
                 self.terms,
                 self.images,
                 self.wait,
+                self.positions,
             ]
             + [self.metrics[k] for k in keys],
             device,
@@ -317,10 +319,11 @@ class _StepStats:
             "step_supervised_tokens": int(total[4]),
             "step_image_tokens": int(total[5]),
             "step_images": int(total[8]),
+            "step_positions": int(total[10]),
             "allreduce_wait_s": total[9] / dist.world_size(),
             "allreduce_wait_max_s": longest,
         }
-        out.update({k: v / count for k, v in zip(keys, total[10:])})
+        out.update({k: v / count for k, v in zip(keys, total[11:])})
         return out
 
 

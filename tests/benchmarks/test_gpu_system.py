@@ -76,6 +76,8 @@ def test_both_sides_ran_the_same_rows(tiny_result):
     records = [json.loads(line) for line in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
     steady = [r for r in records if r["split"] == "train" and r["step"] > 1]
     assert [r["step_tokens"] for r in steady] == b["step_tokens"]  # what the trainer counted, what the bare model got
+    # what the trainer's record says the LLM ran on: the collator's rows x width, padding included
+    assert [r["step_positions"] for r in steady] == [s["rows"] * s["width"] for s in t["layouts"]]
 
 
 def test_both_sides_processed_the_same_real_tokens(tiny_result):

@@ -33,8 +33,11 @@ def test_fused_model_satisfies_the_contract_and_counts_its_batches():
         if pack:
             assert batch["input_ids"].shape[0] == 2  # samples 0 and 2 share a row: the row counts both
         counts = model.batch_counts(batch)
+        # positions: what the LLM runs on, padding included (unpacked: 3 rows of the longest; packed: 2 rows)
+        rows = 2 if pack else 3
         assert counts == BatchCounts(samples=3, tokens=sum(lengths), supervised_tokens=6, images=3, image_tokens=3 * n,
-                                     loss_terms=6)
+                                     loss_terms=6, positions=rows * batch["input_ids"].shape[1])
+        assert counts.positions >= counts.tokens
         with torch.no_grad():
             out = model(batch)
         assert int(out["num_tokens"]) == counts.loss_terms  # the forward's loss is the mean over exactly those terms
@@ -59,6 +62,7 @@ def test_align_model_satisfies_the_contract_and_counts_its_batches():
         images=4,
         image_tokens=0,
         loss_terms=None,
+        positions=batch["text_input_ids"].numel(),  # every caption padded to the batch's longest
     )
     cached = dict(batch, image_features=model.encode_images(batch.pop("pixel_values")))
     assert model.batch_counts(cached) == counts  # cached features count as the images they came from
