@@ -17,12 +17,14 @@ random-weight llama LLM and the skewed mixture of mmdist.data.shards.mixture_sam
    with the error, and whether the stages rank alike. Beside it, the same model's prediction
    for the work of the very steps measured (their FLOPs from metrics.jsonl's counts,
    mmdist.plan.speed.record_flops): the difference between the two is how far the steps drawn
-   lie from the shards' mean, not an error of the time model. Each stage runs ``--repeats`` times (default 2
-   on the CPU), in rounds (ZeRO-1, 2, 3, then again), so that a drift of the machine's speed hits
-   every stage alike; a stage's measurement is the median of its runs. How far the runs of one
-   setting lie apart shows how far this machine's measurement moves by itself: measured times
-   closer than the widest such spread (at least :data:`TIE_BAND`) are a tie, which either order of
-   the predictions matches.
+   lie from the shards' mean, not an error of the time model.
+
+Each stage runs ``--repeats`` times (default 2 on the CPU), in rounds (ZeRO-1, 2, 3, then 3, 2,
+1), so that a drift of the machine's speed, or whatever a run leaves behind for the next, hits
+every stage alike; a stage's measurement is the median of its runs. The calibration's runs
+repeat as often (``mmdist plan --calibrate-repeats``). How far the runs of one setting lie apart
+shows how far this machine's measurement moves by itself: measured times closer than the widest
+such spread (at least :data:`TIE_BAND`) are a tie, which either order of the predictions matches.
 
 The machine's load changes the figures (4 ranks on 2 cores share them): run it on a quiet machine.
 
@@ -125,7 +127,8 @@ def main() -> None:
             cal = load_calibration(args.calibration)
             print(f"[{world} ranks] calibration from {args.calibration}: {cal}")
         else:
-            cal, raw = calibrate(str(cal_file), [], world, out / f"calibration-{world}.json", steps=args.steps)
+            cal, raw = calibrate(str(cal_file), [], world, out / f"calibration-{world}.json", steps=args.steps,
+                                 repeats=repeats_per_stage)
             print(f"[{world} ranks] calibrated: {json.dumps({k: v for k, v in raw.items() if k != 'overrides'})}")
         pred_file = out / f"predict-{world}.yaml"
         pred_file.write_text(yaml.safe_dump(recipe(predict_shape, world, shards, out / "pred-run", args.gpu)))
@@ -138,7 +141,8 @@ def main() -> None:
         fwd_bwd: dict[int, list[float]] = {}
         drawn: dict[int, list[float]] = {}  # per stage: the FLOPs per rank of a mean step of each run
         for round_ in range(repeats_per_stage):
-            for stage in (1, 2, 3):
+            for stage in (1, 2, 3) if round_ % 2 == 0 else (3, 2, 1):  # every other round reversed: no stage always
+                # runs right after another, or first
                 run_dir = out / f"predict-{world}-zero{stage}-run{round_ + 1}"
                 _launch(world, ["-m", "mmdist", "train", "--config", str(pred_file),
                                 *leg_overrides(stage, args.steps, run_dir)],

@@ -15,6 +15,7 @@ from mmdist.plan.calibration import (
     fit,
     layer_probe,
     load_calibration,
+    pooled,
     save_calibration,
     steady_phases,
 )
@@ -138,6 +139,17 @@ def test_steady_phases_leave_out_start_up_and_take_means():
         steady_phases([{k: v for k, v in r.items() if k != "phase_backward_s"} for r in records])
     with pytest.raises(ValueError, match="need at least"):
         steady_phases(records[:3])
+
+
+def test_pooled_runs_weigh_every_steady_step_alike():
+    a = StepPhases(1.0, 0.4, 0.5, 0.01, steps=10, flops=2e9)
+    b = StepPhases(2.0, 0.8, 1.1, 0.03, steps=30, flops=4e9)
+    both = pooled([a, b])
+    assert both.steps == 40 and both.step_s == pytest.approx(1.75) and both.forward_s == pytest.approx(0.7)
+    assert both.compute_s == pytest.approx((10 * 0.9 + 30 * 1.9) / 40) and both.flops == pytest.approx(3.5e9)
+    assert pooled([a]) == a
+    with pytest.raises(ValueError, match="no steady steps"):
+        pooled([])
 
 
 @pytest.mark.parametrize("world,ckpt", [(2, False), (4, True)])
@@ -274,3 +286,6 @@ def test_calibrate_command_measures_a_config_on_two_ranks(tmp_path, monkeypatch)
     assert cal.sources["flops_per_s"].startswith("measured") and cal.sources["zero3_module_s"].startswith("measured")
     raw = json.loads(out.read_text())["measurements"]
     assert raw["zero3"]["step_s"] > 0 and raw["zero1"]["steps"] == 3 and raw["modules"] > 0
+    # the FLOPs of the very steps timed (their metrics.jsonl counts), beside the planned mean step's
+    assert raw["step_flops"] == raw["zero1"]["flops"] > 0 and raw["planned_step_flops"] > 0
+    assert cal.sources["module_call_s"].startswith("measured")

@@ -31,6 +31,7 @@ from mmdist.plan.calibration import (
     fit,
     layer_probe,
     machine_label,
+    pooled,
     save_calibration,
     steady_phases,
 )
@@ -76,8 +77,13 @@ def _launch(world: int, module_args: list[str], env: dict, what: str) -> None:
 
 
 def calibrate(config: str, overrides: Sequence[str], world: int, out: str | Path, steps: int = 8,
-              log=print) -> tuple[Calibration, dict]:
-    """Measure on ``world`` local ranks and write the calibration to ``out``; (the calibration, the raw figures)."""
+              log=print, repeats: int = 1) -> tuple[Calibration, dict]:
+    """Measure on ``world`` local ranks and write the calibration to ``out``; (the calibration, the raw figures).
+
+    ``repeats``: the ZeRO-1 and ZeRO-3 runs each that many times, in rounds (1, 3, 1, 3, ...), pooled: a machine
+    whose speed moves from one process start to the next (a shared or throttled host) moves the rates less."""
+    if repeats < 1:
+        raise ValueError(f"calibration repeats must be at least 1, got {repeats}")
     device = _device()
     cfg = load_config(config, list(overrides))
     pins = pinned_precision(cfg, device)
@@ -102,15 +108,18 @@ def calibrate(config: str, overrides: Sequence[str], world: int, out: str | Path
             train, recompute = record_flops(planned, shapes, record, world)
             return train + (recompute if ckpt else 0.0)
 
-        phases = {}
-        for stage in (1, 3):
-            log(f"calibrating: the trainer at ZeRO-{stage}, {steps} steps")
-            run_dir = scratch / f"zero{stage}"
-            args = ["-m", "mmdist", "train", "--config", str(config), *overrides, *pins,
-                    *leg_overrides(stage, steps, run_dir)]
-            _launch(world, args, env, f"run at ZeRO-{stage}")
-            records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            phases[stage] = steady_phases(records, flops_of=flops_of)
+        legs: dict[int, list] = {1: [], 3: []}
+        for round_ in range(repeats):
+            for stage in (1, 3):
+                log(f"calibrating: the trainer at ZeRO-{stage}, {steps} steps"
+                    + (f" (round {round_ + 1} of {repeats})" if repeats > 1 else ""))
+                run_dir = scratch / f"zero{stage}-{round_}"
+                args = ["-m", "mmdist", "train", "--config", str(config), *overrides, *pins,
+                        *leg_overrides(stage, steps, run_dir)]
+                _launch(world, args, env, f"run at ZeRO-{stage}")
+                records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                legs[stage].append(steady_phases(records, flops_of=flops_of))
+        phases = {stage: pooled(runs) for stage, runs in legs.items()}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     inputs = step_inputs(planned, shapes, world, machine_label(device), tokens=batch_tokens(planned, shapes))
@@ -119,6 +128,7 @@ def calibrate(config: str, overrides: Sequence[str], world: int, out: str | Path
     raw = {"world": world, "device": device, "config": str(config), "overrides": [*overrides, *pins],
            "all_gather_s": {str(k): v for k, v in probe.items()}, "layer_flops": {str(k): v for k, v in layers.items()},
            "zero1": dataclasses.asdict(phases[1]), "zero3": dataclasses.asdict(phases[3]),
+           "runs": {f"zero{stage}": [dataclasses.asdict(r) for r in runs] for stage, runs in legs.items()},
            "step_flops": phases[1].flops,  # per rank, the mean of the steps timed
            "planned_step_flops": inputs.model_flops + (inputs.recompute_flops if ckpt else 0.0),
            "modules": inputs.modules, "trainable_params": inputs.trainable_params}

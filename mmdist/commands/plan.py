@@ -70,6 +70,9 @@ def main(argv: Sequence[str]) -> int:
                         help="measure this node's rates for the step-time model on --gpus local ranks (default 1) "
                              "with this config (a few steps at ZeRO-1 and ZeRO-3), write them to OUT (JSON) and stop")
     parser.add_argument("--calibrate-steps", type=int, default=8, help="steps per calibration run (default 8)")
+    parser.add_argument("--calibrate-repeats", type=int, default=1,
+                        help="runs of each calibration setting, pooled (default 1; 2 or more on a host whose speed "
+                             "moves between runs)")
     parser.add_argument("--calibration", metavar="FILE", default=os.environ.get(CALIBRATION_ENV) or None,
                         help="predict step times with the rates in FILE (from --calibrate; default $"
                              f"{CALIBRATION_ENV}, else the shipped defaults, printed as such)")
@@ -149,7 +152,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from mmdist.commands.calibrate import calibrate
 
     try:
-        cal, _ = calibrate(args.config, args.overrides, args.gpus or 1, args.calibrate, steps=args.calibrate_steps)
+        cal, _ = calibrate(args.config, args.overrides, args.gpus or 1, args.calibrate, steps=args.calibrate_steps,
+                           repeats=args.calibrate_repeats)
     except (ConfigError, ValueError, RuntimeError, OSError) as exc:
         print(f"error: calibration failed: {exc}", file=sys.stderr)
         return 2

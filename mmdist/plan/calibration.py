@@ -63,7 +63,7 @@ from mmdist.plan.step_time import (
 )
 
 __all__ = ["CALIBRATION_ENV", "PROBE_BYTES", "StepPhases", "collective_probe", "fit", "layer_probe", "load_calibration",
-           "machine_label", "save_calibration", "steady_phases"]
+           "machine_label", "pooled", "save_calibration", "steady_phases"]
 
 CALIBRATION_ENV = "MMDIST_CALIBRATION"
 """A calibration file (``mmdist plan --calibrate``) that ``engine.zero_stage: auto`` predicts with at start-up."""
@@ -109,6 +109,16 @@ def steady_phases(records: Sequence[Mapping], skip: int = 2,
     flops = statistics.fmean(flops_of(r) for r in steady) if flops_of else 0.0
     return StepPhases(span / len(steady), mean("phase_forward_s"), mean("phase_backward_s"),
                       mean("phase_optimizer_s"), len(steady), flops)
+
+
+def pooled(runs: Sequence[StepPhases]) -> StepPhases:
+    """Several runs of one setting as one: every figure the mean over all their steady steps (each run weighted by
+    its steps), so that the rate is still all the steps' work over all their time."""
+    steps = sum(r.steps for r in runs)
+    if not runs or steps <= 0:
+        raise ValueError("pooled: no steady steps to pool")
+    mean = lambda name: sum(getattr(r, name) * r.steps for r in runs) / steps  # noqa: E731
+    return StepPhases(mean("step_s"), mean("forward_s"), mean("backward_s"), mean("optimizer_s"), steps, mean("flops"))
 
 
 def collective_probe(world: int, device: Any, repeats: int = 10) -> dict:
