@@ -23,8 +23,9 @@ Each stage runs ``--repeats`` times (default 2 on the CPU), in rounds (ZeRO-1, 2
 1), so that a drift of the machine's speed, or whatever a run leaves behind for the next, hits
 every stage alike; a stage's measurement is the median of its runs. The calibration's runs
 repeat as often (``mmdist plan --calibrate-repeats``). How far the runs of one setting lie apart
-shows how far this machine's measurement moves by itself: measured times closer than the widest
-such spread (at least :data:`TIE_BAND`) are a tie, which either order of the predictions matches.
+shows how far this machine's measurement moves by itself: two settings whose measured times lie
+closer than that spread allows (:func:`tie_band`: Student's t at 95% on the runs' pooled spread,
+at least :data:`TIE_BAND`) are a tie, which either order of the predictions matches.
 
 The machine's load changes the figures (4 ranks on 2 cores share them): run it on a quiet machine.
 
@@ -39,6 +40,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import os
 import statistics
 import sys
@@ -55,6 +57,8 @@ PREDICT = dict(hidden=320, intermediate=864, layers=6, heads=4, kv=2, micro=6)
 CALIBRATE_GPU = dict(hidden=1024, intermediate=2816, layers=8, heads=16, kv=8, micro=32)
 PREDICT_GPU = dict(hidden=2048, intermediate=5632, layers=12, heads=16, kv=8, micro=48)
 TIE_BAND = 0.05
+#: Student's t, two-sided 95% (the 97.5% point), for 1 to 10 degrees of freedom; beyond, 10's
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
 TARGET = 0.25
 
 
@@ -76,6 +80,24 @@ def recipe(shape: dict, world: int, shards: str, run_dir: Path, gpu: bool = Fals
     r["log"].update(progress_bar=False, tensorboard=False, param_table=False)
     r["run_dir"] = str(run_dir)
     return r
+
+
+def tie_band(runs_by_setting: list[list[float]]) -> tuple[float, int]:
+    """(how far apart, as a fraction, two settings' mean step times may lie from this machine's run-to-run spread
+    alone; the degrees of freedom it rests on). The runs' spread is pooled over the settings (each run's log time
+    less its setting's mean log time: the machine moves every setting's runs alike, as a factor), and the band is
+    the 95% two-sided interval of a difference between two means of that many runs. No repeats: :data:`TIE_BAND`."""
+    squares, df = 0.0, 0
+    for runs in runs_by_setting:
+        logs = [math.log(x) for x in runs]
+        mean = statistics.fmean(logs)
+        squares += sum((x - mean) ** 2 for x in logs)
+        df += len(logs) - 1
+    if df == 0:
+        return TIE_BAND, 0
+    n = min(len(runs) for runs in runs_by_setting)
+    t = T_975[min(df, len(T_975)) - 1]
+    return max(TIE_BAND, math.expm1(t * math.sqrt(squares / df) * math.sqrt(2 / n))), df
 
 
 def _train_flops(cfg, shapes, world: int, record: dict) -> float:
@@ -175,9 +197,10 @@ def main() -> None:
     for world in worlds:
         mine = [r for r in rows if r["world"] == world]
         spread = max(max(r["runs"]) / min(r["runs"]) - 1 for r in mine)
-        band = max(TIE_BAND, spread)
+        band, df = tie_band([r["runs"] for r in mine])
         bands.append(band)
-        print(f"{world:>5} runs of one setting lie up to {spread:.1%} apart: measured times within {band:.1%} "
+        print(f"{world:>5} runs of one setting lie up to {spread:.1%} apart; by their pooled spread ({df} degrees of "
+              f"freedom, Student's t at 95%) measured times within {band:.1%} "
               "are a tie")
         for r in mine:
             err = r["predicted"] / r["measured"] - 1
