@@ -63,8 +63,8 @@ def peak_for(gpu: str, precision: str) -> float:
     return float(value or CPU_PEAK)
 
 
-def _counted_flops(cfg: RunConfig, shapes: Sequence[ModuleShape], positions: float, real: float,
-                   image_tokens: float, images: float, samples: float) -> tuple[float, float]:
+def _counted_flops(shapes: Sequence[ModuleShape], positions: float, real: float, image_tokens: float, images: float,
+                   samples: float) -> tuple[float, float]:
     """(training FLOPs, recompute FLOPs under checkpointing) of work with these counts: ``positions`` the LLM (or
     stage 1's text encoder) runs on, padding included; ``real`` tokens among them; the images and their positions."""
     flops = model_flops(shapes)
@@ -81,14 +81,14 @@ def _micro_batch_flops(cfg: RunConfig, shapes: Sequence[ModuleShape],
     samples = cfg.train.micro_batch_size
     projector = next((s for s in shapes if s.name == "projector"), None)
     if projector is None:  # stage 1: one image and a caption of up to text.max_length tokens per sample
-        return _counted_flops(cfg, shapes, samples * cfg.model.text.max_length, 0, 0, samples, samples)
+        return _counted_flops(shapes, samples * cfg.model.text.max_length, 0, 0, samples, samples)
     if batch is None:  # the worst case: every sample a full row
         image_tokens = samples * projector.dims.get("tokens", 0)
         images = samples * projector.dims.get("images", 1)
     else:  # the planned micro-batch (shard statistics or a configured mean)
         image_tokens, images = batch.image_tokens, batch.tower_images
     positions = micro_batch_tokens(cfg, batch)
-    return _counted_flops(cfg, shapes, positions, positions if batch is None else batch.tokens, image_tokens, images,
+    return _counted_flops(shapes, positions, positions if batch is None else batch.tokens, image_tokens, images,
                           samples)
 
 
@@ -98,7 +98,7 @@ def record_flops(cfg: RunConfig, shapes: Sequence[ModuleShape], record: dict, wo
     ``step_tokens``, ``step_image_tokens``, ``step_images``, ``step_samples``). How a calibration knows the work of
     the very steps it timed, whose batches differ from the planned mean."""
     positions = record.get("step_positions") or record["step_tokens"]
-    train, recompute = _counted_flops(cfg, shapes, positions, record["step_tokens"], record.get("step_image_tokens", 0),
+    train, recompute = _counted_flops(shapes, positions, record["step_tokens"], record.get("step_image_tokens", 0),
                                       record.get("step_images", 0), record.get("step_samples", 0))
     return train / max(1, world), recompute / max(1, world)
 

@@ -27,6 +27,15 @@ def one_process(settings: dict) -> tuple[int, int, list[float]]:
         return tower.num_tokens, tower.hidden_size, tower(pixels(tower.image_size)).flatten()[:64].tolist()
 
 
+def _why(output: str) -> str:
+    """A failed launch's output for the assertion message: the lines that say what went wrong (a Python error, a
+    C++ abort, a signal), wherever they are, then the tail. A rank that aborts prints its extension modules after
+    the cause, which pushed the cause out of a plain tail."""
+    keys = ("Error", "error:", "Fatal Python error", "terminate called", "what():", "Aborted", "Traceback", "File \"")
+    causes = [line for line in output.splitlines() if any(k in line for k in keys) and "Extension modules" not in line]
+    return "\n".join(causes[:60]) + "\n--- tail ---\n" + output[-2000:]
+
+
 @pytest.mark.multiproc
 @pytest.mark.slow
 def test_vision_towers_build_partitioned_under_zero3(tmp_path):
@@ -70,7 +79,7 @@ def test_vision_towers_build_partitioned_under_zero3(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(tests_dir / "helpers" / "zero3_vision_worker.py"), str(out), json.dumps(towers)]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0, _why(run.stdout + run.stderr)
     ranks = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
     for label, settings in towers:
         tokens, width, features = one_process(settings)
