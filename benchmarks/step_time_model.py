@@ -100,10 +100,10 @@ def tie_band(runs_by_setting: list[list[float]]) -> tuple[float, int]:
     return max(TIE_BAND, math.expm1(t * math.sqrt(squares / df) * math.sqrt(2 / n))), df
 
 
-def _train_flops(cfg, shapes, world: int, record: dict) -> float:
+def _train_flops(shapes, world: int, record: dict) -> float:
     from mmdist.plan.speed import record_flops
 
-    return record_flops(cfg, shapes, record, world)[0]
+    return record_flops(shapes, record, world)[0]
 
 
 def main() -> None:
@@ -159,7 +159,7 @@ def main() -> None:
         machine = machine_label("cuda") if args.gpu else "cpu"
         inputs = step_inputs(cfg, shapes, world, machine, tokens=batch_tokens(cfg, shapes), calibration=cal)
         link = interconnect_for(machine)
-        flops_of = functools.partial(_train_flops, cfg, shapes, world)
+        flops_of = functools.partial(_train_flops, shapes, world)
         fwd_bwd: dict[int, list[float]] = {}
         drawn: dict[int, list[float]] = {}  # per stage: the FLOPs per rank of a mean step of each run
         for round_ in range(repeats_per_stage):
@@ -199,8 +199,9 @@ def main() -> None:
         spread = max(max(r["runs"]) / min(r["runs"]) - 1 for r in mine)
         band, df = tie_band([r["runs"] for r in mine])
         bands.append(band)
-        print(f"{world:>5} runs of one setting lie up to {spread:.1%} apart; by their pooled spread ({df} degrees of "
-              f"freedom, Student's t at 95%) measured times within {band:.1%} "
+        how = (f"by their pooled spread ({df} degrees of freedom, Student's t at 95%)" if df else
+               "one run a setting, no spread to go by: the floor")
+        print(f"{world:>5} runs of one setting lie up to {spread:.1%} apart; {how}: measured times within {band:.1%} "
               "are a tie")
         for r in mine:
             err = r["predicted"] / r["measured"] - 1

@@ -200,11 +200,11 @@ def test_a_records_flops_are_counted_as_the_plan_counts_a_step(recipe):
         record = dict(step_positions=samples * cfg.model.text.max_length, step_tokens=samples * 7,
                       step_images=samples, step_samples=samples)
     record = {k: v * per_step for k, v in record.items()}
-    train, recompute = record_flops(cfg, shapes, record, world)
+    train, recompute = record_flops(shapes, record, world)
     assert inp.micro_batches == micro_batches and train == pytest.approx(inp.model_flops, rel=1e-9)
     assert recompute == pytest.approx(inp.recompute_flops, rel=1e-9)
     # padding costs time: the same tokens in more positions count more
-    padded = record_flops(cfg, shapes, dict(record, step_positions=2 * record["step_positions"]), world)[0]
+    padded = record_flops(shapes, dict(record, step_positions=2 * record["step_positions"]), world)[0]
     assert padded > train
 
 

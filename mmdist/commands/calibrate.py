@@ -105,7 +105,7 @@ def calibrate(config: str, overrides: Sequence[str], world: int, out: str | Path
         ckpt = bool(planned.stage.llm_checkpointing(planned.model))
 
         def flops_of(record: dict) -> float:
-            train, recompute = record_flops(planned, shapes, record, world)
+            train, recompute = record_flops(shapes, record, world)
             return train + (recompute if ckpt else 0.0)
 
         legs: dict[int, list] = {1: [], 3: []}

@@ -60,6 +60,7 @@ from mmdist.plan.step_time import (
     collective_calls,
     comm_bytes,
     layer_rate,
+    module_passes,
 )
 
 __all__ = ["CALIBRATION_ENV", "PROBE_BYTES", "StepPhases", "collective_probe", "fit", "layer_probe", "load_calibration",
@@ -263,7 +264,7 @@ def fit(inputs: StepInputs, world: int, zero1: StepPhases, zero3: StepPhases, pr
     # The FLOPs at the layer probe's rate for this width; what the trainer took beyond that is a cost per module
     # call and pass (the same for a small module as for a large one). A trainer faster than the probe (a probe
     # layer less efficient than the model's): its own rate, and no such cost.
-    calls = inputs.modules * (3 if checkpointing else 2) * inputs.micro_batches
+    calls = inputs.modules * module_passes(checkpointing) * inputs.micro_batches
     arithmetic = flops / layer_rate(layers, inputs.width) if layers and inputs.width else compute
     if calls and arithmetic < compute:
         rate, module_call_s = flops / arithmetic, (compute - arithmetic) / calls

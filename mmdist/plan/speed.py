@@ -92,7 +92,7 @@ def _micro_batch_flops(cfg: RunConfig, shapes: Sequence[ModuleShape],
                           samples)
 
 
-def record_flops(cfg: RunConfig, shapes: Sequence[ModuleShape], record: dict, world: int) -> tuple[float, float]:
+def record_flops(shapes: Sequence[ModuleShape], record: dict, world: int) -> tuple[float, float]:
     """(training FLOPs, recompute FLOPs) per rank of one step the trainer ran, counted as :func:`step_inputs` counts
     a planned one, at the counts of its metrics.jsonl ``record`` (every rank's together: ``step_positions``,
     ``step_tokens``, ``step_image_tokens``, ``step_images``, ``step_samples``). How a calibration knows the work of

@@ -49,7 +49,8 @@ import re
 from typing import Optional
 
 __all__ = ["Calibration", "Interconnect", "PROBE_TOKENS", "StepInputs", "StepTime", "calibration_line",
-           "collective_calls", "comm_bytes", "interconnect_for", "layer_rate", "predict", "scaling_table"]
+           "collective_calls", "comm_bytes", "interconnect_for", "layer_rate", "module_passes", "predict",
+           "scaling_table"]
 
 GB = 1e9
 
@@ -208,14 +209,15 @@ class StepTime:
         return (self.bare_compute_s or self.compute_s) / self.step_s if self.step_s else 0.0
 
 
-def _passes(checkpointing: bool) -> int:
-    """Passes over every module per micro-batch: forward, backward, and the recomputing forward."""
+def module_passes(checkpointing: bool) -> int:
+    """Passes over every module per micro-batch: forward, backward, and the recomputing forward under gradient
+    checkpointing (each a ZeRO-3 fetch, a parameter offload's copy, a module call)."""
     return 2 + (1 if checkpointing else 0)
 
 
 def _gathers(zero_stage: int, checkpointing: bool) -> int:
     """Module fetches per micro-batch under ZeRO-3: forward, backward, and recomputation (0 at other stages)."""
-    return _passes(checkpointing) if zero_stage == 3 else 0
+    return module_passes(checkpointing) if zero_stage == 3 else 0
 
 
 def comm_bytes(inputs: StepInputs, zero_stage: int, world: int, checkpointing: bool) -> float:
@@ -249,8 +251,8 @@ def offload_bytes(inputs: StepInputs, world: int, checkpointing: bool, offload_o
     # gradients go down as fp32 (4 bytes per parameter), the updated weights come back in the compute dtype
     down = 4 * inputs.trainable_params if inputs.trainable_params else inputs.gradient_bytes
     optimizer = (down + inputs.trainable_bytes) / n if offload_optimizer else 0.0
-    gathers = 2 + (1 if checkpointing else 0)  # forward, backward, recompute: each fetches the rank's partition
-    params = inputs.weight_bytes / n * gathers * inputs.micro_batches if offload_params else 0.0
+    # every pass (forward, backward, recompute) fetches the rank's partition
+    params = inputs.weight_bytes / n * module_passes(checkpointing) * inputs.micro_batches if offload_params else 0.0
     return optimizer, params
 
 
@@ -259,7 +261,7 @@ def predict(inputs: StepInputs, zero_stage: int, world: int, interconnect: Inter
     """The step time of one setting on ``world`` ranks (see the module's docstring for each term)."""
     cal = inputs.calibration
     flops = inputs.model_flops + (inputs.recompute_flops if checkpointing else 0.0)
-    calls = cal.module_call_s * inputs.modules * _passes(checkpointing) * inputs.micro_batches
+    calls = cal.module_call_s * inputs.modules * module_passes(checkpointing) * inputs.micro_batches
     bare = flops / cal.rate(inputs.width) + calls
     zero3 = cal.zero3_module_s * inputs.modules * _gathers(zero_stage, checkpointing) * inputs.micro_batches
     compute = bare + zero3
