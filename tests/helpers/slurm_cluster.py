@@ -147,7 +147,7 @@ def start_cluster(home: Path | None = None, install_timeout: float = 900, start_
     for sub in ("state", "spool", "log", *(f"spool/{n}" for n in cluster.nodes if len(cluster.nodes) > 1)):
         (home / sub).mkdir(exist_ok=True)
     conf = _slurm_conf(cluster) if len(cluster.nodes) == 1 else _two_node_conf(cluster)
-    if cluster.conf.exists() and cluster.conf.read_text() == conf and _node_idle(cluster):
+    if cluster.conf.exists() and cluster.conf.read_text() == conf and _daemons_alive(cluster) and _node_idle(cluster):
         return cluster  # started by an earlier test session and still healthy
     _stop_stale(cluster)
     cluster.conf.write_text(conf)
@@ -296,6 +296,16 @@ def _node_idle(cluster: SlurmCluster) -> bool:
     except subprocess.TimeoutExpired:
         return False
     return out.returncode == 0 and all(f"{node} idle" in out.stdout for node in cluster.nodes)
+
+
+def _daemons_alive(cluster: SlurmCluster) -> bool:
+    """Every daemon of ``cluster`` runs. sinfo alone does not tell: slurmctld shows a node whose slurmd has died
+    idle until its SlurmdTimeout, and jobs sent there then wait for a node that is about to go DOWN."""
+    for name in cluster.daemons:
+        pid = _read_pid(cluster.home / f"{name}.pid")
+        if not pid or not _is_process(pid, name.partition(".")[0]):
+            return False
+    return True
 
 
 def _stop_stale(cluster: SlurmCluster) -> None:
