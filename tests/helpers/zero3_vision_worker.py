@@ -23,6 +23,7 @@ from mmdist.models.vision import VisionConfig, VisionTower  # noqa: E402
 from mmdist.settings import from_dict  # noqa: E402
 from mmdist.training.deepspeed_compat import zero3_init  # noqa: E402
 from mmdist.training.engine import gather_for, read_gather_for  # noqa: E402
+from mmdist.training.teardown import release_deepspeed  # noqa: E402
 
 
 def main(out: str, specs: str) -> None:
@@ -50,7 +51,12 @@ def main(out: str, specs: str) -> None:
     with open(f"{out}.{rank}", "w") as fh:
         json.dump(found, fh)
     dist.barrier()
-    dist.destroy_process_group()
+    # The engine's teardown (EngineBundle.close): DeepSpeed's groups through deepspeed.comm and its shm all-reduce
+    # buffer. A bare destroy_process_group left DeepSpeed's state to the interpreter's exit, where a rank
+    # sometimes aborted ("terminate called without an active exception").
+    release_deepspeed()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
