@@ -298,24 +298,26 @@ def _node_idle(cluster: SlurmCluster) -> bool:
     return out.returncode == 0 and all(f"{node} idle" in out.stdout for node in cluster.nodes)
 
 
+def _live_pid(cluster: SlurmCluster, daemon: str) -> int | None:
+    """The pid of ``daemon`` (slurmctld, slurmd or slurmd.n1 ...) from its pid file, if that process runs."""
+    pid = _read_pid(cluster.home / f"{daemon}.pid")
+    return pid if pid and _is_process(pid, daemon.partition(".")[0]) else None
+
+
 def _daemons_alive(cluster: SlurmCluster) -> bool:
     """Every daemon of ``cluster`` runs. sinfo alone does not tell: slurmctld shows a node whose slurmd has died
     idle until its SlurmdTimeout, and jobs sent there then wait for a node that is about to go DOWN."""
-    for name in cluster.daemons:
-        pid = _read_pid(cluster.home / f"{name}.pid")
-        if not pid or not _is_process(pid, name.partition(".")[0]):
-            return False
-    return True
+    return all(_live_pid(cluster, name) for name in cluster.daemons)
 
 
 def _stop_stale(cluster: SlurmCluster) -> None:
     """Stop daemons an earlier session left behind under this home (never others')."""
     for name in reversed(cluster.daemons):
-        pid = _read_pid(cluster.home / f"{name}.pid")
-        if pid and _is_process(pid, name.partition(".")[0]):
+        pid = _live_pid(cluster, name)
+        if pid:
             os.kill(pid, signal.SIGTERM)
             for _ in range(50):
-                if not _is_process(pid, name):
+                if not _is_process(pid, name.partition(".")[0]):
                     break
                 time.sleep(0.1)
 
