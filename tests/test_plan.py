@@ -267,3 +267,32 @@ def test_resampler_activation_estimate_matches_saved_tensors():
     measured = saved_activation_bytes(module, lambda: module(torch.randn(1, 100, 24)))  # one image of 100 tower tokens
     predicted = resampler_activation_bytes(dict(in_tokens=100, in_width=24, queries=8, hidden=32, layers=2))
     assert measured == pytest.approx(predicted, rel=0.1)
+
+
+def test_the_loss_keeps_activations_at_supervised_tokens_only():
+    """Two micro-batches of the same positions, one with 26 more answer tokens: what autograd saves differs by the
+    LM head's and loss's tensors at those tokens (the fp32 log-softmax at least), and the planner's activation
+    estimate by its count for them (vocabulary x (e + 8) bytes each: the logits, their fp32 copy and log-softmax),
+    not by anything at the other positions."""
+    import torch
+    from helpers.tiny import PAD_ID, make_cfg, make_model, pad_batch, sample
+
+    model = make_model("fuse")
+    few, many = ([sample(model, 1, list(range(10, 10 + p)), list(range(50, 50 + a)))] for p, a in ((30, 4), (4, 30)))
+    measured = []
+    for samples in (few, many):
+        batch = pad_batch(samples, pad_id=PAD_ID)
+        batch["pixel_values"] = torch.randn(1, 3, 16, 16)
+        measured.append(saved_activation_bytes(model, lambda b=batch: model.token_losses(b)))
+    vocab = model.llm.get_output_embeddings().out_features
+    per_token = (measured[1] - measured[0]) / 26
+    cfg = make_cfg("fuse")
+    shapes = plan.model_shapes(cfg)
+    positions = len(few[0][0])
+    planned = [plan.activation_bytes(shapes, cfg, False, positions, 1, positions, supervised=s) for s in (4, 30)]
+    e = plan.DTYPE_BYTES[cfg.engine.precision]
+    assert planned[1] - planned[0] == pytest.approx(26 * vocab * (e + 8), rel=0.01)
+    assert 4 * vocab <= per_token <= vocab * (e + 8), (per_token, vocab)
+    # without a supervised count the planner takes every position (the full-logits path's bound)
+    every = plan.activation_bytes(shapes, cfg, False, positions, 1, positions)
+    assert every - planned[1] == pytest.approx((positions - 30) * vocab * (e + 8), rel=0.01)

@@ -13,6 +13,7 @@ from helpers.mixtures import skewed_samples
 
 from mmdist.data.loader import build_loader
 from mmdist.data.shards import shard_pattern, write_demo_shards, write_shards
+from mmdist.models.fused import supervised_mask
 from mmdist.plan.lengths import batch_tokens
 from mmdist.plan.shapes import model_shapes
 
@@ -40,16 +41,19 @@ def _config(pattern: str, packing: bool, micro: int, tiling: bool = False, max_l
 
 
 def _collated(cfg, processors) -> dict:
-    """Means per micro-batch over one epoch of real batches: real tokens, positions, tower images."""
+    """Means per micro-batch over one epoch of real batches: real tokens, positions, tower images, and the supervised
+    tokens (those the loss is taken on, where the LM head runs)."""
     loader = build_loader(cfg, processors, "train", 0, 1)
-    real = positions = images = batches = 0
+    real = positions = images = batches = supervised = 0
     for batch in loader:
         real += int(batch["attention_mask"].sum())
+        supervised += int(supervised_mask(batch).sum())
         positions += batch["input_ids"].numel()
         images += batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
         batches += 1
     assert batches >= 10, "too few batches for a mean"
-    return {"tokens": real / batches, "positions": positions / batches, "tower_images": images / batches}
+    return {"tokens": real / batches, "positions": positions / batches, "tower_images": images / batches,
+            "supervised_tokens": supervised / batches}
 
 
 @pytest.mark.parametrize("data,packing,tiling,micro", [
@@ -60,12 +64,12 @@ def test_planned_tokens_are_within_10_percent_of_the_collated(shards, processors
     planned = batch_tokens(cfg, model_shapes(cfg))
     built = _collated(cfg, processors)
     assert planned.source == "shard statistics"
-    for key in ("tokens", "positions", "tower_images"):
+    for key in ("tokens", "positions", "tower_images", "supervised_tokens"):
         assert getattr(planned, key) == pytest.approx(built[key], rel=0.10), (key, getattr(planned, key), built[key])
     print(f"{data} packing={packing} tiling={tiling}: planned {planned.tokens:.0f} tokens, {planned.positions:.0f} "
-          f"positions, {planned.tower_images:.1f} tower images; "
+          f"positions, {planned.tower_images:.1f} tower images, {planned.supervised_tokens:.0f} supervised; "
           f"collated {built['tokens']:.0f}, {built['positions']:.0f}, "
-          f"{built['tower_images']:.1f}")
+          f"{built['tower_images']:.1f}, {built['supervised_tokens']:.0f}")
     # memory is sized above the mean micro-batch and never above every sample at max_len
     assert planned.positions <= planned.peak_positions <= micro * cfg.data.max_len
     if data == "demo":  # the worst case the planner used before statistics existed is far off on short samples
@@ -111,3 +115,34 @@ def test_unreadable_statistics_fall_back_and_say_so(tmp_path):
     cfg = _config(str(tmp_path / "shard-{000000..000001}.tar"), True, 8)
     planned = batch_tokens(cfg, model_shapes(cfg))
     assert planned.source == "worst case" and "could not be read (KeyError" in planned.note
+
+
+def test_statistics_without_answers_count_every_text_token(tmp_path, processors):
+    """Shards written before answers were recorded: the supervised tokens are bounded above by the text tokens, and
+    the plan says so; with the answers recorded, the same shards plan fewer."""
+    import json
+
+    from mmdist.data.shard_stats import STATS_FILE
+
+    write_shards(skewed_samples(160), tmp_path, samples_per_shard=80)
+    cfg = _config(str(tmp_path / "shard-{000000..000001}.tar"), True, 8)
+    recorded = batch_tokens(cfg, model_shapes(cfg))
+    stats = json.loads((tmp_path / STATS_FILE).read_text())
+    for entry in stats.values():
+        for group in entry["by_images"].values():
+            del group["answers"], group["answer_chars_mean"]
+    (tmp_path / STATS_FILE).write_text(json.dumps(stats))
+    bound = batch_tokens(cfg, model_shapes(cfg))
+    built = _collated(cfg, processors)
+    assert "answers not recorded" in bound.note and "answers not recorded" not in recorded.note
+    assert bound.tokens == pytest.approx(recorded.tokens)
+    assert bound.supervised_tokens >= built["supervised_tokens"] > 0
+    assert bound.supervised_tokens > 1.5 * recorded.supervised_tokens
+    assert bound.peak_supervised_tokens >= recorded.peak_supervised_tokens
+
+
+def test_the_stats_know_which_turns_the_preprocessor_supervises():
+    from mmdist.data.preprocess import ROLE_MAP
+    from mmdist.data.shard_stats import ASSISTANT_ROLES
+
+    assert set(ASSISTANT_ROLES) == {k for k, v in ROLE_MAP.items() if v == "assistant"}

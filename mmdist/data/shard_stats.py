@@ -9,7 +9,9 @@ writes, a compact summary of its samples in ``stats.json`` beside ``sizes.json``
         "by_images": {"0": {...}, "1": {"samples": 870, "captions": 0, "messages": 4.1,
                                "chars_mean": 402.7, "words_mean": 71.2,
                                "chars_q": [11 percentiles: p0, p10, ..., p100],
-                               "tokens_mean": 98.1, "tokens_q": [...]}},     # tokens: only with a tokenizer
+                               "answers": 2.05, "answer_chars_mean": 251.3,  # assistant turns: the loss's text
+                               "tokens_mean": 98.1, "tokens_q": [...],       # tokens: only with a tokenizer
+                               "answer_tokens_mean": 60.4}},
         "image_sizes": {"640x480": 412, "480x640": 77, ...},                  # width x height, to about 6%
         "text_sample": ["\\nWhat is in the picture?", "A cat on a sofa.", ...],   # <= 2000 characters
         "tokenizer": "Qwen/Qwen-14B"}}                                        # only with a tokenizer
@@ -17,12 +19,15 @@ writes, a compact summary of its samples in ``stats.json`` beside ``sizes.json``
 Text is counted as the preprocessor will read it (mmdist/data/preprocess.py, format
 ``auto``): a ``json`` member with a ``conversations`` list is a conversation (every
 turn's text), else the ``txt`` member is a caption; the data's ``<image>`` marks are
-left out (images are counted on their own). The writer rarely has the LLM's tokenizer,
-so it records characters and words; ``text_sample`` keeps the first samples' texts so
-the planner can measure this data's characters per token with the run's tokenizer
-(mmdist.plan.lengths). Given a tokenizer (``mmdist shard --tokenizer``), the writer
-records tokens as well (each turn encoded without special tokens, as the preprocessor
-encodes them), and the planner uses them when the run's tokenizer has the same name.
+left out (images are counted on their own). The answers (a conversation's gpt/assistant
+turns, a caption) are also counted apart: they are the tokens the loss is taken on,
+and the LM head runs at those only (mmdist.models.fused), so they size its logits.
+The writer rarely has the LLM's tokenizer, so it records characters and words;
+``text_sample`` keeps the first samples' texts so the planner can measure this data's
+characters per token with the run's tokenizer (mmdist.plan.lengths). Given a tokenizer
+(``mmdist shard --tokenizer``), the writer records tokens as well (each turn encoded
+without special tokens, as the preprocessor encodes them), and the planner uses them
+when the run's tokenizer has the same name.
 
 Samples are grouped by their number of images, so a mixture keeps the link between
 the two (long text-only samples, short captioned images). Tiles are not recorded:
@@ -53,18 +58,26 @@ QUANTILES = tuple(range(0, 101, 10))  # the percentiles of the text-length summa
 TEXT_SAMPLE_CHARS = 2000  # characters of text kept per shard for measuring characters per token
 IMAGE_MARK = "<image>"
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+ASSISTANT_ROLES = ("gpt", "assistant")  # the turns the preprocessor supervises (mmdist.data.preprocess.ROLE_MAP)
 
 
 class SampleLength:
     """One sample's length as the writer sees it: text pieces as the preprocessor encodes them, images and sizes."""
 
-    __slots__ = ("caption", "messages", "pieces", "image_sizes")
+    __slots__ = ("caption", "messages", "pieces", "image_sizes", "answers", "answer_pieces")
 
-    def __init__(self, caption: bool, messages: int, pieces: list[str], image_sizes: list[tuple[int, int]]):
+    def __init__(self, caption: bool, messages: int, pieces: list[str], image_sizes: list[tuple[int, int]],
+                 answers: int = 0, answer_pieces: Sequence[str] = ()):
         self.caption = caption
         self.messages = messages
         self.pieces = pieces  # text between image marks, per turn: what the preprocessor tokenizes
         self.image_sizes = image_sizes  # (width, height) per image
+        self.answers = answers  # assistant turns (a caption is one)
+        self.answer_pieces = list(answer_pieces)  # their text, the part of ``pieces`` the loss is taken on
+
+    @property
+    def answer_chars(self) -> int:
+        return sum(len(p) for p in self.answer_pieces)
 
     @property
     def chars(self) -> int:
@@ -113,13 +126,17 @@ def sample_length(sample: dict) -> SampleLength:
     meta = _as_json(sample.get("json"))
     turns = meta.get("conversations") if isinstance(meta, dict) else None
     if isinstance(turns, list) and turns:
-        pieces = []
+        pieces, answers, answer_pieces = [], 0, []
         for turn in turns:
             text = _as_text(turn.get("value", "")) if isinstance(turn, dict) else ""
-            pieces += [p for p in (text or "").split(IMAGE_MARK) if p]
-        return SampleLength(False, len(turns), pieces, sizes)
+            split = [p for p in (text or "").split(IMAGE_MARK) if p]
+            pieces += split
+            if isinstance(turn, dict) and turn.get("from", turn.get("role")) in ASSISTANT_ROLES:
+                answers += 1
+                answer_pieces += split
+        return SampleLength(False, len(turns), pieces, sizes, answers, answer_pieces)
     caption = (_as_text(sample.get("txt")) or "").replace(IMAGE_MARK, "").strip()
-    return SampleLength(True, 2, [caption] if caption else [], sizes)
+    return SampleLength(True, 2, [caption] if caption else [], sizes, 1, [caption] if caption else [])
 
 
 def quantiles(values: Sequence[float], points: Sequence[int] = QUANTILES) -> list[float]:
@@ -144,12 +161,15 @@ class ShardStats:
         self.tokenizer_name = tokenizer_name
         self.lengths: list[SampleLength] = []
         self.tokens: list[int] = []
+        self.answer_tokens: list[int] = []
 
     def add(self, sample: dict) -> None:
         length = sample_length(sample)
         self.lengths.append(length)
         if self.tokenizer is not None:
-            self.tokens.append(sum(len(self.tokenizer.encode(p, add_special_tokens=False)) for p in length.pieces))
+            count = lambda pieces: sum(len(self.tokenizer.encode(p, add_special_tokens=False)) for p in pieces)  # noqa: E731
+            self.tokens.append(count(length.pieces))
+            self.answer_tokens.append(count(length.answer_pieces))
 
     def summary(self) -> dict:
         groups: dict[int, list[int]] = {}
@@ -162,10 +182,13 @@ class ShardStats:
                      "messages": round(sum(self.lengths[i].messages for i in members) / len(members), 3),
                      "chars_mean": round(sum(chars) / len(chars), 2),
                      "words_mean": round(sum(self.lengths[i].words for i in members) / len(members), 2),
-                     "chars_q": quantiles(chars)}
+                     "chars_q": quantiles(chars),
+                     "answers": round(sum(self.lengths[i].answers for i in members) / len(members), 3),
+                     "answer_chars_mean": round(sum(self.lengths[i].answer_chars for i in members) / len(members), 2)}
             if self.tokens:
                 tokens = [self.tokens[i] for i in members]
-                group.update(tokens_mean=round(sum(tokens) / len(tokens), 2), tokens_q=quantiles(tokens))
+                group.update(tokens_mean=round(sum(tokens) / len(tokens), 2), tokens_q=quantiles(tokens),
+                             answer_tokens_mean=round(sum(self.answer_tokens[i] for i in members) / len(members), 2))
             by_images[str(count)] = group
         sizes: Counter = Counter()
         for length in self.lengths:

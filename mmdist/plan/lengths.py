@@ -16,10 +16,16 @@ planner sizes time and memory from one of three sources, best first, and says wh
    the run's tokenizer (when it is on this machine) on the text the stats keep, else
    :data:`DEFAULT_CHARS_PER_TOKEN`. Template tokens are measured by rendering with the
    run's template (mmdist.data.preprocess), else :data:`DEFAULT_CHAT_TOKENS_PER_MESSAGE`.
+   Supervised tokens (those the loss is taken on, where the LM head runs) are the
+   answers' share of a sample's text plus the template tokens labelled with each
+   answer (its EOS or end-of-turn); shards whose statistics do not record answers
+   count every text token as supervised, an upper bound.
 2. **A configured mean** (``data.mean_tokens_per_sample``): packed, ``ceil(B x mean /
    max_len)`` rows, which memory counts as full ``max_len`` rows (a mean cannot bound
    a batch's longest row); padded, the rows stay at ``max_len`` for memory.
 3. **The worst case**: every sample a full ``max_len`` row holding the costliest image.
+
+The configured mean and the worst case count every text token as supervised.
 
 Samples longer than ``max_len`` are counted at ``max_len`` (the preprocessor truncates).
 """
@@ -47,6 +53,7 @@ __all__ = ["BatchTokens", "DEFAULT_CHARS_PER_TOKEN", "DEFAULT_CHAT_TOKENS_PER_ME
 
 DEFAULT_CHARS_PER_TOKEN = 4.0  # a default, not a measurement of your data: English prose in a BPE vocabulary
 DEFAULT_CHAT_TOKENS_PER_MESSAGE = 5  # a default: ChatML's "<|im_start|>role\n ... <|im_end|>\n" around each message
+DEFAULT_CHAT_ANSWER_TOKENS = 2  # a default: ChatML's "<|im_end|>\n" after an answer, labelled with it
 DRAWS = (64, 400, 6400)  # simulated micro-batches per plan: at least, at most, and about this many samples in all
 PEAK_QUANTILE = 0.99  # memory is sized for the micro-batch that 99% of the simulated ones stay under
 
@@ -66,6 +73,20 @@ class BatchTokens:
     row_len: int  # the widest row it can be (eager attention's scores grow with its square)
     source: str  # "shard statistics", "configured mean" or "worst case"
     note: str  # the sentence the plan prints about where the figures come from
+    supervised: float = -1.0  # tokens the loss is taken on (-1: not known, every text token)
+    peak_supervised: int = -1  # the same at the memory quantile
+
+    @property
+    def supervised_tokens(self) -> float:
+        """Mean supervised tokens per micro-batch; every text token where they are not known (an upper bound)."""
+        return self.supervised if self.supervised >= 0 else max(0.0, self.tokens - self.image_tokens)
+
+    @property
+    def peak_supervised_tokens(self) -> int:
+        """Supervised tokens at the memory quantile; every text position at the peak where they are not known."""
+        if self.peak_supervised >= 0:
+            return self.peak_supervised
+        return max(0, int(self.peak_positions - self.image_tokens * self.peak_positions / max(1.0, self.positions)))
 
     @property
     def per_sample_tokens(self) -> float:
@@ -82,6 +103,7 @@ class TextTokens:
     conversation_fixed: float  # template tokens once per conversation (a default system prompt, ...)
     caption_fixed: float  # template tokens of a caption sample (its prompt included), the caption's own not counted
     note: str
+    per_answer: float = 1.0  # template tokens labelled with each assistant turn (its EOS, or end-of-turn mark)
 
 
 def _image_dims(shapes: Sequence[ModuleShape]) -> tuple[int, int, int]:
@@ -158,11 +180,12 @@ def _is_local(source: str) -> bool:
     return os.path.isdir(source) or os.path.isfile(source)
 
 
-def _template_tokens(cfg: RunConfig, tokenizer: Any) -> tuple[float, float, float, str]:
-    """(per message, per conversation, per caption sample) template tokens, rendered as the preprocessor renders."""
+def _template_tokens(cfg: RunConfig, tokenizer: Any) -> tuple[float, float, float, float, str]:
+    """(per message, per conversation, per caption sample, labelled per answer) template tokens, rendered as the
+    preprocessor renders."""
     from types import SimpleNamespace
 
-    from mmdist.data.preprocess import Preprocessor, resolve_template
+    from mmdist.data.preprocess import IGNORE_INDEX, Preprocessor, resolve_template
 
     processors = SimpleNamespace(tokenizer=tokenizer, image_token_id=-1, num_image_tokens=0, template="auto",
                                  image_transform=None)
@@ -172,10 +195,12 @@ def _template_tokens(cfg: RunConfig, tokenizer: Any) -> tuple[float, float, floa
     word = "x"
     content = len(pre._encode(word))
     pair = [{"role": "user", "content": word}, {"role": "assistant", "content": word}]
-    one, two = len(render(pair)[0]) - 2 * content, len(render(pair + pair)[0]) - 4 * content
+    (ids, labels, _), two = render(pair), len(render(pair + pair)[0]) - 4 * content
+    one = len(ids) - 2 * content
     per_message = (two - one) / 2
+    per_answer = sum(t != IGNORE_INDEX for t in labels) - content
     caption = [{"role": "user", "content": cfg.data.caption_prompt}, {"role": "assistant", "content": word}]
-    return per_message, one - 2 * per_message, len(render(caption)[0]) - content, template
+    return per_message, one - 2 * per_message, len(render(caption)[0]) - content, per_answer, template
 
 
 def text_tokens(cfg: RunConfig, entries: Sequence[dict]) -> TextTokens:
@@ -201,17 +226,19 @@ def text_tokens(cfg: RunConfig, entries: Sequence[dict]) -> TextTokens:
         except ValueError:  # data.template=chat with a tokenizer that has none: the trainer refuses it too
             measured = None
     if measured is not None:
-        per_message, conversation, caption, template = measured
+        per_message, conversation, caption, per_answer, template = measured
         how += f"; {template} template: {per_message:g} tokens per message, measured"
     elif cfg.data.template == "plain":
         prompt = len(cfg.data.caption_prompt) * per_char
         per_message, conversation, caption = 1.0, 0.0, 1.0 + (prompt + 1 if prompt else 0.0)  # "\n" after a prompt, EOS
+        per_answer = 1.0  # the EOS after each answer
         how += "; plain template: 1 token per message"
     else:
         per_message, conversation = float(DEFAULT_CHAT_TOKENS_PER_MESSAGE), 0.0
         caption = 2 * per_message + len(cfg.data.caption_prompt) * per_char
+        per_answer = float(DEFAULT_CHAT_ANSWER_TOKENS)
         how += f"; chat template: {DEFAULT_CHAT_TOKENS_PER_MESSAGE} tokens per message (a default, ChatML's)"
-    return TextTokens(per_char, units, per_message, conversation, caption, how)
+    return TextTokens(per_char, units, per_message, conversation, caption, how, per_answer)
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -227,6 +254,20 @@ class _Component:
     shift: float  # so that the interpolated distribution keeps the recorded mean
     layouts: list[tuple[int, int, int]]  # per image size: (LLM positions, tower images, feature tokens)
     layout_weights: list[float]
+    template: float = 0.0  # template tokens per sample (inside ``quantiles``)
+    answer_share: float = 1.0  # the share of the text (template excluded) that is answers (1: not recorded)
+    answer_fixed: float = 0.0  # template tokens labelled with the answers, per sample
+    answers_recorded: bool = False  # whether the statistics count the answers apart (else every text token counts)
+    turns: float = 1.0  # answers per sample
+
+    def supervised(self, text: float, cut: float) -> float:
+        """Supervised tokens of a sample whose text and template come to ``text`` tokens, of which truncation cuts the
+        last ``cut``: a sample ends with an answer (the mean one, ``1 / turns`` of its answers), so the cut takes that
+        first, and then, of the alternating questions and answers before it, the answers' share."""
+        labelled = self.answer_share * max(0.0, text - self.template) + self.answer_fixed
+        last = labelled / max(1.0, self.turns)
+        earlier = (labelled - last) / max(1.0, text - last)
+        return max(0.0, labelled - min(cut, last) - max(0.0, cut - last) * earlier)
 
     def text(self, u: float) -> float:
         x = u * (len(self.quantiles) - 1)
@@ -270,8 +311,15 @@ def _components(cfg: RunConfig, shapes: Sequence[ModuleShape], sources: Sequence
                             + (1 - captions) * (conv.conversation_fixed + conv.per_message * group.get("messages", 2)))
                 tokens = [v * conv.per_char + template for v in q]
                 interpolated = sum(w * v for w, v in zip(trapezoid, tokens)) / sum(trapezoid)
+                answers = group.get(f"answer_{conv.units}_mean")
+                if answers is None:  # statistics written before answers were recorded: every text token
+                    share, fixed = 1.0, template
+                else:
+                    share = min(1.0, answers / mean) if mean else 0.0
+                    fixed = group.get("answers", 1.0) * conv.per_answer
                 out.append(_Component(source_weight * group["samples"] / total, int(count), tokens,
-                                      mean * conv.per_char + template - interpolated, layouts, layout_weights))
+                                      mean * conv.per_char + template - interpolated, layouts, layout_weights,
+                                      template, share, fixed, answers is not None, group.get("answers", 1.0)))
     return out
 
 
@@ -289,15 +337,16 @@ def from_stats(cfg: RunConfig, shapes: Sequence[ModuleShape], sources: Sequence[
     weights = list(itertools.accumulate(c.weight for c in components))
     draws = draws or min(DRAWS[1], max(DRAWS[0], DRAWS[2] // max(1, b)))
     rng = random.Random(seed)
-    real, image_tokens, tower, positions, rows_seen = [], [], [], [], []
+    real, image_tokens, tower, positions, rows_seen, supervised = [], [], [], [], [], []
     for _ in range(draws):
-        lengths, feats, towers = [], 0, 0
+        lengths, feats, towers, labelled = [], 0, 0, 0.0
         for comp in rng.choices(components, cum_weights=weights, k=b):
-            n = comp.text(rng.random())
+            n = text = comp.text(rng.random())
             for layout in (rng.choices(comp.layouts, comp.layout_weights, k=comp.images) if comp.images else ()):
                 n += layout[0]
                 towers += layout[1]
                 feats += layout[2]
+            labelled += comp.supervised(text, max(0.0, n - length))
             lengths.append(min(length, max(1, int(round(n)))))
         rows = pack_rows(lengths, length) if packing else [[i] for i in range(b)]
         width = max(sum(lengths[i] for i in row) for row in rows)
@@ -306,15 +355,18 @@ def from_stats(cfg: RunConfig, shapes: Sequence[ModuleShape], sources: Sequence[
         tower.append(towers)
         positions.append(len(rows) * width)
         rows_seen.append(len(rows))
+        supervised.append(labelled)
     mean = sum(real) / draws
     peak = int(_percentile(positions, PEAK_QUANTILE))
     text = (f"shard statistics: {note}; {mean / b:,.0f} tokens per sample on average, {mean:,.0f} per micro-batch "
             f"({'packed' if packing else 'padded'} into {sum(rows_seen) / draws:.1f} row(s), "
             f"{sum(positions) / draws:,.0f} "
             f"positions; memory sized for {peak:,}, the {PEAK_QUANTILE:.0%} point); {conv.note}")
+    if not all(c.answers_recorded for c in components):
+        text += "; answers not recorded in these statistics: every text token counted as supervised (an upper bound)"
     return BatchTokens(b, mean, sum(image_tokens) / draws, sum(tower) / draws, sum(positions) / draws,
                        sum(rows_seen) / draws, peak, int(_percentile(tower, PEAK_QUANTILE)), length, "shard statistics",
-                       text)
+                       text, sum(supervised) / draws, int(math.ceil(_percentile(supervised, PEAK_QUANTILE))))
 
 
 def _source_stats(patterns: Sequence[Sequence[str]]) -> tuple[list[list[dict]], int, int, int]:

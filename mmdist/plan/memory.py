@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Optional
 
 from mmdist.config.run import RunConfig
-from mmdist.plan.shapes import DTYPE_BYTES, GiB, ModuleShape
+from mmdist.plan.shapes import DTYPE_BYTES, GiB, ModuleShape, model_flops
 
 if TYPE_CHECKING:
     from mmdist.plan.lengths import BatchTokens
@@ -177,12 +177,15 @@ def activation_bytes_per_sample(shapes: list[ModuleShape], cfg: RunConfig, check
 
 
 def activation_bytes(shapes: list[ModuleShape], cfg: RunConfig, checkpointing: bool, positions: float,
-                     tower_images: float, row_len: int) -> int:
+                     tower_images: float, row_len: int, supervised: Optional[float] = None) -> int:
     """Activation bytes of a micro-batch whose LLM runs on ``positions`` positions (rows x width, in rows of at most
-    ``row_len``) and whose vision tower reads ``tower_images`` images (base images and tiles).
+    ``row_len``) and whose vision tower reads ``tower_images`` images (base images and tiles); ``supervised``: the
+    tokens the loss is taken on (None: every position).
 
     The LLM part is :func:`llm_activation_bytes`; the loss adds the logits, their
-    fp32 copy and log-softmax (e + 8 bytes per vocabulary entry per token); the
+    fp32 copy and log-softmax (e + 8 bytes per vocabulary entry per token), at the
+    supervised tokens only where the model runs its LM head there alone (the FLOP
+    count says so: ``per_supervised_token``, mmdist.models.fused), else at every position; the
     connector keeps its inputs and outputs in fp32 (a training Q-Former or resampler
     its layers' tensors too); the frozen vision encoder runs without grad (one layer's
     working set per image); a text encoder (stage 1) keeps its own, per sample.
@@ -198,7 +201,8 @@ def activation_bytes(shapes: list[ModuleShape], cfg: RunConfig, checkpointing: b
         kept = llm_activation_bytes(d, row_len, e, trains=llm.trainable or cfg.model.llm.lora.enabled, eager=eager,
                                     checkpointing=checkpointing) * seq / row_len
         h = d["hidden"]
-        total += kept + seq * d["vocab"] * (e + 8) + seq * h * e * 2  # + inputs_embeds and its grad
+        head = seq if supervised is None or not model_flops(shapes).per_supervised_token else min(seq, supervised)
+        total += kept + head * d["vocab"] * (e + 8) + seq * h * e * 2  # + inputs_embeds and its grad
     proj = by_name.get("projector") or by_name.get("stage1")
     vision = by_name["vision_encoder"]
     v = vision.dims
@@ -259,7 +263,7 @@ def estimate(cfg: RunConfig, shapes: list[ModuleShape], world: int, settings: Se
         act, act_ckpt = b * per, b * per_ckpt
     else:
         act, act_ckpt = (activation_bytes(shapes, cfg, ckpt, tokens.peak_positions, tokens.peak_tower_images,
-                                          tokens.row_len) for ckpt in (False, True))
+                                          tokens.row_len, tokens.peak_supervised_tokens) for ckpt in (False, True))
         per, per_ckpt = -(-act // max(1, b)), -(-act_ckpt // max(1, b))
     out = []
     for s in settings:

@@ -63,13 +63,13 @@ def peak_for(gpu: str, precision: str) -> float:
     return float(value or CPU_PEAK)
 
 
-def _counted_flops(shapes: Sequence[ModuleShape], positions: float, real: float, image_tokens: float, images: float,
-                   samples: float) -> tuple[float, float]:
+def _counted_flops(shapes: Sequence[ModuleShape], positions: float, supervised: float, image_tokens: float,
+                   images: float, samples: float) -> tuple[float, float]:
     """(training FLOPs, recompute FLOPs under checkpointing) of work with these counts: ``positions`` the LLM (or
-    stage 1's text encoder) runs on, padding included; ``real`` tokens among them; the images and their positions."""
+    stage 1's text encoder) runs on, padding included; ``supervised`` tokens among them (the loss's, where the LM
+    head runs); the images and their positions."""
     flops = model_flops(shapes)
     if any(s.name == "projector" for s in shapes):  # stage 2: the LLM runs on every position, images among them
-        supervised = max(0.0, real - image_tokens)  # at most every text token is an answer token
         recompute = (flops.per_token + flops.per_supervised_token) / 2 * positions  # one more forward: 2 per weight
         return flops.step(positions, supervised, image_tokens, images, samples), recompute
     return flops.step(positions, images=images, samples=samples), 0.0  # stage 1: captions and their images
@@ -82,24 +82,27 @@ def _micro_batch_flops(cfg: RunConfig, shapes: Sequence[ModuleShape],
     projector = next((s for s in shapes if s.name == "projector"), None)
     if projector is None:  # stage 1: one image and a caption of up to text.max_length tokens per sample
         return _counted_flops(shapes, samples * cfg.model.text.max_length, 0, 0, samples, samples)
-    if batch is None:  # the worst case: every sample a full row
+    positions = micro_batch_tokens(cfg, batch)
+    if batch is None:  # the worst case: every sample a full row, every text token an answer
         image_tokens = samples * projector.dims.get("tokens", 0)
         images = samples * projector.dims.get("images", 1)
+        supervised = max(0.0, positions - image_tokens)
     else:  # the planned micro-batch (shard statistics or a configured mean)
-        image_tokens, images = batch.image_tokens, batch.tower_images
-    positions = micro_batch_tokens(cfg, batch)
-    return _counted_flops(shapes, positions, positions if batch is None else batch.tokens, image_tokens, images,
-                          samples)
+        image_tokens, images, supervised = batch.image_tokens, batch.tower_images, batch.supervised_tokens
+    return _counted_flops(shapes, positions, supervised, image_tokens, images, samples)
 
 
 def record_flops(shapes: Sequence[ModuleShape], record: dict, world: int) -> tuple[float, float]:
     """(training FLOPs, recompute FLOPs) per rank of one step the trainer ran, counted as :func:`step_inputs` counts
     a planned one, at the counts of its metrics.jsonl ``record`` (every rank's together: ``step_positions``,
-    ``step_tokens``, ``step_image_tokens``, ``step_images``, ``step_samples``). How a calibration knows the work of
-    the very steps it timed, whose batches differ from the planned mean."""
+    ``step_tokens``, ``step_image_tokens``, ``step_images``, ``step_samples``, ``step_supervised_tokens``; a record
+    without the last counts every text token). How a calibration knows the work of the very steps it timed, whose
+    batches differ from the planned mean."""
     positions = record.get("step_positions") or record["step_tokens"]
-    train, recompute = _counted_flops(shapes, positions, record["step_tokens"], record.get("step_image_tokens", 0),
-                                      record.get("step_images", 0), record.get("step_samples", 0))
+    image_tokens = record.get("step_image_tokens", 0)
+    supervised = record.get("step_supervised_tokens", max(0, record["step_tokens"] - image_tokens))
+    train, recompute = _counted_flops(shapes, positions, supervised, image_tokens, record.get("step_images", 0),
+                                      record.get("step_samples", 0))
     return train / max(1, world), recompute / max(1, world)
 
 

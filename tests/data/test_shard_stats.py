@@ -30,6 +30,12 @@ def test_sample_length_counts_what_the_preprocessor_reads():
     turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]
     text_only = sample_length({"__key__": "c", "json": json.dumps({"conversations": turns})})
     assert (text_only.chars, text_only.image_sizes) == (7, [])
+    # the answers, apart: the gpt/assistant turns of a conversation, a caption
+    assert (conv.answers, conv.answer_chars) == (1, len("A cat."))
+    assert (caption.answers, caption.answer_chars) == (1, 9)
+    several = [*turns, {"from": "human", "value": "and?"}, {"from": "assistant", "value": "bye"}]
+    two = sample_length({"__key__": "d", "json": {"conversations": several}})
+    assert (two.answers, two.answer_chars, two.chars) == (2, len("hello") + len("bye"), 7 + 4 + 3)
 
 
 def test_writer_records_per_shard_statistics_grouped_by_images(tmp_path):
@@ -46,6 +52,8 @@ def test_writer_records_per_shard_statistics_grouped_by_images(tmp_path):
     text_only = first["by_images"]["0"]
     assert text_only["chars_mean"] == pytest.approx(sum(10 + i + 5 for i in range(6)) / 6)
     assert text_only["chars_q"][0] == 15 and text_only["chars_q"][-1] == 20 and text_only["messages"] == 2
+    assert (text_only["answers"], text_only["answer_chars_mean"]) == (1, 5)
+    assert first["by_images"]["1"]["answer_chars_mean"] == pytest.approx((20 + 21) / 2)
     assert "tokens_q" not in text_only and "tokenizer" not in first  # no tokenizer given: characters and words only
     assert second["image_sizes"] == {"8x8": 2, "40x40": 1, "16x16": 1}
     assert first["text_sample"][:2] == ["x" * 10, "y" * 5]
@@ -67,6 +75,7 @@ def test_writer_records_tokens_with_a_tokenizer(tmp_path):
     assert entry["tokenizer"] == "mmdist:tiny-bytes"
     assert group["tokens_mean"] == pytest.approx(sum(1 + i + 6 for i in range(1, 5)) / 4)
     assert group["tokens_q"][0] == 8 and group["tokens_q"][-1] == 11
+    assert group["answer_tokens_mean"] == 6  # "answer", byte for byte
 
 
 def test_shards_without_statistics_read_as_none(tmp_path):
