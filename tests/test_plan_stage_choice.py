@@ -18,7 +18,7 @@ from mmdist.config.run import load_config
 from mmdist.data.shards import shard_pattern, write_demo_shards, write_shards
 from mmdist.plan import GiB, Setting, estimate, model_shapes, parse_bytes
 from mmdist.plan.lengths import batch_tokens, worst_case
-from mmdist.plan.speed import choose, step_inputs
+from mmdist.plan.speed import TIE, choose, step_inputs
 from mmdist.plan.step_time import GB, PCIE_DEFAULT, interconnect_for, predict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,3 +109,57 @@ def test_offload_costs_pcie_time(mixture):
     # parameter offload: every gather (forward, backward, recompute) fetches the rank's weight partition
     params_s = both.pcie_s - opt.pcie_s
     assert params_s == pytest.approx(inputs.weight_bytes / 8 * 3 * inputs.micro_batches / PCIE_DEFAULT)
+
+
+def test_micro_batch_sizes_divide_a_ranks_share():
+    from mmdist.plan.micro_batch import micro_batch_sizes
+
+    cfg = load_config(str(ROOT / "configs" / "fuse.yaml"), ["train.global_batch_size=48"])
+    assert micro_batch_sizes(cfg, 4) == [1, 2, 3, 4, 6, 12]
+    assert micro_batch_sizes(cfg, 5) == []  # 48 samples cannot be split over 5 ranks: the trainer refuses it too
+
+
+@pytest.mark.parametrize("memory", ["80GB", "33GB"])
+def test_the_fastest_split_fits_and_is_what_the_command_recommends(tmp_path, capsys, memory):
+    """gpu_system's shape: every split the planner lists fits; the recommended one has the shortest predicted step
+    among them; its overrides give a config the trainer accepts and whose plan fits; where a card holds the
+    micro-batch without checkpointing, not recomputing the LLM wins (4 rather than 6 FLOPs per weight and token),
+    where it holds none, checkpointing is kept."""
+    from mmdist.plan.auto import auto_candidates
+    from mmdist.plan.micro_batch import fastest_split
+    from mmdist.training.ds_config import batch_layout
+
+    demo = write_demo_shards(tmp_path / "demo", image_size=16, samples_per_shard=100, limit=200)["train"]
+    cfg = _gpu_system_config(shard_pattern(demo))
+    shapes = model_shapes(cfg)
+    budget = parse_bytes(memory)
+    best, splits = fastest_split(cfg, shapes, 1, "H100 SXM", interconnect_for("H100 SXM"), budget,
+                                 auto_candidates(cfg, "bf16"), int(1.5 * GiB))
+    assert best is not None and splits
+    for split in splits:
+        assert split.choice.fits and split.choice.estimate.total(split.choice.checkpointing) <= budget
+        assert split.micro_batch * split.accumulation == cfg.train.global_batch_size
+    assert best.step_s <= min(s.step_s for s in splits) * (1 + TIE)  # within a tie of the fastest
+    if memory == "80GB":
+        configured = next(s for s in splits if s.micro_batch == 16)
+        assert configured.choice.checkpointing  # 16 samples of ~600 tokens need it on an 80 GB card
+        assert not best.choice.checkpointing and best.step_s < 0.8 * configured.step_s
+    else:  # 27 GiB of frozen bf16 weights leave too little for one sample's activations without checkpointing
+        assert all(s.choice.checkpointing for s in splits)
+        assert best.micro_batch < 16 and not best.choice.setting.offload_params
+    path = tmp_path / "gpu_system.yaml"
+    from mmdist.config.run import dump_config
+
+    dump_config(cfg, path)
+    assert plan_main(["--config", str(path), "--gpus", "1", "--gpu-memory", memory, "--gpu", "H100",
+                      "--no-deepspeed"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("recommended: micro-batch"))
+    assert line.startswith(f"recommended: {best.label}: {best.step_s:.3g} s/step predicted")
+    overrides = next(x for x in out.splitlines()[out.splitlines().index(line):] if x.startswith("  overrides: "))
+    applied = load_config(path, overrides.split()[1:])
+    assert applied.train.micro_batch_size == best.micro_batch
+    assert batch_layout(applied, 1) == (16, best.micro_batch, best.accumulation)
+    tokens = batch_tokens(applied, model_shapes(applied))
+    (est,) = estimate(applied, shapes, 1, settings=[best.choice.setting], tokens=tokens)
+    assert est.total(applied.model.llm.gradient_checkpointing) <= budget

@@ -21,7 +21,9 @@ from mmdist.plan import (
 from mmdist.plan.auto import ZERO0_HALF_PRECISION, auto_candidates, auto_reason
 from mmdist.plan.calibration import CALIBRATION_ENV, load_calibration
 from mmdist.plan.lengths import batch_tokens
+from mmdist.plan.micro_batch import fastest_split
 from mmdist.plan.quantized import plan_lines
+from mmdist.plan.shapes import GiB
 from mmdist.plan.speed import choose, step_inputs
 from mmdist.plan.step_time import interconnect_for, scaling_table
 from mmdist.settings import ConfigError
@@ -142,9 +144,44 @@ def main(argv: Sequence[str]) -> int:
               f"and step: {(inputs.model_flops + (inputs.recompute_flops if ckpt else 0)) / 1e12:,.0f} TFLOP by the "
               "progress bar's formula, recomputation included):")
         print("\n".join(scaling_table(inputs, fitting, link, ckpt, worlds=(1, 8, 64, 512))))
+    if cfg.stage.builds("llm"):
+        print("")
+        print("\n".join(split_lines(cfg, shapes, world, args, link, budget, [e.setting for e in usable], reserve,
+                                    calibration)))
     if not cfg.data.feature_cache:
         print("\n".join(input_line(shapes, args.gpu, args.gpus_per_node, args.cpus_per_node, args.images_per_core)))
     return 0
+
+
+def split_lines(cfg, shapes, world: int, args: argparse.Namespace, link, budget: int, settings, reserve: int,
+                calibration) -> list[str]:
+    """The micro-batch and checkpointing that run the global batch fastest (mmdist.plan.micro_batch), as a table of
+    the best setting per micro-batch and the overrides of the fastest."""
+    best, splits = fastest_split(cfg, shapes, world, args.gpu, link, budget, settings, reserve, calibration, args.data)
+    head = (f"micro-batch and checkpointing: the global batch of {cfg.train.global_batch_size} on {world} GPU(s) as "
+            "micro-batch x accumulation x GPUs (the optimisation is the same; speed and memory are not)")
+    if best is None:
+        return [head, "  no micro-batch that divides a GPU's share fits, with or without checkpointing"]
+    lines = [head, f"{'micro-batch':>11} {'accum':>5} {'ckpt':>5}  {'setting':<24}{'GiB':>7}{'s/step':>8}"
+                   f"{'tokens/s/GPU':>13}"]
+    for split in splits:
+        c = split.choice
+        mark = "  <- fastest" if split is best else ""
+        mark += "  (configured)" if split.micro_batch == cfg.train.micro_batch_size else ""
+        tokens = split.tokens.tokens * split.accumulation / split.step_s
+        lines.append(f"{split.micro_batch:>11} {split.accumulation:>5} {str(c.checkpointing).lower():>5}  "
+                     f"{c.setting.label:<24}{c.estimate.total(c.checkpointing) / GiB:>7.1f}{split.step_s:>8.3g}"
+                     f"{tokens:>13,.0f}{mark}")
+    setting = best.choice.setting
+    lines.append(f"recommended: {best.label}: {best.step_s:.3g} s/step predicted"
+                 + (f" (configured micro-batch {cfg.train.micro_batch_size}: best "
+                    f"{next(s.step_s for s in splits if s.micro_batch == cfg.train.micro_batch_size):.3g} s/step)"
+                    if any(s.micro_batch == cfg.train.micro_batch_size for s in splits) else ""))
+    lines.append(f"  overrides: train.micro_batch_size={best.micro_batch} model.llm.gradient_checkpointing="
+                 f"{str(best.choice.checkpointing).lower()} engine.zero_stage={setting.zero_stage} "
+                 f"engine.offload_optimizer={str(setting.offload_optimizer).lower()} "
+                 f"engine.offload_params={str(setting.offload_params).lower()}")
+    return lines
 
 
 def _calibrate(args: argparse.Namespace) -> int:
