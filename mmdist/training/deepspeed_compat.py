@@ -26,6 +26,8 @@ __all__ = [
     "CHECKED_VERSIONS",
     "OPTIMIZER_STATE_KEYS",
     "base_optimizer",
+    "clear_zero3_caches",
+    "destroy_engine",
     "disable_frozen_gradient_checkpointing",
     "enable_frozen_gradient_checkpointing",
     "fragment_mapped",
@@ -224,6 +226,54 @@ def restore_torch_linear() -> bool:
     replaced = F.linear is not original
     F.linear = original
     return replaced
+
+
+def destroy_engine(engine: Any) -> None:
+    """Let go of everything that keeps ``engine`` and its model alive once a run is over.
+
+    Why: ``DeepSpeedEngine.destroy`` (public) removes the ZeRO optimizer's gradient hooks, which sit on the
+    parameters where Python's garbage collector cannot see them; without it the engine, the model and their device
+    memory outlive the run. ZeRO-3 also pushes the model (and, in forward, its submodules) on the module-level
+    list ``deepspeed.runtime.zero.parameter_offload.FWD_MODULE_STACK`` and does not take them all off: this
+    engine's modules are removed from it (another live engine's stay). Public API it stands in for: none beyond
+    ``destroy``.
+    """
+    if hasattr(engine, "destroy"):
+        engine.destroy()
+    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+    stack = getattr(offload, "FWD_MODULE_STACK", None)
+    module = getattr(engine, "module", None)
+    if isinstance(stack, list) and module is not None:
+        ours = {id(m) for m in module.modules()}
+        stack[:] = [m for m in stack if id(m) not in ours]
+
+
+def clear_zero3_caches() -> int:
+    """Clear the ``functools.lru_cache`` methods of ZeRO-3's ``PartitionedParameterCoordinator``, found through the
+    decorators that wrap them; returns how many. Safe when ZeRO-3 was never imported.
+
+    Why: ``__params_to_release`` is an ``lru_cache`` keyed by the coordinator and each module, so the last model
+    and its memory stay alive after its engine is gone. Public API it stands in for: none.
+    """
+    coordinator = sys.modules.get("deepspeed.runtime.zero.partitioned_param_coordinator")
+    cls = getattr(coordinator, "PartitionedParameterCoordinator", None)
+    if cls is None:
+        return 0
+    cleared = 0
+    for value in vars(cls).values():
+        seen, todo = set(), [value]
+        while todo:  # the function, what it wraps, and the functions its closure holds
+            fn = todo.pop()
+            if fn is None or id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            if hasattr(fn, "cache_clear"):
+                fn.cache_clear()
+                cleared += 1
+            todo.append(getattr(fn, "__wrapped__", None))
+            todo += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
+                     if callable(getattr(cell, "cell_contents", None))]
+    return cleared
 
 
 # ---------------------------------------------------------------------------

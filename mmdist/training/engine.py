@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -22,6 +23,7 @@ from mmdist.hardware import default_device
 from mmdist.models.contract import ReadsOthersParameters, TrainableModel, require_trainable
 from mmdist.models.gather import null_gather
 from mmdist.training.deepspeed_compat import (
+    destroy_engine,
     enable_frozen_gradient_checkpointing,
     zero3_init,
     zero_dim_parameters_broadcast_by_us,
@@ -85,7 +87,19 @@ class EngineBundle:
 
         Call it before ``mmdist.distributed.shutdown()``: the shm buffer's name holds
         the master address and port that shutdown() takes out of the environment.
+
+        The engine is destroyed first (``DeepSpeedEngine.destroy``): its ZeRO optimizer's
+        gradient hooks sit on the parameters, where Python's garbage collector cannot see
+        them, and ZeRO-3 keeps the model on a module-level stack, so without it the engine,
+        the model and their device memory outlive the run (a benchmark that builds a second
+        model in the same process then holds both).
         """
+        engine, self.engine, self.optimizer, self.scheduler = self.engine, None, None, None
+        if engine is not None:
+            try:
+                destroy_engine(engine)
+            except Exception as exc:  # a failed run's engine may be half-built; the process-wide release still runs
+                print(f"[mmdist] destroying the DeepSpeed engine failed: {exc}", file=sys.stderr)
         self.hf_ds_config = None
         release_deepspeed()
 

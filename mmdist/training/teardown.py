@@ -1,7 +1,8 @@
 """Undo what DeepSpeed sets up in a process, so a second run in it starts clean and no run leaks shared memory.
 
 The ZeRO-3 setting transformers reads, DeepSpeed's process groups, the patched
-``F.linear`` and the /dev/shm buffer of its CPU all-reduce. ``mmdist.distributed``
+``F.linear``, ZeRO-3's method caches that hold the model, and the /dev/shm buffer
+of its CPU all-reduce. ``mmdist.distributed``
 only creates and destroys the torch process group; this is the DeepSpeed side.
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 from mmdist import distributed as dist
-from mmdist.training.deepspeed_compat import restore_torch_linear
+from mmdist.training.deepspeed_compat import clear_zero3_caches, restore_torch_linear
 
 __all__ = ["deepspeed_shm_buffer", "release_deepspeed", "remove_deepspeed_shm_buffer"]
 
@@ -31,6 +32,8 @@ def release_deepspeed() -> None:
     * This rank's /dev/shm all-reduce buffer is unlinked (:func:`remove_deepspeed_shm_buffer`).
     * ``torch.nn.functional.linear`` is restored (:func:`~mmdist.training.deepspeed_compat.restore_torch_linear`):
       ZeRO-3's ``zero.Init`` replaces it and leaves it so, which changed every later linear layer of the process.
+    * ZeRO-3's method caches that hold the last model are cleared
+      (:func:`~mmdist.training.deepspeed_compat.clear_zero3_caches`).
 
     Safe to call any number of times, and when DeepSpeed was never imported.
     """
@@ -38,6 +41,7 @@ def release_deepspeed() -> None:
     if hf_deepspeed is not None:
         hf_deepspeed.unset_hf_deepspeed_config()
     restore_torch_linear()
+    clear_zero3_caches()
     comm = sys.modules.get("deepspeed.comm")
     if comm is None:
         return

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.toy_launch import launch
-from helpers.trainer_toy import ToyModel, toy_config
+from helpers.trainer_toy import ToyModel, toy_config, toy_loader_builder, toy_model_builder
 
 from mmdist.config.run import ConfigError, load_config
 from mmdist.training.deepspeed_compat import enable_frozen_gradient_checkpointing
@@ -455,3 +455,28 @@ def test_an_nccl_run_in_a_process_on_the_cpu_accelerator_is_refused_naming_ds_ac
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "refused: engine.backend resolves to nccl" in proc.stdout
     assert "DS_ACCELERATOR='cpu'" in proc.stdout
+
+
+@pytest.mark.parametrize("zero_stage", [1, 2, 3])
+def test_a_finished_run_frees_its_model(tmp_path, zero_stage):
+    """After ``train`` returns, nothing keeps the engine or the model alive: DeepSpeed's gradient hooks on the
+    parameters (out of the garbage collector's sight), ZeRO-3's module stack and its coordinator's method caches
+    are released by ``EngineBundle.close``. Otherwise a process that builds a second model (a benchmark's bare
+    side, a stage 2 after stage 1) holds both in device memory."""
+    import gc
+    import weakref
+
+    from mmdist.training.loop import train
+
+    built = []
+
+    def builder(cfg, gather):
+        model = toy_model_builder(cfg, gather)
+        built.append(weakref.ref(model))
+        return model
+
+    cfg = toy_config(str(tmp_path / "run"), train={"max_steps": 2}, engine={"zero_stage": zero_stage},
+                     checkpoint={"export": False})
+    train(load_config(base=cfg), model_builder=builder, loader_builder=toy_loader_builder())
+    gc.collect()
+    assert len(built) == 1 and built[0]() is None, "the trained model is still referenced after train() returned"
