@@ -5,19 +5,23 @@
 # it; a step cut below 30 s by the budget is skipped and said so. Everything lands in $OUT (default gpu_out/):
 #   machine.txt                  nvidia-smi and the versions;
 #   pytest_gpu.txt               the GPU tier, `pytest -m gpu` (tests/gpu/);
+#   gpu_system_plan_flex.{txt,json}
+#                                benchmarks/gpu_system.py --plan at the Qwen-14B + CLIP-L/336 shape: the micro-batch,
+#                                checkpointing and ZeRO stage `mmdist plan` recommends for this card (a global batch
+#                                of 16 samples), FlexAttention over the packed rows: the trainer against its bare model
+#                                (tokens/s ratio, steady MFU/HFU, peak memory against the plan's, the phases);
 #   gpu_system_z{1,3}_{sdpa_per_sample,flex}.{txt,json}
-#                                benchmarks/gpu_system.py at the Qwen-14B + CLIP-L/336 shape, the trainer at ZeRO-1
-#                                and ZeRO-3 against its bare model on the same packed rows, with each packed-attention
-#                                kernel on both sides: tokens/s ratio, steady MFU/HFU, peak memory, the phases;
+#                                the same at 16 samples a step with checkpointing, the trainer at ZeRO-1 and ZeRO-3,
+#                                with each packed-attention kernel on both sides;
 #   step_time_model.txt, calibration/
 #                                benchmarks/step_time_model.py --gpu: `mmdist plan --calibrate` on this GPU (the
 #                                rates file calibration/calibration-1.json, for `mmdist plan --calibration`), then
 #                                another shape's ZeRO-1/2/3 step times predicted against the trainer's;
 #   session.txt                  each step's command, limit, exit code and seconds.
 # DRY_RUN=1 prints the steps and their limits, as if each took its whole limit, and runs nothing. ORDER lists the
-# steps to run, in order (default: machine, the GPU tests, the system runs with flex, then with per-sample SDPA,
-# then the calibration; a step the budget cannot start is skipped and said so); a system run is named
-# z{stage}_{kernel}. On one H100 a system run took 61-68 s, the GPU tests over 165 s, the calibration over 150 s. SMOKE_S, SYSTEM_S and CALIBRATE_S set the per-step limits, SYSTEM_STEPS the steps of each
+# steps to run, in order (default: machine, the plan's settings with flex, the GPU tests, ZeRO-3 with flex, the
+# calibration, then the other system runs; a step the budget cannot start is skipped and said so); a system run is
+# named z{stage}_{kernel}, or plan_{kernel} for the plan's settings. On one H100 a system run took 61-68 s, the GPU tests over 165 s, the calibration over 150 s. SMOKE_S, SYSTEM_S and CALIBRATE_S set the per-step limits, SYSTEM_STEPS the steps of each
 # gpu_system run (warm-up included), CALIBRATE_STEPS the steps of each calibration and prediction run.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -27,7 +31,7 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 budget=${BUDGET_S:-460}
 start=$SECONDS
 spent=0  # DRY_RUN: the seconds the steps before would take at their limits
-order=${ORDER:-machine pytest_gpu z1_flex z3_flex z1_sdpa_per_sample z3_sdpa_per_sample calibrate}
+order=${ORDER:-machine plan_flex pytest_gpu z3_flex calibrate z1_flex z1_sdpa_per_sample z3_sdpa_per_sample}
 
 # step NAME LIMIT_S LOG COMMAND...: COMMAND under min(LIMIT_S, what is left), its output to the terminal and LOG.
 step() {
@@ -65,10 +69,11 @@ deepspeed; print(torch.__version__, torch.version.cuda, transformers.__version__
     calibrate)
         step calibrate "${CALIBRATE_S:-120}" "$out/step_time_model.txt" python3 benchmarks/step_time_model.py --gpu \
             --steps "${CALIBRATE_STEPS:-6}" --out "$out/calibration" ;;
-    z[0-3]_*)
+    z[0-3]_* | plan_*)
         stage=${name%%_*}; kernel=${name#*_}
+        if [[ $stage == plan ]]; then how=(--plan); else how=(--zero-stage "${stage#z}"); fi
         step "gpu_system_$name" "${SYSTEM_S:-120}" "$out/gpu_system_$name.txt" python3 benchmarks/gpu_system.py \
-            --zero-stage "${stage#z}" --packed-attention "$kernel" --steps "${SYSTEM_STEPS:-4}" \
+            "${how[@]}" --packed-attention "$kernel" --steps "${SYSTEM_STEPS:-4}" \
             --workdir "/tmp/gpu_system_$name" --json "$out/gpu_system_$name.json" ;;
     *) echo "unknown step $name (ORDER)" | tee -a "$out/session.txt" ;;
     esac

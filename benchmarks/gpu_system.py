@@ -331,10 +331,36 @@ def side_summary(steps: list[dict], step_seconds: list[float], flops, peak: floa
             "breakdown_s": breakdown}
 
 
+def planned_split(cfg, device: torch.device) -> dict:
+    """What ``mmdist plan`` recommends for ``cfg`` (its global batch) on one rank of this device
+    (mmdist.plan.micro_batch.fastest_split over the stages ``auto`` considers, the budget ``auto`` reads: the card's
+    memory or MMDIST_DEVICE_MEMORY, the rates MMDIST_CALIBRATION names or the shipped defaults): micro-batch,
+    accumulation, checkpointing, ZeRO stage, predicted step and memory, and the line saying so."""
+    from mmdist.plan.auto import auto_candidates, calibration_from_env, device_budget, planned_precision
+    from mmdist.plan.micro_batch import fastest_split
+    from mmdist.plan.shapes import GiB, model_shapes
+    from mmdist.plan.step_time import interconnect_for
+
+    budget, name, source = device_budget(device.type)
+    planned = planned_precision(cfg, device.type)
+    shapes = model_shapes(planned)
+    best, _ = fastest_split(planned, shapes, 1, name, interconnect_for(name, gpus_per_node=1), budget,
+                            auto_candidates(planned, planned.engine.precision), int(1.5 * GiB), calibration_from_env())
+    if best is None:
+        raise RuntimeError(f"mmdist plan finds no micro-batch of the global batch {cfg.train.global_batch_size} that "
+                           f"fits {budget / GiB:.1f} GiB ({source})")
+    need = best.choice.estimate.total(best.choice.checkpointing) / GiB
+    return {"micro_batch": best.micro_batch, "accumulation": best.accumulation,
+            "checkpointing": best.choice.checkpointing, "zero_stage": best.choice.setting.zero_stage,
+            "predicted_step_s": best.step_s, "predicted_gib": need,
+            "line": f"mmdist plan on {name} ({budget / GiB:.1f} GiB, {source}): {best.label}, "
+                    f"{best.step_s:.3g} s per step of {cfg.train.global_batch_size} samples, {need:.1f} GiB predicted"}
+
+
 def run(shape: str = "gpu", steps: int = 6, warmup: int = 1, micro_batch: int | None = None,
         max_len: int | None = None, zero_stage: int | str = "auto", checkpointing: bool = True,
         device: str | None = None, workdir: str | None = None, workers: int | None = None,
-        packed_attention: str | None = None) -> dict:
+        packed_attention: str | None = None, plan: bool = False) -> dict:
     from mmdist.data.loader import resolve_num_workers
     from mmdist.data.shards import shard_pattern, write_demo_shards
     from mmdist.training.metrics import WARMUP_STEPS
@@ -357,9 +383,18 @@ def run(shape: str = "gpu", steps: int = 6, warmup: int = 1, micro_batch: int | 
     written = write_demo_shards(folder / "demo", image_size=tower, samples_per_shard=200, overwrite=True,
                                 limit=min(samples, 1400))
     peak, peak_source = device_peak(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    cfg = run_config(spec, dev, folder, shard_pattern(written["train"]), micro_batch=micro_batch, max_len=max_len,
-                     steps=steps, zero_stage=zero_stage, checkpointing=checkpointing, peak=peak,
-                     workers=spec.workers if workers is None else workers, packed_attention=packed_attention)
+    settings = dict(max_len=max_len, steps=steps, peak=peak, workers=spec.workers if workers is None else workers,
+                    packed_attention=packed_attention)
+    cfg = run_config(spec, dev, folder, shard_pattern(written["train"]), micro_batch=micro_batch,
+                     zero_stage=zero_stage, checkpointing=checkpointing, **settings)
+    plan_info = None
+    if plan:  # the plan's micro-batch, checkpointing and stage for a global batch of ``micro_batch`` samples
+        plan_info = planned_split(cfg, dev)
+        print(plan_info["line"], flush=True)
+        micro_batch, checkpointing = plan_info["micro_batch"], plan_info["checkpointing"]
+        zero_stage = plan_info["zero_stage"]
+        cfg = run_config(spec, dev, folder, shard_pattern(written["train"]), micro_batch=micro_batch,
+                         zero_stage=zero_stage, checkpointing=checkpointing, **settings)
 
     trainer_steps, trainer_info, trainer_batches = run_trainer(cfg, dev)
     resolved_stage = trainer_info.pop("zero_stage")
@@ -396,7 +431,7 @@ def run(shape: str = "gpu", steps: int = 6, warmup: int = 1, micro_batch: int | 
         "workers": resolve_num_workers(cfg.data.num_workers),
         "packed_attention": cfg.model.llm.packed_attention, "packed_attention_flag": packed_attention,
         "attn_implementation": cfg.model.llm.attn_implementation, "attention_paths": attention,
-        "same_batches": identical, "torch_threads": torch.get_num_threads(),
+        "same_batches": identical, "torch_threads": torch.get_num_threads(), "plan": plan_info,
         "warmup_steps": warmup, "peak_flops": peak, "peak_source": peak_source,
         "trainer": trainer, "bare": bare, "ratio": trainer["tokens_per_s"] / bare["tokens_per_s"],
         "fixed_cost_ms": {k: 1e3 * (trainer["breakdown_s"][k] - bare["breakdown_s"][k]) for k in PHASES},
@@ -412,6 +447,9 @@ def report(res: dict) -> str:
              f"micro-batch {res['micro_batch']}, max_len {res['max_len']}, checkpointing {res['checkpointing']}, peak "
              f"{res['peak_flops']:.4g} FLOP/s from {res['peak_source']}, {res['torch_threads']} torch thread(s), "
              f"{res['workers']} loader worker(s))",
+             *([f"plan  {res['plan']['line']}; run here: one micro-batch of {res['plan']['micro_batch']} a step (the "
+                f"plan's {res['plan']['accumulation']} accumulation steps only repeat it before the optimizer step)"]
+               if res.get("plan") else []),
              f"rows  same batches on both sides: {res['same_batches']}; rows x width per step "
              f"{' '.join(f'{r}x{w}' for r, w in rows)}; attention {', '.join(res['attention_paths'])}",
              f"steady_steps  {t['steps']}  {b['steps']}  (first {res['warmup_steps']} left out)",
@@ -458,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the trainer's engine.zero_stage; auto (default): what `mmdist plan` picks for this device",
     )
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--plan", action="store_true",
+                        help="run the micro-batch, checkpointing and ZeRO stage `mmdist plan` recommends on this "
+                             "device for a global batch of --micro-batch samples (one micro-batch a step)")
     parser.add_argument("--packed-attention", choices=["auto", "sdpa_per_sample", "flex"], default=None,
                         help="model.llm.packed_attention, on sdpa (default: not set: the trainer's default kernel); "
                              "both sides run it, over the same packed rows")
@@ -472,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
               warmup=args.warmup or (2 if shape == "cpu" else 1), micro_batch=args.micro_batch, max_len=args.max_len,
               zero_stage=args.zero_stage if args.zero_stage == "auto" else int(args.zero_stage),
               checkpointing=not args.no_checkpointing, device=args.device, workdir=args.workdir, workers=args.workers,
-              packed_attention=args.packed_attention)
+              packed_attention=args.packed_attention, plan=args.plan)
     print(report(res), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

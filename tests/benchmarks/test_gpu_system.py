@@ -204,3 +204,23 @@ def test_flex_on_the_cpu_is_refused_before_any_work(tmp_path):
     )
     assert proc.returncode != 0 and "--packed-attention flex trains on a GPU only" in proc.stderr
     assert not (tmp_path / "demo").exists()
+
+
+def test_plan_runs_what_mmdist_plan_recommends(tmp_path):
+    """--plan: the micro-batch, checkpointing and ZeRO stage come from mmdist.plan.micro_batch for this device, the
+    trainer runs them (its written config says so), and the result and the print name the plan."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_system.py"), "--tiny", "--steps", "2", "--micro-batch", "4",
+         "--plan", "--workdir", str(tmp_path), "--json", str(tmp_path / "result.json")],
+        capture_output=True, text=True, timeout=900, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "result.json").read_text())
+    plan = res["plan"]
+    assert plan["micro_batch"] * plan["accumulation"] == 4 and plan["predicted_step_s"] > 0
+    assert (res["micro_batch"], res["checkpointing"], res["zero_stage"]) == (
+        plan["micro_batch"], plan["checkpointing"], plan["zero_stage"])
+    written = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"micro_batch_size: {plan['micro_batch']}" in written and f"zero_stage: {plan['zero_stage']}" in written
+    assert f"gradient_checkpointing: {str(plan['checkpointing']).lower()}" in written
+    assert any(line.startswith("plan  mmdist plan on cpu") for line in proc.stdout.splitlines()), proc.stdout
