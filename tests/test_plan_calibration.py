@@ -289,3 +289,22 @@ def test_calibrate_command_measures_a_config_on_two_ranks(tmp_path, monkeypatch)
     # the FLOPs of the very steps timed (their metrics.jsonl counts), beside the planned mean step's
     assert raw["step_flops"] == raw["zero1"]["flops"] > 0 and raw["planned_step_flops"] > 0
     assert cal.sources["module_call_s"].startswith("measured")
+
+
+def test_a_failed_calibration_run_names_the_ranks_error(tmp_path):
+    """A calibration run that dies says why in the message's first line: the rank's exception, which the launcher's
+    own traceback would otherwise push out of the shortened output."""
+    import os
+    import sys
+
+    from mmdist.commands.calibrate import _launch, rank_error
+
+    script = tmp_path / "dies.py"
+    script.write_text("raise FileNotFoundError('shard /data/x-000003.tar does not exist; check data.train')\n")
+    with pytest.raises(RuntimeError) as info:
+        _launch(1, [str(script)], dict(os.environ), "run at ZeRO-1")
+    first = str(info.value).splitlines()[0]
+    assert first == ("calibration run at ZeRO-1 failed (exit 1): FileNotFoundError: shard /data/x-000003.tar does not "
+                     "exist; check data.train")
+    assert sys.executable in str(info.value)  # the command follows, then the output
+    assert rank_error("nothing of the kind\n") == ""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -72,8 +73,17 @@ def _launch(world: int, module_args: list[str], env: dict, what: str) -> None:
            str(free_port()), *module_args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"calibration {what} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
-                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        cause = rank_error(proc.stderr)
+        raise RuntimeError(f"calibration {what} failed (exit {proc.returncode})" + (f": {cause}" if cause else "")
+                           + f"\n{' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+
+
+def rank_error(stderr: str) -> str:
+    """The last exception line a rank printed (``[rank0]: FileNotFoundError: ...``), without the rank prefix; the
+    launcher's own traceback follows it and would push it out of a shortened message."""
+    line = re.compile(r"^(?:\[rank\d+\]:\s*)?((?:[\w.]+\.)?\w*(?:Error|Exception|Interrupt)\b: .*)$", re.MULTILINE)
+    found = [m.group(1) for m in line.finditer(stderr) if "ChildFailedError" not in m.group(1)]
+    return found[-1].strip() if found else ""
 
 
 def calibrate(config: str, overrides: Sequence[str], world: int, out: str | Path, steps: int = 8,
