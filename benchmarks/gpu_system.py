@@ -447,9 +447,9 @@ def report(res: dict) -> str:
              f"micro-batch {res['micro_batch']}, max_len {res['max_len']}, checkpointing {res['checkpointing']}, peak "
              f"{res['peak_flops']:.4g} FLOP/s from {res['peak_source']}, {res['torch_threads']} torch thread(s), "
              f"{res['workers']} loader worker(s))",
-             *([f"plan  {res['plan']['line']}; run here: one micro-batch of {res['plan']['micro_batch']} a step (the "
-                f"plan's {res['plan']['accumulation']} accumulation steps only repeat it before the optimizer step)"]
-               if res.get("plan") else []),
+             *([f"plan  {res['plan']['line']}; run here: one micro-batch of {res['plan']['micro_batch']} a step"
+                + (f" (the plan's {res['plan']['accumulation']} accumulation steps repeat it before the optimizer step)"
+                   if res["plan"]["accumulation"] > 1 else "")] if res.get("plan") else []),
              f"rows  same batches on both sides: {res['same_batches']}; rows x width per step "
              f"{' '.join(f'{r}x{w}' for r, w in rows)}; attention {', '.join(res['attention_paths'])}",
              f"steady_steps  {t['steps']}  {b['steps']}  (first {res['warmup_steps']} left out)",
