@@ -96,6 +96,7 @@ class MmdistLoop:
         from mmdist import distributed as dist
 
         self.bundle.close()
+        self.engine = self.model = None  # the engine is destroyed: let the model go with it
         dist.shutdown()
 
 

@@ -163,3 +163,10 @@ def test_the_fastest_split_fits_and_is_what_the_command_recommends(tmp_path, cap
     tokens = batch_tokens(applied, model_shapes(applied))
     (est,) = estimate(applied, shapes, 1, settings=[best.choice.setting], tokens=tokens)
     assert est.total(applied.model.llm.gradient_checkpointing) <= budget
+
+
+def test_the_split_table_says_when_the_gpus_cannot_share_the_global_batch(capsys):
+    assert plan_main(["--config", str(ROOT / "configs" / "fuse.yaml"), "--gpus", "3", "--gpu-memory", "80GB",
+                      "--no-deepspeed"]) == 0
+    out = capsys.readouterr().out
+    assert "3 GPU(s) cannot share 128 samples evenly" in out and "recommended: micro-batch" not in out

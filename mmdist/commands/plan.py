@@ -21,7 +21,7 @@ from mmdist.plan import (
 from mmdist.plan.auto import ZERO0_HALF_PRECISION, auto_candidates, auto_reason
 from mmdist.plan.calibration import CALIBRATION_ENV, load_calibration
 from mmdist.plan.lengths import batch_tokens
-from mmdist.plan.micro_batch import fastest_split
+from mmdist.plan.micro_batch import fastest_split, micro_batch_sizes
 from mmdist.plan.quantized import plan_lines
 from mmdist.plan.shapes import GiB
 from mmdist.plan.speed import choose, step_inputs
@@ -160,6 +160,9 @@ def split_lines(cfg, shapes, world: int, args: argparse.Namespace, link, budget:
     best, splits = fastest_split(cfg, shapes, world, args.gpu, link, budget, settings, reserve, calibration, args.data)
     head = (f"micro-batch and checkpointing: the global batch of {cfg.train.global_batch_size} on {world} GPU(s) as "
             "micro-batch x accumulation x GPUs (the optimisation is the same; speed and memory are not)")
+    if not micro_batch_sizes(cfg, world):
+        return [head, f"  {world} GPU(s) cannot share {cfg.train.global_batch_size} samples evenly: the trainer "
+                      "refuses that; run on a number of GPUs that divides the global batch"]
     if best is None:
         return [head, "  no micro-batch that divides a GPU's share fits, with or without checkpointing"]
     lines = [head, f"{'micro-batch':>11} {'accum':>5} {'ckpt':>5}  {'setting':<24}{'GiB':>7}{'s/step':>8}"

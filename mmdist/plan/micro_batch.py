@@ -27,7 +27,7 @@ from mmdist.config.run import RunConfig
 from mmdist.plan.lengths import BatchTokens, batch_tokens
 from mmdist.plan.memory import Setting, estimate
 from mmdist.plan.shapes import ModuleShape
-from mmdist.plan.speed import TIE, Choice, choose, step_inputs
+from mmdist.plan.speed import TIE, Choice, choose, preference, step_inputs
 from mmdist.plan.step_time import Calibration, Interconnect
 
 __all__ = ["Split", "micro_batch_sizes", "fastest_split"]
@@ -89,6 +89,5 @@ def fastest_split(cfg: RunConfig, shapes: Sequence[ModuleShape], world: int, gpu
         return None, []
     fastest = min(s.step_s for s in splits)
     near = [s for s in splits if s.step_s <= fastest * (1 + TIE)]
-    offloads = lambda s: s.choice.setting.offload_optimizer or s.choice.setting.offload_params  # noqa: E731
-    best = min(near, key=lambda s: (offloads(s), s.choice.setting.zero_stage, s.choice.checkpointing, -s.micro_batch))
+    best = min(near, key=lambda s: (*preference(s.choice), -s.micro_batch))
     return best, splits

@@ -2,8 +2,9 @@
 
 The step's FLOPs are the model's own count (mmdist.plan.shapes.model_flops: the model
 code's ``flop_count`` on the meta-device modules, what the progress bar, metrics.jsonl and
-the benchmarks count) at the micro-batch's counts, plus one forward of the LLM (2 per
-weight per token) when gradient checkpointing recomputes it. One peak for all of them:
+the benchmarks count) at the micro-batch's counts, plus one forward of the LLM's layers (2
+per weight per token; not the LM head, which runs after them) when gradient checkpointing
+recomputes them. One peak for all of them:
 the engine precision's.
 
 A micro-batch is what the trainer means by it: ``train.micro_batch_size`` samples.
@@ -34,7 +35,7 @@ from mmdist.plan.step_time import Calibration, Interconnect, StepInputs, StepTim
 if TYPE_CHECKING:
     from mmdist.plan.lengths import BatchTokens
 
-__all__ = ["Choice", "choose", "micro_batch_tokens", "peak_for", "record_flops", "step_inputs", "TIE"]
+__all__ = ["Choice", "choose", "micro_batch_tokens", "peak_for", "preference", "record_flops", "step_inputs", "TIE"]
 
 TIE = 0.01  # predicted step times within 1% are a tie: the lower stage (less to go wrong, smaller checkpoints) wins
 CPU_PEAK = 1e12  # a placeholder peak where no datasheet row applies: only ratios between settings matter then
@@ -70,7 +71,7 @@ def _counted_flops(shapes: Sequence[ModuleShape], positions: float, supervised: 
     head runs); the images and their positions."""
     flops = model_flops(shapes)
     if any(s.name == "projector" for s in shapes):  # stage 2: the LLM runs on every position, images among them
-        recompute = (flops.per_token + flops.per_supervised_token) / 2 * positions  # one more forward: 2 per weight
+        recompute = flops.per_token / 2 * positions  # the decoder layers' forward again (2 per weight); not the head
         return flops.step(positions, supervised, image_tokens, images, samples), recompute
     return flops.step(positions, images=images, samples=samples), 0.0  # stage 1: captions and their images
 
@@ -176,6 +177,12 @@ def choose(estimates: Sequence[Estimate], inputs: StepInputs, world: int, interc
         return min(candidates, key=lambda c: c.estimate.total(c.checkpointing)), candidates
     fastest = min(c.time.step_s for c in fitting)
     near = [c for c in fitting if c.time.step_s <= fastest * (1 + TIE)]
-    offloads = lambda c: c.setting.offload_optimizer or c.setting.offload_params  # noqa: E731
-    best = min(near, key=lambda c: (offloads(c), c.setting.zero_stage, c.checkpointing, c.time.step_s))
+    best = min(near, key=lambda c: (*preference(c), c.time.step_s))
     return best, candidates
+
+
+def preference(choice: Choice) -> tuple[bool, int, bool]:
+    """How a tie between predicted step times is broken (lower first): no offload (the CPU's Adam step is not in the
+    model), then the lower ZeRO stage, then no checkpointing."""
+    setting = choice.setting
+    return setting.offload_optimizer or setting.offload_params, setting.zero_stage, choice.checkpointing

@@ -238,14 +238,16 @@ def destroy_engine(engine: Any) -> None:
     engine's modules are removed from it (another live engine's stay). Public API it stands in for: none beyond
     ``destroy``.
     """
-    if hasattr(engine, "destroy"):
-        engine.destroy()
-    offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
-    stack = getattr(offload, "FWD_MODULE_STACK", None)
-    module = getattr(engine, "module", None)
-    if isinstance(stack, list) and module is not None:
-        ours = {id(m) for m in module.modules()}
-        stack[:] = [m for m in stack if id(m) not in ours]
+    try:
+        if hasattr(engine, "destroy"):
+            engine.destroy()
+    finally:  # a half-built engine's destroy may fail; the stack still lets go of the model
+        offload = sys.modules.get("deepspeed.runtime.zero.parameter_offload")
+        stack = getattr(offload, "FWD_MODULE_STACK", None)
+        module = getattr(engine, "module", None)
+        if isinstance(stack, list) and module is not None:
+            ours = {id(m) for m in module.modules()}
+            stack[:] = [m for m in stack if id(m) not in ours]
 
 
 def clear_zero3_caches() -> int:
@@ -271,9 +273,15 @@ def clear_zero3_caches() -> int:
                 fn.cache_clear()
                 cleared += 1
             todo.append(getattr(fn, "__wrapped__", None))
-            todo += [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())
-                     if callable(getattr(cell, "cell_contents", None))]
+            todo += [value for value in map(_cell_value, getattr(fn, "__closure__", None) or ()) if callable(value)]
     return cleared
+
+
+def _cell_value(cell: Any) -> Any:
+    try:
+        return cell.cell_contents
+    except ValueError:  # an empty cell
+        return None
 
 
 # ---------------------------------------------------------------------------
