@@ -146,3 +146,24 @@ def test_the_stats_know_which_turns_the_preprocessor_supervises():
     from mmdist.data.shard_stats import ASSISTANT_ROLES
 
     assert set(ASSISTANT_ROLES) == {k for k, v in ROLE_MAP.items() if v == "assistant"}
+
+
+def test_the_split_search_loads_the_tokenizer_once(shards, monkeypatch):
+    """mmdist plan tries every micro-batch of a rank's share; the run's tokenizer (a hub tokenizer can take seconds)
+    is read once for them all, and again only for other LLM settings."""
+    from mmdist.plan import lengths
+    from mmdist.plan.memory import Setting
+    from mmdist.plan.micro_batch import fastest_split
+    from mmdist.plan.step_time import interconnect_for
+
+    loads = []
+    real = lengths._load_planner_tokenizer
+    monkeypatch.setattr(lengths, "_load_planner_tokenizer", lambda cfg: loads.append(1) or real(cfg))
+    monkeypatch.setattr(lengths, "_LAST_TOKENIZER", {})
+    cfg = _config(shards["demo"], True, 8)
+    best, splits = fastest_split(cfg, model_shapes(cfg), 1, "cpu", interconnect_for("cpu"), 1 << 40, [Setting(0)], 0)
+    assert [s.micro_batch for s in splits] == [1, 2, 4, 8] and len(loads) == 1
+    assert best.tokens.source == "shard statistics"
+    other = _config(shards["demo"], True, 8, max_len=128)
+    batch_tokens(other, model_shapes(other))  # data settings differ, the LLM's do not: still the same tokenizer
+    assert len(loads) == 1

@@ -149,8 +149,20 @@ def from_mean(cfg: RunConfig, shapes: Sequence[ModuleShape], mean: int, why: str
 # ----------------------------------------------------------------------------------------------- text tokens
 
 
+_LAST_TOKENIZER: dict[str, tuple[Any, str]] = {}  # the last LLM setting's tokenizer: a plan asks once per micro-batch
+
+
 def planner_tokenizer(cfg: RunConfig) -> tuple[Any, str]:
-    """(the LLM's tokenizer if it can be read on this machine without the network, else None; its name)."""
+    """(the LLM's tokenizer if it can be read on this machine without the network, else None; its name). The last
+    one loaded is kept for the same ``model.llm`` settings: the plan reads it for every candidate micro-batch."""
+    key = repr(cfg.model.llm)
+    if key not in _LAST_TOKENIZER:
+        _LAST_TOKENIZER.clear()
+        _LAST_TOKENIZER[key] = _load_planner_tokenizer(cfg)
+    return _LAST_TOKENIZER[key]
+
+
+def _load_planner_tokenizer(cfg: RunConfig) -> tuple[Any, str]:
     llm = cfg.model.llm
     name = llm.tokenizer or llm.name_or_path
     if not name:
