@@ -23,6 +23,7 @@ from mmdist.plan.calibration import CALIBRATION_ENV, load_calibration
 from mmdist.plan.lengths import batch_tokens
 from mmdist.plan.micro_batch import fastest_split, micro_batch_sizes
 from mmdist.plan.quantized import plan_lines
+from mmdist.plan.report import setting_overrides
 from mmdist.plan.shapes import GiB
 from mmdist.plan.speed import choose, step_inputs
 from mmdist.plan.step_time import interconnect_for, scaling_table
@@ -167,23 +168,20 @@ def split_lines(cfg, shapes, world: int, args: argparse.Namespace, link, budget:
         return [head, "  no micro-batch that divides a GPU's share fits, with or without checkpointing"]
     lines = [head, f"{'micro-batch':>11} {'accum':>5} {'ckpt':>5}  {'setting':<24}{'GiB':>7}{'s/step':>8}"
                    f"{'tokens/s/GPU':>13}"]
+    configured = next((s for s in splits if s.micro_batch == cfg.train.micro_batch_size), None)
     for split in splits:
         c = split.choice
         mark = "  <- fastest" if split is best else ""
-        mark += "  (configured)" if split.micro_batch == cfg.train.micro_batch_size else ""
+        mark += "  (configured)" if split is configured else ""
         tokens = split.tokens.tokens * split.accumulation / split.step_s
         lines.append(f"{split.micro_batch:>11} {split.accumulation:>5} {str(c.checkpointing).lower():>5}  "
                      f"{c.setting.label:<24}{c.estimate.total(c.checkpointing) / GiB:>7.1f}{split.step_s:>8.3g}"
                      f"{tokens:>13,.0f}{mark}")
-    setting = best.choice.setting
     lines.append(f"recommended: {best.label}: {best.step_s:.3g} s/step predicted"
-                 + (f" (configured micro-batch {cfg.train.micro_batch_size}: best "
-                    f"{next(s.step_s for s in splits if s.micro_batch == cfg.train.micro_batch_size):.3g} s/step)"
-                    if any(s.micro_batch == cfg.train.micro_batch_size for s in splits) else ""))
-    lines.append(f"  overrides: train.micro_batch_size={best.micro_batch} model.llm.gradient_checkpointing="
-                 f"{str(best.choice.checkpointing).lower()} engine.zero_stage={setting.zero_stage} "
-                 f"engine.offload_optimizer={str(setting.offload_optimizer).lower()} "
-                 f"engine.offload_params={str(setting.offload_params).lower()}")
+                 + (f" (configured micro-batch {configured.micro_batch}: best {configured.step_s:.3g} s/step)"
+                    if configured else ""))
+    lines.append(f"  overrides: train.micro_batch_size={best.micro_batch} "
+                 + setting_overrides(best.choice.setting, best.choice.checkpointing))
     return lines
 
 

@@ -12,7 +12,7 @@ from typing import Any, Optional
 from mmdist.config.run import RunConfig, load_config
 from mmdist.hardware import datasheet_peak
 from mmdist.plan.lengths import BatchTokens
-from mmdist.plan.memory import Estimate
+from mmdist.plan.memory import Estimate, Setting
 from mmdist.plan.shapes import GiB, ModuleShape
 from mmdist.plan.speed import Choice
 from mmdist.precision import ENGINE_KEY, PART_KEYS
@@ -35,6 +35,15 @@ def recommend(estimates: list[Estimate], budget: int, configured_ckpt: bool) -> 
             if est.total(ckpt) <= budget:
                 return est, ckpt
     return min(estimates, key=lambda e: e.total(True)), True
+
+
+def setting_overrides(setting: Setting, checkpointing: Optional[bool] = None) -> str:
+    """The dotted overrides that run ``setting`` (and ``model.llm.gradient_checkpointing`` when given)."""
+    out = (f"engine.zero_stage={setting.zero_stage} engine.offload_optimizer={str(setting.offload_optimizer).lower()} "
+           f"engine.offload_params={str(setting.offload_params).lower()}")
+    if checkpointing is not None:
+        out += f" model.llm.gradient_checkpointing={str(checkpointing).lower()}"
+    return out
 
 
 def image_lines(cfg: RunConfig, shapes: list[ModuleShape]) -> list[str]:
@@ -120,12 +129,7 @@ def format_plan(cfg: RunConfig, shapes: list[ModuleShape], estimates: list[Estim
         lines.append(f"recommended: {best.setting.label}, gradient_checkpointing={'true' if ckpt else 'false'}; {why}"
                      f"largest micro-batch that fits: {best.max_micro_batch(budget, ckpt)} "
                      f"(configured {cfg.train.micro_batch_size}; {_g(best.total(ckpt))} GiB of {_g(budget)} GiB)")
-        ckpt_override = f" model.llm.gradient_checkpointing={str(ckpt).lower()}" if cfg.stage.builds("llm") else ""
-        lines.append(
-            f"  overrides: engine.zero_stage={best.setting.zero_stage} engine.offload_optimizer="
-            f"{str(best.setting.offload_optimizer).lower()} "
-            f"engine.offload_params={str(best.setting.offload_params).lower()}" + ckpt_override
-        )
+        lines.append("  overrides: " + setting_overrides(best.setting, ckpt if cfg.stage.builds("llm") else None))
     else:
         lines.append(
             f"nothing fits micro-batch {cfg.train.micro_batch_size}: closest is {best.setting.label} with "

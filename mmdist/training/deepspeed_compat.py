@@ -273,7 +273,7 @@ def clear_zero3_caches() -> int:
                 fn.cache_clear()
                 cleared += 1
             todo.append(getattr(fn, "__wrapped__", None))
-            todo += [value for value in map(_cell_value, getattr(fn, "__closure__", None) or ()) if callable(value)]
+            todo += [held for held in map(_cell_value, getattr(fn, "__closure__", None) or ()) if callable(held)]
     return cleared
 
 
