@@ -10,6 +10,7 @@ import pytest
 
 from mmdist.plan.calibration import (
     CALIBRATION_ENV,
+    CALIBRATION_FORMAT,
     StepPhases,
     collective_probe,
     fit,
@@ -214,11 +215,19 @@ def test_calibration_file_round_trip_and_bad_files(tmp_path):
     assert back.rate(128) == pytest.approx(TRUE.rate(128)) and back.machine == "m" and back.world == 2
     assert json.loads(path.read_text())["measurements"] == {"raw": 1}
     bad = tmp_path / "bad.json"
-    for text in ("not json", json.dumps({"calibration": {"flops_per_s": 1, "speed": 2}}),
-                 json.dumps({"calibration": {"flops_per_s": 0}}), json.dumps({"other": {}})):
+    assert json.loads(path.read_text())["format"] == CALIBRATION_FORMAT
+    for text in ("not json", json.dumps({"format": CALIBRATION_FORMAT, "calibration": {"flops_per_s": 1, "speed": 2}}),
+                 json.dumps({"format": CALIBRATION_FORMAT, "calibration": {"flops_per_s": 0}}),
+                 json.dumps({"other": {}}), json.dumps([1])):
         bad.write_text(text)
         with pytest.raises(ValueError, match=r"bad\.json: not a calibration"):
             load_calibration(bad)
+    # a file from before the FLOP count changed (no format): its rates would be off, so it is refused by name
+    old = json.loads(path.read_text())
+    del old["format"]
+    bad.write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"bad\.json: a calibration of format 1.*mmdist plan --calibrate"):
+        load_calibration(bad)
     with pytest.raises(ValueError, match="missing.json"):
         load_calibration(tmp_path / "missing.json")
 

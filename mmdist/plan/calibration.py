@@ -63,11 +63,16 @@ from mmdist.plan.step_time import (
     module_passes,
 )
 
-__all__ = ["CALIBRATION_ENV", "PROBE_BYTES", "StepPhases", "collective_probe", "fit", "layer_probe", "load_calibration",
-           "machine_label", "pooled", "save_calibration", "steady_phases"]
+__all__ = ["CALIBRATION_ENV", "CALIBRATION_FORMAT", "PROBE_BYTES", "StepPhases", "collective_probe", "fit",
+           "layer_probe", "load_calibration", "machine_label", "pooled", "save_calibration", "steady_phases"]
 
 CALIBRATION_ENV = "MMDIST_CALIBRATION"
 """A calibration file (``mmdist plan --calibrate``) that ``engine.zero_stage: auto`` predicts with at start-up."""
+
+CALIBRATION_FORMAT = 2
+"""The calibration file's format: raised whenever the FLOPs the rates are fitted to are counted differently, since a
+rate is only right beside the count it was fitted to. 2: the LM head and its loss at the supervised (answer) tokens
+only, and the recomputed forward without the head; files without a format counted the head at every text token."""
 
 PROBE_BYTES = (64 * 1024, 16 * 1024 * 1024)  # per rank: a latency-bound and a bandwidth-bound all-gather
 
@@ -330,21 +335,36 @@ def save_calibration(cal: Calibration, path: str | Path, measurements: Mapping[s
 
     fields = {f.name: getattr(cal, f.name) for f in dataclasses.fields(cal)}
     path = Path(path)
-    write_text_atomic(path, json.dumps({"calibration": fields, "measurements": measurements}, indent=2) + "\n")
+    document = {"format": CALIBRATION_FORMAT, "calibration": fields, "measurements": measurements}
+    write_text_atomic(path, json.dumps(document, indent=2) + "\n")
     return path
 
 
 def load_calibration(path: str | Path) -> Calibration:
-    """The :class:`Calibration` in ``path``; a ValueError naming the file and the key when it is not one."""
+    """The :class:`Calibration` in ``path``; a ValueError naming the file and the key when it is not one, or when
+    it was written in another :data:`CALIBRATION_FORMAT` (its rates fit another FLOP count)."""
+
+    def not_one(why: object) -> ValueError:
+        return ValueError(f"{path}: not a calibration written by `mmdist plan --calibrate` ({why})")
+
     try:
-        data = json.loads(Path(path).read_text())["calibration"]
-        names = {f.name for f in dataclasses.fields(Calibration)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise KeyError(f"unknown keys {unknown}")
+        document = json.loads(Path(path).read_text())
+        data = dict(document["calibration"])
+        written = document.get("format", 1)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise not_one(exc) from None
+    if written != CALIBRATION_FORMAT:
+        raise ValueError(
+            f"{path}: a calibration of format {written}, whose rates were fitted to another FLOP count than this "
+            f"mmdist's (format {CALIBRATION_FORMAT}); measure again with `mmdist plan --calibrate`"
+        )
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(Calibration)})
+    if unknown:
+        raise not_one(f"unknown keys {unknown}")
+    try:
         cal = Calibration(**data)
-        if not cal.flops_per_s > 0:
-            raise KeyError("flops_per_s must be > 0")
-        return cal
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path}: not a calibration written by `mmdist plan --calibrate` ({exc})") from None
+    except (ValueError, TypeError) as exc:
+        raise not_one(exc) from None
+    if not cal.flops_per_s > 0:
+        raise not_one("flops_per_s must be > 0")
+    return cal
