@@ -5,6 +5,12 @@ Each setting runs in fresh processes (``torchrun``, gloo, ``DS_ACCELERATOR=cpu``
 build the run's model through ``mmdist.training.engine.build_engine``, one
 forward and backward (gradients measured here, before the step frees them), one
 optimizer step (parameters and optimizer state measured after it), then peak RSS.
+``run(..., fresh=False)`` runs every setting of one world size in one launch, one
+after the other, each in a process group of its own: the byte counts are the same,
+and a setting's peak RSS is the high-water mark since it began, on top of what the
+earlier ones left (on CPU-B within 1 MiB of the fresh processes' for the six
+default settings). tests/test_plan.py does so: most of a setting's time is its
+processes' start-up (~15 s of imports and engine set-up against a step of 0.1 s).
 
 What is counted, per rank, as bytes of distinct memory (overlapping views counted once):
 
@@ -179,13 +185,31 @@ def _batch(model: Any, samples: int, seed: int = 0) -> dict:
     return collate_fuse(out, pad_token_id=0)
 
 
-def worker(config: str, overrides: list[str], out_dir: str) -> None:
-    """One rank: build, one optimizer step (grads counted before it; params and optimizer after it), write JSON."""
-    from mmdist import distributed as dist
+def _reset_peak_rss() -> None:
+    """Start the process's RSS high-water mark (VmHWM) afresh, where Linux allows it."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int:
+    """Bytes: the high-water mark since :func:`_reset_peak_rss` (Linux), else the process's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure_one(config: str, overrides: list[str], rank: int) -> dict:
+    """One setting on this rank: build, one optimizer step (grads counted before it; params and optimizer after it)."""
     from mmdist.config.run import load_config
     from mmdist.training.engine import build_engine
 
-    env = dist.init(backend="gloo")
+    _reset_peak_rss()
     bundle = None
     try:
         cfg = load_config(config, overrides)
@@ -196,7 +220,7 @@ def worker(config: str, overrides: list[str], out_dir: str) -> None:
         engine.train()
         accumulation = bundle.ds_config["gradient_accumulation_steps"]
         for micro in range(accumulation):  # one whole optimizer step, so the optimizer state exists
-            batch = _batch(model, cfg.train.micro_batch_size, seed=env.rank * 100 + micro)
+            batch = _batch(model, cfg.train.micro_batch_size, seed=rank * 100 + micro)
             out = engine(batch)
             engine.backward(out["loss"])
             if micro == accumulation - 1:  # gradients are complete here and freed by the step
@@ -204,18 +228,36 @@ def worker(config: str, overrides: list[str], out_dir: str) -> None:
                 frozen_with_grad = sum(1 for p in model.parameters() if not p.requires_grad and p.grad is not None)
             engine.step()
         params = count_params(model)
-        result = {
-            "rank": env.rank, "world_size": env.world_size, "zero_stage": cfg.engine.zero_stage,
-            "precision": cfg.engine.precision, "frozen": params["frozen"], "trainable": params["trainable"],
-            "gradients": grads, "optimizer": count_optimizer(model, engine.optimizer),
+        return {
+            "zero_stage": cfg.engine.zero_stage, "frozen": params["frozen"],
+            # the engine's, as resolved (a recipe may say auto)
+            "precision": next((k for k in ("bf16", "fp16") if bundle.ds_config.get(k, {}).get("enabled")), "fp32"),
+            "trainable": params["trainable"], "gradients": grads, "optimizer": count_optimizer(model, engine.optimizer),
             "frozen_with_grad": frozen_with_grad, "frozen_in_optimizer": frozen_in_optimizer(model, engine.optimizer),
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "loss": float(out["loss"]),
+            "peak_rss": _peak_rss(), "loss": float(out["loss"]),
         }
-        Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(result))
     finally:
         if bundle is not None:
             bundle.close()
+
+
+def worker(config: str, settings: list[list[str]], out_dir: str) -> None:
+    """One rank: each setting (a list of overrides) in turn; ``rank{R}-{I}.json`` per setting."""
+    import torch.distributed as tdist
+
+    from mmdist import distributed as dist
+
+    try:
+        for i, overrides in enumerate(settings):
+            if i:  # closing the last engine destroyed the process group, and a second env:// rendezvous on
+                # torchrun's store does not complete: the next group meets in a file of its own
+                tdist.init_process_group("gloo", init_method=f"file://{Path(out_dir, f'group{i}')}",
+                                         rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+            env = dist.init(backend="gloo")  # the first setting's group; later, the one above
+            result = measure_one(config, overrides, env.rank)
+            result.update(rank=env.rank, world_size=env.world_size)
+            Path(out_dir, f"rank{env.rank}-{i}.json").write_text(json.dumps(result))
+    finally:
         dist.shutdown()
 
 
@@ -223,12 +265,16 @@ def worker(config: str, overrides: list[str], out_dir: str) -> None:
 # driver
 
 
+def _overrides(zero_stage: int, extra: Iterable[str]) -> list[str]:
+    return BENCH_OVERRIDES + [f"engine.zero_stage={zero_stage}"] + list(extra)
 
-def measure(config: str, ranks: int, zero_stage: int, extra: list[str] = (), timeout: int = 600) -> list[dict]:
-    """Launch ``ranks`` processes with torchrun for one setting; the per-rank figures."""
-    overrides = BENCH_OVERRIDES + [f"engine.zero_stage={zero_stage}"] + list(extra)
+
+def measure(config: str, ranks: int, settings: list[tuple[int, list[str]]], timeout: int = 600) -> list[list[dict]]:
+    """Launch ``ranks`` processes with torchrun for ``settings`` ((ZeRO stage, extra overrides) each, run in turn);
+    per setting, the per-rank figures."""
     with tempfile.TemporaryDirectory() as tmp:
-        overrides.append(f"run_dir={tmp}/run")
+        listed = [_overrides(stage, extra) + [f"run_dir={tmp}/run{i}"] for i, (stage, extra) in enumerate(settings)]
+        Path(tmp, "settings.json").write_text(json.dumps(listed))
         env = dict(
             os.environ,
             DS_ACCELERATOR="cpu",
@@ -237,10 +283,11 @@ def measure(config: str, ranks: int, zero_stage: int, extra: list[str] = (), tim
         )
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", str(Path(__file__).resolve()), "--worker", "--config", config,
-               "--out", tmp, *overrides]
+               "--out", tmp]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-        results = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
-        if proc.returncode or len(results) != ranks:
+        results = [[json.loads(Path(tmp, f"rank{r}-{i}.json").read_text()) for r in range(ranks)
+                    if Path(tmp, f"rank{r}-{i}.json").exists()] for i in range(len(settings))]
+        if proc.returncode or any(len(per_rank) != ranks for per_rank in results):
             raise RuntimeError(
                 f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
             )
@@ -254,7 +301,7 @@ def predicted(config: str, ranks: int, zero_stage: int, extra: list[str] = ()) -
     from mmdist.precision import concrete
 
     # the dtypes the measured engines resolved on this CPU (the recipe's auto included)
-    cfg = concrete(load_config(config, BENCH_OVERRIDES + [f"engine.zero_stage={zero_stage}"] + list(extra)), "cpu")
+    cfg = concrete(load_config(config, _overrides(zero_stage, extra)), "cpu")
     shapes = plan.model_shapes(cfg)
     return plan.model_state_bytes(shapes, plan.Setting(zero_stage), ranks, cfg.engine.precision,
                                   plan.deepspeed_bucket_settings(cfg))
@@ -262,23 +309,34 @@ def predicted(config: str, ranks: int, zero_stage: int, extra: list[str] = ()) -
 
 def run(
     config: str = str(DEFAULT_CONFIG),
-    settings: Iterable[tuple[int, int]] = ((1, 0), (2, 0), (1, 2), (2, 2), (1, 3), (2, 3)),
+    settings: Iterable[tuple] = ((1, 0), (2, 0), (1, 2), (2, 2), (1, 3), (2, 3)),
     extra: list[str] = (),
+    fresh: bool = True,
 ) -> list[dict]:
+    """One row per setting: ``(ranks, ZeRO stage)`` or ``(ranks, ZeRO stage, overrides)``, each with ``extra``.
+    ``fresh``: every setting in its own processes; else one launch per world size runs its settings in turn."""
+    wanted = [(s[0], s[1], [*extra, *(s[2] if len(s) > 2 else ())]) for s in settings]
+    launches = [[i] for i in range(len(wanted))] if fresh else [
+        [i for i, s in enumerate(wanted) if s[0] == ranks] for ranks in dict.fromkeys(s[0] for s in wanted)
+    ]
+    measured: dict[int, list[dict]] = {}
+    for group in launches:
+        ranks = wanted[group[0]][0]
+        for i, per_rank in zip(group, measure(config, ranks, [wanted[i][1:] for i in group])):
+            measured[i] = per_rank
     rows = []
-    for ranks, stage in settings:
-        measured = measure(config, ranks, stage, list(extra))
-        pred = predicted(config, ranks, stage, list(extra))
-        m = max(measured, key=lambda r: sum(r["frozen"].values()))
+    for i, (ranks, stage, overrides) in enumerate(wanted):
+        pred = predicted(config, ranks, stage, overrides)
+        m = max(measured[i], key=lambda r: sum(r["frozen"].values()))
         rows.append({
-            "ranks": ranks, "zero": stage,
+            "ranks": ranks, "zero": stage, "precision": m["precision"],
             "frozen B": sum(m["frozen"].values()), "pred frozen B": sum(pred["frozen"].values()),
             "trainable B": m["trainable"], "pred trainable B": pred["trainable"],
             "grads B": m["gradients"], "pred grads B": pred["gradients"],
             "optim B": m["optimizer"], "pred optim B": pred["optimizer"],
-            "frozen w/ grad": max(r["frozen_with_grad"] for r in measured),
-            "frozen in optim": max(r["frozen_in_optimizer"] for r in measured),
-            "peak RSS MiB": max(r["peak_rss"] for r in measured) / 2**20,
+            "frozen w/ grad": max(r["frozen_with_grad"] for r in measured[i]),
+            "frozen in optim": max(r["frozen_in_optimizer"] for r in measured[i]),
+            "peak RSS MiB": max(r["peak_rss"] for r in measured[i]) / 2**20,
         })
     return rows
 
@@ -297,7 +355,7 @@ def main() -> None:
     args, unknown = parser.parse_known_args()
     overrides = [a for a in args.overrides + unknown if not a.startswith("--local_rank")]
     if args.worker:
-        worker(args.config, overrides, args.out)
+        worker(args.config, json.loads(Path(args.out, "settings.json").read_text()), args.out)
         return
     from common import format_table
 

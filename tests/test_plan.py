@@ -179,12 +179,15 @@ def test_llm_activation_estimate_matches_saved_tensors(dtype):
 @pytest.mark.multiproc
 def test_prediction_matches_measured_engines_within_10_percent():
     """benchmarks/memory_per_rank.py: 1 and 2 ranks, ZeRO 0, 2, 3,
-    fp32 and bf16, tiny fuse config, real DeepSpeed engines."""
+    fp32 and bf16, tiny fuse config, real DeepSpeed engines (one launch per world size)."""
     import memory_per_rank
 
-    rows = memory_per_rank.run(settings=[(1, 0), (2, 2), (1, 3), (2, 3)])
-    bf16 = memory_per_rank.run(settings=[(1, 0), (2, 2), (2, 3)],
-                               extra=["engine.precision=bf16", "model.llm.dtype=bf16", "model.vision.dtype=bf16"])
+    half = ["engine.precision=bf16", "model.llm.dtype=bf16", "model.vision.dtype=bf16"]
+    measured = memory_per_rank.run(
+        settings=[(1, 0), (2, 2), (1, 3), (2, 3), (1, 0, half), (2, 2, half), (2, 3, half)], fresh=False
+    )
+    rows, bf16 = measured[:4], measured[4:]
+    assert {r["precision"] for r in rows} == {"fp32"} and {r["precision"] for r in bf16} == {"bf16"}
     for row in rows + bf16:
         for kind in ("frozen", "trainable", "grads", "optim"):
             measured, predicted = row[f"{kind} B"], row[f"pred {kind} B"]

@@ -142,8 +142,8 @@ def test_stalled_rank_ends_the_job_with_a_stack_dump(tmp_path):
 
 # ---------------------------------------------------------------------------
 # elastic resume: another world size continues from the consolidated trainable state (that a resume on 2 -> 1 -> 3
-# and 3 -> 1 -> 2 ranks equals an uninterrupted run is tested with the real model and its data in
-# tests/training/test_elastic_data_position.py)
+# ranks under ZeRO-3 and 4 -> 2 -> 3 under ZeRO-2 equals an uninterrupted run is tested with the real model and its
+# data in tests/training/test_elastic_data_position.py and tests/training/test_global_batch_training.py)
 
 
 def test_checkpoint_without_consolidated_state_is_refused_on_another_world_size(tmp_path):
