@@ -95,12 +95,14 @@ def packed_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
 def resolve_packed_kernel(setting: str) -> str:
     """``model.llm.packed_attention`` -> the kernel packed rows use: ``sdpa_per_sample`` or ``flex``.
 
-    ``auto`` is ``sdpa_per_sample`` on every device until a GPU measurement of
-    ``flex`` (benchmarks/gpu_system.py --packed-attention flex) says otherwise.
+    ``auto`` is ``sdpa_per_sample`` on every device. On one H100 ``flex`` ran 1.70x faster over the same packed rows
+    (docs/benchmarks.md), but its equality with unpacked samples is checked on the CPU only: the GPU tier's check
+    (tests/gpu/test_gpu_smoke.py) has not yet run to completion on a GPU, and ZeRO-3 with ``flex`` not at all. Until
+    both have, ``flex`` is the user's choice on a GPU.
     """
     if setting != "auto":
         return setting
-    logger.debug("packed attention: auto -> sdpa_per_sample (flex is checked equal on CPU but unmeasured on a GPU)")
+    logger.debug("packed attention: auto -> sdpa_per_sample (flex: 1.70x on one H100, its GPU equality check pending)")
     return "sdpa_per_sample"
 
 

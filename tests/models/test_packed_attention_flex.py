@@ -236,5 +236,6 @@ def test_explain_shows_the_setting_and_why_auto_is_per_sample():
     from mmdist.commands.config import format_explain
 
     text = format_explain("model.llm.packed_attention")
-    assert "model.llm.packed_attention" in text and "sdpa_per_sample everywhere until flex is measured on a GPU" in text
+    assert "model.llm.packed_attention" in text
+    assert "sdpa_per_sample everywhere until flex's equality check has run on a GPU" in text
     assert "type: 'auto' | 'sdpa_per_sample' | 'flex'; default: 'auto'" in text
