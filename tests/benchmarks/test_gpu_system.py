@@ -22,6 +22,10 @@ PRINTED = ["device", "rows", "steady_steps", "real_tokens", "images", "samples",
 PHASES = ["data_wait", "to_device", "vision", "llm_forward", "backward", "optimizer", "host_sync", "logging", "other"]
 
 
+# The tests that read the one --tiny run share a worker under pytest-xdist (--dist loadgroup), so it runs once.
+shares_the_tiny_run = pytest.mark.xdist_group("gpu_system_tiny")
+
+
 @pytest.fixture(scope="module")
 def tiny_result(tmp_path_factory):
     pytest.importorskip("sklearn")  # the demo digits
@@ -49,6 +53,7 @@ def tiny_result(tmp_path_factory):
     return proc.stdout, json.loads((folder / "result.json").read_text()), folder
 
 
+@shares_the_tiny_run
 def test_prints_every_field_and_the_breakdown(tiny_result):
     stdout, res, _ = tiny_result
     printed = {line.split()[0] for line in stdout.splitlines() if line.strip() and not line.startswith("|")}
@@ -61,6 +66,7 @@ def test_prints_every_field_and_the_breakdown(tiny_result):
     assert set(res["fixed_cost_ms"]) == set(PHASES)
 
 
+@shares_the_tiny_run
 def test_both_sides_ran_the_same_rows(tiny_result):
     """The bare model replays the trainer's packed batches: per steady step the same tokens, the same rows x width,
     the same attention path, and tensor-equal batches."""
@@ -80,6 +86,7 @@ def test_both_sides_ran_the_same_rows(tiny_result):
     assert [r["step_positions"] for r in steady] == [s["rows"] * s["width"] for s in t["layouts"]]
 
 
+@shares_the_tiny_run
 def test_both_sides_processed_the_same_real_tokens(tiny_result):
     _, res, folder = tiny_result
     t, b = res["trainer"], res["bare"]
@@ -91,6 +98,7 @@ def test_both_sides_processed_the_same_real_tokens(tiny_result):
     assert max(r["step_tokens"] for r in steady) <= 2 * 128  # packed rows of max_len
 
 
+@shares_the_tiny_run
 def test_ratio_and_rates_add_up(tiny_result):
     _, res, _ = tiny_result
     t, b = res["trainer"], res["bare"]
@@ -113,6 +121,7 @@ def test_ratio_and_rates_add_up(tiny_result):
     assert b["breakdown_s"]["zero3_fetch_release"] == 0
 
 
+@shares_the_tiny_run
 def test_zero_stage_auto_records_what_the_trainer_resolved(tiny_result, tmp_path):
     """The default (auto) runs the stage the trainer's `engine.zero_stage: auto` picks, and the result names it."""
     _, explicit, _ = tiny_result
