@@ -249,8 +249,8 @@ def worker(config: str, settings: list[list[str]], out_dir: str) -> None:
 
     try:
         for i, overrides in enumerate(settings):
-            if i:  # closing the last engine destroyed the process group, and a second env:// rendezvous on
-                # torchrun's store does not complete: the next group meets in a file of its own
+            if i:  # closing the last engine destroyed the process group; a new env:// group on torchrun's store
+                # after an engine had trained hung here (CPU-B, gloo), so the next group meets in a file of its own
                 tdist.init_process_group("gloo", init_method=f"file://{Path(out_dir, f'group{i}')}",
                                          rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
             env = dist.init(backend="gloo")  # the first setting's group; later, the one above
