@@ -25,7 +25,7 @@ from mmdist import distributed as dist
 from mmdist.config.run import RunConfig
 from mmdist.data.collate import to_device
 from mmdist.export import export_trainable
-from mmdist.hardware import peak_flops
+from mmdist.hardware import matmul_probe, peak_flops
 from mmdist.models.freeze import param_table
 from mmdist.precision import precision_lines
 from mmdist.training import cpu_memory, preemption
@@ -182,27 +182,45 @@ def _open_logs(run: Run, state: TrainState) -> None:
     for name, numel, lr in bundle.info["optimizer_groups"]:
         logger.print(f"[mmdist] optimizer group {name}: {numel:,} parameters, lr {lr:.3g}")
     flops = bundle.model.flop_count(vision_runs=not cfg.data.feature_cache, text_runs=not _cache_holds_text(cfg))
-    peaks = _peaks(run, flops)
-    run.throughput = Throughput(flops, peaks, run.total_steps, start_step=state.step, warmup_steps=WARMUP_STEPS)
+    peaks, remeasure = _peaks(run, flops)
+    run.throughput = Throughput(flops, peaks, run.total_steps, start_step=state.step, warmup_steps=WARMUP_STEPS,
+                                remeasure=remeasure)
 
 
-def _peaks(run: Run, flops: FlopCount) -> dict[str, float] | float:
+def _peaks(run: Run, flops: FlopCount) -> tuple[dict[str, float] | float, Optional[Callable[[], dict[str, float]]]]:
     """Peak FLOP/s of all ranks together for each dtype the model's FLOPs compute in (said in the log), or 0 on the
-    ranks that report no MFU. ``log.peak_flops`` is one peak for every dtype."""
+    ranks that report no MFU. ``log.peak_flops`` is one peak for every dtype.
+
+    With them, what measures the peaks again when a window of steps outruns them (see Throughput), or None: only a
+    peak measured by a matmul probe (a CPU, a GPU without a datasheet figure) can have been measured low."""
     cfg, logger = run.cfg, run.logger
     if cfg.log.peak_flops:
         logger.print(f"[mmdist] MFU against {float(cfg.log.peak_flops) / 1e12:.3g} TFLOP/s per device x "
                      f"{run.world_size} (log.peak_flops, for every dtype)")
-        return float(cfg.log.peak_flops) * run.world_size
+        return float(cfg.log.peak_flops) * run.world_size, None
     if run.rank != 0:  # only rank 0 reports MFU
-        return 0.0
-    peaks = {}
+        return 0.0, None
+    device, peaks, probed = run.bundle.engine.device, {}, []
     for dtype in flops.dtypes() or [compute_dtype(cfg)]:
-        peak, source = peak_flops(run.bundle.engine.device, dtype or compute_dtype(cfg))
+        peak, source = peak_flops(device, dtype or compute_dtype(cfg))
         peaks[dtype] = peak * run.world_size
+        if source.startswith("measured"):
+            probed.append(dtype)
         logger.print(f"[mmdist] MFU: {dtype or 'the'} FLOPs against {peak / 1e12:.3g} TFLOP/s per device x "
                      f"{run.world_size} ({source})")
-    return peaks
+    if not probed:
+        return peaks, None
+
+    def remeasure() -> dict[str, float]:
+        fresh = dict(peaks)
+        for dtype in probed:  # a longer probe than at start, so that a passing slow spell matters less
+            fresh[dtype] = matmul_probe(dtype or compute_dtype(cfg), device, budget_s=1.0) * run.world_size
+            logger.print(f"[mmdist] MFU: steps ran above the {dtype or 'the'} peak measured at start "
+                         f"({peaks[dtype] / run.world_size / 1e12:.3g} TFLOP/s per device); measured again: "
+                         f"{fresh[dtype] / run.world_size / 1e12:.3g}; the higher is kept")
+        return fresh
+
+    return peaks, remeasure
 
 
 def _cache_holds_text(cfg: RunConfig) -> bool:

@@ -159,7 +159,8 @@ class LogConfig(SettingsBase):
     wandb: bool = setting(False, "also log to Weights & Biases (if installed and logged in)")
     param_table: bool = setting(True, "print the table of modules with parameter counts, trainable counts and dtypes")
     peak_flops: Optional[float] = setting(
-        None, "peak FLOP/s of one device for MFU; default: a short matmul measured at start"
+        None, "peak FLOP/s of one device for MFU; default: the GPU's datasheet figure, else a short matmul "
+        "measured at start (measured again, the higher kept, if steps outrun it)"
     )
     data_fingerprint: bool = setting(
         False,

@@ -253,6 +253,66 @@ def test_mfu_divides_each_dtype_by_its_own_peak(monkeypatch):
         metrics.Throughput(flops, {"bf16": 1000.0}, total_steps=4)
 
 
+class _Clock:
+    """time.perf_counter for the meter: ``now`` moves only when a test (or a probe) moves it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_peak_probed_low_is_measured_again_when_steps_outrun_it(monkeypatch):
+    """A matmul probe that ran during a slow spell (a shared CPU) gave a peak below what the steps then computed:
+    the meter measures again, keeps the higher peak and leaves the probe's time out of the window. Twice at most;
+    without a probe to repeat (a datasheet or configured peak) an MFU over 100% is shown as it is."""
+    clock = _Clock()
+    monkeypatch.setattr(metrics.time, "perf_counter", clock)
+    flops = FlopCount.of("fp32", per_token=10.0)  # 200 FLOPs a step of 20 tokens, one step a second
+    probes = []
+
+    def probe(value: float):
+        def remeasure():
+            probes.append(value)
+            clock.now += 5.0  # a probe takes time: not the steps'
+            return {"fp32": value}
+        return remeasure
+
+    tp = metrics.Throughput(flops, {"fp32": 100.0}, total_steps=10, remeasure=probe(400.0))
+    clock.now += 1.0
+    out = tp.update(step=1, samples=2, tokens=20)  # 200 FLOPs in 1 s against 100 FLOP/s: 200%, so measure again
+    assert probes == [400.0] and tp.peak == {"fp32": 400.0}
+    assert out["mfu"] == pytest.approx(200 / 400 / 1.0)
+    clock.now += 1.0
+    out = tp.update(step=2, samples=2, tokens=20)
+    assert out["mfu"] == pytest.approx(0.5), "the window's two seconds, the probe's five left out"
+    assert probes == [400.0]  # below 100%: no other probe
+
+    still_low = metrics.Throughput(flops, {"fp32": 100.0}, total_steps=10, remeasure=probe(150.0))
+    probes.clear()
+    for step in range(1, 5):
+        clock.now += 1.0
+        out = still_low.update(step=step, samples=2, tokens=20)
+    assert probes == [150.0, 150.0] and out["mfu"] == pytest.approx(200 / 150)  # measured twice, then shown
+
+    datasheet = metrics.Throughput(flops, {"fp32": 100.0}, total_steps=10)
+    for step in range(1, 3):
+        clock.now += 1.0
+        out = datasheet.update(step=step, samples=2, tokens=20)
+    assert out["mfu"] == pytest.approx(2.0)
+
+
+def test_raising_one_dtypes_peak_keeps_the_others():
+    flops = FlopCount.of("bf16", per_image=400.0) + FlopCount.of("fp32", per_sample=30.0)
+    tp = metrics.Throughput(flops, {"bf16": 1000.0, "fp32": 100.0}, total_steps=4)
+    assert tp.raise_peaks({"bf16": 1000.0, "fp32": 250.0})
+    assert tp.peak == {"bf16": 1000.0, "fp32": 250.0}
+    assert not tp.raise_peaks({"bf16": 900.0, "fp32": 200.0})  # lower figures change nothing
+    with pytest.raises(ValueError, match="other dtypes"):
+        tp.raise_peaks(1000.0)
+
+
 HAS = {name: importlib.util.find_spec(name) is not None for name in ("bitsandbytes", "torchao")}
 QUANT = [pytest.param(m, b, marks=pytest.mark.skipif(not HAS[b], reason=f"{b} not installed (extra mmdist[quant])"))
          for m, b in (("int8", "bitsandbytes"), ("nf4", "bitsandbytes"), ("int8", "torchao"), ("nf4", "torchao"))]

@@ -259,6 +259,23 @@ def test_flop_estimate_parameter_table_and_throughput(monkeypatch):
     assert out["eta_s"] == pytest.approx(8 * 2.0)  # 8 steps left at 2 s per step
 
 
+def test_a_start_probe_that_ran_slow_is_repeated_by_the_trainer(tmp_path, monkeypatch, capsys):
+    """The CPU's peak comes from a matmul probe at start; one that ran during a slow spell made the demo's bar read
+    an MFU over 100%. When steps outrun it, the trainer probes again (longer) and keeps the higher peak."""
+    from mmdist.training import loop
+
+    monkeypatch.setattr(loop, "peak_flops", lambda device, dtype: (1.0, f"measured matmul probe ({dtype} on the CPU)"))
+    probes = []
+    monkeypatch.setattr(loop, "matmul_probe", lambda dtype, device, budget_s: probes.append(budget_s) or 1e15)
+    run = tmp_path / "run"
+    train_toy(toy_config(str(run), train={"max_steps": 6}, log={"peak_flops": None}))  # None: probe the device
+    assert probes == [1.0]  # once: the new peak holds
+    out = capsys.readouterr().out
+    assert "steps ran above the fp32 peak measured at start (1e-12 TFLOP/s per device); measured again: 1e+03" in out
+    records = [r for r in read_metrics(run) if r["split"] == "train" and "mfu" in r]
+    assert records and all(0 < r["mfu"] < 1e-6 for r in records)
+
+
 # ---------------------------------------------------------------------------
 # the real tiny recipe: models from configs/tiny_fuse.yaml, WebDataset demo shards, 2 loader workers
 
