@@ -218,6 +218,8 @@ def test_calibration_file_round_trip_and_bad_files(tmp_path):
     assert json.loads(path.read_text())["format"] == CALIBRATION_FORMAT
     for text in ("not json", json.dumps({"format": CALIBRATION_FORMAT, "calibration": {"flops_per_s": 1, "speed": 2}}),
                  json.dumps({"format": CALIBRATION_FORMAT, "calibration": {"flops_per_s": 0}}),
+                 json.dumps({"format": CALIBRATION_FORMAT, "calibration": {"flops_per_s": None}}),
+                 json.dumps({"format": CALIBRATION_FORMAT, "calibration": {"flops_per_s": "1e12"}}),
                  json.dumps({"other": {}}), json.dumps([1])):
         bad.write_text(text)
         with pytest.raises(ValueError, match=r"bad\.json: not a calibration"):

@@ -365,6 +365,6 @@ def load_calibration(path: str | Path) -> Calibration:
         cal = Calibration(**data)
     except (ValueError, TypeError) as exc:
         raise not_one(exc) from None
-    if not cal.flops_per_s > 0:
-        raise not_one("flops_per_s must be > 0")
+    if not isinstance(cal.flops_per_s, (int, float)) or not cal.flops_per_s > 0:
+        raise not_one("flops_per_s must be a number > 0")
     return cal

@@ -211,14 +211,21 @@ def _peaks(run: Run, flops: FlopCount) -> tuple[dict[str, float] | float, Option
     if not probed:
         return peaks, None
 
+    held = dict(peaks)  # the peaks as the meter holds them: the higher of every measurement so far
+
     def remeasure() -> dict[str, float]:
-        fresh = dict(peaks)
         for dtype in probed:  # a longer probe than at start, so that a passing slow spell matters less
-            fresh[dtype] = matmul_probe(dtype or compute_dtype(cfg), device, budget_s=1.0) * run.world_size
-            logger.print(f"[mmdist] MFU: steps ran above the {dtype or 'the'} peak measured at start "
-                         f"({peaks[dtype] / run.world_size / 1e12:.3g} TFLOP/s per device); measured again: "
-                         f"{fresh[dtype] / run.world_size / 1e12:.3g}; the higher is kept")
-        return fresh
+            try:
+                fresh = matmul_probe(dtype or compute_dtype(cfg), device, budget_s=1.0) * run.world_size
+            except Exception as exc:  # e.g. no memory left for the probe's matrices mid-run: MFU is not worth a run
+                logger.print(f"[mmdist] MFU: measuring the {dtype or 'the'} peak again failed ({exc}); it stays "
+                             f"{held[dtype] / run.world_size / 1e12:.3g} TFLOP/s per device")
+                continue
+            logger.print(f"[mmdist] MFU: steps ran above the {dtype or 'the'} peak of "
+                         f"{held[dtype] / run.world_size / 1e12:.3g} TFLOP/s per device; measured again: "
+                         f"{fresh / run.world_size / 1e12:.3g}; the higher is kept")
+            held[dtype] = max(held[dtype], fresh)
+        return dict(held)
 
     return peaks, remeasure
 

@@ -271,9 +271,19 @@ def test_a_start_probe_that_ran_slow_is_repeated_by_the_trainer(tmp_path, monkey
     train_toy(toy_config(str(run), train={"max_steps": 6}, log={"peak_flops": None}))  # None: probe the device
     assert probes == [1.0]  # once: the new peak holds
     out = capsys.readouterr().out
-    assert "steps ran above the fp32 peak measured at start (1e-12 TFLOP/s per device); measured again: 1e+03" in out
+    assert "steps ran above the fp32 peak of 1e-12 TFLOP/s per device; measured again: 1e+03" in out
     records = [r for r in read_metrics(run) if r["split"] == "train" and "mfu" in r]
     assert records and all(0 < r["mfu"] < 1e-6 for r in records)
+
+    def no_memory(dtype, device, budget_s):  # a probe that cannot run mid-run does not end the run
+        probes.append(budget_s)
+        raise RuntimeError("out of memory")
+
+    probes.clear()
+    monkeypatch.setattr(loop, "matmul_probe", no_memory)
+    summary = train_toy(toy_config(str(tmp_path / "run2"), train={"max_steps": 6}, log={"peak_flops": None}))
+    assert summary["step"] == 6 and probes == [1.0, 1.0]  # twice a run at most
+    assert "measuring the fp32 peak again failed (out of memory); it stays 1e-12" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------
