@@ -103,11 +103,6 @@ class Throughput:
         self.remeasure = remeasure
         self.remeasures_left = remeasures if remeasure is not None else 0
 
-    @property
-    def peak_seconds(self) -> float:
-        """The time the FLOPs done so far would take at the peaks."""
-        return sum(f / peak for f, (_, peak) in zip(self.share_flops, self._shares))
-
     def raise_peaks(self, peaks: float | Mapping[str, float]) -> bool:
         """Keep each peak at the higher of its own and ``peaks``' (one for every dtype, or one per dtype); the
         steps already in the window are measured against the new peaks too. Whether any rose."""
